@@ -1,0 +1,15 @@
+//! Types and pure logic shared by the XDP program (`lb-ebpf`, no_std on the BPF target) and the
+//! agent (`lb-userspace`, with the `user` feature). Everything here is plain data or a pure,
+//! non-panicking function, so the verifier accepts it and host tests can exercise it.
+#![no_std]
+
+pub mod addr;
+pub mod bucket;
+pub mod checksum;
+pub mod hash;
+pub mod maps;
+pub mod stats;
+
+pub use addr::Addr;
+pub use maps::*;
+pub use stats::*;
