@@ -1,0 +1,1 @@
+//! Maglev lookup tables (being written).
