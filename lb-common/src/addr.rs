@@ -6,7 +6,7 @@
 //! handling would cost ~4x the instructions on every copy, compare and checksum update.
 
 #[repr(C, align(4))]
-#[derive(Clone, Copy, Default, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Default, PartialOrd, Ord)]
 pub struct Addr(pub [u8; 16]);
 const _: () = assert!(core::mem::size_of::<Addr>() == 16);
 
@@ -86,6 +86,12 @@ impl PartialEq for Addr {
     }
 }
 impl Eq for Addr {}
+
+impl core::hash::Hash for Addr {
+    fn hash<H: core::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
+    }
+}
 
 impl core::fmt::Debug for Addr {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {

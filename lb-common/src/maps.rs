@@ -54,9 +54,19 @@ pub const ALL_MAPS: [&str; 16] = [
     MAP_AFFINITY,
 ];
 
-/// Program names (ELF symbols) in the data-path object.
+/// Program names (ELF symbols) in the data-path object: the two attached to interfaces, and
+/// the slow paths they tail-call (each verified on its own, which keeps the verifier's work per
+/// program well under its limit).
 pub const PROG_UPLINK: &str = "lb_uplink";
 pub const PROG_BACKEND: &str = "lb_backend";
+pub const PROG_NEW_FLOW: &str = "lb_new_flow";
+pub const PROG_ICMP: &str = "lb_icmp";
+/// LB_PROGS slots of the tail-called programs.
+pub const TAIL_NEW_FLOW: u32 = 0;
+pub const TAIL_ICMP: u32 = 1;
+/// The per-load program array (never pinned: each loaded entry program must tail-call the
+/// slow paths loaded with it).
+pub const MAP_PROGS: &str = "LB_PROGS";
 
 /// Bumped whenever a map's key or value layout changes: the agent pins under a directory
 /// named after it, so a new layout never reads maps pinned by an incompatible older one.
@@ -173,14 +183,19 @@ pub struct Service {
     pub affinity_timeout_s: u32,
     /// Backends with weight > 0; 0 means every new flow is dropped.
     pub active_backends: u32,
+    /// Digest of the ring's contents (agent-side: tells a restarted agent the ring is current).
+    pub ring_digest: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<Service>() == 24);
+const _: () = assert!(core::mem::size_of::<Service>() == 32);
 
 // ---------------------------------------------------------------------------------------------
 // LB_BACKENDS: backend id -> where to send. One id per (service, endpoint) pair.
 // ---------------------------------------------------------------------------------------------
-/// The backend takes new flows (weight > 0). Session affinity only sticks to active backends.
-pub const BACKEND_ACTIVE: u16 = 1;
+/// The backend is part of its service's configuration (else: removed, its id not yet reused).
+pub const BACKEND_LISTED: u16 = 1;
+/// The backend takes new flows (listed, weight > 0). Session affinity only sticks to these.
+pub const BACKEND_ACTIVE: u16 = 2;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -189,10 +204,12 @@ pub struct Backend {
     pub port: u16,
     /// `BACKEND_*` bits.
     pub flags: u16,
-    /// Service id this backend belongs to (lets the agent rebuild its state from the maps).
+    /// Service id this backend belongs to; with `weight`, lets a restarted agent rebuild its
+    /// state from the maps.
     pub service: u32,
+    pub weight: u32,
 }
-const _: () = assert!(core::mem::size_of::<Backend>() == 24);
+const _: () = assert!(core::mem::size_of::<Backend>() == 28);
 
 // ---------------------------------------------------------------------------------------------
 // LB_FLOWS: the flow table. One entry per direction: the client's packets (key: as the client
@@ -316,7 +333,7 @@ pub struct Policy {
 const _: () = assert!(core::mem::size_of::<Policy>() == 72);
 
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SourceKey {
     /// Source address, IPv6 masked to the policy's prefix length.
     pub addr: Addr,
@@ -336,7 +353,7 @@ const _: () = assert!(core::mem::size_of::<Source>() == 40);
 
 /// LPM trie key: the policy id is matched in full, then the address by prefix.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PrefixKey {
     /// Network byte order, so the trie matches it bit by bit before the address.
     pub policy: [u8; 4],
@@ -382,6 +399,7 @@ const _: () = assert!(core::mem::size_of::<Affinity>() == 16);
 mod pod {
     use super::*;
     // SAFETY: every type is #[repr(C)] plain data with explicit padding and no invalid bit patterns.
+    unsafe impl aya::Pod for crate::addr::Addr {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for AddrInfo {}
     unsafe impl aya::Pod for ServiceKey {}

@@ -70,6 +70,8 @@ counters! {
     SourceTableFull = "source_table_full",
     /// New sources inserted into the source table.
     SourcesCreated = "sources_created",
+    /// A tail call to a slow path failed (program array not filled): packet dropped.
+    TailCallFailed = "tail_call_failed",
 }
 
 pub const COUNTER_COUNT: u32 = Counter::ALL.len() as u32;

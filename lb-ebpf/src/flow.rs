@@ -116,7 +116,7 @@ pub fn create(key: &FlowKey, svc: &Service, cfg: &Config, now: u64) -> Result<()
         } else {
             cfg.snat_v6
         };
-        let Some(port) = claim_snat_port(scratch, cfg, hash, now) else {
+        let Some(port) = claim_snat_port(scratch, cfg, hash) else {
             count(Counter::DropSnatPortsExhausted);
             return Err(DropReason::SnatPorts);
         };
@@ -186,11 +186,12 @@ fn pick_backend(key: &FlowKey, svc: &Service, cfg: &Config, hash: u32, now: u64)
 }
 
 /// Finds a source port for a snat flow (`scratch.flow`, source port not yet set) by claiming
-/// its reply entry (`scratch.reply`): the insert only succeeds if no live flow from that backend
-/// to that node port exists, so two CPUs cannot claim the same port. Ports are tried from a hash
-/// of the flow, so concurrent new flows rarely collide.
+/// its reply entry (`scratch.reply`): the insert only succeeds if no flow from that backend to
+/// that node port exists, so two CPUs cannot claim the same port. Ports are tried from a hash
+/// of the flow, so concurrent new flows rarely collide. Entries of flows that are over are
+/// deleted by the agent's sweep, which frees their ports.
 #[inline(always)]
-fn claim_snat_port(scratch: &mut Scratch, cfg: &Config, hash: u32, now: u64) -> Option<u16> {
+fn claim_snat_port(scratch: &mut Scratch, cfg: &Config, hash: u32) -> Option<u16> {
     let min = u32::from(cfg.snat_port_min);
     let range = u32::from(cfg.snat_port_max).checked_sub(min)? + 1;
     let start = (hash >> 8) % range;
@@ -202,15 +203,6 @@ fn claim_snat_port(scratch: &mut Scratch, cfg: &Config, hash: u32, now: u64) -> 
         if LB_FLOWS
             .insert(&scratch.key, &scratch.reply, u64::from(BPF_NOEXIST))
             .is_ok()
-        {
-            return Some(port);
-        }
-        // Taken: reuse it if the flow that held it is over.
-        if let Some(old) = LB_FLOWS.get_ptr(&scratch.key)
-            && expired(unsafe { &*old }, cfg, now)
-            && LB_FLOWS
-                .insert(&scratch.key, &scratch.reply, u64::from(BPF_ANY))
-                .is_ok()
         {
             return Some(port);
         }

@@ -47,7 +47,10 @@ pub fn handle(ctx: &XdpContext, pkt: &Packet) -> u32 {
         (kind == ICMP_ECHO_REQUEST, kind == ICMP_DEST_UNREACH)
     };
     if echo && is_vip(&pkt.dst) {
-        return echo_reply(ctx, pkt).unwrap_or(xdp_action::XDP_DROP);
+        return echo_reply(ctx, pkt).unwrap_or_else(|| {
+            count(Counter::DropMalformed);
+            xdp_action::XDP_DROP
+        });
     }
     if error && let Some(verdict) = translate_error(ctx, pkt) {
         return verdict;
@@ -58,7 +61,8 @@ pub fn handle(ctx: &XdpContext, pkt: &Packet) -> u32 {
 /// Turns the echo request into its reply in place and sends it back the way it came.
 #[inline(never)]
 fn echo_reply(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
-    let icmp: *mut u8 = ptr_at::<[u8; 4]>(ctx, pkt.l4)?.cast();
+    // The whole echo header (type, code, checksum, identifier, sequence).
+    let icmp: *mut u8 = ptr_at::<[u8; ICMP_HEADER_LEN]>(ctx, pkt.l4)?.cast();
     // Swapping the addresses leaves every checksum as it is (IPv4 header and ICMPv6's
     // pseudo-header alike); only the type and the hop limit change.
     unsafe {

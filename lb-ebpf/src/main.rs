@@ -1,11 +1,15 @@
 //! The XDP data path: per-source rate limiting, Maglev load balancing with a flow table, NAT
 //! and forwarding, in one pass.
 //!
-//! Two entry points share everything:
-//! - `lb_uplink`, on the interfaces clients' traffic arrives on (and, in snat mode, remote
-//!   backends' replies);
-//! - `lb_backend`, on the interfaces facing local backends (pod veths), where it translates
-//!   their replies. It never starts a flow: pods' own traffic goes to the kernel.
+//! Programs:
+//! - `lb_uplink`, attached to the interfaces clients' traffic arrives on (and, in snat mode,
+//!   remote backends' replies), and `lb_backend`, attached to the interfaces facing local
+//!   backends (pod veths), where it translates their replies and never starts a flow (pods' own
+//!   traffic goes to the kernel). Both handle established flows themselves: the fast path has no
+//!   tail call.
+//! - `lb_new_flow` and `lb_icmp`, the slow paths, tail-called through LB_PROGS. Split off so the
+//!   verifier checks each on its own (one program with everything would need most of its
+//!   instruction budget).
 //!
 //! Verdicts:
 //! - XDP_PASS, untouched: anything not addressed to what we serve (one bitmap read decides);
@@ -29,17 +33,17 @@ mod datapath {
     };
     use lb_common::{
         Addr, Counter, FILTER_WORDS, FLOW_REPLY, FLOW_RESET, Flow, FlowKey, IPPROTO_ICMP,
-        IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, ServiceKey, filter_bit,
+        IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, ServiceKey, TAIL_ICMP, TAIL_NEW_FLOW, filter_bit,
     };
 
     use crate::{
         flow,
         maps::{
-            LB_BE_STATS, LB_FILTER, LB_SERVICES, LB_SVC_STATS, config, count, count_service_drop,
-            scratch,
+            LB_BE_STATS, LB_FILTER, LB_PROGS, LB_SERVICES, LB_SVC_STATS, config, count,
+            count_service_drop, scratch,
         },
         nexthop, not_served,
-        parse::{L4State, Packet, TCP_ACK, TCP_SYN, parse_l3, parse_ports},
+        parse::{L4State, Packet, Ports, TCP_ACK, TCP_SYN, bounds, parse_l3, parse_ports},
         ratelimit::{self, Verdict},
         rewrite, tcp,
     };
@@ -61,12 +65,29 @@ mod datapath {
 
     #[xdp]
     pub fn lb_uplink(ctx: XdpContext) -> u32 {
-        handle(&ctx, Side::Uplink)
+        entry(&ctx, Side::Uplink)
     }
 
     #[xdp]
     pub fn lb_backend(ctx: XdpContext) -> u32 {
-        handle(&ctx, Side::Backend)
+        entry(&ctx, Side::Backend)
+    }
+
+    /// Tail-called (TAIL_NEW_FLOW) for a TCP/UDP packet to a served address that matched no
+    /// flow, from the uplink side.
+    #[xdp]
+    pub fn lb_new_flow(ctx: XdpContext) -> u32 {
+        new_flow_stage(&ctx)
+    }
+
+    /// Tail-called (TAIL_ICMP) for ICMP and ICMPv6 to a served address.
+    #[xdp]
+    pub fn lb_icmp(ctx: XdpContext) -> u32 {
+        let mut pkt = Packet::EMPTY;
+        if !parse_l3(&ctx, &mut pkt) {
+            return xdp_action::XDP_DROP;
+        }
+        crate::icmp::handle(&ctx, &pkt)
     }
 
     #[inline(always)]
@@ -80,7 +101,7 @@ mod datapath {
     }
 
     #[inline(never)]
-    fn handle(ctx: &XdpContext, side: Side) -> u32 {
+    fn entry(ctx: &XdpContext, side: Side) -> u32 {
         count(Counter::Packets);
         let mut pkt = Packet::EMPTY;
         if !parse_l3(ctx, &mut pkt) {
@@ -97,6 +118,11 @@ mod datapath {
             count(Counter::PassNotOurs);
             return xdp_action::XDP_PASS;
         }
+        // A frame cut shorter than its IP length says (padding beyond it is fine).
+        let (start, end) = bounds(ctx);
+        if start + pkt.l3 + pkt.len as usize > end {
+            return not_served(pkt, Counter::DropMalformed);
+        }
         match pkt.l4_state {
             L4State::Present => {}
             L4State::Fragment => return not_served(pkt, Counter::DropFragment),
@@ -106,10 +132,24 @@ mod datapath {
         }
         match pkt.proto {
             IPPROTO_TCP | IPPROTO_UDP => transport(ctx, pkt, side),
-            IPPROTO_ICMP if !pkt.v6 => crate::icmp::handle(ctx, pkt),
-            IPPROTO_ICMPV6 if pkt.v6 => crate::icmp::handle(ctx, pkt),
+            IPPROTO_ICMP if !pkt.v6 => tail_call(ctx, TAIL_ICMP),
+            IPPROTO_ICMPV6 if pkt.v6 => tail_call(ctx, TAIL_ICMP),
             _ => not_served(pkt, Counter::DropNoService),
         }
+    }
+
+    /// Continues in a slow-path program; returns only if the tail call fails.
+    #[inline(always)]
+    fn tail_call(ctx: &XdpContext, slot: u32) -> u32 {
+        // SAFETY: the program array holds XDP programs of this object (or nothing).
+        unsafe { LB_PROGS.tail_call(ctx, slot) };
+        count(Counter::TailCallFailed);
+        xdp_action::XDP_DROP
+    }
+
+    #[inline(always)]
+    fn flow_key(pkt: &Packet, ports: &Ports) -> FlowKey {
+        FlowKey::new(pkt.src, pkt.dst, ports.sport, ports.dport, pkt.proto)
     }
 
     #[inline(never)]
@@ -120,7 +160,7 @@ mod datapath {
         let Some(cfg) = config() else {
             return xdp_action::XDP_PASS;
         };
-        let key = FlowKey::new(pkt.src, pkt.dst, ports.sport, ports.dport, pkt.proto);
+        let key = flow_key(pkt, &ports);
         // The one clock read of this packet: flow timestamps and rate limiting share it.
         let now = unsafe { bpf_ktime_get_coarse_ns() };
         if let Some(entry) = flow::lookup(&key, ports.tcp_flags, now, cfg) {
@@ -131,12 +171,14 @@ mod datapath {
             count(Counter::PassNotOurs);
             return xdp_action::XDP_PASS;
         }
-        let syn = pkt.proto == IPPROTO_TCP && ports.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-        new_flow(ctx, pkt, &key, syn, now)
+        match scratch() {
+            Some(s) => s.now = now,
+            None => return xdp_action::XDP_DROP,
+        }
+        tail_call(ctx, TAIL_NEW_FLOW)
     }
 
-    /// A packet of a flow in the table. (A BPF subprogram, like `new_flow`: each keeps its own
-    /// stack frame, so the two paths' locals do not add up against the 512-byte limit.)
+    /// A packet of a flow in the table.
     #[inline(never)]
     fn established(ctx: &XdpContext, pkt: &Packet, entry: *mut Flow, now: u64) -> u32 {
         // Copy out what we need: other CPUs may be updating the entry.
@@ -157,12 +199,37 @@ mod datapath {
         forward(ctx, pkt, &flow)
     }
 
-    /// A packet that matches no flow: find its service, rate-limit, create the flow.
-    #[inline(never)]
-    fn new_flow(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, syn: bool, now: u64) -> u32 {
-        let Some(cfg) = config() else {
-            return xdp_action::XDP_PASS;
+    /// The new-flow slow path: find the service, rate-limit, create the flow, forward.
+    #[inline(always)]
+    fn new_flow_stage(ctx: &XdpContext) -> u32 {
+        // The entry program checked all of this already; parsing again is cheaper than passing
+        // the results along.
+        let mut pkt = Packet::EMPTY;
+        if !parse_l3(ctx, &mut pkt) {
+            return xdp_action::XDP_DROP;
+        }
+        let pkt = &pkt;
+        let Some(ports) = parse_ports(ctx, pkt) else {
+            return xdp_action::XDP_DROP;
         };
+        let (Some(cfg), Some(s)) = (config(), scratch()) else {
+            return xdp_action::XDP_DROP;
+        };
+        let now = s.now;
+        let key = flow_key(pkt, &ports);
+        let syn = pkt.proto == IPPROTO_TCP && ports.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+        new_flow(ctx, pkt, &key, syn, now, cfg)
+    }
+
+    #[inline(always)]
+    fn new_flow(
+        ctx: &XdpContext,
+        pkt: &Packet,
+        key: &FlowKey,
+        syn: bool,
+        now: u64,
+        cfg: &lb_common::Config,
+    ) -> u32 {
         let skey = ServiceKey {
             addr: key.dst,
             port: key.dport,

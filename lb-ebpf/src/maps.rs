@@ -3,7 +3,7 @@
 use aya_ebpf::{
     bindings::bpf_fib_lookup as FibParams,
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
 };
 use lb_common::*;
 
@@ -63,7 +63,13 @@ pub struct Scratch {
     pub key: FlowKey,
     /// bpf_fib_lookup parameters (nexthop::route).
     pub fib: FibParams,
+    /// The packet's one clock reading, for the slow path a tail call continues in.
+    pub now: u64,
 }
+
+/// Slow paths, tail-called: TAIL_NEW_FLOW, TAIL_ICMP.
+#[map]
+pub static LB_PROGS: ProgramArray = ProgramArray::with_max_entries(2, 0);
 
 #[map]
 pub static LB_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);

@@ -24,8 +24,9 @@ pub enum Verdict {
 /// ff..ff is a multicast address, never a source.
 pub const OVERFLOW_SOURCE: [u32; 4] = [u32::MAX; 4];
 
-/// Compare-and-swap attempts before a contended bucket counts as empty.
-const CAS_TRIES: u32 = 3;
+/// Compare-and-swap attempts before a contended bucket counts as empty: a second try covers a
+/// race with one other CPU; each try costs verifier paths.
+const CAS_TRIES: u32 = 2;
 
 /// `check` flags: the source is IPv6.
 pub const V6: u32 = 1;
@@ -78,26 +79,37 @@ pub fn check(policy_id: u32, src: &Addr, how: u32, now: u64) -> Verdict {
     if v6 {
         mask(&mut key.addr, policy.v6_prefix_len);
     }
-    let verdict = match source(&key, policy, now) {
-        Some(s) => limit(s, policy, new_flow, syn, now),
+    // The source's bucket, or beyond the table's capacity the policy's overflow mode: admitted
+    // (fail open), or one bucket shared by all such sources (fail closed). One decision below
+    // either way (keeps the verifier's path count down).
+    let mut overflow = false;
+    let bucket = match source(&key, policy, now) {
+        Some(s) => s,
         None if policy.flags & POLICY_FAIL_OPEN != 0 => return Verdict::Pass,
         None => {
-            // Fail closed: every source without room shares one bucket.
             key.addr.set_words(OVERFLOW_SOURCE);
+            overflow = true;
             match LB_SOURCES.get_ptr_mut(&key) {
-                Some(s) => match limit(s, policy, new_flow, syn, now) {
-                    Verdict::Pass => Verdict::Pass,
-                    Verdict::Drop(_) => Verdict::Drop(DropReason::TableFull),
-                    Verdict::Reset(_) => Verdict::Reset(DropReason::TableFull),
-                },
-                None => Verdict::Drop(DropReason::TableFull),
+                Some(s) => s,
+                None => {
+                    count(Counter::DropRateLimited);
+                    return Verdict::Drop(DropReason::TableFull);
+                }
             }
         }
     };
-    if !matches!(verdict, Verdict::Pass) {
-        count(Counter::DropRateLimited);
+    let verdict = limit(bucket, policy, new_flow, syn, now);
+    match verdict {
+        Verdict::Pass => Verdict::Pass,
+        Verdict::Drop(_) if overflow => {
+            count(Counter::DropRateLimited);
+            Verdict::Drop(DropReason::TableFull)
+        }
+        other => {
+            count(Counter::DropRateLimited);
+            other
+        }
     }
-    verdict
 }
 
 /// The source's entry, created with full buckets if new. `None`: the table is full.

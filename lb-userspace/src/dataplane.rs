@@ -1,16 +1,27 @@
-//! Loading the data path: the embedded object, map sizes, pinned maps, program load and attach.
-//! The agent and the kernel tests go through this one loader, so the tests exercise exactly what
-//! the agent runs.
-use std::path::{Path, PathBuf};
+//! The data path as the agent holds it: the embedded objects, loading them with the configured
+//! map sizes and pinned maps, the typed maps (`Maps`, which implements [`Tables`]), and
+//! attaching the programs to interfaces with pinned links so an agent restart or upgrade
+//! replaces the program without a gap. The agent and the kernel tests go through this one
+//! loader, so the tests exercise exactly what the agent runs.
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, MapInfo},
+    maps::{
+        Array, DevMapHash, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues,
+        ProgramArray, lpm_trie::Key,
+    },
     programs::{ProgramError, Xdp},
 };
 use lb_common::*;
 
-use crate::error::DataplaneError;
+use crate::{
+    error::DataplaneError,
+    tables::{Result, Snapshot, Tables},
+};
 
 /// The data-path object, built by build.rs.
 pub static LB_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
@@ -62,91 +73,449 @@ impl Sizes {
     }
 }
 
+/// Maps whose contents live only in the kernel: flows, rate-limit buckets, affinity. Everything
+/// else the agent can rebuild from its desired state.
+const STATE_MAPS: [&str; 3] = [MAP_FLOWS, MAP_SOURCES, MAP_AFFINITY];
+
+/// Where pinned maps and links of this map layout live under a pin directory.
+pub fn layout_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir.join(format!("v{MAP_LAYOUT_VERSION}"))
+}
+
+/// A loaded data path.
+pub struct Loaded {
+    pub ebpf: Ebpf,
+    /// The tail-call table. Keep it: the kernel empties a program array when its last
+    /// user-space handle closes (pin it to outlive the agent).
+    pub progs: ProgramArray<MapData>,
+    /// For the log: pinned maps kept at another size, or recreated.
+    pub notes: Vec<String>,
+}
+
 /// Loads the data path with `sizes`. With `pin_dir`, maps already pinned there are reused (their
 /// contents, flows included, survive) and new ones are pinned there.
-pub fn load(sizes: &Sizes, pin_dir: Option<&Path>) -> Result<Ebpf, DataplaneError> {
+pub fn load(sizes: &Sizes, pin_dir: Option<&Path>) -> std::result::Result<Loaded, DataplaneError> {
     let mut loader = EbpfLoader::new();
     for (name, entries) in sizes.overrides() {
         loader.map_max_entries(name, entries);
     }
-    let pins: Vec<(&str, PathBuf)> = match pin_dir {
-        Some(dir) => ALL_MAPS.iter().map(|m| (*m, dir.join(m))).collect(),
-        None => Vec::new(),
-    };
+    let mut notes = Vec::new();
+    let mut pins: Vec<(&str, PathBuf)> = Vec::new();
+    if let Some(dir) = pin_dir {
+        let dir = layout_dir(dir);
+        std::fs::create_dir_all(&dir).map_err(|e| DataplaneError::Pin {
+            path: dir.clone(),
+            reason: format!("cannot create the pin directory: {e} (is bpffs mounted there?)"),
+        })?;
+        let expected = expected_maps(sizes)?;
+        for name in ALL_MAPS {
+            let path = dir.join(name);
+            if path.exists()
+                && let Some(note) = check_pinned(name, &path, &expected)?
+            {
+                notes.push(note);
+            }
+            pins.push((name, path));
+        }
+    }
     for (name, path) in &pins {
         loader.map_pin_path(name, path.as_path());
     }
     let mut ebpf = loader.load(LB_OBJECT).map_err(DataplaneError::Load)?;
-    for (name, path) in &pins {
-        check_pinned(&ebpf, name, path)?;
+    for name in [PROG_UPLINK, PROG_BACKEND, PROG_NEW_FLOW, PROG_ICMP] {
+        load_program(program_mut(&mut ebpf, name)?, name)?;
     }
-    for name in [PROG_UPLINK, PROG_BACKEND] {
-        program_mut(&mut ebpf, name)?
-            .load()
-            .map_err(|e| DataplaneError::program(name, e))?;
+    // The slow paths the entry programs tail-call.
+    let mut progs: ProgramArray<MapData> = ebpf
+        .take_map(MAP_PROGS)
+        .ok_or_else(|| map_err(MAP_PROGS, "not in the object"))?
+        .try_into()
+        .map_err(|e: MapError| map_err(MAP_PROGS, e))?;
+    for (slot, name) in [(TAIL_NEW_FLOW, PROG_NEW_FLOW), (TAIL_ICMP, PROG_ICMP)] {
+        let fd = program_mut(&mut ebpf, name)?
+            .fd()
+            .map_err(|e| DataplaneError::program(name, e))?
+            .try_clone()
+            .map_err(|e| map_err(MAP_PROGS, e))?;
+        progs.set(slot, &fd, 0).map_err(|e| map_err(MAP_PROGS, e))?;
     }
-    Ok(ebpf)
+    Ok(Loaded { ebpf, progs, notes })
+}
+
+/// Loads (verifies) one program. The verifier gives up with EAGAIN when a signal arrives while
+/// it works (ours take a second or so); libbpf retries then, and so do we.
+fn load_program(prog: &mut Xdp, name: &str) -> std::result::Result<(), DataplaneError> {
+    const ATTEMPTS: u32 = 5;
+    let mut attempt = 1;
+    loop {
+        match prog.load() {
+            Ok(()) => return Ok(()),
+            Err(ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && attempt < ATTEMPTS =>
+            {
+                attempt += 1;
+            }
+            Err(e) => return Err(DataplaneError::program(name, e)),
+        }
+    }
 }
 
 /// Loads the helper programs object (each program loaded, none attached).
-pub fn load_tools() -> Result<Ebpf, DataplaneError> {
+pub fn load_tools() -> std::result::Result<Ebpf, DataplaneError> {
     let mut ebpf = EbpfLoader::new()
         .load(TOOLS_OBJECT)
         .map_err(DataplaneError::Load)?;
     for name in ["xdp_pass", "xdp_drop", "xdp_tx", "xdp_count"] {
-        program_mut(&mut ebpf, name)?
-            .load()
-            .map_err(|e| DataplaneError::program(name, e))?;
+        load_program(program_mut(&mut ebpf, name)?, name)?;
     }
     Ok(ebpf)
 }
 
-pub fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp, DataplaneError> {
+pub fn program_mut<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &str,
+) -> std::result::Result<&'a mut Xdp, DataplaneError> {
     ebpf.program_mut(name)
         .ok_or_else(|| DataplaneError::MissingProgram(name.to_string()))?
         .try_into()
         .map_err(|e: ProgramError| DataplaneError::program(name, e))
 }
 
-/// A reused pinned map must have the layout this object expects; aya reuses whatever is pinned.
-fn check_pinned(ebpf: &Ebpf, name: &str, path: &Path) -> Result<(), DataplaneError> {
-    let Some(map) = ebpf.map(name) else {
-        return Ok(());
+/// (map type, key size, value size, max entries) of each map, as this build creates them.
+type MapSpec = (u32, u32, u32, u32);
+
+fn expected_maps(sizes: &Sizes) -> std::result::Result<BTreeMap<String, MapSpec>, DataplaneError> {
+    let obj = aya_obj::Object::parse(LB_OBJECT).map_err(|e| {
+        DataplaneError::map("(object)", format!("cannot parse the embedded object: {e}"))
+    })?;
+    let overrides: BTreeMap<&str, u32> = sizes.overrides().into_iter().collect();
+    Ok(obj
+        .maps
+        .iter()
+        .map(|(name, m)| {
+            let entries = overrides
+                .get(name.as_str())
+                .copied()
+                .unwrap_or(m.max_entries());
+            (
+                name.clone(),
+                (m.map_type(), m.key_size(), m.value_size(), entries),
+            )
+        })
+        .collect())
+}
+
+/// Checks a pinned map against this build. A different layout is an error (the pin directory
+/// is per layout version, so this means someone else's map); a different size is handled: maps
+/// the agent rebuilds are recreated, state maps are kept at their size (a note says so).
+fn check_pinned(
+    name: &str,
+    path: &Path,
+    expected: &BTreeMap<String, MapSpec>,
+) -> std::result::Result<Option<String>, DataplaneError> {
+    let Some(&(kind, key, value, entries)) = expected.get(name) else {
+        return Ok(None);
     };
-    let pinned = MapInfo::from_pin(path).map_err(|e| DataplaneError::Pin {
+    let info = aya::maps::MapInfo::from_pin(path).map_err(|e| DataplaneError::Pin {
         path: path.to_path_buf(),
         reason: e.to_string(),
     })?;
-    let ours = match map {
-        aya::maps::Map::Array(m)
-        | aya::maps::Map::HashMap(m)
-        | aya::maps::Map::LruHashMap(m)
-        | aya::maps::Map::PerCpuArray(m)
-        | aya::maps::Map::LpmTrie(m)
-        | aya::maps::Map::DevMapHash(m) => map_info(m)?,
-        _ => return Ok(()),
-    };
-    let same = pinned.key_size() == ours.key_size()
-        && pinned.value_size() == ours.value_size()
-        && pinned.map_type().ok() == ours.map_type().ok();
-    if !same {
+    let pinned_kind = info.map_type().map(|t| t as u32).unwrap_or(u32::MAX);
+    if (pinned_kind, info.key_size(), info.value_size()) != (kind, key, value) {
         return Err(DataplaneError::Pin {
             path: path.to_path_buf(),
             reason: format!(
-                "pinned map has key/value size {}/{}, this build expects {}/{}; remove the pin directory to start fresh",
-                pinned.key_size(),
-                pinned.value_size(),
-                ours.key_size(),
-                ours.value_size()
+                "pinned map is type {pinned_kind} with key/value size {}/{}, this build expects type {kind} with {key}/{value}; remove it (or the pin directory) to start fresh",
+                info.key_size(),
+                info.value_size()
             ),
         });
     }
-    Ok(())
+    if info.max_entries() == entries {
+        return Ok(None);
+    }
+    if STATE_MAPS.contains(&name) {
+        return Ok(Some(format!(
+            "{name}: keeping the pinned map with {} entries (asked for {entries}) so live state survives; remove {} to resize",
+            info.max_entries(),
+            path.display()
+        )));
+    }
+    std::fs::remove_file(path).map_err(|e| DataplaneError::Pin {
+        path: path.to_path_buf(),
+        reason: format!("cannot remove to resize: {e}"),
+    })?;
+    Ok(Some(format!(
+        "{name}: resized from {} to {entries} entries (recreated; the agent rewrites its contents)",
+        info.max_entries()
+    )))
 }
 
-fn map_info(m: &MapData) -> Result<MapInfo, DataplaneError> {
-    m.info().map_err(|e| DataplaneError::Pin {
-        path: PathBuf::new(),
-        reason: e.to_string(),
-    })
+/// Every map, typed.
+pub struct Maps {
+    pub config: Array<MapData, Config>,
+    pub filter: Array<MapData, u64>,
+    pub addrs: HashMap<MapData, Addr, AddrInfo>,
+    pub services: HashMap<MapData, ServiceKey, Service>,
+    pub backends: Array<MapData, Backend>,
+    pub rings: Array<MapData, u32>,
+    pub flows: HashMap<MapData, FlowKey, Flow>,
+    pub devmap: DevMapHash<MapData>,
+    pub ifaces: HashMap<MapData, u32, Iface>,
+    pub counters: PerCpuArray<MapData, u64>,
+    pub svc_stats: PerCpuArray<MapData, ServiceStats>,
+    pub be_stats: PerCpuArray<MapData, BackendStats>,
+    pub policies: Array<MapData, Policy>,
+    pub sources: HashMap<MapData, SourceKey, Source>,
+    pub prefixes: LpmTrie<MapData, PrefixKey, PrefixRule>,
+    pub affinity: HashMap<MapData, AffinityKey, Affinity>,
+    cpus: usize,
+    ring_size: u32,
+}
+
+fn map_err(name: &str, e: impl std::fmt::Display) -> DataplaneError {
+    DataplaneError::map(name, e)
+}
+
+impl Maps {
+    /// Takes the maps out of a loaded object (the programs keep their references).
+    pub fn take(ebpf: &mut Ebpf) -> Result<Maps> {
+        Maps::build(|name| {
+            ebpf.take_map(name)
+                .ok_or_else(|| map_err(name, "not in the object"))
+        })
+    }
+
+    /// Opens the maps a running agent pinned under `pin_dir` (for status and flow queries).
+    pub fn open_pinned(pin_dir: &Path) -> Result<Maps> {
+        let dir = layout_dir(pin_dir);
+        Maps::build(|name| {
+            let path = dir.join(name);
+            let data = MapData::from_pin(&path).map_err(|e| DataplaneError::Pin {
+                reason: format!("{e} (is lb-agent running with this --pin-dir?)"),
+                path,
+            })?;
+            Map::from_map_data(data).map_err(|e| map_err(name, e))
+        })
+    }
+
+    fn build(mut get: impl FnMut(&str) -> Result<Map>) -> Result<Maps> {
+        macro_rules! typed {
+            ($name:expr) => {
+                get($name)?
+                    .try_into()
+                    .map_err(|e: MapError| map_err($name, e))?
+            };
+        }
+        let config: Array<MapData, Config> = typed!(MAP_CONFIG);
+        let rings: Array<MapData, u32> = typed!(MAP_RINGS);
+        let ring_size = config.get(&0, 0).map(|c| c.ring_size).unwrap_or(0);
+        Ok(Maps {
+            config,
+            filter: typed!(MAP_FILTER),
+            addrs: typed!(MAP_ADDRS),
+            services: typed!(MAP_SERVICES),
+            backends: typed!(MAP_BACKENDS),
+            rings,
+            flows: typed!(MAP_FLOWS),
+            devmap: typed!(MAP_DEVMAP),
+            ifaces: typed!(MAP_IFACES),
+            counters: typed!(MAP_COUNTERS),
+            svc_stats: typed!(MAP_SVC_STATS),
+            be_stats: typed!(MAP_BE_STATS),
+            policies: typed!(MAP_POLICIES),
+            sources: typed!(MAP_SOURCES),
+            prefixes: typed!(MAP_PREFIXES),
+            affinity: typed!(MAP_AFFINITY),
+            cpus: aya::util::nr_cpus()
+                .map_err(|(what, e)| map_err("(cpus)", format!("{what}: {e}")))?,
+            ring_size,
+        })
+    }
+
+    pub fn cpus(&self) -> usize {
+        self.cpus
+    }
+
+    /// The node config as the data path sees it.
+    pub fn read_config(&self) -> Option<Config> {
+        self.config.get(&0, 0).ok().filter(|c| c.ring_size != 0)
+    }
+
+    /// Node-wide counters, summed over CPUs.
+    pub fn read_counters(&self) -> Vec<(Counter, u64)> {
+        Counter::ALL
+            .iter()
+            .map(|c| {
+                let v = self
+                    .counters
+                    .get(&(*c as u32), 0)
+                    .map(|per_cpu| per_cpu.iter().sum())
+                    .unwrap_or(0);
+                (*c, v)
+            })
+            .collect()
+    }
+
+    pub fn read_service_stats(&self, id: u32) -> ServiceStats {
+        let mut total = ServiceStats::default();
+        if let Ok(per_cpu) = self.svc_stats.get(&id, 0) {
+            for s in per_cpu.iter() {
+                total.accumulate(s);
+            }
+        }
+        total
+    }
+
+    pub fn read_backend_stats(&self, id: u32) -> BackendStats {
+        let mut total = BackendStats::default();
+        if let Ok(per_cpu) = self.be_stats.get(&id, 0) {
+            for s in per_cpu.iter() {
+                total.accumulate(s);
+            }
+        }
+        total
+    }
+
+    fn zeros<T: aya::Pod + Default + Clone>(&self) -> PerCpuValues<T> {
+        // A Vec of the CPU count always converts.
+        PerCpuValues::try_from(vec![T::default(); self.cpus]).expect("one value per CPU")
+    }
+}
+
+impl Tables for Maps {
+    fn set_config(&mut self, config: &Config) -> Result<()> {
+        self.ring_size = config.ring_size;
+        self.config
+            .set(0, config, 0)
+            .map_err(|e| map_err(MAP_CONFIG, e))
+    }
+    fn set_filter_word(&mut self, index: u32, word: u64) -> Result<()> {
+        self.filter
+            .set(index, word, 0)
+            .map_err(|e| map_err(MAP_FILTER, e))
+    }
+    fn set_addr(&mut self, addr: &Addr, info: &AddrInfo) -> Result<()> {
+        self.addrs
+            .insert(addr, info, 0)
+            .map_err(|e| map_err(MAP_ADDRS, e))
+    }
+    fn remove_addr(&mut self, addr: &Addr) -> Result<()> {
+        ignore_missing(self.addrs.remove(addr)).map_err(|e| map_err(MAP_ADDRS, e))
+    }
+    fn set_service(&mut self, key: &ServiceKey, service: &Service) -> Result<()> {
+        self.services
+            .insert(key, service, 0)
+            .map_err(|e| map_err(MAP_SERVICES, e))
+    }
+    fn remove_service(&mut self, key: &ServiceKey) -> Result<()> {
+        ignore_missing(self.services.remove(key)).map_err(|e| map_err(MAP_SERVICES, e))
+    }
+    fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
+        self.backends
+            .set(id, backend, 0)
+            .map_err(|e| map_err(MAP_BACKENDS, e))
+    }
+    fn write_ring(&mut self, ring: u32, slots: &[u32]) -> Result<()> {
+        let base = ring * self.ring_size;
+        for (i, slot) in slots.iter().enumerate() {
+            self.rings
+                .set(base + i as u32, slot, 0)
+                .map_err(|e| map_err(MAP_RINGS, e))?;
+        }
+        Ok(())
+    }
+    fn clear_service_stats(&mut self, id: u32) -> Result<()> {
+        let zeros = self.zeros();
+        self.svc_stats
+            .set(id, zeros, 0)
+            .map_err(|e| map_err(MAP_SVC_STATS, e))
+    }
+    fn clear_backend_stats(&mut self, id: u32) -> Result<()> {
+        let zeros = self.zeros();
+        self.be_stats
+            .set(id, zeros, 0)
+            .map_err(|e| map_err(MAP_BE_STATS, e))
+    }
+    fn set_policy(&mut self, id: u32, policy: &Policy) -> Result<()> {
+        self.policies
+            .set(id, policy, 0)
+            .map_err(|e| map_err(MAP_POLICIES, e))
+    }
+    fn set_prefix(&mut self, key: &PrefixKey, len: u32, rule: &PrefixRule) -> Result<()> {
+        self.prefixes
+            .insert(&Key::new(len, *key), rule, 0)
+            .map_err(|e| map_err(MAP_PREFIXES, e))
+    }
+    fn remove_prefix(&mut self, key: &PrefixKey, len: u32) -> Result<()> {
+        ignore_missing(self.prefixes.remove(&Key::new(len, *key)))
+            .map_err(|e| map_err(MAP_PREFIXES, e))
+    }
+    fn ensure_source(&mut self, key: &SourceKey, source: &Source) -> Result<bool> {
+        const BPF_NOEXIST: u64 = 1;
+        match self.sources.insert(key, source, BPF_NOEXIST) {
+            Ok(()) => Ok(true),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
+                Ok(false)
+            }
+            Err(e) => Err(map_err(MAP_SOURCES, e)),
+        }
+    }
+    fn remove_source(&mut self, key: &SourceKey) -> Result<()> {
+        ignore_missing(self.sources.remove(key)).map_err(|e| map_err(MAP_SOURCES, e))
+    }
+    fn snapshot(&self) -> Result<Snapshot> {
+        let services = self
+            .services
+            .iter()
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| map_err(MAP_SERVICES, e))?;
+        let mut backends = Vec::new();
+        for (id, b) in self.backends.iter().enumerate() {
+            let b = b.map_err(|e| map_err(MAP_BACKENDS, e))?;
+            if b != Backend::default() {
+                backends.push((id as u32, b));
+            }
+        }
+        let addrs = self
+            .addrs
+            .iter()
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| map_err(MAP_ADDRS, e))?;
+        let filter = self
+            .filter
+            .iter()
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| map_err(MAP_FILTER, e))?;
+        let mut policies = Vec::new();
+        for (id, p) in self.policies.iter().enumerate() {
+            let p = p.map_err(|e| map_err(MAP_POLICIES, e))?;
+            if p != Policy::default() {
+                policies.push((id as u32, p));
+            }
+        }
+        let mut prefixes = Vec::new();
+        for kv in self.prefixes.iter() {
+            let (k, rule) = kv.map_err(|e| map_err(MAP_PREFIXES, e))?;
+            prefixes.push((k.data(), k.prefix_len(), rule));
+        }
+        Ok(Snapshot {
+            config: self.read_config(),
+            services,
+            backends,
+            addrs,
+            filter,
+            policies,
+            prefixes,
+        })
+    }
+}
+
+/// Removing what is already gone is fine.
+fn ignore_missing(r: std::result::Result<(), MapError>) -> std::result::Result<(), MapError> {
+    match r {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
 }

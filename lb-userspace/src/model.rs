@@ -1,0 +1,352 @@
+//! The desired state of the data path, whatever it comes from (the standalone config file or
+//! Kubernetes): services with their backends, rate-limit policies, node settings. Plain data
+//! with no knowledge of maps; `reconcile` turns it into map writes.
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    str::FromStr,
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => lb_common::IPPROTO_TCP,
+            Protocol::Udp => lb_common::IPPROTO_UDP,
+        }
+    }
+
+    pub fn from_number(n: u8) -> Option<Protocol> {
+        match n {
+            lb_common::IPPROTO_TCP => Some(Protocol::Tcp),
+            lb_common::IPPROTO_UDP => Some(Protocol::Udp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+/// How a service forwards, as an NLB with IP targets does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Backends see the node's address (NLB's default for TCP with IP targets); replies come back
+    /// through this node. Backends may be anywhere.
+    #[default]
+    Snat,
+    /// Backends see the client's address. Replies must pass this node on their way out, so
+    /// backends must be local (remote ones would need direct server return).
+    PreserveClientIp,
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Snat => "snat",
+            Mode::PreserveClientIp => "preserve-client-ip",
+        })
+    }
+}
+
+/// What clients connect to: (VIP, port, protocol).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Frontend {
+    pub vip: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for Frontend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.vip {
+            IpAddr::V4(a) => write!(f, "{a}:{}/{}", self.port, self.protocol),
+            IpAddr::V6(a) => write!(f, "[{a}]:{}/{}", self.port, self.protocol),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Backend {
+    pub addr: IpAddr,
+    pub port: u16,
+    /// Relative share of new flows; 0 drains (no new flows, existing ones continue).
+    pub weight: u32,
+}
+
+impl Backend {
+    /// The identity Maglev hashes: equal on every node for the same backend.
+    pub fn maglev_key(&self) -> String {
+        match self.addr {
+            IpAddr::V4(a) => format!("{a}:{}", self.port),
+            IpAddr::V6(a) => format!("[{a}]:{}", self.port),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Service {
+    /// How people call it ("web", "default/web:http").
+    pub name: String,
+    /// Where it was defined ("/etc/xdplb/config.toml:12", "Service default/web").
+    pub source: String,
+    pub frontend: Frontend,
+    pub mode: Mode,
+    /// Unique by (addr, port).
+    pub backends: Vec<Backend>,
+    /// Rate-limit policy by name; `None`: the node default (if any).
+    pub policy: Option<String>,
+    /// Session affinity by client address, with this timeout.
+    pub affinity: Option<Duration>,
+}
+
+/// Tokens per second and burst of one limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rate {
+    pub per_second: u64,
+    pub burst: u64,
+}
+
+/// What happens to new sources when the source table is full.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TableFull {
+    /// They share one bucket per policy: limited together, never unlimited.
+    #[default]
+    FailClosed,
+    /// They are admitted, and counted.
+    FailOpen,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    pub packets: Option<Rate>,
+    pub connections: Option<Rate>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Policy {
+    pub limits: Limits,
+    /// IPv6 sources share a bucket per prefix of this length.
+    pub ipv6_prefix: u8,
+    pub table_full: TableFull,
+    pub reset_rejected_syn: bool,
+    /// Never limited.
+    pub exempt: Vec<Cidr>,
+    /// Always dropped.
+    pub deny: Vec<Cidr>,
+    /// Limited with their own limits instead.
+    pub overrides: Vec<(Vec<Cidr>, Limits)>,
+}
+
+pub const DEFAULT_IPV6_PREFIX: u8 = 64;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeSettings {
+    pub hash_seed: u32,
+    /// Source address for snat services; `None`: detected from the uplink.
+    pub snat_ipv4: Option<Ipv4Addr>,
+    pub snat_ipv6: Option<Ipv6Addr>,
+    pub snat_ports: (u16, u16),
+    pub tcp_idle: Duration,
+    pub udp_idle: Duration,
+    pub tcp_closing: Duration,
+    /// Policy for services without one of their own.
+    pub default_policy: Option<String>,
+}
+
+impl Default for NodeSettings {
+    fn default() -> Self {
+        NodeSettings {
+            hash_seed: DEFAULT_HASH_SEED,
+            snat_ipv4: None,
+            snat_ipv6: None,
+            snat_ports: DEFAULT_SNAT_PORTS,
+            tcp_idle: Duration::from_secs(350),
+            udp_idle: Duration::from_secs(120),
+            tcp_closing: Duration::from_secs(10),
+            default_policy: None,
+        }
+    }
+}
+
+/// Any fixed value works, as long as every node uses the same one.
+pub const DEFAULT_HASH_SEED: u32 = 0x5eed_1b0b;
+/// Above Linux's default ephemeral range (32768-60999), so the node's own connections and ours
+/// do not compete for ports.
+pub const DEFAULT_SNAT_PORTS: (u16, u16) = (61000, 65535);
+
+/// Everything the data path should be doing.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Desired {
+    pub node: NodeSettings,
+    pub policies: BTreeMap<String, Policy>,
+    pub services: BTreeMap<Frontend, Service>,
+}
+
+/// An address prefix, host bits zero.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub len: u8,
+}
+
+impl Cidr {
+    pub fn max_len(addr: IpAddr) -> u8 {
+        if addr.is_ipv4() { 32 } else { 128 }
+    }
+
+    /// The prefix as 128 bits (IPv4 mapped) and its length in those bits.
+    pub fn as_v6_bits(&self) -> (u128, u8) {
+        match self.addr {
+            IpAddr::V4(a) => (u128::from(a.to_ipv6_mapped()), self.len + 96),
+            IpAddr::V6(a) => (u128::from(a), self.len),
+        }
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let (net, len) = self.as_v6_bits();
+        let ip = match ip {
+            IpAddr::V4(a) => u128::from(a.to_ipv6_mapped()),
+            IpAddr::V6(a) => u128::from(a),
+        };
+        len == 0 || (net ^ ip) >> (128 - u32::from(len)) == 0
+    }
+
+    /// True if the two prefixes share any address.
+    pub fn overlaps(&self, other: &Cidr) -> bool {
+        let (a, la) = self.as_v6_bits();
+        let (b, lb) = other.as_v6_bits();
+        let len = la.min(lb);
+        len == 0 || (a ^ b) >> (128 - u32::from(len)) == 0
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Cidr, String> {
+        let (addr, len) = match s.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("`{s}` is not an address or address/prefix-length"))?;
+        let max = Cidr::max_len(addr);
+        let len = match len {
+            Some(l) => l
+                .parse::<u8>()
+                .ok()
+                .filter(|l| *l <= max)
+                .ok_or_else(|| format!("`{s}`: prefix length must be 0..={max}"))?,
+            None => max,
+        };
+        let cidr = Cidr { addr, len };
+        if addr.is_ipv6() && cidr.overlaps(&V4_MAPPED) && !V4_MAPPED.contains(addr) {
+            // IPv4 sources are matched as ::ffff:a.b.c.d: this prefix would cover all of them.
+            return Err(format!(
+                "`{s}` covers the IPv4-mapped range ::ffff:0:0/96, so it would match every IPv4 source; write IPv4 prefixes in IPv4 notation"
+            ));
+        }
+        let (bits, blen) = cidr.as_v6_bits();
+        let host_mask = if blen == 128 { 0 } else { u128::MAX >> blen };
+        if bits & host_mask != 0 {
+            let net = bits & !host_mask;
+            let net = match addr {
+                IpAddr::V4(_) => IpAddr::V4(
+                    Ipv6Addr::from(net)
+                        .to_ipv4_mapped()
+                        .unwrap_or(Ipv4Addr::UNSPECIFIED),
+                ),
+                IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::from(net)),
+            };
+            return Err(format!(
+                "`{s}` has host bits set; did you mean {net}/{len}?"
+            ));
+        }
+        Ok(cidr)
+    }
+}
+
+/// Where IPv4 addresses live in the 128-bit space the data path matches in.
+const V4_MAPPED: Cidr = Cidr {
+    addr: IpAddr::V6(Ipv6Addr::new(0, 0, 0, 0, 0, 0xffff, 0, 0)),
+    len: 96,
+};
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl Serialize for Cidr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Cidr, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr_parses_and_rejects_host_bits() {
+        assert_eq!(
+            "10.0.0.0/8".parse::<Cidr>().unwrap(),
+            Cidr {
+                addr: "10.0.0.0".parse().unwrap(),
+                len: 8
+            }
+        );
+        assert_eq!("10.1.2.3".parse::<Cidr>().unwrap().len, 32);
+        let e = "10.0.0.1/24".parse::<Cidr>().unwrap_err();
+        assert!(e.contains("did you mean 10.0.0.0/24"), "{e}");
+        let e = "2001:db8::1/64".parse::<Cidr>().unwrap_err();
+        assert!(e.contains("did you mean 2001:db8::/64"), "{e}");
+        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
+        assert!("nonsense/8".parse::<Cidr>().is_err());
+    }
+
+    #[test]
+    fn cidr_overlap_and_containment() {
+        let a: Cidr = "10.0.0.0/8".parse().unwrap();
+        let b: Cidr = "10.1.0.0/16".parse().unwrap();
+        let c: Cidr = "192.168.0.0/16".parse().unwrap();
+        let v6: Cidr = "2001:db8::/32".parse().unwrap();
+        assert!(a.overlaps(&b) && b.overlaps(&a));
+        assert!(!a.overlaps(&c));
+        assert!(!v6.overlaps(&a));
+        // One trie holds both families (IPv4 mapped): an IPv6 prefix over the mapped range
+        // would silently cover all IPv4 sources.
+        let e = "::/0".parse::<Cidr>().unwrap_err();
+        assert!(e.contains("IPv4-mapped"), "{e}");
+        assert!(a.contains("10.9.9.9".parse().unwrap()));
+        assert!(!b.contains("10.2.0.1".parse().unwrap()));
+    }
+}

@@ -1,0 +1,1233 @@
+//! Desired state -> map writes.
+//!
+//! The reconciler keeps a mirror of what the maps hold (what it wrote, or what a restarted agent
+//! found in the pinned maps) and writes only the difference, in an order that never shows a
+//! packet a half-made state:
+//! 1. node config and rate-limit policies, before anything refers to them;
+//! 2. per service: its backends, then its new Maglev ring into a spare ring, then the service
+//!    entry, which switches to the new ring in one map update;
+//! 3. addresses and the address filter: traffic to a new VIP is taken only from here on;
+//! 4. removals: services, addresses and filter bits, policies; freed ids are reused last.
+//!
+//! Everything that can be wrong with a desired state is checked before the first write, so a
+//! rejected state leaves the previous one fully in force.
+use std::{
+    collections::{BTreeMap, BTreeSet, VecDeque},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use lb_common::{
+    ADDR_NODE, ADDR_VIP, Addr, AddrInfo, BACKEND_ACTIVE, BACKEND_LISTED, Bucket, Config,
+    FILTER_WORDS, Limit, MAX_POLICIES, NO_BACKEND, POLICY_FAIL_OPEN, POLICY_HAS_PREFIXES,
+    POLICY_RST_SYN, PREFIX_DENY, PREFIX_EXEMPT, PREFIX_LIMIT, PrefixKey, PrefixRule, SVC_AFFINITY,
+    SVC_SNAT, ServiceKey, Source, SourceKey, filter_bit, hash::bytes_hash,
+};
+
+use crate::{
+    dataplane::Sizes,
+    error::DataplaneError,
+    maglev,
+    model::{Cidr, Desired, Frontend, Limits, Mode, Policy, Service, TableFull},
+    tables::{Snapshot, Tables},
+};
+
+/// What reconcile needs to know about the node itself.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeView {
+    /// Source addresses for snat services, per family (`None`: that family cannot be served).
+    pub snat_ipv4: Option<Ipv4Addr>,
+    pub snat_ipv6: Option<Ipv6Addr>,
+    /// The node's own addresses. A VIP among them is served on its services' ports only; its
+    /// other traffic stays the node's.
+    pub node_addrs: BTreeSet<IpAddr>,
+    /// Backends reachable through a backend-facing interface of this node.
+    pub local: BTreeSet<IpAddr>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("{origin}: service `{name}` ({frontend}): {reason}")]
+    Invalid {
+        origin: String,
+        name: String,
+        frontend: Frontend,
+        reason: String,
+    },
+    #[error("too many {what}: this agent was started with room for {max} (see {flag})")]
+    Capacity {
+        what: &'static str,
+        max: u32,
+        flag: &'static str,
+    },
+    #[error(transparent)]
+    Dataplane(#[from] DataplaneError),
+}
+
+/// What one `apply` changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    pub writes: usize,
+    pub services_added: usize,
+    pub services_changed: usize,
+    pub services_removed: usize,
+    pub rings_written: usize,
+}
+
+impl Report {
+    pub fn is_empty(&self) -> bool {
+        self.writes == 0
+    }
+}
+
+/// A service as the maps hold it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct AppliedService {
+    value: lb_common::Service,
+    /// (address, port) -> (backend id, weight).
+    backends: BTreeMap<(IpAddr, u16), (u32, u32)>,
+}
+
+/// A rate-limit policy slot: a named policy, or one of its overrides.
+type PolicySlot = (String, Option<usize>);
+
+pub struct Reconciler {
+    sizes: Sizes,
+    config: Option<Config>,
+    services: BTreeMap<ServiceKey, AppliedService>,
+    addrs: BTreeMap<Addr, AddrInfo>,
+    filter: Vec<u64>,
+    policy_ids: BTreeMap<PolicySlot, u32>,
+    policies: BTreeMap<u32, lb_common::Policy>,
+    prefixes: BTreeMap<(PrefixKey, u32), PrefixRule>,
+    overflow: BTreeSet<SourceKey>,
+    service_ids: IdPool,
+    backend_ids: IdPool,
+    rings: IdPool,
+    policy_pool: IdPool,
+}
+
+impl Reconciler {
+    /// For empty maps.
+    pub fn new(sizes: Sizes) -> Reconciler {
+        Reconciler::resume(sizes, &Snapshot::default())
+    }
+
+    /// Picks up the state a previous agent left in the (pinned) maps.
+    pub fn resume(sizes: Sizes, snap: &Snapshot) -> Reconciler {
+        let mut services = BTreeMap::new();
+        for (key, value) in &snap.services {
+            let backends = snap
+                .backends
+                .iter()
+                .filter(|(_, b)| b.service == value.id && b.flags & BACKEND_LISTED != 0)
+                .map(|(id, b)| {
+                    (
+                        (IpAddr::from(b.addr), u16::from_be(b.port)),
+                        (*id, b.weight),
+                    )
+                })
+                .collect();
+            services.insert(
+                *key,
+                AppliedService {
+                    value: *value,
+                    backends,
+                },
+            );
+        }
+        let used_services: BTreeSet<u32> = services.values().map(|s| s.value.id).collect();
+        let used_rings: BTreeSet<u32> = services.values().map(|s| s.value.ring).collect();
+        let listed: BTreeSet<u32> = services
+            .values()
+            .flat_map(|s| s.backends.values().map(|(id, _)| *id))
+            .collect();
+        // Ids of backends removed before the restart are reused last.
+        let recently_removed: Vec<u32> = snap
+            .backends
+            .iter()
+            .filter(|(id, _)| !listed.contains(id))
+            .map(|(id, _)| *id)
+            .collect();
+        let mut filter = snap.filter.clone();
+        filter.resize(2 * FILTER_WORDS as usize, 0);
+        Reconciler {
+            sizes,
+            config: snap.config,
+            services,
+            addrs: snap.addrs.iter().copied().collect(),
+            filter,
+            // Names are not in the maps: `apply` matches policies by content (claim_policy).
+            policy_ids: BTreeMap::new(),
+            policies: snap.policies.iter().copied().collect(),
+            prefixes: snap
+                .prefixes
+                .iter()
+                .map(|(k, len, rule)| ((*k, *len), *rule))
+                .collect(),
+            overflow: BTreeSet::new(),
+            service_ids: IdPool::new(0..sizes.max_services, &used_services, &[]),
+            backend_ids: IdPool::new(0..sizes.max_backends, &listed, &recently_removed),
+            rings: IdPool::new(0..sizes.rings(), &used_rings, &[]),
+            policy_pool: IdPool::new(
+                1..MAX_POLICIES,
+                &snap.policies.iter().map(|(id, _)| *id).collect(),
+                &[],
+            ),
+        }
+    }
+
+    /// Makes the maps hold `desired`. On error nothing was written, unless the error is a map
+    /// write failing midway (then the maps hold a consistent mix: every service entry points to
+    /// a complete ring).
+    pub fn apply(
+        &mut self,
+        desired: &Desired,
+        node: &NodeView,
+        tables: &mut dyn Tables,
+    ) -> Result<Report, ApplyError> {
+        self.check(desired, node)?;
+        let mut report = Report::default();
+        let mut t = Counting {
+            inner: tables,
+            writes: 0,
+        };
+
+        let config = self.config_for(desired, node);
+        if self.config != Some(config) {
+            t.set_config(&config)?;
+            self.config = Some(config);
+        }
+        let default_policy = self.apply_policies(desired, &mut t)?;
+
+        let mut wanted = BTreeSet::new();
+        for (frontend, service) in &desired.services {
+            let key = service_key(frontend);
+            wanted.insert(key);
+            let policy = service
+                .policy
+                .as_ref()
+                .or(desired.node.default_policy.as_ref())
+                .and_then(|name| self.policy_ids.get(&(name.clone(), None)).copied())
+                .unwrap_or(default_policy);
+            self.apply_service(key, service, policy, &mut t, &mut report)?;
+        }
+
+        self.apply_addrs(desired, node, &mut t)?;
+
+        let stale: Vec<ServiceKey> = self
+            .services
+            .keys()
+            .filter(|k| !wanted.contains(k))
+            .copied()
+            .collect();
+        for key in stale {
+            self.remove_service(&key, &mut t)?;
+            report.services_removed += 1;
+        }
+        self.remove_stale_policies(desired, &mut t)?;
+        report.writes = t.writes;
+        Ok(report)
+    }
+
+    /// Everything `apply` would refuse, checked before any write.
+    fn check(&self, desired: &Desired, node: &NodeView) -> Result<(), ApplyError> {
+        let invalid = |s: &Service, reason: String| ApplyError::Invalid {
+            origin: s.source.clone(),
+            name: s.name.clone(),
+            frontend: s.frontend,
+            reason,
+        };
+        for s in desired.services.values() {
+            match s.mode {
+                Mode::Snat => {
+                    let (missing, family) = match s.frontend.vip {
+                        IpAddr::V4(_) => (node.snat_ipv4.is_none(), "IPv4"),
+                        IpAddr::V6(_) => (node.snat_ipv6.is_none(), "IPv6"),
+                    };
+                    if missing {
+                        return Err(invalid(
+                            s,
+                            format!(
+                                "snat needs an {family} source address for this node: set node.snat-ipv{} or give the uplink one",
+                                if family == "IPv4" { 4 } else { 6 }
+                            ),
+                        ));
+                    }
+                }
+                Mode::PreserveClientIp => {
+                    if let Some(b) = s.backends.iter().find(|b| !node.local.contains(&b.addr)) {
+                        return Err(invalid(
+                            s,
+                            format!(
+                                "preserve-client-ip needs every backend on this node, but {} is not reachable through a backend interface; remote backends need direct server return, which is not supported yet: use mode = \"snat\"",
+                                b.maglev_key()
+                            ),
+                        ));
+                    }
+                }
+            }
+            for b in &s.backends {
+                if b.weight > maglev::MAX_WEIGHT {
+                    return Err(invalid(
+                        s,
+                        format!(
+                            "weight {} of {} is over {}",
+                            b.weight,
+                            b.maglev_key(),
+                            maglev::MAX_WEIGHT
+                        ),
+                    ));
+                }
+            }
+        }
+        // Room for what is new.
+        let new_services = desired
+            .services
+            .keys()
+            .filter(|f| !self.services.contains_key(&service_key(f)))
+            .count();
+        if new_services > self.service_ids.free() {
+            return Err(ApplyError::Capacity {
+                what: "services",
+                max: self.sizes.max_services,
+                flag: "--max-services",
+            });
+        }
+        let new_backends: usize = desired
+            .services
+            .values()
+            .map(|s| {
+                let applied = self.services.get(&service_key(&s.frontend));
+                s.backends
+                    .iter()
+                    .filter(|b| applied.is_none_or(|a| !a.backends.contains_key(&(b.addr, b.port))))
+                    .count()
+            })
+            .sum();
+        if new_backends > self.backend_ids.free() {
+            return Err(ApplyError::Capacity {
+                what: "backends",
+                max: self.sizes.max_backends,
+                flag: "--max-backends",
+            });
+        }
+        let slots: usize = desired
+            .policies
+            .values()
+            .map(|p| 1 + p.overrides.len())
+            .sum();
+        if slots >= MAX_POLICIES as usize {
+            return Err(ApplyError::Capacity {
+                what: "rate-limit policies and overrides",
+                max: MAX_POLICIES - 1,
+                flag: "lb_common::MAX_POLICIES",
+            });
+        }
+        Ok(())
+    }
+
+    fn config_for(&self, desired: &Desired, node: &NodeView) -> Config {
+        let n = &desired.node;
+        let ns = |d: std::time::Duration| d.as_nanos().min(u128::from(u64::MAX)) as u64;
+        Config {
+            hash_seed: n.hash_seed,
+            ring_size: self.sizes.ring_size,
+            tcp_idle_ns: ns(n.tcp_idle),
+            udp_idle_ns: ns(n.udp_idle),
+            tcp_closing_ns: ns(n.tcp_closing),
+            snat_v4: node
+                .snat_ipv4
+                .map(|a| Addr::v4(a.octets()))
+                .unwrap_or_default(),
+            snat_v6: node.snat_ipv6.map(|a| Addr(a.octets())).unwrap_or_default(),
+            snat_port_min: n.snat_ports.0,
+            snat_port_max: n.snat_ports.1,
+            flags: 0,
+            default_policy: 0,
+            _pad: 0,
+        }
+    }
+
+    /// Writes policies and their prefixes; returns the node default's id (0: none).
+    fn apply_policies(
+        &mut self,
+        desired: &Desired,
+        t: &mut Counting<'_>,
+    ) -> Result<u32, ApplyError> {
+        // Ids first: overrides and prefixes refer to them.
+        let mut slots: Vec<(PolicySlot, lb_common::Policy)> = Vec::new();
+        for (name, p) in &desired.policies {
+            slots.push(((name.clone(), None), to_bpf_policy(p, &p.limits)));
+            for (i, (_, limits)) in p.overrides.iter().enumerate() {
+                slots.push(((name.clone(), Some(i)), to_bpf_policy(p, limits)));
+            }
+        }
+        for (slot, value) in &slots {
+            if !self.policy_ids.contains_key(slot) {
+                let id = self.claim_policy(value);
+                self.policy_ids.insert(slot.clone(), id);
+            }
+        }
+        let mut prefixes = BTreeMap::new();
+        for (name, p) in &desired.policies {
+            let id = self.policy_ids[&(name.clone(), None)];
+            let rule = |action, policy| PrefixRule { action, policy };
+            for c in &p.exempt {
+                prefixes.insert(prefix_key(id, c), rule(PREFIX_EXEMPT, 0));
+            }
+            for c in &p.deny {
+                prefixes.insert(prefix_key(id, c), rule(PREFIX_DENY, 0));
+            }
+            for (i, (cidrs, _)) in p.overrides.iter().enumerate() {
+                let own = self.policy_ids[&(name.clone(), Some(i))];
+                for c in cidrs {
+                    prefixes.insert(prefix_key(id, c), rule(PREFIX_LIMIT, own));
+                }
+            }
+        }
+        let now = monotonic_ns();
+        for (slot, value) in &slots {
+            let id = self.policy_ids[slot];
+            if self.policies.get(&id) != Some(value) {
+                t.set_policy(id, value)?;
+                self.policies.insert(id, *value);
+            }
+            // Fail-closed policies need the bucket sources beyond the table's capacity share.
+            let key = SourceKey {
+                addr: Addr([0xff; 16]),
+                policy: id,
+            };
+            if value.flags & POLICY_FAIL_OPEN == 0 && !self.overflow.contains(&key) {
+                let full = Source {
+                    packets: Bucket::full(&value.packets, now),
+                    connections: Bucket::full(&value.connections, now),
+                    dropped: 0,
+                };
+                t.ensure_source(&key, &full)?;
+                self.overflow.insert(key);
+            }
+        }
+        for (k, rule) in &prefixes {
+            if self.prefixes.get(k) != Some(rule) {
+                t.set_prefix(&k.0, k.1, rule)?;
+                self.prefixes.insert(*k, *rule);
+            }
+        }
+        let stale: Vec<_> = self
+            .prefixes
+            .keys()
+            .filter(|k| !prefixes.contains_key(k))
+            .copied()
+            .collect();
+        for k in stale {
+            t.remove_prefix(&k.0, k.1)?;
+            self.prefixes.remove(&k);
+        }
+        Ok(desired
+            .node
+            .default_policy
+            .as_ref()
+            .and_then(|n| self.policy_ids.get(&(n.clone(), None)).copied())
+            .unwrap_or(0))
+    }
+
+    /// An id for a new policy slot: one whose map entry already holds this exact policy (left
+    /// by a previous agent: its sources keep their buckets) or a fresh one.
+    fn claim_policy(&mut self, value: &lb_common::Policy) -> u32 {
+        let claimed: BTreeSet<u32> = self.policy_ids.values().copied().collect();
+        if let Some(id) = self
+            .policies
+            .iter()
+            .find(|(id, p)| *p == value && !claimed.contains(id))
+            .map(|(id, _)| *id)
+        {
+            return id;
+        }
+        self.policy_pool.take().unwrap_or(0)
+    }
+
+    fn remove_stale_policies(
+        &mut self,
+        desired: &Desired,
+        t: &mut Counting<'_>,
+    ) -> Result<(), ApplyError> {
+        let stale: Vec<PolicySlot> = self
+            .policy_ids
+            .keys()
+            .filter(|(name, over)| match desired.policies.get(name) {
+                None => true,
+                Some(p) => over.is_some_and(|i| i >= p.overrides.len()),
+            })
+            .cloned()
+            .collect();
+        for slot in stale {
+            if let Some(id) = self.policy_ids.remove(&slot) {
+                let key = SourceKey {
+                    addr: Addr([0xff; 16]),
+                    policy: id,
+                };
+                if self.overflow.remove(&key) {
+                    t.remove_source(&key)?;
+                }
+                self.policies.remove(&id);
+                self.policy_pool.give_back(id);
+            }
+        }
+        // Policies a previous agent left that nothing claimed.
+        let claimed: BTreeSet<u32> = self.policy_ids.values().copied().collect();
+        let orphans: Vec<u32> = self
+            .policies
+            .keys()
+            .filter(|id| !claimed.contains(id))
+            .copied()
+            .collect();
+        for id in orphans {
+            self.policies.remove(&id);
+            self.policy_pool.give_back(id);
+        }
+        Ok(())
+    }
+
+    fn apply_service(
+        &mut self,
+        key: ServiceKey,
+        service: &Service,
+        policy: u32,
+        t: &mut Counting<'_>,
+        report: &mut Report,
+    ) -> Result<(), ApplyError> {
+        let cfg = self.config.unwrap_or_default();
+        let mut applied = match self.services.get(&key) {
+            Some(a) => a.clone(),
+            None => {
+                let id = self.service_ids.take().ok_or(ApplyError::Capacity {
+                    what: "services",
+                    max: self.sizes.max_services,
+                    flag: "--max-services",
+                })?;
+                t.clear_service_stats(id)?;
+                AppliedService {
+                    value: lb_common::Service {
+                        id,
+                        ring: u32::MAX,
+                        ..Default::default()
+                    },
+                    backends: BTreeMap::new(),
+                }
+            }
+        };
+        let id = applied.value.id;
+
+        // Backends: keep ids of those that stay, allocate for new ones.
+        let mut backends = BTreeMap::new();
+        for b in &service.backends {
+            let (bid, old_weight) = match applied.backends.get(&(b.addr, b.port)) {
+                Some(&(bid, w)) => (bid, Some(w)),
+                None => {
+                    let bid = self.backend_ids.take().ok_or(ApplyError::Capacity {
+                        what: "backends",
+                        max: self.sizes.max_backends,
+                        flag: "--max-backends",
+                    })?;
+                    t.clear_backend_stats(bid)?;
+                    (bid, None)
+                }
+            };
+            if old_weight != Some(b.weight) {
+                t.set_backend(bid, &backend_entry(b.addr, b.port, id, b.weight))?;
+            }
+            backends.insert((b.addr, b.port), (bid, b.weight));
+        }
+
+        // The ring, into a spare, only if its contents change.
+        let entries: Vec<(String, u32, u32)> = service
+            .backends
+            .iter()
+            .map(|b| (b.maglev_key(), b.weight, backends[&(b.addr, b.port)].0))
+            .collect();
+        let table = ring_table(&entries, cfg.ring_size, cfg.hash_seed)?;
+        let digest = ring_digest(&table, cfg.ring_size, cfg.hash_seed);
+        let mut value = applied.value;
+        let old_ring = value.ring;
+        if old_ring == u32::MAX || value.ring_digest != digest {
+            let ring = self.rings.take().ok_or(ApplyError::Capacity {
+                what: "rings",
+                max: self.sizes.rings(),
+                flag: "--max-services",
+            })?;
+            t.write_ring(ring, &table)?;
+            report.rings_written += 1;
+            value.ring = ring;
+            value.ring_digest = digest;
+        }
+        value.flags = match service.mode {
+            Mode::Snat => SVC_SNAT,
+            Mode::PreserveClientIp => 0,
+        } | if service.affinity.is_some() {
+            SVC_AFFINITY
+        } else {
+            0
+        };
+        value.policy = policy;
+        value.affinity_timeout_s = service
+            .affinity
+            .map(|d| d.as_secs().min(u64::from(u32::MAX)) as u32)
+            .unwrap_or(0);
+        value.active_backends = service.backends.iter().filter(|b| b.weight > 0).count() as u32;
+
+        let is_new = !self.services.contains_key(&key);
+        if is_new || value != applied.value {
+            // The switch: from here new flows use the new ring and settings.
+            t.set_service(&key, &value)?;
+            if is_new {
+                report.services_added += 1;
+            } else {
+                report.services_changed += 1;
+            }
+        }
+        if old_ring != u32::MAX && old_ring != value.ring {
+            self.rings.give_back(old_ring);
+        }
+        // Backends no longer listed: no ring slot refers to them any more. Existing flows keep
+        // going (they hold the address); the id is reused last.
+        for (addr_port, (bid, _)) in &applied.backends {
+            if !backends.contains_key(addr_port) {
+                t.set_backend(
+                    *bid,
+                    &unlisted(backend_entry(addr_port.0, addr_port.1, id, 0)),
+                )?;
+                self.backend_ids.give_back(*bid);
+            }
+        }
+        applied.value = value;
+        applied.backends = backends;
+        self.services.insert(key, applied);
+        Ok(())
+    }
+
+    fn remove_service(&mut self, key: &ServiceKey, t: &mut Counting<'_>) -> Result<(), ApplyError> {
+        let Some(applied) = self.services.remove(key) else {
+            return Ok(());
+        };
+        t.remove_service(key)?;
+        for ((addr, port), (bid, _)) in &applied.backends {
+            t.set_backend(
+                *bid,
+                &unlisted(backend_entry(*addr, *port, applied.value.id, 0)),
+            )?;
+            self.backend_ids.give_back(*bid);
+        }
+        self.rings.give_back(applied.value.ring);
+        self.service_ids.give_back(applied.value.id);
+        Ok(())
+    }
+
+    fn apply_addrs(
+        &mut self,
+        desired: &Desired,
+        node: &NodeView,
+        t: &mut Counting<'_>,
+    ) -> Result<(), ApplyError> {
+        let mut addrs: BTreeMap<Addr, AddrInfo> = BTreeMap::new();
+        for f in desired.services.keys() {
+            let flags = if node.node_addrs.contains(&f.vip) {
+                ADDR_NODE
+            } else {
+                ADDR_VIP
+            };
+            addrs.entry(Addr::from(f.vip)).or_default().flags |= flags;
+        }
+        let snat = node
+            .snat_ipv4
+            .map(IpAddr::V4)
+            .into_iter()
+            .chain(node.snat_ipv6.map(IpAddr::V6));
+        for a in snat {
+            addrs.entry(Addr::from(a)).or_default().flags |= ADDR_NODE;
+        }
+        // A node address is never also a VIP: its other traffic is the node's own.
+        for info in addrs.values_mut() {
+            if info.flags & ADDR_NODE != 0 {
+                info.flags = ADDR_NODE;
+            }
+        }
+        let mut filter = vec![0u64; 2 * FILTER_WORDS as usize];
+        let mut set = |plane: usize, a: &Addr| {
+            let bit = filter_bit(a) as usize;
+            filter[plane * FILTER_WORDS as usize + bit / 64] |= 1 << (bit % 64);
+        };
+        for a in addrs.keys() {
+            set(0, a);
+        }
+        for s in desired.services.values() {
+            if s.mode == Mode::PreserveClientIp {
+                for b in &s.backends {
+                    set(1, &Addr::from(b.addr));
+                }
+            }
+        }
+        for (a, info) in &addrs {
+            if self.addrs.get(a) != Some(info) {
+                t.set_addr(a, info)?;
+            }
+        }
+        for (i, (new, old)) in filter.iter().zip(self.filter.iter()).enumerate() {
+            if new != old {
+                t.set_filter_word(i as u32, *new)?;
+            }
+        }
+        let stale: Vec<Addr> = self
+            .addrs
+            .keys()
+            .filter(|a| !addrs.contains_key(a))
+            .copied()
+            .collect();
+        for a in stale {
+            t.remove_addr(&a)?;
+        }
+        self.addrs = addrs;
+        self.filter = filter;
+        Ok(())
+    }
+}
+
+pub fn service_key(f: &Frontend) -> ServiceKey {
+    ServiceKey {
+        addr: Addr::from(f.vip),
+        port: f.port.to_be(),
+        proto: f.protocol.number(),
+        _pad: 0,
+    }
+}
+
+fn backend_entry(addr: IpAddr, port: u16, service: u32, weight: u32) -> lb_common::Backend {
+    lb_common::Backend {
+        addr: Addr::from(addr),
+        port: port.to_be(),
+        flags: BACKEND_LISTED | if weight > 0 { BACKEND_ACTIVE } else { 0 },
+        service,
+        weight,
+    }
+}
+
+fn unlisted(mut b: lb_common::Backend) -> lb_common::Backend {
+    b.flags = 0;
+    b
+}
+
+/// The ring: Maglev over the service's backends, slots holding backend ids.
+pub fn ring_table(
+    entries: &[(String, u32, u32)],
+    size: u32,
+    seed: u32,
+) -> Result<Vec<u32>, ApplyError> {
+    let m: Vec<maglev::Entry<'_>> = entries
+        .iter()
+        .map(|(k, w, _)| maglev::Entry {
+            key: k.as_bytes(),
+            weight: *w,
+        })
+        .collect();
+    let slots = maglev::build(&m, size, seed)
+        .map_err(|e| ApplyError::Dataplane(DataplaneError::map(lb_common::MAP_RINGS, e)))?;
+    Ok(slots
+        .into_iter()
+        .map(|i| {
+            if i == NO_BACKEND {
+                NO_BACKEND
+            } else {
+                entries[i as usize].2
+            }
+        })
+        .collect())
+}
+
+fn ring_digest(table: &[u32], size: u32, seed: u32) -> u32 {
+    let mut bytes = Vec::with_capacity(table.len() * 4 + 8);
+    bytes.extend_from_slice(&size.to_le_bytes());
+    bytes.extend_from_slice(&seed.to_le_bytes());
+    for s in table {
+        bytes.extend_from_slice(&s.to_le_bytes());
+    }
+    // Never 0: a service entry with digest 0 has no ring yet.
+    bytes_hash(&bytes, 0x0d16_e575).max(1)
+}
+
+fn to_bpf_policy(p: &Policy, limits: &Limits) -> lb_common::Policy {
+    let limit = |r: Option<crate::model::Rate>| {
+        r.and_then(|r| Limit::new(r.per_second, r.burst).ok())
+            .unwrap_or(Limit::UNLIMITED)
+    };
+    let mut flags = 0;
+    if p.table_full == TableFull::FailOpen {
+        flags |= POLICY_FAIL_OPEN;
+    }
+    if p.reset_rejected_syn {
+        flags |= POLICY_RST_SYN;
+    }
+    if !(p.exempt.is_empty() && p.deny.is_empty() && p.overrides.is_empty()) {
+        flags |= POLICY_HAS_PREFIXES;
+    }
+    lb_common::Policy {
+        packets: limit(limits.packets),
+        connections: limit(limits.connections),
+        v6_prefix_len: p.ipv6_prefix,
+        _pad1: 0,
+        _pad2: 0,
+        flags,
+    }
+}
+
+/// The LPM key of a policy's prefix, and its length in bits (policy id, then the address).
+fn prefix_key(policy: u32, c: &Cidr) -> (PrefixKey, u32) {
+    let (bits, len) = c.as_v6_bits();
+    (
+        PrefixKey {
+            policy: policy.to_be_bytes(),
+            addr: Addr(bits.to_be_bytes()),
+        },
+        32 + u32::from(len),
+    )
+}
+
+/// CLOCK_MONOTONIC in ns: the clock the data path reads (coarsely).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Free ids, handed out oldest-freed first, so a freed id is reused as late as possible.
+struct IdPool(VecDeque<u32>);
+
+impl IdPool {
+    fn new(all: std::ops::Range<u32>, used: &BTreeSet<u32>, last: &[u32]) -> IdPool {
+        let mut q: VecDeque<u32> = all
+            .filter(|i| !used.contains(i) && !last.contains(i))
+            .collect();
+        q.extend(last.iter().copied().filter(|i| !used.contains(i)));
+        IdPool(q)
+    }
+    fn take(&mut self) -> Option<u32> {
+        self.0.pop_front()
+    }
+    fn give_back(&mut self, id: u32) {
+        self.0.push_back(id);
+    }
+    fn free(&self) -> usize {
+        self.0.len()
+    }
+}
+
+/// Counts writes on their way to the tables.
+struct Counting<'a> {
+    inner: &'a mut dyn Tables,
+    writes: usize,
+}
+
+macro_rules! counted {
+    ($($name:ident($($arg:ident: $ty:ty),*);)*) => {
+        impl Counting<'_> {
+            $(fn $name(&mut self, $($arg: $ty),*) -> Result<(), DataplaneError> {
+                self.writes += 1;
+                self.inner.$name($($arg),*)
+            })*
+        }
+    };
+}
+
+impl Counting<'_> {
+    /// Counted only when it inserts: a bucket that is already there is left alone.
+    fn ensure_source(&mut self, k: &SourceKey, s: &Source) -> Result<(), DataplaneError> {
+        if self.inner.ensure_source(k, s)? {
+            self.writes += 1;
+        }
+        Ok(())
+    }
+}
+
+counted! {
+    set_config(c: &Config);
+    set_filter_word(i: u32, w: u64);
+    set_addr(a: &Addr, info: &AddrInfo);
+    remove_addr(a: &Addr);
+    set_service(k: &ServiceKey, s: &lb_common::Service);
+    remove_service(k: &ServiceKey);
+    set_backend(id: u32, b: &lb_common::Backend);
+    write_ring(ring: u32, slots: &[u32]);
+    clear_service_stats(id: u32);
+    clear_backend_stats(id: u32);
+    set_policy(id: u32, p: &lb_common::Policy);
+    set_prefix(k: &PrefixKey, len: u32, r: &PrefixRule);
+    remove_prefix(k: &PrefixKey, len: u32);
+    remove_source(k: &SourceKey);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::{
+        model::{Backend, Protocol, Rate},
+        tables::{MemoryTables, Write},
+    };
+
+    fn sizes() -> Sizes {
+        Sizes {
+            max_services: 8,
+            max_backends: 32,
+            ring_size: 251,
+            ..Sizes::default()
+        }
+    }
+
+    fn node() -> NodeView {
+        NodeView {
+            snat_ipv4: Some("10.0.0.1".parse().unwrap()),
+            snat_ipv6: None,
+            node_addrs: ["10.0.0.1".parse().unwrap()].into(),
+            local: ["10.1.1.2".parse().unwrap(), "10.1.1.3".parse().unwrap()].into(),
+        }
+    }
+
+    fn backend(a: &str, weight: u32) -> Backend {
+        Backend {
+            addr: a.parse().unwrap(),
+            port: 8080,
+            weight,
+        }
+    }
+
+    fn service(vip: &str, port: u16, mode: Mode, backends: Vec<Backend>) -> Service {
+        Service {
+            name: format!("svc-{port}"),
+            source: "test".into(),
+            frontend: Frontend {
+                vip: vip.parse().unwrap(),
+                port,
+                protocol: Protocol::Tcp,
+            },
+            mode,
+            backends,
+            policy: None,
+            affinity: None,
+        }
+    }
+
+    fn desired(services: Vec<Service>) -> Desired {
+        Desired {
+            services: services.into_iter().map(|s| (s.frontend, s)).collect(),
+            ..Desired::default()
+        }
+    }
+
+    fn web() -> Service {
+        service(
+            "10.96.0.10",
+            80,
+            Mode::Snat,
+            vec![backend("10.1.1.2", 1), backend("10.1.2.2", 1)],
+        )
+    }
+
+    fn key(s: &Service) -> ServiceKey {
+        service_key(&s.frontend)
+    }
+
+    /// Backend addresses each ring slot sends to.
+    fn ring_addrs(t: &MemoryTables, s: &Service) -> Vec<Addr> {
+        t.ring_of(&key(s))
+            .unwrap()
+            .iter()
+            .map(|id| t.backends[id].addr)
+            .collect()
+    }
+
+    #[test]
+    fn applying_the_same_state_twice_writes_nothing_the_second_time() {
+        let mut t = MemoryTables::default();
+        let mut r = Reconciler::new(sizes());
+        let d = desired(vec![web()]);
+        let first = r.apply(&d, &node(), &mut t).unwrap();
+        assert_eq!(first.services_added, 1);
+        assert_eq!(first.rings_written, 1);
+        assert!(first.writes > 0);
+        t.take_log();
+        let second = r.apply(&d, &node(), &mut t).unwrap();
+        assert!(second.is_empty(), "{second:?}");
+        assert!(t.log.is_empty(), "{:?}", t.log);
+    }
+
+    #[test]
+    fn a_restarted_agent_resumes_from_the_maps_without_writing() {
+        let mut t = MemoryTables::default();
+        let d = desired(vec![
+            web(),
+            service(
+                "10.96.0.11",
+                53,
+                Mode::PreserveClientIp,
+                vec![backend("10.1.1.3", 2)],
+            ),
+        ]);
+        Reconciler::new(sizes()).apply(&d, &node(), &mut t).unwrap();
+        t.take_log();
+        let mut resumed = Reconciler::resume(sizes(), &t.snapshot().unwrap());
+        let report = resumed.apply(&d, &node(), &mut t).unwrap();
+        assert!(report.is_empty(), "{report:?} {:?}", t.log);
+    }
+
+    #[test]
+    fn the_service_entry_switches_to_a_fully_written_spare_ring() {
+        let mut t = MemoryTables::default();
+        let mut r = Reconciler::new(sizes());
+        let mut s = web();
+        r.apply(&desired(vec![s.clone()]), &node(), &mut t).unwrap();
+        let old_ring = t.services[&key(&s)].ring;
+        t.take_log();
+        s.backends.push(backend("10.1.2.3", 1));
+        let report = r.apply(&desired(vec![s.clone()]), &node(), &mut t).unwrap();
+        assert_eq!(report.rings_written, 1);
+        let new_ring = t.services[&key(&s)].ring;
+        assert_ne!(
+            old_ring, new_ring,
+            "the live ring is never written in place"
+        );
+        let ring_at = t
+            .log
+            .iter()
+            .position(|w| *w == Write::Ring(new_ring))
+            .unwrap();
+        let switch_at = t
+            .log
+            .iter()
+            .position(|w| *w == Write::SetService(key(&s)))
+            .unwrap();
+        let backend_at = t
+            .log
+            .iter()
+            .position(|w| matches!(w, Write::SetBackend(_)))
+            .unwrap();
+        assert!(backend_at < ring_at && ring_at < switch_at, "{:?}", t.log);
+        assert!(ring_addrs(&t, &s).contains(&Addr::from("10.1.2.3".parse::<IpAddr>().unwrap())));
+        // The old ring goes to the back of the free list: the next change uses another one.
+        s.backends.pop();
+        r.apply(&desired(vec![s.clone()]), &node(), &mut t).unwrap();
+        assert_ne!(t.services[&key(&s)].ring, old_ring);
+    }
+
+    #[test]
+    fn removed_and_drained_backends_leave_the_ring_but_keep_their_entry_marked() {
+        let mut t = MemoryTables::default();
+        let mut r = Reconciler::new(sizes());
+        let mut s = web();
+        s.backends.push(backend("10.1.2.3", 1));
+        r.apply(&desired(vec![s.clone()]), &node(), &mut t).unwrap();
+        let id_of = |t: &MemoryTables, a: &str| {
+            let a = Addr::from(a.parse::<IpAddr>().unwrap());
+            *t.backends.iter().find(|(_, b)| b.addr == a).unwrap().0
+        };
+        let drained = id_of(&t, "10.1.2.2");
+        let removed = id_of(&t, "10.1.2.3");
+        s.backends[1].weight = 0;
+        s.backends.pop();
+        r.apply(&desired(vec![s.clone()]), &node(), &mut t).unwrap();
+        let ring = t.ring_of(&key(&s)).unwrap();
+        assert!(!ring.contains(&drained) && !ring.contains(&removed));
+        assert_eq!(
+            t.backends[&drained].flags, BACKEND_LISTED,
+            "drained: listed, not active"
+        );
+        assert_eq!(t.backends[&removed].flags, 0, "removed: not listed");
+        assert_eq!(t.services[&key(&s)].active_backends, 1);
+        // Every slot goes to the one backend left.
+        let only = id_of(&t, "10.1.1.2");
+        assert!(ring.iter().all(|id| *id == only));
+    }
+
+    #[test]
+    fn a_rejected_state_writes_nothing_and_keeps_the_previous_one() {
+        let mut t = MemoryTables::default();
+        let mut r = Reconciler::new(sizes());
+        r.apply(&desired(vec![web()]), &node(), &mut t).unwrap();
+        let before = t.clone();
+        t.take_log();
+        // Preserve-client-ip with a backend on another node: refused.
+        let bad = service(
+            "10.96.0.12",
+            80,
+            Mode::PreserveClientIp,
+            vec![backend("10.1.2.2", 1)],
+        );
+        let e = r
+            .apply(&desired(vec![web(), bad]), &node(), &mut t)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("10.1.2.2:8080 is not reachable through a backend interface"),
+            "{e}"
+        );
+        assert!(t.log.is_empty());
+        assert_eq!(t.services, before.services);
+        // And the reconciler still knows the good state: re-applying it writes nothing.
+        assert!(
+            r.apply(&desired(vec![web()]), &node(), &mut t)
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn snat_without_a_node_address_for_the_family_is_refused() {
+        let mut r = Reconciler::new(sizes());
+        let v6 = service(
+            "fd00:96::1",
+            80,
+            Mode::Snat,
+            vec![Backend {
+                addr: "fd00:1::2".parse().unwrap(),
+                port: 80,
+                weight: 1,
+            }],
+        );
+        let e = r
+            .apply(&desired(vec![v6]), &node(), &mut MemoryTables::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("snat needs an IPv6 source address"), "{e}");
+    }
+
+    #[test]
+    fn capacity_is_checked_before_writing() {
+        let mut r = Reconciler::new(Sizes {
+            max_services: 1,
+            ..sizes()
+        });
+        let mut t = MemoryTables::default();
+        let e = r
+            .apply(
+                &desired(vec![web(), service("10.96.0.20", 80, Mode::Snat, vec![])]),
+                &node(),
+                &mut t,
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("too many services") && e.contains("--max-services"),
+            "{e}"
+        );
+        assert!(t.log.is_empty());
+    }
+
+    #[test]
+    fn addresses_and_filter_follow_the_services() {
+        let mut t = MemoryTables::default();
+        let mut r = Reconciler::new(sizes());
+        let preserve = service(
+            "10.96.0.11",
+            53,
+            Mode::PreserveClientIp,
+            vec![backend("10.1.1.3", 1)],
+        );
+        // A service on the node's own address (NodePort-like).
+        let nodeport = service("10.0.0.1", 30080, Mode::Snat, vec![backend("10.1.1.2", 1)]);
+        r.apply(
+            &desired(vec![web(), preserve.clone(), nodeport]),
+            &node(),
+            &mut t,
+        )
+        .unwrap();
+        let vip = Addr::from("10.96.0.10".parse::<IpAddr>().unwrap());
+        let node_addr = Addr::from("10.0.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(t.addrs[&vip].flags, ADDR_VIP);
+        assert_eq!(
+            t.addrs[&node_addr].flags, ADDR_NODE,
+            "a node address is never a VIP"
+        );
+        let bit = |plane: usize, a: &Addr| {
+            let b = filter_bit(a) as usize;
+            t.filter[plane * FILTER_WORDS as usize + b / 64] & (1 << (b % 64)) != 0
+        };
+        assert!(bit(0, &vip) && bit(0, &node_addr));
+        assert!(
+            bit(1, &Addr::from("10.1.1.3".parse::<IpAddr>().unwrap())),
+            "preserve backends"
+        );
+        // Removing the services removes the VIPs and their filter bits; the node address stays.
+        r.apply(&desired(vec![]), &node(), &mut t).unwrap();
+        assert!(t.services.is_empty());
+        assert!(!t.addrs.contains_key(&vip));
+        assert!(t.addrs.contains_key(&node_addr));
+        assert!(t.filter[FILTER_WORDS as usize..].iter().all(|w| *w == 0));
+    }
+
+    #[test]
+    fn policies_get_ids_prefixes_and_an_overflow_bucket() {
+        let mut t = MemoryTables::default();
+        let mut r = Reconciler::new(sizes());
+        let policy = Policy {
+            limits: Limits {
+                packets: Some(Rate {
+                    per_second: 100,
+                    burst: 10,
+                }),
+                connections: None,
+            },
+            ipv6_prefix: 64,
+            table_full: TableFull::FailClosed,
+            reset_rejected_syn: true,
+            exempt: vec!["10.9.0.0/16".parse().unwrap()],
+            deny: vec!["192.0.2.0/24".parse().unwrap()],
+            overrides: vec![(
+                vec!["198.51.100.0/24".parse().unwrap()],
+                Limits {
+                    packets: Some(Rate {
+                        per_second: 5,
+                        burst: 5,
+                    }),
+                    connections: None,
+                },
+            )],
+        };
+        let mut s = web();
+        s.policy = Some("p".into());
+        s.affinity = Some(Duration::from_secs(600));
+        let mut d = desired(vec![s.clone()]);
+        d.policies.insert("p".into(), policy);
+        r.apply(&d, &node(), &mut t).unwrap();
+        let svc = t.services[&key(&s)];
+        assert_ne!(svc.policy, 0);
+        assert_eq!(svc.flags, SVC_SNAT | SVC_AFFINITY);
+        assert_eq!(svc.affinity_timeout_s, 600);
+        let p = t.policies[&svc.policy];
+        assert_eq!(p.packets.rate, 100);
+        assert_eq!(p.flags, POLICY_RST_SYN | POLICY_HAS_PREFIXES);
+        assert_eq!(t.policies.len(), 2, "the policy and its override");
+        let rules: Vec<u32> = t.prefixes.values().map(|r| r.action).collect();
+        assert_eq!(rules.len(), 3);
+        assert!(
+            rules.contains(&PREFIX_EXEMPT)
+                && rules.contains(&PREFIX_DENY)
+                && rules.contains(&PREFIX_LIMIT)
+        );
+        // IPv4 /16 -> 32 policy bits + 96 mapped prefix bits + 16.
+        assert!(t.prefixes.keys().any(|(_, len)| *len == 32 + 96 + 16));
+        assert_eq!(
+            t.sources.len(),
+            2,
+            "an overflow bucket per fail-closed policy slot"
+        );
+        // Dropping the policy removes all of it.
+        let mut d2 = desired(vec![web()]);
+        d2.policies.clear();
+        r.apply(&d2, &node(), &mut t).unwrap();
+        assert!(t.prefixes.is_empty());
+        assert!(t.sources.is_empty());
+        assert_eq!(t.services[&key(&s)].policy, 0);
+    }
+}

@@ -1,0 +1,258 @@
+//! Kernel-tier fixture: the real data-path object, loaded through the agent's loader into a
+//! private network namespace with a known topology, driven with crafted packets through
+//! BPF_PROG_TEST_RUN (`Xdp::test_run`).
+//!
+//! The namespace belongs to the test's thread (`unshare(CLONE_NEWNET)`): `ip` commands the
+//! thread runs configure it, the FIB lookups of test runs resolve in it, and it disappears with
+//! the thread. Topology:
+//! - `up0` (the uplink; peer `up1`): 10.0.0.1/24, fd00:a::1/64. Gateway 10.0.0.2 / fd00:a::2
+//!   (MAC [`GW_MAC`]) routes the remote pod networks 10.1.0.0/16 and fd00:1::/32; the client
+//!   10.0.0.10 / fd00:a::10 (MAC [`CLIENT_MAC`]) sits on the same link.
+//! - `pod0` (a backend-facing veth; peer `pod1`): local backend 10.1.9.2 / fd00:1:9::2 (MAC
+//!   [`POD_MAC`]) routed on it. It is in the devmap, so frames to it are redirected.
+//! - `vlan100`: stands for VLAN 100 on `up0` (LB_IFACES says so): 10.2.0.1/24, and host
+//!   10.2.0.5 (MAC [`VLAN_HOST_MAC`]). It is a veth, not a VLAN device: this kernel has no 8021q
+//!   module, and the data path only needs the FIB to name the egress device.
+use std::{net::IpAddr, process::Command};
+
+use anyhow::{Context, Result, bail};
+use aya::{
+    Ebpf,
+    programs::{TestRun, TestRunOptions},
+};
+use lb_common::{Addr, Counter, Flow, FlowKey, Iface, MAP_DEVMAP, MAP_IFACES};
+use lb_userspace::{
+    dataplane::{self, Maps, Sizes},
+    model::Desired,
+    reconcile::{NodeView, Reconciler},
+    tables::Tables,
+};
+
+pub const GW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x10];
+pub const POD_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x09, 0x02];
+pub const VLAN_HOST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x10, 0x05];
+pub const NODE_V4: &str = "10.0.0.1";
+pub const NODE_V6: &str = "fd00:a::1";
+
+pub struct Fixture {
+    pub ebpf: Ebpf,
+    /// Keeps the tail-call table filled.
+    _progs: aya::maps::ProgramArray<aya::maps::MapData>,
+    pub maps: Maps,
+    pub reconciler: Reconciler,
+    pub node: NodeView,
+    /// MACs and ifindexes of the fixture's interfaces.
+    pub up0_mac: [u8; 6],
+    pub pod0_mac: [u8; 6],
+    pub up0: u32,
+    pub pod0: u32,
+    pub vlan100: u32,
+}
+
+/// The verdict and the packet as the program left it.
+pub struct Outcome {
+    pub verdict: u32,
+    pub packet: Vec<u8>,
+}
+
+impl Fixture {
+    /// Must be called on the test's own thread: it moves that thread into a new namespace.
+    pub fn new(sizes: Sizes) -> Result<Fixture> {
+        // SAFETY: affects only the calling thread's network namespace.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            bail!(
+                "unshare(CLONE_NEWNET): {} (kernel tests need root)",
+                std::io::Error::last_os_error()
+            );
+        }
+        for cmd in TOPOLOGY {
+            ip(cmd)?;
+        }
+        for (path, value) in [
+            ("/proc/sys/net/ipv4/ip_forward", "1"),
+            ("/proc/sys/net/ipv6/conf/all/forwarding", "1"),
+        ] {
+            std::fs::write(path, value).with_context(|| format!("write {path}"))?;
+        }
+        let dataplane::Loaded {
+            mut ebpf, progs, ..
+        } = dataplane::load(&sizes, None)?;
+        let mut maps = Maps::take(&mut ebpf)?;
+        let up0 = ifindex("up0")?;
+        let pod0 = ifindex("pod0")?;
+        let vlan100 = ifindex("vlan100")?;
+        maps.devmap
+            .insert(pod0, pod0, None, 0)
+            .context("devmap insert")?;
+        maps.devmap
+            .insert(up0, up0, None, 0)
+            .context("devmap insert")?;
+        maps.ifaces
+            .insert(
+                vlan100,
+                Iface {
+                    parent: up0,
+                    vlan_id: 100,
+                    _pad: 0,
+                },
+                0,
+            )
+            .context("ifaces insert")?;
+        let _ = (MAP_DEVMAP, MAP_IFACES);
+        let node = NodeView {
+            snat_ipv4: Some(NODE_V4.parse()?),
+            snat_ipv6: Some(NODE_V6.parse()?),
+            node_addrs: [NODE_V4.parse()?, NODE_V6.parse()?].into(),
+            local: ["10.1.9.2".parse()?, "fd00:1:9::2".parse()?].into(),
+        };
+        Ok(Fixture {
+            up0_mac: mac("up0")?,
+            pod0_mac: mac("pod0")?,
+            ebpf,
+            _progs: progs,
+            maps,
+            reconciler: Reconciler::new(sizes),
+            node,
+            up0,
+            pod0,
+            vlan100,
+        })
+    }
+
+    /// Makes the maps hold `desired` (through the agent's reconciler).
+    pub fn apply(&mut self, desired: &Desired) -> Result<()> {
+        self.reconciler
+            .apply(desired, &self.node, &mut self.maps)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(())
+    }
+
+    /// Runs `packet` through `program` as if received on `ifindex`.
+    pub fn run_on(&mut self, program: &str, ifindex: u32, packet: &[u8]) -> Result<Outcome> {
+        let prog = dataplane::program_mut(&mut self.ebpf, program)?;
+        let mut out = vec![0u8; packet.len() + 256];
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress.
+        let mut ctx = [0u8; 24];
+        ctx[4..8].copy_from_slice(&(packet.len() as u32).to_ne_bytes());
+        ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+        let result = prog
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..TestRunOptions::new()
+            })
+            .context("BPF_PROG_TEST_RUN")?;
+        out.truncate(result.data_size_out as usize);
+        Ok(Outcome {
+            verdict: result.return_value,
+            packet: out,
+        })
+    }
+
+    /// A packet arriving on the uplink.
+    pub fn uplink(&mut self, packet: &[u8]) -> Result<Outcome> {
+        let up0 = self.up0;
+        self.run_on(lb_common::PROG_UPLINK, up0, packet)
+    }
+
+    /// A packet from a local backend, arriving on its veth.
+    pub fn from_pod(&mut self, packet: &[u8]) -> Result<Outcome> {
+        let pod0 = self.pod0;
+        self.run_on(lb_common::PROG_BACKEND, pod0, packet)
+    }
+
+    pub fn counter(&self, c: Counter) -> u64 {
+        self.maps
+            .read_counters()
+            .into_iter()
+            .find(|(k, _)| *k == c)
+            .map(|(_, v)| v)
+            .unwrap_or(0)
+    }
+
+    pub fn flow(&self, key: &FlowKey) -> Option<Flow> {
+        self.maps.flows.get(key, 0).ok()
+    }
+
+    pub fn flow_count(&self) -> usize {
+        self.maps.flows.keys().count()
+    }
+
+    pub fn tables(&mut self) -> &mut dyn Tables {
+        &mut self.maps
+    }
+}
+
+/// A flow key as the data path builds it (ports in host order here).
+pub fn flow_key(src: &str, sport: u16, dst: &str, dport: u16, proto: u8) -> FlowKey {
+    FlowKey::new(
+        Addr::from(src.parse::<IpAddr>().expect("address")),
+        Addr::from(dst.parse::<IpAddr>().expect("address")),
+        sport.to_be(),
+        dport.to_be(),
+        proto,
+    )
+}
+
+const TOPOLOGY: &[&str] = &[
+    "link set lo up",
+    "link add up0 type veth peer name up1",
+    "link add pod0 type veth peer name pod1",
+    "link add vlan100 type veth peer name vlan100p",
+    "link set up0 up",
+    "link set up1 up",
+    "link set pod0 up",
+    "link set pod1 up",
+    "link set vlan100 up",
+    "link set vlan100p up",
+    "addr add 10.0.0.1/24 dev up0",
+    "addr add fd00:a::1/64 dev up0 nodad",
+    "addr add 10.2.0.1/24 dev vlan100",
+    "route add 10.1.0.0/16 via 10.0.0.2 dev up0",
+    "route add fd00:1::/32 via fd00:a::2 dev up0",
+    "route add 10.1.9.2/32 dev pod0",
+    "route add fd00:1:9::2/128 dev pod0",
+    "neigh replace 10.0.0.2 lladdr 02:00:00:00:00:02 dev up0 nud permanent",
+    "neigh replace fd00:a::2 lladdr 02:00:00:00:00:02 dev up0 nud permanent",
+    "neigh replace 10.0.0.10 lladdr 02:00:00:00:00:10 dev up0 nud permanent",
+    "neigh replace fd00:a::10 lladdr 02:00:00:00:00:10 dev up0 nud permanent",
+    "neigh replace 10.1.9.2 lladdr 02:00:00:00:09:02 dev pod0 nud permanent",
+    "neigh replace fd00:1:9::2 lladdr 02:00:00:00:09:02 dev pod0 nud permanent",
+    "neigh replace 10.2.0.5 lladdr 02:00:00:00:10:05 dev vlan100 nud permanent",
+];
+
+fn ip(args: &str) -> Result<()> {
+    let out = Command::new("ip")
+        .args(args.split_whitespace())
+        .output()
+        .with_context(|| format!("run ip {args}"))?;
+    if !out.status.success() {
+        bail!("ip {args}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+fn ifindex(name: &str) -> Result<u32> {
+    let c = std::ffi::CString::new(name)?;
+    // SAFETY: a valid C string; resolves in the calling thread's namespace (sysfs would not:
+    // it shows the namespace it was mounted in).
+    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
+        0 => bail!("no interface {name}"),
+        i => Ok(i),
+    }
+}
+
+fn mac(name: &str) -> Result<[u8; 6]> {
+    let out = Command::new("ip")
+        .args(["-j", "link", "show", "dev", name])
+        .output()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let s = v[0]["address"].as_str().context("no MAC")?;
+    let mut m = [0u8; 6];
+    for (i, part) in s.split(':').enumerate().take(6) {
+        m[i] = u8::from_str_radix(part, 16)?;
+    }
+    Ok(m)
+}

@@ -1,0 +1,920 @@
+//! Kernel tier: the real data-path object, loaded through the agent's loader, run on crafted
+//! packets with BPF_PROG_TEST_RUN. Each test checks the verdict, every rewritten field, valid
+//! checksums, and the maps' side effects. Each test runs in its own network namespace.
+use std::net::IpAddr;
+
+use lb_common::{Counter, IPPROTO_TCP, IPPROTO_UDP};
+use lb_tests::{
+    kernel::{CLIENT_MAC, Fixture, GW_MAC, NODE_V4, flow_key},
+    netns::require_root,
+    packets::{Spec, TCP_ACK, TCP_SYN, assert_checksums, parse},
+};
+use lb_userspace::{
+    dataplane::Sizes,
+    model::{Backend, Desired, Frontend, Mode, Protocol, Service},
+};
+
+// XDP verdicts (uapi enum xdp_action).
+const DROP: u32 = 1;
+const PASS: u32 = 2;
+const TX: u32 = 3;
+const REDIRECT: u32 = 4;
+
+fn sizes() -> Sizes {
+    Sizes {
+        max_services: 16,
+        max_backends: 64,
+        ring_size: 251,
+        flow_entries: 1024,
+        source_entries: 256,
+        affinity_entries: 256,
+    }
+}
+
+fn service(
+    vip: &str,
+    port: u16,
+    protocol: Protocol,
+    mode: Mode,
+    backends: &[(&str, u16)],
+) -> Service {
+    Service {
+        name: format!("svc{port}"),
+        source: "test".into(),
+        frontend: Frontend {
+            vip: vip.parse().unwrap(),
+            port,
+            protocol,
+        },
+        mode,
+        backends: backends
+            .iter()
+            .map(|(a, p)| Backend {
+                addr: a.parse().unwrap(),
+                port: *p,
+                weight: 1,
+            })
+            .collect(),
+        policy: None,
+        affinity: None,
+    }
+}
+
+fn desired(services: Vec<Service>) -> Desired {
+    Desired {
+        services: services.into_iter().map(|s| (s.frontend, s)).collect(),
+        ..Desired::default()
+    }
+}
+
+fn fixture(services: Vec<Service>) -> Fixture {
+    let mut fx = Fixture::new(sizes()).expect("fixture");
+    fx.apply(&desired(services)).expect("apply");
+    fx
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+#[test]
+fn tcp_syn_to_a_snat_vip_goes_to_a_remote_backend_from_a_node_port() {
+    if !require_root() {
+        return;
+    }
+    let mut fx = fixture(vec![service(
+        "10.96.0.10",
+        80,
+        Protocol::Tcp,
+        Mode::Snat,
+        &[("10.1.2.2", 8080)],
+    )]);
+    let syn = Spec::tcp("10.0.0.10", 40000, "10.96.0.10", 80, TCP_SYN)
+        .macs(CLIENT_MAC, [2, 0, 0, 0, 0, 1]);
+    let out = fx.uplink(&syn.build()).unwrap();
+    assert_eq!(out.verdict, TX, "leaves by the uplink it came in on");
+    let p = parse(&out.packet);
+    assert_checksums(&out.packet);
+    assert_eq!((p.src_mac, p.dst_mac), (fx.up0_mac, GW_MAC));
+    assert_eq!((p.src, p.dst), (ip(NODE_V4), ip("10.1.2.2")));
+    assert!((61000..=65535).contains(&p.sport), "snat port {}", p.sport);
+    assert_eq!(p.dport, 8080);
+    assert_eq!(p.tcp_flags, TCP_SYN);
+    assert_eq!(p.payload, b"hello");
+    // Two entries: the client's direction and the backend's replies.
+    let fwd = fx
+        .flow(&flow_key("10.0.0.10", 40000, "10.96.0.10", 80, IPPROTO_TCP))
+        .expect("forward entry");
+    assert_eq!(u16::from_be(fwd.sport), p.sport);
+    assert!(
+        fx.flow(&flow_key("10.1.2.2", 8080, NODE_V4, p.sport, IPPROTO_TCP))
+            .is_some(),
+        "reply entry"
+    );
+    assert_eq!(fx.flow_count(), 2);
+    assert_eq!(fx.counter(Counter::FlowsCreated), 1);
+    assert_eq!(fx.counter(Counter::XdpTx), 1);
+
+    // The backend's SYN-ACK comes back to the node port and is translated back to VIP -> client.
+    let synack =
+        Spec::tcp("10.1.2.2", 8080, NODE_V4, p.sport, TCP_SYN | TCP_ACK).macs(GW_MAC, fx.up0_mac);
+    let back = fx.uplink(&synack.build()).unwrap();
+    assert_eq!(back.verdict, TX);
+    assert_checksums(&back.packet);
+    let r = parse(&back.packet);
+    assert_eq!((r.src_mac, r.dst_mac), (fx.up0_mac, CLIENT_MAC));
+    assert_eq!(
+        (r.src, r.sport, r.dst, r.dport),
+        (ip("10.96.0.10"), 80, ip("10.0.0.10"), 40000)
+    );
+    assert_eq!(fx.flow_count(), 2, "replies create nothing");
+}
+
+#[test]
+fn traffic_not_for_a_vip_passes_untouched() {
+    if !require_root() {
+        return;
+    }
+    let mut fx = fixture(vec![service(
+        "10.96.0.10",
+        80,
+        Protocol::Tcp,
+        Mode::Snat,
+        &[("10.1.2.2", 8080)],
+    )]);
+    let pkt = Spec::tcp("10.0.0.10", 40000, "10.0.0.99", 80, TCP_SYN).build();
+    let out = fx.uplink(&pkt).unwrap();
+    assert_eq!(out.verdict, PASS);
+    assert_eq!(out.packet, pkt);
+    assert_eq!(fx.flow_count(), 0);
+    assert_eq!(fx.counter(Counter::PassNotOurs), 1);
+}
+
+#[test]
+fn a_vip_port_without_a_service_is_dropped_and_counted() {
+    if !require_root() {
+        return;
+    }
+    let mut fx = fixture(vec![service(
+        "10.96.0.10",
+        80,
+        Protocol::Tcp,
+        Mode::Snat,
+        &[("10.1.2.2", 8080)],
+    )]);
+    let out = fx
+        .uplink(&Spec::tcp("10.0.0.10", 40000, "10.96.0.10", 81, TCP_SYN).build())
+        .unwrap();
+    assert_eq!(out.verdict, DROP);
+    let out = fx
+        .uplink(&Spec::udp("10.0.0.10", 40000, "10.96.0.10", 80).build())
+        .unwrap();
+    assert_eq!(out.verdict, DROP, "same port, other protocol");
+    assert_eq!(fx.counter(Counter::DropNoService), 2);
+    assert_eq!(fx.flow_count(), 0);
+    let _ = (REDIRECT, IPPROTO_UDP);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Flows: data packets, midstream, stickiness through changes, FIN/RST, port reuse.
+// ---------------------------------------------------------------------------------------------
+
+fn snat_web() -> Service {
+    service(
+        "10.96.0.10",
+        80,
+        Protocol::Tcp,
+        Mode::Snat,
+        &[("10.1.2.2", 8080), ("10.1.2.3", 8080), ("10.1.2.4", 8080)],
+    )
+}
+
+/// Sends a SYN from `sport` and returns the backend address it went to.
+fn open(fx: &mut Fixture, sport: u16) -> (IpAddr, u16) {
+    let out = fx
+        .uplink(&Spec::tcp("10.0.0.10", sport, "10.96.0.10", 80, TCP_SYN).build())
+        .unwrap();
+    assert_eq!(out.verdict, TX);
+    let p = parse(&out.packet);
+    (p.dst, p.sport)
+}
+
+#[test]
+fn data_packets_follow_their_flow_and_a_midstream_packet_creates_one() {
+    if !require_root() {
+        return;
+    }
+    let mut fx = fixture(vec![snat_web()]);
+    let (backend, node_port) = open(&mut fx, 40001);
+    for _ in 0..5 {
+        let data = Spec::tcp(
+            "10.0.0.10",
+            40001,
+            "10.96.0.10",
+            80,
+            TCP_ACK | lb_tests::packets::TCP_PSH,
+        )
+        .payload(&[7u8; 300])
+        .build();
+        let out = fx.uplink(&data).unwrap();
+        assert_eq!(out.verdict, TX);
+        assert_checksums(&out.packet);
+        let p = parse(&out.packet);
+        assert_eq!(
+            (p.dst, p.sport),
+            (backend, node_port),
+            "same backend, same node port"
+        );
+        assert_eq!(p.payload, vec![7u8; 300]);
+    }
+    assert_eq!(fx.counter(Counter::FlowsCreated), 1);
+    // A packet of a connection the table does not know (e.g. after a flow-table loss) gets a
+    // flow too: the ring sends it where every node would.
+    let out = fx
+        .uplink(&Spec::tcp("10.0.0.10", 40002, "10.96.0.10", 80, TCP_ACK).build())
+        .unwrap();
+    assert_eq!(out.verdict, TX);
+    assert_eq!(fx.counter(Counter::FlowsCreated), 2);
+    assert_eq!(fx.counter(Counter::FlowsCreatedMidstream), 1);
+}
+
+#[test]
+fn a_flow_keeps_its_backend_when_backends_are_added_drained_or_removed() {
+    if !require_root() {
+        return;
+    }
+    let mut fx = fixture(vec![snat_web()]);
+    let flows: Vec<(u16, IpAddr, u16)> = (0..30)
+        .map(|i| {
+            let (b, p) = open(&mut fx, 41000 + i);
+            (41000 + i, b, p)
+        })
+        .collect();
+    let mut changed = snat_web();
+    // Add two backends, drain one, remove another.
+    changed.backends.push(Backend {
+        addr: ip("10.1.2.5"),
+        port: 8080,
+        weight: 1,
+    });
+    changed.backends.push(Backend {
+        addr: ip("10.1.2.6"),
+        port: 8080,
+        weight: 1,
+    });
+    changed.backends[0].weight = 0;
+    let removed = changed.backends.remove(1).addr;
+    fx.apply(&desired(vec![changed])).unwrap();
+    for (sport, backend, node_port) in &flows {
+        let out = fx
+            .uplink(&Spec::tcp("10.0.0.10", *sport, "10.96.0.10", 80, TCP_ACK).build())
+            .unwrap();
+        assert_eq!(out.verdict, TX);
+        let p = parse(&out.packet);
+        assert_eq!(
+            (p.dst, p.sport),
+            (*backend, *node_port),
+            "flow from port {sport} moved"
+        );
+    }
+    // New flows avoid the drained and the removed backend.
+    for i in 0..60 {
+        let (b, _) = open(&mut fx, 42000 + i);
+        assert_ne!(b, ip("10.1.2.2"), "drained backend got a new flow");
+        assert_ne!(b, removed, "removed backend got a new flow");
+    }
+}
+
+#[test]
+fn fin_ends_a_flow_after_the_linger_and_a_new_syn_on_the_tuple_is_a_new_flow() {
+    if !require_root() {
+        return;
+    }
+    let mut fx = fixture(vec![snat_web()]);
+    let (_, port1) = open(&mut fx, 43000);
+    let fin = Spec::tcp(
+        "10.0.0.10",
+        43000,
+        "10.96.0.10",
+        80,
+        TCP_ACK | lb_tests::packets::TCP_FIN,
+    )
+    .build();
+    assert_eq!(fx.uplink(&fin).unwrap().verdict, TX);
+    let entry = fx
+        .flow(&flow_key("10.0.0.10", 43000, "10.96.0.10", 80, IPPROTO_TCP))
+        .unwrap();
+    assert_ne!(
+        entry.flags & lb_common::FLOW_CLOSING,
+        0,
+        "FIN marks the flow closing"
+    );
+    // The client reuses the tuple: a SYN on a closing flow starts a new one.
+    let (_, port2) = open(&mut fx, 43000);
+    assert_eq!(fx.counter(Counter::FlowsCreated), 2);
+    let entry = fx
+        .flow(&flow_key("10.0.0.10", 43000, "10.96.0.10", 80, IPPROTO_TCP))
+        .unwrap();
+    assert_eq!(entry.flags & lb_common::FLOW_CLOSING, 0);
+    let _ = (port1, port2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// UDP, client-IP preservation, local backends, redirect.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn udp_to_a_preserving_vip_is_redirected_to_the_local_pod_and_its_reply_translated_back() {
+    if !require_root() {
+        return;
+    }
+    let mut fx = fixture(vec![service(
+        "10.96.0.53",
+        53,
+        Protocol::Udp,
+        Mode::PreserveClientIp,
+        &[("10.1.9.2", 5353)],
+    )]);
+    let q = Spec::udp("10.0.0.10", 50000, "10.96.0.53", 53)
+        .macs(CLIENT_MAC, [2, 0, 0, 0, 0, 1])
+        .build();
+    let out = fx.uplink(&q).unwrap();
+    assert_eq!(
+        out.verdict, REDIRECT,
+        "to the pod's veth through the devmap"
+    );
+    assert_checksums(&out.packet);
+    let p = parse(&out.packet);
+    assert_eq!(
+        (p.src_mac, p.dst_mac),
+        (fx.pod0_mac, lb_tests::kernel::POD_MAC)
+    );
+    assert_eq!(
+        (p.src, p.sport),
+        (ip("10.0.0.10"), 50000),
+        "the pod sees the client"
+    );
+    assert_eq!((p.dst, p.dport), (ip("10.1.9.2"), 5353));
+    assert_eq!(fx.counter(Counter::XdpRedirect), 1);
+    // The pod answers the client directly; on its way out it becomes VIP -> client again.
+    let a = Spec::udp("10.1.9.2", 5353, "10.0.0.10", 50000)
+        .macs(lb_tests::kernel::POD_MAC, fx.pod0_mac)
+        .build();
+    let back = fx.from_pod(&a).unwrap();
+    assert_eq!(back.verdict, REDIRECT, "to the uplink");
+    assert_checksums(&back.packet);
+    let r = parse(&back.packet);
+    assert_eq!((r.src_mac, r.dst_mac), (fx.up0_mac, CLIENT_MAC));
+    assert_eq!(
+        (r.src, r.sport, r.dst, r.dport),
+        (ip("10.96.0.53"), 53, ip("10.0.0.10"), 50000)
+    );
+}
+
+#[test]
+fn ipv4_udp_without_a_checksum_keeps_none() {
+    if !require_root() {
+        return;
+    }
+    let mut fx = fixture(vec![service(
+        "10.96.0.53",
+        53,
+        Protocol::Udp,
+        Mode::Snat,
+        &[("10.1.2.2", 53)],
+    )]);
+    let mut q = Spec::udp("10.0.0.10", 50001, "10.96.0.53", 53).build();
+    // Zero the UDP checksum (bytes 40..42 of an untagged IPv4/UDP frame): "no checksum".
+    q[40] = 0;
+    q[41] = 0;
+    let out = fx.uplink(&q).unwrap();
+    assert_eq!(out.verdict, TX);
+    assert_eq!(&out.packet[40..42], &[0, 0], "0 stays 0");
+    assert_checksums(&out.packet);
+}
+
+#[test]
+fn pods_own_traffic_on_a_backend_interface_goes_to_the_kernel() {
+    if !require_root() {
+        return;
+    }
+    let mut fx = fixture(vec![service(
+        "10.96.0.53",
+        53,
+        Protocol::Udp,
+        Mode::PreserveClientIp,
+        &[("10.1.9.2", 5353)],
+    )]);
+    // The pod starts a connection of its own (no flow): not ours.
+    let pkt = Spec::tcp("10.1.9.2", 33333, "93.184.216.34", 443, TCP_SYN).build();
+    let out = fx.from_pod(&pkt).unwrap();
+    assert_eq!(out.verdict, PASS);
+    assert_eq!(out.packet, pkt);
+}
+
+// ---------------------------------------------------------------------------------------------
+// IPv4 options, IPv6, VLAN.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn ipv4_with_options_is_rewritten_with_the_options_intact() {
+    if !require_root() {
+        return;
+    }
+    let mut fx = fixture(vec![snat_web()]);
+    // Two NOPs, a 4-byte router-alert-like option, padding: a 32-byte header (IHL 8).
+    let options = [1, 1, 0x94, 0x04, 0, 0, 1, 0, 1, 1, 1, 0];
+    let syn = Spec::tcp("10.0.0.10", 44000, "10.96.0.10", 80, TCP_SYN)
+        .options(&options)
+        .build();
+    let out = fx.uplink(&syn).unwrap();
+    assert_eq!(out.verdict, TX);
+    assert_checksums(&out.packet);
+    assert_eq!(out.packet[14] & 0x0f, 8, "IHL unchanged");
+    assert_eq!(&out.packet[34..46], &options, "options untouched");
+    let p = parse(&out.packet);
+    assert_eq!(p.src, ip(NODE_V4));
+    assert_eq!(p.dport, 8080);
+}
+
+#[test]
+fn ipv6_tcp_snat_and_reply() {
+    if !require_root() {
+        return;
+    }
+    let mut fx = fixture(vec![service(
+        "fd00:96::10",
+        80,
+        Protocol::Tcp,
+        Mode::Snat,
+        &[("fd00:1:2::2", 8080)],
+    )]);
+    let out = fx
+        .uplink(&Spec::tcp("fd00:a::10", 40000, "fd00:96::10", 80, TCP_SYN).build())
+        .unwrap();
+    assert_eq!(out.verdict, TX);
+    assert_checksums(&out.packet);
+    let p = parse(&out.packet);
+    assert_eq!(p.dst_mac, GW_MAC);
+    assert_eq!(
+        (p.src, p.dst, p.dport),
+        (ip(lb_tests::kernel::NODE_V6), ip("fd00:1:2::2"), 8080)
+    );
+    let back = fx
+        .uplink(
+            &Spec::tcp(
+                "fd00:1:2::2",
+                8080,
+                lb_tests::kernel::NODE_V6,
+                p.sport,
+                TCP_SYN | TCP_ACK,
+            )
+            .build(),
+        )
+        .unwrap();
+    assert_eq!(back.verdict, TX);
+    assert_checksums(&back.packet);
+    let r = parse(&back.packet);
+    assert_eq!(r.dst_mac, CLIENT_MAC);
+    assert_eq!(
+        (r.src, r.sport, r.dst, r.dport),
+        (ip("fd00:96::10"), 80, ip("fd00:a::10"), 40000)
+    );
+}
+
+#[test]
+fn ipv6_udp_preserving_to_a_local_pod() {
+    if !require_root() {
+        return;
+    }
+    let mut fx = fixture(vec![service(
+        "fd00:96::53",
+        53,
+        Protocol::Udp,
+        Mode::PreserveClientIp,
+        &[("fd00:1:9::2", 53)],
+    )]);
+    let out = fx
+        .uplink(&Spec::udp("fd00:a::10", 50000, "fd00:96::53", 53).build())
+        .unwrap();
+    assert_eq!(out.verdict, REDIRECT);
+    assert_checksums(&out.packet);
+    let p = parse(&out.packet);
+    assert_eq!(p.dst_mac, lb_tests::kernel::POD_MAC);
+    assert_eq!((p.src, p.dst), (ip("fd00:a::10"), ip("fd00:1:9::2")));
+    let back = fx
+        .from_pod(&Spec::udp("fd00:1:9::2", 53, "fd00:a::10", 50000).build())
+        .unwrap();
+    assert_eq!(back.verdict, REDIRECT);
+    assert_checksums(&back.packet);
+    let r = parse(&back.packet);
+    assert_eq!(
+        (r.src, r.sport, r.dst_mac),
+        (ip("fd00:96::53"), 53, CLIENT_MAC)
+    );
+}
+
+#[test]
+fn ipv6_extension_headers_and_fragments_to_a_vip_are_dropped_by_policy() {
+    if !require_root() {
+        return;
+    }
+    let mut fx = fixture(vec![service(
+        "fd00:96::10",
+        80,
+        Protocol::Tcp,
+        Mode::Snat,
+        &[("fd00:1:2::2", 8080)],
+    )]);
+    let mut base = Spec::tcp("fd00:a::10", 40000, "fd00:96::10", 80, TCP_SYN).build();
+    // Next header = Fragment (44) in front of the TCP header: a fragment.
+    base[20] = 44;
+    assert_eq!(fx.uplink(&base).unwrap().verdict, DROP);
+    assert_eq!(fx.counter(Counter::DropFragment), 1);
+    base[20] = 43; // Routing header: the final destination is elsewhere.
+    assert_eq!(fx.uplink(&base).unwrap().verdict, DROP);
+    assert_eq!(fx.counter(Counter::DropIpv6Extension), 1);
+    assert_eq!(fx.flow_count(), 0);
+}
+
+#[test]
+fn ipv4_fragments_to_a_vip_are_dropped_by_policy() {
+    if !require_root() {
+        return;
+    }
+    let mut fx = fixture(vec![snat_web()]);
+    let mut frag = Spec::udp("10.0.0.10", 1, "10.96.0.10", 80).build();
+    frag[20] = 0x20; // More fragments.
+    frag[21] = 0;
+    assert_eq!(fx.uplink(&frag).unwrap().verdict, DROP);
+    assert_eq!(fx.counter(Counter::DropFragment), 1);
+}
+
+#[test]
+fn vlan_tagged_traffic_keeps_its_tag_and_gets_the_egress_devices_tag() {
+    if !require_root() {
+        return;
+    }
+    let mut fx = fixture(vec![
+        snat_web(),
+        // A backend behind the VLAN 100 device on the uplink.
+        service(
+            "10.96.0.20",
+            80,
+            Protocol::Tcp,
+            Mode::Snat,
+            &[("10.2.0.5", 8080)],
+        ),
+        service(
+            "10.96.0.53",
+            53,
+            Protocol::Udp,
+            Mode::PreserveClientIp,
+            &[("10.1.9.2", 53)],
+        ),
+    ]);
+    // Tagged in (VLAN 7), out through the uplink's untagged route: the tag is removed.
+    let out = fx
+        .uplink(
+            &Spec::tcp("10.0.0.10", 45000, "10.96.0.10", 80, TCP_SYN)
+                .vlan(7)
+                .build(),
+        )
+        .unwrap();
+    assert_eq!(out.verdict, TX);
+    assert_checksums(&out.packet);
+    let p = parse(&out.packet);
+    assert_eq!(p.vlan, None);
+    assert_eq!(p.dst_mac, GW_MAC);
+    assert!(p.dst.to_string().starts_with("10.1.2."), "{}", p.dst);
+    // Untagged in, out through VLAN 100 on the same uplink: tagged 100, sent back out (TX).
+    let out = fx
+        .uplink(&Spec::tcp("10.0.0.10", 45001, "10.96.0.20", 80, TCP_SYN).build())
+        .unwrap();
+    assert_eq!(out.verdict, TX);
+    assert_checksums(&out.packet);
+    let p = parse(&out.packet);
+    assert_eq!(p.vlan, Some(100));
+    assert_eq!(
+        (p.dst, p.dst_mac),
+        (ip("10.2.0.5"), lb_tests::kernel::VLAN_HOST_MAC)
+    );
+    // Tagged in, out through VLAN 100: retagged.
+    let out = fx
+        .uplink(
+            &Spec::tcp("10.0.0.10", 45002, "10.96.0.20", 80, TCP_SYN)
+                .vlan(7)
+                .build(),
+        )
+        .unwrap();
+    assert_eq!(out.verdict, TX);
+    assert_eq!(parse(&out.packet).vlan, Some(100));
+    assert_checksums(&out.packet);
+    // Tagged in, redirected to an untagged pod veth: untagged.
+    let out = fx
+        .uplink(
+            &Spec::udp("10.0.0.10", 45003, "10.96.0.53", 53)
+                .vlan(7)
+                .build(),
+        )
+        .unwrap();
+    assert_eq!(out.verdict, REDIRECT);
+    let p = parse(&out.packet);
+    assert_eq!(p.vlan, None);
+    assert_eq!(p.dst, ip("10.1.9.2"));
+    assert_checksums(&out.packet);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Truncation: no length makes the program misbehave.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn truncated_headers_at_every_length_are_passed_or_dropped_never_forwarded() {
+    if !require_root() {
+        return;
+    }
+    let mut fx = fixture(vec![
+        snat_web(),
+        service(
+            "fd00:96::10",
+            80,
+            Protocol::Tcp,
+            Mode::Snat,
+            &[("fd00:1:2::2", 8080)],
+        ),
+        service(
+            "10.96.0.53",
+            53,
+            Protocol::Udp,
+            Mode::Snat,
+            &[("10.1.2.2", 53)],
+        ),
+    ]);
+    let packets = [
+        Spec::tcp("10.0.0.10", 46000, "10.96.0.10", 80, TCP_SYN)
+            .payload(b"")
+            .build(),
+        Spec::tcp("fd00:a::10", 46000, "fd00:96::10", 80, TCP_SYN)
+            .payload(b"")
+            .build(),
+        Spec::udp("10.0.0.10", 46000, "10.96.0.53", 53)
+            .payload(b"")
+            .build(),
+        Spec::tcp("10.0.0.10", 46000, "10.96.0.10", 80, TCP_SYN)
+            .vlan(5)
+            .payload(b"")
+            .build(),
+        Spec::echo("10.0.0.10", "10.96.0.10").payload(b"").build(),
+    ];
+    for full in &packets {
+        // BPF_PROG_TEST_RUN takes nothing shorter than an Ethernet header.
+        for len in 14..full.len() {
+            let cut = &full[..len];
+            let out = fx.uplink(cut).unwrap();
+            assert!(
+                out.verdict == PASS || out.verdict == DROP,
+                "length {len} of {}: verdict {}",
+                full.len(),
+                out.verdict
+            );
+            if out.verdict == PASS {
+                assert_eq!(out.packet, cut, "passed packets are untouched");
+            }
+        }
+    }
+    assert_eq!(fx.flow_count(), 0, "no flow from a cut packet");
+    assert!(fx.counter(Counter::DropMalformed) > 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// ICMP.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn echo_requests_to_a_vip_are_answered() {
+    if !require_root() {
+        return;
+    }
+    let mut fx = fixture(vec![
+        snat_web(),
+        service(
+            "fd00:96::10",
+            80,
+            Protocol::Tcp,
+            Mode::Snat,
+            &[("fd00:1:2::2", 8080)],
+        ),
+    ]);
+    for (src, vip) in [("10.0.0.10", "10.96.0.10"), ("fd00:a::10", "fd00:96::10")] {
+        let req = Spec::echo(src, vip)
+            .macs(CLIENT_MAC, fx.up0_mac)
+            .payload(b"ping!")
+            .build();
+        let out = fx.uplink(&req).unwrap();
+        assert_eq!(out.verdict, TX);
+        assert_checksums(&out.packet);
+        let p = parse(&out.packet);
+        assert_eq!((p.src_mac, p.dst_mac), (fx.up0_mac, CLIENT_MAC));
+        assert_eq!((p.src, p.dst), (ip(vip), ip(src)));
+        assert_eq!(p.icmp_type, if vip.contains(':') { 129 } else { 0 });
+        assert_eq!(p.payload, b"ping!", "data echoed");
+        assert_eq!(
+            &out.packet[out.packet.len() - 9..out.packet.len() - 5],
+            &req[req.len() - 9..req.len() - 5],
+            "identifier and sequence echoed"
+        );
+    }
+    assert_eq!(fx.counter(Counter::IcmpEchoReplies), 2);
+    // Ping to the node's own address is the kernel's business.
+    let out = fx
+        .uplink(&Spec::echo("10.0.0.10", NODE_V4).build())
+        .unwrap();
+    assert_eq!(out.verdict, PASS);
+}
+
+#[test]
+fn other_icmp_to_a_vip_is_dropped() {
+    if !require_root() {
+        return;
+    }
+    let mut fx = fixture(vec![snat_web()]);
+    let mut req = Spec::echo("10.0.0.10", "10.96.0.10").build();
+    req[34] = 13; // Timestamp request.
+    assert_eq!(fx.uplink(&req).unwrap().verdict, DROP);
+    // An unreachable quoting a flow we do not know.
+    let stray = Spec::tcp("10.96.0.10", 80, "10.0.0.10", 49999, TCP_ACK).build();
+    let err = lb_tests::packets::icmp_too_big("10.0.0.254", "10.96.0.10", 1400, &stray, 28);
+    assert_eq!(fx.uplink(&err).unwrap().verdict, DROP);
+    assert_eq!(fx.counter(Counter::DropIcmp), 2);
+}
+
+#[test]
+fn frag_needed_about_a_reply_reaches_the_backend_translated() {
+    if !require_root() {
+        return;
+    }
+    let mut fx = fixture(vec![snat_web()]);
+    let (backend, node_port) = open(&mut fx, 47000);
+    // A router on the client's side cannot pass the backend's (translated) reply VIP -> client
+    // and tells the VIP; the whole reply header is quoted (IP + 20 bytes TCP).
+    let reply = Spec::tcp("10.96.0.10", 80, "10.0.0.10", 47000, TCP_ACK)
+        .payload(b"")
+        .build();
+    let err = lb_tests::packets::icmp_too_big("10.0.0.254", "10.96.0.10", 1400, &reply, 40);
+    let out = fx.uplink(&err).unwrap();
+    assert_eq!(out.verdict, TX, "to the backend, via the gateway");
+    assert_checksums(&out.packet);
+    let p = parse(&out.packet);
+    assert_eq!(p.dst, backend, "delivered to the flow's backend");
+    assert_eq!(p.src, ip("10.0.0.254"), "from the router that complained");
+    assert_eq!(p.icmp_type, 3);
+    // Quoted: what the backend sent, before we translated it.
+    assert_eq!(p.quoted, Some((backend, ip(NODE_V4), 8080, node_port)));
+    assert_eq!(
+        &out.packet[40..42],
+        &1400u16.to_be_bytes(),
+        "next-hop MTU kept"
+    );
+    assert_eq!(fx.counter(Counter::IcmpErrorsTranslated), 1);
+}
+
+#[test]
+fn frag_needed_about_a_forwarded_packet_reaches_the_client_translated() {
+    if !require_root() {
+        return;
+    }
+    let mut fx = fixture(vec![snat_web()]);
+    let (backend, node_port) = open(&mut fx, 47001);
+    // A router between node and backend cannot pass our NODE:port -> backend packet (quoted
+    // with 8 bytes of TCP only, as RFC 792 requires at least).
+    let fwd = Spec::tcp(NODE_V4, node_port, &backend.to_string(), 8080, TCP_ACK)
+        .payload(b"")
+        .build();
+    let err = lb_tests::packets::icmp_too_big("10.1.0.1", NODE_V4, 1300, &fwd, 28);
+    let out = fx.uplink(&err).unwrap();
+    assert_eq!(out.verdict, TX);
+    assert_checksums(&out.packet);
+    let p = parse(&out.packet);
+    assert_eq!((p.dst, p.dst_mac), (ip("10.0.0.10"), CLIENT_MAC));
+    assert_eq!(
+        p.quoted,
+        Some((ip("10.0.0.10"), ip("10.96.0.10"), 47001, 80)),
+        "as the client sent it"
+    );
+}
+
+#[test]
+fn packet_too_big_ipv6_about_a_reply_reaches_the_backend() {
+    if !require_root() {
+        return;
+    }
+    let mut fx = fixture(vec![service(
+        "fd00:96::10",
+        80,
+        Protocol::Tcp,
+        Mode::Snat,
+        &[("fd00:1:2::2", 8080)],
+    )]);
+    let out = fx
+        .uplink(&Spec::tcp("fd00:a::10", 40000, "fd00:96::10", 80, TCP_SYN).build())
+        .unwrap();
+    let node_port = parse(&out.packet).sport;
+    let reply = Spec::tcp("fd00:96::10", 80, "fd00:a::10", 40000, TCP_ACK)
+        .payload(b"")
+        .build();
+    let err = lb_tests::packets::icmp_too_big("fd00:a::fe", "fd00:96::10", 1280, &reply, 60);
+    let out = fx.uplink(&err).unwrap();
+    assert_eq!(out.verdict, TX);
+    assert_checksums(&out.packet);
+    let p = parse(&out.packet);
+    assert_eq!(p.icmp_type, 2);
+    assert_eq!(p.dst, ip("fd00:1:2::2"));
+    assert_eq!(
+        p.quoted,
+        Some((
+            ip("fd00:1:2::2"),
+            ip(lb_tests::kernel::NODE_V6),
+            8080,
+            node_port
+        ))
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Next hop corner cases, counters.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn no_neighbour_yet_hands_the_rewritten_packet_to_the_kernel() {
+    if !require_root() {
+        return;
+    }
+    // 10.0.0.77 is on the uplink's subnet but has no neighbour entry.
+    let mut fx = fixture(vec![
+        service(
+            "10.96.0.10",
+            80,
+            Protocol::Tcp,
+            Mode::PreserveClientIp,
+            &[("10.1.9.2", 80)],
+        ),
+        service(
+            "10.96.0.11",
+            80,
+            Protocol::Tcp,
+            Mode::Snat,
+            &[("10.0.0.77", 80)],
+        ),
+    ]);
+    let out = fx
+        .uplink(&Spec::tcp("10.0.0.10", 48000, "10.96.0.11", 80, TCP_SYN).build())
+        .unwrap();
+    assert_eq!(out.verdict, PASS);
+    assert_eq!(parse(&out.packet).dst, ip("10.0.0.77"), "rewritten");
+    assert_checksums(&out.packet);
+    assert_eq!(fx.counter(Counter::PassNoNeighbour), 1);
+}
+
+#[test]
+fn service_and_backend_counters_add_up() {
+    if !require_root() {
+        return;
+    }
+    let mut fx = fixture(vec![service(
+        "10.96.0.10",
+        80,
+        Protocol::Tcp,
+        Mode::Snat,
+        &[("10.1.2.2", 8080)],
+    )]);
+    let (_, node_port) = open(&mut fx, 49000);
+    for _ in 0..3 {
+        fx.uplink(
+            &Spec::tcp("10.0.0.10", 49000, "10.96.0.10", 80, TCP_ACK)
+                .payload(&[0; 100])
+                .build(),
+        )
+        .unwrap();
+    }
+    fx.uplink(
+        &Spec::tcp("10.1.2.2", 8080, NODE_V4, node_port, TCP_ACK)
+            .payload(&[0; 10])
+            .build(),
+    )
+    .unwrap();
+    let snap = lb_userspace::tables::Tables::snapshot(&fx.maps).unwrap();
+    let (_, svc) = snap.services[0];
+    let s = fx.maps.read_service_stats(svc.id);
+    assert_eq!(s.packets, 4);
+    assert_eq!(s.new_flows, 1);
+    assert_eq!(
+        s.bytes,
+        45 + 3 * 140,
+        "IP lengths: SYN with 5-byte payload, 3 x 100-byte data"
+    );
+    assert_eq!(s.reply_packets, 1);
+    let (bid, _) = snap.backends[0];
+    let b = fx.maps.read_backend_stats(bid);
+    assert_eq!((b.packets, b.new_flows), (4, 1));
+}
