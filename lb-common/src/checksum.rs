@@ -82,6 +82,15 @@ impl Delta {
         }
     }
 
+    /// The change as a 32-bit one's-complement sum: the kernel's `__wsum`, which
+    /// bpf_l4_csum_replace takes as a precomputed difference.
+    #[inline(always)]
+    pub fn wsum(self) -> u32 {
+        let s = (self.0 & 0xffff_ffff) + (self.0 >> 32);
+        let s = (s & 0xffff_ffff) + (s >> 32);
+        s as u32
+    }
+
     /// The folded 16-bit change.
     #[inline(always)]
     pub fn folded(self) -> u16 {

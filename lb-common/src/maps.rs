@@ -282,6 +282,21 @@ pub struct Flow {
 const _: () = assert!(core::mem::size_of::<Flow>() == 56);
 
 impl Flow {
+    /// A flow is over when idle longer than its protocol's timeout, or than the closing linger
+    /// once a FIN or RST was seen. (The data path treats an expired entry as absent; the agent's
+    /// sweep deletes it.)
+    #[inline(always)]
+    pub fn is_expired(&self, cfg: &Config, now_ns: u64) -> bool {
+        let timeout = if self.flags & FLOW_CLOSING != 0 {
+            cfg.tcp_closing_ns
+        } else if self.proto == IPPROTO_TCP {
+            cfg.tcp_idle_ns
+        } else {
+            cfg.udp_idle_ns
+        };
+        now_ns.wrapping_sub(self.last_seen_ns) > timeout
+    }
+
     /// The key of this flow's other direction: the reverse of the rewritten tuple.
     #[inline(always)]
     pub fn peer_key(&self) -> FlowKey {

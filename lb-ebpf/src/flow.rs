@@ -4,7 +4,7 @@
 use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use lb_common::{
     Addr, Affinity, AffinityKey, BACKEND_ACTIVE, Config, Counter, DropReason, FLOW_CLOSING,
-    FLOW_REPLY, FLOW_SNAT, Flow, FlowKey, IPPROTO_TCP, NO_BACKEND, SVC_AFFINITY, SVC_SNAT, Service,
+    FLOW_REPLY, FLOW_SNAT, Flow, FlowKey, NO_BACKEND, SVC_AFFINITY, SVC_SNAT, Service,
     hash::{flow_hash, ring_slot},
 };
 
@@ -28,7 +28,7 @@ pub fn lookup(key: &FlowKey, tcp_flags: u8, now: u64, cfg: &Config) -> Option<*m
     // at worst loses one refresh.
     let flow = unsafe { &mut *ptr };
     let closing = flow.flags & FLOW_CLOSING != 0;
-    if expired(flow, cfg, now) {
+    if flow.is_expired(cfg, now) {
         count(Counter::FlowsExpired);
         return None;
     }
@@ -44,20 +44,6 @@ pub fn lookup(key: &FlowKey, tcp_flags: u8, now: u64, cfg: &Config) -> Option<*m
         flow.flags |= FLOW_CLOSING;
     }
     Some(ptr)
-}
-
-/// A flow is over when idle longer than its protocol's timeout, or than the closing linger once
-/// a FIN or RST was seen.
-#[inline(always)]
-pub fn expired(flow: &Flow, cfg: &Config, now: u64) -> bool {
-    let timeout = if flow.flags & FLOW_CLOSING != 0 {
-        cfg.tcp_closing_ns
-    } else if flow.proto == IPPROTO_TCP {
-        cfg.tcp_idle_ns
-    } else {
-        cfg.udp_idle_ns
-    };
-    now.wrapping_sub(flow.last_seen_ns) > timeout
 }
 
 /// Creates the flow for a packet `key` to `svc`. On success its client-side entry is in

@@ -2,14 +2,13 @@
 //! and forwarding, in one pass.
 //!
 //! Programs:
-//! - `lb_uplink`, attached to the interfaces clients' traffic arrives on (and, in snat mode,
-//!   remote backends' replies), and `lb_backend`, attached to the interfaces facing local
-//!   backends (pod veths), where it translates their replies and never starts a flow (pods' own
-//!   traffic goes to the kernel). Both handle established flows themselves: the fast path has no
+//! - `lb_uplink` (XDP), attached to the interfaces clients' traffic arrives on (and, in snat
+//!   mode, remote backends' replies). It handles established flows itself: the fast path has no
 //!   tail call.
-//! - `lb_new_flow` and `lb_icmp`, the slow paths, tail-called through LB_PROGS. Split off so the
-//!   verifier checks each on its own (one program with everything would need most of its
+//! - `lb_new_flow` and `lb_icmp` (XDP), the slow paths, tail-called through LB_PROGS. Split off
+//!   so the verifier checks each on its own (one program with everything would need most of its
 //!   instruction budget).
+//! - `lb_backend` (TC, see tc.rs), on the interfaces facing local backends: their replies.
 //!
 //! Verdicts:
 //! - XDP_PASS, untouched: anything not addressed to what we serve (one bitmap read decides);
@@ -48,29 +47,16 @@ mod datapath {
         rewrite, tcp,
     };
 
-    /// Which filter plane an address is looked up in.
+    /// Which filter plane an address is looked up in (plane 1, local backends, is tc.rs's).
     #[derive(Clone, Copy)]
     enum Plane {
         /// VIPs and node addresses: destinations the data path serves.
         Served = 0,
-        /// Addresses of backends on this node.
-        LocalBackend = 1,
-    }
-
-    #[derive(Clone, Copy, PartialEq, Eq)]
-    enum Side {
-        Uplink,
-        Backend,
     }
 
     #[xdp]
     pub fn lb_uplink(ctx: XdpContext) -> u32 {
-        entry(&ctx, Side::Uplink)
-    }
-
-    #[xdp]
-    pub fn lb_backend(ctx: XdpContext) -> u32 {
-        entry(&ctx, Side::Backend)
+        entry(&ctx)
     }
 
     /// Tail-called (TAIL_NEW_FLOW) for a TCP/UDP packet to a served address that matched no
@@ -101,20 +87,14 @@ mod datapath {
     }
 
     #[inline(never)]
-    fn entry(ctx: &XdpContext, side: Side) -> u32 {
+    fn entry(ctx: &XdpContext) -> u32 {
         count(Counter::Packets);
         let mut pkt = Packet::EMPTY;
         if !parse_l3(ctx, &mut pkt) {
             return xdp_action::XDP_PASS;
         }
         let pkt = &pkt;
-        let ours = match side {
-            Side::Uplink => in_filter(Plane::Served, &pkt.dst),
-            Side::Backend => {
-                in_filter(Plane::Served, &pkt.dst) || in_filter(Plane::LocalBackend, &pkt.src)
-            }
-        };
-        if !ours {
+        if !in_filter(Plane::Served, &pkt.dst) {
             count(Counter::PassNotOurs);
             return xdp_action::XDP_PASS;
         }
@@ -131,7 +111,7 @@ mod datapath {
             }
         }
         match pkt.proto {
-            IPPROTO_TCP | IPPROTO_UDP => transport(ctx, pkt, side),
+            IPPROTO_TCP | IPPROTO_UDP => transport(ctx, pkt),
             IPPROTO_ICMP if !pkt.v6 => tail_call(ctx, TAIL_ICMP),
             IPPROTO_ICMPV6 if pkt.v6 => tail_call(ctx, TAIL_ICMP),
             _ => not_served(pkt, Counter::DropNoService),
@@ -153,7 +133,7 @@ mod datapath {
     }
 
     #[inline(never)]
-    fn transport(ctx: &XdpContext, pkt: &Packet, side: Side) -> u32 {
+    fn transport(ctx: &XdpContext, pkt: &Packet) -> u32 {
         let Some(ports) = parse_ports(ctx, pkt) else {
             return not_served(pkt, Counter::DropMalformed);
         };
@@ -165,11 +145,6 @@ mod datapath {
         let now = unsafe { bpf_ktime_get_coarse_ns() };
         if let Some(entry) = flow::lookup(&key, ports.tcp_flags, now, cfg) {
             return established(ctx, pkt, entry, now);
-        }
-        if side == Side::Backend {
-            // A local backend's own connection, not a reply of ours.
-            count(Counter::PassNotOurs);
-            return xdp_action::XDP_PASS;
         }
         match scratch() {
             Some(s) => s.now = now,
@@ -317,6 +292,8 @@ mod parse;
 mod ratelimit;
 #[cfg(target_arch = "bpf")]
 mod rewrite;
+#[cfg(target_arch = "bpf")]
+mod tc;
 #[cfg(target_arch = "bpf")]
 mod tcp;
 

@@ -8,7 +8,7 @@
 //! - IPv6 Routing, AH, ESP and other extension headers before the L4 header: dropped and counted;
 //!   the final destination or the L4 header would not be where we look.
 //! - IPv4 options are carried through untouched.
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::programs::{TcContext, XdpContext};
 use lb_common::{Addr, addr::V4_MAPPED_WORD};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, ip::Ipv6Hdr, vlan::VlanHdr};
 
@@ -16,24 +16,52 @@ pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86dd;
 pub const ETH_P_8021Q: u16 = 0x8100;
 
-/// The packet's start and end. Volatile loads keep them inside each BPF subprogram: LLVM would
-/// otherwise hoist them into the caller and pass them as 32-bit integers, which the verifier no
-/// longer knows as packet pointers.
-#[inline(always)]
-pub fn bounds(ctx: &XdpContext) -> (usize, usize) {
-    // SAFETY: `ctx.ctx` is the program's context pointer.
-    unsafe {
-        (
-            core::ptr::read_volatile(&raw const (*ctx.ctx).data) as usize,
-            core::ptr::read_volatile(&raw const (*ctx.ctx).data_end) as usize,
-        )
+/// A frame the data path can read directly: an XDP buffer or (on backend-facing interfaces) a
+/// socket buffer's linear part.
+pub trait Frame {
+    /// The frame's start and end.
+    fn bounds(&self) -> (usize, usize);
+}
+
+// Volatile loads keep the context reads inside each BPF subprogram: LLVM would otherwise hoist
+// them into the caller and pass them as 32-bit integers, which the verifier no longer knows as
+// packet pointers.
+impl Frame for XdpContext {
+    #[inline(always)]
+    fn bounds(&self) -> (usize, usize) {
+        // SAFETY: `self.ctx` is the program's context pointer.
+        unsafe {
+            (
+                core::ptr::read_volatile(&raw const (*self.ctx).data) as usize,
+                core::ptr::read_volatile(&raw const (*self.ctx).data_end) as usize,
+            )
+        }
     }
 }
 
-/// Bounds-checked pointer into the packet: the one place that proves an access is in bounds.
+impl Frame for TcContext {
+    #[inline(always)]
+    fn bounds(&self) -> (usize, usize) {
+        // SAFETY: `self.skb.skb` is the program's context pointer.
+        unsafe {
+            (
+                core::ptr::read_volatile(&raw const (*self.skb.skb).data) as usize,
+                core::ptr::read_volatile(&raw const (*self.skb.skb).data_end) as usize,
+            )
+        }
+    }
+}
+
+/// The frame's start and end.
 #[inline(always)]
-pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
-    let (start, end) = bounds(ctx);
+pub fn bounds<F: Frame>(f: &F) -> (usize, usize) {
+    f.bounds()
+}
+
+/// Bounds-checked pointer into the frame: the one place that proves an access is in bounds.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &impl Frame, offset: usize) -> Option<*mut T> {
+    let (start, end) = ctx.bounds();
     if start + offset + core::mem::size_of::<T>() > end {
         return None;
     }
@@ -133,7 +161,7 @@ impl Packet {
 /// business). A subprogram of its own: its many temporaries then live in a frame that is not on
 /// the deep call chains below the caller (BPF allows 512 bytes of stack along any chain).
 #[inline(never)]
-pub fn parse_l3(ctx: &XdpContext, pkt: &mut Packet) -> bool {
+pub fn parse_l3<F: Frame>(ctx: &F, pkt: &mut Packet) -> bool {
     match parse_headers(ctx) {
         Some(p) => {
             *pkt = p;
@@ -144,7 +172,7 @@ pub fn parse_l3(ctx: &XdpContext, pkt: &mut Packet) -> bool {
 }
 
 #[inline(always)]
-fn parse_headers(ctx: &XdpContext) -> Option<Packet> {
+fn parse_headers<F: Frame>(ctx: &F) -> Option<Packet> {
     let eth: *const EthHdr = ptr_at(ctx, 0)?;
     let mut ether_type = u16::from_be(unsafe { (*eth).ether_type });
     let mut l3 = EthHdr::LEN;
@@ -163,7 +191,7 @@ fn parse_headers(ctx: &XdpContext) -> Option<Packet> {
 }
 
 #[inline(always)]
-fn parse_v4(ctx: &XdpContext, l3: usize, vlan: bool) -> Option<Packet> {
+fn parse_v4<F: Frame>(ctx: &F, l3: usize, vlan: bool) -> Option<Packet> {
     let ptr: *const u8 = ptr_at::<Ipv4Hdr>(ctx, l3)?.cast();
     let ip = unsafe { &*ptr.cast::<Ipv4Hdr>() };
     if ip.vihl >> 4 != 4 {
@@ -206,7 +234,7 @@ const IPV6_MOBILITY: u8 = 135;
 const IPV6_MAX_EXTENSIONS: usize = 4;
 
 #[inline(always)]
-fn parse_v6(ctx: &XdpContext, l3: usize, vlan: bool) -> Option<Packet> {
+fn parse_v6<F: Frame>(ctx: &F, l3: usize, vlan: bool) -> Option<Packet> {
     let ptr: *const u8 = ptr_at::<Ipv6Hdr>(ctx, l3)?.cast();
     let ip = unsafe { &*ptr.cast::<Ipv6Hdr>() };
     if ip.vcf[0] >> 4 != 6 {
@@ -271,7 +299,7 @@ pub struct Ports {
 
 /// Reads the ports (and TCP flags). `None`: transport header cut short.
 #[inline(always)]
-pub fn parse_ports(ctx: &XdpContext, pkt: &Packet) -> Option<Ports> {
+pub fn parse_ports<F: Frame>(ctx: &F, pkt: &Packet) -> Option<Ports> {
     // The whole fixed header: the rewrite touches the checksum.
     let at: *const u8 = if pkt.proto == lb_common::IPPROTO_TCP {
         ptr_at::<[u8; 20]>(ctx, pkt.l4)?.cast()

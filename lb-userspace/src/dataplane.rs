@@ -14,7 +14,7 @@ use aya::{
         Array, DevMapHash, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues,
         ProgramArray, lpm_trie::Key,
     },
-    programs::{ProgramError, Xdp},
+    programs::{ProgramError, SchedClassifier, Xdp},
 };
 use lb_common::*;
 
@@ -122,9 +122,12 @@ pub fn load(sizes: &Sizes, pin_dir: Option<&Path>) -> std::result::Result<Loaded
         loader.map_pin_path(name, path.as_path());
     }
     let mut ebpf = loader.load(LB_OBJECT).map_err(DataplaneError::Load)?;
-    for name in [PROG_UPLINK, PROG_BACKEND, PROG_NEW_FLOW, PROG_ICMP] {
-        load_program(program_mut(&mut ebpf, name)?, name)?;
+    for name in [PROG_UPLINK, PROG_NEW_FLOW, PROG_ICMP] {
+        let prog = program_mut(&mut ebpf, name)?;
+        load_program(name, || prog.load())?;
     }
+    let tc = classifier_mut(&mut ebpf, PROG_BACKEND)?;
+    load_program(PROG_BACKEND, || tc.load())?;
     // The slow paths the entry programs tail-call.
     let mut progs: ProgramArray<MapData> = ebpf
         .take_map(MAP_PROGS)
@@ -144,11 +147,14 @@ pub fn load(sizes: &Sizes, pin_dir: Option<&Path>) -> std::result::Result<Loaded
 
 /// Loads (verifies) one program. The verifier gives up with EAGAIN when a signal arrives while
 /// it works (ours take a second or so); libbpf retries then, and so do we.
-fn load_program(prog: &mut Xdp, name: &str) -> std::result::Result<(), DataplaneError> {
+fn load_program(
+    name: &str,
+    mut load: impl FnMut() -> std::result::Result<(), ProgramError>,
+) -> std::result::Result<(), DataplaneError> {
     const ATTEMPTS: u32 = 5;
     let mut attempt = 1;
     loop {
-        match prog.load() {
+        match load() {
             Ok(()) => return Ok(()),
             Err(ProgramError::LoadError { io_error, .. })
                 if io_error.raw_os_error() == Some(libc::EAGAIN) && attempt < ATTEMPTS =>
@@ -166,7 +172,8 @@ pub fn load_tools() -> std::result::Result<Ebpf, DataplaneError> {
         .load(TOOLS_OBJECT)
         .map_err(DataplaneError::Load)?;
     for name in ["xdp_pass", "xdp_drop", "xdp_tx", "xdp_count"] {
-        load_program(program_mut(&mut ebpf, name)?, name)?;
+        let prog = program_mut(&mut ebpf, name)?;
+        load_program(name, || prog.load())?;
     }
     Ok(ebpf)
 }
@@ -175,6 +182,16 @@ pub fn program_mut<'a>(
     ebpf: &'a mut Ebpf,
     name: &str,
 ) -> std::result::Result<&'a mut Xdp, DataplaneError> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| DataplaneError::MissingProgram(name.to_string()))?
+        .try_into()
+        .map_err(|e: ProgramError| DataplaneError::program(name, e))
+}
+
+pub fn classifier_mut<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &str,
+) -> std::result::Result<&'a mut SchedClassifier, DataplaneError> {
     ebpf.program_mut(name)
         .ok_or_else(|| DataplaneError::MissingProgram(name.to_string()))?
         .try_into()

@@ -176,6 +176,15 @@ impl Reconciler {
         }
     }
 
+    /// Named policies by id (for labels).
+    pub fn policy_names(&self) -> BTreeMap<u32, String> {
+        self.policy_ids
+            .iter()
+            .filter(|((_, over), _)| over.is_none())
+            .map(|((name, _), id)| (*id, name.clone()))
+            .collect()
+    }
+
     /// Makes the maps hold `desired`. On error nothing was written, unless the error is a map
     /// write failing midway (then the maps hold a consistent mix: every service entry points to
     /// a complete ring).

@@ -157,10 +157,27 @@ impl Fixture {
         self.run_on(lb_common::PROG_UPLINK, up0, packet)
     }
 
-    /// A packet from a local backend, arriving on its veth.
+    /// A packet from a local backend, arriving on its veth: `lb_backend` at TC ingress.
+    /// Verdicts are TC actions (TC_ACT_OK 0, TC_ACT_SHOT 2, TC_ACT_REDIRECT 7).
     pub fn from_pod(&mut self, packet: &[u8]) -> Result<Outcome> {
-        let pod0 = self.pod0;
-        self.run_on(lb_common::PROG_BACKEND, pod0, packet)
+        let prog = dataplane::classifier_mut(&mut self.ebpf, lb_common::PROG_BACKEND)?;
+        let mut out = vec![0u8; packet.len() + 256];
+        // struct __sk_buff (192 bytes); ifindex (offset 40) makes the skb come from pod0.
+        let mut ctx = [0u8; 192];
+        ctx[40..44].copy_from_slice(&self.pod0.to_ne_bytes());
+        let result = prog
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..TestRunOptions::new()
+            })
+            .context("BPF_PROG_TEST_RUN (tc)")?;
+        out.truncate(result.data_size_out as usize);
+        Ok(Outcome {
+            verdict: result.return_value,
+            packet: out,
+        })
     }
 
     pub fn counter(&self, c: Counter) -> u64 {

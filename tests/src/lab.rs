@@ -412,7 +412,7 @@ impl Lab {
             mac,
             ns,
         };
-        attach_pass(&mut self.tools, &mut self.links, &pod.ns, POD_IFACE)?;
+        attach_pass(&mut self.tools, &mut self.links, &pod.ns, POD_IFACE, false)?;
         self.pods.push(pod);
         Ok(self.pods.last().expect("just pushed"))
     }
@@ -543,7 +543,7 @@ impl Lab {
         node.uplink_ifindex = ifindex;
         node.uplink_peer_mac = peer_mac;
         // The bridge port receives what the node's data path XDP_TXes or redirects out of eth0.
-        attach_pass(&mut self.tools, &mut self.links, &self.vpc, &peer)
+        attach_pass(&mut self.tools, &mut self.links, &self.vpc, &peer, true)
     }
 
     /// Waits until no address of the lab is tentative (DAD is off, so this is a safety net).
@@ -578,18 +578,30 @@ impl Drop for Lab {
     }
 }
 
-/// Attaches `xdp_pass` (native mode) to `ifname` in `ns`. The name resolves, and the link is
-/// created, in the namespace of the calling thread: hence the thread inside `ns`.
+/// Prepares a veth end that faces a data path: `xdp_pass` (native mode) so frames redirected
+/// or sent back into it are delivered. With `complete_checksums`, also TX checksum offload off,
+/// so frames it sends into an XDP program carry complete checksums as frames from a real NIC
+/// do (see `netns::tx_checksum_off`); pods keep the offload, as real pods do (their replies
+/// meet `lb_backend` at TC, which handles partial checksums). The name resolves, and the link
+/// is created, in the namespace of the calling thread: hence the thread inside `ns`.
 fn attach_pass(
     tools: &mut Option<Ebpf>,
     links: &mut HashMap<(String, String), XdpLinkId>,
     ns: &Netns,
     ifname: &str,
+    complete_checksums: bool,
 ) -> Result<()> {
     let tools = tools.as_mut().expect("tools live as long as the lab");
     let program = dataplane::program_mut(tools, "xdp_pass")?;
     let id = ns
-        .run(|| program.attach(ifname, XdpMode::Driver))?
+        .run(|| {
+            if complete_checksums {
+                crate::netns::tx_checksum_off(ifname)?;
+            }
+            program
+                .attach(ifname, XdpMode::Driver)
+                .map_err(anyhow::Error::from)
+        })?
         .with_context(|| format!("attaching xdp_pass to {ifname} in {}", ns.name()))?;
     links.insert((ns.name().to_string(), ifname.to_string()), id);
     Ok(())

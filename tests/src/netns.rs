@@ -362,3 +362,52 @@ impl Drop for ChildGuard {
         }
     }
 }
+
+/// Turns TX checksum offload off on `ifname` (in the calling thread's namespace), like
+/// `ethtool -K ifname tx off`, through the ethtool ioctl (ethtool is not installed here).
+///
+/// Needed on every veth that sends frames into an XDP program: with the offload on, a local
+/// sender leaves only the pseudo-header sum in the TCP/UDP checksum field and marks the skb
+/// CHECKSUM_PARTIAL for the "hardware" to finish. XDP cannot see that mark, and a frame it sends
+/// on (XDP_TX, XDP_REDIRECT) no longer carries it, so the receiver would get a wrong checksum.
+/// Frames from a real NIC carry complete checksums, so this is about the lab, not production.
+pub fn tx_checksum_off(ifname: &str) -> Result<()> {
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const ETHTOOL_STXCSUM: u32 = 0x17;
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; libc::IFNAMSIZ],
+        data: *mut EthtoolValue,
+        _pad: [u8; 16],
+    }
+    let mut value = EthtoolValue {
+        cmd: ETHTOOL_STXCSUM,
+        data: 0,
+    };
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        data: &mut value,
+        _pad: [0; 16],
+    };
+    let bytes = ifname.as_bytes();
+    anyhow::ensure!(
+        bytes.len() < libc::IFNAMSIZ,
+        "interface name {ifname} too long"
+    );
+    req.name[..bytes.len()].copy_from_slice(bytes);
+    // SAFETY: a datagram socket for the ioctl, closed below; `req` outlives the call.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+        anyhow::ensure!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let rc = libc::ioctl(fd, SIOCETHTOOL as _, &mut req);
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        anyhow::ensure!(rc == 0, "ethtool tx off on {ifname}: {err}");
+    }
+    Ok(())
+}

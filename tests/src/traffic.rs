@@ -879,3 +879,40 @@ fn transfer(
     };
     (total, server_bytes, error)
 }
+
+// ---------------------------------------------------------------------------------------------
+// Ping
+
+/// One ICMP (or ICMPv6) echo to `dst` from the calling thread's namespace, answered within
+/// `timeout`. Uses a datagram ICMP socket (the kernel fills identifier and checksum), allowed
+/// for every group in this namespace first, so no raw socket or ping binary is needed.
+pub fn ping(dst: IpAddr, timeout: Duration) -> Result<()> {
+    std::fs::write("/proc/sys/net/ipv4/ping_group_range", "0 2147483647")
+        .context("allow ICMP datagram sockets (ping_group_range)")?;
+    let (domain, proto, request) = match dst {
+        IpAddr::V4(_) => (socket2::Domain::IPV4, socket2::Protocol::ICMPV4, 8u8),
+        IpAddr::V6(_) => (socket2::Domain::IPV6, socket2::Protocol::ICMPV6, 128u8),
+    };
+    let sock =
+        socket2::Socket::new(domain, socket2::Type::DGRAM, Some(proto)).context("ICMP socket")?;
+    sock.set_read_timeout(Some(timeout))?;
+    let payload = *b"xdplb-ping";
+    let mut msg = vec![request, 0, 0, 0, 0, 0, 0, 1];
+    msg.extend_from_slice(&payload);
+    sock.send_to(&msg, &SocketAddr::new(dst, 0).into())
+        .with_context(|| format!("send echo to {dst}"))?;
+    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 256];
+    let (n, from) = sock
+        .recv_from(&mut buf)
+        .with_context(|| format!("no echo reply from {dst} within {timeout:?}"))?;
+    // SAFETY: recv_from initialised the first n bytes.
+    let reply: Vec<u8> = buf[..n]
+        .iter()
+        .map(|b| unsafe { b.assume_init() })
+        .collect();
+    let from = from.as_socket().map(|s| s.ip());
+    if from != Some(dst) || !reply.ends_with(&payload) {
+        bail!("unexpected answer from {from:?}: {reply:?}");
+    }
+    Ok(())
+}

@@ -19,6 +19,9 @@ const DROP: u32 = 1;
 const PASS: u32 = 2;
 const TX: u32 = 3;
 const REDIRECT: u32 = 4;
+// TC verdicts of lb_backend.
+const TC_OK: u32 = 0;
+const TC_REDIRECT: u32 = 7;
 
 fn sizes() -> Sizes {
     Sizes {
@@ -361,7 +364,7 @@ fn udp_to_a_preserving_vip_is_redirected_to_the_local_pod_and_its_reply_translat
         .macs(lb_tests::kernel::POD_MAC, fx.pod0_mac)
         .build();
     let back = fx.from_pod(&a).unwrap();
-    assert_eq!(back.verdict, REDIRECT, "to the uplink");
+    assert_eq!(back.verdict, TC_REDIRECT, "to the uplink");
     assert_checksums(&back.packet);
     let r = parse(&back.packet);
     assert_eq!((r.src_mac, r.dst_mac), (fx.up0_mac, CLIENT_MAC));
@@ -408,7 +411,7 @@ fn pods_own_traffic_on_a_backend_interface_goes_to_the_kernel() {
     // The pod starts a connection of its own (no flow): not ours.
     let pkt = Spec::tcp("10.1.9.2", 33333, "93.184.216.34", 443, TCP_SYN).build();
     let out = fx.from_pod(&pkt).unwrap();
-    assert_eq!(out.verdict, PASS);
+    assert_eq!(out.verdict, TC_OK);
     assert_eq!(out.packet, pkt);
 }
 
@@ -505,7 +508,7 @@ fn ipv6_udp_preserving_to_a_local_pod() {
     let back = fx
         .from_pod(&Spec::udp("fd00:1:9::2", 53, "fd00:a::10", 50000).build())
         .unwrap();
-    assert_eq!(back.verdict, REDIRECT);
+    assert_eq!(back.verdict, TC_REDIRECT);
     assert_checksums(&back.packet);
     let r = parse(&back.packet);
     assert_eq!(

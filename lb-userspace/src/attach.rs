@@ -1,0 +1,343 @@
+//! Attaching the data path to interfaces: `lb_uplink` at XDP on uplinks, `lb_backend` at TC
+//! ingress (a TCX link) on backend-facing interfaces. Every attachment is a BPF link pinned under
+//! the pin directory (`links/<interface>`), so the programs stay attached when the agent exits
+//! with --keep-on-exit, and the next agent swaps its own programs in with one bpf_link_update: no
+//! packet sees the interface without a program.
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf,
+    programs::{
+        LinkOrder, TcAttachType, XdpMode,
+        links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+        xdp::XdpLink,
+    },
+};
+
+use crate::dataplane;
+
+/// How to attach: the driver's own XDP hook, the generic one, or the first that works.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModeChoice {
+    Native,
+    Generic,
+    Auto,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("interface {0} does not exist")]
+    NoInterface(String),
+    #[error("attaching {program} to {iface} in {mode} mode: {reason}")]
+    Attach {
+        program: &'static str,
+        iface: String,
+        mode: &'static str,
+        reason: String,
+    },
+    #[error("pinning the link of {iface} at {}: {reason}", path.display())]
+    Pin {
+        iface: String,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error(transparent)]
+    Dataplane(#[from] crate::error::DataplaneError),
+}
+
+/// One interface with a program on it.
+#[derive(Debug)]
+pub struct Attached {
+    pub iface: String,
+    pub ifindex: u32,
+    pub program: &'static str,
+    /// "native", "generic", or "as before" (a previous agent's link, reused).
+    pub mode: &'static str,
+    /// Why the mode is what it is (e.g. native failed, and how).
+    pub note: Option<String>,
+    link: PinnedLink,
+}
+
+pub struct Attachments {
+    dir: PathBuf,
+    by_iface: BTreeMap<String, Attached>,
+}
+
+impl Attachments {
+    /// Links pin under `<layout dir>/links`.
+    pub fn new(layout_dir: &Path) -> std::io::Result<Attachments> {
+        let dir = layout_dir.join("links");
+        std::fs::create_dir_all(&dir)?;
+        Ok(Attachments {
+            dir,
+            by_iface: BTreeMap::new(),
+        })
+    }
+
+    pub fn get(&self, iface: &str) -> Option<&Attached> {
+        self.by_iface.get(iface)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Attached> {
+        self.by_iface.values()
+    }
+
+    /// Interfaces a previous agent left a link on.
+    pub fn pinned_interfaces(&self) -> Vec<String> {
+        std::fs::read_dir(&self.dir)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Puts the TC program `program` on `iface`'s ingress (a TCX link, Linux 6.6+): takes over
+    /// a link a previous agent pinned there, or attaches anew.
+    pub fn attach_tc(
+        &mut self,
+        ebpf: &mut Ebpf,
+        program: &'static str,
+        iface: &str,
+    ) -> Result<&Attached, AttachError> {
+        let ifindex = ifindex(iface).ok_or_else(|| AttachError::NoInterface(iface.to_string()))?;
+        if let Some(a) = self.by_iface.get(iface)
+            && a.program == program
+            && a.ifindex == ifindex
+        {
+            return Ok(&self.by_iface[iface]);
+        }
+        self.by_iface.remove(iface);
+        let path = self.dir.join(iface);
+        let prog = dataplane::classifier_mut(ebpf, program)?;
+        let err = |reason: String| AttachError::Attach {
+            program,
+            iface: iface.to_string(),
+            mode: "tc",
+            reason,
+        };
+        let mut taken_over = None;
+        if path.exists() {
+            let replaced = PinnedLink::from_pin(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|p| p.unpin().map_err(|e| e.to_string()))
+                .and_then(|fd| SchedClassifierLink::try_from(fd).map_err(|e| e.to_string()))
+                .and_then(|link| prog.attach_to_link(link).map_err(|e| e.to_string()));
+            match replaced {
+                Ok(id) => taken_over = Some(id),
+                Err(_) => {
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        let (id, note) = match taken_over {
+            Some(id) => (id, Some("took over the previous agent's link".to_string())),
+            None => (
+                prog.attach_with_options(
+                    iface,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .map_err(|e| err(format!("{e} (TCX links need Linux 6.6+)")))?,
+                None,
+            ),
+        };
+        let link = prog.take_link(id).map_err(|e| err(e.to_string()))?;
+        let fd = FdLink::try_from(link).map_err(|e| err(e.to_string()))?;
+        let link = fd.pin(&path).map_err(|e| AttachError::Pin {
+            iface: iface.to_string(),
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        self.by_iface.insert(
+            iface.to_string(),
+            Attached {
+                iface: iface.to_string(),
+                ifindex,
+                program,
+                mode: "tc",
+                note,
+                link,
+            },
+        );
+        Ok(&self.by_iface[iface])
+    }
+
+    /// Puts the XDP program `program` on `iface`: takes over a link a previous agent pinned
+    /// there (atomic replacement), or attaches anew in `mode`.
+    pub fn attach(
+        &mut self,
+        ebpf: &mut Ebpf,
+        program: &'static str,
+        iface: &str,
+        mode: ModeChoice,
+    ) -> Result<&Attached, AttachError> {
+        let ifindex = ifindex(iface).ok_or_else(|| AttachError::NoInterface(iface.to_string()))?;
+        if let Some(a) = self.by_iface.get(iface)
+            && a.program == program
+            && a.ifindex == ifindex
+        {
+            return Ok(&self.by_iface[iface]);
+        }
+        // Another program of ours on this interface (role changed): let go of it first.
+        self.by_iface.remove(iface);
+        let path = self.dir.join(iface);
+        let prog = dataplane::program_mut(ebpf, program)?;
+        let err = |mode: &'static str, reason: String| AttachError::Attach {
+            program,
+            iface: iface.to_string(),
+            mode,
+            reason,
+        };
+
+        let mut taken_over = None;
+        if path.exists() {
+            // A previous agent's link: swap our program in without detaching.
+            let replaced = PinnedLink::from_pin(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|p| p.unpin().map_err(|e| e.to_string()))
+                .and_then(|fd| XdpLink::try_from(fd).map_err(|e| e.to_string()))
+                .and_then(|link| prog.attach_to_link(link).map_err(|e| e.to_string()));
+            match replaced {
+                Ok(id) => taken_over = Some(id),
+                // The interface went away and came back, or the link is unusable: start over.
+                Err(_) => {
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        let (id, used, note) = match taken_over {
+            Some(id) => (
+                id,
+                "as before",
+                Some("took over the previous agent's link".to_string()),
+            ),
+            None => match mode {
+                ModeChoice::Native => (
+                    prog.attach(iface, XdpMode::Driver)
+                        .map_err(|e| err("native", e.to_string()))?,
+                    "native",
+                    None,
+                ),
+                ModeChoice::Generic => (
+                    prog.attach(iface, XdpMode::Skb)
+                        .map_err(|e| err("generic", e.to_string()))?,
+                    "generic",
+                    None,
+                ),
+                ModeChoice::Auto => match prog.attach(iface, XdpMode::Driver) {
+                    Ok(id) => (id, "native", None),
+                    Err(native) => {
+                        let id = prog.attach(iface, XdpMode::Skb).map_err(|e| {
+                            err("generic", format!("{e} (native failed too: {native})"))
+                        })?;
+                        let why = format!(
+                            "native XDP failed ({native}); using generic XDP, which runs after the kernel has built an skb: correct, but much slower"
+                        );
+                        (id, "generic", Some(why))
+                    }
+                },
+            },
+        };
+        let link = prog.take_link(id).map_err(|e| err(used, e.to_string()))?;
+        let fd = FdLink::try_from(link).map_err(|e| AttachError::Pin {
+            iface: iface.to_string(),
+            path: path.clone(),
+            reason: format!("{e} (the kernel attached without a BPF link: needs Linux 5.9+)"),
+        })?;
+        let link = fd.pin(&path).map_err(|e| AttachError::Pin {
+            iface: iface.to_string(),
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        self.by_iface.insert(
+            iface.to_string(),
+            Attached {
+                iface: iface.to_string(),
+                ifindex,
+                program,
+                mode: used,
+                note,
+                link,
+            },
+        );
+        Ok(&self.by_iface[iface])
+    }
+
+    /// Takes the program off `iface` (if the interface is gone, just forgets it).
+    pub fn detach(&mut self, iface: &str) {
+        if let Some(a) = self.by_iface.remove(iface) {
+            // Unpinning leaves the link to the fd, which closes here: detached.
+            drop(a.link.unpin());
+        }
+        let _ = std::fs::remove_file(self.dir.join(iface));
+    }
+
+    /// Detaches everything, including links a previous agent left for interfaces we no
+    /// longer manage.
+    pub fn detach_all(&mut self) {
+        let ifaces: Vec<String> = self.by_iface.keys().cloned().collect();
+        for iface in ifaces {
+            self.detach(&iface);
+        }
+        for stale in self.pinned_interfaces() {
+            if let Ok(p) = PinnedLink::from_pin(self.dir.join(&stale)) {
+                drop(p.unpin());
+            }
+            let _ = std::fs::remove_file(self.dir.join(stale));
+        }
+    }
+
+    /// Leaves every link attached and pinned (for the next agent to take over).
+    pub fn keep_all(self) {
+        // Dropping a pinned link's handle does not detach it.
+        drop(self.by_iface);
+    }
+}
+
+/// The ifindex of an interface in this network namespace.
+pub fn ifindex(name: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: a valid C string.
+    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
+        0 => None,
+        i => Some(i),
+    }
+}
+
+/// Shell-style match with `*` (any run) and `?` (any one character), for --backend-ifaces.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    fn go(p: &[u8], n: &[u8]) -> bool {
+        match (p.first(), n.first()) {
+            (None, None) => true,
+            (Some(b'*'), _) => go(&p[1..], n) || (!n.is_empty() && go(p, &n[1..])),
+            (Some(b'?'), Some(_)) => go(&p[1..], &n[1..]),
+            (Some(a), Some(b)) if a == b => go(&p[1..], &n[1..]),
+            _ => false,
+        }
+    }
+    go(pattern.as_bytes(), name.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::glob_match;
+
+    #[test]
+    fn globs_match_like_a_shell() {
+        assert!(glob_match("eni*", "eni1a2b3c4d5e6"));
+        assert!(glob_match("veth*", "veth"));
+        assert!(glob_match("vethpod?", "vethpod1"));
+        assert!(!glob_match("vethpod?", "vethpod12"));
+        assert!(!glob_match("eni*", "eth0"));
+        assert!(glob_match("*", "anything"));
+        assert!(glob_match("lxc*c", "lxc12c"));
+        assert!(!glob_match("lxc*c", "lxc12d"));
+    }
+}

@@ -1,0 +1,221 @@
+//! Command line of `lb-agent`.
+use std::{
+    net::{SocketAddr, ToSocketAddrs},
+    path::PathBuf,
+};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::{attach::ModeChoice, dataplane::Sizes, maglev, model::Protocol};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "lb-agent",
+    version,
+    about = "XDP L4 load balancer and per-source rate limiter: the node agent"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Load and attach the data path and keep its maps equal to the config file (reloaded when
+    /// the file changes and on SIGHUP).
+    Run(RunArgs),
+    /// Services, backends, weights, state and counters, read from the running agent's maps.
+    Status {
+        #[command(flatten)]
+        paths: Paths,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Which backend a flow goes to, and why (flow-table entry, or ring slot).
+    Flow {
+        /// tcp or udp.
+        protocol: Protocol,
+        /// The client's address and port, e.g. 10.0.0.10:40000 or [fd00::10]:40000.
+        #[arg(value_parser = parse_socket_addr)]
+        source: SocketAddr,
+        /// The service's VIP and port.
+        #[arg(value_parser = parse_socket_addr)]
+        destination: SocketAddr,
+        #[command(flatten)]
+        paths: Paths,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check a config file: prints the first problem (file, line and field), or nothing.
+    Check {
+        /// The config file.
+        config: PathBuf,
+    },
+    /// Remove what an agent run with --keep-on-exit left behind: programs, pinned maps, state.
+    Cleanup {
+        #[command(flatten)]
+        paths: Paths,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Config file (TOML).
+    #[arg(long, short)]
+    pub config: PathBuf,
+    /// Interface clients' traffic arrives on (repeat for several).
+    #[arg(long = "iface", required = true)]
+    pub uplinks: Vec<String>,
+    /// Interfaces facing local backends (pod veths), as shell patterns, e.g. 'eni*' (repeat
+    /// for several). Attached as they appear, detached as they go.
+    #[arg(long = "backend-ifaces")]
+    pub backend_ifaces: Vec<String>,
+    /// XDP attach mode: native (driver), generic (skb), or auto (native, else generic).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub xdp_mode: ModeChoice,
+    #[command(flatten)]
+    pub paths: Paths,
+    #[command(flatten)]
+    pub sizes: SizeArgs,
+    /// Where to serve Prometheus metrics, /healthz and /readyz.
+    #[arg(long, default_value = "127.0.0.1:9435")]
+    pub metrics_addr: SocketAddr,
+    /// On exit, leave the programs attached and the maps pinned, so the next agent (an
+    /// upgrade, a restart) takes over without a gap and live flows keep their backends.
+    #[arg(long)]
+    pub keep_on_exit: bool,
+    /// Seconds between sweeps of finished flows and refilled rate-limit buckets.
+    #[arg(long, default_value_t = 5)]
+    pub sweep_seconds: u64,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Paths {
+    /// bpffs directory for pinned maps and links (mounted if bpffs is not).
+    #[arg(long, default_value = "/sys/fs/bpf/xdplb", env = "XDPLB_PIN_DIR")]
+    pub pin_dir: PathBuf,
+    /// Directory for the agent's state file (names for `status`).
+    #[arg(long, default_value = "/run/xdplb", env = "XDPLB_STATE_DIR")]
+    pub state_dir: PathBuf,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SizeArgs {
+    /// Services (VIP, port, protocol) the data path can hold.
+    #[arg(long, default_value_t = lb_common::DEFAULT_MAX_SERVICES)]
+    pub max_services: u32,
+    /// Backends over all services.
+    #[arg(long, default_value_t = lb_common::DEFAULT_MAX_BACKENDS)]
+    pub max_backends: u32,
+    /// Slots per Maglev ring: a prime from 251 to 131071, the same on every node.
+    #[arg(long, default_value_t = lb_common::DEFAULT_RING_SIZE, value_parser = parse_ring_size)]
+    pub ring_size: u32,
+    /// Flow-table entries (two per flow: one per direction).
+    #[arg(long, default_value_t = lb_common::DEFAULT_FLOW_ENTRIES)]
+    pub flow_entries: u32,
+    /// Rate-limit source table entries.
+    #[arg(long, default_value_t = lb_common::DEFAULT_SOURCE_ENTRIES)]
+    pub source_entries: u32,
+    /// Session-affinity entries.
+    #[arg(long, default_value_t = lb_common::DEFAULT_AFFINITY_ENTRIES)]
+    pub affinity_entries: u32,
+}
+
+impl SizeArgs {
+    pub fn sizes(&self) -> Sizes {
+        Sizes {
+            max_services: self.max_services,
+            max_backends: self.max_backends,
+            ring_size: self.ring_size,
+            flow_entries: self.flow_entries,
+            source_entries: self.source_entries,
+            affinity_entries: self.affinity_entries,
+        }
+    }
+}
+
+fn parse_ring_size(s: &str) -> Result<u32, String> {
+    let n: u32 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
+    if !(251..=131_071).contains(&n) || !maglev::is_prime(n) {
+        return Err(format!(
+            "{n} is not a prime from 251 to 131071 (e.g. 16381, 65521, 131071)"
+        ));
+    }
+    Ok(n)
+}
+
+fn parse_socket_addr(s: &str) -> Result<SocketAddr, String> {
+    s.to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| format!("`{s}` is not an address:port (IPv6 as [addr]:port)"))
+}
+
+impl std::str::FromStr for Protocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Protocol, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "tcp" => Ok(Protocol::Tcp),
+            "udp" => Ok(Protocol::Udp),
+            _ => Err(format!("`{s}`: tcp or udp")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ring_size_must_be_a_prime_in_range() {
+        assert_eq!(parse_ring_size("16381"), Ok(16381));
+        assert!(
+            parse_ring_size("16384")
+                .unwrap_err()
+                .contains("not a prime")
+        );
+        assert!(parse_ring_size("13").is_err());
+    }
+
+    #[test]
+    fn command_line_parses() {
+        let cli = Cli::try_parse_from([
+            "lb-agent",
+            "run",
+            "--config",
+            "lb.toml",
+            "--iface",
+            "eth0",
+            "--backend-ifaces",
+            "eni*",
+            "--xdp-mode",
+            "native",
+            "--ring-size",
+            "251",
+            "--keep-on-exit",
+        ])
+        .unwrap();
+        let Command::Run(r) = cli.command else {
+            panic!()
+        };
+        assert_eq!(r.uplinks, ["eth0"]);
+        assert_eq!(r.xdp_mode, ModeChoice::Native);
+        assert_eq!(r.sizes.sizes().ring_size, 251);
+        assert!(r.keep_on_exit);
+        let cli =
+            Cli::try_parse_from(["lb-agent", "flow", "tcp", "10.0.0.10:40000", "[fd00::1]:80"])
+                .unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Flow {
+                protocol: Protocol::Tcp,
+                ..
+            }
+        ));
+        assert!(
+            Cli::try_parse_from(["lb-agent", "run", "--config", "x"]).is_err(),
+            "--iface is required"
+        );
+    }
+}

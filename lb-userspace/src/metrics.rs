@@ -1,0 +1,271 @@
+//! Prometheus metrics, /healthz and /readyz over HTTP. Metrics are read from the maps at scrape
+//! time (the data path's per-CPU counters summed), so there is nothing to keep in sync.
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
+
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode, body::Bytes, service::service_fn};
+use hyper_util::rt::TokioIo;
+use lb_common::{Counter as DpCounter, DropReason};
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+use crate::{
+    agent::{Agent, lock},
+    reconcile::service_key,
+    tables::Tables,
+};
+
+type Labels = Vec<(&'static str, String)>;
+
+/// Serves until the returned task is aborted.
+pub async fn serve(
+    addr: SocketAddr,
+    agent: Arc<Mutex<Agent>>,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    Ok(tokio::spawn(async move {
+        // Connections live in this set: aborting the server drops them, and with them every
+        // handle on the agent.
+        let mut connections = tokio::task::JoinSet::new();
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            while connections.try_join_next().is_some() {}
+            let agent = agent.clone();
+            connections.spawn(async move {
+                let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let agent = agent.clone();
+                    async move { Ok::<_, Infallible>(respond(req.uri().path(), &agent)) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    }))
+}
+
+fn respond(path: &str, agent: &Mutex<Agent>) -> Response<Full<Bytes>> {
+    let reply = |code: StatusCode, body: String, kind: &'static str| {
+        Response::builder()
+            .status(code)
+            .header("content-type", kind)
+            .body(Full::new(Bytes::from(body)))
+            .unwrap_or_default()
+    };
+    match path {
+        "/metrics" => reply(
+            StatusCode::OK,
+            render(&lock(agent)),
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ),
+        "/healthz" => reply(StatusCode::OK, "ok\n".into(), "text/plain"),
+        "/readyz" => {
+            let a = lock(agent);
+            if a.health.ready {
+                reply(StatusCode::OK, "ready\n".into(), "text/plain")
+            } else {
+                let why = a
+                    .health
+                    .last_error
+                    .clone()
+                    .unwrap_or_else(|| "not synced yet".into());
+                reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready: {why}\n"),
+                    "text/plain",
+                )
+            }
+        }
+        _ => reply(StatusCode::NOT_FOUND, "not found\n".into(), "text/plain"),
+    }
+}
+
+/// The registry, filled from the maps now.
+pub fn render(agent: &Agent) -> String {
+    let mut r = Registry::with_prefix("xdplb");
+    let counter = |r: &mut Registry, name: &str, help: &str| {
+        let f = Family::<Labels, Counter>::default();
+        r.register(name, help, f.clone());
+        f
+    };
+    let gauge = |r: &mut Registry, name: &str, help: &str| {
+        let f = Family::<Labels, Gauge>::default();
+        r.register(name, help, f.clone());
+        f
+    };
+
+    let events = counter(
+        &mut r,
+        "datapath_events",
+        "Node-wide data path events by kind (passes, drops by reason, flows created, XDP verdicts...)",
+    );
+    for (c, v) in agent.maps.read_counters() {
+        events
+            .get_or_create(&vec![("event", c.name().to_string())])
+            .inc_by(v);
+    }
+    let _ = DpCounter::Packets;
+
+    let names: std::collections::BTreeMap<_, _> = agent
+        .desired
+        .services
+        .values()
+        .map(|s| (service_key(&s.frontend), s))
+        .collect();
+    let svc_packets = counter(
+        &mut r,
+        "service_packets",
+        "Packets of a service, by direction",
+    );
+    let svc_bytes = counter(
+        &mut r,
+        "service_bytes",
+        "IP bytes of a service, by direction",
+    );
+    let svc_flows = counter(&mut r, "service_new_flows", "New flows of a service");
+    let svc_drops = counter(
+        &mut r,
+        "service_drops",
+        "Packets of a service dropped, by reason",
+    );
+    let be_packets = counter(
+        &mut r,
+        "backend_packets",
+        "Client-to-backend packets per backend",
+    );
+    let be_bytes = counter(
+        &mut r,
+        "backend_bytes",
+        "Client-to-backend IP bytes per backend",
+    );
+    let be_flows = counter(&mut r, "backend_new_flows", "New flows per backend");
+    let be_weight = gauge(
+        &mut r,
+        "backend_weight",
+        "Configured weight per backend (0: draining)",
+    );
+    if let Ok(snap) = agent.maps.snapshot() {
+        for (key, svc) in &snap.services {
+            let Some(s) = names.get(key) else { continue };
+            let base = vec![
+                ("service", s.name.clone()),
+                ("frontend", s.frontend.to_string()),
+            ];
+            let st = agent.maps.read_service_stats(svc.id);
+            let with = |k: &'static str, v: &str| {
+                let mut l = base.clone();
+                l.push((k, v.to_string()));
+                l
+            };
+            svc_packets
+                .get_or_create(&with("direction", "to_backend"))
+                .inc_by(st.packets);
+            svc_packets
+                .get_or_create(&with("direction", "to_client"))
+                .inc_by(st.reply_packets);
+            svc_bytes
+                .get_or_create(&with("direction", "to_backend"))
+                .inc_by(st.bytes);
+            svc_bytes
+                .get_or_create(&with("direction", "to_client"))
+                .inc_by(st.reply_bytes);
+            svc_flows.get_or_create(&base).inc_by(st.new_flows);
+            for (reason, v) in DropReason::ALL.iter().zip(st.drops.iter()) {
+                svc_drops
+                    .get_or_create(&with("reason", reason.name()))
+                    .inc_by(*v);
+            }
+            for (id, b) in snap
+                .backends
+                .iter()
+                .filter(|(_, b)| b.service == svc.id && b.flags & lb_common::BACKEND_LISTED != 0)
+            {
+                let addr = std::net::IpAddr::from(b.addr);
+                let port = u16::from_be(b.port);
+                let mut l = base.clone();
+                l.push((
+                    "backend",
+                    crate::model::Backend {
+                        addr,
+                        port,
+                        weight: 0,
+                    }
+                    .maglev_key(),
+                ));
+                let st = agent.maps.read_backend_stats(*id);
+                be_packets.get_or_create(&l).inc_by(st.packets);
+                be_bytes.get_or_create(&l).inc_by(st.bytes);
+                be_flows.get_or_create(&l).inc_by(st.new_flows);
+                be_weight.get_or_create(&l).set(i64::from(b.weight));
+            }
+        }
+    }
+
+    let tables = gauge(
+        &mut r,
+        "table_entries",
+        "Entries in a data path table at the last sweep",
+    );
+    let capacity = gauge(&mut r, "table_capacity", "Capacity of a data path table");
+    let sizes = agent.sizes();
+    let sweep = &agent.health.last_sweep;
+    for (table, n, cap) in [
+        ("flows", sweep.flows, sizes.flow_entries),
+        ("sources", sweep.sources, sizes.source_entries),
+    ] {
+        tables
+            .get_or_create(&vec![("table", table.to_string())])
+            .set(n as i64);
+        capacity
+            .get_or_create(&vec![("table", table.to_string())])
+            .set(i64::from(cap));
+    }
+    let swept = counter(
+        &mut r,
+        "swept_entries",
+        "Entries the last sweep removed (finished flows, refilled sources)",
+    );
+    swept
+        .get_or_create(&vec![("table", "flows".into())])
+        .inc_by(sweep.flows_removed as u64);
+    swept
+        .get_or_create(&vec![("table", "sources".into())])
+        .inc_by(sweep.sources_removed as u64);
+
+    let reloads = counter(&mut r, "config_reloads", "Config reloads by result");
+    reloads
+        .get_or_create(&vec![("result", "applied".into())])
+        .inc_by(agent.health.reloads_applied);
+    reloads
+        .get_or_create(&vec![("result", "rejected".into())])
+        .inc_by(agent.health.reloads_rejected);
+    let ready = gauge(
+        &mut r,
+        "ready",
+        "1 when the desired state is applied and the data path attached",
+    );
+    ready
+        .get_or_create(&vec![])
+        .set(i64::from(agent.health.ready));
+    let mode = gauge(
+        &mut r,
+        "interface_attached",
+        "Interfaces the data path is attached to, with program and XDP mode",
+    );
+    for a in agent.attachment_labels() {
+        mode.get_or_create(&vec![("interface", a.0), ("program", a.1), ("mode", a.2)])
+            .set(1);
+    }
+    let mut out = String::new();
+    let _ = encode(&mut out, &r);
+    out
+}

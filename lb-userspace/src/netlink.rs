@@ -1,0 +1,852 @@
+//! Blocking rtnetlink client: route lookups, addresses, links and managed neighbour entries.
+//! Owns the wire protocol (requests, multi-part dumps, ACKs, kernel errors); holds no policy —
+//! callers decide what to do with what it reports.
+//!
+//! A netlink socket belongs to the network namespace of the thread that created it, for its
+//! whole life: call [`Netlink::open`] on a thread that is in the namespace you mean to query
+//! (a thread that later `setns`es elsewhere keeps talking to the namespace the socket was made
+//! in).
+use std::{io, net::IpAddr, os::fd::AsRawFd, time::Duration};
+
+use netlink_packet_core::{
+    DefaultNla, NLA_TYPE_MASK, NLM_F_ACK, NLM_F_ACK_TLVS, NLM_F_CAPPED, NLM_F_CREATE, NLM_F_DUMP,
+    NLM_F_DUMP_INTR, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkBuffer, NetlinkHeader, NetlinkMessage,
+    NetlinkPayload, Nla, NlaBuffer, NlasIterator,
+};
+use netlink_packet_route::{
+    AddressFamily, RouteNetlinkMessage,
+    address::{AddressAttribute, AddressMessage, AddressScope},
+    link::{
+        InfoData, InfoVlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage, LinkXdp, XdpAttached,
+    },
+    neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
+    route::{RouteAddress, RouteAttribute, RouteMessage, RouteType, RouteVia},
+};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+
+/// A reply that never comes would block the agent's reconcile loop forever; the kernel answers
+/// rtnetlink requests synchronously, so a few seconds without a datagram means something is wrong.
+const RECV_TIMEOUT: Duration = Duration::from_secs(5);
+/// A dump that races with changes is flagged NLM_F_DUMP_INTR and may miss or repeat entries;
+/// retrying a few times is what iproute2 users do by hand.
+const DUMP_ATTEMPTS: u32 = 3;
+/// Room for one datagram before growing: the kernel caps dump datagrams at 32 KiB unless a
+/// single message is bigger (links with many VFs), in which case the buffer grows to fit.
+const RECV_BUFFER: usize = 32 * 1024;
+
+/// NDA_FLAGS_EXT: neighbour flags beyond the 8 bits of ndm_flags (linux/neighbour.h).
+const NDA_FLAGS_EXT: u16 = 15;
+/// NTF_EXT_MANAGED: the kernel resolves the entry itself and keeps it resolved (Linux 5.16).
+const NTF_EXT_MANAGED: u32 = 1;
+/// NLMSGERR_ATTR_MSG: the human-readable reason in an extended ACK.
+const NLMSGERR_ATTR_MSG: u16 = 1;
+/// Size of struct nlmsghdr, echoed at the start of an error when NLM_F_CAPPED is set.
+const NLMSG_HEADER_LEN: usize = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetlinkError {
+    #[error("opening a NETLINK_ROUTE socket: {0}")]
+    Open(#[source] io::Error),
+    #[error("{op}: {source}")]
+    Io {
+        op: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{op}: {}{}", io::Error::from_raw_os_error(*.errno), extack_suffix(.message))]
+    Kernel {
+        op: String,
+        /// Positive errno the kernel answered with.
+        errno: i32,
+        /// The kernel's extended-ACK message, when it gave one.
+        message: Option<String>,
+    },
+    #[error("{op}: decoding the kernel's reply: {reason}")]
+    Decode { op: String, reason: String },
+    #[error("{op}: no reply from the kernel within {timeout:?}")]
+    Timeout { op: String, timeout: Duration },
+    #[error("{op}: the dump kept changing while being read (NLM_F_DUMP_INTR), {attempts} attempts")]
+    DumpInterrupted { op: String, attempts: u32 },
+}
+
+impl NetlinkError {
+    /// The errno behind the failure, if the kernel or a syscall gave one: lets callers tell
+    /// cases apart without matching message text.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            NetlinkError::Kernel { errno, .. } => Some(*errno),
+            NetlinkError::Open(source) | NetlinkError::Io { source, .. } => source.raw_os_error(),
+            _ => None,
+        }
+    }
+
+    fn decode(op: &str, reason: impl std::fmt::Display) -> Self {
+        NetlinkError::Decode {
+            op: op.to_string(),
+            reason: reason.to_string(),
+        }
+    }
+}
+
+fn extack_suffix(message: &Option<String>) -> String {
+    match message {
+        Some(m) => format!("; the kernel says: {m}"),
+        None => String::new(),
+    }
+}
+
+/// What the kernel would use to reach a destination (`ip route get`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    /// Output interface; the loopback device for local destinations.
+    pub oif: u32,
+    /// Next hop, if the destination is not directly connected.
+    pub gateway: Option<IpAddr>,
+    /// Source address the kernel would pick.
+    pub prefsrc: Option<IpAddr>,
+    pub kind: RouteKind,
+}
+
+/// The rtm_type of the answer. Linux answers a route get that hits a blackhole or unreachable
+/// route with an error instead (see [`Netlink::route_get`]), so `Blackhole` and `Unreachable`
+/// only appear if a kernel ever reports them as routes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RouteKind {
+    Unicast,
+    Local,
+    Blackhole,
+    Unreachable,
+    /// Broadcast, multicast, prohibit, throw, ...
+    Other,
+}
+
+/// One address on one interface.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IfAddr {
+    pub ifindex: u32,
+    pub addr: IpAddr,
+    pub prefix_len: u8,
+    /// Scope universe: usable beyond this host and link.
+    pub global: bool,
+}
+
+/// One network interface.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Link {
+    pub ifindex: u32,
+    pub name: String,
+    /// IFLA_INFO_KIND ("veth", "vlan", "bridge", ...); None for physical devices and loopback.
+    pub kind: Option<String>,
+    pub mtu: u32,
+    /// Administratively up (IFF_UP), whether or not it has carrier.
+    pub up: bool,
+    /// Ethernet address; None for devices without one (loopback's all-zero address included).
+    pub mac: Option<[u8; 6]>,
+    /// (parent ifindex from IFLA_LINK, VLAN id) for vlan devices.
+    pub vlan: Option<(u32, u16)>,
+    /// An XDP program is attached in some mode (IFLA_XDP_ATTACHED != XDP_ATTACHED_NONE).
+    pub xdp_attached: bool,
+}
+
+/// A NETLINK_ROUTE socket and the sequence number of its last request.
+pub struct Netlink {
+    socket: Socket,
+    seq: u32,
+    buf: Vec<u8>,
+}
+
+/// How a request ended, before the dump-retry decision.
+struct Replies {
+    messages: Vec<RouteNetlinkMessage>,
+    interrupted: bool,
+}
+
+impl Netlink {
+    /// Opens a socket in the network namespace of the calling thread (see the module docs).
+    pub fn open() -> Result<Netlink, NetlinkError> {
+        let mut socket = Socket::new(NETLINK_ROUTE).map_err(NetlinkError::Open)?;
+        socket.bind_auto().map_err(NetlinkError::Open)?;
+        // Both only make errors smaller and more telling (a reason string, no echoed request);
+        // kernels without them still answer, so failing to set them is not fatal.
+        let _ = socket.set_ext_ack(true);
+        let _ = socket.set_cap_ack(true);
+        set_recv_timeout(&socket, RECV_TIMEOUT).map_err(NetlinkError::Open)?;
+        Ok(Netlink {
+            socket,
+            seq: 0,
+            buf: Vec::with_capacity(RECV_BUFFER),
+        })
+    }
+
+    /// Like `ip route get DST`: what the kernel would use to reach `dst`, policy rules included.
+    ///
+    /// `None` if there is no route (ENETUNREACH) or the route is an `unreachable` one
+    /// (EHOSTUNREACH). The kernel never answers a route get with a blackhole or prohibit route:
+    /// it fails with EINVAL and EACCES respectively, which come back as
+    /// [`NetlinkError::Kernel`] (see [`NetlinkError::errno`]).
+    pub fn route_get(&mut self, dst: IpAddr) -> Result<Option<Route>, NetlinkError> {
+        let op = format!("route get {dst}");
+        let mut request = RouteMessage::default();
+        request.header.address_family = family(dst);
+        request.header.destination_prefix_length = full_prefix(dst);
+        request
+            .attributes
+            .push(RouteAttribute::Destination(RouteAddress::from(dst)));
+        let replies = match self.transact(&op, RouteNetlinkMessage::GetRoute(request), 0) {
+            Ok(replies) => replies.messages,
+            Err(e) if matches!(e.errno(), Some(libc::ENETUNREACH | libc::EHOSTUNREACH)) => {
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
+        replies
+            .iter()
+            .find_map(|m| match m {
+                RouteNetlinkMessage::NewRoute(route) => Some(route_from_message(route)),
+                _ => None,
+            })
+            .map(Some)
+            .ok_or_else(|| NetlinkError::decode(&op, "the kernel acknowledged without a route"))
+    }
+
+    /// All addresses on all interfaces, both families (RTM_GETADDR dump).
+    pub fn addresses(&mut self) -> Result<Vec<IfAddr>, NetlinkError> {
+        let replies = self.dump(
+            "address dump",
+            RouteNetlinkMessage::GetAddress(AddressMessage::default()),
+        )?;
+        Ok(replies
+            .iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewAddress(a) => address_from_message(a),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// All links (RTM_GETLINK dump).
+    pub fn links(&mut self) -> Result<Vec<Link>, NetlinkError> {
+        let replies = self.dump(
+            "link dump",
+            RouteNetlinkMessage::GetLink(LinkMessage::default()),
+        )?;
+        Ok(replies
+            .iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewLink(l) => Some(link_from_message(l)),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Like `ip neigh replace ADDR dev IFINDEX managed`: the kernel resolves the entry and keeps
+    /// it resolved, so XDP's `bpf_fib_lookup` finds a MAC for it. Idempotent: replacing an
+    /// entry that is already managed leaves its state (and MAC) as it is, so calling this on
+    /// every reconcile does not make lookups miss.
+    ///
+    /// A static entry for the same address is turned into a managed one (it loses its MAC until
+    /// the kernel resolves it).
+    pub fn ensure_managed_neighbour(
+        &mut self,
+        ifindex: u32,
+        addr: IpAddr,
+    ) -> Result<(), NetlinkError> {
+        let op = format!("neighbour replace {addr} dev {ifindex} managed");
+        let mut request = neighbour_request(ifindex, addr);
+        // NUD_NONE, as iproute2 sends: the kernel rejects managed together with
+        // NUD_PERMANENT, and for a managed entry it runs the state machine itself.
+        request.header.state = NeighbourState::None;
+        request
+            .attributes
+            .push(NeighbourAttribute::Other(DefaultNla::new(
+                NDA_FLAGS_EXT,
+                NTF_EXT_MANAGED.to_ne_bytes().to_vec(),
+            )));
+        self.transact(
+            &op,
+            RouteNetlinkMessage::NewNeighbour(request),
+            NLM_F_CREATE | NLM_F_REPLACE,
+        )?;
+        Ok(())
+    }
+
+    /// Deletes a neighbour entry we made managed. Absent entries are fine; entries that are not
+    /// managed are left alone, because we did not make them (a CNI's static entry, or one the
+    /// kernel learned and maintains).
+    pub fn remove_neighbour(&mut self, ifindex: u32, addr: IpAddr) -> Result<(), NetlinkError> {
+        match self.neighbour(ifindex, addr)? {
+            Some(entry) if is_managed(&entry) => {}
+            Some(_) => {
+                log::debug!("neighbour {addr} dev {ifindex} is not managed: left in place");
+                return Ok(());
+            }
+            None => return Ok(()),
+        }
+        let op = format!("neighbour delete {addr} dev {ifindex}");
+        match self.transact(
+            &op,
+            RouteNetlinkMessage::DelNeighbour(neighbour_request(ifindex, addr)),
+            0,
+        ) {
+            Ok(_) => Ok(()),
+            // Gone between the look-up and the delete: what we wanted.
+            Err(e) if e.errno() == Some(libc::ENOENT) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Managed entries present in this namespace, as (ifindex, addr), so callers can remove the
+    /// ones no longer needed.
+    pub fn managed_neighbours(&mut self) -> Result<Vec<(u32, IpAddr)>, NetlinkError> {
+        let replies = self.dump(
+            "neighbour dump",
+            RouteNetlinkMessage::GetNeighbour(NeighbourMessage::default()),
+        )?;
+        Ok(replies
+            .iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewNeighbour(n) if is_managed(n) => {
+                    Some((n.header.ifindex, neighbour_addr(n)?))
+                }
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// One neighbour entry (RTM_GETNEIGH for a single address), None if there is none.
+    fn neighbour(
+        &mut self,
+        ifindex: u32,
+        addr: IpAddr,
+    ) -> Result<Option<NeighbourMessage>, NetlinkError> {
+        let op = format!("neighbour get {addr} dev {ifindex}");
+        let replies = match self.transact(
+            &op,
+            RouteNetlinkMessage::GetNeighbour(neighbour_request(ifindex, addr)),
+            0,
+        ) {
+            Ok(replies) => replies.messages,
+            Err(e) if e.errno() == Some(libc::ENOENT) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        Ok(replies.into_iter().find_map(|m| match m {
+            RouteNetlinkMessage::NewNeighbour(n) => Some(n),
+            _ => None,
+        }))
+    }
+
+    /// A dump, retried while the kernel flags it as interrupted by concurrent changes.
+    fn dump(
+        &mut self,
+        op: &str,
+        request: RouteNetlinkMessage,
+    ) -> Result<Vec<RouteNetlinkMessage>, NetlinkError> {
+        for _ in 0..DUMP_ATTEMPTS {
+            let replies = self.transact(op, request.clone(), NLM_F_DUMP)?;
+            if !replies.interrupted {
+                return Ok(replies.messages);
+            }
+            log::debug!("{op}: interrupted by concurrent changes, retrying");
+        }
+        Err(NetlinkError::DumpInterrupted {
+            op: op.to_string(),
+            attempts: DUMP_ATTEMPTS,
+        })
+    }
+
+    /// Sends one request and collects its replies: up to NLMSG_DONE for a dump, up to the ACK
+    /// (NLMSG_ERROR with code 0) otherwise — every non-dump request asks for one, so the end of
+    /// the answer is never guessed.
+    fn transact(
+        &mut self,
+        op: &str,
+        request: RouteNetlinkMessage,
+        flags: u16,
+    ) -> Result<Replies, NetlinkError> {
+        self.seq = self.seq.wrapping_add(1);
+        let is_dump = flags & NLM_F_DUMP == NLM_F_DUMP;
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | flags | if is_dump { 0 } else { NLM_F_ACK };
+        header.sequence_number = self.seq;
+        let mut message = NetlinkMessage::new(header, NetlinkPayload::from(request));
+        message.finalize();
+        let mut bytes = vec![0u8; message.buffer_len()];
+        message.serialize(&mut bytes);
+        let kernel = SocketAddr::new(0, 0);
+        loop {
+            match self.socket.send_to(&bytes, &kernel, 0) {
+                Ok(_) => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(source) => {
+                    return Err(NetlinkError::Io {
+                        op: op.to_string(),
+                        source,
+                    });
+                }
+            }
+        }
+
+        let mut replies = Replies {
+            messages: Vec::new(),
+            interrupted: false,
+        };
+        // A reply we cannot decode is remembered, not returned at once: the rest of the answer
+        // has to be read first, or an abandoned dump keeps the socket busy (the next dump gets
+        // EBUSY) and its leftovers are read as answers to the next request.
+        let mut undecodable: Option<NetlinkError> = None;
+        loop {
+            let len = self.recv_datagram(op)?;
+            let mut offset = 0;
+            while offset < len {
+                let rest = &self.buf[offset..len];
+                let buffer = match NetlinkBuffer::new_checked(rest) {
+                    Ok(buffer) => buffer,
+                    Err(e) => {
+                        // No length to skip by: the rest of this datagram is lost.
+                        undecodable.get_or_insert(NetlinkError::decode(op, e));
+                        break;
+                    }
+                };
+                let msg_len = buffer.length() as usize;
+                let seq = buffer.sequence_number();
+                offset += align4(msg_len);
+                if seq != self.seq {
+                    // A late answer to an earlier request that timed out: not ours to read.
+                    log::debug!(
+                        "{op}: skipping a reply with sequence {seq}, want {}",
+                        self.seq
+                    );
+                    continue;
+                }
+                let msg = match NetlinkMessage::<RouteNetlinkMessage>::deserialize(&rest[..msg_len])
+                {
+                    Ok(msg) => msg,
+                    Err(e) => {
+                        undecodable.get_or_insert(NetlinkError::decode(op, e));
+                        continue;
+                    }
+                };
+                if msg.header.flags & NLM_F_DUMP_INTR != 0 {
+                    replies.interrupted = true;
+                }
+                match msg.payload {
+                    NetlinkPayload::InnerMessage(inner) => replies.messages.push(inner),
+                    NetlinkPayload::Done(done) if done.code != 0 => {
+                        return Err(NetlinkError::Kernel {
+                            op: op.to_string(),
+                            errno: done.code.saturating_abs(),
+                            message: extack_message(&done.extended_ack),
+                        });
+                    }
+                    NetlinkPayload::Error(error) if error.code.is_some() => {
+                        return Err(NetlinkError::Kernel {
+                            op: op.to_string(),
+                            errno: error.raw_code().saturating_abs(),
+                            message: error_extack(msg.header.flags, &error.header),
+                        });
+                    }
+                    // The end of a dump, or the ACK of anything else.
+                    NetlinkPayload::Done(_) | NetlinkPayload::Error(_) => {
+                        return match undecodable {
+                            Some(e) => Err(e),
+                            None => Ok(replies),
+                        };
+                    }
+                    NetlinkPayload::Overrun(_) => {
+                        return Err(NetlinkError::decode(op, "the kernel reported an overrun"));
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Reads one whole datagram into `self.buf`, growing it first if the datagram is bigger.
+    fn recv_datagram(&mut self, op: &str) -> Result<usize, NetlinkError> {
+        // MSG_PEEK | MSG_TRUNC returns the datagram's full size without consuming it, so a
+        // message bigger than the buffer is never cut short.
+        self.buf.clear();
+        let size = self.recv(op, libc::MSG_PEEK | libc::MSG_TRUNC)?;
+        if size > self.buf.capacity() {
+            self.buf.reserve(size);
+        }
+        self.buf.clear();
+        // This socket has a single reader, so the datagram read is the one just peeked at;
+        // without MSG_TRUNC the kernel would cut a longer one silently, hence the comparison.
+        let len = self.recv(op, 0)?;
+        if len < size {
+            return Err(NetlinkError::decode(
+                op,
+                format!("datagram of {size} bytes truncated to {len}"),
+            ));
+        }
+        Ok(len)
+    }
+
+    fn recv(&mut self, op: &str, flags: libc::c_int) -> Result<usize, NetlinkError> {
+        loop {
+            match self.socket.recv(&mut self.buf, flags) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return Err(NetlinkError::Timeout {
+                        op: op.to_string(),
+                        timeout: RECV_TIMEOUT,
+                    });
+                }
+                Err(source) => {
+                    return Err(NetlinkError::Io {
+                        op: op.to_string(),
+                        source,
+                    });
+                }
+            }
+        }
+    }
+}
+
+fn set_recv_timeout(socket: &Socket, timeout: Duration) -> io::Result<()> {
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: libc::suseconds_t::from(timeout.subsec_micros()),
+    };
+    // SAFETY: a valid fd, and a pointer to a live timeval with its exact size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn align4(len: usize) -> usize {
+    (len + 3) & !3
+}
+
+fn family(addr: IpAddr) -> AddressFamily {
+    match addr {
+        IpAddr::V4(_) => AddressFamily::Inet,
+        IpAddr::V6(_) => AddressFamily::Inet6,
+    }
+}
+
+fn full_prefix(addr: IpAddr) -> u8 {
+    match addr {
+        IpAddr::V4(_) => 32,
+        IpAddr::V6(_) => 128,
+    }
+}
+
+/// The reason string of an NLMSG_ERROR: the extended-ACK TLVs follow the echoed request,
+/// which is just its header when the kernel capped it.
+fn error_extack(flags: u16, payload: &[u8]) -> Option<String> {
+    if flags & NLM_F_ACK_TLVS == 0 {
+        return None;
+    }
+    let echoed = if flags & NLM_F_CAPPED != 0 {
+        NLMSG_HEADER_LEN
+    } else {
+        let len = payload.get(..4)?;
+        u32::from_ne_bytes(len.try_into().ok()?) as usize
+    };
+    extack_message(payload.get(align4(echoed)..)?)
+}
+
+fn extack_message(tlvs: &[u8]) -> Option<String> {
+    NlasIterator::new(tlvs)
+        .filter_map(Result::ok)
+        .find(|nla: &NlaBuffer<&[u8]>| nla.kind() & NLA_TYPE_MASK == NLMSGERR_ATTR_MSG)
+        .map(|nla| {
+            String::from_utf8_lossy(nla.value())
+                .trim_end_matches('\0')
+                .to_string()
+        })
+}
+
+fn route_from_message(message: &RouteMessage) -> Route {
+    let mut route = Route {
+        oif: 0,
+        gateway: None,
+        prefsrc: None,
+        kind: match message.header.kind {
+            RouteType::Unicast => RouteKind::Unicast,
+            RouteType::Local => RouteKind::Local,
+            RouteType::BlackHole => RouteKind::Blackhole,
+            RouteType::Unreachable => RouteKind::Unreachable,
+            _ => RouteKind::Other,
+        },
+    };
+    for attribute in &message.attributes {
+        match attribute {
+            RouteAttribute::Oif(oif) => route.oif = *oif,
+            RouteAttribute::Gateway(gateway) => route.gateway = route_ip(gateway),
+            // RTA_VIA carries an IPv6 next hop for an IPv4 route (RFC 5549).
+            RouteAttribute::Via(RouteVia::Inet(v4)) => route.gateway = Some(IpAddr::V4(*v4)),
+            RouteAttribute::Via(RouteVia::Inet6(v6)) => route.gateway = Some(IpAddr::V6(*v6)),
+            RouteAttribute::PrefSource(source) => route.prefsrc = route_ip(source),
+            _ => {}
+        }
+    }
+    route
+}
+
+fn route_ip(address: &RouteAddress) -> Option<IpAddr> {
+    match address {
+        RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
+        RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
+        _ => None,
+    }
+}
+
+fn address_from_message(message: &AddressMessage) -> Option<IfAddr> {
+    let mut local = None;
+    let mut address = None;
+    for attribute in &message.attributes {
+        match attribute {
+            AddressAttribute::Local(ip) => local = Some(*ip),
+            AddressAttribute::Address(ip) => address = Some(*ip),
+            _ => {}
+        }
+    }
+    // IFA_LOCAL is this host's address; IFA_ADDRESS is the peer's on point-to-point links and
+    // the only one IPv6 sends otherwise.
+    Some(IfAddr {
+        ifindex: message.header.index,
+        addr: local.or(address)?,
+        prefix_len: message.header.prefix_len,
+        global: message.header.scope == AddressScope::Universe,
+    })
+}
+
+fn link_from_message(message: &LinkMessage) -> Link {
+    let mut link = Link {
+        ifindex: message.header.index,
+        name: String::new(),
+        kind: None,
+        mtu: 0,
+        up: message.header.flags.contains(LinkFlags::Up),
+        mac: None,
+        vlan: None,
+        xdp_attached: false,
+    };
+    let mut parent = None;
+    let mut vlan_id = None;
+    for attribute in &message.attributes {
+        match attribute {
+            LinkAttribute::IfName(name) => link.name.clone_from(name),
+            LinkAttribute::Mtu(mtu) => link.mtu = *mtu,
+            LinkAttribute::Address(bytes) => {
+                link.mac = <[u8; 6]>::try_from(bytes.as_slice())
+                    .ok()
+                    .filter(|mac| mac.iter().any(|b| *b != 0));
+            }
+            // For a vlan this is the parent device; for a veth, the peer.
+            LinkAttribute::Link(index) => parent = Some(*index),
+            LinkAttribute::LinkInfo(infos) => {
+                for info in infos {
+                    match info {
+                        LinkInfo::Kind(kind) => link.kind = Some(kind.to_string()),
+                        LinkInfo::Data(InfoData::Vlan(vlan)) => {
+                            vlan_id = vlan.iter().find_map(|v| match v {
+                                InfoVlan::Id(id) => Some(*id),
+                                _ => None,
+                            });
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            LinkAttribute::Xdp(xdp) => {
+                link.xdp_attached = xdp
+                    .iter()
+                    .any(|x| matches!(x, LinkXdp::Attached(mode) if *mode != XdpAttached::None));
+            }
+            _ => {}
+        }
+    }
+    if link.kind.as_deref() == Some("vlan") {
+        link.vlan = parent.zip(vlan_id);
+    }
+    link
+}
+
+fn neighbour_request(ifindex: u32, addr: IpAddr) -> NeighbourMessage {
+    let mut request = NeighbourMessage::default();
+    request.header.family = family(addr);
+    request.header.ifindex = ifindex;
+    request
+        .attributes
+        .push(NeighbourAttribute::Destination(match addr {
+            IpAddr::V4(v4) => NeighbourAddress::Inet(v4),
+            IpAddr::V6(v6) => NeighbourAddress::Inet6(v6),
+        }));
+    request
+}
+
+fn neighbour_addr(message: &NeighbourMessage) -> Option<IpAddr> {
+    message.attributes.iter().find_map(|a| match a {
+        NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => Some(IpAddr::V4(*v4)),
+        NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => Some(IpAddr::V6(*v6)),
+        _ => None,
+    })
+}
+
+/// NTF_EXT_MANAGED travels in NDA_FLAGS_EXT, which netlink-packet-route leaves untyped.
+fn is_managed(message: &NeighbourMessage) -> bool {
+    message.attributes.iter().any(|a| match a {
+        NeighbourAttribute::Other(nla) if nla.kind() & NLA_TYPE_MASK == NDA_FLAGS_EXT => {
+            let mut value = vec![0u8; nla.value_len()];
+            nla.emit_value(&mut value);
+            value
+                .get(..4)
+                .and_then(|v| <[u8; 4]>::try_from(v).ok())
+                .is_some_and(|v| u32::from_ne_bytes(v) & NTF_EXT_MANAGED != 0)
+        }
+        _ => false,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv6Addr;
+
+    use netlink_packet_route::link::InfoKind;
+
+    use super::*;
+
+    #[test]
+    fn vlan_link_reports_parent_and_id() {
+        let mut message = LinkMessage::default();
+        message.header.index = 7;
+        message.header.flags = LinkFlags::Up;
+        message.attributes = vec![
+            LinkAttribute::IfName("eth0.100".to_string()),
+            LinkAttribute::Mtu(1500),
+            LinkAttribute::Address(vec![2, 0, 0, 0, 0, 1]),
+            LinkAttribute::Link(3),
+            LinkAttribute::LinkInfo(vec![
+                LinkInfo::Kind(InfoKind::Vlan),
+                LinkInfo::Data(InfoData::Vlan(vec![InfoVlan::Id(100)])),
+            ]),
+            LinkAttribute::Xdp(vec![LinkXdp::Attached(XdpAttached::Driver)]),
+        ];
+        assert_eq!(
+            link_from_message(&message),
+            Link {
+                ifindex: 7,
+                name: "eth0.100".to_string(),
+                kind: Some("vlan".to_string()),
+                mtu: 1500,
+                up: true,
+                mac: Some([2, 0, 0, 0, 0, 1]),
+                vlan: Some((3, 100)),
+                xdp_attached: true,
+            }
+        );
+    }
+
+    #[test]
+    fn vlan_link_survives_a_wire_round_trip() {
+        let mut message = LinkMessage::default();
+        message.header.index = 9;
+        message.attributes = vec![
+            LinkAttribute::IfName("v".to_string()),
+            LinkAttribute::Link(4),
+            LinkAttribute::LinkInfo(vec![
+                LinkInfo::Kind(InfoKind::Vlan),
+                LinkInfo::Data(InfoData::Vlan(vec![InfoVlan::Id(42)])),
+            ]),
+        ];
+        let mut header = NetlinkHeader::default();
+        header.sequence_number = 1;
+        let mut wire = NetlinkMessage::new(
+            header,
+            NetlinkPayload::from(RouteNetlinkMessage::NewLink(message)),
+        );
+        wire.finalize();
+        let mut bytes = vec![0u8; wire.buffer_len()];
+        wire.serialize(&mut bytes);
+        let parsed = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&bytes).unwrap();
+        let NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) = parsed.payload
+        else {
+            panic!("not a link: {parsed:?}");
+        };
+        let link = link_from_message(&link);
+        assert_eq!(link.vlan, Some((4, 42)));
+        assert!(!link.up);
+        assert!(!link.xdp_attached);
+    }
+
+    #[test]
+    fn veth_peer_index_is_not_a_vlan_parent() {
+        let mut message = LinkMessage::default();
+        message.attributes = vec![
+            LinkAttribute::Link(5),
+            LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Veth)]),
+            LinkAttribute::Address(vec![0; 6]),
+            LinkAttribute::Xdp(vec![LinkXdp::Attached(XdpAttached::None)]),
+        ];
+        let link = link_from_message(&message);
+        assert_eq!(link.vlan, None);
+        assert_eq!(link.mac, None);
+        assert!(!link.xdp_attached);
+    }
+
+    #[test]
+    fn ipv6_gateway_of_an_ipv4_route_comes_from_via() {
+        let gw: Ipv6Addr = "fe80::1".parse().unwrap();
+        let mut message = RouteMessage::default();
+        message.header.kind = RouteType::Unicast;
+        message.attributes = vec![
+            RouteAttribute::Oif(2),
+            RouteAttribute::Via(RouteVia::Inet6(gw)),
+        ];
+        assert_eq!(
+            route_from_message(&message),
+            Route {
+                oif: 2,
+                gateway: Some(IpAddr::V6(gw)),
+                prefsrc: None,
+                kind: RouteKind::Unicast,
+            }
+        );
+    }
+
+    #[test]
+    fn extack_message_is_read_after_a_capped_echo() {
+        let mut payload = vec![0u8; NLMSG_HEADER_LEN];
+        let text = b"Invalid NTF_* flag combination\0";
+        let nla_len = 4 + text.len();
+        payload.extend_from_slice(&(nla_len as u16).to_ne_bytes());
+        payload.extend_from_slice(&NLMSGERR_ATTR_MSG.to_ne_bytes());
+        payload.extend_from_slice(text);
+        payload.resize(align4(payload.len()), 0);
+        assert_eq!(
+            error_extack(NLM_F_ACK_TLVS | NLM_F_CAPPED, &payload).as_deref(),
+            Some("Invalid NTF_* flag combination")
+        );
+        assert_eq!(error_extack(NLM_F_CAPPED, &payload), None);
+    }
+
+    #[test]
+    fn managed_flag_is_read_from_nda_flags_ext() {
+        let mut message = neighbour_request(3, "10.0.0.2".parse().unwrap());
+        assert!(!is_managed(&message));
+        message
+            .attributes
+            .push(NeighbourAttribute::Other(DefaultNla::new(
+                NDA_FLAGS_EXT,
+                NTF_EXT_MANAGED.to_ne_bytes().to_vec(),
+            )));
+        assert!(is_managed(&message));
+        assert_eq!(neighbour_addr(&message), "10.0.0.2".parse().ok());
+    }
+}

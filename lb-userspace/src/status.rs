@@ -1,0 +1,354 @@
+//! `lb-agent status` and `lb-agent flow`: read the running agent's pinned maps (labelled with
+//! names from its state file) and show them to a person, or as JSON.
+use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr, net::SocketAddr};
+
+use anyhow::Result;
+use lb_common::{
+    Addr, AffinityKey, BACKEND_ACTIVE, BACKEND_LISTED, Counter, DropReason, FLOW_REPLY, FLOW_SNAT,
+    FlowKey, NO_BACKEND, ServiceKey,
+    hash::{flow_hash, ring_slot},
+};
+use serde::Serialize;
+
+use crate::{
+    cli::Paths,
+    dataplane::Maps,
+    model::{Frontend, Protocol},
+    reconcile::{monotonic_ns, service_key},
+    state::State,
+    tables::Tables,
+};
+
+#[derive(Serialize)]
+pub struct Status {
+    pub source: Option<String>,
+    pub ready: Option<bool>,
+    pub last_error: Option<String>,
+    pub interfaces: Vec<crate::state::InterfaceLabel>,
+    pub services: Vec<ServiceStatus>,
+    pub counters: BTreeMap<&'static str, u64>,
+}
+
+#[derive(Serialize)]
+pub struct ServiceStatus {
+    pub name: String,
+    pub frontend: Option<Frontend>,
+    pub origin: Option<String>,
+    pub mode: &'static str,
+    pub policy: Option<String>,
+    pub packets: u64,
+    pub bytes: u64,
+    pub reply_packets: u64,
+    pub new_flows: u64,
+    pub drops: BTreeMap<&'static str, u64>,
+    pub backends: Vec<BackendStatus>,
+}
+
+#[derive(Serialize)]
+pub struct BackendStatus {
+    pub address: String,
+    pub weight: u32,
+    /// "active", or "draining" (weight 0: keeps its flows, gets no new ones).
+    pub state: &'static str,
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+pub fn status(paths: &Paths) -> Result<Status> {
+    let maps = Maps::open_pinned(&paths.pin_dir)?;
+    let state = State::read(&paths.state_dir);
+    let labels: BTreeMap<ServiceKey, &crate::state::ServiceLabel> = state
+        .iter()
+        .flat_map(|s| s.services.iter())
+        .map(|l| (service_key(&l.frontend), l))
+        .collect();
+    let snap = maps.snapshot()?;
+    let mut services = Vec::new();
+    for (key, svc) in &snap.services {
+        let label = labels.get(key);
+        let st = maps.read_service_stats(svc.id);
+        let mut backends: Vec<BackendStatus> = snap
+            .backends
+            .iter()
+            .filter(|(_, b)| b.service == svc.id && b.flags & BACKEND_LISTED != 0)
+            .map(|(id, b)| {
+                let s = maps.read_backend_stats(*id);
+                BackendStatus {
+                    address: show(&b.addr, u16::from_be(b.port)),
+                    weight: b.weight,
+                    state: if b.flags & BACKEND_ACTIVE != 0 {
+                        "active"
+                    } else {
+                        "draining"
+                    },
+                    packets: s.packets,
+                    bytes: s.bytes,
+                    new_flows: s.new_flows,
+                }
+            })
+            .collect();
+        backends.sort_by(|a, b| a.address.cmp(&b.address));
+        services.push(ServiceStatus {
+            name: label
+                .map(|l| l.name.clone())
+                .unwrap_or_else(|| format!("service {}", svc.id)),
+            frontend: label.map(|l| l.frontend).or_else(|| frontend_of(key)),
+            origin: label.map(|l| l.origin.clone()),
+            mode: if svc.flags & lb_common::SVC_SNAT != 0 {
+                "snat"
+            } else {
+                "preserve-client-ip"
+            },
+            policy: label.and_then(|l| l.policy.clone()),
+            packets: st.packets,
+            bytes: st.bytes,
+            reply_packets: st.reply_packets,
+            new_flows: st.new_flows,
+            drops: DropReason::ALL
+                .iter()
+                .zip(st.drops.iter())
+                .filter(|(_, v)| **v > 0)
+                .map(|(r, v)| (r.name(), *v))
+                .collect(),
+            backends,
+        });
+    }
+    services.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(Status {
+        source: state.as_ref().map(|s| s.source.clone()),
+        ready: state.as_ref().map(|s| s.ready),
+        last_error: state.as_ref().and_then(|s| s.last_error.clone()),
+        interfaces: state.map(|s| s.interfaces).unwrap_or_default(),
+        services,
+        counters: maps
+            .read_counters()
+            .into_iter()
+            .filter(|(_, v)| *v > 0)
+            .map(|(c, v)| (Counter::name(c), v))
+            .collect(),
+    })
+}
+
+fn frontend_of(key: &ServiceKey) -> Option<Frontend> {
+    Some(Frontend {
+        vip: IpAddr::from(key.addr),
+        port: u16::from_be(key.port),
+        protocol: Protocol::from_number(key.proto)?,
+    })
+}
+
+fn show(addr: &Addr, port: u16) -> String {
+    SocketAddr::new(IpAddr::from(*addr), port).to_string()
+}
+
+/// A table for people.
+pub fn render(s: &Status) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "agent: {}{}",
+        s.source
+            .as_deref()
+            .unwrap_or("(no state file: names unknown)"),
+        match s.ready {
+            Some(true) => ", ready",
+            Some(false) => ", NOT READY",
+            None => "",
+        }
+    );
+    if let Some(e) = &s.last_error {
+        let _ = writeln!(out, "last config rejected (previous one in force): {e}");
+    }
+    for i in &s.interfaces {
+        let _ = writeln!(
+            out,
+            "  {} (ifindex {}): {} in {} mode{}",
+            i.name,
+            i.ifindex,
+            i.program,
+            i.mode,
+            i.note
+                .as_deref()
+                .map(|n| format!(" — {n}"))
+                .unwrap_or_default()
+        );
+    }
+    for svc in &s.services {
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "{}  {}  {}{}{}",
+            svc.name,
+            svc.frontend.map(|f| f.to_string()).unwrap_or_default(),
+            svc.mode,
+            svc.policy
+                .as_deref()
+                .map(|p| format!("  rate-limit={p}"))
+                .unwrap_or_default(),
+            svc.origin
+                .as_deref()
+                .map(|o| format!("  ({o})"))
+                .unwrap_or_default(),
+        );
+        let _ = writeln!(
+            out,
+            "  packets {}  bytes {}  replies {}  new flows {}{}",
+            svc.packets,
+            svc.bytes,
+            svc.reply_packets,
+            svc.new_flows,
+            if svc.drops.is_empty() {
+                String::new()
+            } else {
+                let d: Vec<String> = svc.drops.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                format!("  drops {}", d.join(" "))
+            }
+        );
+        let total: u64 = svc.backends.iter().map(|b| b.new_flows).sum();
+        let _ = writeln!(
+            out,
+            "  {:<40} {:>6} {:>9} {:>12} {:>10} {:>6}",
+            "backend", "weight", "state", "packets", "new flows", "share"
+        );
+        for b in &svc.backends {
+            let share = if total > 0 {
+                format!("{:.1}%", 100.0 * b.new_flows as f64 / total as f64)
+            } else {
+                "-".into()
+            };
+            let _ = writeln!(
+                out,
+                "  {:<40} {:>6} {:>9} {:>12} {:>10} {:>6}",
+                b.address, b.weight, b.state, b.packets, b.new_flows, share
+            );
+        }
+    }
+    if !s.counters.is_empty() {
+        let _ = writeln!(out);
+        let _ = writeln!(out, "data path counters:");
+        for (k, v) in &s.counters {
+            let _ = writeln!(out, "  {k:<28} {v}");
+        }
+    }
+    out
+}
+
+/// Where a flow goes and why.
+#[derive(Serialize)]
+pub struct FlowAnswer {
+    pub flow: String,
+    /// "flow-table" (an entry pins it), "affinity", "ring", or "no-service".
+    pub reason: &'static str,
+    pub backend: Option<String>,
+    pub detail: String,
+}
+
+pub fn flow(
+    paths: &Paths,
+    protocol: Protocol,
+    src: SocketAddr,
+    dst: SocketAddr,
+) -> Result<FlowAnswer> {
+    let maps = Maps::open_pinned(&paths.pin_dir)?;
+    let flow = format!("{protocol} {src} -> {dst}");
+    let key = FlowKey::new(
+        Addr::from(src.ip()),
+        Addr::from(dst.ip()),
+        src.port().to_be(),
+        dst.port().to_be(),
+        protocol.number(),
+    );
+    let cfg = maps.read_config();
+    let now = monotonic_ns();
+    if let Ok(entry) = maps.flows.get(&key, 0)
+        && entry.flags & FLOW_REPLY == 0
+        && cfg.is_none_or(|c| !entry.is_expired(&c, now))
+    {
+        let age = now.saturating_sub(entry.last_seen_ns) / 1_000_000;
+        let snat = if entry.flags & FLOW_SNAT != 0 {
+            format!(
+                ", source-NATed to {}",
+                show(&entry.src, u16::from_be(entry.sport))
+            )
+        } else {
+            String::new()
+        };
+        return Ok(FlowAnswer {
+            flow,
+            reason: "flow-table",
+            backend: Some(show(&entry.dst, u16::from_be(entry.dport))),
+            detail: format!("a live flow-table entry pins it (last packet {age} ms ago{snat})"),
+        });
+    }
+    let Some(cfg) = cfg else {
+        anyhow::bail!("the data path has no configuration yet");
+    };
+    let skey = ServiceKey {
+        addr: key.dst,
+        port: key.dport,
+        proto: key.proto,
+        _pad: 0,
+    };
+    let Ok(svc) = maps.services.get(&skey, 0) else {
+        return Ok(FlowAnswer {
+            flow,
+            reason: "no-service",
+            backend: None,
+            detail: format!("no service on {dst}/{protocol}"),
+        });
+    };
+    if svc.flags & lb_common::SVC_AFFINITY != 0
+        && let Ok(a) = maps.affinity.get(
+            &AffinityKey {
+                client: key.src,
+                service: svc.id,
+            },
+            0,
+        )
+        && now.saturating_sub(a.last_seen_ns) <= u64::from(svc.affinity_timeout_s) * 1_000_000_000
+        && let Ok(b) = maps.backends.get(&a.backend, 0)
+        && b.flags & BACKEND_ACTIVE != 0
+    {
+        return Ok(FlowAnswer {
+            flow,
+            reason: "affinity",
+            backend: Some(show(&b.addr, u16::from_be(b.port))),
+            detail: format!(
+                "session affinity: this client was sent there within the last {} s",
+                svc.affinity_timeout_s
+            ),
+        });
+    }
+    let hash = flow_hash(
+        &key.src,
+        &key.dst,
+        key.sport,
+        key.dport,
+        key.proto,
+        cfg.hash_seed,
+    );
+    let slot = ring_slot(hash, cfg.ring_size);
+    let id = maps.rings.get(&(svc.ring * cfg.ring_size + slot), 0)?;
+    if id == NO_BACKEND {
+        return Ok(FlowAnswer {
+            flow,
+            reason: "ring",
+            backend: None,
+            detail: format!(
+                "ring slot {slot} of {} is empty: the service has no backend with weight > 0",
+                cfg.ring_size
+            ),
+        });
+    }
+    let b = maps.backends.get(&id, 0)?;
+    Ok(FlowAnswer {
+        flow,
+        reason: "ring",
+        backend: Some(show(&b.addr, u16::from_be(b.port))),
+        detail: format!(
+            "no flow-table entry; a new flow would hash (seed {:#x}) to Maglev slot {slot} of {}, which holds this backend",
+            cfg.hash_seed, cfg.ring_size
+        ),
+    })
+}

@@ -1,0 +1,61 @@
+//! Garbage collection the data path leaves to the agent: flow entries that are over (the data
+//! path already treats them as absent; deleting them frees memory and snat ports) and source
+//! buckets that have refilled (a full bucket is the same as no entry, so removing one never
+//! changes a limit; this is what keeps the source table from filling up for good).
+use lb_common::{Bucket, FlowKey, Limit, SourceKey, bucket::tokens};
+
+use crate::dataplane::Maps;
+
+/// Sources with this address are the shared overflow buckets of fail-closed policies.
+const OVERFLOW: [u8; 16] = [0xff; 16];
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SweepReport {
+    pub flows: usize,
+    pub flows_removed: usize,
+    pub sources: usize,
+    pub sources_removed: usize,
+}
+
+pub fn sweep(maps: &mut Maps, now_ns: u64) -> SweepReport {
+    let mut report = SweepReport::default();
+    let Some(cfg) = maps.read_config() else {
+        return report;
+    };
+    let expired: Vec<FlowKey> = maps
+        .flows
+        .iter()
+        .filter_map(Result::ok)
+        .inspect(|_| report.flows += 1)
+        .filter(|(_, f)| f.is_expired(&cfg, now_ns))
+        .map(|(k, _)| k)
+        .collect();
+    for k in &expired {
+        if maps.flows.remove(k).is_ok() {
+            report.flows_removed += 1;
+        }
+    }
+
+    let policies: Vec<lb_common::Policy> = maps.policies.iter().filter_map(Result::ok).collect();
+    let full =
+        |limit: &Limit, b: &Bucket| limit.is_unlimited() || tokens(limit, b, now_ns) >= limit.burst;
+    let idle: Vec<SourceKey> = maps
+        .sources
+        .iter()
+        .filter_map(Result::ok)
+        .inspect(|_| report.sources += 1)
+        .filter(|(k, s)| {
+            k.addr.0 != OVERFLOW
+                && policies.get(k.policy as usize).is_some_and(|p| {
+                    full(&p.packets, &s.packets) && full(&p.connections, &s.connections)
+                })
+        })
+        .map(|(k, _)| k)
+        .collect();
+    for k in &idle {
+        if maps.sources.remove(k).is_ok() {
+            report.sources_removed += 1;
+        }
+    }
+    report
+}
