@@ -2,6 +2,7 @@
 //! namespace lab, traffic tools, packet builders, and the Kubernetes test API server.
 pub mod agent;
 pub mod apiserver;
+pub mod bench;
 pub mod kernel;
 pub mod lab;
 pub mod netns;

@@ -59,7 +59,7 @@ fn main() -> Result<()> {
                 "lb-tests",
                 "--bins",
             ])?;
-            run(Command::new(root().join("target/release/demo")))
+            run(&mut Command::new(root().join("target/release/demo")))
         }
         Task::Bench { args } => {
             setup()?;
@@ -74,7 +74,7 @@ fn main() -> Result<()> {
             ])?;
             let mut cmd = Command::new(root().join("target/release/bench"));
             cmd.args(args);
-            run(cmd)
+            run(&mut cmd)
         }
     }
 }
@@ -144,7 +144,7 @@ fn setup() -> Result<()> {
         llvm.display()
     ));
     let mut cmd = Command::new("cargo");
-    cmd.args(["+stable", "install", "--force", "bpf-linker", "--version"])
+    cmd.args(["install", "--force", "bpf-linker", "--version"])
         .arg(format!("~{BPF_LINKER_VERSION}"))
         .args(["--no-default-features", "--features", "llvm-22"])
         .env("LLVM_PREFIX", &prefix)
@@ -152,7 +152,7 @@ fn setup() -> Result<()> {
             "RUSTFLAGS",
             format!("-C link-arg=-Wl,-rpath,{}", lib.display()),
         );
-    run(cmd)
+    run(&mut cmd)
 }
 
 fn cache_dir() -> PathBuf {
@@ -262,10 +262,10 @@ fn print_summary(summary: &[(&&str, std::time::Duration, bool)]) {
 fn cargo(args: &[&str]) -> Result<()> {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.args(args).current_dir(root());
-    run(cmd)
+    run(&mut cmd)
 }
 
-fn run(mut cmd: Command) -> Result<()> {
+fn run(cmd: &mut Command) -> Result<()> {
     let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed: {status}");
