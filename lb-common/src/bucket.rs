@@ -123,10 +123,12 @@ impl Bucket {
 pub fn admit(limit: &Limit, tat: u64, last_ns: u64, now_ns: u64) -> Option<u64> {
     let now = now_ns.wrapping_mul(limit.rate);
     // An idle bucket refills to `burst` and no further: start from now. This also covers the
-    // case where `tat` is so old that its unit difference to now could have wrapped.
-    let idle_ns = now_ns.wrapping_sub(last_ns);
+    // case where `tat` is so old that its unit difference to now could have wrapped. Signed:
+    // another CPU may have admitted a packet (and set `last_ns`) after this CPU read its
+    // clock, and a `now` slightly before `last_ns` is not a long idle time.
+    let idle_ns = now_ns.wrapping_sub(last_ns) as i64;
     let ahead = tat.wrapping_sub(now);
-    let ahead = if idle_ns >= limit.fill_ns || (ahead as i64) < 0 {
+    let ahead = if idle_ns >= limit.fill_ns as i64 || (ahead as i64) < 0 {
         0
     } else {
         ahead
@@ -143,10 +145,188 @@ pub fn tokens(limit: &Limit, bucket: &Bucket, now_ns: u64) -> u64 {
         return u64::MAX;
     }
     let now = now_ns.wrapping_mul(limit.rate);
-    let idle_ns = now_ns.wrapping_sub(bucket.last_ns);
+    let idle_ns = now_ns.wrapping_sub(bucket.last_ns) as i64;
     let ahead = bucket.tat.wrapping_sub(now);
-    if idle_ns >= limit.fill_ns || (ahead as i64) < 0 {
+    if idle_ns >= limit.fill_ns as i64 || (ahead as i64) < 0 {
         return limit.burst;
     }
-    (limit.burst * TOKEN - ahead) / TOKEN
+    // `now` may lag the last admission a little (another CPU's clock read): no tokens then.
+    (limit.burst * TOKEN).saturating_sub(ahead) / TOKEN
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use proptest::prelude::*;
+    use std::vec::Vec;
+
+    use super::*;
+
+    /// Runs packets at `times` (ns, non-decreasing) through a bucket and returns which passed.
+    fn run(limit: &Limit, times: &[u64]) -> Vec<bool> {
+        let mut state: Option<Bucket> = None;
+        times
+            .iter()
+            .map(|&now| match state {
+                None => {
+                    state = Some(Bucket::first_packet(limit, now));
+                    true
+                }
+                Some(b) => match admit(limit, b.tat, b.last_ns, now) {
+                    Some(tat) => {
+                        state = Some(Bucket { tat, last_ns: now });
+                        true
+                    }
+                    None => false,
+                },
+            })
+            .collect()
+    }
+
+    /// The exact model: tokens as a rational, refilled by rate * elapsed, capped at burst.
+    fn model(rate: u64, burst: u64, times: &[u64]) -> Vec<bool> {
+        // Tokens scaled by 1e9 (exact: rate * ns).
+        let cap = u128::from(burst) * 1_000_000_000;
+        let mut tokens = cap;
+        let mut last: Option<u64> = None;
+        times
+            .iter()
+            .map(|&now| {
+                if let Some(l) = last {
+                    tokens = (tokens + u128::from(now - l) * u128::from(rate)).min(cap);
+                }
+                last = Some(now);
+                if tokens >= 1_000_000_000 {
+                    tokens -= 1_000_000_000;
+                    true
+                } else {
+                    false
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_burst_passes_then_one_packet_per_interval() {
+        let limit = Limit::new(10, 5).unwrap();
+        // 8 packets at once: the burst of 5 passes.
+        let at_once = run(&limit, &[1_000; 8]);
+        assert_eq!(at_once.iter().filter(|p| **p).count(), 5);
+        // Then exactly one token per 100 ms.
+        let mut times: Vec<u64> = std::vec![1_000; 5];
+        times.extend([1_000 + 99_999_999, 1_000 + 100_000_000, 1_000 + 100_000_001]);
+        assert_eq!(
+            run(&limit, &times),
+            [true, true, true, true, true, false, true, false]
+        );
+    }
+
+    #[test]
+    fn idle_refill_stops_at_the_burst() {
+        let limit = Limit::new(1000, 3).unwrap();
+        // After an hour idle only 3 tokens are there, not 3.6 million.
+        let t = 3_600_000_000_000u64;
+        let passed = run(&limit, &[0, 0, 0, t, t, t, t, t]);
+        assert_eq!(passed, [true, true, true, true, true, true, false, false]);
+    }
+
+    #[test]
+    fn a_clock_read_just_before_another_cpus_admission_does_not_refill() {
+        // CPU A admits the last token at t = 1_000_000 and sets last_ns; CPU B had read its
+        // clock a little earlier (999_990) and decides after: it must see an empty bucket, not
+        // a "long idle" one (an unsigned difference would wrap to ~2^64 ns).
+        let limit = Limit::new(1000, 2).unwrap();
+        let t = 1_000_000u64;
+        let b0 = Bucket::first_packet(&limit, t);
+        let tat = admit(&limit, b0.tat, b0.last_ns, t).unwrap();
+        assert_eq!(admit(&limit, tat, t, t - 10), None);
+        assert_eq!(tokens(&limit, &Bucket { tat, last_ns: t }, t - 10), 0);
+    }
+
+    #[test]
+    fn limits_out_of_range_are_refused() {
+        assert_eq!(Limit::new(1, 0), Err(LimitError::ZeroBurst));
+        assert_eq!(Limit::new(MAX_RATE + 1, 1), Err(LimitError::RateTooHigh));
+        assert_eq!(Limit::new(1, MAX_BURST + 1), Err(LimitError::BurstTooHigh));
+        assert!(Limit::new(0, 0).unwrap().is_unlimited());
+        assert!(Limit::new(MAX_RATE, MAX_BURST).is_ok());
+    }
+
+    #[test]
+    fn unit_time_wrapping_is_harmless() {
+        // now * rate overflows u64 many times over; differences stay exact.
+        let limit = Limit::new(MAX_RATE, 2).unwrap();
+        let base = u64::MAX / 3;
+        let times: Vec<u64> = (0..50).map(|i| base + i * 50).collect();
+        assert_eq!(run(&limit, &times), model(MAX_RATE, 2, &times));
+        // And long gaps (days at 10 M/s) across the wrap.
+        let times = [
+            base,
+            base + 86_400_000_000_000,
+            base + 86_400_000_000_000,
+            base + 86_400_000_000_001,
+        ];
+        assert_eq!(run(&limit, &times), model(MAX_RATE, 2, &times));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(400))]
+
+        /// The bucket admits exactly what the exact rational model admits, for any rate from
+        /// 1/s to 10 M/s, any burst, any arrival pattern and clock offset.
+        #[test]
+        fn bucket_equals_the_exact_model(
+            rate in prop_oneof![1u64..=100, 100u64..=100_000, 100_000u64..=MAX_RATE],
+            burst in 1u64..=50,
+            start in any::<u64>().prop_map(|s| s / 2),
+            gaps in proptest::collection::vec(
+                prop_oneof![Just(0u64), 0u64..1_000, 0u64..10_000_000, 0u64..5_000_000_000],
+                1..200,
+            ),
+        ) {
+            let limit = Limit::new(rate, burst).unwrap();
+            let mut t = start;
+            let times: Vec<u64> = gaps.iter().map(|g| { t += g; t }).collect();
+            prop_assert_eq!(run(&limit, &times), model(rate, burst, &times));
+        }
+
+        /// Over any window, a source sending without pause gets burst + rate * window, exactly.
+        #[test]
+        fn a_flood_gets_exactly_burst_plus_rate_times_time(
+            rate in 1u64..=MAX_RATE,
+            burst in 1u64..=1000,
+            step in 1u64..1_000_000,
+        ) {
+            let limit = Limit::new(rate, burst).unwrap();
+            let n = 2000u64;
+            let times: Vec<u64> = (0..n).map(|i| 1_000_000 + i * step).collect();
+            let admitted = run(&limit, &times).iter().filter(|p| **p).count() as u128;
+            let elapsed = u128::from((n - 1) * step);
+            let earned = elapsed * u128::from(rate) / 1_000_000_000;
+            let expected = (u128::from(burst) + earned).min(u128::from(n));
+            prop_assert_eq!(admitted, expected);
+        }
+
+        /// `tokens` reports what the bucket would admit.
+        #[test]
+        fn tokens_counts_what_would_pass(rate in 1u64..=1000, burst in 1u64..=20, used in 0u64..=20, wait in 0u64..2_000_000_000) {
+            let limit = Limit::new(rate, burst).unwrap();
+            let used = used.min(burst);
+            let mut b = Bucket::full(&limit, 1_000);
+            for _ in 0..used {
+                let tat = admit(&limit, b.tat, b.last_ns, 1_000).unwrap();
+                b = Bucket { tat, last_ns: 1_000 };
+            }
+            let now = 1_000 + wait;
+            let left = tokens(&limit, &b, now);
+            let mut passed = 0;
+            for _ in 0..=burst {
+                match admit(&limit, b.tat, b.last_ns, now) {
+                    Some(tat) => { b = Bucket { tat, last_ns: now }; passed += 1; }
+                    None => break,
+                }
+            }
+            prop_assert_eq!(left, passed);
+        }
+    }
 }

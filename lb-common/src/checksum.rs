@@ -139,3 +139,100 @@ pub fn pseudo_header_sum(src: &[u8], dst: &[u8], proto: u8, l4_len: u32) -> u32 
     let s = s + u64::from(proto) + u64::from(l4_len >> 16) + u64::from(l4_len & 0xffff);
     u32::from(fold64(s))
 }
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use proptest::prelude::*;
+    use std::vec::Vec;
+
+    use super::*;
+
+    /// A checksum over `data` as it sits in memory (the field at `at` zeroed first).
+    fn full(data: &[u8], at: usize, init: u32) -> u16 {
+        let mut d = data.to_vec();
+        d[at] = 0;
+        d[at + 1] = 0;
+        u16::from_ne_bytes(checksum(&d, init))
+    }
+
+    fn word(d: &[u8], i: usize) -> u16 {
+        u16::from_ne_bytes([d[i], d[i + 1]])
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        /// Rewriting 16-bit words and updating the checksum incrementally gives the checksum a
+        /// full recomputation gives (RFC 1624), in memory byte order.
+        #[test]
+        fn incremental_update_equals_full_recomputation(
+            mut data in proptest::collection::vec(any::<u8>(), 8..200).prop_map(|mut v| { if v.len() % 2 == 1 { v.push(0) } v }),
+            changes in proptest::collection::vec((any::<prop::sample::Index>(), any::<u16>()), 1..8),
+        ) {
+            let at = 0usize; // the checksum field
+            let check = full(&data, at, 0);
+            data[at..at + 2].copy_from_slice(&check.to_ne_bytes());
+            let mut delta = Delta::ZERO;
+            for (idx, new) in &changes {
+                let i = 2 + 2 * idx.index((data.len() - 2) / 2);
+                let old = word(&data, i);
+                delta = delta.u16(old, *new);
+                data[i..i + 2].copy_from_slice(&new.to_ne_bytes());
+            }
+            let updated = delta.apply(word(&data, at));
+            // Both are valid encodings of the same sum; compare as the verifier would.
+            let mut checked = data.clone();
+            checked[at..at + 2].copy_from_slice(&updated.to_ne_bytes());
+            prop_assert_eq!(fold(sum(&checked, 0)), 0xffff);
+            prop_assert!(updated == full(&data, at, 0) || (updated == 0xffff && full(&data, at, 0) == 0) || (updated == 0 && full(&data, at, 0) == 0xffff));
+        }
+
+        /// Address and port rewrites of a TCP segment over IPv4 and IPv6: the incremental
+        /// pseudo-header + port delta equals recomputing the checksum over the new segment.
+        #[test]
+        fn address_and_port_rewrite_keeps_the_tcp_checksum_valid(
+            v6 in any::<bool>(),
+            old_src in any::<[u8; 16]>(), old_dst in any::<[u8; 16]>(),
+            new_src in any::<[u8; 16]>(), new_dst in any::<[u8; 16]>(),
+            ports in any::<[u16; 4]>(),
+            payload in proptest::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let addr = |a: [u8; 16]| if v6 { Addr(a) } else { Addr::v4([a[0], a[1], a[2], a[3]]) };
+            let (os, od, ns, nd) = (addr(old_src), addr(old_dst), addr(new_src), addr(new_dst));
+            let bytes = |a: &Addr| if v6 { a.0.to_vec() } else { a.v4_bytes().to_vec() };
+            let mut seg = Vec::new();
+            seg.extend_from_slice(&ports[0].to_be_bytes());
+            seg.extend_from_slice(&ports[1].to_be_bytes());
+            seg.extend_from_slice(&[0; 12]);
+            seg.extend_from_slice(&[0, 0]); // checksum at 16
+            seg.extend_from_slice(&[0, 0]);
+            seg.extend_from_slice(&payload);
+            let pseudo = |s: &Addr, d: &Addr, seg: &[u8]| pseudo_header_sum(&bytes(s), &bytes(d), 6, seg.len() as u32);
+            let c = checksum(&seg, pseudo(&os, &od, &seg));
+            seg[16..18].copy_from_slice(&c);
+            // Rewrite: addresses (pseudo-header) and ports, incrementally, in memory order.
+            let addr_delta = if v6 { Delta::ZERO.addr(&os, &ns).addr(&od, &nd) } else {
+                Delta::ZERO.u32(os.v4_word(), ns.v4_word()).u32(od.v4_word(), nd.v4_word())
+            };
+            let old_ports = u32::from_ne_bytes([seg[0], seg[1], seg[2], seg[3]]);
+            let new_ports = u32::from_ne_bytes([ports[2].to_be_bytes()[0], ports[2].to_be_bytes()[1], ports[3].to_be_bytes()[0], ports[3].to_be_bytes()[1]]);
+            let d = addr_delta.add(Delta::ZERO.u32(old_ports, new_ports));
+            seg[0..4].copy_from_slice(&new_ports.to_ne_bytes());
+            let updated = d.apply(u16::from_ne_bytes([seg[16], seg[17]]));
+            seg[16..18].copy_from_slice(&updated.to_ne_bytes());
+            prop_assert_eq!(fold(sum(&seg, pseudo(&ns, &nd, &seg))), 0xffff);
+        }
+    }
+
+    #[test]
+    fn ipv4_udp_zero_means_none_and_a_computed_zero_is_sent_as_ones() {
+        assert_eq!(Delta::ZERO.u16(1, 2).apply_udp(0), 0);
+        // A delta that makes the checksum come out 0 (adding `check`: ~check + check = 0xffff)
+        // yields 0xffff instead.
+        let check = 0x1234u16;
+        let d = Delta::ZERO.u16(0, check);
+        assert_eq!(d.apply(check), 0);
+        assert_eq!(d.apply_udp(check), 0xffff);
+    }
+}

@@ -294,7 +294,9 @@ impl Flow {
         } else {
             cfg.udp_idle_ns
         };
-        now_ns.wrapping_sub(self.last_seen_ns) > timeout
+        // Signed: packets read the precise or the coarse clock (a tick apart), so `now` may be
+        // a little before `last_seen_ns`; that is not a long idle time.
+        now_ns.wrapping_sub(self.last_seen_ns) as i64 > timeout as i64
     }
 
     /// The key of this flow's other direction: the reverse of the rewritten tuple.

@@ -24,17 +24,24 @@ const SNAT_PORT_TRIES: u32 = 8;
 #[inline(always)]
 pub fn lookup(key: &FlowKey, tcp_flags: u8, now: u64, cfg: &Config) -> Option<*mut Flow> {
     let ptr = LB_FLOWS.get_ptr_mut(key)?;
+    refresh(ptr, tcp_flags, now, cfg).then_some(ptr)
+}
+
+/// Whether the entry at `ptr` is live for this packet (see `lookup`); if so, notes the packet
+/// (time, and FIN/RST).
+#[inline(always)]
+pub fn refresh(ptr: *mut Flow, tcp_flags: u8, now: u64, cfg: &Config) -> bool {
     // SAFETY: a map value; other CPUs may update its timestamp and flags concurrently, which
     // at worst loses one refresh.
     let flow = unsafe { &mut *ptr };
     let closing = flow.flags & FLOW_CLOSING != 0;
     if flow.is_expired(cfg, now) {
         count(Counter::FlowsExpired);
-        return None;
+        return false;
     }
     if closing && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
         // The client reuses the tuple of a finished connection: a new flow.
-        return None;
+        return false;
     }
     // The coarse clock ticks every few ms: most packets need no write at all.
     if flow.last_seen_ns != now {
@@ -43,7 +50,7 @@ pub fn lookup(key: &FlowKey, tcp_flags: u8, now: u64, cfg: &Config) -> Option<*m
     if !closing && tcp_flags & (TCP_FIN | TCP_RST) != 0 {
         flow.flags |= FLOW_CLOSING;
     }
-    Some(ptr)
+    true
 }
 
 /// Creates the flow for a packet `key` to `svc`. On success its client-side entry is in
@@ -146,7 +153,8 @@ fn pick_backend(key: &FlowKey, svc: &Service, cfg: &Config, hash: u32, now: u64)
     if affinity && let Some(a) = LB_AFFINITY.get_ptr_mut(&akey) {
         let a = unsafe { &mut *a };
         let timeout_ns = u64::from(svc.affinity_timeout_s) * 1_000_000_000;
-        if now.wrapping_sub(a.last_seen_ns) <= timeout_ns
+        // Signed: `now` may be a clock tick before the entry's stamp.
+        if now.wrapping_sub(a.last_seen_ns) as i64 <= timeout_ns as i64
             && let Some(b) = LB_BACKENDS.get(a.backend)
             && b.service == svc.id
             && b.flags & BACKEND_ACTIVE != 0

@@ -27,7 +27,9 @@
 #[cfg(target_arch = "bpf")]
 mod datapath {
     use aya_ebpf::{
-        bindings::xdp_action, helpers::generated::bpf_ktime_get_coarse_ns, macros::xdp,
+        bindings::xdp_action,
+        helpers::generated::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
+        macros::xdp,
         programs::XdpContext,
     };
     use lb_common::{
@@ -38,7 +40,7 @@ mod datapath {
     use crate::{
         flow,
         maps::{
-            LB_BE_STATS, LB_FILTER, LB_PROGS, LB_SERVICES, LB_SVC_STATS, config, count,
+            LB_BE_STATS, LB_FILTER, LB_FLOWS, LB_PROGS, LB_SERVICES, LB_SVC_STATS, config, count,
             count_service_drop, scratch,
         },
         nexthop, not_served,
@@ -128,6 +130,16 @@ mod datapath {
     }
 
     #[inline(always)]
+    fn precise_now() -> u64 {
+        unsafe { bpf_ktime_get_ns() }
+    }
+
+    #[inline(always)]
+    fn coarse_now() -> u64 {
+        unsafe { bpf_ktime_get_coarse_ns() }
+    }
+
+    #[inline(always)]
     fn flow_key(pkt: &Packet, ports: &Ports) -> FlowKey {
         FlowKey::new(pkt.src, pkt.dst, ports.sport, ports.dport, pkt.proto)
     }
@@ -141,10 +153,19 @@ mod datapath {
             return xdp_action::XDP_PASS;
         };
         let key = flow_key(pkt, &ports);
-        // The one clock read of this packet: flow timestamps and rate limiting share it.
-        let now = unsafe { bpf_ktime_get_coarse_ns() };
-        if let Some(entry) = flow::lookup(&key, ports.tcp_flags, now, cfg) {
-            return established(ctx, pkt, entry, now);
+        let entry = LB_FLOWS.get_ptr_mut(&key);
+        // The one clock read of this packet, shared by the flow's timestamp and the rate
+        // limiter. The limiter needs the precise clock (see ratelimit.rs); without one the
+        // cheaper coarse clock does (CLOCK_MONOTONIC both, a tick apart at most).
+        let limited = match entry {
+            Some(e) => unsafe { (*e).policy != 0 && (*e).flags & FLOW_REPLY == 0 },
+            None => true,
+        };
+        let now = if limited { precise_now() } else { coarse_now() };
+        if let Some(e) = entry
+            && flow::refresh(e, ports.tcp_flags, now, cfg)
+        {
+            return established(ctx, pkt, e, now);
         }
         match scratch() {
             Some(s) => s.now = now,

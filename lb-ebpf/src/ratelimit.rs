@@ -2,6 +2,10 @@
 //! deny, own limit), then the source's packet bucket and, for a packet that would create a
 //! flow, its connection bucket. Buckets are lb-common's GCRA words, updated by compare-and-swap,
 //! so the limit holds when a source's packets arrive on several CPUs at once.
+//!
+//! `now` must come from the precise clock (bpf_ktime_get_ns). The coarse one advances in ticks
+//! (4 ms at HZ=250, and later when the machine is busy): a tick that refills more than the burst
+//! holds loses the difference, so 10 M/s with a burst of 1000 could never reach its rate.
 use core::intrinsics::{AtomicOrdering::Relaxed, atomic_cxchg, atomic_xadd};
 
 use aya_ebpf::{bindings::BPF_NOEXIST, maps::lpm_trie::Key};

@@ -799,14 +799,15 @@ fn prefix_key(policy: u32, c: &Cidr) -> (PrefixKey, u32) {
     )
 }
 
-/// CLOCK_MONOTONIC in ns: the clock the data path reads (coarsely).
+/// The data path's clock in ns: bpf_ktime_get_coarse_ns() is CLOCK_MONOTONIC_COARSE. (The fine
+/// clock runs up to a tick ahead of it: a bucket stamped with it would start short.)
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: valid pointer to a timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 

@@ -151,6 +151,31 @@ impl Fixture {
         })
     }
 
+    /// Runs `packet` through `lb_uplink` `n` times (one run each: the original packet every
+    /// time) and returns the verdicts. Takes `&self` so several threads can share a fixture.
+    pub fn run_many(&self, packet: &[u8], n: usize) -> Result<Vec<u32>> {
+        let prog: &aya::programs::Xdp = self
+            .ebpf
+            .program(lb_common::PROG_UPLINK)
+            .context("no lb_uplink")?
+            .try_into()?;
+        let mut ctx = [0u8; 24];
+        ctx[4..8].copy_from_slice(&(packet.len() as u32).to_ne_bytes());
+        ctx[12..16].copy_from_slice(&self.up0.to_ne_bytes());
+        let mut out = vec![0u8; packet.len() + 256];
+        let mut verdicts = Vec::with_capacity(n);
+        for _ in 0..n {
+            let r = prog.test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..TestRunOptions::new()
+            })?;
+            verdicts.push(r.return_value);
+        }
+        Ok(verdicts)
+    }
+
     /// A packet arriving on the uplink.
     pub fn uplink(&mut self, packet: &[u8]) -> Result<Outcome> {
         let up0 = self.up0;

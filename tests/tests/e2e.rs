@@ -11,7 +11,7 @@ use lb_tests::{
     agent::{AgentOptions, AgentProcess, Bpffs},
     lab::Lab,
     netns::require_root,
-    traffic::{Batch, BackendServer, LongTransfer, Proto, serve_pods, tcp_request},
+    traffic::{BackendServer, Batch, LongTransfer, Proto, serve_pods, tcp_request},
 };
 
 const VIP: &str = "10.96.0.10";
@@ -156,7 +156,12 @@ fn thousand_tcp_and_udp_exchanges_succeed_and_follow_the_weights() {
     assert_shares(&all, &[("pod1", 1), ("pod2", 1), ("pod3", 2), ("pod4", 1)]);
     // The agent's counters saw the same flows.
     let status = s.agent.status().unwrap();
-    let web = status["services"].as_array().unwrap().iter().find(|x| x["name"] == "web").unwrap();
+    let web = status["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["name"] == "web")
+        .unwrap();
     assert_eq!(web["new_flows"].as_u64(), Some(1000), "{web}");
 }
 
@@ -167,7 +172,10 @@ fn snat_backends_see_the_node_and_preserving_backends_see_the_client() {
     }
     let s = setup("e2e-src", &config([1, 1, 1, 1]), AgentOptions::default());
     let snat = batch(&s, Proto::Tcp, addr(VIP, 80), 100);
-    assert_eq!(snat.peer_mismatches, 100, "every snat backend saw another source than the client");
+    assert_eq!(
+        snat.peer_mismatches, 100,
+        "every snat backend saw another source than the client"
+    );
     for server in &s.servers {
         let peers = server.stats().peer_ips();
         assert!(
@@ -178,8 +186,16 @@ fn snat_backends_see_the_node_and_preserving_backends_see_the_client() {
         );
     }
     let preserve = batch(&s, Proto::Tcp, addr(LOCAL_VIP, 80), 100);
-    assert_eq!(preserve.peer_mismatches, 0, "preserving backends saw the client");
-    assert!(preserve.backends().iter().all(|b| b == "pod1" || b == "pod2"));
+    assert_eq!(
+        preserve.peer_mismatches, 0,
+        "preserving backends saw the client"
+    );
+    assert!(
+        preserve
+            .backends()
+            .iter()
+            .all(|b| b == "pod1" || b == "pod2")
+    );
 }
 
 #[test]
@@ -216,7 +232,14 @@ fn a_long_transfer_survives_backend_changes_an_agent_restart_and_a_reload() {
     std::thread::sleep(Duration::from_millis(300));
     // Add a backend (pod5 on node1) with a big weight.
     let mut with_new = config(w);
-    s.lab.add_pod(lb_tests::lab::NodeId::Node1, "pod5", "10.1.1.9".parse().unwrap(), "fd00:1:1::9".parse().unwrap()).unwrap();
+    s.lab
+        .add_pod(
+            lb_tests::lab::NodeId::Node1,
+            "pod5",
+            "10.1.1.9".parse().unwrap(),
+            "fd00:1:1::9".parse().unwrap(),
+        )
+        .unwrap();
     let pod5 = BackendServer::for_pod(s.lab.pod("pod5").unwrap(), PORT).unwrap();
     with_new = with_new.replacen(
         "backends = [\n",
@@ -233,13 +256,28 @@ fn a_long_transfer_survives_backend_changes_an_agent_restart_and_a_reload() {
     std::thread::sleep(Duration::from_millis(500));
 
     let report = transfer.finish();
-    assert!(report.is_clean(), "transfer broke: {report:?}\nagent log:\n{}", s.agent.log_tail());
+    assert!(
+        report.is_clean(),
+        "transfer broke: {report:?}\nagent log:\n{}",
+        s.agent.log_tail()
+    );
     assert_eq!(report.backend, served_by);
-    assert!(report.bytes_sent > 1_000_000, "too little data went through: {report:?}");
+    assert!(
+        report.bytes_sent > 1_000_000,
+        "too little data went through: {report:?}"
+    );
     // New connections meanwhile avoid the drained backend and reach the new one.
     let r = batch(&s, Proto::Tcp, addr(VIP, 80), 200);
-    assert!(!r.per_backend.contains_key(&served_by), "drained backend got new connections: {:?}", r.per_backend);
-    assert!(r.per_backend.get("pod5").copied().unwrap_or(0) > 50, "{:?}", r.per_backend);
+    assert!(
+        !r.per_backend.contains_key(&served_by),
+        "drained backend got new connections: {:?}",
+        r.per_backend
+    );
+    assert!(
+        r.per_backend.get("pod5").copied().unwrap_or(0) > 50,
+        "{:?}",
+        r.per_backend
+    );
     drop(pod5);
 }
 
@@ -252,12 +290,19 @@ fn a_removed_backend_gets_no_new_connections() {
     let before = batch(&s, Proto::Tcp, addr(VIP, 80), 200);
     assert!(before.per_backend.contains_key("pod4"));
     // pod4 (10.1.2.3) leaves the configuration.
-    let without = config([1, 1, 1, 1]).replace(&format!("  {{ address = \"10.1.2.3\", port = {PORT}, weight = 1 }},\n"), "");
+    let without = config([1, 1, 1, 1]).replace(
+        &format!("  {{ address = \"10.1.2.3\", port = {PORT}, weight = 1 }},\n"),
+        "",
+    );
     s.agent.set_config(&without).unwrap();
     let pod4 = s.servers.iter().find(|x| x.name() == "pod4").unwrap();
     pod4.reset_stats();
     let after = batch(&s, Proto::Tcp, addr(VIP, 80), 300);
-    assert!(!after.per_backend.contains_key("pod4"), "{:?}", after.per_backend);
+    assert!(
+        !after.per_backend.contains_key("pod4"),
+        "{:?}",
+        after.per_backend
+    );
     assert_eq!(pod4.stats().tcp_connections, 0);
 }
 
@@ -269,14 +314,20 @@ fn a_bad_config_is_rejected_and_the_last_good_one_keeps_serving() {
     let mut s = setup("e2e-bad", &config([1, 1, 1, 1]), AgentOptions::default());
     let bad = config([1, 1, 1, 1]).replace("port = 53", "port = \"fifty-three\"");
     let e = s.agent.set_config(&bad).unwrap_err().to_string();
-    assert!(e.contains("lb.toml:") && e.contains("services[1].port"), "{e}");
+    assert!(
+        e.contains("lb.toml:") && e.contains("services[1].port"),
+        "{e}"
+    );
     // A preserve-client-ip service with a remote backend: refused, naming the reason.
     let remote = config([1, 1, 1, 1]).replace(
         &format!("  {{ address = \"10.1.1.3\", port = {PORT}, weight = 1 }},\n]\n\n[[services]]\nname = \"web6\""),
         &format!("  {{ address = \"10.1.2.2\", port = {PORT}, weight = 1 }},\n]\n\n[[services]]\nname = \"web6\""),
     );
     let e = s.agent.set_config(&remote).unwrap_err().to_string();
-    assert!(e.contains("preserve-client-ip") && e.contains("10.1.2.2"), "{e}");
+    assert!(
+        e.contains("preserve-client-ip") && e.contains("10.1.2.2"),
+        "{e}"
+    );
     let r = batch(&s, Proto::Tcp, addr(VIP, 80), 100);
     assert_eq!(r.ok, 100, "still serving the last good config");
 }
@@ -298,7 +349,13 @@ fn vips_answer_ping_and_other_traffic_is_untouched() {
     let e = tcp_request(client, None, addr(VIP, 81), Duration::from_millis(500));
     assert!(e.is_err());
     // Direct traffic to a pod, and to node1 itself, is not ours and still works.
-    let direct = tcp_request(client, None, SocketAddr::new(s.lab.pods()[0].ipv4.into(), PORT), Duration::from_secs(2)).unwrap();
+    let direct = tcp_request(
+        client,
+        None,
+        SocketAddr::new(s.lab.pods()[0].ipv4.into(), PORT),
+        Duration::from_secs(2),
+    )
+    .unwrap();
     assert!(direct.starts_with("pod1 10.0.0.10"), "{direct}");
     let ok = client
         .run({
@@ -308,5 +365,11 @@ fn vips_answer_ping_and_other_traffic_is_untouched() {
         .unwrap();
     assert!(ok.is_ok(), "ping node1: {ok:?}");
     let status = s.agent.status().unwrap();
-    assert!(status["counters"]["icmp_echo_replies"].as_u64().unwrap_or(0) >= 2, "{status}");
+    assert!(
+        status["counters"]["icmp_echo_replies"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 2,
+        "{status}"
+    );
 }

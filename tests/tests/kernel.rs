@@ -921,3 +921,30 @@ fn service_and_backend_counters_add_up() {
     let b = fx.maps.read_backend_stats(bid);
     assert_eq!((b.packets, b.new_flows), (4, 1));
 }
+
+#[test]
+fn session_affinity_sends_a_client_to_the_same_backend_for_every_connection() {
+    if !require_root() {
+        return;
+    }
+    let mut s = snat_web();
+    s.affinity = Some(std::time::Duration::from_secs(600));
+    let mut fx = fixture(vec![s]);
+    for client in ["10.0.0.10", "10.0.0.11", "10.0.0.12"] {
+        let backends: std::collections::BTreeSet<IpAddr> = (0..20)
+            .map(|i| {
+                let out = fx
+                    .uplink(&Spec::tcp(client, 50000 + i, "10.96.0.10", 80, TCP_SYN).build())
+                    .unwrap();
+                assert_eq!(out.verdict, TX);
+                parse(&out.packet).dst
+            })
+            .collect();
+        assert_eq!(backends.len(), 1, "{client}: {backends:?}");
+    }
+    // Without affinity the same 20 connections spread over the backends.
+    let mut fx = fixture(vec![snat_web()]);
+    let backends: std::collections::BTreeSet<IpAddr> =
+        (0..20).map(|i| open(&mut fx, 50100 + i).0).collect();
+    assert!(backends.len() > 1);
+}

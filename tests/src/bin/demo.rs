@@ -1,6 +1,9 @@
 //! `cargo xtask demo`: the EKS-like lab from nothing, lb-agent on node1, traffic, the
 //! distribution and counters as they change, a backend drained mid-stream, clean-up.
-use std::{net::SocketAddr, time::{Duration, Instant}};
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Result, bail};
 use lb_tests::{
@@ -53,23 +56,46 @@ fn main() -> Result<()> {
     banner("1. The lab: an EKS-like node pair in network namespaces");
     let bpffs = Bpffs::mount("demo")?;
     let lab = Lab::build("demo")?;
-    println!("client  {:?} (several addresses, like many NLB clients)", lab.client().ipv4);
-    println!("node1   {} uplink eth0 — runs lb-agent; pods {}", lab.node1().ipv4, pod_list(&lab, "node1"));
-    println!("node2   {} — pods {} (reachable by routing, as with the VPC CNI)", lab.node2().ipv4, pod_list(&lab, "node2"));
+    println!(
+        "client  {:?} (several addresses, like many NLB clients)",
+        lab.client().ipv4
+    );
+    println!(
+        "node1   {} uplink eth0 — runs lb-agent; pods {}",
+        lab.node1().ipv4,
+        pod_list(&lab, "node1")
+    );
+    println!(
+        "node2   {} — pods {} (reachable by routing, as with the VPC CNI)",
+        lab.node2().ipv4,
+        pod_list(&lab, "node2")
+    );
     let servers = serve_pods(lab.pods(), PORT)?;
-    println!("each pod runs a TCP/UDP server on :{PORT} that answers with its name and the address it saw");
+    println!(
+        "each pod runs a TCP/UDP server on :{PORT} that answers with its name and the address it saw"
+    );
     println!("built in {:.1?}", lab.build_time());
 
     banner("2. lb-agent on node1, VIP 10.96.0.10 (web: tcp/80, dns: udp/53), weights 1:1:2:1");
     let weights = [1, 1, 2, 1];
-    let mut agent = AgentProcess::start(&lab.node1().ns, &bpffs, &config(weights), AgentOptions::default())?;
+    let mut agent = AgentProcess::start(
+        &lab.node1().ns,
+        &bpffs,
+        &config(weights),
+        AgentOptions::default(),
+    )?;
     print!("{}", agent.status_text()?);
 
     banner("3. Traffic: rounds of 300 TCP connections and 300 UDP exchanges from the client");
     for round in 1..=3 {
         let tcp = drive(&lab, Proto::Tcp, 80, 300)?;
         let udp = drive(&lab, Proto::Udp, 53, 300)?;
-        println!("round {round}: tcp {}/300 ok, udp {}/300 ok; per backend: {:?}", tcp.ok, udp.ok, merged(&tcp, &udp));
+        println!(
+            "round {round}: tcp {}/300 ok, udp {}/300 ok; per backend: {:?}",
+            tcp.ok,
+            udp.ok,
+            merged(&tcp, &udp)
+        );
     }
     print!("{}", agent.status_text()?);
 
@@ -86,10 +112,17 @@ fn main() -> Result<()> {
         "transfer: {} bytes to {}, {}",
         report.bytes_sent,
         report.backend,
-        if report.is_clean() { "no reset, every byte arrived" } else { "BROKEN" }
+        if report.is_clean() {
+            "no reset, every byte arrived"
+        } else {
+            "BROKEN"
+        }
     );
     let flow = agent.flow("tcp", "10.0.0.10:40000", "10.96.0.10:80")?;
-    println!("lb-agent flow tcp 10.0.0.10:40000 10.96.0.10:80 -> {} ({}: {})", flow["backend"], flow["reason"], flow["detail"]);
+    println!(
+        "lb-agent flow tcp 10.0.0.10:40000 10.96.0.10:80 -> {} ({}: {})",
+        flow["backend"], flow["reason"], flow["detail"]
+    );
     print!("{}", agent.status_text()?);
 
     banner("5. Clean-up");
@@ -103,12 +136,20 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-fn drive(lab: &Lab, proto: Proto, port: u16, count: usize) -> Result<lb_tests::traffic::BatchReport> {
+fn drive(
+    lab: &Lab,
+    proto: Proto,
+    port: u16,
+    count: usize,
+) -> Result<lb_tests::traffic::BatchReport> {
     let dst = SocketAddr::new("10.96.0.10".parse()?, port);
     Batch::new(proto, dst, lab.client().sources_for(dst.ip()), count).run(&lab.client().ns)
 }
 
-fn merged(a: &lb_tests::traffic::BatchReport, b: &lb_tests::traffic::BatchReport) -> std::collections::BTreeMap<String, usize> {
+fn merged(
+    a: &lb_tests::traffic::BatchReport,
+    b: &lb_tests::traffic::BatchReport,
+) -> std::collections::BTreeMap<String, usize> {
     let mut m = a.per_backend.clone();
     for (k, v) in &b.per_backend {
         *m.entry(k.clone()).or_default() += v;
