@@ -10,7 +10,7 @@
 //! (addresses) and leaves it alone for the rest (ports), and a redirected skb keeps its offload
 //! state, so the egress device or the kernel completes the checksum correctly.
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup as FibParams},
+    bindings::{TC_ACT_SHOT, bpf_fib_lookup as FibParams},
     helpers::generated::{
         bpf_fib_lookup, bpf_ktime_get_coarse_ns, bpf_redirect, bpf_redirect_neigh,
         bpf_skb_vlan_push,
@@ -58,32 +58,37 @@ fn in_filter(plane: u32, addr: &Addr) -> bool {
     }
 }
 
+/// Not ours (or for the kernel to route): on to the next program on the hook. Under TCX,
+/// TC_ACT_OK would end the chain there, skipping later programs such as a CNI's network
+/// policy enforcement.
+const TCX_NEXT: i32 = -1;
+
 #[inline(never)]
 fn backend(ctx: &TcContext) -> i32 {
     count(Counter::Packets);
     let _ = ctx.pull_data(HEADROOM.min(ctx.len()));
     let mut pkt = Packet::EMPTY;
     if !parse_l3(ctx, &mut pkt) {
-        return TC_ACT_OK;
+        return TCX_NEXT;
     }
     let pkt = &pkt;
     // Replies go to the node (snat) or come from a local backend (client IP preserved).
     if !in_filter(0, &pkt.dst) && !in_filter(1, &pkt.src) {
         count(Counter::PassNotOurs);
-        return TC_ACT_OK;
+        return TCX_NEXT;
     }
     if pkt.l4_state != L4State::Present || (pkt.proto != IPPROTO_TCP && pkt.proto != IPPROTO_UDP) {
-        return TC_ACT_OK;
+        return TCX_NEXT;
     }
     let (Some(ports), Some(cfg)) = (parse_ports(ctx, pkt), config()) else {
-        return TC_ACT_OK;
+        return TCX_NEXT;
     };
     let key = FlowKey::new(pkt.src, pkt.dst, ports.sport, ports.dport, pkt.proto);
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let Some(entry) = flow::lookup(&key, ports.tcp_flags, now, cfg) else {
         // The pod's own traffic.
         count(Counter::PassNotOurs);
-        return TC_ACT_OK;
+        return TCX_NEXT;
     };
     let flow = unsafe { *entry };
     if rewrite(ctx, pkt, &flow).is_none() {
@@ -204,7 +209,7 @@ fn send(ctx: &TcContext, pkt: &Packet, addrs: &[Addr; 2]) -> i32 {
             count(Counter::XdpRedirect);
             return unsafe { bpf_redirect_neigh(p.ifindex, core::ptr::null_mut(), 0, 0) } as i32;
         }
-        FIB_NOT_FORWARDED => return TC_ACT_OK,
+        FIB_NOT_FORWARDED => return TCX_NEXT,
         _ => {
             count(Counter::DropNoRoute);
             return TC_ACT_SHOT;

@@ -3,7 +3,16 @@
 //!   delivered (a veth peer only takes XDP frames when it runs XDP itself);
 //! - `xdp_drop`, `xdp_tx`: the floors benchmarks compare the data path against;
 //! - `xdp_count`: XDP_PASS, counting frames and bytes per CPU (receiver-side counts for
-//!   benchmarks).
+//!   benchmarks);
+//! - `xdp_sink`: the same counts, then XDP_DROP (a receiver that costs as little as possible);
+//! - `bench_wrap`: the per-packet benchmark's wrapper. Every iteration of BPF_PROG_TEST_RUN it
+//!   restores the frame from BENCH_FRAME (with `repeat > 1` the kernel reruns the program on the
+//!   frame the previous iteration rewrote), varies its source address / port from a per-CPU
+//!   sequence if asked, then tail-calls the program under test in BENCH_TARGET slot 0;
+//! - `bench_gen`: the traffic generator for BPF_PROG_RUN live-frames mode: the same frame
+//!   preparation, then XDP_TX (the kernel transmits the frame out of the ctx's ingress device).
+//!
+//! Nothing here is on the data path, and nothing here may change the data path's maps.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
@@ -12,13 +21,52 @@ mod programs {
     use aya_ebpf::{
         bindings::xdp_action,
         macros::{map, xdp},
-        maps::PerCpuArray,
+        maps::{Array, PerCpuArray, ProgramArray},
         programs::XdpContext,
     };
 
-    /// [frames, bytes] seen by `xdp_count`.
+    /// [frames, bytes] seen by `xdp_count` and `xdp_sink`.
     #[map]
     static TOOLS_COUNT: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
+
+    /// Bytes of the benchmark frame (restored on every run; longer frames keep their tail).
+    const FRAME_WORDS: usize = 8;
+
+    /// `BenchFrame::vary` bits.
+    /// Add the sequence-derived offset to the IPv4 source address.
+    const VARY_SOURCE: u32 = 1;
+    /// Add the sequence-derived offset to the TCP/UDP source port.
+    const VARY_PORT: u32 = 2;
+
+    /// The frame the benchmark programs start every run from, and how to vary it. The layout is
+    /// mirrored by `tests/src/bench` (`BenchFrame`), which checks the size: 80 bytes.
+    ///
+    /// The frame must be Ethernet (untagged) + IPv4 with a 20-byte header + TCP or UDP: the
+    /// variation writes at fixed offsets. With sequence number `n`, `k = n % cycle` (or `n` when
+    /// `cycle` is 0); then with `sources` S > 0 the source address is `base + k % S` and the
+    /// source port `base + k / S`, with S = 0 the address is `base + k` (a new source every
+    /// run). Checksums (IPv4 header and TCP/UDP) are updated incrementally, so the kernel's
+    /// forwarding path, which checks the IPv4 header, takes the frames.
+    #[repr(C)]
+    pub struct BenchFrame {
+        /// The frame's first 64 bytes, as bytes in memory.
+        data: [u64; FRAME_WORDS],
+        /// VARY_* bits.
+        vary: u32,
+        cycle: u32,
+        sources: u32,
+        _pad: u32,
+    }
+
+    #[map]
+    static BENCH_FRAME: Array<BenchFrame> = Array::with_max_entries(1, 0);
+    /// Runs so far on this CPU: the sequence number the variation is derived from. User space
+    /// sets it before a run and reads it after (runs = iterations, checked by the benchmark).
+    #[map]
+    static BENCH_SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+    /// Slot 0: the program under test (the data path's `lb_uplink`, or `xdp_tx` for the floor).
+    #[map]
+    static BENCH_TARGET: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
     #[xdp]
     pub fn xdp_pass(_ctx: XdpContext) -> u32 {
@@ -37,6 +85,18 @@ mod programs {
 
     #[xdp]
     pub fn xdp_count(ctx: XdpContext) -> u32 {
+        count(&ctx);
+        xdp_action::XDP_PASS
+    }
+
+    #[xdp]
+    pub fn xdp_sink(ctx: XdpContext) -> u32 {
+        count(&ctx);
+        xdp_action::XDP_DROP
+    }
+
+    #[inline(always)]
+    fn count(ctx: &XdpContext) {
         let len = (ctx.data_end() - ctx.data()) as u64;
         if let Some(frames) = TOOLS_COUNT.get_ptr_mut(0) {
             unsafe { *frames += 1 };
@@ -44,7 +104,142 @@ mod programs {
         if let Some(bytes) = TOOLS_COUNT.get_ptr_mut(1) {
             unsafe { *bytes += len };
         }
-        xdp_action::XDP_PASS
+    }
+
+    #[xdp]
+    pub fn bench_wrap(ctx: XdpContext) -> u32 {
+        if prepare(&ctx).is_none() {
+            return xdp_action::XDP_ABORTED;
+        }
+        // SAFETY: the program array holds XDP programs (or nothing).
+        unsafe { BENCH_TARGET.tail_call(&ctx, 0) };
+        // An empty slot: the benchmark sees ABORTED instead of the expected verdict.
+        xdp_action::XDP_ABORTED
+    }
+
+    #[xdp]
+    pub fn bench_gen(ctx: XdpContext) -> u32 {
+        match prepare(&ctx) {
+            Some(()) => xdp_action::XDP_TX,
+            None => xdp_action::XDP_ABORTED,
+        }
+    }
+
+    // Offsets in an untagged IPv4 frame with a 20-byte header.
+    const IP_PROTO: usize = 23;
+    const IP_CHECK: usize = 24;
+    const IP_SRC: usize = 26;
+    const L4_SPORT: usize = 34;
+    const TCP_CHECK: usize = 34 + 16;
+    const UDP_CHECK: usize = 34 + 6;
+    const IPPROTO_TCP: u8 = 6;
+    const IPPROTO_UDP: u8 = 17;
+
+    /// Restores the frame and applies this run's variation.
+    #[inline(always)]
+    fn prepare(ctx: &XdpContext) -> Option<()> {
+        let tpl = BENCH_FRAME.get(0)?;
+        let (start, end) = bounds(ctx);
+        if start + FRAME_WORDS * 8 > end {
+            return None;
+        }
+        let p = start as *mut u8;
+        // SAFETY: 64 bytes of packet checked above; packet data is at least 2-byte aligned
+        // and the verifier allows (the JIT handles) unaligned packet access.
+        unsafe {
+            for (i, w) in tpl.data.iter().enumerate() {
+                p.add(i * 8).cast::<u64>().write_unaligned(*w);
+            }
+        }
+        let seq = BENCH_SEQ.get_ptr_mut(0)?;
+        // SAFETY: per-CPU slot; XDP runs once at a time per CPU.
+        let n = unsafe {
+            let n = *seq;
+            *seq = n + 1;
+            n
+        };
+        if tpl.vary == 0 {
+            return Some(());
+        }
+        let k = if tpl.cycle != 0 {
+            n % u64::from(tpl.cycle)
+        } else {
+            n
+        };
+        let (addr_off, port_off) = if tpl.sources != 0 {
+            let s = u64::from(tpl.sources);
+            (k % s, k / s)
+        } else {
+            (k, 0)
+        };
+        // SAFETY: every offset below is inside the 64 bytes checked above.
+        unsafe {
+            let old_src: u32 = p.add(IP_SRC).cast::<u32>().read_unaligned();
+            let old_sport: u16 = p.add(L4_SPORT).cast::<u16>().read_unaligned();
+            let new_src = if tpl.vary & VARY_SOURCE != 0 {
+                u32::from_be(old_src).wrapping_add(addr_off as u32).to_be()
+            } else {
+                old_src
+            };
+            let new_sport = if tpl.vary & VARY_PORT != 0 {
+                u16::from_be(old_sport)
+                    .wrapping_add(port_off as u16)
+                    .to_be()
+            } else {
+                old_sport
+            };
+            p.add(IP_SRC).cast::<u32>().write_unaligned(new_src);
+            p.add(L4_SPORT).cast::<u16>().write_unaligned(new_sport);
+            // RFC 1624: HC' = ~(~HC + ~m + m'), over 16-bit words as they lie in memory.
+            let addr_sum = sum32(old_src, new_src);
+            let ip_check = p.add(IP_CHECK).cast::<u16>();
+            ip_check.write_unaligned(apply(ip_check.read_unaligned(), addr_sum));
+            let l4_sum = addr_sum + (!old_sport) as u32 + new_sport as u32;
+            let proto = *p.add(IP_PROTO);
+            if proto == IPPROTO_TCP {
+                let c = p.add(TCP_CHECK).cast::<u16>();
+                c.write_unaligned(apply(c.read_unaligned(), l4_sum));
+            } else if proto == IPPROTO_UDP {
+                let c = p.add(UDP_CHECK).cast::<u16>();
+                let old = c.read_unaligned();
+                // IPv4 UDP without a checksum stays without one.
+                if old != 0 {
+                    let new = apply(old, l4_sum);
+                    c.write_unaligned(if new == 0 { 0xffff } else { new });
+                }
+            }
+        }
+        Some(())
+    }
+
+    /// ~m + m' for a 32-bit field, as a sum of 16-bit words (not folded).
+    #[inline(always)]
+    fn sum32(old: u32, new: u32) -> u32 {
+        (!(old as u16)) as u32
+            + (!((old >> 16) as u16)) as u32
+            + (new as u16) as u32
+            + ((new >> 16) as u16) as u32
+    }
+
+    #[inline(always)]
+    fn apply(check: u16, delta: u32) -> u16 {
+        let mut s = (!check) as u32 + delta;
+        s = (s & 0xffff) + (s >> 16);
+        s = (s & 0xffff) + (s >> 16);
+        !(s as u16)
+    }
+
+    /// The frame's start and end. Volatile: keeps the context reads where the verifier expects
+    /// packet pointers (see lb-ebpf's parse.rs).
+    #[inline(always)]
+    fn bounds(ctx: &XdpContext) -> (usize, usize) {
+        // SAFETY: `ctx.ctx` is the program's context pointer.
+        unsafe {
+            (
+                core::ptr::read_volatile(&raw const (*ctx.ctx).data) as usize,
+                core::ptr::read_volatile(&raw const (*ctx.ctx).data_end) as usize,
+            )
+        }
     }
 }
 

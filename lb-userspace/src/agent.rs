@@ -1,6 +1,10 @@
 //! `lb-agent run`: load and attach the data path, keep its maps equal to the desired state,
 //! follow the node's interfaces, sweep, report, and shut down: detaching everything, or (with
 //! --keep-on-exit) leaving programs, links and maps for the next agent to take over.
+//!
+//! The desired state has up to two sources: the config file (services, rate limits, node
+//! settings) and, with --kubernetes, the Services that opt in. They are composed into one
+//! [`Desired`] and applied through the same reconciler.
 use std::{
     path::Path,
     sync::{Arc, Mutex},
@@ -16,12 +20,13 @@ use crate::{
     cli::RunArgs,
     config,
     dataplane::{self, Loaded, Maps},
+    k8s::{self, Problem, Translation, source::KubeSource},
     model::Desired,
     netlink::Netlink,
-    node::{self, Interfaces, Neighbours},
-    reconcile::{NodeView, Reconciler, Report, monotonic_ns},
+    node::{self, Interfaces, Neighbours, NodeError},
+    reconcile::{ApplyError, NodeView, Reconciler, Report, monotonic_ns, service_key},
     state::{InterfaceLabel, ServiceLabel, State},
-    sweep::{SweepReport, sweep},
+    sweep::{SweepReport, end_flows, sweep},
     tables::Tables,
 };
 
@@ -35,6 +40,60 @@ pub struct Health {
     pub last_error: Option<String>,
     pub last_sweep: SweepReport,
     pub map_writes: u64,
+    /// With --kubernetes.
+    pub kubernetes: Option<KubeHealth>,
+}
+
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct KubeHealth {
+    /// Services and EndpointSlices are fully listed and being watched.
+    pub synced: bool,
+    /// Objects the watchers hold.
+    pub services_seen: usize,
+    pub slices_seen: usize,
+    /// Services that opted in, and the frontends they make.
+    pub services_enabled: usize,
+    pub frontends: usize,
+    pub watch_errors: u64,
+    pub watch_events: u64,
+    /// Desired states from the cluster that could not be applied in whole (the last good one
+    /// stays), and Services left out because the node cannot serve them.
+    pub apply_errors: u64,
+    pub problems: usize,
+    /// Flows ended after a deregistration delay.
+    pub flows_ended: u64,
+    /// The watchers' last error (they list again after each).
+    pub watch_error: Option<String>,
+    /// Why the cluster's current state is not applied, if it is not.
+    pub apply_error: Option<String>,
+}
+
+impl Health {
+    /// Ready to serve: applied, attached, and (with Kubernetes) synced with the API server.
+    pub fn readiness(&self) -> Result<(), String> {
+        if let Some(k) = &self.kubernetes
+            && !k.synced
+        {
+            let why = k.watch_error.as_deref().unwrap_or("listing");
+            return Err(format!("not synced with the Kubernetes API server: {why}"));
+        }
+        if !self.ready {
+            return Err(self
+                .last_error
+                .clone()
+                .unwrap_or_else(|| "the desired state is not applied yet".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Why a desired state was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyFailed {
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
 }
 
 pub struct Agent {
@@ -51,15 +110,31 @@ pub struct Agent {
     pub interfaces: Interfaces,
     /// The config file's text as last read, to notice changes.
     config_text: String,
+    /// The config file's desired state, last good (empty without a file).
+    file: Desired,
+    /// The cluster's part of the desired state, once synced (with --kubernetes).
+    kube: Option<Translation>,
+    /// The last composed state applied (before Services the node cannot serve were left out)
+    /// and its problems: composing the same again needs no apply.
+    composed: Option<(Desired, Vec<Problem>)>,
+    /// Held while running: one agent per state directory (two would fight over the pins).
+    _lock: std::fs::File,
     pub health: Health,
 }
 
 impl Agent {
     /// Everything up to serving: refuses to start on an invalid config.
     pub fn start(args: RunArgs) -> Result<Agent> {
-        let config_text = std::fs::read_to_string(&args.config)
-            .with_context(|| format!("{}: cannot read", args.config.display()))?;
-        let desired = config::parse(&args.config, &config_text)?;
+        let (config_text, file) = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("{}: cannot read", path.display()))?;
+                let desired = config::parse(path, &text)?;
+                (text, desired)
+            }
+            None => (String::new(), Desired::default()),
+        };
+        let lock = lock_state_dir(&args.paths.state_dir)?;
         ensure_bpffs(&args.paths.pin_dir)?;
         let sizes = args.sizes.sizes();
         let mut loaded = dataplane::load(&sizes, Some(&args.paths.pin_dir))?;
@@ -70,7 +145,7 @@ impl Agent {
         let reconciler = Reconciler::resume(sizes, &maps.snapshot()?);
         let mut netlink = Netlink::open()?;
         let interfaces = Interfaces::scan(&mut netlink, &args.uplinks, &args.backend_ifaces)?;
-        let node = node::view(&mut netlink, &desired, &interfaces)?;
+        let node = node::view(&mut netlink, &file, &interfaces)?;
         let layout = dataplane::layout_dir(&args.paths.pin_dir);
         let attachments =
             Attachments::new(&layout).with_context(|| format!("creating {}", layout.display()))?;
@@ -86,40 +161,165 @@ impl Agent {
             neighbours: Neighbours::default(),
             interfaces,
             config_text,
+            file,
+            kube: None,
+            composed: None,
+            _lock: lock,
             health: Health::default(),
         };
-        // Maps first, interfaces second: a program replaced on an interface finds its maps
-        // already filled.
-        agent.apply(desired).map_err(anyhow::Error::msg)?;
+        if agent.args.kubernetes {
+            // The first apply waits for the cluster to be listed: until then the maps keep
+            // what a previous agent left (its last state), or stay empty.
+            agent.health.kubernetes = Some(KubeHealth::default());
+        } else {
+            // Maps first, interfaces second: a program replaced on an interface finds its
+            // maps already filled.
+            agent.apply_sources().map_err(anyhow::Error::msg)?;
+        }
         agent.sync_interfaces()?;
         agent.remove_stale_prog_arrays();
-        agent.health.ready = true;
+        agent.pin_prog_array()?;
+        agent.health.ready = !agent.args.kubernetes;
         agent.write_state();
         Ok(agent)
     }
 
     /// Applies a desired state; on error the previous one stays in force.
-    pub fn apply(&mut self, desired: Desired) -> Result<Report, String> {
-        let node =
-            node::view(&mut self.netlink, &desired, &self.interfaces).map_err(|e| e.to_string())?;
+    pub fn apply(&mut self, desired: Desired) -> Result<Report, ApplyFailed> {
+        let node = node::view(&mut self.netlink, &desired, &self.interfaces)?;
         for problem in self.neighbours.sync(&mut self.netlink, &desired) {
             warn!("{problem}");
         }
-        let report = self
-            .reconciler
-            .apply(&desired, &node, &mut self.maps)
-            .map_err(|e| e.to_string())?;
+        let report = self.reconciler.apply(&desired, &node, &mut self.maps)?;
         self.health.map_writes += report.writes as u64;
         self.desired = desired;
         self.node = node;
         Ok(report)
     }
 
+    /// Composes the sources and applies the result. A Service from the cluster that this node
+    /// cannot serve is left out and reported (the rest is applied); anything else wrong rejects
+    /// the whole state and the previous one stays in force. `None`: still waiting for the
+    /// cluster's first list.
+    fn apply_sources(&mut self) -> Result<Option<(Report, Vec<Problem>)>, String> {
+        if self.args.kubernetes && self.kube.is_none() {
+            return Ok(None);
+        }
+        let (mut desired, mut problems) = compose(&self.file, self.kube.as_ref());
+        if let Some((last, last_problems)) = &self.composed
+            && *last == desired
+        {
+            return Ok(Some((Report::default(), last_problems.clone())));
+        }
+        let composed = desired.clone();
+        loop {
+            match self.apply(desired.clone()) {
+                Ok(report) => {
+                    self.health.ready = true;
+                    self.composed = Some((composed, problems.clone()));
+                    return Ok(Some((report, problems)));
+                }
+                Err(ApplyFailed::Apply(ApplyError::Invalid {
+                    origin,
+                    frontend,
+                    reason,
+                    ..
+                })) if k8s::object_of(&origin).is_some()
+                    && desired.services.remove(&frontend).is_some() =>
+                {
+                    problems.push(Problem {
+                        object: k8s::object_of(&origin).unwrap_or_default(),
+                        field: format!("frontend {frontend}"),
+                        message: format!("{reason}; not served"),
+                    });
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+
+    /// Takes the cluster's part of the desired state and applies it; then ends the flows whose
+    /// deregistration delay is over. Returns the problems to report.
+    pub fn apply_kubernetes(&mut self, translation: Translation) -> Result<Vec<Problem>, String> {
+        let previous = self.kube.replace(translation);
+        match self.apply_sources() {
+            Ok(result) => {
+                let (report, mut problems) = result.unwrap_or_default();
+                if !report.is_empty() {
+                    info!(
+                        "applied the cluster's state: {} map writes ({} services added, {} changed, {} removed, {} rings rewritten)",
+                        report.writes,
+                        report.services_added,
+                        report.services_changed,
+                        report.services_removed,
+                        report.rings_written
+                    );
+                }
+                let translation = self.kube.as_ref().expect("just set");
+                problems.extend(translation.problems.iter().cloned());
+                let ends = translation.end_flows.clone();
+                self.end_drained_flows(&ends);
+                self.write_state();
+                Ok(problems)
+            }
+            Err(e) => {
+                // The drains the rejected translation began or finished are lost with it; the
+                // translator starts them again on the next change.
+                self.kube = previous;
+                Err(e)
+            }
+        }
+    }
+
+    fn end_drained_flows(&mut self, ends: &[k8s::EndFlows]) {
+        for e in ends {
+            let Ok(svc) = self.maps.services.get(&service_key(&e.frontend), 0) else {
+                continue;
+            };
+            let n = end_flows(
+                &mut self.maps,
+                svc.id,
+                e.backend.0.into(),
+                e.backend.1,
+                e.reset,
+            );
+            info!(
+                "{}: deregistration delay of backend {} over: {n} flows {}",
+                e.frontend,
+                crate::model::Backend {
+                    addr: e.backend.0,
+                    port: e.backend.1,
+                    weight: 0
+                }
+                .maglev_key(),
+                if e.reset { "reset" } else { "ended" }
+            );
+            if let Some(k) = &mut self.health.kubernetes {
+                k.flows_ended += n as u64;
+            }
+        }
+    }
+
+    /// The node's addresses that node ports are served on.
+    pub fn uplink_addrs(&mut self) -> Vec<std::net::IpAddr> {
+        node::uplink_addrs(&mut self.netlink, &self.interfaces).unwrap_or_else(|e| {
+            warn!("reading the uplinks' addresses: {e}");
+            self.node.node_addrs.iter().copied().collect()
+        })
+    }
+
+    /// Rate-limit policies the config file names (Services may refer to them).
+    pub fn named_policies(&self) -> std::collections::BTreeSet<String> {
+        self.file.policies.keys().cloned().collect()
+    }
+
     /// Re-reads the config file (when it changed, or always with `force`) and applies it. A
     /// config that is invalid, or that this node cannot serve, is rejected with the reason and
     /// the previous state stays in force.
     pub fn reload(&mut self, force: bool) {
-        let path = self.args.config.clone();
+        let Some(path) = self.args.config.clone() else {
+            return;
+        };
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
             Err(e) => {
@@ -131,11 +331,21 @@ impl Agent {
             return;
         }
         self.config_text = text;
-        let result = config::parse(&path, &self.config_text)
-            .map_err(|e| e.to_string())
-            .and_then(|d| self.apply(d));
-        match result {
-            Ok(r) => {
+        let file = match config::parse(&path, &self.config_text) {
+            Ok(d) => d,
+            Err(e) => {
+                self.rejected(e.to_string());
+                self.write_state();
+                return;
+            }
+        };
+        let previous = std::mem::replace(&mut self.file, file);
+        match self.apply_sources() {
+            Ok(None) => info!(
+                "{}: valid; applied once the cluster is listed",
+                path.display()
+            ),
+            Ok(Some((r, _))) => {
                 self.health.reloads_applied += 1;
                 self.health.last_error = None;
                 info!(
@@ -148,7 +358,10 @@ impl Agent {
                     r.rings_written
                 );
             }
-            Err(e) => self.rejected(e),
+            Err(e) => {
+                self.file = previous;
+                self.rejected(e);
+            }
         }
         self.write_state();
     }
@@ -178,8 +391,9 @@ impl Agent {
         }
         match node::view(&mut self.netlink, &self.desired, &self.interfaces) {
             Ok(node) if node != self.node => {
-                let desired = self.desired.clone();
-                if let Err(e) = self.apply(desired) {
+                // Compose again: a Service left out may fit the node now.
+                self.composed = None;
+                if let Err(e) = self.apply_sources() {
                     warn!("the node changed and the current state no longer fits it: {e}");
                     self.health.last_error = Some(e);
                 }
@@ -262,6 +476,20 @@ impl Agent {
         Ok(())
     }
 
+    /// Pins the tail-call table our entry programs use. The kernel empties a program array when
+    /// its last user-space handle closes, so without the pin an agent that is killed (OOM,
+    /// SIGKILL, a crash) would leave attached programs whose new flows all fail their tail call
+    /// until the next agent takes over.
+    fn pin_prog_array(&mut self) -> Result<()> {
+        let dir = prog_array_dir(&self.args.paths.pin_dir);
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join(format!("LB_PROGS-{}", std::process::id()));
+        self.loaded
+            .progs
+            .pin(&path)
+            .with_context(|| format!("pinning the tail-call table at {}", path.display()))
+    }
+
     /// Program arrays pinned by previous agents (for their programs' tail calls while they
     /// were still attached): ours are attached now, so they can go.
     fn remove_stale_prog_arrays(&self) {
@@ -276,7 +504,7 @@ impl Agent {
     pub fn write_state(&self) {
         let state = State {
             pid: std::process::id(),
-            source: format!("config {}", self.args.config.display()),
+            source: self.source_label(),
             ready: self.health.ready,
             last_error: self.health.last_error.clone(),
             applied: self.health.reloads_applied,
@@ -317,22 +545,26 @@ impl Agent {
         }
     }
 
+    fn source_label(&self) -> String {
+        let file = self
+            .args
+            .config
+            .as_ref()
+            .map(|p| format!("config {}", p.display()));
+        let kube = self.args.kubernetes.then(|| "kubernetes".to_string());
+        [kube, file]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join(" + ")
+    }
+
     /// Stops: with `keep`, everything stays attached and pinned for the next agent; else
     /// everything is detached and unpinned.
     pub fn shutdown(mut self, keep: bool) -> Result<()> {
         let pin_dir = self.args.paths.pin_dir.clone();
         if keep {
-            // The attached entry programs tail-call through this array; the kernel empties an
-            // array whose last user-space handle closes, so it stays pinned until the next
-            // agent has taken over.
-            let dir = prog_array_dir(&pin_dir);
-            std::fs::create_dir_all(&dir)?;
-            let name = format!("LB_PROGS-{}", std::process::id());
-            let path = dir.join(name);
-            self.loaded
-                .progs
-                .pin(&path)
-                .with_context(|| format!("pinning the tail-call table at {}", path.display()))?;
+            // The tail-call table is pinned already (since start).
             self.attachments.keep_all();
             info!(
                 "left the data path attached and pinned in {} for the next agent",
@@ -370,6 +602,37 @@ impl Agent {
     }
 }
 
+/// The file's desired state with the cluster's services and policies added. The file wins a
+/// frontend both define; of two Services with the same frontend, the first (by namespace and
+/// name) wins. The losers are reported.
+pub fn compose(file: &Desired, kube: Option<&Translation>) -> (Desired, Vec<Problem>) {
+    let mut desired = file.clone();
+    let mut problems = Vec::new();
+    let Some(t) = kube else {
+        return (desired, problems);
+    };
+    for (name, policy) in &t.policies {
+        desired.policies.insert(name.clone(), policy.clone());
+    }
+    for s in &t.services {
+        let object = k8s::object_of(&s.source).unwrap_or_default();
+        match desired.services.get(&s.frontend) {
+            Some(other) => problems.push(Problem {
+                object,
+                field: format!("frontend {}", s.frontend),
+                message: format!(
+                    "also defined by {} ({}), which keeps it; not served",
+                    other.source, other.name
+                ),
+            }),
+            None => {
+                desired.services.insert(s.frontend, s.clone());
+            }
+        }
+    }
+    (desired, problems)
+}
+
 /// `lb-agent cleanup`: removes what an agent that exited with --keep-on-exit left behind.
 pub fn cleanup(paths: &crate::cli::Paths) -> Result<()> {
     let layout = dataplane::layout_dir(&paths.pin_dir);
@@ -387,6 +650,41 @@ pub fn cleanup(paths: &crate::cli::Paths) -> Result<()> {
 
 fn prog_array_dir(pin_dir: &Path) -> std::path::PathBuf {
     dataplane::layout_dir(pin_dir).join("progs")
+}
+
+/// Takes `<state_dir>/agent.lock`, or says which agent holds it.
+fn lock_state_dir(state_dir: &Path) -> Result<std::fs::File> {
+    use std::io::{Read, Seek, Write};
+    std::fs::create_dir_all(state_dir)
+        .with_context(|| format!("creating {}", state_dir.display()))?;
+    let path = state_dir.join("agent.lock");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: a valid open descriptor.
+    if unsafe {
+        libc::flock(
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            libc::LOCK_EX | libc::LOCK_NB,
+        )
+    } != 0
+    {
+        let mut holder = String::new();
+        let _ = file.read_to_string(&mut holder);
+        anyhow::bail!(
+            "another lb-agent (pid {}) is running with the state directory {}: one agent per node",
+            holder.trim(),
+            state_dir.display()
+        );
+    }
+    file.set_len(0)?;
+    file.rewind()?;
+    write!(file, "{}", std::process::id())?;
+    Ok(file)
 }
 
 /// Mounts bpffs at /sys/fs/bpf if the pin directory is not on one (it is not by default on
@@ -450,13 +748,26 @@ pub fn run(args: RunArgs) -> Result<()> {
         let keep = args.keep_on_exit;
         let metrics_addr = args.metrics_addr;
         let sweep_every = Duration::from_secs(args.sweep_seconds.max(1));
+        let mut kube = match args.kubernetes {
+            true => {
+                let node = args.node_name.clone().context("--node-name (or NODE_NAME) is needed with --kubernetes")?;
+                Some(KubeSource::connect(args.kubeconfig.as_deref(), node).await?)
+            }
+            false => None,
+        };
         let agent = Agent::start(args)?;
-        info!(
-            "serving: {} services; metrics on http://{metrics_addr}/metrics",
-            agent.desired.services.len()
-        );
+        match &kube {
+            None => info!(
+                "serving: {} services; metrics on http://{metrics_addr}/metrics",
+                agent.desired.services.len()
+            ),
+            Some(_) => info!(
+                "attached; serving the cluster's Services once they are listed; metrics on http://{metrics_addr}/metrics"
+            ),
+        }
         let agent = Arc::new(Mutex::new(agent));
-        let server = crate::metrics::serve(metrics_addr, agent.clone()).await?;
+        let latency = kube.as_ref().map(|k| k.sync_latency.clone());
+        let server = crate::metrics::serve(metrics_addr, agent.clone(), latency).await?;
         let mut hup = signal(SignalKind::hangup())?;
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
@@ -469,6 +780,16 @@ pub fn run(args: RunArgs) -> Result<()> {
                     let mut a = lock(&agent);
                     a.reload(false);
                     a.refresh();
+                    if let Some(k) = &mut kube {
+                        k.step(&mut *a);
+                    }
+                }
+                _ = cluster_changed(&kube) => {
+                    // Let a burst of changes finish, then apply all of it at once.
+                    tokio::time::sleep(crate::k8s::source::COALESCE).await;
+                    if let Some(k) = &mut kube {
+                        k.step(&mut *lock(&agent));
+                    }
                 }
                 _ = sweeps.tick() => lock(&agent).sweep(),
                 _ = term.recv() => break,
@@ -477,12 +798,21 @@ pub fn run(args: RunArgs) -> Result<()> {
         }
         server.abort();
         let _ = server.await;
+        drop(kube);
         let agent = Arc::try_unwrap(agent)
             .map_err(|_| anyhow::anyhow!("agent still in use at shutdown"))?
             .into_inner()
             .map_err(|_| anyhow::anyhow!("agent state poisoned"))?;
         agent.shutdown(keep)
     })
+}
+
+/// Resolves when the watchers saw a change (never without Kubernetes).
+async fn cluster_changed(kube: &Option<KubeSource>) {
+    match kube {
+        Some(k) => k.watch.changed.notified().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The agent behind its lock (a panicking holder does not make it unusable).

@@ -4,7 +4,7 @@ use std::{
     path::PathBuf,
 };
 
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgGroup, Args, Parser, Subcommand};
 
 use crate::{attach::ModeChoice, dataplane::Sizes, maglev, model::Protocol};
 
@@ -60,10 +60,23 @@ pub enum Command {
 }
 
 #[derive(Args, Debug, Clone)]
+#[command(group(ArgGroup::new("source").required(true).multiple(true).args(["config", "kubernetes"])))]
 pub struct RunArgs {
-    /// Config file (TOML).
+    /// Config file (TOML): services, rate limits and node settings. With --kubernetes it
+    /// holds the node settings and named rate limits (services in it are served too).
     #[arg(long, short)]
-    pub config: PathBuf,
+    pub config: Option<PathBuf>,
+    /// Serve the Services that opt in (annotation xdplb.io/enabled: "true") and their
+    /// EndpointSlices, watched from the Kubernetes API server.
+    #[arg(long)]
+    pub kubernetes: bool,
+    /// This node's name, as EndpointSlices' nodeName has it (externalTrafficPolicy: Local).
+    #[arg(long, env = "NODE_NAME", required_if_eq("kubernetes", "true"))]
+    pub node_name: Option<String>,
+    /// Kubeconfig to reach the API server; default: the in-cluster service account, else
+    /// ~/.kube/config.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
     /// Interface clients' traffic arrives on (repeat for several).
     #[arg(long = "iface", required = true)]
     pub uplinks: Vec<String>,
@@ -217,5 +230,24 @@ mod tests {
             Cli::try_parse_from(["lb-agent", "run", "--config", "x"]).is_err(),
             "--iface is required"
         );
+        assert!(
+            Cli::try_parse_from(["lb-agent", "run", "--iface", "eth0"]).is_err(),
+            "--config or --kubernetes is required"
+        );
+        let cli = Cli::try_parse_from([
+            "lb-agent",
+            "run",
+            "--kubernetes",
+            "--node-name",
+            "node-1",
+            "--iface",
+            "eth0",
+        ])
+        .unwrap();
+        let Command::Run(r) = cli.command else {
+            panic!()
+        };
+        assert!(r.kubernetes && r.config.is_none());
+        assert_eq!(r.node_name.as_deref(), Some("node-1"));
     }
 }

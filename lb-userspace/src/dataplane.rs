@@ -85,9 +85,9 @@ pub fn layout_dir(pin_dir: &Path) -> PathBuf {
 /// A loaded data path.
 pub struct Loaded {
     pub ebpf: Ebpf,
-    /// The tail-call table. Keep it: the kernel empties a program array when its last
-    /// user-space handle closes (pin it to outlive the agent).
-    pub progs: ProgramArray<MapData>,
+    /// The tail-call table (a program array). Keep it: the kernel empties a program array when
+    /// its last user-space handle closes (pin it to outlive the agent).
+    pub progs: Map,
     /// For the log: pinned maps kept at another size, or recreated.
     pub notes: Vec<String>,
 }
@@ -129,9 +129,10 @@ pub fn load(sizes: &Sizes, pin_dir: Option<&Path>) -> std::result::Result<Loaded
     let tc = classifier_mut(&mut ebpf, PROG_BACKEND)?;
     load_program(PROG_BACKEND, || tc.load())?;
     // The slow paths the entry programs tail-call.
-    let mut progs: ProgramArray<MapData> = ebpf
+    let mut map = ebpf
         .take_map(MAP_PROGS)
-        .ok_or_else(|| map_err(MAP_PROGS, "not in the object"))?
+        .ok_or_else(|| map_err(MAP_PROGS, "not in the object"))?;
+    let mut progs: ProgramArray<&mut MapData> = (&mut map)
         .try_into()
         .map_err(|e: MapError| map_err(MAP_PROGS, e))?;
     for (slot, name) in [(TAIL_NEW_FLOW, PROG_NEW_FLOW), (TAIL_ICMP, PROG_ICMP)] {
@@ -142,7 +143,11 @@ pub fn load(sizes: &Sizes, pin_dir: Option<&Path>) -> std::result::Result<Loaded
             .map_err(|e| map_err(MAP_PROGS, e))?;
         progs.set(slot, &fd, 0).map_err(|e| map_err(MAP_PROGS, e))?;
     }
-    Ok(Loaded { ebpf, progs, notes })
+    Ok(Loaded {
+        ebpf,
+        progs: map,
+        notes,
+    })
 }
 
 /// Loads (verifies) one program. The verifier gives up with EAGAIN when a signal arrives while
@@ -166,12 +171,21 @@ fn load_program(
     }
 }
 
-/// Loads the helper programs object (each program loaded, none attached).
+/// Loads the helper programs object (each program loaded, none attached): the lab's and the
+/// benchmarks' (see lb-ebpf/src/tools.rs).
 pub fn load_tools() -> std::result::Result<Ebpf, DataplaneError> {
     let mut ebpf = EbpfLoader::new()
         .load(TOOLS_OBJECT)
         .map_err(DataplaneError::Load)?;
-    for name in ["xdp_pass", "xdp_drop", "xdp_tx", "xdp_count"] {
+    for name in [
+        "xdp_pass",
+        "xdp_drop",
+        "xdp_tx",
+        "xdp_count",
+        "xdp_sink",
+        "bench_wrap",
+        "bench_gen",
+    ] {
         let prog = program_mut(&mut ebpf, name)?;
         load_program(name, || prog.load())?;
     }

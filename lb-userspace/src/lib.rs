@@ -5,6 +5,7 @@ pub mod cli;
 pub mod config;
 pub mod dataplane;
 pub mod error;
+pub mod k8s;
 pub mod maglev;
 pub mod metrics;
 pub mod model;

@@ -12,12 +12,12 @@ use hyper_util::rt::TokioIo;
 use lb_common::{Counter as DpCounter, DropReason};
 use prometheus_client::{
     encoding::text::encode,
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 
 use crate::{
-    agent::{Agent, lock},
+    agent::{Agent, KubeHealth, lock},
     reconcile::service_key,
     tables::Tables,
 };
@@ -28,6 +28,7 @@ type Labels = Vec<(&'static str, String)>;
 pub async fn serve(
     addr: SocketAddr,
     agent: Arc<Mutex<Agent>>,
+    sync_latency: Option<Histogram>,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     Ok(tokio::spawn(async move {
@@ -40,10 +41,14 @@ pub async fn serve(
             };
             while connections.try_join_next().is_some() {}
             let agent = agent.clone();
+            let latency = sync_latency.clone();
             connections.spawn(async move {
                 let service = service_fn(move |req: Request<hyper::body::Incoming>| {
                     let agent = agent.clone();
-                    async move { Ok::<_, Infallible>(respond(req.uri().path(), &agent)) }
+                    let latency = latency.clone();
+                    async move {
+                        Ok::<_, Infallible>(respond(req.uri().path(), &agent, latency.as_ref()))
+                    }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)
@@ -53,7 +58,11 @@ pub async fn serve(
     }))
 }
 
-fn respond(path: &str, agent: &Mutex<Agent>) -> Response<Full<Bytes>> {
+fn respond(
+    path: &str,
+    agent: &Mutex<Agent>,
+    sync_latency: Option<&Histogram>,
+) -> Response<Full<Bytes>> {
     let reply = |code: StatusCode, body: String, kind: &'static str| {
         Response::builder()
             .status(code)
@@ -64,33 +73,24 @@ fn respond(path: &str, agent: &Mutex<Agent>) -> Response<Full<Bytes>> {
     match path {
         "/metrics" => reply(
             StatusCode::OK,
-            render(&lock(agent)),
+            render(&lock(agent), sync_latency),
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         ),
         "/healthz" => reply(StatusCode::OK, "ok\n".into(), "text/plain"),
-        "/readyz" => {
-            let a = lock(agent);
-            if a.health.ready {
-                reply(StatusCode::OK, "ready\n".into(), "text/plain")
-            } else {
-                let why = a
-                    .health
-                    .last_error
-                    .clone()
-                    .unwrap_or_else(|| "not synced yet".into());
-                reply(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("not ready: {why}\n"),
-                    "text/plain",
-                )
-            }
-        }
+        "/readyz" => match lock(agent).health.readiness() {
+            Ok(()) => reply(StatusCode::OK, "ready\n".into(), "text/plain"),
+            Err(why) => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+                "text/plain",
+            ),
+        },
         _ => reply(StatusCode::NOT_FOUND, "not found\n".into(), "text/plain"),
     }
 }
 
 /// The registry, filled from the maps now.
-pub fn render(agent: &Agent) -> String {
+pub fn render(agent: &Agent, sync_latency: Option<&Histogram>) -> String {
     let mut r = Registry::with_prefix("xdplb");
     let counter = |r: &mut Registry, name: &str, help: &str| {
         let f = Family::<Labels, Counter>::default();
@@ -265,7 +265,79 @@ pub fn render(agent: &Agent) -> String {
         mode.get_or_create(&vec![("interface", a.0), ("program", a.1), ("mode", a.2)])
             .set(1);
     }
+    if let Some(k) = &agent.health.kubernetes {
+        kubernetes_metrics(&mut r, k, sync_latency);
+    }
     let mut out = String::new();
     let _ = encode(&mut out, &r);
     out
+}
+
+fn kubernetes_metrics(r: &mut Registry, k: &KubeHealth, sync_latency: Option<&Histogram>) {
+    let synced = Gauge::<i64>::default();
+    synced.set(i64::from(k.synced));
+    r.register(
+        "kubernetes_synced",
+        "1 while Services and EndpointSlices are listed and watched",
+        synced,
+    );
+    let objects = Family::<Labels, Gauge>::default();
+    r.register(
+        "kubernetes_objects",
+        "Kubernetes objects seen, by kind (services_enabled: those that opted in)",
+        objects.clone(),
+    );
+    for (kind, n) in [
+        ("services", k.services_seen),
+        ("endpointslices", k.slices_seen),
+        ("services_enabled", k.services_enabled),
+        ("frontends", k.frontends),
+    ] {
+        objects
+            .get_or_create(&vec![("kind", kind.into())])
+            .set(n as i64);
+    }
+    let counter = |r: &mut Registry, name: &str, help: &str, v: u64| {
+        let c = Counter::<u64>::default();
+        c.inc_by(v);
+        r.register(name, help, c);
+    };
+    counter(
+        r,
+        "kubernetes_watch_events",
+        "Watch events received",
+        k.watch_events,
+    );
+    counter(
+        r,
+        "kubernetes_watch_errors",
+        "Watch errors (each followed by a fresh list)",
+        k.watch_errors,
+    );
+    counter(
+        r,
+        "kubernetes_apply_errors",
+        "States from the cluster that could not be applied (the last good one stayed)",
+        k.apply_errors,
+    );
+    counter(
+        r,
+        "kubernetes_flows_ended",
+        "Flows ended when a backend's deregistration delay ran out",
+        k.flows_ended,
+    );
+    let problems = Gauge::<i64>::default();
+    problems.set(k.problems as i64);
+    r.register(
+        "kubernetes_problems",
+        "Current problems with Services (bad annotations, frontends not served), also posted as Events",
+        problems,
+    );
+    if let Some(h) = sync_latency {
+        r.register(
+            "kubernetes_sync_latency_seconds",
+            "From a change seen by a watcher to the maps holding it",
+            h.clone(),
+        );
+    }
 }

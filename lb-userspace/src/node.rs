@@ -122,6 +122,18 @@ pub fn view(
     })
 }
 
+/// The uplinks' global addresses: where clients (and an NLB with instance targets) reach the
+/// node, so where node ports are served.
+pub fn uplink_addrs(nl: &mut Netlink, ifaces: &Interfaces) -> Result<Vec<IpAddr>, NodeError> {
+    let uplinks: BTreeSet<u32> = ifaces.uplinks.iter().map(|l| l.ifindex).collect();
+    Ok(nl
+        .addresses()?
+        .into_iter()
+        .filter(|a| a.global && uplinks.contains(&a.ifindex))
+        .map(|a| a.addr)
+        .collect())
+}
+
 fn backend_addrs(desired: &Desired) -> BTreeSet<IpAddr> {
     desired
         .services

@@ -2,7 +2,7 @@
 //! path already treats them as absent; deleting them frees memory and snat ports) and source
 //! buckets that have refilled (a full bucket is the same as no entry, so removing one never
 //! changes a limit; this is what keeps the source table from filling up for good).
-use lb_common::{Bucket, FlowKey, Limit, SourceKey, bucket::tokens};
+use lb_common::{Addr, Bucket, FLOW_REPLY, FLOW_RESET, FlowKey, Limit, SourceKey, bucket::tokens};
 
 use crate::dataplane::Maps;
 
@@ -58,4 +58,42 @@ pub fn sweep(maps: &mut Maps, now_ns: u64) -> SweepReport {
         }
     }
     report
+}
+
+/// Ends the flows of one service that go to one backend (its deregistration delay is over):
+/// with `reset`, the client's next packet is answered with a TCP RST; else the flows are
+/// forgotten (their next packet is a new flow, to a current backend). Returns how many flows.
+pub fn end_flows(maps: &mut Maps, service: u32, backend: Addr, port: u16, reset: bool) -> usize {
+    let port = port.to_be();
+    let mut ended = 0;
+    let matching: Vec<(FlowKey, lb_common::Flow)> = maps
+        .flows
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(k, f)| {
+            f.service == service
+                && if f.flags & FLOW_REPLY == 0 {
+                    // Client to backend: rewritten to the backend.
+                    f.dst == backend && f.dport == port
+                } else {
+                    // Backend to client: keyed by the backend.
+                    k.src == backend && k.sport == port
+                }
+        })
+        .collect();
+    for (key, mut flow) in matching {
+        if flow.flags & FLOW_REPLY == 0 {
+            ended += 1;
+        }
+        let done = if reset && flow.flags & FLOW_REPLY == 0 {
+            flow.flags |= FLOW_RESET;
+            maps.flows.insert(key, flow, 0)
+        } else {
+            maps.flows.remove(&key)
+        };
+        if let Err(e) = done {
+            log::debug!("ending a flow: {e}");
+        }
+    }
+    ended
 }

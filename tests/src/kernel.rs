@@ -38,7 +38,7 @@ pub const NODE_V6: &str = "fd00:a::1";
 pub struct Fixture {
     pub ebpf: Ebpf,
     /// Keeps the tail-call table filled.
-    _progs: aya::maps::ProgramArray<aya::maps::MapData>,
+    _progs: aya::maps::Map,
     pub maps: Maps,
     pub reconciler: Reconciler,
     pub node: NodeView,

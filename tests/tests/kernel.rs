@@ -20,7 +20,8 @@ const PASS: u32 = 2;
 const TX: u32 = 3;
 const REDIRECT: u32 = 4;
 // TC verdicts of lb_backend.
-const TC_OK: u32 = 0;
+/// TCX_NEXT: on to the next program (and then the kernel).
+const TC_NEXT: u32 = -1i32 as u32;
 const TC_REDIRECT: u32 = 7;
 
 fn sizes() -> Sizes {
@@ -411,7 +412,7 @@ fn pods_own_traffic_on_a_backend_interface_goes_to_the_kernel() {
     // The pod starts a connection of its own (no flow): not ours.
     let pkt = Spec::tcp("10.1.9.2", 33333, "93.184.216.34", 443, TCP_SYN).build();
     let out = fx.from_pod(&pkt).unwrap();
-    assert_eq!(out.verdict, TC_OK);
+    assert_eq!(out.verdict, TC_NEXT);
     assert_eq!(out.packet, pkt);
 }
 

@@ -206,8 +206,17 @@ const TIERS: &[(&str, &str, &[&str])] = &[
     ),
     (
         "k8s",
-        "Kubernetes: the agent against a real API server",
-        &["-p", "lb-tests", "--test", "k8s", "--", "--test-threads=1"],
+        "Kubernetes: the agent and the deploy/ manifests against a real API server",
+        &[
+            "-p",
+            "lb-tests",
+            "--test",
+            "k8s",
+            "--test",
+            "manifests",
+            "--",
+            "--test-threads=1",
+        ],
     ),
     (
         "bench-smoke",

@@ -1,0 +1,638 @@
+//! Kubernetes as a source of desired state: Services that opt in and their EndpointSlices,
+//! read the way kube-proxy reads them, become `model::Service`s the reconciler applies like the
+//! config file's. This file is the translation (pure: objects in, services out); `watch` keeps
+//! the objects current.
+//!
+//! Opt-in: the annotation `xdplb.io/enabled: "true"`. kube-proxy keeps handling the Service's
+//! ClusterIP (in-cluster clients); the agent serves its external entry points, where XDP sees
+//! packets before kube-proxy's rules do: `status.loadBalancer.ingress` IPs, `spec.externalIPs`,
+//! and the `nodePort` on this node's addresses (where an NLB with instance targets sends).
+//!
+//! Endpoints, per service port, as kube-proxy takes them (KEP-1669): the ready ones; if there is
+//! none, the terminating ones that still serve. With `externalTrafficPolicy: Local`, only this
+//! node's (by `nodeName`), and the client's address is kept. An endpoint that stops being used
+//! drains like an NLB target: it keeps its flows but gets no new ones for the deregistration
+//! delay, then its flows are ended.
+pub mod health;
+pub mod source;
+pub mod watch;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::api::{
+    core::v1::{Service as KubeService, ServicePort},
+    discovery::v1::EndpointSlice,
+};
+
+use crate::{
+    config::RawPolicy,
+    maglev::MAX_WEIGHT,
+    model::{Backend, Frontend, Mode, Policy, Protocol, Service},
+};
+
+pub const ENABLED: &str = "xdplb.io/enabled";
+pub const MODE: &str = "xdplb.io/mode";
+pub const WEIGHTS: &str = "xdplb.io/backend-weights";
+pub const DEREGISTRATION_DELAY: &str = "xdplb.io/deregistration-delay-seconds";
+pub const DEREGISTRATION_RESET: &str = "xdplb.io/deregistration-reset";
+pub const RATE_LIMIT: &str = "xdplb.io/rate-limit";
+/// Per-service policy fields: `rate-limit.xdplb.io/<field>`, fields as in the config file.
+pub const RATE_LIMIT_FIELD: &str = "rate-limit.xdplb.io/";
+/// The label EndpointSlices name their Service with.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// NLB's default deregistration delay, and its range.
+pub const DEFAULT_DEREGISTRATION_DELAY: Duration = Duration::from_secs(300);
+const MAX_DEREGISTRATION_DELAY: u64 = 3600;
+/// Kubernetes' default ClientIP affinity timeout.
+const DEFAULT_AFFINITY_TIMEOUT: u64 = 10_800;
+
+/// (namespace, name).
+pub type ObjectKey = (String, String);
+
+/// The objects as the watchers last saw them.
+#[derive(Clone, Debug, Default)]
+pub struct Cluster {
+    pub services: BTreeMap<ObjectKey, KubeService>,
+    /// (namespace, service name) -> slice name -> slice.
+    pub slices: BTreeMap<ObjectKey, BTreeMap<String, EndpointSlice>>,
+}
+
+impl Cluster {
+    pub fn slice_count(&self) -> usize {
+        self.slices.values().map(BTreeMap::len).sum()
+    }
+}
+
+/// What the translation needs to know about this node.
+#[derive(Clone, Debug, Default)]
+pub struct NodeInfo {
+    /// The Node's name (EndpointSlice `nodeName`).
+    pub name: String,
+    /// Addresses NodePorts are served on (the uplinks').
+    pub addrs: Vec<IpAddr>,
+}
+
+/// Something wrong with an object: reported (Kubernetes Event and log), never fatal.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Problem {
+    pub object: ObjectKey,
+    pub field: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Service {}/{}: {}: {}",
+            self.object.0, self.object.1, self.field, self.message
+        )
+    }
+}
+
+/// Flows to end: a backend whose deregistration delay ran out.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct EndFlows {
+    pub frontend: Frontend,
+    pub backend: (IpAddr, u16),
+    /// Answer their next packets with a TCP RST (else just forget them).
+    pub reset: bool,
+}
+
+/// A health-check node port (externalTrafficPolicy Local): answered 200 while this node has a
+/// ready local endpoint, 503 otherwise.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub port: u16,
+    pub service: ObjectKey,
+    pub local_endpoints: usize,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Translation {
+    pub services: Vec<Service>,
+    /// Per-service policies from annotations, named `service:<ns>/<name>`.
+    pub policies: BTreeMap<String, Policy>,
+    pub problems: Vec<Problem>,
+    pub health_checks: Vec<HealthCheck>,
+    pub end_flows: Vec<EndFlows>,
+}
+
+/// A backend being drained.
+#[derive(Clone, Debug)]
+struct Draining {
+    until: Instant,
+    reset: bool,
+}
+
+/// Turns the cluster into services, keeping track of backends that are draining.
+#[derive(Default)]
+pub struct Translator {
+    /// What each frontend used last time: (address, port) -> weight.
+    previous: BTreeMap<Frontend, BTreeMap<(IpAddr, u16), u32>>,
+    draining: BTreeMap<(Frontend, (IpAddr, u16)), Draining>,
+}
+
+impl Translator {
+    /// `named_policies`: policies the node config defines (services may refer to them).
+    pub fn translate(
+        &mut self,
+        cluster: &Cluster,
+        node: &NodeInfo,
+        named_policies: &BTreeSet<String>,
+        now: Instant,
+    ) -> Translation {
+        let mut out = Translation::default();
+        let empty = BTreeMap::new();
+        for (key, svc) in &cluster.services {
+            if !enabled(svc) {
+                continue;
+            }
+            let slices = cluster.slices.get(key).unwrap_or(&empty);
+            self.service(key, svc, slices, node, named_policies, now, &mut out);
+        }
+        // Frontends whose Service went away altogether: their backends drain too.
+        let current: BTreeSet<Frontend> = out.services.iter().map(|s| s.frontend).collect();
+        let gone: Vec<Frontend> = self
+            .previous
+            .keys()
+            .filter(|f| !current.contains(f))
+            .copied()
+            .collect();
+        for f in gone {
+            // Without a service entry there is nothing to drain through: the flows keep their
+            // entries until idle (the VIP's filter entry goes when no service uses it).
+            self.previous.remove(&f);
+            self.draining.retain(|(df, _), _| *df != f);
+        }
+        out.problems.sort();
+        out.problems.dedup();
+        out
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn service(
+        &mut self,
+        key: &ObjectKey,
+        svc: &KubeService,
+        slices: &BTreeMap<String, EndpointSlice>,
+        node: &NodeInfo,
+        named_policies: &BTreeSet<String>,
+        now: Instant,
+        out: &mut Translation,
+    ) {
+        let Some(spec) = &svc.spec else { return };
+        let annotations = svc.metadata.annotations.clone().unwrap_or_default();
+        let problem = |field: &str, message: String| Problem {
+            object: key.clone(),
+            field: field.to_string(),
+            message,
+        };
+        let local_only = spec.external_traffic_policy.as_deref() == Some("Local");
+        let mut mode = if local_only {
+            Mode::PreserveClientIp
+        } else {
+            Mode::Snat
+        };
+        if let Some(m) = annotations.get(MODE) {
+            match m.as_str() {
+                "snat" => mode = Mode::Snat,
+                "preserve-client-ip" if local_only => {}
+                "preserve-client-ip" => out.problems.push(problem(
+                    MODE,
+                    "preserve-client-ip needs externalTrafficPolicy: Local (remote endpoints would need direct server return); using snat".into(),
+                )),
+                other => out.problems.push(problem(MODE, format!("`{other}`: snat or preserve-client-ip; using the default"))),
+            }
+        }
+        if local_only && mode == Mode::Snat {
+            // Local + snat is allowed (source NAT to the node, local endpoints only).
+        }
+        let weights = parse_weights(annotations.get(WEIGHTS)).unwrap_or_else(|m| {
+            out.problems.push(problem(WEIGHTS, m));
+            BTreeMap::new()
+        });
+        let delay = match annotations
+            .get(DEREGISTRATION_DELAY)
+            .map(|v| v.parse::<u64>())
+        {
+            None => DEFAULT_DEREGISTRATION_DELAY,
+            Some(Ok(s)) if s <= MAX_DEREGISTRATION_DELAY => Duration::from_secs(s),
+            Some(_) => {
+                out.problems.push(problem(
+                    DEREGISTRATION_DELAY,
+                    format!("must be whole seconds 0..={MAX_DEREGISTRATION_DELAY}; using 300"),
+                ));
+                DEFAULT_DEREGISTRATION_DELAY
+            }
+        };
+        let reset = match annotations.get(DEREGISTRATION_RESET).map(String::as_str) {
+            None | Some("false") => false,
+            Some("true") => true,
+            Some(other) => {
+                out.problems.push(problem(
+                    DEREGISTRATION_RESET,
+                    format!("`{other}`: true or false"),
+                ));
+                false
+            }
+        };
+        let policy = self.policy(key, &annotations, named_policies, out);
+        let affinity = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+            let t = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds)
+                .and_then(|t| u64::try_from(t).ok())
+                .unwrap_or(DEFAULT_AFFINITY_TIMEOUT);
+            Duration::from_secs(t.max(1))
+        });
+
+        let ns_name = format!("{}/{}", key.0, key.1);
+        let mut local_ready = 0usize;
+        for sp in spec.ports.iter().flatten() {
+            let Some(protocol) = protocol(sp) else {
+                continue; // SCTP: not ours.
+            };
+            let endpoints = endpoints(
+                sp,
+                protocol,
+                slices,
+                local_only.then_some(node.name.as_str()),
+            );
+            local_ready = local_ready.max(endpoints.iter().filter(|e| e.ready).count());
+            let port_name = sp.name.clone().unwrap_or_else(|| sp.port.to_string());
+            for frontend in frontends(spec, svc, sp, protocol, node) {
+                let mut backends: BTreeMap<(IpAddr, u16), u32> = BTreeMap::new();
+                // Dual-stack services have a slice per family: a frontend takes its own family's
+                // endpoints (the data path does not translate between IPv4 and IPv6).
+                for e in endpoints
+                    .iter()
+                    .filter(|e| e.addr.is_ipv4() == frontend.vip.is_ipv4())
+                {
+                    let w = e
+                        .target
+                        .as_ref()
+                        .and_then(|t| weights.get(t))
+                        .or_else(|| weights.get(&e.addr.to_string()))
+                        .copied()
+                        .unwrap_or(1);
+                    backends.insert((e.addr, e.port), w);
+                }
+                let backends = self.drain(frontend, backends, delay, reset, now, out);
+                out.services.push(Service {
+                    name: format!("{ns_name}:{port_name}"),
+                    source: format!("Service {ns_name}"),
+                    frontend,
+                    mode,
+                    backends: backends
+                        .into_iter()
+                        .map(|((addr, port), weight)| Backend { addr, port, weight })
+                        .collect(),
+                    policy: policy.clone(),
+                    affinity,
+                });
+            }
+        }
+        if local_only
+            && let Some(port) = spec
+                .health_check_node_port
+                .and_then(|p| u16::try_from(p).ok())
+        {
+            out.health_checks.push(HealthCheck {
+                port,
+                service: key.clone(),
+                local_endpoints: local_ready,
+            });
+        }
+    }
+
+    /// The backends a frontend should have, draining included: an endpoint it used before and
+    /// no longer does stays, at weight 0, until its delay runs out; then its flows are ended.
+    fn drain(
+        &mut self,
+        frontend: Frontend,
+        mut backends: BTreeMap<(IpAddr, u16), u32>,
+        delay: Duration,
+        reset: bool,
+        now: Instant,
+        out: &mut Translation,
+    ) -> BTreeMap<(IpAddr, u16), u32> {
+        let previous = self.previous.remove(&frontend).unwrap_or_default();
+        for backend in previous.into_keys() {
+            let key = (frontend, backend);
+            if backends.contains_key(&backend) {
+                // Still an endpoint (a weight of 0 is maintenance, which keeps its flows): not
+                // draining, or no longer.
+                self.draining.remove(&key);
+                continue;
+            }
+            let d = self.draining.entry(key).or_insert(Draining {
+                until: now + delay,
+                reset,
+            });
+            if now >= d.until {
+                // The reset choice made when the drain began.
+                let reset = d.reset;
+                self.draining.remove(&key);
+                backends.remove(&backend);
+                out.end_flows.push(EndFlows {
+                    frontend,
+                    backend,
+                    reset,
+                });
+            } else {
+                backends.insert(backend, 0);
+            }
+        }
+        self.previous.insert(frontend, backends.clone());
+        backends
+    }
+
+    /// The policy for a service: its own from `rate-limit.xdplb.io/*` annotations, or a named
+    /// one from `xdplb.io/rate-limit`, or none (the node default applies).
+    fn policy(
+        &self,
+        key: &ObjectKey,
+        annotations: &BTreeMap<String, String>,
+        named: &BTreeSet<String>,
+        out: &mut Translation,
+    ) -> Option<String> {
+        let fields: BTreeMap<&str, &str> = annotations
+            .iter()
+            .filter_map(|(k, v)| k.strip_prefix(RATE_LIMIT_FIELD).map(|f| (f, v.as_str())))
+            .collect();
+        let problem = |field: String, message: String| Problem {
+            object: key.clone(),
+            field,
+            message,
+        };
+        if !fields.is_empty() {
+            match raw_policy(&fields).and_then(|raw| {
+                raw.to_policy()
+                    .map_err(|(field, msg)| (format!("{RATE_LIMIT_FIELD}{field}"), msg))
+            }) {
+                Ok(p) => {
+                    let name = format!("service:{}/{}", key.0, key.1);
+                    out.policies.insert(name.clone(), p);
+                    return Some(name);
+                }
+                Err((field, msg)) => {
+                    out.problems.push(problem(
+                        field,
+                        format!("{msg}; serving without this policy"),
+                    ));
+                }
+            }
+        }
+        match annotations.get(RATE_LIMIT) {
+            Some(name) if named.contains(name) => Some(name.clone()),
+            Some(name) => {
+                out.problems.push(problem(
+                    RATE_LIMIT.into(),
+                    format!(
+                        "no rate limit named `{name}` in the node config; using the node default"
+                    ),
+                ));
+                None
+            }
+            None => None,
+        }
+    }
+}
+
+/// The Service a translated service came from (its `source`, "Service <namespace>/<name>").
+pub fn object_of(source: &str) -> Option<ObjectKey> {
+    let (ns, name) = source.strip_prefix("Service ")?.split_once('/')?;
+    Some((ns.to_string(), name.to_string()))
+}
+
+fn enabled(svc: &KubeService) -> bool {
+    svc.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ENABLED))
+        .is_some_and(|v| v == "true")
+        && svc
+            .spec
+            .as_ref()
+            .is_some_and(|s| s.type_.as_deref() != Some("ExternalName"))
+}
+
+fn protocol(sp: &ServicePort) -> Option<Protocol> {
+    match sp.protocol.as_deref().unwrap_or("TCP") {
+        "TCP" => Some(Protocol::Tcp),
+        "UDP" => Some(Protocol::Udp),
+        _ => None,
+    }
+}
+
+/// Where clients reach a service port: load-balancer ingress IPs, external IPs, and the node
+/// port on this node's addresses.
+fn frontends(
+    spec: &k8s_openapi::api::core::v1::ServiceSpec,
+    svc: &KubeService,
+    sp: &ServicePort,
+    protocol: Protocol,
+    node: &NodeInfo,
+) -> Vec<Frontend> {
+    let Ok(port) = u16::try_from(sp.port) else {
+        return Vec::new();
+    };
+    let mut vips: BTreeSet<IpAddr> = BTreeSet::new();
+    let ingress = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref());
+    for i in ingress.into_iter().flatten() {
+        if let Some(ip) = i.ip.as_deref().and_then(|ip| ip.parse().ok()) {
+            vips.insert(ip);
+        }
+    }
+    for ip in spec.external_ips.iter().flatten() {
+        if let Ok(ip) = ip.parse() {
+            vips.insert(ip);
+        }
+    }
+    let mut out: Vec<Frontend> = vips
+        .into_iter()
+        .map(|vip| Frontend {
+            vip,
+            port,
+            protocol,
+        })
+        .collect();
+    if let Some(node_port) = sp.node_port.and_then(|p| u16::try_from(p).ok()) {
+        for addr in &node.addrs {
+            out.push(Frontend {
+                vip: *addr,
+                port: node_port,
+                protocol,
+            });
+        }
+    }
+    out
+}
+
+/// An endpoint usable for one service port.
+#[derive(Clone, Debug)]
+struct Endpoint {
+    addr: IpAddr,
+    port: u16,
+    ready: bool,
+    /// The pod's name (targetRef), for weight annotations.
+    target: Option<String>,
+}
+
+/// The endpoints of a service port, as kube-proxy picks them: ready ones, else (KEP-1669)
+/// terminating ones that still serve; only this node's with `local_node`. The port comes from
+/// each slice's port of the same name and protocol (named target ports are resolved per slice).
+fn endpoints(
+    sp: &ServicePort,
+    protocol: Protocol,
+    slices: &BTreeMap<String, EndpointSlice>,
+    local_node: Option<&str>,
+) -> Vec<Endpoint> {
+    let want_name = sp.name.as_deref().unwrap_or("");
+    let want_proto = match protocol {
+        Protocol::Tcp => "TCP",
+        Protocol::Udp => "UDP",
+    };
+    let mut ready = Vec::new();
+    let mut serving_terminating = Vec::new();
+    for slice in slices.values() {
+        if slice.address_type != "IPv4" && slice.address_type != "IPv6" {
+            continue;
+        }
+        let Some(port) = slice.ports.iter().flatten().find_map(|p| {
+            let name_ok = p.name.as_deref().unwrap_or("") == want_name;
+            let proto_ok = p.protocol.as_deref().unwrap_or("TCP") == want_proto;
+            (name_ok && proto_ok).then_some(p.port).flatten()
+        }) else {
+            continue;
+        };
+        let Ok(port) = u16::try_from(port) else {
+            continue;
+        };
+        for e in slice.endpoints.iter().flatten() {
+            if let Some(node) = local_node
+                && e.node_name.as_deref() != Some(node)
+            {
+                continue;
+            }
+            let c = e.conditions.clone().unwrap_or_default();
+            // Unset means ready (and serving); terminating unset means not terminating.
+            let is_ready = c.ready.unwrap_or(true);
+            let serving = c.serving.unwrap_or(is_ready);
+            let terminating = c.terminating.unwrap_or(false);
+            let target = e.target_ref.as_ref().and_then(|t| t.name.clone());
+            for a in &e.addresses {
+                let Ok(addr) = a.parse::<IpAddr>() else {
+                    continue;
+                };
+                let ep = Endpoint {
+                    addr,
+                    port,
+                    ready: is_ready,
+                    target: target.clone(),
+                };
+                if is_ready {
+                    ready.push(ep);
+                } else if serving && terminating {
+                    serving_terminating.push(ep);
+                }
+            }
+        }
+    }
+    if ready.is_empty() {
+        serving_terminating
+    } else {
+        ready
+    }
+}
+
+/// `xdplb.io/backend-weights: "pod-a=2, 10.1.2.3=0"`: by pod name or address.
+fn parse_weights(value: Option<&String>) -> Result<BTreeMap<String, u32>, String> {
+    let mut out = BTreeMap::new();
+    let Some(value) = value else {
+        return Ok(out);
+    };
+    for item in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (who, w) = item.split_once('=').ok_or_else(|| {
+            format!("`{item}`: expected name-or-address=weight; ignoring the annotation")
+        })?;
+        let w: u32 = w
+            .trim()
+            .parse()
+            .ok()
+            .filter(|w| *w <= MAX_WEIGHT)
+            .ok_or_else(|| {
+                format!("`{item}`: weight must be 0..={MAX_WEIGHT}; ignoring the annotation")
+            })?;
+        out.insert(who.trim().to_string(), w);
+    }
+    Ok(out)
+}
+
+/// A policy from `rate-limit.xdplb.io/*` annotation fields (same names as the config file).
+fn raw_policy(fields: &BTreeMap<&str, &str>) -> Result<RawPolicy, (String, String)> {
+    let mut raw = RawPolicy::default();
+    let err = |f: &str, m: String| (format!("{RATE_LIMIT_FIELD}{f}"), m);
+    let num = |f: &str, v: &str| {
+        v.trim()
+            .parse::<u64>()
+            .map_err(|_| err(f, format!("`{v}` is not a whole number")))
+    };
+    let list = |v: &str| {
+        v.split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect::<Vec<_>>()
+    };
+    for (field, value) in fields {
+        match *field {
+            "packets-per-second" => raw.packets_per_second = Some(num(field, value)?),
+            "packets-burst" => raw.packets_burst = Some(num(field, value)?),
+            "connections-per-second" => raw.connections_per_second = Some(num(field, value)?),
+            "connections-burst" => raw.connections_burst = Some(num(field, value)?),
+            "ipv6-prefix" => {
+                raw.ipv6_prefix = Some(
+                    value
+                        .trim()
+                        .parse()
+                        .map_err(|_| err(field, format!("`{value}` is not a prefix length")))?,
+                )
+            }
+            "table-full" => {
+                raw.table_full = Some(match value.trim() {
+                    "fail-closed" => crate::model::TableFull::FailClosed,
+                    "fail-open" => crate::model::TableFull::FailOpen,
+                    other => {
+                        return Err(err(field, format!("`{other}`: fail-closed or fail-open")));
+                    }
+                })
+            }
+            "reject-syn-with-rst" => {
+                raw.reject_syn_with_rst = Some(match value.trim() {
+                    "true" => true,
+                    "false" => false,
+                    other => return Err(err(field, format!("`{other}`: true or false"))),
+                })
+            }
+            "exempt" => raw.exempt = list(value),
+            "deny" => raw.deny = list(value),
+            other => return Err(err(other, "unknown field".into())),
+        }
+    }
+    Ok(raw)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,182 @@
+//! The cluster as a source of desired state for the running agent: a client, the watchers,
+//! the translator, Events and health-check servers, stepped by the agent's loop.
+use std::{
+    collections::BTreeSet,
+    net::IpAddr,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use kube::{Client, Config, config::KubeConfigOptions};
+use log::warn;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use tokio::sync::watch as latest;
+
+use super::{
+    NodeInfo, Problem, Translation, Translator,
+    health::HealthServers,
+    watch::{Events, Watch},
+};
+use crate::agent::{Agent, KubeHealth};
+
+/// What the cluster's state is applied to: the agent (its maps), or a stand-in in tests.
+pub trait Target {
+    /// Rate-limit policies the node config names (Services may refer to them).
+    fn named_policies(&self) -> BTreeSet<String>;
+    /// The node's addresses that node ports are served on.
+    fn node_addrs(&mut self) -> Vec<IpAddr>;
+    /// Composes and applies; returns the problems to report, or why nothing was applied.
+    fn apply_kubernetes(&mut self, translation: Translation) -> Result<Vec<Problem>, String>;
+    fn kube_health(&mut self) -> &mut KubeHealth;
+}
+
+impl Target for Agent {
+    fn named_policies(&self) -> BTreeSet<String> {
+        Agent::named_policies(self)
+    }
+    fn node_addrs(&mut self) -> Vec<IpAddr> {
+        self.uplink_addrs()
+    }
+    fn apply_kubernetes(&mut self, translation: Translation) -> Result<Vec<Problem>, String> {
+        Agent::apply_kubernetes(self, translation)
+    }
+    fn kube_health(&mut self) -> &mut KubeHealth {
+        self.health
+            .kubernetes
+            .get_or_insert_with(KubeHealth::default)
+    }
+}
+
+/// How long a burst of changes may go on before it is applied (all of it at once).
+pub const COALESCE: Duration = Duration::from_millis(50);
+
+pub struct KubeSource {
+    node_name: String,
+    pub watch: Watch,
+    translator: Translator,
+    /// The problems to report; a task posts Events for them (slowly if the API server is).
+    problems: latest::Sender<Vec<Problem>>,
+    reporter: tokio::task::JoinHandle<()>,
+    health_checks: HealthServers,
+    /// The last change already applied, for the sync latency.
+    applied_change: Option<Instant>,
+    last_error: Option<String>,
+    /// Seconds from a change seen by a watcher to the maps holding it.
+    pub sync_latency: Histogram,
+}
+
+impl Drop for KubeSource {
+    fn drop(&mut self) {
+        self.reporter.abort();
+    }
+}
+
+impl KubeSource {
+    /// A client from `kubeconfig`, else the in-cluster service account or ~/.kube/config. Does
+    /// not need the API server to be up: the watchers keep trying.
+    pub async fn connect(kubeconfig: Option<&Path>, node_name: String) -> Result<KubeSource> {
+        let config = match kubeconfig {
+            Some(path) => {
+                let kc = kube::config::Kubeconfig::read_from(path)
+                    .with_context(|| format!("reading the kubeconfig {}", path.display()))?;
+                Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+                    .await
+                    .with_context(|| format!("the kubeconfig {}", path.display()))?
+            }
+            None => Config::infer().await.context(
+                "no Kubernetes API server: neither in a cluster nor a kubeconfig (--kubeconfig)",
+            )?,
+        };
+        let client = Client::try_from(config).context("Kubernetes client")?;
+        let watch = Watch::start(client.clone());
+        let (problems, mut rx) = latest::channel(Vec::<Problem>::new());
+        let reporter = tokio::spawn(async move {
+            let mut events = Events::default();
+            while rx.changed().await.is_ok() {
+                let p = rx.borrow_and_update().clone();
+                events.report(&client, &p).await;
+            }
+        });
+        Ok(KubeSource {
+            node_name,
+            watch,
+            translator: Translator::default(),
+            problems,
+            reporter,
+            health_checks: HealthServers::default(),
+            applied_change: None,
+            last_error: None,
+            sync_latency: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
+        })
+    }
+
+    /// Brings the target up to date with the cluster (cheap when nothing changed: the composed
+    /// state is compared before anything is written). Also runs every tick, for drains that
+    /// end with time.
+    pub fn step(&mut self, target: &mut impl Target) {
+        let status = self.watch.status();
+        let h = target.kube_health();
+        h.synced = status.synced();
+        h.watch_errors = status.errors;
+        h.watch_events = status.events;
+        h.watch_error = status.last_error.clone();
+        if !status.synced() {
+            return;
+        }
+        let cluster = self.watch.snapshot();
+        let node = NodeInfo {
+            name: self.node_name.clone(),
+            addrs: target.node_addrs(),
+        };
+        let translation =
+            self.translator
+                .translate(&cluster, &node, &target.named_policies(), Instant::now());
+        let h = target.kube_health();
+        h.services_seen = cluster.services.len();
+        h.slices_seen = cluster.slice_count();
+        h.services_enabled = translation
+            .services
+            .iter()
+            .map(|s| s.source.as_str())
+            .collect::<BTreeSet<_>>()
+            .len();
+        h.frontends = translation.services.len();
+        let checks = translation.health_checks.clone();
+        match target.apply_kubernetes(translation) {
+            Ok(problems) => {
+                self.last_error = None;
+                if let Some(changed) = status.last_change
+                    && self.applied_change != Some(changed)
+                {
+                    self.sync_latency.observe(changed.elapsed().as_secs_f64());
+                    self.applied_change = Some(changed);
+                }
+                let h = target.kube_health();
+                h.problems = problems.len();
+                h.apply_error = None;
+                self.problems.send_if_modified(|p| {
+                    let same = *p == problems;
+                    *p = problems;
+                    !same
+                });
+            }
+            Err(e) => {
+                let h = target.kube_health();
+                // Counted and logged once per distinct error (this runs every tick).
+                if self.last_error.as_ref() != Some(&e) {
+                    warn!("the cluster's state cannot be applied; the last good one stays: {e}");
+                    self.last_error = Some(e.clone());
+                    h.apply_errors += 1;
+                }
+                h.apply_error = Some(e);
+            }
+        }
+        self.health_checks.update(&checks);
+    }
+
+    /// The health-check node ports being served.
+    pub fn health_check_ports(&self) -> Vec<u16> {
+        self.health_checks.ports()
+    }
+}

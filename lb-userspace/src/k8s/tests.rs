@@ -1,0 +1,497 @@
+//! Translation tests: Kubernetes objects in, services out (no API server needed).
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::{
+        core::v1::{
+            ClientIPConfig, LoadBalancerIngress, LoadBalancerStatus, ObjectReference,
+            Service as KubeService, ServicePort, ServiceSpec, ServiceStatus, SessionAffinityConfig,
+        },
+        discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+
+use super::*;
+
+fn svc(
+    name: &str,
+    annotations: &[(&str, &str)],
+    ports: &[(&str, i32, Option<i32>)],
+) -> KubeService {
+    KubeService {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some("default".into()),
+            annotations: Some(
+                annotations
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+            ..Default::default()
+        },
+        spec: Some(ServiceSpec {
+            type_: Some("LoadBalancer".into()),
+            ports: Some(
+                ports
+                    .iter()
+                    .map(|(n, p, np)| ServicePort {
+                        name: (!n.is_empty()).then(|| n.to_string()),
+                        port: *p,
+                        node_port: *np,
+                        protocol: Some("TCP".into()),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            ..Default::default()
+        }),
+        status: Some(ServiceStatus {
+            load_balancer: Some(LoadBalancerStatus {
+                ingress: Some(vec![LoadBalancerIngress {
+                    ip: Some("10.96.0.10".into()),
+                    ..Default::default()
+                }]),
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
+/// An endpoint: (address, ready, serving, terminating, node, pod).
+type Ep<'a> = (&'a str, bool, bool, bool, &'a str, &'a str);
+
+fn slice(name: &str, port_name: &str, port: i32, endpoints: &[Ep<'_>]) -> EndpointSlice {
+    EndpointSlice {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some("default".into()),
+            ..Default::default()
+        },
+        address_type: if endpoints.first().is_some_and(|e| e.0.contains(':')) {
+            "IPv6"
+        } else {
+            "IPv4"
+        }
+        .into(),
+        ports: Some(vec![EndpointPort {
+            name: Some(port_name.into()),
+            port: Some(port),
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+        endpoints: Some(
+            endpoints
+                .iter()
+                .map(|(a, r, s, t, n, pod)| Endpoint {
+                    addresses: vec![a.to_string()],
+                    conditions: Some(EndpointConditions {
+                        ready: Some(*r),
+                        serving: Some(*s),
+                        terminating: Some(*t),
+                    }),
+                    node_name: Some(n.to_string()),
+                    target_ref: Some(ObjectReference {
+                        name: Some(pod.to_string()),
+                        kind: Some("Pod".into()),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .collect(),
+        ),
+    }
+}
+
+fn cluster(service: KubeService, slices: Vec<EndpointSlice>) -> Cluster {
+    let key: ObjectKey = ("default".into(), service.metadata.name.clone().unwrap());
+    let mut c = Cluster::default();
+    c.slices.insert(
+        key.clone(),
+        slices
+            .into_iter()
+            .map(|s| (s.metadata.name.clone().unwrap(), s))
+            .collect(),
+    );
+    c.services.insert(key, service);
+    c
+}
+
+fn node() -> NodeInfo {
+    NodeInfo {
+        name: "node1".into(),
+        addrs: vec!["10.0.0.1".parse().unwrap()],
+    }
+}
+
+const ON: (&str, &str) = (ENABLED, "true");
+
+fn ready(addr: &'static str, node: &'static str) -> Ep<'static> {
+    (addr, true, true, false, node, addr)
+}
+
+/// (frontend, sorted backends as "addr:port=weight").
+fn summary(t: &Translation) -> BTreeMap<String, Vec<String>> {
+    t.services
+        .iter()
+        .map(|s| {
+            let mut b: Vec<String> = s
+                .backends
+                .iter()
+                .map(|b| format!("{}:{}={}", b.addr, b.port, b.weight))
+                .collect();
+            b.sort();
+            (s.frontend.to_string(), b)
+        })
+        .collect()
+}
+
+fn run(c: &Cluster) -> Translation {
+    Translator::default().translate(c, &node(), &BTreeSet::new(), Instant::now())
+}
+
+#[test]
+fn only_services_that_opt_in_are_served() {
+    let c = cluster(
+        svc("web", &[], &[("http", 80, None)]),
+        vec![slice("web-1", "http", 8080, &[ready("10.1.1.2", "node1")])],
+    );
+    assert!(run(&c).services.is_empty());
+    let c = cluster(
+        svc("web", &[(ENABLED, "false")], &[("http", 80, None)]),
+        vec![],
+    );
+    assert!(run(&c).services.is_empty());
+}
+
+#[test]
+fn load_balancer_ips_external_ips_and_node_ports_become_frontends() {
+    let mut s = svc(
+        "web",
+        &[ON],
+        &[("http", 80, Some(30080)), ("dns", 53, None)],
+    );
+    s.spec.as_mut().unwrap().external_ips = Some(vec!["192.0.2.7".into()]);
+    let c = cluster(
+        s,
+        vec![slice("web-1", "http", 8080, &[ready("10.1.1.2", "node1")])],
+    );
+    let t = run(&c);
+    let fronts: Vec<String> = summary(&t).into_keys().collect();
+    assert_eq!(
+        fronts,
+        [
+            "10.0.0.1:30080/tcp",
+            "10.96.0.10:53/tcp",
+            "10.96.0.10:80/tcp",
+            "192.0.2.7:53/tcp",
+            "192.0.2.7:80/tcp"
+        ]
+    );
+    let web = t
+        .services
+        .iter()
+        .find(|s| s.frontend.port == 80 && s.frontend.vip.to_string() == "10.96.0.10")
+        .unwrap();
+    assert_eq!(web.name, "default/web:http");
+    assert_eq!(web.source, "Service default/web");
+    assert_eq!(web.mode, Mode::Snat);
+    assert_eq!(web.backends.len(), 1);
+    // The "dns" port has no slice port of that name: no endpoints.
+    let dns = t.services.iter().find(|s| s.frontend.port == 53).unwrap();
+    assert!(dns.backends.is_empty());
+}
+
+#[test]
+fn named_target_ports_are_resolved_per_slice_and_many_slices_add_up() {
+    let c = cluster(
+        svc("web", &[ON], &[("http", 80, None)]),
+        vec![
+            slice(
+                "web-1",
+                "http",
+                8080,
+                &[ready("10.1.1.2", "node1"), ready("10.1.1.3", "node1")],
+            ),
+            // Pods from another revision serve the same named port on another number.
+            slice("web-2", "http", 9090, &[ready("10.1.2.2", "node2")]),
+            slice("web-3", "metrics", 9100, &[ready("10.1.2.9", "node2")]),
+        ],
+    );
+    assert_eq!(
+        summary(&run(&c))["10.96.0.10:80/tcp"],
+        ["10.1.1.2:8080=1", "10.1.1.3:8080=1", "10.1.2.2:9090=1"]
+    );
+}
+
+#[test]
+fn terminating_endpoints_serve_only_when_nothing_is_ready() {
+    let term = |a: &'static str| (a, false, true, true, "node1", a);
+    let gone = |a: &'static str| (a, false, false, true, "node1", a);
+    let c = cluster(
+        svc("web", &[ON], &[("http", 80, None)]),
+        vec![slice(
+            "web-1",
+            "http",
+            8080,
+            &[
+                ready("10.1.1.2", "node1"),
+                term("10.1.1.3"),
+                gone("10.1.1.4"),
+            ],
+        )],
+    );
+    assert_eq!(summary(&run(&c))["10.96.0.10:80/tcp"], ["10.1.1.2:8080=1"]);
+    // No ready endpoint: the terminating ones that still serve take over (KEP-1669).
+    let c = cluster(
+        svc("web", &[ON], &[("http", 80, None)]),
+        vec![slice(
+            "web-1",
+            "http",
+            8080,
+            &[term("10.1.1.3"), gone("10.1.1.4")],
+        )],
+    );
+    assert_eq!(summary(&run(&c))["10.96.0.10:80/tcp"], ["10.1.1.3:8080=1"]);
+}
+
+#[test]
+fn external_traffic_policy_local_uses_this_nodes_endpoints_keeps_the_client_and_has_a_health_check()
+{
+    let mut s = svc("web", &[ON], &[("http", 80, Some(30080))]);
+    let spec = s.spec.as_mut().unwrap();
+    spec.external_traffic_policy = Some("Local".into());
+    spec.health_check_node_port = Some(32000);
+    let c = cluster(
+        s.clone(),
+        vec![slice(
+            "web-1",
+            "http",
+            8080,
+            &[ready("10.1.1.2", "node1"), ready("10.1.2.2", "node2")],
+        )],
+    );
+    let t = run(&c);
+    assert_eq!(summary(&t)["10.96.0.10:80/tcp"], ["10.1.1.2:8080=1"]);
+    assert!(t.services.iter().all(|s| s.mode == Mode::PreserveClientIp));
+    assert_eq!(
+        t.health_checks,
+        [HealthCheck {
+            port: 32000,
+            service: ("default".into(), "web".into()),
+            local_endpoints: 1
+        }]
+    );
+    // No local endpoint: the health check says so (an NLB then stops sending here).
+    let c = cluster(
+        s,
+        vec![slice("web-1", "http", 8080, &[ready("10.1.2.2", "node2")])],
+    );
+    assert_eq!(run(&c).health_checks[0].local_endpoints, 0);
+}
+
+#[test]
+fn client_ip_affinity_and_weights_come_from_the_service() {
+    let mut s = svc(
+        "web",
+        &[ON, (WEIGHTS, "10.1.1.2=3, pod-b=0")],
+        &[("http", 80, None)],
+    );
+    let spec = s.spec.as_mut().unwrap();
+    spec.session_affinity = Some("ClientIP".into());
+    spec.session_affinity_config = Some(SessionAffinityConfig {
+        client_ip: Some(ClientIPConfig {
+            timeout_seconds: Some(600),
+        }),
+    });
+    let c = cluster(
+        s,
+        vec![slice(
+            "web-1",
+            "http",
+            8080,
+            &[
+                ready("10.1.1.2", "node1"),
+                ("10.1.1.3", true, true, false, "node1", "pod-b"),
+                ready("10.1.1.4", "node1"),
+            ],
+        )],
+    );
+    let t = run(&c);
+    assert_eq!(
+        summary(&t)["10.96.0.10:80/tcp"],
+        ["10.1.1.2:8080=3", "10.1.1.3:8080=0", "10.1.1.4:8080=1"]
+    );
+    assert_eq!(t.services[0].affinity, Some(Duration::from_secs(600)));
+}
+
+#[test]
+fn bad_annotations_are_reported_and_the_service_is_served_with_defaults() {
+    let c = cluster(
+        svc(
+            "web",
+            &[
+                ON,
+                (WEIGHTS, "a=b"),
+                (DEREGISTRATION_DELAY, "9999"),
+                (MODE, "dsr"),
+                ("rate-limit.xdplb.io/packets-per-second", "lots"),
+                (RATE_LIMIT, "nope"),
+            ],
+            &[("http", 80, None)],
+        ),
+        vec![slice("web-1", "http", 8080, &[ready("10.1.1.2", "node1")])],
+    );
+    let t = run(&c);
+    assert_eq!(t.services.len(), 1, "still served");
+    assert_eq!(t.services[0].policy, None);
+    let fields: Vec<&str> = t.problems.iter().map(|p| p.field.as_str()).collect();
+    for f in [
+        WEIGHTS,
+        DEREGISTRATION_DELAY,
+        MODE,
+        "rate-limit.xdplb.io/packets-per-second",
+        RATE_LIMIT,
+    ] {
+        assert!(fields.contains(&f), "{f} not reported: {:?}", t.problems);
+    }
+    assert!(
+        t.problems[0]
+            .to_string()
+            .starts_with("Service default/web: ")
+    );
+}
+
+#[test]
+fn rate_limit_annotations_make_a_policy_of_the_service() {
+    let c = cluster(
+        svc(
+            "web",
+            &[
+                ON,
+                ("rate-limit.xdplb.io/packets-per-second", "1000"),
+                ("rate-limit.xdplb.io/connections-per-second", "50"),
+                ("rate-limit.xdplb.io/connections-burst", "100"),
+                ("rate-limit.xdplb.io/exempt", "10.0.0.0/8, 192.168.0.0/16"),
+                ("rate-limit.xdplb.io/table-full", "fail-open"),
+            ],
+            &[("http", 80, None)],
+        ),
+        vec![],
+    );
+    let t = run(&c);
+    assert!(t.problems.is_empty(), "{:?}", t.problems);
+    assert_eq!(t.services[0].policy.as_deref(), Some("service:default/web"));
+    let p = &t.policies["service:default/web"];
+    assert_eq!(p.limits.packets.unwrap().per_second, 1000);
+    assert_eq!(p.limits.connections.unwrap().burst, 100);
+    assert_eq!(p.exempt.len(), 2);
+    assert_eq!(p.table_full, crate::model::TableFull::FailOpen);
+}
+
+#[test]
+fn a_vanished_endpoint_drains_for_the_deregistration_delay_then_its_flows_end() {
+    let mut tr = Translator::default();
+    let t0 = Instant::now();
+    let s = svc(
+        "web",
+        &[
+            ON,
+            (DEREGISTRATION_DELAY, "60"),
+            (DEREGISTRATION_RESET, "true"),
+        ],
+        &[("http", 80, None)],
+    );
+    let both = cluster(
+        s.clone(),
+        vec![slice(
+            "web-1",
+            "http",
+            8080,
+            &[ready("10.1.1.2", "node1"), ready("10.1.1.3", "node1")],
+        )],
+    );
+    let one = cluster(
+        s.clone(),
+        vec![slice("web-1", "http", 8080, &[ready("10.1.1.2", "node1")])],
+    );
+    let n = node();
+    let none = BTreeSet::new();
+    let t = tr.translate(&both, &n, &none, t0);
+    assert_eq!(
+        summary(&t)["10.96.0.10:80/tcp"],
+        ["10.1.1.2:8080=1", "10.1.1.3:8080=1"]
+    );
+    // 10.1.1.3 disappears: weight 0 (no new flows, existing ones continue).
+    let t = tr.translate(&one, &n, &none, t0 + Duration::from_secs(1));
+    assert_eq!(
+        summary(&t)["10.96.0.10:80/tcp"],
+        ["10.1.1.2:8080=1", "10.1.1.3:8080=0"]
+    );
+    assert!(t.end_flows.is_empty());
+    let t = tr.translate(&one, &n, &none, t0 + Duration::from_secs(60));
+    assert_eq!(
+        summary(&t)["10.96.0.10:80/tcp"],
+        ["10.1.1.2:8080=1", "10.1.1.3:8080=0"],
+        "still within the delay"
+    );
+    // The delay ends: removed, and its flows are ended (with RST, as asked).
+    let t = tr.translate(&one, &n, &none, t0 + Duration::from_secs(62));
+    assert_eq!(summary(&t)["10.96.0.10:80/tcp"], ["10.1.1.2:8080=1"]);
+    assert_eq!(t.end_flows.len(), 1);
+    assert_eq!(t.end_flows[0].backend, ("10.1.1.3".parse().unwrap(), 8080));
+    assert!(t.end_flows[0].reset);
+    let t = tr.translate(&one, &n, &none, t0 + Duration::from_secs(63));
+    assert!(t.end_flows.is_empty(), "ended once");
+    // Coming back during a drain cancels it.
+    let t = tr.translate(&both, &n, &none, t0 + Duration::from_secs(64));
+    assert_eq!(
+        summary(&t)["10.96.0.10:80/tcp"],
+        ["10.1.1.2:8080=1", "10.1.1.3:8080=1"]
+    );
+    let t = tr.translate(&one, &n, &none, t0 + Duration::from_secs(65));
+    assert_eq!(
+        summary(&t)["10.96.0.10:80/tcp"],
+        ["10.1.1.2:8080=1", "10.1.1.3:8080=0"]
+    );
+    let t = tr.translate(&both, &n, &none, t0 + Duration::from_secs(66));
+    assert_eq!(
+        summary(&t)["10.96.0.10:80/tcp"],
+        ["10.1.1.2:8080=1", "10.1.1.3:8080=1"]
+    );
+    let t = tr.translate(&both, &n, &none, t0 + Duration::from_secs(300));
+    assert!(t.end_flows.is_empty());
+}
+
+#[test]
+fn ipv6_slices_serve_ipv6_frontends() {
+    let mut s = svc("web", &[ON], &[("http", 80, None)]);
+    s.status
+        .as_mut()
+        .unwrap()
+        .load_balancer
+        .as_mut()
+        .unwrap()
+        .ingress = Some(vec![
+        LoadBalancerIngress {
+            ip: Some("10.96.0.10".into()),
+            ..Default::default()
+        },
+        LoadBalancerIngress {
+            ip: Some("fd00:96::10".into()),
+            ..Default::default()
+        },
+    ]);
+    let c = cluster(
+        s,
+        vec![
+            slice("web-v4", "http", 8080, &[ready("10.1.1.2", "node1")]),
+            slice("web-v6", "http", 8080, &[ready("fd00:1:1::2", "node1")]),
+        ],
+    );
+    let t = summary(&run(&c));
+    // Each family's frontend gets its family's endpoints.
+    assert_eq!(t["10.96.0.10:80/tcp"], ["10.1.1.2:8080=1"]);
+    assert_eq!(t["[fd00:96::10]:80/tcp"], ["fd00:1:1::2:8080=1"]);
+}

@@ -1,0 +1,332 @@
+//! Keeps a [`Cluster`] current from the API server: watchers on Services and EndpointSlices in
+//! all namespaces. A list (at start, and again after any error, with backoff) is
+//! collected from Init to InitDone and swapped in whole, so nothing downstream ever sees a
+//! half-listed cluster (no empty backend set while endpoints exist). While the API server is
+//! unreachable the last state stays in force and `synced()` says no. Also posts Events.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use futures::StreamExt;
+use k8s_openapi::{
+    api::{
+        core::v1::{Event as KubeEvent, EventSource, ObjectReference, Service as KubeService},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time},
+};
+use kube::{Api, Client, ResourceExt, api::PostParams, runtime::watcher};
+use log::{info, warn};
+use tokio::{sync::Notify, task::JoinHandle};
+
+use super::{Cluster, ObjectKey, Problem, SERVICE_NAME_LABEL};
+
+/// How the watchers are doing.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct WatchStatus {
+    pub services_synced: bool,
+    pub slices_synced: bool,
+    pub errors: u64,
+    pub last_error: Option<String>,
+    /// When the cluster last changed (for sync-latency metrics).
+    #[serde(skip)]
+    pub last_change: Option<Instant>,
+    /// Watch events received.
+    pub events: u64,
+}
+
+impl WatchStatus {
+    pub fn synced(&self) -> bool {
+        self.services_synced && self.slices_synced
+    }
+}
+
+pub struct Watch {
+    pub cluster: Arc<Mutex<Cluster>>,
+    /// Notified on every change.
+    pub changed: Arc<Notify>,
+    pub status: Arc<Mutex<WatchStatus>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn object_key<K: ResourceExt>(o: &K) -> ObjectKey {
+    (o.namespace().unwrap_or_default(), o.name_any())
+}
+
+/// Which list a watcher keeps.
+#[derive(Clone, Copy)]
+enum Kind {
+    Services,
+    Slices,
+}
+
+impl Watch {
+    /// Starts both watchers (they run until the Watch is dropped).
+    pub fn start(client: Client) -> Watch {
+        let cluster = Arc::new(Mutex::new(Cluster::default()));
+        let changed = Arc::new(Notify::new());
+        let status = Arc::new(Mutex::new(WatchStatus::default()));
+        let services: Api<KubeService> = Api::all(client.clone());
+        let slices: Api<EndpointSlice> = Api::all(client);
+        let tasks = vec![
+            tokio::spawn(run(
+                services,
+                watcher::Config::default(),
+                Kind::Services,
+                cluster.clone(),
+                changed.clone(),
+                status.clone(),
+            )),
+            tokio::spawn(run(
+                slices,
+                // Only slices that belong to a Service.
+                watcher::Config::default().labels(SERVICE_NAME_LABEL),
+                Kind::Slices,
+                cluster.clone(),
+                changed.clone(),
+                status.clone(),
+            )),
+        ];
+        Watch {
+            cluster,
+            changed,
+            status,
+            tasks,
+        }
+    }
+
+    pub fn synced(&self) -> bool {
+        lock(&self.status).synced()
+    }
+
+    pub fn snapshot(&self) -> Cluster {
+        lock(&self.cluster).clone()
+    }
+
+    pub fn status(&self) -> WatchStatus {
+        lock(&self.status).clone()
+    }
+}
+
+/// A slice's place in the cluster: (namespace, service) and its own name.
+fn slice_place(s: &EndpointSlice) -> Option<(ObjectKey, String)> {
+    let service = s.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?.clone();
+    Some(((s.namespace().unwrap_or_default(), service), s.name_any()))
+}
+
+/// Backoff between watcher restarts: doubling from the first to the last, with jitter so that
+/// the nodes of a cluster do not all come back at the same instant after an API server restart.
+const BACKOFF_FIRST: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// One watcher, forever. On any error the stream is dropped and, after a backoff, started again
+/// with a fresh list (served from the API server's watch cache). The new list is swapped in whole
+/// at its end, so a restart flaps nothing, and `synced` is exact: false from the error until the
+/// new list is in.
+async fn run<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    kind: Kind,
+    cluster: Arc<Mutex<Cluster>>,
+    changed: Arc<Notify>,
+    status: Arc<Mutex<WatchStatus>>,
+) where
+    K: kube::Resource
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + 'static
+        + Store,
+{
+    let mut backoff = BACKOFF_FIRST;
+    loop {
+        let mut stream = watcher(api.clone(), config.clone()).boxed();
+        // Objects of a list in progress.
+        let mut relist: Vec<K> = Vec::new();
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(watcher::Event::Init) => relist.clear(),
+                Ok(watcher::Event::InitApply(o)) => relist.push(o),
+                Ok(watcher::Event::InitDone) => {
+                    let n = relist.len();
+                    K::replace_all(&mut lock(&cluster), std::mem::take(&mut relist));
+                    let mut s = lock(&status);
+                    *kind.synced(&mut s) = true;
+                    backoff = BACKOFF_FIRST;
+                    drop(s);
+                    info!("{}: listed {n}", K::NAME);
+                    note_change(&status, &changed);
+                }
+                Ok(watcher::Event::Apply(o)) => {
+                    K::apply(&mut lock(&cluster), o);
+                    note_change(&status, &changed);
+                }
+                Ok(watcher::Event::Delete(o)) => {
+                    K::delete(&mut lock(&cluster), &o);
+                    note_change(&status, &changed);
+                }
+                Err(e) => {
+                    let mut s = lock(&status);
+                    s.errors += 1;
+                    *kind.synced(&mut s) = false;
+                    let msg = e.to_string();
+                    if s.last_error.as_deref() != Some(&msg) {
+                        warn!(
+                            "watching {}: {msg} (retrying; the data path serves the last state)",
+                            K::NAME
+                        );
+                    }
+                    s.last_error = Some(msg);
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(jitter(backoff)).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+fn note_change(status: &Mutex<WatchStatus>, changed: &Notify) {
+    let mut s = lock(status);
+    s.events += 1;
+    s.last_change = Some(Instant::now());
+    drop(s);
+    changed.notify_one();
+}
+
+/// Between half and all of `d`.
+fn jitter(d: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_nanos();
+    d / 2 + d.mul_f64(f64::from(nanos % 1000) / 2000.0)
+}
+
+impl Kind {
+    fn synced(self, s: &mut WatchStatus) -> &mut bool {
+        match self {
+            Kind::Services => &mut s.services_synced,
+            Kind::Slices => &mut s.slices_synced,
+        }
+    }
+}
+
+/// How a watched kind goes into the cluster.
+trait Store: Sized {
+    const NAME: &'static str;
+    fn replace_all(c: &mut Cluster, all: Vec<Self>);
+    fn apply(c: &mut Cluster, o: Self);
+    fn delete(c: &mut Cluster, o: &Self);
+}
+
+impl Store for KubeService {
+    const NAME: &'static str = "services";
+    fn replace_all(c: &mut Cluster, all: Vec<Self>) {
+        c.services = all.into_iter().map(|s| (object_key(&s), s)).collect();
+    }
+    fn apply(c: &mut Cluster, o: Self) {
+        c.services.insert(object_key(&o), o);
+    }
+    fn delete(c: &mut Cluster, o: &Self) {
+        c.services.remove(&object_key(o));
+    }
+}
+
+impl Store for EndpointSlice {
+    const NAME: &'static str = "endpointslices";
+    fn replace_all(c: &mut Cluster, all: Vec<Self>) {
+        let mut slices: BTreeMap<ObjectKey, BTreeMap<String, EndpointSlice>> = BTreeMap::new();
+        for s in all {
+            if let Some((svc, name)) = slice_place(&s) {
+                slices.entry(svc).or_default().insert(name, s);
+            }
+        }
+        c.slices = slices;
+    }
+    fn apply(c: &mut Cluster, o: Self) {
+        // A slice may have been relabelled to another service: drop it everywhere first.
+        Self::delete(c, &o);
+        if let Some((svc, name)) = slice_place(&o) {
+            c.slices.entry(svc).or_default().insert(name, o);
+        }
+    }
+    fn delete(c: &mut Cluster, o: &Self) {
+        let (ns, name) = (o.namespace().unwrap_or_default(), o.name_any());
+        for (key, per_service) in c.slices.iter_mut() {
+            if key.0 == ns {
+                per_service.remove(&name);
+            }
+        }
+        c.slices.retain(|_, v| !v.is_empty());
+    }
+}
+
+/// Posts a Warning Event on the Service for each problem not posted before (and logs it).
+#[derive(Default)]
+pub struct Events {
+    posted: BTreeSet<Problem>,
+}
+
+impl Events {
+    pub async fn report(&mut self, client: &Client, problems: &[Problem]) {
+        for p in problems {
+            if self.posted.contains(p) {
+                continue;
+            }
+            warn!("{p}");
+            let api: Api<KubeEvent> = Api::namespaced(client.clone(), &p.object.0);
+            let now = k8s_openapi::jiff::Timestamp::now();
+            let event = KubeEvent {
+                metadata: ObjectMeta {
+                    generate_name: Some(format!("{}.", p.object.1)),
+                    namespace: Some(p.object.0.clone()),
+                    ..Default::default()
+                },
+                involved_object: ObjectReference {
+                    api_version: Some("v1".into()),
+                    kind: Some("Service".into()),
+                    namespace: Some(p.object.0.clone()),
+                    name: Some(p.object.1.clone()),
+                    ..Default::default()
+                },
+                reason: Some("XdplbInvalidSetting".into()),
+                message: Some(format!("{}: {}", p.field, p.message)),
+                type_: Some("Warning".into()),
+                source: Some(EventSource {
+                    component: Some("xdplb-agent".into()),
+                    host: None,
+                }),
+                reporting_component: Some("xdplb.io/agent".into()),
+                first_timestamp: Some(Time(now)),
+                last_timestamp: Some(Time(now)),
+                event_time: Some(MicroTime(now)),
+                count: Some(1),
+                ..Default::default()
+            };
+            match api.create(&PostParams::default(), &event).await {
+                Ok(_) => {
+                    self.posted.insert(p.clone());
+                }
+                Err(e) => warn!("posting an Event about {}/{}: {e}", p.object.0, p.object.1),
+            }
+        }
+        // Forget problems that went away, so they are reported again if they come back.
+        self.posted.retain(|p| problems.contains(p));
+    }
+}

@@ -1,0 +1,989 @@
+//! Kubernetes tier: the agent's cluster source against a real API server (etcd plus
+//! tests/k8s-apiserver, built on first use, bound to 127.0.0.1).
+//!
+//! Most tests run the agent's own pieces in process — the watchers, the translator, the
+//! composition and the reconciler of `lb-agent run --kubernetes` — writing into in-memory maps
+//! that record every state they pass through, so a test can check not only where the maps end up
+//! (within a second of each change) but that no state on the way was wrong. The last test wires
+//! it all: Kubernetes objects -> the agent binary -> XDP -> real traffic in the namespace lab.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::{Read, Write},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::api::{
+    core::v1::{Event, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Api, Client, Config,
+    api::{DeleteParams, ListParams, Patch, PatchParams},
+    config::{KubeConfigOptions, Kubeconfig},
+};
+use lb_common::{BACKEND_LISTED, NO_BACKEND};
+use lb_tests::apiserver::TestApiServer;
+use lb_userspace::{
+    agent::{KubeHealth, compose},
+    dataplane::Sizes,
+    k8s::{
+        EndFlows, Problem, Translation,
+        source::{COALESCE, KubeSource, Target},
+    },
+    model::Desired,
+    reconcile::{NodeView, Reconciler, service_key},
+    tables::MemoryTables,
+};
+use serde_json::{Value, json};
+
+const NS: &str = "default";
+const NODE: &str = "node-1";
+const NODE_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+/// How soon after a change the maps must hold it.
+const CONVERGE: Duration = Duration::from_secs(1);
+
+// ---- the agent's pipeline over in-memory maps ------------------------------------------------
+
+/// What the maps say a frontend does: backend "addr:port" -> weight, for the backends listed for
+/// it (weight 0: draining). Checked against the ring on the way: the ring sends new flows to
+/// exactly the listed backends with weight > 0.
+type View = BTreeMap<String, BTreeMap<String, u32>>;
+
+/// The agent's [`Target`] with in-memory maps: composes and reconciles as the agent does, and
+/// records the maps after every apply that wrote.
+struct MemTarget {
+    reconciler: Reconciler,
+    tables: MemoryTables,
+    node: NodeView,
+    health: KubeHealth,
+    writes: usize,
+    history: Vec<(Instant, View)>,
+    problems: Vec<Problem>,
+    end_flows: Vec<EndFlows>,
+}
+
+impl MemTarget {
+    fn new() -> MemTarget {
+        MemTarget {
+            reconciler: Reconciler::new(Sizes {
+                ring_size: 251,
+                ..Sizes::default()
+            }),
+            tables: MemoryTables::default(),
+            node: NodeView {
+                snat_ipv4: Some(NODE_ADDR),
+                node_addrs: [IpAddr::V4(NODE_ADDR)].into(),
+                // Pods in 10.1.1.0/24 are on this node (preserve-client-ip needs them local).
+                local: (2..=20)
+                    .map(|i| IpAddr::V4(Ipv4Addr::new(10, 1, 1, i)))
+                    .collect(),
+                ..NodeView::default()
+            },
+            health: KubeHealth::default(),
+            writes: 0,
+            history: Vec::new(),
+            problems: Vec::new(),
+            end_flows: Vec::new(),
+        }
+    }
+
+    fn view(&self) -> View {
+        let t = &self.tables;
+        let mut view = View::new();
+        for (key, svc) in &t.services {
+            let frontend = format!(
+                "{}:{}/{}",
+                IpAddr::from(key.addr),
+                u16::from_be(key.port),
+                if key.proto == 6 { "tcp" } else { "udp" }
+            );
+            let listed: BTreeMap<u32, (String, u32)> = t
+                .backends
+                .iter()
+                .filter(|(_, b)| b.service == svc.id && b.flags & BACKEND_LISTED != 0)
+                .map(|(id, b)| {
+                    let addr = format!("{}:{}", IpAddr::from(b.addr), u16::from_be(b.port));
+                    (*id, (addr, b.weight))
+                })
+                .collect();
+            let in_ring: BTreeSet<u32> = t
+                .ring_of(key)
+                .unwrap_or(&[])
+                .iter()
+                .copied()
+                .filter(|id| *id != NO_BACKEND)
+                .collect();
+            let active: BTreeSet<u32> = listed
+                .iter()
+                .filter(|(_, (_, w))| *w > 0)
+                .map(|(id, _)| *id)
+                .collect();
+            assert_eq!(
+                in_ring, active,
+                "{frontend}: the ring must send new flows to exactly the listed backends with weight > 0"
+            );
+            view.insert(frontend, listed.into_values().collect());
+        }
+        view
+    }
+}
+
+impl Target for MemTarget {
+    fn named_policies(&self) -> BTreeSet<String> {
+        ["strict".to_string()].into()
+    }
+    fn node_addrs(&mut self) -> Vec<IpAddr> {
+        vec![IpAddr::V4(NODE_ADDR)]
+    }
+    fn apply_kubernetes(&mut self, t: Translation) -> Result<Vec<Problem>, String> {
+        let mut file = Desired::default();
+        file.policies.insert("strict".into(), strict_policy());
+        let (desired, mut problems) = compose(&file, Some(&t));
+        let report = self
+            .reconciler
+            .apply(&desired, &self.node, &mut self.tables)
+            .map_err(|e| e.to_string())?;
+        if report.writes > 0 {
+            self.writes += report.writes;
+            let view = self.view();
+            self.history.push((Instant::now(), view));
+        }
+        problems.extend(t.problems.iter().cloned());
+        self.problems = problems.clone();
+        self.end_flows.extend(t.end_flows.iter().cloned());
+        Ok(problems)
+    }
+    fn kube_health(&mut self) -> &mut KubeHealth {
+        &mut self.health
+    }
+}
+
+fn strict_policy() -> lb_userspace::model::Policy {
+    lb_userspace::config::parse(
+        std::path::Path::new("node.toml"),
+        "[rate-limits.strict]\npackets-per-second = 10\npackets-burst = 10\n",
+    )
+    .expect("policy")
+    .policies
+    .remove("strict")
+    .expect("strict")
+}
+
+/// An API server, a client, and the agent's pipeline running against it (as `lb-agent run
+/// --kubernetes` runs it: a step after each burst of changes, and every second).
+struct Cluster {
+    target: Arc<Mutex<MemTarget>>,
+    client: Client,
+    runtime: tokio::runtime::Runtime,
+    pipeline: tokio::task::JoinHandle<()>,
+    server: TestApiServer,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.pipeline.abort();
+    }
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let server = TestApiServer::start().expect("test API server");
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let kubeconfig = server.kubeconfig_path().to_path_buf();
+        let target = Arc::new(Mutex::new(MemTarget::new()));
+        let (client, pipeline) = runtime.block_on(async {
+            let client = client(&kubeconfig).await;
+            let mut source = KubeSource::connect(Some(&kubeconfig), NODE.into())
+                .await
+                .expect("connect");
+            let t = target.clone();
+            let pipeline = tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tokio::select! {
+                        _ = source.watch.changed.notified() => {
+                            tokio::time::sleep(COALESCE).await;
+                        }
+                        _ = tick.tick() => {}
+                    }
+                    source.step(&mut *lock(&t));
+                }
+            });
+            (client, pipeline)
+        });
+        Cluster {
+            target,
+            client,
+            runtime,
+            pipeline,
+            server,
+        }
+    }
+
+    fn target(&self) -> std::sync::MutexGuard<'_, MemTarget> {
+        lock(&self.target)
+    }
+
+    /// Server-side applies `obj` (a Service or an EndpointSlice, as JSON).
+    fn apply(&self, obj: Value) {
+        let name = obj["metadata"]["name"].as_str().expect("name").to_string();
+        let params = PatchParams::apply("xdplb-test").force();
+        self.runtime.block_on(async {
+            match obj["kind"].as_str() {
+                Some("Service") => {
+                    let api: Api<Service> = Api::namespaced(self.client.clone(), NS);
+                    api.patch(&name, &params, &Patch::Apply(&obj))
+                        .await
+                        .map(|_| ())
+                }
+                Some("EndpointSlice") => {
+                    let api: Api<EndpointSlice> = Api::namespaced(self.client.clone(), NS);
+                    api.patch(&name, &params, &Patch::Apply(&obj))
+                        .await
+                        .map(|_| ())
+                }
+                other => panic!("cannot apply a {other:?}"),
+            }
+            .unwrap_or_else(|e| panic!("applying {name}: {e}"))
+        });
+    }
+
+    fn delete_slice(&self, name: &str) {
+        self.runtime.block_on(async {
+            let api: Api<EndpointSlice> = Api::namespaced(self.client.clone(), NS);
+            api.delete(name, &DeleteParams::default())
+                .await
+                .expect("delete slice");
+        });
+    }
+
+    fn delete_service(&self, name: &str) {
+        self.runtime.block_on(async {
+            let api: Api<Service> = Api::namespaced(self.client.clone(), NS);
+            api.delete(name, &DeleteParams::default())
+                .await
+                .expect("delete service");
+        });
+    }
+
+    fn set_ingress(&self, service: &str, ip: &str) {
+        self.runtime.block_on(async {
+            let api: Api<Service> = Api::namespaced(self.client.clone(), NS);
+            let status = json!({"status": {"loadBalancer": {"ingress": [{"ip": ip}]}}});
+            api.patch_status(service, &PatchParams::default(), &Patch::Merge(&status))
+                .await
+                .expect("status");
+        });
+    }
+
+    /// Waits for the pipeline to be synced with nothing pending, and returns where the history
+    /// stands (to check the states a later step passes through).
+    fn settle(&self) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            std::thread::sleep(Duration::from_millis(100));
+            let t = self.target();
+            if t.health.synced && t.health.watch_events > 0 {
+                return t.history.len();
+            }
+            assert!(Instant::now() < deadline, "the pipeline did not sync");
+        }
+    }
+
+    /// Runs `change` (API writes), then waits until the maps show `expected`, at most
+    /// [`CONVERGE`] after the last write. Every state the maps passed through since `change`
+    /// began must be one of `allowed` or `expected`.
+    fn step(&self, what: &str, change: impl FnOnce(&Cluster), expected: &View, allowed: &[&View]) {
+        let since = self.target().history.len();
+        change(self);
+        let written = Instant::now();
+        loop {
+            {
+                let t = self.target();
+                for (i, (_, v)) in t.history.iter().enumerate().skip(since) {
+                    assert!(
+                        v == expected || allowed.contains(&v),
+                        "{what}: the maps passed through a wrong state (#{i}): {v:#?}\nexpected {expected:#?}"
+                    );
+                }
+                if t.view() == *expected {
+                    let at = t.history.last().map(|(at, _)| *at).unwrap_or(written);
+                    let took = at.saturating_duration_since(written);
+                    assert!(took <= CONVERGE, "{what}: converged after {took:?}");
+                    eprintln!("{what}: converged in {took:?}");
+                    return;
+                }
+            }
+            assert!(
+                written.elapsed() <= CONVERGE + Duration::from_millis(200),
+                "{what}: not converged within {CONVERGE:?}: the maps show {:#?}\nexpected {expected:#?}",
+                self.target().view()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn events_about(&self, service: &str) -> Vec<Event> {
+        self.runtime.block_on(async {
+            let api: Api<Event> = Api::namespaced(self.client.clone(), NS);
+            api.list(&ListParams::default())
+                .await
+                .expect("events")
+                .items
+                .into_iter()
+                .filter(|e| e.involved_object.name.as_deref() == Some(service))
+                .collect()
+        })
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+async fn client(kubeconfig: &std::path::Path) -> Client {
+    let kc = Kubeconfig::read_from(kubeconfig).expect("kubeconfig");
+    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .expect("config");
+    Client::try_from(config).expect("client")
+}
+
+// ---- objects -----------------------------------------------------------------------------------
+
+/// An opted-in Service on externalIP 10.96.0.10, port 80 (named `port_name`) to target port 8080.
+fn service(name: &str, port_name: &str, annotations: &[(&str, &str)]) -> Value {
+    let mut a: BTreeMap<&str, &str> = annotations.iter().copied().collect();
+    a.insert("xdplb.io/enabled", "true");
+    json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": NS, "annotations": a},
+        "spec": {
+            "type": "ClusterIP",
+            "clusterIP": "172.20.0.10",
+            "externalIPs": ["10.96.0.10"],
+            "ports": [{"name": port_name, "port": 80, "targetPort": 8080, "protocol": "TCP"}],
+        },
+    })
+}
+
+/// An endpoint: address, ready, serving, terminating, node.
+#[derive(Clone, Copy)]
+struct Ep(&'static str, bool, bool, bool, &'static str);
+
+fn ready(addr: &'static str) -> Ep {
+    Ep(addr, true, true, false, NODE)
+}
+
+fn slice(name: &str, service: &str, port_name: &str, port: u16, endpoints: &[Ep]) -> Value {
+    let eps: Vec<Value> = endpoints
+        .iter()
+        .map(|Ep(addr, ready, serving, terminating, node)| {
+            json!({
+                "addresses": [addr],
+                "conditions": {"ready": ready, "serving": serving, "terminating": terminating},
+                "nodeName": node,
+            })
+        })
+        .collect();
+    json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": name,
+            "namespace": NS,
+            "labels": {"kubernetes.io/service-name": service},
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": port_name, "port": port, "protocol": "TCP"}],
+        "endpoints": eps,
+    })
+}
+
+fn pods(n: u8) -> Vec<Ep> {
+    const ADDRS: [&str; 6] = [
+        "10.1.1.2", "10.1.1.3", "10.1.1.4", "10.1.1.5", "10.1.1.6", "10.1.1.7",
+    ];
+    ADDRS[..n as usize].iter().map(|a| ready(a)).collect()
+}
+
+/// The view of frontend 10.96.0.10:80/tcp with these backends on `port`.
+fn web(backends: &[(&str, u32)], port: u16) -> View {
+    let b = backends
+        .iter()
+        .map(|(a, w)| (format!("{a}:{port}"), *w))
+        .collect();
+    [("10.96.0.10:80/tcp".to_string(), b)].into()
+}
+
+fn all(eps: &[Ep], w: u32) -> Vec<(&'static str, u32)> {
+    eps.iter().map(|e| (e.0, w)).collect()
+}
+
+// ---- tests -------------------------------------------------------------------------------------
+
+#[test]
+fn services_and_slices_converge_within_a_second_and_never_pass_through_a_wrong_state() {
+    let c = Cluster::start();
+    c.settle();
+    let svc = || {
+        service(
+            "web",
+            "http",
+            &[("xdplb.io/deregistration-delay-seconds", "0")],
+        )
+    };
+
+    let one = web(&all(&pods(1), 1), 8080);
+    c.step(
+        "create a Service and its slice",
+        |c| {
+            c.apply(svc());
+            c.apply(slice("web-a", "web", "http", 8080, &pods(1)));
+        },
+        &one,
+        // The Service may be seen before its slice: served, with no backend yet.
+        &[&web(&[], 8080)],
+    );
+    let five = web(&all(&pods(5), 1), 8080);
+    c.step(
+        "scale 1 -> 5",
+        |c| c.apply(slice("web-a", "web", "http", 8080, &pods(5))),
+        &five,
+        &[],
+    );
+    let zero = web(&[], 8080);
+    c.step(
+        "scale 5 -> 0",
+        |c| c.apply(slice("web-a", "web", "http", 8080, &[])),
+        &zero,
+        &[],
+    );
+    let three = web(&all(&pods(3), 1), 8080);
+    c.step(
+        "scale 0 -> 3",
+        |c| c.apply(slice("web-a", "web", "http", 8080, &pods(3))),
+        &three,
+        &[],
+    );
+
+    // pod 10.1.1.3 terminates (still serving): the ready ones take the traffic.
+    let mut eps = pods(3);
+    eps[1] = Ep("10.1.1.3", false, true, true, NODE);
+    let two = web(&[("10.1.1.2", 1), ("10.1.1.4", 1)], 8080);
+    c.step(
+        "one endpoint turns terminating",
+        |c| c.apply(slice("web-a", "web", "http", 8080, &eps)),
+        &two,
+        &[],
+    );
+    // All terminating but serving: KEP-1669's fallback serves them rather than nothing.
+    let terminating: Vec<Ep> = pods(3)
+        .iter()
+        .map(|e| Ep(e.0, false, true, true, NODE))
+        .collect();
+    c.step(
+        "every endpoint terminating and serving",
+        |c| c.apply(slice("web-a", "web", "http", 8080, &terminating)),
+        &three,
+        &[],
+    );
+    c.step(
+        "ready again",
+        |c| c.apply(slice("web-a", "web", "http", 8080, &pods(3))),
+        &three,
+        &[],
+    );
+
+    // Rename the port (and move the target port): Service and slice change together; in
+    // between, the Service's port name matches no slice port (no backends), or the old name
+    // still does.
+    let renamed = web(&all(&pods(3), 1), 9090);
+    c.step(
+        "rename the port",
+        |c| {
+            c.apply(service(
+                "web",
+                "web",
+                &[("xdplb.io/deregistration-delay-seconds", "0")],
+            ));
+            c.apply(slice("web-a", "web", "web", 9090, &pods(3)));
+        },
+        &renamed,
+        &[&zero],
+    );
+
+    // Split the endpoints over two slices: the new slice first, then the old one shrinks
+    // (what the EndpointSlice controller does), so no state on the way lacks an endpoint.
+    let four = pods(4);
+    let split = web(&all(&four, 1), 9090);
+    c.step(
+        "split over two slices",
+        |c| {
+            c.apply(slice("web-b", "web", "web", 9090, &four[2..]));
+            c.apply(slice("web-a", "web", "web", 9090, &four[..2]));
+        },
+        &split,
+        &[],
+    );
+
+    // Delete the Service: its frontend goes; recreate: back.
+    c.step(
+        "delete the Service",
+        |c| c.delete_service("web"),
+        &View::new(),
+        &[],
+    );
+    c.step(
+        "recreate the Service",
+        |c| {
+            c.apply(service(
+                "web",
+                "web",
+                &[("xdplb.io/deregistration-delay-seconds", "0")],
+            ))
+        },
+        &split,
+        &[],
+    );
+    c.step(
+        "delete a slice",
+        |c| c.delete_slice("web-b"),
+        &web(&all(&four[..2], 1), 9090),
+        &[],
+    );
+
+    // The load balancer's address from the Service's status is a frontend too.
+    let mut with_ingress = web(&all(&four[..2], 1), 9090);
+    with_ingress.insert(
+        "10.96.0.20:80/tcp".into(),
+        with_ingress["10.96.0.10:80/tcp"].clone(),
+    );
+    c.step(
+        "status.loadBalancer.ingress",
+        |c| c.set_ingress("web", "10.96.0.20"),
+        &with_ingress,
+        &[],
+    );
+    let t = c.target();
+    assert!(t.problems.is_empty(), "{:?}", t.problems);
+}
+
+#[test]
+fn an_api_server_restart_or_a_410_relist_writes_nothing_and_changes_still_arrive() {
+    let mut c = Cluster::start();
+    c.settle();
+    let three = web(&all(&pods(3), 1), 8080);
+    c.step(
+        "create",
+        |c| {
+            c.apply(service(
+                "web",
+                "http",
+                &[("xdplb.io/deregistration-delay-seconds", "0")],
+            ));
+            c.apply(slice("web-a", "web", "http", 8080, &pods(3)));
+        },
+        &three,
+        &[&web(&[], 8080)],
+    );
+    let writes = c.target().writes;
+    let errors = c.target().health.watch_errors;
+
+    // Restart: the watches break, list again, find the same state.
+    c.server.restart().expect("restart");
+    wait_for("the watchers to list again after a restart", || {
+        let t = c.target();
+        t.health.synced && t.health.watch_errors > errors
+    });
+    assert_eq!(
+        c.target().writes,
+        writes,
+        "a relist of the same state wrote to the maps"
+    );
+    c.step(
+        "scale 3 -> 2 after the restart",
+        |c| c.apply(slice("web-a", "web", "http", 8080, &pods(2))),
+        &web(&all(&pods(2), 1), 8080),
+        &[],
+    );
+
+    // Down for a while: not synced, the maps keep serving; a change made meanwhile arrives.
+    let writes = c.target().writes;
+    c.server.stop_apiserver();
+    wait_for("the watchers to notice the API server is gone", || {
+        !c.target().health.synced
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        c.target().writes,
+        writes,
+        "the maps changed while the API server was down"
+    );
+    assert_eq!(c.target().view(), web(&all(&pods(2), 1), 8080));
+    c.server.start_apiserver().expect("start");
+    c.server.compact_etcd().expect("compact");
+    wait_for("the watchers to list again", || c.target().health.synced);
+    assert_eq!(
+        c.target().writes,
+        writes,
+        "a relist of the same state wrote to the maps"
+    );
+    c.step(
+        "scale 2 -> 4 after a compaction",
+        |c| c.apply(slice("web-a", "web", "http", 8080, &pods(4))),
+        &web(&all(&pods(4), 1), 8080),
+        &[],
+    );
+}
+
+#[test]
+fn a_vanished_endpoint_drains_for_the_deregistration_delay_then_its_flows_end() {
+    let c = Cluster::start();
+    c.settle();
+    let svc = service(
+        "web",
+        "http",
+        &[
+            ("xdplb.io/deregistration-delay-seconds", "2"),
+            ("xdplb.io/deregistration-reset", "true"),
+        ],
+    );
+    c.step(
+        "create",
+        |c| {
+            c.apply(svc.clone());
+            c.apply(slice("web-a", "web", "http", 8080, &pods(3)));
+        },
+        &web(&all(&pods(3), 1), 8080),
+        &[&web(&[], 8080)],
+    );
+    let draining = web(&[("10.1.1.2", 1), ("10.1.1.3", 1), ("10.1.1.4", 0)], 8080);
+    c.step(
+        "an endpoint vanishes: it drains (weight 0: no new flows, existing ones stay)",
+        |c| c.apply(slice("web-a", "web", "http", 8080, &pods(2))),
+        &draining,
+        &[],
+    );
+    let began = Instant::now();
+    wait_for("the drain to end", || {
+        c.target().view() == web(&all(&pods(2), 1), 8080)
+    });
+    let took = began.elapsed();
+    assert!(
+        took >= Duration::from_millis(1500) && took <= Duration::from_millis(3500),
+        "drained for {took:?}, not about 2 s"
+    );
+    let t = c.target();
+    assert_eq!(t.end_flows.len(), 1, "{:?}", t.end_flows);
+    assert_eq!(
+        t.end_flows[0].backend,
+        ("10.1.1.4".parse().expect("ip"), 8080)
+    );
+    assert!(t.end_flows[0].reset);
+}
+
+#[test]
+fn bad_annotations_are_reported_as_events_and_the_service_is_served_with_defaults() {
+    let c = Cluster::start();
+    c.settle();
+    let expected = web(&all(&pods(2), 1), 8080);
+    c.step(
+        "create with bad annotations",
+        |c| {
+            c.apply(service(
+                "web",
+                "http",
+                &[
+                    ("rate-limit.xdplb.io/packets-per-second", "lots"),
+                    ("xdplb.io/backend-weights", "10.1.1.2=heavy"),
+                    ("xdplb.io/rate-limit", "strict"),
+                ],
+            ));
+            c.apply(slice("web-a", "web", "http", 8080, &pods(2)));
+        },
+        &expected,
+        &[&web(&[], 8080)],
+    );
+    wait_for("Events about the bad annotations", || {
+        let events = c.events_about("web");
+        let has = |field: &str| {
+            events.iter().any(|e| {
+                e.type_.as_deref() == Some("Warning")
+                    && e.message.as_deref().is_some_and(|m| m.contains(field))
+            })
+        };
+        has("rate-limit.xdplb.io/packets-per-second") && has("xdplb.io/backend-weights")
+    });
+    // The named policy still applies (the bad per-service fields are ignored).
+    let t = c.target();
+    let svc = t
+        .tables
+        .services
+        .get(&service_key(&lb_userspace::model::Frontend {
+            vip: "10.96.0.10".parse().expect("ip"),
+            port: 80,
+            protocol: lb_userspace::model::Protocol::Tcp,
+        }))
+        .expect("service in the maps");
+    assert_ne!(svc.policy, 0, "the named policy `strict` applies");
+}
+
+#[test]
+fn the_health_check_node_port_answers_200_only_while_this_node_has_ready_endpoints() {
+    let c = Cluster::start();
+    c.settle();
+    let port = free_port();
+    let mut svc = service("web", "http", &[]);
+    svc["spec"]["type"] = json!("LoadBalancer");
+    svc["spec"]["externalTrafficPolicy"] = json!("Local");
+    svc["spec"]["healthCheckNodePort"] = json!(port);
+    svc["spec"]["ports"][0]["nodePort"] = json!(30080);
+    let local = Ep("10.1.1.2", true, true, false, NODE);
+    let elsewhere = Ep("10.1.2.2", true, true, false, "node-2");
+    // Local: only this node's endpoint, on the external IP and on the node port.
+    let mut expected = web(&[("10.1.1.2", 1)], 8080);
+    expected.insert(
+        "10.0.0.1:30080/tcp".into(),
+        expected["10.96.0.10:80/tcp"].clone(),
+    );
+    c.step(
+        "Local traffic policy",
+        |c| {
+            c.apply(svc.clone());
+            c.apply(slice("web-a", "web", "http", 8080, &[local, elsewhere]));
+        },
+        &expected,
+        &[&{
+            let mut v = web(&[], 8080);
+            v.insert("10.0.0.1:30080/tcp".into(), BTreeMap::new());
+            v
+        }],
+    );
+    wait_for("200 from the health-check port", || {
+        http_get(port)
+            .is_some_and(|(code, body)| code == 200 && body.contains("\"localEndpoints\":1"))
+    });
+    c.apply(slice(
+        "web-a",
+        "web",
+        "http",
+        8080,
+        &[Ep("10.1.1.2", false, false, true, NODE), elsewhere],
+    ));
+    wait_for("503 once the local endpoint is not ready", || {
+        http_get(port).is_some_and(|(code, _)| code == 503)
+    });
+}
+
+// ---- end to end ----------------------------------------------------------------------------
+
+/// Kubernetes objects -> lb-agent --kubernetes on node1 -> XDP -> real TCP from the lab's client
+/// to the pods.
+#[test]
+fn kubernetes_objects_to_real_traffic_through_the_agent() {
+    use lb_tests::{
+        agent::{AgentOptions, AgentProcess, Bpffs},
+        lab::Lab,
+        netns::require_root,
+        traffic::{Batch, Proto, serve_pods},
+    };
+    if !require_root() {
+        return;
+    }
+    let server = TestApiServer::start().expect("test API server");
+    let bpffs = Bpffs::mount("k8s-e2e").expect("bpffs");
+    let lab = Lab::build("k8s").expect("lab");
+    let _servers = serve_pods(lab.pods(), 8080).expect("servers");
+    // The agent lives in node1's namespace; the API server listens on the host's loopback.
+    let forward = Forward::into_netns(&lab.node1().ns, server.url()).expect("forward");
+    let kubeconfig = server.dir().join("node1.kubeconfig");
+    let text = std::fs::read_to_string(server.kubeconfig_path()).expect("kubeconfig");
+    std::fs::write(&kubeconfig, text.replace(server.url(), &forward.url)).expect("write");
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let client = runtime.block_on(client(server.kubeconfig_path()));
+    let apply = |obj: Value| {
+        let name = obj["metadata"]["name"].as_str().expect("name").to_string();
+        let params = PatchParams::apply("xdplb-test").force();
+        runtime.block_on(async {
+            if obj["kind"] == "Service" {
+                let api: Api<Service> = Api::namespaced(client.clone(), NS);
+                api.patch(&name, &params, &Patch::Apply(&obj))
+                    .await
+                    .map(|_| ())
+            } else {
+                let api: Api<EndpointSlice> = Api::namespaced(client.clone(), NS);
+                api.patch(&name, &params, &Patch::Apply(&obj))
+                    .await
+                    .map(|_| ())
+            }
+            .expect("apply")
+        })
+    };
+    // The four pods (two on node1, two on node2), snat (the default).
+    let pod_ips: Vec<&'static str> = vec!["10.1.1.2", "10.1.1.3", "10.1.2.2", "10.1.2.3"];
+    let eps: Vec<Ep> = pod_ips.iter().map(|a| ready(a)).collect();
+    apply(service(
+        "web",
+        "http",
+        &[("xdplb.io/deregistration-delay-seconds", "0")],
+    ));
+    apply(slice("web-a", "web", "http", 8080, &eps));
+
+    let node_config = "[node]\nhash-seed = 42\n";
+    let options = AgentOptions {
+        extra: vec![
+            "--kubernetes".into(),
+            "--node-name".into(),
+            "node1".into(),
+            "--kubeconfig".into(),
+            kubeconfig.display().to_string(),
+        ],
+        ..AgentOptions::default()
+    };
+    let agent = AgentProcess::start(&lab.node1().ns, &bpffs, node_config, options).expect("agent");
+    let status = agent.status().expect("status");
+    let text = status.to_string();
+    assert!(
+        text.contains("Service default/web"),
+        "status names the Service each frontend came from: {text}"
+    );
+
+    let vip: SocketAddr = "10.96.0.10:80".parse().expect("vip");
+    let sources = lab.client().sources_for(vip.ip());
+    let report = Batch::new(Proto::Tcp, vip, sources.clone(), 60)
+        .run(&lab.client().ns)
+        .expect("batch");
+    assert!(report.all_ok(), "{report:?}\n{}", agent.log_tail());
+    assert_eq!(
+        report.backends().len(),
+        4,
+        "new connections spread over the four pods: {:?}",
+        report.backends()
+    );
+
+    // Scale to the two node2 pods: within a second, new connections go only there.
+    apply(slice("web-a", "web", "http", 8080, &eps[2..]));
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let report = Batch::new(Proto::Tcp, vip, sources.clone(), 20)
+            .run(&lab.client().ns)
+            .expect("batch");
+        let backends = report.backends();
+        if report.all_ok()
+            && backends
+                .iter()
+                .all(|b| b.contains("pod3") || b.contains("pod4"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still reaching {backends:?}\n{}",
+            agent.log_tail()
+        );
+    }
+    drop(agent);
+    drop(forward);
+}
+
+/// A TCP forwarder from a port on a namespace's loopback to an address in the host's namespace.
+struct Forward {
+    url: String,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Forward {
+    fn into_netns(ns: &lb_tests::netns::Netns, url: &str) -> anyhow::Result<Forward> {
+        let target: SocketAddr = url.trim_start_matches("https://").parse()?;
+        // A socket belongs to the namespace it was made in, whichever thread uses it later.
+        let listener = ns.run(|| TcpListener::bind("127.0.0.1:0"))??;
+        let port = listener.local_addr()?.port();
+        listener.set_nonblocking(true)?;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((inside, _)) => {
+                        if let Ok(outside) = TcpStream::connect(target) {
+                            let _ = inside.set_nonblocking(false);
+                            pipe(inside, outside);
+                        }
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        Ok(Forward {
+            url: format!("https://127.0.0.1:{port}"),
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Forward {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Copies both ways until either side closes (threads end with the connection).
+fn pipe(a: TcpStream, b: TcpStream) {
+    let copy = |mut from: TcpStream, mut to: TcpStream| {
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut from, &mut to);
+            let _ = to.shutdown(std::net::Shutdown::Write);
+        });
+    };
+    if let (Ok(a2), Ok(b2)) = (a.try_clone(), b.try_clone()) {
+        copy(a, b2);
+        copy(b, a2);
+    }
+}
+
+// ---- small helpers -----------------------------------------------------------------------------
+
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// GET / on 127.0.0.1:port: (status code, body).
+fn http_get(port: u16) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let code = out.split_whitespace().nth(1)?.parse().ok()?;
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
+    Some((code, body))
+}
