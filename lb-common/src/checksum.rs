@@ -58,7 +58,7 @@ impl Delta {
 
     /// Combines two deltas (e.g. an address change that both IP and TCP checksums cover).
     #[inline(always)]
-    pub fn add(self, other: Delta) -> Delta {
+    pub fn combine(self, other: Delta) -> Delta {
         Delta(u64::from(self.folded()) + u64::from(other.folded()))
     }
 
@@ -217,7 +217,7 @@ mod tests {
             };
             let old_ports = u32::from_ne_bytes([seg[0], seg[1], seg[2], seg[3]]);
             let new_ports = u32::from_ne_bytes([ports[2].to_be_bytes()[0], ports[2].to_be_bytes()[1], ports[3].to_be_bytes()[0], ports[3].to_be_bytes()[1]]);
-            let d = addr_delta.add(Delta::ZERO.u32(old_ports, new_ports));
+            let d = addr_delta.combine(Delta::ZERO.u32(old_ports, new_ports));
             seg[0..4].copy_from_slice(&new_ports.to_ne_bytes());
             let updated = d.apply(u16::from_ne_bytes([seg[16], seg[17]]));
             seg[16..18].copy_from_slice(&updated.to_ne_bytes());

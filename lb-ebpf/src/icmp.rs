@@ -169,7 +169,7 @@ fn translate_error(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
     }
     let ports = port_pair(entry.dport, entry.sport);
     let l4_delta = set_ports(ctx, inner_l4, proto, pkt.v6, ports, inner_delta)?;
-    icmp_delta = icmp_delta.add(l4_delta);
+    icmp_delta = icmp_delta.combine(l4_delta);
 
     // Outer header: to the quoted packet's (new) sender; from its (new) destination when that is
     // who complained (e.g. port unreachable), else from the router that did, unchanged.
@@ -182,7 +182,7 @@ fn translate_error(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
     let outer_delta = set_addrs(ctx, pkt.l3, pkt.v6, &outer)?;
     if pkt.v6 {
         // ICMPv6's checksum covers a pseudo-header with the outer addresses.
-        icmp_delta = icmp_delta.add(outer_delta);
+        icmp_delta = icmp_delta.combine(outer_delta);
     }
     let check: *mut u8 = ptr_at::<u16>(ctx, pkt.l4 + ICMP_CHECK)?.cast();
     unsafe { store(check, icmp_delta.apply(load(check))) };

@@ -85,11 +85,13 @@ pub fn check(policy_id: u32, src: &Addr, how: u32, now: u64) -> Verdict {
     }
     // The source's bucket, or beyond the table's capacity the policy's overflow mode: admitted
     // (fail open), or one bucket shared by all such sources (fail closed). One decision below
-    // either way (keeps the verifier's path count down).
+    // either way (keeps the verifier's path count down). A flow already admitted keeps flowing:
+    // a source without an entry has a full bucket (entries go only once refilled), and sharing
+    // the overflow bucket with a flood of new sources would stop its live connections.
     let mut overflow = false;
     let bucket = match source(&key, policy, now) {
         Some(s) => s,
-        None if policy.flags & POLICY_FAIL_OPEN != 0 => return Verdict::Pass,
+        None if policy.flags & POLICY_FAIL_OPEN != 0 || !new_flow => return Verdict::Pass,
         None => {
             key.addr.set_words(OVERFLOW_SOURCE);
             overflow = true;

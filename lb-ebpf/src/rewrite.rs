@@ -59,7 +59,7 @@ pub fn set_ports(
     unsafe { store(at, ports) };
     // Everything a covering checksum sees change: the ports, and the transport checksum below.
     let mut covered = port_delta;
-    let l4_delta = addr_delta.add(port_delta);
+    let l4_delta = addr_delta.combine(port_delta);
     let check_at = if proto == IPPROTO_TCP {
         TCP_CHECK
     } else {

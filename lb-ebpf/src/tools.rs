@@ -10,7 +10,11 @@
 //!   frame the previous iteration rewrote), varies its source address / port from a per-CPU
 //!   sequence if asked, then tail-calls the program under test in BENCH_TARGET slot 0;
 //! - `bench_gen`: the traffic generator for BPF_PROG_RUN live-frames mode: the same frame
-//!   preparation, then XDP_TX (the kernel transmits the frame out of the ctx's ingress device).
+//!   preparation, then XDP_TX (the kernel transmits the frame out of the ctx's ingress device);
+//! - `bench_fib`, `bench_lookup`, `bench_insert`: single operations of the data path, as
+//!   targets of `bench_wrap`, to tell what its cost is made of: a bpf_fib_lookup for the frame's
+//!   IPv4 addresses; a lookup and an insert of a 40-byte key (the size of a flow key: the
+//!   frame's IPv4 and TCP headers) in an LRU hash map.
 //!
 //! Nothing here is on the data path, and nothing here may change the data path's maps.
 #![cfg_attr(target_arch = "bpf", no_std)]
@@ -19,9 +23,10 @@
 #[cfg(target_arch = "bpf")]
 mod programs {
     use aya_ebpf::{
-        bindings::xdp_action,
+        bindings::{bpf_fib_lookup as FibParams, xdp_action},
+        helpers::generated::bpf_fib_lookup,
         macros::{map, xdp},
-        maps::{Array, PerCpuArray, ProgramArray},
+        maps::{Array, LruHashMap, PerCpuArray, ProgramArray},
         programs::XdpContext,
     };
 
@@ -123,6 +128,89 @@ mod programs {
             Some(()) => xdp_action::XDP_TX,
             None => xdp_action::XDP_ABORTED,
         }
+    }
+
+    /// Keys `bench_lookup` finds (user space inserts them) and `bench_insert` adds: 40 bytes
+    /// from the IPv4 header on. Room for one measured run of new keys without eviction.
+    #[map]
+    static BENCH_FLOWS: LruHashMap<[u64; 5], [u64; 7]> = LruHashMap::with_max_entries(16384, 0);
+    /// bpf_fib_lookup parameters (64 bytes: kept off the stack like the data path does).
+    #[map]
+    static BENCH_FIB: PerCpuArray<FibParams> = PerCpuArray::with_max_entries(1, 0);
+
+    /// A FIB lookup from the frame's IPv4 source to its destination, out of the ingress device:
+    /// XDP_TX if the kernel knows the next hop, else XDP_DROP.
+    #[xdp]
+    pub fn bench_fib(ctx: XdpContext) -> u32 {
+        let (start, end) = bounds(&ctx);
+        if start + 34 > end {
+            return xdp_action::XDP_ABORTED;
+        }
+        let Some(p) = BENCH_FIB.get_ptr_mut(0) else {
+            return xdp_action::XDP_ABORTED;
+        };
+        // SAFETY: per-CPU scratch; 34 bytes of packet checked above.
+        let rc = unsafe {
+            let p = &mut *p;
+            *p = core::mem::zeroed();
+            let pkt = start as *const u8;
+            p.family = 2;
+            p.ifindex = ctx.ingress_ifindex() as u32;
+            p.__bindgen_anon_1.tot_len = 64;
+            p.__bindgen_anon_3.ipv4_src = pkt.add(IP_SRC).cast::<u32>().read_unaligned();
+            p.__bindgen_anon_4.ipv4_dst = pkt.add(IP_SRC + 4).cast::<u32>().read_unaligned();
+            bpf_fib_lookup(
+                ctx.ctx.cast(),
+                p,
+                core::mem::size_of::<FibParams>() as i32,
+                0,
+            )
+        };
+        if rc == 0 {
+            xdp_action::XDP_TX
+        } else {
+            xdp_action::XDP_DROP
+        }
+    }
+
+    /// A hash lookup of the frame's 40 bytes from the IP header on: XDP_TX on a hit.
+    #[xdp]
+    pub fn bench_lookup(ctx: XdpContext) -> u32 {
+        let Some(key) = key_of(&ctx) else {
+            return xdp_action::XDP_ABORTED;
+        };
+        // SAFETY: the value is only tested for presence.
+        match unsafe { BENCH_FLOWS.get(&key) } {
+            Some(_) => xdp_action::XDP_TX,
+            None => xdp_action::XDP_DROP,
+        }
+    }
+
+    /// An insert (BPF_ANY) of the frame's 40 bytes from the IP header on: XDP_TX if it worked.
+    #[xdp]
+    pub fn bench_insert(ctx: XdpContext) -> u32 {
+        let Some(key) = key_of(&ctx) else {
+            return xdp_action::XDP_ABORTED;
+        };
+        match BENCH_FLOWS.insert(&key, &[0u64; 7], 0) {
+            Ok(()) => xdp_action::XDP_TX,
+            Err(_) => xdp_action::XDP_DROP,
+        }
+    }
+
+    #[inline(always)]
+    fn key_of(ctx: &XdpContext) -> Option<[u64; 5]> {
+        let (start, end) = bounds(ctx);
+        if start + 14 + 40 > end {
+            return None;
+        }
+        let pkt = start as *const u8;
+        let mut key = [0u64; 5];
+        for (i, k) in key.iter_mut().enumerate() {
+            // SAFETY: inside the 54 bytes checked above.
+            *k = unsafe { pkt.add(14 + 8 * i).cast::<u64>().read_unaligned() };
+        }
+        Some(key)
     }
 
     // Offsets in an untagged IPv4 frame with a 20-byte header.

@@ -23,11 +23,13 @@ use crate::{
     k8s::{self, Problem, Translation, source::KubeSource},
     model::Desired,
     netlink::Netlink,
+    nic::Nic,
     node::{self, Interfaces, Neighbours, NodeError},
     reconcile::{ApplyError, NodeView, Reconciler, Report, monotonic_ns, service_key},
     state::{InterfaceLabel, ServiceLabel, State},
     sweep::{SweepReport, end_flows, sweep},
     tables::Tables,
+    veth::{self, PodEnd},
 };
 
 /// What /readyz, metrics and the state file report about the agent itself.
@@ -39,6 +41,10 @@ pub struct Health {
     pub reloads_rejected: u64,
     pub last_error: Option<String>,
     pub last_sweep: SweepReport,
+    /// Entries all sweeps removed: finished flows, and refilled sources (the source table's
+    /// evictions).
+    pub swept_flows: u64,
+    pub swept_sources: u64,
     pub map_writes: u64,
     /// With --kubernetes.
     pub kubernetes: Option<KubeHealth>,
@@ -119,6 +125,8 @@ pub struct Agent {
     composed: Option<(Desired, Vec<Problem>)>,
     /// Held while running: one agent per state directory (two would fight over the pins).
     _lock: std::fs::File,
+    /// Backend veths (ifindex, name) and whether their pod end takes redirected frames.
+    pod_ends: std::collections::BTreeMap<(u32, String), bool>,
     pub health: Health,
 }
 
@@ -165,6 +173,7 @@ impl Agent {
             kube: None,
             composed: None,
             _lock: lock,
+            pod_ends: Default::default(),
             health: Health::default(),
         };
         if agent.args.kubernetes {
@@ -405,7 +414,10 @@ impl Agent {
     }
 
     pub fn sweep(&mut self) {
-        self.health.last_sweep = sweep(&mut self.maps, monotonic_ns());
+        let report = sweep(&mut self.maps, monotonic_ns());
+        self.health.swept_flows += report.flows_removed as u64;
+        self.health.swept_sources += report.sources_removed as u64;
+        self.health.last_sweep = report;
     }
 
     /// Attaches to every uplink and backend interface, detaches from ones that went, and
@@ -422,24 +434,31 @@ impl Agent {
         let mut wanted = Vec::new();
         for (link, program) in roles {
             let a = if program == PROG_UPLINK {
-                self.attachments.attach(ebpf, program, &link.name, mode)?
-            } else {
-                self.attachments.attach_tc(ebpf, program, &link.name)?
-            };
-            if program == PROG_UPLINK || a.note.is_some() {
+                let nic = Nic::inspect(&link.name, link.mtu);
+                let obstacles = nic.native_xdp_obstacles();
+                let a = self
+                    .attachments
+                    .attach(ebpf, program, &link.name, mode, link.xdp, &obstacles)?;
                 info!(
-                    "{} on {} (ifindex {}): {} mode{}",
-                    program,
+                    "{program} on {} (ifindex {}; {}): {} mode{}",
                     a.iface,
                     a.ifindex,
+                    nic.describe(),
                     a.mode,
                     a.note
                         .as_deref()
                         .map(|n| format!(": {n}"))
                         .unwrap_or_default()
                 );
-            }
-            wanted.push(link.name.clone());
+                a
+            } else {
+                let a = self.attachments.attach_tc(ebpf, program, &link.name)?;
+                if let Some(n) = &a.note {
+                    info!("{program} on {} (ifindex {}): {n}", a.iface, a.ifindex);
+                }
+                a
+            };
+            wanted.push(a.iface.clone());
         }
         for iface in self.attachments.pinned_interfaces() {
             if !wanted.contains(&iface) {
@@ -447,7 +466,13 @@ impl Agent {
                 self.attachments.detach(&iface);
             }
         }
-        let targets: Vec<u32> = self.interfaces.all().map(|l| l.ifindex).collect();
+        // Redirect targets: the uplinks, and backend interfaces that take redirected frames.
+        let mut targets: Vec<u32> = self.interfaces.uplinks.iter().map(|l| l.ifindex).collect();
+        for link in self.interfaces.backends.clone() {
+            if self.redirectable(&link) {
+                targets.push(link.ifindex);
+            }
+        }
         let present: Vec<u32> = self.maps.devmap.keys().filter_map(|k| k.ok()).collect();
         for i in &targets {
             if !present.contains(i) {
@@ -488,6 +513,41 @@ impl Agent {
             .progs
             .pin(&path)
             .with_context(|| format!("pinning the tail-call table at {}", path.display()))
+    }
+
+    /// Whether the data path may redirect into `link`: yes for most devices; for a veth once its
+    /// pod end takes redirected frames (see `veth`). Decided once per interface.
+    fn redirectable(&mut self, link: &crate::netlink::Link) -> bool {
+        if link.kind.as_deref() != Some("veth") {
+            return true;
+        }
+        let key = (link.ifindex, link.name.clone());
+        if let Some(ok) = self.pod_ends.get(&key) {
+            return *ok;
+        }
+        let ok = match veth::prepare(&mut self.netlink, link) {
+            Ok(PodEnd::Ready) => true,
+            Ok(PodEnd::Enabled) => {
+                info!(
+                    "{}: turned GRO on at its pod end, so frames redirected into it are delivered",
+                    link.name
+                );
+                true
+            }
+            Err(why) => {
+                warn!(
+                    "{}: not redirecting into it ({why}); its backends' packets go through the kernel",
+                    link.name
+                );
+                false
+            }
+        };
+        self.pod_ends.insert(key, ok);
+        // Forget interfaces that went.
+        let live: std::collections::BTreeSet<u32> =
+            self.interfaces.backends.iter().map(|l| l.ifindex).collect();
+        self.pod_ends.retain(|(i, _), _| live.contains(i));
+        ok
     }
 
     /// Program arrays pinned by previous agents (for their programs' tail calls while they

@@ -170,13 +170,17 @@ impl Attachments {
     }
 
     /// Puts the XDP program `program` on `iface`: takes over a link a previous agent pinned
-    /// there (atomic replacement), or attaches anew in `mode`.
+    /// there (atomic replacement, keeping the mode it runs in: `current`, from netlink), or
+    /// attaches anew in `mode`. `obstacles`: what is known to stand in native XDP's way on this
+    /// device, for the messages when native fails.
     pub fn attach(
         &mut self,
         ebpf: &mut Ebpf,
         program: &'static str,
         iface: &str,
         mode: ModeChoice,
+        current: Option<&'static str>,
+        obstacles: &[String],
     ) -> Result<&Attached, AttachError> {
         let ifindex = ifindex(iface).ok_or_else(|| AttachError::NoInterface(iface.to_string()))?;
         if let Some(a) = self.by_iface.get(iface)
@@ -212,16 +216,24 @@ impl Attachments {
                 }
             }
         }
+        let hints: String = obstacles.iter().map(|o| format!("; {o}")).collect();
         let (id, used, note) = match taken_over {
             Some(id) => (
                 id,
-                "as before",
-                Some("took over the previous agent's link".to_string()),
+                current.unwrap_or("as before"),
+                Some(format!(
+                    "took over the previous agent's link{}",
+                    if current == Some("generic") {
+                        &hints
+                    } else {
+                        ""
+                    }
+                )),
             ),
             None => match mode {
                 ModeChoice::Native => (
                     prog.attach(iface, XdpMode::Driver)
-                        .map_err(|e| err("native", e.to_string()))?,
+                        .map_err(|e| err("native", format!("{e}{hints}")))?,
                     "native",
                     None,
                 ),
@@ -238,7 +250,7 @@ impl Attachments {
                             err("generic", format!("{e} (native failed too: {native})"))
                         })?;
                         let why = format!(
-                            "native XDP failed ({native}); using generic XDP, which runs after the kernel has built an skb: correct, but much slower"
+                            "native XDP failed ({native}{hints}); using generic XDP, which runs after the kernel has built an skb: correct, but much slower"
                         );
                         (id, "generic", Some(why))
                     }

@@ -185,6 +185,9 @@ pub fn load_tools() -> std::result::Result<Ebpf, DataplaneError> {
         "xdp_sink",
         "bench_wrap",
         "bench_gen",
+        "bench_fib",
+        "bench_lookup",
+        "bench_insert",
     ] {
         let prog = program_mut(&mut ebpf, name)?;
         load_program(name, || prog.load())?;

@@ -232,14 +232,14 @@ pub fn render(agent: &Agent, sync_latency: Option<&Histogram>) -> String {
     let swept = counter(
         &mut r,
         "swept_entries",
-        "Entries the last sweep removed (finished flows, refilled sources)",
+        "Entries the agent's sweeps removed: finished flows, and refilled rate-limit sources (the source table's evictions; its insertions are datapath_events{event=\"sources_created\"})",
     );
     swept
         .get_or_create(&vec![("table", "flows".into())])
-        .inc_by(sweep.flows_removed as u64);
+        .inc_by(agent.health.swept_flows);
     swept
         .get_or_create(&vec![("table", "sources".into())])
-        .inc_by(sweep.sources_removed as u64);
+        .inc_by(agent.health.swept_sources);
 
     let reloads = counter(&mut r, "config_reloads", "Config reloads by result");
     reloads

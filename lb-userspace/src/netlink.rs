@@ -20,6 +20,7 @@ use netlink_packet_route::{
         InfoData, InfoVlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage, LinkXdp, XdpAttached,
     },
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
+    nsid::{NsidAttribute, NsidMessage},
     route::{RouteAddress, RouteAttribute, RouteMessage, RouteType, RouteVia},
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
@@ -144,8 +145,12 @@ pub struct Link {
     pub mac: Option<[u8; 6]>,
     /// (parent ifindex from IFLA_LINK, VLAN id) for vlan devices.
     pub vlan: Option<(u32, u16)>,
-    /// An XDP program is attached in some mode (IFLA_XDP_ATTACHED != XDP_ATTACHED_NONE).
-    pub xdp_attached: bool,
+    /// For a veth whose other end is in another namespace: (that end's ifindex there, the
+    /// namespace's id as seen from here; IFLA_LINK and IFLA_LINK_NETNSID).
+    pub peer: Option<(u32, i32)>,
+    /// The mode an attached XDP program runs in ("native", "generic", "offload", "multi";
+    /// IFLA_XDP_ATTACHED), if one is.
+    pub xdp: Option<&'static str>,
 }
 
 /// A NETLINK_ROUTE socket and the sequence number of its last request.
@@ -222,6 +227,27 @@ impl Netlink {
                 _ => None,
             })
             .collect())
+    }
+
+    /// The id this namespace has for the network namespace `ns_fd` refers to (RTM_GETNSID);
+    /// `None` if it has none.
+    pub fn nsid_of(
+        &mut self,
+        ns_fd: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<Option<i32>, NetlinkError> {
+        use std::os::fd::AsRawFd;
+        let mut request = NsidMessage::default();
+        request
+            .attributes
+            .push(NsidAttribute::Fd(ns_fd.as_raw_fd() as u32));
+        let replies = self.transact("get nsid", RouteNetlinkMessage::GetNsId(request), 0)?;
+        Ok(replies.messages.iter().find_map(|m| match m {
+            RouteNetlinkMessage::NewNsId(n) => n.attributes.iter().find_map(|a| match a {
+                NsidAttribute::Id(id) if *id >= 0 => Some(*id),
+                _ => None,
+            }),
+            _ => None,
+        }))
     }
 
     /// All links (RTM_GETLINK dump).
@@ -635,10 +661,12 @@ fn link_from_message(message: &LinkMessage) -> Link {
         up: message.header.flags.contains(LinkFlags::Up),
         mac: None,
         vlan: None,
-        xdp_attached: false,
+        xdp: None,
+        peer: None,
     };
     let mut parent = None;
     let mut vlan_id = None;
+    let mut netnsid = None;
     for attribute in &message.attributes {
         match attribute {
             LinkAttribute::IfName(name) => link.name.clone_from(name),
@@ -650,6 +678,7 @@ fn link_from_message(message: &LinkMessage) -> Link {
             }
             // For a vlan this is the parent device; for a veth, the peer.
             LinkAttribute::Link(index) => parent = Some(*index),
+            LinkAttribute::LinkNetNsId(id) => netnsid = Some(*id),
             LinkAttribute::LinkInfo(infos) => {
                 for info in infos {
                     match info {
@@ -665,15 +694,21 @@ fn link_from_message(message: &LinkMessage) -> Link {
                 }
             }
             LinkAttribute::Xdp(xdp) => {
-                link.xdp_attached = xdp
-                    .iter()
-                    .any(|x| matches!(x, LinkXdp::Attached(mode) if *mode != XdpAttached::None));
+                link.xdp = xdp.iter().find_map(|x| match x {
+                    LinkXdp::Attached(XdpAttached::Driver) => Some("native"),
+                    LinkXdp::Attached(XdpAttached::SocketBuffer) => Some("generic"),
+                    LinkXdp::Attached(XdpAttached::Hardware) => Some("offload"),
+                    LinkXdp::Attached(XdpAttached::Multiple) => Some("multi"),
+                    _ => None,
+                });
             }
             _ => {}
         }
     }
-    if link.kind.as_deref() == Some("vlan") {
-        link.vlan = parent.zip(vlan_id);
+    match link.kind.as_deref() {
+        Some("vlan") => link.vlan = parent.zip(vlan_id),
+        Some("veth") => link.peer = parent.zip(netnsid),
+        _ => {}
     }
     link
 }
@@ -748,7 +783,8 @@ mod tests {
                 up: true,
                 mac: Some([2, 0, 0, 0, 0, 1]),
                 vlan: Some((3, 100)),
-                xdp_attached: true,
+                xdp: Some("native"),
+                peer: None,
             }
         );
     }
@@ -782,7 +818,7 @@ mod tests {
         let link = link_from_message(&link);
         assert_eq!(link.vlan, Some((4, 42)));
         assert!(!link.up);
-        assert!(!link.xdp_attached);
+        assert_eq!(link.xdp, None);
     }
 
     #[test]
@@ -790,14 +826,16 @@ mod tests {
         let mut message = LinkMessage::default();
         message.attributes = vec![
             LinkAttribute::Link(5),
+            LinkAttribute::LinkNetNsId(3),
             LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Veth)]),
             LinkAttribute::Address(vec![0; 6]),
             LinkAttribute::Xdp(vec![LinkXdp::Attached(XdpAttached::None)]),
         ];
         let link = link_from_message(&message);
         assert_eq!(link.vlan, None);
+        assert_eq!(link.peer, Some((5, 3)), "the peer's index in namespace 3");
         assert_eq!(link.mac, None);
-        assert!(!link.xdp_attached);
+        assert_eq!(link.xdp, None);
     }
 
     #[test]

@@ -23,6 +23,13 @@ pub enum NodeError {
     Netlink(#[from] NetlinkError),
 }
 
+/// Uplinks and backend interfaces by (name, ifindex), and VLANs: see [`Interfaces::identity`].
+pub type Identity<'a> = (
+    Vec<(&'a str, u32)>,
+    Vec<(&'a str, u32)>,
+    &'a [(u32, u32, u16)],
+);
+
 /// The interfaces the data path is attached to, by role.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Interfaces {
@@ -67,7 +74,7 @@ impl Interfaces {
 
     /// What makes the set different for attaching: names and indexes by role (not state such
     /// as whether XDP is attached, which attaching itself changes).
-    pub fn identity(&self) -> (Vec<(&str, u32)>, Vec<(&str, u32)>, &[(u32, u32, u16)]) {
+    pub fn identity(&self) -> Identity<'_> {
         fn ids(v: &[Link]) -> Vec<(&str, u32)> {
             v.iter().map(|l| (l.name.as_str(), l.ifindex)).collect()
         }

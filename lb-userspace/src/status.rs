@@ -26,7 +26,26 @@ pub struct Status {
     pub last_error: Option<String>,
     pub interfaces: Vec<crate::state::InterfaceLabel>,
     pub services: Vec<ServiceStatus>,
+    /// Sources being held back the most (by packets dropped while tracked).
+    pub limited_sources: Vec<LimitedSource>,
+    /// Entries in the source table (sources with a partly used bucket).
+    pub tracked_sources: usize,
     pub counters: BTreeMap<&'static str, u64>,
+}
+
+/// How many sources `status` lists.
+pub const TOP_LIMITED: usize = 10;
+
+#[derive(Serialize)]
+pub struct LimitedSource {
+    /// The address, or for IPv6 the prefix the policy aggregates by; "(table full)" for the
+    /// shared bucket of sources that found the table full.
+    pub source: String,
+    pub policy: String,
+    pub dropped: u64,
+    /// Tokens left now, of the burst.
+    pub packet_tokens: Option<(u64, u64)>,
+    pub connection_tokens: Option<(u64, u64)>,
 }
 
 #[derive(Serialize)]
@@ -115,12 +134,19 @@ pub fn status(paths: &Paths) -> Result<Status> {
         });
     }
     services.sort_by(|a, b| a.name.cmp(&b.name));
+    let policy_names = state
+        .as_ref()
+        .map(|s| s.policies.clone())
+        .unwrap_or_default();
+    let (limited_sources, tracked_sources) = limited_sources(&maps, &policy_names);
     Ok(Status {
         source: state.as_ref().map(|s| s.source.clone()),
         ready: state.as_ref().map(|s| s.ready),
         last_error: state.as_ref().and_then(|s| s.last_error.clone()),
         interfaces: state.map(|s| s.interfaces).unwrap_or_default(),
         services,
+        limited_sources,
+        tracked_sources,
         counters: maps
             .read_counters()
             .into_iter()
@@ -128,6 +154,60 @@ pub fn status(paths: &Paths) -> Result<Status> {
             .map(|(c, v)| (Counter::name(c), v))
             .collect(),
     })
+}
+
+/// The sources that had the most packets dropped, and how many sources are tracked.
+fn limited_sources(maps: &Maps, names: &BTreeMap<u32, String>) -> (Vec<LimitedSource>, usize) {
+    let now = monotonic_ns();
+    let policies: BTreeMap<u32, lb_common::Policy> = maps
+        .policies
+        .iter()
+        .filter_map(Result::ok)
+        .enumerate()
+        .map(|(i, p)| (i as u32, p))
+        .collect();
+    let mut tracked = 0;
+    let mut all: Vec<(lb_common::SourceKey, lb_common::Source)> = maps
+        .sources
+        .iter()
+        .filter_map(Result::ok)
+        .inspect(|_| tracked += 1)
+        .filter(|(_, s)| s.dropped > 0)
+        .collect();
+    all.sort_by_key(|(_, s)| std::cmp::Reverse(s.dropped));
+    let list = all
+        .into_iter()
+        .take(TOP_LIMITED)
+        .map(|(k, s)| {
+            let policy = policies.get(&k.policy);
+            let tokens = |limit: &lb_common::Limit, bucket: &lb_common::Bucket| {
+                (!limit.is_unlimited())
+                    .then(|| (lb_common::bucket::tokens(limit, bucket, now), limit.burst))
+            };
+            let source = if k.addr.0 == [0xff; 16] {
+                "(table full: shared bucket)".to_string()
+            } else {
+                let ip = IpAddr::from(k.addr);
+                match (ip, policy) {
+                    (IpAddr::V6(_), Some(p)) if p.v6_prefix_len < 128 => {
+                        format!("{ip}/{}", p.v6_prefix_len)
+                    }
+                    _ => ip.to_string(),
+                }
+            };
+            LimitedSource {
+                source,
+                policy: names
+                    .get(&k.policy)
+                    .cloned()
+                    .unwrap_or_else(|| format!("policy {}", k.policy)),
+                dropped: s.dropped,
+                packet_tokens: policy.and_then(|p| tokens(&p.packets, &s.packets)),
+                connection_tokens: policy.and_then(|p| tokens(&p.connections, &s.connections)),
+            }
+        })
+        .collect();
+    (list, tracked)
 }
 
 fn frontend_of(key: &ServiceKey) -> Option<Frontend> {
@@ -221,6 +301,30 @@ pub fn render(s: &Status) -> String {
                 out,
                 "  {:<40} {:>6} {:>9} {:>12} {:>10} {:>6}",
                 b.address, b.weight, b.state, b.packets, b.new_flows, share
+            );
+        }
+    }
+    if !s.limited_sources.is_empty() {
+        let _ = writeln!(out);
+        let _ = writeln!(out, "most-limited sources ({} tracked):", s.tracked_sources);
+        let _ = writeln!(
+            out,
+            "  {:<44} {:<20} {:>10} {:>16} {:>16}",
+            "source", "policy", "dropped", "packet tokens", "conn tokens"
+        );
+        let tokens = |t: Option<(u64, u64)>| {
+            t.map(|(n, of)| format!("{n}/{of}"))
+                .unwrap_or_else(|| "-".into())
+        };
+        for l in &s.limited_sources {
+            let _ = writeln!(
+                out,
+                "  {:<44} {:<20} {:>10} {:>16} {:>16}",
+                l.source,
+                l.policy,
+                l.dropped,
+                tokens(l.packet_tokens),
+                tokens(l.connection_tokens)
             );
         }
     }

@@ -2,12 +2,21 @@
 //! path already treats them as absent; deleting them frees memory and snat ports) and source
 //! buckets that have refilled (a full bucket is the same as no entry, so removing one never
 //! changes a limit; this is what keeps the source table from filling up for good).
+//!
+//! A refilled source stays while it is active (a packet in the last [`SOURCE_KEEP`]): under a
+//! flood of spoofed sources that fills the table, the clients in the middle of talking keep
+//! their entries, so their new connections draw on their own buckets and not on the shared
+//! overflow bucket the flood drains. The spoofed ones, each seen once, go at the next sweep
+//! after that.
 use lb_common::{Addr, Bucket, FLOW_REPLY, FLOW_RESET, FlowKey, Limit, SourceKey, bucket::tokens};
 
 use crate::dataplane::Maps;
 
 /// Sources with this address are the shared overflow buckets of fail-closed policies.
 const OVERFLOW: [u8; 16] = [0xff; 16];
+
+/// How long a refilled source's entry stays after its last packet.
+pub const SOURCE_KEEP: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct SweepReport {
@@ -39,6 +48,9 @@ pub fn sweep(maps: &mut Maps, now_ns: u64) -> SweepReport {
     let policies: Vec<lb_common::Policy> = maps.policies.iter().filter_map(Result::ok).collect();
     let full =
         |limit: &Limit, b: &Bucket| limit.is_unlimited() || tokens(limit, b, now_ns) >= limit.burst;
+    let keep_ns = SOURCE_KEEP.as_nanos() as i64;
+    // Signed: the data path's clock may be a little ahead of ours.
+    let quiet = |b: &Bucket| now_ns.wrapping_sub(b.last_ns) as i64 >= keep_ns;
     let idle: Vec<SourceKey> = maps
         .sources
         .iter()
@@ -46,6 +58,8 @@ pub fn sweep(maps: &mut Maps, now_ns: u64) -> SweepReport {
         .inspect(|_| report.sources += 1)
         .filter(|(k, s)| {
             k.addr.0 != OVERFLOW
+                && quiet(&s.packets)
+                && quiet(&s.connections)
                 && policies.get(k.policy as usize).is_some_and(|p| {
                     full(&p.packets, &s.packets) && full(&p.connections, &s.connections)
                 })

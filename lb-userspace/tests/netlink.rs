@@ -391,7 +391,7 @@ fn links_report_veth_kind_mtu_mac_and_state() {
         assert_eq!(a0.mac, Some([0x02, 0, 0, 0, 0, 0xa0]));
         assert!(a0.up);
         assert_eq!(a0.vlan, None);
-        assert!(!a0.xdp_attached);
+        assert_eq!(a0.xdp, None);
 
         let a1 = by_name("a1");
         assert_eq!(a1.kind.as_deref(), Some("veth"));

@@ -417,6 +417,20 @@ impl Lab {
         Ok(self.pods.last().expect("just pushed"))
     }
 
+    /// Takes `xdp_pass` off a pod's `eth0`, making it like a VPC CNI pod: frames XDP redirects
+    /// into its veth are then delivered only once GRO is on at its end (which the agent does).
+    pub fn detach_pod_xdp(&mut self, name: &str) -> Result<()> {
+        let pod = self.pod(name).with_context(|| format!("no pod {name}"))?;
+        let key = (pod.ns.name().to_string(), POD_IFACE.to_string());
+        let id = self
+            .links
+            .remove(&key)
+            .with_context(|| format!("pod {name} has no xdp_pass"))?;
+        let program = dataplane::program_mut(self.tools_mut(), "xdp_pass")?;
+        program.detach(id).context("detaching xdp_pass")?;
+        Ok(())
+    }
+
     /// Removes a pod: its XDP link, its veth pair (synchronously, so the name can be reused at
     /// once) and its namespace.
     pub fn remove_pod(&mut self, name: &str) -> Result<()> {

@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod apiserver;
 pub mod bench;
+pub mod flood;
 pub mod kernel;
 pub mod lab;
 pub mod netns;

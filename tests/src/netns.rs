@@ -372,23 +372,32 @@ impl Drop for ChildGuard {
 /// on (XDP_TX, XDP_REDIRECT) no longer carries it, so the receiver would get a wrong checksum.
 /// Frames from a real NIC carry complete checksums, so this is about the lab, not production.
 pub fn tx_checksum_off(ifname: &str) -> Result<()> {
-    const SIOCETHTOOL: libc::c_ulong = 0x8946;
     const ETHTOOL_STXCSUM: u32 = 0x17;
+    ethtool_value(ifname, ETHTOOL_STXCSUM, 0).map(drop)
+}
+
+/// Whether GRO is on for `ifname` (in the calling thread's namespace), like `ethtool -k`.
+pub fn gro_enabled(ifname: &str) -> Result<bool> {
+    const ETHTOOL_GGRO: u32 = 0x2b;
+    Ok(ethtool_value(ifname, ETHTOOL_GGRO, 0)? != 0)
+}
+
+/// One ethtool ioctl of the `struct ethtool_value` kind; returns the value the kernel left.
+fn ethtool_value(ifname: &str, cmd: u32, data: u32) -> Result<u32> {
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
     #[repr(C)]
     struct EthtoolValue {
         cmd: u32,
         data: u32,
     }
+    /// `struct ifreq`: the name, then a 24-byte union of which ethtool uses the pointer.
     #[repr(C)]
     struct IfReq {
         name: [u8; libc::IFNAMSIZ],
         data: *mut EthtoolValue,
         _pad: [u8; 16],
     }
-    let mut value = EthtoolValue {
-        cmd: ETHTOOL_STXCSUM,
-        data: 0,
-    };
+    let mut value = EthtoolValue { cmd, data };
     let mut req = IfReq {
         name: [0; libc::IFNAMSIZ],
         data: &mut value,
@@ -407,7 +416,7 @@ pub fn tx_checksum_off(ifname: &str) -> Result<()> {
         let rc = libc::ioctl(fd, SIOCETHTOOL as _, &mut req);
         let err = std::io::Error::last_os_error();
         libc::close(fd);
-        anyhow::ensure!(rc == 0, "ethtool tx off on {ifname}: {err}");
+        anyhow::ensure!(rc == 0, "ethtool command {cmd:#x} on {ifname}: {err}");
     }
-    Ok(())
+    Ok(value.data)
 }

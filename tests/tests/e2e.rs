@@ -10,7 +10,7 @@ use std::{
 use lb_tests::{
     agent::{AgentOptions, AgentProcess, Bpffs},
     lab::Lab,
-    netns::require_root,
+    netns::{gro_enabled, require_root},
     traffic::{BackendServer, Batch, LongTransfer, Proto, serve_pods, tcp_request},
 };
 
@@ -371,5 +371,61 @@ fn vips_answer_ping_and_other_traffic_is_untouched() {
             .unwrap_or(0)
             >= 2,
         "{status}"
+    );
+}
+
+/// A pod without an XDP program on its eth0 (as the VPC CNI sets pods up) receives frames the
+/// data path redirects into its veth only with GRO on at its end: the agent turns it on.
+#[test]
+fn pods_without_xdp_get_redirected_frames_once_the_agent_turns_gro_on() {
+    if !require_root() {
+        return;
+    }
+    let bpffs = Bpffs::mount("e2e-gro").expect("bpffs");
+    let mut lab = Lab::build("e2e-gro").expect("lab");
+    let gro = |lab: &Lab, pod: &str| {
+        let ns = &lab.pod(pod).expect("pod").ns;
+        ns.run(|| gro_enabled("eth0"))
+            .and_then(|r| r)
+            .expect("reading GRO")
+    };
+    for pod in ["pod1", "pod2"] {
+        lab.detach_pod_xdp(pod).expect("detach");
+        assert!(
+            !gro(&lab, pod),
+            "{pod}: GRO starts off, as on a VPC CNI pod"
+        );
+    }
+    let _servers = serve_pods(lab.pods(), PORT).expect("servers");
+    let agent = AgentProcess::start(
+        &lab.node1().ns,
+        &bpffs,
+        &config([1, 1, 1, 1]),
+        AgentOptions::default(),
+    )
+    .expect("agent");
+    for pod in ["pod1", "pod2"] {
+        assert!(
+            gro(&lab, pod),
+            "{pod}: the agent turned GRO on at the pod end\n{}",
+            agent.log_tail()
+        );
+    }
+    let dst = addr(LOCAL_VIP, 80);
+    let report = Batch::new(Proto::Tcp, dst, lab.client().sources_for(dst.ip()), 100)
+        .deadline(Duration::from_secs(30))
+        .run(&lab.client().ns)
+        .expect("batch");
+    assert!(
+        report.all_ok(),
+        "{} of 100 failed, e.g. {:?}\n{}",
+        report.error_count,
+        report.errors,
+        agent.log_tail()
+    );
+    let status = agent.status().expect("status");
+    assert!(
+        status["counters"]["xdp_redirect"].as_u64().unwrap_or(0) >= 100,
+        "redirected, not handed to the kernel: {status:#}"
     );
 }

@@ -420,6 +420,13 @@ fn daemonset_mounts_bpffs_with_bidirectional_propagation_and_the_state_dir() {
     assert_eq!(source.path, "/run/xdplb");
     assert_eq!(source.type_.as_deref(), Some("DirectoryOrCreate"));
 
+    // The pods' network namespaces, where the agent turns GRO on at each pod veth's end; pods
+    // started after the agent must show up, hence HostToContainer.
+    let netns = mount_at("/run/netns");
+    assert_eq!(host_path(&netns.name).path, "/run/netns");
+    assert_eq!(netns.mount_propagation.as_deref(), Some("HostToContainer"));
+    assert_eq!(netns.read_only, Some(true));
+
     // --config /etc/xdplb/node.toml comes from the ConfigMap, mounted as a directory so that
     // updates reach the file.
     let config = mount_at("/etc/xdplb");

@@ -294,6 +294,11 @@ fn a_full_source_table_fails_closed_into_one_shared_bucket() {
     assert!(fx.counter(Counter::SourceTableFull) >= 8);
     // A source already in the table is not affected: it keeps its own bucket.
     assert_eq!(fx.uplink(&syn("10.0.1.0", 46001)).unwrap().verdict, TX);
+    // Flows the overflow bucket admitted keep flowing although it is empty; new ones do not.
+    for _ in 0..10 {
+        assert_eq!(fx.uplink(&data("10.0.2.0", 46000)).unwrap().verdict, TX);
+    }
+    assert_eq!(fx.uplink(&syn("10.0.2.9", 46000)).unwrap().verdict, DROP);
 }
 
 #[test]

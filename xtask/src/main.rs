@@ -200,6 +200,8 @@ const TIERS: &[(&str, &str, &[&str])] = &[
             "lab_smoke",
             "--test",
             "e2e",
+            "--test",
+            "ratelimit_e2e",
             "--",
             "--test-threads=1",
         ],

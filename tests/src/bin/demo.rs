@@ -1,5 +1,6 @@
 //! `cargo xtask demo`: the EKS-like lab from nothing, lb-agent on node1, traffic, the
-//! distribution and counters as they change, a backend drained mid-stream, clean-up.
+//! distribution and counters as they change, a backend drained mid-stream, a flooding client
+//! held to its rate while another is served, clean-up.
 use std::{
     net::SocketAddr,
     time::{Duration, Instant},
@@ -8,6 +9,7 @@ use std::{
 use anyhow::{Result, bail};
 use lb_tests::{
     agent::{AgentOptions, AgentProcess, Bpffs},
+    flood::udp_flood,
     lab::Lab,
     traffic::{Batch, LongTransfer, Proto, serve_pods},
 };
@@ -23,9 +25,21 @@ fn config(weights: [u32; 4]) -> String {
         .collect();
     let backends = backends.join("\n");
     format!(
-        r#"# The demo's config: one VIP, TCP and UDP, over two pods on this node and two on node2.
+        r#"# The demo's config: one VIP, TCP and UDP, over two pods on this node and two on node2;
+# an `api` service on pod1 with a tight per-source rate limit.
 [node]
 hash-seed = 42
+rate-limit = "clients"           # every service without its own policy
+
+[rate-limits.clients]
+packets-per-second = 20000
+packets-burst = 2000
+connections-per-second = 2000
+connections-burst = 500
+
+[rate-limits.api]
+packets-per-second = 1000
+packets-burst = 100
 
 [[services]]
 name = "web"
@@ -44,6 +58,14 @@ protocol = "udp"
 backends = [
 {backends}
 ]
+
+[[services]]
+name = "api"
+vip = "10.96.0.30"
+port = 5300
+protocol = "udp"
+rate-limit = "api"
+backends = [{{ address = "10.1.1.2", port = {PORT} }}]
 "#
     )
 }
@@ -125,7 +147,49 @@ fn main() -> Result<()> {
     );
     print!("{}", agent.status_text()?);
 
-    banner("5. Clean-up");
+    banner(
+        "5. Rate limiting: 10.0.0.11 floods api (udp 10.96.0.30:5300, 1000/s per source) at 10000/s for 3 s while 10.0.0.10 opens 200 connections to web",
+    );
+    let pod1 = &servers[0];
+    let before = pod1.stats().udp_requests;
+    let client = &lab.client().ns;
+    let flooder = lab.client().sources_for("10.0.0.1".parse()?)[1];
+    let polite = lab.client().sources_for("10.0.0.1".parse()?)[0];
+    let (flood, polite_report) = std::thread::scope(|scope| {
+        let flood = scope.spawn(|| {
+            udp_flood(
+                client,
+                flooder,
+                "10.96.0.30:5300".parse().expect("address"),
+                10_000,
+                Duration::from_secs(3),
+            )
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let polite_report = Batch::new(
+            Proto::Tcp,
+            "10.96.0.10:80".parse().expect("address"),
+            vec![polite],
+            200,
+        )
+        .concurrency(2)
+        .run(client);
+        (flood.join(), polite_report)
+    });
+    let flood = flood.map_err(|_| anyhow::anyhow!("flood thread panicked"))??;
+    let polite_report = polite_report?;
+    std::thread::sleep(Duration::from_millis(300));
+    let admitted = pod1.stats().udp_requests - before;
+    println!(
+        "flood: {} datagrams sent; pod1 got {admitted} (the rate allows {:.0}: 1000/s for {:.1?} + a burst of 100)",
+        flood.sent,
+        1000.0 * flood.elapsed.as_secs_f64() + 100.0,
+        flood.elapsed
+    );
+    println!("the other client: {}/200 connections ok", polite_report.ok);
+    print!("{}", agent.status_text()?);
+
+    banner("6. Clean-up");
     agent.stop()?;
     drop(agent);
     drop(servers);

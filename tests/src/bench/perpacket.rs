@@ -1,0 +1,1230 @@
+//! Per-packet cost of the data path through BPF_PROG_TEST_RUN.
+//!
+//! Method. `repeat > 1` reruns the program on the frame the previous run rewrote (a DNATed
+//! packet no longer matches its VIP), so the data path never runs directly: the tools object's
+//! `bench_wrap` restores the frame from a template every run, varies the source address / port
+//! from a per-CPU sequence where the scenario needs a new flow or a new source every packet,
+//! and tail-calls `lb_uplink` (loaded by the agent's loader, services installed by the agent's
+//! reconciler) through a program array of its own. The floor is the same wrapper, same
+//! variation, tail-calling `xdp_tx`, measured in the same configuration; the net cost is the
+//! scenario's median minus the floor's. An empty program (`xdp_pass`) and an XDP_TX-only
+//! program, run directly, are reported beside them. Every run is checked by counters: the
+//! wrapper's sequence advanced by exactly `repeat`, and the data path's counters moved by
+//! exactly `repeat` in the scenario's verdict (xdp_tx, flows_created, drop_rate_limited, ...).
+//! The measuring thread is pinned to one CPU; kernel.bpf_stats_enabled stays 0.
+//!
+//! Each configuration (services x backends) runs in a private network namespace (the kernel
+//! fixture's topology), first with an empty flow table, then with 1M entries added from user
+//! space (the time it took is reported).
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use lb_common::{
+    Addr, Counter, FLOW_SNAT, Flow, FlowKey, IPPROTO_TCP, PROG_UPLINK, ServiceKey, SourceKey,
+    filter_bit,
+};
+use lb_userspace::{
+    dataplane::{self, Sizes},
+    model::{Backend, Desired, Frontend, Limits, Mode, Policy, Protocol, Rate, Service, TableFull},
+};
+
+use super::{
+    Scale, coarse_now_ns, median, pin_thread,
+    tools::{BenchTools, FRAME_LEN, Vary, timed_run},
+};
+use crate::{
+    kernel::{CLIENT_MAC, Fixture, NODE_V4},
+    packets::{Spec, TCP_ACK, TCP_SYN},
+};
+
+// XDP verdicts.
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+
+/// Service port of every benchmark service's backends.
+const BACKEND_PORT: u16 = 8080;
+/// Flow-table capacity of every configuration: room for 1M prefilled entries and the runs'
+/// new flows without LRU eviction, so "empty" and "1M" differ only in occupancy.
+const FLOW_ENTRIES: u32 = 1 << 21;
+const SOURCE_ENTRIES: u32 = 1 << 18;
+/// Ring size for up to 100 services (the agent's default) and for 10k services (a smaller
+/// prime: rings are (services + 16) x ring_size slots in one array).
+const RING_DEFAULT: u32 = lb_common::DEFAULT_RING_SIZE;
+const RING_10K: u32 = 1021;
+
+/// One table-size configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub services: u32,
+    pub backends: u32,
+    pub ring_size: u32,
+}
+
+impl Config {
+    fn new(services: u32, backends: u32) -> Config {
+        Config {
+            services,
+            backends,
+            ring_size: if services > 1000 {
+                RING_10K
+            } else {
+                RING_DEFAULT
+            },
+        }
+    }
+
+    pub fn label(&self) -> String {
+        format!("{} svc x {} be", human(self.services), self.backends)
+    }
+}
+
+fn human(n: u32) -> String {
+    if n >= 1000 && n.is_multiple_of(1000) {
+        format!("{}k", n / 1000)
+    } else {
+        n.to_string()
+    }
+}
+
+/// How much to measure.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub configs: Vec<Config>,
+    /// Flow-table fills: 0 (empty) and the prefilled count.
+    pub fills: Vec<u32>,
+    pub runs: usize,
+    /// Runs per BPF_PROG_TEST_RUN for scenarios that keep their state constant.
+    pub repeat: u32,
+    /// For scenarios that create a flow (and a source) every run: fewer, and the entries are
+    /// deleted after every test run, so source ports for snat stay plentiful (4536 per
+    /// backend) and the table stays at its configured fill.
+    pub new_flow_repeat: u32,
+    pub left_out: Vec<String>,
+}
+
+impl Plan {
+    pub fn for_scale(scale: Scale) -> Plan {
+        let all = |s| [Config::new(s, 10), Config::new(s, 1000)];
+        let mut left_out = Vec::new();
+        let (configs, fills, runs, repeat, new_flow_repeat) = match scale {
+            Scale::Smoke => {
+                left_out.push(
+                    "smoke scale: 1 service x 10 backends only, 10k-entry flow fill instead of 1M"
+                        .into(),
+                );
+                (vec![Config::new(1, 10)], vec![0, 10_000], 2, 1000, 1000)
+            }
+            Scale::Quick => {
+                left_out.push(
+                    "quick scale: 10k services and 1000-backend configurations left out (run without --quick)"
+                        .into(),
+                );
+                (
+                    vec![Config::new(1, 10), Config::new(100, 10)],
+                    vec![0, 1_000_000],
+                    5,
+                    100_000,
+                    4096,
+                )
+            }
+            Scale::Default => {
+                left_out.push(
+                    "10k services x 1000 backends left out by default (10M backend entries, minutes of map writes): run with --full"
+                        .into(),
+                );
+                let mut c: Vec<Config> = [1, 100].into_iter().flat_map(all).collect();
+                c.push(Config::new(10_000, 10));
+                (c, vec![0, 1_000_000], 7, 200_000, 8192)
+            }
+            Scale::Full => {
+                let c: Vec<Config> = [1, 100, 10_000].into_iter().flat_map(all).collect();
+                (c, vec![0, 1_000_000], 7, 1_000_000, 8192)
+            }
+        };
+        Plan {
+            configs,
+            fills,
+            runs,
+            repeat,
+            new_flow_repeat,
+            left_out,
+        }
+    }
+}
+
+/// Reference programs and floors of one configuration (medians, ns per run).
+#[derive(Clone, Debug, Default)]
+pub struct Refs {
+    /// `xdp_pass` run directly: the test-run loop itself.
+    pub empty: f64,
+    /// `xdp_tx` run directly.
+    pub tx_only: f64,
+    /// The wrapper (frame restore) tail-calling `xdp_tx`.
+    pub floor: f64,
+    /// The wrapper with the per-run variation, tail-calling `xdp_tx`.
+    pub floor_vary: f64,
+    /// Single operations of the hot path behind the wrapper, net of the floor: a
+    /// bpf_fib_lookup (node address to a backend behind the gateway) ...
+    pub fib_lookup: f64,
+    /// ... a hash lookup of a 40-byte key in an LRU map (a flow-table hit) ...
+    pub hash_lookup: f64,
+    /// ... and an insert of a new 40-byte key into that LRU map (net of the varied floor).
+    pub hash_insert: f64,
+}
+
+/// One configuration and flow-table fill.
+#[derive(Clone, Debug)]
+pub struct Setup {
+    pub config: Config,
+    /// Flow-table entries added before measuring.
+    pub prefilled: u32,
+    /// How long adding them took (user-space map updates).
+    pub fill_time: Option<Duration>,
+    /// Loading the data path and installing the services (reconciler).
+    pub install_time: Duration,
+    pub refs: Refs,
+    /// User-space share of all CPUs while this setup was measured: nothing of the benchmark
+    /// runs in user space then, so this is other work competing for the machine.
+    pub other_load: f64,
+}
+
+impl Setup {
+    pub fn label(&self) -> String {
+        let fill = if self.prefilled == 0 {
+            "empty".to_string()
+        } else if self.prefilled.is_multiple_of(1_000_000) {
+            format!("{}M flows", self.prefilled / 1_000_000)
+        } else {
+            format!("{}k flows", self.prefilled / 1000)
+        };
+        format!("{}, {fill}", self.config.label())
+    }
+}
+
+/// One scenario in one setup.
+#[derive(Clone, Debug)]
+pub struct Row {
+    pub setup: usize,
+    pub scenario: Scenario,
+    pub repeat: u32,
+    /// Kernel-measured ns per packet of each timed run.
+    pub runs_ns: Vec<f64>,
+    pub gross: f64,
+    pub floor: f64,
+    /// gross - floor.
+    pub net: f64,
+    /// Wrapper runs the data path's `packets` counter accounted for over the timed runs
+    /// (== runs x repeat, or the run is an error).
+    pub verified: u64,
+    /// Packets of the timed runs whose verdict was not the scenario's (the data path decided
+    /// otherwise, e.g. no free snat port), with the counters that say why. Empty: every packet
+    /// got the expected verdict.
+    pub anomalies: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Scenario {
+    NonVip,
+    Established,
+    NewSyn,
+    NewMidstream,
+    ReplySnat,
+    EstablishedLimiter,
+    NewSynLimiter,
+    LimiterMiss,
+    RateLimitedDrop,
+}
+
+impl Scenario {
+    pub const ALL: [Scenario; 9] = [
+        Scenario::NonVip,
+        Scenario::Established,
+        Scenario::EstablishedLimiter,
+        Scenario::ReplySnat,
+        Scenario::NewSyn,
+        Scenario::NewMidstream,
+        Scenario::NewSynLimiter,
+        Scenario::LimiterMiss,
+        Scenario::RateLimitedDrop,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::NonVip => "non-VIP packet (pass)",
+            Scenario::Established => "established flow, limiter off",
+            Scenario::EstablishedLimiter => "established flow, limiter on",
+            Scenario::ReplySnat => "reply translation (snat)",
+            Scenario::NewSyn => "new flow: TCP SYN",
+            Scenario::NewMidstream => "new flow: non-SYN miss",
+            Scenario::NewSynLimiter => "new flow: SYN, limiter on (known source)",
+            Scenario::LimiterMiss => "limiter miss: SYN from a new source",
+            Scenario::RateLimitedDrop => "rate-limited drop",
+        }
+    }
+
+    /// Short name for plots.
+    pub fn short(self) -> &'static str {
+        match self {
+            Scenario::NonVip => "non-VIP",
+            Scenario::Established => "established",
+            Scenario::EstablishedLimiter => "estab.+limiter",
+            Scenario::ReplySnat => "reply (snat)",
+            Scenario::NewSyn => "new SYN",
+            Scenario::NewMidstream => "new non-SYN",
+            Scenario::NewSynLimiter => "new SYN+limiter",
+            Scenario::LimiterMiss => "limiter miss",
+            Scenario::RateLimitedDrop => "rate-limited drop",
+        }
+    }
+
+    /// The target printed beside the number (not asserted), in ns net of the floor.
+    pub fn target(self) -> Option<&'static str> {
+        match self {
+            Scenario::NonVip => Some("<= 50"),
+            Scenario::Established => Some("<= 150"),
+            Scenario::EstablishedLimiter => Some("<= 200"),
+            Scenario::NewSyn => Some("<= 700"),
+            Scenario::LimiterMiss => Some("<= 4x new SYN+limiter"),
+            _ => None,
+        }
+    }
+
+    /// The same path measured on a leading C XDP balancer on these machines.
+    pub fn reference(self) -> Option<&'static str> {
+        match self {
+            Scenario::NonVip => Some("~75"),
+            Scenario::Established => Some("~160"),
+            Scenario::NewSyn => Some("~780"),
+            _ => None,
+        }
+    }
+
+    fn creates_state(self) -> bool {
+        matches!(
+            self,
+            Scenario::NewSyn
+                | Scenario::NewMidstream
+                | Scenario::NewSynLimiter
+                | Scenario::LimiterMiss
+        )
+    }
+}
+
+/// Everything the per-packet part measured.
+#[derive(Clone, Debug)]
+pub struct PerPacket {
+    pub setups: Vec<Setup>,
+    pub rows: Vec<Row>,
+    pub runs: usize,
+    pub repeat: u32,
+    pub new_flow_repeat: u32,
+    pub cpu: usize,
+    pub left_out: Vec<String>,
+}
+
+impl PerPacket {
+    pub fn row(&self, setup: usize, s: Scenario) -> Option<&Row> {
+        self.rows
+            .iter()
+            .find(|r| r.setup == setup && r.scenario == s)
+    }
+}
+
+pub fn run(scale: Scale, cpu: usize) -> Result<PerPacket> {
+    run_plan(Plan::for_scale(scale), cpu)
+}
+
+pub fn run_plan(plan: Plan, cpu: usize) -> Result<PerPacket> {
+    let mut out = PerPacket {
+        setups: Vec::new(),
+        rows: Vec::new(),
+        runs: plan.runs,
+        repeat: plan.repeat,
+        new_flow_repeat: plan.new_flow_repeat,
+        cpu,
+        left_out: plan.left_out.clone(),
+    };
+    for config in &plan.configs {
+        println!(
+            "per-packet: {} (ring {}), flow fills {:?}",
+            config.label(),
+            config.ring_size,
+            plan.fills
+        );
+        // A thread per configuration: the fixture moves its thread into a private network
+        // namespace, which goes away with the thread.
+        let (setups, rows) = std::thread::scope(|s| {
+            s.spawn(|| measure_config(*config, &plan, cpu))
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p))
+        })
+        .with_context(|| config.label())?;
+        let base = out.setups.len();
+        out.setups.extend(setups);
+        out.rows.extend(rows.into_iter().map(|mut r| {
+            r.setup += base;
+            r
+        }));
+    }
+    Ok(out)
+}
+
+/// Addresses of the benchmark's services and clients.
+struct Layout {
+    services: u32,
+    backends: u32,
+    /// The service the packets go to (the middle one).
+    target: u32,
+}
+
+impl Layout {
+    /// Service `i`: VIP 10.96.0.1 + i / 10, port 80 + i % 10 (10 services per VIP: LB_ADDRS
+    /// holds 4096 addresses).
+    fn frontend(&self, i: u32) -> Frontend {
+        Frontend {
+            vip: IpAddr::V4(Ipv4Addr::from(
+                u32::from(Ipv4Addr::new(10, 96, 0, 1)) + i / 10,
+            )),
+            port: 80 + (i % 10) as u16,
+            protocol: Protocol::Tcp,
+        }
+    }
+
+    /// Backend `j` (shared by every service, as pods behind several services are):
+    /// 10.1.0.2 + j, routed through the fixture's gateway on the uplink (so snat flows leave
+    /// by XDP_TX).
+    fn backend(&self, j: u32) -> Backend {
+        Backend {
+            addr: IpAddr::V4(Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 1, 0, 2)) + j)),
+            port: BACKEND_PORT,
+            weight: 1,
+        }
+    }
+
+    /// Every service, snat; with `limiter`, rate-limited by `policy` (the node default).
+    /// The policy stays defined either way: removing it would leave its LB_POLICIES slot as
+    /// it was, and flows created under it would keep those limits (see the report).
+    fn desired(&self, policy: Policy, limiter: bool) -> Desired {
+        let backends: Vec<Backend> = (0..self.backends).map(|j| self.backend(j)).collect();
+        let mut d = Desired::default();
+        d.node.hash_seed = 42;
+        d.policies.insert("bench".into(), policy);
+        if limiter {
+            d.node.default_policy = Some("bench".into());
+        }
+        for i in 0..self.services {
+            let frontend = self.frontend(i);
+            d.services.insert(
+                frontend,
+                Service {
+                    name: format!("svc{i}"),
+                    source: "bench".into(),
+                    frontend,
+                    mode: Mode::Snat,
+                    backends: backends.clone(),
+                    policy: None,
+                    affinity: None,
+                },
+            );
+        }
+        d
+    }
+
+    fn target(&self) -> Frontend {
+        self.frontend(self.target)
+    }
+
+    fn vip(&self) -> String {
+        self.target().vip.to_string()
+    }
+
+    fn port(&self) -> u16 {
+        self.target().port
+    }
+}
+
+/// A policy nothing ever exceeds (the limiter runs, admits every packet).
+fn generous_policy() -> Policy {
+    let rate = Rate {
+        per_second: lb_common::bucket::MAX_RATE,
+        burst: lb_common::bucket::MAX_BURST,
+    };
+    policy(rate)
+}
+
+/// One packet per second: everything after the first is dropped.
+fn strict_policy() -> Policy {
+    policy(Rate {
+        per_second: 1,
+        burst: 1,
+    })
+}
+
+fn policy(rate: Rate) -> Policy {
+    Policy {
+        limits: Limits {
+            packets: Some(rate),
+            connections: Some(rate),
+        },
+        ipv6_prefix: 64,
+        table_full: TableFull::FailClosed,
+        reset_rejected_syn: false,
+        exempt: Vec::new(),
+        deny: Vec::new(),
+        overrides: Vec::new(),
+    }
+}
+
+/// A 64-byte TCP frame (10 bytes of payload).
+fn tcp_frame(src: &str, sport: u16, dst: &str, dport: u16, flags: u8) -> Vec<u8> {
+    let f = Spec::tcp(src, sport, dst, dport, flags)
+        .macs(CLIENT_MAC, [2, 0, 0, 0, 0, 1])
+        .payload(&[0x42; 10])
+        .build();
+    debug_assert_eq!(f.len(), FRAME_LEN);
+    f
+}
+
+/// The client whose flow runs under the limiter (generous, then strict).
+const LIMITED_CLIENT: &str = "10.0.0.11";
+const LIMITED_PORT: u16 = 40001;
+
+/// What a scenario's runs must show.
+struct Expect {
+    verdict: u32,
+    /// Counters that must move by exactly the number of runs.
+    exact: Vec<Counter>,
+    /// Counters that must move by at least runs - 1 (a strict limiter may admit one packet
+    /// when its bucket refills during the measurement).
+    almost: Vec<Counter>,
+}
+
+/// A scenario's packet and how to vary it.
+struct Case {
+    scenario: Scenario,
+    frame: Vec<u8>,
+    vary: Vary,
+    /// Base source address and port of varied frames (for the clean-up).
+    src: Ipv4Addr,
+    sport: u16,
+    expect: Expect,
+    repeat: u32,
+}
+
+struct Bench<'a> {
+    fx: Fixture,
+    tools: BenchTools,
+    layout: &'a Layout,
+    plan: &'a Plan,
+    /// Next sequence number: every run starts where the previous ended, so varied tuples never
+    /// repeat within a configuration.
+    seq: u64,
+}
+
+fn measure_config(config: Config, plan: &Plan, cpu: usize) -> Result<(Vec<Setup>, Vec<Row>)> {
+    pin_thread(cpu)?;
+    let layout = Layout {
+        services: config.services,
+        backends: config.backends,
+        target: config.services / 2,
+    };
+    let sizes = Sizes {
+        max_services: config.services,
+        max_backends: config.services * config.backends + 16,
+        ring_size: config.ring_size,
+        flow_entries: FLOW_ENTRIES,
+        source_entries: SOURCE_ENTRIES,
+        affinity_entries: 1024,
+    };
+    let started = Instant::now();
+    let mut fx = Fixture::new(sizes)?;
+    fx.apply(&layout.desired(generous_policy(), false))
+        .context("installing the services")?;
+    let install_time = started.elapsed();
+    println!(
+        "  loaded and installed {} services x {} backends in {:.1?}",
+        config.services, config.backends, install_time
+    );
+    let tools = BenchTools::load()?;
+    let mut b = Bench {
+        fx,
+        tools,
+        layout: &layout,
+        plan,
+        seq: 1,
+    };
+    let mut setups = Vec::new();
+    let mut rows = Vec::new();
+    let mut filled = 0u32;
+    for &fill in &plan.fills {
+        let fill_time = if fill > filled {
+            let t = b.fill_flows(filled, fill - filled)?;
+            println!(
+                "  added {} flow-table entries in {:.2?} ({:.0} ns each, user-space map updates)",
+                fill - filled,
+                t,
+                t.as_nanos() as f64 / f64::from(fill - filled)
+            );
+            filled = fill;
+            Some(t)
+        } else {
+            None
+        };
+        let setup_index = setups.len();
+        let mut setup = Setup {
+            config,
+            prefilled: fill,
+            fill_time,
+            install_time,
+            refs: Refs::default(),
+            other_load: 0.0,
+        };
+        let load0 = user_ticks()?;
+        let (fib_lookup, hash_lookup, hash_insert) = b.components()?;
+        let mut floors: Vec<f64> = Vec::new();
+        let mut floors_vary: Vec<f64> = Vec::new();
+        let mut empty: Vec<f64> = Vec::new();
+        let mut tx_only: Vec<f64> = Vec::new();
+        b.references(&mut empty, &mut tx_only)?;
+        // Three phases (the limiter off, on, and strict); within a phase the scenarios and the
+        // floors take turns run by run, so load from elsewhere hits them alike.
+        let mut measured = Vec::new();
+        b.fx.apply(&layout.desired(generous_policy(), false))?;
+        let cases = b.cases_limiter_off()?;
+        measured.extend(b.measure_phase(&cases, &mut floors, &mut floors_vary)?);
+        b.fx.apply(&layout.desired(generous_policy(), true))?;
+        let cases = b.cases_limiter_on()?;
+        measured.extend(b.measure_phase(&cases, &mut floors, &mut floors_vary)?);
+        b.fx.apply(&layout.desired(strict_policy(), true))?;
+        let cases = [b.case_rate_limited()?];
+        measured.extend(b.measure_phase(&cases, &mut floors, &mut floors_vary)?);
+        // The next fill starts the limiter scenarios from a full bucket again.
+        b.forget_source(LIMITED_CLIENT)?;
+        b.fx.apply(&layout.desired(generous_policy(), false))?;
+        b.references(&mut empty, &mut tx_only)?;
+        setup.refs = Refs {
+            empty: median(&empty),
+            tx_only: median(&tx_only),
+            floor: median(&floors),
+            floor_vary: median(&floors_vary),
+            fib_lookup: median(&fib_lookup) - median(&floors),
+            hash_lookup: median(&hash_lookup) - median(&floors),
+            hash_insert: median(&hash_insert) - median(&floors_vary),
+        };
+        let load1 = user_ticks()?;
+        setup.other_load = share(load0, load1);
+        for (case_vary, scenario, repeat, runs_ns, verified, anomalies) in measured {
+            let floor = if case_vary {
+                setup.refs.floor_vary
+            } else {
+                setup.refs.floor
+            };
+            let gross = median(&runs_ns);
+            rows.push(Row {
+                setup: setup_index,
+                scenario,
+                repeat,
+                runs_ns,
+                gross,
+                floor,
+                net: gross - floor,
+                verified,
+                anomalies,
+            });
+        }
+        println!(
+            "  {}: empty {:.0} ns, XDP_TX-only {:.0} ns, floor {:.0} ns (varied {:.0} ns); alone: bpf_fib_lookup {:.0} ns, 40-byte LRU hash hit {:.0} ns, insert {:.0} ns",
+            setup.label(),
+            setup.refs.empty,
+            setup.refs.tx_only,
+            setup.refs.floor,
+            setup.refs.floor_vary,
+            setup.refs.fib_lookup,
+            setup.refs.hash_lookup,
+            setup.refs.hash_insert
+        );
+        for r in rows.iter().filter(|r| r.setup == setup_index) {
+            println!(
+                "    {:<42} {:>7.0} ns net ({:.0} gross, runs {:?})",
+                r.scenario.name(),
+                r.net,
+                r.gross,
+                r.runs_ns.iter().map(|v| *v as u64).collect::<Vec<_>>()
+            );
+        }
+        setups.push(setup);
+    }
+    Ok((setups, rows))
+}
+
+type Measured = (bool, Scenario, u32, Vec<f64>, u64, Vec<String>);
+
+impl Bench<'_> {
+    /// xdp_pass and xdp_tx run directly (no wrapper).
+    fn references(&mut self, empty: &mut Vec<f64>, tx_only: &mut Vec<f64>) -> Result<()> {
+        let up0 = self.fx.up0;
+        let frame = tcp_frame(
+            "10.0.0.10",
+            40000,
+            &self.layout.vip(),
+            self.layout.port(),
+            TCP_ACK,
+        );
+        let repeat = self.plan.repeat;
+        for _ in 0..self.plan.runs {
+            for (name, verdict, out) in [
+                ("xdp_pass", XDP_PASS, &mut *empty),
+                ("xdp_tx", XDP_TX, &mut *tx_only),
+            ] {
+                let (v, ns) = timed_run(self.tools.program(name)?, &frame, up0, repeat)?;
+                ensure!(v == verdict, "{name} returned {v}");
+                out.push(ns as f64);
+            }
+        }
+        Ok(())
+    }
+
+    /// One floor run: the wrapper (with `vary`) tail-calling xdp_tx.
+    fn floor_run(&mut self, vary: Vary) -> Result<u64> {
+        let up0 = self.fx.up0;
+        let frame = tcp_frame(
+            "10.0.0.10",
+            40000,
+            &self.layout.vip(),
+            self.layout.port(),
+            TCP_ACK,
+        );
+        let repeat = self.plan.repeat;
+        self.tools.set_target_own("xdp_tx")?;
+        self.tools.set_frame(&frame, vary)?;
+        let n0 = self.seq;
+        self.tools.set_seq(n0)?;
+        let (v, ns) = timed_run(self.tools.program("bench_wrap")?, &frame, up0, repeat)?;
+        ensure!(v == XDP_TX, "floor: wrapper -> xdp_tx returned {v}");
+        let runs = self.tools.runs_since(n0)?;
+        ensure!(
+            runs == u64::from(repeat),
+            "floor: the wrapper ran {runs} times for repeat {repeat}"
+        );
+        self.seq += u64::from(repeat);
+        Ok(ns)
+    }
+
+    /// Rounds of: both floors, then one run of each case. Round 0 warms up (not recorded).
+    fn measure_phase(
+        &mut self,
+        cases: &[Case],
+        floors: &mut Vec<f64>,
+        floors_vary: &mut Vec<f64>,
+    ) -> Result<Vec<Measured>> {
+        let up0 = self.fx.up0;
+        let mut acc: Vec<(Vec<f64>, u64, Vec<String>)> =
+            cases.iter().map(|_| (Vec::new(), 0, Vec::new())).collect();
+        for round in 0..=self.plan.runs {
+            let f = self.floor_run(Vary::NONE)?;
+            let fv = self.floor_run(Vary::new_flows(1024))?;
+            if round > 0 {
+                floors.push(f as f64);
+                floors_vary.push(fv as f64);
+            }
+            let uplink = dataplane::program_mut(&mut self.fx.ebpf, PROG_UPLINK)?;
+            self.tools.set_target(uplink)?;
+            for (case, (runs_ns, verified, anomalies)) in cases.iter().zip(acc.iter_mut()) {
+                self.tools.set_frame(&case.frame, case.vary)?;
+                let (ns, anomaly) = self
+                    .one_run(case, up0)
+                    .with_context(|| format!("{} (round {round})", case.scenario.name()))?;
+                if round > 0 {
+                    runs_ns.push(ns as f64);
+                    *verified += u64::from(case.repeat);
+                    if let Some(a) = anomaly {
+                        println!("    {}: run {round}: {a}", case.scenario.name());
+                        anomalies.push(format!("run {round}: {a}"));
+                    }
+                }
+            }
+        }
+        Ok(cases
+            .iter()
+            .zip(acc)
+            .map(|(case, (runs_ns, verified, anomalies))| {
+                (
+                    case.vary.bits != 0,
+                    case.scenario,
+                    case.repeat,
+                    runs_ns,
+                    verified,
+                    anomalies,
+                )
+            })
+            .collect())
+    }
+
+    /// bench_fib, bench_lookup and bench_insert behind the wrapper (gross ns per run, `runs`
+    /// each; inserts of a new key every run, the map emptied after each run).
+    fn components(&mut self) -> Result<(Vec<f64>, Vec<f64>, Vec<f64>)> {
+        let up0 = self.fx.up0;
+        let backend = self.layout.backend(0).addr.to_string();
+        let fib_frame = tcp_frame(NODE_V4, 61000, &backend, BACKEND_PORT, TCP_ACK);
+        let lookup_frame = tcp_frame(
+            "10.0.0.10",
+            40000,
+            &self.layout.vip(),
+            self.layout.port(),
+            TCP_ACK,
+        );
+        self.tools.clear_lookup()?;
+        self.tools.add_lookup_key(&lookup_frame)?;
+        let mut out = (Vec::new(), Vec::new(), Vec::new());
+        // bench_insert's map holds 16384 keys: one run of new keys fits without eviction.
+        let insert_repeat = self.plan.new_flow_repeat.min(8192);
+        for (program, frame, vary, repeat, times) in [
+            (
+                "bench_fib",
+                &fib_frame,
+                Vary::NONE,
+                self.plan.repeat,
+                &mut out.0,
+            ),
+            (
+                "bench_lookup",
+                &lookup_frame,
+                Vary::NONE,
+                self.plan.repeat,
+                &mut out.1,
+            ),
+            (
+                "bench_insert",
+                &lookup_frame,
+                Vary::new_flows(1024),
+                insert_repeat,
+                &mut out.2,
+            ),
+        ] {
+            self.tools.set_target_own(program)?;
+            self.tools.set_frame(frame, vary)?;
+            for _ in 0..self.plan.runs {
+                self.tools.set_seq(self.seq)?;
+                let (v, ns) = timed_run(self.tools.program("bench_wrap")?, frame, up0, repeat)?;
+                self.seq += u64::from(repeat);
+                ensure!(v == XDP_TX, "{program} returned {v} (expected XDP_TX)");
+                times.push(ns as f64);
+                if program == "bench_insert" {
+                    self.tools.clear_lookup()?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn cases_limiter_off(&mut self) -> Result<Vec<Case>> {
+        let (vip, port) = (self.layout.vip(), self.layout.port());
+        let new_repeat = self.plan.new_flow_repeat;
+        let repeat = self.plan.repeat;
+        // The established flow, and its reply direction.
+        let snat_port = self.open_flow("10.0.0.10", 40000)?;
+        let backend = self.flow_backend("10.0.0.10", 40000)?;
+        let non_vip = self.non_vip_address()?;
+        Ok(vec![
+            Case {
+                scenario: Scenario::NonVip,
+                frame: tcp_frame("10.0.0.10", 40000, &non_vip.to_string(), port, TCP_ACK),
+                vary: Vary::NONE,
+                src: Ipv4Addr::UNSPECIFIED,
+                sport: 0,
+                expect: Expect {
+                    verdict: XDP_PASS,
+                    exact: vec![Counter::PassNotOurs],
+                    almost: vec![],
+                },
+                repeat,
+            },
+            Case {
+                scenario: Scenario::Established,
+                frame: tcp_frame("10.0.0.10", 40000, &vip, port, TCP_ACK),
+                vary: Vary::NONE,
+                src: Ipv4Addr::UNSPECIFIED,
+                sport: 0,
+                expect: Expect {
+                    verdict: XDP_TX,
+                    exact: vec![Counter::XdpTx],
+                    almost: vec![],
+                },
+                repeat,
+            },
+            Case {
+                scenario: Scenario::ReplySnat,
+                frame: Spec::tcp(
+                    &backend.to_string(),
+                    BACKEND_PORT,
+                    NODE_V4,
+                    snat_port,
+                    TCP_ACK,
+                )
+                .macs(crate::kernel::GW_MAC, [2, 0, 0, 0, 0, 1])
+                .payload(&[0x42; 10])
+                .build(),
+                vary: Vary::NONE,
+                src: Ipv4Addr::UNSPECIFIED,
+                sport: 0,
+                expect: Expect {
+                    verdict: XDP_TX,
+                    exact: vec![Counter::XdpTx],
+                    almost: vec![],
+                },
+                repeat,
+            },
+            Case {
+                scenario: Scenario::NewSyn,
+                frame: tcp_frame("10.64.0.0", 1024, &vip, port, TCP_SYN),
+                vary: Vary::new_flows(1024),
+                src: Ipv4Addr::new(10, 64, 0, 0),
+                sport: 1024,
+                expect: Expect {
+                    verdict: XDP_TX,
+                    exact: vec![Counter::FlowsCreated, Counter::XdpTx],
+                    almost: vec![],
+                },
+                repeat: new_repeat,
+            },
+            Case {
+                scenario: Scenario::NewMidstream,
+                frame: tcp_frame("10.66.0.0", 1024, &vip, port, TCP_ACK),
+                vary: Vary::new_flows(1024),
+                src: Ipv4Addr::new(10, 66, 0, 0),
+                sport: 1024,
+                expect: Expect {
+                    verdict: XDP_TX,
+                    exact: vec![
+                        Counter::FlowsCreated,
+                        Counter::FlowsCreatedMidstream,
+                        Counter::XdpTx,
+                    ],
+                    almost: vec![],
+                },
+                repeat: new_repeat,
+            },
+        ])
+    }
+
+    fn cases_limiter_on(&mut self) -> Result<Vec<Case>> {
+        let (vip, port) = (self.layout.vip(), self.layout.port());
+        self.open_flow(LIMITED_CLIENT, LIMITED_PORT)?;
+        Ok(vec![
+            Case {
+                scenario: Scenario::EstablishedLimiter,
+                frame: tcp_frame(LIMITED_CLIENT, LIMITED_PORT, &vip, port, TCP_ACK),
+                vary: Vary::NONE,
+                src: Ipv4Addr::UNSPECIFIED,
+                sport: 0,
+                expect: Expect {
+                    verdict: XDP_TX,
+                    exact: vec![Counter::XdpTx],
+                    almost: vec![],
+                },
+                repeat: self.plan.repeat,
+            },
+            Case {
+                // 64 sources, each seen in the warm-up run: every packet finds its source.
+                scenario: Scenario::NewSynLimiter,
+                frame: tcp_frame("10.65.0.0", 1024, &vip, port, TCP_SYN),
+                vary: Vary::new_flows(64),
+                src: Ipv4Addr::new(10, 65, 0, 0),
+                sport: 1024,
+                expect: Expect {
+                    verdict: XDP_TX,
+                    exact: vec![Counter::FlowsCreated, Counter::XdpTx],
+                    almost: vec![],
+                },
+                repeat: self.plan.new_flow_repeat,
+            },
+            Case {
+                scenario: Scenario::LimiterMiss,
+                frame: tcp_frame("10.128.0.0", 1024, &vip, port, TCP_SYN),
+                vary: Vary::NEW_SOURCES,
+                src: Ipv4Addr::new(10, 128, 0, 0),
+                sport: 1024,
+                expect: Expect {
+                    verdict: XDP_TX,
+                    exact: vec![
+                        Counter::SourcesCreated,
+                        Counter::FlowsCreated,
+                        Counter::XdpTx,
+                    ],
+                    almost: vec![],
+                },
+                repeat: self.plan.new_flow_repeat,
+            },
+        ])
+    }
+
+    fn case_rate_limited(&mut self) -> Result<Case> {
+        let (vip, port) = (self.layout.vip(), self.layout.port());
+        Ok(Case {
+            scenario: Scenario::RateLimitedDrop,
+            // The flow opened under the generous policy, whose limit is now 1 packet/s.
+            frame: tcp_frame(LIMITED_CLIENT, LIMITED_PORT, &vip, port, TCP_ACK),
+            vary: Vary::NONE,
+            src: Ipv4Addr::UNSPECIFIED,
+            sport: 0,
+            expect: Expect {
+                verdict: XDP_DROP,
+                exact: vec![],
+                almost: vec![Counter::DropRateLimited],
+            },
+            repeat: self.plan.repeat,
+        })
+    }
+
+    /// Sends the SYN of client:sport -> target service directly (repeat 1) and returns the
+    /// snat source port of the flow.
+    fn open_flow(&mut self, client: &str, sport: u16) -> Result<u16> {
+        let (vip, port) = (self.layout.vip(), self.layout.port());
+        let before = counters(&self.fx);
+        let out = self
+            .fx
+            .uplink(&tcp_frame(client, sport, &vip, port, TCP_SYN))?;
+        let after = counters(&self.fx);
+        ensure!(
+            out.verdict == XDP_TX,
+            "opening {client}:{sport} -> {vip}:{port}: verdict {}; counters moved: {:?}",
+            out.verdict,
+            moved(&before, &after)
+        );
+        let flow = self
+            .fx
+            .flow(&crate::kernel::flow_key(
+                client,
+                sport,
+                &vip,
+                port,
+                IPPROTO_TCP,
+            ))
+            .context("the flow entry of the opened flow")?;
+        Ok(u16::from_be(flow.sport))
+    }
+
+    fn flow_backend(&self, client: &str, sport: u16) -> Result<IpAddr> {
+        let (vip, port) = (self.layout.vip(), self.layout.port());
+        let flow = self
+            .fx
+            .flow(&crate::kernel::flow_key(
+                client,
+                sport,
+                &vip,
+                port,
+                IPPROTO_TCP,
+            ))
+            .context("flow entry")?;
+        Ok(IpAddr::from(flow.dst))
+    }
+
+    /// An address outside every VIP's filter bit (the common case for traffic not ours: one
+    /// bitmap read).
+    fn non_vip_address(&self) -> Result<Ipv4Addr> {
+        let mut bits = std::collections::BTreeSet::new();
+        for i in 0..self.layout.services {
+            bits.insert(filter_bit(&Addr::from(self.layout.frontend(i).vip)));
+        }
+        bits.insert(filter_bit(&Addr::from(NODE_V4.parse::<IpAddr>()?)));
+        for last in (100..250).rev() {
+            let a = Ipv4Addr::new(10, 0, 0, last);
+            if !bits.contains(&filter_bit(&Addr::from(IpAddr::V4(a)))) {
+                return Ok(a);
+            }
+        }
+        bail!("no address in 10.0.0.100-249 outside the VIP filter")
+    }
+
+    /// One timed run. An error if the harness did not do what it should (the wrapper ran other
+    /// than `repeat` times, or the data path did); an anomaly if the data path gave some packets
+    /// another verdict than the scenario expects.
+    fn one_run(&mut self, case: &Case, up0: u32) -> Result<(u64, Option<String>)> {
+        let n0 = self.seq;
+        self.tools.set_seq(n0)?;
+        let before = counters(&self.fx);
+        let (verdict, ns) = timed_run(
+            self.tools.program("bench_wrap")?,
+            &case.frame,
+            up0,
+            case.repeat,
+        )?;
+        let after = counters(&self.fx);
+        self.seq += u64::from(case.repeat);
+        let runs = self.tools.runs_since(n0)?;
+        let delta = |c: Counter| after[&(c as u32)].wrapping_sub(before[&(c as u32)]);
+        let repeat = u64::from(case.repeat);
+        let moved = moved(&before, &after);
+        ensure!(
+            runs == repeat,
+            "the wrapper ran {runs} times for repeat {repeat}"
+        );
+        ensure!(
+            delta(Counter::Packets) == repeat,
+            "the data path ran {} times for {repeat} runs of the wrapper",
+            delta(Counter::Packets)
+        );
+        let mut wrong = Vec::new();
+        if verdict != case.expect.verdict {
+            wrong.push(format!(
+                "last verdict {verdict}, expected {}",
+                case.expect.verdict
+            ));
+        }
+        for c in &case.expect.exact {
+            if delta(*c) != repeat {
+                wrong.push(format!("{} {} of {repeat}", c.name(), delta(*c)));
+            }
+        }
+        for c in &case.expect.almost {
+            if delta(*c) + 1 < repeat || delta(*c) > repeat {
+                wrong.push(format!(
+                    "{} {} of {repeat} (or one less)",
+                    c.name(),
+                    delta(*c)
+                ));
+            }
+        }
+        // Every verdict of the runs is accounted for by the counters: a packet of a
+        // state-creating scenario that created nothing leaves nothing to delete.
+        if case.scenario.creates_state() {
+            self.clean_up(case, n0)?;
+        }
+        let anomaly =
+            (!wrong.is_empty()).then(|| format!("{}; counters moved: {moved:?}", wrong.join(", ")));
+        Ok((ns, anomaly))
+    }
+
+    /// Deletes the flows (both directions) and sources run `n0..n0+repeat` created.
+    fn clean_up(&mut self, case: &Case, n0: u64) -> Result<()> {
+        let (vip, port) = (self.layout.vip(), self.layout.port());
+        let vip = Addr::from(vip.parse::<IpAddr>()?);
+        let policy = self.target_policy()?;
+        for n in n0..n0 + u64::from(case.repeat) {
+            let (a, p) = case.vary.offsets(n);
+            let src = Addr::from(IpAddr::V4(Ipv4Addr::from(
+                u32::from(case.src).wrapping_add(a),
+            )));
+            let key = FlowKey::new(
+                src,
+                vip,
+                case.sport.wrapping_add(p).to_be(),
+                port.to_be(),
+                IPPROTO_TCP,
+            );
+            // A packet the data path dropped (an anomaly, reported) created no flow.
+            if let Ok(flow) = self.fx.maps.flows.get(&key, 0) {
+                self.fx.maps.flows.remove(&key)?;
+                let _ = self.fx.maps.flows.remove(&flow.peer_key());
+            }
+            if case.scenario == Scenario::LimiterMiss {
+                let _ = self
+                    .fx
+                    .maps
+                    .sources
+                    .remove(&SourceKey { addr: src, policy });
+            }
+        }
+        Ok(())
+    }
+
+    fn forget_source(&mut self, client: &str) -> Result<()> {
+        let policy = self.target_policy()?;
+        let addr = Addr::from(client.parse::<IpAddr>()?);
+        let _ = self.fx.maps.sources.remove(&SourceKey { addr, policy });
+        Ok(())
+    }
+
+    fn target_policy(&self) -> Result<u32> {
+        let f = self.layout.target();
+        let key = ServiceKey {
+            addr: Addr::from(f.vip),
+            port: f.port.to_be(),
+            proto: IPPROTO_TCP,
+            _pad: 0,
+        };
+        Ok(self.fx.maps.services.get(&key, 0)?.policy)
+    }
+
+    /// Adds `count` flow-table entries (forward direction of synthetic clients
+    /// 10.200.0.0/16, to the target service) with user-space map updates; returns the time.
+    fn fill_flows(&mut self, start: u32, count: u32) -> Result<Duration> {
+        let f = self.layout.target();
+        let vip = Addr::from(f.vip);
+        let node = Addr::from(NODE_V4.parse::<IpAddr>()?);
+        let backend = Addr::from(self.layout.backend(0).addr);
+        let now = coarse_now_ns();
+        let started = Instant::now();
+        for i in start..start + count {
+            let src = Addr::from(IpAddr::V4(Ipv4Addr::from(
+                u32::from(Ipv4Addr::new(10, 200, 0, 0)) + (i & 0xffff),
+            )));
+            let sport = (1024 + (i >> 16)) as u16;
+            let key = FlowKey::new(src, vip, sport.to_be(), f.port.to_be(), IPPROTO_TCP);
+            let value = Flow {
+                src: node,
+                dst: backend,
+                sport: (61000 + (i % 4536) as u16).to_be(),
+                dport: BACKEND_PORT.to_be(),
+                service: 0,
+                backend: 0,
+                policy: 0,
+                flags: FLOW_SNAT,
+                proto: IPPROTO_TCP,
+                last_seen_ns: now,
+            };
+            self.fx.maps.flows.insert(key, value, 0)?;
+        }
+        Ok(started.elapsed())
+    }
+}
+
+/// Node-wide counters by index.
+fn counters(fx: &Fixture) -> BTreeMap<u32, u64> {
+    fx.maps
+        .read_counters()
+        .into_iter()
+        .map(|(c, v)| (c as u32, v))
+        .collect()
+}
+
+/// The counters that moved, by name.
+fn moved(before: &BTreeMap<u32, u64>, after: &BTreeMap<u32, u64>) -> BTreeMap<&'static str, u64> {
+    Counter::ALL
+        .iter()
+        .map(|c| {
+            (
+                c.name(),
+                after[&(*c as u32)].wrapping_sub(before[&(*c as u32)]),
+            )
+        })
+        .filter(|(_, d)| *d != 0)
+        .collect()
+}
+
+/// (user + nice, total) ticks of all CPUs, from /proc/stat.
+fn user_ticks() -> Result<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let v: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    Ok((v.iter().take(2).sum(), v.iter().take(8).sum()))
+}
+
+fn share(a: (u64, u64), b: (u64, u64)) -> f64 {
+    let total = b.1.saturating_sub(a.1);
+    if total == 0 {
+        return 0.0;
+    }
+    100.0 * b.0.saturating_sub(a.0) as f64 / total as f64
+}

@@ -1,0 +1,113 @@
+//! The benchmarks at smoke scale, so their code cannot rot: asserts that the harness works
+//! (every scenario ran and was verified by counters, the generator's frames arrived, numbers
+//! are finite, result files were written), never speed. Privileged: see `require_root`.
+use lb_tests::{
+    bench::{
+        Options, Scale,
+        perpacket::Scenario,
+        run,
+        throughput::{Mix, Path},
+    },
+    netns::require_root,
+};
+
+#[test]
+fn smoke_run_measures_every_part_and_writes_its_results() {
+    if !require_root() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("xdplb-bench-smoke-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut options = Options::new(Scale::Smoke);
+    options.out_dir = dir.clone();
+    let results = run(&options).expect("bench --smoke");
+
+    // Per packet: every scenario in every setup, each run verified by the data path's counters.
+    let p = results.perpacket.as_ref().expect("per-packet results");
+    assert!(!p.setups.is_empty());
+    for (i, setup) in p.setups.iter().enumerate() {
+        let r = &setup.refs;
+        for v in [r.empty, r.tx_only, r.floor, r.floor_vary] {
+            assert!(v.is_finite() && v > 0.0, "{}: reference {v}", setup.label());
+        }
+        for s in Scenario::ALL {
+            let row = p
+                .row(i, s)
+                .unwrap_or_else(|| panic!("{}: {} missing", setup.label(), s.name()));
+            assert_eq!(
+                row.verified,
+                u64::from(row.repeat) * p.runs as u64,
+                "{}: {}: every wrapper run must produce one verdict of the expected kind",
+                setup.label(),
+                s.name()
+            );
+            assert!(
+                row.anomalies.is_empty(),
+                "{}: {}: packets with another verdict: {:?}",
+                setup.label(),
+                s.name(),
+                row.anomalies
+            );
+            assert_eq!(row.runs_ns.len(), p.runs);
+            assert!(
+                row.gross.is_finite() && row.gross > 0.0 && row.net.is_finite(),
+                "{}: {}: {row:?}",
+                setup.label(),
+                s.name()
+            );
+        }
+    }
+
+    // Throughput: the generator's frames were counted where they arrived.
+    let t = results.throughput.as_ref().expect("throughput results");
+    for path in [Path::XdpDrop, Path::XdpTx, Path::Lb { limiter: true }] {
+        let m = t
+            .peak(path, Mix::ManyFlows)
+            .unwrap_or_else(|| panic!("{} not measured", path.name()));
+        assert!(
+            m.offered_pps > 0.0 && m.forwarded_pps > 0.0 && m.forwarded_pps <= m.offered_pps * 1.01,
+            "{}: {m:?}",
+            path.name()
+        );
+    }
+    let flood = t
+        .peak(Path::Lb { limiter: true }, Mix::Flood)
+        .expect("flood through xdplb");
+    assert!(flood.absorbed_pps.is_some_and(|a| a > 0.0), "{flood:?}");
+    match t.peak(Path::Nftables, Mix::ManyFlows) {
+        Some(m) => assert!(m.forwarded_pps > 0.0, "{m:?}"),
+        None => assert!(
+            results.left_out.iter().any(|l| l.contains("nftables")),
+            "the nftables path is neither measured nor reported as left out"
+        ),
+    }
+
+    // Memory: what the kernel charges exceeds what the entries hold.
+    let m = results.memory.as_ref().expect("memory results");
+    for e in &m.per_entry {
+        assert!(
+            e.bytes >= f64::from(e.key_size + e.value_size),
+            "{}: {} B per entry",
+            e.map,
+            e.bytes
+        );
+    }
+    assert!(m.default_total() > 0);
+    assert!(m.agent_rss_kb.is_some_and(|kb| kb > 0), "{:?}", m.left_out);
+
+    // Files a person reads.
+    let md = std::fs::read_to_string(results.dir.join("results.md")).expect("results.md");
+    for heading in ["Per-packet cost", "Throughput", "Memory"] {
+        assert!(md.contains(heading), "results.md lacks {heading}");
+    }
+    for svg in ["perpacket.svg", "throughput.svg"] {
+        let text = std::fs::read_to_string(results.dir.join(svg)).expect(svg);
+        assert!(text.starts_with("<svg") && text.contains("<rect"), "{svg}");
+    }
+    let latest = std::fs::read_to_string(dir.join("latest.md")).expect("latest.md");
+    assert!(
+        latest.contains("/perpacket.svg)"),
+        "latest.md points into the run's directory"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
