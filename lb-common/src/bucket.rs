@@ -12,6 +12,9 @@
 //! less than 2^63 units apart; `last_ns` (when the bucket last admitted a packet) tells when they
 //! might not be, and by then the bucket is full anyway.
 
+/// The longest coarse-clock step [`Limit::coarse_clock_ok`] allows for.
+pub const COARSE_STEP_NS: u64 = 16_000_000;
+
 /// Units per token.
 pub const TOKEN: u64 = 1_000_000_000;
 /// Highest supported rate, per second.
@@ -79,6 +82,14 @@ impl Limit {
     #[inline(always)]
     pub const fn is_unlimited(&self) -> bool {
         self.rate == 0
+    }
+
+    /// Whether the coarse clock (CLOCK_MONOTONIC_COARSE, cheaper to read) keeps this limit
+    /// exact. It advances in steps (a tick: 4 ms at HZ=250, longer on a busy or idle CPU); a
+    /// step refills `rate * step` at once, which is exact as long as the burst holds it. With
+    /// room for steps of [`COARSE_STEP_NS`] twice over, it does.
+    pub const fn coarse_clock_ok(&self) -> bool {
+        self.rate == 0 || self.burst * TOKEN >= 2 * self.rate * COARSE_STEP_NS
     }
 }
 
@@ -161,6 +172,17 @@ mod tests {
     use std::vec::Vec;
 
     use super::*;
+
+    #[test]
+    fn the_coarse_clock_serves_limits_whose_burst_holds_two_of_its_steps() {
+        let ok = |rate, burst| Limit::new(rate, burst).unwrap().coarse_clock_ok();
+        // 1000/s refills 16 tokens per 16 ms step.
+        assert!(ok(1000, 32));
+        assert!(!ok(1000, 31));
+        assert!(!ok(10_000_000, 1000));
+        assert!(ok(10_000_000, 320_000));
+        assert!(Limit::UNLIMITED.coarse_clock_ok());
+    }
 
     /// Runs packets at `times` (ns, non-decreasing) through a bucket and returns which passed.
     fn run(limit: &Limit, times: &[u64]) -> Vec<bool> {

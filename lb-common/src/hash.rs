@@ -46,6 +46,13 @@ pub fn flow_hash(src: &Addr, dst: &Addr, sport: u16, dport: u16, proto: u8, seed
     finish(h, 40)
 }
 
+/// The `i`-th of a sequence of hashes derived from `h`, each as good as independent (for
+/// probing: unlike a fixed stride, two flows that start at the same place part at once).
+#[inline(always)]
+pub fn rehash(h: u32, i: u32) -> u32 {
+    finish(mix(h, i), 8)
+}
+
 /// The Maglev ring slot a flow maps to.
 #[inline(always)]
 pub fn ring_slot(hash: u32, ring_size: u32) -> u32 {

@@ -33,9 +33,12 @@ pub const MAP_POLICIES: &str = "LB_POLICIES";
 pub const MAP_SOURCES: &str = "LB_SOURCES";
 pub const MAP_PREFIXES: &str = "LB_PREFIXES";
 pub const MAP_AFFINITY: &str = "LB_AFFINITY";
+/// The rate-limit policy of each service, by service id: what established flows are held to,
+/// so a policy change or removal reaches live connections.
+pub const MAP_SVC_POLICY: &str = "LB_SVC_POLICY";
 
 /// Every map the program defines, in the order the agent checks and pins them.
-pub const ALL_MAPS: [&str; 16] = [
+pub const ALL_MAPS: [&str; 17] = [
     MAP_CONFIG,
     MAP_FILTER,
     MAP_ADDRS,
@@ -52,6 +55,7 @@ pub const ALL_MAPS: [&str; 16] = [
     MAP_SOURCES,
     MAP_PREFIXES,
     MAP_AFFINITY,
+    MAP_SVC_POLICY,
 ];
 
 /// Program names (ELF symbols) in the data-path object: the two attached to interfaces, and
@@ -271,17 +275,40 @@ pub struct Flow {
     /// For counters: LB_SVC_STATS and LB_BE_STATS indices.
     pub service: u32,
     pub backend: u32,
-    /// Rate-limit policy the client's packets are held to (0: none).
-    pub policy: u16,
+    /// The cached next hop (see [`Flow::hop_valid`]): the VLAN to tag with, `HOP_VLAN | id`,
+    /// or 0 for none.
+    pub hop_vlan: u16,
     /// `FLOW_*` bits.
     pub flags: u8,
     pub proto: u8,
     /// Last packet, CLOCK_MONOTONIC nanoseconds (coarse clock).
     pub last_seen_ns: u64,
+    /// The cached next hop: egress device (0: none cached), when it was looked up
+    /// ([`hop_epoch`]), and the destination then source MACs as 16-bit words.
+    pub hop_ifindex: u32,
+    pub hop_epoch: u32,
+    pub hop_macs: [u16; 6],
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<Flow>() == 56);
+const _: () = assert!(core::mem::size_of::<Flow>() == 80);
+
+/// `Flow::hop_vlan`: a VLAN tag is to be pushed.
+pub const HOP_VLAN: u16 = 0x8000;
+
+/// The period a cached next hop is used for: about a second (2^30 ns). A route or neighbour
+/// change reaches a flow within that, without the agent having to tell the data path.
+#[inline(always)]
+pub const fn hop_epoch(now_ns: u64) -> u32 {
+    (now_ns >> 30) as u32
+}
 
 impl Flow {
+    /// The cached next hop may be used at `now_ns`.
+    #[inline(always)]
+    pub fn hop_valid(&self, now_ns: u64) -> bool {
+        self.hop_ifindex != 0 && self.hop_epoch == hop_epoch(now_ns)
+    }
+
     /// A flow is over when idle longer than its protocol's timeout, or than the closing linger
     /// once a FIN or RST was seen. (The data path treats an expired entry as absent; the agent's
     /// sweep deletes it.)
@@ -332,6 +359,9 @@ pub const POLICY_FAIL_OPEN: u32 = 1;
 pub const POLICY_RST_SYN: u32 = 2;
 /// The policy has per-prefix overrides in LB_PREFIXES.
 pub const POLICY_HAS_PREFIXES: u32 = 4;
+/// A limit of the policy (or of one of its overrides) is too fast for the coarse clock (see
+/// [`crate::bucket::Limit::coarse_clock_ok`]): established flows read the precise one.
+pub const POLICY_PRECISE_CLOCK: u32 = 8;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -5,13 +5,13 @@ use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use lb_common::{
     Addr, Affinity, AffinityKey, BACKEND_ACTIVE, Config, Counter, DropReason, FLOW_CLOSING,
     FLOW_REPLY, FLOW_SNAT, Flow, FlowKey, NO_BACKEND, SVC_AFFINITY, SVC_SNAT, Service,
-    hash::{flow_hash, ring_slot},
+    hash::{flow_hash, rehash, ring_slot},
 };
 
 use crate::{
     maps::{
-        LB_AFFINITY, LB_BACKENDS, LB_BE_STATS, LB_FLOWS, LB_RINGS, LB_SVC_STATS, Scratch, count,
-        scratch,
+        EEXIST, LB_AFFINITY, LB_BACKENDS, LB_BE_STATS, LB_FLOWS, LB_RINGS, LB_SVC_STATS, Scratch,
+        count, scratch,
     },
     parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
@@ -87,10 +87,11 @@ pub fn create(key: &FlowKey, svc: &Service, cfg: &Config, now: u64) -> Result<()
     forward.dport = backend.port;
     forward.service = svc.id;
     forward.backend = backend_id;
-    forward.policy = svc.policy as u16;
     forward.flags = flags;
     forward.proto = key.proto;
     forward.last_seen_ns = now;
+    // No next hop cached yet (the scratch space holds the previous flow's).
+    forward.hop_ifindex = 0;
     // The reply entry translates backend -> (node or client) back to VIP -> client.
     let reply = &mut scratch.reply;
     reply.src = key.dst;
@@ -99,21 +100,17 @@ pub fn create(key: &FlowKey, svc: &Service, cfg: &Config, now: u64) -> Result<()
     reply.dport = key.sport;
     reply.service = svc.id;
     reply.backend = backend_id;
-    reply.policy = 0;
     reply.flags = flags | FLOW_REPLY;
     reply.proto = key.proto;
     reply.last_seen_ns = now;
+    reply.hop_ifindex = 0;
     if snat {
         forward.src = if key.src.is_v4() {
             cfg.snat_v4
         } else {
             cfg.snat_v6
         };
-        let Some(port) = claim_snat_port(scratch, cfg, hash) else {
-            count(Counter::DropSnatPortsExhausted);
-            return Err(DropReason::SnatPorts);
-        };
-        scratch.flow.sport = port;
+        scratch.flow.sport = claim_snat_port(scratch, cfg, hash)?;
     } else {
         scratch.key = scratch.flow.peer_key();
         if LB_FLOWS
@@ -128,6 +125,8 @@ pub fn create(key: &FlowKey, svc: &Service, cfg: &Config, now: u64) -> Result<()
         .insert(key, &scratch.flow, u64::from(BPF_ANY))
         .is_err()
     {
+        // Give back the reply entry (and with it the snat port) claimed above.
+        let _ = LB_FLOWS.remove(&scratch.key);
         count(Counter::FlowInsertFailed);
         return Err(DropReason::FlowTable);
     }
@@ -181,25 +180,31 @@ fn pick_backend(key: &FlowKey, svc: &Service, cfg: &Config, hash: u32, now: u64)
 
 /// Finds a source port for a snat flow (`scratch.flow`, source port not yet set) by claiming
 /// its reply entry (`scratch.reply`): the insert only succeeds if no flow from that backend to
-/// that node port exists, so two CPUs cannot claim the same port. Ports are tried from a hash
-/// of the flow, so concurrent new flows rarely collide. Entries of flows that are over are
-/// deleted by the agent's sweep, which frees their ports.
+/// that node port exists, so two CPUs cannot claim the same port. Each try is a port from its
+/// own hash of the flow (independent tries: no clusters of taken ports to probe through).
+/// Entries of flows that are over are deleted by the agent's sweep, which frees their ports.
 #[inline(always)]
-fn claim_snat_port(scratch: &mut Scratch, cfg: &Config, hash: u32) -> Option<u16> {
+fn claim_snat_port(scratch: &mut Scratch, cfg: &Config, hash: u32) -> Result<u16, DropReason> {
     let min = u32::from(cfg.snat_port_min);
-    let range = u32::from(cfg.snat_port_max).checked_sub(min)? + 1;
-    let start = (hash >> 8) % range;
+    // At least 1 (max is a u16): no division by zero for the verifier to find.
+    let range = u32::from(cfg.snat_port_max)
+        .checked_sub(min)
+        .ok_or(DropReason::SnatPorts)?
+        + 1;
     scratch.key = scratch.flow.peer_key();
     for i in 0..SNAT_PORT_TRIES {
-        // Stride by a prime so the tries spread over the range.
-        let port = ((min + (start + i * 7919) % range) as u16).to_be();
+        let port = ((min + rehash(hash, i) % range) as u16).to_be();
         scratch.key.dport = port;
-        if LB_FLOWS
-            .insert(&scratch.key, &scratch.reply, u64::from(BPF_NOEXIST))
-            .is_ok()
-        {
-            return Some(port);
+        match LB_FLOWS.insert(&scratch.key, &scratch.reply, u64::from(BPF_NOEXIST)) {
+            Ok(()) => return Ok(port),
+            // Taken: try another.
+            Err(e) if e == -EEXIST => {}
+            Err(_) => {
+                count(Counter::FlowInsertFailed);
+                return Err(DropReason::FlowTable);
+            }
         }
     }
-    None
+    count(Counter::DropSnatPortsExhausted);
+    Err(DropReason::SnatPorts)
 }

@@ -33,17 +33,19 @@ mod datapath {
         programs::XdpContext,
     };
     use lb_common::{
-        Addr, Counter, FILTER_WORDS, FLOW_REPLY, FLOW_RESET, Flow, FlowKey, IPPROTO_ICMP,
-        IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, ServiceKey, TAIL_ICMP, TAIL_NEW_FLOW, filter_bit,
+        Addr, Counter, FILTER_WORDS, FLOW_REPLY, FLOW_RESET, Flow, FlowKey, HOP_VLAN, IPPROTO_ICMP,
+        IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, POLICY_PRECISE_CLOCK, ServiceKey, TAIL_ICMP,
+        TAIL_NEW_FLOW, filter_bit, hop_epoch,
     };
 
     use crate::{
         flow,
         maps::{
-            LB_BE_STATS, LB_FILTER, LB_FLOWS, LB_PROGS, LB_SERVICES, LB_SVC_STATS, config, count,
-            count_service_drop, scratch,
+            LB_BE_STATS, LB_FILTER, LB_FLOWS, LB_POLICIES, LB_PROGS, LB_SERVICES, LB_SVC_POLICY,
+            LB_SVC_STATS, config, count, count_service_drop, scratch,
         },
-        nexthop, not_served,
+        nexthop::{self, Hop, Macs},
+        not_served,
         parse::{L4State, Packet, Ports, TCP_ACK, TCP_SYN, bounds, parse_l3, parse_ports},
         ratelimit::{self, Verdict},
         rewrite, tcp,
@@ -155,28 +157,47 @@ mod datapath {
         let key = flow_key(pkt, &ports);
         let entry = LB_FLOWS.get_ptr_mut(&key);
         // The one clock read of this packet, shared by the flow's timestamp and the rate
-        // limiter. The limiter needs the precise clock (see ratelimit.rs); without one the
-        // cheaper coarse clock does (CLOCK_MONOTONIC both, a tick apart at most).
-        let limited = match entry {
-            Some(e) => unsafe { (*e).policy != 0 && (*e).flags & FLOW_REPLY == 0 },
-            None => true,
-        };
-        let now = if limited { precise_now() } else { coarse_now() };
-        if let Some(e) = entry
-            && flow::refresh(e, ports.tcp_flags, now, cfg)
-        {
-            return established(ctx, pkt, e, now);
+        // limiter; for a new flow the slow path reads it, once it knows the service.
+        let mut now = 0;
+        if let Some(e) = entry {
+            // The client's packets are held to its service's policy.
+            let policy = if unsafe { (*e).flags } & FLOW_REPLY == 0 {
+                LB_SVC_POLICY
+                    .get(unsafe { (*e).service })
+                    .copied()
+                    .unwrap_or(0)
+            } else {
+                0
+            };
+            now = clock_for(policy);
+            if flow::refresh(e, ports.tcp_flags, now, cfg) {
+                return established(ctx, pkt, e, policy, now);
+            }
         }
         match scratch() {
+            // 0: not read yet.
             Some(s) => s.now = now,
             None => return xdp_action::XDP_DROP,
         }
         tail_call(ctx, TAIL_NEW_FLOW)
     }
 
-    /// A packet of a flow in the table.
+    /// Now, from the clock rate-limit policy `policy` needs (0: none): the precise one if one of
+    /// its limits is too fast for the coarse one (POLICY_PRECISE_CLOCK), else the cheaper coarse
+    /// one (CLOCK_MONOTONIC both, a tick apart at most). A policy's buckets see one clock only:
+    /// mixing them would move time backwards by up to a tick, and cost an exact bucket a token.
+    #[inline(always)]
+    fn clock_for(policy: u32) -> u64 {
+        let precise = policy != 0
+            && LB_POLICIES
+                .get(policy)
+                .is_none_or(|p| p.flags & POLICY_PRECISE_CLOCK != 0);
+        if precise { precise_now() } else { coarse_now() }
+    }
+
+    /// A packet of a flow in the table; `policy`: the rate-limit policy for the client's packets.
     #[inline(never)]
-    fn established(ctx: &XdpContext, pkt: &Packet, entry: *mut Flow, now: u64) -> u32 {
+    fn established(ctx: &XdpContext, pkt: &Packet, entry: *mut Flow, policy: u32, now: u64) -> u32 {
         // Copy out what we need: other CPUs may be updating the entry.
         let flow = unsafe { *entry };
         if flow.flags & FLOW_RESET != 0 && pkt.proto == IPPROTO_TCP {
@@ -184,7 +205,7 @@ mod datapath {
         }
         if flow.flags & FLOW_REPLY == 0 {
             let how = if pkt.v6 { ratelimit::V6 } else { 0 };
-            match ratelimit::check(u32::from(flow.policy), &pkt.src, how, now) {
+            match ratelimit::check(policy, &pkt.src, how, now) {
                 Verdict::Pass => {}
                 Verdict::Drop(reason) | Verdict::Reset(reason) => {
                     count_service_drop(flow.service, reason);
@@ -192,7 +213,7 @@ mod datapath {
                 }
             }
         }
-        forward(ctx, pkt, &flow)
+        forward(ctx, pkt, &flow, entry, now)
     }
 
     /// The new-flow slow path: find the service, rate-limit, create the flow, forward.
@@ -236,6 +257,8 @@ mod datapath {
             return not_served(pkt, Counter::DropNoService);
         };
         let svc = unsafe { *svc };
+        // Read in the entry program already if an expired entry was there.
+        let now = if now != 0 { now } else { clock_for(svc.policy) };
         // Every new flow counts as a connection: a SYN, a UDP flow's first packet, and a TCP
         // packet without state (it would create state too).
         let mut how = ratelimit::NEW_FLOW;
@@ -264,14 +287,16 @@ mod datapath {
             return xdp_action::XDP_DROP;
         }
         match scratch() {
-            Some(s) => forward(ctx, pkt, &s.flow),
+            Some(s) => forward(ctx, pkt, &s.flow, core::ptr::null_mut(), now),
             None => xdp_action::XDP_DROP,
         }
     }
 
-    /// Applies a flow entry's rewrite, counts the packet and sends it on.
+    /// Applies a flow entry's rewrite, counts the packet and sends it on: to the next hop the
+    /// entry has cached, or (null `entry`, or nothing current cached) the FIB's, which is then
+    /// cached in the entry. A FIB lookup is the largest single cost of an established packet.
     #[inline(never)]
-    fn forward(ctx: &XdpContext, pkt: &Packet, flow: &Flow) -> u32 {
+    fn forward(ctx: &XdpContext, pkt: &Packet, flow: &Flow, entry: *mut Flow, now: u64) -> u32 {
         let addrs = [flow.src, flow.dst];
         if rewrite::set_tuple(ctx, pkt, &addrs, flow.sport, flow.dport).is_none() {
             count(Counter::DropMalformed);
@@ -295,7 +320,30 @@ mod datapath {
             b.packets += 1;
             b.bytes += bytes;
         }
-        nexthop::send(ctx, pkt, &addrs)
+        if flow.hop_valid(now) {
+            let vlan = (flow.hop_vlan & HOP_VLAN != 0).then_some(flow.hop_vlan & 0x0fff);
+            return nexthop::transmit(ctx, pkt.vlan, flow.hop_ifindex, vlan, Macs(flow.hop_macs));
+        }
+        match nexthop::route(ctx, pkt.v6, &addrs, pkt.len) {
+            Hop::Verdict(v) => v,
+            Hop::Device {
+                ifindex,
+                vlan_id,
+                macs,
+            } => {
+                if !entry.is_null() {
+                    // SAFETY: a flow-table value. Another CPU may write the same hop at once;
+                    // the epoch goes last so a reader sees a current epoch only after the rest.
+                    unsafe {
+                        (*entry).hop_macs = macs.0;
+                        (*entry).hop_vlan = vlan_id.map_or(0, |v| HOP_VLAN | v);
+                        (*entry).hop_ifindex = ifindex;
+                        (*entry).hop_epoch = hop_epoch(now);
+                    }
+                }
+                nexthop::transmit(ctx, pkt.vlan, ifindex, vlan_id, macs)
+            }
+        }
     }
 }
 

@@ -39,6 +39,9 @@ pub static LB_BE_STATS: PerCpuArray<BackendStats> =
     PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 #[map]
 pub static LB_POLICIES: Array<Policy> = Array::with_max_entries(MAX_POLICIES, 0);
+/// The policy of each service by id (mirrors LB_SERVICES), read by established flows.
+#[map]
+pub static LB_SVC_POLICY: Array<u32> = Array::with_max_entries(DEFAULT_MAX_SERVICES, 0);
 /// A plain hash, not an LRU: a source being limited must not be evicted (it would come back with
 /// a full bucket). The agent reclaims entries whose buckets have refilled.
 #[map]
@@ -85,6 +88,9 @@ pub fn scratch() -> Option<&'static mut Scratch> {
 pub fn config() -> Option<&'static Config> {
     LB_CONFIG.get(0)
 }
+
+/// A map insert with BPF_NOEXIST found the key taken (`-EEXIST`).
+pub const EEXIST: i32 = 17;
 
 #[inline(always)]
 pub fn count(c: Counter) {

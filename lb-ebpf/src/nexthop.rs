@@ -100,7 +100,7 @@ pub fn route(ctx: &XdpContext, v6: bool, addrs: &[Addr; 2], len: u16) -> Hop {
 /// result has them at offsets 52 and 58, where a merged 32-bit stack load would be misaligned
 /// (and the verifier rejects misaligned stack access).
 #[derive(Clone, Copy)]
-pub struct Macs([u16; 6]);
+pub struct Macs(pub [u16; 6]);
 
 impl Macs {
     #[inline(always)]

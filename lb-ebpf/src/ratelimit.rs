@@ -3,9 +3,10 @@
 //! flow, its connection bucket. Buckets are lb-common's GCRA words, updated by compare-and-swap,
 //! so the limit holds when a source's packets arrive on several CPUs at once.
 //!
-//! `now` must come from the precise clock (bpf_ktime_get_ns). The coarse one advances in ticks
-//! (4 ms at HZ=250, and later when the machine is busy): a tick that refills more than the burst
-//! holds loses the difference, so 10 M/s with a burst of 1000 could never reach its rate.
+//! `now` comes from the clock the policy needs (`clock_for` in main.rs). The coarse one is
+//! cheaper but advances in ticks (4 ms at HZ=250, and later when the machine is busy): a tick
+//! that refills more than the burst holds loses the difference, so 10 M/s with a burst of 1000
+//! could never reach its rate on it. The agent marks such policies POLICY_PRECISE_CLOCK.
 use core::intrinsics::{AtomicOrdering::Relaxed, atomic_cxchg, atomic_xadd};
 
 use aya_ebpf::{bindings::BPF_NOEXIST, maps::lpm_trie::Key};
@@ -15,7 +16,7 @@ use lb_common::{
     bucket::admit,
 };
 
-use crate::maps::{LB_POLICIES, LB_PREFIXES, LB_SOURCES, count};
+use crate::maps::{EEXIST, LB_POLICIES, LB_PREFIXES, LB_SOURCES, count};
 
 pub enum Verdict {
     Pass,
@@ -132,7 +133,7 @@ fn source(key: &SourceKey, policy: &Policy, now: u64) -> Option<*mut Source> {
     match LB_SOURCES.insert(key, &fresh, u64::from(BPF_NOEXIST)) {
         Ok(()) => count(Counter::SourcesCreated),
         // EEXIST: another CPU created it first. Anything else: no room.
-        Err(e) if e != -17 => {
+        Err(e) if e != -EEXIST => {
             count(Counter::SourceTableFull);
             return None;
         }

@@ -149,7 +149,8 @@ impl Agent {
         for note in &loaded.notes {
             warn!("{note}");
         }
-        let maps = Maps::take(&mut loaded.ebpf)?;
+        let mut maps = Maps::take(&mut loaded.ebpf)?;
+        maps.mirror_service_policies()?;
         let reconciler = Reconciler::resume(sizes, &maps.snapshot()?);
         let mut netlink = Netlink::open()?;
         let interfaces = Interfaces::scan(&mut netlink, &args.uplinks, &args.backend_ifaces)?;

@@ -59,10 +59,11 @@ impl Sizes {
     }
 
     /// max_entries of each sizable map.
-    fn overrides(&self) -> [(&'static str, u32); 8] {
+    fn overrides(&self) -> [(&'static str, u32); 9] {
         [
             (MAP_SERVICES, self.max_services),
             (MAP_SVC_STATS, self.max_services),
+            (MAP_SVC_POLICY, self.max_services),
             (MAP_BACKENDS, self.max_backends),
             (MAP_BE_STATS, self.max_backends),
             (MAP_RINGS, self.rings() * self.ring_size),
@@ -159,7 +160,11 @@ fn load_program(
     const ATTEMPTS: u32 = 5;
     let mut attempt = 1;
     loop {
-        match load() {
+        // The verifier gives up with EAGAIN when a signal is pending for the loading thread
+        // (in tests, SIGCHLD from other threads' child processes arrives often enough to fail
+        // every retry of a large program): hold signals off this thread while it verifies.
+        let result = without_signals(&mut load);
+        match result {
             Ok(()) => return Ok(()),
             Err(ProgramError::LoadError { io_error, .. })
                 if io_error.raw_os_error() == Some(libc::EAGAIN) && attempt < ATTEMPTS =>
@@ -168,6 +173,21 @@ fn load_program(
             }
             Err(e) => return Err(DataplaneError::program(name, e)),
         }
+    }
+}
+
+/// Runs `f` with every signal blocked for the calling thread (delivered after, or to another
+/// thread meanwhile).
+fn without_signals<T>(f: &mut impl FnMut() -> T) -> T {
+    // SAFETY: sigset_t is plain data, initialised by sigfillset; the masks are this thread's.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
+        let result = f();
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        result
     }
 }
 
@@ -303,6 +323,8 @@ pub struct Maps {
     pub sources: HashMap<MapData, SourceKey, Source>,
     pub prefixes: LpmTrie<MapData, PrefixKey, PrefixRule>,
     pub affinity: HashMap<MapData, AffinityKey, Affinity>,
+    /// The policy of each service by id: a projection of `services` kept by the same writes.
+    pub svc_policy: Array<MapData, u32>,
     cpus: usize,
     ring_size: u32,
 }
@@ -361,6 +383,7 @@ impl Maps {
             sources: typed!(MAP_SOURCES),
             prefixes: typed!(MAP_PREFIXES),
             affinity: typed!(MAP_AFFINITY),
+            svc_policy: typed!(MAP_SVC_POLICY),
             cpus: aya::util::nr_cpus()
                 .map_err(|(what, e)| map_err("(cpus)", format!("{what}: {e}")))?,
             ring_size,
@@ -369,6 +392,22 @@ impl Maps {
 
     pub fn cpus(&self) -> usize {
         self.cpus
+    }
+
+    /// Rewrites `svc_policy` from `services` (for maps pinned by an agent that predates it).
+    pub fn mirror_service_policies(&mut self) -> Result<()> {
+        let all: Vec<Service> = self
+            .services
+            .iter()
+            .filter_map(|r| r.ok())
+            .map(|(_, s)| s)
+            .collect();
+        for s in all {
+            self.svc_policy
+                .set(s.id, s.policy, 0)
+                .map_err(|e| map_err(MAP_SVC_POLICY, e))?;
+        }
+        Ok(())
     }
 
     /// The node config as the data path sees it.
@@ -438,11 +477,21 @@ impl Tables for Maps {
         ignore_missing(self.addrs.remove(addr)).map_err(|e| map_err(MAP_ADDRS, e))
     }
     fn set_service(&mut self, key: &ServiceKey, service: &Service) -> Result<()> {
+        // The policy first: the entry's flows may be live already.
+        self.svc_policy
+            .set(service.id, service.policy, 0)
+            .map_err(|e| map_err(MAP_SVC_POLICY, e))?;
         self.services
             .insert(key, service, 0)
             .map_err(|e| map_err(MAP_SERVICES, e))
     }
     fn remove_service(&mut self, key: &ServiceKey) -> Result<()> {
+        if let Ok(old) = self.services.get(key, 0) {
+            // Its flows live on until idle: no longer held to a policy that may be reused.
+            self.svc_policy
+                .set(old.id, 0, 0)
+                .map_err(|e| map_err(MAP_SVC_POLICY, e))?;
+        }
         ignore_missing(self.services.remove(key)).map_err(|e| map_err(MAP_SERVICES, e))
     }
     fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {

@@ -19,8 +19,9 @@ use std::{
 use lb_common::{
     ADDR_NODE, ADDR_VIP, Addr, AddrInfo, BACKEND_ACTIVE, BACKEND_LISTED, Bucket, Config,
     FILTER_WORDS, Limit, MAX_POLICIES, NO_BACKEND, POLICY_FAIL_OPEN, POLICY_HAS_PREFIXES,
-    POLICY_RST_SYN, PREFIX_DENY, PREFIX_EXEMPT, PREFIX_LIMIT, PrefixKey, PrefixRule, SVC_AFFINITY,
-    SVC_SNAT, ServiceKey, Source, SourceKey, filter_bit, hash::bytes_hash,
+    POLICY_PRECISE_CLOCK, POLICY_RST_SYN, PREFIX_DENY, PREFIX_EXEMPT, PREFIX_LIMIT, PrefixKey,
+    PrefixRule, SVC_AFFINITY, SVC_SNAT, ServiceKey, Source, SourceKey, filter_bit,
+    hash::bytes_hash,
 };
 
 use crate::{
@@ -777,6 +778,14 @@ fn to_bpf_policy(p: &Policy, limits: &Limits) -> lb_common::Policy {
     if !(p.exempt.is_empty() && p.deny.is_empty() && p.overrides.is_empty()) {
         flags |= POLICY_HAS_PREFIXES;
     }
+    // The clock is read before the packet's override (if any) is known: every limit counts.
+    let coarse_ok = std::iter::once(&p.limits)
+        .chain(p.overrides.iter().map(|(_, l)| l))
+        .flat_map(|l| [limit(l.packets), limit(l.connections)])
+        .all(|l| l.coarse_clock_ok());
+    if !coarse_ok {
+        flags |= POLICY_PRECISE_CLOCK;
+    }
     lb_common::Policy {
         packets: limit(limits.packets),
         connections: limit(limits.connections),
@@ -1218,6 +1227,18 @@ mod tests {
         assert_eq!(p.packets.rate, 100);
         assert_eq!(p.flags, POLICY_RST_SYN | POLICY_HAS_PREFIXES);
         assert_eq!(t.policies.len(), 2, "the policy and its override");
+        // 100/s with a burst of 10 holds two 16 ms coarse-clock steps (3.2 tokens): coarse.
+        // An override fast enough to need the precise clock makes the whole policy precise.
+        let mut fast = d.clone();
+        fast.policies.get_mut("p").unwrap().overrides[0].1.packets = Some(Rate {
+            per_second: 10_000_000,
+            burst: 1000,
+        });
+        r.apply(&fast, &node(), &mut t).unwrap();
+        let svc = t.services[&key(&s)];
+        assert_ne!(t.policies[&svc.policy].flags & POLICY_PRECISE_CLOCK, 0);
+        r.apply(&d, &node(), &mut t).unwrap();
+        let svc = t.services[&key(&s)];
         let rules: Vec<u32> = t.prefixes.values().map(|r| r.action).collect();
         assert_eq!(rules.len(), 3);
         assert!(

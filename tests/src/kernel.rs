@@ -218,6 +218,11 @@ impl Fixture {
         self.maps.flows.get(key, 0).ok()
     }
 
+    /// Runs `ip ARGS` in the fixture's namespace (the calling thread's).
+    pub fn ip(&self, args: &str) -> Result<()> {
+        ip(args)
+    }
+
     pub fn flow_count(&self) -> usize {
         self.maps.flows.keys().count()
     }

@@ -134,6 +134,56 @@ fn tcp_syn_to_a_snat_vip_goes_to_a_remote_backend_from_a_node_port() {
     assert_eq!(fx.flow_count(), 2, "replies create nothing");
 }
 
+/// Established packets use the next hop cached in their flow entry; a neighbour change reaches
+/// them within the cache's period (about a second; two at most).
+#[test]
+fn a_flows_cached_next_hop_follows_a_neighbour_change_within_two_seconds() {
+    if !require_root() {
+        return;
+    }
+    let mut fx = fixture(vec![service(
+        "10.96.0.10",
+        80,
+        Protocol::Tcp,
+        Mode::Snat,
+        &[("10.1.2.2", 8080)],
+    )]);
+    let pkt = |flags| {
+        Spec::tcp("10.0.0.10", 40100, "10.96.0.10", 80, flags)
+            .macs(CLIENT_MAC, [2, 0, 0, 0, 0, 1])
+            .build()
+    };
+    assert_eq!(fx.uplink(&pkt(TCP_SYN)).unwrap().verdict, TX);
+    let out = fx.uplink(&pkt(TCP_ACK)).unwrap();
+    assert_eq!(parse(&out.packet).dst_mac, GW_MAC);
+    let key = flow_key("10.0.0.10", 40100, "10.96.0.10", 80, IPPROTO_TCP);
+    let cached = fx.flow(&key).expect("flow");
+    assert_eq!(
+        cached.hop_ifindex, fx.up0,
+        "the next hop is cached in the entry"
+    );
+
+    let moved = [0x02, 0, 0, 0, 0, 0x99];
+    fx.ip("neigh replace 10.0.0.2 lladdr 02:00:00:00:00:99 dev up0 nud permanent")
+        .unwrap();
+    let started = std::time::Instant::now();
+    loop {
+        let out = fx.uplink(&pkt(TCP_ACK)).unwrap();
+        assert_eq!(out.verdict, TX);
+        let mac = parse(&out.packet).dst_mac;
+        if mac == moved {
+            break;
+        }
+        assert_eq!(mac, GW_MAC);
+        assert!(
+            started.elapsed() < std::time::Duration::from_millis(2300),
+            "still sending to the old MAC after {:?}",
+            started.elapsed()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn traffic_not_for_a_vip_passes_untouched() {
     if !require_root() {

@@ -54,6 +54,12 @@ fn policy(packets: Option<Rate>, connections: Option<Rate>) -> Policy {
 /// A TCP service on 10.96.0.10:80 and fd00:96::10:80 (snat, remote backend) under `policy`.
 fn fixture(policy: Policy, source_entries: u32) -> Fixture {
     let mut fx = Fixture::new(sizes(source_entries)).expect("fixture");
+    fx.apply(&desired(Some(policy))).expect("apply");
+    fx
+}
+
+/// The fixture's services, under `policy` named "p" (or none).
+fn desired(policy: Option<Policy>) -> Desired {
     let mut d = Desired::default();
     for (vip, backend) in [("10.96.0.10", "10.1.2.2"), ("fd00:96::10", "fd00:1:2::2")] {
         let s = Service {
@@ -70,14 +76,15 @@ fn fixture(policy: Policy, source_entries: u32) -> Fixture {
                 port: 8080,
                 weight: 1,
             }],
-            policy: Some("p".into()),
+            policy: policy.as_ref().map(|_| "p".into()),
             affinity: None,
         };
         d.services.insert(s.frontend, s);
     }
-    d.policies.insert("p".into(), policy);
-    fx.apply(&d).expect("apply");
-    fx
+    if let Some(p) = policy {
+        d.policies.insert("p".into(), p);
+    }
+    d
 }
 
 fn syn(src: &str, sport: u16) -> Vec<u8> {
@@ -263,6 +270,40 @@ fn a_rejected_syn_can_be_answered_with_a_reset() {
         fx.flow(&flow_key("10.0.0.10", 45001, "10.96.0.10", 80, 6))
             .is_none(),
         "no flow for it"
+    );
+}
+
+#[test]
+fn a_policy_change_or_removal_reaches_established_flows() {
+    if !require_root() {
+        return;
+    }
+    let mut fx = fixture(policy(rate(1, 3), None), 64);
+    assert_eq!(fx.uplink(&syn("10.0.0.10", 48000)).unwrap().verdict, TX);
+    for _ in 0..2 {
+        assert_eq!(fx.uplink(&data("10.0.0.10", 48000)).unwrap().verdict, TX);
+    }
+    assert_eq!(
+        fx.uplink(&data("10.0.0.10", 48000)).unwrap().verdict,
+        DROP,
+        "the burst of 3 is spent"
+    );
+    // The policy goes: the live connection is no longer limited.
+    fx.apply(&desired(None)).expect("apply");
+    for _ in 0..10 {
+        assert_eq!(fx.uplink(&data("10.0.0.10", 48000)).unwrap().verdict, TX);
+    }
+    // A new policy (which may reuse the old one's id) applies to it at once, with its own
+    // limits.
+    fx.apply(&desired(Some(policy(rate(1, 5), None))))
+        .expect("apply");
+    let verdicts: Vec<u32> = (0..8)
+        .map(|_| fx.uplink(&data("10.0.0.10", 48000)).unwrap().verdict)
+        .collect();
+    assert_eq!(
+        verdicts.iter().filter(|v| **v == TX).count(),
+        5,
+        "held to the new burst of 5: {verdicts:?}"
     );
 }
 

@@ -1173,10 +1173,10 @@ impl Bench<'_> {
                 dport: BACKEND_PORT.to_be(),
                 service: 0,
                 backend: 0,
-                policy: 0,
                 flags: FLOW_SNAT,
                 proto: IPPROTO_TCP,
                 last_seen_ns: now,
+                ..Flow::default()
             };
             self.fx.maps.flows.insert(key, value, 0)?;
         }
