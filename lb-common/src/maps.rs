@@ -114,6 +114,9 @@ pub struct Config {
     pub udp_idle_ns: u64,
     /// How long a TCP flow lives after its first FIN or RST, nanoseconds.
     pub tcp_closing_ns: u64,
+    /// How long a TCP flow opened by a SYN lives idle before the client's first ACK,
+    /// nanoseconds: a spoofed SYN's entries go long before the idle timeout.
+    pub tcp_handshake_ns: u64,
     /// Source address for `snat` services, per family (all zero: family not served).
     pub snat_v4: Addr,
     pub snat_v6: Addr,
@@ -126,7 +129,7 @@ pub struct Config {
     pub default_policy: u32,
     pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 80);
+const _: () = assert!(core::mem::size_of::<Config>() == 88);
 
 // ---------------------------------------------------------------------------------------------
 // LB_FILTER: bitmap of addresses the data path cares about (VIPs, node SNAT addresses, local
@@ -263,6 +266,10 @@ pub const FLOW_SNAT: u8 = 2;
 pub const FLOW_CLOSING: u8 = 4;
 /// The agent ended this flow: packets get a TCP RST instead of being forwarded.
 pub const FLOW_RESET: u8 = 8;
+/// A SYN opened this flow and the client has not acknowledged yet (client-side entries only):
+/// the entry lives `tcp_handshake_ns` after its last packet, and the sweep removes the reply
+/// entry with it.
+pub const FLOW_OPENING: u8 = 16;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -309,13 +316,15 @@ impl Flow {
         self.hop_ifindex != 0 && self.hop_epoch == hop_epoch(now_ns)
     }
 
-    /// A flow is over when idle longer than its protocol's timeout, or than the closing linger
-    /// once a FIN or RST was seen. (The data path treats an expired entry as absent; the agent's
-    /// sweep deletes it.)
+    /// A flow is over when idle longer than its protocol's timeout, than the closing linger
+    /// once a FIN or RST was seen, or than the handshake timeout while still opening. (The data
+    /// path treats an expired entry as absent; the agent's sweep deletes it.)
     #[inline(always)]
     pub fn is_expired(&self, cfg: &Config, now_ns: u64) -> bool {
         let timeout = if self.flags & FLOW_CLOSING != 0 {
             cfg.tcp_closing_ns
+        } else if self.flags & FLOW_OPENING != 0 {
+            cfg.tcp_handshake_ns
         } else if self.proto == IPPROTO_TCP {
             cfg.tcp_idle_ns
         } else {
@@ -464,4 +473,50 @@ mod pod {
     unsafe impl aya::Pod for Affinity {}
     unsafe impl aya::Pod for crate::stats::ServiceStats {}
     unsafe impl aya::Pod for crate::stats::BackendStats {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    fn cfg() -> Config {
+        Config {
+            tcp_idle_ns: 350 * S,
+            udp_idle_ns: 120 * S,
+            tcp_closing_ns: 10 * S,
+            tcp_handshake_ns: 60 * S,
+            ..Config::default()
+        }
+    }
+
+    fn flow(proto: u8, flags: u8) -> Flow {
+        Flow {
+            proto,
+            flags,
+            last_seen_ns: 1000 * S,
+            ..Flow::default()
+        }
+    }
+
+    /// The last second each kind of entry is live, idle since 1000 s.
+    #[test]
+    fn each_state_has_its_timeout() {
+        let cases = [
+            (flow(IPPROTO_TCP, 0), 350),
+            (flow(IPPROTO_UDP, 0), 120),
+            (flow(IPPROTO_TCP, FLOW_OPENING), 60),
+            (flow(IPPROTO_TCP, FLOW_CLOSING), 10),
+            // A RST during the handshake: the shorter linger.
+            (flow(IPPROTO_TCP, FLOW_OPENING | FLOW_CLOSING), 10),
+            (flow(IPPROTO_TCP, FLOW_REPLY | FLOW_SNAT), 350),
+        ];
+        for (f, live_s) in cases {
+            assert!(!f.is_expired(&cfg(), (1000 + live_s) * S), "{f:?}");
+            assert!(f.is_expired(&cfg(), (1000 + live_s) * S + 1), "{f:?}");
+        }
+        // A clock read a tick before the entry's stamp is not a long idle time.
+        assert!(!flow(IPPROTO_TCP, FLOW_OPENING).is_expired(&cfg(), 1000 * S - 1));
+    }
 }

@@ -4,7 +4,8 @@
 use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use lb_common::{
     Addr, Affinity, AffinityKey, BACKEND_ACTIVE, Config, Counter, DropReason, FLOW_CLOSING,
-    FLOW_REPLY, FLOW_SNAT, Flow, FlowKey, NO_BACKEND, SVC_AFFINITY, SVC_SNAT, Service,
+    FLOW_OPENING, FLOW_REPLY, FLOW_SNAT, Flow, FlowKey, NO_BACKEND, SVC_AFFINITY, SVC_SNAT,
+    Service,
     hash::{flow_hash, rehash, ring_slot},
 };
 
@@ -50,13 +51,23 @@ pub fn refresh(ptr: *mut Flow, tcp_flags: u8, now: u64, cfg: &Config) -> bool {
     if !closing && tcp_flags & (TCP_FIN | TCP_RST) != 0 {
         flow.flags |= FLOW_CLOSING;
     }
+    // The client acknowledges: the handshake is done (a spoofed source never gets this far).
+    if flow.flags & FLOW_OPENING != 0 && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_ACK {
+        flow.flags &= !FLOW_OPENING;
+    }
     true
 }
 
-/// Creates the flow for a packet `key` to `svc`. On success its client-side entry is in
-/// `scratch().flow`.
+/// Creates the flow for a packet `key` to `svc`, `syn` if a TCP SYN opens it. On success its
+/// client-side entry is in `scratch().flow`.
 #[inline(never)]
-pub fn create(key: &FlowKey, svc: &Service, cfg: &Config, now: u64) -> Result<(), DropReason> {
+pub fn create(
+    key: &FlowKey,
+    svc: &Service,
+    cfg: &Config,
+    now: u64,
+    syn: bool,
+) -> Result<(), DropReason> {
     if svc.active_backends == 0 {
         count(Counter::DropNoBackend);
         return Err(DropReason::NoBackend);
@@ -87,7 +98,7 @@ pub fn create(key: &FlowKey, svc: &Service, cfg: &Config, now: u64) -> Result<()
     forward.dport = backend.port;
     forward.service = svc.id;
     forward.backend = backend_id;
-    forward.flags = flags;
+    forward.flags = if syn { flags | FLOW_OPENING } else { flags };
     forward.proto = key.proto;
     forward.last_seen_ns = now;
     // No next hop cached yet (the scratch space holds the previous flow's).

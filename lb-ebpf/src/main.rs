@@ -282,7 +282,7 @@ mod datapath {
         if !syn && pkt.proto == IPPROTO_TCP {
             count(Counter::FlowsCreatedMidstream);
         }
-        if let Err(reason) = flow::create(key, &svc, cfg, now) {
+        if let Err(reason) = flow::create(key, &svc, cfg, now, syn) {
             count_service_drop(svc.id, reason);
             return xdp_action::XDP_DROP;
         }

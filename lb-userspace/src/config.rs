@@ -111,6 +111,7 @@ struct RawNode {
     tcp_idle_timeout_seconds: Option<u64>,
     udp_idle_timeout_seconds: Option<u64>,
     tcp_closing_timeout_seconds: Option<u64>,
+    tcp_handshake_timeout_seconds: Option<u64>,
     rate_limit: Option<String>,
 }
 
@@ -258,6 +259,11 @@ impl RawNode {
                 "tcp-closing-timeout-seconds",
                 self.tcp_closing_timeout_seconds,
                 d.tcp_closing,
+            )?,
+            tcp_handshake: timeout(
+                "tcp-handshake-timeout-seconds",
+                self.tcp_handshake_timeout_seconds,
+                d.tcp_handshake,
             )?,
             default_policy: self.rate_limit.clone(),
         })
@@ -740,6 +746,16 @@ backends = [{ address = "fd00:1:1::2" }]
             e.starts_with("lb.toml:2: node.tcp-idle-timeout-seconds: 0 is out of range"),
             "{e}"
         );
+        let e = err("[node]\ntcp-handshake-timeout-seconds = 0\n");
+        assert!(
+            e.starts_with("lb.toml:2: node.tcp-handshake-timeout-seconds: 0 is out of range"),
+            "{e}"
+        );
+        let d = parse(
+            Path::new("lb.toml"),
+            "[node]\ntcp-handshake-timeout-seconds = 30\n",
+        );
+        assert_eq!(d.unwrap().node.tcp_handshake, Duration::from_secs(30));
         let e = err("[node]\nrate-limit = \"nope\"\n");
         assert!(
             e.starts_with("lb.toml:2: node.rate-limit: no rate limit named `nope`"),

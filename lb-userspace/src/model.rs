@@ -168,6 +168,8 @@ pub struct NodeSettings {
     pub tcp_idle: Duration,
     pub udp_idle: Duration,
     pub tcp_closing: Duration,
+    /// How long a TCP flow opened by a SYN waits idle for the client's ACK.
+    pub tcp_handshake: Duration,
     /// Policy for services without one of their own.
     pub default_policy: Option<String>,
 }
@@ -182,6 +184,8 @@ impl Default for NodeSettings {
             tcp_idle: Duration::from_secs(350),
             udp_idle: Duration::from_secs(120),
             tcp_closing: Duration::from_secs(10),
+            // Above the longest gap between a client's SYN retransmissions (32 s on Linux).
+            tcp_handshake: Duration::from_secs(60),
             default_policy: None,
         }
     }

@@ -345,6 +345,7 @@ impl Reconciler {
             tcp_idle_ns: ns(n.tcp_idle),
             udp_idle_ns: ns(n.udp_idle),
             tcp_closing_ns: ns(n.tcp_closing),
+            tcp_handshake_ns: ns(n.tcp_handshake),
             snat_v4: node
                 .snat_ipv4
                 .map(|a| Addr::v4(a.octets()))
@@ -1239,6 +1240,11 @@ mod tests {
         assert_ne!(t.policies[&svc.policy].flags & POLICY_PRECISE_CLOCK, 0);
         r.apply(&d, &node(), &mut t).unwrap();
         let svc = t.services[&key(&s)];
+        assert_eq!(
+            t.policies[&svc.policy].flags & POLICY_PRECISE_CLOCK,
+            0,
+            "back to the coarse clock"
+        );
         let rules: Vec<u32> = t.prefixes.values().map(|r| r.action).collect();
         assert_eq!(rules.len(), 3);
         assert!(

@@ -4,8 +4,8 @@ use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr, net::SocketAddr};
 
 use anyhow::Result;
 use lb_common::{
-    Addr, AffinityKey, BACKEND_ACTIVE, BACKEND_LISTED, Counter, DropReason, FLOW_REPLY, FLOW_SNAT,
-    FlowKey, NO_BACKEND, ServiceKey,
+    Addr, AffinityKey, BACKEND_ACTIVE, BACKEND_LISTED, Counter, DropReason, FLOW_CLOSING,
+    FLOW_OPENING, FLOW_REPLY, FLOW_SNAT, FlowKey, NO_BACKEND, ServiceKey,
     hash::{flow_hash, ring_slot},
 };
 use serde::Serialize;
@@ -370,6 +370,13 @@ pub fn flow(
         && cfg.is_none_or(|c| !entry.is_expired(&c, now))
     {
         let age = now.saturating_sub(entry.last_seen_ns) / 1_000_000;
+        let state = if entry.flags & FLOW_CLOSING != 0 {
+            ", closing"
+        } else if entry.flags & FLOW_OPENING != 0 {
+            ", handshake not finished"
+        } else {
+            ""
+        };
         let snat = if entry.flags & FLOW_SNAT != 0 {
             format!(
                 ", source-NATed to {}",
@@ -382,7 +389,9 @@ pub fn flow(
             flow,
             reason: "flow-table",
             backend: Some(show(&entry.dst, u16::from_be(entry.dport))),
-            detail: format!("a live flow-table entry pins it (last packet {age} ms ago{snat})"),
+            detail: format!(
+                "a live flow-table entry pins it (last packet {age} ms ago{state}{snat})"
+            ),
         });
     }
     let Some(cfg) = cfg else {

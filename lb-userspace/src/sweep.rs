@@ -8,7 +8,9 @@
 //! their entries, so their new connections draw on their own buckets and not on the shared
 //! overflow bucket the flood drains. The spoofed ones, each seen once, go at the next sweep
 //! after that.
-use lb_common::{Addr, Bucket, FLOW_REPLY, FLOW_RESET, FlowKey, Limit, SourceKey, bucket::tokens};
+use lb_common::{
+    Addr, Bucket, FLOW_OPENING, FLOW_REPLY, FLOW_RESET, FlowKey, Limit, SourceKey, bucket::tokens,
+};
 
 use crate::dataplane::Maps;
 
@@ -31,14 +33,18 @@ pub fn sweep(maps: &mut Maps, now_ns: u64) -> SweepReport {
     let Some(cfg) = maps.read_config() else {
         return report;
     };
-    let expired: Vec<FlowKey> = maps
-        .flows
-        .iter()
-        .filter_map(Result::ok)
-        .inspect(|_| report.flows += 1)
-        .filter(|(_, f)| f.is_expired(&cfg, now_ns))
-        .map(|(k, _)| k)
-        .collect();
+    let mut expired: Vec<FlowKey> = Vec::new();
+    for (key, flow) in maps.flows.iter().filter_map(Result::ok) {
+        report.flows += 1;
+        if flow.is_expired(&cfg, now_ns) {
+            expired.push(key);
+            // A handshake that never finished: the reply entry goes too (it would otherwise
+            // hold its snat port for the idle timeout), the backend's SYN-ACKs refresh it.
+            if flow.flags & FLOW_OPENING != 0 {
+                expired.push(flow.peer_key());
+            }
+        }
+    }
     for k in &expired {
         if maps.flows.remove(k).is_ok() {
             report.flows_removed += 1;

@@ -3,7 +3,7 @@
 //! checksums, and the maps' side effects. Each test runs in its own network namespace.
 use std::net::IpAddr;
 
-use lb_common::{Counter, IPPROTO_TCP, IPPROTO_UDP};
+use lb_common::{Counter, FLOW_OPENING, FLOW_REPLY, IPPROTO_TCP, IPPROTO_UDP};
 use lb_tests::{
     kernel::{CLIENT_MAC, Fixture, GW_MAC, NODE_V4, flow_key},
     netns::require_root,
@@ -12,6 +12,7 @@ use lb_tests::{
 use lb_userspace::{
     dataplane::Sizes,
     model::{Backend, Desired, Frontend, Mode, Protocol, Service},
+    sweep::sweep,
 };
 
 // XDP verdicts (uapi enum xdp_action).
@@ -371,6 +372,46 @@ fn fin_ends_a_flow_after_the_linger_and_a_new_syn_on_the_tuple_is_a_new_flow() {
         .unwrap();
     assert_eq!(entry.flags & lb_common::FLOW_CLOSING, 0);
     let _ = (port1, port2);
+}
+
+#[test]
+fn a_handshake_that_never_finishes_is_swept_after_its_timeout_with_its_reply_entry() {
+    if !require_root() {
+        return;
+    }
+    let mut fx = fixture(vec![snat_web()]);
+    // 44000 only sends a SYN (as a spoofed source would); 44001 completes the handshake.
+    open(&mut fx, 44000);
+    open(&mut fx, 44001);
+    let ack = Spec::tcp("10.0.0.10", 44001, "10.96.0.10", 80, TCP_ACK).build();
+    assert_eq!(fx.uplink(&ack).unwrap().verdict, TX);
+    let half_key = flow_key("10.0.0.10", 44000, "10.96.0.10", 80, IPPROTO_TCP);
+    let done_key = flow_key("10.0.0.10", 44001, "10.96.0.10", 80, IPPROTO_TCP);
+    let half = fx.flow(&half_key).unwrap();
+    let done = fx.flow(&done_key).unwrap();
+    assert_ne!(half.flags & FLOW_OPENING, 0, "a SYN's flow is opening");
+    assert_eq!(
+        done.flags & FLOW_OPENING,
+        0,
+        "the client's ACK ends the handshake"
+    );
+    let half_reply = fx.flow(&half.peer_key()).unwrap();
+    assert_eq!(half_reply.flags & (FLOW_OPENING | FLOW_REPLY), FLOW_REPLY);
+    assert_eq!(fx.flow_count(), 4);
+
+    // The default handshake timeout is 60 s: the agent's sweep, told it is later.
+    let at = |s: u64| half.last_seen_ns.max(done.last_seen_ns) + s * 1_000_000_000;
+    let report = sweep(&mut fx.maps, at(59));
+    assert_eq!((report.flows, report.flows_removed), (4, 0));
+    let report = sweep(&mut fx.maps, at(61));
+    assert_eq!(report.flows_removed, 2, "the half-open flow's two entries");
+    assert!(fx.flow(&half_key).is_none());
+    assert!(
+        fx.flow(&half.peer_key()).is_none(),
+        "its snat port is free again"
+    );
+    assert!(fx.flow(&done_key).is_some());
+    assert!(fx.flow(&done.peer_key()).is_some());
 }
 
 // ---------------------------------------------------------------------------------------------
