@@ -23,6 +23,8 @@
 // BPF_CMPXCHG / BPF_XADD for the rate limiter's buckets (see ratelimit.rs).
 #![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
 #![cfg_attr(target_arch = "bpf", allow(internal_features))]
+// Map keys and values go by reference: by value they would be copied onto the 512-byte stack.
+#![allow(clippy::needless_borrows_for_generic_args)]
 
 #[cfg(target_arch = "bpf")]
 mod datapath {
