@@ -122,20 +122,9 @@ impl Attachments {
             mode: "tc",
             reason,
         };
-        let mut taken_over = None;
-        if path.exists() {
-            let replaced = PinnedLink::from_pin(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|p| p.unpin().map_err(|e| e.to_string()))
-                .and_then(|fd| SchedClassifierLink::try_from(fd).map_err(|e| e.to_string()))
-                .and_then(|link| prog.attach_to_link(link).map_err(|e| e.to_string()));
-            match replaced {
-                Ok(id) => taken_over = Some(id),
-                Err(_) => {
-                    let _ = std::fs::remove_file(&path);
-                }
-            }
-        }
+        let taken_over = previous_link(&path)
+            .and_then(|fd| SchedClassifierLink::try_from(fd).ok())
+            .and_then(|link| prog.attach_to_link(link).ok());
         let (id, note) = match taken_over {
             Some(id) => (id, Some("took over the previous agent's link".to_string())),
             None => (
@@ -200,22 +189,10 @@ impl Attachments {
             reason,
         };
 
-        let mut taken_over = None;
-        if path.exists() {
-            // A previous agent's link: swap our program in without detaching.
-            let replaced = PinnedLink::from_pin(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|p| p.unpin().map_err(|e| e.to_string()))
-                .and_then(|fd| XdpLink::try_from(fd).map_err(|e| e.to_string()))
-                .and_then(|link| prog.attach_to_link(link).map_err(|e| e.to_string()));
-            match replaced {
-                Ok(id) => taken_over = Some(id),
-                // The interface went away and came back, or the link is unusable: start over.
-                Err(_) => {
-                    let _ = std::fs::remove_file(&path);
-                }
-            }
-        }
+        // A previous agent's link: swap our program in without detaching.
+        let taken_over = previous_link(&path)
+            .and_then(|fd| XdpLink::try_from(fd).ok())
+            .and_then(|link| prog.attach_to_link(link).ok());
         let hints: String = obstacles.iter().map(|o| format!("; {o}")).collect();
         let (id, used, note) = match taken_over {
             Some(id) => (
@@ -311,6 +288,20 @@ impl Attachments {
         // Dropping a pinned link's handle does not detach it.
         drop(self.by_iface);
     }
+}
+
+/// The link a previous agent pinned at `path`, unpinned for us to take over. `None` if there
+/// is none, or it is unusable (the interface went away and came back): the pin is then removed
+/// and the caller attaches anew.
+fn previous_link(path: &Path) -> Option<FdLink> {
+    if !path.exists() {
+        return None;
+    }
+    let link = PinnedLink::from_pin(path).ok().and_then(|p| p.unpin().ok());
+    if link.is_none() {
+        let _ = std::fs::remove_file(path);
+    }
+    link
 }
 
 /// The ifindex of an interface in this network namespace.

@@ -132,10 +132,7 @@ impl Fixture {
     pub fn run_on(&mut self, program: &str, ifindex: u32, packet: &[u8]) -> Result<Outcome> {
         let prog = dataplane::program_mut(&mut self.ebpf, program)?;
         let mut out = vec![0u8; packet.len() + 256];
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress.
-        let mut ctx = [0u8; 24];
-        ctx[4..8].copy_from_slice(&(packet.len() as u32).to_ne_bytes());
-        ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+        let ctx = xdp_md(packet, ifindex);
         let result = prog
             .test_run(TestRunOptions {
                 data_in: Some(packet),
@@ -159,9 +156,7 @@ impl Fixture {
             .program(lb_common::PROG_UPLINK)
             .context("no lb_uplink")?
             .try_into()?;
-        let mut ctx = [0u8; 24];
-        ctx[4..8].copy_from_slice(&(packet.len() as u32).to_ne_bytes());
-        ctx[12..16].copy_from_slice(&self.up0.to_ne_bytes());
+        let ctx = xdp_md(packet, self.up0);
         let mut out = vec![0u8; packet.len() + 256];
         let mut verdicts = Vec::with_capacity(n);
         for _ in 0..n {
@@ -230,6 +225,15 @@ impl Fixture {
     pub fn tables(&mut self) -> &mut dyn Tables {
         &mut self.maps
     }
+}
+
+/// The context of an XDP test run: `packet` received on `ifindex`. struct xdp_md: data,
+/// data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+fn xdp_md(packet: &[u8], ifindex: u32) -> [u8; 24] {
+    let mut ctx = [0u8; 24];
+    ctx[4..8].copy_from_slice(&(packet.len() as u32).to_ne_bytes());
+    ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+    ctx
 }
 
 /// A flow key as the data path builds it (ports in host order here).

@@ -250,6 +250,15 @@ fn a_long_transfer_survives_backend_changes_an_agent_restart_and_a_reload() {
     std::thread::sleep(Duration::from_millis(300));
     // Restart the agent (it leaves the data path attached; the new one takes over).
     s.agent.restart().unwrap();
+    let status = s.agent.status().unwrap();
+    let interfaces = status["interfaces"].as_array().cloned().unwrap_or_default();
+    assert!(
+        !interfaces.is_empty()
+            && interfaces.iter().all(|i| i["note"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("took over the previous agent's link"))),
+        "the new agent attaches anew instead of taking over the pinned links: {interfaces:?}"
+    );
     std::thread::sleep(Duration::from_millis(300));
     // Reload the same config again (a no-op) and a real change (weights back).
     s.agent.set_config(&with_new).unwrap();
