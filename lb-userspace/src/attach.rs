@@ -98,6 +98,14 @@ impl Attachments {
             .unwrap_or_default()
     }
 
+    /// `program` is attached to `iface` already, and the interface is the same one (not one
+    /// that went away and came back under its name).
+    fn holds(&self, iface: &str, program: &str, ifindex: u32) -> bool {
+        self.by_iface
+            .get(iface)
+            .is_some_and(|a| a.program == program && a.ifindex == ifindex)
+    }
+
     /// Puts the TC program `program` on `iface`'s ingress (a TCX link, Linux 6.6+): takes over
     /// a link a previous agent pinned there, or attaches anew.
     pub fn attach_tc(
@@ -107,10 +115,7 @@ impl Attachments {
         iface: &str,
     ) -> Result<&Attached, AttachError> {
         let ifindex = ifindex(iface).ok_or_else(|| AttachError::NoInterface(iface.to_string()))?;
-        if let Some(a) = self.by_iface.get(iface)
-            && a.program == program
-            && a.ifindex == ifindex
-        {
+        if self.holds(iface, program, ifindex) {
             return Ok(&self.by_iface[iface]);
         }
         self.by_iface.remove(iface);
@@ -172,10 +177,7 @@ impl Attachments {
         obstacles: &[String],
     ) -> Result<&Attached, AttachError> {
         let ifindex = ifindex(iface).ok_or_else(|| AttachError::NoInterface(iface.to_string()))?;
-        if let Some(a) = self.by_iface.get(iface)
-            && a.program == program
-            && a.ifindex == ifindex
-        {
+        if self.holds(iface, program, ifindex) {
             return Ok(&self.by_iface[iface]);
         }
         // Another program of ours on this interface (role changed): let go of it first.
