@@ -74,6 +74,27 @@ impl Addr {
     }
 }
 
+impl Addr {
+    /// Whether a packet from this address may be a client's: a unicast host address. Not
+    /// IPv4 0.0.0.0/8, 127.0.0.0/8, 169.254.0.0/16 (link-local: never forwarded), 224.0.0.0/4
+    /// (multicast), 240.0.0.0/4 (class E and the limited broadcast); not IPv6 ::, ::1,
+    /// fe80::/10, ff00::/8. The node's own addresses, VIPs and subnet broadcasts are the
+    /// data path's LB_ADDRS; an IPv6 packet from an IPv4-mapped address is caught by the parser.
+    #[inline(always)]
+    pub fn may_be_client(&self) -> bool {
+        let b = &self.0;
+        if self.is_v4() {
+            let (a, n) = (b[12], b[13]);
+            !(a == 0 || a == 127 || a >= 224 || (a == 169 && n == 254))
+        } else {
+            let w = self.words();
+            let unspecified_or_loopback = (w[0] | w[1] | w[2]) == 0
+                && (w[3] == 0 || w[3] == u32::from_ne_bytes([0, 0, 0, 1]));
+            !(unspecified_or_loopback || b[0] == 0xff || (b[0] == 0xfe && b[1] & 0xc0 == 0x80))
+        }
+    }
+}
+
 /// Word 2 of every IPv4-mapped address (bytes 00 00 ff ff in memory order).
 pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
@@ -125,6 +146,49 @@ impl From<Addr> for core::net::IpAddr {
             core::net::IpAddr::V4(core::net::Ipv4Addr::from(a.v4_bytes()))
         } else {
             core::net::IpAddr::V6(core::net::Ipv6Addr::from(a.0))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::net::IpAddr;
+
+    fn a(s: &str) -> Addr {
+        Addr::from(s.parse::<IpAddr>().unwrap())
+    }
+
+    #[test]
+    fn only_unicast_host_addresses_may_be_clients() {
+        for ok in [
+            "10.0.0.10",
+            "1.1.1.1",
+            "169.253.1.1",
+            "223.255.255.254",
+            "fd00::10",
+            "2001:db8::1",
+            "fe00::1",
+            "::2",
+        ] {
+            assert!(a(ok).may_be_client(), "{ok}");
+        }
+        for bad in [
+            "0.0.0.0",
+            "0.1.2.3",
+            "127.0.0.1",
+            "169.254.1.1",
+            "224.0.0.1",
+            "239.255.255.255",
+            "240.0.0.1",
+            "255.255.255.255",
+            "::",
+            "::1",
+            "ff02::1",
+            "fe80::1",
+            "febf::1",
+        ] {
+            assert!(!a(bad).may_be_client(), "{bad}");
         }
     }
 }

@@ -46,6 +46,12 @@ pub fn flow_hash(src: &Addr, dst: &Addr, sport: u16, dport: u16, proto: u8, seed
     finish(h, 40)
 }
 
+/// Hash of a rate-limited source (address and policy word), for its set in LB_SOURCES.
+#[inline(always)]
+pub fn source_hash(addr: &Addr, policy: u32) -> u32 {
+    finish(mix(mix_addr(0x5eed_5eed, addr), policy), 20)
+}
+
 /// The `i`-th of a sequence of hashes derived from `h`, each as good as independent (for
 /// probing: unlike a fixed stride, two flows that start at the same place part at once).
 #[inline(always)]

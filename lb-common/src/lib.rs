@@ -8,6 +8,7 @@ pub mod bucket;
 pub mod checksum;
 pub mod hash;
 pub mod maps;
+pub mod net;
 pub mod stats;
 
 pub use addr::Addr;

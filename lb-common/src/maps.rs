@@ -23,7 +23,8 @@ pub const MAP_ADDRS: &str = "LB_ADDRS";
 pub const MAP_SERVICES: &str = "LB_SERVICES";
 pub const MAP_BACKENDS: &str = "LB_BACKENDS";
 pub const MAP_RINGS: &str = "LB_RINGS";
-pub const MAP_FLOWS: &str = "LB_FLOWS";
+pub const MAP_FLOWS4: &str = "LB_FLOWS4";
+pub const MAP_FLOWS6: &str = "LB_FLOWS6";
 pub const MAP_DEVMAP: &str = "LB_DEVMAP";
 pub const MAP_IFACES: &str = "LB_IFACES";
 pub const MAP_COUNTERS: &str = "LB_COUNTERS";
@@ -31,21 +32,32 @@ pub const MAP_SVC_STATS: &str = "LB_SVC_STATS";
 pub const MAP_BE_STATS: &str = "LB_BE_STATS";
 pub const MAP_POLICIES: &str = "LB_POLICIES";
 pub const MAP_SOURCES: &str = "LB_SOURCES";
+pub const MAP_SOURCE_TAGS: &str = "LB_SOURCE_TAGS";
+/// Per policy id, the bucket all new sources of a fail-closed policy share while the source
+/// table has no room for them.
+pub const MAP_OVERFLOW: &str = "LB_OVERFLOW";
 pub const MAP_PREFIXES: &str = "LB_PREFIXES";
 pub const MAP_AFFINITY: &str = "LB_AFFINITY";
-/// The rate-limit policy of each service, by service id: what established flows are held to,
-/// so a policy change or removal reaches live connections.
-pub const MAP_SVC_POLICY: &str = "LB_SVC_POLICY";
+/// Each service by id ([`ServiceInfo`]): its frontend, for replies, and its rate-limit policy,
+/// which established flows are held to, so a policy change or removal reaches live connections.
+pub const MAP_SVC_INFO: &str = "LB_SVC_INFO";
+/// Each attached interface's MAC, by ifindex slot ([`LinkMac`]).
+pub const MAP_MACS: &str = "LB_MACS";
+/// Each backend's snat port cursor, by backend id.
+pub const MAP_PORTS: &str = "LB_PORTS";
+/// Per-CPU next-hop cache ([`Hop`]).
+pub const MAP_HOPS: &str = "LB_HOPS";
 
 /// Every map the program defines, in the order the agent checks and pins them.
-pub const ALL_MAPS: [&str; 17] = [
+pub const ALL_MAPS: [&str; 23] = [
     MAP_CONFIG,
     MAP_FILTER,
     MAP_ADDRS,
     MAP_SERVICES,
     MAP_BACKENDS,
     MAP_RINGS,
-    MAP_FLOWS,
+    MAP_FLOWS4,
+    MAP_FLOWS6,
     MAP_DEVMAP,
     MAP_IFACES,
     MAP_COUNTERS,
@@ -53,9 +65,14 @@ pub const ALL_MAPS: [&str; 17] = [
     MAP_BE_STATS,
     MAP_POLICIES,
     MAP_SOURCES,
+    MAP_SOURCE_TAGS,
+    MAP_OVERFLOW,
     MAP_PREFIXES,
     MAP_AFFINITY,
-    MAP_SVC_POLICY,
+    MAP_SVC_INFO,
+    MAP_MACS,
+    MAP_PORTS,
+    MAP_HOPS,
 ];
 
 /// Program names (ELF symbols) in the data-path object: the two attached to interfaces, and
@@ -68,13 +85,14 @@ pub const PROG_ICMP: &str = "lb_icmp";
 /// LB_PROGS slots of the tail-called programs.
 pub const TAIL_NEW_FLOW: u32 = 0;
 pub const TAIL_ICMP: u32 = 1;
-/// The per-load program array (never pinned: each loaded entry program must tail-call the
-/// slow paths loaded with it).
+/// The per-load program array: each loaded entry program tail-calls the slow paths loaded with
+/// it. The agent pins it under a name of its own (`LB_PROGS-<pid>`), so an agent that dies
+/// leaves working programs behind.
 pub const MAP_PROGS: &str = "LB_PROGS";
 
 /// Bumped whenever a map's key or value layout changes: the agent pins under a directory
 /// named after it, so a new layout never reads maps pinned by an incompatible older one.
-pub const MAP_LAYOUT_VERSION: u32 = 1;
+pub const MAP_LAYOUT_VERSION: u32 = 2;
 
 // ---------------------------------------------------------------------------------------------
 // Capacities compiled into the object. The agent overrides the sizable ones at load time.
@@ -83,12 +101,16 @@ pub const DEFAULT_RING_SIZE: u32 = 16381;
 pub const DEFAULT_MAX_SERVICES: u32 = 512;
 pub const DEFAULT_MAX_BACKENDS: u32 = 16384;
 pub const DEFAULT_FLOW_ENTRIES: u32 = 262_144;
+/// IPv6 flows have a table of their own (40-byte keys instead of 16).
+pub const DEFAULT_FLOW_ENTRIES_V6: u32 = 65_536;
 pub const DEFAULT_SOURCE_ENTRIES: u32 = 65_536;
 pub const MAX_ADDRS: u32 = 4096;
 pub const MAX_IFACES: u32 = 256;
 pub const MAX_POLICIES: u32 = 1024;
 pub const MAX_PREFIXES: u32 = 16384;
 pub const DEFAULT_AFFINITY_ENTRIES: u32 = 65_536;
+/// Slots of LB_PORTS, the snat port cursors (by a hash of the backend's address and port).
+pub const PORT_CURSORS: u32 = 16384;
 /// Spare rings beyond one per service: a service's new ring is written into a free one and then
 /// swapped in with one map update, so packets never see a half-written ring.
 pub const SPARE_RINGS: u32 = 16;
@@ -102,52 +124,134 @@ pub const FILTER_BITS: u32 = FILTER_WORDS * 64;
 // ---------------------------------------------------------------------------------------------
 // LB_CONFIG: one entry, node-wide settings the agent may change at any time.
 // ---------------------------------------------------------------------------------------------
+/// Addresses per family a node may use as snat sources.
+pub const MAX_SNAT_ADDRS: usize = 4;
+
+/// An inclusive range of ports, host byte order; empty when `min > max`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortRange {
+    pub min: u16,
+    pub max: u16,
+}
+
+impl PortRange {
+    pub const EMPTY: PortRange = PortRange { min: 1, max: 0 };
+
+    #[inline(always)]
+    pub const fn len(&self) -> u32 {
+        if self.min > self.max {
+            0
+        } else {
+            self.max as u32 - self.min as u32 + 1
+        }
+    }
+
+    #[inline(always)]
+    pub const fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {
     /// Seed of the flow hash that indexes the Maglev rings; equal on every node.
     pub hash_seed: u32,
-    /// Slots per Maglev ring (prime).
-    pub ring_size: u32,
-    /// Idle timeouts, nanoseconds.
-    pub tcp_idle_ns: u64,
-    pub udp_idle_ns: u64,
-    /// How long a TCP flow lives after its first FIN or RST, nanoseconds.
-    pub tcp_closing_ns: u64,
-    /// How long a TCP flow opened by a SYN lives idle before the client's first ACK,
-    /// nanoseconds: a spoofed SYN's entries go long before the idle timeout.
-    pub tcp_handshake_ns: u64,
-    /// Source address for `snat` services, per family (all zero: family not served).
-    pub snat_v4: Addr,
-    pub snat_v6: Addr,
-    /// Source ports the data path allocates for `snat` flows, host byte order, inclusive.
-    pub snat_port_min: u16,
-    pub snat_port_max: u16,
-    /// `CONFIG_*` bits.
-    pub flags: u32,
-    /// Rate-limit policy for services without one of their own (0: none).
-    pub default_policy: u32,
-    pub _pad: u32,
+    /// Timeouts in flow-clock ticks ([`flow_clock`]): idle TCP and UDP flows; a TCP flow after
+    /// its first FIN or RST; one a SYN opened, until the client's ACK; and a snat flow's reply
+    /// entry (which holds its port) after the backend closed first, as long as the backend's
+    /// TIME_WAIT may hold the same tuple.
+    pub tcp_idle: u32,
+    pub udp_idle: u32,
+    pub tcp_closing: u32,
+    pub tcp_handshake: u32,
+    pub tcp_time_wait: u32,
+    /// snat source addresses per family: the first `snat_v4_count` / `snat_v6_count` of
+    /// `snat_v4` / `snat_v6` (0: family not served).
+    pub snat_v4_count: u32,
+    pub snat_v6_count: u32,
+    pub snat_v4: [Addr; MAX_SNAT_ADDRS],
+    pub snat_v6: [Addr; MAX_SNAT_ADDRS],
+    /// Source ports for snat flows: the first range's, then the second's.
+    pub snat_ports: [PortRange; 2],
+    /// Sets of the source table ([`source_sets`] of its capacity): the data path cannot read a
+    /// map's size, and the agent sizes this one at load time.
+    pub source_sets: u32,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 88);
+const _: () = assert!(core::mem::size_of::<Config>() == 172);
+
+impl Config {
+    /// Ports of both ranges together.
+    #[inline(always)]
+    pub const fn snat_port_count(&self) -> u32 {
+        self.snat_ports[0].len() + self.snat_ports[1].len()
+    }
+
+    /// The `i`-th snat port (host order), `i < snat_port_count()`.
+    #[inline(always)]
+    pub const fn snat_port(&self, i: u32) -> u16 {
+        let first = self.snat_ports[0].len();
+        if i < first {
+            (self.snat_ports[0].min as u32 + i) as u16
+        } else {
+            (self.snat_ports[1].min as u32 + (i - first)) as u16
+        }
+    }
+}
+
+/// The flow table's clock: CLOCK_MONOTONIC in ticks of 2^20 ns (about 1.05 ms), as 32 bits.
+/// Compared by wrapping difference, which is right for spans under 2^31 ticks (26 days).
+pub const FLOW_CLOCK_SHIFT: u32 = 20;
+
+#[inline(always)]
+pub const fn flow_clock(now_ns: u64) -> u32 {
+    (now_ns >> FLOW_CLOCK_SHIFT) as u32
+}
+
+/// Ticks of the flow clock in `ns` nanoseconds (rounded up, so a timeout is never shorter).
+#[inline(always)]
+pub const fn flow_ticks(ns: u64) -> u32 {
+    let t = ns.div_ceil(1 << FLOW_CLOCK_SHIFT);
+    if t > i32::MAX as u64 {
+        i32::MAX as u32
+    } else {
+        t as u32
+    }
+}
 
 // ---------------------------------------------------------------------------------------------
-// LB_FILTER: bitmap of addresses the data path cares about (VIPs, node SNAT addresses, local
-// backends of client-IP-preserving services). A clear bit means "not ours": the packet goes to
-// the kernel after one array read instead of a hash lookup.
+// LB_FILTER: bitmap of addresses the data path cares about, in two planes. A clear bit means
+// "not ours": the packet goes to the kernel after one array read instead of a hash lookup.
 // ---------------------------------------------------------------------------------------------
+/// Plane of destinations the data path serves: VIPs and node snat addresses.
+pub const FILTER_SERVED: u32 = 0;
+/// Plane of local backends of client-IP-preserving services (sources `lb_backend` translates).
+pub const FILTER_LOCAL: u32 = 1;
+
 #[inline(always)]
 pub fn filter_bit(addr: &Addr) -> u32 {
     crate::hash::addr_hash(addr) % FILTER_BITS
 }
 
+/// The word of LB_FILTER that holds `addr`'s bit in `plane`, and the bit's mask.
+#[inline(always)]
+pub fn filter_slot(plane: u32, addr: &Addr) -> (u32, u64) {
+    let bit = filter_bit(addr);
+    (plane * FILTER_WORDS + bit / 64, 1u64 << (bit % 64))
+}
+
 // ---------------------------------------------------------------------------------------------
-// LB_ADDRS: address -> what it is.
+// LB_ADDRS: address -> what it is. Every address here is no client (never answered, never a
+// flow's source).
 // ---------------------------------------------------------------------------------------------
 /// A VIP: packets to it that match no service are dropped, and it answers ping.
 pub const ADDR_VIP: u32 = 1;
 /// An address of this node used as a `snat` source: replies to it are translated back.
 pub const ADDR_NODE: u32 = 2;
+/// Another address that is no client: a broadcast address of one of the node's subnets, or a
+/// node address that is neither of the above.
+pub const ADDR_NO_CLIENT: u32 = 4;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -157,7 +261,38 @@ pub struct AddrInfo {
 const _: () = assert!(core::mem::size_of::<AddrInfo>() == 4);
 
 // ---------------------------------------------------------------------------------------------
-// LB_SERVICES: (VIP, port, protocol) -> service.
+// LB_MACS: the MAC of each interface lb_uplink is attached to, so only frames sent to it are
+// balanced. Direct-mapped by ifindex: slot `ifindex % MAC_SLOTS` (an array read, not a hash
+// lookup, on every packet for a VIP).
+// ---------------------------------------------------------------------------------------------
+pub const MAC_SLOTS: u32 = 1024;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LinkMac {
+    pub ifindex: u32,
+    /// As in the Ethernet header, in 16-bit words.
+    pub mac: [u16; 3],
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<LinkMac>() == 12);
+
+impl LinkMac {
+    pub fn new(ifindex: u32, mac: [u8; 6]) -> LinkMac {
+        LinkMac {
+            ifindex,
+            mac: [
+                u16::from_ne_bytes([mac[0], mac[1]]),
+                u16::from_ne_bytes([mac[2], mac[3]]),
+                u16::from_ne_bytes([mac[4], mac[5]]),
+            ],
+            _pad: 0,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// LB_SERVICES: (VIP, port, protocol) -> service. LB_SVC_INFO: service id -> frontend, policy.
 // ---------------------------------------------------------------------------------------------
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -169,22 +304,38 @@ pub struct ServiceKey {
 }
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
 
+impl ServiceKey {
+    /// The service a packet to `addr:port` (wire order) over `proto` is for.
+    #[inline(always)]
+    pub fn new(addr: Addr, port: u16, proto: u8) -> ServiceKey {
+        ServiceKey {
+            addr,
+            port,
+            proto,
+            _pad: 0,
+        }
+    }
+}
+
 /// Source NAT to the node's address (NLB's default for TCP IP targets). Without it the backend
 /// sees the client's address and must be local to this node.
 pub const SVC_SNAT: u32 = 1;
 /// Session affinity by client address (`affinity_timeout_s`).
 pub const SVC_AFFINITY: u32 = 2;
+/// `source_ranges` lists the sources that are refused (else: the only ones admitted).
+pub const SVC_RANGES_DENY: u32 = 4;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Service {
-    /// Index into LB_SVC_STATS.
+    /// Index into LB_SVC_INFO, LB_SVC_STATS.
     pub id: u32,
-    /// Which ring of LB_RINGS is live: slots `ring * ring_size ..`.
+    /// The live Maglev ring: LB_RINGS slots `ring .. ring + ring_size` (prime size).
     pub ring: u32,
+    pub ring_size: u32,
     /// `SVC_*` bits.
     pub flags: u32,
-    /// Rate-limit policy (index into LB_POLICIES; 0: the node default).
+    /// Rate-limit policy (index into LB_POLICIES; 0: none).
     pub policy: u32,
     /// Session affinity timeout, seconds.
     pub affinity_timeout_s: u32,
@@ -192,9 +343,28 @@ pub struct Service {
     pub active_backends: u32,
     /// Digest of the ring's contents (agent-side: tells a restarted agent the ring is current).
     pub ring_digest: u32,
+    /// Allowed (or, with SVC_RANGES_DENY, refused) source ranges: the LB_PREFIXES entries of
+    /// this id (a policy id of its own; 0: every source allowed).
+    pub source_ranges: u32,
     pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<Service>() == 32);
+const _: () = assert!(core::mem::size_of::<Service>() == 40);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceInfo {
+    /// The frontend: what replies come from.
+    pub addr: Addr,
+    /// Wire order.
+    pub port: u16,
+    pub proto: u8,
+    /// Bumped each time the id is given to another service: flow entries that name the id
+    /// carry the generation they were made under, and are over when it no longer matches.
+    pub generation: u8,
+    /// Rate-limit policy (as in [`Service`]).
+    pub policy: u32,
+}
+const _: () = assert!(core::mem::size_of::<ServiceInfo>() == 24);
 
 // ---------------------------------------------------------------------------------------------
 // LB_BACKENDS: backend id -> where to send. One id per (service, endpoint) pair.
@@ -215,19 +385,61 @@ pub struct Backend {
     /// state from the maps.
     pub service: u32,
     pub weight: u32,
+    /// Generation of the id (see [`ServiceInfo::generation`]).
+    pub generation: u8,
+    pub _pad1: u8,
+    pub _pad2: u16,
 }
-const _: () = assert!(core::mem::size_of::<Backend>() == 28);
+const _: () = assert!(core::mem::size_of::<Backend>() == 32);
 
 // ---------------------------------------------------------------------------------------------
-// LB_FLOWS: the flow table. One entry per direction: the client's packets (key: as the client
-// sends them) and the backend's replies (key: as the backend sends them). Each entry holds the
-// rewrite for the packets it matches, so both directions cost one lookup.
+// LB_FLOWS4 / LB_FLOWS6: the flow tables, one per family (an IPv4 key is 16 bytes, not 40). One
+// entry per direction: the client's packets (key: as the client sends them) and the backend's
+// replies (key: as the backend sends them). Each entry holds what its packets are rewritten to:
+// - client -> backend: source `addr:port` (the node's snat address and port, or the client's
+//   own), destination backend `id`;
+// - backend -> client (FLOW_REPLY): source the frontend of service `id`, destination `addr:port`
+//   (the client).
 // ---------------------------------------------------------------------------------------------
+/// An address as a flow table of one family holds it.
+pub trait FlowAddr: Copy + Default + PartialEq + Eq + core::fmt::Debug {
+    fn to_addr(&self) -> Addr;
+    fn from_addr(a: &Addr) -> Self;
+}
+
+/// An IPv4 address as the 32-bit word it is in memory (network byte order bytes).
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct V4(pub u32);
+
+impl FlowAddr for V4 {
+    #[inline(always)]
+    fn to_addr(&self) -> Addr {
+        Addr::from_words([0, 0, crate::addr::V4_MAPPED_WORD, self.0])
+    }
+    #[inline(always)]
+    fn from_addr(a: &Addr) -> V4 {
+        V4(a.v4_word())
+    }
+}
+
+impl FlowAddr for Addr {
+    #[inline(always)]
+    fn to_addr(&self) -> Addr {
+        Addr::from_words(self.words())
+    }
+    #[inline(always)]
+    fn from_addr(a: &Addr) -> Addr {
+        Addr::from_words(a.words())
+    }
+}
+
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct FlowKey {
-    pub src: Addr,
-    pub dst: Addr,
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowKey<A> {
+    pub src: A,
+    pub dst: A,
+    /// Wire order.
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
@@ -235,11 +447,14 @@ pub struct FlowKey {
     pub _pad1: u8,
     pub _pad2: u16,
 }
-const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+pub type FlowKey4 = FlowKey<V4>;
+pub type FlowKey6 = FlowKey<Addr>;
+const _: () = assert!(core::mem::size_of::<FlowKey4>() == 16);
+const _: () = assert!(core::mem::size_of::<FlowKey6>() == 40);
 
-impl FlowKey {
+impl<A: FlowAddr> FlowKey<A> {
     #[inline(always)]
-    pub fn new(src: Addr, dst: Addr, sport: u16, dport: u16, proto: u8) -> Self {
+    pub fn new(src: A, dst: A, sport: u16, dport: u16, proto: u8) -> Self {
         Self {
             src,
             dst,
@@ -250,96 +465,104 @@ impl FlowKey {
             _pad2: 0,
         }
     }
-
-    /// The same flow seen from the other end.
-    #[inline(always)]
-    pub fn reversed(&self) -> Self {
-        Self::new(self.dst, self.src, self.dport, self.sport, self.proto)
-    }
 }
 
 /// This entry rewrites backend -> client replies (else client -> backend).
 pub const FLOW_REPLY: u8 = 1;
-/// The flow uses source NAT.
+/// The flow uses source NAT (its reply entry holds a snat port).
 pub const FLOW_SNAT: u8 = 2;
-/// A FIN or RST was seen: the entry lives `tcp_closing_ns` after its last packet.
+/// A FIN or RST was seen: the entry lives `tcp_closing` after its last packet.
 pub const FLOW_CLOSING: u8 = 4;
 /// The agent ended this flow: packets get a TCP RST instead of being forwarded.
 pub const FLOW_RESET: u8 = 8;
-/// A SYN opened this flow and the client has not acknowledged yet (client-side entries only):
-/// the entry lives `tcp_handshake_ns` after its last packet, and the sweep removes the reply
-/// entry with it.
+/// A SYN opened this flow and the client has not acknowledged yet: the entry lives
+/// `tcp_handshake` after its last packet (a spoofed SYN's entries, and its snat port, go soon).
 pub const FLOW_OPENING: u8 = 16;
+/// Reply entries of snat flows whose backend closed first: the backend holds the tuple in
+/// TIME_WAIT, so the entry (and with it the port) lives `tcp_time_wait` after its last packet.
+pub const FLOW_TIME_WAIT: u8 = 32;
+/// A TCP flow (else UDP): which idle timeout applies.
+pub const FLOW_TCP: u8 = 64;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Flow {
-    /// The packet's addresses and ports after the rewrite.
-    pub src: Addr,
-    pub dst: Addr,
-    pub sport: u16,
-    pub dport: u16,
-    /// For counters: LB_SVC_STATS and LB_BE_STATS indices.
-    pub service: u32,
-    pub backend: u32,
-    /// The cached next hop (see [`Flow::hop_valid`]): the VLAN to tag with, `HOP_VLAN | id`,
-    /// or 0 for none.
-    pub hop_vlan: u16,
+pub struct Flow<A> {
+    /// Last packet, flow-clock ticks ([`flow_clock`]).
+    pub last: u32,
     /// `FLOW_*` bits.
     pub flags: u8,
-    pub proto: u8,
-    /// Last packet, CLOCK_MONOTONIC nanoseconds (coarse clock).
-    pub last_seen_ns: u64,
-    /// The cached next hop: egress device (0: none cached), when it was looked up
-    /// ([`hop_epoch`]), and the destination then source MACs as 16-bit words.
-    pub hop_ifindex: u32,
-    pub hop_epoch: u32,
-    pub hop_macs: [u16; 6],
-    pub _pad: u32,
+    /// Generation of `id` when the flow was made.
+    pub generation: u8,
+    /// Wire order: the source port after the rewrite (client -> backend) or the client's port
+    /// (backend -> client).
+    pub port: u16,
+    /// Backend id (client -> backend) or service id (backend -> client).
+    pub id: u32,
+    /// The source address after the rewrite (client -> backend) or the client (backend -> client).
+    pub addr: A,
 }
-const _: () = assert!(core::mem::size_of::<Flow>() == 80);
+pub type Flow4 = Flow<V4>;
+pub type Flow6 = Flow<Addr>;
+const _: () = assert!(core::mem::size_of::<Flow4>() == 16);
+const _: () = assert!(core::mem::size_of::<Flow6>() == 28);
 
-/// `Flow::hop_vlan`: a VLAN tag is to be pushed.
+impl<A> Flow<A> {
+    /// How long the entry lives idle, in flow-clock ticks.
+    #[inline(always)]
+    pub fn timeout(&self, cfg: &Config) -> u32 {
+        if self.flags & FLOW_TIME_WAIT != 0 {
+            cfg.tcp_time_wait
+        } else if self.flags & FLOW_CLOSING != 0 {
+            cfg.tcp_closing
+        } else if self.flags & FLOW_OPENING != 0 {
+            cfg.tcp_handshake
+        } else if self.flags & FLOW_TCP != 0 {
+            cfg.tcp_idle
+        } else {
+            cfg.udp_idle
+        }
+    }
+
+    /// A flow is over when idle longer than its timeout. (The data path treats an expired entry
+    /// as absent; the agent's sweep deletes it.) `now`: flow-clock ticks.
+    #[inline(always)]
+    pub fn is_expired(&self, cfg: &Config, now: u32) -> bool {
+        // Signed: packets read the precise or the coarse clock (a tick apart), so `now` may be
+        // a little before `last`; that is not a long idle time.
+        now.wrapping_sub(self.last) as i32 > self.timeout(cfg) as i32
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// LB_HOPS: a per-CPU next-hop cache, direct-mapped by a hash of the destination. A FIB lookup is
+// the largest single cost of forwarding a packet; this makes it once a second per destination
+// and CPU. A route or neighbour change reaches a destination within that second.
+// ---------------------------------------------------------------------------------------------
+pub const HOP_SLOTS: u32 = 256;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Hop {
+    pub dst: Addr,
+    /// Egress device (0: slot empty), and when it was looked up ([`hop_epoch`]).
+    pub ifindex: u32,
+    pub epoch: u32,
+    /// Destination then source MAC as 16-bit words.
+    pub macs: [u16; 6],
+    /// `HOP_VLAN | id` to push a VLAN tag, or 0.
+    pub vlan: u16,
+    /// The longest datagram the FIB accepted for this route (its MTU is at least that).
+    pub len_ok: u16,
+}
+const _: () = assert!(core::mem::size_of::<Hop>() == 40);
+
+/// `Hop::vlan`: a VLAN tag is to be pushed.
 pub const HOP_VLAN: u16 = 0x8000;
 
-/// The period a cached next hop is used for: about a second (2^30 ns). A route or neighbour
-/// change reaches a flow within that, without the agent having to tell the data path.
+/// The period a cached next hop is used for: about a second (2^30 ns).
 #[inline(always)]
 pub const fn hop_epoch(now_ns: u64) -> u32 {
     (now_ns >> 30) as u32
-}
-
-impl Flow {
-    /// The cached next hop may be used at `now_ns`.
-    #[inline(always)]
-    pub fn hop_valid(&self, now_ns: u64) -> bool {
-        self.hop_ifindex != 0 && self.hop_epoch == hop_epoch(now_ns)
-    }
-
-    /// A flow is over when idle longer than its protocol's timeout, than the closing linger
-    /// once a FIN or RST was seen, or than the handshake timeout while still opening. (The data
-    /// path treats an expired entry as absent; the agent's sweep deletes it.)
-    #[inline(always)]
-    pub fn is_expired(&self, cfg: &Config, now_ns: u64) -> bool {
-        let timeout = if self.flags & FLOW_CLOSING != 0 {
-            cfg.tcp_closing_ns
-        } else if self.flags & FLOW_OPENING != 0 {
-            cfg.tcp_handshake_ns
-        } else if self.proto == IPPROTO_TCP {
-            cfg.tcp_idle_ns
-        } else {
-            cfg.udp_idle_ns
-        };
-        // Signed: packets read the precise or the coarse clock (a tick apart), so `now` may be
-        // a little before `last_seen_ns`; that is not a long idle time.
-        now_ns.wrapping_sub(self.last_seen_ns) as i64 > timeout as i64
-    }
-
-    /// The key of this flow's other direction: the reverse of the rewritten tuple.
-    #[inline(always)]
-    pub fn peer_key(&self) -> FlowKey {
-        FlowKey::new(self.dst, self.src, self.dport, self.sport, self.proto)
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -357,7 +580,7 @@ pub struct Iface {
 const _: () = assert!(core::mem::size_of::<Iface>() == 8);
 
 // ---------------------------------------------------------------------------------------------
-// Rate limiting (LB_POLICIES, LB_SOURCES, LB_PREFIXES).
+// Rate limiting (LB_POLICIES, LB_SOURCES, LB_OVERFLOW, LB_PREFIXES).
 // ---------------------------------------------------------------------------------------------
 pub use crate::bucket::{Bucket, Limit};
 
@@ -381,31 +604,96 @@ pub struct Policy {
     pub connections: Limit,
     /// IPv6 sources share a bucket per prefix of this length.
     pub v6_prefix_len: u8,
-    pub _pad1: u8,
-    pub _pad2: u16,
+    /// Bumped each time the id is given to another policy: sources tracked under the old one
+    /// no longer match (see [`SourceKey::policy`]).
+    pub generation: u8,
+    pub _pad: u16,
     /// `POLICY_*` bits.
     pub flags: u32,
 }
 const _: () = assert!(core::mem::size_of::<Policy>() == 72);
+
+impl Policy {
+    /// The [`SourceKey::policy`] of this policy's sources under id `id`.
+    #[inline(always)]
+    pub const fn source_id(&self, id: u32) -> u32 {
+        id | (self.generation as u32) << 24
+    }
+}
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SourceKey {
     /// Source address, IPv6 masked to the policy's prefix length.
     pub addr: Addr,
+    /// Policy id in the low 24 bits, its generation in the high 8 ([`Policy::source_id`]).
     pub policy: u32,
 }
 const _: () = assert!(core::mem::size_of::<SourceKey>() == 20);
 
+impl SourceKey {
+    /// The policy id alone.
+    #[inline(always)]
+    pub const fn policy_id(&self) -> u32 {
+        self.policy & 0x00ff_ffff
+    }
+}
+
+/// One tracked source: its key, its buckets and what it had dropped.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Source {
+    pub key: SourceKey,
+    /// Packets this source had dropped (any reason, saturating), for `lb-agent status`.
+    pub dropped: u32,
     pub packets: Bucket,
     pub connections: Bucket,
-    /// Packets this source had dropped (any reason), for `lb-agent status`.
-    pub dropped: u64,
 }
-const _: () = assert!(core::mem::size_of::<Source>() == 40);
+const _: () = assert!(core::mem::size_of::<Source>() == 56);
+
+/// The source table is set-associative, in two arrays: LB_SOURCE_TAGS holds each set's
+/// SOURCE_WAYS tags, LB_SOURCES the sources, slot `set * SOURCE_WAYS + way`. A source lives in
+/// one of the ways of the set its hash picks. Not a BPF hash map: that costs 48 bytes of element
+/// header per entry and an allocation per new source (the spoofed flood's path); here a source
+/// costs 60 bytes and a new one a compare-and-swap. A way is claimed by compare-and-swap of its
+/// tag (FREE, or a reclaimable source's tag, -> BUSY), filled, then published with the source's
+/// tag. A source is reclaimable when both its buckets have refilled and it has been quiet for
+/// [`SOURCE_KEEP_NS`]: a source being limited is never evicted (it would come back with a full
+/// bucket). (Two arrays, not one of sets: the way found is then only a map key, which keeps
+/// the verifier from following each way as a path of its own.)
+pub const SOURCE_WAYS: usize = 8;
+/// A slot's tag: free, being filled, or (>= 2) its source's [`source_tag`].
+pub const SOURCE_FREE: u32 = 0;
+pub const SOURCE_BUSY: u32 = 1;
+/// How long a refilled source keeps its slot after its last packet: the clients in the middle
+/// of talking keep theirs under a flood of spoofed sources that fills the table.
+pub const SOURCE_KEEP_NS: u64 = 10_000_000_000;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SourceTags {
+    pub tags: [u32; SOURCE_WAYS],
+}
+const _: () = assert!(core::mem::size_of::<SourceTags>() == 32);
+
+/// The hash of a source key: its set is `hash % sets`, its tag [`source_tag`].
+#[inline(always)]
+pub fn source_hash(key: &SourceKey) -> u32 {
+    crate::hash::source_hash(&key.addr, key.policy)
+}
+
+/// A source's tag: from other bits of the hash than the set's, never FREE or BUSY.
+#[inline(always)]
+pub const fn source_tag(hash: u32) -> u32 {
+    hash.rotate_left(16) | 2
+}
+
+/// Sets for `entries` sources.
+#[inline(always)]
+pub const fn source_sets(entries: u32) -> u32 {
+    let sets = entries.div_ceil(SOURCE_WAYS as u32);
+    if sets == 0 { 1 } else { sets }
+}
 
 /// LPM trie key: the policy id is matched in full, then the address by prefix.
 #[repr(C)]
@@ -446,7 +734,10 @@ const _: () = assert!(core::mem::size_of::<AffinityKey>() == 20);
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Affinity {
     pub backend: u32,
-    pub _pad: u32,
+    /// The backend id's generation (see [`ServiceInfo::generation`]).
+    pub generation: u8,
+    pub _pad1: u8,
+    pub _pad2: u16,
     pub last_seen_ns: u64,
 }
 const _: () = assert!(core::mem::size_of::<Affinity>() == 16);
@@ -461,12 +752,19 @@ mod pod {
     unsafe impl aya::Pod for ServiceKey {}
     unsafe impl aya::Pod for Service {}
     unsafe impl aya::Pod for Backend {}
-    unsafe impl aya::Pod for FlowKey {}
-    unsafe impl aya::Pod for Flow {}
+    unsafe impl aya::Pod for FlowKey4 {}
+    unsafe impl aya::Pod for FlowKey6 {}
+    unsafe impl aya::Pod for Flow4 {}
+    unsafe impl aya::Pod for Flow6 {}
+    unsafe impl aya::Pod for ServiceInfo {}
+    unsafe impl aya::Pod for LinkMac {}
+    unsafe impl aya::Pod for Hop {}
+    unsafe impl aya::Pod for PortRange {}
     unsafe impl aya::Pod for Iface {}
     unsafe impl aya::Pod for Policy {}
     unsafe impl aya::Pod for SourceKey {}
     unsafe impl aya::Pod for Source {}
+    unsafe impl aya::Pod for SourceTags {}
     unsafe impl aya::Pod for PrefixKey {}
     unsafe impl aya::Pod for PrefixRule {}
     unsafe impl aya::Pod for AffinityKey {}
@@ -483,40 +781,81 @@ mod tests {
 
     fn cfg() -> Config {
         Config {
-            tcp_idle_ns: 350 * S,
-            udp_idle_ns: 120 * S,
-            tcp_closing_ns: 10 * S,
-            tcp_handshake_ns: 60 * S,
+            tcp_idle: flow_ticks(350 * S),
+            udp_idle: flow_ticks(120 * S),
+            tcp_closing: flow_ticks(10 * S),
+            tcp_handshake: flow_ticks(60 * S),
+            tcp_time_wait: flow_ticks(60 * S),
             ..Config::default()
         }
     }
 
-    fn flow(proto: u8, flags: u8) -> Flow {
-        Flow {
-            proto,
+    fn flow(flags: u8) -> Flow4 {
+        Flow4 {
             flags,
-            last_seen_ns: 1000 * S,
-            ..Flow::default()
+            last: flow_clock(1000 * S),
+            ..Flow4::default()
         }
     }
 
-    /// The last second each kind of entry is live, idle since 1000 s.
+    /// The last tick each kind of entry is live, idle since 1000 s.
     #[test]
     fn each_state_has_its_timeout() {
         let cases = [
-            (flow(IPPROTO_TCP, 0), 350),
-            (flow(IPPROTO_UDP, 0), 120),
-            (flow(IPPROTO_TCP, FLOW_OPENING), 60),
-            (flow(IPPROTO_TCP, FLOW_CLOSING), 10),
+            (flow(FLOW_TCP), 350),
+            (flow(0), 120),
+            (flow(FLOW_TCP | FLOW_OPENING), 60),
+            (flow(FLOW_TCP | FLOW_CLOSING), 10),
             // A RST during the handshake: the shorter linger.
-            (flow(IPPROTO_TCP, FLOW_OPENING | FLOW_CLOSING), 10),
-            (flow(IPPROTO_TCP, FLOW_REPLY | FLOW_SNAT), 350),
+            (flow(FLOW_TCP | FLOW_OPENING | FLOW_CLOSING), 10),
+            (flow(FLOW_TCP | FLOW_REPLY | FLOW_SNAT), 350),
+            // The backend closed first: the port waits out its TIME_WAIT.
+            (
+                flow(FLOW_TCP | FLOW_REPLY | FLOW_CLOSING | FLOW_TIME_WAIT),
+                60,
+            ),
         ];
         for (f, live_s) in cases {
-            assert!(!f.is_expired(&cfg(), (1000 + live_s) * S), "{f:?}");
-            assert!(f.is_expired(&cfg(), (1000 + live_s) * S + 1), "{f:?}");
+            let last = f.last;
+            let ticks = f.timeout(&cfg());
+            assert!(!f.is_expired(&cfg(), last + ticks), "{f:?}");
+            assert!(f.is_expired(&cfg(), last + ticks + 1), "{f:?}");
+            // Ticks are a little longer than a millisecond: never shorter than asked.
+            assert!(u64::from(ticks) << FLOW_CLOCK_SHIFT >= live_s * S, "{f:?}");
+            assert!(u64::from(ticks) << FLOW_CLOCK_SHIFT < live_s * S + (1 << FLOW_CLOCK_SHIFT));
         }
         // A clock read a tick before the entry's stamp is not a long idle time.
-        assert!(!flow(IPPROTO_TCP, FLOW_OPENING).is_expired(&cfg(), 1000 * S - 1));
+        let f = flow(FLOW_TCP | FLOW_OPENING);
+        assert!(!f.is_expired(&cfg(), f.last - 1));
+        // Across the clock's wrap.
+        let mut f = flow(FLOW_TCP);
+        f.last = u32::MAX - 5;
+        assert!(!f.is_expired(&cfg(), 10));
+    }
+
+    #[test]
+    fn snat_ports_run_through_both_ranges() {
+        let c = Config {
+            snat_ports: [
+                PortRange {
+                    min: 1024,
+                    max: 1026,
+                },
+                PortRange {
+                    min: 61000,
+                    max: 61001,
+                },
+            ],
+            ..Config::default()
+        };
+        assert_eq!(c.snat_port_count(), 5);
+        let ports: [u16; 5] = core::array::from_fn(|i| c.snat_port(i as u32));
+        assert_eq!(ports, [1024, 1025, 1026, 61000, 61001]);
+        let one = Config {
+            snat_ports: [PortRange { min: 7, max: 7 }, PortRange::EMPTY],
+            ..Config::default()
+        };
+        assert_eq!(one.snat_port_count(), 1);
+        assert_eq!(one.snat_port(0), 7);
     }
 }

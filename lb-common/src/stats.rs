@@ -22,7 +22,8 @@ macro_rules! counters {
 counters! {
     /// Packets the program ran on.
     Packets = "packets",
-    /// Not addressed to anything the balancer serves: passed to the kernel untouched.
+    /// Not addressed to anything the balancer serves (or not to this interface's MAC): passed
+    /// to the kernel untouched.
     PassNotOurs = "pass_not_ours",
     /// To a VIP, a port or protocol without a service.
     DropNoService = "drop_no_service",
@@ -30,8 +31,14 @@ counters! {
     DropFragment = "drop_fragment",
     /// IPv6 extension header other than hop-by-hop / destination options before the L4 header.
     DropIpv6Extension = "drop_ipv6_extension",
-    /// Headers cut short (truncated packet addressed to a VIP).
+    /// Addressed to a VIP but malformed: lengths that disagree, a bad IPv4 header checksum,
+    /// headers cut short, an impossible TCP/UDP header, a group source MAC.
     DropMalformed = "drop_malformed",
+    /// To a VIP from a source that is no client (multicast, broadcast, loopback, unspecified,
+    /// link-local, class E, IPv4-mapped, this node's or a VIP's own address): never answered.
+    DropBadSource = "drop_bad_source",
+    /// A packet to forward whose TTL / hop limit would reach 0.
+    DropTtlExceeded = "drop_ttl_exceeded",
     /// ICMP to a VIP that is neither an echo request nor an error about a tracked flow.
     DropIcmp = "drop_icmp",
     /// Echo requests to a VIP answered.
@@ -43,7 +50,10 @@ counters! {
     /// Of those, flows whose first packet was not a TCP SYN (state lost or flow moved here).
     FlowsCreatedMidstream = "flows_created_midstream",
     /// Flow-table inserts that failed (table full of flows that cannot be evicted).
-    FlowInsertFailed = "flow_insert_failed",
+    DropFlowTable = "drop_flow_table",
+    /// A new flow whose entries would have replaced a live flow's: refused, the live flow
+    /// keeps working.
+    DropFlowClash = "drop_flow_clash",
     /// Flow entries found expired (idle or closed) and replaced.
     FlowsExpired = "flows_expired",
     /// New snat flows dropped: no free source port for that backend.
@@ -56,7 +66,7 @@ counters! {
     PassNotRedirectable = "pass_not_redirectable",
     /// No route to the backend or client.
     DropNoRoute = "drop_no_route",
-    /// Packet larger than the egress MTU (answered with an ICMP error where possible).
+    /// Packet larger than the path MTU (answered with an ICMP error where possible).
     DropTooBig = "drop_too_big",
     /// Frames sent back out of the interface they came in on.
     XdpTx = "xdp_tx",
@@ -64,8 +74,14 @@ counters! {
     XdpRedirect = "xdp_redirect",
     /// TCP resets sent for flows the agent ended or SYNs the limiter rejected.
     RstSent = "rst_sent",
-    /// Packets dropped by a rate-limit policy (any reason; per service in service stats).
-    DropRateLimited = "drop_rate_limited",
+    /// Dropped by a rate-limit policy: over the packet rate, over the connection rate, in a
+    /// deny list, or sharing the overflow bucket of a full source table that had none left.
+    DropRate = "drop_rate",
+    DropConnectionRate = "drop_connection_rate",
+    DropDenied = "drop_denied",
+    DropTableFull = "drop_table_full",
+    /// From a source outside the service's allowed source ranges (or inside its denied ones).
+    DropSourceRange = "drop_source_range",
     /// New sources that found the source table full (handled by the policy's overflow mode).
     SourceTableFull = "source_table_full",
     /// New sources inserted into the source table.
@@ -95,20 +111,65 @@ macro_rules! drop_reasons {
 drop_reasons! {
     /// No backend with weight > 0.
     NoBackend = "no_backend",
-    /// No free snat source port.
-    SnatPorts = "snat_ports",
+    /// No free snat source port for the backend.
+    SnatPortsExhausted = "snat_ports_exhausted",
     /// Over the packet-rate limit.
     Rate = "rate",
     /// Over the new-connection-rate limit.
     ConnectionRate = "connection_rate",
     /// Source in a deny list.
-    Denied = "deny_list",
+    Denied = "denied",
     /// Source table full and the policy fails closed (the shared overflow bucket is empty).
     TableFull = "table_full",
-    /// No route or MTU problem on the way to the backend.
-    Forwarding = "forwarding",
     /// The flow table had no room.
     FlowTable = "flow_table",
+    /// The new flow would have replaced a live flow's entries.
+    FlowClash = "flow_clash",
+    /// No route to the backend (or client).
+    NoRoute = "no_route",
+    /// Larger than the path MTU.
+    TooBig = "too_big",
+    /// TTL / hop limit would reach 0.
+    TtlExceeded = "ttl_exceeded",
+    /// Source outside the service's allowed source ranges (or inside its denied ones).
+    SourceRange = "source_range",
+}
+
+impl DropReason {
+    /// The reason as a non-zero code (0 meaning "none"), for functions that must return a plain
+    /// integer.
+    #[inline(always)]
+    pub const fn code(self) -> u32 {
+        self as u32 + 1
+    }
+
+    /// The reason of a [`DropReason::code`]; `None` for 0 (or an unknown code).
+    #[inline(always)]
+    pub fn from_code(code: u32) -> Option<DropReason> {
+        match code {
+            0 => None,
+            c => DropReason::ALL.get(c as usize - 1).copied(),
+        }
+    }
+
+    /// The node-wide counter of this reason: `drop_<reason>`.
+    #[inline(always)]
+    pub const fn counter(self) -> Counter {
+        match self {
+            DropReason::NoBackend => Counter::DropNoBackend,
+            DropReason::SnatPortsExhausted => Counter::DropSnatPortsExhausted,
+            DropReason::Rate => Counter::DropRate,
+            DropReason::ConnectionRate => Counter::DropConnectionRate,
+            DropReason::Denied => Counter::DropDenied,
+            DropReason::TableFull => Counter::DropTableFull,
+            DropReason::FlowTable => Counter::DropFlowTable,
+            DropReason::FlowClash => Counter::DropFlowClash,
+            DropReason::NoRoute => Counter::DropNoRoute,
+            DropReason::TooBig => Counter::DropTooBig,
+            DropReason::TtlExceeded => Counter::DropTtlExceeded,
+            DropReason::SourceRange => Counter::DropSourceRange,
+        }
+    }
 }
 
 pub const DROP_REASONS: usize = DropReason::ALL.len();
@@ -155,5 +216,28 @@ impl BackendStats {
         self.packets += o.packets;
         self.bytes += o.bytes;
         self.new_flows += o.new_flows;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One name per reason: the node-wide counter of a service drop reason is `drop_<reason>`.
+    #[test]
+    fn each_drop_reason_has_the_counter_of_its_name() {
+        for r in DropReason::ALL {
+            let c = r.counter().name();
+            assert_eq!(c.strip_prefix("drop_"), Some(r.name()), "{r:?}");
+        }
+    }
+
+    #[test]
+    fn names_are_unique() {
+        for (i, a) in Counter::ALL.iter().enumerate() {
+            for b in &Counter::ALL[i + 1..] {
+                assert_ne!(a.name(), b.name());
+            }
+        }
     }
 }

@@ -1,221 +1,560 @@
 //! The flow table: a live flow keeps its backend for its whole life; a new one gets a backend
 //! from the service's Maglev ring (or its session-affinity entry), a source port if the service
-//! uses source NAT, and two entries, one per direction.
+//! uses source NAT, and two entries, one per direction. No insert ever replaces a live entry.
+use core::intrinsics::{AtomicOrdering::SeqCst, atomic_xadd};
+
 use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use lb_common::{
-    Addr, Affinity, AffinityKey, BACKEND_ACTIVE, Config, Counter, DropReason, FLOW_CLOSING,
-    FLOW_OPENING, FLOW_REPLY, FLOW_SNAT, Flow, FlowKey, NO_BACKEND, SVC_AFFINITY, SVC_SNAT,
+    Addr, Affinity, AffinityKey, BACKEND_ACTIVE, Backend, Config, Counter, DropReason,
+    FLOW_CLOSING, FLOW_OPENING, FLOW_REPLY, FLOW_SNAT, FLOW_TCP, FLOW_TIME_WAIT, Flow, FlowAddr,
+    FlowKey, IPPROTO_TCP, MAX_SNAT_ADDRS, NO_BACKEND, PORT_CURSORS, SVC_AFFINITY, SVC_SNAT,
     Service,
-    hash::{flow_hash, rehash, ring_slot},
+    hash::{addr_hash, ring_slot},
+    net::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 use crate::{
+    family::{Family, key_of},
     maps::{
-        EEXIST, LB_AFFINITY, LB_BACKENDS, LB_BE_STATS, LB_FLOWS, LB_RINGS, LB_SVC_STATS, Scratch,
-        count, scratch,
+        EEXIST, LB_AFFINITY, LB_BACKENDS, LB_BE_STATS, LB_PORTS, LB_RINGS, LB_SVC_INFO,
+        LB_SVC_STATS, count, entries, new_key, scratch,
     },
-    parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    parse::{Packet, Ports},
 };
 
-/// Tries per new snat flow to find a free source port.
-const SNAT_PORT_TRIES: u32 = 8;
+/// Ports a new snat flow tries, from its backend's cursor on, before it is dropped.
+const SNAT_PORT_TRIES: u32 = 16;
+/// `Target::backend` of a reply: replies count per service only.
+pub const NO_BACKEND_ID: u32 = u32::MAX;
 
-/// The live entry for `key`, refreshed with this packet; `None` if there is none, it expired, or
-/// this is a new connection reusing the tuple of a closed one.
-#[inline(always)]
-pub fn lookup(key: &FlowKey, tcp_flags: u8, now: u64, cfg: &Config) -> Option<*mut Flow> {
-    let ptr = LB_FLOWS.get_ptr_mut(key)?;
-    refresh(ptr, tcp_flags, now, cfg).then_some(ptr)
+/// Addresses and ports of a packet.
+#[derive(Clone, Copy)]
+pub struct Tuple {
+    pub src: Addr,
+    pub dst: Addr,
+    /// Wire order.
+    pub sport: u16,
+    pub dport: u16,
 }
 
-/// Whether the entry at `ptr` is live for this packet (see `lookup`); if so, notes the packet
-/// (time, and FIN/RST).
+/// What the packets of a flow entry are rewritten to, and what they count against.
+#[derive(Clone, Copy)]
+pub struct Target {
+    pub tuple: Tuple,
+    pub service: u32,
+    /// Backend id ([`NO_BACKEND_ID`] for replies).
+    pub backend: u32,
+    /// The service's rate-limit policy (0 for replies: only clients are limited).
+    pub policy: u32,
+    pub reply: bool,
+}
+
+/// What an entry rewrites its packets to. `None`: the backend or service the entry names is
+/// gone (its id was given to another), so the flow is over.
 #[inline(always)]
-pub fn refresh(ptr: *mut Flow, tcp_flags: u8, now: u64, cfg: &Config) -> bool {
-    // SAFETY: a map value; other CPUs may update its timestamp and flags concurrently, which
-    // at worst loses one refresh.
-    let flow = unsafe { &mut *ptr };
-    let closing = flow.flags & FLOW_CLOSING != 0;
+pub fn resolve<A: FlowAddr>(flow: &Flow<A>) -> Option<Target> {
+    if flow.flags & FLOW_REPLY == 0 {
+        let b = LB_BACKENDS.get(flow.id)?;
+        if b.generation != flow.generation {
+            return None;
+        }
+        let policy = LB_SVC_INFO.get(b.service).map_or(0, |s| s.policy);
+        Some(Target {
+            tuple: Tuple {
+                src: flow.addr.to_addr(),
+                // Word by word: LLVM cannot tell map values apart and would copy with memmove.
+                dst: Addr::from_words(b.addr.words()),
+                sport: flow.port,
+                dport: b.port,
+            },
+            service: b.service,
+            backend: flow.id,
+            policy,
+            reply: false,
+        })
+    } else {
+        let s = LB_SVC_INFO.get(flow.id)?;
+        if s.generation != flow.generation {
+            return None;
+        }
+        Some(Target {
+            tuple: Tuple {
+                src: Addr::from_words(s.addr.words()),
+                dst: flow.addr.to_addr(),
+                sport: s.port,
+                dport: flow.port,
+            },
+            service: flow.id,
+            backend: NO_BACKEND_ID,
+            policy: 0,
+            reply: true,
+        })
+    }
+}
+
+/// The key of the other direction's entry: the reverse of what this entry rewrites to.
+#[inline(always)]
+fn peer_key<F: Family>(t: &Target, proto: u8) -> FlowKey<F::A> {
+    FlowKey::new(
+        F::A::from_addr(&t.tuple.dst),
+        F::A::from_addr(&t.tuple.src),
+        t.tuple.dport,
+        t.tuple.sport,
+        proto,
+    )
+}
+
+#[inline(always)]
+fn syn_only(tcp_flags: u8) -> bool {
+    tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+}
+
+/// What `refresh` needs of a packet, in one argument (a BPF subprogram takes at most five).
+#[inline(always)]
+pub fn seen(proto: u8, tcp_flags: u8) -> u32 {
+    u32::from(proto) | (u32::from(tcp_flags) << 8)
+}
+
+/// Whether the entry at `entry` (resolving to `t`) is live for this packet (`seen`); if so,
+/// notes it (time, FIN/RST, the end of the handshake). Not live: expired, or a client's SYN on
+/// the tuple of a closed connection (a new connection reusing it).
+#[inline(never)]
+pub fn refresh<F: Family>(
+    entry: *mut Flow<F::A>,
+    t: &Target,
+    seen: u32,
+    now: u32,
+    cfg: &Config,
+) -> bool {
+    let (proto, tcp_flags) = (seen as u8, (seen >> 8) as u8);
+    // SAFETY: a map value; other CPUs may update its time and flags concurrently, which at
+    // worst loses one refresh.
+    let flow = unsafe { &mut *entry };
     if flow.is_expired(cfg, now) {
         count(Counter::FlowsExpired);
         return false;
     }
-    if closing && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-        // The client reuses the tuple of a finished connection: a new flow.
+    let flags = flow.flags;
+    let closing = flags & FLOW_CLOSING != 0;
+    if !t.reply && closing && syn_only(tcp_flags) {
         return false;
     }
     // The coarse clock ticks every few ms: most packets need no write at all.
-    if flow.last_seen_ns != now {
-        flow.last_seen_ns = now;
+    if flow.last != now {
+        flow.last = now;
     }
     if !closing && tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-        flow.flags |= FLOW_CLOSING;
+        let mut new = flags | FLOW_CLOSING;
+        // The backend closes first: it keeps the tuple in TIME_WAIT, so the snat port must not
+        // go to another connection to it meanwhile.
+        if t.reply
+            && flags & FLOW_SNAT != 0
+            && tcp_flags & TCP_FIN != 0
+            && !peer_flags::<F>(t, proto).is_some_and(|f| f & FLOW_CLOSING != 0)
+        {
+            new |= FLOW_TIME_WAIT;
+        }
+        flow.flags = new;
     }
-    // The client acknowledges: the handshake is done (a spoofed source never gets this far).
-    if flow.flags & FLOW_OPENING != 0 && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_ACK {
+    // The client acknowledges: the handshake is done (a spoofed source never gets this far),
+    // for both entries.
+    if flags & FLOW_OPENING != 0 && !t.reply && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_ACK {
         flow.flags &= !FLOW_OPENING;
+        if let Some(p) = F::flows().get_ptr_mut(&peer_key::<F>(t, proto)) {
+            unsafe { (*p).flags &= !FLOW_OPENING };
+        }
     }
     true
 }
 
-/// Creates the flow for a packet `key` to `svc`, `syn` if a TCP SYN opens it. On success its
-/// client-side entry is in `scratch().flow`.
-#[inline(never)]
-pub fn create(
-    key: &FlowKey,
-    svc: &Service,
-    cfg: &Config,
-    now: u64,
-    syn: bool,
-) -> Result<(), DropReason> {
-    if svc.active_backends == 0 {
-        count(Counter::DropNoBackend);
-        return Err(DropReason::NoBackend);
-    }
-    let scratch = scratch().ok_or(DropReason::FlowTable)?;
-    let hash = flow_hash(
-        &key.src,
-        &key.dst,
-        key.sport,
-        key.dport,
-        key.proto,
-        cfg.hash_seed,
-    );
-    let Some(backend_id) = pick_backend(key, svc, cfg, hash, now) else {
-        count(Counter::DropNoBackend);
-        return Err(DropReason::NoBackend);
-    };
-    let backend = LB_BACKENDS.get(backend_id).ok_or(DropReason::NoBackend)?;
-    // Word by word: LLVM cannot tell the two map values apart and would copy with memmove.
-    let backend_addr = Addr::from_words(backend.addr.words());
+#[inline(always)]
+fn peer_flags<F: Family>(t: &Target, proto: u8) -> Option<u8> {
+    let p = F::flows().get_ptr(&peer_key::<F>(t, proto))?;
+    Some(unsafe { (*p).flags })
+}
 
-    let snat = svc.flags & SVC_SNAT != 0;
-    let flags = if snat { FLOW_SNAT } else { 0 };
-    let forward = &mut scratch.flow;
-    forward.src = key.src;
-    forward.dst = backend_addr;
-    forward.sport = key.sport;
-    forward.dport = backend.port;
-    forward.service = svc.id;
-    forward.backend = backend_id;
-    forward.flags = if syn { flags | FLOW_OPENING } else { flags };
-    forward.proto = key.proto;
-    forward.last_seen_ns = now;
-    // No next hop cached yet (the scratch space holds the previous flow's).
-    forward.hop_ifindex = 0;
-    // The reply entry translates backend -> (node or client) back to VIP -> client.
-    let reply = &mut scratch.reply;
-    reply.src = key.dst;
-    reply.dst = key.src;
-    reply.sport = key.dport;
-    reply.dport = key.sport;
-    reply.service = svc.id;
-    reply.backend = backend_id;
-    reply.flags = flags | FLOW_REPLY;
-    reply.proto = key.proto;
-    reply.last_seen_ns = now;
-    reply.hop_ifindex = 0;
-    if snat {
-        forward.src = if key.src.is_v4() {
-            cfg.snat_v4
-        } else {
-            cfg.snat_v6
+/// What `open` did; the target is in `scratch().target` unless it failed, and then the reason is
+/// in `scratch().reason`. (Fieldless: see nexthop::Route.)
+#[repr(u32)]
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Opened {
+    Created,
+    /// A SYN retransmitted for a live flow (or another CPU's packet of the same new flow): it
+    /// forwards as that flow, and nothing was created.
+    Live,
+    Failed,
+}
+
+/// What is decided for a new flow before anything is created (see main.rs, `new_flow`).
+pub struct Choice {
+    pub backend_id: u32,
+    pub backend: Backend,
+    /// The backend came from the ring and the service has affinity: remember it on success.
+    pub remember: bool,
+    /// A TCP SYN opens the flow.
+    pub syn: bool,
+    pub now_ns: u64,
+}
+
+/// The backend for a new flow, into `scratch().choice`: the client's affinity entry if it has a
+/// live one, else the ring slot the flow hashes to. Creates nothing. False: no backend.
+#[inline(never)]
+pub fn choose(src: &Addr, svc: &Service, hash: u32, now_ns: u64) -> bool {
+    match pick(src, svc, hash, now_ns) {
+        Some((id, remember)) => {
+            let (Some(s), Some(b)) = (scratch(), LB_BACKENDS.get(id)) else {
+                return false;
+            };
+            let c = &mut s.choice;
+            c.backend_id = id;
+            c.backend = *b;
+            c.remember = remember;
+            c.now_ns = now_ns;
+            true
+        }
+        None => false,
+    }
+}
+
+/// The backend id, and whether to remember it for the client's affinity.
+#[inline(always)]
+fn pick(src: &Addr, svc: &Service, hash: u32, now_ns: u64) -> Option<(u32, bool)> {
+    let affinity = svc.flags & SVC_AFFINITY != 0;
+    if affinity {
+        let akey = AffinityKey {
+            client: *src,
+            service: svc.id,
         };
-        scratch.flow.sport = claim_snat_port(scratch, cfg, hash)?;
+        if let Some(a) = LB_AFFINITY.get_ptr_mut(&akey) {
+            let a = unsafe { &mut *a };
+            let timeout_ns = u64::from(svc.affinity_timeout_s) * 1_000_000_000;
+            // Signed: `now` may be a clock tick before the entry's stamp.
+            if now_ns.wrapping_sub(a.last_seen_ns) as i64 <= timeout_ns as i64
+                && let Some(b) = LB_BACKENDS.get(a.backend)
+                && b.service == svc.id
+                && b.generation == a.generation
+                && b.flags & BACKEND_ACTIVE != 0
+            {
+                a.last_seen_ns = now_ns;
+                return Some((a.backend, false));
+            }
+        }
+    }
+    let slot = svc.ring + ring_slot(hash, svc.ring_size);
+    let id = *LB_RINGS.get(slot)?;
+    if id == NO_BACKEND {
+        return None;
+    }
+    Some((id, affinity))
+}
+
+/// Creates the flow for a packet `key` to `svc` to the chosen backend: claims a snat port (snat)
+/// and inserts both entries, never over a live entry. A SYN for a flow that is live already is
+/// that flow's (a retransmission): nothing is created. On error nothing is left behind.
+#[inline(never)]
+pub fn open<F: Family>(
+    pkt: &Packet,
+    ports: &Ports,
+    svc: &Service,
+    choice: &Choice,
+    cfg: &Config,
+) -> Opened {
+    let code = prepare::<F>(pkt, ports, svc, choice, cfg);
+    let code = if code == 0 {
+        insert::<F>(svc, choice, cfg)
     } else {
-        scratch.key = scratch.flow.peer_key();
-        if LB_FLOWS
-            .insert(&scratch.key, &scratch.reply, u64::from(BPF_ANY))
-            .is_err()
-        {
-            count(Counter::FlowInsertFailed);
+        code
+    };
+    match DropReason::from_code(code) {
+        None => {
+            if scratch().is_some_and(|s| s.live) {
+                Opened::Live
+            } else {
+                Opened::Created
+            }
+        }
+        Some(reason) => {
+            if let Some(s) = scratch() {
+                s.reason = reason;
+            }
+            Opened::Failed
+        }
+    }
+}
+
+/// The new flow's key, entries and reply key, in scratch(); for snat, with its claimed port.
+/// 0, or a DropReason's code. (Its own subprogram, like `insert`: a chain of subprograms may
+/// use 512 bytes of stack in all.)
+#[inline(never)]
+fn prepare<F: Family>(
+    pkt: &Packet,
+    ports: &Ports,
+    svc: &Service,
+    choice: &Choice,
+    cfg: &Config,
+) -> u32 {
+    let Some(s) = scratch() else {
+        return DropReason::FlowTable.code();
+    };
+    s.live = false;
+    let key = key_of::<F>(pkt, ports);
+    *new_key::<F::A>(s) = key;
+    let now = lb_common::flow_clock(choice.now_ns);
+    let snat = svc.flags & SVC_SNAT != 0;
+    let b = &choice.backend;
+    let mut flags = if key.proto == IPPROTO_TCP {
+        FLOW_TCP
+    } else {
+        0
+    };
+    if snat {
+        flags |= FLOW_SNAT;
+    }
+    if choice.syn {
+        flags |= FLOW_OPENING;
+    }
+    let info_generation = LB_SVC_INFO.get(svc.id).map_or(0, |s| s.generation);
+    let (reply_key, forward, reply) = entries::<F::A>(s);
+    *reply = Flow {
+        last: now,
+        flags: flags | FLOW_REPLY,
+        generation: info_generation,
+        port: key.sport,
+        id: svc.id,
+        addr: key.src,
+    };
+    *forward = Flow {
+        last: now,
+        flags,
+        generation: b.generation,
+        port: key.sport,
+        id: choice.backend_id,
+        addr: key.src,
+    };
+    *reply_key = FlowKey::new(
+        F::A::from_addr(&b.addr),
+        key.src,
+        b.port,
+        key.sport,
+        key.proto,
+    );
+    if !snat {
+        return 0;
+    }
+    let code = claim_port::<F>(cfg, b, reply_key, reply, now);
+    if code == 0 {
+        forward.addr = reply_key.dst;
+        forward.port = reply_key.dport;
+    }
+    code
+}
+
+/// Inserts the prepared entries (see `prepare`), never over a live entry; on failure gives back
+/// the claimed snat port. 0, or a DropReason's code.
+#[inline(never)]
+fn insert<F: Family>(svc: &Service, choice: &Choice, cfg: &Config) -> u32 {
+    match inserted::<F>(svc, choice, cfg) {
+        Ok(()) => 0,
+        Err(reason) => reason.code(),
+    }
+}
+
+#[inline(always)]
+fn inserted<F: Family>(svc: &Service, choice: &Choice, cfg: &Config) -> Result<(), DropReason> {
+    let now_ns = choice.now_ns;
+    let now = lb_common::flow_clock(now_ns);
+    let snat = svc.flags & SVC_SNAT != 0;
+    let b = &choice.backend;
+    let s = scratch().ok_or(DropReason::FlowTable)?;
+    // SAFETY: distinct fields of the scratch space.
+    let key: &FlowKey<F::A> = unsafe { &*(new_key::<F::A>(s) as *const FlowKey<F::A>) };
+    let (reply_key, forward, reply) = entries::<F::A>(s);
+    let flows = F::flows();
+    match flows.insert(key, &*forward, u64::from(BPF_NOEXIST)) {
+        Ok(()) => {}
+        Err(e) if e == -EEXIST => {
+            if live::<F>(key, cfg, now) {
+                // The flow is live: a retransmitted SYN (or another CPU's packet of the same new
+                // flow). Forward as that flow (its target is in scratch); give back what we
+                // claimed.
+                if snat {
+                    let _ = flows.remove(&*reply_key);
+                }
+                if let Some(s) = scratch() {
+                    s.live = true;
+                }
+                return Ok(());
+            }
+            // A closed or expired flow on this tuple: the new connection takes it over.
+            if flows.insert(key, &*forward, u64::from(BPF_ANY)).is_err() {
+                if snat {
+                    let _ = flows.remove(&*reply_key);
+                }
+                return Err(DropReason::FlowTable);
+            }
+        }
+        Err(_) => {
+            if snat {
+                let _ = flows.remove(&*reply_key);
+            }
             return Err(DropReason::FlowTable);
         }
     }
-    if LB_FLOWS
-        .insert(key, &scratch.flow, u64::from(BPF_ANY))
-        .is_err()
-    {
-        // Give back the reply entry (and with it the snat port) claimed above.
-        let _ = LB_FLOWS.remove(&scratch.key);
-        count(Counter::FlowInsertFailed);
-        return Err(DropReason::FlowTable);
+    if !snat && let Err(reason) = insert_reply::<F>(reply_key, reply, cfg, now) {
+        let _ = flows.remove(key);
+        return Err(reason);
+    }
+    if choice.remember {
+        let entry = Affinity {
+            backend: choice.backend_id,
+            generation: b.generation,
+            _pad1: 0,
+            _pad2: 0,
+            last_seen_ns: now_ns,
+        };
+        let akey = AffinityKey {
+            client: key.src.to_addr(),
+            service: svc.id,
+        };
+        let _ = LB_AFFINITY.insert(&akey, &entry, u64::from(BPF_ANY));
     }
     count(Counter::FlowsCreated);
     if let Some(s) = LB_SVC_STATS.get_ptr_mut(svc.id) {
         unsafe { (*s).new_flows += 1 };
     }
-    if let Some(s) = LB_BE_STATS.get_ptr_mut(backend_id) {
+    if let Some(s) = LB_BE_STATS.get_ptr_mut(choice.backend_id) {
         unsafe { (*s).new_flows += 1 };
     }
+    let (src, sport) = (forward.addr.to_addr(), forward.port);
+    let policy = LB_SVC_INFO.get(svc.id).map_or(0, |s| s.policy);
+    let s = scratch().ok_or(DropReason::FlowTable)?;
+    let t = &mut s.target;
+    t.tuple.src = src;
+    t.tuple.dst = Addr::from_words(b.addr.words());
+    t.tuple.sport = sport;
+    t.tuple.dport = b.port;
+    t.service = svc.id;
+    t.backend = choice.backend_id;
+    t.policy = policy;
+    t.reply = false;
     Ok(())
 }
 
-/// The backend for a new flow: the client's affinity entry if it has a live one, else the
-/// ring slot the flow hashes to.
+/// Whether the entry at `key` is live, open (not closing) and still resolves; then its target
+/// is in scratch().
 #[inline(always)]
-fn pick_backend(key: &FlowKey, svc: &Service, cfg: &Config, hash: u32, now: u64) -> Option<u32> {
-    let affinity = svc.flags & SVC_AFFINITY != 0;
-    let akey = AffinityKey {
-        client: key.src,
-        service: svc.id,
+fn live<F: Family>(key: &FlowKey<F::A>, cfg: &Config, now: u32) -> bool {
+    let Some(p) = F::flows().get_ptr(key) else {
+        return false;
     };
-    if affinity && let Some(a) = LB_AFFINITY.get_ptr_mut(&akey) {
-        let a = unsafe { &mut *a };
-        let timeout_ns = u64::from(svc.affinity_timeout_s) * 1_000_000_000;
-        // Signed: `now` may be a clock tick before the entry's stamp.
-        if now.wrapping_sub(a.last_seen_ns) as i64 <= timeout_ns as i64
-            && let Some(b) = LB_BACKENDS.get(a.backend)
-            && b.service == svc.id
-            && b.flags & BACKEND_ACTIVE != 0
-        {
-            a.last_seen_ns = now;
-            return Some(a.backend);
+    let f = unsafe { &*p };
+    if f.is_expired(cfg, now) || f.flags & FLOW_CLOSING != 0 {
+        return false;
+    }
+    match (resolve(f), scratch()) {
+        (Some(t), Some(s)) => {
+            s.target = t;
+            true
         }
+        _ => false,
     }
-    let slot = svc.ring * cfg.ring_size + ring_slot(hash, cfg.ring_size);
-    let id = *LB_RINGS.get(slot)?;
-    if id == NO_BACKEND {
-        return None;
-    }
-    if affinity {
-        let entry = Affinity {
-            backend: id,
-            _pad: 0,
-            last_seen_ns: now,
-        };
-        let _ = LB_AFFINITY.insert(&akey, &entry, u64::from(BPF_ANY));
-    }
-    Some(id)
 }
 
-/// Finds a source port for a snat flow (`scratch.flow`, source port not yet set) by claiming
-/// its reply entry (`scratch.reply`): the insert only succeeds if no flow from that backend to
-/// that node port exists, so two CPUs cannot claim the same port. Each try is a port from its
-/// own hash of the flow (independent tries: no clusters of taken ports to probe through).
-/// Entries of flows that are over are deleted by the agent's sweep, which frees their ports.
+/// Inserts a client-IP-preserving flow's reply entry (keyed backend -> client). A live entry
+/// there that is another flow's (the same client address and port, through another VIP to the
+/// same backend port) is a clash: the new flow is refused, the live one untouched.
 #[inline(always)]
-fn claim_snat_port(scratch: &mut Scratch, cfg: &Config, hash: u32) -> Result<u16, DropReason> {
-    let min = u32::from(cfg.snat_port_min);
-    // At least 1 (max is a u16): no division by zero for the verifier to find.
-    let range = u32::from(cfg.snat_port_max)
-        .checked_sub(min)
-        .ok_or(DropReason::SnatPorts)?
-        + 1;
-    scratch.key = scratch.flow.peer_key();
-    for i in 0..SNAT_PORT_TRIES {
-        let port = ((min + rehash(hash, i) % range) as u16).to_be();
-        scratch.key.dport = port;
-        match LB_FLOWS.insert(&scratch.key, &scratch.reply, u64::from(BPF_NOEXIST)) {
-            Ok(()) => return Ok(port),
-            // Taken: try another.
-            Err(e) if e == -EEXIST => {}
-            Err(_) => {
-                count(Counter::FlowInsertFailed);
-                return Err(DropReason::FlowTable);
+fn insert_reply<F: Family>(
+    key: &FlowKey<F::A>,
+    value: &Flow<F::A>,
+    cfg: &Config,
+    now: u32,
+) -> Result<(), DropReason> {
+    let flows = F::flows();
+    match flows.insert(key, value, u64::from(BPF_NOEXIST)) {
+        Ok(()) => Ok(()),
+        Err(e) if e == -EEXIST => {
+            if let Some(p) = flows.get_ptr(key) {
+                let old = unsafe { &*p };
+                if !old.is_expired(cfg, now)
+                    && old.flags & FLOW_CLOSING == 0
+                    && (old.id != value.id || old.generation != value.generation)
+                {
+                    count(Counter::DropFlowClash);
+                    return Err(DropReason::FlowClash);
+                }
             }
+            // Expired, closing, or this very flow's own (a previous run of it).
+            flows
+                .insert(key, value, u64::from(BPF_ANY))
+                .map_err(|_| DropReason::FlowTable)
+        }
+        Err(_) => Err(DropReason::FlowTable),
+    }
+}
+
+/// Finds a snat source (address, port) for a flow to backend `b` by claiming its reply entry:
+/// the insert only succeeds if no flow from that backend to that node address and port exists,
+/// so two CPUs cannot claim the same (0; else a DropReason's code). Ports are tried in order from a cursor per backend, so a
+/// port is reused as late as possible (after the whole range), and an entry whose flow is over
+/// is reclaimed on the spot (the sweep would otherwise free it later). Reply entries of flows
+/// the backend closed first stay `tcp_time_wait` (see FLOW_TIME_WAIT), so a port is never given
+/// back to a backend that may hold the old connection in TIME_WAIT.
+#[inline(never)]
+fn claim_port<F: Family>(
+    cfg: &Config,
+    b: &Backend,
+    key: &mut FlowKey<F::A>,
+    reply: &Flow<F::A>,
+    now: u32,
+) -> u32 {
+    let exhausted = DropReason::SnatPortsExhausted.code();
+    let (addrs, n_addrs) = F::snat(cfg);
+    let ports = cfg.snat_port_count();
+    // Both checked, so the compiler sees no division by zero (it would link in a panic).
+    if ports == 0 || n_addrs == 0 {
+        return exhausted;
+    }
+    let space = n_addrs.min(addrs.len() as u32) * ports;
+    // Keyed by the backend's address, not its id: two services' ids for one pod share it.
+    let slot = addr_hash(&b.addr) ^ u32::from(b.port);
+    let Some(cursor) = LB_PORTS.get_ptr_mut(slot % PORT_CURSORS) else {
+        return exhausted;
+    };
+    let flows = F::flows();
+    for _ in 0..SNAT_PORT_TRIES {
+        // SAFETY: an aligned u32 in a map value. SeqCst, not Relaxed: for a relaxed 32-bit add
+        // LLVM emits BPF's plain atomic add, without the fetch, and the "old value" read back
+        // is the operand (seen with the nightly's LLVM 22); a sequentially consistent one is
+        // BPF_ATOMIC_FETCH_ADD, which every BPF atomic is anyway.
+        let i = unsafe { atomic_xadd::<u32, u32, { SeqCst }>(cursor, 1) } % space;
+        let a = i / ports;
+        if a as usize >= addrs.len() {
+            break;
+        }
+        // Masked in 64 bits as well: the verifier must see the index bounded in the register
+        // that addresses the array, whatever width the compiler compared it in.
+        let a =
+            (unsafe { core::ptr::read_volatile(&a) } as u64 & (MAX_SNAT_ADDRS as u64 - 1)) as usize;
+        // The key is (backend -> snat address and port); the caller filled in the rest.
+        key.dst = F::A::from_addr(&addrs[a]);
+        key.dport = cfg.snat_port(i % ports).to_be();
+        let mut claimed = flows.insert(&*key, reply, u64::from(BPF_NOEXIST));
+        // Held: reclaim it if its flow is over. (One straight line, no inner loop: the
+        // verifier follows every way through each try.)
+        if claimed == Err(-EEXIST)
+            && flows
+                .get_ptr(&*key)
+                .is_some_and(|p| unsafe { &*p }.is_expired(cfg, now))
+            && flows.remove(&*key).is_ok()
+        {
+            claimed = flows.insert(&*key, reply, u64::from(BPF_NOEXIST));
+        }
+        match claimed {
+            Ok(()) => return 0,
+            Err(e) if e == -EEXIST => {}
+            Err(_) => return DropReason::FlowTable.code(),
         }
     }
-    count(Counter::DropSnatPortsExhausted);
-    Err(DropReason::SnatPorts)
+    exhausted
 }

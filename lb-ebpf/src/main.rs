@@ -35,30 +35,28 @@ mod datapath {
         programs::XdpContext,
     };
     use lb_common::{
-        Addr, Counter, FILTER_WORDS, FLOW_REPLY, FLOW_RESET, Flow, FlowKey, HOP_VLAN, IPPROTO_ICMP,
-        IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, POLICY_PRECISE_CLOCK, ServiceKey, TAIL_ICMP,
-        TAIL_NEW_FLOW, filter_bit, hop_epoch,
+        Counter, DropReason, FILTER_SERVED, FLOW_RESET, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP,
+        IPPROTO_UDP, MAC_SLOTS, POLICY_PRECISE_CLOCK, SVC_SNAT, ServiceKey, TAIL_ICMP,
+        TAIL_NEW_FLOW, flow_clock,
+        hash::flow_hash,
+        net::{TCP_ACK, TCP_SYN},
     };
 
     use crate::{
-        flow,
+        drop_for,
+        family::{Family, Ipv4, Ipv6, key_of},
+        flow::{self, Opened, Target},
+        is_client,
         maps::{
-            LB_BE_STATS, LB_FILTER, LB_FLOWS, LB_POLICIES, LB_PROGS, LB_SERVICES, LB_SVC_POLICY,
-            LB_SVC_STATS, config, count, count_service_drop, scratch,
+            LB_BE_STATS, LB_MACS, LB_POLICIES, LB_PROGS, LB_SERVICES, LB_SVC_STATS, config, count,
+            in_filter, packet, scratch,
         },
-        nexthop::{self, Hop, Macs},
+        nexthop::{self, Fib, Next, Route},
         not_served,
-        parse::{L4State, Packet, Ports, TCP_ACK, TCP_SYN, bounds, parse_l3, parse_ports},
+        parse::{Packet, Ports, State, ipv4_checksum_ok, load, parse_l3, parse_ports, ptr_at},
         ratelimit::{self, Verdict},
-        rewrite, tcp,
+        rewrite, sources, tcp,
     };
-
-    /// Which filter plane an address is looked up in (plane 1, local backends, is tc.rs's).
-    #[derive(Clone, Copy)]
-    enum Plane {
-        /// VIPs and node addresses: destinations the data path serves.
-        Served = 0,
-    }
 
     #[xdp]
     pub fn lb_uplink(ctx: XdpContext) -> u32 {
@@ -66,7 +64,7 @@ mod datapath {
     }
 
     /// Tail-called (TAIL_NEW_FLOW) for a TCP/UDP packet to a served address that matched no
-    /// flow, from the uplink side.
+    /// flow (or a TCP SYN, which is not looked up first), from the uplink side.
     #[xdp]
     pub fn lb_new_flow(ctx: XdpContext) -> u32 {
         new_flow_stage(&ctx)
@@ -75,46 +73,39 @@ mod datapath {
     /// Tail-called (TAIL_ICMP) for ICMP and ICMPv6 to a served address.
     #[xdp]
     pub fn lb_icmp(ctx: XdpContext) -> u32 {
-        let mut pkt = Packet::EMPTY;
-        if !parse_l3(&ctx, &mut pkt) {
+        let Some(pkt) = packet() else {
+            return xdp_action::XDP_DROP;
+        };
+        if !parse_l3(&ctx, pkt) {
             return xdp_action::XDP_DROP;
         }
-        crate::icmp::handle(&ctx, &pkt)
-    }
-
-    #[inline(always)]
-    fn in_filter(plane: Plane, addr: &Addr) -> bool {
-        let bit = filter_bit(addr);
-        let word = plane as u32 * FILTER_WORDS + bit / 64;
-        match LB_FILTER.get(word) {
-            Some(w) => w & (1u64 << (bit % 64)) != 0,
-            None => false,
-        }
+        crate::icmp::handle(&ctx, pkt)
     }
 
     #[inline(never)]
     fn entry(ctx: &XdpContext) -> u32 {
         count(Counter::Packets);
-        let mut pkt = Packet::EMPTY;
-        if !parse_l3(ctx, &mut pkt) {
+        let Some(pkt) = packet() else {
+            return xdp_action::XDP_PASS;
+        };
+        if !parse_l3(ctx, pkt) {
             return xdp_action::XDP_PASS;
         }
-        let pkt = &pkt;
-        if !in_filter(Plane::Served, &pkt.dst) {
+        let pkt: &Packet = pkt;
+        if !in_filter(FILTER_SERVED, &pkt.dst) || !addressed_to_us(ctx) {
             count(Counter::PassNotOurs);
             return xdp_action::XDP_PASS;
         }
-        // A frame cut shorter than its IP length says (padding beyond it is fine).
-        let (start, end) = bounds(ctx);
-        if start + pkt.l3 + pkt.len as usize > end {
-            return not_served(pkt, Counter::DropMalformed);
-        }
-        match pkt.l4_state {
-            L4State::Present => {}
-            L4State::Fragment => return not_served(pkt, Counter::DropFragment),
-            L4State::UnsupportedExtension => {
+        match pkt.state {
+            State::Present => {}
+            State::Malformed => return not_served(pkt, Counter::DropMalformed),
+            State::Fragment => return not_served(pkt, Counter::DropFragment),
+            State::UnsupportedExtension => {
                 return not_served(pkt, Counter::DropIpv6Extension);
             }
+        }
+        if !pkt.v6 && !ipv4_checksum_ok(ctx, pkt.l3, pkt.l4) {
+            return not_served(pkt, Counter::DropMalformed);
         }
         match pkt.proto {
             IPPROTO_TCP | IPPROTO_UDP => transport(ctx, pkt),
@@ -122,6 +113,22 @@ mod datapath {
             IPPROTO_ICMPV6 if pkt.v6 => tail_call(ctx, TAIL_ICMP),
             _ => not_served(pkt, Counter::DropNoService),
         }
+    }
+
+    /// Whether the frame was sent to the MAC of the interface it arrived on (the kernel forwards
+    /// only what was; a bridge or a promiscuous NIC may hand us other hosts' frames).
+    #[inline(always)]
+    fn addressed_to_us(ctx: &XdpContext) -> bool {
+        let ifindex = ctx.ingress_ifindex() as u32;
+        let Some(link) = LB_MACS.get(ifindex % MAC_SLOTS) else {
+            return false;
+        };
+        let Some(eth) = ptr_at::<[u16; 3]>(ctx, 0) else {
+            return false;
+        };
+        let eth: *const u8 = eth.cast();
+        let dst: [u16; 3] = unsafe { [load(eth), load(eth.add(2)), load(eth.add(4))] };
+        link.ifindex == ifindex && dst == link.mac
     }
 
     /// Continues in a slow-path program; returns only if the tail call fails.
@@ -134,6 +141,68 @@ mod datapath {
     }
 
     #[inline(always)]
+    fn syn_only(tcp_flags: u8) -> bool {
+        tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    }
+
+    /// A TCP or UDP packet to a served address: its flow's, or a new flow's (tail call).
+    #[inline(never)]
+    fn transport(ctx: &XdpContext, pkt: &Packet) -> u32 {
+        let Some(ports) = parse_ports(ctx, pkt) else {
+            return not_served(pkt, Counter::DropMalformed);
+        };
+        // A SYN opens a flow: the slow path inserts without looking up first, and finds a live
+        // flow (a retransmission) through the insert's failure.
+        let syn = pkt.proto == IPPROTO_TCP && syn_only(ports.tcp_flags);
+        // One call of the family-neutral rest: the verifier walks it once, not once per family.
+        let live = !syn
+            && if pkt.v6 {
+                lookup::<Ipv6>(pkt, &ports)
+            } else {
+                lookup::<Ipv4>(pkt, &ports)
+            };
+        if live {
+            return established(ctx, pkt);
+        }
+        tail_call(ctx, TAIL_NEW_FLOW)
+    }
+
+    /// Finds the packet's flow. If it is live for this packet: true, with its target, flags and
+    /// the packet's clock reading in scratch(). Else the reading (0: none yet) is left there for
+    /// the new-flow slow path.
+    #[inline(never)]
+    fn lookup<F: Family>(pkt: &Packet, ports: &Ports) -> bool {
+        let (Some(cfg), Some(s)) = (config(), scratch()) else {
+            return false;
+        };
+        s.now = 0;
+        let key = key_of::<F>(pkt, ports);
+        let Some(entry) = F::flows().get_ptr_mut(&key) else {
+            return false;
+        };
+        let f = unsafe { *entry };
+        let Some(t) = flow::resolve(&f) else {
+            return false;
+        };
+        // The one clock read of this packet, shared by the flow's timestamp and the rate
+        // limiter; for a new flow the slow path reads it, once it knows the service.
+        let now_ns = clock_for(t.policy);
+        s.now = now_ns;
+        if !flow::refresh::<F>(
+            entry,
+            &t,
+            flow::seen(pkt.proto, ports.tcp_flags),
+            flow_clock(now_ns),
+            cfg,
+        ) {
+            return false;
+        }
+        s.target = t;
+        s.flags = f.flags;
+        true
+    }
+
+    #[inline(always)]
     fn precise_now() -> u64 {
         unsafe { bpf_ktime_get_ns() }
     }
@@ -141,47 +210,6 @@ mod datapath {
     #[inline(always)]
     fn coarse_now() -> u64 {
         unsafe { bpf_ktime_get_coarse_ns() }
-    }
-
-    #[inline(always)]
-    fn flow_key(pkt: &Packet, ports: &Ports) -> FlowKey {
-        FlowKey::new(pkt.src, pkt.dst, ports.sport, ports.dport, pkt.proto)
-    }
-
-    #[inline(never)]
-    fn transport(ctx: &XdpContext, pkt: &Packet) -> u32 {
-        let Some(ports) = parse_ports(ctx, pkt) else {
-            return not_served(pkt, Counter::DropMalformed);
-        };
-        let Some(cfg) = config() else {
-            return xdp_action::XDP_PASS;
-        };
-        let key = flow_key(pkt, &ports);
-        let entry = LB_FLOWS.get_ptr_mut(&key);
-        // The one clock read of this packet, shared by the flow's timestamp and the rate
-        // limiter; for a new flow the slow path reads it, once it knows the service.
-        let mut now = 0;
-        if let Some(e) = entry {
-            // The client's packets are held to its service's policy.
-            let policy = if unsafe { (*e).flags } & FLOW_REPLY == 0 {
-                LB_SVC_POLICY
-                    .get(unsafe { (*e).service })
-                    .copied()
-                    .unwrap_or(0)
-            } else {
-                0
-            };
-            now = clock_for(policy);
-            if flow::refresh(e, ports.tcp_flags, now, cfg) {
-                return established(ctx, pkt, e, policy, now);
-            }
-        }
-        match scratch() {
-            // 0: not read yet.
-            Some(s) => s.now = now,
-            None => return xdp_action::XDP_DROP,
-        }
-        tail_call(ctx, TAIL_NEW_FLOW)
     }
 
     /// Now, from the clock rate-limit policy `policy` needs (0: none): the precise one if one of
@@ -197,70 +225,140 @@ mod datapath {
         if precise { precise_now() } else { coarse_now() }
     }
 
-    /// A packet of a flow in the table; `policy`: the rate-limit policy for the client's packets.
+    /// A packet of a flow in the table (its target, flags and clock reading in scratch()).
     #[inline(never)]
-    fn established(ctx: &XdpContext, pkt: &Packet, entry: *mut Flow, policy: u32, now: u64) -> u32 {
-        // Copy out what we need: other CPUs may be updating the entry.
-        let flow = unsafe { *entry };
-        if flow.flags & FLOW_RESET != 0 && pkt.proto == IPPROTO_TCP {
+    fn established(ctx: &XdpContext, pkt: &Packet) -> u32 {
+        let Some(s) = scratch() else {
+            return xdp_action::XDP_DROP;
+        };
+        let (t, flags, now_ns) = (&s.target, s.flags, s.now);
+        if flags & FLOW_RESET != 0 && pkt.proto == IPPROTO_TCP {
             return tcp::reset(ctx, pkt);
         }
-        if flow.flags & FLOW_REPLY == 0 {
+        if pkt.ttl <= 1 {
+            return drop_for(t.service, DropReason::TtlExceeded);
+        }
+        if !t.reply {
             let how = if pkt.v6 { ratelimit::V6 } else { 0 };
-            match ratelimit::check(policy, &pkt.src, how, now) {
+            match ratelimit::check(t.policy, &pkt.src, how, now_ns) {
                 Verdict::Pass => {}
                 Verdict::Drop(reason) | Verdict::Reset(reason) => {
-                    count_service_drop(flow.service, reason);
-                    return xdp_action::XDP_DROP;
+                    return drop_for(t.service, reason);
                 }
             }
         }
-        forward(ctx, pkt, &flow, entry, now)
+        let fib = fib_of(ctx, pkt);
+        let mut next = Next::NONE;
+        let route = nexthop::route(
+            &fib,
+            &[t.tuple.src, t.tuple.dst],
+            pkt.len,
+            now_ns,
+            &mut next,
+        );
+        send(ctx, pkt, t, route, &next)
     }
 
-    /// The new-flow slow path: find the service, rate-limit, create the flow, forward.
+    #[inline(always)]
+    fn fib_of(ctx: &XdpContext, pkt: &Packet) -> Fib {
+        Fib {
+            ctx: ctx.ctx.cast(),
+            ifindex: ctx.ingress_ifindex() as u32,
+            v6: pkt.v6,
+        }
+    }
+
+    /// The new-flow slow path: re-parse (the entry program checked it all; parsing again is
+    /// cheaper than passing the results along), then the family's.
     #[inline(always)]
     fn new_flow_stage(ctx: &XdpContext) -> u32 {
-        // The entry program checked all of this already; parsing again is cheaper than passing
-        // the results along.
-        let mut pkt = Packet::EMPTY;
-        if !parse_l3(ctx, &mut pkt) {
+        let Some(pkt) = packet() else {
+            return xdp_action::XDP_DROP;
+        };
+        if !parse_l3(ctx, pkt) {
             return xdp_action::XDP_DROP;
         }
-        let pkt = &pkt;
+        let pkt: &Packet = pkt;
         let Some(ports) = parse_ports(ctx, pkt) else {
             return xdp_action::XDP_DROP;
         };
+        new_flow(ctx, pkt, &ports)
+    }
+
+    /// Finds the service, checks the source, picks a backend and a route to it, rate-limits,
+    /// creates the flow and forwards. Nothing is created for a packet that is dropped. Only the
+    /// flow table's part depends on the family: the verifier walks the rest once.
+    #[inline(never)]
+    fn new_flow(ctx: &XdpContext, pkt: &Packet, ports: &Ports) -> u32 {
         let (Some(cfg), Some(s)) = (config(), scratch()) else {
             return xdp_action::XDP_DROP;
         };
-        let now = s.now;
-        let key = flow_key(pkt, &ports);
-        let syn = pkt.proto == IPPROTO_TCP && ports.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-        new_flow(ctx, pkt, &key, syn, now, cfg)
-    }
-
-    #[inline(always)]
-    fn new_flow(
-        ctx: &XdpContext,
-        pkt: &Packet,
-        key: &FlowKey,
-        syn: bool,
-        now: u64,
-        cfg: &lb_common::Config,
-    ) -> u32 {
-        let skey = ServiceKey {
-            addr: key.dst,
-            port: key.dport,
-            proto: key.proto,
-            _pad: 0,
-        };
+        let read_ns = s.now;
+        let skey = ServiceKey::new(pkt.dst, ports.dport, pkt.proto);
+        // Read in place, not copied: a map value's fields are plain numbers to the verifier, where
+        // copies on the stack would be followed value by value (the kernel swaps in a whole new
+        // element on update, so the fields read are of one version).
         let Some(svc) = LB_SERVICES.get_ptr(&skey) else {
             return not_served(pkt, Counter::DropNoService);
         };
-        let svc = unsafe { *svc };
+        let svc = unsafe { &*svc };
+        if pkt.ttl <= 1 {
+            return drop_for(svc.id, DropReason::TtlExceeded);
+        }
+        if !is_client(pkt) {
+            count(Counter::DropBadSource);
+            return xdp_action::XDP_DROP;
+        }
+        if !sources::allowed(svc, &pkt.src) {
+            return drop_for(svc.id, DropReason::SourceRange);
+        }
         // Read in the entry program already if an expired entry was there.
-        let now = if now != 0 { now } else { clock_for(svc.policy) };
+        let now_ns = if read_ns != 0 {
+            read_ns
+        } else {
+            clock_for(svc.policy)
+        };
+        let syn = pkt.proto == IPPROTO_TCP && syn_only(ports.tcp_flags);
+        let hash = flow_hash(
+            &pkt.src,
+            &pkt.dst,
+            ports.sport,
+            ports.dport,
+            pkt.proto,
+            cfg.hash_seed,
+        );
+        if svc.active_backends == 0 {
+            return drop_for(svc.id, DropReason::NoBackend);
+        }
+        if !flow::choose(&pkt.src, svc, hash, now_ns) {
+            return drop_for(svc.id, DropReason::NoBackend);
+        }
+        let Some(s) = scratch() else {
+            return xdp_action::XDP_DROP;
+        };
+        let choice = &mut s.choice;
+        choice.syn = syn;
+        // The route before anything is created: a packet that cannot go on leaves nothing.
+        let src = match (svc.flags & SVC_SNAT != 0, pkt.v6) {
+            (true, false) => cfg.snat_v4[0],
+            (true, true) => cfg.snat_v6[0],
+            (false, _) => pkt.src,
+        };
+        let fib = fib_of(ctx, pkt);
+        let route = nexthop::route(
+            &fib,
+            &[src, choice.backend.addr],
+            pkt.len,
+            now_ns,
+            &mut s.next,
+        );
+        match route {
+            Route::Unreachable => return drop_for(svc.id, DropReason::NoRoute),
+            Route::TooBig => return drop_for(svc.id, DropReason::TooBig),
+            _ => {}
+        }
+        // Kept in scratch memory until the send, not on the stack: see maps.rs, LB_PACKET.
+        unsafe { core::ptr::write_volatile(&raw mut s.route, route as u32) };
         // Every new flow counts as a connection: a SYN, a UDP flow's first packet, and a TCP
         // packet without state (it would create state too).
         let mut how = ratelimit::NEW_FLOW;
@@ -270,85 +368,95 @@ mod datapath {
         if syn {
             how |= ratelimit::SYN;
         }
-        match ratelimit::check(svc.policy, &key.src, how, now) {
+        match ratelimit::check(svc.policy, &pkt.src, how, now_ns) {
             Verdict::Pass => {}
-            Verdict::Drop(reason) => {
-                count_service_drop(svc.id, reason);
-                return xdp_action::XDP_DROP;
-            }
+            Verdict::Drop(reason) => return drop_for(svc.id, reason),
             Verdict::Reset(reason) => {
-                count_service_drop(svc.id, reason);
+                count_drop(svc.id, reason);
                 return tcp::reset(ctx, pkt);
             }
         }
-        if !syn && pkt.proto == IPPROTO_TCP {
+        let Some(s) = scratch() else {
+            return xdp_action::XDP_DROP;
+        };
+        let opened = if pkt.v6 {
+            flow::open::<Ipv6>(pkt, ports, svc, &s.choice, cfg)
+        } else {
+            flow::open::<Ipv4>(pkt, ports, svc, &s.choice, cfg)
+        };
+        match opened {
+            Opened::Created => {}
+            Opened::Live => {
+                // A retransmitted SYN of a live flow, which may go elsewhere than `choice`.
+                let addrs = [s.target.tuple.src, s.target.tuple.dst];
+                let route = nexthop::route(&fib, &addrs, pkt.len, now_ns, &mut s.next);
+                return send(ctx, pkt, &s.target, route, &s.next);
+            }
+            Opened::Failed => return drop_for(svc.id, s.reason),
+        }
+        if pkt.proto == IPPROTO_TCP && !s.choice.syn {
             count(Counter::FlowsCreatedMidstream);
         }
-        if let Err(reason) = flow::create(key, &svc, cfg, now, syn) {
-            count_service_drop(svc.id, reason);
-            return xdp_action::XDP_DROP;
-        }
-        match scratch() {
-            Some(s) => forward(ctx, pkt, &s.flow, core::ptr::null_mut(), now),
-            None => xdp_action::XDP_DROP,
-        }
+        let route = Route::of(unsafe { core::ptr::read_volatile(&s.route) });
+        send(ctx, pkt, &s.target, route, &s.next)
     }
 
-    /// Applies a flow entry's rewrite, counts the packet and sends it on: to the next hop the
-    /// entry has cached, or (null `entry`, or nothing current cached) the FIB's, which is then
-    /// cached in the entry. A FIB lookup is the largest single cost of an established packet.
+    #[inline(always)]
+    fn count_drop(service: u32, reason: DropReason) {
+        crate::maps::count_service_drop(service, reason);
+    }
+
+    /// Applies a flow's rewrite, counts the packet and sends it on to `hop`; without one (no
+    /// neighbour entry, a local destination) the rewritten packet goes to the kernel, which
+    /// forwards it (and decrements the TTL) itself.
     #[inline(never)]
-    fn forward(ctx: &XdpContext, pkt: &Packet, flow: &Flow, entry: *mut Flow, now: u64) -> u32 {
-        let addrs = [flow.src, flow.dst];
-        if rewrite::set_tuple(ctx, pkt, &addrs, flow.sport, flow.dport).is_none() {
+    fn send(ctx: &XdpContext, pkt: &Packet, t: &Target, route: Route, next: &Next) -> u32 {
+        match route {
+            Route::Found => {}
+            Route::Neighbour => count(Counter::PassNoNeighbour),
+            Route::Local => count(Counter::PassNotRedirectable),
+            Route::Unreachable => return drop_for(t.service, DropReason::NoRoute),
+            Route::TooBig => return drop_for(t.service, DropReason::TooBig),
+        }
+        let forwarded = route == Route::Found;
+        if rewrite::set_tuple(ctx, pkt, &t.tuple, forwarded).is_none() {
             count(Counter::DropMalformed);
             return xdp_action::XDP_DROP;
         }
-        let bytes = u64::from(pkt.len);
-        if let Some(s) = LB_SVC_STATS.get_ptr_mut(flow.service) {
+        count_packet(t, pkt.len);
+        ratelimit::commit();
+        if forwarded {
+            nexthop::transmit(ctx, pkt.vlan, next)
+        } else {
+            xdp_action::XDP_PASS
+        }
+    }
+
+    #[inline(always)]
+    fn count_packet(t: &Target, len: u32) {
+        let bytes = u64::from(len);
+        if let Some(s) = LB_SVC_STATS.get_ptr_mut(t.service) {
             let s = unsafe { &mut *s };
-            if flow.flags & FLOW_REPLY == 0 {
-                s.packets += 1;
-                s.bytes += bytes;
-            } else {
+            if t.reply {
                 s.reply_packets += 1;
                 s.reply_bytes += bytes;
+            } else {
+                s.packets += 1;
+                s.bytes += bytes;
             }
         }
-        if flow.flags & FLOW_REPLY == 0
-            && let Some(b) = LB_BE_STATS.get_ptr_mut(flow.backend)
+        if !t.reply
+            && let Some(b) = LB_BE_STATS.get_ptr_mut(t.backend)
         {
             let b = unsafe { &mut *b };
             b.packets += 1;
             b.bytes += bytes;
         }
-        if flow.hop_valid(now) {
-            let vlan = (flow.hop_vlan & HOP_VLAN != 0).then_some(flow.hop_vlan & 0x0fff);
-            return nexthop::transmit(ctx, pkt.vlan, flow.hop_ifindex, vlan, Macs(flow.hop_macs));
-        }
-        match nexthop::route(ctx, pkt.v6, &addrs, pkt.len) {
-            Hop::Verdict(v) => v,
-            Hop::Device {
-                ifindex,
-                vlan_id,
-                macs,
-            } => {
-                if !entry.is_null() {
-                    // SAFETY: a flow-table value. Another CPU may write the same hop at once;
-                    // the epoch goes last so a reader sees a current epoch only after the rest.
-                    unsafe {
-                        (*entry).hop_macs = macs.0;
-                        (*entry).hop_vlan = vlan_id.map_or(0, |v| HOP_VLAN | v);
-                        (*entry).hop_ifindex = ifindex;
-                        (*entry).hop_epoch = hop_epoch(now);
-                    }
-                }
-                nexthop::transmit(ctx, pkt.vlan, ifindex, vlan_id, macs)
-            }
-        }
     }
 }
 
+#[cfg(target_arch = "bpf")]
+mod family;
 #[cfg(target_arch = "bpf")]
 mod flow;
 #[cfg(target_arch = "bpf")]
@@ -364,6 +472,8 @@ mod ratelimit;
 #[cfg(target_arch = "bpf")]
 mod rewrite;
 #[cfg(target_arch = "bpf")]
+mod sources;
+#[cfg(target_arch = "bpf")]
 mod tc;
 #[cfg(target_arch = "bpf")]
 mod tcp;
@@ -378,6 +488,17 @@ fn is_vip(addr: &lb_common::Addr) -> bool {
     }
 }
 
+/// Whether the packet's source may be a client: a unicast host address that is not one of the
+/// node's, a VIP or a subnet broadcast (LB_ADDRS), nor IPv4-mapped in an IPv6 packet. No flow,
+/// no answer, no bucket for anything else (it would make us a reflector).
+#[cfg(target_arch = "bpf")]
+#[inline(always)]
+fn is_client(pkt: &parse::Packet) -> bool {
+    !(pkt.v6 && pkt.src.is_v4())
+        && pkt.src.may_be_client()
+        && maps::LB_ADDRS.get_ptr(&pkt.src).is_none()
+}
+
 /// A packet we do not balance: dropped and counted if addressed to a VIP, else the kernel's.
 #[cfg(target_arch = "bpf")]
 #[inline(always)]
@@ -389,6 +510,14 @@ fn not_served(pkt: &parse::Packet, counter: lb_common::Counter) -> u32 {
         maps::count(lb_common::Counter::PassNotOurs);
         aya_ebpf::bindings::xdp_action::XDP_PASS
     }
+}
+
+/// Drops a packet for a service, counted per service and node-wide.
+#[cfg(target_arch = "bpf")]
+#[inline(always)]
+fn drop_for(service: u32, reason: lb_common::DropReason) -> u32 {
+    maps::count_service_drop(service, reason);
+    aya_ebpf::bindings::xdp_action::XDP_DROP
 }
 
 #[cfg(target_arch = "bpf")]

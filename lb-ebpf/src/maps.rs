@@ -9,22 +9,34 @@ use lb_common::*;
 
 #[map]
 pub static LB_CONFIG: Array<Config> = Array::with_max_entries(1, 0);
-/// Two planes of FILTER_WORDS words: destinations we serve, then local backend addresses.
+/// Two planes of FILTER_WORDS words: FILTER_SERVED, FILTER_LOCAL.
 #[map]
 pub static LB_FILTER: Array<u64> = Array::with_max_entries(2 * FILTER_WORDS, 0);
 #[map]
 pub static LB_ADDRS: HashMap<Addr, AddrInfo> = HashMap::with_max_entries(MAX_ADDRS, 0);
 #[map]
+pub static LB_MACS: Array<LinkMac> = Array::with_max_entries(MAC_SLOTS, 0);
+#[map]
 pub static LB_SERVICES: HashMap<ServiceKey, Service> =
     HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+#[map]
+pub static LB_SVC_INFO: Array<ServiceInfo> = Array::with_max_entries(DEFAULT_MAX_SERVICES, 0);
 #[map]
 pub static LB_BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 #[map]
 pub static LB_RINGS: Array<u32> =
     Array::with_max_entries((DEFAULT_MAX_SERVICES + SPARE_RINGS) * DEFAULT_RING_SIZE, 0);
 #[map]
-pub static LB_FLOWS: LruHashMap<FlowKey, Flow> =
+pub static LB_FLOWS4: LruHashMap<FlowKey4, Flow4> =
     LruHashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, 0);
+#[map]
+pub static LB_FLOWS6: LruHashMap<FlowKey6, Flow6> =
+    LruHashMap::with_max_entries(DEFAULT_FLOW_ENTRIES_V6, 0);
+/// Each backend's snat port cursor (see flow.rs, `claim_port`).
+#[map]
+pub static LB_PORTS: Array<u32> = Array::with_max_entries(PORT_CURSORS, 0);
+#[map]
+pub static LB_HOPS: PerCpuArray<Hop> = PerCpuArray::with_max_entries(HOP_SLOTS, 0);
 #[map]
 pub static LB_DEVMAP: DevMapHash = DevMapHash::with_max_entries(MAX_IFACES, 0);
 #[map]
@@ -39,14 +51,15 @@ pub static LB_BE_STATS: PerCpuArray<BackendStats> =
     PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 #[map]
 pub static LB_POLICIES: Array<Policy> = Array::with_max_entries(MAX_POLICIES, 0);
-/// The policy of each service by id (mirrors LB_SERVICES), read by established flows.
+/// Set-associative (see lb_common::SourceTags): a source being limited is never evicted.
 #[map]
-pub static LB_SVC_POLICY: Array<u32> = Array::with_max_entries(DEFAULT_MAX_SERVICES, 0);
-/// A plain hash, not an LRU: a source being limited must not be evicted (it would come back with
-/// a full bucket). The agent reclaims entries whose buckets have refilled.
+pub static LB_SOURCE_TAGS: Array<SourceTags> =
+    Array::with_max_entries(source_sets(DEFAULT_SOURCE_ENTRIES), 0);
 #[map]
-pub static LB_SOURCES: HashMap<SourceKey, Source> =
-    HashMap::with_max_entries(DEFAULT_SOURCE_ENTRIES, 0);
+pub static LB_SOURCES: Array<Source> =
+    Array::with_max_entries(source_sets(DEFAULT_SOURCE_ENTRIES) * SOURCE_WAYS as u32, 0);
+#[map]
+pub static LB_OVERFLOW: Array<Source> = Array::with_max_entries(MAX_POLICIES, 0);
 #[map]
 pub static LB_PREFIXES: LpmTrie<PrefixKey, PrefixRule> = LpmTrie::with_max_entries(MAX_PREFIXES, 0);
 #[map]
@@ -55,19 +68,39 @@ pub static LB_AFFINITY: LruHashMap<AffinityKey, Affinity> =
 
 /// Room for the larger temporaries of one packet: BPF gives a program 512 bytes of stack over
 /// its whole call chain. One per CPU, and XDP never runs twice at once on a CPU, so the packet
-/// being processed owns it. Each field has one user at a time (noted).
+/// being processed owns it (TC programs run with preemption off as well). Each field has one
+/// user at a time (noted).
 #[repr(C)]
 pub struct Scratch {
-    /// The new flow's client-side entry (flow::create), then read by forward().
-    pub flow: Flow,
-    /// The new flow's reply entry (flow::create); the flow entry an ICMP error is about.
-    pub reply: Flow,
-    /// Reply-entry key (flow::create); the key an ICMP error is looked up by.
-    pub key: FlowKey,
     /// bpf_fib_lookup parameters (nexthop::route).
     pub fib: FibParams,
-    /// The packet's one clock reading, for the slow path a tail call continues in.
+    /// The new flow's backend choice (flow::choose, then flow::open).
+    pub choice: crate::flow::Choice,
+    /// The flow's target: an established one's (main.rs, lookup), a new one's (flow::open);
+    /// then the send.
+    pub target: crate::flow::Target,
+    /// The packet's one clock reading, for the slow path a tail call continues in (0: none).
     pub now: u64,
+    /// The established flow's entry flags (main.rs, lookup, then established).
+    pub flags: u8,
+    /// The source the rate limiter admitted without a slot (ratelimit::check, then commit).
+    pub pending: crate::ratelimit::Pending,
+    /// Why flow::open failed.
+    pub reason: DropReason,
+    /// flow::open found the flow live (a retransmitted SYN): its target is `target`.
+    pub live: bool,
+    /// Ways of a source set found (ratelimit.rs, scan).
+    pub ways: [u32; 2],
+    /// A new flow's entries and its reply entry's key while they are made (flow::create), of
+    /// either family: room for the IPv6 ones, the larger (see `entries`).
+    pub key: FlowKey6,
+    pub reply_key: FlowKey6,
+    pub forward: Flow6,
+    pub reply: Flow6,
+    /// A new flow's next hop and how it was found (nexthop::Route), from before the flow is
+    /// made to its send.
+    pub next: crate::nexthop::Next,
+    pub route: u32,
 }
 
 /// Slow paths, tail-called: TAIL_NEW_FLOW, TAIL_ICMP.
@@ -77,11 +110,55 @@ pub static LB_PROGS: ProgramArray = ProgramArray::with_max_entries(2, 0);
 #[map]
 pub static LB_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
+/// The packet being processed, as parsed. In map memory, not on the stack, on purpose: the
+/// verifier tracks what a program keeps on its stack, value by value, and follows each
+/// combination of parse results (family, header lengths, states) through the rest of the
+/// program as a path of its own; values read from a map are just numbers to it. Every packet
+/// access is bounds-checked at run time anyway (parse::ptr_at).
+#[map]
+pub static LB_PACKET: PerCpuArray<crate::parse::Packet> = PerCpuArray::with_max_entries(1, 0);
+
+/// This CPU's packet slot.
+#[inline(always)]
+pub fn packet() -> Option<&'static mut crate::parse::Packet> {
+    // SAFETY: per-CPU, and no other invocation runs on this CPU while we do.
+    LB_PACKET.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
+
 /// This CPU's scratch space.
 #[inline(always)]
 pub fn scratch() -> Option<&'static mut Scratch> {
     // SAFETY: per-CPU, and no other invocation runs on this CPU while we do.
     LB_SCRATCH.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
+
+const _: () = assert!(
+    core::mem::size_of::<FlowKey4>() <= core::mem::size_of::<FlowKey6>()
+        && core::mem::size_of::<Flow4>() <= core::mem::size_of::<Flow6>()
+        && core::mem::align_of::<FlowKey4>() <= core::mem::align_of::<FlowKey6>()
+        && core::mem::align_of::<Flow4>() <= core::mem::align_of::<Flow6>()
+);
+
+/// A new flow's reply key, forward entry and reply entry in scratch space, as family `A`'s.
+/// Kept off the stack: a subprogram chain may use 512 bytes in all.
+#[inline(always)]
+pub fn entries<A: FlowAddr>(s: &mut Scratch) -> (&mut FlowKey<A>, &mut Flow<A>, &mut Flow<A>) {
+    // SAFETY: each field has room and alignment for either family's type (asserted above) and
+    // is only used as one type at a time.
+    unsafe {
+        (
+            &mut *(&raw mut s.reply_key).cast::<FlowKey<A>>(),
+            &mut *(&raw mut s.forward).cast::<Flow<A>>(),
+            &mut *(&raw mut s.reply).cast::<Flow<A>>(),
+        )
+    }
+}
+
+/// A new flow's own key in scratch space, as family `A`'s (see `entries`).
+#[inline(always)]
+pub fn new_key<A: FlowAddr>(s: &mut Scratch) -> &mut FlowKey<A> {
+    // SAFETY: as in `entries`.
+    unsafe { &mut *(&raw mut s.key).cast::<FlowKey<A>>() }
 }
 
 #[inline(always)]
@@ -100,7 +177,8 @@ pub fn count(c: Counter) {
     }
 }
 
-/// Counts a packet for a service that was dropped, both per service and node-wide.
+/// Counts a packet for a service that was dropped, per service and node-wide (the node-wide
+/// counter of each reason is `drop_<reason>`, see `DropReason::counter`).
 #[inline(always)]
 pub fn count_service_drop(service: u32, reason: DropReason) {
     // The compiler knows `reason` is in range and would drop the bounds check; the verifier does
@@ -114,4 +192,12 @@ pub fn count_service_drop(service: u32, reason: DropReason) {
         // SAFETY: per-CPU slot, bounds checked above.
         unsafe { (*s).drops[index] += 1 };
     }
+    count(reason.counter());
+}
+
+/// Whether `addr` is in filter plane `plane` (see lb_common::filter_slot).
+#[inline(always)]
+pub fn in_filter(plane: u32, addr: &Addr) -> bool {
+    let (word, mask) = filter_slot(plane, addr);
+    LB_FILTER.get(word).is_some_and(|w| w & mask != 0)
 }

@@ -1,51 +1,116 @@
-//! Sending a rewritten packet on: the kernel's FIB picks the egress device and the MACs
-//! (bpf_fib_lookup), then XDP_TX when it leaves where it came in, XDP_REDIRECT through LB_DEVMAP
-//! otherwise. When the kernel cannot tell us enough (no neighbour entry yet, a local
-//! destination, a device we may not redirect to) the rewritten packet goes to the kernel, which
-//! forwards it itself; each such case is counted.
+//! Where a rewritten packet goes next: the kernel's FIB picks the egress device and the MACs
+//! (bpf_fib_lookup), cached per CPU and destination for about a second (LB_HOPS); then XDP_TX
+//! when it leaves where it came in, XDP_REDIRECT through LB_DEVMAP otherwise. When the kernel
+//! cannot tell us enough (no neighbour entry yet, a local destination, a device we may not
+//! redirect to) the rewritten packet goes to the kernel, which forwards it itself; each such case
+//! is counted.
 use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibParams, xdp_action},
     helpers::generated::{bpf_fib_lookup, bpf_xdp_adjust_head},
     programs::XdpContext,
 };
-use lb_common::{Addr, Counter};
-
-use crate::{
-    maps::{LB_DEVMAP, LB_IFACES, count, scratch},
-    parse::{ETH_P_8021Q, Packet, load, ptr_at, store},
+use lb_common::{
+    Addr, Counter, HOP_SLOTS, HOP_VLAN, Hop,
+    hash::addr_hash,
+    hop_epoch,
+    net::{
+        AF_INET, AF_INET6, ETH_P_8021Q, FIB_FRAG_NEEDED, FIB_NO_NEIGHBOUR, FIB_NOT_FORWARDED,
+        FIB_SUCCESS,
+    },
 };
 
-const AF_INET: u8 = 2;
-const AF_INET6: u8 = 10;
-const FIB_SUCCESS: i64 = 0;
-const FIB_NOT_FORWARDED: i64 = 4;
-const FIB_NO_NEIGHBOUR: i64 = 7;
-const FIB_FRAG_NEEDED: i64 = 8;
+use crate::{
+    maps::{LB_DEVMAP, LB_HOPS, LB_IFACES, count, scratch},
+    parse::{load, ptr_at, store},
+};
 
-/// Where a packet goes next.
-pub enum Hop {
-    /// Out of `ifindex` (possibly as a VLAN device on top of it), with these MACs.
-    Device {
-        ifindex: u32,
-        vlan_id: Option<u16>,
-        macs: Macs,
-    },
-    /// The verdict is already decided (pass to the kernel, or drop), and counted.
-    Verdict(u32),
+/// A next hop: out of `ifindex` (with a VLAN tag if `vlan & HOP_VLAN`), with these MACs.
+#[derive(Clone, Copy)]
+pub struct Next {
+    pub ifindex: u32,
+    pub vlan: u16,
+    /// The route's MTU, when the datagram was too big for it.
+    pub mtu: u16,
+    /// Destination then source MAC, as the Ethernet header holds them, in 16-bit words.
+    pub macs: [u16; 6],
 }
 
-/// Asks the kernel's FIB how to reach `addrs[1]` from `addrs[0]` for a datagram of `len` bytes.
-#[inline(always)]
-pub fn route(ctx: &XdpContext, v6: bool, addrs: &[Addr; 2], len: u16) -> Hop {
+impl Next {
+    pub const NONE: Next = Next {
+        ifindex: 0,
+        vlan: 0,
+        mtu: 0,
+        macs: [0; 6],
+    };
+}
+
+/// What `route` found. Fieldless: enums with data in a subprogram's signature make BTF the
+/// kernel rejects (and without BTF, no tail calls from subprograms).
+#[repr(u32)]
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// The next hop is in `Next`.
+    Found,
+    /// The kernel has no neighbour entry yet for the next hop out of `Next::ifindex`: it must
+    /// send the packet (and resolve it).
+    Neighbour,
+    /// A local destination (e.g. a host-network backend): the kernel delivers it.
+    Local,
+    /// No route (unreachable, blackhole, prohibited, forwarding off).
+    Unreachable,
+    /// Larger than the route's MTU (`Next::mtu`).
+    TooBig,
+}
+
+impl Route {
+    /// The route a `Route as u32` stood for.
+    #[inline(always)]
+    pub fn of(n: u32) -> Route {
+        match n {
+            0 => Route::Found,
+            1 => Route::Neighbour,
+            2 => Route::Local,
+            4 => Route::TooBig,
+            _ => Route::Unreachable,
+        }
+    }
+}
+
+/// The program's context and the device the packet arrived on, as bpf_fib_lookup wants them,
+/// and the packet's family.
+pub struct Fib {
+    pub ctx: *mut core::ffi::c_void,
+    pub ifindex: u32,
+    pub v6: bool,
+}
+
+/// How to reach `dst` from `src` with a datagram of `len` bytes (`len`: the size the MTU is
+/// checked against, one segment's for a GSO packet), into `next`.
+#[inline(never)]
+pub fn route(fib: &Fib, addrs: &[Addr; 2], len: u32, now_ns: u64, next: &mut Next) -> Route {
     let [src, dst] = addrs;
+    let slot = addr_hash(dst) % HOP_SLOTS;
+    let Some(hop) = LB_HOPS.get_ptr_mut(slot) else {
+        return Route::Unreachable;
+    };
+    // SAFETY: this CPU's slot; nothing else runs on this CPU while we do.
+    let hop = unsafe { &mut *hop };
+    let epoch = hop_epoch(now_ns);
+    let same = hop.ifindex != 0 && hop.epoch == epoch && hop.dst == *dst;
+    if same && len <= u32::from(hop.len_ok) {
+        next.ifindex = hop.ifindex;
+        next.vlan = hop.vlan;
+        next.macs = hop.macs;
+        return Route::Found;
+    }
     let Some(scratch) = scratch() else {
-        return Hop::Verdict(xdp_action::XDP_DROP);
+        return Route::Unreachable;
     };
     let p = &mut scratch.fib;
     *p = unsafe { core::mem::zeroed() };
-    p.ifindex = ctx.ingress_ifindex() as u32;
-    p.__bindgen_anon_1.tot_len = len;
-    if v6 {
+    p.ifindex = fib.ifindex;
+    p.__bindgen_anon_1.tot_len = len.min(0xffff) as u16;
+    if fib.v6 {
         p.family = AF_INET6;
         p.__bindgen_anon_3.ipv6_src = src.words();
         p.__bindgen_anon_4.ipv6_dst = dst.words();
@@ -54,96 +119,70 @@ pub fn route(ctx: &XdpContext, v6: bool, addrs: &[Addr; 2], len: u16) -> Hop {
         p.__bindgen_anon_3.ipv4_src = src.v4_word();
         p.__bindgen_anon_4.ipv4_dst = dst.v4_word();
     }
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.ctx.cast(),
-            p,
-            core::mem::size_of::<FibParams>() as i32,
-            0,
-        )
-    };
+    let rc = unsafe { bpf_fib_lookup(fib.ctx, p, core::mem::size_of::<FibParams>() as i32, 0) };
     match rc {
         FIB_SUCCESS => {}
         FIB_NO_NEIGHBOUR => {
-            count(Counter::PassNoNeighbour);
-            return Hop::Verdict(xdp_action::XDP_PASS);
+            next.ifindex = p.ifindex;
+            return Route::Neighbour;
         }
-        FIB_NOT_FORWARDED => {
-            // A local destination (e.g. a host-network backend): the kernel delivers it.
-            count(Counter::PassNotRedirectable);
-            return Hop::Verdict(xdp_action::XDP_PASS);
-        }
+        FIB_NOT_FORWARDED => return Route::Local,
         FIB_FRAG_NEEDED => {
-            count(Counter::DropTooBig);
-            return Hop::Verdict(xdp_action::XDP_DROP);
+            // The MTU comes back in place of the length.
+            next.mtu = unsafe { p.__bindgen_anon_1.mtu_result };
+            return Route::TooBig;
         }
-        _ => {
-            count(Counter::DropNoRoute);
-            return Hop::Verdict(xdp_action::XDP_DROP);
-        }
+        _ => return Route::Unreachable,
     }
     let mut ifindex = p.ifindex;
-    let mut vlan_id = None;
+    let mut vlan = 0;
     // A VLAN device: send tagged out of the device it sits on.
-    if let Some(vlan) = unsafe { LB_IFACES.get(&ifindex) } {
-        ifindex = vlan.parent;
-        vlan_id = Some(vlan.vlan_id);
+    if let Some(v) = unsafe { LB_IFACES.get(&ifindex) } {
+        ifindex = v.parent;
+        vlan = HOP_VLAN | (v.vlan_id & 0x0fff);
     }
-    Hop::Device {
+    next.ifindex = ifindex;
+    next.vlan = vlan;
+    next.macs = macs_of(p);
+    let len_ok = if same {
+        hop.len_ok.max(len as u16)
+    } else {
+        len as u16
+    };
+    *hop = Hop {
+        dst: Addr::from_words(dst.words()),
         ifindex,
-        vlan_id,
-        macs: Macs::of(p),
-    }
+        epoch,
+        macs: next.macs,
+        vlan,
+        len_ok,
+    };
+    Route::Found
 }
 
-/// Destination then source MAC, as the Ethernet header holds them, in 16-bit words: the FIB
-/// result has them at offsets 52 and 58, where a merged 32-bit stack load would be misaligned
-/// (and the verifier rejects misaligned stack access).
-#[derive(Clone, Copy)]
-pub struct Macs(pub [u16; 6]);
-
-impl Macs {
-    #[inline(always)]
-    fn of(p: &FibParams) -> Macs {
-        let smac: *const u16 = (&raw const p.smac).cast();
-        let dmac: *const u16 = (&raw const p.dmac).cast();
-        // Volatile: keeps LLVM from merging the 16-bit loads.
-        unsafe {
-            Macs([
-                core::ptr::read_volatile(dmac),
-                core::ptr::read_volatile(dmac.add(1)),
-                core::ptr::read_volatile(dmac.add(2)),
-                core::ptr::read_volatile(smac),
-                core::ptr::read_volatile(smac.add(1)),
-                core::ptr::read_volatile(smac.add(2)),
-            ])
-        }
-    }
-}
-
-/// Routes and sends a packet whose L3/L4 rewrite is done.
-#[inline(never)]
-pub fn send(ctx: &XdpContext, pkt: &Packet, addrs: &[Addr; 2]) -> u32 {
-    match route(ctx, pkt.v6, addrs, pkt.len) {
-        Hop::Verdict(v) => v,
-        Hop::Device {
-            ifindex,
-            vlan_id,
-            macs,
-        } => transmit(ctx, pkt.vlan, ifindex, vlan_id, macs),
-    }
-}
-
-/// Sets the VLAN tag and MACs, then XDP_TX or XDP_REDIRECT to `ifindex`.
+/// The FIB result's MACs as 16-bit words: they sit at offsets 52 and 58, where a merged 32-bit
+/// stack load would be misaligned (and the verifier rejects misaligned stack access).
 #[inline(always)]
-pub fn transmit(
-    ctx: &XdpContext,
-    tagged: bool,
-    ifindex: u32,
-    vlan_id: Option<u16>,
-    macs: Macs,
-) -> u32 {
-    if set_vlan(ctx, tagged, vlan_id).is_none() {
+fn macs_of(p: &FibParams) -> [u16; 6] {
+    let smac: *const u16 = (&raw const p.smac).cast();
+    let dmac: *const u16 = (&raw const p.dmac).cast();
+    // Volatile: keeps LLVM from merging the 16-bit loads.
+    unsafe {
+        [
+            core::ptr::read_volatile(dmac),
+            core::ptr::read_volatile(dmac.add(1)),
+            core::ptr::read_volatile(dmac.add(2)),
+            core::ptr::read_volatile(smac),
+            core::ptr::read_volatile(smac.add(1)),
+            core::ptr::read_volatile(smac.add(2)),
+        ]
+    }
+}
+
+/// Sets the VLAN tag and MACs, then XDP_TX or XDP_REDIRECT to the next hop's device.
+#[inline(never)]
+pub fn transmit(ctx: &XdpContext, tagged: bool, next: &Next) -> u32 {
+    if set_vlan(ctx, tagged, next.vlan).is_none() {
         count(Counter::DropMalformed);
         return xdp_action::XDP_DROP;
     }
@@ -151,16 +190,16 @@ pub fn transmit(
         return xdp_action::XDP_DROP;
     };
     let eth: *mut u8 = eth.cast();
-    for (i, word) in macs.0.iter().enumerate() {
+    for (i, word) in next.macs.iter().enumerate() {
         unsafe { store(eth.add(2 * i), *word) };
     }
-    if ifindex == ctx.ingress_ifindex() as u32 {
+    if next.ifindex == ctx.ingress_ifindex() as u32 {
         count(Counter::XdpTx);
         return xdp_action::XDP_TX;
     }
     // A device the agent did not put in the devmap cannot take XDP frames: let the kernel
     // forward the (already rewritten) packet.
-    match LB_DEVMAP.redirect(ifindex, u64::from(xdp_action::XDP_PASS)) {
+    match LB_DEVMAP.redirect(next.ifindex, u64::from(xdp_action::XDP_PASS)) {
         Ok(action) => {
             count(Counter::XdpRedirect);
             action
@@ -172,18 +211,20 @@ pub fn transmit(
     }
 }
 
-/// Makes the frame carry `vlan_id` (or no tag), pushing, retagging or popping the 802.1Q
+/// Makes the frame carry `vlan`'s tag (or no tag), pushing, retagging or popping the 802.1Q
 /// header. The MACs are left as garbage: the caller writes them next.
 #[inline(always)]
-fn set_vlan(ctx: &XdpContext, tagged: bool, vlan_id: Option<u16>) -> Option<()> {
-    let (grow, vid) = match (tagged, vlan_id) {
-        (false, None) => return Some(()),
+fn set_vlan(ctx: &XdpContext, tagged: bool, vlan: u16) -> Option<()> {
+    let wanted = vlan & HOP_VLAN != 0;
+    let vid = vlan & 0x0fff;
+    let grow = match (tagged, wanted) {
+        (false, false) => return Some(()),
         // Drop the 4 tag bytes from the front: the EtherType then follows the (stale) MACs.
-        (true, None) => {
+        (true, false) => {
             return (unsafe { bpf_xdp_adjust_head(ctx.ctx.cast(), 4) } == 0).then_some(());
         }
-        (true, Some(vid)) => (false, vid),
-        (false, Some(vid)) => (true, vid),
+        (true, true) => false,
+        (false, true) => true,
     };
     if grow && unsafe { bpf_xdp_adjust_head(ctx.ctx.cast(), -4) } != 0 {
         return None;
@@ -197,7 +238,7 @@ fn set_vlan(ctx: &XdpContext, tagged: bool, vlan_id: Option<u16>) -> Option<()> 
             u16::from_be(load::<u16>(tag.add(14))) & 0xf000
         };
         store(tag.add(12), ETH_P_8021Q.to_be());
-        store(tag.add(14), (pcp | (vid & 0x0fff)).to_be());
+        store(tag.add(14), (pcp | vid).to_be());
     }
     Some(())
 }

@@ -3,20 +3,27 @@
 //! flow, its connection bucket. Buckets are lb-common's GCRA words, updated by compare-and-swap,
 //! so the limit holds when a source's packets arrive on several CPUs at once.
 //!
+//! Deciding creates nothing: a source without a slot has full buckets, so its packet passes, and
+//! its slot is made by [`commit`] once the packet is really sent on (a packet dropped later, say
+//! for want of a snat port, leaves no trace in the table).
+//!
 //! `now` comes from the clock the policy needs (`clock_for` in main.rs). The coarse one is
 //! cheaper but advances in ticks (4 ms at HZ=250, and later when the machine is busy): a tick
 //! that refills more than the burst holds loses the difference, so 10 M/s with a burst of 1000
 //! could never reach its rate on it. The agent marks such policies POLICY_PRECISE_CLOCK.
 use core::intrinsics::{AtomicOrdering::Relaxed, atomic_cxchg, atomic_xadd};
 
-use aya_ebpf::{bindings::BPF_NOEXIST, maps::lpm_trie::Key};
+use aya_ebpf::maps::lpm_trie::Key;
 use lb_common::{
     Addr, Bucket, Counter, DropReason, Limit, POLICY_FAIL_OPEN, POLICY_HAS_PREFIXES,
-    POLICY_RST_SYN, PREFIX_DENY, PREFIX_EXEMPT, PREFIX_LIMIT, Policy, PrefixKey, Source, SourceKey,
-    bucket::admit,
+    POLICY_RST_SYN, PREFIX_DENY, PREFIX_EXEMPT, PREFIX_LIMIT, Policy, PrefixKey, SOURCE_BUSY,
+    SOURCE_FREE, SOURCE_KEEP_NS, SOURCE_WAYS, Source, SourceKey, SourceTags, bucket::admit,
+    source_hash, source_tag,
 };
 
-use crate::maps::{EEXIST, LB_POLICIES, LB_PREFIXES, LB_SOURCES, count};
+use crate::maps::{
+    LB_OVERFLOW, LB_POLICIES, LB_PREFIXES, LB_SOURCE_TAGS, LB_SOURCES, config, count, scratch,
+};
 
 pub enum Verdict {
     Pass,
@@ -24,10 +31,6 @@ pub enum Verdict {
     /// Drop, and answer the SYN with a RST.
     Reset(DropReason),
 }
-
-/// The bucket key beyond the table's capacity: all sources of a fail-closed policy share it.
-/// ff..ff is a multicast address, never a source.
-pub const OVERFLOW_SOURCE: [u32; 4] = [u32::MAX; 4];
 
 /// Compare-and-swap attempts before a contended bucket counts as empty: a second try covers a
 /// race with one other CPU; each try costs verifier paths.
@@ -40,10 +43,25 @@ pub const NEW_FLOW: u32 = 2;
 /// The packet is a TCP SYN (may be answered with a RST).
 pub const SYN: u32 = 4;
 
+/// A source to give a slot to once its packet is sent (see [`commit`]).
+#[repr(C)]
+pub struct Pending {
+    pub key: SourceKey,
+    /// Policy id (0: nothing pending).
+    pub policy: u32,
+    /// The packet was a new flow's: it took a connection token too.
+    pub new_flow: u32,
+    pub now_ns: u64,
+}
+
 /// Decides a packet from `src` under policy `policy_id` (0: none); `how` is a set of the flags
 /// above (a BPF subprogram takes at most five arguments).
 #[inline(never)]
 pub fn check(policy_id: u32, src: &Addr, how: u32, now: u64) -> Verdict {
+    let Some(s) = scratch() else {
+        return Verdict::Pass;
+    };
+    s.pending.policy = 0;
     if policy_id == 0 {
         return Verdict::Pass;
     }
@@ -63,10 +81,7 @@ pub fn check(policy_id: u32, src: &Addr, how: u32, now: u64) -> Verdict {
         if let Some(rule) = LB_PREFIXES.get(&key) {
             match rule.action {
                 PREFIX_EXEMPT => return Verdict::Pass,
-                PREFIX_DENY => {
-                    count(Counter::DropRateLimited);
-                    return Verdict::Drop(DropReason::Denied);
-                }
+                PREFIX_DENY => return Verdict::Drop(DropReason::Denied),
                 PREFIX_LIMIT => {
                     if let Some(p) = LB_POLICIES.get(rule.policy) {
                         policy = p;
@@ -79,67 +94,230 @@ pub fn check(policy_id: u32, src: &Addr, how: u32, now: u64) -> Verdict {
     }
     let mut key = SourceKey {
         addr: *src,
-        policy: id,
+        policy: policy.source_id(id),
     };
     if v6 {
         mask(&mut key.addr, policy.v6_prefix_len);
     }
-    // The source's bucket, or beyond the table's capacity the policy's overflow mode: admitted
-    // (fail open), or one bucket shared by all such sources (fail closed). One decision below
-    // either way (keeps the verifier's path count down). A flow already admitted keeps flowing:
-    // a source without an entry has a full bucket (entries go only once refilled), and sharing
-    // the overflow bucket with a flood of new sources would stop its live connections.
-    let mut overflow = false;
-    let bucket = match source(&key, policy, now) {
-        Some(s) => s,
-        None if policy.flags & POLICY_FAIL_OPEN != 0 || !new_flow => return Verdict::Pass,
-        None => {
-            key.addr.set_words(OVERFLOW_SOURCE);
-            overflow = true;
-            match LB_SOURCES.get_ptr_mut(&key) {
-                Some(s) => s,
-                None => {
-                    count(Counter::DropRateLimited);
-                    return Verdict::Drop(DropReason::TableFull);
+    // The source's bucket; without one, a full one (made on commit) if its set has room, else
+    // the policy's overflow mode: admitted (fail open), or one bucket shared by all such sources
+    // (fail closed). A flow already admitted keeps flowing: sharing the overflow bucket with a
+    // flood of new sources would stop its live connections.
+    let bucket = match find(&key, now) {
+        Found::Source(b) => b,
+        Found::Room => {
+            let p = &mut s.pending;
+            p.key = key;
+            p.policy = id;
+            p.new_flow = u32::from(new_flow);
+            p.now_ns = now;
+            return Verdict::Pass;
+        }
+        Found::Full => {
+            count(Counter::SourceTableFull);
+            if policy.flags & POLICY_FAIL_OPEN != 0 || !new_flow {
+                return Verdict::Pass;
+            }
+            match LB_OVERFLOW.get_ptr_mut(id) {
+                Some(o) => {
+                    return match limit(o, policy, new_flow, syn, now) {
+                        Verdict::Pass => Verdict::Pass,
+                        _ => Verdict::Drop(DropReason::TableFull),
+                    };
                 }
+                None => return Verdict::Drop(DropReason::TableFull),
             }
         }
     };
-    let verdict = limit(bucket, policy, new_flow, syn, now);
-    match verdict {
-        Verdict::Pass => Verdict::Pass,
-        Verdict::Drop(_) if overflow => {
-            count(Counter::DropRateLimited);
-            Verdict::Drop(DropReason::TableFull)
-        }
-        other => {
-            count(Counter::DropRateLimited);
-            other
-        }
+    limit(bucket, policy, new_flow, syn, now)
+}
+
+enum Found {
+    Source(*mut Source),
+    /// Not tracked; its set has a free or reclaimable slot.
+    Room,
+    /// Not tracked; its set is full of sources that must stay.
+    Full,
+}
+
+/// Where a key lives: its set, and its tag.
+#[inline(always)]
+fn place(key: &SourceKey) -> Option<(u32, u32)> {
+    let hash = source_hash(key);
+    let sets = config()?.source_sets;
+    if sets == 0 {
+        return None;
+    }
+    Some((hash % sets, source_tag(hash)))
+}
+
+/// Looks `key` up in its set: one pass over the tags, then one key comparison.
+#[inline(always)]
+fn find(key: &SourceKey, now: u64) -> Found {
+    let Some((set, tag)) = place(key) else {
+        return Found::Full;
+    };
+    let Some(tags) = LB_SOURCE_TAGS.get_ptr_mut(set) else {
+        return Found::Full;
+    };
+    // SAFETY: a map value; tags change only by compare-and-swap.
+    let (hit, free) = scan(unsafe { &*tags }, tag);
+    if hit < WAYS
+        && let Some(slot) = LB_SOURCES.get_ptr_mut(set * WAYS + hit)
+        && unsafe { (*slot).key } == *key
+    {
+        return Found::Source(slot);
+    }
+    if free < WAYS || reclaimable_way(unsafe { &*tags }, set, now) < WAYS {
+        Found::Room
+    } else {
+        Found::Full
     }
 }
 
-/// The source's entry, created with full buckets if new. `None`: the table is full.
+const WAYS: u32 = SOURCE_WAYS as u32;
+
+/// The way whose tag is `tag` and a free way (WAYS: none).
+///
+/// The ways found go through scratch memory, whose contents the verifier does not track: held
+/// in registers, each way found would be a path of its own through the rest of the program
+/// (2^16 of them), since comparing a known value decides a branch and makes it exact.
 #[inline(always)]
-fn source(key: &SourceKey, policy: &Policy, now: u64) -> Option<*mut Source> {
-    if let Some(s) = LB_SOURCES.get_ptr_mut(key) {
-        return Some(s);
-    }
-    let fresh = Source {
-        packets: Bucket::full(&policy.packets, now),
-        connections: Bucket::full(&policy.connections, now),
-        dropped: 0,
+fn scan(tags: &SourceTags, tag: u32) -> (u32, u32) {
+    let Some(s) = scratch() else {
+        return (WAYS, WAYS);
     };
-    match LB_SOURCES.insert(key, &fresh, u64::from(BPF_NOEXIST)) {
-        Ok(()) => count(Counter::SourcesCreated),
-        // EEXIST: another CPU created it first. Anything else: no room.
-        Err(e) if e != -EEXIST => {
-            count(Counter::SourceTableFull);
-            return None;
+    let ways = &raw mut s.ways;
+    unsafe { core::ptr::write_volatile(ways, [WAYS, WAYS]) };
+    for (i, t) in tags.tags.iter().enumerate() {
+        let t = unsafe { core::ptr::read_volatile(t) };
+        if t == tag {
+            unsafe { core::ptr::write_volatile(&raw mut (*ways)[0], i as u32) };
         }
-        Err(_) => {}
+        if t == SOURCE_FREE {
+            unsafe { core::ptr::write_volatile(&raw mut (*ways)[1], i as u32) };
+        }
     }
-    LB_SOURCES.get_ptr_mut(key)
+    let [hit, free] = unsafe { core::ptr::read_volatile(ways) };
+    (hit, free)
+}
+
+/// A way of set `set` whose source may go (WAYS: none). A subprogram of its own: checked only
+/// when a set has no free way. (The way goes through scratch memory, as in `scan`.)
+#[inline(never)]
+fn reclaimable_way(tags: &SourceTags, set: u32, now: u64) -> u32 {
+    let Some(s) = scratch() else {
+        return WAYS;
+    };
+    let way = &raw mut s.ways[0];
+    unsafe { core::ptr::write_volatile(way, WAYS) };
+    for i in 0..WAYS {
+        let t = unsafe { core::ptr::read_volatile(&tags.tags[i as usize]) };
+        if t >= 2
+            && let Some(slot) = LB_SOURCES.get(set * WAYS + i)
+            && reclaimable(slot, now)
+        {
+            unsafe { core::ptr::write_volatile(way, i) };
+        }
+    }
+    unsafe { core::ptr::read_volatile(way) }
+}
+
+/// Gives the pending source (if any) of this packet its slot, with the tokens its packet took.
+/// Called once the packet is sent on. A lost race (another CPU filled the set, or made the same
+/// source) leaves it untracked for this one packet.
+#[inline(never)]
+pub fn commit() {
+    let Some(s) = scratch() else {
+        return;
+    };
+    let p = &mut s.pending;
+    if p.policy == 0 {
+        return;
+    }
+    p.policy = 0;
+    let Some(policy) = LB_POLICIES.get(p.key.policy_id()) else {
+        return;
+    };
+    let Some((set, tag)) = place(&p.key) else {
+        return;
+    };
+    let Some(tags) = LB_SOURCE_TAGS.get_ptr_mut(set) else {
+        return;
+    };
+    // SAFETY: a map value; tags change only by compare-and-swap.
+    let tags = unsafe { &mut *tags };
+    let now = p.now_ns;
+    let (hit, free) = scan(tags, tag);
+    if hit < WAYS
+        && LB_SOURCES
+            .get(set * WAYS + hit)
+            .is_some_and(|slot| slot.key == p.key)
+    {
+        // Another CPU made it meanwhile.
+        return;
+    }
+    // A free way, or one whose source may go (looked at again right before taking it: another
+    // CPU may have given it to a new source meanwhile).
+    let (way, expected) = if free < WAYS {
+        (free, SOURCE_FREE)
+    } else {
+        let way = reclaimable_way(tags, set, now);
+        let Some(slot) = LB_SOURCES.get(set * WAYS + way) else {
+            return;
+        };
+        let seen = unsafe { core::ptr::read_volatile(&tags.tags[(way & (WAYS - 1)) as usize]) };
+        if seen < 2 || !reclaimable(slot, now) {
+            return;
+        }
+        (way, seen)
+    };
+    if way >= WAYS || !claim(tags, way, expected) {
+        return;
+    }
+    let Some(slot) = LB_SOURCES.get_ptr_mut(set * WAYS + way) else {
+        return;
+    };
+    // SAFETY: a map value, ours while its tag is BUSY.
+    let slot = unsafe { &mut *slot };
+    slot.key = p.key;
+    slot.dropped = 0;
+    slot.packets = Bucket::first_packet(&policy.packets, now);
+    slot.connections = if p.new_flow != 0 {
+        Bucket::first_packet(&policy.connections, now)
+    } else {
+        Bucket::full(&policy.connections, now)
+    };
+    publish(tags, way, tag);
+    count(Counter::SourcesCreated);
+}
+
+/// Marks way `way` BUSY if its tag is still `expected` (compare-and-swap).
+#[inline(always)]
+fn claim(tags: &mut SourceTags, way: u32, expected: u32) -> bool {
+    let w = (way & (WAYS - 1)) as usize;
+    let at = &raw mut tags.tags[w];
+    unsafe { atomic_cxchg::<u32, { Relaxed }, { Relaxed }>(at, expected, SOURCE_BUSY) }.1
+}
+
+#[inline(always)]
+fn publish(tags: &mut SourceTags, way: u32, tag: u32) {
+    let w = (way & (WAYS - 1)) as usize;
+    unsafe { core::ptr::write_volatile(&raw mut tags.tags[w], tag) };
+}
+
+/// A slot whose source may go: both buckets idle long enough to have refilled, and quiet for
+/// SOURCE_KEEP_NS.
+#[inline(always)]
+fn reclaimable(slot: &Source, now: u64) -> bool {
+    let Some(policy) = LB_POLICIES.get(slot.key.policy_id()) else {
+        return true;
+    };
+    let idle = |b: &Bucket, l: &Limit| {
+        let ns = now.wrapping_sub(b.last_ns) as i64;
+        ns >= SOURCE_KEEP_NS as i64 && ns >= l.fill_ns as i64
+    };
+    idle(&slot.packets, &policy.packets) && idle(&slot.connections, &policy.connections)
 }
 
 #[inline(always)]
@@ -157,8 +335,8 @@ fn limit(s: *mut Source, policy: &Policy, new_flow: bool, syn: bool, now: u64) -
     } else {
         return Verdict::Pass;
     };
-    // SAFETY: an aligned u64 in a map value.
-    unsafe { atomic_xadd::<u64, u64, { Relaxed }>(&raw mut s.dropped, 1) };
+    // SAFETY: an aligned u32 in a map value.
+    unsafe { atomic_xadd::<u32, u32, { Relaxed }>(&raw mut s.dropped, 1) };
     verdict
 }
 

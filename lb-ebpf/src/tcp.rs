@@ -1,30 +1,29 @@
 //! TCP resets we originate: for a SYN the rate limiter rejects (when the policy asks for it) and
 //! for packets of a flow the agent ended. The packet at hand is turned, in place, into the RST
-//! its receiver would send (RFC 9293 §3.10.7.1) and sent back the way it came.
+//! its receiver would send (RFC 9293 §3.10.7.1) and sent back the way it came. Only a packet
+//! without IPv4 options or IPv6 extension headers is answered (a RST carries none); any other is
+//! just dropped.
 use aya_ebpf::{
     bindings::xdp_action, helpers::generated::bpf_xdp_adjust_tail, programs::XdpContext,
 };
 use lb_common::{
     Addr, Counter, IPPROTO_TCP,
     checksum::{Delta, fold64},
+    net::{
+        IPV4_CHECK, IPV4_DST, IPV4_HLEN, IPV4_SRC, IPV4_TOT_LEN, IPV4_TTL, IPV6_DST, IPV6_HLEN,
+        IPV6_HOP_LIMIT, IPV6_PAYLOAD_LEN, IPV6_SRC, TCP_ACK, TCP_FIN, TCP_FLAGS, TCP_RST, TCP_SYN,
+    },
 };
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
 use crate::{
     icmp::swap_macs,
     maps::count,
-    parse::{
-        IPV4_CHECK, IPV4_DST, IPV4_SRC, IPV4_TTL, IPV6_DST, IPV6_SRC, Packet, TCP_ACK, TCP_FIN,
-        TCP_FLAGS, TCP_RST, TCP_SYN, bounds, load, load_addr, ptr_at, store, store_addr,
-    },
+    parse::{Packet, bounds, load, load_addr, ptr_at, store, store_addr},
 };
 
 const TCP_HEADER_LEN: usize = 20;
 const RST_TTL: u8 = 64;
-/// IPv4 total length, IPv6 payload length and hop limit offsets.
-const IPV4_TOT_LEN: usize = 2;
-const IPV6_PAYLOAD_LEN: usize = 4;
-const IPV6_HOP_LIMIT: usize = 7;
 
 #[inline(never)]
 pub fn reset(ctx: &XdpContext, pkt: &Packet) -> u32 {
@@ -41,6 +40,9 @@ pub fn reset(ctx: &XdpContext, pkt: &Packet) -> u32 {
 #[inline(always)]
 fn build_reset(ctx: &XdpContext, pkt: &Packet) -> Option<()> {
     let ip_header_len = pkt.l4 - pkt.l3;
+    if ip_header_len != if pkt.v6 { IPV6_HLEN } else { IPV4_HLEN } {
+        return None;
+    }
     let tcp: *mut u8 = ptr_at::<[u8; TCP_HEADER_LEN]>(ctx, pkt.l4)?.cast();
     let (ports, seq, ack, offset, flags): (u32, u32, u32, u8, u8) = unsafe {
         (

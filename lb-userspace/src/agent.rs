@@ -12,7 +12,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use lb_common::{Iface, PROG_BACKEND, PROG_UPLINK};
+use lb_common::{Iface, LinkMac, MAC_SLOTS, PROG_BACKEND, PROG_UPLINK};
 use log::{info, warn};
 
 use crate::{
@@ -41,10 +41,8 @@ pub struct Health {
     pub reloads_rejected: u64,
     pub last_error: Option<String>,
     pub last_sweep: SweepReport,
-    /// Entries all sweeps removed: finished flows, and refilled sources (the source table's
-    /// evictions).
+    /// Flow entries all sweeps removed.
     pub swept_flows: u64,
-    pub swept_sources: u64,
     pub map_writes: u64,
     /// With --kubernetes.
     pub kubernetes: Option<KubeHealth>,
@@ -127,6 +125,8 @@ pub struct Agent {
     _lock: std::fs::File,
     /// Backend veths (ifindex, name) and whether their pod end takes redirected frames.
     pod_ends: std::collections::BTreeMap<(u32, String), bool>,
+    /// LB_MACS slots written.
+    mac_slots: std::collections::BTreeSet<u32>,
     pub health: Health,
 }
 
@@ -149,8 +149,7 @@ impl Agent {
         for note in &loaded.notes {
             warn!("{note}");
         }
-        let mut maps = Maps::take(&mut loaded.ebpf)?;
-        maps.mirror_service_policies()?;
+        let maps = Maps::take(&mut loaded.ebpf)?;
         let reconciler = Reconciler::resume(sizes, &maps.snapshot()?);
         let mut netlink = Netlink::open()?;
         let interfaces = Interfaces::scan(&mut netlink, &args.uplinks, &args.backend_ifaces)?;
@@ -175,6 +174,7 @@ impl Agent {
             composed: None,
             _lock: lock,
             pod_ends: Default::default(),
+            mac_slots: Default::default(),
             health: Health::default(),
         };
         if agent.args.kubernetes {
@@ -417,7 +417,6 @@ impl Agent {
     pub fn sweep(&mut self) {
         let report = sweep(&mut self.maps, monotonic_ns());
         self.health.swept_flows += report.flows_removed as u64;
-        self.health.swept_sources += report.sources_removed as u64;
         self.health.last_sweep = report;
     }
 
@@ -483,6 +482,7 @@ impl Agent {
         for i in present.iter().filter(|i| !targets.contains(i)) {
             let _ = self.maps.devmap.remove(*i);
         }
+        self.write_link_macs()?;
         let vlans: Vec<u32> = self.interfaces.vlans.iter().map(|v| v.0).collect();
         for (ifindex, parent, id) in &self.interfaces.vlans {
             let iface = Iface {
@@ -499,6 +499,36 @@ impl Agent {
         for i in known.iter().filter(|i| !vlans.contains(i)) {
             let _ = self.maps.ifaces.remove(i);
         }
+        Ok(())
+    }
+
+    /// Tells the data path each uplink's MAC (it balances only frames sent to it), and forgets
+    /// interfaces that went.
+    fn write_link_macs(&mut self) -> Result<()> {
+        let mut wanted: std::collections::BTreeMap<u32, LinkMac> = Default::default();
+        for l in &self.interfaces.uplinks {
+            let Some(mac) = l.mac else { continue };
+            let slot = l.ifindex % MAC_SLOTS;
+            if let Some(other) = wanted.get(&slot) {
+                warn!(
+                    "{}: its ifindex {} shares a MAC slot with ifindex {}: its frames go to the kernel, unbalanced",
+                    l.name, l.ifindex, other.ifindex
+                );
+                continue;
+            }
+            wanted.insert(slot, LinkMac::new(l.ifindex, mac));
+        }
+        for (slot, mac) in &wanted {
+            self.maps.set_link_mac(*slot, mac).context("MAC table")?;
+        }
+        for slot in std::mem::take(&mut self.mac_slots) {
+            if !wanted.contains_key(&slot) {
+                self.maps
+                    .set_link_mac(slot, &LinkMac::default())
+                    .context("MAC table")?;
+            }
+        }
+        self.mac_slots = wanted.into_keys().collect();
         Ok(())
     }
 

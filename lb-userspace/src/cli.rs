@@ -124,9 +124,12 @@ pub struct SizeArgs {
     /// Slots per Maglev ring: a prime from 251 to 131071, the same on every node.
     #[arg(long, default_value_t = lb_common::DEFAULT_RING_SIZE, value_parser = parse_ring_size)]
     pub ring_size: u32,
-    /// Flow-table entries (two per flow: one per direction).
+    /// IPv4 flow-table entries (two per flow: one per direction).
     #[arg(long, default_value_t = lb_common::DEFAULT_FLOW_ENTRIES)]
     pub flow_entries: u32,
+    /// IPv6 flow-table entries (two per flow: one per direction).
+    #[arg(long, default_value_t = lb_common::DEFAULT_FLOW_ENTRIES_V6)]
+    pub flow_entries_v6: u32,
     /// Rate-limit source table entries.
     #[arg(long, default_value_t = lb_common::DEFAULT_SOURCE_ENTRIES)]
     pub source_entries: u32,
@@ -142,6 +145,7 @@ impl SizeArgs {
             max_backends: self.max_backends,
             ring_size: self.ring_size,
             flow_entries: self.flow_entries,
+            flow_entries_v6: self.flow_entries_v6,
             source_entries: self.source_entries,
             affinity_entries: self.affinity_entries,
         }

@@ -41,8 +41,8 @@ use toml::{Spanned, de::DeValue};
 use crate::{
     maglev::MAX_WEIGHT,
     model::{
-        Backend, Cidr, DEFAULT_IPV6_PREFIX, DEFAULT_SNAT_PORTS, Desired, Frontend, Limits, Mode,
-        NodeSettings, Policy, Protocol, Rate, Service, TableFull,
+        Backend, Cidr, DEFAULT_IPV6_PREFIX, Desired, Frontend, Limits, Mode, NodeSettings, Policy,
+        Protocol, Rate, Service, TableFull,
     },
 };
 
@@ -112,6 +112,7 @@ struct RawNode {
     udp_idle_timeout_seconds: Option<u64>,
     tcp_closing_timeout_seconds: Option<u64>,
     tcp_handshake_timeout_seconds: Option<u64>,
+    tcp_time_wait_seconds: Option<u64>,
     rate_limit: Option<String>,
 }
 
@@ -232,8 +233,10 @@ impl RawNode {
             )),
         };
         let snat_ports = match &self.snat_ports {
-            None => DEFAULT_SNAT_PORTS,
-            Some(s) => parse_port_range(s).map_err(|m| doc.error(&path.key("snat-ports"), m))?,
+            None => None,
+            Some(s) => {
+                Some(parse_port_ranges(s).map_err(|m| doc.error(&path.key("snat-ports"), m))?)
+            }
         };
         if let Some(name) = &self.rate_limit
             && !policies.contains_key(name)
@@ -264,6 +267,11 @@ impl RawNode {
                 "tcp-handshake-timeout-seconds",
                 self.tcp_handshake_timeout_seconds,
                 d.tcp_handshake,
+            )?,
+            tcp_time_wait: timeout(
+                "tcp-time-wait-seconds",
+                self.tcp_time_wait_seconds,
+                d.tcp_time_wait,
             )?,
             default_policy: self.rate_limit.clone(),
         })
@@ -481,15 +489,29 @@ fn unknown_policy(name: &str, policies: &BTreeMap<String, Policy>) -> String {
     }
 }
 
-fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
-    let bad = || format!("`{s}` is not a port range like \"61000-65535\"");
-    let (lo, hi) = s.split_once('-').ok_or_else(bad)?;
-    let lo: u16 = lo.trim().parse().map_err(|_| bad())?;
-    let hi: u16 = hi.trim().parse().map_err(|_| bad())?;
-    if lo < 1024 || lo > hi {
-        return Err(format!("`{s}`: need 1024 <= first <= last"));
+/// One or two port ranges: "61000-65535" or "1024-29999,61000-65535".
+fn parse_port_ranges(s: &str) -> Result<Vec<(u16, u16)>, String> {
+    let bad = || format!("`{s}` is not one or two port ranges like \"1024-29999,61000-65535\"");
+    let mut ranges = Vec::new();
+    for part in s.split(',') {
+        let (lo, hi) = part.split_once('-').ok_or_else(bad)?;
+        let lo: u16 = lo.trim().parse().map_err(|_| bad())?;
+        let hi: u16 = hi.trim().parse().map_err(|_| bad())?;
+        if lo < 1024 || lo > hi {
+            return Err(format!("`{part}`: need 1024 <= first <= last"));
+        }
+        ranges.push((lo, hi));
     }
-    Ok((lo, hi))
+    if ranges.len() > 2 {
+        return Err(bad());
+    }
+    ranges.sort();
+    if let [a, b] = ranges[..]
+        && b.0 <= a.1
+    {
+        return Err(format!("`{s}`: the ranges overlap"));
+    }
+    Ok(ranges)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -654,7 +676,7 @@ backends = [{ address = "fd00:1:1::2" }]
     fn good_config_becomes_the_desired_state() {
         let d = parse(Path::new("lb.toml"), GOOD).unwrap();
         assert_eq!(d.node.hash_seed, 7);
-        assert_eq!(d.node.snat_ports, (62000, 62999));
+        assert_eq!(d.node.snat_ports, Some(vec![(62000, 62999)]));
         assert_eq!(d.services.len(), 2);
         let web = d.services.values().find(|s| s.name == "web").unwrap();
         assert_eq!(web.source, "lb.toml:12");

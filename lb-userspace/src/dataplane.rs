@@ -34,7 +34,9 @@ pub struct Sizes {
     pub max_services: u32,
     pub max_backends: u32,
     pub ring_size: u32,
+    /// IPv4 flow entries (two per flow), and IPv6 ones (a table of their own).
     pub flow_entries: u32,
+    pub flow_entries_v6: u32,
     pub source_entries: u32,
     pub affinity_entries: u32,
 }
@@ -46,6 +48,7 @@ impl Default for Sizes {
             max_backends: DEFAULT_MAX_BACKENDS,
             ring_size: DEFAULT_RING_SIZE,
             flow_entries: DEFAULT_FLOW_ENTRIES,
+            flow_entries_v6: DEFAULT_FLOW_ENTRIES_V6,
             source_entries: DEFAULT_SOURCE_ENTRIES,
             affinity_entries: DEFAULT_AFFINITY_ENTRIES,
         }
@@ -58,25 +61,40 @@ impl Sizes {
         self.max_services + SPARE_RINGS
     }
 
+    /// Sets of LB_SOURCES (SOURCE_WAYS sources each).
+    pub fn source_sets(&self) -> u32 {
+        source_sets(self.source_entries)
+    }
+
     /// max_entries of each sizable map.
-    fn overrides(&self) -> [(&'static str, u32); 9] {
+    pub fn overrides(&self) -> [(&'static str, u32); 11] {
         [
             (MAP_SERVICES, self.max_services),
             (MAP_SVC_STATS, self.max_services),
-            (MAP_SVC_POLICY, self.max_services),
+            (MAP_SVC_INFO, self.max_services),
             (MAP_BACKENDS, self.max_backends),
             (MAP_BE_STATS, self.max_backends),
             (MAP_RINGS, self.rings() * self.ring_size),
-            (MAP_FLOWS, self.flow_entries),
-            (MAP_SOURCES, self.source_entries),
+            (MAP_FLOWS4, self.flow_entries),
+            (MAP_FLOWS6, self.flow_entries_v6),
+            (MAP_SOURCES, self.source_sets() * SOURCE_WAYS as u32),
+            (MAP_SOURCE_TAGS, self.source_sets()),
             (MAP_AFFINITY, self.affinity_entries),
         ]
     }
 }
 
-/// Maps whose contents live only in the kernel: flows, rate-limit buckets, affinity. Everything
-/// else the agent can rebuild from its desired state.
-const STATE_MAPS: [&str; 3] = [MAP_FLOWS, MAP_SOURCES, MAP_AFFINITY];
+/// Maps whose contents live only in the kernel: flows, snat port cursors, rate-limit buckets,
+/// affinity. Everything else the agent can rebuild from its desired state.
+const STATE_MAPS: [&str; 7] = [
+    MAP_FLOWS4,
+    MAP_FLOWS6,
+    MAP_PORTS,
+    MAP_SOURCES,
+    MAP_SOURCE_TAGS,
+    MAP_OVERFLOW,
+    MAP_AFFINITY,
+];
 
 /// Where pinned maps and links of this map layout live under a pin directory.
 pub fn layout_dir(pin_dir: &Path) -> PathBuf {
@@ -313,20 +331,22 @@ pub struct Maps {
     pub services: HashMap<MapData, ServiceKey, Service>,
     pub backends: Array<MapData, Backend>,
     pub rings: Array<MapData, u32>,
-    pub flows: HashMap<MapData, FlowKey, Flow>,
+    pub flows4: HashMap<MapData, FlowKey4, Flow4>,
+    pub flows6: HashMap<MapData, FlowKey6, Flow6>,
     pub devmap: DevMapHash<MapData>,
     pub ifaces: HashMap<MapData, u32, Iface>,
     pub counters: PerCpuArray<MapData, u64>,
     pub svc_stats: PerCpuArray<MapData, ServiceStats>,
     pub be_stats: PerCpuArray<MapData, BackendStats>,
     pub policies: Array<MapData, Policy>,
-    pub sources: HashMap<MapData, SourceKey, Source>,
+    pub sources: Array<MapData, Source>,
+    pub source_tags: Array<MapData, SourceTags>,
+    pub overflow: Array<MapData, Source>,
     pub prefixes: LpmTrie<MapData, PrefixKey, PrefixRule>,
     pub affinity: HashMap<MapData, AffinityKey, Affinity>,
-    /// The policy of each service by id: a projection of `services` kept by the same writes.
-    pub svc_policy: Array<MapData, u32>,
+    pub svc_info: Array<MapData, ServiceInfo>,
+    pub macs: Array<MapData, LinkMac>,
     cpus: usize,
-    ring_size: u32,
 }
 
 fn map_err(name: &str, e: impl std::fmt::Display) -> DataplaneError {
@@ -363,17 +383,15 @@ impl Maps {
                     .map_err(|e: MapError| map_err($name, e))?
             };
         }
-        let config: Array<MapData, Config> = typed!(MAP_CONFIG);
-        let rings: Array<MapData, u32> = typed!(MAP_RINGS);
-        let ring_size = config.get(&0, 0).map(|c| c.ring_size).unwrap_or(0);
         Ok(Maps {
-            config,
+            config: typed!(MAP_CONFIG),
             filter: typed!(MAP_FILTER),
             addrs: typed!(MAP_ADDRS),
             services: typed!(MAP_SERVICES),
             backends: typed!(MAP_BACKENDS),
-            rings,
-            flows: typed!(MAP_FLOWS),
+            rings: typed!(MAP_RINGS),
+            flows4: typed!(MAP_FLOWS4),
+            flows6: typed!(MAP_FLOWS6),
             devmap: typed!(MAP_DEVMAP),
             ifaces: typed!(MAP_IFACES),
             counters: typed!(MAP_COUNTERS),
@@ -381,12 +399,14 @@ impl Maps {
             be_stats: typed!(MAP_BE_STATS),
             policies: typed!(MAP_POLICIES),
             sources: typed!(MAP_SOURCES),
+            source_tags: typed!(MAP_SOURCE_TAGS),
+            overflow: typed!(MAP_OVERFLOW),
             prefixes: typed!(MAP_PREFIXES),
             affinity: typed!(MAP_AFFINITY),
-            svc_policy: typed!(MAP_SVC_POLICY),
+            svc_info: typed!(MAP_SVC_INFO),
+            macs: typed!(MAP_MACS),
             cpus: aya::util::nr_cpus()
                 .map_err(|(what, e)| map_err("(cpus)", format!("{what}: {e}")))?,
-            ring_size,
         })
     }
 
@@ -394,25 +414,46 @@ impl Maps {
         self.cpus
     }
 
-    /// Rewrites `svc_policy` from `services` (for maps pinned by an agent that predates it).
-    pub fn mirror_service_policies(&mut self) -> Result<()> {
-        let all: Vec<Service> = self
-            .services
-            .iter()
-            .filter_map(|r| r.ok())
-            .map(|(_, s)| s)
-            .collect();
-        for s in all {
-            self.svc_policy
-                .set(s.id, s.policy, 0)
-                .map_err(|e| map_err(MAP_SVC_POLICY, e))?;
-        }
-        Ok(())
+    /// The node config as the data path sees it (`None` before the agent wrote one).
+    pub fn read_config(&self) -> Option<Config> {
+        self.config.get(&0, 0).ok().filter(|c| c.source_sets != 0)
     }
 
-    /// The node config as the data path sees it.
-    pub fn read_config(&self) -> Option<Config> {
-        self.config.get(&0, 0).ok().filter(|c| c.ring_size != 0)
+    /// Frees a tracked source's slot (benchmarks and tests; the data path reclaims slots on its
+    /// own). Not atomic with the data path: only for a source nothing is sending from.
+    pub fn forget_source(&mut self, key: &SourceKey) -> Result<()> {
+        let sets = self.source_tags.len().max(1);
+        let set = source_hash(key) % sets;
+        let mut tags = self
+            .source_tags
+            .get(&set, 0)
+            .map_err(|e| map_err(MAP_SOURCE_TAGS, e))?;
+        for (way, tag) in tags.tags.iter_mut().enumerate() {
+            let slot = set * SOURCE_WAYS as u32 + way as u32;
+            if *tag >= 2 && self.sources.get(&slot, 0).is_ok_and(|s| s.key == *key) {
+                *tag = SOURCE_FREE;
+            }
+        }
+        self.source_tags
+            .set(set, tags, 0)
+            .map_err(|e| map_err(MAP_SOURCE_TAGS, e))
+    }
+
+    /// Every tracked rate-limit source.
+    pub fn read_sources(&self) -> Vec<Source> {
+        let mut out = Vec::new();
+        for (set, tags) in self.source_tags.iter().enumerate() {
+            let Ok(tags) = tags else { continue };
+            for (way, tag) in tags.tags.iter().enumerate() {
+                let slot = (set * SOURCE_WAYS + way) as u32;
+                if *tag >= 2
+                    && let Ok(s) = self.sources.get(&slot, 0)
+                {
+                    out.push(s);
+                }
+            }
+        }
+        out
     }
 
     /// Node-wide counters, summed over CPUs.
@@ -458,7 +499,6 @@ impl Maps {
 
 impl Tables for Maps {
     fn set_config(&mut self, config: &Config) -> Result<()> {
-        self.ring_size = config.ring_size;
         self.config
             .set(0, config, 0)
             .map_err(|e| map_err(MAP_CONFIG, e))
@@ -477,30 +517,24 @@ impl Tables for Maps {
         ignore_missing(self.addrs.remove(addr)).map_err(|e| map_err(MAP_ADDRS, e))
     }
     fn set_service(&mut self, key: &ServiceKey, service: &Service) -> Result<()> {
-        // The policy first: the entry's flows may be live already.
-        self.svc_policy
-            .set(service.id, service.policy, 0)
-            .map_err(|e| map_err(MAP_SVC_POLICY, e))?;
         self.services
             .insert(key, service, 0)
             .map_err(|e| map_err(MAP_SERVICES, e))
     }
     fn remove_service(&mut self, key: &ServiceKey) -> Result<()> {
-        if let Ok(old) = self.services.get(key, 0) {
-            // Its flows live on until idle: no longer held to a policy that may be reused.
-            self.svc_policy
-                .set(old.id, 0, 0)
-                .map_err(|e| map_err(MAP_SVC_POLICY, e))?;
-        }
         ignore_missing(self.services.remove(key)).map_err(|e| map_err(MAP_SERVICES, e))
+    }
+    fn set_service_info(&mut self, id: u32, info: &ServiceInfo) -> Result<()> {
+        self.svc_info
+            .set(id, info, 0)
+            .map_err(|e| map_err(MAP_SVC_INFO, e))
     }
     fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
         self.backends
             .set(id, backend, 0)
             .map_err(|e| map_err(MAP_BACKENDS, e))
     }
-    fn write_ring(&mut self, ring: u32, slots: &[u32]) -> Result<()> {
-        let base = ring * self.ring_size;
+    fn write_ring(&mut self, base: u32, slots: &[u32]) -> Result<()> {
         for (i, slot) in slots.iter().enumerate() {
             self.rings
                 .set(base + i as u32, slot, 0)
@@ -534,18 +568,15 @@ impl Tables for Maps {
         ignore_missing(self.prefixes.remove(&Key::new(len, *key)))
             .map_err(|e| map_err(MAP_PREFIXES, e))
     }
-    fn ensure_source(&mut self, key: &SourceKey, source: &Source) -> Result<bool> {
-        const BPF_NOEXIST: u64 = 1;
-        match self.sources.insert(key, source, BPF_NOEXIST) {
-            Ok(()) => Ok(true),
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
-                Ok(false)
-            }
-            Err(e) => Err(map_err(MAP_SOURCES, e)),
-        }
+    fn set_overflow(&mut self, policy: u32, source: &Source) -> Result<()> {
+        self.overflow
+            .set(policy, source, 0)
+            .map_err(|e| map_err(MAP_OVERFLOW, e))
     }
-    fn remove_source(&mut self, key: &SourceKey) -> Result<()> {
-        ignore_missing(self.sources.remove(key)).map_err(|e| map_err(MAP_SOURCES, e))
+    fn set_link_mac(&mut self, slot: u32, mac: &LinkMac) -> Result<()> {
+        self.macs
+            .set(slot, mac, 0)
+            .map_err(|e| map_err(MAP_MACS, e))
     }
     fn snapshot(&self) -> Result<Snapshot> {
         let services = self
@@ -577,6 +608,13 @@ impl Tables for Maps {
                 policies.push((id as u32, p));
             }
         }
+        let mut service_info = Vec::new();
+        for (id, s) in self.svc_info.iter().enumerate() {
+            let s = s.map_err(|e| map_err(MAP_SVC_INFO, e))?;
+            if s != ServiceInfo::default() {
+                service_info.push((id as u32, s));
+            }
+        }
         let mut prefixes = Vec::new();
         for kv in self.prefixes.iter() {
             let (k, rule) = kv.map_err(|e| map_err(MAP_PREFIXES, e))?;
@@ -590,6 +628,7 @@ impl Tables for Maps {
             filter,
             policies,
             prefixes,
+            service_info,
         })
     }
 }

@@ -37,11 +37,15 @@ impl DataplaneError {
     }
 }
 
-/// The verifier's log is the only useful part of a load failure: show its tail.
+/// The verifier's log is the only useful part of a load failure: show its tail (and with
+/// `LB_VERIFIER_LOG=<file>`, keep all of it there).
 fn verifier_log(e: &ProgramError) -> String {
     match e {
         ProgramError::LoadError { verifier_log, .. } => {
             let log = verifier_log.to_string();
+            if let Some(path) = std::env::var_os("LB_VERIFIER_LOG") {
+                let _ = std::fs::write(path, &log);
+            }
             let lines: Vec<&str> = log.lines().collect();
             let tail = &lines[lines.len().saturating_sub(40)..];
             format!(

@@ -219,7 +219,11 @@ pub fn render(agent: &Agent, sync_latency: Option<&Histogram>) -> String {
     let sizes = agent.sizes();
     let sweep = &agent.health.last_sweep;
     for (table, n, cap) in [
-        ("flows", sweep.flows, sizes.flow_entries),
+        (
+            "flows",
+            sweep.flows,
+            sizes.flow_entries + sizes.flow_entries_v6,
+        ),
         ("sources", sweep.sources, sizes.source_entries),
     ] {
         tables
@@ -232,14 +236,11 @@ pub fn render(agent: &Agent, sync_latency: Option<&Histogram>) -> String {
     let swept = counter(
         &mut r,
         "swept_entries",
-        "Entries the agent's sweeps removed: finished flows, and refilled rate-limit sources (the source table's evictions; its insertions are datapath_events{event=\"sources_created\"})",
+        "Flow entries the agent's sweeps removed (finished flows)",
     );
     swept
         .get_or_create(&vec![("table", "flows".into())])
         .inc_by(agent.health.swept_flows);
-    swept
-        .get_or_create(&vec![("table", "sources".into())])
-        .inc_by(agent.health.swept_sources);
 
     let reloads = counter(&mut r, "config_reloads", "Config reloads by result");
     reloads

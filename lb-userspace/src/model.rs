@@ -164,12 +164,17 @@ pub struct NodeSettings {
     /// Source address for snat services; `None`: detected from the uplink.
     pub snat_ipv4: Option<Ipv4Addr>,
     pub snat_ipv6: Option<Ipv6Addr>,
-    pub snat_ports: (u16, u16),
+    /// Source ports for snat flows (one or two inclusive ranges); `None`: every port from 1024
+    /// up that neither the node's own connections (its ephemeral range) nor NodePorts use.
+    pub snat_ports: Option<Vec<(u16, u16)>>,
     pub tcp_idle: Duration,
     pub udp_idle: Duration,
     pub tcp_closing: Duration,
     /// How long a TCP flow opened by a SYN waits idle for the client's ACK.
     pub tcp_handshake: Duration,
+    /// How long a snat port stays out of use after a connection its backend closed first: the
+    /// backend keeps the tuple in TIME_WAIT that long (60 s on Linux).
+    pub tcp_time_wait: Duration,
     /// Policy for services without one of their own.
     pub default_policy: Option<String>,
 }
@@ -180,12 +185,14 @@ impl Default for NodeSettings {
             hash_seed: DEFAULT_HASH_SEED,
             snat_ipv4: None,
             snat_ipv6: None,
-            snat_ports: DEFAULT_SNAT_PORTS,
+            snat_ports: None,
             tcp_idle: Duration::from_secs(350),
             udp_idle: Duration::from_secs(120),
             tcp_closing: Duration::from_secs(10),
             // Above the longest gap between a client's SYN retransmissions (32 s on Linux).
             tcp_handshake: Duration::from_secs(60),
+            // Linux's TCP_TIMEWAIT_LEN.
+            tcp_time_wait: Duration::from_secs(60),
             default_policy: None,
         }
     }
@@ -193,9 +200,42 @@ impl Default for NodeSettings {
 
 /// Any fixed value works, as long as every node uses the same one.
 pub const DEFAULT_HASH_SEED: u32 = 0x5eed_1b0b;
-/// Above Linux's default ephemeral range (32768-60999), so the node's own connections and ours
-/// do not compete for ports.
-pub const DEFAULT_SNAT_PORTS: (u16, u16) = (61000, 65535);
+/// Kubernetes' NodePort range: kept out of the default snat ports, so a stale reply to a snat
+/// port can never be taken for a new connection to a node port.
+pub const NODE_PORTS: (u16, u16) = (30000, 32767);
+/// Linux's default ephemeral range, for when the node's cannot be read.
+pub const LINUX_EPHEMERAL_PORTS: (u16, u16) = (32768, 60999);
+
+/// The default snat ports: 1024-65535 without the node's ephemeral range (its own connections
+/// pick ports there, and a collision would hand their replies to a client) and without the
+/// NodePort range; the two largest pieces. With Linux's defaults: 1024-29999 and 61000-65535,
+/// 33,512 ports.
+pub fn default_snat_ports(ephemeral: (u16, u16)) -> Vec<(u16, u16)> {
+    let mut pieces = vec![(1024u32, 65535u32)];
+    for (lo, hi) in [ephemeral, NODE_PORTS] {
+        let (lo, hi) = (u32::from(lo), u32::from(hi));
+        pieces = pieces
+            .into_iter()
+            .flat_map(|(a, b)| {
+                if hi < a || lo > b {
+                    vec![(a, b)]
+                } else {
+                    [(a, lo.saturating_sub(1)), (hi + 1, b)]
+                        .into_iter()
+                        .filter(|(x, y)| x <= y && *x >= 1024)
+                        .collect()
+                }
+            })
+            .collect();
+    }
+    pieces.sort_by_key(|(a, b)| std::cmp::Reverse(b - a));
+    pieces.truncate(2);
+    pieces.sort();
+    pieces
+        .into_iter()
+        .map(|(a, b)| (a as u16, b as u16))
+        .collect()
+}
 
 /// Everything the data path should be doing.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

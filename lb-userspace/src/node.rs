@@ -121,12 +121,38 @@ pub fn view(
             local.insert(addr);
         }
     }
+    // The directed broadcast address of each IPv4 subnet the node is on: no client.
+    let broadcast = addrs
+        .iter()
+        .filter_map(|a| match a.addr {
+            IpAddr::V4(v4) if a.prefix_len < 31 => {
+                let host_bits = 32 - u32::from(a.prefix_len);
+                Some(IpAddr::V4(
+                    (u32::from(v4) | ((1u32 << host_bits) - 1)).into(),
+                ))
+            }
+            _ => None,
+        })
+        .collect();
     Ok(NodeView {
         snat_ipv4,
         snat_ipv6,
         node_addrs,
         local,
+        broadcast,
+        ephemeral_ports: ephemeral_ports(),
     })
+}
+
+/// The node's ephemeral port range (`net.ipv4.ip_local_port_range`, which also applies to IPv6),
+/// read in the network namespace the agent runs in.
+pub fn ephemeral_ports() -> Option<(u16, u16)> {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let mut it = text.split_whitespace().map(|w| w.parse::<u16>());
+    match (it.next(), it.next()) {
+        (Some(Ok(lo)), Some(Ok(hi))) if lo <= hi => Some((lo, hi)),
+        _ => None,
+    }
 }
 
 /// The uplinks' global addresses: where clients (and an NLB with instance targets) reach the

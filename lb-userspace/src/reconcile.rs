@@ -17,18 +17,21 @@ use std::{
 };
 
 use lb_common::{
-    ADDR_NODE, ADDR_VIP, Addr, AddrInfo, BACKEND_ACTIVE, BACKEND_LISTED, Bucket, Config,
-    FILTER_WORDS, Limit, MAX_POLICIES, NO_BACKEND, POLICY_FAIL_OPEN, POLICY_HAS_PREFIXES,
-    POLICY_PRECISE_CLOCK, POLICY_RST_SYN, PREFIX_DENY, PREFIX_EXEMPT, PREFIX_LIMIT, PrefixKey,
-    PrefixRule, SVC_AFFINITY, SVC_SNAT, ServiceKey, Source, SourceKey, filter_bit,
-    hash::bytes_hash,
+    ADDR_NO_CLIENT, ADDR_NODE, ADDR_VIP, Addr, AddrInfo, BACKEND_ACTIVE, BACKEND_LISTED, Bucket,
+    Config, FILTER_LOCAL, FILTER_SERVED, FILTER_WORDS, Limit, MAX_POLICIES, MAX_SNAT_ADDRS,
+    NO_BACKEND, POLICY_FAIL_OPEN, POLICY_HAS_PREFIXES, POLICY_PRECISE_CLOCK, POLICY_RST_SYN,
+    PREFIX_DENY, PREFIX_EXEMPT, PREFIX_LIMIT, PortRange, PrefixKey, PrefixRule, SVC_AFFINITY,
+    SVC_SNAT, ServiceInfo, ServiceKey, Source, filter_slot, flow_ticks, hash::bytes_hash,
 };
 
 use crate::{
     dataplane::Sizes,
     error::DataplaneError,
     maglev,
-    model::{Cidr, Desired, Frontend, Limits, Mode, Policy, Service, TableFull},
+    model::{
+        Cidr, Desired, Frontend, LINUX_EPHEMERAL_PORTS, Limits, Mode, Policy, Service, TableFull,
+        default_snat_ports,
+    },
     tables::{Snapshot, Tables},
 };
 
@@ -43,6 +46,19 @@ pub struct NodeView {
     pub node_addrs: BTreeSet<IpAddr>,
     /// Backends reachable through a backend-facing interface of this node.
     pub local: BTreeSet<IpAddr>,
+    /// Other addresses that are no client: the broadcast addresses of the node's subnets.
+    pub broadcast: BTreeSet<IpAddr>,
+    /// The node's ephemeral port range (`net.ipv4.ip_local_port_range`): snat must not use it.
+    pub ephemeral_ports: Option<(u16, u16)>,
+}
+
+impl NodeView {
+    /// The snat source ports: the configured ones, or the default for this node.
+    pub fn snat_ports(&self, settings: &crate::model::NodeSettings) -> Vec<(u16, u16)> {
+        settings.snat_ports.clone().unwrap_or_else(|| {
+            default_snat_ports(self.ephemeral_ports.unwrap_or(LINUX_EPHEMERAL_PORTS))
+        })
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +70,8 @@ pub enum ApplyError {
         frontend: Frontend,
         reason: String,
     },
+    #[error("node.{field}: {reason}")]
+    Setting { field: &'static str, reason: String },
     #[error("too many {what}: this agent was started with room for {max} (see {flag})")]
     Capacity {
         what: &'static str,
@@ -84,8 +102,40 @@ impl Report {
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct AppliedService {
     value: lb_common::Service,
+    info: ServiceInfo,
     /// (address, port) -> (backend id, weight).
     backends: BTreeMap<(IpAddr, u16), (u32, u32)>,
+}
+
+/// The generation of each id of a kind (see lb_common::ServiceInfo::generation): bumped when the
+/// id is given to something new, so flows made under the old one see it is gone.
+struct Generations(Vec<u8>);
+
+impl Generations {
+    fn new(len: u32, known: impl Iterator<Item = (u32, u8)>) -> Generations {
+        let mut g = vec![0u8; len as usize];
+        for (id, generation) in known {
+            if let Some(slot) = g.get_mut(id as usize) {
+                *slot = generation;
+            }
+        }
+        Generations(g)
+    }
+
+    fn get(&self, id: u32) -> u8 {
+        self.0.get(id as usize).copied().unwrap_or(0)
+    }
+
+    /// The id goes to something new: its next generation.
+    fn renew(&mut self, id: u32) -> u8 {
+        match self.0.get_mut(id as usize) {
+            Some(g) => {
+                *g = g.wrapping_add(1);
+                *g
+            }
+            None => 0,
+        }
+    }
 }
 
 /// A rate-limit policy slot: a named policy, or one of its overrides.
@@ -100,7 +150,11 @@ pub struct Reconciler {
     policy_ids: BTreeMap<PolicySlot, u32>,
     policies: BTreeMap<u32, lb_common::Policy>,
     prefixes: BTreeMap<(PrefixKey, u32), PrefixRule>,
-    overflow: BTreeSet<SourceKey>,
+    /// Policy ids whose overflow bucket is set.
+    overflow: BTreeSet<u32>,
+    service_gens: Generations,
+    backend_gens: Generations,
+    policy_gens: Generations,
     service_ids: IdPool,
     backend_ids: IdPool,
     rings: IdPool,
@@ -115,6 +169,7 @@ impl Reconciler {
 
     /// Picks up the state a previous agent left in the (pinned) maps.
     pub fn resume(sizes: Sizes, snap: &Snapshot) -> Reconciler {
+        let infos: BTreeMap<u32, ServiceInfo> = snap.service_info.iter().copied().collect();
         let mut services = BTreeMap::new();
         for (key, value) in &snap.services {
             let backends = snap
@@ -132,6 +187,7 @@ impl Reconciler {
                 *key,
                 AppliedService {
                     value: *value,
+                    info: infos.get(&value.id).copied().unwrap_or_default(),
                     backends,
                 },
             );
@@ -166,6 +222,18 @@ impl Reconciler {
                 .map(|(k, len, rule)| ((*k, *len), *rule))
                 .collect(),
             overflow: BTreeSet::new(),
+            service_gens: Generations::new(
+                sizes.max_services,
+                infos.iter().map(|(id, i)| (*id, i.generation)),
+            ),
+            backend_gens: Generations::new(
+                sizes.max_backends,
+                snap.backends.iter().map(|(id, b)| (*id, b.generation)),
+            ),
+            policy_gens: Generations::new(
+                MAX_POLICIES,
+                snap.policies.iter().map(|(id, p)| (*id, p.generation)),
+            ),
             service_ids: IdPool::new(0..sizes.max_services, &used_services, &[]),
             backend_ids: IdPool::new(0..sizes.max_backends, &listed, &recently_removed),
             rings: IdPool::new(0..sizes.rings(), &used_rings, &[]),
@@ -234,13 +302,23 @@ impl Reconciler {
             self.remove_service(&key, &mut t)?;
             report.services_removed += 1;
         }
-        self.remove_stale_policies(desired, &mut t)?;
+        self.remove_stale_policies(desired);
         report.writes = t.writes;
         Ok(report)
     }
 
     /// Everything `apply` would refuse, checked before any write.
     fn check(&self, desired: &Desired, node: &NodeView) -> Result<(), ApplyError> {
+        if let (Some(ranges), Some((lo, hi))) = (&desired.node.snat_ports, node.ephemeral_ports)
+            && let Some((a, b)) = ranges.iter().find(|(a, b)| *a <= hi && *b >= lo)
+        {
+            return Err(ApplyError::Setting {
+                field: "snat-ports",
+                reason: format!(
+                    "{a}-{b} overlaps this node's ephemeral ports {lo}-{hi} (net.ipv4.ip_local_port_range): the node's own connections would collide with snat flows; leave snat-ports unset for a range that avoids them"
+                ),
+            });
+        }
         let invalid = |s: &Service, reason: String| ApplyError::Invalid {
             origin: s.source.clone(),
             name: s.name.clone(),
@@ -338,24 +416,33 @@ impl Reconciler {
 
     fn config_for(&self, desired: &Desired, node: &NodeView) -> Config {
         let n = &desired.node;
-        let ns = |d: std::time::Duration| d.as_nanos().min(u128::from(u64::MAX)) as u64;
+        let ticks =
+            |d: std::time::Duration| flow_ticks(d.as_nanos().min(u128::from(u64::MAX)) as u64);
+        let mut snat_v4 = [Addr::ZERO; MAX_SNAT_ADDRS];
+        let mut snat_v6 = [Addr::ZERO; MAX_SNAT_ADDRS];
+        if let Some(a) = node.snat_ipv4 {
+            snat_v4[0] = Addr::v4(a.octets());
+        }
+        if let Some(a) = node.snat_ipv6 {
+            snat_v6[0] = Addr(a.octets());
+        }
+        let mut snat_ports = [PortRange::EMPTY; 2];
+        for (slot, (min, max)) in snat_ports.iter_mut().zip(node.snat_ports(n)) {
+            *slot = PortRange { min, max };
+        }
         Config {
             hash_seed: n.hash_seed,
-            ring_size: self.sizes.ring_size,
-            tcp_idle_ns: ns(n.tcp_idle),
-            udp_idle_ns: ns(n.udp_idle),
-            tcp_closing_ns: ns(n.tcp_closing),
-            tcp_handshake_ns: ns(n.tcp_handshake),
-            snat_v4: node
-                .snat_ipv4
-                .map(|a| Addr::v4(a.octets()))
-                .unwrap_or_default(),
-            snat_v6: node.snat_ipv6.map(|a| Addr(a.octets())).unwrap_or_default(),
-            snat_port_min: n.snat_ports.0,
-            snat_port_max: n.snat_ports.1,
-            flags: 0,
-            default_policy: 0,
-            _pad: 0,
+            tcp_idle: ticks(n.tcp_idle),
+            udp_idle: ticks(n.udp_idle),
+            tcp_closing: ticks(n.tcp_closing),
+            tcp_handshake: ticks(n.tcp_handshake),
+            tcp_time_wait: ticks(n.tcp_time_wait),
+            snat_v4_count: u32::from(node.snat_ipv4.is_some()),
+            snat_v6_count: u32::from(node.snat_ipv6.is_some()),
+            snat_v4,
+            snat_v6,
+            snat_ports,
+            source_sets: self.sizes.source_sets(),
         }
     }
 
@@ -378,6 +465,10 @@ impl Reconciler {
                 let id = self.claim_policy(value);
                 self.policy_ids.insert(slot.clone(), id);
             }
+        }
+        // Each id's value carries its generation.
+        for (slot, value) in slots.iter_mut() {
+            value.generation = self.policy_gens.get(self.policy_ids[slot]);
         }
         let mut prefixes = BTreeMap::new();
         for (name, p) in &desired.policies {
@@ -404,18 +495,14 @@ impl Reconciler {
                 self.policies.insert(id, *value);
             }
             // Fail-closed policies need the bucket sources beyond the table's capacity share.
-            let key = SourceKey {
-                addr: Addr([0xff; 16]),
-                policy: id,
-            };
-            if value.flags & POLICY_FAIL_OPEN == 0 && !self.overflow.contains(&key) {
+            if value.flags & POLICY_FAIL_OPEN == 0 && !self.overflow.contains(&id) {
                 let full = Source {
                     packets: Bucket::full(&value.packets, now),
                     connections: Bucket::full(&value.connections, now),
-                    dropped: 0,
+                    ..Source::default()
                 };
-                t.ensure_source(&key, &full)?;
-                self.overflow.insert(key);
+                t.set_overflow(id, &full)?;
+                self.overflow.insert(id);
             }
         }
         for (k, rule) in &prefixes {
@@ -443,25 +530,31 @@ impl Reconciler {
     }
 
     /// An id for a new policy slot: one whose map entry already holds this exact policy (left
-    /// by a previous agent: its sources keep their buckets) or a fresh one.
+    /// by a previous agent: its sources keep their buckets) or a fresh one, in a new generation
+    /// (sources tracked under its previous owner no longer match).
     fn claim_policy(&mut self, value: &lb_common::Policy) -> u32 {
         let claimed: BTreeSet<u32> = self.policy_ids.values().copied().collect();
         if let Some(id) = self
             .policies
             .iter()
-            .find(|(id, p)| *p == value && !claimed.contains(id))
+            .find(|(id, p)| {
+                lb_common::Policy {
+                    generation: 0,
+                    ..**p
+                } == *value
+                    && !claimed.contains(id)
+            })
             .map(|(id, _)| *id)
         {
             return id;
         }
-        self.policy_pool.take().unwrap_or(0)
+        let id = self.policy_pool.take().unwrap_or(0);
+        self.policy_gens.renew(id);
+        self.overflow.remove(&id);
+        id
     }
 
-    fn remove_stale_policies(
-        &mut self,
-        desired: &Desired,
-        t: &mut Counting<'_>,
-    ) -> Result<(), ApplyError> {
+    fn remove_stale_policies(&mut self, desired: &Desired) {
         let stale: Vec<PolicySlot> = self
             .policy_ids
             .keys()
@@ -473,13 +566,7 @@ impl Reconciler {
             .collect();
         for slot in stale {
             if let Some(id) = self.policy_ids.remove(&slot) {
-                let key = SourceKey {
-                    addr: Addr([0xff; 16]),
-                    policy: id,
-                };
-                if self.overflow.remove(&key) {
-                    t.remove_source(&key)?;
-                }
+                self.overflow.remove(&id);
                 self.policies.remove(&id);
                 self.policy_pool.give_back(id);
             }
@@ -496,7 +583,6 @@ impl Reconciler {
             self.policies.remove(&id);
             self.policy_pool.give_back(id);
         }
-        Ok(())
     }
 
     fn apply_service(
@@ -523,6 +609,13 @@ impl Reconciler {
                         ring: u32::MAX,
                         ..Default::default()
                     },
+                    info: ServiceInfo {
+                        addr: key.addr,
+                        port: key.port,
+                        proto: key.proto,
+                        generation: self.service_gens.renew(id),
+                        policy: 0,
+                    },
                     backends: BTreeMap::new(),
                 }
             }
@@ -541,11 +634,16 @@ impl Reconciler {
                         flag: "--max-backends",
                     })?;
                     t.clear_backend_stats(bid)?;
+                    self.backend_gens.renew(bid);
                     (bid, None)
                 }
             };
             if old_weight != Some(b.weight) {
-                t.set_backend(bid, &backend_entry(b.addr, b.port, id, b.weight))?;
+                let generation = self.backend_gens.get(bid);
+                t.set_backend(
+                    bid,
+                    &backend_entry(b.addr, b.port, id, b.weight, generation),
+                )?;
             }
             backends.insert((b.addr, b.port), (bid, b.weight));
         }
@@ -556,19 +654,21 @@ impl Reconciler {
             .iter()
             .map(|b| (b.maglev_key(), b.weight, backends[&(b.addr, b.port)].0))
             .collect();
-        let table = ring_table(&entries, cfg.ring_size, cfg.hash_seed)?;
-        let digest = ring_digest(&table, cfg.ring_size, cfg.hash_seed);
+        let ring_size = self.sizes.ring_size;
+        let table = ring_table(&entries, ring_size, cfg.hash_seed)?;
+        let digest = ring_digest(&table, ring_size, cfg.hash_seed);
         let mut value = applied.value;
         let old_ring = value.ring;
-        if old_ring == u32::MAX || value.ring_digest != digest {
+        if old_ring == u32::MAX || value.ring_digest != digest || value.ring_size != ring_size {
             let ring = self.rings.take().ok_or(ApplyError::Capacity {
                 what: "rings",
                 max: self.sizes.rings(),
                 flag: "--max-services",
             })?;
-            t.write_ring(ring, &table)?;
+            t.write_ring(ring * ring_size, &table)?;
             report.rings_written += 1;
-            value.ring = ring;
+            value.ring = ring * ring_size;
+            value.ring_size = ring_size;
             value.ring_digest = digest;
         }
         value.flags = match service.mode {
@@ -586,6 +686,16 @@ impl Reconciler {
             .unwrap_or(0);
         value.active_backends = service.backends.iter().filter(|b| b.weight > 0).count() as u32;
 
+        // What established flows read (the policy) and replies are rewritten from, before the
+        // service entry: its flows may be live already.
+        let info = ServiceInfo {
+            policy,
+            ..applied.info
+        };
+        if info != applied.info || !self.services.contains_key(&key) {
+            t.set_service_info(id, &info)?;
+            applied.info = info;
+        }
         let is_new = !self.services.contains_key(&key);
         if is_new || value != applied.value {
             // The switch: from here new flows use the new ring and settings.
@@ -597,15 +707,16 @@ impl Reconciler {
             }
         }
         if old_ring != u32::MAX && old_ring != value.ring {
-            self.rings.give_back(old_ring);
+            self.rings.give_back(old_ring / ring_size.max(1));
         }
         // Backends no longer listed: no ring slot refers to them any more. Existing flows keep
         // going (they hold the address); the id is reused last.
         for (addr_port, (bid, _)) in &applied.backends {
             if !backends.contains_key(addr_port) {
+                let generation = self.backend_gens.get(*bid);
                 t.set_backend(
                     *bid,
-                    &unlisted(backend_entry(addr_port.0, addr_port.1, id, 0)),
+                    &unlisted(backend_entry(addr_port.0, addr_port.1, id, 0, generation)),
                 )?;
                 self.backend_ids.give_back(*bid);
             }
@@ -621,14 +732,25 @@ impl Reconciler {
             return Ok(());
         };
         t.remove_service(key)?;
+        // Its flows live on until they end (replies still need the frontend), no longer held
+        // to a policy whose id may be reused.
+        t.set_service_info(
+            applied.value.id,
+            &ServiceInfo {
+                policy: 0,
+                ..applied.info
+            },
+        )?;
         for ((addr, port), (bid, _)) in &applied.backends {
+            let generation = self.backend_gens.get(*bid);
             t.set_backend(
                 *bid,
-                &unlisted(backend_entry(*addr, *port, applied.value.id, 0)),
+                &unlisted(backend_entry(*addr, *port, applied.value.id, 0, generation)),
             )?;
             self.backend_ids.give_back(*bid);
         }
-        self.rings.give_back(applied.value.ring);
+        self.rings
+            .give_back(applied.value.ring / applied.value.ring_size.max(1));
         self.service_ids.give_back(applied.value.id);
         Ok(())
     }
@@ -663,19 +785,25 @@ impl Reconciler {
             }
         }
         let mut filter = vec![0u64; 2 * FILTER_WORDS as usize];
-        let mut set = |plane: usize, a: &Addr| {
-            let bit = filter_bit(a) as usize;
-            filter[plane * FILTER_WORDS as usize + bit / 64] |= 1 << (bit % 64);
+        let mut set = |plane: u32, a: &Addr| {
+            let (word, mask) = filter_slot(plane, a);
+            filter[word as usize] |= mask;
         };
         for a in addrs.keys() {
-            set(0, a);
+            set(FILTER_SERVED, a);
         }
         for s in desired.services.values() {
             if s.mode == Mode::PreserveClientIp {
                 for b in &s.backends {
-                    set(1, &Addr::from(b.addr));
+                    set(FILTER_LOCAL, &Addr::from(b.addr));
                 }
             }
+        }
+        // No client either (never answered, never a flow's source), but nothing to serve.
+        for a in node.node_addrs.iter().chain(&node.broadcast) {
+            addrs.entry(Addr::from(*a)).or_insert(AddrInfo {
+                flags: ADDR_NO_CLIENT,
+            });
         }
         for (a, info) in &addrs {
             if self.addrs.get(a) != Some(info) {
@@ -703,21 +831,25 @@ impl Reconciler {
 }
 
 pub fn service_key(f: &Frontend) -> ServiceKey {
-    ServiceKey {
-        addr: Addr::from(f.vip),
-        port: f.port.to_be(),
-        proto: f.protocol.number(),
-        _pad: 0,
-    }
+    ServiceKey::new(Addr::from(f.vip), f.port.to_be(), f.protocol.number())
 }
 
-fn backend_entry(addr: IpAddr, port: u16, service: u32, weight: u32) -> lb_common::Backend {
+fn backend_entry(
+    addr: IpAddr,
+    port: u16,
+    service: u32,
+    weight: u32,
+    generation: u8,
+) -> lb_common::Backend {
     lb_common::Backend {
         addr: Addr::from(addr),
         port: port.to_be(),
         flags: BACKEND_LISTED | if weight > 0 { BACKEND_ACTIVE } else { 0 },
         service,
         weight,
+        generation,
+        _pad1: 0,
+        _pad2: 0,
     }
 }
 
@@ -791,8 +923,8 @@ fn to_bpf_policy(p: &Policy, limits: &Limits) -> lb_common::Policy {
         packets: limit(limits.packets),
         connections: limit(limits.connections),
         v6_prefix_len: p.ipv6_prefix,
-        _pad1: 0,
-        _pad2: 0,
+        generation: 0,
+        _pad: 0,
         flags,
     }
 }
@@ -860,16 +992,6 @@ macro_rules! counted {
     };
 }
 
-impl Counting<'_> {
-    /// Counted only when it inserts: a bucket that is already there is left alone.
-    fn ensure_source(&mut self, k: &SourceKey, s: &Source) -> Result<(), DataplaneError> {
-        if self.inner.ensure_source(k, s)? {
-            self.writes += 1;
-        }
-        Ok(())
-    }
-}
-
 counted! {
     set_config(c: &Config);
     set_filter_word(i: u32, w: u64);
@@ -877,14 +999,15 @@ counted! {
     remove_addr(a: &Addr);
     set_service(k: &ServiceKey, s: &lb_common::Service);
     remove_service(k: &ServiceKey);
+    set_service_info(id: u32, i: &ServiceInfo);
     set_backend(id: u32, b: &lb_common::Backend);
-    write_ring(ring: u32, slots: &[u32]);
+    write_ring(base: u32, slots: &[u32]);
     clear_service_stats(id: u32);
     clear_backend_stats(id: u32);
     set_policy(id: u32, p: &lb_common::Policy);
     set_prefix(k: &PrefixKey, len: u32, r: &PrefixRule);
     remove_prefix(k: &PrefixKey, len: u32);
-    remove_source(k: &SourceKey);
+    set_overflow(policy: u32, s: &Source);
 }
 
 #[cfg(test)]
@@ -912,6 +1035,8 @@ mod tests {
             snat_ipv6: None,
             node_addrs: ["10.0.0.1".parse().unwrap()].into(),
             local: ["10.1.1.2".parse().unwrap(), "10.1.1.3".parse().unwrap()].into(),
+            broadcast: ["10.0.0.255".parse().unwrap()].into(),
+            ephemeral_ports: Some((32768, 60999)),
         }
     }
 
@@ -1169,15 +1294,22 @@ mod tests {
             t.addrs[&node_addr].flags, ADDR_NODE,
             "a node address is never a VIP"
         );
-        let bit = |plane: usize, a: &Addr| {
-            let b = filter_bit(a) as usize;
-            t.filter[plane * FILTER_WORDS as usize + b / 64] & (1 << (b % 64)) != 0
+        let bit = |plane: u32, a: &Addr| {
+            let (word, mask) = filter_slot(plane, a);
+            t.filter[word as usize] & mask != 0
         };
-        assert!(bit(0, &vip) && bit(0, &node_addr));
+        assert!(bit(FILTER_SERVED, &vip) && bit(FILTER_SERVED, &node_addr));
         assert!(
-            bit(1, &Addr::from("10.1.1.3".parse::<IpAddr>().unwrap())),
+            bit(
+                FILTER_LOCAL,
+                &Addr::from("10.1.1.3".parse::<IpAddr>().unwrap())
+            ),
             "preserve backends"
         );
+        // The subnet's broadcast address is no client, and nothing to serve.
+        let broadcast = Addr::from("10.0.0.255".parse::<IpAddr>().unwrap());
+        assert_eq!(t.addrs[&broadcast].flags, ADDR_NO_CLIENT);
+        assert!(!bit(FILTER_SERVED, &broadcast));
         // Removing the services removes the VIPs and their filter bits; the node address stays.
         r.apply(&desired(vec![]), &node(), &mut t).unwrap();
         assert!(t.services.is_empty());
@@ -1255,7 +1387,7 @@ mod tests {
         // IPv4 /16 -> 32 policy bits + 96 mapped prefix bits + 16.
         assert!(t.prefixes.keys().any(|(_, len)| *len == 32 + 96 + 16));
         assert_eq!(
-            t.sources.len(),
+            t.overflow.len(),
             2,
             "an overflow bucket per fail-closed policy slot"
         );
@@ -1264,7 +1396,6 @@ mod tests {
         d2.policies.clear();
         r.apply(&d2, &node(), &mut t).unwrap();
         assert!(t.prefixes.is_empty());
-        assert!(t.sources.is_empty());
         assert_eq!(t.services[&key(&s)].policy, 0);
     }
 }

@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr, net::SocketAddr};
 use anyhow::Result;
 use lb_common::{
     Addr, AffinityKey, BACKEND_ACTIVE, BACKEND_LISTED, Counter, DropReason, FLOW_CLOSING,
-    FLOW_OPENING, FLOW_REPLY, FLOW_SNAT, FlowKey, NO_BACKEND, ServiceKey,
+    FLOW_OPENING, FLOW_REPLY, FLOW_SNAT, FlowAddr, NO_BACKEND, ServiceKey,
     hash::{flow_hash, ring_slot},
 };
 use serde::Serialize;
@@ -166,42 +166,34 @@ fn limited_sources(maps: &Maps, names: &BTreeMap<u32, String>) -> (Vec<LimitedSo
         .enumerate()
         .map(|(i, p)| (i as u32, p))
         .collect();
-    let mut tracked = 0;
-    let mut all: Vec<(lb_common::SourceKey, lb_common::Source)> = maps
-        .sources
-        .iter()
-        .filter_map(Result::ok)
-        .inspect(|_| tracked += 1)
-        .filter(|(_, s)| s.dropped > 0)
-        .collect();
-    all.sort_by_key(|(_, s)| std::cmp::Reverse(s.dropped));
+    let sources = maps.read_sources();
+    let tracked = sources.len();
+    let mut all: Vec<lb_common::Source> = sources.into_iter().filter(|s| s.dropped > 0).collect();
+    all.sort_by_key(|s| std::cmp::Reverse(s.dropped));
     let list = all
         .into_iter()
         .take(TOP_LIMITED)
-        .map(|(k, s)| {
-            let policy = policies.get(&k.policy);
+        .map(|s| {
+            let k = s.key;
+            let policy = policies.get(&k.policy_id());
             let tokens = |limit: &lb_common::Limit, bucket: &lb_common::Bucket| {
                 (!limit.is_unlimited())
                     .then(|| (lb_common::bucket::tokens(limit, bucket, now), limit.burst))
             };
-            let source = if k.addr.0 == [0xff; 16] {
-                "(table full: shared bucket)".to_string()
-            } else {
-                let ip = IpAddr::from(k.addr);
-                match (ip, policy) {
-                    (IpAddr::V6(_), Some(p)) if p.v6_prefix_len < 128 => {
-                        format!("{ip}/{}", p.v6_prefix_len)
-                    }
-                    _ => ip.to_string(),
+            let ip = IpAddr::from(k.addr);
+            let source = match (ip, policy) {
+                (IpAddr::V6(_), Some(p)) if p.v6_prefix_len < 128 => {
+                    format!("{ip}/{}", p.v6_prefix_len)
                 }
+                _ => ip.to_string(),
             };
             LimitedSource {
                 source,
                 policy: names
-                    .get(&k.policy)
+                    .get(&k.policy_id())
                     .cloned()
-                    .unwrap_or_else(|| format!("policy {}", k.policy)),
-                dropped: s.dropped,
+                    .unwrap_or_else(|| format!("policy {}", k.policy_id())),
+                dropped: u64::from(s.dropped),
                 packet_tokens: policy.and_then(|p| tokens(&p.packets, &s.packets)),
                 connection_tokens: policy.and_then(|p| tokens(&p.connections, &s.connections)),
             }
@@ -356,53 +348,69 @@ pub fn flow(
 ) -> Result<FlowAnswer> {
     let maps = Maps::open_pinned(&paths.pin_dir)?;
     let flow = format!("{protocol} {src} -> {dst}");
-    let key = FlowKey::new(
-        Addr::from(src.ip()),
-        Addr::from(dst.ip()),
-        src.port().to_be(),
-        dst.port().to_be(),
-        protocol.number(),
-    );
+    let (src_addr, dst_addr) = (Addr::from(src.ip()), Addr::from(dst.ip()));
+    let (sport, dport) = (src.port().to_be(), dst.port().to_be());
     let cfg = maps.read_config();
-    let now = monotonic_ns();
-    if let Ok(entry) = maps.flows.get(&key, 0)
-        && entry.flags & FLOW_REPLY == 0
-        && cfg.is_none_or(|c| !entry.is_expired(&c, now))
+    let now = lb_common::flow_clock(monotonic_ns());
+    let entry = if src.is_ipv4() {
+        let key = lb_common::FlowKey4::new(
+            lb_common::V4::from_addr(&src_addr),
+            lb_common::V4::from_addr(&dst_addr),
+            sport,
+            dport,
+            protocol.number(),
+        );
+        maps.flows4
+            .get(&key, 0)
+            .ok()
+            .map(|f| (f.flags, f.last, f.id, f.addr.to_addr(), f.port))
+    } else {
+        let key = lb_common::FlowKey6::new(src_addr, dst_addr, sport, dport, protocol.number());
+        maps.flows6
+            .get(&key, 0)
+            .ok()
+            .map(|f| (f.flags, f.last, f.id, f.addr, f.port))
+    };
+    if let Some((flags, last, id, addr, port)) = entry
+        && flags & FLOW_REPLY == 0
+        && cfg.is_none_or(|c| {
+            !lb_common::Flow::<Addr> {
+                flags,
+                last,
+                ..Default::default()
+            }
+            .is_expired(&c, now)
+        })
+        && let Ok(b) = maps.backends.get(&id, 0)
     {
-        let age = now.saturating_sub(entry.last_seen_ns) / 1_000_000;
-        let state = if entry.flags & FLOW_CLOSING != 0 {
+        let age = u64::from(now.wrapping_sub(last)) << lb_common::FLOW_CLOCK_SHIFT;
+        let age = age / 1_000_000;
+        let state = if flags & FLOW_CLOSING != 0 {
             ", closing"
-        } else if entry.flags & FLOW_OPENING != 0 {
+        } else if flags & FLOW_OPENING != 0 {
             ", handshake not finished"
         } else {
             ""
         };
-        let snat = if entry.flags & FLOW_SNAT != 0 {
-            format!(
-                ", source-NATed to {}",
-                show(&entry.src, u16::from_be(entry.sport))
-            )
+        let snat = if flags & FLOW_SNAT != 0 {
+            format!(", source-NATed to {}", show(&addr, u16::from_be(port)))
         } else {
             String::new()
         };
         return Ok(FlowAnswer {
             flow,
             reason: "flow-table",
-            backend: Some(show(&entry.dst, u16::from_be(entry.dport))),
+            backend: Some(show(&b.addr, u16::from_be(b.port))),
             detail: format!(
                 "a live flow-table entry pins it (last packet {age} ms ago{state}{snat})"
             ),
         });
     }
+    let now = monotonic_ns();
     let Some(cfg) = cfg else {
         anyhow::bail!("the data path has no configuration yet");
     };
-    let skey = ServiceKey {
-        addr: key.dst,
-        port: key.dport,
-        proto: key.proto,
-        _pad: 0,
-    };
+    let skey = ServiceKey::new(dst_addr, dport, protocol.number());
     let Ok(svc) = maps.services.get(&skey, 0) else {
         return Ok(FlowAnswer {
             flow,
@@ -414,13 +422,16 @@ pub fn flow(
     if svc.flags & lb_common::SVC_AFFINITY != 0
         && let Ok(a) = maps.affinity.get(
             &AffinityKey {
-                client: key.src,
+                client: src_addr,
                 service: svc.id,
             },
             0,
         )
-        && now.saturating_sub(a.last_seen_ns) <= u64::from(svc.affinity_timeout_s) * 1_000_000_000
+        && now.wrapping_sub(a.last_seen_ns) as i64
+            <= (u64::from(svc.affinity_timeout_s) * 1_000_000_000) as i64
         && let Ok(b) = maps.backends.get(&a.backend, 0)
+        && b.service == svc.id
+        && b.generation == a.generation
         && b.flags & BACKEND_ACTIVE != 0
     {
         return Ok(FlowAnswer {
@@ -434,15 +445,15 @@ pub fn flow(
         });
     }
     let hash = flow_hash(
-        &key.src,
-        &key.dst,
-        key.sport,
-        key.dport,
-        key.proto,
+        &src_addr,
+        &dst_addr,
+        sport,
+        dport,
+        protocol.number(),
         cfg.hash_seed,
     );
-    let slot = ring_slot(hash, cfg.ring_size);
-    let id = maps.rings.get(&(svc.ring * cfg.ring_size + slot), 0)?;
+    let slot = ring_slot(hash, svc.ring_size);
+    let id = maps.rings.get(&(svc.ring + slot), 0)?;
     if id == NO_BACKEND {
         return Ok(FlowAnswer {
             flow,
@@ -450,7 +461,7 @@ pub fn flow(
             backend: None,
             detail: format!(
                 "ring slot {slot} of {} is empty: the service has no backend with weight > 0",
-                cfg.ring_size
+                svc.ring_size
             ),
         });
     }
@@ -461,7 +472,7 @@ pub fn flow(
         backend: Some(show(&b.addr, u16::from_be(b.port))),
         detail: format!(
             "no flow-table entry; a new flow would hash (seed {:#x}) to Maglev slot {slot} of {}, which holds this backend",
-            cfg.hash_seed, cfg.ring_size
+            cfg.hash_seed, svc.ring_size
         ),
     })
 }

@@ -1,31 +1,22 @@
 //! Garbage collection the data path leaves to the agent: flow entries that are over (the data
-//! path already treats them as absent; deleting them frees memory and snat ports) and source
-//! buckets that have refilled (a full bucket is the same as no entry, so removing one never
-//! changes a limit; this is what keeps the source table from filling up for good).
+//! path already treats them as absent and reclaims a snat port's entry on the spot when it
+//! needs the port; deleting them frees memory for the LRU). Each entry expires on its own
+//! timeout: a snat flow's reply entry holds its port through the backend's TIME_WAIT.
 //!
-//! A refilled source stays while it is active (a packet in the last [`SOURCE_KEEP`]): under a
-//! flood of spoofed sources that fills the table, the clients in the middle of talking keep
-//! their entries, so their new connections draw on their own buckets and not on the shared
-//! overflow bucket the flood drains. The spoofed ones, each seen once, go at the next sweep
-//! after that.
+//! Rate-limit sources need no sweep: the data path reuses the slot of a source that has
+//! refilled and been quiet (see lb_common::SourceSet).
 use lb_common::{
-    Addr, Bucket, FLOW_OPENING, FLOW_REPLY, FLOW_RESET, FlowKey, Limit, SourceKey, bucket::tokens,
+    Addr, Config, FLOW_REPLY, FLOW_RESET, Flow, FlowAddr, FlowKey, Source, flow_clock,
 };
 
 use crate::dataplane::Maps;
-
-/// Sources with this address are the shared overflow buckets of fail-closed policies.
-const OVERFLOW: [u8; 16] = [0xff; 16];
-
-/// How long a refilled source's entry stays after its last packet.
-pub const SOURCE_KEEP: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct SweepReport {
     pub flows: usize,
     pub flows_removed: usize,
+    /// Tracked rate-limit sources.
     pub sources: usize,
-    pub sources_removed: usize,
 }
 
 pub fn sweep(maps: &mut Maps, now_ns: u64) -> SweepReport {
@@ -33,51 +24,34 @@ pub fn sweep(maps: &mut Maps, now_ns: u64) -> SweepReport {
     let Some(cfg) = maps.read_config() else {
         return report;
     };
-    let mut expired: Vec<FlowKey> = Vec::new();
-    for (key, flow) in maps.flows.iter().filter_map(Result::ok) {
+    let now = flow_clock(now_ns);
+    sweep_table(&mut maps.flows4, &cfg, now, &mut report);
+    sweep_table(&mut maps.flows6, &cfg, now, &mut report);
+    report.sources = maps.read_sources().len();
+    report
+}
+
+fn sweep_table<A: FlowAddr>(
+    table: &mut aya::maps::HashMap<aya::maps::MapData, FlowKey<A>, Flow<A>>,
+    cfg: &Config,
+    now: u32,
+    report: &mut SweepReport,
+) where
+    FlowKey<A>: aya::Pod,
+    Flow<A>: aya::Pod,
+{
+    let mut expired = Vec::new();
+    for (key, flow) in table.iter().filter_map(Result::ok) {
         report.flows += 1;
-        if flow.is_expired(&cfg, now_ns) {
+        if flow.is_expired(cfg, now) {
             expired.push(key);
-            // A handshake that never finished: the reply entry goes too (it would otherwise
-            // hold its snat port for the idle timeout), the backend's SYN-ACKs refresh it.
-            if flow.flags & FLOW_OPENING != 0 {
-                expired.push(flow.peer_key());
-            }
         }
     }
     for k in &expired {
-        if maps.flows.remove(k).is_ok() {
+        if table.remove(k).is_ok() {
             report.flows_removed += 1;
         }
     }
-
-    let policies: Vec<lb_common::Policy> = maps.policies.iter().filter_map(Result::ok).collect();
-    let full =
-        |limit: &Limit, b: &Bucket| limit.is_unlimited() || tokens(limit, b, now_ns) >= limit.burst;
-    let keep_ns = SOURCE_KEEP.as_nanos() as i64;
-    // Signed: the data path's clock may be a little ahead of ours.
-    let quiet = |b: &Bucket| now_ns.wrapping_sub(b.last_ns) as i64 >= keep_ns;
-    let idle: Vec<SourceKey> = maps
-        .sources
-        .iter()
-        .filter_map(Result::ok)
-        .inspect(|_| report.sources += 1)
-        .filter(|(k, s)| {
-            k.addr.0 != OVERFLOW
-                && quiet(&s.packets)
-                && quiet(&s.connections)
-                && policies.get(k.policy as usize).is_some_and(|p| {
-                    full(&p.packets, &s.packets) && full(&p.connections, &s.connections)
-                })
-        })
-        .map(|(k, _)| k)
-        .collect();
-    for k in &idle {
-        if maps.sources.remove(k).is_ok() {
-            report.sources_removed += 1;
-        }
-    }
-    report
 }
 
 /// Ends the flows of one service that go to one backend (its deregistration delay is over):
@@ -85,20 +59,44 @@ pub fn sweep(maps: &mut Maps, now_ns: u64) -> SweepReport {
 /// forgotten (their next packet is a new flow, to a current backend). Returns how many flows.
 pub fn end_flows(maps: &mut Maps, service: u32, backend: Addr, port: u16, reset: bool) -> usize {
     let port = port.to_be();
+    // The backend's ids in this service (one, unless it was removed and added again).
+    let ids: Vec<u32> = maps
+        .backends
+        .iter()
+        .enumerate()
+        .filter_map(|(id, b)| Some((id as u32, b.ok()?)))
+        .filter(|(_, b)| b.service == service && b.addr == backend && b.port == port)
+        .map(|(id, _)| id)
+        .collect();
+    let mut ended = end_in(&mut maps.flows4, service, &ids, &backend, port, reset);
+    ended += end_in(&mut maps.flows6, service, &ids, &backend, port, reset);
+    ended
+}
+
+fn end_in<A: FlowAddr>(
+    table: &mut aya::maps::HashMap<aya::maps::MapData, FlowKey<A>, Flow<A>>,
+    service: u32,
+    ids: &[u32],
+    backend: &Addr,
+    port: u16,
+    reset: bool,
+) -> usize
+where
+    FlowKey<A>: aya::Pod,
+    Flow<A>: aya::Pod,
+{
     let mut ended = 0;
-    let matching: Vec<(FlowKey, lb_common::Flow)> = maps
-        .flows
+    let matching: Vec<(FlowKey<A>, Flow<A>)> = table
         .iter()
         .filter_map(Result::ok)
         .filter(|(k, f)| {
-            f.service == service
-                && if f.flags & FLOW_REPLY == 0 {
-                    // Client to backend: rewritten to the backend.
-                    f.dst == backend && f.dport == port
-                } else {
-                    // Backend to client: keyed by the backend.
-                    k.src == backend && k.sport == port
-                }
+            if f.flags & FLOW_REPLY == 0 {
+                // Client to backend: names the backend's id.
+                ids.contains(&f.id)
+            } else {
+                // Backend to client: keyed by the backend.
+                f.id == service && k.src.to_addr() == *backend && k.sport == port
+            }
         })
         .collect();
     for (key, mut flow) in matching {
@@ -107,13 +105,18 @@ pub fn end_flows(maps: &mut Maps, service: u32, backend: Addr, port: u16, reset:
         }
         let done = if reset && flow.flags & FLOW_REPLY == 0 {
             flow.flags |= FLOW_RESET;
-            maps.flows.insert(key, flow, 0)
+            table.insert(key, flow, 0)
         } else {
-            maps.flows.remove(&key)
+            table.remove(&key)
         };
         if let Err(e) = done {
             log::debug!("ending a flow: {e}");
         }
     }
     ended
+}
+
+/// Sources the data path tracks (for counts).
+pub fn tracked_sources(maps: &Maps) -> Vec<Source> {
+    maps.read_sources()
 }

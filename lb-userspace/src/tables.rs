@@ -3,8 +3,8 @@
 use std::collections::BTreeMap;
 
 use lb_common::{
-    Addr, AddrInfo, Backend, Config, FILTER_WORDS, Policy, PrefixKey, PrefixRule, Service,
-    ServiceKey, Source, SourceKey,
+    Addr, AddrInfo, Backend, Config, FILTER_WORDS, LinkMac, Policy, PrefixKey, PrefixRule, Service,
+    ServiceInfo, ServiceKey, Source,
 };
 
 use crate::error::DataplaneError;
@@ -22,6 +22,8 @@ pub struct Snapshot {
     pub filter: Vec<u64>,
     pub policies: Vec<(u32, Policy)>,
     pub prefixes: Vec<(PrefixKey, u32, PrefixRule)>,
+    /// Non-empty LB_SVC_INFO slots (their generations).
+    pub service_info: Vec<(u32, ServiceInfo)>,
 }
 
 pub trait Tables {
@@ -31,18 +33,21 @@ pub trait Tables {
     fn remove_addr(&mut self, addr: &Addr) -> Result<()>;
     fn set_service(&mut self, key: &ServiceKey, service: &Service) -> Result<()>;
     fn remove_service(&mut self, key: &ServiceKey) -> Result<()>;
+    /// A service's frontend, policy and generation, by id (what flows read).
+    fn set_service_info(&mut self, id: u32, info: &ServiceInfo) -> Result<()>;
     fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<()>;
-    /// Writes a whole ring (its `ring_size` slots).
-    fn write_ring(&mut self, ring: u32, slots: &[u32]) -> Result<()>;
+    /// Writes a whole ring into LB_RINGS from slot `base` on.
+    fn write_ring(&mut self, base: u32, slots: &[u32]) -> Result<()>;
     fn clear_service_stats(&mut self, id: u32) -> Result<()>;
     fn clear_backend_stats(&mut self, id: u32) -> Result<()>;
     fn set_policy(&mut self, id: u32, policy: &Policy) -> Result<()>;
     fn set_prefix(&mut self, key: &PrefixKey, len: u32, rule: &PrefixRule) -> Result<()>;
     fn remove_prefix(&mut self, key: &PrefixKey, len: u32) -> Result<()>;
-    /// Inserts a source bucket if there is none (the overflow buckets of fail-closed policies);
-    /// true if it did.
-    fn ensure_source(&mut self, key: &SourceKey, source: &Source) -> Result<bool>;
-    fn remove_source(&mut self, key: &SourceKey) -> Result<()>;
+    /// Sets the bucket that new sources of fail-closed policy `policy` share while the source
+    /// table has no room.
+    fn set_overflow(&mut self, policy: u32, source: &Source) -> Result<()>;
+    /// Tells the data path the MAC of an interface lb_uplink runs on (slot: ifindex % MAC_SLOTS).
+    fn set_link_mac(&mut self, slot: u32, mac: &LinkMac) -> Result<()>;
     /// Everything reconcile needs to pick up where a previous agent left off.
     fn snapshot(&self) -> Result<Snapshot>;
 }
@@ -56,6 +61,7 @@ pub enum Write {
     RemoveAddr(Addr),
     SetService(ServiceKey),
     RemoveService(ServiceKey),
+    SetServiceInfo(u32),
     SetBackend(u32),
     Ring(u32),
     ClearServiceStats(u32),
@@ -63,8 +69,8 @@ pub enum Write {
     SetPolicy(u32),
     SetPrefix(PrefixKey, u32),
     RemovePrefix(PrefixKey, u32),
-    EnsureSource(SourceKey),
-    RemoveSource(SourceKey),
+    SetOverflow(u32),
+    SetLinkMac(u32),
 }
 
 /// The maps as plain collections, with a log of writes.
@@ -78,7 +84,9 @@ pub struct MemoryTables {
     pub rings: BTreeMap<u32, Vec<u32>>,
     pub policies: BTreeMap<u32, Policy>,
     pub prefixes: BTreeMap<(PrefixKey, u32), PrefixRule>,
-    pub sources: BTreeMap<SourceKey, Source>,
+    pub overflow: BTreeMap<u32, Source>,
+    pub service_info: BTreeMap<u32, ServiceInfo>,
+    pub macs: BTreeMap<u32, LinkMac>,
     pub log: Vec<Write>,
 }
 
@@ -93,7 +101,9 @@ impl Default for MemoryTables {
             rings: BTreeMap::new(),
             policies: BTreeMap::new(),
             prefixes: BTreeMap::new(),
-            sources: BTreeMap::new(),
+            overflow: BTreeMap::new(),
+            service_info: BTreeMap::new(),
+            macs: BTreeMap::new(),
             log: Vec::new(),
         }
     }
@@ -142,14 +152,19 @@ impl Tables for MemoryTables {
         self.log.push(Write::RemoveService(*key));
         Ok(())
     }
+    fn set_service_info(&mut self, id: u32, info: &ServiceInfo) -> Result<()> {
+        self.service_info.insert(id, *info);
+        self.log.push(Write::SetServiceInfo(id));
+        Ok(())
+    }
     fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
         self.backends.insert(id, *backend);
         self.log.push(Write::SetBackend(id));
         Ok(())
     }
-    fn write_ring(&mut self, ring: u32, slots: &[u32]) -> Result<()> {
-        self.rings.insert(ring, slots.to_vec());
-        self.log.push(Write::Ring(ring));
+    fn write_ring(&mut self, base: u32, slots: &[u32]) -> Result<()> {
+        self.rings.insert(base, slots.to_vec());
+        self.log.push(Write::Ring(base));
         Ok(())
     }
     fn clear_service_stats(&mut self, id: u32) -> Result<()> {
@@ -175,17 +190,14 @@ impl Tables for MemoryTables {
         self.log.push(Write::RemovePrefix(*key, len));
         Ok(())
     }
-    fn ensure_source(&mut self, key: &SourceKey, source: &Source) -> Result<bool> {
-        if self.sources.contains_key(key) {
-            return Ok(false);
-        }
-        self.sources.insert(*key, *source);
-        self.log.push(Write::EnsureSource(*key));
-        Ok(true)
+    fn set_overflow(&mut self, policy: u32, source: &Source) -> Result<()> {
+        self.overflow.insert(policy, *source);
+        self.log.push(Write::SetOverflow(policy));
+        Ok(())
     }
-    fn remove_source(&mut self, key: &SourceKey) -> Result<()> {
-        self.sources.remove(key);
-        self.log.push(Write::RemoveSource(*key));
+    fn set_link_mac(&mut self, slot: u32, mac: &LinkMac) -> Result<()> {
+        self.macs.insert(slot, *mac);
+        self.log.push(Write::SetLinkMac(slot));
         Ok(())
     }
     fn snapshot(&self) -> Result<Snapshot> {
@@ -201,6 +213,7 @@ impl Tables for MemoryTables {
                 .iter()
                 .map(|((k, len), r)| (*k, *len, *r))
                 .collect(),
+            service_info: self.service_info.iter().map(|(k, v)| (*k, *v)).collect(),
         })
     }
 }

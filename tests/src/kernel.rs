@@ -20,7 +20,9 @@ use aya::{
     Ebpf,
     programs::{TestRun, TestRunOptions},
 };
-use lb_common::{Addr, Counter, Flow, FlowKey, Iface, MAP_DEVMAP, MAP_IFACES};
+use lb_common::{
+    Addr, Counter, Flow4, Flow6, FlowAddr, FlowKey4, FlowKey6, Iface, LinkMac, MAC_SLOTS, V4,
+};
 use lb_userspace::{
     dataplane::{self, Maps, Sizes},
     model::Desired,
@@ -99,12 +101,15 @@ impl Fixture {
                 0,
             )
             .context("ifaces insert")?;
-        let _ = (MAP_DEVMAP, MAP_IFACES);
+        // lb_uplink balances only frames sent to up0's MAC.
+        maps.set_link_mac(up0 % MAC_SLOTS, &LinkMac::new(up0, mac("up0")?))?;
         let node = NodeView {
             snat_ipv4: Some(NODE_V4.parse()?),
             snat_ipv6: Some(NODE_V6.parse()?),
             node_addrs: [NODE_V4.parse()?, NODE_V6.parse()?].into(),
             local: ["10.1.9.2".parse()?, "fd00:1:9::2".parse()?].into(),
+            broadcast: ["10.0.0.255".parse()?, "10.2.0.255".parse()?].into(),
+            ephemeral_ports: Some((32768, 60999)),
         };
         Ok(Fixture {
             up0_mac: mac("up0")?,
@@ -209,8 +214,39 @@ impl Fixture {
             .unwrap_or(0)
     }
 
-    pub fn flow(&self, key: &FlowKey) -> Option<Flow> {
-        self.maps.flows.get(key, 0).ok()
+    pub fn flow4(&self, key: &FlowKey4) -> Option<Flow4> {
+        self.maps.flows4.get(key, 0).ok()
+    }
+
+    pub fn flow6(&self, key: &FlowKey6) -> Option<Flow6> {
+        self.maps.flows6.get(key, 0).ok()
+    }
+
+    /// The key of the reply entry that goes with an IPv4 client -> backend entry: from the
+    /// backend to the rewritten source.
+    pub fn reply_key4(&self, forward: &Flow4, proto: u8) -> FlowKey4 {
+        let b = self
+            .maps
+            .backends
+            .get(&forward.id, 0)
+            .expect("the flow's backend");
+        FlowKey4::new(
+            V4::from_addr(&b.addr),
+            forward.addr,
+            b.port,
+            forward.port,
+            proto,
+        )
+    }
+
+    /// The address an IPv4 client -> backend entry sends to.
+    pub fn backend_of(&self, forward: &Flow4) -> IpAddr {
+        let b = self
+            .maps
+            .backends
+            .get(&forward.id, 0)
+            .expect("the flow's backend");
+        IpAddr::from(b.addr)
     }
 
     /// Runs `ip ARGS` in the fixture's namespace (the calling thread's).
@@ -218,8 +254,9 @@ impl Fixture {
         ip(args)
     }
 
+    /// Flow-table entries of both families.
     pub fn flow_count(&self) -> usize {
-        self.maps.flows.keys().count()
+        self.maps.flows4.keys().count() + self.maps.flows6.keys().count()
     }
 
     pub fn tables(&mut self) -> &mut dyn Tables {
@@ -236,21 +273,22 @@ fn xdp_md(packet: &[u8], ifindex: u32) -> [u8; 24] {
     ctx
 }
 
-/// A flow key as the data path builds it (ports in host order here).
-pub fn flow_key(src: &str, sport: u16, dst: &str, dport: u16, proto: u8) -> FlowKey {
-    FlowKey::new(
-        Addr::from(src.parse::<IpAddr>().expect("address")),
-        Addr::from(dst.parse::<IpAddr>().expect("address")),
-        sport.to_be(),
-        dport.to_be(),
-        proto,
-    )
+/// An IPv4 flow key as the data path builds it (ports in host order here).
+pub fn flow_key4(src: &str, sport: u16, dst: &str, dport: u16, proto: u8) -> FlowKey4 {
+    let a = |s: &str| V4::from_addr(&Addr::from(s.parse::<IpAddr>().expect("address")));
+    FlowKey4::new(a(src), a(dst), sport.to_be(), dport.to_be(), proto)
+}
+
+/// An IPv6 flow key as the data path builds it (ports in host order here).
+pub fn flow_key6(src: &str, sport: u16, dst: &str, dport: u16, proto: u8) -> FlowKey6 {
+    let a = |s: &str| Addr::from(s.parse::<IpAddr>().expect("address"));
+    FlowKey6::new(a(src), a(dst), sport.to_be(), dport.to_be(), proto)
 }
 
 const TOPOLOGY: &[&str] = &[
     "link set lo up",
-    "link add up0 type veth peer name up1",
-    "link add pod0 type veth peer name pod1",
+    "link add up0 address 02:00:00:00:00:01 type veth peer name up1",
+    "link add pod0 address 02:00:00:00:00:01 type veth peer name pod1",
     "link add vlan100 type veth peer name vlan100p",
     "link set up0 up",
     "link set up1 up",

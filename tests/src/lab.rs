@@ -653,7 +653,7 @@ fn parse_mac(s: &str) -> Result<[u8; 6]> {
 }
 
 /// MAC and ifindex of `ifname` in `ns`, from `ip -j link show`.
-fn link_info(ns: &Netns, ifname: &str) -> Result<([u8; 6], u32)> {
+pub fn link_info(ns: &Netns, ifname: &str) -> Result<([u8; 6], u32)> {
     let out = ns.ip(&["-j", "link", "show", "dev", ifname])?;
     let v: serde_json::Value = serde_json::from_str(&out).context("parsing `ip -j link`")?;
     let link = &v[0];

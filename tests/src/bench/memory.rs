@@ -19,7 +19,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use aya::{Ebpf, EbpfLoader};
-use lb_common::{MAP_FLOWS, MAP_SOURCES};
+use lb_common::{MAP_FLOWS4, MAP_FLOWS6, MAP_SOURCE_TAGS, MAP_SOURCES, SOURCE_WAYS};
 use lb_userspace::dataplane::{LB_OBJECT, Sizes};
 
 use super::Scale;
@@ -103,15 +103,26 @@ pub fn run(scale: Scale) -> Result<Memory> {
     let (a, _ea) = load_maps(&sized(small))?;
     let (b, _eb) = load_maps(&sized(large))?;
     let mut per_entry = Vec::new();
-    for (map, kind) in [(MAP_FLOWS, "LRU hash"), (MAP_SOURCES, "hash")] {
+    // A source is a slot in LB_SOURCES and a tag in LB_SOURCE_TAGS (SOURCE_WAYS per element).
+    for (map, kind, per_element) in [
+        (MAP_FLOWS4, "LRU hash", 1),
+        (MAP_FLOWS6, "LRU hash", 1),
+        (MAP_SOURCES, "array", 1),
+        (
+            MAP_SOURCE_TAGS,
+            "array of 8-way tag sets",
+            SOURCE_WAYS as u32,
+        ),
+    ] {
         let ma = find(&a, map)?;
         let mb = find(&b, map)?;
+        let elements = f64::from(mb.max_entries - ma.max_entries);
         per_entry.push(PerEntry {
             map,
             kind,
             key_size: ma.key_size,
-            value_size: ma.value_size,
-            bytes: (mb.memlock as f64 - ma.memlock as f64) / f64::from(large - small),
+            value_size: ma.value_size / per_element,
+            bytes: (mb.memlock as f64 - ma.memlock as f64) / elements / f64::from(per_element),
             sizes: (small, large),
         });
     }
@@ -146,6 +157,7 @@ pub fn run(scale: Scale) -> Result<Memory> {
 fn sized(n: u32) -> Sizes {
     Sizes {
         flow_entries: n,
+        flow_entries_v6: n,
         source_entries: n,
         ..Sizes::default()
     }
@@ -162,16 +174,7 @@ fn find<'a>(maps: &'a [MapMem], name: &str) -> Result<&'a MapMem> {
 fn load_maps(sizes: &Sizes) -> Result<(Vec<MapMem>, Ebpf)> {
     let before: BTreeSet<u32> = map_fdinfo()?.into_keys().collect();
     let mut loader = EbpfLoader::new();
-    for (name, entries) in [
-        (lb_common::MAP_SERVICES, sizes.max_services),
-        (lb_common::MAP_SVC_STATS, sizes.max_services),
-        (lb_common::MAP_BACKENDS, sizes.max_backends),
-        (lb_common::MAP_BE_STATS, sizes.max_backends),
-        (lb_common::MAP_RINGS, sizes.rings() * sizes.ring_size),
-        (MAP_FLOWS, sizes.flow_entries),
-        (MAP_SOURCES, sizes.source_entries),
-        (lb_common::MAP_AFFINITY, sizes.affinity_entries),
-    ] {
+    for (name, entries) in sizes.overrides() {
         loader.map_max_entries(name, entries);
     }
     let ebpf = loader

@@ -24,8 +24,8 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use lb_common::{
-    Addr, Counter, FLOW_SNAT, Flow, FlowKey, IPPROTO_TCP, PROG_UPLINK, ServiceKey, SourceKey,
-    filter_bit,
+    Addr, Counter, FLOW_SNAT, FLOW_TCP, Flow4, FlowAddr, FlowKey4, IPPROTO_TCP, PROG_UPLINK,
+    ServiceKey, SourceKey, V4, filter_bit,
 };
 use lb_userspace::{
     dataplane::{self, Sizes},
@@ -534,6 +534,7 @@ fn measure_config(config: Config, plan: &Plan, cpu: usize) -> Result<(Vec<Setup>
         target: config.services / 2,
     };
     let sizes = Sizes {
+        flow_entries_v6: 1024,
         max_services: config.services,
         max_backends: config.services * config.backends + 16,
         ring_size: config.ring_size,
@@ -975,7 +976,7 @@ impl Bench<'_> {
             expect: Expect {
                 verdict: XDP_DROP,
                 exact: vec![],
-                almost: vec![Counter::DropRateLimited],
+                almost: vec![Counter::DropRate],
             },
             repeat: self.plan.repeat,
         })
@@ -998,7 +999,7 @@ impl Bench<'_> {
         );
         let flow = self
             .fx
-            .flow(&crate::kernel::flow_key(
+            .flow4(&crate::kernel::flow_key4(
                 client,
                 sport,
                 &vip,
@@ -1006,14 +1007,14 @@ impl Bench<'_> {
                 IPPROTO_TCP,
             ))
             .context("the flow entry of the opened flow")?;
-        Ok(u16::from_be(flow.sport))
+        Ok(u16::from_be(flow.port))
     }
 
     fn flow_backend(&self, client: &str, sport: u16) -> Result<IpAddr> {
         let (vip, port) = (self.layout.vip(), self.layout.port());
         let flow = self
             .fx
-            .flow(&crate::kernel::flow_key(
+            .flow4(&crate::kernel::flow_key4(
                 client,
                 sport,
                 &vip,
@@ -1021,7 +1022,8 @@ impl Bench<'_> {
                 IPPROTO_TCP,
             ))
             .context("flow entry")?;
-        Ok(IpAddr::from(flow.dst))
+        let backend = self.fx.maps.backends.get(&flow.id, 0)?;
+        Ok(IpAddr::from(backend.addr))
     }
 
     /// An address outside every VIP's filter bit (the common case for traffic not ours: one
@@ -1110,24 +1112,32 @@ impl Bench<'_> {
             let src = Addr::from(IpAddr::V4(Ipv4Addr::from(
                 u32::from(case.src).wrapping_add(a),
             )));
-            let key = FlowKey::new(
-                src,
-                vip,
+            let key = FlowKey4::new(
+                V4::from_addr(&src),
+                V4::from_addr(&vip),
                 case.sport.wrapping_add(p).to_be(),
                 port.to_be(),
                 IPPROTO_TCP,
             );
             // A packet the data path dropped (an anomaly, reported) created no flow.
-            if let Ok(flow) = self.fx.maps.flows.get(&key, 0) {
-                self.fx.maps.flows.remove(&key)?;
-                let _ = self.fx.maps.flows.remove(&flow.peer_key());
+            if let Ok(flow) = self.fx.maps.flows4.get(&key, 0) {
+                self.fx.maps.flows4.remove(&key)?;
+                // The reply entry: backend -> the flow's rewritten source.
+                if let Ok(b) = self.fx.maps.backends.get(&flow.id, 0) {
+                    let reply = FlowKey4::new(
+                        V4::from_addr(&b.addr),
+                        flow.addr,
+                        b.port,
+                        flow.port,
+                        IPPROTO_TCP,
+                    );
+                    let _ = self.fx.maps.flows4.remove(&reply);
+                }
             }
             if case.scenario == Scenario::LimiterMiss {
-                let _ = self
-                    .fx
+                self.fx
                     .maps
-                    .sources
-                    .remove(&SourceKey { addr: src, policy });
+                    .forget_source(&SourceKey { addr: src, policy })?;
             }
         }
         Ok(())
@@ -1136,49 +1146,44 @@ impl Bench<'_> {
     fn forget_source(&mut self, client: &str) -> Result<()> {
         let policy = self.target_policy()?;
         let addr = Addr::from(client.parse::<IpAddr>()?);
-        let _ = self.fx.maps.sources.remove(&SourceKey { addr, policy });
+        self.fx.maps.forget_source(&SourceKey { addr, policy })?;
         Ok(())
     }
 
+    /// The target service's policy, as its sources are keyed (id and generation).
     fn target_policy(&self) -> Result<u32> {
         let f = self.layout.target();
-        let key = ServiceKey {
-            addr: Addr::from(f.vip),
-            port: f.port.to_be(),
-            proto: IPPROTO_TCP,
-            _pad: 0,
-        };
-        Ok(self.fx.maps.services.get(&key, 0)?.policy)
+        let key = ServiceKey::new(Addr::from(f.vip), f.port.to_be(), IPPROTO_TCP);
+        let id = self.fx.maps.services.get(&key, 0)?.policy;
+        let policy = self.fx.maps.policies.get(&id, 0)?;
+        Ok(policy.source_id(id))
     }
 
     /// Adds `count` flow-table entries (forward direction of synthetic clients
     /// 10.200.0.0/16, to the target service) with user-space map updates; returns the time.
     fn fill_flows(&mut self, start: u32, count: u32) -> Result<Duration> {
         let f = self.layout.target();
-        let vip = Addr::from(f.vip);
-        let node = Addr::from(NODE_V4.parse::<IpAddr>()?);
-        let backend = Addr::from(self.layout.backend(0).addr);
-        let now = coarse_now_ns();
+        let vip = V4::from_addr(&Addr::from(f.vip));
+        let node = V4::from_addr(&Addr::from(NODE_V4.parse::<IpAddr>()?));
+        let now = lb_common::flow_clock(coarse_now_ns());
         let started = Instant::now();
         for i in start..start + count {
-            let src = Addr::from(IpAddr::V4(Ipv4Addr::from(
-                u32::from(Ipv4Addr::new(10, 200, 0, 0)) + (i & 0xffff),
-            )));
+            let src = V4(Ipv4Addr::new(10, 200, 0, 0)
+                .to_bits()
+                .wrapping_add(i & 0xffff)
+                .to_be());
             let sport = (1024 + (i >> 16)) as u16;
-            let key = FlowKey::new(src, vip, sport.to_be(), f.port.to_be(), IPPROTO_TCP);
-            let value = Flow {
-                src: node,
-                dst: backend,
-                sport: (61000 + (i % 4536) as u16).to_be(),
-                dport: BACKEND_PORT.to_be(),
-                service: 0,
-                backend: 0,
-                flags: FLOW_SNAT,
-                proto: IPPROTO_TCP,
-                last_seen_ns: now,
-                ..Flow::default()
+            let key = FlowKey4::new(src, vip, sport.to_be(), f.port.to_be(), IPPROTO_TCP);
+            // A snat flow to backend 0 (whose generation is 1: its first id).
+            let value = Flow4 {
+                last: now,
+                flags: FLOW_SNAT | FLOW_TCP,
+                generation: self.fx.maps.backends.get(&0, 0).map_or(0, |b| b.generation),
+                port: (61000 + (i % 4536) as u16).to_be(),
+                id: 0,
+                addr: node,
             };
-            self.fx.maps.flows.insert(key, value, 0)?;
+            self.fx.maps.flows4.insert(key, value, 0)?;
         }
         Ok(started.elapsed())
     }

@@ -378,7 +378,8 @@ pub fn memory_tables(m: &Memory) -> String {
     let _ = writeln!(s, "|---|---|---|---|");
     for p in &m.per_entry {
         let what = match p.map {
-            lb_common::MAP_FLOWS => "flow-table entry (two per flow: one per direction)",
+            lb_common::MAP_FLOWS4 => "IPv4 flow-table entry (two per flow: one per direction)",
+            lb_common::MAP_FLOWS6 => "IPv6 flow-table entry (two per flow: one per direction)",
             lb_common::MAP_SOURCES => "tracked source (rate limiter)",
             _ => "",
         };

@@ -42,6 +42,7 @@ use lb_userspace::{
     dataplane::{self, Maps, Sizes},
     model::{Backend, Desired, Frontend, Limits, Mode, Policy, Protocol, Rate, Service, TableFull},
     reconcile::{NodeView, Reconciler},
+    tables::Tables,
 };
 
 use super::{
@@ -532,6 +533,8 @@ impl Lb {
             snat_ipv6: None,
             node_addrs: ["10.0.0.1".parse()?].into(),
             local: Default::default(),
+            broadcast: Default::default(),
+            ephemeral_ports: None,
         };
         Reconciler::new(sizes)
             .apply(&desired(limiter), &node, &mut maps)
@@ -543,6 +546,12 @@ impl Lb {
             maps.devmap.insert(be0, be0, None, 0)?;
             Ok(())
         })??;
+        // lb_uplink balances only frames sent to up0's MAC.
+        let (mac, _) = crate::lab::link_info(&topo.lb, "up0")?;
+        maps.set_link_mac(
+            up0 % lb_common::MAC_SLOTS,
+            &lb_common::LinkMac::new(up0, mac),
+        )?;
         let prog = dataplane::program_mut(&mut ebpf, PROG_UPLINK)?;
         let link = topo
             .lb
