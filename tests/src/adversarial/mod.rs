@@ -575,7 +575,6 @@ impl Lab {
     /// Runs one frame, judges it, and records the verdict and any violation in `report`.
     pub fn check(&mut self, frame: &Frame, report: &mut Report) {
         let expect = oracle::expect(&self.net, &self.model, frame.prog, &frame.bytes);
-        let flow_before = self.model.client_flow(&frame.bytes);
         let (out, deltas) = match self.send(frame.prog, &frame.bytes) {
             Ok(r) => r,
             Err(_) if frame.prog == Prog::Backend && !tc_runnable(&frame.bytes) => {
@@ -629,7 +628,7 @@ impl Lab {
         }
         // A FIN or RST marks the flow after the packet went its way (the SYN it may carry was
         // judged against the flow as it was).
-        self.model.note_closing(&frame.bytes, flow_before);
+        self.model.note_closing(&frame.bytes);
         if let Some(h) = &mut self.history
             && let Some((t, flags)) = input
         {

@@ -161,26 +161,20 @@ pub struct Model {
 }
 
 impl Model {
-    /// The flow a frame's tuple (read leniently) belongs to as a client's packet.
-    pub fn client_flow(&self, frame: &[u8]) -> Option<usize> {
-        let t = parse(frame).ip?.tuple()?;
-        self.by_client.get(&t).copied()
-    }
-
-    /// A client's FIN or RST marks the client-side entry of the flow it found (`before`, the
-    /// frame's `client_flow` before it ran) closing, whatever became of the packet. A flow the
-    /// packet created is not marked (the data path creates entries open), and the backend's
-    /// FIN or RST marks only its reply entry, which a client's SYN does not consult.
-    pub fn note_closing(&mut self, frame: &[u8], before: Option<usize>) {
+    /// A client's FIN or RST may mark the client-side entry of its flow closing, whatever
+    /// became of the packet: "may", because a flow the packet created is not marked (the data
+    /// path creates entries open), and one the data path made without the model seeing it (for
+    /// a packet then dropped, §7) is. A flow marked closing accepts a SYN that opens a new flow
+    /// as well as one that keeps the old, so the mark errs on the side of allowing. (The
+    /// backend's FIN or RST marks only its reply entry, which a client's SYN does not consult.)
+    pub fn note_closing(&mut self, frame: &[u8]) {
         let v = parse(frame);
         let Some(ip) = v.ip else { return };
         let Some(t) = ip.tuple() else { return };
         if t.4 != TCP || ip.tcp_flags() & (FIN | RST) == 0 {
             return;
         }
-        if let Some(id) = self.by_client.get(&t)
-            && Some(*id) == before
-        {
+        if let Some(id) = self.by_client.get(&t) {
             self.flows[*id].closing = true;
         }
     }
@@ -619,6 +613,13 @@ fn icmp(model: &Model, prog: Prog, f: &[u8], ip: &Ip, to_vip: bool) -> Expect {
     let Some((id, about)) = found else {
         return untranslatable(format!("quotes {qs}:{qsp} -> {qd}:{qdp}, no flow"));
     };
+    let detail = format!("type {kind} code {code} about {qs}:{qsp} -> {qd}:{qdp} ({about:?})");
+    if ip.ttl <= 1 {
+        return Expect {
+            pass: !to_vip || loose,
+            ..Expect::drop(R_TTL, detail, vec!["drop_ttl_exceeded", "drop_icmp"])
+        };
+    }
     if odd_version {
         let mut e = untranslatable(format!(
             "quoted IP version wrong, about {qs}:{qsp} -> {qd}:{qdp}"
@@ -626,13 +627,6 @@ fn icmp(model: &Model, prog: Prog, f: &[u8], ip: &Ip, to_vip: bool) -> Expect {
         e.icmp = Some((id, about));
         e.drop = true;
         return e;
-    }
-    let detail = format!("type {kind} code {code} about {qs}:{qsp} -> {qd}:{qdp} ({about:?})");
-    if ip.ttl <= 1 {
-        return Expect {
-            pass: !to_vip || loose,
-            ..Expect::drop(R_TTL, detail, vec!["drop_ttl_exceeded", "drop_icmp"])
-        };
     }
     Expect {
         icmp: Some((id, about)),
