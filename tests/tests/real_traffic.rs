@@ -55,7 +55,13 @@ struct Setup {
 }
 
 impl Setup {
-    fn new(name: &str, config: &str, pods: &[&str], keepalive: bool) -> Setup {
+    /// The lab, nginx in `pods`, and the agent with the config `config` writes for this lab.
+    fn new(
+        name: &str,
+        pods: &[&str],
+        keepalive: bool,
+        config: impl FnOnce(&Lab) -> String,
+    ) -> Setup {
         require_programs(&["nginx", "curl", "tcpdump", "ethtool", "promtool", "timeout"])
             .expect("programs");
         let started = Instant::now();
@@ -68,7 +74,8 @@ impl Setup {
             let server = Nginx::start(ns, pod, POD_PORT, keepalive).expect("nginx");
             nginx.insert(pod.to_string(), server);
         }
-        let agent = AgentProcess::start(&lab.node1().ns, &bpffs, config, AgentOptions::default())
+        let config = config(&lab);
+        let agent = AgentProcess::start(&lab.node1().ns, &bpffs, &config, AgentOptions::default())
             .expect("agent");
         eprintln!(
             "{name}: lab, nginx and agent ready in {:.1?}",
@@ -206,27 +213,21 @@ const ROUTES: &[Route] = &[
 ];
 
 fn transfer_setup(name: &str) -> Setup {
-    let services: Vec<String> = ROUTES
-        .iter()
-        .map(|r| {
-            let pod = pod_address(r.pod, r.vip.contains(':'));
-            service(r.service, r.vip, r.mode, &[&pod])
-        })
-        .collect();
-    Setup::new(name, &config(&services), &["pod1", "pod2", "pod3"], true)
+    Setup::new(name, &["pod1", "pod2", "pod3"], true, |lab| {
+        let services: Vec<String> = ROUTES
+            .iter()
+            .map(|r| {
+                let pod = pod_address(lab, r.pod, r.vip.contains(':'));
+                service(r.service, r.vip, r.mode, &[&pod])
+            })
+            .collect();
+        config(&services)
+    })
 }
 
-fn pod_address(pod: &str, v6: bool) -> String {
-    let last = match pod {
-        "pod1" | "pod3" => 2,
-        _ => 3,
-    };
-    let node = if matches!(pod, "pod1" | "pod2") { 1 } else { 2 };
-    if v6 {
-        format!("fd00:1:{node}::{last}")
-    } else {
-        format!("10.1.{node}.{last}")
-    }
+/// A pod's address of one family, as the config names it.
+fn pod_address(lab: &Lab, pod: &str, v6: bool) -> String {
+    lab.pod(pod).expect("pod").ip(v6).to_string()
 }
 
 /// The row a transfer adds to the test's table, and whether it passed.
@@ -438,8 +439,14 @@ const CHURN_PARALLEL: &str = "8";
 /// One snat service to one backend (pod3 on node2) where nginx closes every connection after
 /// its response (`keepalive_timeout 0`: the server closes first and keeps TIME_WAIT).
 fn churn_setup(name: &str) -> Setup {
-    let svc = service("churn", CHURN_VIP, "snat", &[&pod_address("pod3", false)]);
-    Setup::new(name, &config(&[svc]), &["pod3"], false)
+    Setup::new(name, &["pod3"], false, |lab| {
+        config(&[service(
+            "churn",
+            CHURN_VIP,
+            "snat",
+            &[&pod_address(lab, "pod3", false)],
+        )])
+    })
 }
 
 /// 5000 short connections (5 client addresses, 1000 each, 8 at a time per address) to one snat
@@ -743,21 +750,15 @@ fn outage(probes: &[Probe], event: Duration) -> (Option<Duration>, usize) {
 /// download runs through it, does `event` to node1's uplink, and checks new flows work again
 /// within RECOVERY_LIMIT and the download completes intact.
 fn new_flows_recover_after(name: &str, what: &str, event: impl FnOnce(&Setup)) {
-    let services = [
-        service(
-            "remote",
-            REMOTE_VIP,
-            "snat",
-            &[&pod_address("pod3", false), &pod_address("pod4", false)],
-        ),
-        service(
-            "remote6",
-            REMOTE_VIP6,
-            "snat",
-            &[&pod_address("pod3", true), &pod_address("pod4", true)],
-        ),
-    ];
-    let s = Setup::new(name, &config(&services), &["pod3", "pod4"], true);
+    let s = Setup::new(name, &["pod3", "pod4"], true, |lab| {
+        let pods = |v6| [pod_address(lab, "pod3", v6), pod_address(lab, "pod4", v6)];
+        let [a, b] = pods(false);
+        let [a6, b6] = pods(true);
+        config(&[
+            service("remote", REMOTE_VIP, "snat", &[&a, &b]),
+            service("remote6", REMOTE_VIP6, "snat", &[&a6, &b6]),
+        ])
+    });
     let dir = TempDir::new(name).expect("temp dir");
     let blob = dir.join("blob");
     const DOWNLOAD: u64 = 24 * MIB;
@@ -930,6 +931,9 @@ fn new_flows_to_remote_pods_work_within_1s_after_the_uplink_neighbours_are_flush
 // ---------------------------------------------------------------------------------------------
 // 4. /metrics
 
+/// The Accept header of a Prometheus 2.x scrape.
+const PROMETHEUS_ACCEPT: &str = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+
 /// `/metrics` as a Prometheus server asks for it (`Accept: text/plain;version=0.0.4`) passes
 /// `promtool check metrics`; as an OpenMetrics scraper asks for it, it is strict OpenMetrics.
 /// Some traffic first, so that labelled series exist.
@@ -938,13 +942,13 @@ fn metrics_pass_promtool_as_text_and_a_strict_openmetrics_parse() {
     if !require_root() {
         return;
     }
-    let svc = service(
-        "web",
-        CHURN_VIP,
-        "snat",
-        &[&pod_address("pod1", false), &pod_address("pod3", false)],
-    );
-    let s = Setup::new("rt-metrics", &config(&[svc]), &["pod1", "pod3"], true);
+    let s = Setup::new("rt-metrics", &["pod1", "pod3"], true, |lab| {
+        let (a, b) = (
+            pod_address(lab, "pod1", false),
+            pod_address(lab, "pod3", false),
+        );
+        config(&[service("web", CHURN_VIP, "snat", &[&a, &b])])
+    });
     let (results, _) = curl(
         s.client(),
         Duration::from_secs(60),
@@ -1013,6 +1017,13 @@ fn metrics_pass_promtool_as_text_and_a_strict_openmetrics_parse() {
         String::from_utf8_lossy(&promtool.stderr)
     );
     let (om_type, om) = scrape("application/openmetrics-text;version=1.0.0", "metrics.om");
+    // What a Prometheus 2.x server sends: OpenMetrics preferred, the text format accepted.
+    let (prom_type, prom_body) = scrape(PROMETHEUS_ACCEPT, "metrics.prom");
+    let prom_check = if prom_type.starts_with("application/openmetrics-text") {
+        openmetrics::check(&prom_body).map(drop)
+    } else {
+        Err(anyhow::anyhow!("answered {prom_type:?}"))
+    };
     let om_check = openmetrics::check(&om);
     let families = om_check.as_ref().map(|e| e.families.len()).unwrap_or(0);
     let first = |t: &str| t.lines().take(6).collect::<Vec<_>>().join("\n");
@@ -1054,4 +1065,8 @@ fn metrics_pass_promtool_as_text_and_a_strict_openmetrics_parse() {
     );
     assert!(om_check.is_ok(), "{report}");
     assert!(families > 5, "{report}");
+    assert!(
+        prom_check.is_ok(),
+        "Prometheus' own Accept header: {prom_check:?}\n{report}"
+    );
 }
