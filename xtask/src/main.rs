@@ -18,8 +18,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what building the data path needs (idempotent): rust-src for the nightly
-    /// toolchain and bpf-linker built against the nightly's own LLVM.
+    /// Install what building the data path and running the tests need (idempotent): the
+    /// Debian packages the e2e tests run, rust-src for the nightly toolchain and bpf-linker
+    /// built against the nightly's own LLVM.
     Setup,
     /// Run every test tier: host unit tests, kernel tests (BPF_PROG_TEST_RUN), end-to-end
     /// tests in network namespaces, Kubernetes tests against a real API server, and a smoke run
@@ -94,6 +95,7 @@ fn root() -> PathBuf {
 const BPF_LINKER_VERSION: &str = "0.13";
 
 fn setup() -> Result<()> {
+    install_debian_packages()?;
     let sysroot = output(Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]))
         .context("the nightly toolchain is needed to build the XDP program (rustup toolchain install nightly)")?;
     let sysroot = PathBuf::from(sysroot.trim());
@@ -155,6 +157,110 @@ fn setup() -> Result<()> {
     run(&mut cmd)
 }
 
+/// The Debian packages the e2e tests run, each with a program it installs (present = nothing to
+/// do) and why the tests need it.
+const DEBIAN_PACKAGES: &[(&str, &str, &str)] = &[
+    // tests/tests/real_traffic.rs: the web server in the pods (downloads with sendfile and the
+    // pod's TSO, uploads by PUT, short connections the server closes first).
+    ("nginx", "nginx", "web server in the pods"),
+    // The client of those tests, and the scraper of the agent's /metrics.
+    ("curl", "curl", "HTTP client"),
+    // Captures at the pods: TSO super-packets leaving them, SYNs answered by a bare ACK.
+    ("tcpdump", "tcpdump", "packet captures"),
+    // `ethtool -k`: the pods' offloads are the kernel's defaults (TSO/GSO on).
+    ("ethtool", "ethtool", "offload settings"),
+    // `promtool check metrics` on the agent's /metrics in the Prometheus text format.
+    ("prometheus", "promtool", "promtool"),
+];
+
+/// Installs the missing DEBIAN_PACKAGES with apt-get (root only; once installed, nothing runs).
+/// Package scripts may not start services: the prometheus and nginx packages would otherwise
+/// leave a Prometheus server and a web server on port 80 running on the host.
+fn install_debian_packages() -> Result<()> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .filter(|(_, program, _)| !on_path(program))
+        .map(|(package, ..)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        let msg = format!(
+            "the e2e tests need Debian packages that are missing: {} (run `cargo xtask setup` as \
+             root, or apt-get install them)",
+            missing.join(" ")
+        );
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            bail!("{msg}");
+        }
+        eprintln!("warning: {msg}");
+        return Ok(());
+    }
+    step(&format!("apt-get install {}", missing.join(" ")));
+    let _no_services = DenyServiceStarts::install()?;
+    let apt = |args: &[&str]| {
+        let mut cmd = Command::new("apt-get");
+        cmd.args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(std::process::Stdio::null());
+        run(&mut cmd)
+    };
+    // A fresh machine has no package lists yet.
+    apt(&["update", "-q"])?;
+    let mut install = vec!["install", "-y", "-q", "--no-install-recommends"];
+    install.extend(&missing);
+    apt(&install)?;
+    for (package, program, _) in DEBIAN_PACKAGES {
+        if !on_path(program) {
+            bail!("apt-get installed {package} but `{program}` is still not on PATH");
+        }
+    }
+    Ok(())
+}
+
+/// On PATH, or in the sbin directories (where nginx, tcpdump and ethtool go) that a non-login
+/// PATH may lack.
+fn on_path(program: &str) -> bool {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/local/sbin", "/usr/sbin", "/sbin"].map(PathBuf::from))
+        .any(|dir| dir.join(program).is_file())
+}
+
+/// Debian's policy-rc.d hook saying "no service starts" (exit 101) for the time of an install,
+/// unless the machine has its own (container images usually do); removed on drop.
+struct DenyServiceStarts {
+    created: Option<PathBuf>,
+}
+
+impl DenyServiceStarts {
+    const PATH: &str = "/usr/sbin/policy-rc.d";
+
+    fn install() -> Result<DenyServiceStarts> {
+        let path = PathBuf::from(Self::PATH);
+        if path.exists() {
+            return Ok(DenyServiceStarts { created: None });
+        }
+        std::fs::write(&path, "#!/bin/sh\n# cargo xtask setup: no service starts while it installs packages.\nexit 101\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+        Ok(DenyServiceStarts {
+            created: Some(path),
+        })
+    }
+}
+
+impl Drop for DenyServiceStarts {
+    fn drop(&mut self) {
+        if let Some(path) = &self.created {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 fn cache_dir() -> PathBuf {
     std::env::var_os("XDPLB_CACHE")
         .map(PathBuf::from)
@@ -202,6 +308,8 @@ const TIERS: &[(&str, &str, &[&str])] = &[
             "e2e",
             "--test",
             "ratelimit_e2e",
+            "--test",
+            "real_traffic",
             "--",
             "--test-threads=1",
         ],
