@@ -462,7 +462,9 @@ fn live<F: Family>(key: &FlowKey<F::A>, cfg: &Config, now: u32) -> bool {
 
 /// Inserts a client-IP-preserving flow's reply entry (keyed backend -> client). A live entry
 /// there that is another flow's (the same client address and port, through another VIP to the
-/// same backend port) is a clash: the new flow is refused, the live one untouched.
+/// same backend port) is a clash: the new flow is refused, the live one untouched, closing or
+/// not (its last packets are still on their way). Only an entry of this same service and
+/// generation (a previous run of this very flow) or an expired one is replaced.
 #[inline(always)]
 fn insert_reply<F: Family>(
     key: &FlowKey<F::A>,
@@ -477,14 +479,11 @@ fn insert_reply<F: Family>(
             if let Some(p) = flows.get_ptr(key) {
                 let old = unsafe { &*p };
                 if !old.is_expired(cfg, now)
-                    && old.flags & FLOW_CLOSING == 0
                     && (old.id != value.id || old.generation != value.generation)
                 {
-                    count(Counter::DropFlowClash);
                     return Err(DropReason::FlowClash);
                 }
             }
-            // Expired, closing, or this very flow's own (a previous run of it).
             flows
                 .insert(key, value, u64::from(BPF_ANY))
                 .map_err(|_| DropReason::FlowTable)

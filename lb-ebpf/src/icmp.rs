@@ -39,6 +39,11 @@ pub fn handle(ctx: &XdpContext, pkt: &Packet) -> u32 {
         return not_served(pkt, Counter::DropMalformed);
     };
     let kind = unsafe { (*hdr)[0] };
+    // From a martian source (multicast, broadcast, loopback, ...): never answered, and not
+    // translated either, as the kernel would not forward it.
+    if !is_client(pkt) {
+        return not_served(pkt, Counter::DropBadSource);
+    }
     let (echo, error) = if pkt.v6 {
         (
             kind == ICMPV6_ECHO_REQUEST,
@@ -48,10 +53,6 @@ pub fn handle(ctx: &XdpContext, pkt: &Packet) -> u32 {
         (kind == ICMP_ECHO_REQUEST, kind == ICMP_DEST_UNREACH)
     };
     if echo && is_vip(&pkt.dst) {
-        if !is_client(pkt) {
-            count(Counter::DropBadSource);
-            return xdp_action::XDP_DROP;
-        }
         return echo_reply(ctx, pkt).unwrap_or_else(|| {
             count(Counter::DropMalformed);
             xdp_action::XDP_DROP
@@ -172,6 +173,10 @@ fn quoted(ctx: &XdpContext, pkt: &Packet) -> Option<(Addr, Addr, u8, usize)> {
 fn translate_error<F: Family>(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
     let inner_l3 = pkt.l4 + ICMP_HLEN;
     let (quoted_src, quoted_dst, proto, inner_l4) = quoted(ctx, pkt)?;
+    // An error about a packet we sent goes to its sender: a VIP or this node.
+    if pkt.dst != quoted_src {
+        return None;
+    }
     let ports: *const u8 = ptr_at::<u32>(ctx, inner_l4)?.cast();
     let (sport, dport): (u16, u16) = unsafe { (load(ports), load(ports.add(2))) };
     // The quoted packet travelled the other way: the entry that matters is the reverse's.

@@ -302,12 +302,12 @@ mod datapath {
             return not_served(pkt, Counter::DropNoService);
         };
         let svc = unsafe { &*svc };
-        if pkt.ttl <= 1 {
-            return drop_for(svc.id, DropReason::TtlExceeded);
-        }
         if !is_client(pkt) {
             count(Counter::DropBadSource);
             return xdp_action::XDP_DROP;
+        }
+        if pkt.ttl <= 1 {
+            return drop_for(svc.id, DropReason::TtlExceeded);
         }
         if !sources::allowed(svc, &pkt.src) {
             return drop_for(svc.id, DropReason::SourceRange);

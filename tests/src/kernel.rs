@@ -205,20 +205,6 @@ impl Fixture {
         })
     }
 
-    /// Tells the data path each attached interface's own MAC, so that `lb_uplink` balances only
-    /// frames addressed to the interface that received them (DATAPATH-SPEC §1).
-    pub fn provision_interface_macs(&mut self) -> Result<()> {
-        // provisioned by the data-path change (DATAPATH-SPEC §1)
-        Ok(())
-    }
-
-    /// Tells the data path the broadcast addresses of the node's subnets (here 10.0.0.255 on
-    /// up0 and 10.2.0.255 on vlan100): sources that are no client (DATAPATH-SPEC §4).
-    pub fn provision_subnet_broadcasts(&mut self) -> Result<()> {
-        // provisioned by the data-path change (DATAPATH-SPEC §4)
-        Ok(())
-    }
-
     /// A node-wide counter by its metric name (`Counter::name`); `None` if the data path has
     /// no counter of that name (tests can name counters before they exist).
     pub fn counter_named(&self, name: &str) -> Option<u64> {

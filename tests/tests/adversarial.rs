@@ -783,7 +783,10 @@ fn also_ttl_foreign_frames_state_of_drops_and_rst_options() {
         }
         .frame();
         let (out, d) = lab.send(Prog::Uplink, &f).unwrap();
-        assert_eq!(out.verdict, XDP_DROP, "frame for {mac:02x?} to a VIP");
+        // Issue 10's invariant 1: passed untouched (the kernel drops what is not for this
+        // host), never balanced.
+        assert_eq!(out.verdict, XDP_PASS, "frame for {mac:02x?} to a VIP");
+        assert_eq!(out.packet, f, "untouched");
         assert_eq!(d.get("flows_created"), Some(0));
     }
     // Too big for the uplink's MTU: dropped, and nothing created for it.

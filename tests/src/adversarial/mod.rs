@@ -355,7 +355,13 @@ pub const NODE_ADDRS: &[&str] = &["10.0.0.1", "fd00:a::1", "10.2.0.1"];
 /// Broadcast addresses of the node's subnets (10.0.0.0/24 on up0, 10.2.0.0/24 on vlan100).
 pub const SUBNET_BROADCASTS: &[&str] = &["10.0.0.255", "10.2.0.255"];
 pub const LOCAL_BACKENDS: &[&str] = &["10.1.9.2", "fd00:1:9::2"];
-pub const SNAT_PORTS: (u16, u16) = lb_userspace::model::DEFAULT_SNAT_PORTS;
+/// Whether `port` is one of the default snat ports the fixture's node gets (its ephemeral range
+/// is Linux's default).
+pub fn snat_port(port: u16) -> bool {
+    lb_userspace::model::default_snat_ports(lb_userspace::model::LINUX_EPHEMERAL_PORTS)
+        .iter()
+        .any(|(lo, hi)| (*lo..=*hi).contains(&port))
+}
 
 /// Clients on the uplink's subnet with neighbour entries (the fixture adds 10.0.0.10 itself).
 pub const ONLINK_CLIENTS: std::ops::RangeInclusive<u8> = 10..=40;
@@ -456,6 +462,7 @@ pub fn sizes() -> Sizes {
         max_backends: 64,
         ring_size: 251,
         flow_entries: 131_072,
+        flow_entries_v6: 65_536,
         source_entries: 65_536,
         affinity_entries: 4096,
     }
@@ -536,8 +543,6 @@ impl Lab {
             ))?;
         }
         fx.apply(&desired())?;
-        fx.provision_interface_macs()?;
-        fx.provision_subnet_broadcasts()?;
         let net = Net::new(&fx);
         let counters = read_counters(&fx);
         let trace = std::env::var("ADVERSARIAL_TRACE").ok().and_then(|t| {

@@ -9,7 +9,7 @@ use std::{
 };
 
 use super::{
-    LOCAL_BACKENDS, NODE_ADDRS, Prog, SERVICES, SNAT_PORTS, SUBNET_BROADCASTS, snat_addr,
+    LOCAL_BACKENDS, NODE_ADDRS, Prog, SERVICES, SUBNET_BROADCASTS, snat_addr, snat_port,
     wire::{
         self, ACK, FIN, Ip, RST, SYN, TCP, Tuple, UDP, Upper, View, be16, fold, is_group_mac,
         parse, sum, valid,
@@ -135,9 +135,9 @@ impl Flow {
         let (c, _, vip, _, _) = self.client;
         !net.bad_source(c)
             && c.is_ipv6() == vip.is_ipv6()
-            && self.snat.is_none_or(|(a, p)| {
-                a == snat_addr(vip.is_ipv6()) && (SNAT_PORTS.0..=SNAT_PORTS.1).contains(&p)
-            })
+            && self
+                .snat
+                .is_none_or(|(a, p)| a == snat_addr(vip.is_ipv6()) && snat_port(p))
     }
 
     /// The backend's packets: (backend, port, node or client, port, protocol).
@@ -313,7 +313,13 @@ pub const R_ICMP_UNTRACKED: &str = "ICMP error not translatable";
 pub const R_ICMP_OTHER: &str = "other ICMP to a VIP";
 
 /// The counters that count the rate limiter's drops (it may act before other checks).
-const RATE_LIMITED: &str = "drop_rate_limited";
+/// Any of the rate limiter's drop counters.
+const RATE_LIMITED: [&str; 4] = [
+    "drop_rate",
+    "drop_connection_rate",
+    "drop_denied",
+    "drop_table_full",
+];
 
 pub fn expect(net: &Net, model: &Model, prog: Prog, f: &[u8]) -> Expect {
     let v = parse(f);
@@ -348,13 +354,21 @@ pub fn expect(net: &Net, model: &Model, prog: Prog, f: &[u8]) -> Expect {
         Prog::Uplink => net.up0_mac,
         Prog::Backend => net.pod0_mac,
     };
-    if v.dst_mac != our_mac || is_group_mac(&v.src_mac) {
-        let detail = format!(
+    let detail = || {
+        format!(
             "dst MAC {}, src MAC {}",
             wire::hex(&v.dst_mac),
             wire::hex(&v.src_mac)
-        );
-        return unbalanced(R_L2, detail, vec![]);
+        )
+    };
+    // Issue 10's invariant 1: only frames sent to the interface's own MAC are balanced, and
+    // anything else is passed untouched (the kernel drops what is not for this host).
+    if v.dst_mac != our_mac {
+        return Expect::pass(R_L2, detail());
+    }
+    // A group address is no sender: such a frame is malformed.
+    if is_group_mac(&v.src_mac) {
+        return unbalanced(R_L2, detail(), vec!["drop_malformed"]);
     }
     let bad_source = prog == Prog::Uplink && net.bad_source(ip.src);
     let service = ip
@@ -397,7 +411,7 @@ pub fn expect(net: &Net, model: &Model, prog: Prog, f: &[u8]) -> Expect {
             counters.push("drop_no_service");
         }
         if service.is_some_and(|s| net.services[s].policy.is_some()) {
-            counters.push(RATE_LIMITED);
+            counters.extend(RATE_LIMITED);
         }
         let mut e = unbalanced(reasons[0], detail.join("; "), counters);
         e.stateless = bad_source;
@@ -443,7 +457,7 @@ fn transport(
         let rst = svc.rst && syn && !ip.extended;
         let mut rate = vec![];
         if svc.policy.is_some() {
-            rate.push(RATE_LIMITED);
+            rate.extend(RATE_LIMITED);
         }
         let detail = format!("{} {}:{} -> {}", svc.name, t.0, t.1, service_addr(svc));
         if ttl_low {
@@ -947,7 +961,7 @@ fn check_forward(
         return;
     }
     let snat = if svc.snat {
-        if os != snat_addr(iip.v6) || !(SNAT_PORTS.0..=SNAT_PORTS.1).contains(&osp) {
+        if os != snat_addr(iip.v6) || !snat_port(osp) {
             push(
                 v,
                 "§3 snat source is not a node snat address and port",
