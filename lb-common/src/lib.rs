@@ -6,8 +6,11 @@
 pub mod addr;
 pub mod bucket;
 pub mod checksum;
+pub mod filter;
 pub mod hash;
+pub mod logging;
 pub mod maps;
+pub mod sources;
 pub mod stats;
 
 pub use addr::Addr;

@@ -114,7 +114,8 @@ impl Attachments {
         program: &'static str,
         iface: &str,
     ) -> Result<&Attached, AttachError> {
-        let ifindex = ifindex(iface).ok_or_else(|| AttachError::NoInterface(iface.to_string()))?;
+        let ifindex = crate::system::ifindex(iface)
+            .ok_or_else(|| AttachError::NoInterface(iface.to_string()))?;
         if self.holds(iface, program, ifindex) {
             return Ok(&self.by_iface[iface]);
         }
@@ -176,7 +177,8 @@ impl Attachments {
         current: Option<&'static str>,
         obstacles: &[String],
     ) -> Result<&Attached, AttachError> {
-        let ifindex = ifindex(iface).ok_or_else(|| AttachError::NoInterface(iface.to_string()))?;
+        let ifindex = crate::system::ifindex(iface)
+            .ok_or_else(|| AttachError::NoInterface(iface.to_string()))?;
         if self.holds(iface, program, ifindex) {
             return Ok(&self.by_iface[iface]);
         }
@@ -304,45 +306,4 @@ fn previous_link(path: &Path) -> Option<FdLink> {
         let _ = std::fs::remove_file(path);
     }
     link
-}
-
-/// The ifindex of an interface in this network namespace.
-pub fn ifindex(name: &str) -> Option<u32> {
-    let c = std::ffi::CString::new(name).ok()?;
-    // SAFETY: a valid C string.
-    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
-        0 => None,
-        i => Some(i),
-    }
-}
-
-/// Shell-style match with `*` (any run) and `?` (any one character), for --backend-ifaces.
-pub fn glob_match(pattern: &str, name: &str) -> bool {
-    fn go(p: &[u8], n: &[u8]) -> bool {
-        match (p.first(), n.first()) {
-            (None, None) => true,
-            (Some(b'*'), _) => go(&p[1..], n) || (!n.is_empty() && go(p, &n[1..])),
-            (Some(b'?'), Some(_)) => go(&p[1..], &n[1..]),
-            (Some(a), Some(b)) if a == b => go(&p[1..], &n[1..]),
-            _ => false,
-        }
-    }
-    go(pattern.as_bytes(), name.as_bytes())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::glob_match;
-
-    #[test]
-    fn globs_match_like_a_shell() {
-        assert!(glob_match("eni*", "eni1a2b3c4d5e6"));
-        assert!(glob_match("veth*", "veth"));
-        assert!(glob_match("vethpod?", "vethpod1"));
-        assert!(!glob_match("vethpod?", "vethpod12"));
-        assert!(!glob_match("eni*", "eth0"));
-        assert!(glob_match("*", "anything"));
-        assert!(glob_match("lxc*c", "lxc12c"));
-        assert!(!glob_match("lxc*c", "lxc12d"));
-    }
 }

@@ -42,7 +42,7 @@ use crate::{
     maglev::MAX_WEIGHT,
     model::{
         Backend, Cidr, DEFAULT_IPV6_PREFIX, DEFAULT_SNAT_PORTS, Desired, Frontend, Limits, Mode,
-        NodeSettings, Policy, Protocol, Rate, Service, TableFull,
+        NodeSettings, Origin, Policy, Protocol, Rate, Service, TableFull,
     },
 };
 
@@ -199,7 +199,7 @@ impl RawFile {
                     &path.key("port"),
                     format!(
                         "{} is already served by `{}` ({})",
-                        service.frontend, other.name, other.source
+                        service.frontend, other.name, other.origin
                     ),
                 ));
             }
@@ -337,7 +337,10 @@ impl RawService {
         }
         Ok(Service {
             name: self.name.clone(),
-            source: format!("{}:{line}", doc.file.display()),
+            origin: Origin::File {
+                path: doc.file.to_path_buf(),
+                line,
+            },
             frontend: Frontend {
                 vip: self.vip,
                 port: self.port,
@@ -657,7 +660,7 @@ backends = [{ address = "fd00:1:1::2" }]
         assert_eq!(d.node.snat_ports, (62000, 62999));
         assert_eq!(d.services.len(), 2);
         let web = d.services.values().find(|s| s.name == "web").unwrap();
-        assert_eq!(web.source, "lb.toml:12");
+        assert_eq!(web.origin.to_string(), "lb.toml:12");
         assert_eq!(web.mode, Mode::Snat);
         assert_eq!(web.backends[0].port, 8080);
         assert_eq!(web.backends[0].weight, 1);

@@ -4,15 +4,16 @@
 //! replaces the program without a gap. The agent and the kernel tests go through this one
 //! loader, so the tests exercise exactly what the agent runs.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
+    os::fd::AsFd,
     path::{Path, PathBuf},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        Array, DevMapHash, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues,
-        ProgramArray, lpm_trie::Key,
+        Array, DevMapHash, HashMap, IterableMap, LpmTrie, Map, MapData, MapError, PerCpuArray,
+        PerCpuValues, ProgramArray, lpm_trie::Key,
     },
     programs::{ProgramError, SchedClassifier, Xdp},
 };
@@ -93,10 +94,47 @@ pub struct Loaded {
     pub notes: Vec<String>,
 }
 
+impl Loaded {
+    /// Pins the tail-call table our entry programs use. The kernel empties a program array when
+    /// its last user-space handle closes, so without the pin an agent that is killed (OOM,
+    /// SIGKILL, a crash) would leave attached programs whose new flows all fail their tail call
+    /// until the next agent takes over.
+    pub fn pin_progs(&self, pin_dir: &Path) -> std::result::Result<(), DataplaneError> {
+        let dir = prog_pin_dir(pin_dir);
+        std::fs::create_dir_all(&dir).map_err(|e| DataplaneError::Pin {
+            path: dir.clone(),
+            reason: e.to_string(),
+        })?;
+        let path = dir.join(format!("{MAP_PROGS}-{}", std::process::id()));
+        self.progs.pin(&path).map_err(|e| DataplaneError::Pin {
+            reason: format!("pinning the tail-call table: {e}"),
+            path,
+        })
+    }
+}
+
+/// Where tail-call tables are pinned, one per agent (by pid).
+fn prog_pin_dir(pin_dir: &Path) -> PathBuf {
+    layout_dir(pin_dir).join("progs")
+}
+
+/// Removes the tail-call tables previous agents pinned (for their programs' tail calls while
+/// they were still attached): call once ours are attached.
+pub fn remove_stale_prog_pins(pin_dir: &Path) {
+    if let Ok(rd) = std::fs::read_dir(prog_pin_dir(pin_dir)) {
+        for e in rd.flatten() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 /// Loads the data path with `sizes`. With `pin_dir`, maps already pinned there are reused (their
 /// contents, flows included, survive) and new ones are pinned there.
 pub fn load(sizes: &Sizes, pin_dir: Option<&Path>) -> std::result::Result<Loaded, DataplaneError> {
     let mut loader = EbpfLoader::new();
+    // Log levels nobody reads are compiled out at verification (absent from older objects).
+    let log_level = crate::datapath_log::level();
+    loader.override_global(aya_log::LEVEL, &log_level, false);
     for (name, entries) in sizes.overrides() {
         loader.map_max_entries(name, entries);
     }
@@ -179,16 +217,15 @@ fn load_program(
 /// Runs `f` with every signal blocked for the calling thread (delivered after, or to another
 /// thread meanwhile).
 fn without_signals<T>(f: &mut impl FnMut() -> T) -> T {
-    // SAFETY: sigset_t is plain data, initialised by sigfillset; the masks are this thread's.
-    unsafe {
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        let mut old: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
-        let result = f();
-        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
-        result
+    use nix::sys::signal::{SigSet, SigmaskHow};
+    // Blocking signals on our own thread cannot fail with valid arguments; if it did, loading
+    // goes ahead unprotected (and retries on EAGAIN as before).
+    let old = SigSet::all().thread_swap_mask(SigmaskHow::SIG_BLOCK).ok();
+    let result = f();
+    if let Some(old) = old {
+        let _ = old.thread_set_mask();
     }
+    result
 }
 
 /// Loads the helper programs object (each program loaded, none attached): the lab's and the
@@ -316,17 +353,92 @@ pub struct Maps {
     pub flows: HashMap<MapData, FlowKey, Flow>,
     pub devmap: DevMapHash<MapData>,
     pub ifaces: HashMap<MapData, u32, Iface>,
-    pub counters: PerCpuArray<MapData, u64>,
-    pub svc_stats: PerCpuArray<MapData, ServiceStats>,
-    pub be_stats: PerCpuArray<MapData, BackendStats>,
+    /// The counters (also opened on their own for the metrics server: [`Stats::reopen`]).
+    pub stats: Stats,
     pub policies: Array<MapData, Policy>,
     pub sources: HashMap<MapData, SourceKey, Source>,
     pub prefixes: LpmTrie<MapData, PrefixKey, PrefixRule>,
     pub affinity: HashMap<MapData, AffinityKey, Affinity>,
     /// The policy of each service by id: a projection of `services` kept by the same writes.
     pub svc_policy: Array<MapData, u32>,
-    cpus: usize,
     ring_size: u32,
+}
+
+/// The per-CPU counters: node-wide, per service and per backend.
+pub struct Stats {
+    counters: PerCpuArray<MapData, u64>,
+    svc_stats: PerCpuArray<MapData, ServiceStats>,
+    be_stats: PerCpuArray<MapData, BackendStats>,
+    cpus: usize,
+}
+
+/// A map of our own on the same kernel map (a new descriptor).
+fn reopen<K: aya::Pod, V, M: IterableMap<K, V>, T>(name: &str, map: &M) -> Result<T>
+where
+    T: TryFrom<Map, Error = MapError>,
+{
+    let fd = map
+        .map()
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| map_err(name, e))?;
+    let data = MapData::from_fd(fd).map_err(|e| map_err(name, e))?;
+    Map::from_map_data(data)
+        .and_then(T::try_from)
+        .map_err(|e| map_err(name, e))
+}
+
+impl Stats {
+    /// The same counters through descriptors of their own, for a reader on another thread.
+    pub fn reopen(&self) -> Result<Stats> {
+        Ok(Stats {
+            counters: reopen(MAP_COUNTERS, &self.counters)?,
+            svc_stats: reopen(MAP_SVC_STATS, &self.svc_stats)?,
+            be_stats: reopen(MAP_BE_STATS, &self.be_stats)?,
+            cpus: self.cpus,
+        })
+    }
+
+    /// Node-wide counters, summed over CPUs.
+    pub fn counters(&self) -> Vec<(Counter, u64)> {
+        Counter::ALL
+            .iter()
+            .map(|c| {
+                let v = self
+                    .counters
+                    .get(&(*c as u32), 0)
+                    .map(|per_cpu| per_cpu.iter().sum())
+                    .unwrap_or(0);
+                (*c, v)
+            })
+            .collect()
+    }
+
+    pub fn service(&self, id: u32) -> ServiceStats {
+        let mut total = ServiceStats::default();
+        if let Ok(per_cpu) = self.svc_stats.get(&id, 0) {
+            for s in per_cpu.iter() {
+                total.accumulate(s);
+            }
+        }
+        total
+    }
+
+    pub fn backend(&self, id: u32) -> BackendStats {
+        let mut total = BackendStats::default();
+        if let Ok(per_cpu) = self.be_stats.get(&id, 0) {
+            for s in per_cpu.iter() {
+                total.accumulate(s);
+            }
+        }
+        total
+    }
+
+    fn zeros<T: aya::Pod + Default + Clone>(&self) -> PerCpuValues<T> {
+        // A Vec of the CPU count always converts.
+        PerCpuValues::try_from(vec![T::default(); self.cpus]).expect("one value per CPU")
+    }
 }
 
 fn map_err(name: &str, e: impl std::fmt::Display) -> DataplaneError {
@@ -376,22 +488,24 @@ impl Maps {
             flows: typed!(MAP_FLOWS),
             devmap: typed!(MAP_DEVMAP),
             ifaces: typed!(MAP_IFACES),
-            counters: typed!(MAP_COUNTERS),
-            svc_stats: typed!(MAP_SVC_STATS),
-            be_stats: typed!(MAP_BE_STATS),
+            stats: Stats {
+                counters: typed!(MAP_COUNTERS),
+                svc_stats: typed!(MAP_SVC_STATS),
+                be_stats: typed!(MAP_BE_STATS),
+                cpus: aya::util::nr_cpus()
+                    .map_err(|(what, e)| map_err("(cpus)", format!("{what}: {e}")))?,
+            },
             policies: typed!(MAP_POLICIES),
             sources: typed!(MAP_SOURCES),
             prefixes: typed!(MAP_PREFIXES),
             affinity: typed!(MAP_AFFINITY),
             svc_policy: typed!(MAP_SVC_POLICY),
-            cpus: aya::util::nr_cpus()
-                .map_err(|(what, e)| map_err("(cpus)", format!("{what}: {e}")))?,
             ring_size,
         })
     }
 
     pub fn cpus(&self) -> usize {
-        self.cpus
+        self.stats.cpus
     }
 
     /// Rewrites `svc_policy` from `services` (for maps pinned by an agent that predates it).
@@ -417,42 +531,15 @@ impl Maps {
 
     /// Node-wide counters, summed over CPUs.
     pub fn read_counters(&self) -> Vec<(Counter, u64)> {
-        Counter::ALL
-            .iter()
-            .map(|c| {
-                let v = self
-                    .counters
-                    .get(&(*c as u32), 0)
-                    .map(|per_cpu| per_cpu.iter().sum())
-                    .unwrap_or(0);
-                (*c, v)
-            })
-            .collect()
+        self.stats.counters()
     }
 
     pub fn read_service_stats(&self, id: u32) -> ServiceStats {
-        let mut total = ServiceStats::default();
-        if let Ok(per_cpu) = self.svc_stats.get(&id, 0) {
-            for s in per_cpu.iter() {
-                total.accumulate(s);
-            }
-        }
-        total
+        self.stats.service(id)
     }
 
     pub fn read_backend_stats(&self, id: u32) -> BackendStats {
-        let mut total = BackendStats::default();
-        if let Ok(per_cpu) = self.be_stats.get(&id, 0) {
-            for s in per_cpu.iter() {
-                total.accumulate(s);
-            }
-        }
-        total
-    }
-
-    fn zeros<T: aya::Pod + Default + Clone>(&self) -> PerCpuValues<T> {
-        // A Vec of the CPU count always converts.
-        PerCpuValues::try_from(vec![T::default(); self.cpus]).expect("one value per CPU")
+        self.stats.backend(id)
     }
 }
 
@@ -509,14 +596,16 @@ impl Tables for Maps {
         Ok(())
     }
     fn clear_service_stats(&mut self, id: u32) -> Result<()> {
-        let zeros = self.zeros();
-        self.svc_stats
+        let zeros = self.stats.zeros();
+        self.stats
+            .svc_stats
             .set(id, zeros, 0)
             .map_err(|e| map_err(MAP_SVC_STATS, e))
     }
     fn clear_backend_stats(&mut self, id: u32) -> Result<()> {
-        let zeros = self.zeros();
-        self.be_stats
+        let zeros = self.stats.zeros();
+        self.stats
+            .be_stats
             .set(id, zeros, 0)
             .map_err(|e| map_err(MAP_BE_STATS, e))
     }
@@ -591,6 +680,72 @@ impl Tables for Maps {
             policies,
             prefixes,
         })
+    }
+
+    fn redirects(&self) -> Result<BTreeSet<u32>> {
+        self.devmap
+            .keys()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| map_err(MAP_DEVMAP, e))
+    }
+    fn set_redirect(&mut self, ifindex: u32) -> Result<()> {
+        self.devmap
+            .insert(ifindex, ifindex, None, 0)
+            .map_err(|e| map_err(MAP_DEVMAP, e))
+    }
+    fn remove_redirect(&mut self, ifindex: u32) -> Result<()> {
+        ignore_missing(self.devmap.remove(ifindex)).map_err(|e| map_err(MAP_DEVMAP, e))
+    }
+    fn vlans(&self) -> Result<BTreeMap<u32, Iface>> {
+        self.ifaces
+            .iter()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| map_err(MAP_IFACES, e))
+    }
+    fn set_vlan(&mut self, ifindex: u32, vlan: &Iface) -> Result<()> {
+        self.ifaces
+            .insert(ifindex, vlan, 0)
+            .map_err(|e| map_err(MAP_IFACES, e))
+    }
+    fn remove_vlan(&mut self, ifindex: u32) -> Result<()> {
+        ignore_missing(self.ifaces.remove(&ifindex)).map_err(|e| map_err(MAP_IFACES, e))
+    }
+    fn config(&self) -> Option<Config> {
+        self.read_config()
+    }
+    fn service(&self, key: &ServiceKey) -> Option<Service> {
+        self.services.get(key, 0).ok()
+    }
+    fn for_each_flow(&self, f: &mut dyn FnMut(&FlowKey, &Flow)) {
+        // An entry deleted while we iterate ends this walk early at worst (the next sweep
+        // continues); entries that fail to read are skipped.
+        for (k, v) in self.flows.iter().filter_map(std::result::Result::ok) {
+            f(&k, &v);
+        }
+    }
+    fn set_flow(&mut self, key: &FlowKey, flow: &Flow) -> Result<()> {
+        self.flows
+            .insert(key, flow, 0)
+            .map_err(|e| map_err(MAP_FLOWS, e))
+    }
+    fn remove_flow(&mut self, key: &FlowKey) -> Result<bool> {
+        match self.flows.remove(key) {
+            Ok(()) => Ok(true),
+            Err(e) => ignore_missing(Err(e))
+                .map(|()| false)
+                .map_err(|e| map_err(MAP_FLOWS, e)),
+        }
+    }
+    fn for_each_source(&self, f: &mut dyn FnMut(&SourceKey, &Source)) {
+        for (k, v) in self.sources.iter().filter_map(std::result::Result::ok) {
+            f(&k, &v);
+        }
+    }
+    fn policies(&self) -> Vec<Policy> {
+        self.policies
+            .iter()
+            .map(|p| p.unwrap_or_default())
+            .collect()
     }
 }
 

@@ -1,4 +1,4 @@
-//! Kubernetes as a source of desired state: Services that opt in and their EndpointSlices,
+//! Kubernetes as an input of desired state: Services that opt in and their EndpointSlices,
 //! read the way kube-proxy reads them, become `model::Service`s the reconciler applies like the
 //! config file's. This file is the translation (pure: objects in, services out); `watch` keeps
 //! the objects current.
@@ -14,7 +14,7 @@
 //! drains like an NLB target: it keeps its flows but gets no new ones for the deregistration
 //! delay, then its flows are ended.
 pub mod health;
-pub mod source;
+pub mod input;
 pub mod watch;
 
 use std::{
@@ -31,7 +31,7 @@ use k8s_openapi::api::{
 use crate::{
     config::RawPolicy,
     maglev::MAX_WEIGHT,
-    model::{Backend, Frontend, Mode, Policy, Protocol, Service},
+    model::{Backend, Frontend, Mode, Origin, Policy, Protocol, Service},
 };
 
 pub const ENABLED: &str = "xdplb.io/enabled";
@@ -83,6 +83,19 @@ pub struct Problem {
     pub object: ObjectKey,
     pub field: String,
     pub message: String,
+}
+
+impl Problem {
+    /// A problem with the service `origin` names at `frontend`; `None` if it did not come from
+    /// the cluster (there is no Service to report it on).
+    pub fn for_service(origin: &Origin, frontend: &Frontend, message: String) -> Option<Problem> {
+        let (namespace, name) = origin.kubernetes_object()?;
+        Some(Problem {
+            object: (namespace.to_string(), name.to_string()),
+            field: format!("frontend {frontend}"),
+            message,
+        })
+    }
 }
 
 impl std::fmt::Display for Problem {
@@ -288,7 +301,10 @@ impl Translator {
                 let backends = self.drain(frontend, backends, delay, reset, now, out);
                 out.services.push(Service {
                     name: format!("{ns_name}:{port_name}"),
-                    source: format!("Service {ns_name}"),
+                    origin: Origin::Kubernetes {
+                        namespace: key.0.clone(),
+                        name: key.1.clone(),
+                    },
                     frontend,
                     mode,
                     backends: backends
@@ -405,12 +421,6 @@ impl Translator {
             None => None,
         }
     }
-}
-
-/// The Service a translated service came from (its `source`, "Service <namespace>/<name>").
-pub fn object_of(source: &str) -> Option<ObjectKey> {
-    let (ns, name) = source.strip_prefix("Service ")?.split_once('/')?;
-    Some((ns.to_string(), name.to_string()))
 }
 
 fn enabled(svc: &KubeService) -> bool {

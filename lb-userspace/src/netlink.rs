@@ -6,7 +6,7 @@
 //! whole life: call [`Netlink::open`] on a thread that is in the namespace you mean to query
 //! (a thread that later `setns`es elsewhere keeps talking to the namespace the socket was made
 //! in).
-use std::{io, net::IpAddr, os::fd::AsRawFd, time::Duration};
+use std::{io, net::IpAddr, time::Duration};
 
 use netlink_packet_core::{
     DefaultNla, NLA_TYPE_MASK, NLM_F_ACK, NLM_F_ACK_TLVS, NLM_F_CAPPED, NLM_F_CREATE, NLM_F_DUMP,
@@ -532,25 +532,19 @@ impl Netlink {
 }
 
 fn set_recv_timeout(socket: &Socket, timeout: Duration) -> io::Result<()> {
-    let tv = libc::timeval {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_usec: libc::suseconds_t::from(timeout.subsec_micros()),
+    use nix::sys::{
+        socket::{setsockopt, sockopt::ReceiveTimeout},
+        time::TimeVal,
     };
-    // SAFETY: a valid fd, and a pointer to a live timeval with its exact size.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    setsockopt(
+        socket,
+        ReceiveTimeout,
+        &TimeVal::from(libc::timeval {
+            tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
+            tv_usec: libc::suseconds_t::from(timeout.subsec_micros()),
+        }),
+    )
+    .map_err(io::Error::from)
 }
 
 fn align4(len: usize) -> usize {

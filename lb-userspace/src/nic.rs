@@ -101,6 +101,7 @@ struct Value {
 }
 
 #[repr(C)]
+#[derive(Default)]
 struct DrvInfo {
     cmd: u32,
     driver: [u8; 32],
@@ -140,13 +141,14 @@ struct IfReq {
 
 impl Ethtool {
     pub(crate) fn open() -> std::io::Result<Ethtool> {
-        // SAFETY: plain socket creation; the result is checked.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: a fresh descriptor we own.
-        Ok(Ethtool(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) }))
+        use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
+        Ok(Ethtool(fd))
     }
 
     /// SIOCETHTOOL with `data` (whose first field is the command).
@@ -171,9 +173,10 @@ impl Ethtool {
     }
 
     fn driver(&self, name: &str) -> Option<String> {
-        // SAFETY: all-zero is a valid DrvInfo.
-        let mut info: DrvInfo = unsafe { std::mem::zeroed() };
-        info.cmd = ETHTOOL_GDRVINFO;
+        let mut info = DrvInfo {
+            cmd: ETHTOOL_GDRVINFO,
+            ..DrvInfo::default()
+        };
         if !self.request(name, &mut info) {
             return None;
         }

@@ -5,15 +5,26 @@
 //! resolves and refreshes it on its own).
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::IpAddr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use crate::{
-    attach::glob_match,
     model::Desired,
     netlink::{Link, Netlink, NetlinkError, RouteKind},
-    reconcile::NodeView,
 };
+
+/// What reconcile needs to know about the node itself.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeView {
+    /// Source addresses for snat services, per family (`None`: that family cannot be served).
+    pub snat_ipv4: Option<Ipv4Addr>,
+    pub snat_ipv6: Option<Ipv6Addr>,
+    /// The node's own addresses. A VIP among them is served on its services' ports only; its
+    /// other traffic stays the node's.
+    pub node_addrs: BTreeSet<IpAddr>,
+    /// Backends reachable through a backend-facing interface of this node.
+    pub local: BTreeSet<IpAddr>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -141,6 +152,20 @@ pub fn uplink_addrs(nl: &mut Netlink, ifaces: &Interfaces) -> Result<Vec<IpAddr>
         .collect())
 }
 
+/// Shell-style match with `*` (any run) and `?` (any one character), for --backend-interfaces.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    fn go(p: &[u8], n: &[u8]) -> bool {
+        match (p.first(), n.first()) {
+            (None, None) => true,
+            (Some(b'*'), _) => go(&p[1..], n) || (!n.is_empty() && go(p, &n[1..])),
+            (Some(b'?'), Some(_)) => go(&p[1..], &n[1..]),
+            (Some(a), Some(b)) if a == b => go(&p[1..], &n[1..]),
+            _ => false,
+        }
+    }
+    go(pattern.as_bytes(), name.as_bytes())
+}
+
 fn backend_addrs(desired: &Desired) -> BTreeSet<IpAddr> {
     desired
         .services
@@ -199,5 +224,22 @@ impl Neighbours {
             self.managed.remove(&key);
         }
         problems
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::glob_match;
+
+    #[test]
+    fn globs_match_like_a_shell() {
+        assert!(glob_match("eni*", "eni1a2b3c4d5e6"));
+        assert!(glob_match("veth*", "veth"));
+        assert!(glob_match("vethpod?", "vethpod1"));
+        assert!(!glob_match("vethpod?", "vethpod12"));
+        assert!(!glob_match("eni*", "eth0"));
+        assert!(glob_match("*", "anything"));
+        assert!(glob_match("lxc*c", "lxc12c"));
+        assert!(!glob_match("lxc*c", "lxc12d"));
     }
 }

@@ -13,47 +13,44 @@
 //! rejected state leaves the previous one fully in force.
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::IpAddr,
 };
 
 use lb_common::{
-    ADDR_NODE, ADDR_VIP, Addr, AddrInfo, BACKEND_ACTIVE, BACKEND_LISTED, Bucket, Config,
-    FILTER_WORDS, Limit, MAX_POLICIES, NO_BACKEND, POLICY_FAIL_OPEN, POLICY_HAS_PREFIXES,
-    POLICY_PRECISE_CLOCK, POLICY_RST_SYN, PREFIX_DENY, PREFIX_EXEMPT, PREFIX_LIMIT, PrefixKey,
-    PrefixRule, SVC_AFFINITY, SVC_SNAT, ServiceKey, Source, SourceKey, filter_bit,
+    ADDR_NODE, ADDR_VIP, Addr, AddrInfo, BACKEND_ACTIVE, BACKEND_LISTED, Bucket, Config, Limit,
+    MAX_POLICIES, NO_BACKEND, POLICY_FAIL_OPEN, POLICY_HAS_PREFIXES, POLICY_PRECISE_CLOCK,
+    POLICY_RST_SYN, PREFIX_DENY, PREFIX_EXEMPT, PREFIX_LIMIT, PrefixKey, PrefixRule, SVC_AFFINITY,
+    SVC_SNAT, ServiceKey, Source, SourceKey,
+    filter::{self, FILTER_ENTRIES, Plane},
     hash::bytes_hash,
+    sources::overflow_key,
 };
 
 use crate::{
     dataplane::Sizes,
     error::DataplaneError,
     maglev,
-    model::{Cidr, Desired, Frontend, Limits, Mode, Policy, Service, TableFull},
+    model::{Cidr, Desired, Frontend, Limits, Mode, Origin, Policy, Service, TableFull},
+    node::{NodeError, NodeView},
+    system::monotonic_ns,
     tables::{Snapshot, Tables},
 };
 
-/// What reconcile needs to know about the node itself.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct NodeView {
-    /// Source addresses for snat services, per family (`None`: that family cannot be served).
-    pub snat_ipv4: Option<Ipv4Addr>,
-    pub snat_ipv6: Option<Ipv6Addr>,
-    /// The node's own addresses. A VIP among them is served on its services' ports only; its
-    /// other traffic stays the node's.
-    pub node_addrs: BTreeSet<IpAddr>,
-    /// Backends reachable through a backend-facing interface of this node.
-    pub local: BTreeSet<IpAddr>,
+/// A service this node cannot serve as defined, and why.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{origin}: service `{name}` ({frontend}): {reason}")]
+pub struct Invalid {
+    pub origin: Origin,
+    pub name: String,
+    pub frontend: Frontend,
+    pub reason: String,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
-    #[error("{origin}: service `{name}` ({frontend}): {reason}")]
-    Invalid {
-        origin: String,
-        name: String,
-        frontend: Frontend,
-        reason: String,
-    },
+    /// Every service that is wrong, not only the first.
+    #[error("{}", join_lines(.0))]
+    Invalid(Vec<Invalid>),
     #[error("too many {what}: this agent was started with room for {max} (see {flag})")]
     Capacity {
         what: &'static str,
@@ -62,6 +59,99 @@ pub enum ApplyError {
     },
     #[error(transparent)]
     Dataplane(#[from] DataplaneError),
+    /// What the node view needs could not be read.
+    #[error(transparent)]
+    Node(#[from] NodeError),
+}
+
+fn join_lines(all: &[Invalid]) -> String {
+    all.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Everything wrong with the services of `desired` on a node as `node` describes it, one entry
+/// per service (its first problem). Pure: `lb-agent check` runs it with what it knows of the
+/// node.
+pub fn invalid_services(desired: &Desired, node: &NodeView) -> Vec<Invalid> {
+    desired
+        .services
+        .values()
+        .filter_map(|s| {
+            let reason = service_problem(s, node)?;
+            Some(Invalid {
+                origin: s.origin.clone(),
+                name: s.name.clone(),
+                frontend: s.frontend,
+                reason,
+            })
+        })
+        .collect()
+}
+
+/// What the node cannot do for `s`, if anything.
+fn service_problem(s: &Service, node: &NodeView) -> Option<String> {
+    match s.mode {
+        Mode::Snat => {
+            let (missing, family) = match s.frontend.vip {
+                IpAddr::V4(_) => (node.snat_ipv4.is_none(), 4),
+                IpAddr::V6(_) => (node.snat_ipv6.is_none(), 6),
+            };
+            if missing {
+                return Some(format!(
+                    "snat needs an IPv{family} source address for this node: set node.snat-ipv{family} or give the uplink one"
+                ));
+            }
+        }
+        Mode::PreserveClientIp => {
+            if let Some(b) = s.backends.iter().find(|b| !node.local.contains(&b.addr)) {
+                return Some(format!(
+                    "preserve-client-ip needs every backend on this node, but {} is not reachable through a backend interface; remote backends need direct server return, which is not supported yet: use mode = \"snat\"",
+                    b.maglev_key()
+                ));
+            }
+        }
+    }
+    s.backends
+        .iter()
+        .find(|b| b.weight > maglev::MAX_WEIGHT)
+        .map(|b| {
+            format!(
+                "weight {} of {} is over {}",
+                b.weight,
+                b.maglev_key(),
+                maglev::MAX_WEIGHT
+            )
+        })
+}
+
+/// What of `desired` this node takes: services from the cluster that it cannot serve are left
+/// out (returned, to be reported; the cluster is every node's, and the rest must still be
+/// served), while any other invalid service rejects the whole state (a config file is this
+/// node's own: its operator fixes it, and the last good state stays meanwhile).
+pub fn admit(desired: &Desired, node: &NodeView) -> Result<(Desired, Vec<Invalid>), ApplyError> {
+    let (left_out, rejected): (Vec<Invalid>, Vec<Invalid>) = invalid_services(desired, node)
+        .into_iter()
+        .partition(|i| i.origin.kubernetes_object().is_some());
+    if !rejected.is_empty() {
+        return Err(ApplyError::Invalid(rejected));
+    }
+    let mut admitted = desired.clone();
+    for i in &left_out {
+        admitted.services.remove(&i.frontend);
+    }
+    Ok((admitted, left_out))
+}
+
+/// What [`Reconciler::apply_admitting`] did.
+#[derive(Debug)]
+pub struct Applied {
+    pub report: Report,
+    /// The state applied: the one given, less what was left out.
+    pub desired: Desired,
+    /// Services from the cluster this node cannot serve, not applied.
+    pub left_out: Vec<Invalid>,
 }
 
 /// What one `apply` changed.
@@ -78,6 +168,15 @@ impl Report {
     pub fn is_empty(&self) -> bool {
         self.writes == 0
     }
+}
+
+/// A listed backend of an applied service: where it is, its id in LB_BACKENDS, its weight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct BackendIds {
+    pub addr: IpAddr,
+    pub port: u16,
+    pub id: u32,
+    pub weight: u32,
 }
 
 /// A service as the maps hold it.
@@ -150,7 +249,7 @@ impl Reconciler {
             .map(|(id, _)| *id)
             .collect();
         let mut filter = snap.filter.clone();
-        filter.resize(2 * FILTER_WORDS as usize, 0);
+        filter.resize(FILTER_ENTRIES as usize, 0);
         Reconciler {
             sizes,
             config: snap.config,
@@ -175,6 +274,24 @@ impl Reconciler {
                 &[],
             ),
         }
+    }
+
+    /// The ids the maps hold a service's entries under: its service id and its listed backends.
+    /// `None` if the service is not applied.
+    pub fn ids(&self, key: &ServiceKey) -> Option<(u32, Vec<BackendIds>)> {
+        let a = self.services.get(key)?;
+        Some((
+            a.value.id,
+            a.backends
+                .iter()
+                .map(|((addr, port), (id, weight))| BackendIds {
+                    addr: *addr,
+                    port: *port,
+                    id: *id,
+                    weight: *weight,
+                })
+                .collect(),
+        ))
     }
 
     /// Named policies by id (for labels).
@@ -211,7 +328,7 @@ impl Reconciler {
 
         let mut wanted = BTreeSet::new();
         for (frontend, service) in &desired.services {
-            let key = service_key(frontend);
+            let key = frontend.key();
             wanted.insert(key);
             let policy = service
                 .policy
@@ -239,62 +356,34 @@ impl Reconciler {
         Ok(report)
     }
 
+    /// [`admit`], then [`Reconciler::apply`] what was admitted: what the agent does with each
+    /// composed state, and what `lb-agent check` does with a config file.
+    pub fn apply_admitting(
+        &mut self,
+        desired: &Desired,
+        node: &NodeView,
+        tables: &mut dyn Tables,
+    ) -> Result<Applied, ApplyError> {
+        let (admitted, left_out) = admit(desired, node)?;
+        let report = self.apply(&admitted, node, tables)?;
+        Ok(Applied {
+            report,
+            desired: admitted,
+            left_out,
+        })
+    }
+
     /// Everything `apply` would refuse, checked before any write.
     fn check(&self, desired: &Desired, node: &NodeView) -> Result<(), ApplyError> {
-        let invalid = |s: &Service, reason: String| ApplyError::Invalid {
-            origin: s.source.clone(),
-            name: s.name.clone(),
-            frontend: s.frontend,
-            reason,
-        };
-        for s in desired.services.values() {
-            match s.mode {
-                Mode::Snat => {
-                    let (missing, family) = match s.frontend.vip {
-                        IpAddr::V4(_) => (node.snat_ipv4.is_none(), "IPv4"),
-                        IpAddr::V6(_) => (node.snat_ipv6.is_none(), "IPv6"),
-                    };
-                    if missing {
-                        return Err(invalid(
-                            s,
-                            format!(
-                                "snat needs an {family} source address for this node: set node.snat-ipv{} or give the uplink one",
-                                if family == "IPv4" { 4 } else { 6 }
-                            ),
-                        ));
-                    }
-                }
-                Mode::PreserveClientIp => {
-                    if let Some(b) = s.backends.iter().find(|b| !node.local.contains(&b.addr)) {
-                        return Err(invalid(
-                            s,
-                            format!(
-                                "preserve-client-ip needs every backend on this node, but {} is not reachable through a backend interface; remote backends need direct server return, which is not supported yet: use mode = \"snat\"",
-                                b.maglev_key()
-                            ),
-                        ));
-                    }
-                }
-            }
-            for b in &s.backends {
-                if b.weight > maglev::MAX_WEIGHT {
-                    return Err(invalid(
-                        s,
-                        format!(
-                            "weight {} of {} is over {}",
-                            b.weight,
-                            b.maglev_key(),
-                            maglev::MAX_WEIGHT
-                        ),
-                    ));
-                }
-            }
+        let invalid = invalid_services(desired, node);
+        if !invalid.is_empty() {
+            return Err(ApplyError::Invalid(invalid));
         }
         // Room for what is new.
         let new_services = desired
             .services
             .keys()
-            .filter(|f| !self.services.contains_key(&service_key(f)))
+            .filter(|f| !self.services.contains_key(&f.key()))
             .count();
         if new_services > self.service_ids.free() {
             return Err(ApplyError::Capacity {
@@ -307,7 +396,7 @@ impl Reconciler {
             .services
             .values()
             .map(|s| {
-                let applied = self.services.get(&service_key(&s.frontend));
+                let applied = self.services.get(&s.frontend.key());
                 s.backends
                     .iter()
                     .filter(|b| applied.is_none_or(|a| !a.backends.contains_key(&(b.addr, b.port))))
@@ -404,10 +493,7 @@ impl Reconciler {
                 self.policies.insert(id, *value);
             }
             // Fail-closed policies need the bucket sources beyond the table's capacity share.
-            let key = SourceKey {
-                addr: Addr([0xff; 16]),
-                policy: id,
-            };
+            let key = overflow_key(id);
             if value.flags & POLICY_FAIL_OPEN == 0 && !self.overflow.contains(&key) {
                 let full = Source {
                     packets: Bucket::full(&value.packets, now),
@@ -473,10 +559,7 @@ impl Reconciler {
             .collect();
         for slot in stale {
             if let Some(id) = self.policy_ids.remove(&slot) {
-                let key = SourceKey {
-                    addr: Addr([0xff; 16]),
-                    policy: id,
-                };
+                let key = overflow_key(id);
                 if self.overflow.remove(&key) {
                     t.remove_source(&key)?;
                 }
@@ -662,18 +745,18 @@ impl Reconciler {
                 info.flags = ADDR_NODE;
             }
         }
-        let mut filter = vec![0u64; 2 * FILTER_WORDS as usize];
-        let mut set = |plane: usize, a: &Addr| {
-            let bit = filter_bit(a) as usize;
-            filter[plane * FILTER_WORDS as usize + bit / 64] |= 1 << (bit % 64);
+        let mut filter = vec![0u64; FILTER_ENTRIES as usize];
+        let mut set = |plane: Plane, a: &Addr| {
+            let (word, mask) = filter::position(plane, a);
+            filter[word as usize] |= mask;
         };
         for a in addrs.keys() {
-            set(0, a);
+            set(Plane::Served, a);
         }
         for s in desired.services.values() {
             if s.mode == Mode::PreserveClientIp {
                 for b in &s.backends {
-                    set(1, &Addr::from(b.addr));
+                    set(Plane::PreservedBackends, &Addr::from(b.addr));
                 }
             }
         }
@@ -699,15 +782,6 @@ impl Reconciler {
         self.addrs = addrs;
         self.filter = filter;
         Ok(())
-    }
-}
-
-pub fn service_key(f: &Frontend) -> ServiceKey {
-    ServiceKey {
-        addr: Addr::from(f.vip),
-        port: f.port.to_be(),
-        proto: f.protocol.number(),
-        _pad: 0,
     }
 }
 
@@ -809,18 +883,6 @@ fn prefix_key(policy: u32, c: &Cidr) -> (PrefixKey, u32) {
     )
 }
 
-/// The data path's clock in ns: bpf_ktime_get_coarse_ns() is CLOCK_MONOTONIC_COARSE. (The fine
-/// clock runs up to a tick ahead of it: a bucket stamped with it would start short.)
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid pointer to a timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 /// Free ids, handed out oldest-freed first, so a freed id is reused as late as possible.
 struct IdPool(VecDeque<u32>);
 
@@ -891,6 +953,8 @@ counted! {
 mod tests {
     use std::time::Duration;
 
+    use lb_common::{FILTER_WORDS, filter_bit};
+
     use super::*;
     use crate::{
         model::{Backend, Protocol, Rate},
@@ -926,7 +990,7 @@ mod tests {
     fn service(vip: &str, port: u16, mode: Mode, backends: Vec<Backend>) -> Service {
         Service {
             name: format!("svc-{port}"),
-            source: "test".into(),
+            origin: "test".into(),
             frontend: Frontend {
                 vip: vip.parse().unwrap(),
                 port,
@@ -956,7 +1020,7 @@ mod tests {
     }
 
     fn key(s: &Service) -> ServiceKey {
-        service_key(&s.frontend)
+        s.frontend.key()
     }
 
     /// Backend addresses each ring slot sends to.

@@ -16,7 +16,8 @@ pub const FILE: &str = "state.json";
 pub struct State {
     pub pid: u32,
     /// Where the desired state comes from ("config /etc/xdplb/lb.toml", "kubernetes").
-    pub source: String,
+    #[serde(alias = "source")]
+    pub inputs: String,
     pub ready: bool,
     /// The last reload's error, if it was rejected (the previous state stays in force).
     pub last_error: Option<String>,
@@ -29,7 +30,7 @@ pub struct State {
     pub policies: BTreeMap<u32, String>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceLabel {
     pub frontend: Frontend,
     pub name: String,
@@ -38,12 +39,14 @@ pub struct ServiceLabel {
     pub policy: Option<String>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InterfaceLabel {
     pub name: String,
     pub ifindex: u32,
     pub program: String,
-    pub mode: String,
+    /// Where the program runs: "xdp-native", "xdp-generic" or "tc".
+    #[serde(alias = "mode")]
+    pub hook: String,
     pub note: Option<String>,
 }
 

@@ -7,6 +7,7 @@ use lb_common::{
     Addr, AffinityKey, BACKEND_ACTIVE, BACKEND_LISTED, Counter, DropReason, FLOW_CLOSING,
     FLOW_OPENING, FLOW_REPLY, FLOW_SNAT, FlowKey, NO_BACKEND, ServiceKey,
     hash::{flow_hash, ring_slot},
+    sources::is_overflow,
 };
 use serde::Serialize;
 
@@ -14,14 +15,15 @@ use crate::{
     cli::Paths,
     dataplane::Maps,
     model::{Frontend, Protocol},
-    reconcile::{monotonic_ns, service_key},
     state::State,
+    system::monotonic_ns,
     tables::Tables,
 };
 
 #[derive(Serialize)]
 pub struct Status {
-    pub source: Option<String>,
+    /// Where the desired state comes from.
+    pub inputs: Option<String>,
     pub ready: Option<bool>,
     pub last_error: Option<String>,
     pub interfaces: Vec<crate::state::InterfaceLabel>,
@@ -80,7 +82,7 @@ pub fn status(paths: &Paths) -> Result<Status> {
     let labels: BTreeMap<ServiceKey, &crate::state::ServiceLabel> = state
         .iter()
         .flat_map(|s| s.services.iter())
-        .map(|l| (service_key(&l.frontend), l))
+        .map(|l| (l.frontend.key(), l))
         .collect();
     let snap = maps.snapshot()?;
     let mut services = Vec::new();
@@ -112,7 +114,9 @@ pub fn status(paths: &Paths) -> Result<Status> {
             name: label
                 .map(|l| l.name.clone())
                 .unwrap_or_else(|| format!("service {}", svc.id)),
-            frontend: label.map(|l| l.frontend).or_else(|| frontend_of(key)),
+            frontend: label
+                .map(|l| l.frontend)
+                .or_else(|| Frontend::from_key(key)),
             origin: label.map(|l| l.origin.clone()),
             mode: if svc.flags & lb_common::SVC_SNAT != 0 {
                 "snat"
@@ -140,7 +144,7 @@ pub fn status(paths: &Paths) -> Result<Status> {
         .unwrap_or_default();
     let (limited_sources, tracked_sources) = limited_sources(&maps, &policy_names);
     Ok(Status {
-        source: state.as_ref().map(|s| s.source.clone()),
+        inputs: state.as_ref().map(|s| s.inputs.clone()),
         ready: state.as_ref().map(|s| s.ready),
         last_error: state.as_ref().and_then(|s| s.last_error.clone()),
         interfaces: state.map(|s| s.interfaces).unwrap_or_default(),
@@ -184,7 +188,7 @@ fn limited_sources(maps: &Maps, names: &BTreeMap<u32, String>) -> (Vec<LimitedSo
                 (!limit.is_unlimited())
                     .then(|| (lb_common::bucket::tokens(limit, bucket, now), limit.burst))
             };
-            let source = if k.addr.0 == [0xff; 16] {
+            let source = if is_overflow(&k) {
                 "(table full: shared bucket)".to_string()
             } else {
                 let ip = IpAddr::from(k.addr);
@@ -210,14 +214,6 @@ fn limited_sources(maps: &Maps, names: &BTreeMap<u32, String>) -> (Vec<LimitedSo
     (list, tracked)
 }
 
-fn frontend_of(key: &ServiceKey) -> Option<Frontend> {
-    Some(Frontend {
-        vip: IpAddr::from(key.addr),
-        port: u16::from_be(key.port),
-        protocol: Protocol::from_number(key.proto)?,
-    })
-}
-
 fn show(addr: &Addr, port: u16) -> String {
     SocketAddr::new(IpAddr::from(*addr), port).to_string()
 }
@@ -228,7 +224,7 @@ pub fn render(s: &Status) -> String {
     let _ = writeln!(
         out,
         "agent: {}{}",
-        s.source
+        s.inputs
             .as_deref()
             .unwrap_or("(no state file: names unknown)"),
         match s.ready {
@@ -243,11 +239,11 @@ pub fn render(s: &Status) -> String {
     for i in &s.interfaces {
         let _ = writeln!(
             out,
-            "  {} (ifindex {}): {} in {} mode{}",
+            "  {} (ifindex {}): {} at {}{}",
             i.name,
             i.ifindex,
             i.program,
-            i.mode,
+            i.hook,
             i.note
                 .as_deref()
                 .map(|n| format!(" — {n}"))

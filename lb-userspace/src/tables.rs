@@ -1,10 +1,12 @@
-//! The map operations reconcile needs, behind one trait. `dataplane::MapTables` is the real
-//! thing; [`MemoryTables`] is an in-memory stand-in that records every write, for tests.
-use std::collections::BTreeMap;
+//! Every map operation the agent makes, behind one trait: reconcile's writes, the interface
+//! tables (redirect targets, VLAN devices), and the sweep's reads and removals of flows and
+//! sources. `dataplane::Maps` is the real thing; [`MemoryTables`] is an in-memory stand-in that
+//! records every write, for tests. No write to a map bypasses this trait.
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use lb_common::{
-    Addr, AddrInfo, Backend, Config, FILTER_WORDS, Policy, PrefixKey, PrefixRule, Service,
-    ServiceKey, Source, SourceKey,
+    Addr, AddrInfo, Backend, Config, FILTER_WORDS, Flow, FlowKey, Iface, Policy, PrefixKey,
+    PrefixRule, Service, ServiceKey, Source, SourceKey,
 };
 
 use crate::error::DataplaneError;
@@ -45,6 +47,30 @@ pub trait Tables {
     fn remove_source(&mut self, key: &SourceKey) -> Result<()>;
     /// Everything reconcile needs to pick up where a previous agent left off.
     fn snapshot(&self) -> Result<Snapshot>;
+
+    // The interfaces (agent::interfaces).
+    /// Interfaces the data path may redirect to (the devmap's keys).
+    fn redirects(&self) -> Result<BTreeSet<u32>>;
+    fn set_redirect(&mut self, ifindex: u32) -> Result<()>;
+    fn remove_redirect(&mut self, ifindex: u32) -> Result<()>;
+    /// VLAN devices on uplinks, by ifindex.
+    fn vlans(&self) -> Result<BTreeMap<u32, Iface>>;
+    fn set_vlan(&mut self, ifindex: u32, vlan: &Iface) -> Result<()>;
+    fn remove_vlan(&mut self, ifindex: u32) -> Result<()>;
+
+    // State the data path keeps (sweep).
+    /// The node config as the data path sees it (None before the first apply).
+    fn config(&self) -> Option<Config>;
+    fn service(&self, key: &ServiceKey) -> Option<Service>;
+    /// Calls `f` for every flow-table entry (a visitor: the table may hold millions).
+    fn for_each_flow(&self, f: &mut dyn FnMut(&FlowKey, &Flow));
+    fn set_flow(&mut self, key: &FlowKey, flow: &Flow) -> Result<()>;
+    /// Removes a flow entry; false if it was gone already.
+    fn remove_flow(&mut self, key: &FlowKey) -> Result<bool>;
+    /// Calls `f` for every source-table entry.
+    fn for_each_source(&self, f: &mut dyn FnMut(&SourceKey, &Source));
+    /// Every policy slot, by id (empty ones included: ids index them).
+    fn policies(&self) -> Vec<Policy>;
 }
 
 /// One recorded write, for tests that check what was written and in which order.
@@ -65,6 +91,12 @@ pub enum Write {
     RemovePrefix(PrefixKey, u32),
     EnsureSource(SourceKey),
     RemoveSource(SourceKey),
+    SetRedirect(u32),
+    RemoveRedirect(u32),
+    SetVlan(u32),
+    RemoveVlan(u32),
+    SetFlow(FlowKey),
+    RemoveFlow(FlowKey),
 }
 
 /// The maps as plain collections, with a log of writes.
@@ -79,6 +111,9 @@ pub struct MemoryTables {
     pub policies: BTreeMap<u32, Policy>,
     pub prefixes: BTreeMap<(PrefixKey, u32), PrefixRule>,
     pub sources: BTreeMap<SourceKey, Source>,
+    pub redirects: BTreeSet<u32>,
+    pub vlans: BTreeMap<u32, Iface>,
+    pub flows: HashMap<FlowKey, Flow>,
     pub log: Vec<Write>,
 }
 
@@ -94,6 +129,9 @@ impl Default for MemoryTables {
             policies: BTreeMap::new(),
             prefixes: BTreeMap::new(),
             sources: BTreeMap::new(),
+            redirects: BTreeSet::new(),
+            vlans: BTreeMap::new(),
+            flows: HashMap::new(),
             log: Vec::new(),
         }
     }
@@ -202,5 +240,66 @@ impl Tables for MemoryTables {
                 .map(|((k, len), r)| (*k, *len, *r))
                 .collect(),
         })
+    }
+
+    fn redirects(&self) -> Result<BTreeSet<u32>> {
+        Ok(self.redirects.clone())
+    }
+    fn set_redirect(&mut self, ifindex: u32) -> Result<()> {
+        self.redirects.insert(ifindex);
+        self.log.push(Write::SetRedirect(ifindex));
+        Ok(())
+    }
+    fn remove_redirect(&mut self, ifindex: u32) -> Result<()> {
+        self.redirects.remove(&ifindex);
+        self.log.push(Write::RemoveRedirect(ifindex));
+        Ok(())
+    }
+    fn vlans(&self) -> Result<BTreeMap<u32, Iface>> {
+        Ok(self.vlans.clone())
+    }
+    fn set_vlan(&mut self, ifindex: u32, vlan: &Iface) -> Result<()> {
+        self.vlans.insert(ifindex, *vlan);
+        self.log.push(Write::SetVlan(ifindex));
+        Ok(())
+    }
+    fn remove_vlan(&mut self, ifindex: u32) -> Result<()> {
+        self.vlans.remove(&ifindex);
+        self.log.push(Write::RemoveVlan(ifindex));
+        Ok(())
+    }
+    fn config(&self) -> Option<Config> {
+        self.config
+    }
+    fn service(&self, key: &ServiceKey) -> Option<Service> {
+        self.services.get(key).copied()
+    }
+    fn for_each_flow(&self, f: &mut dyn FnMut(&FlowKey, &Flow)) {
+        for (k, v) in &self.flows {
+            f(k, v);
+        }
+    }
+    fn set_flow(&mut self, key: &FlowKey, flow: &Flow) -> Result<()> {
+        self.flows.insert(*key, *flow);
+        self.log.push(Write::SetFlow(*key));
+        Ok(())
+    }
+    fn remove_flow(&mut self, key: &FlowKey) -> Result<bool> {
+        let removed = self.flows.remove(key).is_some();
+        self.log.push(Write::RemoveFlow(*key));
+        Ok(removed)
+    }
+    fn for_each_source(&self, f: &mut dyn FnMut(&SourceKey, &Source)) {
+        for (k, v) in &self.sources {
+            f(k, v);
+        }
+    }
+    fn policies(&self) -> Vec<Policy> {
+        let len = self.policies.keys().max().map_or(0, |m| *m as usize + 1);
+        let mut all = vec![Policy::default(); len];
+        for (id, p) in &self.policies {
+            all[*id as usize] = *p;
+        }
+        all
     }
 }

@@ -24,7 +24,8 @@ use lb_common::{Addr, Counter, Flow, FlowKey, Iface, MAP_DEVMAP, MAP_IFACES};
 use lb_userspace::{
     dataplane::{self, Maps, Sizes},
     model::Desired,
-    reconcile::{NodeView, Reconciler},
+    node::NodeView,
+    reconcile::Reconciler,
     tables::Tables,
 };
 
