@@ -4,6 +4,7 @@
 #![no_std]
 
 pub mod addr;
+pub mod affinity;
 pub mod bucket;
 pub mod checksum;
 pub mod filter;

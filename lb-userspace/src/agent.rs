@@ -25,8 +25,10 @@ use crate::{
     health::{Health, KubeHealth},
     k8s::{Problem, Translation},
     model::{self, Backend, Desired},
+    neighbours::Neighbours,
+    netlink::Change,
     netlink::Netlink,
-    node::{self, Interfaces, Neighbours, NodeView},
+    node::{self, Interfaces, NodeView},
     reconcile::{ApplyError, Reconciler, Report},
     state::{InterfaceLabel, ServiceLabel},
     sweep::sweep,
@@ -64,6 +66,9 @@ pub struct Agent {
     netlink: Netlink,
     neighbours: Neighbours,
     interfaces: Interfaces,
+    /// The uplinks' global addresses (where node ports are served), kept current by netlink
+    /// notifications.
+    uplink_addrs: Vec<IpAddr>,
     inputs: Inputs,
     composed: Option<Composed>,
     /// Held while running: one agent per state directory (two would fight over the pins).
@@ -98,6 +103,7 @@ impl Agent {
         let mut netlink = Netlink::open()?;
         let interfaces = Interfaces::scan(&mut netlink, &args.uplinks, &args.backend_interfaces)?;
         let node = node::view(&mut netlink, &inputs.file, &interfaces)?;
+        let uplink_addrs = node::uplink_addrs(&mut netlink, &interfaces)?;
         let layout = dataplane::layout_dir(&args.paths.pin_dir);
         let attachments =
             Attachments::new(&layout).with_context(|| format!("creating {}", layout.display()))?;
@@ -113,6 +119,7 @@ impl Agent {
             netlink,
             neighbours: Neighbours::default(),
             interfaces,
+            uplink_addrs,
             inputs,
             composed: None,
             _lock: lock,
@@ -156,7 +163,7 @@ impl Agent {
             return Ok(Some((Report::default(), last.problems.clone())));
         }
         let node = node::view(&mut self.netlink, &composed, &self.interfaces)?;
-        for problem in self.neighbours.sync(&mut self.netlink, &composed) {
+        for problem in self.neighbours.follow(&mut self.netlink, &composed) {
             warn!("{problem}");
         }
         let applied = self
@@ -234,9 +241,21 @@ impl Agent {
         self.health.last_error = Some(reason);
     }
 
-    /// Follows the node: interfaces that appeared or went, routes that changed which backends
-    /// are local. Cheap when nothing changed.
-    pub fn refresh(&mut self) {
+    /// Follows a neighbour notification at once: an entry the data path needs that went is made
+    /// again (a flush, carrier loss).
+    pub fn neighbours_changed(&mut self, changes: &[Change]) {
+        for change in changes {
+            for problem in self.neighbours.on_change(&mut self.netlink, change) {
+                // An interface that is down refuses; its coming up brings a full sync.
+                log::debug!("restoring a neighbour entry: {problem}");
+            }
+        }
+    }
+
+    /// Follows the node after links, addresses or routes changed (netlink told us): interfaces
+    /// that appeared or went, the uplinks' addresses, which backends are local, and the
+    /// backends' next hops.
+    pub fn node_changed(&mut self) {
         match Interfaces::scan(
             &mut self.netlink,
             &self.args.uplinks,
@@ -251,12 +270,12 @@ impl Agent {
             Ok(_) => {}
             Err(e) => warn!("scanning interfaces: {e}"),
         }
-        let composed = self.composed.as_ref().map(|c| &c.desired);
-        match node::view(
-            &mut self.netlink,
-            composed.unwrap_or(&self.desired),
-            &self.interfaces,
-        ) {
+        match node::uplink_addrs(&mut self.netlink, &self.interfaces) {
+            Ok(addrs) => self.uplink_addrs = addrs,
+            Err(e) => warn!("reading the uplinks' addresses: {e}"),
+        }
+        let composed = self.composed.as_ref().map_or(&self.desired, |c| &c.desired);
+        match node::view(&mut self.netlink, composed, &self.interfaces) {
             Ok(node) if node != self.node => {
                 // Compose again: a service left out may fit the node now.
                 self.composed = None;
@@ -265,7 +284,12 @@ impl Agent {
                     self.health.last_error = Some(e.to_string());
                 }
             }
-            Ok(_) => {}
+            Ok(_) => {
+                let composed = self.composed.as_ref().map_or(&self.desired, |c| &c.desired);
+                for problem in self.neighbours.follow(&mut self.netlink, composed) {
+                    warn!("{problem}");
+                }
+            }
             Err(e) => warn!("reading the node's addresses and routes: {e}"),
         }
         self.publish();
@@ -319,6 +343,7 @@ impl Agent {
                         origin: s.origin.to_string(),
                         mode: s.mode,
                         policy: s.policy.clone().or_else(|| default_policy.cloned()),
+                        draining: self.draining(&s.frontend),
                     },
                     id,
                     backends: backends
@@ -355,6 +380,25 @@ impl Agent {
             policies: self.reconciler.policy_names(),
             sizes: self.args.sizes.sizes(),
         }
+    }
+
+    /// The backends of `frontend` the cluster is draining, by name.
+    fn draining(&self, frontend: &model::Frontend) -> Vec<String> {
+        let Some(t) = &self.inputs.kube else {
+            return Vec::new();
+        };
+        t.draining
+            .iter()
+            .filter(|(f, _)| f == frontend)
+            .map(|(_, (addr, port))| {
+                Backend {
+                    addr: *addr,
+                    port: *port,
+                    weight: 0,
+                }
+                .maglev_key()
+            })
+            .collect()
     }
 
     fn inputs_label(&self) -> String {
@@ -413,9 +457,4 @@ fn hook(mode: &str) -> String {
         "tc" => "tc".to_string(),
         xdp => format!("xdp-{xdp}"),
     }
-}
-
-/// The node's addresses, for `Target::node_addrs` and friends.
-fn addrs_of(node: &NodeView) -> Vec<IpAddr> {
-    node.node_addrs.iter().copied().collect()
 }

@@ -91,7 +91,7 @@ impl Attachments {
     pub fn pinned_interfaces(&self) -> Vec<String> {
         std::fs::read_dir(&self.dir)
             .map(|rd| {
-                rd.filter_map(|e| e.ok())
+                rd.filter_map(std::result::Result::ok)
                     .filter_map(|e| e.file_name().into_string().ok())
                     .collect()
             })
@@ -197,7 +197,11 @@ impl Attachments {
         let taken_over = previous_link(&path)
             .and_then(|fd| XdpLink::try_from(fd).ok())
             .and_then(|link| prog.attach_to_link(link).ok());
-        let hints: String = obstacles.iter().map(|o| format!("; {o}")).collect();
+        let hints: String = obstacles.iter().fold(String::new(), |mut s, o| {
+            s.push_str("; ");
+            s.push_str(o);
+            s
+        });
         let (id, used, note) = match taken_over {
             Some(id) => (
                 id,

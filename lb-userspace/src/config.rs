@@ -440,7 +440,7 @@ fn limits(
                     // One second's worth unless said otherwise.
                     let b = b.unwrap_or(r);
                     lb_common::Limit::new(r, b).map_err(|e| {
-                        use lb_common::bucket::LimitError::*;
+                        use lb_common::bucket::LimitError::{BurstTooHigh, RateTooHigh, ZeroBurst};
                         match e {
                             ZeroBurst => (burst_field.clone(), "must be at least 1".to_string()),
                             RateTooHigh => (
@@ -524,7 +524,7 @@ impl Document<'_> {
 
     /// A parse or type error from toml, which knows its span; `field` from serde's path.
     fn toml_error(&self, e: &toml::de::Error, field: String) -> ConfigError {
-        let line = e.span().map(|s| self.line_at(s.start)).unwrap_or(1);
+        let line = e.span().map_or(1, |s| self.line_at(s.start));
         ConfigError::Invalid {
             file: self.file.to_path_buf(),
             line,

@@ -17,7 +17,16 @@ use aya::{
     },
     programs::{ProgramError, SchedClassifier, Xdp},
 };
-use lb_common::*;
+use lb_common::{
+    ALL_MAPS, Addr, AddrInfo, Affinity, AffinityKey, Backend, BackendStats, Config, Counter,
+    DEFAULT_AFFINITY_ENTRIES, DEFAULT_FLOW_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES,
+    DEFAULT_RING_SIZE, DEFAULT_SOURCE_ENTRIES, Flow, FlowKey, Iface, MAP_ADDRS, MAP_AFFINITY,
+    MAP_BACKENDS, MAP_BE_STATS, MAP_CONFIG, MAP_COUNTERS, MAP_DEVMAP, MAP_FILTER, MAP_FLOWS,
+    MAP_IFACES, MAP_LAYOUT_VERSION, MAP_POLICIES, MAP_PREFIXES, MAP_PROGS, MAP_RINGS, MAP_SERVICES,
+    MAP_SOURCES, MAP_SVC_POLICY, MAP_SVC_STATS, PROG_BACKEND, PROG_ICMP, PROG_NEW_FLOW,
+    PROG_UPLINK, Policy, PrefixKey, PrefixRule, SPARE_RINGS, Service, ServiceKey, ServiceStats,
+    Source, SourceKey, TAIL_ICMP, TAIL_NEW_FLOW,
+};
 
 use crate::{
     error::DataplaneError,
@@ -311,7 +320,7 @@ fn check_pinned(
         path: path.to_path_buf(),
         reason: e.to_string(),
     })?;
-    let pinned_kind = info.map_type().map(|t| t as u32).unwrap_or(u32::MAX);
+    let pinned_kind = info.map_type().map_or(u32::MAX, |t| t as u32);
     if (pinned_kind, info.key_size(), info.value_size()) != (kind, key, value) {
         return Err(DataplaneError::Pin {
             path: path.to_path_buf(),
@@ -367,8 +376,8 @@ pub struct Maps {
 /// The per-CPU counters: node-wide, per service and per backend.
 pub struct Stats {
     counters: PerCpuArray<MapData, u64>,
-    svc_stats: PerCpuArray<MapData, ServiceStats>,
-    be_stats: PerCpuArray<MapData, BackendStats>,
+    services: PerCpuArray<MapData, ServiceStats>,
+    backends: PerCpuArray<MapData, BackendStats>,
     cpus: usize,
 }
 
@@ -394,8 +403,8 @@ impl Stats {
     pub fn reopen(&self) -> Result<Stats> {
         Ok(Stats {
             counters: reopen(MAP_COUNTERS, &self.counters)?,
-            svc_stats: reopen(MAP_SVC_STATS, &self.svc_stats)?,
-            be_stats: reopen(MAP_BE_STATS, &self.be_stats)?,
+            services: reopen(MAP_SVC_STATS, &self.services)?,
+            backends: reopen(MAP_BE_STATS, &self.backends)?,
             cpus: self.cpus,
         })
     }
@@ -408,8 +417,7 @@ impl Stats {
                 let v = self
                     .counters
                     .get(&(*c as u32), 0)
-                    .map(|per_cpu| per_cpu.iter().sum())
-                    .unwrap_or(0);
+                    .map_or(0, |per_cpu| per_cpu.iter().sum());
                 (*c, v)
             })
             .collect()
@@ -417,7 +425,7 @@ impl Stats {
 
     pub fn service(&self, id: u32) -> ServiceStats {
         let mut total = ServiceStats::default();
-        if let Ok(per_cpu) = self.svc_stats.get(&id, 0) {
+        if let Ok(per_cpu) = self.services.get(&id, 0) {
             for s in per_cpu.iter() {
                 total.accumulate(s);
             }
@@ -427,7 +435,7 @@ impl Stats {
 
     pub fn backend(&self, id: u32) -> BackendStats {
         let mut total = BackendStats::default();
-        if let Ok(per_cpu) = self.be_stats.get(&id, 0) {
+        if let Ok(per_cpu) = self.backends.get(&id, 0) {
             for s in per_cpu.iter() {
                 total.accumulate(s);
             }
@@ -477,7 +485,7 @@ impl Maps {
         }
         let config: Array<MapData, Config> = typed!(MAP_CONFIG);
         let rings: Array<MapData, u32> = typed!(MAP_RINGS);
-        let ring_size = config.get(&0, 0).map(|c| c.ring_size).unwrap_or(0);
+        let ring_size = config.get(&0, 0).map_or(0, |c| c.ring_size);
         Ok(Maps {
             config,
             filter: typed!(MAP_FILTER),
@@ -490,8 +498,8 @@ impl Maps {
             ifaces: typed!(MAP_IFACES),
             stats: Stats {
                 counters: typed!(MAP_COUNTERS),
-                svc_stats: typed!(MAP_SVC_STATS),
-                be_stats: typed!(MAP_BE_STATS),
+                services: typed!(MAP_SVC_STATS),
+                backends: typed!(MAP_BE_STATS),
                 cpus: aya::util::nr_cpus()
                     .map_err(|(what, e)| map_err("(cpus)", format!("{what}: {e}")))?,
             },
@@ -513,7 +521,7 @@ impl Maps {
         let all: Vec<Service> = self
             .services
             .iter()
-            .filter_map(|r| r.ok())
+            .filter_map(std::result::Result::ok)
             .map(|(_, s)| s)
             .collect();
         for s in all {
@@ -588,9 +596,9 @@ impl Tables for Maps {
     }
     fn write_ring(&mut self, ring: u32, slots: &[u32]) -> Result<()> {
         let base = ring * self.ring_size;
-        for (i, slot) in slots.iter().enumerate() {
+        for (i, slot) in (base..).zip(slots) {
             self.rings
-                .set(base + i as u32, slot, 0)
+                .set(i, slot, 0)
                 .map_err(|e| map_err(MAP_RINGS, e))?;
         }
         Ok(())
@@ -598,14 +606,14 @@ impl Tables for Maps {
     fn clear_service_stats(&mut self, id: u32) -> Result<()> {
         let zeros = self.stats.zeros();
         self.stats
-            .svc_stats
+            .services
             .set(id, zeros, 0)
             .map_err(|e| map_err(MAP_SVC_STATS, e))
     }
     fn clear_backend_stats(&mut self, id: u32) -> Result<()> {
         let zeros = self.stats.zeros();
         self.stats
-            .be_stats
+            .backends
             .set(id, zeros, 0)
             .map_err(|e| map_err(MAP_BE_STATS, e))
     }
@@ -643,10 +651,10 @@ impl Tables for Maps {
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(|e| map_err(MAP_SERVICES, e))?;
         let mut backends = Vec::new();
-        for (id, b) in self.backends.iter().enumerate() {
+        for (id, b) in (0u32..).zip(self.backends.iter()) {
             let b = b.map_err(|e| map_err(MAP_BACKENDS, e))?;
             if b != Backend::default() {
-                backends.push((id as u32, b));
+                backends.push((id, b));
             }
         }
         let addrs = self
@@ -660,14 +668,14 @@ impl Tables for Maps {
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(|e| map_err(MAP_FILTER, e))?;
         let mut policies = Vec::new();
-        for (id, p) in self.policies.iter().enumerate() {
+        for (id, p) in (0u32..).zip(self.policies.iter()) {
             let p = p.map_err(|e| map_err(MAP_POLICIES, e))?;
             if p != Policy::default() {
-                policies.push((id as u32, p));
+                policies.push((id, p));
             }
         }
         let mut prefixes = Vec::new();
-        for kv in self.prefixes.iter() {
+        for kv in &self.prefixes {
             let (k, rule) = kv.map_err(|e| map_err(MAP_PREFIXES, e))?;
             prefixes.push((k.data(), k.prefix_len(), rule));
         }
@@ -744,7 +752,7 @@ impl Tables for Maps {
     fn policies(&self) -> Vec<Policy> {
         self.policies
             .iter()
-            .map(|p| p.unwrap_or_default())
+            .map(std::result::Result::unwrap_or_default)
             .collect()
     }
 }

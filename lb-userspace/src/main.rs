@@ -7,6 +7,7 @@ use clap::Parser;
 use lb_userspace::{
     agent, check, cleanup,
     cli::{Cli, Command},
+    flow,
     netlink::Netlink,
     node::{self, Interfaces},
     status,
@@ -34,7 +35,7 @@ fn main() -> ExitCode {
             destination,
             paths,
             json,
-        } => status::flow(&paths, protocol, source, destination).map(|a| {
+        } => flow::flow(&paths, protocol, source, destination).map(|a| {
             if json {
                 println!("{}", serde_json::to_string_pretty(&a).unwrap_or_default());
             } else {

@@ -6,7 +6,7 @@
 //! it, else the Prometheus text format 0.0.4 (what Prometheus asks for by default, and what
 //! `promtool check metrics` reads). Counters are read from the maps at scrape time, summed over
 //! CPUs, so there is nothing to keep in sync.
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, thread::JoinHandle};
+use std::{convert::Infallible, fmt::Write as _, net::SocketAddr, sync::Arc, thread::JoinHandle};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -499,9 +499,9 @@ fn openmetrics_to_text(om: &str) -> String {
                 other => (name.to_string(), other),
             };
             if let Some((_, text)) = help.take() {
-                out.push_str(&format!("# HELP {name} {text}\n"));
+                let _ = writeln!(out, "# HELP {name} {text}");
             }
-            out.push_str(&format!("# TYPE {name} {kind}\n"));
+            let _ = writeln!(out, "# TYPE {name} {kind}");
             continue;
         }
         if line.starts_with("# UNIT ") || line == "# EOF" {

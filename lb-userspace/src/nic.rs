@@ -3,7 +3,7 @@
 //! only with an MTU of at most 3498 and with at most half of its channels in use (XDP needs its
 //! own transmit queues); otherwise attaching falls back to generic XDP, which is correct but
 //! much slower. Saying so at start saves an operator the guessing.
-use std::{ffi::CString, os::fd::AsRawFd};
+use std::{ffi::CString, fmt::Write as _, os::fd::AsRawFd};
 
 /// ENA's largest MTU with an XDP program (a 4 KiB page minus headroom and skb overhead).
 pub const ENA_XDP_MAX_MTU: u32 = 3498;
@@ -41,7 +41,7 @@ impl Nic {
             self.mtu
         );
         if let Some((used, max)) = self.channels {
-            s += &format!(", {used} of {max} channels");
+            let _ = write!(s, ", {used} of {max} channels");
         }
         s
     }
@@ -162,11 +162,11 @@ impl Ethtool {
         }
         let mut req = IfReq {
             name: [0; libc::IFNAMSIZ],
-            data: (data as *mut T).cast(),
+            data: std::ptr::from_mut::<T>(data).cast(),
             _pad: [0; 16],
         };
         for (d, s) in req.name.iter_mut().zip(bytes) {
-            *d = *s as libc::c_char;
+            *d = libc::c_char::from_ne_bytes([*s]);
         }
         // SAFETY: `req` points at a live, correctly laid out ethtool structure.
         unsafe { libc::ioctl(self.0.as_raw_fd(), SIOCETHTOOL, &mut req) == 0 }

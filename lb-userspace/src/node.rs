@@ -1,10 +1,8 @@
 //! What the agent learns about this node from the kernel: its interfaces (uplinks, backend
-//! interfaces, VLAN devices on uplinks), its addresses, which backends are local, and the
-//! neighbour entries XDP needs: bpf_fib_lookup only finds a next hop's MAC if the kernel has
-//! resolved it, so the agent keeps one "managed" entry per backend next hop (the kernel then
-//! resolves and refreshes it on its own).
+//! interfaces, VLAN devices on uplinks), its addresses, and which backends are local. (The
+//! neighbour entries it keeps for backends' next hops are `neighbours`'.)
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeSet,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
@@ -166,65 +164,12 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
     go(pattern.as_bytes(), name.as_bytes())
 }
 
-fn backend_addrs(desired: &Desired) -> BTreeSet<IpAddr> {
+pub(crate) fn backend_addrs(desired: &Desired) -> BTreeSet<IpAddr> {
     desired
         .services
         .values()
         .flat_map(|s| s.backends.iter().map(|b| b.addr))
         .collect()
-}
-
-/// The managed neighbour entries this agent made, so it can remove the ones no longer needed.
-#[derive(Default)]
-pub struct Neighbours {
-    managed: BTreeSet<(u32, IpAddr)>,
-}
-
-impl Neighbours {
-    /// Gives up the entries made so far (for removal at shutdown).
-    pub fn drain(&mut self) -> Vec<(u32, IpAddr)> {
-        std::mem::take(&mut self.managed).into_iter().collect()
-    }
-
-    /// Makes sure every backend's next hop has a managed entry. Returns problems (a backend
-    /// without a route) for the log; they do not stop anything else.
-    pub fn sync(&mut self, nl: &mut Netlink, desired: &Desired) -> Vec<String> {
-        let mut problems = Vec::new();
-        let mut wanted: BTreeMap<(u32, IpAddr), ()> = BTreeMap::new();
-        for addr in backend_addrs(desired) {
-            match nl.route_get(addr) {
-                Ok(Some(r)) if r.kind == RouteKind::Unicast => {
-                    wanted.insert((r.oif, r.gateway.unwrap_or(addr)), ());
-                }
-                Ok(Some(_)) => {} // Local (host network): no neighbour needed.
-                Ok(None) => problems.push(format!("backend {addr}: no route")),
-                Err(e) => problems.push(format!("backend {addr}: {e}")),
-            }
-        }
-        for key in wanted.keys() {
-            if !self.managed.contains(key) {
-                match nl.ensure_managed_neighbour(key.0, key.1) {
-                    Ok(()) => {
-                        self.managed.insert(*key);
-                    }
-                    Err(e) => {
-                        problems.push(format!("neighbour {} on ifindex {}: {e}", key.1, key.0))
-                    }
-                }
-            }
-        }
-        let stale: Vec<(u32, IpAddr)> = self
-            .managed
-            .iter()
-            .filter(|k| !wanted.contains_key(k))
-            .copied()
-            .collect();
-        for key in stale {
-            let _ = nl.remove_neighbour(key.0, key.1);
-            self.managed.remove(&key);
-        }
-        problems
-    }
 }
 
 #[cfg(test)]

@@ -179,12 +179,14 @@ pub struct BackendIds {
     pub weight: u32,
 }
 
+/// A service's listed backends as the maps hold them: (address, port) -> (backend id, weight).
+type AppliedBackends = BTreeMap<(IpAddr, u16), (u32, u32)>;
+
 /// A service as the maps hold it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct AppliedService {
     value: lb_common::Service,
-    /// (address, port) -> (backend id, weight).
-    backends: BTreeMap<(IpAddr, u16), (u32, u32)>,
+    backends: AppliedBackends,
 }
 
 /// A rate-limit policy slot: a named policy, or one of its overrides.
@@ -427,7 +429,7 @@ impl Reconciler {
 
     fn config_for(&self, desired: &Desired, node: &NodeView) -> Config {
         let n = &desired.node;
-        let ns = |d: std::time::Duration| d.as_nanos().min(u128::from(u64::MAX)) as u64;
+        let ns = |d: std::time::Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         Config {
             hash_seed: n.hash_seed,
             ring_size: self.sizes.ring_size,
@@ -590,70 +592,16 @@ impl Reconciler {
         t: &mut Counting<'_>,
         report: &mut Report,
     ) -> Result<(), ApplyError> {
-        let cfg = self.config.unwrap_or_default();
+        let is_new = !self.services.contains_key(&key);
         let mut applied = match self.services.get(&key) {
             Some(a) => a.clone(),
-            None => {
-                let id = self.service_ids.take().ok_or(ApplyError::Capacity {
-                    what: "services",
-                    max: self.sizes.max_services,
-                    flag: "--max-services",
-                })?;
-                t.clear_service_stats(id)?;
-                AppliedService {
-                    value: lb_common::Service {
-                        id,
-                        ring: u32::MAX,
-                        ..Default::default()
-                    },
-                    backends: BTreeMap::new(),
-                }
-            }
+            None => self.claim_service(t)?,
         };
         let id = applied.value.id;
-
-        // Backends: keep ids of those that stay, allocate for new ones.
-        let mut backends = BTreeMap::new();
-        for b in &service.backends {
-            let (bid, old_weight) = match applied.backends.get(&(b.addr, b.port)) {
-                Some(&(bid, w)) => (bid, Some(w)),
-                None => {
-                    let bid = self.backend_ids.take().ok_or(ApplyError::Capacity {
-                        what: "backends",
-                        max: self.sizes.max_backends,
-                        flag: "--max-backends",
-                    })?;
-                    t.clear_backend_stats(bid)?;
-                    (bid, None)
-                }
-            };
-            if old_weight != Some(b.weight) {
-                t.set_backend(bid, &backend_entry(b.addr, b.port, id, b.weight))?;
-            }
-            backends.insert((b.addr, b.port), (bid, b.weight));
-        }
-
-        // The ring, into a spare, only if its contents change.
-        let entries: Vec<(String, u32, u32)> = service
-            .backends
-            .iter()
-            .map(|b| (b.maglev_key(), b.weight, backends[&(b.addr, b.port)].0))
-            .collect();
-        let table = ring_table(&entries, cfg.ring_size, cfg.hash_seed)?;
-        let digest = ring_digest(&table, cfg.ring_size, cfg.hash_seed);
+        let backends = self.apply_backends(id, service, &applied.backends, t)?;
         let mut value = applied.value;
         let old_ring = value.ring;
-        if old_ring == u32::MAX || value.ring_digest != digest {
-            let ring = self.rings.take().ok_or(ApplyError::Capacity {
-                what: "rings",
-                max: self.sizes.rings(),
-                flag: "--max-services",
-            })?;
-            t.write_ring(ring, &table)?;
-            report.rings_written += 1;
-            value.ring = ring;
-            value.ring_digest = digest;
-        }
+        self.apply_ring(service, &backends, &mut value, t, report)?;
         value.flags = match service.mode {
             Mode::Snat => SVC_SNAT,
             Mode::PreserveClientIp => 0,
@@ -665,11 +613,12 @@ impl Reconciler {
         value.policy = policy;
         value.affinity_timeout_s = service
             .affinity
-            .map(|d| d.as_secs().min(u64::from(u32::MAX)) as u32)
-            .unwrap_or(0);
-        value.active_backends = service.backends.iter().filter(|b| b.weight > 0).count() as u32;
+            .map_or(0, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX));
+        // At most max_backends, a u32.
+        value.active_backends =
+            u32::try_from(service.backends.iter().filter(|b| b.weight > 0).count())
+                .unwrap_or(u32::MAX);
 
-        let is_new = !self.services.contains_key(&key);
         if is_new || value != applied.value {
             // The switch: from here new flows use the new ring and settings.
             t.set_service(&key, &value)?;
@@ -696,6 +645,87 @@ impl Reconciler {
         applied.value = value;
         applied.backends = backends;
         self.services.insert(key, applied);
+        Ok(())
+    }
+
+    /// A service id for a new service, its counters zeroed; no ring yet.
+    fn claim_service(&mut self, t: &mut Counting<'_>) -> Result<AppliedService, ApplyError> {
+        let id = self.service_ids.take().ok_or(ApplyError::Capacity {
+            what: "services",
+            max: self.sizes.max_services,
+            flag: "--max-services",
+        })?;
+        t.clear_service_stats(id)?;
+        Ok(AppliedService {
+            value: lb_common::Service {
+                id,
+                ring: u32::MAX,
+                ..Default::default()
+            },
+            backends: BTreeMap::new(),
+        })
+    }
+
+    /// Writes the backend entries of service `id` that are new or changed weight: backends that
+    /// stay keep their ids, new ones get fresh ids (counters zeroed). Returns (address, port) ->
+    /// (backend id, weight) of every backend listed now.
+    fn apply_backends(
+        &mut self,
+        id: u32,
+        service: &Service,
+        applied: &AppliedBackends,
+        t: &mut Counting<'_>,
+    ) -> Result<AppliedBackends, ApplyError> {
+        let mut backends = BTreeMap::new();
+        for b in &service.backends {
+            let (bid, old_weight) = if let Some(&(bid, w)) = applied.get(&(b.addr, b.port)) {
+                (bid, Some(w))
+            } else {
+                let bid = self.backend_ids.take().ok_or(ApplyError::Capacity {
+                    what: "backends",
+                    max: self.sizes.max_backends,
+                    flag: "--max-backends",
+                })?;
+                t.clear_backend_stats(bid)?;
+                (bid, None)
+            };
+            if old_weight != Some(b.weight) {
+                t.set_backend(bid, &backend_entry(b.addr, b.port, id, b.weight))?;
+            }
+            backends.insert((b.addr, b.port), (bid, b.weight));
+        }
+        Ok(backends)
+    }
+
+    /// Builds the service's ring and, only if its contents change, writes it into a spare ring
+    /// and points `value` at it (the caller switches the service entry, then frees the old ring).
+    fn apply_ring(
+        &mut self,
+        service: &Service,
+        backends: &AppliedBackends,
+        value: &mut lb_common::Service,
+        t: &mut Counting<'_>,
+        report: &mut Report,
+    ) -> Result<(), ApplyError> {
+        let cfg = self.config.unwrap_or_default();
+        let entries: Vec<(String, u32, u32)> = service
+            .backends
+            .iter()
+            .map(|b| (b.maglev_key(), b.weight, backends[&(b.addr, b.port)].0))
+            .collect();
+        let table = ring_table(&entries, cfg.ring_size, cfg.hash_seed)?;
+        let digest = ring_digest(&table, cfg.ring_size, cfg.hash_seed);
+        if value.ring == u32::MAX || value.ring_digest != digest {
+            let ring = self.rings.take().ok_or(ApplyError::Capacity {
+                what: "rings",
+                max: self.sizes.rings(),
+                flag: "--max-services",
+            })?;
+            t.write_ring(ring, &table)?;
+            report.rings_written += 1;
+            value.ring = ring;
+            value.ring_digest = digest;
+        }
         Ok(())
     }
 
@@ -765,9 +795,9 @@ impl Reconciler {
                 t.set_addr(a, info)?;
             }
         }
-        for (i, (new, old)) in filter.iter().zip(self.filter.iter()).enumerate() {
+        for (i, (new, old)) in (0u32..).zip(filter.iter().zip(self.filter.iter())) {
             if new != old {
-                t.set_filter_word(i as u32, *new)?;
+                t.set_filter_word(i, *new)?;
             }
         }
         let stale: Vec<Addr> = self
@@ -1251,6 +1281,10 @@ mod tests {
     }
 
     #[test]
+    #[expect(
+        clippy::many_single_char_names,
+        reason = "t, r, p, s, d: the tables, reconciler, policy, service and state of every test here"
+    )]
     fn policies_get_ids_prefixes_and_an_overflow_bucket() {
         let mut t = MemoryTables::default();
         let mut r = Reconciler::new(sizes());

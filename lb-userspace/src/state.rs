@@ -37,6 +37,10 @@ pub struct ServiceLabel {
     pub origin: String,
     pub mode: Mode,
     pub policy: Option<String>,
+    /// Backends ("addr:port") at weight 0 until their deregistration delay runs out, as opposed
+    /// to weight 0 by configuration ("maintenance").
+    #[serde(default)]
+    pub draining: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

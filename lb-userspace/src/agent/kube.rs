@@ -2,14 +2,13 @@
 //! with the config file's part, and ends the flows whose deregistration delay ran out.
 use std::{collections::BTreeSet, net::IpAddr};
 
-use log::{info, warn};
+use log::info;
 
-use super::{Agent, addrs_of, describe};
+use super::{Agent, describe};
 use crate::{
     health::KubeHealth,
     k8s::{EndFlows, Problem, Translation, input::Target},
     model::Backend,
-    node,
     reconcile::ApplyError,
     sweep::end_flows,
 };
@@ -20,10 +19,7 @@ impl Target for Agent {
     }
 
     fn node_addrs(&mut self) -> Vec<IpAddr> {
-        node::uplink_addrs(&mut self.netlink, &self.interfaces).unwrap_or_else(|e| {
-            warn!("reading the uplinks' addresses: {e}");
-            addrs_of(&self.node)
-        })
+        self.uplink_addrs.clone()
     }
 
     fn apply_kubernetes(&mut self, translation: Translation) -> Result<Vec<Problem>, ApplyError> {

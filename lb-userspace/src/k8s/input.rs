@@ -105,7 +105,7 @@ impl KubeInput {
         h.synced = status.synced();
         h.watch_errors = status.errors;
         h.watch_events = status.events;
-        h.watch_error = status.last_error.clone();
+        h.watch_error.clone_from(&status.last_error);
         if !status.synced() {
             return;
         }
