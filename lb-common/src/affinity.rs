@@ -9,7 +9,7 @@ use crate::{Affinity, BACKEND_ACTIVE, Backend, Service};
 pub fn sticks(entry: &Affinity, backend: &Backend, svc: &Service, now_ns: u64) -> bool {
     let timeout_ns = u64::from(svc.affinity_timeout_s) * 1_000_000_000;
     // Signed: `now` may be a clock tick before the entry's stamp.
-    (now_ns.wrapping_sub(entry.last_seen_ns) as i64) <= timeout_ns as i64
+    now_ns.wrapping_sub(entry.last_seen_ns).cast_signed() <= timeout_ns.cast_signed()
         && backend.service == svc.id
         && backend.flags & BACKEND_ACTIVE != 0
 }

@@ -56,7 +56,8 @@ pub struct Attached {
     pub iface: String,
     pub ifindex: u32,
     pub program: &'static str,
-    /// "native", "generic", or "as before" (a previous agent's link, reused).
+    /// Where the program runs: for XDP its mode ("native", "generic", "offload", or "as before"
+    /// when a previous agent's link was taken over and the kernel did not say), else "tc".
     pub mode: &'static str,
     /// Why the mode is what it is (e.g. native failed, and how).
     pub note: Option<String>,
@@ -215,32 +216,7 @@ impl Attachments {
                     }
                 )),
             ),
-            None => match mode {
-                ModeChoice::Native => (
-                    prog.attach(iface, XdpMode::Driver)
-                        .map_err(|e| err("native", format!("{e}{hints}")))?,
-                    "native",
-                    None,
-                ),
-                ModeChoice::Generic => (
-                    prog.attach(iface, XdpMode::Skb)
-                        .map_err(|e| err("generic", e.to_string()))?,
-                    "generic",
-                    None,
-                ),
-                ModeChoice::Auto => match prog.attach(iface, XdpMode::Driver) {
-                    Ok(id) => (id, "native", None),
-                    Err(native) => {
-                        let id = prog.attach(iface, XdpMode::Skb).map_err(|e| {
-                            err("generic", format!("{e} (native failed too: {native})"))
-                        })?;
-                        let why = format!(
-                            "native XDP failed ({native}{hints}); using generic XDP, which runs after the kernel has built an skb: correct, but much slower"
-                        );
-                        (id, "generic", Some(why))
-                    }
-                },
-            },
+            None => attach_xdp(prog, iface, mode, &hints).map_err(|(m, why)| err(m, why))?,
         };
         let link = prog.take_link(id).map_err(|e| err(used, e.to_string()))?;
         let fd = FdLink::try_from(link).map_err(|e| AttachError::Pin {
@@ -295,6 +271,38 @@ impl Attachments {
     pub fn keep_all(self) {
         // Dropping a pinned link's handle does not detach it.
         drop(self.by_iface);
+    }
+}
+
+/// Attaches `prog` to `iface` anew in `mode`: (link, the XDP mode used, why that one when it is
+/// not the one asked for). `Err`: (the mode that failed, why, with `hints` about the device).
+fn attach_xdp(
+    prog: &mut aya::programs::Xdp,
+    iface: &str,
+    mode: ModeChoice,
+    hints: &str,
+) -> Result<(aya::programs::xdp::XdpLinkId, &'static str, Option<String>), (&'static str, String)> {
+    match mode {
+        ModeChoice::Native => prog
+            .attach(iface, XdpMode::Driver)
+            .map(|id| (id, "native", None))
+            .map_err(|e| ("native", format!("{e}{hints}"))),
+        ModeChoice::Generic => prog
+            .attach(iface, XdpMode::Skb)
+            .map(|id| (id, "generic", None))
+            .map_err(|e| ("generic", e.to_string())),
+        ModeChoice::Auto => match prog.attach(iface, XdpMode::Driver) {
+            Ok(id) => Ok((id, "native", None)),
+            Err(native) => {
+                let id = prog
+                    .attach(iface, XdpMode::Skb)
+                    .map_err(|e| ("generic", format!("{e} (native failed too: {native})")))?;
+                let why = format!(
+                    "native XDP failed ({native}{hints}); using generic XDP, which runs after the kernel has built an skb: correct, but much slower"
+                );
+                Ok((id, "generic", Some(why)))
+            }
+        },
     }
 }
 

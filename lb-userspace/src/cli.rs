@@ -21,8 +21,9 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Load and attach the data path and keep its maps equal to the config file (reloaded when
-    /// the file changes and on SIGHUP).
+    /// Load and attach the data path and keep its maps equal to the desired state: the config
+    /// file (reloaded when it changes and on SIGHUP) and, with --kubernetes, the cluster's
+    /// Services that opt in.
     Run(RunArgs),
     /// Services, backends, weights, state and counters, read from the running agent's maps.
     Status {

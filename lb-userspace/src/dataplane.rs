@@ -1,8 +1,7 @@
 //! The data path as the agent holds it: the embedded objects, loading them with the configured
-//! map sizes and pinned maps, the typed maps (`Maps`, which implements [`Tables`]), and
-//! attaching the programs to interfaces with pinned links so an agent restart or upgrade
-//! replaces the program without a gap. The agent and the kernel tests go through this one
-//! loader, so the tests exercise exactly what the agent runs.
+//! map sizes and pinned maps (and the tail-call table's pin), and the typed maps (`Maps`, which
+//! implements [`Tables`]; `Stats`, the counters). Attaching is `attach`'s. The agent and the
+//! kernel tests go through this one loader, so the tests exercise exactly what the agent runs.
 use std::{
     collections::{BTreeMap, BTreeSet},
     os::fd::AsFd,
