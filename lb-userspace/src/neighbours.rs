@@ -43,6 +43,10 @@ impl Kernel for Netlink {
 /// A next hop: (ifindex, address).
 type Hop = (u32, IpAddr);
 
+/// NUD_VALID (linux/neighbour.h): the states `bpf_fib_lookup` takes a MAC from (REACHABLE,
+/// STALE, DELAY, PROBE, NOARP, PERMANENT).
+pub const NUD_VALID: u16 = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80;
+
 #[derive(Default)]
 pub struct Neighbours {
     /// The backends' next hops, as last looked up.
@@ -76,7 +80,9 @@ impl Neighbours {
 
     /// Makes the kernel's table hold an entry for every wanted next hop, from a dump of it: a
     /// missing one is made (managed), a managed one is (or becomes) ours, anyone else's is left
-    /// as it is. Ours that are no longer wanted are removed.
+    /// as it is. One of ours that is not resolved is made again, which has the kernel ask at
+    /// once rather than at its next retransmission (up to a second later: after a carrier
+    /// came back, say). Ours that are no longer wanted are removed.
     pub fn sync(&mut self, k: &mut dyn Kernel) -> Vec<String> {
         let present = match k.neighbours() {
             Ok(all) => all,
@@ -85,6 +91,12 @@ impl Neighbours {
         let mut problems = Vec::new();
         for hop in self.wanted.clone() {
             match present.iter().find(|n| (n.ifindex, n.addr) == hop) {
+                Some(n) if n.managed && n.state & NUD_VALID == 0 => {
+                    if let Err(e) = k.remove_managed(hop.0, hop.1) {
+                        problems.push(format!("neighbour {} on ifindex {}: {e}", hop.1, hop.0));
+                    }
+                    problems.extend(self.add(k, hop));
+                }
                 Some(n) if n.managed => {
                     self.ours.insert(hop);
                 }
@@ -150,8 +162,10 @@ mod tests {
     use super::*;
     use crate::model::{Backend, Frontend, Mode, Protocol, Service};
 
-    /// NUD_PERMANENT.
+    /// NUD_PERMANENT, NUD_REACHABLE, NUD_FAILED.
     const PERMANENT: u16 = 0x80;
+    const REACHABLE: u16 = 0x02;
+    const FAILED: u16 = 0x20;
 
     /// Routes and a neighbour table.
     #[derive(Default)]
@@ -176,11 +190,12 @@ mod tests {
             {
                 return Ok(false);
             }
+            // Resolved at once, as on a link where the neighbour answers.
             self.table.push(Neighbour {
                 ifindex,
                 addr,
                 managed: true,
-                state: 0,
+                state: REACHABLE,
             });
             self.added.push((ifindex, addr));
             Ok(true)
@@ -323,11 +338,26 @@ mod tests {
             ifindex: 2,
             addr: ip("10.0.0.7"),
             managed: true,
-            state: 0,
+            state: REACHABLE,
         });
         let mut n = Neighbours::default();
         n.follow(&mut k, &desired);
         assert_eq!(k.added, [(2, ip("10.0.0.254"))]);
         assert_eq!(n.drain().len(), 2, "both are ours to remove at shutdown");
+    }
+
+    #[test]
+    fn an_unresolved_entry_of_ours_is_made_again_so_the_kernel_asks_at_once() {
+        let (mut k, desired) = setup();
+        let mut n = Neighbours::default();
+        n.follow(&mut k, &desired);
+        // The carrier was gone: the kernel's probes failed.
+        for e in &mut k.table {
+            e.state = FAILED;
+        }
+        k.added.clear();
+        n.follow(&mut k, &desired);
+        assert_eq!(k.added.len(), 2, "both asked again");
+        assert!(k.table.iter().all(|e| e.state == REACHABLE));
     }
 }

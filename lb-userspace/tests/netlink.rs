@@ -15,7 +15,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_userspace::netlink::{Change, IfAddr, Monitor, Netlink, Route, RouteKind};
+use lb_userspace::{
+    model::{Backend, Desired, Frontend, Mode, Protocol, Service},
+    neighbours::Neighbours,
+    netlink::{Change, IfAddr, Monitor, Netlink, Route, RouteKind},
+};
 use serde_json::Value;
 
 /// Managed entries on a veth resolve in milliseconds; this is the patience for a slow CI box.
@@ -613,5 +617,122 @@ fn kernel_errors_name_the_operation_and_errno() {
         );
         // The socket is still usable after an error: the next request gets its own answer.
         assert!(!nl.links().unwrap().is_empty());
+    });
+}
+
+/// The agent's way of keeping next hops' entries (`agent::run`): neighbour notifications at
+/// once, other changes after they settle (100 ms). Runs until `done` or `within`; returns how
+/// long it took.
+fn keep_neighbours(
+    nl: &mut Netlink,
+    monitor: &mut Monitor,
+    neighbours: &mut Neighbours,
+    desired: &Desired,
+    within: Duration,
+    done: impl Fn() -> bool,
+) -> Option<Duration> {
+    let start = Instant::now();
+    let mut node_due: Option<Instant> = None;
+    while start.elapsed() < within {
+        let changes = monitor.read();
+        for c in &changes {
+            neighbours.on_change(nl, c);
+        }
+        if changes
+            .iter()
+            .any(|c| !matches!(c, Change::NeighbourGone { .. } | Change::Neighbour(_)))
+        {
+            node_due.get_or_insert_with(|| Instant::now() + Duration::from_millis(100));
+        }
+        if node_due.is_some_and(|d| Instant::now() >= d) {
+            node_due = None;
+            neighbours.follow(nl, desired);
+        }
+        if done() {
+            return Some(start.elapsed());
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    None
+}
+
+#[test]
+fn a_next_hops_entry_comes_back_within_a_second_after_any_loss() {
+    in_netns(|| {
+        let (peer, _) = neighbour_topology();
+        // A backend behind the peer, as a pod on another node is.
+        ip(&["route", "add", "10.99.0.0/24", "via", "192.168.77.2"]);
+        let frontend = Frontend {
+            vip: addr("10.96.0.1"),
+            port: 80,
+            protocol: Protocol::Tcp,
+        };
+        let desired = Desired {
+            services: [(
+                frontend,
+                Service {
+                    name: "web".into(),
+                    origin: "test".into(),
+                    frontend,
+                    mode: Mode::Snat,
+                    backends: vec![Backend {
+                        addr: addr("10.99.0.5"),
+                        port: 8080,
+                        weight: 1,
+                    }],
+                    policy: None,
+                    affinity: None,
+                },
+            )]
+            .into(),
+            ..Desired::default()
+        };
+        let mut nl = Netlink::open().unwrap();
+        let mut monitor = Monitor::open().unwrap();
+        let mut neighbours = Neighbours::default();
+        assert!(neighbours.follow(&mut nl, &desired).is_empty());
+        let a0 = ifindex("a0");
+        let gateway = addr("192.168.77.2");
+        // Managed, and resolved: what bpf_fib_lookup needs (NUD_VALID).
+        let managed = || {
+            Netlink::open()
+                .unwrap()
+                .neighbours()
+                .unwrap()
+                .iter()
+                .any(|n| (n.ifindex, n.addr) == (a0, gateway) && n.managed && n.state & 0xde != 0)
+        };
+        let mut keep = |within: Duration| {
+            keep_neighbours(
+                &mut nl,
+                &mut monitor,
+                &mut neighbours,
+                &desired,
+                within,
+                managed,
+            )
+        };
+        let second = Duration::from_secs(1);
+        keep(RESOLVE_WITHIN).expect("made and resolved");
+
+        ip(&["neigh", "flush", "dev", "a0"]);
+        let took = keep(second).expect("back within 1 s of a flush");
+        println!("after a flush: {took:?}");
+
+        // Carrier loss: the peer's end goes down, and comes back.
+        peer.run("ip", &["link", "set", "b0", "down"]);
+        keep(Duration::from_millis(300));
+        peer.run("ip", &["link", "set", "b0", "up"]);
+        let took = keep(second).expect("back within 1 s of the carrier");
+        println!("after a carrier flap: {took:?}");
+
+        // The interface down and up: its routes go with it, and come back as a node's network
+        // manager puts them back.
+        ip(&["link", "set", "a0", "down"]);
+        keep(Duration::from_millis(300));
+        ip(&["link", "set", "a0", "up"]);
+        ip(&["route", "replace", "10.99.0.0/24", "via", "192.168.77.2"]);
+        let took = keep(second).expect("back within 1 s of the interface and its route");
+        println!("after the interface went down and up: {took:?}");
     });
 }
