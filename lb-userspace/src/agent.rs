@@ -33,6 +33,7 @@ use crate::{
     state::{InterfaceLabel, ServiceLabel},
     sweep::sweep,
     system::{self, monotonic_ns},
+    tables::Tables,
     view::{AgentView, BackendView, Publisher, ServiceView, Views},
 };
 
@@ -98,8 +99,13 @@ impl Agent {
             warn!("{note}");
         }
         let mut maps = Maps::take(&mut loaded.ebpf)?;
-        maps.mirror_service_policies()?;
-        let reconciler = Reconciler::resume(sizes, &crate::tables::Tables::snapshot(&maps)?);
+        let found = maps.snapshot()?;
+        // Each service entry written again: its write also fills LB_SVC_POLICY, which maps
+        // pinned by an agent that predates that map lack.
+        for (key, service) in &found.services {
+            maps.set_service(key, service)?;
+        }
+        let reconciler = Reconciler::resume(sizes, &found);
         let mut netlink = Netlink::open()?;
         let interfaces = Interfaces::scan(&mut netlink, &args.uplinks, &args.backend_interfaces)?;
         let node = node::view(&mut netlink, &inputs.file, &interfaces)?;

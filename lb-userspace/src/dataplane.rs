@@ -515,22 +515,6 @@ impl Maps {
         self.stats.cpus
     }
 
-    /// Rewrites `svc_policy` from `services` (for maps pinned by an agent that predates it).
-    pub fn mirror_service_policies(&mut self) -> Result<()> {
-        let all: Vec<Service> = self
-            .services
-            .iter()
-            .filter_map(std::result::Result::ok)
-            .map(|(_, s)| s)
-            .collect();
-        for s in all {
-            self.svc_policy
-                .set(s.id, s.policy, 0)
-                .map_err(|e| map_err(MAP_SVC_POLICY, e))?;
-        }
-        Ok(())
-    }
-
     /// The node config as the data path sees it.
     pub fn read_config(&self) -> Option<Config> {
         self.config.get(&0, 0).ok().filter(|c| c.ring_size != 0)

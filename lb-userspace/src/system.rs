@@ -146,9 +146,9 @@ impl std::fmt::Display for PrivateSys {
     }
 }
 
-/// Detects a private `/sys` ([`PrivateSys`]): our mount namespace differs from init's, and either
-/// `/sys` is mounted from a named network namespace (`ip netns exec` names the sysfs mount after
-/// it) or init sees a bpffs at /sys/fs/bpf where we do not.
+/// Detects a private `/sys` ([`PrivateSys`]): `/sys` is mounted from a named network namespace
+/// (`ip netns exec` names the sysfs mount after it), or our mount namespace differs from init's
+/// and init sees a bpffs at /sys/fs/bpf where we do not.
 pub fn private_sys() -> Option<PrivateSys> {
     private_sys_from(
         &std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default(),
@@ -166,9 +166,6 @@ fn private_sys_from(
     init_has_bpffs_we_lack: impl FnOnce() -> bool,
     named_netns: impl Fn(&str) -> bool,
 ) -> Option<PrivateSys> {
-    if same_mount_ns != Some(false) {
-        return None;
-    }
     // mountinfo: id parent major:minor root mount-point options... - fstype source options
     let sys_source = mountinfo.lines().rev().find_map(|line| {
         let mut fields = line.split(' ');
@@ -187,7 +184,7 @@ fn private_sys_from(
             netns: Some(source),
         });
     }
-    init_has_bpffs_we_lack().then_some(PrivateSys { netns: None })
+    (same_mount_ns == Some(false) && init_has_bpffs_we_lack()).then_some(PrivateSys { netns: None })
 }
 
 /// Whether two paths are the same file (namespace links compare by device and inode); None if
@@ -263,16 +260,19 @@ mod tests {
     }
 
     #[test]
-    fn the_system_mount_namespace_is_never_private() {
+    fn without_a_named_sysfs_only_a_missing_bpffs_in_another_mount_namespace_tells() {
         assert_eq!(
-            private_sys_from(NETNS_EXEC_SYS, Some(true), || true, |_| true),
-            None
-        );
-        assert_eq!(
-            private_sys_from(NETNS_EXEC_SYS, None, || true, |_| true),
+            private_sys_from(HOST_SYS, Some(true), || true, |_| true),
             None,
-            "cannot tell: no claim"
+            "init's own mount namespace"
         );
+        assert_eq!(
+            private_sys_from(HOST_SYS, None, || true, |_| true),
+            None,
+            "cannot see init's: no claim"
+        );
+        // /proc/1 hidden (a sandbox, a container without hostPID): the sysfs name still tells.
+        assert!(private_sys_from(NETNS_EXEC_SYS, None, || false, |n| n == "lab-node1").is_some());
     }
 
     #[test]
