@@ -932,13 +932,13 @@ fn neighbour_addr(message: &NeighbourMessage) -> Option<IpAddr> {
 /// NTF_EXT_MANAGED travels in NDA_FLAGS_EXT, which netlink-packet-route leaves untyped.
 fn is_managed(message: &NeighbourMessage) -> bool {
     message.attributes.iter().any(|a| match a {
-        NeighbourAttribute::Other(nla) if nla.kind() & NLA_TYPE_MASK == NDA_FLAGS_EXT => {
-            let mut value = vec![0u8; nla.value_len()];
+        // A u32: read on the stack (this runs for every entry of every dump and notification).
+        NeighbourAttribute::Other(nla)
+            if nla.kind() & NLA_TYPE_MASK == NDA_FLAGS_EXT && nla.value_len() == 4 =>
+        {
+            let mut value = [0u8; 4];
             nla.emit_value(&mut value);
-            value
-                .get(..4)
-                .and_then(|v| <[u8; 4]>::try_from(v).ok())
-                .is_some_and(|v| u32::from_ne_bytes(v) & NTF_EXT_MANAGED != 0)
+            u32::from_ne_bytes(value) & NTF_EXT_MANAGED != 0
         }
         _ => false,
     })
