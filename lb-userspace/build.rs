@@ -10,11 +10,15 @@ fn main() {
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR"));
     let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
     let root = manifest.parent().expect("workspace root").to_path_buf();
+    // The workspace manifest and lock file pin the data path's dependencies (aya-ebpf, ...):
+    // a bump there must rebuild the object too.
     for dir in [
         "lb-ebpf/src",
         "lb-ebpf/Cargo.toml",
         "lb-common/src",
         "lb-common/Cargo.toml",
+        "Cargo.toml",
+        "Cargo.lock",
     ] {
         println!("cargo:rerun-if-changed={}", root.join(dir).display());
     }

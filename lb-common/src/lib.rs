@@ -4,9 +4,12 @@
 #![no_std]
 
 pub mod addr;
+pub mod affinity;
 pub mod bucket;
 pub mod checksum;
+pub mod filter;
 pub mod hash;
+pub mod logging;
 pub mod maps;
 pub mod net;
 pub mod stats;

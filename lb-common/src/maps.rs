@@ -221,24 +221,11 @@ pub const fn flow_ticks(ns: u64) -> u32 {
 }
 
 // ---------------------------------------------------------------------------------------------
-// LB_FILTER: bitmap of addresses the data path cares about, in two planes. A clear bit means
-// "not ours": the packet goes to the kernel after one array read instead of a hash lookup.
+// LB_FILTER: bitmap of addresses the data path cares about, in two planes (see `filter`).
 // ---------------------------------------------------------------------------------------------
-/// Plane of destinations the data path serves: VIPs and node snat addresses.
-pub const FILTER_SERVED: u32 = 0;
-/// Plane of local backends of client-IP-preserving services (sources `lb_backend` translates).
-pub const FILTER_LOCAL: u32 = 1;
-
 #[inline(always)]
 pub fn filter_bit(addr: &Addr) -> u32 {
     crate::hash::addr_hash(addr) % FILTER_BITS
-}
-
-/// The word of LB_FILTER that holds `addr`'s bit in `plane`, and the bit's mask.
-#[inline(always)]
-pub fn filter_slot(plane: u32, addr: &Addr) -> (u32, u64) {
-    let bit = filter_bit(addr);
-    (plane * FILTER_WORDS + bit / 64, 1u64 << (bit % 64))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -435,7 +422,7 @@ impl FlowAddr for Addr {
 }
 
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey<A> {
     pub src: A,
     pub dst: A,

@@ -5,7 +5,7 @@ use core::intrinsics::{AtomicOrdering::SeqCst, atomic_xadd};
 
 use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use lb_common::{
-    Addr, Affinity, AffinityKey, BACKEND_ACTIVE, Backend, Config, Counter, DropReason,
+    Addr, Affinity, AffinityKey, Backend, Config, Counter, DropReason,
     FLOW_CLOSING, FLOW_OPENING, FLOW_REPLY, FLOW_SNAT, FLOW_TCP, FLOW_TIME_WAIT, Flow, FlowAddr,
     FlowKey, IPPROTO_TCP, MAX_SNAT_ADDRS, NO_BACKEND, PORT_CURSORS, SVC_AFFINITY, SVC_SNAT,
     Service,
@@ -227,13 +227,8 @@ fn pick(src: &Addr, svc: &Service, hash: u32, now_ns: u64) -> Option<(u32, bool)
         };
         if let Some(a) = LB_AFFINITY.get_ptr_mut(&akey) {
             let a = unsafe { &mut *a };
-            let timeout_ns = u64::from(svc.affinity_timeout_s) * 1_000_000_000;
-            // Signed: `now` may be a clock tick before the entry's stamp.
-            if now_ns.wrapping_sub(a.last_seen_ns) as i64 <= timeout_ns as i64
-                && let Some(b) = LB_BACKENDS.get(a.backend)
-                && b.service == svc.id
-                && b.generation == a.generation
-                && b.flags & BACKEND_ACTIVE != 0
+            if let Some(b) = LB_BACKENDS.get(a.backend)
+                && lb_common::affinity::sticks(a, b, svc, now_ns)
             {
                 a.last_seen_ns = now_ns;
                 return Some((a.backend, false));

@@ -35,7 +35,8 @@ mod datapath {
         programs::XdpContext,
     };
     use lb_common::{
-        Counter, DropReason, FILTER_SERVED, FLOW_RESET, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP,
+        filter::Plane,
+        Counter, DropReason, FLOW_RESET, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP,
         IPPROTO_UDP, MAC_SLOTS, POLICY_PRECISE_CLOCK, SVC_SNAT, ServiceKey, TAIL_ICMP,
         TAIL_NEW_FLOW, flow_clock,
         hash::flow_hash,
@@ -92,7 +93,7 @@ mod datapath {
             return xdp_action::XDP_PASS;
         }
         let pkt: &Packet = pkt;
-        if !in_filter(FILTER_SERVED, &pkt.dst) || !addressed_to_us(ctx) {
+        if !in_filter(Plane::Served, &pkt.dst) || !addressed_to_us(ctx) {
             count(Counter::PassNotOurs);
             return xdp_action::XDP_PASS;
         }

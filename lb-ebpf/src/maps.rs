@@ -9,9 +9,9 @@ use lb_common::*;
 
 #[map]
 pub static LB_CONFIG: Array<Config> = Array::with_max_entries(1, 0);
-/// Two planes of FILTER_WORDS words: FILTER_SERVED, FILTER_LOCAL.
+/// Two planes of FILTER_WORDS words (lb_common::filter).
 #[map]
-pub static LB_FILTER: Array<u64> = Array::with_max_entries(2 * FILTER_WORDS, 0);
+pub static LB_FILTER: Array<u64> = Array::with_max_entries(filter::FILTER_ENTRIES, 0);
 #[map]
 pub static LB_ADDRS: HashMap<Addr, AddrInfo> = HashMap::with_max_entries(MAX_ADDRS, 0);
 #[map]
@@ -195,9 +195,9 @@ pub fn count_service_drop(service: u32, reason: DropReason) {
     count(reason.counter());
 }
 
-/// Whether `addr` is in filter plane `plane` (see lb_common::filter_slot).
+/// Whether `addr` is in filter plane `plane`.
 #[inline(always)]
-pub fn in_filter(plane: u32, addr: &Addr) -> bool {
-    let (word, mask) = filter_slot(plane, addr);
+pub fn in_filter(plane: filter::Plane, addr: &Addr) -> bool {
+    let (word, mask) = filter::position(plane, addr);
     LB_FILTER.get(word).is_some_and(|w| w & mask != 0)
 }

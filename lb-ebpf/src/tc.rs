@@ -21,7 +21,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    Counter, DropReason, FILTER_LOCAL, FILTER_SERVED, HOP_VLAN, IPPROTO_TCP, IPPROTO_UDP,
+    filter::Plane,
+    Counter, DropReason, HOP_VLAN, IPPROTO_TCP, IPPROTO_UDP,
     checksum::Delta,
     flow_clock,
     net::{
@@ -76,7 +77,7 @@ fn backend(ctx: &TcContext) -> i32 {
     }
     let pkt: &Packet = pkt;
     // Replies go to the node (snat) or come from a local backend (client IP preserved).
-    if !in_filter(FILTER_SERVED, &pkt.dst) && !in_filter(FILTER_LOCAL, &pkt.src) {
+    if !in_filter(Plane::Served, &pkt.dst) && !in_filter(Plane::PreservedBackends, &pkt.src) {
         count(Counter::PassNotOurs);
         return TCX_NEXT;
     }

@@ -56,7 +56,8 @@ pub struct Attached {
     pub iface: String,
     pub ifindex: u32,
     pub program: &'static str,
-    /// "native", "generic", or "as before" (a previous agent's link, reused).
+    /// Where the program runs: for XDP its mode ("native", "generic", "offload", or "as before"
+    /// when a previous agent's link was taken over and the kernel did not say), else "tc".
     pub mode: &'static str,
     /// Why the mode is what it is (e.g. native failed, and how).
     pub note: Option<String>,
@@ -91,7 +92,7 @@ impl Attachments {
     pub fn pinned_interfaces(&self) -> Vec<String> {
         std::fs::read_dir(&self.dir)
             .map(|rd| {
-                rd.filter_map(|e| e.ok())
+                rd.filter_map(std::result::Result::ok)
                     .filter_map(|e| e.file_name().into_string().ok())
                     .collect()
             })
@@ -114,7 +115,8 @@ impl Attachments {
         program: &'static str,
         iface: &str,
     ) -> Result<&Attached, AttachError> {
-        let ifindex = ifindex(iface).ok_or_else(|| AttachError::NoInterface(iface.to_string()))?;
+        let ifindex = crate::system::ifindex(iface)
+            .ok_or_else(|| AttachError::NoInterface(iface.to_string()))?;
         if self.holds(iface, program, ifindex) {
             return Ok(&self.by_iface[iface]);
         }
@@ -176,7 +178,8 @@ impl Attachments {
         current: Option<&'static str>,
         obstacles: &[String],
     ) -> Result<&Attached, AttachError> {
-        let ifindex = ifindex(iface).ok_or_else(|| AttachError::NoInterface(iface.to_string()))?;
+        let ifindex = crate::system::ifindex(iface)
+            .ok_or_else(|| AttachError::NoInterface(iface.to_string()))?;
         if self.holds(iface, program, ifindex) {
             return Ok(&self.by_iface[iface]);
         }
@@ -195,7 +198,11 @@ impl Attachments {
         let taken_over = previous_link(&path)
             .and_then(|fd| XdpLink::try_from(fd).ok())
             .and_then(|link| prog.attach_to_link(link).ok());
-        let hints: String = obstacles.iter().map(|o| format!("; {o}")).collect();
+        let hints: String = obstacles.iter().fold(String::new(), |mut s, o| {
+            s.push_str("; ");
+            s.push_str(o);
+            s
+        });
         let (id, used, note) = match taken_over {
             Some(id) => (
                 id,
@@ -209,32 +216,7 @@ impl Attachments {
                     }
                 )),
             ),
-            None => match mode {
-                ModeChoice::Native => (
-                    prog.attach(iface, XdpMode::Driver)
-                        .map_err(|e| err("native", format!("{e}{hints}")))?,
-                    "native",
-                    None,
-                ),
-                ModeChoice::Generic => (
-                    prog.attach(iface, XdpMode::Skb)
-                        .map_err(|e| err("generic", e.to_string()))?,
-                    "generic",
-                    None,
-                ),
-                ModeChoice::Auto => match prog.attach(iface, XdpMode::Driver) {
-                    Ok(id) => (id, "native", None),
-                    Err(native) => {
-                        let id = prog.attach(iface, XdpMode::Skb).map_err(|e| {
-                            err("generic", format!("{e} (native failed too: {native})"))
-                        })?;
-                        let why = format!(
-                            "native XDP failed ({native}{hints}); using generic XDP, which runs after the kernel has built an skb: correct, but much slower"
-                        );
-                        (id, "generic", Some(why))
-                    }
-                },
-            },
+            None => attach_xdp(prog, iface, mode, &hints).map_err(|(m, why)| err(m, why))?,
         };
         let link = prog.take_link(id).map_err(|e| err(used, e.to_string()))?;
         let fd = FdLink::try_from(link).map_err(|e| AttachError::Pin {
@@ -292,6 +274,38 @@ impl Attachments {
     }
 }
 
+/// Attaches `prog` to `iface` anew in `mode`: (link, the XDP mode used, why that one when it is
+/// not the one asked for). `Err`: (the mode that failed, why, with `hints` about the device).
+fn attach_xdp(
+    prog: &mut aya::programs::Xdp,
+    iface: &str,
+    mode: ModeChoice,
+    hints: &str,
+) -> Result<(aya::programs::xdp::XdpLinkId, &'static str, Option<String>), (&'static str, String)> {
+    match mode {
+        ModeChoice::Native => prog
+            .attach(iface, XdpMode::Driver)
+            .map(|id| (id, "native", None))
+            .map_err(|e| ("native", format!("{e}{hints}"))),
+        ModeChoice::Generic => prog
+            .attach(iface, XdpMode::Skb)
+            .map(|id| (id, "generic", None))
+            .map_err(|e| ("generic", e.to_string())),
+        ModeChoice::Auto => match prog.attach(iface, XdpMode::Driver) {
+            Ok(id) => Ok((id, "native", None)),
+            Err(native) => {
+                let id = prog
+                    .attach(iface, XdpMode::Skb)
+                    .map_err(|e| ("generic", format!("{e} (native failed too: {native})")))?;
+                let why = format!(
+                    "native XDP failed ({native}{hints}); using generic XDP, which runs after the kernel has built an skb: correct, but much slower"
+                );
+                Ok((id, "generic", Some(why)))
+            }
+        },
+    }
+}
+
 /// The link a previous agent pinned at `path`, unpinned for us to take over. `None` if there
 /// is none, or it is unusable (the interface went away and came back): the pin is then removed
 /// and the caller attaches anew.
@@ -304,45 +318,4 @@ fn previous_link(path: &Path) -> Option<FdLink> {
         let _ = std::fs::remove_file(path);
     }
     link
-}
-
-/// The ifindex of an interface in this network namespace.
-pub fn ifindex(name: &str) -> Option<u32> {
-    let c = std::ffi::CString::new(name).ok()?;
-    // SAFETY: a valid C string.
-    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
-        0 => None,
-        i => Some(i),
-    }
-}
-
-/// Shell-style match with `*` (any run) and `?` (any one character), for --backend-ifaces.
-pub fn glob_match(pattern: &str, name: &str) -> bool {
-    fn go(p: &[u8], n: &[u8]) -> bool {
-        match (p.first(), n.first()) {
-            (None, None) => true,
-            (Some(b'*'), _) => go(&p[1..], n) || (!n.is_empty() && go(p, &n[1..])),
-            (Some(b'?'), Some(_)) => go(&p[1..], &n[1..]),
-            (Some(a), Some(b)) if a == b => go(&p[1..], &n[1..]),
-            _ => false,
-        }
-    }
-    go(pattern.as_bytes(), name.as_bytes())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::glob_match;
-
-    #[test]
-    fn globs_match_like_a_shell() {
-        assert!(glob_match("eni*", "eni1a2b3c4d5e6"));
-        assert!(glob_match("veth*", "veth"));
-        assert!(glob_match("vethpod?", "vethpod1"));
-        assert!(!glob_match("vethpod?", "vethpod12"));
-        assert!(!glob_match("eni*", "eth0"));
-        assert!(glob_match("*", "anything"));
-        assert!(glob_match("lxc*c", "lxc12c"));
-        assert!(!glob_match("lxc*c", "lxc12d"));
-    }
 }

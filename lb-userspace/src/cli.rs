@@ -21,8 +21,9 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Load and attach the data path and keep its maps equal to the config file (reloaded when
-    /// the file changes and on SIGHUP).
+    /// Load and attach the data path and keep its maps equal to the desired state: the config
+    /// file (reloaded when it changes and on SIGHUP) and, with --kubernetes, the cluster's
+    /// Services that opt in.
     Run(RunArgs),
     /// Services, backends, weights, state and counters, read from the running agent's maps.
     Status {
@@ -47,10 +48,23 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Check a config file: prints the first problem (file, line and field), or nothing.
+    /// Check a config file with every rule `lb-agent run` applies to it. Prints the problems
+    /// (file:line: field: message for the file's syntax and values; every service the agent
+    /// would refuse, with the reason) and exits 1; or prints "ok" with the rules it could not
+    /// check without the live node, and exits 0. With --uplink it checks those too, against
+    /// this node's addresses and routes.
     Check {
         /// The config file.
         config: PathBuf,
+        #[command(flatten)]
+        sizes: SizeArgs,
+        /// This node's uplink (repeat for several): check the rules that need the live node
+        /// (snat source addresses, backends local to preserve-client-ip services) here.
+        #[arg(long = "uplink", alias = "iface")]
+        uplinks: Vec<String>,
+        /// Interfaces facing local backends, as for `run`.
+        #[arg(long = "backend-interfaces", alias = "backend-ifaces")]
+        backend_interfaces: Vec<String>,
     },
     /// Remove what an agent run with --keep-on-exit left behind: programs, pinned maps, state.
     Cleanup {
@@ -60,7 +74,7 @@ pub enum Command {
 }
 
 #[derive(Args, Debug, Clone)]
-#[command(group(ArgGroup::new("source").required(true).multiple(true).args(["config", "kubernetes"])))]
+#[command(group(ArgGroup::new("input").required(true).multiple(true).args(["config", "kubernetes"])))]
 pub struct RunArgs {
     /// Config file (TOML): services, rate limits and node settings. With --kubernetes it
     /// holds the node settings and named rate limits (services in it are served too).
@@ -77,13 +91,14 @@ pub struct RunArgs {
     /// ~/.kube/config.
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
-    /// Interface clients' traffic arrives on (repeat for several).
-    #[arg(long = "iface", required = true)]
+    /// An uplink: an interface clients' traffic arrives on (repeat for several). Old name:
+    /// --iface.
+    #[arg(long = "uplink", alias = "iface", required = true)]
     pub uplinks: Vec<String>,
     /// Interfaces facing local backends (pod veths), as shell patterns, e.g. 'eni*' (repeat
-    /// for several). Attached as they appear, detached as they go.
-    #[arg(long = "backend-ifaces")]
-    pub backend_ifaces: Vec<String>,
+    /// for several). Attached as they appear, detached as they go. Old name: --backend-ifaces.
+    #[arg(long = "backend-interfaces", alias = "backend-ifaces")]
+    pub backend_interfaces: Vec<String>,
     /// XDP attach mode: native (driver), generic (skb), or auto (native, else generic).
     #[arg(long, value_enum, default_value = "auto")]
     pub xdp_mode: ModeChoice,
@@ -154,9 +169,11 @@ impl SizeArgs {
 
 fn parse_ring_size(s: &str) -> Result<u32, String> {
     let n: u32 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
-    if !(251..=131_071).contains(&n) || !maglev::is_prime(n) {
+    if !(maglev::MIN_SIZE..=maglev::MAX_SIZE).contains(&n) || !maglev::is_prime(n) {
         return Err(format!(
-            "{n} is not a prime from 251 to 131071 (e.g. 16381, 65521, 131071)"
+            "{n} is not a prime from {} to {} (e.g. 16381, 65521, 131071)",
+            maglev::MIN_SIZE,
+            maglev::MAX_SIZE
         ));
     }
     Ok(n)
@@ -206,6 +223,8 @@ mod tests {
             "eth0",
             "--backend-ifaces",
             "eni*",
+            "--backend-interfaces",
+            "veth*",
             "--xdp-mode",
             "native",
             "--ring-size",
@@ -216,7 +235,8 @@ mod tests {
         let Command::Run(r) = cli.command else {
             panic!()
         };
-        assert_eq!(r.uplinks, ["eth0"]);
+        assert_eq!(r.uplinks, ["eth0"], "the old flag name still works");
+        assert_eq!(r.backend_interfaces, ["eni*", "veth*"]);
         assert_eq!(r.xdp_mode, ModeChoice::Native);
         assert_eq!(r.sizes.sizes().ring_size, 251);
         assert!(r.keep_on_exit);
@@ -232,7 +252,7 @@ mod tests {
         ));
         assert!(
             Cli::try_parse_from(["lb-agent", "run", "--config", "x"]).is_err(),
-            "--iface is required"
+            "--uplink is required"
         );
         assert!(
             Cli::try_parse_from(["lb-agent", "run", "--iface", "eth0"]).is_err(),
@@ -244,7 +264,7 @@ mod tests {
             "--kubernetes",
             "--node-name",
             "node-1",
-            "--iface",
+            "--uplink",
             "eth0",
         ])
         .unwrap();

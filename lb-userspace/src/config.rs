@@ -41,8 +41,8 @@ use toml::{Spanned, de::DeValue};
 use crate::{
     maglev::MAX_WEIGHT,
     model::{
-        Backend, Cidr, DEFAULT_IPV6_PREFIX, Desired, Frontend, Limits, Mode, NodeSettings, Policy,
-        Protocol, Rate, Service, TableFull,
+        Backend, Cidr, DEFAULT_IPV6_PREFIX, Desired, Frontend, Limits, Mode,
+        NodeSettings, Origin, Policy, Protocol, Rate, Service, TableFull,
     },
 };
 
@@ -200,7 +200,7 @@ impl RawFile {
                     &path.key("port"),
                     format!(
                         "{} is already served by `{}` ({})",
-                        service.frontend, other.name, other.source
+                        service.frontend, other.name, other.origin
                     ),
                 ));
             }
@@ -345,7 +345,10 @@ impl RawService {
         }
         Ok(Service {
             name: self.name.clone(),
-            source: format!("{}:{line}", doc.file.display()),
+            origin: Origin::File {
+                path: doc.file.to_path_buf(),
+                line,
+            },
             frontend: Frontend {
                 vip: self.vip,
                 port: self.port,
@@ -445,7 +448,7 @@ fn limits(
                     // One second's worth unless said otherwise.
                     let b = b.unwrap_or(r);
                     lb_common::Limit::new(r, b).map_err(|e| {
-                        use lb_common::bucket::LimitError::*;
+                        use lb_common::bucket::LimitError::{BurstTooHigh, RateTooHigh, ZeroBurst};
                         match e {
                             ZeroBurst => (burst_field.clone(), "must be at least 1".to_string()),
                             RateTooHigh => (
@@ -543,7 +546,7 @@ impl Document<'_> {
 
     /// A parse or type error from toml, which knows its span; `field` from serde's path.
     fn toml_error(&self, e: &toml::de::Error, field: String) -> ConfigError {
-        let line = e.span().map(|s| self.line_at(s.start)).unwrap_or(1);
+        let line = e.span().map_or(1, |s| self.line_at(s.start));
         ConfigError::Invalid {
             file: self.file.to_path_buf(),
             line,
@@ -679,7 +682,7 @@ backends = [{ address = "fd00:1:1::2" }]
         assert_eq!(d.node.snat_ports, Some(vec![(62000, 62999)]));
         assert_eq!(d.services.len(), 2);
         let web = d.services.values().find(|s| s.name == "web").unwrap();
-        assert_eq!(web.source, "lb.toml:12");
+        assert_eq!(web.origin.to_string(), "lb.toml:12");
         assert_eq!(web.mode, Mode::Snat);
         assert_eq!(web.backends[0].port, 8080);
         assert_eq!(web.backends[0].weight, 1);

@@ -1,26 +1,37 @@
 //! The data path as the agent holds it: the embedded objects, loading them with the configured
-//! map sizes and pinned maps, the typed maps (`Maps`, which implements [`Tables`]), and
-//! attaching the programs to interfaces with pinned links so an agent restart or upgrade
-//! replaces the program without a gap. The agent and the kernel tests go through this one
-//! loader, so the tests exercise exactly what the agent runs.
+//! map sizes and pinned maps (and the tail-call table's pin), and the typed maps (`Maps`, which
+//! implements [`Tables`]; `Stats`, the counters). Attaching is `attach`'s. The agent and the
+//! kernel tests go through this one loader, so the tests exercise exactly what the agent runs.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
+    os::fd::AsFd,
     path::{Path, PathBuf},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        Array, DevMapHash, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues,
-        ProgramArray, lpm_trie::Key,
+        Array, DevMapHash, HashMap, IterableMap, LpmTrie, Map, MapData, MapError, PerCpuArray,
+        PerCpuValues, ProgramArray, lpm_trie::Key,
     },
     programs::{ProgramError, SchedClassifier, Xdp},
 };
-use lb_common::*;
+use lb_common::{
+    ALL_MAPS, Addr, AddrInfo, Affinity, AffinityKey, Backend, BackendStats, Config, Counter,
+    DEFAULT_AFFINITY_ENTRIES, DEFAULT_FLOW_ENTRIES, DEFAULT_FLOW_ENTRIES_V6, DEFAULT_MAX_BACKENDS,
+    DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE, DEFAULT_SOURCE_ENTRIES, Flow4, Flow6, FlowKey4,
+    FlowKey6, Iface, LinkMac, MAP_ADDRS, MAP_AFFINITY, MAP_BACKENDS, MAP_BE_STATS, MAP_CONFIG,
+    MAP_COUNTERS, MAP_DEVMAP, MAP_FILTER, MAP_FLOWS4, MAP_FLOWS6, MAP_IFACES, MAP_LAYOUT_VERSION,
+    MAP_MACS, MAP_OVERFLOW, MAP_POLICIES, MAP_PORTS, MAP_PREFIXES, MAP_PROGS, MAP_RINGS,
+    MAP_SERVICES, MAP_SOURCE_TAGS, MAP_SOURCES, MAP_SVC_INFO, MAP_SVC_STATS, PROG_BACKEND,
+    PROG_ICMP, PROG_NEW_FLOW, PROG_UPLINK, Policy, PrefixKey, PrefixRule, SOURCE_FREE,
+    SOURCE_WAYS, SPARE_RINGS, Service, ServiceInfo, ServiceKey, ServiceStats, Source, SourceKey,
+    SourceTags, TAIL_ICMP, TAIL_NEW_FLOW, source_hash, source_sets,
+};
 
 use crate::{
     error::DataplaneError,
-    tables::{Result, Snapshot, Tables},
+    tables::{FlowEntry, FlowId, Result, Snapshot, Tables},
 };
 
 /// The data-path object, built by build.rs.
@@ -111,10 +122,47 @@ pub struct Loaded {
     pub notes: Vec<String>,
 }
 
+impl Loaded {
+    /// Pins the tail-call table our entry programs use. The kernel empties a program array when
+    /// its last user-space handle closes, so without the pin an agent that is killed (OOM,
+    /// SIGKILL, a crash) would leave attached programs whose new flows all fail their tail call
+    /// until the next agent takes over.
+    pub fn pin_progs(&self, pin_dir: &Path) -> std::result::Result<(), DataplaneError> {
+        let dir = prog_pin_dir(pin_dir);
+        std::fs::create_dir_all(&dir).map_err(|e| DataplaneError::Pin {
+            path: dir.clone(),
+            reason: e.to_string(),
+        })?;
+        let path = dir.join(format!("{MAP_PROGS}-{}", std::process::id()));
+        self.progs.pin(&path).map_err(|e| DataplaneError::Pin {
+            reason: format!("pinning the tail-call table: {e}"),
+            path,
+        })
+    }
+}
+
+/// Where tail-call tables are pinned, one per agent (by pid).
+fn prog_pin_dir(pin_dir: &Path) -> PathBuf {
+    layout_dir(pin_dir).join("progs")
+}
+
+/// Removes the tail-call tables previous agents pinned (for their programs' tail calls while
+/// they were still attached): call once ours are attached.
+pub fn remove_stale_prog_pins(pin_dir: &Path) {
+    if let Ok(rd) = std::fs::read_dir(prog_pin_dir(pin_dir)) {
+        for e in rd.flatten() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 /// Loads the data path with `sizes`. With `pin_dir`, maps already pinned there are reused (their
 /// contents, flows included, survive) and new ones are pinned there.
 pub fn load(sizes: &Sizes, pin_dir: Option<&Path>) -> std::result::Result<Loaded, DataplaneError> {
     let mut loader = EbpfLoader::new();
+    // Log levels nobody reads are compiled out at verification (absent from older objects).
+    let log_level = crate::datapath_log::level();
+    loader.override_global(aya_log::LEVEL, &log_level, false);
     for (name, entries) in sizes.overrides() {
         loader.map_max_entries(name, entries);
     }
@@ -197,16 +245,15 @@ fn load_program(
 /// Runs `f` with every signal blocked for the calling thread (delivered after, or to another
 /// thread meanwhile).
 fn without_signals<T>(f: &mut impl FnMut() -> T) -> T {
-    // SAFETY: sigset_t is plain data, initialised by sigfillset; the masks are this thread's.
-    unsafe {
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        let mut old: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
-        let result = f();
-        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
-        result
+    use nix::sys::signal::{SigSet, SigmaskHow};
+    // Blocking signals on our own thread cannot fail with valid arguments; if it did, loading
+    // goes ahead unprotected (and retries on EAGAIN as before).
+    let old = SigSet::all().thread_swap_mask(SigmaskHow::SIG_BLOCK).ok();
+    let result = f();
+    if let Some(old) = old {
+        let _ = old.thread_set_mask();
     }
+    result
 }
 
 /// Loads the helper programs object (each program loaded, none attached): the lab's and the
@@ -292,7 +339,7 @@ fn check_pinned(
         path: path.to_path_buf(),
         reason: e.to_string(),
     })?;
-    let pinned_kind = info.map_type().map(|t| t as u32).unwrap_or(u32::MAX);
+    let pinned_kind = info.map_type().map_or(u32::MAX, |t| t as u32);
     if (pinned_kind, info.key_size(), info.value_size()) != (kind, key, value) {
         return Err(DataplaneError::Pin {
             path: path.to_path_buf(),
@@ -335,9 +382,8 @@ pub struct Maps {
     pub flows6: HashMap<MapData, FlowKey6, Flow6>,
     pub devmap: DevMapHash<MapData>,
     pub ifaces: HashMap<MapData, u32, Iface>,
-    pub counters: PerCpuArray<MapData, u64>,
-    pub svc_stats: PerCpuArray<MapData, ServiceStats>,
-    pub be_stats: PerCpuArray<MapData, BackendStats>,
+    /// The counters (also opened on their own for the metrics server: [`Stats::reopen`]).
+    pub stats: Stats,
     pub policies: Array<MapData, Policy>,
     pub sources: Array<MapData, Source>,
     pub source_tags: Array<MapData, SourceTags>,
@@ -346,7 +392,82 @@ pub struct Maps {
     pub affinity: HashMap<MapData, AffinityKey, Affinity>,
     pub svc_info: Array<MapData, ServiceInfo>,
     pub macs: Array<MapData, LinkMac>,
+}
+
+/// The per-CPU counters: node-wide, per service and per backend.
+pub struct Stats {
+    counters: PerCpuArray<MapData, u64>,
+    services: PerCpuArray<MapData, ServiceStats>,
+    backends: PerCpuArray<MapData, BackendStats>,
     cpus: usize,
+}
+
+/// A map of our own on the same kernel map (a new descriptor).
+fn reopen<K: aya::Pod, V, M: IterableMap<K, V>, T>(name: &str, map: &M) -> Result<T>
+where
+    T: TryFrom<Map, Error = MapError>,
+{
+    let fd = map
+        .map()
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| map_err(name, e))?;
+    let data = MapData::from_fd(fd).map_err(|e| map_err(name, e))?;
+    Map::from_map_data(data)
+        .and_then(T::try_from)
+        .map_err(|e| map_err(name, e))
+}
+
+impl Stats {
+    /// The same counters through descriptors of their own, for a reader on another thread.
+    pub fn reopen(&self) -> Result<Stats> {
+        Ok(Stats {
+            counters: reopen(MAP_COUNTERS, &self.counters)?,
+            services: reopen(MAP_SVC_STATS, &self.services)?,
+            backends: reopen(MAP_BE_STATS, &self.backends)?,
+            cpus: self.cpus,
+        })
+    }
+
+    /// Node-wide counters, summed over CPUs.
+    pub fn counters(&self) -> Vec<(Counter, u64)> {
+        Counter::ALL
+            .iter()
+            .map(|c| {
+                let v = self
+                    .counters
+                    .get(&(*c as u32), 0)
+                    .map_or(0, |per_cpu| per_cpu.iter().sum());
+                (*c, v)
+            })
+            .collect()
+    }
+
+    pub fn service(&self, id: u32) -> ServiceStats {
+        let mut total = ServiceStats::default();
+        if let Ok(per_cpu) = self.services.get(&id, 0) {
+            for s in per_cpu.iter() {
+                total.accumulate(s);
+            }
+        }
+        total
+    }
+
+    pub fn backend(&self, id: u32) -> BackendStats {
+        let mut total = BackendStats::default();
+        if let Ok(per_cpu) = self.backends.get(&id, 0) {
+            for s in per_cpu.iter() {
+                total.accumulate(s);
+            }
+        }
+        total
+    }
+
+    fn zeros<T: aya::Pod + Default + Clone>(&self) -> PerCpuValues<T> {
+        // A Vec of the CPU count always converts.
+        PerCpuValues::try_from(vec![T::default(); self.cpus]).expect("one value per CPU")
+    }
 }
 
 fn map_err(name: &str, e: impl std::fmt::Display) -> DataplaneError {
@@ -394,9 +515,13 @@ impl Maps {
             flows6: typed!(MAP_FLOWS6),
             devmap: typed!(MAP_DEVMAP),
             ifaces: typed!(MAP_IFACES),
-            counters: typed!(MAP_COUNTERS),
-            svc_stats: typed!(MAP_SVC_STATS),
-            be_stats: typed!(MAP_BE_STATS),
+            stats: Stats {
+                counters: typed!(MAP_COUNTERS),
+                services: typed!(MAP_SVC_STATS),
+                backends: typed!(MAP_BE_STATS),
+                cpus: aya::util::nr_cpus()
+                    .map_err(|(what, e)| map_err("(cpus)", format!("{what}: {e}")))?,
+            },
             policies: typed!(MAP_POLICIES),
             sources: typed!(MAP_SOURCES),
             source_tags: typed!(MAP_SOURCE_TAGS),
@@ -405,13 +530,11 @@ impl Maps {
             affinity: typed!(MAP_AFFINITY),
             svc_info: typed!(MAP_SVC_INFO),
             macs: typed!(MAP_MACS),
-            cpus: aya::util::nr_cpus()
-                .map_err(|(what, e)| map_err("(cpus)", format!("{what}: {e}")))?,
         })
     }
 
     pub fn cpus(&self) -> usize {
-        self.cpus
+        self.stats.cpus
     }
 
     /// The node config as the data path sees it (`None` before the agent wrote one).
@@ -458,42 +581,15 @@ impl Maps {
 
     /// Node-wide counters, summed over CPUs.
     pub fn read_counters(&self) -> Vec<(Counter, u64)> {
-        Counter::ALL
-            .iter()
-            .map(|c| {
-                let v = self
-                    .counters
-                    .get(&(*c as u32), 0)
-                    .map(|per_cpu| per_cpu.iter().sum())
-                    .unwrap_or(0);
-                (*c, v)
-            })
-            .collect()
+        self.stats.counters()
     }
 
     pub fn read_service_stats(&self, id: u32) -> ServiceStats {
-        let mut total = ServiceStats::default();
-        if let Ok(per_cpu) = self.svc_stats.get(&id, 0) {
-            for s in per_cpu.iter() {
-                total.accumulate(s);
-            }
-        }
-        total
+        self.stats.service(id)
     }
 
     pub fn read_backend_stats(&self, id: u32) -> BackendStats {
-        let mut total = BackendStats::default();
-        if let Ok(per_cpu) = self.be_stats.get(&id, 0) {
-            for s in per_cpu.iter() {
-                total.accumulate(s);
-            }
-        }
-        total
-    }
-
-    fn zeros<T: aya::Pod + Default + Clone>(&self) -> PerCpuValues<T> {
-        // A Vec of the CPU count always converts.
-        PerCpuValues::try_from(vec![T::default(); self.cpus]).expect("one value per CPU")
+        self.stats.backend(id)
     }
 }
 
@@ -535,22 +631,24 @@ impl Tables for Maps {
             .map_err(|e| map_err(MAP_BACKENDS, e))
     }
     fn write_ring(&mut self, base: u32, slots: &[u32]) -> Result<()> {
-        for (i, slot) in slots.iter().enumerate() {
+        for (i, slot) in (base..).zip(slots) {
             self.rings
-                .set(base + i as u32, slot, 0)
+                .set(i, slot, 0)
                 .map_err(|e| map_err(MAP_RINGS, e))?;
         }
         Ok(())
     }
     fn clear_service_stats(&mut self, id: u32) -> Result<()> {
-        let zeros = self.zeros();
-        self.svc_stats
+        let zeros = self.stats.zeros();
+        self.stats
+            .services
             .set(id, zeros, 0)
             .map_err(|e| map_err(MAP_SVC_STATS, e))
     }
     fn clear_backend_stats(&mut self, id: u32) -> Result<()> {
-        let zeros = self.zeros();
-        self.be_stats
+        let zeros = self.stats.zeros();
+        self.stats
+            .backends
             .set(id, zeros, 0)
             .map_err(|e| map_err(MAP_BE_STATS, e))
     }
@@ -585,10 +683,10 @@ impl Tables for Maps {
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(|e| map_err(MAP_SERVICES, e))?;
         let mut backends = Vec::new();
-        for (id, b) in self.backends.iter().enumerate() {
+        for (id, b) in (0u32..).zip(self.backends.iter()) {
             let b = b.map_err(|e| map_err(MAP_BACKENDS, e))?;
             if b != Backend::default() {
-                backends.push((id as u32, b));
+                backends.push((id, b));
             }
         }
         let addrs = self
@@ -602,10 +700,10 @@ impl Tables for Maps {
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(|e| map_err(MAP_FILTER, e))?;
         let mut policies = Vec::new();
-        for (id, p) in self.policies.iter().enumerate() {
+        for (id, p) in (0u32..).zip(self.policies.iter()) {
             let p = p.map_err(|e| map_err(MAP_POLICIES, e))?;
             if p != Policy::default() {
-                policies.push((id as u32, p));
+                policies.push((id, p));
             }
         }
         let mut service_info = Vec::new();
@@ -616,7 +714,7 @@ impl Tables for Maps {
             }
         }
         let mut prefixes = Vec::new();
-        for kv in self.prefixes.iter() {
+        for kv in &self.prefixes {
             let (k, rule) = kv.map_err(|e| map_err(MAP_PREFIXES, e))?;
             prefixes.push((k.data(), k.prefix_len(), rule));
         }
@@ -630,6 +728,84 @@ impl Tables for Maps {
             prefixes,
             service_info,
         })
+    }
+
+    fn redirects(&self) -> Result<BTreeSet<u32>> {
+        self.devmap
+            .keys()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| map_err(MAP_DEVMAP, e))
+    }
+    fn set_redirect(&mut self, ifindex: u32) -> Result<()> {
+        self.devmap
+            .insert(ifindex, ifindex, None, 0)
+            .map_err(|e| map_err(MAP_DEVMAP, e))
+    }
+    fn remove_redirect(&mut self, ifindex: u32) -> Result<()> {
+        ignore_missing(self.devmap.remove(ifindex)).map_err(|e| map_err(MAP_DEVMAP, e))
+    }
+    fn vlans(&self) -> Result<BTreeMap<u32, Iface>> {
+        self.ifaces
+            .iter()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| map_err(MAP_IFACES, e))
+    }
+    fn set_vlan(&mut self, ifindex: u32, vlan: &Iface) -> Result<()> {
+        self.ifaces
+            .insert(ifindex, vlan, 0)
+            .map_err(|e| map_err(MAP_IFACES, e))
+    }
+    fn remove_vlan(&mut self, ifindex: u32) -> Result<()> {
+        ignore_missing(self.ifaces.remove(&ifindex)).map_err(|e| map_err(MAP_IFACES, e))
+    }
+    fn config(&self) -> Option<Config> {
+        self.read_config()
+    }
+    fn service(&self, key: &ServiceKey) -> Option<Service> {
+        self.services.get(key, 0).ok()
+    }
+    fn backend(&self, id: u32) -> Option<Backend> {
+        self.backends.get(&id, 0).ok()
+    }
+    fn for_each_flow(&self, f: &mut dyn FnMut(&FlowEntry)) {
+        // An entry deleted while we iterate ends this walk early at worst (the next sweep
+        // continues); entries that fail to read are skipped.
+        for (k, v) in self.flows4.iter().filter_map(std::result::Result::ok) {
+            f(&FlowEntry::V4(k, v));
+        }
+        for (k, v) in self.flows6.iter().filter_map(std::result::Result::ok) {
+            f(&FlowEntry::V6(k, v));
+        }
+    }
+    fn set_flow(&mut self, entry: &FlowEntry) -> Result<()> {
+        match entry {
+            FlowEntry::V4(k, v) => self.flows4.insert(k, v, 0),
+            FlowEntry::V6(k, v) => self.flows6.insert(k, v, 0),
+        }
+        .map_err(|e| map_err(MAP_FLOWS4, e))
+    }
+    fn remove_flow(&mut self, id: &FlowId) -> Result<bool> {
+        let removed = match id {
+            FlowId::V4(k) => self.flows4.remove(k),
+            FlowId::V6(k) => self.flows6.remove(k),
+        };
+        match removed {
+            Ok(()) => Ok(true),
+            Err(e) => ignore_missing(Err(e))
+                .map(|()| false)
+                .map_err(|e| map_err(MAP_FLOWS4, e)),
+        }
+    }
+    fn for_each_source(&self, f: &mut dyn FnMut(&Source)) {
+        for s in self.read_sources() {
+            f(&s);
+        }
+    }
+    fn policies(&self) -> Vec<Policy> {
+        self.policies
+            .iter()
+            .map(std::result::Result::unwrap_or_default)
+            .collect()
     }
 }
 

@@ -1,4 +1,4 @@
-//! Kubernetes as a source of desired state: Services that opt in and their EndpointSlices,
+//! Kubernetes as an input of desired state: Services that opt in and their EndpointSlices,
 //! read the way kube-proxy reads them, become `model::Service`s the reconciler applies like the
 //! config file's. This file is the translation (pure: objects in, services out); `watch` keeps
 //! the objects current.
@@ -14,7 +14,7 @@
 //! drains like an NLB target: it keeps its flows but gets no new ones for the deregistration
 //! delay, then its flows are ended.
 pub mod health;
-pub mod source;
+pub mod input;
 pub mod watch;
 
 use std::{
@@ -24,14 +24,14 @@ use std::{
 };
 
 use k8s_openapi::api::{
-    core::v1::{Service as KubeService, ServicePort},
+    core::v1::{Service as KubeService, ServicePort, ServiceSpec},
     discovery::v1::EndpointSlice,
 };
 
 use crate::{
     config::RawPolicy,
     maglev::MAX_WEIGHT,
-    model::{Backend, Frontend, Mode, Policy, Protocol, Service},
+    model::{Backend, Frontend, Mode, Origin, Policy, Protocol, Service},
 };
 
 pub const ENABLED: &str = "xdplb.io/enabled";
@@ -85,6 +85,19 @@ pub struct Problem {
     pub message: String,
 }
 
+impl Problem {
+    /// A problem with the service `origin` names at `frontend`; `None` if it did not come from
+    /// the cluster (there is no Service to report it on).
+    pub fn for_service(origin: &Origin, frontend: &Frontend, message: String) -> Option<Problem> {
+        let (namespace, name) = origin.kubernetes_object()?;
+        Some(Problem {
+            object: (namespace.to_string(), name.to_string()),
+            field: format!("frontend {frontend}"),
+            message,
+        })
+    }
+}
+
 impl std::fmt::Display for Problem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
@@ -121,6 +134,161 @@ pub struct Translation {
     pub problems: Vec<Problem>,
     pub health_checks: Vec<HealthCheck>,
     pub end_flows: Vec<EndFlows>,
+    /// Backends kept at weight 0 only until their deregistration delay runs out (they are no
+    /// longer endpoints, or terminating): "draining", unlike a weight of 0 by annotation.
+    pub draining: BTreeSet<(Frontend, (IpAddr, u16))>,
+}
+
+/// How a Service's endpoints drain when they go: NLB's deregistration delay, and whether their
+/// flows then end with a RST.
+#[derive(Clone, Copy, Debug)]
+struct Drain {
+    delay: Duration,
+    reset: bool,
+}
+
+/// A Service's settings, from its spec and annotations (bad annotations reported, defaults used).
+struct Settings {
+    /// externalTrafficPolicy: Local.
+    local_only: bool,
+    mode: Mode,
+    /// By pod name or address.
+    weights: BTreeMap<String, u32>,
+    drain: Drain,
+    policy: Option<String>,
+    affinity: Option<Duration>,
+}
+
+impl Settings {
+    fn read(
+        key: &ObjectKey,
+        svc: &KubeService,
+        spec: &ServiceSpec,
+        named_policies: &BTreeSet<String>,
+        out: &mut Translation,
+    ) -> Settings {
+        let annotations = svc.metadata.annotations.clone().unwrap_or_default();
+        let local_only = spec.external_traffic_policy.as_deref() == Some("Local");
+        let problem = |field: &str, message: String| Problem {
+            object: key.clone(),
+            field: field.to_string(),
+            message,
+        };
+        let weights = parse_weights(annotations.get(WEIGHTS)).unwrap_or_else(|m| {
+            out.problems.push(problem(WEIGHTS, m));
+            BTreeMap::new()
+        });
+        let mode = mode(local_only, annotations.get(MODE)).unwrap_or_else(|(mode, m)| {
+            out.problems.push(problem(MODE, m));
+            mode
+        });
+        let (drain, drain_problems) = drain(&annotations);
+        for (field, m) in drain_problems {
+            out.problems.push(problem(field, m));
+        }
+        Settings {
+            local_only,
+            mode,
+            weights,
+            drain,
+            policy: Translator::policy(key, &annotations, named_policies, out),
+            affinity: affinity(spec),
+        }
+    }
+
+    /// The endpoints a frontend sends to, with their weights. Dual-stack Services have a slice
+    /// per family: a frontend takes its own family's endpoints (the data path does not translate
+    /// between IPv4 and IPv6).
+    fn weighted(
+        &self,
+        endpoints: &[Endpoint],
+        frontend: &Frontend,
+    ) -> BTreeMap<(IpAddr, u16), u32> {
+        endpoints
+            .iter()
+            .filter(|e| e.addr.is_ipv4() == frontend.vip.is_ipv4())
+            .map(|e| {
+                let w = e
+                    .target
+                    .as_ref()
+                    .and_then(|t| self.weights.get(t))
+                    .or_else(|| self.weights.get(&e.addr.to_string()))
+                    .copied()
+                    .unwrap_or(1);
+                ((e.addr, e.port), w)
+            })
+            .collect()
+    }
+}
+
+/// The forwarding mode: preserve-client-ip with externalTrafficPolicy Local (which also allows
+/// snat: source NAT to the node, local endpoints only), else snat. `Err`: the mode used, and
+/// what is wrong with the annotation.
+fn mode(local_only: bool, annotation: Option<&String>) -> Result<Mode, (Mode, String)> {
+    let default = if local_only {
+        Mode::PreserveClientIp
+    } else {
+        Mode::Snat
+    };
+    match annotation.map(String::as_str) {
+        None => Ok(default),
+        Some("snat") => Ok(Mode::Snat),
+        Some("preserve-client-ip") if local_only => Ok(Mode::PreserveClientIp),
+        Some("preserve-client-ip") => Err((
+            Mode::Snat,
+            "preserve-client-ip needs externalTrafficPolicy: Local (remote endpoints would need direct server return); using snat".into(),
+        )),
+        Some(other) => Err((
+            default,
+            format!("`{other}`: snat or preserve-client-ip; using the default, {default}"),
+        )),
+    }
+}
+
+/// The drain settings, and what is wrong with their annotations (field, message): defaults
+/// are used for those.
+fn drain(annotations: &BTreeMap<String, String>) -> (Drain, Vec<(&'static str, String)>) {
+    let mut problems = Vec::new();
+    let delay = match annotations
+        .get(DEREGISTRATION_DELAY)
+        .map(|v| v.parse::<u64>())
+    {
+        None => DEFAULT_DEREGISTRATION_DELAY,
+        Some(Ok(s)) if s <= MAX_DEREGISTRATION_DELAY => Duration::from_secs(s),
+        Some(_) => {
+            problems.push((
+                DEREGISTRATION_DELAY,
+                format!(
+                    "must be whole seconds 0..={MAX_DEREGISTRATION_DELAY}; using {}",
+                    DEFAULT_DEREGISTRATION_DELAY.as_secs()
+                ),
+            ));
+            DEFAULT_DEREGISTRATION_DELAY
+        }
+    };
+    let reset = match annotations.get(DEREGISTRATION_RESET).map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            problems.push((DEREGISTRATION_RESET, format!("`{other}`: true or false")));
+            false
+        }
+    };
+    (Drain { delay, reset }, problems)
+}
+
+/// `sessionAffinity: ClientIP` with its timeout (Kubernetes' default if unset).
+fn affinity(spec: &ServiceSpec) -> Option<Duration> {
+    (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+        let t = spec
+            .session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds)
+            .and_then(|t| u64::try_from(t).ok())
+            .unwrap_or(DEFAULT_AFFINITY_TIMEOUT);
+        Duration::from_secs(t.max(1))
+    })
 }
 
 /// A backend being drained.
@@ -175,7 +343,10 @@ impl Translator {
         out
     }
 
-    #[allow(clippy::too_many_arguments)]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the translator's inputs, passed down unchanged"
+    )]
     fn service(
         &mut self,
         key: &ObjectKey,
@@ -187,120 +358,38 @@ impl Translator {
         out: &mut Translation,
     ) {
         let Some(spec) = &svc.spec else { return };
-        let annotations = svc.metadata.annotations.clone().unwrap_or_default();
-        let problem = |field: &str, message: String| Problem {
-            object: key.clone(),
-            field: field.to_string(),
-            message,
-        };
-        let local_only = spec.external_traffic_policy.as_deref() == Some("Local");
-        let mut mode = if local_only {
-            Mode::PreserveClientIp
-        } else {
-            Mode::Snat
-        };
-        if let Some(m) = annotations.get(MODE) {
-            match m.as_str() {
-                "snat" => mode = Mode::Snat,
-                "preserve-client-ip" if local_only => {}
-                "preserve-client-ip" => out.problems.push(problem(
-                    MODE,
-                    "preserve-client-ip needs externalTrafficPolicy: Local (remote endpoints would need direct server return); using snat".into(),
-                )),
-                other => out.problems.push(problem(MODE, format!("`{other}`: snat or preserve-client-ip; using the default"))),
-            }
-        }
-        if local_only && mode == Mode::Snat {
-            // Local + snat is allowed (source NAT to the node, local endpoints only).
-        }
-        let weights = parse_weights(annotations.get(WEIGHTS)).unwrap_or_else(|m| {
-            out.problems.push(problem(WEIGHTS, m));
-            BTreeMap::new()
-        });
-        let delay = match annotations
-            .get(DEREGISTRATION_DELAY)
-            .map(|v| v.parse::<u64>())
-        {
-            None => DEFAULT_DEREGISTRATION_DELAY,
-            Some(Ok(s)) if s <= MAX_DEREGISTRATION_DELAY => Duration::from_secs(s),
-            Some(_) => {
-                out.problems.push(problem(
-                    DEREGISTRATION_DELAY,
-                    format!("must be whole seconds 0..={MAX_DEREGISTRATION_DELAY}; using 300"),
-                ));
-                DEFAULT_DEREGISTRATION_DELAY
-            }
-        };
-        let reset = match annotations.get(DEREGISTRATION_RESET).map(String::as_str) {
-            None | Some("false") => false,
-            Some("true") => true,
-            Some(other) => {
-                out.problems.push(problem(
-                    DEREGISTRATION_RESET,
-                    format!("`{other}`: true or false"),
-                ));
-                false
-            }
-        };
-        let policy = self.policy(key, &annotations, named_policies, out);
-        let affinity = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
-            let t = spec
-                .session_affinity_config
-                .as_ref()
-                .and_then(|c| c.client_ip.as_ref())
-                .and_then(|c| c.timeout_seconds)
-                .and_then(|t| u64::try_from(t).ok())
-                .unwrap_or(DEFAULT_AFFINITY_TIMEOUT);
-            Duration::from_secs(t.max(1))
-        });
-
+        let settings = Settings::read(key, svc, spec, named_policies, out);
         let ns_name = format!("{}/{}", key.0, key.1);
         let mut local_ready = 0usize;
         for sp in spec.ports.iter().flatten() {
             let Some(protocol) = protocol(sp) else {
                 continue; // SCTP: not ours.
             };
-            let endpoints = endpoints(
-                sp,
-                protocol,
-                slices,
-                local_only.then_some(node.name.as_str()),
-            );
+            let local_node = settings.local_only.then_some(node.name.as_str());
+            let endpoints = endpoints(sp, protocol, slices, local_node);
             local_ready = local_ready.max(endpoints.iter().filter(|e| e.ready).count());
             let port_name = sp.name.clone().unwrap_or_else(|| sp.port.to_string());
             for frontend in frontends(spec, svc, sp, protocol, node) {
-                let mut backends: BTreeMap<(IpAddr, u16), u32> = BTreeMap::new();
-                // Dual-stack services have a slice per family: a frontend takes its own family's
-                // endpoints (the data path does not translate between IPv4 and IPv6).
-                for e in endpoints
-                    .iter()
-                    .filter(|e| e.addr.is_ipv4() == frontend.vip.is_ipv4())
-                {
-                    let w = e
-                        .target
-                        .as_ref()
-                        .and_then(|t| weights.get(t))
-                        .or_else(|| weights.get(&e.addr.to_string()))
-                        .copied()
-                        .unwrap_or(1);
-                    backends.insert((e.addr, e.port), w);
-                }
-                let backends = self.drain(frontend, backends, delay, reset, now, out);
+                let weighted = settings.weighted(&endpoints, &frontend);
+                let backends = self.drain(frontend, weighted, settings.drain, now, out);
                 out.services.push(Service {
                     name: format!("{ns_name}:{port_name}"),
-                    source: format!("Service {ns_name}"),
+                    origin: Origin::Kubernetes {
+                        namespace: key.0.clone(),
+                        name: key.1.clone(),
+                    },
                     frontend,
-                    mode,
+                    mode: settings.mode,
                     backends: backends
                         .into_iter()
                         .map(|((addr, port), weight)| Backend { addr, port, weight })
                         .collect(),
-                    policy: policy.clone(),
-                    affinity,
+                    policy: settings.policy.clone(),
+                    affinity: settings.affinity,
                 });
             }
         }
-        if local_only
+        if settings.local_only
             && let Some(port) = spec
                 .health_check_node_port
                 .and_then(|p| u16::try_from(p).ok())
@@ -319,8 +408,7 @@ impl Translator {
         &mut self,
         frontend: Frontend,
         mut backends: BTreeMap<(IpAddr, u16), u32>,
-        delay: Duration,
-        reset: bool,
+        drain: Drain,
         now: Instant,
         out: &mut Translation,
     ) -> BTreeMap<(IpAddr, u16), u32> {
@@ -334,8 +422,8 @@ impl Translator {
                 continue;
             }
             let d = self.draining.entry(key).or_insert(Draining {
-                until: now + delay,
-                reset,
+                until: now + drain.delay,
+                reset: drain.reset,
             });
             if now >= d.until {
                 // The reset choice made when the drain began.
@@ -349,6 +437,7 @@ impl Translator {
                 });
             } else {
                 backends.insert(backend, 0);
+                out.draining.insert(key);
             }
         }
         self.previous.insert(frontend, backends.clone());
@@ -358,7 +447,6 @@ impl Translator {
     /// The policy for a service: its own from `rate-limit.xdplb.io/*` annotations, or a named
     /// one from `xdplb.io/rate-limit`, or none (the node default applies).
     fn policy(
-        &self,
         key: &ObjectKey,
         annotations: &BTreeMap<String, String>,
         named: &BTreeSet<String>,
@@ -407,12 +495,6 @@ impl Translator {
     }
 }
 
-/// The Service a translated service came from (its `source`, "Service <namespace>/<name>").
-pub fn object_of(source: &str) -> Option<ObjectKey> {
-    let (ns, name) = source.strip_prefix("Service ")?.split_once('/')?;
-    Some((ns.to_string(), name.to_string()))
-}
-
 fn enabled(svc: &KubeService) -> bool {
     svc.metadata
         .annotations
@@ -436,7 +518,7 @@ fn protocol(sp: &ServicePort) -> Option<Protocol> {
 /// Where clients reach a service port: load-balancer ingress IPs, external IPs, and the node
 /// port on this node's addresses.
 fn frontends(
-    spec: &k8s_openapi::api::core::v1::ServiceSpec,
+    spec: &ServiceSpec,
     svc: &KubeService,
     sp: &ServicePort,
     protocol: Protocol,
@@ -608,7 +690,7 @@ fn raw_policy(fields: &BTreeMap<&str, &str>) -> Result<RawPolicy, (String, Strin
                         .trim()
                         .parse()
                         .map_err(|_| err(field, format!("`{value}` is not a prefix length")))?,
-                )
+                );
             }
             "table-full" => {
                 raw.table_full = Some(match value.trim() {
@@ -617,14 +699,14 @@ fn raw_policy(fields: &BTreeMap<&str, &str>) -> Result<RawPolicy, (String, Strin
                     other => {
                         return Err(err(field, format!("`{other}`: fail-closed or fail-open")));
                     }
-                })
+                });
             }
             "reject-syn-with-rst" => {
                 raw.reject_syn_with_rst = Some(match value.trim() {
                     "true" => true,
                     "false" => false,
                     other => return Err(err(field, format!("`{other}`: true or false"))),
-                })
+                });
             }
             "exempt" => raw.exempt = list(value),
             "deny" => raw.deny = list(value),

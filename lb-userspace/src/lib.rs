@@ -1,14 +1,20 @@
 //! lb-agent's library: everything the binary and the tests share.
 pub mod agent;
 pub mod attach;
+pub mod check;
+pub mod cleanup;
 pub mod cli;
 pub mod config;
+pub mod datapath_log;
 pub mod dataplane;
 pub mod error;
+pub mod flow;
+pub mod health;
 pub mod k8s;
 pub mod maglev;
 pub mod metrics;
 pub mod model;
+pub mod neighbours;
 pub mod netlink;
 pub mod nic;
 pub mod node;
@@ -16,5 +22,7 @@ pub mod reconcile;
 pub mod state;
 pub mod status;
 pub mod sweep;
+pub mod system;
 pub mod tables;
 pub mod veth;
+pub mod view;

@@ -128,8 +128,10 @@ pub fn build(entries: &[Entry<'_>], size: u32, seed: u32) -> Result<Vec<u32>, Ma
         });
     }
 
-    let round_seeds: [u32; ROUNDS] =
-        std::array::from_fn(|i| bytes_hash(&seed.to_le_bytes(), ROUND_SALT + i as u32));
+    let mut round_seeds = [0u32; ROUNDS];
+    for (salt, s) in (ROUND_SALT..).zip(round_seeds.iter_mut()) {
+        *s = bytes_hash(&seed.to_le_bytes(), salt);
+    }
     // Backends of equal weight share one clock, so they move in rounds: round k is the k-th
     // visit of each, in key order. Rounds due at exactly the same time go in weight order.
     let mut by_weight: BTreeMap<u32, Vec<Backend>> = BTreeMap::new();
@@ -139,7 +141,7 @@ pub fn build(entries: &[Entry<'_>], size: u32, seed: u32) -> Result<Vec<u32>, Ma
             .or_default()
             .push(Backend {
                 // Fits: entries.len() < NO_BACKEND, checked above.
-                index: i as u32,
+                index: u32::try_from(i).unwrap_or(NO_BACKEND),
                 prefs: Preferences::new(entries[i].key, &round_seeds, size),
                 quota: 0,
             });
@@ -275,7 +277,7 @@ impl Due {
         Due {
             num,
             weight: u64::from(weight),
-            tie: tie as u32,
+            tie: u32::try_from(tie).unwrap_or(u32::MAX),
         }
     }
 }
@@ -331,7 +333,7 @@ fn visit_times(size: u32) -> Vec<u64> {
 /// `log2(x)` in 32.32 fixed point, for x >= 1, by repeated squaring of the mantissa.
 fn log2_fixed(x: u64) -> u64 {
     let x = x.max(1);
-    let int = 63 - x.leading_zeros();
+    let int = x.ilog2();
     // The mantissa in [1, 2) with 63 fraction bits; its square fits in u128.
     let mut m = u128::from(x) << (63 - int);
     let mut frac = 0u64;
@@ -365,7 +367,7 @@ mod tests {
 
     /// 1..=5, spread over the key order.
     fn mixed_weight(i: usize) -> u32 {
-        (i * 7 % 5) as u32 + 1
+        u32::try_from(i * 7 % 5).unwrap() + 1
     }
 
     fn weights(n: usize, mixed: bool) -> Vec<u32> {
@@ -421,7 +423,7 @@ mod tests {
         without.remove(r);
         let after = build(&without, size, seed).unwrap();
         let d = moved(&key_per_slot(before, es), &key_per_slot(&after, &without));
-        let own = counts(before, es.len())[r] as f64 / f64::from(size);
+        let own = f64::from(counts(before, es.len())[r]) / f64::from(size);
         assert!(
             d >= own,
             "the removed backend's {own} must all move, moved {d}"
@@ -443,7 +445,7 @@ mod tests {
             }
         }
         for (i, &p) in sieve.iter().enumerate() {
-            assert_eq!(is_prime(i as u32), p, "{i}");
+            assert_eq!(is_prime(u32::try_from(i).unwrap()), p, "{i}");
         }
         assert!(is_prime(MAX_SIZE));
         assert!(is_prime(2_147_483_647));
@@ -571,7 +573,7 @@ mod tests {
                     let ctx = format!(
                         "mixed={mixed} n={n} backend {i}: {c} slots, {expected:.1} expected"
                     );
-                    assert!(err <= (1.0 + n as f64 * share) / 2.0 + 1e-9, "{ctx}");
+                    assert!(err <= f64::midpoint(1.0, n as f64 * share) + 1e-9, "{ctx}");
                     assert!(err / f64::from(M) <= 0.01, "{ctx}");
                     if expected >= 200.0 {
                         assert!(err / expected <= 0.005, "{ctx}");
@@ -659,7 +661,7 @@ mod tests {
                     let mut removed = es.clone();
                     removed.remove(r);
                     let d = build(&drained, M, SEED).unwrap();
-                    assert!(!d.contains(&(r as u32)));
+                    assert!(!d.contains(&u32::try_from(r).unwrap()));
                     let r_ring = build(&removed, M, SEED).unwrap();
                     assert_eq!(
                         key_per_slot(&d, &drained),
@@ -751,12 +753,23 @@ mod tests {
             let t = visit_times(size);
             assert!(t.windows(2).all(|w| w[0] < w[1]));
             // log2((2M + 2) / 3) at the last visit.
-            let last = (((2 * size + 2) as f64 / 3.0).log2() * 2f64.powi(32)) as u64;
+            #[expect(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                reason = "a positive figure far below 2^64"
+            )]
+            let last = ((f64::from(2 * size + 2) / 3.0).log2() * 2f64.powi(32)) as u64;
             assert!(t[t.len() - 1].abs_diff(last) <= 4);
         }
         assert_eq!(log2_fixed(1), 0);
         assert_eq!(log2_fixed(1 << 40), 40 << 32);
-        assert_eq!(log2_fixed(3), (3f64.log2() * 2f64.powi(32)) as u64);
+        #[expect(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "a positive figure far below 2^64"
+        )]
+        let log2_3 = (3f64.log2() * 2f64.powi(32)) as u64;
+        assert_eq!(log2_fixed(3), log2_3);
     }
 
     #[test]
@@ -857,10 +870,10 @@ mod tests {
             prop_assert!(ring.iter().all(|&i| (i as usize) < ks.len()));
             let active = ws.iter().filter(|&&w| w > 0).count() as f64;
             for (i, &c) in counts(&ring, ks.len()).iter().enumerate() {
-                let share = ws[i] as f64 / total as f64;
-                let err = (c as f64 - share * f64::from(size)).abs();
+                let share = f64::from(ws[i]) / total as f64;
+                let err = (f64::from(c) - share * f64::from(size)).abs();
                 prop_assert!(ws[i] > 0 || c == 0);
-                prop_assert!(err <= (1.0 + active * share) / 2.0 + 1e-9, "backend {i}: {c} slots");
+                prop_assert!(err <= f64::midpoint(1.0, active * share) + 1e-9, "backend {i}: {c} slots");
             }
         }
 

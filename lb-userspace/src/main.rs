@@ -1,11 +1,16 @@
-//! lb-agent: the node agent of the XDP load balancer.
+//! lb-agent: the node agent of the XDP load balancer. Parses the command line and hands each
+//! command to the module that owns it.
 use std::process::ExitCode;
 
+use anyhow::Result;
 use clap::Parser;
 use lb_userspace::{
-    agent,
+    agent, check, cleanup,
     cli::{Cli, Command},
-    config, status,
+    flow,
+    netlink::Netlink,
+    node::{self, Interfaces},
+    status,
 };
 
 fn main() -> ExitCode {
@@ -30,7 +35,7 @@ fn main() -> ExitCode {
             destination,
             paths,
             json,
-        } => status::flow(&paths, protocol, source, destination).map(|a| {
+        } => flow::flow(&paths, protocol, source, destination).map(|a| {
             if json {
                 println!("{}", serde_json::to_string_pretty(&a).unwrap_or_default());
             } else {
@@ -43,17 +48,13 @@ fn main() -> ExitCode {
                 );
             }
         }),
-        Command::Check { config: path } => config::load(&path)
-            .map(|d| {
-                println!(
-                    "{}: ok ({} services, {} rate limits)",
-                    path.display(),
-                    d.services.len(),
-                    d.policies.len()
-                );
-            })
-            .map_err(Into::into),
-        Command::Cleanup { paths } => agent::cleanup(&paths),
+        Command::Check {
+            config,
+            sizes,
+            uplinks,
+            backend_interfaces,
+        } => run_check(&config, sizes.sizes(), &uplinks, &backend_interfaces),
+        Command::Cleanup { paths } => cleanup::cleanup(&paths),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -62,4 +63,35 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `lb-agent check`: "ok" and what was not checked, or the problems.
+fn run_check(
+    path: &std::path::Path,
+    sizes: lb_userspace::dataplane::Sizes,
+    uplinks: &[String],
+    backend_interfaces: &[String],
+) -> Result<()> {
+    let node = if uplinks.is_empty() {
+        None
+    } else {
+        let desired = lb_userspace::config::load(path)?;
+        let mut nl = Netlink::open()?;
+        let interfaces = Interfaces::scan(&mut nl, uplinks, backend_interfaces)?;
+        Some(node::view(&mut nl, &desired, &interfaces)?)
+    };
+    let checked = check::check_file(path, sizes, node.as_ref())?;
+    println!(
+        "{}: ok ({} services, {} rate limits)",
+        path.display(),
+        checked.services,
+        checked.policies
+    );
+    if !checked.unchecked.is_empty() {
+        println!("not checked without the live node (give --uplink to check them here):");
+        for u in &checked.unchecked {
+            println!("  - {u}");
+        }
+    }
+    Ok(())
 }

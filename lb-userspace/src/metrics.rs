@@ -1,277 +1,417 @@
-//! Prometheus metrics, /healthz and /readyz over HTTP. Metrics are read from the maps at scrape
-//! time (the data path's per-CPU counters summed), so there is nothing to keep in sync.
-use std::{
-    convert::Infallible,
-    net::SocketAddr,
-    sync::{Arc, Mutex},
-};
+//! Prometheus metrics, /healthz and /readyz over HTTP, served from a thread of their own: they
+//! read the agent's published view ([`crate::view`]) and the data path's counters through
+//! descriptors of their own, so they answer while the agent is busy (a long apply, a sweep).
+//!
+//! `/metrics` speaks what the scraper asks for: OpenMetrics 1.0 when its Accept header prefers
+//! it, else the Prometheus text format 0.0.4 (what Prometheus asks for by default, and what
+//! `promtool check metrics` reads). Counters are read from the maps at scrape time, summed over
+//! CPUs, so there is nothing to keep in sync.
+use std::{convert::Infallible, fmt::Write as _, net::SocketAddr, sync::Arc, thread::JoinHandle};
 
+use bytes::Bytes;
 use http_body_util::Full;
-use hyper::{Request, Response, StatusCode, body::Bytes, service::service_fn};
+use hyper::{Request, Response, StatusCode, header, service::service_fn};
 use hyper_util::rt::TokioIo;
-use lb_common::{Counter as DpCounter, DropReason};
+use lb_common::{BackendStats, Counter, DropReason, ServiceStats};
 use prometheus_client::{
     encoding::text::encode,
-    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    metrics::{
+        counter::Counter as PromCounter, family::Family, gauge::Gauge, histogram::Histogram,
+    },
     registry::Registry,
 };
+use tokio::sync::oneshot;
 
 use crate::{
-    agent::{Agent, KubeHealth, lock},
-    reconcile::service_key,
-    tables::Tables,
+    dataplane::Stats,
+    health::KubeHealth,
+    view::{AgentView, BackendView, ServiceView, Views},
 };
 
 type Labels = Vec<(&'static str, String)>;
 
-/// Serves until the returned task is aborted.
-pub async fn serve(
-    addr: SocketAddr,
-    agent: Arc<Mutex<Agent>>,
+pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub const TEXT_004: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The exposition formats `/metrics` speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    OpenMetrics,
+    /// The Prometheus text format, version 0.0.4.
+    Text,
+}
+
+impl Format {
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::OpenMetrics => OPENMETRICS,
+            Format::Text => TEXT_004,
+        }
+    }
+}
+
+/// The format for an Accept header: OpenMetrics if the scraper lists it with a quality at least
+/// that of text/plain, else the text format (also without an Accept header, or with `*/*`).
+pub fn negotiate(accept: Option<&str>) -> Format {
+    let mut openmetrics: Option<f32> = None;
+    let mut text: Option<f32> = None;
+    for range in accept.unwrap_or("").split(',') {
+        let mut parts = range.split(';').map(str::trim);
+        let media = parts.next().unwrap_or("").to_ascii_lowercase();
+        let q = parts
+            .filter_map(|p| p.strip_prefix("q="))
+            .find_map(|q| q.parse::<f32>().ok())
+            .unwrap_or(1.0);
+        let slot = match media.as_str() {
+            "application/openmetrics-text" => &mut openmetrics,
+            "text/plain" => &mut text,
+            _ => continue,
+        };
+        *slot = Some(slot.map_or(q, |old| old.max(q)));
+    }
+    match (openmetrics, text) {
+        (Some(om), t) if om > 0.0 && om >= t.unwrap_or(0.0) => Format::OpenMetrics,
+        _ => Format::Text,
+    }
+}
+
+/// The metrics server's thread. Dropping it stops the server.
+pub struct MetricsServer {
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for MetricsServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// What a request is answered from.
+struct Endpoint {
+    views: Views,
+    stats: Stats,
     sync_latency: Option<Histogram>,
-) -> std::io::Result<tokio::task::JoinHandle<()>> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    Ok(tokio::spawn(async move {
-        // Connections live in this set: aborting the server drops them, and with them every
-        // handle on the agent.
-        let mut connections = tokio::task::JoinSet::new();
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            while connections.try_join_next().is_some() {}
-            let agent = agent.clone();
-            let latency = sync_latency.clone();
-            connections.spawn(async move {
-                let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                    let agent = agent.clone();
-                    let latency = latency.clone();
-                    async move {
-                        Ok::<_, Infallible>(respond(req.uri().path(), &agent, latency.as_ref()))
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
+}
+
+/// Binds `addr` (an error here is the caller's to report) and serves on a thread of its own
+/// until the returned server is dropped.
+pub fn serve(
+    addr: SocketAddr,
+    views: Views,
+    stats: Stats,
+    sync_latency: Option<Histogram>,
+) -> std::io::Result<MetricsServer> {
+    let listener = std::net::TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
+    let endpoint = Arc::new(Endpoint {
+        views,
+        stats,
+        sync_latency,
+    });
+    let (stop, stopped) = oneshot::channel();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let thread = std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                    return;
+                };
+                tokio::select! {
+                    () = accept_loop(listener, endpoint) => {}
+                    _ = stopped => {}
+                }
             });
-        }
-    }))
+        })?;
+    Ok(MetricsServer {
+        stop: Some(stop),
+        thread: Some(thread),
+    })
 }
 
-fn respond(
-    path: &str,
-    agent: &Mutex<Agent>,
-    sync_latency: Option<&Histogram>,
-) -> Response<Full<Bytes>> {
-    let reply = |code: StatusCode, body: String, kind: &'static str| {
-        Response::builder()
-            .status(code)
-            .header("content-type", kind)
-            .body(Full::new(Bytes::from(body)))
-            .unwrap_or_default()
-    };
-    match path {
-        "/metrics" => reply(
-            StatusCode::OK,
-            render(&lock(agent), sync_latency),
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        ),
-        "/healthz" => reply(StatusCode::OK, "ok\n".into(), "text/plain"),
-        "/readyz" => match lock(agent).health.readiness() {
-            Ok(()) => reply(StatusCode::OK, "ready\n".into(), "text/plain"),
-            Err(why) => reply(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("not ready: {why}\n"),
-                "text/plain",
+async fn accept_loop(listener: tokio::net::TcpListener, endpoint: Arc<Endpoint>) {
+    // Connections live in this set: returning drops them.
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        while connections.try_join_next().is_some() {}
+        let endpoint = endpoint.clone();
+        connections.spawn(async move {
+            let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let response = endpoint.respond(&req);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+impl Endpoint {
+    fn respond<B>(&self, req: &Request<B>) -> Response<Full<Bytes>> {
+        let reply = |code: StatusCode, body: Bytes, kind: &'static str| {
+            Response::builder()
+                .status(code)
+                .header(header::CONTENT_TYPE, kind)
+                .body(Full::new(body))
+                .unwrap_or_default()
+        };
+        let text = "text/plain; charset=utf-8";
+        match req.uri().path() {
+            "/metrics" => {
+                let accept = req
+                    .headers()
+                    .get(header::ACCEPT)
+                    .and_then(|v| v.to_str().ok());
+                let format = negotiate(accept);
+                let view = self.views.latest();
+                let figures = Figures::read(&view, &self.stats);
+                let body = render(&view, &figures, self.sync_latency.as_ref(), format);
+                reply(StatusCode::OK, Bytes::from(body), format.content_type())
+            }
+            "/healthz" => reply(StatusCode::OK, Bytes::from_static(b"ok\n"), text),
+            "/readyz" => match self.views.latest().health.readiness() {
+                Ok(()) => reply(StatusCode::OK, Bytes::from_static(b"ready\n"), text),
+                Err(why) => reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Bytes::from(format!("not ready: {why}\n")),
+                    text,
+                ),
+            },
+            _ => reply(
+                StatusCode::NOT_FOUND,
+                Bytes::from_static(b"not found\n"),
+                text,
             ),
-        },
-        _ => reply(StatusCode::NOT_FOUND, "not found\n".into(), "text/plain"),
+        }
     }
 }
 
-/// The registry, filled from the maps now.
-pub fn render(agent: &Agent, sync_latency: Option<&Histogram>) -> String {
-    let mut r = Registry::with_prefix("xdplb");
-    let counter = |r: &mut Registry, name: &str, help: &str| {
-        let f = Family::<Labels, Counter>::default();
-        r.register(name, help, f.clone());
-        f
-    };
-    let gauge = |r: &mut Registry, name: &str, help: &str| {
-        let f = Family::<Labels, Gauge>::default();
-        r.register(name, help, f.clone());
-        f
-    };
+/// The data path's counters for one scrape.
+#[derive(Clone, Debug, Default)]
+pub struct Figures {
+    pub counters: Vec<(Counter, u64)>,
+    /// Per service of the view, in its order: the service's and each backend's counters.
+    pub services: Vec<(ServiceStats, Vec<BackendStats>)>,
+}
 
-    let events = counter(
-        &mut r,
-        "datapath_events",
-        "Node-wide data path events by kind (passes, drops by reason, flows created, XDP verdicts...)",
-    );
-    for (c, v) in agent.maps.read_counters() {
-        events
-            .get_or_create(&vec![("event", c.name().to_string())])
-            .inc_by(v);
-    }
-    let _ = DpCounter::Packets;
-
-    let names: std::collections::BTreeMap<_, _> = agent
-        .desired
-        .services
-        .values()
-        .map(|s| (service_key(&s.frontend), s))
-        .collect();
-    let svc_packets = counter(
-        &mut r,
-        "service_packets",
-        "Packets of a service, by direction",
-    );
-    let svc_bytes = counter(
-        &mut r,
-        "service_bytes",
-        "IP bytes of a service, by direction",
-    );
-    let svc_flows = counter(&mut r, "service_new_flows", "New flows of a service");
-    let svc_drops = counter(
-        &mut r,
-        "service_drops",
-        "Packets of a service dropped, by reason",
-    );
-    let be_packets = counter(
-        &mut r,
-        "backend_packets",
-        "Client-to-backend packets per backend",
-    );
-    let be_bytes = counter(
-        &mut r,
-        "backend_bytes",
-        "Client-to-backend IP bytes per backend",
-    );
-    let be_flows = counter(&mut r, "backend_new_flows", "New flows per backend");
-    let be_weight = gauge(
-        &mut r,
-        "backend_weight",
-        "Configured weight per backend (0: draining)",
-    );
-    if let Ok(snap) = agent.maps.snapshot() {
-        for (key, svc) in &snap.services {
-            let Some(s) = names.get(key) else { continue };
-            let base = vec![
-                ("service", s.name.clone()),
-                ("frontend", s.frontend.to_string()),
-            ];
-            let st = agent.maps.read_service_stats(svc.id);
-            let with = |k: &'static str, v: &str| {
-                let mut l = base.clone();
-                l.push((k, v.to_string()));
-                l
-            };
-            svc_packets
-                .get_or_create(&with("direction", "to_backend"))
-                .inc_by(st.packets);
-            svc_packets
-                .get_or_create(&with("direction", "to_client"))
-                .inc_by(st.reply_packets);
-            svc_bytes
-                .get_or_create(&with("direction", "to_backend"))
-                .inc_by(st.bytes);
-            svc_bytes
-                .get_or_create(&with("direction", "to_client"))
-                .inc_by(st.reply_bytes);
-            svc_flows.get_or_create(&base).inc_by(st.new_flows);
-            for (reason, v) in DropReason::ALL.iter().zip(st.drops.iter()) {
-                svc_drops
-                    .get_or_create(&with("reason", reason.name()))
-                    .inc_by(*v);
-            }
-            for (id, b) in snap
-                .backends
+impl Figures {
+    pub fn read(view: &AgentView, stats: &Stats) -> Figures {
+        Figures {
+            counters: stats.counters(),
+            services: view
+                .services
                 .iter()
-                .filter(|(_, b)| b.service == svc.id && b.flags & lb_common::BACKEND_LISTED != 0)
-            {
-                let addr = std::net::IpAddr::from(b.addr);
-                let port = u16::from_be(b.port);
-                let mut l = base.clone();
-                l.push((
-                    "backend",
-                    crate::model::Backend {
-                        addr,
-                        port,
-                        weight: 0,
-                    }
-                    .maglev_key(),
-                ));
-                let st = agent.maps.read_backend_stats(*id);
-                be_packets.get_or_create(&l).inc_by(st.packets);
-                be_bytes.get_or_create(&l).inc_by(st.bytes);
-                be_flows.get_or_create(&l).inc_by(st.new_flows);
-                be_weight.get_or_create(&l).set(i64::from(b.weight));
-            }
+                .map(|s| {
+                    let backends = s.backends.iter().map(|b| stats.backend(b.id)).collect();
+                    (stats.service(s.id), backends)
+                })
+                .collect(),
         }
     }
+}
 
-    let tables = gauge(
-        &mut r,
-        "table_entries",
-        "Entries in a data path table at the last sweep",
-    );
-    let capacity = gauge(&mut r, "table_capacity", "Capacity of a data path table");
-    let sizes = agent.sizes();
-    let sweep = &agent.health.last_sweep;
-    for (table, n, cap) in [
-        (
-            "flows",
-            sweep.flows,
-            sizes.flow_entries + sizes.flow_entries_v6,
-        ),
-        ("sources", sweep.sources, sizes.source_entries),
-    ] {
-        tables
-            .get_or_create(&vec![("table", table.to_string())])
-            .set(n as i64);
-        capacity
-            .get_or_create(&vec![("table", table.to_string())])
-            .set(i64::from(cap));
-    }
-    let swept = counter(
-        &mut r,
-        "swept_entries",
-        "Flow entries the agent's sweeps removed (finished flows)",
-    );
-    swept
-        .get_or_create(&vec![("table", "flows".into())])
-        .inc_by(agent.health.swept_flows);
-
-    let reloads = counter(&mut r, "config_reloads", "Config reloads by result");
-    reloads
-        .get_or_create(&vec![("result", "applied".into())])
-        .inc_by(agent.health.reloads_applied);
-    reloads
-        .get_or_create(&vec![("result", "rejected".into())])
-        .inc_by(agent.health.reloads_rejected);
-    let ready = gauge(
-        &mut r,
-        "ready",
-        "1 when the desired state is applied and the data path attached",
-    );
-    ready
-        .get_or_create(&vec![])
-        .set(i64::from(agent.health.ready));
-    let mode = gauge(
-        &mut r,
-        "interface_attached",
-        "Interfaces the data path is attached to, with program and XDP mode",
-    );
-    for a in agent.attachment_labels() {
-        mode.get_or_create(&vec![("interface", a.0), ("program", a.1), ("mode", a.2)])
-            .set(1);
-    }
-    if let Some(k) = &agent.health.kubernetes {
+/// The metrics in `format`.
+pub fn render(
+    view: &AgentView,
+    figures: &Figures,
+    sync_latency: Option<&Histogram>,
+    format: Format,
+) -> String {
+    let mut r = Registry::with_prefix("xdplb");
+    datapath_metrics(&mut r, figures);
+    service_metrics(&mut r, view, figures);
+    agent_metrics(&mut r, view);
+    if let Some(k) = &view.health.kubernetes {
         kubernetes_metrics(&mut r, k, sync_latency);
     }
     let mut out = String::new();
+    // Writing into a String cannot fail.
     let _ = encode(&mut out, &r);
+    match format {
+        Format::OpenMetrics => out,
+        Format::Text => openmetrics_to_text(&out),
+    }
+}
+
+fn counter_family(r: &mut Registry, name: &str, help: &str) -> Family<Labels, PromCounter> {
+    let f = Family::<Labels, PromCounter>::default();
+    r.register(name, help, f.clone());
+    f
+}
+
+fn gauge_family(r: &mut Registry, name: &str, help: &str) -> Family<Labels, Gauge> {
+    let f = Family::<Labels, Gauge>::default();
+    r.register(name, help, f.clone());
+    f
+}
+
+fn datapath_metrics(r: &mut Registry, figures: &Figures) {
+    let events = counter_family(
+        r,
+        "datapath_events",
+        "Node-wide data path events by kind (passes, drops by reason, flows created, XDP verdicts...)",
+    );
+    for (c, v) in &figures.counters {
+        events
+            .get_or_create(&vec![("event", c.name().to_string())])
+            .inc_by(*v);
+    }
+}
+
+fn service_metrics(r: &mut Registry, view: &AgentView, figures: &Figures) {
+    let svc_packets = counter_family(r, "service_packets", "Packets of a service, by direction");
+    let svc_bytes = counter_family(r, "service_bytes", "IP bytes of a service, by direction");
+    let svc_flows = counter_family(r, "service_new_flows", "New flows of a service");
+    let svc_drops = counter_family(
+        r,
+        "service_drops",
+        "Packets of a service dropped, by reason",
+    );
+    let be_packets = counter_family(
+        r,
+        "backend_packets",
+        "Client-to-backend packets per backend",
+    );
+    let be_bytes = counter_family(r, "backend_bytes", "Client-to-backend IP bytes per backend");
+    let be_flows = counter_family(r, "backend_new_flows", "New flows per backend");
+    let be_weight = gauge_family(
+        r,
+        "backend_weight",
+        "Weight per listed backend (0: takes no new flows; in maintenance, or draining)",
+    );
+    for (s, (st, backends)) in view.services.iter().zip(&figures.services) {
+        let base = service_labels(s);
+        let with = |k: &'static str, v: &str| {
+            let mut l = base.clone();
+            l.push((k, v.to_string()));
+            l
+        };
+        for (direction, packets, bytes) in [
+            ("to_backend", st.packets, st.bytes),
+            ("to_client", st.reply_packets, st.reply_bytes),
+        ] {
+            svc_packets
+                .get_or_create(&with("direction", direction))
+                .inc_by(packets);
+            svc_bytes
+                .get_or_create(&with("direction", direction))
+                .inc_by(bytes);
+        }
+        svc_flows.get_or_create(&base).inc_by(st.new_flows);
+        for (reason, v) in DropReason::ALL.iter().zip(st.drops.iter()) {
+            svc_drops
+                .get_or_create(&with("reason", reason.name()))
+                .inc_by(*v);
+        }
+        for (b, bst) in s.backends.iter().zip(backends) {
+            let l = backend_labels(&base, b);
+            be_packets.get_or_create(&l).inc_by(bst.packets);
+            be_bytes.get_or_create(&l).inc_by(bst.bytes);
+            be_flows.get_or_create(&l).inc_by(bst.new_flows);
+            be_weight.get_or_create(&l).set(i64::from(b.weight));
+        }
+    }
+}
+
+/// A label value as both formats write it: prometheus_client writes values as given, and a
+/// service may be named anything (`"`, `\`, a line break).
+fn escaped(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
     out
+}
+
+fn service_labels(s: &ServiceView) -> Labels {
+    vec![
+        ("service", escaped(&s.label.name)),
+        ("frontend", s.label.frontend.to_string()),
+    ]
+}
+
+fn backend_labels(base: &Labels, b: &BackendView) -> Labels {
+    let mut l = base.clone();
+    l.push(("backend", b.name.clone()));
+    l
+}
+
+fn agent_metrics(r: &mut Registry, view: &AgentView) {
+    let h = &view.health;
+    let tables = gauge_family(
+        r,
+        "table_entries",
+        "Entries in a data path table at the last sweep",
+    );
+    let capacity = gauge_family(r, "table_capacity", "Capacity of a data path table");
+    for (table, n, cap) in [
+        (
+            "flows",
+            h.flow_entries,
+            view.sizes.flow_entries + view.sizes.flow_entries_v6,
+        ),
+        ("sources", h.source_entries, view.sizes.source_entries),
+    ] {
+        let l = vec![("table", table.to_string())];
+        tables
+            .get_or_create(&l)
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+        capacity.get_or_create(&l).set(i64::from(cap));
+    }
+    let swept = counter_family(
+        r,
+        "swept_entries",
+        "Flow entries the agent's sweeps removed (flows that are over; the data path reuses the slots of refilled, quiet rate-limit sources itself)",
+    );
+    swept
+        .get_or_create(&vec![("table", "flows".to_string())])
+        .inc_by(h.swept_flows);
+    let reloads = counter_family(r, "config_reloads", "Config reloads by result");
+    for (result, n) in [
+        ("applied", h.reloads_applied),
+        ("rejected", h.reloads_rejected),
+    ] {
+        reloads
+            .get_or_create(&vec![("result", result.to_string())])
+            .inc_by(n);
+    }
+    let ready = gauge_family(
+        r,
+        "ready",
+        "1 when the desired state is applied and the data path attached",
+    );
+    ready.get_or_create(&vec![]).set(i64::from(h.ready));
+    let attached = gauge_family(
+        r,
+        "interface_attached",
+        "Interfaces the data path is attached to, with its program and hook (xdp-native, xdp-generic, tc)",
+    );
+    for i in &view.interfaces {
+        attached
+            .get_or_create(&vec![
+                ("interface", escaped(&i.name)),
+                ("program", i.program.clone()),
+                ("hook", i.hook.clone()),
+            ])
+            .set(1);
+    }
 }
 
 fn kubernetes_metrics(r: &mut Registry, k: &KubeHealth, sync_latency: Option<&Histogram>) {
@@ -282,11 +422,10 @@ fn kubernetes_metrics(r: &mut Registry, k: &KubeHealth, sync_latency: Option<&Hi
         "1 while Services and EndpointSlices are listed and watched",
         synced,
     );
-    let objects = Family::<Labels, Gauge>::default();
-    r.register(
+    let objects = gauge_family(
+        r,
         "kubernetes_objects",
         "Kubernetes objects seen, by kind (services_enabled: those that opted in)",
-        objects.clone(),
     );
     for (kind, n) in [
         ("services", k.services_seen),
@@ -296,39 +435,36 @@ fn kubernetes_metrics(r: &mut Registry, k: &KubeHealth, sync_latency: Option<&Hi
     ] {
         objects
             .get_or_create(&vec![("kind", kind.into())])
-            .set(n as i64);
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
-    let counter = |r: &mut Registry, name: &str, help: &str, v: u64| {
-        let c = Counter::<u64>::default();
+    for (name, help, v) in [
+        (
+            "kubernetes_watch_events",
+            "Watch events received",
+            k.watch_events,
+        ),
+        (
+            "kubernetes_watch_errors",
+            "Watch errors (each followed by a fresh list)",
+            k.watch_errors,
+        ),
+        (
+            "kubernetes_apply_errors",
+            "States from the cluster that could not be applied (the last good one stayed)",
+            k.apply_errors,
+        ),
+        (
+            "kubernetes_flows_ended",
+            "Flows ended when a backend's deregistration delay ran out",
+            k.flows_ended,
+        ),
+    ] {
+        let c = PromCounter::<u64>::default();
         c.inc_by(v);
         r.register(name, help, c);
-    };
-    counter(
-        r,
-        "kubernetes_watch_events",
-        "Watch events received",
-        k.watch_events,
-    );
-    counter(
-        r,
-        "kubernetes_watch_errors",
-        "Watch errors (each followed by a fresh list)",
-        k.watch_errors,
-    );
-    counter(
-        r,
-        "kubernetes_apply_errors",
-        "States from the cluster that could not be applied (the last good one stayed)",
-        k.apply_errors,
-    );
-    counter(
-        r,
-        "kubernetes_flows_ended",
-        "Flows ended when a backend's deregistration delay ran out",
-        k.flows_ended,
-    );
+    }
     let problems = Gauge::<i64>::default();
-    problems.set(k.problems as i64);
+    problems.set(i64::try_from(k.problems).unwrap_or(i64::MAX));
     r.register(
         "kubernetes_problems",
         "Current problems with Services (bad annotations, frontends not served), also posted as Events",
@@ -342,3 +478,42 @@ fn kubernetes_metrics(r: &mut Registry, k: &KubeHealth, sync_latency: Option<&Hi
         );
     }
 }
+
+/// OpenMetrics text as the Prometheus text format 0.0.4: a counter family's HELP and TYPE name
+/// its samples (`foo_total`, where OpenMetrics names the family `foo`), `unknown` is `untyped`,
+/// and UNIT and EOF lines go.
+fn openmetrics_to_text(om: &str) -> String {
+    let mut out = String::with_capacity(om.len());
+    // The families' metadata comes first (HELP, then TYPE), then their samples: hold the HELP
+    // line until the TYPE line says whether the name needs `_total`.
+    let mut help: Option<(&str, &str)> = None;
+    for line in om.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, text) = rest.split_once(' ').unwrap_or((rest, ""));
+            help = Some((name, text));
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
+            let (name, kind) = match kind {
+                "counter" => (format!("{name}_total"), "counter"),
+                "unknown" => (name.to_string(), "untyped"),
+                other => (name.to_string(), other),
+            };
+            if let Some((_, text)) = help.take() {
+                let _ = writeln!(out, "# HELP {name} {text}");
+            }
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            continue;
+        }
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;

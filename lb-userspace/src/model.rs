@@ -5,10 +5,12 @@ use std::{
     collections::BTreeMap,
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
     str::FromStr,
     time::Duration,
 };
 
+use lb_common::{Addr, ServiceKey};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -74,6 +76,27 @@ pub struct Frontend {
     pub protocol: Protocol,
 }
 
+impl Frontend {
+    /// The frontend as the data path's service table keys it.
+    pub fn key(&self) -> ServiceKey {
+        ServiceKey {
+            addr: Addr::from(self.vip),
+            port: self.port.to_be(),
+            proto: self.protocol.number(),
+            _pad: 0,
+        }
+    }
+
+    /// The frontend a service-table key stands for (`None`: a protocol the model lacks).
+    pub fn from_key(key: &ServiceKey) -> Option<Frontend> {
+        Some(Frontend {
+            vip: IpAddr::from(key.addr),
+            port: u16::from_be(key.port),
+            protocol: Protocol::from_number(key.proto)?,
+        })
+    }
+}
+
 impl fmt::Display for Frontend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.vip {
@@ -101,12 +124,50 @@ impl Backend {
     }
 }
 
+/// Where a service (or a policy) was defined.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Origin {
+    /// A config file, at this line: this node's own, so an error in it rejects the file.
+    File { path: PathBuf, line: usize },
+    /// A Kubernetes Service: shared by every node, so one this node cannot serve is left out
+    /// and reported, and the rest is served.
+    Kubernetes { namespace: String, name: String },
+    /// Given by a program (tests, benchmarks): treated as a file is.
+    Other(String),
+}
+
+impl Origin {
+    /// The Service it came from, if it came from the cluster.
+    pub fn kubernetes_object(&self) -> Option<(&str, &str)> {
+        match self {
+            Origin::Kubernetes { namespace, name } => Some((namespace, name)),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::File { path, line } => write!(f, "{}:{line}", path.display()),
+            Origin::Kubernetes { namespace, name } => write!(f, "Service {namespace}/{name}"),
+            Origin::Other(what) => f.write_str(what),
+        }
+    }
+}
+
+impl From<&str> for Origin {
+    fn from(what: &str) -> Origin {
+        Origin::Other(what.to_string())
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Service {
     /// How people call it ("web", "default/web:http").
     pub name: String,
     /// Where it was defined ("/etc/xdplb/config.toml:12", "Service default/web").
-    pub source: String,
+    pub origin: Origin,
     pub frontend: Frontend,
     pub mode: Mode,
     /// Unique by (addr, port).
@@ -245,6 +306,53 @@ pub struct Desired {
     pub services: BTreeMap<Frontend, Service>,
 }
 
+/// A service one input defines that another input already defines: the first keeps the
+/// frontend, this one is not served.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Conflict {
+    /// The service not served.
+    pub service: Service,
+    /// Where the one that keeps the frontend was defined, and its name.
+    pub kept_by: (Origin, String),
+}
+
+impl fmt::Display for Conflict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "also defined by {} ({}), which keeps it; not served",
+            self.kept_by.0, self.kept_by.1
+        )
+    }
+}
+
+/// The config file's desired state with another input's services and policies added (the
+/// cluster's). The file wins a frontend both define; within `services`, the first one wins
+/// (the cluster's come sorted by namespace and name). The losers are returned.
+pub fn compose(
+    file: &Desired,
+    services: &[Service],
+    policies: &BTreeMap<String, Policy>,
+) -> (Desired, Vec<Conflict>) {
+    let mut desired = file.clone();
+    let mut conflicts = Vec::new();
+    for (name, policy) in policies {
+        desired.policies.insert(name.clone(), policy.clone());
+    }
+    for s in services {
+        match desired.services.get(&s.frontend) {
+            Some(other) => conflicts.push(Conflict {
+                service: s.clone(),
+                kept_by: (other.origin.clone(), other.name.clone()),
+            }),
+            None => {
+                desired.services.insert(s.frontend, s.clone());
+            }
+        }
+    }
+    (desired, conflicts)
+}
+
 /// An address prefix, host bits zero.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Cidr {
@@ -358,6 +466,97 @@ impl<'de> Deserialize<'de> for Cidr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn service(origin: Origin, vip: &str) -> Service {
+        Service {
+            name: format!("{origin}"),
+            origin,
+            frontend: Frontend {
+                vip: vip.parse().unwrap(),
+                port: 80,
+                protocol: Protocol::Tcp,
+            },
+            mode: Mode::Snat,
+            backends: Vec::new(),
+            policy: None,
+            affinity: None,
+        }
+    }
+
+    #[test]
+    fn the_file_keeps_a_frontend_the_cluster_also_defines() {
+        let file_web = service(
+            Origin::File {
+                path: "lb.toml".into(),
+                line: 3,
+            },
+            "10.96.0.10",
+        );
+        let file = Desired {
+            services: [(file_web.frontend, file_web.clone())].into(),
+            ..Desired::default()
+        };
+        let kube = |name: &str, vip: &str| {
+            service(
+                Origin::Kubernetes {
+                    namespace: "default".into(),
+                    name: name.into(),
+                },
+                vip,
+            )
+        };
+        let policies = [("service:default/b".to_string(), test_policy())].into();
+        let (desired, conflicts) = compose(
+            &file,
+            &[
+                kube("a", "10.96.0.10"),
+                kube("b", "10.96.0.11"),
+                kube("c", "10.96.0.11"),
+            ],
+            &policies,
+        );
+        assert_eq!(desired.services.len(), 2);
+        assert_eq!(desired.services[&file_web.frontend], file_web);
+        assert!(desired.policies.contains_key("service:default/b"));
+        let lost: Vec<String> = conflicts
+            .iter()
+            .map(|c| format!("{}: {c}", c.service.origin))
+            .collect();
+        assert_eq!(
+            lost,
+            [
+                "Service default/a: also defined by lb.toml:3 (lb.toml:3), which keeps it; not served",
+                "Service default/c: also defined by Service default/b (Service default/b), which keeps it; not served",
+            ]
+        );
+    }
+
+    fn test_policy() -> Policy {
+        Policy {
+            limits: Limits {
+                packets: None,
+                connections: None,
+            },
+            ipv6_prefix: DEFAULT_IPV6_PREFIX,
+            table_full: TableFull::FailClosed,
+            reset_rejected_syn: false,
+            exempt: Vec::new(),
+            deny: Vec::new(),
+            overrides: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_frontend_and_its_key_stand_for_each_other() {
+        let f = Frontend {
+            vip: "fd00::1".parse().unwrap(),
+            port: 8080,
+            protocol: Protocol::Udp,
+        };
+        let key = f.key();
+        assert_eq!(key.port, 8080u16.to_be(), "network byte order");
+        assert_eq!(Frontend::from_key(&key), Some(f));
+    }
 
     #[test]
     fn cidr_parses_and_rejects_host_bits() {

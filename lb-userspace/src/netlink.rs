@@ -1,16 +1,18 @@
-//! Blocking rtnetlink client: route lookups, addresses, links and managed neighbour entries.
-//! Owns the wire protocol (requests, multi-part dumps, ACKs, kernel errors); holds no policy —
-//! callers decide what to do with what it reports.
+//! Blocking rtnetlink client: route lookups, addresses, links and managed neighbour entries;
+//! and [`Monitor`], a socket subscribed to the kernel's notifications about links, addresses,
+//! routes and neighbours. Owns the wire protocol (requests, multi-part dumps, ACKs, kernel
+//! errors, notifications); holds no policy — callers decide what to do with what it reports.
 //!
 //! A netlink socket belongs to the network namespace of the thread that created it, for its
 //! whole life: call [`Netlink::open`] on a thread that is in the namespace you mean to query
 //! (a thread that later `setns`es elsewhere keeps talking to the namespace the socket was made
 //! in).
-use std::{io, net::IpAddr, os::fd::AsRawFd, time::Duration};
+use std::{io, net::IpAddr, time::Duration};
 
+use bytes::BytesMut;
 use netlink_packet_core::{
     DefaultNla, NLA_TYPE_MASK, NLM_F_ACK, NLM_F_ACK_TLVS, NLM_F_CAPPED, NLM_F_CREATE, NLM_F_DUMP,
-    NLM_F_DUMP_INTR, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkBuffer, NetlinkHeader, NetlinkMessage,
+    NLM_F_DUMP_INTR, NLM_F_EXCL, NLM_F_REQUEST, NetlinkBuffer, NetlinkHeader, NetlinkMessage,
     NetlinkPayload, Nla, NlaBuffer, NlasIterator,
 };
 use netlink_packet_route::{
@@ -54,7 +56,7 @@ pub enum NetlinkError {
         #[source]
         source: io::Error,
     },
-    #[error("{op}: {}{}", io::Error::from_raw_os_error(*.errno), extack_suffix(.message))]
+    #[error("{op}: {}{}", io::Error::from_raw_os_error(*.errno), extack_suffix(.message.as_deref()))]
     Kernel {
         op: String,
         /// Positive errno the kernel answered with.
@@ -89,7 +91,7 @@ impl NetlinkError {
     }
 }
 
-fn extack_suffix(message: &Option<String>) -> String {
+fn extack_suffix(message: Option<&str>) -> String {
     match message {
         Some(m) => format!("; the kernel says: {m}"),
         None => String::new(),
@@ -157,7 +159,21 @@ pub struct Link {
 pub struct Netlink {
     socket: Socket,
     seq: u32,
-    buf: Vec<u8>,
+    /// Received datagrams, and requests being sent: reused, so a request allocates nothing
+    /// once they have grown to the largest message seen.
+    buf: BytesMut,
+    out: BytesMut,
+}
+
+/// One neighbour entry as the kernel has it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Neighbour {
+    pub ifindex: u32,
+    pub addr: IpAddr,
+    /// NTF_EXT_MANAGED: the kernel resolves it and keeps it resolved (we make them so).
+    pub managed: bool,
+    /// The NUD state bits (NUD_PERMANENT, NUD_REACHABLE, ...).
+    pub state: u16,
 }
 
 /// How a request ended, before the dump-retry decision.
@@ -179,7 +195,8 @@ impl Netlink {
         Ok(Netlink {
             socket,
             seq: 0,
-            buf: Vec::with_capacity(RECV_BUFFER),
+            buf: BytesMut::with_capacity(RECV_BUFFER),
+            out: BytesMut::new(),
         })
     }
 
@@ -197,7 +214,7 @@ impl Netlink {
         request
             .attributes
             .push(RouteAttribute::Destination(RouteAddress::from(dst)));
-        let replies = match self.transact(&op, RouteNetlinkMessage::GetRoute(request), 0) {
+        let replies = match self.transact(&op, &RouteNetlinkMessage::GetRoute(request), 0) {
             Ok(replies) => replies.messages,
             Err(e) if matches!(e.errno(), Some(libc::ENETUNREACH | libc::EHOSTUNREACH)) => {
                 return Ok(None);
@@ -218,7 +235,7 @@ impl Netlink {
     pub fn addresses(&mut self) -> Result<Vec<IfAddr>, NetlinkError> {
         let replies = self.dump(
             "address dump",
-            RouteNetlinkMessage::GetAddress(AddressMessage::default()),
+            &RouteNetlinkMessage::GetAddress(AddressMessage::default()),
         )?;
         Ok(replies
             .iter()
@@ -239,8 +256,8 @@ impl Netlink {
         let mut request = NsidMessage::default();
         request
             .attributes
-            .push(NsidAttribute::Fd(ns_fd.as_raw_fd() as u32));
-        let replies = self.transact("get nsid", RouteNetlinkMessage::GetNsId(request), 0)?;
+            .push(NsidAttribute::Fd(ns_fd.as_raw_fd().cast_unsigned()));
+        let replies = self.transact("get nsid", &RouteNetlinkMessage::GetNsId(request), 0)?;
         Ok(replies.messages.iter().find_map(|m| match m {
             RouteNetlinkMessage::NewNsId(n) => n.attributes.iter().find_map(|a| match a {
                 NsidAttribute::Id(id) if *id >= 0 => Some(*id),
@@ -254,7 +271,7 @@ impl Netlink {
     pub fn links(&mut self) -> Result<Vec<Link>, NetlinkError> {
         let replies = self.dump(
             "link dump",
-            RouteNetlinkMessage::GetLink(LinkMessage::default()),
+            &RouteNetlinkMessage::GetLink(LinkMessage::default()),
         )?;
         Ok(replies
             .iter()
@@ -265,19 +282,16 @@ impl Netlink {
             .collect())
     }
 
-    /// Like `ip neigh replace ADDR dev IFINDEX managed`: the kernel resolves the entry and keeps
-    /// it resolved, so XDP's `bpf_fib_lookup` finds a MAC for it. Idempotent: replacing an
-    /// entry that is already managed leaves its state (and MAC) as it is, so calling this on
-    /// every reconcile does not make lookups miss.
-    ///
-    /// A static entry for the same address is turned into a managed one (it loses its MAC until
-    /// the kernel resolves it).
-    pub fn ensure_managed_neighbour(
+    /// Like `ip neigh add ADDR dev IFINDEX managed`: the kernel resolves the entry and keeps it
+    /// resolved, so XDP's `bpf_fib_lookup` finds a MAC for it. Never replaces an entry: if one
+    /// exists for the address (someone else's static entry, one the kernel learned, or ours),
+    /// it is left as it is and this returns false; true if it made one.
+    pub fn add_managed_neighbour(
         &mut self,
         ifindex: u32,
         addr: IpAddr,
-    ) -> Result<(), NetlinkError> {
-        let op = format!("neighbour replace {addr} dev {ifindex} managed");
+    ) -> Result<bool, NetlinkError> {
+        let op = format!("neighbour add {addr} dev {ifindex} managed");
         let mut request = neighbour_request(ifindex, addr);
         // NUD_NONE, as iproute2 sends: the kernel rejects managed together with
         // NUD_PERMANENT, and for a managed entry it runs the state machine itself.
@@ -288,12 +302,15 @@ impl Netlink {
                 NDA_FLAGS_EXT,
                 NTF_EXT_MANAGED.to_ne_bytes().to_vec(),
             )));
-        self.transact(
+        match self.transact(
             &op,
-            RouteNetlinkMessage::NewNeighbour(request),
-            NLM_F_CREATE | NLM_F_REPLACE,
-        )?;
-        Ok(())
+            &RouteNetlinkMessage::NewNeighbour(request),
+            NLM_F_CREATE | NLM_F_EXCL,
+        ) {
+            Ok(_) => Ok(true),
+            Err(e) if e.errno() == Some(libc::EEXIST) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// Deletes a neighbour entry we made managed. Absent entries are fine; entries that are not
@@ -311,7 +328,7 @@ impl Netlink {
         let op = format!("neighbour delete {addr} dev {ifindex}");
         match self.transact(
             &op,
-            RouteNetlinkMessage::DelNeighbour(neighbour_request(ifindex, addr)),
+            &RouteNetlinkMessage::DelNeighbour(neighbour_request(ifindex, addr)),
             0,
         ) {
             Ok(_) => Ok(()),
@@ -321,21 +338,28 @@ impl Netlink {
         }
     }
 
-    /// Managed entries present in this namespace, as (ifindex, addr), so callers can remove the
-    /// ones no longer needed.
-    pub fn managed_neighbours(&mut self) -> Result<Vec<(u32, IpAddr)>, NetlinkError> {
+    /// Every neighbour entry in this namespace (IPv4 and IPv6; one dump).
+    pub fn neighbours(&mut self) -> Result<Vec<Neighbour>, NetlinkError> {
         let replies = self.dump(
             "neighbour dump",
-            RouteNetlinkMessage::GetNeighbour(NeighbourMessage::default()),
+            &RouteNetlinkMessage::GetNeighbour(NeighbourMessage::default()),
         )?;
         Ok(replies
             .iter()
             .filter_map(|m| match m {
-                RouteNetlinkMessage::NewNeighbour(n) if is_managed(n) => {
-                    Some((n.header.ifindex, neighbour_addr(n)?))
-                }
+                RouteNetlinkMessage::NewNeighbour(n) => neighbour_from_message(n),
                 _ => None,
             })
+            .collect())
+    }
+
+    /// Managed entries present in this namespace, as (ifindex, addr).
+    pub fn managed_neighbours(&mut self) -> Result<Vec<(u32, IpAddr)>, NetlinkError> {
+        Ok(self
+            .neighbours()?
+            .into_iter()
+            .filter(|n| n.managed)
+            .map(|n| (n.ifindex, n.addr))
             .collect())
     }
 
@@ -348,7 +372,7 @@ impl Netlink {
         let op = format!("neighbour get {addr} dev {ifindex}");
         let replies = match self.transact(
             &op,
-            RouteNetlinkMessage::GetNeighbour(neighbour_request(ifindex, addr)),
+            &RouteNetlinkMessage::GetNeighbour(neighbour_request(ifindex, addr)),
             0,
         ) {
             Ok(replies) => replies.messages,
@@ -365,10 +389,10 @@ impl Netlink {
     fn dump(
         &mut self,
         op: &str,
-        request: RouteNetlinkMessage,
+        request: &RouteNetlinkMessage,
     ) -> Result<Vec<RouteNetlinkMessage>, NetlinkError> {
         for _ in 0..DUMP_ATTEMPTS {
-            let replies = self.transact(op, request.clone(), NLM_F_DUMP)?;
+            let replies = self.transact(op, request, NLM_F_DUMP)?;
             if !replies.interrupted {
                 return Ok(replies.messages);
             }
@@ -386,32 +410,10 @@ impl Netlink {
     fn transact(
         &mut self,
         op: &str,
-        request: RouteNetlinkMessage,
+        request: &RouteNetlinkMessage,
         flags: u16,
     ) -> Result<Replies, NetlinkError> {
-        self.seq = self.seq.wrapping_add(1);
-        let is_dump = flags & NLM_F_DUMP == NLM_F_DUMP;
-        let mut header = NetlinkHeader::default();
-        header.flags = NLM_F_REQUEST | flags | if is_dump { 0 } else { NLM_F_ACK };
-        header.sequence_number = self.seq;
-        let mut message = NetlinkMessage::new(header, NetlinkPayload::from(request));
-        message.finalize();
-        let mut bytes = vec![0u8; message.buffer_len()];
-        message.serialize(&mut bytes);
-        let kernel = SocketAddr::new(0, 0);
-        loop {
-            match self.socket.send_to(&bytes, &kernel, 0) {
-                Ok(_) => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(source) => {
-                    return Err(NetlinkError::Io {
-                        op: op.to_string(),
-                        source,
-                    });
-                }
-            }
-        }
-
+        self.send(op, request, flags)?;
         let mut replies = Replies {
             messages: Vec::new(),
             interrupted: false,
@@ -422,104 +424,60 @@ impl Netlink {
         let mut undecodable: Option<NetlinkError> = None;
         loop {
             let len = self.recv_datagram(op)?;
-            let mut offset = 0;
-            while offset < len {
-                let rest = &self.buf[offset..len];
-                let buffer = match NetlinkBuffer::new_checked(rest) {
-                    Ok(buffer) => buffer,
-                    Err(e) => {
-                        // No length to skip by: the rest of this datagram is lost.
-                        undecodable.get_or_insert(NetlinkError::decode(op, e));
-                        break;
+            for frame in frames(&self.buf[..len]) {
+                let msg = match frame {
+                    Frame::Message { seq, .. } if seq != self.seq => {
+                        // A late answer to an earlier request that timed out: not ours to read.
+                        log::debug!(
+                            "{op}: skipping a reply with sequence {seq}, want {}",
+                            self.seq
+                        );
+                        continue;
                     }
-                };
-                let msg_len = buffer.length() as usize;
-                let seq = buffer.sequence_number();
-                offset += align4(msg_len);
-                if seq != self.seq {
-                    // A late answer to an earlier request that timed out: not ours to read.
-                    log::debug!(
-                        "{op}: skipping a reply with sequence {seq}, want {}",
-                        self.seq
-                    );
-                    continue;
-                }
-                let msg = match NetlinkMessage::<RouteNetlinkMessage>::deserialize(&rest[..msg_len])
-                {
-                    Ok(msg) => msg,
-                    Err(e) => {
+                    Frame::Message { message: Ok(m), .. } => m,
+                    Frame::Message {
+                        message: Err(e), ..
+                    }
+                    | Frame::Broken(e) => {
                         undecodable.get_or_insert(NetlinkError::decode(op, e));
                         continue;
                     }
                 };
-                if msg.header.flags & NLM_F_DUMP_INTR != 0 {
-                    replies.interrupted = true;
-                }
-                match msg.payload {
-                    NetlinkPayload::InnerMessage(inner) => replies.messages.push(inner),
-                    NetlinkPayload::Done(done) if done.code != 0 => {
-                        return Err(NetlinkError::Kernel {
-                            op: op.to_string(),
-                            errno: done.code.saturating_abs(),
-                            message: extack_message(&done.extended_ack),
-                        });
-                    }
-                    NetlinkPayload::Error(error) if error.code.is_some() => {
-                        return Err(NetlinkError::Kernel {
-                            op: op.to_string(),
-                            errno: error.raw_code().saturating_abs(),
-                            message: error_extack(msg.header.flags, &error.header),
-                        });
-                    }
-                    // The end of a dump, or the ACK of anything else.
-                    NetlinkPayload::Done(_) | NetlinkPayload::Error(_) => {
+                match take_reply(op, msg, &mut replies)? {
+                    Step::More => {}
+                    Step::Done => {
                         return match undecodable {
                             Some(e) => Err(e),
                             None => Ok(replies),
                         };
                     }
-                    NetlinkPayload::Overrun(_) => {
-                        return Err(NetlinkError::decode(op, "the kernel reported an overrun"));
-                    }
-                    _ => {}
                 }
             }
         }
     }
 
-    /// Reads one whole datagram into `self.buf`, growing it first if the datagram is bigger.
-    fn recv_datagram(&mut self, op: &str) -> Result<usize, NetlinkError> {
-        // MSG_PEEK | MSG_TRUNC returns the datagram's full size without consuming it, so a
-        // message bigger than the buffer is never cut short.
-        self.buf.clear();
-        let size = self.recv(op, libc::MSG_PEEK | libc::MSG_TRUNC)?;
-        if size > self.buf.capacity() {
-            self.buf.reserve(size);
-        }
-        self.buf.clear();
-        // This socket has a single reader, so the datagram read is the one just peeked at;
-        // without MSG_TRUNC the kernel would cut a longer one silently, hence the comparison.
-        let len = self.recv(op, 0)?;
-        if len < size {
-            return Err(NetlinkError::decode(
-                op,
-                format!("datagram of {size} bytes truncated to {len}"),
-            ));
-        }
-        Ok(len)
-    }
-
-    fn recv(&mut self, op: &str, flags: libc::c_int) -> Result<usize, NetlinkError> {
+    /// Sends one request with a new sequence number (ACK asked for unless it is a dump).
+    fn send(
+        &mut self,
+        op: &str,
+        request: &RouteNetlinkMessage,
+        flags: u16,
+    ) -> Result<(), NetlinkError> {
+        self.seq = self.seq.wrapping_add(1);
+        let is_dump = flags & NLM_F_DUMP == NLM_F_DUMP;
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | flags | if is_dump { 0 } else { NLM_F_ACK };
+        header.sequence_number = self.seq;
+        let mut message = NetlinkMessage::new(header, NetlinkPayload::from(request.clone()));
+        message.finalize();
+        self.out.clear();
+        self.out.resize(message.buffer_len(), 0);
+        message.serialize(&mut self.out);
+        let kernel = SocketAddr::new(0, 0);
         loop {
-            match self.socket.recv(&mut self.buf, flags) {
-                Ok(n) => return Ok(n),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    return Err(NetlinkError::Timeout {
-                        op: op.to_string(),
-                        timeout: RECV_TIMEOUT,
-                    });
-                }
+            match self.socket.send_to(&self.out, &kernel, 0) {
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(source) => {
                     return Err(NetlinkError::Io {
                         op: op.to_string(),
@@ -529,28 +487,256 @@ impl Netlink {
             }
         }
     }
+
+    /// Reads one whole datagram into `self.buf`.
+    fn recv_datagram(&mut self, op: &str) -> Result<usize, NetlinkError> {
+        recv_whole(&self.socket, &mut self.buf).map_err(|source| {
+            if source.kind() == io::ErrorKind::WouldBlock {
+                NetlinkError::Timeout {
+                    op: op.to_string(),
+                    timeout: RECV_TIMEOUT,
+                }
+            } else {
+                NetlinkError::Io {
+                    op: op.to_string(),
+                    source,
+                }
+            }
+        })
+    }
+}
+
+/// Reads one whole datagram into `buf`, growing it first if the datagram is bigger.
+fn recv_whole(socket: &Socket, buf: &mut BytesMut) -> io::Result<usize> {
+    let recv = |buf: &mut BytesMut, flags| loop {
+        match socket.recv(buf, flags) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            other => return other,
+        }
+    };
+    // MSG_PEEK | MSG_TRUNC returns the datagram's full size without consuming it, so a
+    // message bigger than the buffer is never cut short.
+    buf.clear();
+    let size = recv(buf, libc::MSG_PEEK | libc::MSG_TRUNC)?;
+    buf.clear();
+    buf.reserve(size);
+    // This socket has a single reader, so the datagram read is the one just peeked at;
+    // without MSG_TRUNC the kernel would cut a longer one silently, hence the comparison.
+    let len = recv(buf, 0)?;
+    if len < size {
+        return Err(io::Error::other(format!(
+            "datagram of {size} bytes truncated to {len}"
+        )));
+    }
+    Ok(len)
+}
+
+/// rtnetlink multicast groups (linux/rtnetlink.h, `enum rtnetlink_groups`).
+const RTNLGRP_LINK: u32 = 1;
+const RTNLGRP_NEIGH: u32 = 3;
+const RTNLGRP_IPV4_IFADDR: u32 = 5;
+const RTNLGRP_IPV4_ROUTE: u32 = 7;
+const RTNLGRP_IPV6_IFADDR: u32 = 9;
+const RTNLGRP_IPV6_ROUTE: u32 = 11;
+/// Room for a burst of notifications (a flush of thousands of neighbour entries) before the
+/// kernel drops some and says so with ENOBUFS.
+const MONITOR_BUFFER: usize = 4 << 20;
+
+/// What a notification tells.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// A link appeared, changed (administrative state, carrier, name, XDP) or went.
+    Link { ifindex: u32 },
+    /// An address was added or removed.
+    Address,
+    /// A route was added or removed.
+    Route,
+    /// A neighbour entry was deleted (a flush, carrier loss, the interface going down).
+    NeighbourGone { ifindex: u32, addr: IpAddr },
+    /// A neighbour entry was made or changed, as it is now.
+    Neighbour(Neighbour),
+    /// The kernel dropped notifications (the socket's buffer was full): anything may have
+    /// changed.
+    Overrun,
+}
+
+/// A socket subscribed to the kernel's notifications about links, addresses, routes and
+/// neighbours (both families), in the network namespace it was opened in. Non-blocking: poll
+/// its descriptor for readability, then [`Monitor::read`].
+pub struct Monitor {
+    socket: Socket,
+    buf: BytesMut,
+}
+
+impl Monitor {
+    pub fn open() -> Result<Monitor, NetlinkError> {
+        let mut socket = Socket::new(NETLINK_ROUTE).map_err(NetlinkError::Open)?;
+        socket.bind_auto().map_err(NetlinkError::Open)?;
+        for group in [
+            RTNLGRP_LINK,
+            RTNLGRP_NEIGH,
+            RTNLGRP_IPV4_IFADDR,
+            RTNLGRP_IPV4_ROUTE,
+            RTNLGRP_IPV6_IFADDR,
+            RTNLGRP_IPV6_ROUTE,
+        ] {
+            socket.add_membership(group).map_err(NetlinkError::Open)?;
+        }
+        // A bigger buffer only makes overruns rarer; the kernel's default still works.
+        let _ = nix::sys::socket::setsockopt(
+            &socket,
+            nix::sys::socket::sockopt::RcvBuf,
+            &MONITOR_BUFFER,
+        );
+        socket.set_non_blocking(true).map_err(NetlinkError::Open)?;
+        Ok(Monitor {
+            socket,
+            buf: BytesMut::with_capacity(RECV_BUFFER),
+        })
+    }
+
+    /// Everything that has arrived (nothing if nothing has: never blocks).
+    pub fn read(&mut self) -> Vec<Change> {
+        let mut changes = Vec::new();
+        loop {
+            match recv_whole(&self.socket, &mut self.buf) {
+                Ok(len) => {
+                    for frame in frames(&self.buf[..len]) {
+                        if let Frame::Message {
+                            message: Ok(msg), ..
+                        } = frame
+                            && let NetlinkPayload::InnerMessage(inner) = msg.payload
+                            && let Some(change) = change_of(inner)
+                        {
+                            changes.push(change);
+                        }
+                    }
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => changes.push(Change::Overrun),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return changes,
+                Err(e) => {
+                    log::debug!("reading netlink notifications: {e}");
+                    changes.push(Change::Overrun);
+                    return changes;
+                }
+            }
+        }
+    }
+}
+
+impl std::os::fd::AsRawFd for Monitor {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.socket.as_raw_fd()
+    }
+}
+
+/// What a notification says changed; `None` for what nobody here follows.
+fn change_of(message: RouteNetlinkMessage) -> Option<Change> {
+    Some(match message {
+        RouteNetlinkMessage::NewLink(l) | RouteNetlinkMessage::DelLink(l) => Change::Link {
+            ifindex: l.header.index,
+        },
+        RouteNetlinkMessage::NewAddress(_) | RouteNetlinkMessage::DelAddress(_) => Change::Address,
+        RouteNetlinkMessage::NewRoute(_) | RouteNetlinkMessage::DelRoute(_) => Change::Route,
+        RouteNetlinkMessage::DelNeighbour(n) => Change::NeighbourGone {
+            ifindex: n.header.ifindex,
+            addr: neighbour_addr(&n)?,
+        },
+        RouteNetlinkMessage::NewNeighbour(n) => Change::Neighbour(neighbour_from_message(&n)?),
+        _ => return None,
+    })
+}
+
+/// Where reading an answer stands after one reply.
+enum Step {
+    More,
+    Done,
+}
+
+/// Takes one reply to a request: a message for the caller, the end of the answer, or the
+/// kernel's error.
+fn take_reply(
+    op: &str,
+    msg: NetlinkMessage<RouteNetlinkMessage>,
+    replies: &mut Replies,
+) -> Result<Step, NetlinkError> {
+    if msg.header.flags & NLM_F_DUMP_INTR != 0 {
+        replies.interrupted = true;
+    }
+    match msg.payload {
+        NetlinkPayload::InnerMessage(inner) => {
+            replies.messages.push(inner);
+            Ok(Step::More)
+        }
+        NetlinkPayload::Done(done) if done.code != 0 => Err(NetlinkError::Kernel {
+            op: op.to_string(),
+            errno: done.code.saturating_abs(),
+            message: extack_message(&done.extended_ack),
+        }),
+        NetlinkPayload::Error(error) if error.code.is_some() => Err(NetlinkError::Kernel {
+            op: op.to_string(),
+            errno: error.raw_code().saturating_abs(),
+            message: error_extack(msg.header.flags, &error.header),
+        }),
+        // The end of a dump, or the ACK of anything else.
+        NetlinkPayload::Done(_) | NetlinkPayload::Error(_) => Ok(Step::Done),
+        NetlinkPayload::Overrun(_) => {
+            Err(NetlinkError::decode(op, "the kernel reported an overrun"))
+        }
+        _ => Ok(Step::More),
+    }
+}
+
+/// One message of a datagram.
+enum Frame {
+    Message {
+        seq: u32,
+        message: Result<NetlinkMessage<RouteNetlinkMessage>, String>,
+    },
+    /// A header that cannot be read: the rest of the datagram is lost (no length to skip by).
+    Broken(String),
+}
+
+/// The messages of one datagram, decoded in place.
+fn frames(datagram: &[u8]) -> impl Iterator<Item = Frame> + '_ {
+    let mut offset = 0;
+    std::iter::from_fn(move || {
+        if offset >= datagram.len() {
+            return None;
+        }
+        let rest = &datagram[offset..];
+        let buffer = match NetlinkBuffer::new_checked(rest) {
+            Ok(buffer) => buffer,
+            Err(e) => {
+                offset = datagram.len();
+                return Some(Frame::Broken(e.to_string()));
+            }
+        };
+        let len = buffer.length() as usize;
+        let seq = buffer.sequence_number();
+        offset += align4(len).max(NLMSG_HEADER_LEN);
+        Some(Frame::Message {
+            seq,
+            message: NetlinkMessage::<RouteNetlinkMessage>::deserialize(&rest[..len])
+                .map_err(|e| e.to_string()),
+        })
+    })
 }
 
 fn set_recv_timeout(socket: &Socket, timeout: Duration) -> io::Result<()> {
-    let tv = libc::timeval {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_usec: libc::suseconds_t::from(timeout.subsec_micros()),
+    use nix::sys::{
+        socket::{setsockopt, sockopt::ReceiveTimeout},
+        time::TimeVal,
     };
-    // SAFETY: a valid fd, and a pointer to a live timeval with its exact size.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    setsockopt(
+        socket,
+        ReceiveTimeout,
+        &TimeVal::from(libc::timeval {
+            tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
+            tv_usec: libc::suseconds_t::from(timeout.subsec_micros()),
+        }),
+    )
+    .map_err(io::Error::from)
 }
 
 fn align4(len: usize) -> usize {
@@ -726,6 +912,15 @@ fn neighbour_request(ifindex: u32, addr: IpAddr) -> NeighbourMessage {
     request
 }
 
+fn neighbour_from_message(message: &NeighbourMessage) -> Option<Neighbour> {
+    Some(Neighbour {
+        ifindex: message.header.ifindex,
+        addr: neighbour_addr(message)?,
+        managed: is_managed(message),
+        state: u16::from(message.header.state),
+    })
+}
+
 fn neighbour_addr(message: &NeighbourMessage) -> Option<IpAddr> {
     message.attributes.iter().find_map(|a| match a {
         NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => Some(IpAddr::V4(*v4)),
@@ -737,13 +932,13 @@ fn neighbour_addr(message: &NeighbourMessage) -> Option<IpAddr> {
 /// NTF_EXT_MANAGED travels in NDA_FLAGS_EXT, which netlink-packet-route leaves untyped.
 fn is_managed(message: &NeighbourMessage) -> bool {
     message.attributes.iter().any(|a| match a {
-        NeighbourAttribute::Other(nla) if nla.kind() & NLA_TYPE_MASK == NDA_FLAGS_EXT => {
-            let mut value = vec![0u8; nla.value_len()];
+        // A u32: read on the stack (this runs for every entry of every dump and notification).
+        NeighbourAttribute::Other(nla)
+            if nla.kind() & NLA_TYPE_MASK == NDA_FLAGS_EXT && nla.value_len() == 4 =>
+        {
+            let mut value = [0u8; 4];
             nla.emit_value(&mut value);
-            value
-                .get(..4)
-                .and_then(|v| <[u8; 4]>::try_from(v).ok())
-                .is_some_and(|v| u32::from_ne_bytes(v) & NTF_EXT_MANAGED != 0)
+            u32::from_ne_bytes(value) & NTF_EXT_MANAGED != 0
         }
         _ => false,
     })
@@ -863,7 +1058,7 @@ mod tests {
         let mut payload = vec![0u8; NLMSG_HEADER_LEN];
         let text = b"Invalid NTF_* flag combination\0";
         let nla_len = 4 + text.len();
-        payload.extend_from_slice(&(nla_len as u16).to_ne_bytes());
+        payload.extend_from_slice(&u16::try_from(nla_len).unwrap().to_ne_bytes());
         payload.extend_from_slice(&NLMSGERR_ATTR_MSG.to_ne_bytes());
         payload.extend_from_slice(text);
         payload.resize(align4(payload.len()), 0);

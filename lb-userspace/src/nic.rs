@@ -3,7 +3,7 @@
 //! only with an MTU of at most 3498 and with at most half of its channels in use (XDP needs its
 //! own transmit queues); otherwise attaching falls back to generic XDP, which is correct but
 //! much slower. Saying so at start saves an operator the guessing.
-use std::{ffi::CString, os::fd::AsRawFd};
+use std::{ffi::CString, fmt::Write as _, os::fd::AsRawFd};
 
 /// ENA's largest MTU with an XDP program (a 4 KiB page minus headroom and skb overhead).
 pub const ENA_XDP_MAX_MTU: u32 = 3498;
@@ -41,7 +41,7 @@ impl Nic {
             self.mtu
         );
         if let Some((used, max)) = self.channels {
-            s += &format!(", {used} of {max} channels");
+            let _ = write!(s, ", {used} of {max} channels");
         }
         s
     }
@@ -101,6 +101,7 @@ struct Value {
 }
 
 #[repr(C)]
+#[derive(Default)]
 struct DrvInfo {
     cmd: u32,
     driver: [u8; 32],
@@ -140,13 +141,14 @@ struct IfReq {
 
 impl Ethtool {
     pub(crate) fn open() -> std::io::Result<Ethtool> {
-        // SAFETY: plain socket creation; the result is checked.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: a fresh descriptor we own.
-        Ok(Ethtool(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) }))
+        use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
+        Ok(Ethtool(fd))
     }
 
     /// SIOCETHTOOL with `data` (whose first field is the command).
@@ -160,20 +162,21 @@ impl Ethtool {
         }
         let mut req = IfReq {
             name: [0; libc::IFNAMSIZ],
-            data: (data as *mut T).cast(),
+            data: std::ptr::from_mut::<T>(data).cast(),
             _pad: [0; 16],
         };
         for (d, s) in req.name.iter_mut().zip(bytes) {
-            *d = *s as libc::c_char;
+            *d = libc::c_char::from_ne_bytes([*s]);
         }
         // SAFETY: `req` points at a live, correctly laid out ethtool structure.
         unsafe { libc::ioctl(self.0.as_raw_fd(), SIOCETHTOOL, &mut req) == 0 }
     }
 
     fn driver(&self, name: &str) -> Option<String> {
-        // SAFETY: all-zero is a valid DrvInfo.
-        let mut info: DrvInfo = unsafe { std::mem::zeroed() };
-        info.cmd = ETHTOOL_GDRVINFO;
+        let mut info = DrvInfo {
+            cmd: ETHTOOL_GDRVINFO,
+            ..DrvInfo::default()
+        };
         if !self.request(name, &mut info) {
             return None;
         }

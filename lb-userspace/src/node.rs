@@ -1,19 +1,44 @@
 //! What the agent learns about this node from the kernel: its interfaces (uplinks, backend
-//! interfaces, VLAN devices on uplinks), its addresses, which backends are local, and the
-//! neighbour entries XDP needs: bpf_fib_lookup only finds a next hop's MAC if the kernel has
-//! resolved it, so the agent keeps one "managed" entry per backend next hop (the kernel then
-//! resolves and refreshes it on its own).
+//! interfaces, VLAN devices on uplinks), its addresses, and which backends are local. (The
+//! neighbour entries it keeps for backends' next hops are `neighbours`'.)
 use std::{
-    collections::{BTreeMap, BTreeSet},
-    net::IpAddr,
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use crate::{
-    attach::glob_match,
     model::Desired,
     netlink::{Link, Netlink, NetlinkError, RouteKind},
-    reconcile::NodeView,
 };
+
+/// What reconcile needs to know about the node itself.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeView {
+    /// Source addresses for snat services, per family (`None`: that family cannot be served).
+    pub snat_ipv4: Option<Ipv4Addr>,
+    pub snat_ipv6: Option<Ipv6Addr>,
+    /// The node's own addresses. A VIP among them is served on its services' ports only; its
+    /// other traffic stays the node's.
+    pub node_addrs: BTreeSet<IpAddr>,
+    /// Backends reachable through a backend-facing interface of this node.
+    pub local: BTreeSet<IpAddr>,
+    /// Other addresses that are no client: the broadcast addresses of the node's subnets.
+    pub broadcast: BTreeSet<IpAddr>,
+    /// The node's ephemeral port range (`net.ipv4.ip_local_port_range`): snat must not use it.
+    pub ephemeral_ports: Option<(u16, u16)>,
+}
+
+impl NodeView {
+    /// The snat source ports: the configured ones, or the default for this node.
+    pub fn snat_ports(&self, settings: &crate::model::NodeSettings) -> Vec<(u16, u16)> {
+        settings.snat_ports.clone().unwrap_or_else(|| {
+            crate::model::default_snat_ports(
+                self.ephemeral_ports
+                    .unwrap_or(crate::model::LINUX_EPHEMERAL_PORTS),
+            )
+        })
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -167,7 +192,21 @@ pub fn uplink_addrs(nl: &mut Netlink, ifaces: &Interfaces) -> Result<Vec<IpAddr>
         .collect())
 }
 
-fn backend_addrs(desired: &Desired) -> BTreeSet<IpAddr> {
+/// Shell-style match with `*` (any run) and `?` (any one character), for --backend-interfaces.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    fn go(p: &[u8], n: &[u8]) -> bool {
+        match (p.first(), n.first()) {
+            (None, None) => true,
+            (Some(b'*'), _) => go(&p[1..], n) || (!n.is_empty() && go(p, &n[1..])),
+            (Some(b'?'), Some(_)) => go(&p[1..], &n[1..]),
+            (Some(a), Some(b)) if a == b => go(&p[1..], &n[1..]),
+            _ => false,
+        }
+    }
+    go(pattern.as_bytes(), name.as_bytes())
+}
+
+pub(crate) fn backend_addrs(desired: &Desired) -> BTreeSet<IpAddr> {
     desired
         .services
         .values()
@@ -175,55 +214,19 @@ fn backend_addrs(desired: &Desired) -> BTreeSet<IpAddr> {
         .collect()
 }
 
-/// The managed neighbour entries this agent made, so it can remove the ones no longer needed.
-#[derive(Default)]
-pub struct Neighbours {
-    managed: BTreeSet<(u32, IpAddr)>,
-}
+#[cfg(test)]
+mod tests {
+    use super::glob_match;
 
-impl Neighbours {
-    /// Gives up the entries made so far (for removal at shutdown).
-    pub fn drain(&mut self) -> Vec<(u32, IpAddr)> {
-        std::mem::take(&mut self.managed).into_iter().collect()
-    }
-
-    /// Makes sure every backend's next hop has a managed entry. Returns problems (a backend
-    /// without a route) for the log; they do not stop anything else.
-    pub fn sync(&mut self, nl: &mut Netlink, desired: &Desired) -> Vec<String> {
-        let mut problems = Vec::new();
-        let mut wanted: BTreeMap<(u32, IpAddr), ()> = BTreeMap::new();
-        for addr in backend_addrs(desired) {
-            match nl.route_get(addr) {
-                Ok(Some(r)) if r.kind == RouteKind::Unicast => {
-                    wanted.insert((r.oif, r.gateway.unwrap_or(addr)), ());
-                }
-                Ok(Some(_)) => {} // Local (host network): no neighbour needed.
-                Ok(None) => problems.push(format!("backend {addr}: no route")),
-                Err(e) => problems.push(format!("backend {addr}: {e}")),
-            }
-        }
-        for key in wanted.keys() {
-            if !self.managed.contains(key) {
-                match nl.ensure_managed_neighbour(key.0, key.1) {
-                    Ok(()) => {
-                        self.managed.insert(*key);
-                    }
-                    Err(e) => {
-                        problems.push(format!("neighbour {} on ifindex {}: {e}", key.1, key.0))
-                    }
-                }
-            }
-        }
-        let stale: Vec<(u32, IpAddr)> = self
-            .managed
-            .iter()
-            .filter(|k| !wanted.contains_key(k))
-            .copied()
-            .collect();
-        for key in stale {
-            let _ = nl.remove_neighbour(key.0, key.1);
-            self.managed.remove(&key);
-        }
-        problems
+    #[test]
+    fn globs_match_like_a_shell() {
+        assert!(glob_match("eni*", "eni1a2b3c4d5e6"));
+        assert!(glob_match("veth*", "veth"));
+        assert!(glob_match("vethpod?", "vethpod1"));
+        assert!(!glob_match("vethpod?", "vethpod12"));
+        assert!(!glob_match("eni*", "eth0"));
+        assert!(glob_match("*", "anything"));
+        assert!(glob_match("lxc*c", "lxc12c"));
+        assert!(!glob_match("lxc*c", "lxc12d"));
     }
 }

@@ -13,63 +13,46 @@
 //! rejected state leaves the previous one fully in force.
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::IpAddr,
 };
 
 use lb_common::{
     ADDR_NO_CLIENT, ADDR_NODE, ADDR_VIP, Addr, AddrInfo, BACKEND_ACTIVE, BACKEND_LISTED, Bucket,
-    Config, FILTER_LOCAL, FILTER_SERVED, FILTER_WORDS, Limit, MAX_POLICIES, MAX_SNAT_ADDRS,
-    NO_BACKEND, POLICY_FAIL_OPEN, POLICY_HAS_PREFIXES, POLICY_PRECISE_CLOCK, POLICY_RST_SYN,
-    PREFIX_DENY, PREFIX_EXEMPT, PREFIX_LIMIT, PortRange, PrefixKey, PrefixRule, SVC_AFFINITY,
-    SVC_SNAT, ServiceInfo, ServiceKey, Source, filter_slot, flow_ticks, hash::bytes_hash,
+    Config, Limit, MAX_POLICIES, MAX_SNAT_ADDRS, NO_BACKEND, POLICY_FAIL_OPEN,
+    POLICY_HAS_PREFIXES, POLICY_PRECISE_CLOCK, POLICY_RST_SYN, PREFIX_DENY, PREFIX_EXEMPT,
+    PREFIX_LIMIT, PortRange, PrefixKey, PrefixRule, SVC_AFFINITY, SVC_SNAT, ServiceInfo,
+    ServiceKey, Source,
+    filter::{self, FILTER_ENTRIES, Plane},
+    flow_ticks,
+    hash::bytes_hash,
 };
 
 use crate::{
     dataplane::Sizes,
     error::DataplaneError,
     maglev,
-    model::{
-        Cidr, Desired, Frontend, LINUX_EPHEMERAL_PORTS, Limits, Mode, Policy, Service, TableFull,
-        default_snat_ports,
-    },
+    model::{Cidr, Desired, Frontend, Limits, Mode, Origin, Policy, Service, TableFull},
+    node::{NodeError, NodeView},
+    system::monotonic_ns,
     tables::{Snapshot, Tables},
 };
 
-/// What reconcile needs to know about the node itself.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct NodeView {
-    /// Source addresses for snat services, per family (`None`: that family cannot be served).
-    pub snat_ipv4: Option<Ipv4Addr>,
-    pub snat_ipv6: Option<Ipv6Addr>,
-    /// The node's own addresses. A VIP among them is served on its services' ports only; its
-    /// other traffic stays the node's.
-    pub node_addrs: BTreeSet<IpAddr>,
-    /// Backends reachable through a backend-facing interface of this node.
-    pub local: BTreeSet<IpAddr>,
-    /// Other addresses that are no client: the broadcast addresses of the node's subnets.
-    pub broadcast: BTreeSet<IpAddr>,
-    /// The node's ephemeral port range (`net.ipv4.ip_local_port_range`): snat must not use it.
-    pub ephemeral_ports: Option<(u16, u16)>,
-}
-
-impl NodeView {
-    /// The snat source ports: the configured ones, or the default for this node.
-    pub fn snat_ports(&self, settings: &crate::model::NodeSettings) -> Vec<(u16, u16)> {
-        settings.snat_ports.clone().unwrap_or_else(|| {
-            default_snat_ports(self.ephemeral_ports.unwrap_or(LINUX_EPHEMERAL_PORTS))
-        })
-    }
+/// A service this node cannot serve as defined, and why.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{origin}: service `{name}` ({frontend}): {reason}")]
+pub struct Invalid {
+    pub origin: Origin,
+    pub name: String,
+    pub frontend: Frontend,
+    pub reason: String,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
-    #[error("{origin}: service `{name}` ({frontend}): {reason}")]
-    Invalid {
-        origin: String,
-        name: String,
-        frontend: Frontend,
-        reason: String,
-    },
+    /// Every service that is wrong, not only the first.
+    #[error("{}", join_lines(.0))]
+    Invalid(Vec<Invalid>),
+    /// A node setting this node cannot have.
     #[error("node.{field}: {reason}")]
     Setting { field: &'static str, reason: String },
     #[error("too many {what}: this agent was started with room for {max} (see {flag})")]
@@ -80,6 +63,99 @@ pub enum ApplyError {
     },
     #[error(transparent)]
     Dataplane(#[from] DataplaneError),
+    /// What the node view needs could not be read.
+    #[error(transparent)]
+    Node(#[from] NodeError),
+}
+
+fn join_lines(all: &[Invalid]) -> String {
+    all.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Everything wrong with the services of `desired` on a node as `node` describes it, one entry
+/// per service (its first problem). Pure: `lb-agent check` runs it with what it knows of the
+/// node.
+pub fn invalid_services(desired: &Desired, node: &NodeView) -> Vec<Invalid> {
+    desired
+        .services
+        .values()
+        .filter_map(|s| {
+            let reason = service_problem(s, node)?;
+            Some(Invalid {
+                origin: s.origin.clone(),
+                name: s.name.clone(),
+                frontend: s.frontend,
+                reason,
+            })
+        })
+        .collect()
+}
+
+/// What the node cannot do for `s`, if anything.
+fn service_problem(s: &Service, node: &NodeView) -> Option<String> {
+    match s.mode {
+        Mode::Snat => {
+            let (missing, family) = match s.frontend.vip {
+                IpAddr::V4(_) => (node.snat_ipv4.is_none(), 4),
+                IpAddr::V6(_) => (node.snat_ipv6.is_none(), 6),
+            };
+            if missing {
+                return Some(format!(
+                    "snat needs an IPv{family} source address for this node: set node.snat-ipv{family} or give the uplink one"
+                ));
+            }
+        }
+        Mode::PreserveClientIp => {
+            if let Some(b) = s.backends.iter().find(|b| !node.local.contains(&b.addr)) {
+                return Some(format!(
+                    "preserve-client-ip needs every backend on this node, but {} is not reachable through a backend interface; remote backends need direct server return, which is not supported yet: use mode = \"snat\"",
+                    b.maglev_key()
+                ));
+            }
+        }
+    }
+    s.backends
+        .iter()
+        .find(|b| b.weight > maglev::MAX_WEIGHT)
+        .map(|b| {
+            format!(
+                "weight {} of {} is over {}",
+                b.weight,
+                b.maglev_key(),
+                maglev::MAX_WEIGHT
+            )
+        })
+}
+
+/// What of `desired` this node takes: services from the cluster that it cannot serve are left
+/// out (returned, to be reported; the cluster is every node's, and the rest must still be
+/// served), while any other invalid service rejects the whole state (a config file is this
+/// node's own: its operator fixes it, and the last good state stays meanwhile).
+pub fn admit(desired: &Desired, node: &NodeView) -> Result<(Desired, Vec<Invalid>), ApplyError> {
+    let (left_out, rejected): (Vec<Invalid>, Vec<Invalid>) = invalid_services(desired, node)
+        .into_iter()
+        .partition(|i| i.origin.kubernetes_object().is_some());
+    if !rejected.is_empty() {
+        return Err(ApplyError::Invalid(rejected));
+    }
+    let mut admitted = desired.clone();
+    for i in &left_out {
+        admitted.services.remove(&i.frontend);
+    }
+    Ok((admitted, left_out))
+}
+
+/// What [`Reconciler::apply_admitting`] did.
+#[derive(Debug)]
+pub struct Applied {
+    pub report: Report,
+    /// The state applied: the one given, less what was left out.
+    pub desired: Desired,
+    /// Services from the cluster this node cannot serve, not applied.
+    pub left_out: Vec<Invalid>,
 }
 
 /// What one `apply` changed.
@@ -98,13 +174,24 @@ impl Report {
     }
 }
 
+/// A listed backend of an applied service: where it is, its id in LB_BACKENDS, its weight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct BackendIds {
+    pub addr: IpAddr,
+    pub port: u16,
+    pub id: u32,
+    pub weight: u32,
+}
+
+/// A service's listed backends as the maps hold them: (address, port) -> (backend id, weight).
+type AppliedBackends = BTreeMap<(IpAddr, u16), (u32, u32)>;
+
 /// A service as the maps hold it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct AppliedService {
     value: lb_common::Service,
     info: ServiceInfo,
-    /// (address, port) -> (backend id, weight).
-    backends: BTreeMap<(IpAddr, u16), (u32, u32)>,
+    backends: AppliedBackends,
 }
 
 /// The generation of each id of a kind (see lb_common::ServiceInfo::generation): bumped when the
@@ -193,7 +280,11 @@ impl Reconciler {
             );
         }
         let used_services: BTreeSet<u32> = services.values().map(|s| s.value.id).collect();
-        let used_rings: BTreeSet<u32> = services.values().map(|s| s.value.ring).collect();
+        // Rings by index (a service holds its ring's first slot).
+        let used_rings: BTreeSet<u32> = services
+            .values()
+            .map(|s| s.value.ring / s.value.ring_size.max(1))
+            .collect();
         let listed: BTreeSet<u32> = services
             .values()
             .flat_map(|s| s.backends.values().map(|(id, _)| *id))
@@ -206,7 +297,7 @@ impl Reconciler {
             .map(|(id, _)| *id)
             .collect();
         let mut filter = snap.filter.clone();
-        filter.resize(2 * FILTER_WORDS as usize, 0);
+        filter.resize(FILTER_ENTRIES as usize, 0);
         Reconciler {
             sizes,
             config: snap.config,
@@ -245,6 +336,24 @@ impl Reconciler {
         }
     }
 
+    /// The ids the maps hold a service's entries under: its service id and its listed backends.
+    /// `None` if the service is not applied.
+    pub fn ids(&self, key: &ServiceKey) -> Option<(u32, Vec<BackendIds>)> {
+        let a = self.services.get(key)?;
+        Some((
+            a.value.id,
+            a.backends
+                .iter()
+                .map(|((addr, port), (id, weight))| BackendIds {
+                    addr: *addr,
+                    port: *port,
+                    id: *id,
+                    weight: *weight,
+                })
+                .collect(),
+        ))
+    }
+
     /// Named policies by id (for labels).
     pub fn policy_names(&self) -> BTreeMap<u32, String> {
         self.policy_ids
@@ -279,7 +388,7 @@ impl Reconciler {
 
         let mut wanted = BTreeSet::new();
         for (frontend, service) in &desired.services {
-            let key = service_key(frontend);
+            let key = frontend.key();
             wanted.insert(key);
             let policy = service
                 .policy
@@ -307,6 +416,23 @@ impl Reconciler {
         Ok(report)
     }
 
+    /// [`admit`], then [`Reconciler::apply`] what was admitted: what the agent does with each
+    /// composed state, and what `lb-agent check` does with a config file.
+    pub fn apply_admitting(
+        &mut self,
+        desired: &Desired,
+        node: &NodeView,
+        tables: &mut dyn Tables,
+    ) -> Result<Applied, ApplyError> {
+        let (admitted, left_out) = admit(desired, node)?;
+        let report = self.apply(&admitted, node, tables)?;
+        Ok(Applied {
+            report,
+            desired: admitted,
+            left_out,
+        })
+    }
+
     /// Everything `apply` would refuse, checked before any write.
     fn check(&self, desired: &Desired, node: &NodeView) -> Result<(), ApplyError> {
         if let (Some(ranges), Some((lo, hi))) = (&desired.node.snat_ports, node.ephemeral_ports)
@@ -319,60 +445,15 @@ impl Reconciler {
                 ),
             });
         }
-        let invalid = |s: &Service, reason: String| ApplyError::Invalid {
-            origin: s.source.clone(),
-            name: s.name.clone(),
-            frontend: s.frontend,
-            reason,
-        };
-        for s in desired.services.values() {
-            match s.mode {
-                Mode::Snat => {
-                    let (missing, family) = match s.frontend.vip {
-                        IpAddr::V4(_) => (node.snat_ipv4.is_none(), "IPv4"),
-                        IpAddr::V6(_) => (node.snat_ipv6.is_none(), "IPv6"),
-                    };
-                    if missing {
-                        return Err(invalid(
-                            s,
-                            format!(
-                                "snat needs an {family} source address for this node: set node.snat-ipv{} or give the uplink one",
-                                if family == "IPv4" { 4 } else { 6 }
-                            ),
-                        ));
-                    }
-                }
-                Mode::PreserveClientIp => {
-                    if let Some(b) = s.backends.iter().find(|b| !node.local.contains(&b.addr)) {
-                        return Err(invalid(
-                            s,
-                            format!(
-                                "preserve-client-ip needs every backend on this node, but {} is not reachable through a backend interface; remote backends need direct server return, which is not supported yet: use mode = \"snat\"",
-                                b.maglev_key()
-                            ),
-                        ));
-                    }
-                }
-            }
-            for b in &s.backends {
-                if b.weight > maglev::MAX_WEIGHT {
-                    return Err(invalid(
-                        s,
-                        format!(
-                            "weight {} of {} is over {}",
-                            b.weight,
-                            b.maglev_key(),
-                            maglev::MAX_WEIGHT
-                        ),
-                    ));
-                }
-            }
+        let invalid = invalid_services(desired, node);
+        if !invalid.is_empty() {
+            return Err(ApplyError::Invalid(invalid));
         }
         // Room for what is new.
         let new_services = desired
             .services
             .keys()
-            .filter(|f| !self.services.contains_key(&service_key(f)))
+            .filter(|f| !self.services.contains_key(&f.key()))
             .count();
         if new_services > self.service_ids.free() {
             return Err(ApplyError::Capacity {
@@ -385,7 +466,7 @@ impl Reconciler {
             .services
             .values()
             .map(|s| {
-                let applied = self.services.get(&service_key(&s.frontend));
+                let applied = self.services.get(&s.frontend.key());
                 s.backends
                     .iter()
                     .filter(|b| applied.is_none_or(|a| !a.backends.contains_key(&(b.addr, b.port))))
@@ -417,7 +498,7 @@ impl Reconciler {
     fn config_for(&self, desired: &Desired, node: &NodeView) -> Config {
         let n = &desired.node;
         let ticks =
-            |d: std::time::Duration| flow_ticks(d.as_nanos().min(u128::from(u64::MAX)) as u64);
+            |d: std::time::Duration| flow_ticks(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
         let mut snat_v4 = [Addr::ZERO; MAX_SNAT_ADDRS];
         let mut snat_v6 = [Addr::ZERO; MAX_SNAT_ADDRS];
         if let Some(a) = node.snat_ipv4 {
@@ -467,7 +548,7 @@ impl Reconciler {
             }
         }
         // Each id's value carries its generation.
-        for (slot, value) in slots.iter_mut() {
+        for (slot, value) in &mut slots {
             value.generation = self.policy_gens.get(self.policy_ids[slot]);
         }
         let mut prefixes = BTreeMap::new();
@@ -593,84 +674,16 @@ impl Reconciler {
         t: &mut Counting<'_>,
         report: &mut Report,
     ) -> Result<(), ApplyError> {
-        let cfg = self.config.unwrap_or_default();
+        let is_new = !self.services.contains_key(&key);
         let mut applied = match self.services.get(&key) {
             Some(a) => a.clone(),
-            None => {
-                let id = self.service_ids.take().ok_or(ApplyError::Capacity {
-                    what: "services",
-                    max: self.sizes.max_services,
-                    flag: "--max-services",
-                })?;
-                t.clear_service_stats(id)?;
-                AppliedService {
-                    value: lb_common::Service {
-                        id,
-                        ring: u32::MAX,
-                        ..Default::default()
-                    },
-                    info: ServiceInfo {
-                        addr: key.addr,
-                        port: key.port,
-                        proto: key.proto,
-                        generation: self.service_gens.renew(id),
-                        policy: 0,
-                    },
-                    backends: BTreeMap::new(),
-                }
-            }
+            None => self.claim_service(key, t)?,
         };
         let id = applied.value.id;
-
-        // Backends: keep ids of those that stay, allocate for new ones.
-        let mut backends = BTreeMap::new();
-        for b in &service.backends {
-            let (bid, old_weight) = match applied.backends.get(&(b.addr, b.port)) {
-                Some(&(bid, w)) => (bid, Some(w)),
-                None => {
-                    let bid = self.backend_ids.take().ok_or(ApplyError::Capacity {
-                        what: "backends",
-                        max: self.sizes.max_backends,
-                        flag: "--max-backends",
-                    })?;
-                    t.clear_backend_stats(bid)?;
-                    self.backend_gens.renew(bid);
-                    (bid, None)
-                }
-            };
-            if old_weight != Some(b.weight) {
-                let generation = self.backend_gens.get(bid);
-                t.set_backend(
-                    bid,
-                    &backend_entry(b.addr, b.port, id, b.weight, generation),
-                )?;
-            }
-            backends.insert((b.addr, b.port), (bid, b.weight));
-        }
-
-        // The ring, into a spare, only if its contents change.
-        let entries: Vec<(String, u32, u32)> = service
-            .backends
-            .iter()
-            .map(|b| (b.maglev_key(), b.weight, backends[&(b.addr, b.port)].0))
-            .collect();
-        let ring_size = self.sizes.ring_size;
-        let table = ring_table(&entries, ring_size, cfg.hash_seed)?;
-        let digest = ring_digest(&table, ring_size, cfg.hash_seed);
+        let backends = self.apply_backends(id, service, &applied.backends, t)?;
         let mut value = applied.value;
         let old_ring = value.ring;
-        if old_ring == u32::MAX || value.ring_digest != digest || value.ring_size != ring_size {
-            let ring = self.rings.take().ok_or(ApplyError::Capacity {
-                what: "rings",
-                max: self.sizes.rings(),
-                flag: "--max-services",
-            })?;
-            t.write_ring(ring * ring_size, &table)?;
-            report.rings_written += 1;
-            value.ring = ring * ring_size;
-            value.ring_size = ring_size;
-            value.ring_digest = digest;
-        }
+        self.apply_ring(service, &backends, &mut value, t, report)?;
         value.flags = match service.mode {
             Mode::Snat => SVC_SNAT,
             Mode::PreserveClientIp => 0,
@@ -682,9 +695,11 @@ impl Reconciler {
         value.policy = policy;
         value.affinity_timeout_s = service
             .affinity
-            .map(|d| d.as_secs().min(u64::from(u32::MAX)) as u32)
-            .unwrap_or(0);
-        value.active_backends = service.backends.iter().filter(|b| b.weight > 0).count() as u32;
+            .map_or(0, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX));
+        // At most max_backends, a u32.
+        value.active_backends =
+            u32::try_from(service.backends.iter().filter(|b| b.weight > 0).count())
+                .unwrap_or(u32::MAX);
 
         // What established flows read (the policy) and replies are rewritten from, before the
         // service entry: its flows may be live already.
@@ -692,11 +707,10 @@ impl Reconciler {
             policy,
             ..applied.info
         };
-        if info != applied.info || !self.services.contains_key(&key) {
+        if is_new || info != applied.info {
             t.set_service_info(id, &info)?;
             applied.info = info;
         }
-        let is_new = !self.services.contains_key(&key);
         if is_new || value != applied.value {
             // The switch: from here new flows use the new ring and settings.
             t.set_service(&key, &value)?;
@@ -707,10 +721,11 @@ impl Reconciler {
             }
         }
         if old_ring != u32::MAX && old_ring != value.ring {
-            self.rings.give_back(old_ring / ring_size.max(1));
+            self.rings
+                .give_back(old_ring / applied.value.ring_size.max(1));
         }
         // Backends no longer listed: no ring slot refers to them any more. Existing flows keep
-        // going (they hold the address); the id is reused last.
+        // going (they hold the address and the id's generation); the id is reused last.
         for (addr_port, (bid, _)) in &applied.backends {
             if !backends.contains_key(addr_port) {
                 let generation = self.backend_gens.get(*bid);
@@ -724,6 +739,104 @@ impl Reconciler {
         applied.value = value;
         applied.backends = backends;
         self.services.insert(key, applied);
+        Ok(())
+    }
+
+    /// A service id for a new service, its counters zeroed; no ring yet.
+    /// A service id for a new service (in a new generation), its counters zeroed; no ring yet.
+    fn claim_service(
+        &mut self,
+        key: ServiceKey,
+        t: &mut Counting<'_>,
+    ) -> Result<AppliedService, ApplyError> {
+        let id = self.service_ids.take().ok_or(ApplyError::Capacity {
+            what: "services",
+            max: self.sizes.max_services,
+            flag: "--max-services",
+        })?;
+        t.clear_service_stats(id)?;
+        Ok(AppliedService {
+            value: lb_common::Service {
+                id,
+                ring: u32::MAX,
+                ..Default::default()
+            },
+            info: ServiceInfo {
+                addr: key.addr,
+                port: key.port,
+                proto: key.proto,
+                generation: self.service_gens.renew(id),
+                policy: 0,
+            },
+            backends: BTreeMap::new(),
+        })
+    }
+
+    /// Writes the backend entries of service `id` that are new or changed weight: backends that
+    /// stay keep their ids, new ones get fresh ids (counters zeroed). Returns (address, port) ->
+    /// (backend id, weight) of every backend listed now.
+    fn apply_backends(
+        &mut self,
+        id: u32,
+        service: &Service,
+        applied: &AppliedBackends,
+        t: &mut Counting<'_>,
+    ) -> Result<AppliedBackends, ApplyError> {
+        let mut backends = BTreeMap::new();
+        for b in &service.backends {
+            let (bid, old_weight) = if let Some(&(bid, w)) = applied.get(&(b.addr, b.port)) {
+                (bid, Some(w))
+            } else {
+                let bid = self.backend_ids.take().ok_or(ApplyError::Capacity {
+                    what: "backends",
+                    max: self.sizes.max_backends,
+                    flag: "--max-backends",
+                })?;
+                t.clear_backend_stats(bid)?;
+                self.backend_gens.renew(bid);
+                (bid, None)
+            };
+            if old_weight != Some(b.weight) {
+                let generation = self.backend_gens.get(bid);
+                t.set_backend(bid, &backend_entry(b.addr, b.port, id, b.weight, generation))?;
+            }
+            backends.insert((b.addr, b.port), (bid, b.weight));
+        }
+        Ok(backends)
+    }
+
+    /// Builds the service's ring and, only if its contents change, writes it into a spare ring
+    /// and points `value` at it (the caller switches the service entry, then frees the old ring).
+    fn apply_ring(
+        &mut self,
+        service: &Service,
+        backends: &AppliedBackends,
+        value: &mut lb_common::Service,
+        t: &mut Counting<'_>,
+        report: &mut Report,
+    ) -> Result<(), ApplyError> {
+        let cfg = self.config.unwrap_or_default();
+        let entries: Vec<(String, u32, u32)> = service
+            .backends
+            .iter()
+            .map(|b| (b.maglev_key(), b.weight, backends[&(b.addr, b.port)].0))
+            .collect();
+        let ring_size = self.sizes.ring_size;
+        let table = ring_table(&entries, ring_size, cfg.hash_seed)?;
+        let digest = ring_digest(&table, ring_size, cfg.hash_seed);
+        if value.ring == u32::MAX || value.ring_digest != digest || value.ring_size != ring_size {
+            let ring = self.rings.take().ok_or(ApplyError::Capacity {
+                what: "rings",
+                max: self.sizes.rings(),
+                flag: "--max-services",
+            })?;
+            // The service entry holds its ring's first slot and its size.
+            t.write_ring(ring * ring_size, &table)?;
+            report.rings_written += 1;
+            value.ring = ring * ring_size;
+            value.ring_size = ring_size;
+            value.ring_digest = digest;
+        }
         Ok(())
     }
 
@@ -784,18 +897,18 @@ impl Reconciler {
                 info.flags = ADDR_NODE;
             }
         }
-        let mut filter = vec![0u64; 2 * FILTER_WORDS as usize];
-        let mut set = |plane: u32, a: &Addr| {
-            let (word, mask) = filter_slot(plane, a);
+        let mut filter = vec![0u64; FILTER_ENTRIES as usize];
+        let mut set = |plane: Plane, a: &Addr| {
+            let (word, mask) = filter::position(plane, a);
             filter[word as usize] |= mask;
         };
         for a in addrs.keys() {
-            set(FILTER_SERVED, a);
+            set(Plane::Served, a);
         }
         for s in desired.services.values() {
             if s.mode == Mode::PreserveClientIp {
                 for b in &s.backends {
-                    set(FILTER_LOCAL, &Addr::from(b.addr));
+                    set(Plane::PreservedBackends, &Addr::from(b.addr));
                 }
             }
         }
@@ -810,9 +923,9 @@ impl Reconciler {
                 t.set_addr(a, info)?;
             }
         }
-        for (i, (new, old)) in filter.iter().zip(self.filter.iter()).enumerate() {
+        for (i, (new, old)) in (0u32..).zip(filter.iter().zip(self.filter.iter())) {
             if new != old {
-                t.set_filter_word(i as u32, *new)?;
+                t.set_filter_word(i, *new)?;
             }
         }
         let stale: Vec<Addr> = self
@@ -828,10 +941,6 @@ impl Reconciler {
         self.filter = filter;
         Ok(())
     }
-}
-
-pub fn service_key(f: &Frontend) -> ServiceKey {
-    ServiceKey::new(Addr::from(f.vip), f.port.to_be(), f.protocol.number())
 }
 
 fn backend_entry(
@@ -941,18 +1050,6 @@ fn prefix_key(policy: u32, c: &Cidr) -> (PrefixKey, u32) {
     )
 }
 
-/// The data path's clock in ns: bpf_ktime_get_coarse_ns() is CLOCK_MONOTONIC_COARSE. (The fine
-/// clock runs up to a tick ahead of it: a bucket stamped with it would start short.)
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid pointer to a timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 /// Free ids, handed out oldest-freed first, so a freed id is reused as late as possible.
 struct IdPool(VecDeque<u32>);
 
@@ -1014,6 +1111,8 @@ counted! {
 mod tests {
     use std::time::Duration;
 
+    use lb_common::{FILTER_WORDS, filter_bit};
+
     use super::*;
     use crate::{
         model::{Backend, Protocol, Rate},
@@ -1035,8 +1134,8 @@ mod tests {
             snat_ipv6: None,
             node_addrs: ["10.0.0.1".parse().unwrap()].into(),
             local: ["10.1.1.2".parse().unwrap(), "10.1.1.3".parse().unwrap()].into(),
-            broadcast: ["10.0.0.255".parse().unwrap()].into(),
-            ephemeral_ports: Some((32768, 60999)),
+            broadcast: Default::default(),
+            ephemeral_ports: None,
         }
     }
 
@@ -1051,7 +1150,7 @@ mod tests {
     fn service(vip: &str, port: u16, mode: Mode, backends: Vec<Backend>) -> Service {
         Service {
             name: format!("svc-{port}"),
-            source: "test".into(),
+            origin: "test".into(),
             frontend: Frontend {
                 vip: vip.parse().unwrap(),
                 port,
@@ -1081,7 +1180,7 @@ mod tests {
     }
 
     fn key(s: &Service) -> ServiceKey {
-        service_key(&s.frontend)
+        s.frontend.key()
     }
 
     /// Backend addresses each ring slot sends to.
@@ -1294,22 +1393,15 @@ mod tests {
             t.addrs[&node_addr].flags, ADDR_NODE,
             "a node address is never a VIP"
         );
-        let bit = |plane: u32, a: &Addr| {
-            let (word, mask) = filter_slot(plane, a);
-            t.filter[word as usize] & mask != 0
+        let bit = |plane: usize, a: &Addr| {
+            let b = filter_bit(a) as usize;
+            t.filter[plane * FILTER_WORDS as usize + b / 64] & (1 << (b % 64)) != 0
         };
-        assert!(bit(FILTER_SERVED, &vip) && bit(FILTER_SERVED, &node_addr));
+        assert!(bit(0, &vip) && bit(0, &node_addr));
         assert!(
-            bit(
-                FILTER_LOCAL,
-                &Addr::from("10.1.1.3".parse::<IpAddr>().unwrap())
-            ),
+            bit(1, &Addr::from("10.1.1.3".parse::<IpAddr>().unwrap())),
             "preserve backends"
         );
-        // The subnet's broadcast address is no client, and nothing to serve.
-        let broadcast = Addr::from("10.0.0.255".parse::<IpAddr>().unwrap());
-        assert_eq!(t.addrs[&broadcast].flags, ADDR_NO_CLIENT);
-        assert!(!bit(FILTER_SERVED, &broadcast));
         // Removing the services removes the VIPs and their filter bits; the node address stays.
         r.apply(&desired(vec![]), &node(), &mut t).unwrap();
         assert!(t.services.is_empty());
@@ -1319,6 +1411,10 @@ mod tests {
     }
 
     #[test]
+    #[expect(
+        clippy::many_single_char_names,
+        reason = "t, r, p, s, d: the tables, reconciler, policy, service and state of every test here"
+    )]
     fn policies_get_ids_prefixes_and_an_overflow_bucket() {
         let mut t = MemoryTables::default();
         let mut r = Reconciler::new(sizes());
@@ -1387,7 +1483,7 @@ mod tests {
         // IPv4 /16 -> 32 policy bits + 96 mapped prefix bits + 16.
         assert!(t.prefixes.keys().any(|(_, len)| *len == 32 + 96 + 16));
         assert_eq!(
-            t.overflow.len(),
+            t.sources.len(),
             2,
             "an overflow bucket per fail-closed policy slot"
         );
@@ -1396,6 +1492,7 @@ mod tests {
         d2.policies.clear();
         r.apply(&d2, &node(), &mut t).unwrap();
         assert!(t.prefixes.is_empty());
+        assert!(t.sources.is_empty());
         assert_eq!(t.services[&key(&s)].policy, 0);
     }
 }

@@ -16,7 +16,8 @@ pub const FILE: &str = "state.json";
 pub struct State {
     pub pid: u32,
     /// Where the desired state comes from ("config /etc/xdplb/lb.toml", "kubernetes").
-    pub source: String,
+    #[serde(alias = "source")]
+    pub inputs: String,
     pub ready: bool,
     /// The last reload's error, if it was rejected (the previous state stays in force).
     pub last_error: Option<String>,
@@ -29,21 +30,27 @@ pub struct State {
     pub policies: BTreeMap<u32, String>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceLabel {
     pub frontend: Frontend,
     pub name: String,
     pub origin: String,
     pub mode: Mode,
     pub policy: Option<String>,
+    /// Backends ("addr:port") at weight 0 until their deregistration delay runs out, as opposed
+    /// to weight 0 by configuration ("maintenance").
+    #[serde(default)]
+    pub draining: Vec<String>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InterfaceLabel {
     pub name: String,
     pub ifindex: u32,
     pub program: String,
-    pub mode: String,
+    /// Where the program runs: "xdp-native", "xdp-generic" or "tc".
+    #[serde(alias = "mode")]
+    pub hook: String,
     pub note: Option<String>,
 }
 

@@ -1,27 +1,26 @@
-//! `lb-agent status` and `lb-agent flow`: read the running agent's pinned maps (labelled with
-//! names from its state file) and show them to a person, or as JSON.
+//! `lb-agent status`: reads the running agent's pinned maps (labelled with names from its state
+//! file) and shows them to a person, or as JSON.
 use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr, net::SocketAddr};
 
 use anyhow::Result;
 use lb_common::{
-    Addr, AffinityKey, BACKEND_ACTIVE, BACKEND_LISTED, Counter, DropReason, FLOW_CLOSING,
-    FLOW_OPENING, FLOW_REPLY, FLOW_SNAT, FlowAddr, NO_BACKEND, ServiceKey,
-    hash::{flow_hash, ring_slot},
+    Addr, BACKEND_ACTIVE, BACKEND_LISTED, Counter, DropReason, ServiceKey,
 };
 use serde::Serialize;
 
 use crate::{
     cli::Paths,
     dataplane::Maps,
-    model::{Frontend, Protocol},
-    reconcile::{monotonic_ns, service_key},
-    state::State,
-    tables::Tables,
+    model::Frontend,
+    state::{ServiceLabel, State},
+    system::{self, monotonic_ns},
+    tables::{Snapshot, Tables},
 };
 
 #[derive(Serialize)]
 pub struct Status {
-    pub source: Option<String>,
+    /// Where the desired state comes from.
+    pub inputs: Option<String>,
     pub ready: Option<bool>,
     pub last_error: Option<String>,
     pub interfaces: Vec<crate::state::InterfaceLabel>,
@@ -67,72 +66,48 @@ pub struct ServiceStatus {
 pub struct BackendStatus {
     pub address: String,
     pub weight: u32,
-    /// "active", or "draining" (weight 0: keeps its flows, gets no new ones).
+    /// [`ACTIVE`], [`MAINTENANCE`] or [`DRAINING`].
     pub state: &'static str,
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
 }
 
+/// A listed backend that takes new flows (weight > 0).
+pub const ACTIVE: &str = "active";
+/// A listed backend at weight 0 by configuration (the config file, or the
+/// `xdplb.io/backend-weights` annotation): no new flows; its flows continue.
+pub const MAINTENANCE: &str = "maintenance";
+/// A backend that is no longer an endpoint (removed, or terminating), kept at weight 0 while
+/// its deregistration delay runs: no new flows; its flows continue until the delay is over,
+/// then end.
+pub const DRAINING: &str = "draining";
+
+/// The running agent's maps, or why they cannot be opened (saying so when this process sees a
+/// private /sys, as under `ip netns exec`).
+pub fn open_maps(paths: &Paths) -> Result<Maps> {
+    Maps::open_pinned(&paths.pin_dir).map_err(|e| match system::private_sys() {
+        Some(private) if paths.pin_dir.starts_with(system::BPFFS) => {
+            anyhow::anyhow!("{e}\n{private}")
+        }
+        _ => e.into(),
+    })
+}
+
 pub fn status(paths: &Paths) -> Result<Status> {
-    let maps = Maps::open_pinned(&paths.pin_dir)?;
+    let maps = open_maps(paths)?;
     let state = State::read(&paths.state_dir);
-    let labels: BTreeMap<ServiceKey, &crate::state::ServiceLabel> = state
+    let labels: BTreeMap<ServiceKey, &ServiceLabel> = state
         .iter()
         .flat_map(|s| s.services.iter())
-        .map(|l| (service_key(&l.frontend), l))
+        .map(|l| (l.frontend.key(), l))
         .collect();
     let snap = maps.snapshot()?;
-    let mut services = Vec::new();
-    for (key, svc) in &snap.services {
-        let label = labels.get(key);
-        let st = maps.read_service_stats(svc.id);
-        let mut backends: Vec<BackendStatus> = snap
-            .backends
-            .iter()
-            .filter(|(_, b)| b.service == svc.id && b.flags & BACKEND_LISTED != 0)
-            .map(|(id, b)| {
-                let s = maps.read_backend_stats(*id);
-                BackendStatus {
-                    address: show(&b.addr, u16::from_be(b.port)),
-                    weight: b.weight,
-                    state: if b.flags & BACKEND_ACTIVE != 0 {
-                        "active"
-                    } else {
-                        "draining"
-                    },
-                    packets: s.packets,
-                    bytes: s.bytes,
-                    new_flows: s.new_flows,
-                }
-            })
-            .collect();
-        backends.sort_by(|a, b| a.address.cmp(&b.address));
-        services.push(ServiceStatus {
-            name: label
-                .map(|l| l.name.clone())
-                .unwrap_or_else(|| format!("service {}", svc.id)),
-            frontend: label.map(|l| l.frontend).or_else(|| frontend_of(key)),
-            origin: label.map(|l| l.origin.clone()),
-            mode: if svc.flags & lb_common::SVC_SNAT != 0 {
-                "snat"
-            } else {
-                "preserve-client-ip"
-            },
-            policy: label.and_then(|l| l.policy.clone()),
-            packets: st.packets,
-            bytes: st.bytes,
-            reply_packets: st.reply_packets,
-            new_flows: st.new_flows,
-            drops: DropReason::ALL
-                .iter()
-                .zip(st.drops.iter())
-                .filter(|(_, v)| **v > 0)
-                .map(|(r, v)| (r.name(), *v))
-                .collect(),
-            backends,
-        });
-    }
+    let mut services: Vec<ServiceStatus> = snap
+        .services
+        .iter()
+        .map(|(key, svc)| service_status(&maps, &snap, key, svc, labels.get(key).copied()))
+        .collect();
     services.sort_by(|a, b| a.name.cmp(&b.name));
     let policy_names = state
         .as_ref()
@@ -140,7 +115,7 @@ pub fn status(paths: &Paths) -> Result<Status> {
         .unwrap_or_default();
     let (limited_sources, tracked_sources) = limited_sources(&maps, &policy_names);
     Ok(Status {
-        source: state.as_ref().map(|s| s.source.clone()),
+        inputs: state.as_ref().map(|s| s.inputs.clone()),
         ready: state.as_ref().map(|s| s.ready),
         last_error: state.as_ref().and_then(|s| s.last_error.clone()),
         interfaces: state.map(|s| s.interfaces).unwrap_or_default(),
@@ -156,6 +131,79 @@ pub fn status(paths: &Paths) -> Result<Status> {
     })
 }
 
+fn service_status(
+    maps: &Maps,
+    snap: &Snapshot,
+    key: &ServiceKey,
+    svc: &lb_common::Service,
+    label: Option<&ServiceLabel>,
+) -> ServiceStatus {
+    let st = maps.read_service_stats(svc.id);
+    let mut backends: Vec<BackendStatus> = snap
+        .backends
+        .iter()
+        .filter(|(_, b)| b.service == svc.id && b.flags & BACKEND_LISTED != 0)
+        .map(|(id, b)| {
+            let s = maps.read_backend_stats(*id);
+            let address = show(&b.addr, u16::from_be(b.port));
+            BackendStatus {
+                state: backend_state(b, &address, label),
+                address,
+                weight: b.weight,
+                packets: s.packets,
+                bytes: s.bytes,
+                new_flows: s.new_flows,
+            }
+        })
+        .collect();
+    backends.sort_by(|a, b| a.address.cmp(&b.address));
+    ServiceStatus {
+        name: label.map_or_else(|| format!("service {}", svc.id), |l| l.name.clone()),
+        frontend: label
+            .map(|l| l.frontend)
+            .or_else(|| Frontend::from_key(key)),
+        origin: label.map(|l| l.origin.clone()),
+        mode: if svc.flags & lb_common::SVC_SNAT != 0 {
+            "snat"
+        } else {
+            "preserve-client-ip"
+        },
+        policy: label.and_then(|l| l.policy.clone()),
+        packets: st.packets,
+        bytes: st.bytes,
+        reply_packets: st.reply_packets,
+        new_flows: st.new_flows,
+        drops: DropReason::ALL
+            .iter()
+            .zip(st.drops.iter())
+            .filter(|(_, v)| **v > 0)
+            .map(|(r, v)| (r.name(), *v))
+            .collect(),
+        backends,
+    }
+}
+
+/// [`ACTIVE`], [`DRAINING`] (the agent says it drains it) or [`MAINTENANCE`].
+fn backend_state(
+    b: &lb_common::Backend,
+    address: &str,
+    label: Option<&ServiceLabel>,
+) -> &'static str {
+    let draining = label.is_some_and(|l| {
+        l.draining.iter().any(|d| {
+            d.parse::<SocketAddr>()
+                .is_ok_and(|d| d.to_string() == address)
+        })
+    });
+    if b.flags & BACKEND_ACTIVE != 0 {
+        ACTIVE
+    } else if draining {
+        DRAINING
+    } else {
+        MAINTENANCE
+    }
+}
+
 /// The sources that had the most packets dropped, and how many sources are tracked.
 fn limited_sources(maps: &Maps, names: &BTreeMap<u32, String>) -> (Vec<LimitedSource>, usize) {
     let now = monotonic_ns();
@@ -163,8 +211,8 @@ fn limited_sources(maps: &Maps, names: &BTreeMap<u32, String>) -> (Vec<LimitedSo
         .policies
         .iter()
         .filter_map(Result::ok)
-        .enumerate()
-        .map(|(i, p)| (i as u32, p))
+        .zip(0u32..)
+        .map(|(p, i)| (i, p))
         .collect();
     let sources = maps.read_sources();
     let tracked = sources.len();
@@ -202,25 +250,33 @@ fn limited_sources(maps: &Maps, names: &BTreeMap<u32, String>) -> (Vec<LimitedSo
     (list, tracked)
 }
 
-fn frontend_of(key: &ServiceKey) -> Option<Frontend> {
-    Some(Frontend {
-        vip: IpAddr::from(key.addr),
-        port: u16::from_be(key.port),
-        protocol: Protocol::from_number(key.proto)?,
-    })
-}
-
-fn show(addr: &Addr, port: u16) -> String {
+pub(crate) fn show(addr: &Addr, port: u16) -> String {
     SocketAddr::new(IpAddr::from(*addr), port).to_string()
 }
 
 /// A table for people.
 pub fn render(s: &Status) -> String {
     let mut out = String::new();
+    render_agent(&mut out, s);
+    for svc in &s.services {
+        render_service(&mut out, svc);
+    }
+    render_limited(&mut out, s);
+    if !s.counters.is_empty() {
+        let _ = writeln!(out);
+        let _ = writeln!(out, "data path counters:");
+        for (k, v) in &s.counters {
+            let _ = writeln!(out, "  {k:<28} {v}");
+        }
+    }
+    out
+}
+
+fn render_agent(out: &mut String, s: &Status) {
     let _ = writeln!(
         out,
         "agent: {}{}",
-        s.source
+        s.inputs
             .as_deref()
             .unwrap_or("(no state file: names unknown)"),
         match s.ready {
@@ -235,244 +291,137 @@ pub fn render(s: &Status) -> String {
     for i in &s.interfaces {
         let _ = writeln!(
             out,
-            "  {} (ifindex {}): {} in {} mode{}",
+            "  {} (ifindex {}): {} at {}{}",
             i.name,
             i.ifindex,
             i.program,
-            i.mode,
+            i.hook,
             i.note
                 .as_deref()
                 .map(|n| format!(" — {n}"))
                 .unwrap_or_default()
         );
     }
-    for svc in &s.services {
-        let _ = writeln!(out);
-        let _ = writeln!(
-            out,
-            "{}  {}  {}{}{}",
-            svc.name,
-            svc.frontend.map(|f| f.to_string()).unwrap_or_default(),
-            svc.mode,
-            svc.policy
-                .as_deref()
-                .map(|p| format!("  rate-limit={p}"))
-                .unwrap_or_default(),
-            svc.origin
-                .as_deref()
-                .map(|o| format!("  ({o})"))
-                .unwrap_or_default(),
-        );
-        let _ = writeln!(
-            out,
-            "  packets {}  bytes {}  replies {}  new flows {}{}",
-            svc.packets,
-            svc.bytes,
-            svc.reply_packets,
-            svc.new_flows,
-            if svc.drops.is_empty() {
-                String::new()
-            } else {
-                let d: Vec<String> = svc.drops.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                format!("  drops {}", d.join(" "))
-            }
-        );
-        let total: u64 = svc.backends.iter().map(|b| b.new_flows).sum();
-        let _ = writeln!(
-            out,
-            "  {:<40} {:>6} {:>9} {:>12} {:>10} {:>6}",
-            "backend", "weight", "state", "packets", "new flows", "share"
-        );
-        for b in &svc.backends {
-            let share = if total > 0 {
-                format!("{:.1}%", 100.0 * b.new_flows as f64 / total as f64)
-            } else {
-                "-".into()
-            };
-            let _ = writeln!(
-                out,
-                "  {:<40} {:>6} {:>9} {:>12} {:>10} {:>6}",
-                b.address, b.weight, b.state, b.packets, b.new_flows, share
-            );
+}
+
+fn render_service(out: &mut String, svc: &ServiceStatus) {
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "{}  {}  {}{}{}",
+        svc.name,
+        svc.frontend.map(|f| f.to_string()).unwrap_or_default(),
+        svc.mode,
+        svc.policy
+            .as_deref()
+            .map(|p| format!("  rate-limit={p}"))
+            .unwrap_or_default(),
+        svc.origin
+            .as_deref()
+            .map(|o| format!("  ({o})"))
+            .unwrap_or_default(),
+    );
+    let drops: Vec<String> = svc.drops.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let _ = writeln!(
+        out,
+        "  packets {}  bytes {}  replies {}  new flows {}{}",
+        svc.packets,
+        svc.bytes,
+        svc.reply_packets,
+        svc.new_flows,
+        if drops.is_empty() {
+            String::new()
+        } else {
+            format!("  drops {}", drops.join(" "))
         }
+    );
+    let total: u64 = svc.backends.iter().map(|b| b.new_flows).sum();
+    let _ = writeln!(
+        out,
+        "  {:<40} {:>6} {:>11} {:>12} {:>10} {:>6}",
+        "backend", "weight", "state", "packets", "new flows", "share"
+    );
+    for b in &svc.backends {
+        let share = if total > 0 {
+            format!("{:.1}%", 100.0 * b.new_flows as f64 / total as f64)
+        } else {
+            "-".into()
+        };
+        let _ = writeln!(
+            out,
+            "  {:<40} {:>6} {:>11} {:>12} {:>10} {:>6}",
+            b.address, b.weight, b.state, b.packets, b.new_flows, share
+        );
     }
-    if !s.limited_sources.is_empty() {
-        let _ = writeln!(out);
-        let _ = writeln!(out, "most-limited sources ({} tracked):", s.tracked_sources);
+}
+
+fn render_limited(out: &mut String, s: &Status) {
+    if s.limited_sources.is_empty() {
+        return;
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(out, "most-limited sources ({} tracked):", s.tracked_sources);
+    let _ = writeln!(
+        out,
+        "  {:<44} {:<20} {:>10} {:>16} {:>16}",
+        "source", "policy", "dropped", "packet tokens", "conn tokens"
+    );
+    let tokens =
+        |t: Option<(u64, u64)>| t.map_or_else(|| "-".into(), |(n, of)| format!("{n}/{of}"));
+    for l in &s.limited_sources {
         let _ = writeln!(
             out,
             "  {:<44} {:<20} {:>10} {:>16} {:>16}",
-            "source", "policy", "dropped", "packet tokens", "conn tokens"
+            l.source,
+            l.policy,
+            l.dropped,
+            tokens(l.packet_tokens),
+            tokens(l.connection_tokens)
         );
-        let tokens = |t: Option<(u64, u64)>| {
-            t.map(|(n, of)| format!("{n}/{of}"))
-                .unwrap_or_else(|| "-".into())
-        };
-        for l in &s.limited_sources {
-            let _ = writeln!(
-                out,
-                "  {:<44} {:<20} {:>10} {:>16} {:>16}",
-                l.source,
-                l.policy,
-                l.dropped,
-                tokens(l.packet_tokens),
-                tokens(l.connection_tokens)
-            );
-        }
     }
-    if !s.counters.is_empty() {
-        let _ = writeln!(out);
-        let _ = writeln!(out, "data path counters:");
-        for (k, v) in &s.counters {
-            let _ = writeln!(out, "  {k:<28} {v}");
-        }
-    }
-    out
 }
 
-/// Where a flow goes and why.
-#[derive(Serialize)]
-pub struct FlowAnswer {
-    pub flow: String,
-    /// "flow-table" (an entry pins it), "affinity", "ring", or "no-service".
-    pub reason: &'static str,
-    pub backend: Option<String>,
-    pub detail: String,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-pub fn flow(
-    paths: &Paths,
-    protocol: Protocol,
-    src: SocketAddr,
-    dst: SocketAddr,
-) -> Result<FlowAnswer> {
-    let maps = Maps::open_pinned(&paths.pin_dir)?;
-    let flow = format!("{protocol} {src} -> {dst}");
-    let (src_addr, dst_addr) = (Addr::from(src.ip()), Addr::from(dst.ip()));
-    let (sport, dport) = (src.port().to_be(), dst.port().to_be());
-    let cfg = maps.read_config();
-    let now = lb_common::flow_clock(monotonic_ns());
-    let entry = if src.is_ipv4() {
-        let key = lb_common::FlowKey4::new(
-            lb_common::V4::from_addr(&src_addr),
-            lb_common::V4::from_addr(&dst_addr),
-            sport,
-            dport,
-            protocol.number(),
-        );
-        maps.flows4
-            .get(&key, 0)
-            .ok()
-            .map(|f| (f.flags, f.last, f.id, f.addr.to_addr(), f.port))
-    } else {
-        let key = lb_common::FlowKey6::new(src_addr, dst_addr, sport, dport, protocol.number());
-        maps.flows6
-            .get(&key, 0)
-            .ok()
-            .map(|f| (f.flags, f.last, f.id, f.addr, f.port))
-    };
-    if let Some((flags, last, id, addr, port)) = entry
-        && flags & FLOW_REPLY == 0
-        && cfg.is_none_or(|c| {
-            !lb_common::Flow::<Addr> {
-                flags,
-                last,
-                ..Default::default()
-            }
-            .is_expired(&c, now)
-        })
-        && let Ok(b) = maps.backends.get(&id, 0)
-    {
-        let age = u64::from(now.wrapping_sub(last)) << lb_common::FLOW_CLOCK_SHIFT;
-        let age = age / 1_000_000;
-        let state = if flags & FLOW_CLOSING != 0 {
-            ", closing"
-        } else if flags & FLOW_OPENING != 0 {
-            ", handshake not finished"
-        } else {
-            ""
-        };
-        let snat = if flags & FLOW_SNAT != 0 {
-            format!(", source-NATed to {}", show(&addr, u16::from_be(port)))
-        } else {
-            String::new()
-        };
-        return Ok(FlowAnswer {
-            flow,
-            reason: "flow-table",
-            backend: Some(show(&b.addr, u16::from_be(b.port))),
-            detail: format!(
-                "a live flow-table entry pins it (last packet {age} ms ago{state}{snat})"
-            ),
-        });
+    fn backend(active: bool) -> lb_common::Backend {
+        lb_common::Backend {
+            flags: BACKEND_LISTED | if active { BACKEND_ACTIVE } else { 0 },
+            ..lb_common::Backend::default()
+        }
     }
-    let now = monotonic_ns();
-    let Some(cfg) = cfg else {
-        anyhow::bail!("the data path has no configuration yet");
-    };
-    let skey = ServiceKey::new(dst_addr, dport, protocol.number());
-    let Ok(svc) = maps.services.get(&skey, 0) else {
-        return Ok(FlowAnswer {
-            flow,
-            reason: "no-service",
-            backend: None,
-            detail: format!("no service on {dst}/{protocol}"),
-        });
-    };
-    if svc.flags & lb_common::SVC_AFFINITY != 0
-        && let Ok(a) = maps.affinity.get(
-            &AffinityKey {
-                client: src_addr,
-                service: svc.id,
+
+    #[test]
+    fn weight_zero_is_maintenance_unless_the_agent_drains_it() {
+        let label = ServiceLabel {
+            frontend: Frontend {
+                vip: "10.96.0.10".parse().unwrap(),
+                port: 80,
+                protocol: crate::model::Protocol::Tcp,
             },
-            0,
-        )
-        && now.wrapping_sub(a.last_seen_ns) as i64
-            <= (u64::from(svc.affinity_timeout_s) * 1_000_000_000) as i64
-        && let Ok(b) = maps.backends.get(&a.backend, 0)
-        && b.service == svc.id
-        && b.generation == a.generation
-        && b.flags & BACKEND_ACTIVE != 0
-    {
-        return Ok(FlowAnswer {
-            flow,
-            reason: "affinity",
-            backend: Some(show(&b.addr, u16::from_be(b.port))),
-            detail: format!(
-                "session affinity: this client was sent there within the last {} s",
-                svc.affinity_timeout_s
-            ),
-        });
+            name: "web".into(),
+            origin: "Service default/web".into(),
+            mode: crate::model::Mode::Snat,
+            policy: None,
+            draining: vec!["10.1.1.3:8080".into()],
+        };
+        assert_eq!(
+            backend_state(&backend(true), "10.1.1.2:8080", Some(&label)),
+            ACTIVE
+        );
+        assert_eq!(
+            backend_state(&backend(false), "10.1.1.2:8080", Some(&label)),
+            MAINTENANCE,
+            "weight 0 by configuration, never served or not"
+        );
+        assert_eq!(
+            backend_state(&backend(false), "10.1.1.3:8080", Some(&label)),
+            DRAINING
+        );
+        assert_eq!(
+            backend_state(&backend(false), "10.1.1.3:8080", None),
+            MAINTENANCE
+        );
     }
-    let hash = flow_hash(
-        &src_addr,
-        &dst_addr,
-        sport,
-        dport,
-        protocol.number(),
-        cfg.hash_seed,
-    );
-    let slot = ring_slot(hash, svc.ring_size);
-    let id = maps.rings.get(&(svc.ring + slot), 0)?;
-    if id == NO_BACKEND {
-        return Ok(FlowAnswer {
-            flow,
-            reason: "ring",
-            backend: None,
-            detail: format!(
-                "ring slot {slot} of {} is empty: the service has no backend with weight > 0",
-                svc.ring_size
-            ),
-        });
-    }
-    let b = maps.backends.get(&id, 0)?;
-    Ok(FlowAnswer {
-        flow,
-        reason: "ring",
-        backend: Some(show(&b.addr, u16::from_be(b.port))),
-        detail: format!(
-            "no flow-table entry; a new flow would hash (seed {:#x}) to Maglev slot {slot} of {}, which holds this backend",
-            cfg.hash_seed, svc.ring_size
-        ),
-    })
 }

@@ -1,15 +1,16 @@
-//! Garbage collection the data path leaves to the agent: flow entries that are over (the data
-//! path already treats them as absent and reclaims a snat port's entry on the spot when it
-//! needs the port; deleting them frees memory for the LRU). Each entry expires on its own
-//! timeout: a snat flow's reply entry holds its port through the backend's TIME_WAIT.
+//! Garbage collection the data path leaves to the agent: flow entries that are over. The data
+//! path already treats them as absent (and reclaims a snat port's entry on the spot when it
+//! needs the port); deleting them frees room in the LRU tables. Each entry expires on its own
+//! timeout: a snat flow's reply entry, which holds the port, through the backend's TIME_WAIT
+//! when the backend closed first.
 //!
-//! Rate-limit sources need no sweep: the data path reuses the slot of a source that has
-//! refilled and been quiet (see lb_common::SourceSet).
-use lb_common::{
-    Addr, Config, FLOW_REPLY, FLOW_RESET, Flow, FlowAddr, FlowKey, Source, flow_clock,
-};
+//! Rate-limit sources need no sweep: the data path gives the slot of a source that has
+//! refilled and been quiet to the next new source (see lb_common::SourceTags).
+use std::collections::BTreeMap;
 
-use crate::dataplane::Maps;
+use lb_common::{Addr, Backend, FLOW_REPLY, FLOW_RESET, FlowAddr, flow_clock};
+
+use crate::tables::{FlowEntry, Tables};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct SweepReport {
@@ -19,95 +20,93 @@ pub struct SweepReport {
     pub sources: usize,
 }
 
-pub fn sweep(maps: &mut Maps, now_ns: u64) -> SweepReport {
+pub fn sweep(tables: &mut dyn Tables, now_ns: u64) -> SweepReport {
     let mut report = SweepReport::default();
-    let Some(cfg) = maps.read_config() else {
+    let Some(cfg) = tables.config() else {
         return report;
     };
     let now = flow_clock(now_ns);
-    sweep_table(&mut maps.flows4, &cfg, now, &mut report);
-    sweep_table(&mut maps.flows6, &cfg, now, &mut report);
-    report.sources = maps.read_sources().len();
-    report
-}
-
-fn sweep_table<A: FlowAddr>(
-    table: &mut aya::maps::HashMap<aya::maps::MapData, FlowKey<A>, Flow<A>>,
-    cfg: &Config,
-    now: u32,
-    report: &mut SweepReport,
-) where
-    FlowKey<A>: aya::Pod,
-    Flow<A>: aya::Pod,
-{
     let mut expired = Vec::new();
-    for (key, flow) in table.iter().filter_map(Result::ok) {
+    tables.for_each_flow(&mut |e| {
         report.flows += 1;
-        if flow.is_expired(cfg, now) {
-            expired.push(key);
+        let over = match e {
+            FlowEntry::V4(_, f) => f.is_expired(&cfg, now),
+            FlowEntry::V6(_, f) => f.is_expired(&cfg, now),
+        };
+        if over {
+            expired.push(e.id());
         }
-    }
-    for k in &expired {
-        if table.remove(k).is_ok() {
+    });
+    for id in &expired {
+        if tables.remove_flow(id).unwrap_or(false) {
             report.flows_removed += 1;
         }
     }
+    tables.for_each_source(&mut |_| report.sources += 1);
+    report
 }
 
 /// Ends the flows of one service that go to one backend (its deregistration delay is over):
 /// with `reset`, the client's next packet is answered with a TCP RST; else the flows are
 /// forgotten (their next packet is a new flow, to a current backend). Returns how many flows.
-pub fn end_flows(maps: &mut Maps, service: u32, backend: Addr, port: u16, reset: bool) -> usize {
-    let port = port.to_be();
-    // The backend's ids in this service (one, unless it was removed and added again).
-    let ids: Vec<u32> = maps
-        .backends
-        .iter()
-        .enumerate()
-        .filter_map(|(id, b)| Some((id as u32, b.ok()?)))
-        .filter(|(_, b)| b.service == service && b.addr == backend && b.port == port)
-        .map(|(id, _)| id)
-        .collect();
-    let mut ended = end_in(&mut maps.flows4, service, &ids, &backend, port, reset);
-    ended += end_in(&mut maps.flows6, service, &ids, &backend, port, reset);
-    ended
-}
-
-fn end_in<A: FlowAddr>(
-    table: &mut aya::maps::HashMap<aya::maps::MapData, FlowKey<A>, Flow<A>>,
+pub fn end_flows(
+    tables: &mut dyn Tables,
     service: u32,
-    ids: &[u32],
-    backend: &Addr,
+    backend: Addr,
     port: u16,
     reset: bool,
-) -> usize
-where
-    FlowKey<A>: aya::Pod,
-    Flow<A>: aya::Pod,
-{
+) -> usize {
+    let port = port.to_be();
+    // Backends by id, read once each (client-side entries name their backend by id).
+    let mut backends: BTreeMap<u32, Option<Backend>> = BTreeMap::new();
+    let mut to_backend = |id: u32, tables: &dyn Tables| {
+        backends
+            .entry(id)
+            .or_insert_with(|| tables.backend(id))
+            .is_some_and(|b| b.service == service && b.addr == backend && b.port == port)
+    };
+    let mut all = Vec::new();
+    tables.for_each_flow(&mut |e| all.push(*e));
+    let mut matching = Vec::new();
+    for e in all {
+        let (flags, id, src, sport) = match &e {
+            FlowEntry::V4(k, f) => (f.flags, f.id, k.src.to_addr(), k.sport),
+            FlowEntry::V6(k, f) => (f.flags, f.id, k.src, k.sport),
+        };
+        let ours = if flags & FLOW_REPLY == 0 {
+            // Client to backend: names the backend's id.
+            to_backend(id, tables)
+        } else {
+            // Backend to client: keyed by the backend, names the service.
+            id == service && src == backend && sport == port
+        };
+        if ours {
+            matching.push(e);
+        }
+    }
     let mut ended = 0;
-    let matching: Vec<(FlowKey<A>, Flow<A>)> = table
-        .iter()
-        .filter_map(Result::ok)
-        .filter(|(k, f)| {
-            if f.flags & FLOW_REPLY == 0 {
-                // Client to backend: names the backend's id.
-                ids.contains(&f.id)
-            } else {
-                // Backend to client: keyed by the backend.
-                f.id == service && k.src.to_addr() == *backend && k.sport == port
-            }
-        })
-        .collect();
-    for (key, mut flow) in matching {
-        if flow.flags & FLOW_REPLY == 0 {
+    for e in matching {
+        let client_side = match &e {
+            FlowEntry::V4(_, f) => f.flags & FLOW_REPLY == 0,
+            FlowEntry::V6(_, f) => f.flags & FLOW_REPLY == 0,
+        };
+        if client_side {
             ended += 1;
         }
-        let done = if reset && flow.flags & FLOW_REPLY == 0 {
-            flow.flags |= FLOW_RESET;
-            table.insert(key, flow, 0)
+        let done = if reset && client_side {
+            let e = match e {
+                FlowEntry::V4(k, mut f) => {
+                    f.flags |= FLOW_RESET;
+                    FlowEntry::V4(k, f)
+                }
+                FlowEntry::V6(k, mut f) => {
+                    f.flags |= FLOW_RESET;
+                    FlowEntry::V6(k, f)
+                }
+            };
+            tables.set_flow(&e)
         } else {
-            table.remove(&key)
+            tables.remove_flow(&e.id()).map(drop)
         };
         if let Err(e) = done {
             log::debug!("ending a flow: {e}");
@@ -116,7 +115,127 @@ where
     ended
 }
 
-/// Sources the data path tracks (for counts).
-pub fn tracked_sources(maps: &Maps) -> Vec<Source> {
-    maps.read_sources()
+#[cfg(test)]
+mod tests {
+    use lb_common::{
+        BACKEND_LISTED, Config, FLOW_CLOSING, FLOW_OPENING, FLOW_SNAT, FLOW_TCP, FLOW_TIME_WAIT,
+        Flow4, FlowKey4, IPPROTO_TCP, V4, flow_ticks,
+    };
+
+    use super::*;
+    use crate::tables::{MemoryTables, Write};
+
+    const S: u64 = 1_000_000_000;
+
+    fn tables() -> MemoryTables {
+        let mut t = MemoryTables {
+            config: Some(Config {
+                tcp_idle: flow_ticks(350 * S),
+                udp_idle: flow_ticks(120 * S),
+                tcp_closing: flow_ticks(10 * S),
+                tcp_handshake: flow_ticks(60 * S),
+                tcp_time_wait: flow_ticks(60 * S),
+                source_sets: 1,
+                ..Config::default()
+            }),
+            ..MemoryTables::default()
+        };
+        for (id, last) in [(2u32, 2u8), (9, 9)] {
+            t.backends.insert(
+                id,
+                Backend {
+                    addr: addr(last),
+                    port: 8080u16.to_be(),
+                    flags: BACKEND_LISTED,
+                    service: 1,
+                    ..Backend::default()
+                },
+            );
+        }
+        t
+    }
+
+    fn addr(last: u8) -> Addr {
+        Addr::v4([10, 0, 0, last])
+    }
+
+    fn v4(last: u8) -> V4 {
+        V4::from_addr(&addr(last))
+    }
+
+    /// A snat flow from client `client` to backend id `backend` (10.0.0.<id>:8080): its
+    /// client-side entry (flags `flags`) and its reply entry (flags `reply_flags`), both last
+    /// seen at `last_ns`.
+    fn flow_pair(
+        t: &mut MemoryTables,
+        client: u8,
+        backend: u8,
+        flags: u8,
+        reply_flags: u8,
+        last_ns: u64,
+    ) {
+        let last = flow_clock(last_ns);
+        let key = FlowKey4::new(v4(client), v4(100), 40000u16.to_be(), 80u16.to_be(), IPPROTO_TCP);
+        let snat_port = (1024u16 + u16::from(client)).to_be();
+        let out = Flow4 {
+            last,
+            flags: flags | FLOW_TCP | FLOW_SNAT,
+            generation: 0,
+            port: snat_port,
+            id: u32::from(backend),
+            addr: v4(1),
+        };
+        let reply_key = FlowKey4::new(v4(backend), v4(1), 8080u16.to_be(), snat_port, IPPROTO_TCP);
+        let reply = Flow4 {
+            last,
+            flags: reply_flags | FLOW_TCP | FLOW_SNAT | FLOW_REPLY,
+            generation: 0,
+            port: key.sport,
+            id: 1,
+            addr: key.src,
+        };
+        for e in [FlowEntry::V4(key, out), FlowEntry::V4(reply_key, reply)] {
+            t.flows.insert(e.id(), e);
+        }
+    }
+
+    #[test]
+    fn each_entry_goes_when_its_own_timeout_runs_out() {
+        let mut t = tables();
+        let now = 1000 * S;
+        flow_pair(&mut t, 1, 2, 0, 0, now - S); // live
+        // The client closed first 11 s ago: both entries are over.
+        flow_pair(&mut t, 3, 2, FLOW_CLOSING, FLOW_CLOSING, now - 11 * S);
+        // The backend closed first 11 s ago: the reply entry holds the port through the
+        // backend's TIME_WAIT (60 s).
+        flow_pair(&mut t, 4, 2, FLOW_CLOSING, FLOW_CLOSING | FLOW_TIME_WAIT, now - 11 * S);
+        // A handshake that never finished: both entries were opening, both go after 60 s.
+        flow_pair(&mut t, 5, 2, FLOW_OPENING, FLOW_OPENING, now - 61 * S);
+        let report = sweep(&mut t, now);
+        assert_eq!(report.flows, 8);
+        assert_eq!(report.flows_removed, 5, "{:?}", t.log);
+        assert_eq!(t.flows.len(), 3);
+        assert!(t.log.iter().all(|w| matches!(w, Write::RemoveFlow(_))));
+        let time_wait = t.flows.values().any(|e| match e {
+            FlowEntry::V4(_, f) => f.flags & FLOW_TIME_WAIT != 0,
+            FlowEntry::V6(..) => false,
+        });
+        assert!(time_wait, "the reply entry in TIME_WAIT stays");
+    }
+
+    #[test]
+    fn ending_a_backends_flows_resets_or_forgets_them() {
+        let mut t = tables();
+        flow_pair(&mut t, 1, 2, 0, 0, 0);
+        flow_pair(&mut t, 3, 9, 0, 0, 0);
+        assert_eq!(end_flows(&mut t, 1, addr(2), 8080, true), 1);
+        let reset = t.flows.values().any(|e| match e {
+            FlowEntry::V4(_, f) => f.flags & FLOW_REPLY == 0 && f.id == 2 && f.flags & FLOW_RESET != 0,
+            FlowEntry::V6(..) => false,
+        });
+        assert!(reset, "answered with a RST");
+        assert_eq!(t.flows.len(), 3, "the reply entry of the reset flow went");
+        assert_eq!(end_flows(&mut t, 1, addr(9), 8080, false), 1);
+        assert_eq!(t.flows.len(), 1);
+    }
 }

@@ -1,10 +1,12 @@
-//! The map operations reconcile needs, behind one trait. `dataplane::MapTables` is the real
-//! thing; [`MemoryTables`] is an in-memory stand-in that records every write, for tests.
-use std::collections::BTreeMap;
+//! Every map operation the agent makes, behind one trait: reconcile's writes, the interface
+//! tables (redirect targets, VLAN devices), and the sweep's reads and removals of flows and
+//! sources. `dataplane::Maps` is the real thing; [`MemoryTables`] is an in-memory stand-in that
+//! records every write, for tests. No write to a map bypasses this trait.
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use lb_common::{
-    Addr, AddrInfo, Backend, Config, FILTER_WORDS, LinkMac, Policy, PrefixKey, PrefixRule, Service,
-    ServiceInfo, ServiceKey, Source,
+    Addr, AddrInfo, Backend, Config, FILTER_WORDS, Flow4, Flow6, FlowKey4, FlowKey6, Iface,
+    LinkMac, Policy, PrefixKey, PrefixRule, Service, ServiceInfo, ServiceKey, Source,
 };
 
 use crate::error::DataplaneError;
@@ -24,6 +26,29 @@ pub struct Snapshot {
     pub prefixes: Vec<(PrefixKey, u32, PrefixRule)>,
     /// Non-empty LB_SVC_INFO slots (their generations).
     pub service_info: Vec<(u32, ServiceInfo)>,
+}
+
+/// A flow-table entry of either family (they have tables of their own).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowEntry {
+    V4(FlowKey4, Flow4),
+    V6(FlowKey6, Flow6),
+}
+
+/// A flow-table key of either family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FlowId {
+    V4(FlowKey4),
+    V6(FlowKey6),
+}
+
+impl FlowEntry {
+    pub fn id(&self) -> FlowId {
+        match self {
+            FlowEntry::V4(k, _) => FlowId::V4(*k),
+            FlowEntry::V6(k, _) => FlowId::V6(*k),
+        }
+    }
 }
 
 pub trait Tables {
@@ -46,10 +71,36 @@ pub trait Tables {
     /// Sets the bucket that new sources of fail-closed policy `policy` share while the source
     /// table has no room.
     fn set_overflow(&mut self, policy: u32, source: &Source) -> Result<()>;
-    /// Tells the data path the MAC of an interface lb_uplink runs on (slot: ifindex % MAC_SLOTS).
-    fn set_link_mac(&mut self, slot: u32, mac: &LinkMac) -> Result<()>;
     /// Everything reconcile needs to pick up where a previous agent left off.
     fn snapshot(&self) -> Result<Snapshot>;
+
+    // The interfaces (agent::interfaces).
+    /// Interfaces the data path may redirect to (the devmap's keys).
+    fn redirects(&self) -> Result<BTreeSet<u32>>;
+    fn set_redirect(&mut self, ifindex: u32) -> Result<()>;
+    fn remove_redirect(&mut self, ifindex: u32) -> Result<()>;
+    /// VLAN devices on uplinks, by ifindex.
+    fn vlans(&self) -> Result<BTreeMap<u32, Iface>>;
+    fn set_vlan(&mut self, ifindex: u32, vlan: &Iface) -> Result<()>;
+    fn remove_vlan(&mut self, ifindex: u32) -> Result<()>;
+    /// Tells the data path the MAC of an interface lb_uplink runs on (slot: ifindex % MAC_SLOTS).
+    fn set_link_mac(&mut self, slot: u32, mac: &LinkMac) -> Result<()>;
+
+    // State the data path keeps (sweep).
+    /// The node config as the data path sees it (None before the first apply).
+    fn config(&self) -> Option<Config>;
+    fn service(&self, key: &ServiceKey) -> Option<Service>;
+    fn backend(&self, id: u32) -> Option<Backend>;
+    /// Calls `f` for every flow-table entry of both families (a visitor: the tables may hold
+    /// millions).
+    fn for_each_flow(&self, f: &mut dyn FnMut(&FlowEntry));
+    fn set_flow(&mut self, entry: &FlowEntry) -> Result<()>;
+    /// Removes a flow entry; false if it was gone already.
+    fn remove_flow(&mut self, id: &FlowId) -> Result<bool>;
+    /// Calls `f` for every tracked rate-limit source.
+    fn for_each_source(&self, f: &mut dyn FnMut(&Source));
+    /// Every policy slot, by id (empty ones included: ids index them).
+    fn policies(&self) -> Vec<Policy>;
 }
 
 /// One recorded write, for tests that check what was written and in which order.
@@ -70,7 +121,13 @@ pub enum Write {
     SetPrefix(PrefixKey, u32),
     RemovePrefix(PrefixKey, u32),
     SetOverflow(u32),
+    SetRedirect(u32),
+    RemoveRedirect(u32),
+    SetVlan(u32),
+    RemoveVlan(u32),
     SetLinkMac(u32),
+    SetFlow(FlowId),
+    RemoveFlow(FlowId),
 }
 
 /// The maps as plain collections, with a log of writes.
@@ -86,7 +143,12 @@ pub struct MemoryTables {
     pub prefixes: BTreeMap<(PrefixKey, u32), PrefixRule>,
     pub overflow: BTreeMap<u32, Source>,
     pub service_info: BTreeMap<u32, ServiceInfo>,
+    /// Tracked rate-limit sources (the data path makes them; tests put some here).
+    pub sources: Vec<Source>,
+    pub redirects: BTreeSet<u32>,
+    pub vlans: BTreeMap<u32, Iface>,
     pub macs: BTreeMap<u32, LinkMac>,
+    pub flows: HashMap<FlowId, FlowEntry>,
     pub log: Vec<Write>,
 }
 
@@ -103,7 +165,11 @@ impl Default for MemoryTables {
             prefixes: BTreeMap::new(),
             overflow: BTreeMap::new(),
             service_info: BTreeMap::new(),
+            sources: Vec::new(),
+            redirects: BTreeSet::new(),
+            vlans: BTreeMap::new(),
             macs: BTreeMap::new(),
+            flows: HashMap::new(),
             log: Vec::new(),
         }
     }
@@ -195,11 +261,6 @@ impl Tables for MemoryTables {
         self.log.push(Write::SetOverflow(policy));
         Ok(())
     }
-    fn set_link_mac(&mut self, slot: u32, mac: &LinkMac) -> Result<()> {
-        self.macs.insert(slot, *mac);
-        self.log.push(Write::SetLinkMac(slot));
-        Ok(())
-    }
     fn snapshot(&self) -> Result<Snapshot> {
         Ok(Snapshot {
             config: self.config,
@@ -215,5 +276,74 @@ impl Tables for MemoryTables {
                 .collect(),
             service_info: self.service_info.iter().map(|(k, v)| (*k, *v)).collect(),
         })
+    }
+
+    fn redirects(&self) -> Result<BTreeSet<u32>> {
+        Ok(self.redirects.clone())
+    }
+    fn set_redirect(&mut self, ifindex: u32) -> Result<()> {
+        self.redirects.insert(ifindex);
+        self.log.push(Write::SetRedirect(ifindex));
+        Ok(())
+    }
+    fn remove_redirect(&mut self, ifindex: u32) -> Result<()> {
+        self.redirects.remove(&ifindex);
+        self.log.push(Write::RemoveRedirect(ifindex));
+        Ok(())
+    }
+    fn vlans(&self) -> Result<BTreeMap<u32, Iface>> {
+        Ok(self.vlans.clone())
+    }
+    fn set_vlan(&mut self, ifindex: u32, vlan: &Iface) -> Result<()> {
+        self.vlans.insert(ifindex, *vlan);
+        self.log.push(Write::SetVlan(ifindex));
+        Ok(())
+    }
+    fn remove_vlan(&mut self, ifindex: u32) -> Result<()> {
+        self.vlans.remove(&ifindex);
+        self.log.push(Write::RemoveVlan(ifindex));
+        Ok(())
+    }
+    fn set_link_mac(&mut self, slot: u32, mac: &LinkMac) -> Result<()> {
+        self.macs.insert(slot, *mac);
+        self.log.push(Write::SetLinkMac(slot));
+        Ok(())
+    }
+    fn config(&self) -> Option<Config> {
+        self.config
+    }
+    fn service(&self, key: &ServiceKey) -> Option<Service> {
+        self.services.get(key).copied()
+    }
+    fn backend(&self, id: u32) -> Option<Backend> {
+        self.backends.get(&id).copied()
+    }
+    fn for_each_flow(&self, f: &mut dyn FnMut(&FlowEntry)) {
+        for e in self.flows.values() {
+            f(e);
+        }
+    }
+    fn set_flow(&mut self, entry: &FlowEntry) -> Result<()> {
+        self.flows.insert(entry.id(), *entry);
+        self.log.push(Write::SetFlow(entry.id()));
+        Ok(())
+    }
+    fn remove_flow(&mut self, id: &FlowId) -> Result<bool> {
+        let removed = self.flows.remove(id).is_some();
+        self.log.push(Write::RemoveFlow(*id));
+        Ok(removed)
+    }
+    fn for_each_source(&self, f: &mut dyn FnMut(&Source)) {
+        for s in &self.sources {
+            f(s);
+        }
+    }
+    fn policies(&self) -> Vec<Policy> {
+        let len = self.policies.keys().max().map_or(0, |m| *m as usize + 1);
+        let mut all = vec![Policy::default(); len];
+        for (id, p) in &self.policies {
+            all[*id as usize] = *p;
+        }
+        all
     }
 }

@@ -15,11 +15,12 @@ use std::{
 use crate::{
     netlink::{Link, Netlink},
     nic::Ethtool,
+    system,
 };
 
 /// Where network namespaces can be found: named ones (ip netns, container runtimes), and every
 /// process's (the host's processes with hostPID, else this container's).
-const NETNS_DIRS: &[&str] = &["/run/netns", "/var/run/netns"];
+const NETNS_DIRS: &[&str] = &[system::NAMED_NETNS_DIR, "/var/run/netns"];
 
 /// What was done for one veth.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -41,39 +42,17 @@ pub fn prepare(nl: &mut Netlink, link: &Link) -> Result<PodEnd, String> {
             NETNS_DIRS.join(", ")
         )
     })?;
-    std::thread::scope(|scope| {
-        scope
-            .spawn(move || -> Result<PodEnd, String> {
-                // This thread alone moves into the pod's namespace, and ends there.
-                // SAFETY: a valid namespace descriptor; setns affects only this thread.
-                if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) }
-                    != 0
-                {
-                    return Err(format!(
-                        "entering the pod's namespace: {}",
-                        std::io::Error::last_os_error()
-                    ));
-                }
-                let mut name = [0 as libc::c_char; libc::IF_NAMESIZE];
-                // SAFETY: a buffer of IF_NAMESIZE bytes.
-                if unsafe { libc::if_indextoname(peer_index, name.as_mut_ptr()) }.is_null() {
-                    return Err(format!("no interface {peer_index} in the pod's namespace"));
-                }
-                // SAFETY: if_indextoname wrote a NUL-terminated name.
-                let name = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }
-                    .to_string_lossy()
-                    .into_owned();
-                let ethtool = Ethtool::open().map_err(|e| e.to_string())?;
-                if ethtool.gro(&name) == Some(true) {
-                    return Ok(PodEnd::Ready);
-                }
-                ethtool
-                    .set_gro(&name, true)
-                    .map_err(|e| format!("turning GRO on for {name} in the pod: {e}"))?;
-                Ok(PodEnd::Enabled)
-            })
-            .join()
-            .unwrap_or_else(|_| Err("panicked".into()))
+    system::in_netns(&ns, move || {
+        let name = system::ifname(peer_index)
+            .ok_or_else(|| format!("no interface {peer_index} in the pod's namespace"))?;
+        let ethtool = Ethtool::open().map_err(|e| e.to_string())?;
+        if ethtool.gro(&name) == Some(true) {
+            return Ok(PodEnd::Ready);
+        }
+        ethtool
+            .set_gro(&name, true)
+            .map_err(|e| format!("turning GRO on for {name} in the pod: {e}"))?;
+        Ok(PodEnd::Enabled)
     })
 }
 

@@ -6,6 +6,7 @@
 
 use std::{
     collections::HashSet,
+    fmt::Write as _,
     io::Write,
     net::IpAddr,
     process::{Command, Stdio},
@@ -14,7 +15,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_userspace::netlink::{IfAddr, Netlink, Route, RouteKind};
+use lb_userspace::{
+    model::{Backend, Desired, Frontend, Mode, Protocol, Service},
+    neighbours::Neighbours,
+    netlink::{Change, IfAddr, Monitor, Netlink, Route, RouteKind},
+};
 use serde_json::Value;
 
 /// Managed entries on a veth resolve in milliseconds; this is the patience for a slow CI box.
@@ -25,9 +30,7 @@ fn privileged() -> bool {
     if unsafe { libc::geteuid() } == 0 {
         return true;
     }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("needs root");
-    }
+    assert!(std::env::var("CI").as_deref() != Ok("true"), "needs root");
     println!("skipped: needs root");
     false
 }
@@ -128,7 +131,7 @@ fn json(text: &str) -> Value {
 
 fn ifindex(name: &str) -> u32 {
     let links = json(&ip(&["-j", "link", "show", "dev", name]));
-    links[0]["ifindex"].as_u64().unwrap() as u32
+    u32::try_from(links[0]["ifindex"].as_u64().unwrap()).unwrap()
 }
 
 fn addr(text: &str) -> IpAddr {
@@ -327,11 +330,12 @@ fn addresses_dump_spans_many_datagrams() {
         let count = 3000u32;
         let mut batch = String::new();
         for i in 0..count {
-            batch.push_str(&format!(
-                "addr add 10.20.{}.{}/32 dev a0\n",
+            let _ = writeln!(
+                batch,
+                "addr add 10.20.{}.{}/32 dev a0",
                 i / 250,
                 i % 250 + 1
-            ));
+            );
         }
         let mut child = Command::new("ip")
             .args(["-batch", "-"])
@@ -450,7 +454,7 @@ fn managed_neighbour_lifecycle(dst: &str) {
     let target = addr(dst);
     let mut nl = Netlink::open().unwrap();
 
-    nl.ensure_managed_neighbour(a0, target).unwrap();
+    assert!(nl.add_managed_neighbour(a0, target).unwrap(), "made");
     let deadline = Instant::now() + RESOLVE_WITHIN;
     let entry = loop {
         let entry = neigh_entry(dst).expect("the entry exists once created");
@@ -465,8 +469,11 @@ fn managed_neighbour_lifecycle(dst: &str) {
     };
     assert!(entry.get("managed").is_some(), "not managed: {entry}");
 
-    // Again, as every reconcile does: no error, and the entry keeps its MAC and state.
-    nl.ensure_managed_neighbour(a0, target).unwrap();
+    // Again: it exists, nothing is replaced, and the entry keeps its MAC and state.
+    assert!(
+        !nl.add_managed_neighbour(a0, target).unwrap(),
+        "not made twice"
+    );
     let again = neigh_entry(dst).unwrap();
     assert_eq!(again["lladdr"].as_str(), Some(peer_mac.as_str()));
     assert!(is_reachable(&again), "{again}");
@@ -519,16 +526,85 @@ fn remove_neighbour_leaves_entries_it_did_not_make() {
 }
 
 #[test]
+fn a_managed_entry_never_replaces_one_someone_made() {
+    in_netns(|| {
+        let (_peer, _) = neighbour_topology();
+        // A permanent entry for a gateway nothing answers ARP for.
+        ip(&[
+            "neigh",
+            "add",
+            "192.168.77.9",
+            "dev",
+            "a0",
+            "lladdr",
+            "02:00:00:00:00:09",
+            "nud",
+            "permanent",
+        ]);
+        let a0 = ifindex("a0");
+        let mut nl = Netlink::open().unwrap();
+        assert!(!nl.add_managed_neighbour(a0, addr("192.168.77.9")).unwrap());
+        let entry = neigh_entry("192.168.77.9").expect("still there");
+        assert_eq!(entry["lladdr"], "02:00:00:00:00:09");
+        assert!(
+            entry.get("managed").is_none(),
+            "not turned managed: {entry}"
+        );
+        let all = nl.neighbours().unwrap();
+        let n = all
+            .iter()
+            .find(|n| n.addr == addr("192.168.77.9"))
+            .expect("in the dump");
+        assert!(!n.managed);
+        assert_eq!(n.state & 0x80, 0x80, "NUD_PERMANENT");
+    });
+}
+
+#[test]
+fn the_monitor_hears_a_flush_and_a_link_going_down() {
+    in_netns(|| {
+        let (_peer, _) = neighbour_topology();
+        let a0 = ifindex("a0");
+        let mut nl = Netlink::open().unwrap();
+        let mut monitor = Monitor::open().unwrap();
+        assert!(nl.add_managed_neighbour(a0, addr("192.168.77.2")).unwrap());
+        ip(&["neigh", "flush", "dev", "a0"]);
+        ip(&["link", "set", "a0", "down"]);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut heard = Vec::new();
+        let (mut gone, mut link) = (false, false);
+        while !(gone && link) {
+            assert!(Instant::now() < deadline, "heard only {heard:?}");
+            heard.extend(monitor.read());
+            gone = heard.iter().any(|c| {
+                *c == Change::NeighbourGone {
+                    ifindex: a0,
+                    addr: addr("192.168.77.2"),
+                }
+            });
+            link = heard.contains(&Change::Link { ifindex: a0 });
+            thread::sleep(Duration::from_millis(10));
+        }
+        assert!(
+            heard
+                .iter()
+                .any(|c| *c == Change::Address || *c == Change::Route),
+            "its routes go with it: {heard:?}"
+        );
+    });
+}
+
+#[test]
 fn kernel_errors_name_the_operation_and_errno() {
     in_netns(|| {
         let mut nl = Netlink::open().unwrap();
         let err = nl
-            .ensure_managed_neighbour(9999, addr("192.168.77.2"))
+            .add_managed_neighbour(9999, addr("192.168.77.2"))
             .unwrap_err();
         assert_eq!(err.errno(), Some(libc::ENODEV), "{err}");
         let text = err.to_string();
         assert!(
-            text.starts_with("neighbour replace 192.168.77.2 dev 9999 managed: "),
+            text.starts_with("neighbour add 192.168.77.2 dev 9999 managed: "),
             "{text}"
         );
         // The kernel explains this one in an extended ACK; the reason reaches the message.
@@ -541,5 +617,122 @@ fn kernel_errors_name_the_operation_and_errno() {
         );
         // The socket is still usable after an error: the next request gets its own answer.
         assert!(!nl.links().unwrap().is_empty());
+    });
+}
+
+/// The agent's way of keeping next hops' entries (`agent::run`): neighbour notifications at
+/// once, other changes after they settle (100 ms). Runs until `done` or `within`; returns how
+/// long it took.
+fn keep_neighbours(
+    nl: &mut Netlink,
+    monitor: &mut Monitor,
+    neighbours: &mut Neighbours,
+    desired: &Desired,
+    within: Duration,
+    done: impl Fn() -> bool,
+) -> Option<Duration> {
+    let start = Instant::now();
+    let mut node_due: Option<Instant> = None;
+    while start.elapsed() < within {
+        let changes = monitor.read();
+        for c in &changes {
+            neighbours.on_change(nl, c);
+        }
+        if changes
+            .iter()
+            .any(|c| !matches!(c, Change::NeighbourGone { .. } | Change::Neighbour(_)))
+        {
+            node_due.get_or_insert_with(|| Instant::now() + Duration::from_millis(100));
+        }
+        if node_due.is_some_and(|d| Instant::now() >= d) {
+            node_due = None;
+            neighbours.follow(nl, desired);
+        }
+        if done() {
+            return Some(start.elapsed());
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    None
+}
+
+#[test]
+fn a_next_hops_entry_comes_back_within_a_second_after_any_loss() {
+    in_netns(|| {
+        let (peer, _) = neighbour_topology();
+        // A backend behind the peer, as a pod on another node is.
+        ip(&["route", "add", "10.99.0.0/24", "via", "192.168.77.2"]);
+        let frontend = Frontend {
+            vip: addr("10.96.0.1"),
+            port: 80,
+            protocol: Protocol::Tcp,
+        };
+        let desired = Desired {
+            services: [(
+                frontend,
+                Service {
+                    name: "web".into(),
+                    origin: "test".into(),
+                    frontend,
+                    mode: Mode::Snat,
+                    backends: vec![Backend {
+                        addr: addr("10.99.0.5"),
+                        port: 8080,
+                        weight: 1,
+                    }],
+                    policy: None,
+                    affinity: None,
+                },
+            )]
+            .into(),
+            ..Desired::default()
+        };
+        let mut nl = Netlink::open().unwrap();
+        let mut monitor = Monitor::open().unwrap();
+        let mut neighbours = Neighbours::default();
+        assert!(neighbours.follow(&mut nl, &desired).is_empty());
+        let a0 = ifindex("a0");
+        let gateway = addr("192.168.77.2");
+        // Managed, and resolved: what bpf_fib_lookup needs (NUD_VALID).
+        let managed = || {
+            Netlink::open()
+                .unwrap()
+                .neighbours()
+                .unwrap()
+                .iter()
+                .any(|n| (n.ifindex, n.addr) == (a0, gateway) && n.managed && n.state & 0xde != 0)
+        };
+        let mut keep = |within: Duration| {
+            keep_neighbours(
+                &mut nl,
+                &mut monitor,
+                &mut neighbours,
+                &desired,
+                within,
+                managed,
+            )
+        };
+        let second = Duration::from_secs(1);
+        keep(RESOLVE_WITHIN).expect("made and resolved");
+
+        ip(&["neigh", "flush", "dev", "a0"]);
+        let took = keep(second).expect("back within 1 s of a flush");
+        println!("after a flush: {took:?}");
+
+        // Carrier loss: the peer's end goes down, and comes back.
+        peer.run("ip", &["link", "set", "b0", "down"]);
+        keep(Duration::from_millis(300));
+        peer.run("ip", &["link", "set", "b0", "up"]);
+        let took = keep(second).expect("back within 1 s of the carrier");
+        println!("after a carrier flap: {took:?}");
+
+        // The interface down and up: its routes go with it, and come back as a node's network
+        // manager puts them back.
+        ip(&["link", "set", "a0", "down"]);
+        keep(Duration::from_millis(300));
+        ip(&["link", "set", "a0", "up"]);
+        ip(&["route", "replace", "10.99.0.0/24", "via", "192.168.77.2"]);
+        let took = keep(second).expect("back within 1 s of the interface and its route");
+        println!("after the interface went down and up: {took:?}");
     });
 }

@@ -26,7 +26,8 @@ use lb_common::{
 use lb_userspace::{
     dataplane::{self, Maps, Sizes},
     model::Desired,
-    reconcile::{NodeView, Reconciler},
+    node::NodeView,
+    reconcile::Reconciler,
     tables::Tables,
 };
 

@@ -26,14 +26,15 @@ use kube::{
 use lb_common::{BACKEND_LISTED, NO_BACKEND};
 use lb_tests::apiserver::TestApiServer;
 use lb_userspace::{
-    agent::{KubeHealth, compose},
     dataplane::Sizes,
+    health::KubeHealth,
     k8s::{
         EndFlows, Problem, Translation,
-        source::{COALESCE, KubeSource, Target},
+        input::{COALESCE, KubeInput, Target},
     },
-    model::Desired,
-    reconcile::{NodeView, Reconciler, service_key},
+    model::{Desired, compose},
+    node::NodeView,
+    reconcile::{ApplyError, Reconciler},
     tables::MemoryTables,
 };
 use serde_json::{Value, json};
@@ -137,14 +138,19 @@ impl Target for MemTarget {
     fn node_addrs(&mut self) -> Vec<IpAddr> {
         vec![IpAddr::V4(NODE_ADDR)]
     }
-    fn apply_kubernetes(&mut self, t: Translation) -> Result<Vec<Problem>, String> {
+    fn apply_kubernetes(&mut self, t: Translation) -> Result<Vec<Problem>, ApplyError> {
         let mut file = Desired::default();
         file.policies.insert("strict".into(), strict_policy());
-        let (desired, mut problems) = compose(&file, Some(&t));
+        let (desired, conflicts) = compose(&file, &t.services, &t.policies);
+        let mut problems: Vec<Problem> = conflicts
+            .iter()
+            .filter_map(|c| {
+                Problem::for_service(&c.service.origin, &c.service.frontend, c.to_string())
+            })
+            .collect();
         let report = self
             .reconciler
-            .apply(&desired, &self.node, &mut self.tables)
-            .map_err(|e| e.to_string())?;
+            .apply(&desired, &self.node, &mut self.tables)?;
         if report.writes > 0 {
             self.writes += report.writes;
             let view = self.view();
@@ -199,7 +205,7 @@ impl Cluster {
         let target = Arc::new(Mutex::new(MemTarget::new()));
         let (client, pipeline) = runtime.block_on(async {
             let client = client(&kubeconfig).await;
-            let mut source = KubeSource::connect(Some(&kubeconfig), NODE.into())
+            let mut source = KubeInput::connect(Some(&kubeconfig), NODE.into())
                 .await
                 .expect("connect");
             let t = target.clone();
@@ -727,11 +733,14 @@ fn bad_annotations_are_reported_as_events_and_the_service_is_served_with_default
     let svc = t
         .tables
         .services
-        .get(&service_key(&lb_userspace::model::Frontend {
-            vip: "10.96.0.10".parse().expect("ip"),
-            port: 80,
-            protocol: lb_userspace::model::Protocol::Tcp,
-        }))
+        .get(
+            &lb_userspace::model::Frontend {
+                vip: "10.96.0.10".parse().expect("ip"),
+                port: 80,
+                protocol: lb_userspace::model::Protocol::Tcp,
+            }
+            .key(),
+        )
         .expect("service in the maps");
     assert_ne!(svc.policy, 0, "the named policy `strict` applies");
 }

@@ -46,7 +46,7 @@ fn service(
 ) -> Service {
     Service {
         name: format!("svc{port}"),
-        source: "test".into(),
+        origin: "test".into(),
         frontend: Frontend {
             vip: vip.parse().unwrap(),
             port,

@@ -65,7 +65,7 @@ fn desired(policy: Option<Policy>) -> Desired {
     for (vip, backend) in [("10.96.0.10", "10.1.2.2"), ("fd00:96::10", "fd00:1:2::2")] {
         let s = Service {
             name: format!("web {vip}"),
-            source: "test".into(),
+            origin: "test".into(),
             frontend: Frontend {
                 vip: vip.parse().unwrap(),
                 port: 80,

@@ -9,6 +9,8 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod lint;
+
 #[derive(Parser)]
 #[command(about = "xdplb project tasks")]
 struct Cli {
@@ -22,11 +24,14 @@ enum Task {
     /// Debian packages the e2e tests run, rust-src for the nightly toolchain and bpf-linker
     /// built against the nightly's own LLVM.
     Setup,
-    /// Run every test tier: host unit tests, kernel tests (BPF_PROG_TEST_RUN), end-to-end
+    /// rustfmt check, clippy on the host crates and on lb-ebpf for the BPF target (warnings are
+    /// errors), and no import cycle between modules. Also the first tier of `test`.
+    Lint,
+    /// Run every test tier: lint, host unit tests, kernel tests (BPF_PROG_TEST_RUN), end-to-end
     /// tests in network namespaces, Kubernetes tests against a real API server, and a smoke run
     /// of the benchmarks. Privileged tiers need root (under CI=true they fail without it).
     Test {
-        /// Only these tiers (host, kernel, e2e, k8s, bench-smoke).
+        /// Only these tiers (lint, host, kernel, e2e, k8s, bench-smoke).
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },
@@ -45,6 +50,10 @@ enum Task {
 fn main() -> Result<()> {
     match Cli::parse().task {
         Task::Setup => setup(),
+        Task::Lint => {
+            setup()?;
+            lint::lint()
+        }
         Task::Test { only } => {
             setup()?;
             test(&only)
@@ -274,8 +283,16 @@ fn cache_dir() -> PathBuf {
 // test
 // ---------------------------------------------------------------------------------------------
 
+/// The tier that is not a cargo test run: `lint::lint`.
+const LINT: &str = "lint";
+
 /// The tiers, in order: (name, what, cargo test arguments).
 const TIERS: &[(&str, &str, &[&str])] = &[
+    (
+        LINT,
+        "lint: rustfmt check, clippy on the host crates and the BPF data path, import cycles",
+        &[],
+    ),
     (
         "host",
         "host unit tests: Maglev, checksums, token buckets, config, reconcile, scripts",
@@ -351,9 +368,13 @@ fn test(only: &[String]) -> Result<()> {
         }
         step(&format!("tier {name}: {what}"));
         let started = Instant::now();
-        let mut cmd_args = vec!["test"];
-        cmd_args.extend_from_slice(args);
-        let result = cargo(&cmd_args);
+        let result = if *name == LINT {
+            lint::lint()
+        } else {
+            let mut cmd_args = vec!["test"];
+            cmd_args.extend_from_slice(args);
+            cargo(&cmd_args)
+        };
         summary.push((name, started.elapsed(), result.is_ok()));
         if let Err(e) = result {
             print_summary(&summary);

@@ -53,7 +53,9 @@ impl HealthServers {
         self.unavailable.retain(|port, _| wanted.contains_key(port));
         for (port, check) in wanted {
             if let Some(s) = self.servers.get(&port) {
-                *s.check.lock().unwrap_or_else(|e| e.into_inner()) = check.clone();
+                *s.check
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = check.clone();
                 continue;
             }
             let listener = match bind(port) {
@@ -116,7 +118,10 @@ async fn serve(listener: tokio::net::TcpListener, check: Arc<Mutex<HealthCheck>>
         let check = check.clone();
         connections.spawn(async move {
             let service = service_fn(move |_req: Request<hyper::body::Incoming>| {
-                let c = check.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                let c = check
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clone();
                 async move { Ok::<_, Infallible>(answer(&c)) }
             });
             let _ = hyper::server::conn::http1::Builder::new()

@@ -195,7 +195,7 @@ fn load_balancer_ips_external_ips_and_node_ports_become_frontends() {
         .find(|s| s.frontend.port == 80 && s.frontend.vip.to_string() == "10.96.0.10")
         .unwrap();
     assert_eq!(web.name, "default/web:http");
-    assert_eq!(web.source, "Service default/web");
+    assert_eq!(web.origin.to_string(), "Service default/web");
     assert_eq!(web.mode, Mode::Snat);
     assert_eq!(web.backends.len(), 1);
     // The "dns" port has no slice port of that name: no endpoints.

@@ -60,7 +60,7 @@ impl Drop for Watch {
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn object_key<K: ResourceExt>(o: &K) -> ObjectKey {
@@ -268,7 +268,7 @@ impl Store for EndpointSlice {
     }
     fn delete(c: &mut Cluster, o: &Self) {
         let (ns, name) = (o.namespace().unwrap_or_default(), o.name_any());
-        for (key, per_service) in c.slices.iter_mut() {
+        for (key, per_service) in &mut c.slices {
             if key.0 == ns {
                 per_service.remove(&name);
             }

@@ -432,7 +432,7 @@ pub fn desired() -> Desired {
             frontend,
             Service {
                 name: s.name.into(),
-                source: "adversarial".into(),
+                origin: "adversarial".into(),
                 frontend,
                 mode: if s.snat {
                     Mode::Snat

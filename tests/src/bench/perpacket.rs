@@ -423,7 +423,7 @@ impl Layout {
                 frontend,
                 Service {
                     name: format!("svc{i}"),
-                    source: "bench".into(),
+                    origin: "bench".into(),
                     frontend,
                     mode: Mode::Snat,
                     backends: backends.clone(),

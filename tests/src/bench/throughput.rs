@@ -41,7 +41,8 @@ use lb_common::{Counter, PROG_UPLINK};
 use lb_userspace::{
     dataplane::{self, Maps, Sizes},
     model::{Backend, Desired, Frontend, Limits, Mode, Policy, Protocol, Rate, Service, TableFull},
-    reconcile::{NodeView, Reconciler},
+    node::NodeView,
+    reconcile::Reconciler,
     tables::Tables,
 };
 
@@ -504,7 +505,7 @@ fn desired(limiter: bool) -> Desired {
         frontend,
         Service {
             name: "web".into(),
-            source: "bench".into(),
+            origin: "bench".into(),
             frontend,
             mode: Mode::Snat,
             backends: (0..BACKENDS)

@@ -1,5 +1,6 @@
-//! The cluster as a source of desired state for the running agent: a client, the watchers,
-//! the translator, Events and health-check servers, stepped by the agent's loop.
+//! The cluster as an input of desired state for the running agent: a client, the watchers,
+//! the translator, Events and health-check servers, stepped by the agent's loop. What it
+//! applies to is a [`Target`] (the agent implements it; tests use in-memory maps).
 use std::{
     collections::BTreeSet,
     net::IpAddr,
@@ -18,7 +19,7 @@ use super::{
     health::HealthServers,
     watch::{Events, Watch},
 };
-use crate::agent::{Agent, KubeHealth};
+use crate::{health::KubeHealth, reconcile::ApplyError};
 
 /// What the cluster's state is applied to: the agent (its maps), or a stand-in in tests.
 pub trait Target {
@@ -26,32 +27,16 @@ pub trait Target {
     fn named_policies(&self) -> BTreeSet<String>;
     /// The node's addresses that node ports are served on.
     fn node_addrs(&mut self) -> Vec<IpAddr>;
-    /// Composes and applies; returns the problems to report, or why nothing was applied.
-    fn apply_kubernetes(&mut self, translation: Translation) -> Result<Vec<Problem>, String>;
+    /// Composes and applies; returns the problems to report, or why nothing was applied (the
+    /// last good state stays).
+    fn apply_kubernetes(&mut self, translation: Translation) -> Result<Vec<Problem>, ApplyError>;
     fn kube_health(&mut self) -> &mut KubeHealth;
-}
-
-impl Target for Agent {
-    fn named_policies(&self) -> BTreeSet<String> {
-        Agent::named_policies(self)
-    }
-    fn node_addrs(&mut self) -> Vec<IpAddr> {
-        self.uplink_addrs()
-    }
-    fn apply_kubernetes(&mut self, translation: Translation) -> Result<Vec<Problem>, String> {
-        Agent::apply_kubernetes(self, translation)
-    }
-    fn kube_health(&mut self) -> &mut KubeHealth {
-        self.health
-            .kubernetes
-            .get_or_insert_with(KubeHealth::default)
-    }
 }
 
 /// How long a burst of changes may go on before it is applied (all of it at once).
 pub const COALESCE: Duration = Duration::from_millis(50);
 
-pub struct KubeSource {
+pub struct KubeInput {
     node_name: String,
     pub watch: Watch,
     translator: Translator,
@@ -66,16 +51,16 @@ pub struct KubeSource {
     pub sync_latency: Histogram,
 }
 
-impl Drop for KubeSource {
+impl Drop for KubeInput {
     fn drop(&mut self) {
         self.reporter.abort();
     }
 }
 
-impl KubeSource {
+impl KubeInput {
     /// A client from `kubeconfig`, else the in-cluster service account or ~/.kube/config. Does
     /// not need the API server to be up: the watchers keep trying.
-    pub async fn connect(kubeconfig: Option<&Path>, node_name: String) -> Result<KubeSource> {
+    pub async fn connect(kubeconfig: Option<&Path>, node_name: String) -> Result<KubeInput> {
         let config = match kubeconfig {
             Some(path) => {
                 let kc = kube::config::Kubeconfig::read_from(path)
@@ -98,7 +83,7 @@ impl KubeSource {
                 events.report(&client, &p).await;
             }
         });
-        Ok(KubeSource {
+        Ok(KubeInput {
             node_name,
             watch,
             translator: Translator::default(),
@@ -120,7 +105,7 @@ impl KubeSource {
         h.synced = status.synced();
         h.watch_errors = status.errors;
         h.watch_events = status.events;
-        h.watch_error = status.last_error.clone();
+        h.watch_error.clone_from(&status.last_error);
         if !status.synced() {
             return;
         }
@@ -138,7 +123,7 @@ impl KubeSource {
         h.services_enabled = translation
             .services
             .iter()
-            .map(|s| s.source.as_str())
+            .map(|s| &s.origin)
             .collect::<BTreeSet<_>>()
             .len();
         h.frontends = translation.services.len();
@@ -162,6 +147,7 @@ impl KubeSource {
                 });
             }
             Err(e) => {
+                let e = e.to_string();
                 let h = target.kube_health();
                 // Counted and logged once per distinct error (this runs every tick).
                 if self.last_error.as_ref() != Some(&e) {

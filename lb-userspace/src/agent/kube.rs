@@ -1,0 +1,85 @@
+//! The agent as the Kubernetes input's [`Target`]: takes the cluster's translation, applies it
+//! with the config file's part, and ends the flows whose deregistration delay ran out.
+use std::{collections::BTreeSet, net::IpAddr};
+
+use log::info;
+
+use super::{Agent, describe};
+use crate::{
+    health::KubeHealth,
+    k8s::{EndFlows, Problem, Translation, input::Target},
+    model::Backend,
+    reconcile::ApplyError,
+    sweep::end_flows,
+};
+
+impl Target for Agent {
+    fn named_policies(&self) -> BTreeSet<String> {
+        self.inputs.file.policies.keys().cloned().collect()
+    }
+
+    fn node_addrs(&mut self) -> Vec<IpAddr> {
+        self.uplink_addrs.clone()
+    }
+
+    fn apply_kubernetes(&mut self, translation: Translation) -> Result<Vec<Problem>, ApplyError> {
+        let previous = self.inputs.kube.replace(translation);
+        match self.apply_inputs() {
+            Ok(result) => {
+                let (report, mut problems) = result.unwrap_or_default();
+                if !report.is_empty() {
+                    info!("applied the cluster's state: {}", describe(&report));
+                }
+                let translation = self.inputs.kube.as_ref().expect("just set");
+                problems.extend(translation.problems.iter().cloned());
+                let ends = translation.end_flows.clone();
+                self.end_drained_flows(&ends);
+                self.publish();
+                Ok(problems)
+            }
+            Err(e) => {
+                // The drains the rejected translation began or finished are lost with it; the
+                // translator starts them again on the next change.
+                self.inputs.kube = previous;
+                Err(e)
+            }
+        }
+    }
+
+    fn kube_health(&mut self) -> &mut KubeHealth {
+        self.health
+            .kubernetes
+            .get_or_insert_with(KubeHealth::default)
+    }
+}
+
+impl Agent {
+    fn end_drained_flows(&mut self, ends: &[EndFlows]) {
+        for e in ends {
+            let Some(svc) = crate::tables::Tables::service(&self.maps, &e.frontend.key()) else {
+                continue;
+            };
+            let n = end_flows(
+                &mut self.maps,
+                svc.id,
+                e.backend.0.into(),
+                e.backend.1,
+                e.reset,
+            );
+            info!(
+                "{}: deregistration delay of backend {} over: {n} flows {}",
+                e.frontend,
+                Backend {
+                    addr: e.backend.0,
+                    port: e.backend.1,
+                    weight: 0
+                }
+                .maglev_key(),
+                if e.reset { "reset" } else { "ended" }
+            );
+            if let Some(k) = &mut self.health.kubernetes {
+                k.flows_ended += n as u64;
+            }
+        }
+    }
+}

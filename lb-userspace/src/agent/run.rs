@@ -1,0 +1,132 @@
+//! The agent's loop: one thread runs the agent's work (reloads, the node's changes, the cluster's
+//! changes, sweeps) one at a time, until SIGTERM or SIGINT; the metrics server answers from a
+//! thread of its own meanwhile. The node's changes come as netlink notifications: nothing is
+//! polled per backend.
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use log::info;
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    signal::unix::{SignalKind, signal},
+    time::Instant,
+};
+
+use super::Agent;
+use crate::{
+    cli::RunArgs,
+    datapath_log,
+    k8s::input::{COALESCE, KubeInput},
+    metrics,
+    netlink::{Change, Monitor},
+};
+
+/// How long a burst of link, address and route changes (an interface going down takes its
+/// addresses and routes with it) may go on before the node is read again, once.
+const NODE_SETTLE: Duration = Duration::from_millis(100);
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub fn run(args: RunArgs) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(serve(args))
+}
+
+async fn serve(args: RunArgs) -> Result<()> {
+    let keep = args.keep_on_exit;
+    let metrics_addr = args.metrics_addr;
+    let sweep_every = Duration::from_secs(args.sweep_seconds.max(1));
+    let mut kube = if args.kubernetes {
+        let node = args
+            .node_name
+            .clone()
+            .context("--node-name (or NODE_NAME) is needed with --kubernetes")?;
+        Some(KubeInput::connect(args.kubeconfig.as_deref(), node).await?)
+    } else {
+        None
+    };
+    // Subscribed before the first look at the node, so no change falls in between.
+    let monitor = Monitor::open()?;
+    // SAFETY: the monitor owns its socket for its whole life, and `as_raw_fd` always returns it.
+    let mut monitor = unsafe { AsyncFd::register_with_interest(monitor, Interest::READABLE) }
+        .map_err(|e| anyhow::anyhow!("watching netlink notifications: {e}"))?;
+    let mut agent = Agent::start(args)?;
+    match &kube {
+        None => info!(
+            "serving: {} services; metrics on http://{metrics_addr}/metrics",
+            agent.desired.services.len()
+        ),
+        Some(_) => info!(
+            "attached; serving the cluster's Services once they are listed; metrics on http://{metrics_addr}/metrics"
+        ),
+    }
+    let latency = kube.as_ref().map(|k| k.sync_latency.clone());
+    let server = metrics::serve(metrics_addr, agent.views(), agent.stats()?, latency)
+        .with_context(|| format!("serving metrics on {metrics_addr}"))?;
+    let _datapath_log = datapath_log::start(&mut agent.loaded.ebpf);
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut sweeps = tokio::time::interval(sweep_every);
+    // When the node is next read, after a burst of changes.
+    let mut node_due: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => agent.reload(true),
+            _ = tick.tick() => {
+                agent.reload(false);
+                if let Some(k) = &mut kube {
+                    k.step(&mut agent);
+                }
+            }
+            ready = monitor.readable_mut() => {
+                let Ok(mut ready) = ready else { continue };
+                let changes = ready.get_inner_mut().read();
+                ready.clear_ready();
+                agent.neighbours_changed(&changes);
+                if changes.iter().any(|c| !matches!(c, Change::NeighbourGone { .. } | Change::Neighbour(_))) {
+                    node_due.get_or_insert_with(|| Instant::now() + NODE_SETTLE);
+                }
+            }
+            () = sleep_until(node_due) => {
+                node_due = None;
+                agent.node_changed();
+            }
+            () = cluster_changed(kube.as_ref()) => {
+                // Let a burst of changes finish, then apply all of it at once.
+                tokio::time::sleep(COALESCE).await;
+                if let Some(k) = &mut kube {
+                    k.step(&mut agent);
+                }
+            }
+            _ = sweeps.tick() => {
+                agent.sweep();
+                agent.publish();
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    drop(server);
+    drop(kube);
+    agent.shutdown(keep);
+    Ok(())
+}
+
+/// Resolves at `due` (never without one).
+async fn sleep_until(due: Option<Instant>) {
+    match due {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves when the watchers saw a change (never without Kubernetes).
+async fn cluster_changed(kube: Option<&KubeInput>) {
+    match kube {
+        Some(k) => k.watch.changed.notified().await,
+        None => std::future::pending().await,
+    }
+}

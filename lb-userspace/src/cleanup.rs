@@ -1,0 +1,19 @@
+//! `lb-agent cleanup`: removes what an agent that exited with --keep-on-exit left behind: its
+//! links (which detaches the programs), pinned maps and state file.
+use anyhow::{Context, Result};
+
+use crate::{attach::Attachments, cli::Paths, dataplane};
+
+pub fn cleanup(paths: &Paths) -> Result<()> {
+    let layout = dataplane::layout_dir(&paths.pin_dir);
+    if let Ok(mut a) = Attachments::new(&layout) {
+        a.detach_all();
+    }
+    if layout.exists() {
+        std::fs::remove_dir_all(&layout)
+            .with_context(|| format!("removing {}", layout.display()))?;
+    }
+    let _ = std::fs::remove_file(crate::state::path(&paths.state_dir));
+    println!("removed {}", layout.display());
+    Ok(())
+}

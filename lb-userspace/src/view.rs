@@ -1,0 +1,113 @@
+//! What the agent publishes after each change: a read-only copy of its health and of the names
+//! and ids it gave things. The metrics server reads it from its own thread and the state file is
+//! written from it, so neither ever waits for the agent's work (a long apply, a sweep).
+use std::{collections::BTreeMap, sync::Arc};
+
+use tokio::sync::watch;
+
+use crate::{
+    dataplane::Sizes,
+    health::Health,
+    state::{InterfaceLabel, ServiceLabel, State},
+};
+
+/// One applied service: its labels and the map ids its counters are under.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceView {
+    pub label: ServiceLabel,
+    /// LB_SVC_STATS index.
+    pub id: u32,
+    pub backends: Vec<BackendView>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendView {
+    /// "addr:port" as Maglev hashes it.
+    pub name: String,
+    /// LB_BE_STATS index.
+    pub id: u32,
+    pub weight: u32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AgentView {
+    pub health: Health,
+    /// Where the desired state comes from ("kubernetes + config /etc/xdplb/lb.toml").
+    pub inputs: String,
+    pub services: Vec<ServiceView>,
+    pub interfaces: Vec<InterfaceLabel>,
+    /// Rate-limit policy names by id.
+    pub policies: BTreeMap<u32, String>,
+    pub sizes: Sizes,
+}
+
+impl AgentView {
+    /// The state file's contents.
+    pub fn state(&self) -> State {
+        State {
+            pid: std::process::id(),
+            inputs: self.inputs.clone(),
+            ready: self.health.ready,
+            last_error: self.health.last_error.clone(),
+            applied: self.health.reloads_applied,
+            rejected: self.health.reloads_rejected,
+            services: self.services.iter().map(|s| s.label.clone()).collect(),
+            interfaces: self.interfaces.clone(),
+            policies: self.policies.clone(),
+        }
+    }
+}
+
+/// The agent's end: publishes a new view (readers see either the old one or the new one whole).
+pub struct Publisher(watch::Sender<Arc<AgentView>>);
+
+/// A reader's end: cheap to clone, never blocks the publisher for longer than a pointer swap.
+#[derive(Clone)]
+pub struct Views(watch::Receiver<Arc<AgentView>>);
+
+pub fn channel() -> (Publisher, Views) {
+    let (tx, rx) = watch::channel(Arc::new(AgentView::default()));
+    (Publisher(tx), Views(rx))
+}
+
+impl Publisher {
+    /// Publishes `view` if it differs from the last one; true if it did.
+    pub fn publish(&self, view: AgentView) -> bool {
+        self.0.send_if_modified(|current| {
+            if **current == view {
+                return false;
+            }
+            *current = Arc::new(view);
+            true
+        })
+    }
+
+    pub fn views(&self) -> Views {
+        Views(self.0.subscribe())
+    }
+}
+
+impl Views {
+    /// The latest view.
+    pub fn latest(&self) -> Arc<AgentView> {
+        self.0.borrow().clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readers_see_the_latest_view_and_equal_views_are_not_republished() {
+        let (publisher, views) = channel();
+        let mut view = AgentView::default();
+        view.health.ready = true;
+        assert!(publisher.publish(view.clone()));
+        assert!(!publisher.publish(view.clone()), "nothing changed");
+        assert!(views.latest().health.ready);
+        let state = views.latest().state();
+        assert!(state.ready);
+        assert_eq!(state.pid, std::process::id());
+    }
+}
