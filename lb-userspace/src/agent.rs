@@ -425,6 +425,7 @@ impl Agent {
     /// points the devmap and the VLAN table at the current interfaces.
     fn sync_interfaces(&mut self) -> Result<()> {
         let mode = self.args.xdp_mode;
+        let tc_mode = self.args.tc_mode;
         let ebpf = &mut self.loaded.ebpf;
         let roles = self
             .interfaces
@@ -453,10 +454,19 @@ impl Agent {
                 );
                 a
             } else {
-                let a = self.attachments.attach_tc(ebpf, program, &link.name)?;
-                if let Some(n) = &a.note {
-                    info!("{program} on {} (ifindex {}): {n}", a.iface, a.ifindex);
-                }
+                let a = self
+                    .attachments
+                    .attach_tc(ebpf, program, &link.name, tc_mode)?;
+                info!(
+                    "{program} on {} (ifindex {}): {} mode{}",
+                    a.iface,
+                    a.ifindex,
+                    a.mode,
+                    a.note
+                        .as_deref()
+                        .map(|n| format!(": {n}"))
+                        .unwrap_or_default()
+                );
                 a
             };
             wanted.push(a.iface.clone());

@@ -6,7 +6,12 @@ use std::{
 
 use clap::{ArgGroup, Args, Parser, Subcommand};
 
-use crate::{attach::ModeChoice, dataplane::Sizes, maglev, model::Protocol};
+use crate::{
+    attach::{ModeChoice, TcChoice},
+    dataplane::Sizes,
+    maglev,
+    model::Protocol,
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -87,6 +92,10 @@ pub struct RunArgs {
     /// XDP attach mode: native (driver), generic (skb), or auto (native, else generic).
     #[arg(long, value_enum, default_value = "auto")]
     pub xdp_mode: ModeChoice,
+    /// How lb_backend goes on backend interfaces: tcx (a TCX link, Linux 6.6+), classic (a
+    /// clsact qdisc filter), or auto (tcx where the kernel has it, else classic).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub tc_mode: TcChoice,
     #[command(flatten)]
     pub paths: Paths,
     #[command(flatten)]

@@ -22,6 +22,7 @@ use netlink_packet_route::{
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
     nsid::{NsidAttribute, NsidMessage},
     route::{RouteAddress, RouteAttribute, RouteMessage, RouteType, RouteVia},
+    tc::{TcAttribute, TcHandle, TcMessage, TcOption},
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
@@ -43,6 +44,8 @@ const NTF_EXT_MANAGED: u32 = 1;
 const NLMSGERR_ATTR_MSG: u16 = 1;
 /// Size of struct nlmsghdr, echoed at the start of an error when NLM_F_CAPPED is set.
 const NLMSG_HEADER_LEN: usize = 16;
+/// TCA_BPF_NAME: a cls_bpf filter's program name, in its TCA_OPTIONS (linux/pkt_cls.h).
+const TCA_BPF_NAME: u16 = 7;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetlinkError {
@@ -158,6 +161,19 @@ pub struct Netlink {
     socket: Socket,
     seq: u32,
     buf: Vec<u8>,
+}
+
+/// A classic TC filter on an interface's clsact ingress or egress hook.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TcFilter {
+    pub ingress: bool,
+    pub priority: u16,
+    pub handle: u32,
+    /// "bpf", "u32", "flower", ...
+    pub kind: String,
+    /// For a cls_bpf filter: its program's name (as the loader named it, truncated by the
+    /// kernel to 15 bytes).
+    pub bpf_name: Option<String>,
 }
 
 /// How a request ended, before the dump-retry decision.
@@ -317,6 +333,64 @@ impl Netlink {
             Ok(_) => Ok(()),
             // Gone between the look-up and the delete: what we wanted.
             Err(e) if e.errno() == Some(libc::ENOENT) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The classic TC filters on `ifindex`'s clsact hooks (ingress and egress). None when the
+    /// interface has no clsact qdisc.
+    pub fn clsact_filters(&mut self, ifindex: u32) -> Result<Vec<TcFilter>, NetlinkError> {
+        let mut found = Vec::new();
+        for (ingress, minor) in [(true, TcHandle::MIN_INGRESS), (false, TcHandle::MIN_EGRESS)] {
+            let mut request = TcMessage::default();
+            request.header.index = ifindex as i32;
+            request.header.parent = TcHandle {
+                major: TcHandle::CLSACT.major,
+                minor,
+            };
+            let op = format!(
+                "tc filter dump dev {ifindex} {}",
+                if ingress { "ingress" } else { "egress" }
+            );
+            let replies = match self.dump(&op, RouteNetlinkMessage::GetTrafficFilter(request)) {
+                Ok(replies) => replies,
+                // No clsact qdisc (or no such interface): no filters.
+                Err(e) if matches!(e.errno(), Some(libc::EINVAL | libc::ENOENT | libc::ENODEV)) => {
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            found.extend(replies.iter().filter_map(|m| match m {
+                RouteNetlinkMessage::NewTrafficFilter(f) => tc_filter(f, ingress),
+                _ => None,
+            }));
+        }
+        Ok(found)
+    }
+
+    /// Like `tc qdisc del dev IFINDEX clsact`: removes the clsact qdisc and every filter on it.
+    /// Absent is fine.
+    pub fn delete_clsact(&mut self, ifindex: u32) -> Result<(), NetlinkError> {
+        let mut request = TcMessage::default();
+        request.header.index = ifindex as i32;
+        request.header.parent = TcHandle::CLSACT;
+        request.header.handle = TcHandle {
+            major: TcHandle::CLSACT.major,
+            minor: 0,
+        };
+        // The kernel refuses the request if the qdisc there is of another kind.
+        request
+            .attributes
+            .push(TcAttribute::Kind("clsact".to_string()));
+        match self.transact(
+            &format!("tc qdisc del dev {ifindex} clsact"),
+            RouteNetlinkMessage::DelQueueDiscipline(request),
+            0,
+        ) {
+            Ok(_) => Ok(()),
+            Err(e) if matches!(e.errno(), Some(libc::ENOENT | libc::EINVAL | libc::ENODEV)) => {
+                Ok(())
+            }
             Err(e) => Err(e),
         }
     }
@@ -711,6 +785,50 @@ fn link_from_message(message: &LinkMessage) -> Link {
         _ => {}
     }
     link
+}
+
+/// A filter from a filter dump; `None` for the dump's entries that stand for a priority's
+/// classifier itself (handle 0) rather than a filter.
+fn tc_filter(message: &TcMessage, ingress: bool) -> Option<TcFilter> {
+    let handle =
+        u32::from(message.header.handle.major) << 16 | u32::from(message.header.handle.minor);
+    if handle == 0 {
+        return None;
+    }
+    let mut kind = String::new();
+    let mut bpf_name = None;
+    for attribute in &message.attributes {
+        match attribute {
+            TcAttribute::Kind(k) => kind = k.clone(),
+            TcAttribute::Options(options) => {
+                // netlink-packet-route does not know cls_bpf: its TCA_OPTIONS come as one
+                // opaque attribute, whose value holds the nested TCA_BPF_* attributes.
+                for option in options {
+                    let TcOption::Other(nla) = option else {
+                        continue;
+                    };
+                    let mut value = vec![0u8; nla.value_len()];
+                    nla.emit_value(&mut value);
+                    for inner in NlasIterator::new(&value[..]).flatten() {
+                        if inner.kind() & NLA_TYPE_MASK == TCA_BPF_NAME {
+                            let name = inner.value();
+                            let end = name.iter().position(|b| *b == 0).unwrap_or(name.len());
+                            bpf_name = Some(String::from_utf8_lossy(&name[..end]).into_owned());
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Some(TcFilter {
+        ingress,
+        // tcm_info holds the priority in its upper 16 bits and the protocol in the lower.
+        priority: (message.header.info >> 16) as u16,
+        handle,
+        kind,
+        bpf_name,
+    })
 }
 
 fn neighbour_request(ifindex: u32, addr: IpAddr) -> NeighbourMessage {
