@@ -131,8 +131,9 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Everything up to serving: refuses to start on an invalid config.
-    pub fn start(args: RunArgs) -> Result<Agent> {
+    /// Everything up to serving: refuses to start on an invalid config. A start that fails
+    /// leaves nothing behind unless a previous agent's data path was there (which it keeps).
+    pub fn start(mut args: RunArgs) -> Result<Agent> {
         let (config_text, file) = match &args.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
@@ -143,7 +144,20 @@ impl Agent {
             None => (String::new(), Desired::default()),
         };
         let lock = lock_state_dir(&args.paths.state_dir)?;
+        // The node's interfaces before anything is pinned: a node without its uplink leaves
+        // nothing behind.
+        let mut netlink = Netlink::open()?;
+        if args.uplinks.is_empty() {
+            args.uplinks = crate::uplink::detect(&mut netlink)?;
+            info!(
+                "uplinks (the interfaces of the default routes): {}",
+                args.uplinks.join(", ")
+            );
+        }
+        let interfaces = Interfaces::scan(&mut netlink, &args.uplinks, &args.backend_ifaces)?;
         ensure_bpffs(&args.paths.pin_dir)?;
+        let layout = dataplane::layout_dir(&args.paths.pin_dir);
+        let mut fresh = FreshPins::new(&layout);
         let sizes = args.sizes.sizes();
         let mut loaded = dataplane::load(&sizes, Some(&args.paths.pin_dir))?;
         for note in &loaded.notes {
@@ -152,10 +166,7 @@ impl Agent {
         let mut maps = Maps::take(&mut loaded.ebpf)?;
         maps.mirror_service_policies()?;
         let reconciler = Reconciler::resume(sizes, &maps.snapshot()?);
-        let mut netlink = Netlink::open()?;
-        let interfaces = Interfaces::scan(&mut netlink, &args.uplinks, &args.backend_ifaces)?;
         let node = node::view(&mut netlink, &file, &interfaces)?;
-        let layout = dataplane::layout_dir(&args.paths.pin_dir);
         let attachments =
             Attachments::new(&layout).with_context(|| format!("creating {}", layout.display()))?;
         let mut agent = Agent {
@@ -177,21 +188,39 @@ impl Agent {
             pod_ends: Default::default(),
             health: Health::default(),
         };
-        if agent.args.kubernetes {
+        match agent.serve_first() {
+            Ok(()) => {
+                fresh.keep();
+                Ok(agent)
+            }
+            Err(e) if fresh.armed() => {
+                // Nothing of a previous agent's to keep: take off what this start attached
+                // and pinned.
+                fresh.keep();
+                let _ = agent.shutdown(false);
+                Err(e)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The first apply and attach.
+    fn serve_first(&mut self) -> Result<()> {
+        if self.args.kubernetes {
             // The first apply waits for the cluster to be listed: until then the maps keep
             // what a previous agent left (its last state), or stay empty.
-            agent.health.kubernetes = Some(KubeHealth::default());
+            self.health.kubernetes = Some(KubeHealth::default());
         } else {
             // Maps first, interfaces second: a program replaced on an interface finds its
             // maps already filled.
-            agent.apply_sources().map_err(anyhow::Error::msg)?;
+            self.apply_sources().map_err(anyhow::Error::msg)?;
         }
-        agent.sync_interfaces()?;
-        agent.remove_stale_prog_arrays();
-        agent.pin_prog_array()?;
-        agent.health.ready = !agent.args.kubernetes;
-        agent.write_state();
-        Ok(agent)
+        self.sync_interfaces()?;
+        self.remove_stale_prog_arrays();
+        self.pin_prog_array()?;
+        self.health.ready = !self.args.kubernetes;
+        self.write_state();
+        Ok(())
     }
 
     /// Applies a desired state; on error the previous one stays in force.
@@ -702,6 +731,33 @@ pub fn compose(file: &Desired, kube: Option<&Translation>) -> (Desired, Vec<Prob
         }
     }
     (desired, problems)
+}
+
+/// The map layout directory of a start that found none: removed on Drop (a start that failed
+/// before the agent existed leaves no pinned maps), unless [`FreshPins::keep`] was called.
+struct FreshPins(Option<std::path::PathBuf>);
+
+impl FreshPins {
+    fn new(layout: &Path) -> FreshPins {
+        FreshPins((!layout.exists()).then(|| layout.to_path_buf()))
+    }
+
+    fn armed(&self) -> bool {
+        self.0.is_some()
+    }
+
+    fn keep(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for FreshPins {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.take() {
+            // Unpinning leaves each map to its open descriptors, which close with the loader.
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
 }
 
 /// `lb-agent cleanup`: removes what an agent that exited with --keep-on-exit left behind.

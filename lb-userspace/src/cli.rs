@@ -82,8 +82,9 @@ pub struct RunArgs {
     /// ~/.kube/config.
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
-    /// Interface clients' traffic arrives on (repeat for several).
-    #[arg(long = "iface", required = true)]
+    /// Interface clients' traffic arrives on (repeat for several). Default: the interfaces of
+    /// the node's default routes (main table, IPv4 and IPv6).
+    #[arg(long = "iface")]
     pub uplinks: Vec<String>,
     /// Interfaces facing local backends (pod veths), as shell patterns, e.g. 'eni*' (repeat
     /// for several). Attached as they appear, detached as they go.
@@ -235,9 +236,13 @@ mod tests {
                 ..
             }
         ));
+        let cli = Cli::try_parse_from(["lb-agent", "run", "--config", "x"]).unwrap();
+        let Command::Run(r) = cli.command else {
+            panic!()
+        };
         assert!(
-            Cli::try_parse_from(["lb-agent", "run", "--config", "x"]).is_err(),
-            "--iface is required"
+            r.uplinks.is_empty(),
+            "without --iface: the default routes' interfaces"
         );
         assert!(
             Cli::try_parse_from(["lb-agent", "run", "--iface", "eth0"]).is_err(),

@@ -17,4 +17,5 @@ pub mod state;
 pub mod status;
 pub mod sweep;
 pub mod tables;
+pub mod uplink;
 pub mod veth;

@@ -124,6 +124,16 @@ pub enum RouteKind {
     Other,
 }
 
+/// A default route (destination prefix length 0) of the main routing table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DefaultRoute {
+    pub v6: bool,
+    /// Output interfaces: one, or a multipath route's next hops'.
+    pub oifs: Vec<u32>,
+    /// RTA_PRIORITY (lower wins); 0 when absent.
+    pub metric: u32,
+}
+
 /// One address on one interface.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IfAddr {
@@ -264,6 +274,55 @@ impl Netlink {
             }),
             _ => None,
         }))
+    }
+
+    /// The unicast default routes of the main table, both families (RTM_GETROUTE dump).
+    pub fn default_routes(&mut self) -> Result<Vec<DefaultRoute>, NetlinkError> {
+        /// RT_TABLE_MAIN (linux/rtnetlink.h).
+        const MAIN: u32 = 254;
+        let replies = self.dump(
+            "route dump",
+            RouteNetlinkMessage::GetRoute(RouteMessage::default()),
+        )?;
+        Ok(replies
+            .iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewRoute(r) => Some(r),
+                _ => None,
+            })
+            .filter(|r| {
+                // RTA_TABLE holds tables above 255; rtm_table the rest.
+                let table = r
+                    .attributes
+                    .iter()
+                    .find_map(|a| match a {
+                        RouteAttribute::Table(t) => Some(*t),
+                        _ => None,
+                    })
+                    .unwrap_or(u32::from(r.header.table));
+                table == MAIN
+                    && r.header.destination_prefix_length == 0
+                    && r.header.kind == RouteType::Unicast
+            })
+            .map(|r| {
+                let mut route = DefaultRoute {
+                    v6: r.header.address_family == AddressFamily::Inet6,
+                    oifs: Vec::new(),
+                    metric: 0,
+                };
+                for a in &r.attributes {
+                    match a {
+                        RouteAttribute::Oif(oif) => route.oifs.push(*oif),
+                        RouteAttribute::MultiPath(hops) => {
+                            route.oifs.extend(hops.iter().map(|h| h.interface_index))
+                        }
+                        RouteAttribute::Priority(metric) => route.metric = *metric,
+                        _ => {}
+                    }
+                }
+                route
+            })
+            .collect())
     }
 
     /// All links (RTM_GETLINK dump).

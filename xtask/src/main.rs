@@ -9,6 +9,8 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod kernels;
+
 #[derive(Parser)]
 #[command(about = "xdplb project tasks")]
 struct Cli {
@@ -25,7 +27,7 @@ enum Task {
     /// tests in network namespaces, Kubernetes tests against a real API server, and a smoke run
     /// of the benchmarks. Privileged tiers need root (under CI=true they fail without it).
     Test {
-        /// Only these tiers (host, kernel, e2e, k8s, bench-smoke).
+        /// Only these tiers (host, kernel, e2e, k8s, bench-smoke, kernels).
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },
@@ -225,6 +227,11 @@ const TIERS: &[(&str, &str, &[&str])] = &[
         "benchmark smoke run (seconds, tiny sizes: keeps the bench code working)",
         &["-p", "lb-tests", "--test", "bench_smoke"],
     ),
+    (
+        "kernels",
+        "the kernel tier and an e2e smoke run in QEMU guests on Linux 6.1 and 6.12 (xtask/src/kernels.rs)",
+        &[],
+    ),
 ];
 
 fn test(only: &[String]) -> Result<()> {
@@ -243,9 +250,13 @@ fn test(only: &[String]) -> Result<()> {
         }
         step(&format!("tier {name}: {what}"));
         let started = Instant::now();
-        let mut cmd_args = vec!["test"];
-        cmd_args.extend_from_slice(args);
-        let result = cargo(&cmd_args);
+        let result = if *name == "kernels" {
+            kernels_tier()
+        } else {
+            let mut cmd_args = vec!["test"];
+            cmd_args.extend_from_slice(args);
+            cargo(&cmd_args)
+        };
         summary.push((name, started.elapsed(), result.is_ok()));
         if let Err(e) = result {
             print_summary(&summary);
@@ -253,6 +264,46 @@ fn test(only: &[String]) -> Result<()> {
         }
     }
     print_summary(&summary);
+    Ok(())
+}
+
+/// The `kernels` tier: needs root (QEMU runs unprivileged, but the tests inside the guests
+/// expect the guest's root, and set-up unpacks packages as root) and an x86-64 host. Without
+/// them it is skipped, except under CI=true, where it fails.
+fn kernels_tier() -> Result<()> {
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    // SAFETY: no preconditions.
+    let is_root = unsafe { libc::geteuid() } == 0;
+    let why_not = if !is_root {
+        Some("needs root")
+    } else if !cfg!(target_arch = "x86_64") {
+        Some("boots x86-64 kernels on an x86-64 host only")
+    } else {
+        None
+    };
+    if let Some(why) = why_not {
+        if ci {
+            bail!("the kernels tier {why}, and CI=true forbids skipping it");
+        }
+        println!("skipped: the kernels tier {why}");
+        return Ok(());
+    }
+    let runs = kernels::run(&root(), &cache_dir())?;
+    let failed: Vec<&str> = runs.iter().filter(|r| !r.ok).map(|r| r.kernel).collect();
+    for r in &runs {
+        println!(
+            "  Linux {:<6} {:>6.1}s  {}",
+            r.kernel,
+            r.took.as_secs_f64(),
+            if r.ok { "ok" } else { "FAILED" }
+        );
+    }
+    if !failed.is_empty() {
+        bail!(
+            "the suites failed in the guests on Linux {}",
+            failed.join(", ")
+        );
+    }
     Ok(())
 }
 
