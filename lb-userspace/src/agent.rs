@@ -21,6 +21,7 @@ use crate::{
     config,
     dataplane::{self, Loaded, Maps},
     k8s::{self, Problem, Translation, source::KubeSource},
+    metrics::Endpoints,
     model::Desired,
     netlink::Netlink,
     nic::Nic,
@@ -874,6 +875,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         use tokio::signal::unix::{SignalKind, signal};
         let keep = args.keep_on_exit;
         let metrics_addr = args.metrics_addr;
+        let scrape_addr = args.scrape_addr;
         let sweep_every = Duration::from_secs(args.sweep_seconds.max(1));
         let mut kube = match args.kubernetes {
             true => {
@@ -894,7 +896,19 @@ pub fn run(args: RunArgs) -> Result<()> {
         }
         let agent = Arc::new(Mutex::new(agent));
         let latency = kube.as_ref().map(|k| k.sync_latency.clone());
-        let server = crate::metrics::serve(metrics_addr, agent.clone(), latency).await?;
+        let server = crate::metrics::serve(metrics_addr, agent.clone(), latency.clone(), Endpoints::All)
+            .await
+            .with_context(|| format!("serving metrics and probes on {metrics_addr}"))?;
+        let scrape = match scrape_addr {
+            Some(addr) => {
+                let s = crate::metrics::serve(addr, agent.clone(), latency, Endpoints::MetricsOnly)
+                    .await
+                    .with_context(|| format!("serving metrics on {addr}"))?;
+                info!("metrics for scraping on http://{addr}/metrics");
+                Some(s)
+            }
+            None => None,
+        };
         let mut hup = signal(SignalKind::hangup())?;
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
@@ -925,6 +939,10 @@ pub fn run(args: RunArgs) -> Result<()> {
         }
         server.abort();
         let _ = server.await;
+        if let Some(s) = scrape {
+            s.abort();
+            let _ = s.await;
+        }
         drop(kube);
         let agent = Arc::try_unwrap(agent)
             .map_err(|_| anyhow::anyhow!("agent still in use at shutdown"))?

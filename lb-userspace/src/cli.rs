@@ -101,9 +101,14 @@ pub struct RunArgs {
     pub paths: Paths,
     #[command(flatten)]
     pub sizes: SizeArgs,
-    /// Where to serve Prometheus metrics, /healthz and /readyz.
+    /// Where to serve Prometheus metrics, /healthz and /readyz (the probes).
     #[arg(long, default_value = "127.0.0.1:9435")]
     pub metrics_addr: SocketAddr,
+    /// Also serve /metrics (alone) here, for Prometheus: e.g. the node's own address, kept
+    /// apart from the probes on --metrics-addr. IPv6 with or without brackets (the downward
+    /// API's status.hostIP has none).
+    #[arg(long, value_parser = parse_listen_addr)]
+    pub scrape_addr: Option<SocketAddr>,
     /// On exit, leave the programs attached and the maps pinned, so the next agent (an
     /// upgrade, a restart) takes over without a gap and live flows keep their backends.
     #[arg(long)]
@@ -168,6 +173,17 @@ fn parse_ring_size(s: &str) -> Result<u32, String> {
     Ok(n)
 }
 
+/// `IP:PORT`, `[IPv6]:PORT`, or `IPv6:PORT` without brackets (the last colon separates the
+/// port).
+fn parse_listen_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = s.parse() {
+        return Ok(addr);
+    }
+    s.rsplit_once(':')
+        .and_then(|(ip, port)| Some(SocketAddr::new(ip.parse().ok()?, port.parse().ok()?)))
+        .ok_or_else(|| format!("`{s}` is not IP:PORT"))
+}
+
 fn parse_socket_addr(s: &str) -> Result<SocketAddr, String> {
     s.to_socket_addrs()
         .ok()
@@ -199,6 +215,24 @@ mod tests {
                 .contains("not a prime")
         );
         assert!(parse_ring_size("13").is_err());
+    }
+
+    #[test]
+    fn scrape_addresses_take_ipv6_with_or_without_brackets() {
+        assert_eq!(
+            parse_listen_addr("10.0.12.34:9435"),
+            Ok("10.0.12.34:9435".parse().unwrap())
+        );
+        assert_eq!(
+            parse_listen_addr("fd00:ec2::5:9435"),
+            Ok("[fd00:ec2::5]:9435".parse().unwrap())
+        );
+        assert_eq!(
+            parse_listen_addr("[fd00:ec2::5]:9435"),
+            Ok("[fd00:ec2::5]:9435".parse().unwrap())
+        );
+        assert!(parse_listen_addr("node-1:9435").is_err());
+        assert!(parse_listen_addr("10.0.12.34").is_err());
     }
 
     #[test]

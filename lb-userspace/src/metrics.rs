@@ -24,11 +24,22 @@ use crate::{
 
 type Labels = Vec<(&'static str, String)>;
 
+/// What a listener answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoints {
+    /// /metrics, /healthz and /readyz (--metrics-addr: the probes, on localhost by default).
+    All,
+    /// /metrics alone (--scrape-addr: an address Prometheus reaches, where nobody else needs
+    /// the probes).
+    MetricsOnly,
+}
+
 /// Serves until the returned task is aborted.
 pub async fn serve(
     addr: SocketAddr,
     agent: Arc<Mutex<Agent>>,
     sync_latency: Option<Histogram>,
+    endpoints: Endpoints,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     Ok(tokio::spawn(async move {
@@ -47,7 +58,12 @@ pub async fn serve(
                     let agent = agent.clone();
                     let latency = latency.clone();
                     async move {
-                        Ok::<_, Infallible>(respond(req.uri().path(), &agent, latency.as_ref()))
+                        let path = req.uri().path();
+                        let path = match endpoints {
+                            Endpoints::MetricsOnly if path != "/metrics" => "",
+                            _ => path,
+                        };
+                        Ok::<_, Infallible>(respond(path, &agent, latency.as_ref()))
                     }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
