@@ -1079,7 +1079,7 @@ fn dockerfile_builds_with_xtasks_setup_and_build_command_for_both_architectures(
     let cargo_calls: Vec<Vec<&str>> = runs
         .iter()
         .flat_map(|r| r.split(';'))
-        .map(|c| c.trim().split_whitespace().collect::<Vec<_>>())
+        .map(|c| c.split_whitespace().collect::<Vec<_>>())
         .filter(|c| c.first() == Some(&"cargo"))
         .collect();
     // The toolchain comes from xtask's own set-up (rust-toolchain-bpf.toml's pins), copied in

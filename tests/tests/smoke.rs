@@ -284,3 +284,28 @@ fn classic_tc_filters_are_replaced_in_place_and_removed_on_exit() {
     }
     run("smoke-classic", Some("classic"), End::Exit);
 }
+
+/// A node whose uplink does not exist: the agent refuses to start and leaves nothing pinned
+/// (it looks at the interfaces before it creates a map), and says which interface is missing.
+#[test]
+fn a_missing_uplink_stops_the_start_before_anything_is_pinned() {
+    if !require_root() {
+        return;
+    }
+    let bpffs = Bpffs::mount("smoke-nouplink").expect("bpffs");
+    let ns = lb_tests::netns::Netns::create_unique("smoke-nouplink").expect("netns");
+    let options = AgentOptions {
+        uplink: "ens5".into(),
+        ..AgentOptions::default()
+    };
+    let e = match AgentProcess::start(&ns, &bpffs, &config(), options) {
+        Ok(_) => panic!("started without its uplink"),
+        Err(e) => e.to_string(),
+    };
+    assert!(e.contains("uplink interface ens5 does not exist"), "{e}");
+    let pins = bpffs.path().join(ns.name());
+    let left: Vec<_> = std::fs::read_dir(&pins)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left pinned: {left:?}");
+}
