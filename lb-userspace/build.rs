@@ -1,5 +1,6 @@
 //! Builds the XDP objects (crate lb-ebpf: binaries `lb` and `lb-tools`) for the BPF target with the
-//! nightly toolchain and bpf-linker (`cargo xtask setup` installs both) and leaves them in OUT_DIR,
+//! nightly toolchain `rust-toolchain-bpf.toml` pins and bpf-linker (`cargo xtask setup` installs
+//! both) and leaves them in OUT_DIR,
 //! where `src/dataplane.rs` embeds them. We do not use aya-build because it fixes RUSTFLAGS, and the
 //! data path needs `-C target-cpu=v3`: the rate limiter's compare-and-swap is a v3 instruction.
 use std::{env, fs, path::PathBuf, process::Command};
@@ -19,6 +20,7 @@ fn main() {
         "lb-common/Cargo.toml",
         "Cargo.toml",
         "Cargo.lock",
+        "rust-toolchain-bpf.toml",
     ] {
         println!("cargo:rerun-if-changed={}", root.join(dir).display());
     }
@@ -43,10 +45,11 @@ fn main() {
         "-Clink-arg=--disable-memory-builtins",
     ]
     .join("\x1f");
+    let toolchain = bpf_toolchain(&root);
     let mut cmd = Command::new("rustup");
     cmd.args([
         "run",
-        "nightly",
+        &toolchain,
         "cargo",
         "build",
         "--package",
@@ -69,7 +72,7 @@ fn main() {
     .env_remove("RUSTC_WORKSPACE_WRAPPER")
     .env_remove("RUSTFLAGS");
     let status = cmd.status().unwrap_or_else(|e| {
-        panic!("cannot run `rustup run nightly cargo` to build lb-ebpf ({e}); run `cargo xtask setup` first")
+        panic!("cannot run `rustup run {toolchain} cargo` to build lb-ebpf ({e}); run `cargo xtask setup` first")
     });
     assert!(
         status.success(),
@@ -80,4 +83,47 @@ fn main() {
         fs::copy(&built, out_dir.join(name))
             .unwrap_or_else(|e| panic!("copy {}: {e}", built.display()));
     }
+}
+
+/// The rustup toolchain that is the nightly `rust-toolchain-bpf.toml` pins: that channel if it is
+/// installed, else a plain `nightly` of the same build date (how `cargo xtask setup` finds it).
+fn bpf_toolchain(root: &std::path::Path) -> String {
+    let pin = fs::read_to_string(root.join("rust-toolchain-bpf.toml"))
+        .expect("rust-toolchain-bpf.toml at the workspace root");
+    let channel = pin
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("channel = \""))
+        .and_then(|rest| rest.strip_suffix('"'))
+        .expect("rust-toolchain-bpf.toml: channel = \"nightly-YYYY-MM-DD\"")
+        .to_string();
+    let out = |args: &[&str]| {
+        Command::new("rustup")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    if out(&["toolchain", "list"])
+        .is_some_and(|l| l.lines().any(|t| t.starts_with(&format!("{channel}-"))))
+    {
+        return channel;
+    }
+    let same_build = channel.strip_prefix("nightly-").is_some_and(|date| {
+        out(&["run", "nightly", "rustc", "--print", "sysroot"])
+            .and_then(|sysroot| {
+                fs::read_to_string(
+                    PathBuf::from(sysroot.trim())
+                        .join("lib/rustlib/multirust-channel-manifest.toml"),
+                )
+                .ok()
+            })
+            .is_some_and(|m| m.lines().any(|l| l.trim() == format!("date = \"{date}\"")))
+    });
+    if same_build {
+        return "nightly".to_string();
+    }
+    panic!(
+        "the {channel} toolchain (rust-toolchain-bpf.toml) is not installed: run `cargo xtask setup`"
+    )
 }

@@ -5,10 +5,9 @@ use core::intrinsics::{AtomicOrdering::SeqCst, atomic_xadd};
 
 use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use lb_common::{
-    Addr, Affinity, AffinityKey, Backend, Config, Counter, DropReason,
-    FLOW_CLOSING, FLOW_OPENING, FLOW_REPLY, FLOW_SNAT, FLOW_TCP, FLOW_TIME_WAIT, Flow, FlowAddr,
-    FlowKey, IPPROTO_TCP, MAX_SNAT_ADDRS, NO_BACKEND, PORT_CURSORS, SVC_AFFINITY, SVC_SNAT,
-    Service,
+    Addr, Affinity, AffinityKey, Backend, Config, Counter, DropReason, FLOW_CLOSING, FLOW_OPENING,
+    FLOW_REPLY, FLOW_SNAT, FLOW_TCP, FLOW_TIME_WAIT, Flow, FlowAddr, FlowKey, IPPROTO_TCP,
+    MAX_SNAT_ADDRS, NO_BACKEND, PORT_CURSORS, SVC_AFFINITY, SVC_SNAT, Service,
     hash::{addr_hash, ring_slot},
     net::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };

@@ -35,10 +35,10 @@ mod datapath {
         programs::XdpContext,
     };
     use lb_common::{
+        Counter, DropReason, FLOW_RESET, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
+        MAC_SLOTS, POLICY_PRECISE_CLOCK, SVC_SNAT, ServiceKey, TAIL_ICMP, TAIL_NEW_FLOW,
         filter::Plane,
-        Counter, DropReason, FLOW_RESET, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP,
-        IPPROTO_UDP, MAC_SLOTS, POLICY_PRECISE_CLOCK, SVC_SNAT, ServiceKey, TAIL_ICMP,
-        TAIL_NEW_FLOW, flow_clock,
+        flow_clock,
         hash::flow_hash,
         net::{TCP_ACK, TCP_SYN},
     };

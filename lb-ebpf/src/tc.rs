@@ -21,9 +21,9 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    filter::Plane,
     Counter, DropReason, HOP_VLAN, IPPROTO_TCP, IPPROTO_UDP,
     checksum::Delta,
+    filter::Plane,
     flow_clock,
     net::{
         ETH_P_8021Q, IPV4_CHECK, IPV4_DST, IPV4_SRC, IPV4_TTL, IPV6_DST, IPV6_HOP_LIMIT, IPV6_SRC,

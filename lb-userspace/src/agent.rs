@@ -18,7 +18,7 @@ use log::{info, warn};
 
 pub use self::run::run;
 use crate::{
-    attach::Attachments,
+    attach::{self, Attachments},
     cli::RunArgs,
     config,
     dataplane::{self, Loaded, Maps, Stats},
@@ -83,8 +83,9 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Everything up to serving: refuses to start on an invalid config.
-    pub fn start(args: RunArgs) -> Result<Agent> {
+    /// Everything up to serving: refuses to start on an invalid config. A start that fails
+    /// leaves nothing behind unless a previous agent's data path was there (which it keeps).
+    pub fn start(mut args: RunArgs) -> Result<Agent> {
         let mut inputs = Inputs::default();
         if let Some(path) = &args.config {
             inputs.config_text = std::fs::read_to_string(path)
@@ -92,9 +93,22 @@ impl Agent {
             inputs.file = config::parse(path, &inputs.config_text)?;
         }
         let lock = system::lock_state_dir(&args.paths.state_dir)?;
+        // The node's interfaces before anything is pinned: a node without its uplink leaves
+        // nothing behind.
+        let mut netlink = Netlink::open()?;
+        if args.uplinks.is_empty() {
+            args.uplinks = crate::uplink::detect(&mut netlink)?;
+            info!(
+                "uplinks (the interfaces of the default routes): {}",
+                args.uplinks.join(", ")
+            );
+        }
+        let interfaces = Interfaces::scan(&mut netlink, &args.uplinks, &args.backend_interfaces)?;
         if system::ensure_bpffs(&args.paths.pin_dir)? {
             info!("mounted bpffs at {}", system::BPFFS);
         }
+        let layout = dataplane::layout_dir(&args.paths.pin_dir);
+        let mut fresh = FreshPins::new(&layout);
         let sizes = args.sizes.sizes();
         let mut loaded = dataplane::load(&sizes, Some(&args.paths.pin_dir))?;
         for note in &loaded.notes {
@@ -103,11 +117,8 @@ impl Agent {
         let maps = Maps::take(&mut loaded.ebpf)?;
         let found = maps.snapshot()?;
         let reconciler = Reconciler::resume(sizes, &found);
-        let mut netlink = Netlink::open()?;
-        let interfaces = Interfaces::scan(&mut netlink, &args.uplinks, &args.backend_interfaces)?;
         let node = node::view(&mut netlink, &inputs.file, &interfaces)?;
         let uplink_addrs = node::uplink_addrs(&mut netlink, &interfaces)?;
-        let layout = dataplane::layout_dir(&args.paths.pin_dir);
         let attachments =
             Attachments::new(&layout).with_context(|| format!("creating {}", layout.display()))?;
         let (publisher, _) = crate::view::channel();
@@ -131,21 +142,39 @@ impl Agent {
             health: Health::default(),
             publisher,
         };
-        if agent.args.kubernetes {
+        match agent.serve_first() {
+            Ok(()) => {
+                fresh.keep();
+                Ok(agent)
+            }
+            Err(e) if fresh.armed() => {
+                // Nothing of a previous agent's to keep: take off what this start attached
+                // and pinned.
+                fresh.keep();
+                let () = agent.shutdown(false);
+                Err(e)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The first apply and attach.
+    fn serve_first(&mut self) -> Result<()> {
+        if self.args.kubernetes {
             // The first apply waits for the cluster to be listed: until then the maps keep
             // what a previous agent left (its last state), or stay empty.
-            agent.health.kubernetes = Some(KubeHealth::default());
+            self.health.kubernetes = Some(KubeHealth::default());
         } else {
             // Maps first, interfaces second: a program replaced on an interface finds its
             // maps already filled.
-            agent.apply_inputs()?;
+            self.apply_inputs()?;
         }
-        agent.sync_interfaces()?;
-        dataplane::remove_stale_prog_pins(&agent.args.paths.pin_dir);
-        agent.loaded.pin_progs(&agent.args.paths.pin_dir)?;
-        agent.health.ready = !agent.args.kubernetes;
-        agent.publish();
-        Ok(agent)
+        self.sync_interfaces()?;
+        dataplane::remove_stale_prog_pins(&self.args.paths.pin_dir);
+        self.loaded.pin_progs(&self.args.paths.pin_dir)?;
+        self.health.ready = !self.args.kubernetes;
+        self.publish();
+        Ok(())
     }
 
     /// Composes the inputs and applies the result. A service from the cluster that this node
@@ -446,6 +475,33 @@ impl Agent {
     }
 }
 
+/// The map layout directory of a start that found none: removed on Drop (a start that failed
+/// before the agent existed leaves no pinned maps), unless [`FreshPins::keep`] was called.
+struct FreshPins(Option<std::path::PathBuf>);
+
+impl FreshPins {
+    fn new(layout: &std::path::Path) -> FreshPins {
+        FreshPins((!layout.exists()).then(|| layout.to_path_buf()))
+    }
+
+    fn armed(&self) -> bool {
+        self.0.is_some()
+    }
+
+    fn keep(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for FreshPins {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.take() {
+            // Unpinning leaves each map to its open descriptors, which close with the loader.
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
 /// What an apply changed, for the log.
 fn describe(r: &Report) -> String {
     format!(
@@ -457,7 +513,7 @@ fn describe(r: &Report) -> String {
 /// Where an attachment's program runs, in the words metrics and `status` use.
 fn hook(mode: &str) -> String {
     match mode {
-        "tc" => "tc".to_string(),
+        attach::MODE_TCX | attach::MODE_TC_CLASSIC => mode.to_string(),
         xdp => format!("xdp-{xdp}"),
     }
 }

@@ -1,24 +1,48 @@
 //! Attaching the data path to interfaces: `lb_uplink` at XDP on uplinks, `lb_backend` at TC
-//! ingress (a TCX link) on backend-facing interfaces. Every attachment is a BPF link pinned under
-//! the pin directory (`links/<interface>`), so the programs stay attached when the agent exits
-//! with --keep-on-exit, and the next agent swaps its own programs in with one bpf_link_update: no
+//! ingress on backend-facing interfaces. Every XDP attachment is a BPF link pinned under the pin
+//! directory (`links/<interface>`), so the programs stay attached when the agent exits with
+//! --keep-on-exit, and the next agent swaps its own programs in with one bpf_link_update: no
 //! packet sees the interface without a program.
+//!
+//! `lb_backend` goes on as a TCX link (pinned the same way) where the kernel has TCX (Linux
+//! 6.6+), and as a classic direct-action `cls_bpf` filter on the clsact qdisc's ingress where it
+//! does not. A filter has no BPF object to pin: it sits at fixed coordinates
+//! ([`FILTER_PRIORITY`], [`FILTER_HANDLE`]), the next agent replaces its program there in place
+//! (one netlink change, which the kernel swaps under RCU: no gap), and `links/<interface>` is a
+//! directory that records it (and whether the agent added the clsact qdisc, which cleanup then
+//! removes).
 use std::{
     collections::BTreeMap,
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
     path::{Path, PathBuf},
 };
 
 use aya::{
     Ebpf,
     programs::{
-        LinkOrder, TcAttachType, XdpMode,
+        Link, LinkOrder, TcAttachType, XdpMode,
         links::{FdLink, PinnedLink},
-        tc::{SchedClassifierLink, TcAttachOptions},
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle},
         xdp::XdpLink,
     },
 };
 
-use crate::dataplane;
+use crate::{dataplane, netlink::Netlink};
+
+/// Priority of our classic TC filter on a clsact ingress: late (filters with lower numbers run
+/// first), like a TCX link appended last, so what other agents do to a pod's packets (a
+/// network policy agent's verdicts) happens before our reply translation. The same on every
+/// node and in every version, so an agent finds a filter a previous one left even without its
+/// record.
+pub const FILTER_PRIORITY: u16 = 0xff00;
+/// Handle of that filter (unique within its priority).
+pub const FILTER_HANDLE: u32 = 1;
+/// The attachment modes of `lb_backend`, as status and metrics show them.
+pub const MODE_TCX: &str = "tcx";
+pub const MODE_TC_CLASSIC: &str = "tc-classic";
+/// In a classic filter's record directory: the agent added the clsact qdisc (cleanup removes it
+/// when no other filter is left on it).
+const RECORD_ADDED_CLSACT: &str = "added-clsact";
 
 /// How to attach: the driver's own XDP hook, the generic one, or the first that works.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -27,6 +51,17 @@ pub enum ModeChoice {
     Native,
     Generic,
     Auto,
+}
+
+/// How to attach `lb_backend`: a TCX link, a classic clsact filter, or TCX where the kernel has
+/// it (probed) and classic where it does not. Switching a running node between the two is not
+/// gapless (the old kind comes off before the new one goes on).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TcChoice {
+    Auto,
+    Tcx,
+    Classic,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -56,17 +91,28 @@ pub struct Attached {
     pub iface: String,
     pub ifindex: u32,
     pub program: &'static str,
-    /// Where the program runs: for XDP its mode ("native", "generic", "offload", or "as before"
-    /// when a previous agent's link was taken over and the kernel did not say), else "tc".
+    /// Where the program runs. XDP: "native", "generic", "offload", or "as before" (a previous
+    /// agent's link was taken over and the kernel did not say). TC: "tcx" or "tc-classic".
     pub mode: &'static str,
     /// Why the mode is what it is (e.g. native failed, and how).
     pub note: Option<String>,
-    link: PinnedLink,
+    hold: Hold,
+}
+
+/// What keeps a program on an interface.
+#[derive(Debug)]
+enum Hold {
+    /// A BPF link pinned at `links/<iface>` (XDP, TCX).
+    Link(PinnedLink),
+    /// A classic TC filter at our coordinates, recorded by the directory `links/<iface>`.
+    Filter,
 }
 
 pub struct Attachments {
     dir: PathBuf,
     by_iface: BTreeMap<String, Attached>,
+    /// Whether the kernel has TCX links (probed once, on the first TC attach).
+    tcx: Option<bool>,
 }
 
 impl Attachments {
@@ -77,6 +123,7 @@ impl Attachments {
         Ok(Attachments {
             dir,
             by_iface: BTreeMap::new(),
+            tcx: None,
         })
     }
 
@@ -107,13 +154,15 @@ impl Attachments {
             .is_some_and(|a| a.program == program && a.ifindex == ifindex)
     }
 
-    /// Puts the TC program `program` on `iface`'s ingress (a TCX link, Linux 6.6+): takes over
-    /// a link a previous agent pinned there, or attaches anew.
+    /// Puts the TC program `program` on `iface`'s ingress: takes over what a previous agent left
+    /// there (its pinned TCX link, or its classic filter), or attaches anew, as a TCX link where
+    /// the kernel has them and as a classic filter where it does not.
     pub fn attach_tc(
         &mut self,
         ebpf: &mut Ebpf,
         program: &'static str,
         iface: &str,
+        choice: TcChoice,
     ) -> Result<&Attached, AttachError> {
         let ifindex = crate::system::ifindex(iface)
             .ok_or_else(|| AttachError::NoInterface(iface.to_string()))?;
@@ -123,12 +172,56 @@ impl Attachments {
         self.by_iface.remove(iface);
         let path = self.dir.join(iface);
         let prog = dataplane::classifier_mut(ebpf, program)?;
-        let err = |reason: String| AttachError::Attach {
-            program,
-            iface: iface.to_string(),
-            mode: "tc",
-            reason,
+        let tcx = match (choice, self.tcx) {
+            (TcChoice::Tcx, _) => true,
+            (TcChoice::Classic, _) => false,
+            (TcChoice::Auto, Some(known)) => known,
+            (TcChoice::Auto, None) => {
+                let fd = prog
+                    .fd()
+                    .map_err(|e| attach_error(program, iface, "tc", e))?;
+                let known = kernel_has_tcx(fd.as_fd())
+                    .map_err(|e| attach_error(program, iface, "tc", e))?;
+                self.tcx = Some(known);
+                known
+            }
         };
+        let err = |mode: &'static str| move |e: String| attach_error(program, iface, mode, e);
+
+        if !tcx {
+            if path.is_file() {
+                // A pinned link of another kind (the interface changed role): let it go.
+                drop(previous_link(&path));
+            }
+            let (added_clsact, note) =
+                attach_filter(prog, program, iface, ifindex, read_record(&path))
+                    .map_err(err(MODE_TC_CLASSIC))?;
+            write_record(&path, added_clsact).map_err(|e| AttachError::Pin {
+                iface: iface.to_string(),
+                path: path.clone(),
+                reason: format!("recording the classic TC filter: {e}"),
+            })?;
+            self.by_iface.insert(
+                iface.to_string(),
+                Attached {
+                    iface: iface.to_string(),
+                    ifindex,
+                    program,
+                    mode: MODE_TC_CLASSIC,
+                    note,
+                    hold: Hold::Filter,
+                },
+            );
+            return Ok(&self.by_iface[iface]);
+        }
+        // A classic filter of ours on a kernel with TCX (only if bpffs outlived a kernel
+        // change): the TCX link goes on first, then the filter comes off, so the interface is
+        // never without the program.
+        let stale_filter = path.is_dir().then(|| {
+            let moved = path.with_extension("tc-classic");
+            let _ = std::fs::rename(&path, &moved);
+            moved
+        });
         let taken_over = previous_link(&path)
             .and_then(|fd| SchedClassifierLink::try_from(fd).ok())
             .and_then(|link| prog.attach_to_link(link).ok());
@@ -140,26 +233,31 @@ impl Attachments {
                     TcAttachType::Ingress,
                     TcAttachOptions::TcxOrder(LinkOrder::default()),
                 )
-                .map_err(|e| err(format!("{e} (TCX links need Linux 6.6+)")))?,
+                .map_err(|e| err(MODE_TCX)(format!("{e} (TCX links need Linux 6.6+)")))?,
                 None,
             ),
         };
-        let link = prog.take_link(id).map_err(|e| err(e.to_string()))?;
-        let fd = FdLink::try_from(link).map_err(|e| err(e.to_string()))?;
+        let link = prog
+            .take_link(id)
+            .map_err(|e| err(MODE_TCX)(e.to_string()))?;
+        let fd = FdLink::try_from(link).map_err(|e| err(MODE_TCX)(e.to_string()))?;
         let link = fd.pin(&path).map_err(|e| AttachError::Pin {
             iface: iface.to_string(),
             path: path.clone(),
             reason: e.to_string(),
         })?;
+        if let Some(record) = stale_filter {
+            remove_filter(iface, &record);
+        }
         self.by_iface.insert(
             iface.to_string(),
             Attached {
                 iface: iface.to_string(),
                 ifindex,
                 program,
-                mode: "tc",
+                mode: MODE_TCX,
                 note,
-                link,
+                hold: Hold::Link(link),
             },
         );
         Ok(&self.by_iface[iface])
@@ -186,6 +284,10 @@ impl Attachments {
         // Another program of ours on this interface (role changed): let go of it first.
         self.by_iface.remove(iface);
         let path = self.dir.join(iface);
+        if path.is_dir() {
+            // A classic TC filter of ours (the interface was a backend interface).
+            remove_filter(iface, &path);
+        }
         let prog = dataplane::program_mut(ebpf, program)?;
         let err = |mode: &'static str, reason: String| AttachError::Attach {
             program,
@@ -237,7 +339,7 @@ impl Attachments {
                 program,
                 mode: used,
                 note,
-                link,
+                hold: Hold::Link(link),
             },
         );
         Ok(&self.by_iface[iface])
@@ -245,31 +347,39 @@ impl Attachments {
 
     /// Takes the program off `iface` (if the interface is gone, just forgets it).
     pub fn detach(&mut self, iface: &str) {
-        if let Some(a) = self.by_iface.remove(iface) {
+        let path = self.dir.join(iface);
+        match self.by_iface.remove(iface).map(|a| a.hold) {
             // Unpinning leaves the link to the fd, which closes here: detached.
-            drop(a.link.unpin());
+            Some(Hold::Link(link)) => drop(link.unpin()),
+            Some(Hold::Filter) => remove_filter(iface, &path),
+            None if path.is_dir() => remove_filter(iface, &path),
+            None => {}
         }
-        let _ = std::fs::remove_file(self.dir.join(iface));
+        let _ = std::fs::remove_file(&path);
     }
 
-    /// Detaches everything, including links a previous agent left for interfaces we no
-    /// longer manage.
+    /// Detaches everything, including what a previous agent left on interfaces we no longer
+    /// manage.
     pub fn detach_all(&mut self) {
         let ifaces: Vec<String> = self.by_iface.keys().cloned().collect();
         for iface in ifaces {
             self.detach(&iface);
         }
         for stale in self.pinned_interfaces() {
-            if let Ok(p) = PinnedLink::from_pin(self.dir.join(&stale)) {
+            let path = self.dir.join(&stale);
+            if path.is_dir() {
+                remove_filter(&stale, &path);
+            } else if let Ok(p) = PinnedLink::from_pin(&path) {
                 drop(p.unpin());
             }
-            let _ = std::fs::remove_file(self.dir.join(stale));
+            let _ = std::fs::remove_file(path);
         }
     }
 
-    /// Leaves every link attached and pinned (for the next agent to take over).
+    /// Leaves every link and filter attached and pinned or recorded (for the next agent to take
+    /// over).
     pub fn keep_all(self) {
-        // Dropping a pinned link's handle does not detach it.
+        // Dropping a pinned link's handle does not detach it; a filter needs no handle.
         drop(self.by_iface);
     }
 }
@@ -318,4 +428,242 @@ fn previous_link(path: &Path) -> Option<FdLink> {
         let _ = std::fs::remove_file(path);
     }
     link
+}
+
+fn attach_error(
+    program: &'static str,
+    iface: &str,
+    mode: &'static str,
+    reason: impl std::fmt::Display,
+) -> AttachError {
+    AttachError::Attach {
+        program,
+        iface: iface.to_string(),
+        mode,
+        reason: reason.to_string(),
+    }
+}
+
+/// Whether the kernel has TCX links (Linux 6.6, commit e420bed02507 "bpf: Add fd-based tcx
+/// multi-prog infra with link support"). Probed, not read from the version (distributions
+/// backport): BPF_LINK_CREATE with attach type BPF_TCX_INGRESS on interface index 0. A kernel
+/// with TCX looks the interface up and answers ENODEV; one without does not know the attach
+/// type and answers EINVAL. Nothing is attached either way. `prog` must be a loaded
+/// BPF_PROG_TYPE_SCHED_CLS program.
+pub fn kernel_has_tcx(prog: BorrowedFd<'_>) -> Result<bool, String> {
+    const BPF_LINK_CREATE: libc::c_long = 28;
+    const BPF_TCX_INGRESS: u32 = 46;
+    // union bpf_attr's link_create: prog_fd, target_ifindex, attach_type, flags, then unions
+    // this probe leaves zeroed.
+    let mut attr = [0u32; 12];
+    attr[0] = prog.as_raw_fd().cast_unsigned();
+    attr[1] = 0;
+    attr[2] = BPF_TCX_INGRESS;
+    // SAFETY: a valid, zeroed-beyond-the-fields bpf_attr of the size passed.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_CREATE,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    if rc >= 0 {
+        // Cannot happen (there is no interface 0); close what we were given.
+        if let Ok(fd) = i32::try_from(rc) {
+            // SAFETY: a file descriptor the kernel just returned to us.
+            unsafe { libc::close(fd) };
+        }
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::ENODEV) => Ok(true),
+        Some(libc::EINVAL) => Ok(false),
+        _ => Err(format!("probing for TCX links (BPF_LINK_CREATE): {e}")),
+    }
+}
+
+/// Attaches `prog` as a direct-action cls_bpf filter on `iface`'s clsact ingress at our
+/// coordinates, adding the clsact qdisc if the interface has none. A filter of ours already
+/// there (a previous agent's) gets the new program in place, atomically. Returns whether the
+/// clsact qdisc is ours (added now, or by the agent whose filter this was) and a note for the
+/// log and status.
+///
+/// lb_backend returns TCX_NEXT (-1) for packets it leaves alone: for a direct-action filter
+/// that is TC_ACT_UNSPEC, which makes cls_bpf go on to the next filter and, after the last,
+/// the packet continue up the stack as if no filter were there (net/sched/cls_bpf.c,
+/// cls_bpf_classify: `if (ret == TC_ACT_UNSPEC) continue;`).
+fn attach_filter(
+    prog: &mut tc::SchedClassifier,
+    program: &str,
+    iface: &str,
+    ifindex: u32,
+    previous: Record,
+) -> Result<(bool, Option<String>), String> {
+    let added_clsact = match tc::qdisc_add_clsact(iface) {
+        Ok(()) => true,
+        Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {
+            previous.added_clsact
+        }
+        Err(e) => return Err(format!("adding the clsact qdisc: {e}")),
+    };
+    let mut netlink = Netlink::open().map_err(|e| e.to_string())?;
+    let ours = netlink
+        .clsact_filters(ifindex)
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .find(|f| f.ingress && f.priority == FILTER_PRIORITY && f.handle == FILTER_HANDLE);
+    let coordinates = format!("ingress pref {FILTER_PRIORITY} handle {FILTER_HANDLE:#x}");
+    let note = match ours {
+        // cls_bpf reports the name the loader gave with the filter (aya: the program's).
+        Some(f) if f.kind == "bpf" && f.bpf_name.as_deref() == Some(program) => {
+            let link = SchedClassifierLink::attached(
+                iface,
+                TcAttachType::Ingress,
+                FILTER_PRIORITY,
+                TcHandle::from(FILTER_HANDLE),
+                None,
+            )
+            .map_err(|e| e.to_string())?;
+            let id = prog.attach_to_link(link).map_err(|e| {
+                format!("replacing the program of the filter at {coordinates}: {e}")
+            })?;
+            forget_link(prog, id)?;
+            Some(if previous.present {
+                "took over the previous agent's filter".to_string()
+            } else {
+                "took over a filter of a previous agent (its record was gone)".to_string()
+            })
+        }
+        Some(f) => {
+            return Err(format!(
+                "the filter at {coordinates} is not ours ({} {}); remove it (tc filter del dev {iface} {coordinates})",
+                f.kind,
+                f.bpf_name.unwrap_or_default()
+            ));
+        }
+        None => {
+            let id = prog
+                .attach_with_options(
+                    iface,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::Netlink(NlOptions {
+                        priority: FILTER_PRIORITY,
+                        handle: TcHandle::from(FILTER_HANDLE),
+                        classid: None,
+                    }),
+                )
+                .map_err(|e| format!("adding a filter at {coordinates}: {e}"))?;
+            forget_link(prog, id)?;
+            Some("a classic TC filter: this kernel has no TCX links (Linux 6.6+)".to_string())
+        }
+    };
+    Ok((added_clsact, note))
+}
+
+/// Leaves the filter `id` attached whatever happens to this process: aya detaches a
+/// netlink-attached program when its link handle is dropped, but ours must outlive the agent
+/// (--keep-on-exit, and an agent that dies) as pinned links do.
+fn forget_link(
+    prog: &mut tc::SchedClassifier,
+    id: tc::SchedClassifierLinkId,
+) -> Result<(), String> {
+    let link = prog.take_link(id).map_err(|e| e.to_string())?;
+    std::mem::forget(link);
+    Ok(())
+}
+
+/// Takes our classic filter off `iface`, removes the clsact qdisc if the record says we added
+/// it and no other filter is left on it, and removes the record. An interface that is gone took
+/// both with it.
+fn remove_filter(iface: &str, record_dir: &Path) {
+    let record = read_record(record_dir);
+    if let Some(ifindex) = crate::system::ifindex(iface) {
+        if let Ok(link) = SchedClassifierLink::attached(
+            iface,
+            TcAttachType::Ingress,
+            FILTER_PRIORITY,
+            TcHandle::from(FILTER_HANDLE),
+            None,
+        ) && let Err(e) = link.detach()
+        {
+            log::debug!("{iface}: removing our TC filter: {e}");
+        }
+        if record.added_clsact {
+            match Netlink::open().and_then(|mut nl| {
+                let others = nl.clsact_filters(ifindex)?;
+                if others.is_empty() {
+                    nl.delete_clsact(ifindex)?;
+                }
+                Ok(others.len())
+            }) {
+                Ok(0) => {}
+                Ok(n) => log::info!(
+                    "{iface}: left the clsact qdisc we added in place: {n} other filters use it"
+                ),
+                Err(e) => log::warn!("{iface}: removing the clsact qdisc we added: {e}"),
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(record_dir);
+}
+
+/// What the directory `links/<iface>` says about a classic filter of ours.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Record {
+    present: bool,
+    added_clsact: bool,
+}
+
+/// bpffs holds BPF objects and directories only (no regular files), so the record is a
+/// directory with an empty subdirectory per fact.
+fn read_record(dir: &Path) -> Record {
+    Record {
+        present: dir.is_dir(),
+        added_clsact: dir.join(RECORD_ADDED_CLSACT).is_dir(),
+    }
+}
+
+fn write_record(dir: &Path, added_clsact: bool) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let fact = dir.join(RECORD_ADDED_CLSACT);
+    if added_clsact {
+        std::fs::create_dir_all(fact)
+    } else {
+        match std::fs::remove_dir(fact) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Record, read_record, write_record};
+
+    #[test]
+    fn a_filter_record_says_whether_the_agent_added_the_qdisc() {
+        let dir = std::env::temp_dir().join(format!("xdplb-record-{}", std::process::id()));
+        let record = dir.join("vethpod1");
+        assert_eq!(read_record(&record), Record::default());
+        write_record(&record, true).unwrap();
+        assert_eq!(
+            read_record(&record),
+            Record {
+                present: true,
+                added_clsact: true
+            }
+        );
+        // A takeover that found the qdisc there and no record of adding it: not ours.
+        write_record(&record, false).unwrap();
+        assert_eq!(
+            read_record(&record),
+            Record {
+                present: true,
+                added_clsact: false
+            }
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

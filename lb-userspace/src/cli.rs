@@ -6,7 +6,12 @@ use std::{
 
 use clap::{ArgGroup, Args, Parser, Subcommand};
 
-use crate::{attach::ModeChoice, dataplane::Sizes, maglev, model::Protocol};
+use crate::{
+    attach::{ModeChoice, TcChoice},
+    dataplane::Sizes,
+    maglev,
+    model::Protocol,
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -91,9 +96,9 @@ pub struct RunArgs {
     /// ~/.kube/config.
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
-    /// An uplink: an interface clients' traffic arrives on (repeat for several). Old name:
-    /// --iface.
-    #[arg(long = "uplink", alias = "iface", required = true)]
+    /// An uplink: an interface clients' traffic arrives on (repeat for several). Default: the
+    /// interfaces of the node's default routes (main table, IPv4 and IPv6). Old name: --iface.
+    #[arg(long = "uplink", alias = "iface")]
     pub uplinks: Vec<String>,
     /// Interfaces facing local backends (pod veths), as shell patterns, e.g. 'eni*' (repeat
     /// for several). Attached as they appear, detached as they go. Old name: --backend-ifaces.
@@ -102,13 +107,22 @@ pub struct RunArgs {
     /// XDP attach mode: native (driver), generic (skb), or auto (native, else generic).
     #[arg(long, value_enum, default_value = "auto")]
     pub xdp_mode: ModeChoice,
+    /// How lb_backend goes on backend interfaces: tcx (a TCX link, Linux 6.6+), classic (a
+    /// clsact qdisc filter), or auto (tcx where the kernel has it, else classic).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub tc_mode: TcChoice,
     #[command(flatten)]
     pub paths: Paths,
     #[command(flatten)]
     pub sizes: SizeArgs,
-    /// Where to serve Prometheus metrics, /healthz and /readyz.
+    /// Where to serve Prometheus metrics, /healthz and /readyz (the probes).
     #[arg(long, default_value = "127.0.0.1:9435")]
     pub metrics_addr: SocketAddr,
+    /// Also serve /metrics (alone) here, for Prometheus: e.g. the node's own address, kept
+    /// apart from the probes on --metrics-addr. IPv6 with or without brackets (the downward
+    /// API's status.hostIP has none).
+    #[arg(long, value_parser = parse_listen_addr)]
+    pub scrape_addr: Option<SocketAddr>,
     /// On exit, leave the programs attached and the maps pinned, so the next agent (an
     /// upgrade, a restart) takes over without a gap and live flows keep their backends.
     #[arg(long)]
@@ -179,6 +193,17 @@ fn parse_ring_size(s: &str) -> Result<u32, String> {
     Ok(n)
 }
 
+/// `IP:PORT`, `[IPv6]:PORT`, or `IPv6:PORT` without brackets (the last colon separates the
+/// port).
+fn parse_listen_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = s.parse() {
+        return Ok(addr);
+    }
+    s.rsplit_once(':')
+        .and_then(|(ip, port)| Some(SocketAddr::new(ip.parse().ok()?, port.parse().ok()?)))
+        .ok_or_else(|| format!("`{s}` is not IP:PORT"))
+}
+
 fn parse_socket_addr(s: &str) -> Result<SocketAddr, String> {
     s.to_socket_addrs()
         .ok()
@@ -210,6 +235,24 @@ mod tests {
                 .contains("not a prime")
         );
         assert!(parse_ring_size("13").is_err());
+    }
+
+    #[test]
+    fn scrape_addresses_take_ipv6_with_or_without_brackets() {
+        assert_eq!(
+            parse_listen_addr("10.0.12.34:9435"),
+            Ok("10.0.12.34:9435".parse().unwrap())
+        );
+        assert_eq!(
+            parse_listen_addr("fd00:ec2::5:9435"),
+            Ok("[fd00:ec2::5]:9435".parse().unwrap())
+        );
+        assert_eq!(
+            parse_listen_addr("[fd00:ec2::5]:9435"),
+            Ok("[fd00:ec2::5]:9435".parse().unwrap())
+        );
+        assert!(parse_listen_addr("node-1:9435").is_err());
+        assert!(parse_listen_addr("10.0.12.34").is_err());
     }
 
     #[test]
@@ -250,9 +293,13 @@ mod tests {
                 ..
             }
         ));
+        let cli = Cli::try_parse_from(["lb-agent", "run", "--config", "x"]).unwrap();
+        let Command::Run(r) = cli.command else {
+            panic!()
+        };
         assert!(
-            Cli::try_parse_from(["lb-agent", "run", "--config", "x"]).is_err(),
-            "--uplink is required"
+            r.uplinks.is_empty(),
+            "without --uplink: the default routes' interfaces"
         );
         assert!(
             Cli::try_parse_from(["lb-agent", "run", "--iface", "eth0"]).is_err(),

@@ -41,8 +41,8 @@ use toml::{Spanned, de::DeValue};
 use crate::{
     maglev::MAX_WEIGHT,
     model::{
-        Backend, Cidr, DEFAULT_IPV6_PREFIX, Desired, Frontend, Limits, Mode,
-        NodeSettings, Origin, Policy, Protocol, Rate, Service, TableFull,
+        Backend, Cidr, DEFAULT_IPV6_PREFIX, Desired, Frontend, Limits, Mode, NodeSettings, Origin,
+        Policy, Protocol, Rate, Service, TableFull,
     },
 };
 
@@ -508,7 +508,7 @@ fn parse_port_ranges(s: &str) -> Result<Vec<(u16, u16)>, String> {
     if ranges.len() > 2 {
         return Err(bad());
     }
-    ranges.sort();
+    ranges.sort_unstable();
     if let [a, b] = ranges[..]
         && b.0 <= a.1
     {

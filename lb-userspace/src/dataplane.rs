@@ -24,15 +24,19 @@ use lb_common::{
     MAP_COUNTERS, MAP_DEVMAP, MAP_FILTER, MAP_FLOWS4, MAP_FLOWS6, MAP_IFACES, MAP_LAYOUT_VERSION,
     MAP_MACS, MAP_OVERFLOW, MAP_POLICIES, MAP_PORTS, MAP_PREFIXES, MAP_PROGS, MAP_RINGS,
     MAP_SERVICES, MAP_SOURCE_TAGS, MAP_SOURCES, MAP_SVC_INFO, MAP_SVC_STATS, PROG_BACKEND,
-    PROG_ICMP, PROG_NEW_FLOW, PROG_UPLINK, Policy, PrefixKey, PrefixRule, SOURCE_FREE,
-    SOURCE_WAYS, SPARE_RINGS, Service, ServiceInfo, ServiceKey, ServiceStats, Source, SourceKey,
-    SourceTags, TAIL_ICMP, TAIL_NEW_FLOW, source_hash, source_sets,
+    PROG_ICMP, PROG_NEW_FLOW, PROG_UPLINK, Policy, PrefixKey, PrefixRule, SOURCE_FREE, SOURCE_WAYS,
+    SPARE_RINGS, Service, ServiceInfo, ServiceKey, ServiceStats, Source, SourceKey, SourceTags,
+    TAIL_ICMP, TAIL_NEW_FLOW, source_hash, source_sets,
 };
 
 use crate::{
     error::DataplaneError,
     tables::{FlowEntry, FlowId, Result, Snapshot, Tables},
 };
+
+/// [`SOURCE_WAYS`] as a map index.
+#[allow(clippy::cast_possible_truncation, reason = "a small constant")]
+const WAYS: u32 = SOURCE_WAYS as u32;
 
 /// The data-path object, built by build.rs.
 pub static LB_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
@@ -88,7 +92,7 @@ impl Sizes {
             (MAP_RINGS, self.rings() * self.ring_size),
             (MAP_FLOWS4, self.flow_entries),
             (MAP_FLOWS6, self.flow_entries_v6),
-            (MAP_SOURCES, self.source_sets() * SOURCE_WAYS as u32),
+            (MAP_SOURCES, self.source_sets() * WAYS),
             (MAP_SOURCE_TAGS, self.source_sets()),
             (MAP_AFFINITY, self.affinity_entries),
         ]
@@ -551,8 +555,8 @@ impl Maps {
             .source_tags
             .get(&set, 0)
             .map_err(|e| map_err(MAP_SOURCE_TAGS, e))?;
-        for (way, tag) in tags.tags.iter_mut().enumerate() {
-            let slot = set * SOURCE_WAYS as u32 + way as u32;
+        for (way, tag) in (0u32..).zip(tags.tags.iter_mut()) {
+            let slot = set * WAYS + way;
             if *tag >= 2 && self.sources.get(&slot, 0).is_ok_and(|s| s.key == *key) {
                 *tag = SOURCE_FREE;
             }
@@ -565,10 +569,10 @@ impl Maps {
     /// Every tracked rate-limit source.
     pub fn read_sources(&self) -> Vec<Source> {
         let mut out = Vec::new();
-        for (set, tags) in self.source_tags.iter().enumerate() {
+        for (set, tags) in (0u32..).zip(self.source_tags.iter()) {
             let Ok(tags) = tags else { continue };
-            for (way, tag) in tags.tags.iter().enumerate() {
-                let slot = (set * SOURCE_WAYS + way) as u32;
+            for (way, tag) in (0u32..).zip(tags.tags.iter()) {
+                let slot = set * WAYS + way;
                 if *tag >= 2
                     && let Ok(s) = self.sources.get(&slot, 0)
                 {
@@ -707,10 +711,10 @@ impl Tables for Maps {
             }
         }
         let mut service_info = Vec::new();
-        for (id, s) in self.svc_info.iter().enumerate() {
+        for (id, s) in (0u32..).zip(self.svc_info.iter()) {
             let s = s.map_err(|e| map_err(MAP_SVC_INFO, e))?;
             if s != ServiceInfo::default() {
-                service_info.push((id as u32, s));
+                service_info.push((id, s));
             }
         }
         let mut prefixes = Vec::new();

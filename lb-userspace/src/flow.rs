@@ -5,9 +5,9 @@ use std::net::SocketAddr;
 
 use anyhow::Result;
 use lb_common::{
-    Addr, AffinityKey, Config, FLOW_CLOCK_SHIFT, FLOW_CLOSING, FLOW_OPENING, FLOW_REPLY,
-    FLOW_SNAT, Flow, FlowAddr, FlowKey4, FlowKey6, NO_BACKEND, SVC_AFFINITY, Service, ServiceKey,
-    V4, affinity, flow_clock,
+    Addr, AffinityKey, Config, FLOW_CLOCK_SHIFT, FLOW_CLOSING, FLOW_OPENING, FLOW_REPLY, FLOW_SNAT,
+    Flow, FlowAddr, FlowKey4, FlowKey6, NO_BACKEND, SVC_AFFINITY, Service, ServiceKey, V4,
+    affinity, flow_clock,
     hash::{flow_hash, ring_slot},
 };
 use serde::Serialize;
@@ -86,7 +86,13 @@ fn entry(
     dport: u16,
 ) -> Option<Flow<Addr>> {
     if src.is_v4() {
-        let key = FlowKey4::new(V4::from_addr(src), V4::from_addr(dst), sport, dport, protocol.number());
+        let key = FlowKey4::new(
+            V4::from_addr(src),
+            V4::from_addr(dst),
+            sport,
+            dport,
+            protocol.number(),
+        );
         let f = maps.flows4.get(&key, 0).ok()?;
         Some(Flow {
             last: f.last,

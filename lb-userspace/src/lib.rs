@@ -24,5 +24,6 @@ pub mod status;
 pub mod sweep;
 pub mod system;
 pub mod tables;
+pub mod uplink;
 pub mod veth;
 pub mod view;

@@ -92,11 +92,22 @@ impl Drop for MetricsServer {
     }
 }
 
+/// What a listener answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoints {
+    /// /metrics, /healthz and /readyz (--metrics-addr: the probes, on localhost by default).
+    All,
+    /// /metrics alone (--scrape-addr: an address Prometheus reaches, where nobody else needs
+    /// the probes).
+    MetricsOnly,
+}
+
 /// What a request is answered from.
 struct Endpoint {
     views: Views,
     stats: Stats,
     sync_latency: Option<Histogram>,
+    endpoints: Endpoints,
 }
 
 /// Binds `addr` (an error here is the caller's to report) and serves on a thread of its own
@@ -106,6 +117,7 @@ pub fn serve(
     views: Views,
     stats: Stats,
     sync_latency: Option<Histogram>,
+    endpoints: Endpoints,
 ) -> std::io::Result<MetricsServer> {
     let listener = std::net::TcpListener::bind(addr)?;
     listener.set_nonblocking(true)?;
@@ -113,6 +125,7 @@ pub fn serve(
         views,
         stats,
         sync_latency,
+        endpoints,
     });
     let (stop, stopped) = oneshot::channel();
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -168,7 +181,11 @@ impl Endpoint {
                 .unwrap_or_default()
         };
         let text = "text/plain; charset=utf-8";
-        match req.uri().path() {
+        let path = match (self.endpoints, req.uri().path()) {
+            (Endpoints::MetricsOnly, p) if p != "/metrics" => "",
+            (_, p) => p,
+        };
+        match path {
             "/metrics" => {
                 let accept = req
                     .headers()
@@ -401,7 +418,7 @@ fn agent_metrics(r: &mut Registry, view: &AgentView) {
     let attached = gauge_family(
         r,
         "interface_attached",
-        "Interfaces the data path is attached to, with its program and hook (xdp-native, xdp-generic, tc)",
+        "Interfaces the data path is attached to, with its program and hook (xdp-native, xdp-generic, tcx, tc-classic)",
     );
     for i in &view.interfaces {
         attached

@@ -291,10 +291,15 @@ pub fn default_snat_ports(ephemeral: (u16, u16)) -> Vec<(u16, u16)> {
     }
     pieces.sort_by_key(|(a, b)| std::cmp::Reverse(b - a));
     pieces.truncate(2);
-    pieces.sort();
+    pieces.sort_unstable();
     pieces
         .into_iter()
-        .map(|(a, b)| (a as u16, b as u16))
+        .map(|(a, b)| {
+            (
+                u16::try_from(a).expect("a port"),
+                u16::try_from(b).expect("a port"),
+            )
+        })
         .collect()
 }
 

@@ -24,6 +24,7 @@ use netlink_packet_route::{
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
     nsid::{NsidAttribute, NsidMessage},
     route::{RouteAddress, RouteAttribute, RouteMessage, RouteType, RouteVia},
+    tc::{TcAttribute, TcHandle, TcMessage, TcOption},
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
@@ -45,6 +46,8 @@ const NTF_EXT_MANAGED: u32 = 1;
 const NLMSGERR_ATTR_MSG: u16 = 1;
 /// Size of struct nlmsghdr, echoed at the start of an error when NLM_F_CAPPED is set.
 const NLMSG_HEADER_LEN: usize = 16;
+/// TCA_BPF_NAME: a cls_bpf filter's program name, in its TCA_OPTIONS (linux/pkt_cls.h).
+const TCA_BPF_NAME: u16 = 7;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetlinkError {
@@ -123,6 +126,16 @@ pub enum RouteKind {
     Other,
 }
 
+/// A default route (destination prefix length 0) of the main routing table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DefaultRoute {
+    pub v6: bool,
+    /// Output interfaces: one, or a multipath route's next hops'.
+    pub oifs: Vec<u32>,
+    /// RTA_PRIORITY (lower wins); 0 when absent.
+    pub metric: u32,
+}
+
 /// One address on one interface.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IfAddr {
@@ -174,6 +187,19 @@ pub struct Neighbour {
     pub managed: bool,
     /// The NUD state bits (NUD_PERMANENT, NUD_REACHABLE, ...).
     pub state: u16,
+}
+
+/// A classic TC filter on an interface's clsact ingress or egress hook.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TcFilter {
+    pub ingress: bool,
+    pub priority: u16,
+    pub handle: u32,
+    /// "bpf", "u32", "flower", ...
+    pub kind: String,
+    /// For a cls_bpf filter: its program's name (as the loader named it, truncated by the
+    /// kernel to 15 bytes).
+    pub bpf_name: Option<String>,
 }
 
 /// How a request ended, before the dump-retry decision.
@@ -267,6 +293,55 @@ impl Netlink {
         }))
     }
 
+    /// The unicast default routes of the main table, both families (RTM_GETROUTE dump).
+    pub fn default_routes(&mut self) -> Result<Vec<DefaultRoute>, NetlinkError> {
+        /// RT_TABLE_MAIN (linux/rtnetlink.h).
+        const MAIN: u32 = 254;
+        let replies = self.dump(
+            "route dump",
+            &RouteNetlinkMessage::GetRoute(RouteMessage::default()),
+        )?;
+        Ok(replies
+            .iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewRoute(r) => Some(r),
+                _ => None,
+            })
+            .filter(|r| {
+                // RTA_TABLE holds tables above 255; rtm_table the rest.
+                let table = r
+                    .attributes
+                    .iter()
+                    .find_map(|a| match a {
+                        RouteAttribute::Table(t) => Some(*t),
+                        _ => None,
+                    })
+                    .unwrap_or(u32::from(r.header.table));
+                table == MAIN
+                    && r.header.destination_prefix_length == 0
+                    && r.header.kind == RouteType::Unicast
+            })
+            .map(|r| {
+                let mut route = DefaultRoute {
+                    v6: r.header.address_family == AddressFamily::Inet6,
+                    oifs: Vec::new(),
+                    metric: 0,
+                };
+                for a in &r.attributes {
+                    match a {
+                        RouteAttribute::Oif(oif) => route.oifs.push(*oif),
+                        RouteAttribute::MultiPath(hops) => {
+                            route.oifs.extend(hops.iter().map(|h| h.interface_index));
+                        }
+                        RouteAttribute::Priority(metric) => route.metric = *metric,
+                        _ => {}
+                    }
+                }
+                route
+            })
+            .collect())
+    }
+
     /// All links (RTM_GETLINK dump).
     pub fn links(&mut self) -> Result<Vec<Link>, NetlinkError> {
         let replies = self.dump(
@@ -334,6 +409,64 @@ impl Netlink {
             Ok(_) => Ok(()),
             // Gone between the look-up and the delete: what we wanted.
             Err(e) if e.errno() == Some(libc::ENOENT) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The classic TC filters on `ifindex`'s clsact hooks (ingress and egress). None when the
+    /// interface has no clsact qdisc.
+    pub fn clsact_filters(&mut self, ifindex: u32) -> Result<Vec<TcFilter>, NetlinkError> {
+        let mut found = Vec::new();
+        for (ingress, minor) in [(true, TcHandle::MIN_INGRESS), (false, TcHandle::MIN_EGRESS)] {
+            let mut request = TcMessage::default();
+            request.header.index = ifindex.cast_signed();
+            request.header.parent = TcHandle {
+                major: TcHandle::CLSACT.major,
+                minor,
+            };
+            let op = format!(
+                "tc filter dump dev {ifindex} {}",
+                if ingress { "ingress" } else { "egress" }
+            );
+            let replies = match self.dump(&op, &RouteNetlinkMessage::GetTrafficFilter(request)) {
+                Ok(replies) => replies,
+                // No clsact qdisc (or no such interface): no filters.
+                Err(e) if matches!(e.errno(), Some(libc::EINVAL | libc::ENOENT | libc::ENODEV)) => {
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            found.extend(replies.iter().filter_map(|m| match m {
+                RouteNetlinkMessage::NewTrafficFilter(f) => tc_filter(f, ingress),
+                _ => None,
+            }));
+        }
+        Ok(found)
+    }
+
+    /// Like `tc qdisc del dev IFINDEX clsact`: removes the clsact qdisc and every filter on it.
+    /// Absent is fine.
+    pub fn delete_clsact(&mut self, ifindex: u32) -> Result<(), NetlinkError> {
+        let mut request = TcMessage::default();
+        request.header.index = ifindex.cast_signed();
+        request.header.parent = TcHandle::CLSACT;
+        request.header.handle = TcHandle {
+            major: TcHandle::CLSACT.major,
+            minor: 0,
+        };
+        // The kernel refuses the request if the qdisc there is of another kind.
+        request
+            .attributes
+            .push(TcAttribute::Kind("clsact".to_string()));
+        match self.transact(
+            &format!("tc qdisc del dev {ifindex} clsact"),
+            &RouteNetlinkMessage::DelQueueDiscipline(request),
+            0,
+        ) {
+            Ok(_) => Ok(()),
+            Err(e) if matches!(e.errno(), Some(libc::ENOENT | libc::EINVAL | libc::ENODEV)) => {
+                Ok(())
+            }
             Err(e) => Err(e),
         }
     }
@@ -897,6 +1030,50 @@ fn link_from_message(message: &LinkMessage) -> Link {
         _ => {}
     }
     link
+}
+
+/// A filter from a filter dump; `None` for the dump's entries that stand for a priority's
+/// classifier itself (handle 0) rather than a filter.
+fn tc_filter(message: &TcMessage, ingress: bool) -> Option<TcFilter> {
+    let handle =
+        u32::from(message.header.handle.major) << 16 | u32::from(message.header.handle.minor);
+    if handle == 0 {
+        return None;
+    }
+    let mut kind = String::new();
+    let mut bpf_name = None;
+    for attribute in &message.attributes {
+        match attribute {
+            TcAttribute::Kind(k) => kind.clone_from(k),
+            TcAttribute::Options(options) => {
+                // netlink-packet-route does not know cls_bpf: its TCA_OPTIONS come as one
+                // opaque attribute, whose value holds the nested TCA_BPF_* attributes.
+                for option in options {
+                    let TcOption::Other(nla) = option else {
+                        continue;
+                    };
+                    let mut value = vec![0u8; nla.value_len()];
+                    nla.emit_value(&mut value);
+                    for inner in NlasIterator::new(&value[..]).flatten() {
+                        if inner.kind() & NLA_TYPE_MASK == TCA_BPF_NAME {
+                            let name = inner.value();
+                            let end = name.iter().position(|b| *b == 0).unwrap_or(name.len());
+                            bpf_name = Some(String::from_utf8_lossy(&name[..end]).into_owned());
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Some(TcFilter {
+        ingress,
+        // tcm_info holds the priority in its upper 16 bits and the protocol in the lower.
+        priority: (message.header.info >> 16) as u16,
+        handle,
+        kind,
+        bpf_name,
+    })
 }
 
 fn neighbour_request(ifindex: u32, addr: IpAddr) -> NeighbourMessage {

@@ -173,7 +173,7 @@ pub fn view(
 /// read in the network namespace the agent runs in.
 pub fn ephemeral_ports() -> Option<(u16, u16)> {
     let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
-    let mut it = text.split_whitespace().map(|w| w.parse::<u16>());
+    let mut it = text.split_whitespace().map(str::parse::<u16>);
     match (it.next(), it.next()) {
         (Some(Ok(lo)), Some(Ok(hi))) if lo <= hi => Some((lo, hi)),
         _ => None,

@@ -18,10 +18,9 @@ use std::{
 
 use lb_common::{
     ADDR_NO_CLIENT, ADDR_NODE, ADDR_VIP, Addr, AddrInfo, BACKEND_ACTIVE, BACKEND_LISTED, Bucket,
-    Config, Limit, MAX_POLICIES, MAX_SNAT_ADDRS, NO_BACKEND, POLICY_FAIL_OPEN,
-    POLICY_HAS_PREFIXES, POLICY_PRECISE_CLOCK, POLICY_RST_SYN, PREFIX_DENY, PREFIX_EXEMPT,
-    PREFIX_LIMIT, PortRange, PrefixKey, PrefixRule, SVC_AFFINITY, SVC_SNAT, ServiceInfo,
-    ServiceKey, Source,
+    Config, Limit, MAX_POLICIES, MAX_SNAT_ADDRS, NO_BACKEND, POLICY_FAIL_OPEN, POLICY_HAS_PREFIXES,
+    POLICY_PRECISE_CLOCK, POLICY_RST_SYN, PREFIX_DENY, PREFIX_EXEMPT, PREFIX_LIMIT, PortRange,
+    PrefixKey, PrefixRule, SVC_AFFINITY, SVC_SNAT, ServiceInfo, ServiceKey, Source,
     filter::{self, FILTER_ENTRIES, Plane},
     flow_ticks,
     hash::bytes_hash,
@@ -798,7 +797,10 @@ impl Reconciler {
             };
             if old_weight != Some(b.weight) {
                 let generation = self.backend_gens.get(bid);
-                t.set_backend(bid, &backend_entry(b.addr, b.port, id, b.weight, generation))?;
+                t.set_backend(
+                    bid,
+                    &backend_entry(b.addr, b.port, id, b.weight, generation),
+                )?;
             }
             backends.insert((b.addr, b.port), (bid, b.weight));
         }
@@ -1134,7 +1136,7 @@ mod tests {
             snat_ipv6: None,
             node_addrs: ["10.0.0.1".parse().unwrap()].into(),
             local: ["10.1.1.2".parse().unwrap(), "10.1.1.3".parse().unwrap()].into(),
-            broadcast: Default::default(),
+            broadcast: std::collections::BTreeSet::default(),
             ephemeral_ports: None,
         }
     }
@@ -1483,7 +1485,7 @@ mod tests {
         // IPv4 /16 -> 32 policy bits + 96 mapped prefix bits + 16.
         assert!(t.prefixes.keys().any(|(_, len)| *len == 32 + 96 + 16));
         assert_eq!(
-            t.sources.len(),
+            t.overflow.len(),
             2,
             "an overflow bucket per fail-closed policy slot"
         );
@@ -1492,7 +1494,7 @@ mod tests {
         d2.policies.clear();
         r.apply(&d2, &node(), &mut t).unwrap();
         assert!(t.prefixes.is_empty());
-        assert!(t.sources.is_empty());
+        assert!(r.policy_ids.is_empty(), "every policy id is given back");
         assert_eq!(t.services[&key(&s)].policy, 0);
     }
 }

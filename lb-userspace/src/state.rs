@@ -48,7 +48,7 @@ pub struct InterfaceLabel {
     pub name: String,
     pub ifindex: u32,
     pub program: String,
-    /// Where the program runs: "xdp-native", "xdp-generic" or "tc".
+    /// Where the program runs: "xdp-native", "xdp-generic", "tcx" or "tc-classic".
     #[serde(alias = "mode")]
     pub hook: String,
     pub note: Option<String>,

@@ -3,9 +3,7 @@
 use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr, net::SocketAddr};
 
 use anyhow::Result;
-use lb_common::{
-    Addr, BACKEND_ACTIVE, BACKEND_LISTED, Counter, DropReason, ServiceKey,
-};
+use lb_common::{Addr, BACKEND_ACTIVE, BACKEND_LISTED, Counter, DropReason, ServiceKey};
 use serde::Serialize;
 
 use crate::{

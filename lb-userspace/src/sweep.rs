@@ -175,7 +175,13 @@ mod tests {
         last_ns: u64,
     ) {
         let last = flow_clock(last_ns);
-        let key = FlowKey4::new(v4(client), v4(100), 40000u16.to_be(), 80u16.to_be(), IPPROTO_TCP);
+        let key = FlowKey4::new(
+            v4(client),
+            v4(100),
+            40000u16.to_be(),
+            80u16.to_be(),
+            IPPROTO_TCP,
+        );
         let snat_port = (1024u16 + u16::from(client)).to_be();
         let out = Flow4 {
             last,
@@ -208,7 +214,14 @@ mod tests {
         flow_pair(&mut t, 3, 2, FLOW_CLOSING, FLOW_CLOSING, now - 11 * S);
         // The backend closed first 11 s ago: the reply entry holds the port through the
         // backend's TIME_WAIT (60 s).
-        flow_pair(&mut t, 4, 2, FLOW_CLOSING, FLOW_CLOSING | FLOW_TIME_WAIT, now - 11 * S);
+        flow_pair(
+            &mut t,
+            4,
+            2,
+            FLOW_CLOSING,
+            FLOW_CLOSING | FLOW_TIME_WAIT,
+            now - 11 * S,
+        );
         // A handshake that never finished: both entries were opening, both go after 60 s.
         flow_pair(&mut t, 5, 2, FLOW_OPENING, FLOW_OPENING, now - 61 * S);
         let report = sweep(&mut t, now);
@@ -230,7 +243,9 @@ mod tests {
         flow_pair(&mut t, 3, 9, 0, 0, 0);
         assert_eq!(end_flows(&mut t, 1, addr(2), 8080, true), 1);
         let reset = t.flows.values().any(|e| match e {
-            FlowEntry::V4(_, f) => f.flags & FLOW_REPLY == 0 && f.id == 2 && f.flags & FLOW_RESET != 0,
+            FlowEntry::V4(_, f) => {
+                f.flags & FLOW_REPLY == 0 && f.id == 2 && f.flags & FLOW_RESET != 0
+            }
             FlowEntry::V6(..) => false,
         });
         assert!(reset, "answered with a RST");

@@ -48,8 +48,13 @@ impl Drop for Bpffs {
 }
 
 /// The `lb-agent` binary of this build (built on demand: cargo builds a crate's binaries for
-/// its own tests only, and this crate is not lb-agent's).
+/// its own tests only, and this crate is not lb-agent's). `XDPLB_AGENT_BINARY` names a binary
+/// built beforehand instead (the kernels tier runs tests in a VM whose view of the tree is
+/// read-only, where cargo cannot build).
 pub fn agent_binary() -> Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("XDPLB_AGENT_BINARY") {
+        return Ok(PathBuf::from(bin));
+    }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("workspace root");
@@ -109,19 +114,31 @@ pub fn agent_binary() -> Result<PathBuf> {
 /// How to run the agent.
 #[derive(Clone, Debug)]
 pub struct AgentOptions {
+    /// `--iface`; empty: none (the agent picks the interfaces of the default routes).
     pub uplink: String,
     pub backend_ifaces: Vec<String>,
     pub ring_size: u32,
     pub extra: Vec<String>,
+    /// A command line the agent runs under (e.g. `setpriv` with a capability set).
+    pub wrapper: Vec<String>,
+    /// How long to wait for the agent to become ready: 20 s, or `XDPLB_AGENT_READY_SECONDS`
+    /// (the verifier runs for much longer under emulation).
+    pub ready_timeout: Duration,
 }
 
 impl Default for AgentOptions {
     fn default() -> Self {
+        let ready = std::env::var("XDPLB_AGENT_READY_SECONDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(20);
         AgentOptions {
             uplink: "eth0".into(),
             backend_ifaces: vec!["vethpod*".into()],
             ring_size: 4093,
             extra: Vec::new(),
+            wrapper: Vec::new(),
+            ready_timeout: Duration::from_secs(ready),
         }
     }
 }
@@ -177,11 +194,14 @@ impl AgentProcess {
             .open(&self.log)?;
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.ns])
+            .args(&self.options.wrapper)
             .arg(&self.binary)
             .args(["run", "--config"])
-            .arg(&self.config)
-            .args(["--iface", &self.options.uplink])
-            .arg("--pin-dir")
+            .arg(&self.config);
+        if !self.options.uplink.is_empty() {
+            cmd.args(["--iface", &self.options.uplink]);
+        }
+        cmd.arg("--pin-dir")
             .arg(&self.pin_dir)
             .arg("--state-dir")
             .arg(&self.state_dir)
@@ -204,7 +224,7 @@ impl AgentProcess {
         }
         let _ = std::fs::remove_file(self.state_dir.join(lb_userspace::state::FILE));
         self.child = Some(ChildGuard::spawn(cmd)?);
-        self.wait(Duration::from_secs(20), "to become ready", |s| s.ready)?;
+        self.wait(self.options.ready_timeout, "to become ready", |s| s.ready)?;
         self.applied = self.state().map(|s| s.applied).unwrap_or(0);
         Ok(())
     }
@@ -290,6 +310,28 @@ impl AgentProcess {
         self.spawn()
     }
 
+    /// The options the next (re)start uses.
+    pub fn options_mut(&mut self) -> &mut AgentOptions {
+        &mut self.options
+    }
+
+    /// `lb-agent cleanup` in the agent's namespace (where its interfaces are), as an operator
+    /// runs it after an agent that kept its data path attached; returns its output.
+    pub fn cleanup(&self) -> Result<String> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns])
+            .arg(&self.binary)
+            .args(["cleanup", "--pin-dir"])
+            .arg(&self.pin_dir)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .output()?;
+        if !out.status.success() {
+            bail!("lb-agent cleanup: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     fn signal(&self, sig: i32) {
         if let Some(child) = &self.child {
             // SAFETY: sending a signal to our own child.
@@ -365,12 +407,7 @@ impl Drop for AgentProcess {
             let _ = self.stop();
         }
         // Whatever a kept agent left: detach and unpin.
-        let _ = Command::new(&self.binary)
-            .args(["cleanup", "--pin-dir"])
-            .arg(&self.pin_dir)
-            .arg("--state-dir")
-            .arg(&self.state_dir)
-            .output();
+        let _ = self.cleanup();
         let _ = std::fs::remove_dir_all(&self.state_dir);
     }
 }

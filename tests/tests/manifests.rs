@@ -1,9 +1,11 @@
 //! The Kubernetes manifests in deploy/ (not deploy/bench/, which holds benchmark scripts): every
 //! YAML document parses into its k8s-openapi type without losing a field; the DaemonSet, RBAC,
-//! ConfigMap and kustomizations say what the agent needs; the Dockerfile agrees with xtask's
-//! toolchain; and a real API server takes the manifests by server-side apply and gives them
-//! back. Needs no root. The last test needs the test API server (tests/k8s-apiserver, built on
-//! first use): without it, it fails under CI=true and prints "skipped: ..." otherwise.
+//! node settings and kustomizations say what the agent needs; `kubectl kustomize` renders the
+//! install, the canary overlay and the uninstall helper as they are meant; the Dockerfile builds
+//! with xtask's commands and pins; and a real API server takes the manifests by server-side
+//! apply and gives them back. Needs no root. The render test needs kubectl and the last test the
+//! test API server (tests/k8s-apiserver, built on first use): without them they fail under
+//! CI=true and print "skipped: ..." otherwise.
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Debug,
@@ -31,16 +33,19 @@ const AGENT_COMMAND: &[&str] = &[
     "$(NODE_NAME)",
     "--config",
     "/etc/xdplb/node.toml",
-    "--iface",
-    "eth0",
     "--backend-ifaces",
     "eni*",
     "--xdp-mode",
     "auto",
     "--keep-on-exit",
     "--metrics-addr",
-    "0.0.0.0:9435",
+    "127.0.0.1:9435",
+    "--scrape-addr",
+    "$(HOST_IP):9435",
 ];
+/// The agent's capabilities, as the DaemonSet grants them (tests/tests/capabilities.rs runs the
+/// agent with the set it reads from the DaemonSet).
+const AGENT_CAPABILITIES: &[&str] = &["BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN"];
 const METRICS_PORT: i32 = 9435;
 const NAMESPACE: &str = "xdplb-system";
 const IMAGE: &str = "ghcr.io/xdplb/lb-agent:0.1.0";
@@ -228,7 +233,44 @@ fn objects() -> Vec<(String, Object)> {
             out.push((file.clone(), object));
         }
     }
+    out.push((
+        "deploy/base/node.toml".to_string(),
+        Object::ConfigMap(node_config()),
+    ));
     out
+}
+
+/// The node settings as the ConfigMap base/kustomization.yaml generates from base/node.toml,
+/// under the name the DaemonSet refers to (kustomize appends a hash of the content to both).
+fn node_config() -> ConfigMap {
+    let kustomization = documents(&deploy_dir().join("base/kustomization.yaml"))
+        .pop()
+        .expect("base/kustomization.yaml");
+    let generators = kustomization["configMapGenerator"]
+        .as_array()
+        .expect("a configMapGenerator");
+    assert_eq!(generators.len(), 1);
+    let g = &generators[0];
+    assert_eq!(g["files"], serde_json::json!(["node.toml"]));
+    let text = fs::read_to_string(deploy_dir().join("base/node.toml")).expect("base/node.toml");
+    let labels = g["options"]["labels"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                .collect()
+        })
+        .unwrap_or_default();
+    ConfigMap {
+        metadata: ObjectMeta {
+            name: g["name"].as_str().map(String::from),
+            namespace: g["namespace"].as_str().map(String::from),
+            labels: Some(labels),
+            ..Default::default()
+        },
+        data: Some([("node.toml".to_string(), text)].into()),
+        ..Default::default()
+    }
 }
 
 /// The one object of its kind in `file` (relative to deploy/).
@@ -247,7 +289,7 @@ where
 }
 
 fn agent_daemonset() -> DaemonSet {
-    one("daemonset.yaml", |o| match o {
+    one("base/daemonset.yaml", |o| match o {
         Object::DaemonSet(d) => Some(d.as_ref()),
         _ => None,
     })
@@ -302,7 +344,7 @@ fn every_manifest_parses_into_its_kubernetes_type_without_losing_a_field() {
 
 #[test]
 fn namespaced_objects_live_in_the_agents_namespace() {
-    let namespace = one("namespace.yaml", |o| match o {
+    let namespace = one("base/namespace.yaml", |o| match o {
         Object::Namespace(n) => Some(n),
         _ => None,
     });
@@ -313,7 +355,7 @@ fn namespaced_objects_live_in_the_agents_namespace() {
             .get("pod-security.kubernetes.io/enforce")
             .map(String::as_str),
         Some("privileged"),
-        "the agent's pod is privileged: Pod Security admission must allow it here"
+        "the agent's pod is beyond baseline: Pod Security admission must allow it here"
     );
     for (file, object) in objects() {
         let cluster_scoped = matches!(
@@ -400,18 +442,52 @@ fn daemonset_mounts_bpffs_with_bidirectional_propagation_and_the_state_dir() {
             .clone()
     };
 
+    // The pins live on the node's bpffs, which the privileged init container mounts if the
+    // node has none (Bidirectional, so the mount reaches the node and outlives the pod); the
+    // agent only needs to see it.
     let bpffs = mount_at("/sys/fs/bpf");
-    assert_eq!(bpffs.mount_propagation.as_deref(), Some("Bidirectional"));
+    assert_eq!(bpffs.mount_propagation.as_deref(), Some("HostToContainer"));
     assert_ne!(bpffs.read_only, Some(true));
     let source = host_path(&bpffs.name);
     assert_eq!(source.path, "/sys/fs/bpf");
     assert_eq!(source.type_.as_deref(), Some("DirectoryOrCreate"));
+    let inits = pod.init_containers.clone().unwrap_or_default();
+    assert_eq!(inits.len(), 1, "one init container: the bpffs mount");
+    let init = &inits[0];
+    let init_mounts = init.volume_mounts.clone().unwrap_or_default();
+    assert!(
+        init_mounts.iter().any(|m| m.name == bpffs.name
+            && m.mount_path == "/sys/fs/bpf"
+            && m.mount_propagation.as_deref() == Some("Bidirectional")),
+        "{init_mounts:?}"
+    );
+    let script = init.command.clone().unwrap_or_default().join(" ");
+    assert!(
+        script.contains("mount -t bpf bpf /sys/fs/bpf") && script.contains("bpf_fs"),
+        "mounts bpffs only where there is none: {script}"
+    );
     // The API server rejects Bidirectional propagation outside privileged containers (the test
     // API server does not validate, so this is checked here).
     assert_eq!(
-        agent.security_context.as_ref().and_then(|s| s.privileged),
+        init.security_context.as_ref().and_then(|s| s.privileged),
         Some(true),
         "Bidirectional mount propagation needs a privileged container"
+    );
+    // The agent itself: named capabilities, nothing else, a read-only root.
+    let security = agent.security_context.clone().expect("a securityContext");
+    assert_ne!(
+        security.privileged,
+        Some(true),
+        "the agent is not privileged"
+    );
+    assert_eq!(security.allow_privilege_escalation, Some(false));
+    assert_eq!(security.read_only_root_filesystem, Some(true));
+    let caps = security.capabilities.expect("capabilities");
+    assert_eq!(caps.drop, Some(vec!["ALL".to_string()]));
+    assert_eq!(
+        caps.add.unwrap_or_default(),
+        AGENT_CAPABILITIES,
+        "the capabilities tests/tests/capabilities.rs runs the agent with"
     );
 
     // The state dir (--state-dir default) on the host, for `lb-agent status`.
@@ -436,52 +512,81 @@ fn daemonset_mounts_bpffs_with_bidirectional_propagation_and_the_state_dir() {
         .find(|v| v.name == config.name)
         .and_then(|v| v.config_map.clone())
         .expect("/etc/xdplb is a ConfigMap volume");
-    let configmap = one("configmap.yaml", |o| match o {
-        Object::ConfigMap(c) => Some(c),
-        _ => None,
-    });
+    let configmap = node_config();
     assert_eq!(Some(cm.name), configmap.metadata.name);
     assert!(configmap.data.unwrap_or_default().contains_key("node.toml"));
 }
 
 #[test]
-fn daemonset_probes_health_and_readiness_on_the_metrics_port() {
-    let agent = agent_container(&agent_daemonset());
+fn daemonset_probes_on_localhost_and_is_scraped_on_the_nodes_address() {
+    let ds = agent_daemonset();
+    let agent = agent_container(&ds);
     let http = |probe: &Option<k8s_openapi::api::core::v1::Probe>, what: &str| {
         let get = probe
             .as_ref()
             .and_then(|p| p.http_get.clone())
             .unwrap_or_else(|| panic!("no HTTP {what} probe"));
-        (get.path.unwrap_or_default(), get.port)
+        (
+            get.host.unwrap_or_default(),
+            get.path.unwrap_or_default(),
+            get.port,
+        )
     };
+    let local = |path: &str| {
+        (
+            "127.0.0.1".to_string(),
+            path.to_string(),
+            IntOrString::Int(METRICS_PORT),
+        )
+    };
+    assert_eq!(http(&agent.startup_probe, "startup"), local("/healthz"));
+    assert_eq!(http(&agent.liveness_probe, "liveness"), local("/healthz"));
+    assert_eq!(http(&agent.readiness_probe, "readiness"), local("/readyz"));
+    let args = agent.args.clone().unwrap_or_default();
+    let flag = |name: &str| {
+        args.iter()
+            .skip_while(|a| *a != name)
+            .nth(1)
+            .unwrap_or_else(|| panic!("{name}"))
+            .clone()
+    };
+    assert_eq!(flag("--metrics-addr"), format!("127.0.0.1:{METRICS_PORT}"));
+    assert_eq!(flag("--scrape-addr"), format!("$(HOST_IP):{METRICS_PORT}"));
+    let env = agent.env.clone().unwrap_or_default();
+    let host_ip = env.iter().find(|e| e.name == "HOST_IP").expect("HOST_IP");
     assert_eq!(
-        http(&agent.liveness_probe, "liveness"),
-        ("/healthz".to_string(), IntOrString::Int(METRICS_PORT))
-    );
-    assert_eq!(
-        http(&agent.readiness_probe, "readiness"),
-        ("/readyz".to_string(), IntOrString::Int(METRICS_PORT))
+        host_ip
+            .value_from
+            .as_ref()
+            .and_then(|v| v.field_ref.as_ref())
+            .map(|f| f.field_path.as_str()),
+        Some("status.hostIP")
     );
     let ports = agent.ports.clone().unwrap_or_default();
     assert!(
         ports.iter().any(|p| p.container_port == METRICS_PORT),
-        "the metrics port is declared"
+        "the scrape port is declared"
     );
-    let args = agent.args.clone().unwrap_or_default();
-    let addr = args
-        .iter()
-        .skip_while(|a| *a != "--metrics-addr")
-        .nth(1)
-        .expect("--metrics-addr");
-    assert_eq!(addr, &format!("0.0.0.0:{METRICS_PORT}"));
+    let annotations = ds
+        .spec
+        .unwrap()
+        .template
+        .metadata
+        .unwrap()
+        .annotations
+        .unwrap_or_default();
+    assert_eq!(
+        annotations.get("prometheus.io/port"),
+        Some(&METRICS_PORT.to_string())
+    );
 }
 
 #[test]
-fn daemonset_tolerates_every_taint_and_rolls_one_node_at_a_time() {
+fn daemonset_runs_on_linux_nodes_of_the_shipped_architectures_and_rolls_a_tenth_at_a_time() {
     let ds = agent_daemonset();
     let spec = ds.spec.clone().unwrap();
     let pod = spec.template.spec.clone().unwrap();
-    let tolerations = pod.tolerations.unwrap_or_default();
+    let tolerations = pod.tolerations.clone().unwrap_or_default();
     assert!(
         tolerations
             .iter()
@@ -490,10 +595,37 @@ fn daemonset_tolerates_every_taint_and_rolls_one_node_at_a_time() {
                 && t.effect.is_none()),
         "a toleration with operator Exists, no key and no effect: {tolerations:?}"
     );
+    assert_eq!(
+        pod.node_selector
+            .clone()
+            .unwrap_or_default()
+            .get("kubernetes.io/os")
+            .map(String::as_str),
+        Some("linux")
+    );
+    let expressions = node_affinity(&ds);
+    let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    assert_eq!(
+        expressions["kubernetes.io/arch"],
+        ("In".to_string(), strings(&["amd64", "arm64"])),
+        "the architectures deploy/Dockerfile builds"
+    );
+    assert_eq!(
+        expressions["eks.amazonaws.com/compute-type"],
+        ("NotIn".to_string(), strings(&["fargate"]))
+    );
+    assert_eq!(
+        expressions["xdplb.io/agent"],
+        ("NotIn".to_string(), strings(&["canary", "disabled"])),
+        "the canary DaemonSet's nodes are not this one's"
+    );
     let strategy = spec.update_strategy.expect("an update strategy");
     assert_eq!(strategy.type_.as_deref(), Some("RollingUpdate"));
     let rolling = strategy.rolling_update.expect("rollingUpdate");
-    assert_eq!(rolling.max_unavailable, Some(IntOrString::Int(1)));
+    assert_eq!(
+        rolling.max_unavailable,
+        Some(IntOrString::String("10%".into()))
+    );
     // Two agents on one node would drive the same pinned maps and links.
     assert!(
         matches!(rolling.max_surge, None | Some(IntOrString::Int(0))),
@@ -504,6 +636,25 @@ fn daemonset_tolerates_every_taint_and_rolls_one_node_at_a_time() {
     for (k, v) in spec.selector.match_labels.unwrap_or_default() {
         assert_eq!(labels.get(&k), Some(&v), "template label {k}");
     }
+}
+
+/// The DaemonSet's required node affinity (one term): key -> (operator, values).
+fn node_affinity(ds: &DaemonSet) -> BTreeMap<String, (String, Vec<String>)> {
+    let pod = ds.spec.clone().unwrap().template.spec.unwrap();
+    let terms = pod
+        .affinity
+        .and_then(|a| a.node_affinity)
+        .and_then(|n| n.required_during_scheduling_ignored_during_execution)
+        .expect("a required node affinity")
+        .node_selector_terms;
+    assert_eq!(terms.len(), 1, "one term (terms are ORed)");
+    terms[0]
+        .match_expressions
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|e| (e.key, (e.operator, e.values.unwrap_or_default())))
+        .collect()
 }
 
 #[test]
@@ -533,7 +684,7 @@ fn daemonset_requests_and_limits_memory_for_its_bpf_maps() {
 
 #[test]
 fn cluster_role_grants_exactly_what_the_agent_uses() {
-    let role = one("clusterrole.yaml", |o| match o {
+    let role = one("base/clusterrole.yaml", |o| match o {
         Object::ClusterRole(r) => Some(r),
         _ => None,
     });
@@ -553,8 +704,19 @@ fn cluster_role_grants_exactly_what_the_agent_uses() {
             }
         }
     }
+    // The agent's API calls (lb-userspace/src/k8s/watch.rs): watchers (list + watch) on
+    // Services and EndpointSlices, and core/v1 Events it creates.
+    let source = fs::read_to_string(workspace_root().join("lb-userspace/src/k8s/watch.rs"))
+        .expect("watch.rs");
+    assert!(source.contains("Api<KubeService> = Api::all("));
+    assert!(source.contains("Api<EndpointSlice> = Api::all("));
+    assert!(source.contains("api.create(&PostParams::default(), &event)"));
+    assert!(
+        !source.contains("api.get(") && !source.contains(".patch("),
+        "the agent gets or patches objects now: grant it in clusterrole.yaml"
+    );
     let mut expected = BTreeSet::new();
-    for verb in ["get", "list", "watch"] {
+    for verb in ["list", "watch"] {
         expected.insert(("".into(), "services".into(), verb.into()));
         expected.insert((
             "discovery.k8s.io".into(),
@@ -562,25 +724,21 @@ fn cluster_role_grants_exactly_what_the_agent_uses() {
             verb.into(),
         ));
     }
-    for group in ["", "events.k8s.io"] {
-        for verb in ["create", "patch"] {
-            expected.insert((group.into(), "events".into(), verb.into()));
-        }
-    }
+    expected.insert(("".into(), "events".into(), "create".into()));
     assert_eq!(granted, expected);
 }
 
 #[test]
 fn binding_gives_the_role_to_the_daemonsets_service_account() {
-    let role = one("clusterrole.yaml", |o| match o {
+    let role = one("base/clusterrole.yaml", |o| match o {
         Object::ClusterRole(r) => Some(r),
         _ => None,
     });
-    let binding = one("clusterrolebinding.yaml", |o| match o {
+    let binding = one("base/clusterrolebinding.yaml", |o| match o {
         Object::ClusterRoleBinding(b) => Some(b),
         _ => None,
     });
-    let account = one("serviceaccount.yaml", |o| match o {
+    let account = one("base/serviceaccount.yaml", |o| match o {
         Object::ServiceAccount(a) => Some(a),
         _ => None,
     });
@@ -606,15 +764,12 @@ fn binding_gives_the_role_to_the_daemonsets_service_account() {
 // ---------------------------------------------------------------------------------------------
 
 #[test]
-fn configmap_node_settings_pass_the_agents_own_parser_and_set_the_hash_seed() {
-    let configmap = one("configmap.yaml", |o| match o {
-        Object::ConfigMap(c) => Some(c),
-        _ => None,
-    });
+fn node_settings_pass_the_agents_own_parser_and_set_the_hash_seed() {
+    let configmap = node_config();
     let data = configmap.data.unwrap_or_default();
     let text = data.get("node.toml").expect("node.toml in the ConfigMap");
     let desired = lb_userspace::config::parse(Path::new("node.toml"), text)
-        .unwrap_or_else(|e| panic!("deploy/configmap.yaml: {e}"));
+        .unwrap_or_else(|e| panic!("deploy/base/node.toml: {e}"));
     assert!(
         desired.services.is_empty(),
         "no [[services]]: in Kubernetes mode Services come from the API"
@@ -660,17 +815,191 @@ fn each_kustomization_lists_every_manifest_beside_it() {
             .as_array()
             .expect("resources")
             .iter()
-            .map(|r| r.as_str().expect("a file name").to_string())
+            .map(|r| r.as_str().expect("a path").to_string())
             .collect();
         let unique: BTreeSet<String> = listed.iter().cloned().collect();
         assert_eq!(unique.len(), listed.len(), "a resource listed twice");
+        // Other kustomizations (directories) must be ones; files must be the manifests here.
+        let (dirs, files_listed): (BTreeSet<String>, BTreeSet<String>) =
+            unique.into_iter().partition(|r| dir.join(r).is_dir());
+        for d in &dirs {
+            assert!(
+                dir.join(d).join("kustomization.yaml").exists(),
+                "{}: {d} is no kustomization",
+                relative(&kustomization)
+            );
+        }
         let present: BTreeSet<String> = files
             .iter()
             .filter(|f| f.parent() == Some(dir.as_path()) && !is_kustomization(f))
             .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
             .collect();
-        assert_eq!(unique, present, "{}", relative(&kustomization));
+        assert_eq!(files_listed, present, "{}", relative(&kustomization));
+        for g in doc["configMapGenerator"].as_array().into_iter().flatten() {
+            for f in g["files"].as_array().into_iter().flatten() {
+                let f = f.as_str().expect("a file name");
+                assert!(
+                    dir.join(f).exists(),
+                    "{}: {f} is missing",
+                    relative(&kustomization)
+                );
+            }
+        }
     }
+}
+
+/// `kubectl kustomize DIR` as JSON values, or None (with "skipped: ...") without kubectl; under
+/// CI=true that is a failure.
+fn kustomize(dir: &str) -> Option<Vec<Value>> {
+    let out = match std::process::Command::new("kubectl")
+        .arg("kustomize")
+        .arg(deploy_dir().join(dir))
+        .output()
+    {
+        Ok(out) => out,
+        Err(e) => {
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("kubectl is needed to render deploy/ and CI=true forbids skipping: {e}");
+            }
+            eprintln!("skipped: no kubectl to render deploy/{dir} ({e})");
+            return None;
+        }
+    };
+    assert!(
+        out.status.success(),
+        "kubectl kustomize deploy/{dir}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let docs: Vec<Value> = serde_saphyr::from_multiple(&String::from_utf8_lossy(&out.stdout))
+        .unwrap_or_else(|e| panic!("kubectl kustomize deploy/{dir}: not YAML: {e}"));
+    Some(docs.into_iter().filter(|d| !d.is_null()).collect())
+}
+
+fn rendered_daemonset(docs: &[Value], name: &str) -> DaemonSet {
+    let doc = docs
+        .iter()
+        .find(|d| d["kind"] == "DaemonSet" && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no DaemonSet {name}"));
+    typed(&format!("rendered DaemonSet {name}"), doc)
+}
+
+/// The ConfigMap a rendered DaemonSet mounts is in the same rendering, under kustomize's
+/// hashed name, with the node settings.
+fn mounts_the_generated_node_config(docs: &[Value], ds: &DaemonSet) {
+    let pod = ds.spec.clone().unwrap().template.spec.unwrap();
+    let volume = pod
+        .volumes
+        .unwrap_or_default()
+        .into_iter()
+        .find_map(|v| v.config_map)
+        .expect("a ConfigMap volume");
+    assert!(
+        volume.name.starts_with("xdplb-node-config-")
+            && volume.name.len() > "xdplb-node-config-".len(),
+        "kustomize's hashed name: {}",
+        volume.name
+    );
+    let cm: ConfigMap = typed(
+        "rendered ConfigMap",
+        docs.iter()
+            .find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == volume.name.as_str())
+            .expect("the mounted ConfigMap is rendered"),
+    );
+    let text = fs::read_to_string(deploy_dir().join("base/node.toml")).unwrap();
+    assert_eq!(cm.data.unwrap_or_default().get("node.toml"), Some(&text));
+}
+
+#[test]
+fn kustomize_renders_the_install_the_canary_and_the_uninstall_helper() {
+    let Some(install) = kustomize(".") else {
+        return;
+    };
+    let kinds: BTreeSet<String> = install
+        .iter()
+        .map(|d| d["kind"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "ConfigMap",
+            "DaemonSet",
+            "Namespace",
+            "ServiceAccount"
+        ]
+        .map(String::from)
+        .into(),
+    );
+    let ds = rendered_daemonset(&install, "lb-agent");
+    mounts_the_generated_node_config(&install, &ds);
+    let pod = ds.spec.clone().unwrap().template.spec.unwrap();
+    for c in pod.init_containers.iter().flatten().chain(&pod.containers) {
+        assert_eq!(c.image.as_deref(), Some(IMAGE), "{}", c.name);
+    }
+    // A change of the node settings changes the pod template (a rollout), through the name.
+    let rendered_again = kustomize(".").unwrap();
+    assert_eq!(
+        rendered_daemonset(&rendered_again, "lb-agent"),
+        ds,
+        "deterministic"
+    );
+
+    // The canary: its own DaemonSet on the canary nodes only, same settings, nothing else that
+    // the install owns.
+    let canary = kustomize("canary").unwrap();
+    let kinds: Vec<&str> = canary.iter().filter_map(|d| d["kind"].as_str()).collect();
+    assert_eq!(kinds, ["ConfigMap", "DaemonSet"], "{kinds:?}");
+    let cds = rendered_daemonset(&canary, "lb-agent-canary");
+    mounts_the_generated_node_config(&canary, &cds);
+    assert_eq!(
+        node_affinity(&cds)["xdplb.io/agent"],
+        ("In".to_string(), vec!["canary".to_string()])
+    );
+    assert_eq!(
+        node_affinity(&ds)["xdplb.io/agent"].0,
+        "NotIn",
+        "the main DaemonSet keeps off the canary nodes"
+    );
+    let selector = cds
+        .spec
+        .clone()
+        .unwrap()
+        .selector
+        .match_labels
+        .unwrap_or_default();
+    let labels = cds
+        .spec
+        .clone()
+        .unwrap()
+        .template
+        .metadata
+        .unwrap()
+        .labels
+        .unwrap_or_default();
+    assert_eq!(
+        selector.get("xdplb.io/track").map(String::as_str),
+        Some("canary")
+    );
+    for (k, v) in selector {
+        assert_eq!(labels.get(&k), Some(&v), "canary template label {k}");
+    }
+    // Otherwise the same pod.
+    let strip = |ds: &DaemonSet| {
+        let mut pod = ds.spec.clone().unwrap().template.spec.unwrap();
+        pod.affinity = None;
+        pod
+    };
+    assert_eq!(strip(&cds), strip(&ds));
+
+    let uninstall = kustomize("uninstall").unwrap();
+    let cleanup = rendered_daemonset(&uninstall, "lb-agent-cleanup");
+    let pod = cleanup.spec.unwrap().template.spec.unwrap();
+    assert_eq!(
+        pod.host_network,
+        Some(true),
+        "classic TC filters are in the node's netns"
+    );
 }
 
 #[test]
@@ -702,35 +1031,167 @@ fn readme_documents_the_command_line_annotations_and_placeholder_image() {
     }
 }
 
+/// The Dockerfile's instructions: (instruction, arguments), continuation lines joined, comments
+/// dropped.
+fn dockerfile() -> Vec<(String, String)> {
+    let text = fs::read_to_string(deploy_dir().join("Dockerfile")).expect("deploy/Dockerfile");
+    let mut out: Vec<(String, String)> = Vec::new();
+    let mut pending = String::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.starts_with('#') && pending.is_empty() || line.is_empty() {
+            continue;
+        }
+        match line.strip_suffix('\\') {
+            Some(head) => pending.push_str(head),
+            None => {
+                pending.push_str(line);
+                let (instruction, rest) = pending.split_once(' ').unwrap_or((&pending, ""));
+                out.push((instruction.to_uppercase(), rest.trim().to_string()));
+                pending.clear();
+            }
+        }
+    }
+    out
+}
+
 #[test]
-fn dockerfile_installs_the_toolchain_xtask_expects_and_ships_only_the_agent() {
-    let dockerfile = fs::read_to_string(deploy_dir().join("Dockerfile")).unwrap();
+fn dockerfile_builds_with_xtasks_setup_and_build_command_for_both_architectures() {
+    let steps = dockerfile();
     let xtask = fs::read_to_string(workspace_root().join("xtask/src/main.rs")).unwrap();
-    let linker = xtask
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("const BPF_LINKER_VERSION: &str = \""))
-        .and_then(|rest| rest.strip_suffix("\";"))
-        .expect("xtask's BPF_LINKER_VERSION");
-    assert!(
-        dockerfile.contains(&format!("ARG BPF_LINKER_VERSION={linker}\n")),
-        "the Dockerfile's bpf-linker is not xtask's {linker}"
-    );
-    let feature = xtask
+    // xtask's agent build command, as it builds the arm64 agent in the k8s tier.
+    let build: Vec<String> = xtask
+        .split_once("const AGENT_BUILD: &[&str] = &[")
+        .and_then(|(_, rest)| rest.split_once("];"))
+        .expect("xtask's AGENT_BUILD")
+        .0
         .split('"')
-        .find(|s| s.starts_with("llvm-") && s[5..].chars().all(|c| c.is_ascii_digit()))
-        .expect("xtask's llvm-NN feature");
+        .skip(1)
+        .step_by(2)
+        .map(String::from)
+        .collect();
+    assert!(build.contains(&"--locked".to_string()), "{build:?}");
+    let runs: Vec<&str> = steps
+        .iter()
+        .filter(|(i, _)| i == "RUN")
+        .map(|(_, r)| r.as_str())
+        .collect();
+    let cargo_calls: Vec<Vec<&str>> = runs
+        .iter()
+        .flat_map(|r| r.split(';'))
+        .map(|c| c.split_whitespace().collect::<Vec<_>>())
+        .filter(|c| c.first() == Some(&"cargo"))
+        .collect();
+    // The toolchain comes from xtask's own set-up (rust-toolchain-bpf.toml's pins), copied in
+    // before it runs; every other cargo call is locked.
     assert!(
-        dockerfile.contains(&format!("ARG LLVM_FEATURE={feature}\n")),
-        "the Dockerfile's bpf-linker feature is not xtask's {feature}"
+        cargo_calls.iter().any(|c| c[1..] == ["xtask", "setup"]),
+        "{cargo_calls:?}"
     );
-    assert!(dockerfile.contains("--component rust-src"));
-    assert!(dockerfile.contains("cargo build --release --locked -p lb-userspace --bin lb-agent"));
-    let stages: Vec<&str> = dockerfile
-        .lines()
-        .filter_map(|l| l.strip_prefix("FROM "))
+    let copied_before_setup = steps
+        .iter()
+        .take_while(|(i, r)| !(i == "RUN" && r.contains("cargo xtask setup")))
+        .any(|(i, r)| i == "COPY" && r.contains("rust-toolchain-bpf.toml"));
+    assert!(
+        copied_before_setup,
+        "the pins are copied before the set-up runs"
+    );
+    for c in cargo_calls.iter().filter(|c| c[1] != "xtask") {
+        assert!(c.contains(&"--locked"), "not --locked: {c:?}");
+    }
+    let agent = cargo_calls
+        .iter()
+        .find(|c| c[1] == "build")
+        .expect("a cargo build of the agent");
+    assert_eq!(agent[1..=build.len()], build, "xtask's build command");
+    assert_eq!(
+        &agent[build.len() + 1..],
+        ["--release", "--target", "\"$target\""]
+    );
+    // The dependencies are fetched in a layer of their own, before the sources come in.
+    let fetch = steps
+        .iter()
+        .position(|(i, r)| i == "RUN" && r.contains("cargo fetch --locked"));
+    let sources = steps.iter().position(|(i, r)| i == "COPY" && r == ". .");
+    assert!(
+        fetch.is_some() && fetch < sources,
+        "dependency layer before COPY . ."
+    );
+    // Both architectures the DaemonSet schedules on.
+    let build_run = runs.iter().find(|r| r.contains("cargo build")).unwrap();
+    for (arch, target) in [
+        ("amd64", "x86_64-unknown-linux-gnu"),
+        ("arm64", "aarch64-unknown-linux-gnu"),
+    ] {
+        assert!(
+            build_run.contains(&format!("{arch}) target={target}")),
+            "{arch} -> {target}"
+        );
+    }
+    let stages: Vec<&str> = steps
+        .iter()
+        .filter(|(i, _)| i == "FROM")
+        .map(|(_, r)| r.as_str())
         .collect();
     assert_eq!(stages.len(), 2, "{stages:?}");
-    assert_eq!(stages[1], "debian:bookworm-slim");
+    assert!(
+        stages[0].starts_with("--platform=$BUILDPLATFORM rust:1.95-bookworm"),
+        "the builder runs natively and cross-compiles: {}",
+        stages[0]
+    );
+    assert!(
+        stages[1].starts_with("debian:bookworm-slim"),
+        "{}",
+        stages[1]
+    );
+    // The workspace's host toolchain.
+    let manifest = fs::read_to_string(workspace_root().join("Cargo.toml")).unwrap();
+    assert!(manifest.contains("rust-version = \"1.95\""));
+    // Only the agent goes into the image.
+    let copies: Vec<&str> = steps
+        .iter()
+        .filter(|(i, r)| i == "COPY" && r.starts_with("--from="))
+        .map(|(_, r)| r.as_str())
+        .collect();
+    assert_eq!(
+        copies,
+        ["--from=build /out/lb-agent /usr/local/bin/lb-agent"]
+    );
+}
+
+#[test]
+fn the_nightly_is_pinned_by_date_in_one_place() {
+    let pins = fs::read_to_string(workspace_root().join("rust-toolchain-bpf.toml")).unwrap();
+    let channel = pins
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("channel = \"nightly-"))
+        .and_then(|r| r.strip_suffix('"'))
+        .expect("channel = \"nightly-YYYY-MM-DD\"");
+    assert!(
+        channel.len() == 10 && channel.chars().filter(|c| *c == '-').count() == 2,
+        "a dated nightly: {channel}"
+    );
+    assert!(
+        !workspace_root().join("rust-toolchain.toml").exists()
+            && !workspace_root().join("rust-toolchain").exists(),
+        "a root toolchain file would switch the host build to the nightly"
+    );
+    // Nobody else names a nightly: the build script, xtask and the Dockerfile read the pins.
+    for file in [
+        "lb-userspace/build.rs",
+        "xtask/src/main.rs",
+        "deploy/Dockerfile",
+    ] {
+        let text = fs::read_to_string(workspace_root().join(file)).unwrap();
+        assert!(
+            !text.contains("nightly-20"),
+            "{file} names a dated nightly of its own"
+        );
+        assert!(
+            text.contains("rust-toolchain-bpf.toml"),
+            "{file} does not take the pins from rust-toolchain-bpf.toml"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod kernels;
 mod lint;
 
 #[derive(Parser)]
@@ -31,7 +32,7 @@ enum Task {
     /// tests in network namespaces, Kubernetes tests against a real API server, and a smoke run
     /// of the benchmarks. Privileged tiers need root (under CI=true they fail without it).
     Test {
-        /// Only these tiers (lint, host, kernel, e2e, k8s, bench-smoke).
+        /// Only these tiers (lint, host, kernel, e2e, k8s, bench-smoke, kernels).
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },
@@ -100,30 +101,114 @@ fn root() -> PathBuf {
 // setup
 // ---------------------------------------------------------------------------------------------
 
-/// The bpf-linker release line that builds against LLVM 22 (the nightly's).
-const BPF_LINKER_VERSION: &str = "0.13";
+/// What `rust-toolchain-bpf.toml` (the workspace root) pins: the nightly that builds the data
+/// path, and the bpf-linker built against its LLVM.
+struct BpfToolchain {
+    channel: String,
+    linker_version: String,
+    linker_features: Vec<String>,
+}
 
+/// Where the pins live (read by this, by lb-userspace/build.rs, and through `cargo xtask setup`
+/// by deploy/Dockerfile).
+const TOOLCHAIN_FILE: &str = "rust-toolchain-bpf.toml";
+
+fn bpf_toolchain() -> Result<BpfToolchain> {
+    let path = root().join(TOOLCHAIN_FILE);
+    let text = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
+    let doc: toml::Table = text
+        .parse()
+        .with_context(|| format!("{}", path.display()))?;
+    let get = |table: &str, key: &str| doc.get(table).and_then(|t| t.get(key));
+    let string = |table: &str, key: &str| {
+        get(table, key)
+            .and_then(|v| v.as_str())
+            .map(String::from)
+            .with_context(|| format!("{}: no [{table}] {key}", path.display()))
+    };
+    Ok(BpfToolchain {
+        channel: string("toolchain", "channel")?,
+        linker_version: string("bpf-linker", "version")?,
+        linker_features: get("bpf-linker", "features")
+            .and_then(|v| v.as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|f| f.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default(),
+    })
+}
+
+/// The installed rustup toolchain that is `channel`: itself, or a plain `nightly` of the same
+/// build date (rustup cannot give one toolchain both names). None: not installed.
+fn installed_toolchain(channel: &str) -> Option<String> {
+    let list = output(Command::new("rustup").args(["toolchain", "list"])).ok()?;
+    if list.lines().any(|l| l.starts_with(&format!("{channel}-"))) {
+        return Some(channel.to_string());
+    }
+    let date = channel.strip_prefix("nightly-")?;
+    let sysroot =
+        output(Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]))
+            .ok()?;
+    let manifest = std::fs::read_to_string(
+        Path::new(sysroot.trim()).join("lib/rustlib/multirust-channel-manifest.toml"),
+    )
+    .ok()?;
+    manifest
+        .lines()
+        .any(|l| l.trim() == format!("date = \"{date}\""))
+        .then(|| "nightly".to_string())
+}
+
+/// Installs what building the data path needs, as `rust-toolchain-bpf.toml` pins it (each step
+/// skipped when already done): the nightly with rust-src, and bpf-linker built against the
+/// nightly's own LLVM; and what checking the arm64 image build needs: the aarch64 target of the
+/// host toolchain and Debian's cross linker.
 fn setup() -> Result<()> {
     install_debian_packages()?;
-    let sysroot = output(Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]))
-        .context("the nightly toolchain is needed to build the XDP program (rustup toolchain install nightly)")?;
+    let pins = bpf_toolchain()?;
+    let toolchain = match installed_toolchain(&pins.channel) {
+        Some(t) => t,
+        None => {
+            step(&format!(
+                "rustup toolchain install {} (rust-src)",
+                pins.channel
+            ));
+            run(Command::new("rustup").args([
+                "toolchain",
+                "install",
+                &pins.channel,
+                "--profile",
+                "minimal",
+                "--component",
+                "rust-src",
+            ]))?;
+            pins.channel.clone()
+        }
+    };
+    let sysroot =
+        output(Command::new("rustup").args(["run", &toolchain, "rustc", "--print", "sysroot"]))
+            .with_context(|| format!("the {toolchain} toolchain"))?;
     let sysroot = PathBuf::from(sysroot.trim());
     if !sysroot.join("lib/rustlib/src/rust/library/core").exists() {
-        step("rustup component add rust-src --toolchain nightly");
+        step(&format!(
+            "rustup component add rust-src --toolchain {toolchain}"
+        ));
         run(Command::new("rustup").args([
             "component",
             "add",
             "rust-src",
             "--toolchain",
-            "nightly",
+            &toolchain,
         ]))?;
     }
+    cross_tools()?;
+    let wanted = format!("bpf-linker {}", pins.linker_version);
     if Command::new("bpf-linker")
         .arg("--version")
         .output()
-        .is_ok_and(|o| {
-            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)
-        })
+        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == wanted)
     {
         return Ok(());
     }
@@ -151,13 +236,12 @@ fn setup() -> Result<()> {
     let _ = std::fs::remove_file(&link);
     std::os::unix::fs::symlink(&llvm, &link)?;
     step(&format!(
-        "cargo install bpf-linker {BPF_LINKER_VERSION} against {}",
+        "{} against {}",
+        bpf_linker_install(&pins).join(" "),
         llvm.display()
     ));
     let mut cmd = Command::new("cargo");
-    cmd.args(["install", "--force", "bpf-linker", "--version"])
-        .arg(format!("~{BPF_LINKER_VERSION}"))
-        .args(["--no-default-features", "--features", "llvm-22"])
+    cmd.args(bpf_linker_install(&pins))
         .env("LLVM_PREFIX", &prefix)
         .env(
             "RUSTFLAGS",
@@ -229,6 +313,66 @@ fn install_debian_packages() -> Result<()> {
     Ok(())
 }
 
+/// `cargo install ...` for the pinned bpf-linker: its exact version and its own lock file.
+fn bpf_linker_install(pins: &BpfToolchain) -> Vec<String> {
+    let mut args: Vec<String> = ["install", "--locked", "--force", "bpf-linker", "--version"]
+        .map(String::from)
+        .into();
+    args.push(format!("={}", pins.linker_version));
+    args.push("--no-default-features".into());
+    if !pins.linker_features.is_empty() {
+        args.push("--features".into());
+        args.push(pins.linker_features.join(","));
+    }
+    args
+}
+
+/// How the agent is built: deploy/Dockerfile runs this with `--release --target <arch>` (its
+/// manifests test checks), the k8s tier with `--target aarch64-unknown-linux-gnu`.
+const AGENT_BUILD: &[&str] = &[
+    "build",
+    "--locked",
+    "-p",
+    "lb-userspace",
+    "--bin",
+    "lb-agent",
+];
+
+/// The image is built for linux/arm64 too (deploy/Dockerfile); the k8s tier cross-builds the
+/// agent for it. Needs the target's standard library and a cross linker (Debian's).
+const ARM64_TARGET: &str = "aarch64-unknown-linux-gnu";
+const ARM64_LINKER: &str = "aarch64-linux-gnu-gcc";
+const ARM64_PACKAGES: &[&str] = &["gcc-aarch64-linux-gnu", "libc6-dev-arm64-cross"];
+
+fn cross_tools() -> Result<()> {
+    let targets = output(Command::new("rustup").args(["target", "list", "--installed"]))?;
+    if !targets.lines().any(|t| t.trim() == ARM64_TARGET) {
+        step(&format!("rustup target add {ARM64_TARGET}"));
+        run(Command::new("rustup").args(["target", "add", ARM64_TARGET]))?;
+    }
+    if Command::new(ARM64_LINKER)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        return Ok(());
+    }
+    step(&format!("apt-get install {}", ARM64_PACKAGES.join(" ")));
+    let install = || {
+        let mut cmd = Command::new("apt-get");
+        cmd.args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(ARM64_PACKAGES)
+            .env("DEBIAN_FRONTEND", "noninteractive");
+        run(&mut cmd)
+    };
+    if install().is_err() {
+        // Package lists missing or stale on a fresh machine.
+        run(Command::new("apt-get").args(["update", "-q"]))?;
+        install()?;
+    }
+    Ok(())
+}
+
 /// On PATH, or in the sbin directories (where nginx, tcpdump and ethtool go) that a non-login
 /// PATH may lack.
 fn on_path(program: &str) -> bool {
@@ -268,6 +412,30 @@ impl Drop for DenyServiceStarts {
             let _ = std::fs::remove_file(path);
         }
     }
+}
+
+/// The agent's image build without a container engine: the arm64 agent cross-builds (the
+/// same build command as deploy/Dockerfile's, for the other architecture) into an aarch64 ELF.
+fn arm64_cross_build() -> Result<()> {
+    step(&format!(
+        "cross-building lb-agent for {ARM64_TARGET} (the arm64 image)"
+    ));
+    let started = Instant::now();
+    let mut args = AGENT_BUILD.to_vec();
+    args.extend(["--target", ARM64_TARGET]);
+    cargo(&args)?;
+    let bin = root().join(format!("target/{ARM64_TARGET}/debug/lb-agent"));
+    let head = std::fs::read(&bin).with_context(|| format!("{}", bin.display()))?;
+    // ELF, 64-bit, little-endian, e_machine EM_AARCH64 (183) at offset 18.
+    if head.get(..4) != Some(b"\x7fELF") || head.get(18..20) != Some(&183u16.to_le_bytes()[..]) {
+        bail!("{} is not an aarch64 ELF executable", bin.display());
+    }
+    println!(
+        "lb-agent for {ARM64_TARGET}: {} ({:.0}s)",
+        bin.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 fn cache_dir() -> PathBuf {
@@ -310,8 +478,17 @@ const TIERS: &[(&str, &str, &[&str])] = &[
     ),
     (
         "kernel",
-        "kernel tier: the real object through BPF_PROG_TEST_RUN",
-        &["-p", "lb-tests", "--test", "kernel", "--test", "ratelimit"],
+        "kernel tier: the real object through BPF_PROG_TEST_RUN, and adversarial input",
+        &[
+            "-p",
+            "lb-tests",
+            "--test",
+            "kernel",
+            "--test",
+            "ratelimit",
+            "--test",
+            "adversarial",
+        ],
     ),
     (
         "e2e",
@@ -327,13 +504,17 @@ const TIERS: &[(&str, &str, &[&str])] = &[
             "ratelimit_e2e",
             "--test",
             "real_traffic",
+            "--test",
+            "smoke",
+            "--test",
+            "capabilities",
             "--",
             "--test-threads=1",
         ],
     ),
     (
         "k8s",
-        "Kubernetes: the agent and the deploy/ manifests against a real API server",
+        "Kubernetes: the agent and the deploy/ manifests against a real API server; the arm64 agent cross-builds",
         &[
             "-p",
             "lb-tests",
@@ -349,6 +530,11 @@ const TIERS: &[(&str, &str, &[&str])] = &[
         "bench-smoke",
         "benchmark smoke run (seconds, tiny sizes: keeps the bench code working)",
         &["-p", "lb-tests", "--test", "bench_smoke"],
+    ),
+    (
+        "kernels",
+        "the kernel tier and an e2e smoke run in QEMU guests on Linux 6.1 and 6.12 (xtask/src/kernels.rs)",
+        &[],
     ),
 ];
 
@@ -370,10 +556,18 @@ fn test(only: &[String]) -> Result<()> {
         let started = Instant::now();
         let result = if *name == LINT {
             lint::lint()
+        } else if *name == "kernels" {
+            kernels_tier()
         } else {
             let mut cmd_args = vec!["test"];
             cmd_args.extend_from_slice(args);
-            cargo(&cmd_args)
+            let tested = cargo(&cmd_args);
+            // The image's other architecture, beside the manifests' and Dockerfile's tests.
+            if *name == "k8s" {
+                tested.and_then(|()| arm64_cross_build())
+            } else {
+                tested
+            }
         };
         summary.push((name, started.elapsed(), result.is_ok()));
         if let Err(e) = result {
@@ -382,6 +576,46 @@ fn test(only: &[String]) -> Result<()> {
         }
     }
     print_summary(&summary);
+    Ok(())
+}
+
+/// The `kernels` tier: needs root (QEMU runs unprivileged, but the tests inside the guests
+/// expect the guest's root, and set-up unpacks packages as root) and an x86-64 host. Without
+/// them it is skipped, except under CI=true, where it fails.
+fn kernels_tier() -> Result<()> {
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    // SAFETY: no preconditions.
+    let is_root = unsafe { libc::geteuid() } == 0;
+    let why_not = if !is_root {
+        Some("needs root")
+    } else if !cfg!(target_arch = "x86_64") {
+        Some("boots x86-64 kernels on an x86-64 host only")
+    } else {
+        None
+    };
+    if let Some(why) = why_not {
+        if ci {
+            bail!("the kernels tier {why}, and CI=true forbids skipping it");
+        }
+        println!("skipped: the kernels tier {why}");
+        return Ok(());
+    }
+    let runs = kernels::run(&root(), &cache_dir())?;
+    let failed: Vec<&str> = runs.iter().filter(|r| !r.ok).map(|r| r.kernel).collect();
+    for r in &runs {
+        println!(
+            "  Linux {:<6} {:>6.1}s  {}",
+            r.kernel,
+            r.took.as_secs_f64(),
+            if r.ok { "ok" } else { "FAILED" }
+        );
+    }
+    if !failed.is_empty() {
+        bail!(
+            "the suites failed in the guests on Linux {}",
+            failed.join(", ")
+        );
+    }
     Ok(())
 }
 

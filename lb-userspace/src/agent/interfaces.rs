@@ -41,7 +41,8 @@ impl Agent {
             }
         }
         write_interface_tables(&mut self.maps, &targets, &self.interfaces.vlans)?;
-        self.mac_slots = write_link_macs(&mut self.maps, &self.interfaces.uplinks, &self.mac_slots)?;
+        self.mac_slots =
+            write_link_macs(&mut self.maps, &self.interfaces.uplinks, &self.mac_slots)?;
         Ok(())
     }
 
@@ -73,12 +74,22 @@ impl Agent {
 
     /// `lb_backend` at TC ingress; returns the interface's name.
     fn attach_backend(&mut self, link: &Link) -> Result<String> {
-        let a = self
-            .attachments
-            .attach_tc(&mut self.loaded.ebpf, PROG_BACKEND, &link.name)?;
-        if let Some(n) = &a.note {
-            info!("{PROG_BACKEND} on {} (ifindex {}): {n}", a.iface, a.ifindex);
-        }
+        let a = self.attachments.attach_tc(
+            &mut self.loaded.ebpf,
+            PROG_BACKEND,
+            &link.name,
+            self.args.tc_mode,
+        )?;
+        info!(
+            "{PROG_BACKEND} on {} (ifindex {}): {} mode{}",
+            a.iface,
+            a.ifindex,
+            a.mode,
+            a.note
+                .as_deref()
+                .map(|n| format!(": {n}"))
+                .unwrap_or_default()
+        );
         Ok(a.iface.clone())
     }
 

@@ -17,7 +17,7 @@ use crate::{
     cli::RunArgs,
     datapath_log,
     k8s::input::{COALESCE, KubeInput},
-    metrics,
+    metrics::{self, Endpoints},
     netlink::{Change, Monitor},
 };
 
@@ -36,6 +36,7 @@ pub fn run(args: RunArgs) -> Result<()> {
 async fn serve(args: RunArgs) -> Result<()> {
     let keep = args.keep_on_exit;
     let metrics_addr = args.metrics_addr;
+    let scrape_addr = args.scrape_addr;
     let sweep_every = Duration::from_secs(args.sweep_seconds.max(1));
     let mut kube = if args.kubernetes {
         let node = args
@@ -62,8 +63,30 @@ async fn serve(args: RunArgs) -> Result<()> {
         ),
     }
     let latency = kube.as_ref().map(|k| k.sync_latency.clone());
-    let server = metrics::serve(metrics_addr, agent.views(), agent.stats()?, latency)
-        .with_context(|| format!("serving metrics on {metrics_addr}"))?;
+    let server = metrics::serve(
+        metrics_addr,
+        agent.views(),
+        agent.stats()?,
+        latency.clone(),
+        Endpoints::All,
+    )
+    .with_context(|| format!("serving metrics and probes on {metrics_addr}"))?;
+    // A second listener with /metrics only, for a scraper that must not reach the probes.
+    let scrape = match scrape_addr {
+        Some(addr) => {
+            let s = metrics::serve(
+                addr,
+                agent.views(),
+                agent.stats()?,
+                latency,
+                Endpoints::MetricsOnly,
+            )
+            .with_context(|| format!("serving metrics on {addr}"))?;
+            info!("metrics for scraping on http://{addr}/metrics");
+            Some(s)
+        }
+        None => None,
+    };
     let _datapath_log = datapath_log::start(&mut agent.loaded.ebpf);
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
@@ -110,6 +133,7 @@ async fn serve(args: RunArgs) -> Result<()> {
         }
     }
     drop(server);
+    drop(scrape);
     drop(kube);
     agent.shutdown(keep);
     Ok(())

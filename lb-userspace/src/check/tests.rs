@@ -44,7 +44,7 @@ fn node() -> NodeView {
         local: (2..=9)
             .map(|i| IpAddr::V4(Ipv4Addr::new(10, 1, 1, i)))
             .collect(),
-        broadcast: Default::default(),
+        broadcast: std::collections::BTreeSet::default(),
         ephemeral_ports: None,
     }
 }
