@@ -74,7 +74,7 @@ impl MemTarget {
             }),
             tables: MemoryTables::default(),
             node: NodeView {
-                snat_ipv4: Some(NODE_ADDR),
+                snat_ipv4: vec![NODE_ADDR],
                 node_addrs: [IpAddr::V4(NODE_ADDR)].into(),
                 // Pods in 10.1.1.0/24 are on this node (preserve-client-ip needs them local).
                 local: (2..=20)
