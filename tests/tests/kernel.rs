@@ -63,6 +63,7 @@ fn service(
             .collect(),
         policy: None,
         affinity: None,
+        source_ranges: lb_userspace::model::SourceRanges::default(),
     }
 }
 

@@ -429,6 +429,7 @@ impl Layout {
                     backends: backends.clone(),
                     policy: None,
                     affinity: None,
+                    source_ranges: lb_userspace::model::SourceRanges::default(),
                 },
             );
         }
