@@ -699,14 +699,17 @@ impl Reconciler {
                     max: MAX_PREFIXES,
                     flag: "lb_common::MAX_PREFIXES",
                 })?;
+                // The mirror follows each write: a set left half-written by a failed write
+                // matches no list, and is removed by a later apply.
+                let written = self.range_sets.entry(id).or_default();
                 for (addr, len) in &set {
                     let key = PrefixKey {
                         policy: id.to_be_bytes(),
                         addr: *addr,
                     };
                     t.set_prefix(&key, 32 + len, &PrefixRule::default())?;
+                    written.insert((*addr, *len));
                 }
-                self.range_sets.insert(id, set.clone());
                 id
             };
             ids.insert(set, id);
@@ -736,6 +739,10 @@ impl Reconciler {
                     addr: *addr,
                 };
                 t.remove_prefix(&key, 32 + len)?;
+                // As for writes: a half-removed set matches no list any more.
+                if let Some(s) = self.range_sets.get_mut(&id) {
+                    s.remove(&(*addr, *len));
+                }
             }
             self.range_sets.remove(&id);
             self.range_pool.give_back(id);
