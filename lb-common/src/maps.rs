@@ -331,7 +331,7 @@ pub struct Service {
     /// Digest of the ring's contents (agent-side: tells a restarted agent the ring is current).
     pub ring_digest: u32,
     /// Allowed (or, with SVC_RANGES_DENY, refused) source ranges: the LB_PREFIXES entries of
-    /// this id (a policy id of its own; 0: every source allowed).
+    /// this id (one of its own, above every policy id; 0: every source allowed).
     pub source_ranges: u32,
     pub _pad: u32,
 }

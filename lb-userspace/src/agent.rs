@@ -389,6 +389,7 @@ impl Agent {
                         mode: s.mode,
                         policy: s.policy.clone().or_else(|| default_policy.cloned()),
                         draining: self.draining(&s.frontend),
+                        source_ranges: s.source_ranges.clone(),
                     },
                     id,
                     backends: backends

@@ -22,6 +22,8 @@
 //! port = 80
 //! protocol = "tcp"
 //! mode = "snat"                    # or "preserve-client-ip"
+//! source-ranges = ["192.0.2.0/24", "2001:db8::/32"]   # default: every source
+//! source-ranges-mode = "allow"      # or "deny": the ranges are refused
 //! backends = [
 //!   { address = "10.1.1.2", port = 8080, weight = 1 },
 //!   { address = "10.1.1.3", port = 8080, weight = 0 },   # drained
@@ -42,7 +44,7 @@ use crate::{
     maglev::MAX_WEIGHT,
     model::{
         Backend, Cidr, DEFAULT_IPV6_PREFIX, Desired, Frontend, Limits, Mode, NodeSettings, Origin,
-        Policy, Protocol, Rate, Service, TableFull,
+        Policy, Protocol, Rate, Service, SourceRanges, TableFull,
     },
 };
 
@@ -129,8 +131,22 @@ struct RawService {
     mode: Mode,
     rate_limit: Option<String>,
     session_affinity_timeout_seconds: Option<u64>,
+    /// Kubernetes' `loadBalancerSourceRanges`: the sources admitted (or refused).
+    #[serde(default)]
+    source_ranges: Vec<String>,
+    #[serde(default)]
+    source_ranges_mode: RangesMode,
     #[serde(default)]
     backends: Vec<RawBackend>,
+}
+
+/// Whether a service's source ranges are the only sources admitted or the ones refused.
+#[derive(Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum RangesMode {
+    #[default]
+    Allow,
+    Deny,
 }
 
 #[derive(Deserialize)]
@@ -309,6 +325,12 @@ impl RawService {
                 ));
             }
         };
+        let cidrs = SourceRanges::parse(&self.source_ranges)
+            .map_err(|(i, m)| doc.error(&path.key("source-ranges").index(i), m))?;
+        let source_ranges = SourceRanges {
+            cidrs,
+            deny: self.source_ranges_mode == RangesMode::Deny,
+        };
         let mut backends = Vec::with_capacity(self.backends.len());
         let mut seen = BTreeSet::new();
         for (i, b) in self.backends.iter().enumerate() {
@@ -360,6 +382,7 @@ impl RawService {
             backends,
             policy: self.rate_limit.clone(),
             affinity,
+            source_ranges,
         })
     }
 }
@@ -849,6 +872,43 @@ backends = [{ address = "fd00:1:1::2" }]
         let e = err("[node]\nrate-limit = \"nope\"\n");
         assert!(
             e.starts_with("lb.toml:2: node.rate-limit: no rate limit named `nope`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn source_ranges_are_read_and_bad_ones_name_file_line_and_field() {
+        let svc = |extra: &str| {
+            format!(
+                "[[services]]\nname = \"a\"\nvip = \"10.96.0.1\"\nport = 80\nprotocol = \"tcp\"\n{extra}"
+            )
+        };
+        let d = parse(
+            Path::new("lb.toml"),
+            &svc("source-ranges = [\"10.0.0.0/8\", \"2001:db8::/32\", \"::/0\"]\nsource-ranges-mode = \"deny\"\n"),
+        )
+        .unwrap();
+        let a = d.services.values().next().unwrap();
+        assert!(a.source_ranges.deny);
+        assert_eq!(
+            a.source_ranges.to_string(),
+            "deny 10.0.0.0/8,2001:db8::/32,::/0"
+        );
+        let d = parse(Path::new("lb.toml"), &svc("")).unwrap();
+        let a = d.services.values().next().unwrap();
+        assert!(a.source_ranges.is_open() && !a.source_ranges.deny);
+        let e = err(&svc(
+            "source-ranges = [\n  \"10.0.0.0/8\",\n  \"10.0.0.1/8\",\n]\n",
+        ));
+        assert!(
+            e.starts_with(
+                "lb.toml:8: services[0].source-ranges[1]: `10.0.0.1/8` has host bits set"
+            ),
+            "{e}"
+        );
+        let e = err(&svc("source-ranges-mode = \"block\"\n"));
+        assert!(
+            e.starts_with("lb.toml:6: services[0].source-ranges-mode: "),
             "{e}"
         );
     }

@@ -31,7 +31,7 @@ use k8s_openapi::api::{
 use crate::{
     config::RawPolicy,
     maglev::MAX_WEIGHT,
-    model::{Backend, Frontend, Mode, Origin, Policy, Protocol, Service},
+    model::{Backend, Frontend, Mode, Origin, Policy, Protocol, Service, SourceRanges},
 };
 
 pub const ENABLED: &str = "xdplb.io/enabled";
@@ -40,6 +40,9 @@ pub const WEIGHTS: &str = "xdplb.io/backend-weights";
 pub const DEREGISTRATION_DELAY: &str = "xdplb.io/deregistration-delay-seconds";
 pub const DEREGISTRATION_RESET: &str = "xdplb.io/deregistration-reset";
 pub const RATE_LIMIT: &str = "xdplb.io/rate-limit";
+/// `allow` (default) or `deny`: `spec.loadBalancerSourceRanges` lists the only sources admitted,
+/// or the ones refused.
+pub const SOURCE_RANGES_MODE: &str = "xdplb.io/source-ranges-mode";
 /// Per-service policy fields: `rate-limit.xdplb.io/<field>`, fields as in the config file.
 pub const RATE_LIMIT_FIELD: &str = "rate-limit.xdplb.io/";
 /// The label EndpointSlices name their Service with.
@@ -358,6 +361,11 @@ impl Translator {
         out: &mut Translation,
     ) {
         let Some(spec) = &svc.spec else { return };
+        // Fail closed: a Service whose ranges cannot be read is not served at all (it would be
+        // open to every source).
+        let Some(source_ranges) = source_ranges(key, svc, spec, out) else {
+            return;
+        };
         let settings = Settings::read(key, svc, spec, named_policies, out);
         let ns_name = format!("{}/{}", key.0, key.1);
         let mut local_ready = 0usize;
@@ -386,6 +394,7 @@ impl Translator {
                         .collect(),
                     policy: settings.policy.clone(),
                     affinity: settings.affinity,
+                    source_ranges: source_ranges.clone(),
                 });
             }
         }
@@ -491,6 +500,54 @@ impl Translator {
                 None
             }
             None => None,
+        }
+    }
+}
+
+/// `spec.loadBalancerSourceRanges` and its mode annotation, for every frontend of the Service
+/// (load-balancer IPs, external IPs and node ports alike). `None`: something is wrong with them
+/// (reported); the Service is then not served.
+fn source_ranges(
+    key: &ObjectKey,
+    svc: &KubeService,
+    spec: &ServiceSpec,
+    out: &mut Translation,
+) -> Option<SourceRanges> {
+    let mut problem = |field: String, message: String| {
+        out.problems.push(Problem {
+            object: key.clone(),
+            field,
+            message: format!("{message}; the Service is not served until this is fixed"),
+        });
+    };
+    let mode = svc
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(SOURCE_RANGES_MODE));
+    let deny = match mode.map(|m| m.trim().to_ascii_lowercase()).as_deref() {
+        None | Some("allow") => false,
+        Some("deny") => true,
+        Some(_) => {
+            problem(
+                SOURCE_RANGES_MODE.into(),
+                format!("`{}`: allow or deny", mode.map_or("", String::as_str)),
+            );
+            return None;
+        }
+    };
+    // kube-proxy trims the entries too.
+    let list: Vec<&str> = spec
+        .load_balancer_source_ranges
+        .iter()
+        .flatten()
+        .map(|r| r.trim())
+        .collect();
+    match SourceRanges::parse(&list) {
+        Ok(cidrs) => Some(SourceRanges { cidrs, deny }),
+        Err((i, m)) => {
+            problem(format!("spec.loadBalancerSourceRanges[{i}]"), m);
+            None
         }
     }
 }

@@ -176,6 +176,51 @@ pub struct Service {
     pub policy: Option<String>,
     /// Session affinity by client address, with this timeout.
     pub affinity: Option<Duration>,
+    /// Which client addresses may open flows (Kubernetes' `loadBalancerSourceRanges`).
+    #[serde(default)]
+    pub source_ranges: SourceRanges,
+}
+
+/// A service's source ranges: with `deny`, the sources in `cidrs` are refused; else only they
+/// are admitted. No prefix: every source is admitted, whatever `deny` says.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct SourceRanges {
+    #[serde(deserialize_with = "source_cidrs")]
+    pub cidrs: Vec<Cidr>,
+    #[serde(default)]
+    pub deny: bool,
+}
+
+impl SourceRanges {
+    /// Every source is admitted.
+    pub fn is_open(&self) -> bool {
+        self.cidrs.is_empty()
+    }
+
+    /// Parses a list of source ranges. IPv6 prefixes that cover the IPv4-mapped range (`::/0`)
+    /// are taken, as Kubernetes users write them: they stand for IPv6 sources only.
+    pub fn parse<S: AsRef<str>>(list: &[S]) -> Result<Vec<Cidr>, (usize, String)> {
+        list.iter()
+            .enumerate()
+            .map(|(i, s)| Cidr::parse_any(s.as_ref()).map_err(|m| (i, m)))
+            .collect()
+    }
+}
+
+fn source_cidrs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Cidr>, D::Error> {
+    let list = Vec::<String>::deserialize(d)?;
+    SourceRanges::parse(&list).map_err(|(_, m)| serde::de::Error::custom(m))
+}
+
+impl fmt::Display for SourceRanges {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_open() {
+            return f.write_str("any");
+        }
+        f.write_str(if self.deny { "deny " } else { "allow " })?;
+        let list: Vec<String> = self.cidrs.iter().map(ToString::to_string).collect();
+        f.write_str(&list.join(","))
+    }
 }
 
 /// Tokens per second and burst of one limit.
@@ -401,6 +446,48 @@ impl FromStr for Cidr {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Cidr, String> {
+        let cidr = Cidr::parse_any(s)?;
+        if cidr.covers_v4_mapped() {
+            // IPv4 sources are matched as ::ffff:a.b.c.d: this prefix would cover all of them.
+            return Err(format!(
+                "`{s}` covers the IPv4-mapped range ::ffff:0:0/96, so it would match every IPv4 source; write IPv4 prefixes in IPv4 notation"
+            ));
+        }
+        Ok(cidr)
+    }
+}
+
+impl Cidr {
+    /// An IPv6 prefix wider than the IPv4-mapped range and holding it (`::/0`).
+    pub fn covers_v4_mapped(&self) -> bool {
+        self.addr.is_ipv6() && self.overlaps(&V4_MAPPED) && !V4_MAPPED.contains(self.addr)
+    }
+
+    /// The prefixes of the 128-bit space the data path matches in that hold this one's
+    /// addresses of its own family: itself, or for a prefix over the IPv4-mapped range, the
+    /// pieces of it around that range (at most 96).
+    pub fn own_family_pieces(&self) -> Vec<(u128, u8)> {
+        let (bits, len) = self.as_v6_bits();
+        if !self.covers_v4_mapped() {
+            return vec![(bits, len)];
+        }
+        let (mapped, mapped_len) = V4_MAPPED.as_v6_bits();
+        // Along the path from this prefix down to the mapped range, the sibling of each step.
+        (len..mapped_len)
+            .map(|l| {
+                let bit = 1u128 << (127 - u32::from(l));
+                let keep = if l == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - u32::from(l))
+                };
+                ((mapped & keep) | (!mapped & bit), l + 1)
+            })
+            .collect()
+    }
+
+    /// Parses without refusing prefixes over the IPv4-mapped range.
+    fn parse_any(s: &str) -> Result<Cidr, String> {
         let (addr, len) = match s.split_once('/') {
             Some((a, l)) => (a, Some(l)),
             None => (s, None),
@@ -418,12 +505,6 @@ impl FromStr for Cidr {
             None => max,
         };
         let cidr = Cidr { addr, len };
-        if addr.is_ipv6() && cidr.overlaps(&V4_MAPPED) && !V4_MAPPED.contains(addr) {
-            // IPv4 sources are matched as ::ffff:a.b.c.d: this prefix would cover all of them.
-            return Err(format!(
-                "`{s}` covers the IPv4-mapped range ::ffff:0:0/96, so it would match every IPv4 source; write IPv4 prefixes in IPv4 notation"
-            ));
-        }
         let (bits, blen) = cidr.as_v6_bits();
         let host_mask = if blen == 128 { 0 } else { u128::MAX >> blen };
         if bits & host_mask != 0 {
@@ -486,6 +567,7 @@ mod tests {
             backends: Vec::new(),
             policy: None,
             affinity: None,
+            source_ranges: SourceRanges::default(),
         }
     }
 
@@ -596,6 +678,19 @@ mod tests {
         let e = "::/0".parse::<Cidr>().unwrap_err();
         assert!(e.contains("IPv4-mapped"), "{e}");
         assert!(a.contains("10.9.9.9".parse().unwrap()));
+        // Source ranges take it, for IPv6 sources alone: the pieces around the mapped range.
+        let all6 = SourceRanges::parse(&["::/0"]).unwrap()[0];
+        let pieces = all6.own_family_pieces();
+        assert_eq!(pieces.len(), 96);
+        let in_pieces = |ip: &str| {
+            let ip = u128::from(ip.parse::<Ipv6Addr>().unwrap());
+            pieces
+                .iter()
+                .any(|(net, len)| *len == 0 || (net ^ ip) >> (128 - u32::from(*len)) == 0)
+        };
+        assert!(in_pieces("2001:db8::1") && in_pieces("::1") && in_pieces("fe80::1"));
+        assert!(!in_pieces("::ffff:10.1.2.3"), "no IPv4 source");
+        assert_eq!(a.own_family_pieces(), vec![a.as_v6_bits()]);
         assert!(!b.contains("10.2.0.1".parse().unwrap()));
     }
 }

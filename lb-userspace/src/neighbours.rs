@@ -245,6 +245,7 @@ mod tests {
             backends,
             policy: None,
             affinity: None,
+            source_ranges: crate::model::SourceRanges::default(),
         };
         let desired = Desired {
             services: [(frontend, service)].into(),

@@ -7,7 +7,14 @@
 //! 2. per service: its backends, then its new Maglev ring into a spare ring, then the service
 //!    entry, which switches to the new ring in one map update;
 //! 3. addresses and the address filter: traffic to a new VIP is taken only from here on;
-//! 4. removals: services, addresses and filter bits, policies; freed ids are reused last.
+//! 4. removals: services, addresses and filter bits, policies, source-range sets; freed ids
+//!    are reused last.
+//!
+//! A service's source ranges are a set of LB_PREFIXES entries under an id of their own (ids
+//! from [`RANGES_FIRST_ID`] up, above every policy id), shared by the services with the same
+//! prefixes. A set is never rewritten in place: a changed list is a new set, written in full
+//! before the service entry points to it; the old set goes after. A service is never open to
+//! every source, nor to the union of its old and new lists, on its way between two lists.
 //!
 //! Everything that can be wrong with a desired state is checked before the first write, so a
 //! rejected state leaves the previous one fully in force.
@@ -18,9 +25,10 @@ use std::{
 
 use lb_common::{
     ADDR_NO_CLIENT, ADDR_NODE, ADDR_VIP, Addr, AddrInfo, BACKEND_ACTIVE, BACKEND_LISTED, Bucket,
-    Config, Limit, MAX_POLICIES, MAX_SNAT_ADDRS, NO_BACKEND, POLICY_FAIL_OPEN, POLICY_HAS_PREFIXES,
-    POLICY_PRECISE_CLOCK, POLICY_RST_SYN, PREFIX_DENY, PREFIX_EXEMPT, PREFIX_LIMIT, PortRange,
-    PrefixKey, PrefixRule, SVC_AFFINITY, SVC_SNAT, ServiceInfo, ServiceKey, Source,
+    Config, Limit, MAX_POLICIES, MAX_PREFIXES, MAX_SNAT_ADDRS, NO_BACKEND, POLICY_FAIL_OPEN,
+    POLICY_HAS_PREFIXES, POLICY_PRECISE_CLOCK, POLICY_RST_SYN, PREFIX_DENY, PREFIX_EXEMPT,
+    PREFIX_LIMIT, PortRange, PrefixKey, PrefixRule, SVC_AFFINITY, SVC_RANGES_DENY, SVC_SNAT,
+    ServiceInfo, ServiceKey, Source,
     filter::{self, FILTER_ENTRIES, Plane},
     flow_ticks,
     hash::bytes_hash,
@@ -230,6 +238,13 @@ impl Generations {
 /// A rate-limit policy slot: a named policy, or one of its overrides.
 type PolicySlot = (String, Option<usize>);
 
+/// The first LB_PREFIXES id of a source-range set: policy ids are below (LB_POLICIES indexes),
+/// so the two never collide and a restarted agent tells them apart.
+pub const RANGES_FIRST_ID: u32 = MAX_POLICIES;
+
+/// A source-range set's entries: (address bits, length in bits after the id), as written.
+type RangeSet = BTreeSet<(Addr, u32)>;
+
 pub struct Reconciler {
     sizes: Sizes,
     config: Option<Config>,
@@ -238,7 +253,11 @@ pub struct Reconciler {
     filter: Vec<u64>,
     policy_ids: BTreeMap<PolicySlot, u32>,
     policies: BTreeMap<u32, lb_common::Policy>,
+    /// Policies' prefixes (ids below RANGES_FIRST_ID).
     prefixes: BTreeMap<(PrefixKey, u32), PrefixRule>,
+    /// Source-range sets by id, as the maps hold them.
+    range_sets: BTreeMap<u32, RangeSet>,
+    range_pool: IdPool,
     /// Policy ids whose overflow bucket is set.
     overflow: BTreeSet<u32>,
     service_gens: Generations,
@@ -300,6 +319,17 @@ impl Reconciler {
             .collect();
         let mut filter = snap.filter.clone();
         filter.resize(FILTER_ENTRIES as usize, 0);
+        let mut range_sets: BTreeMap<u32, RangeSet> = BTreeMap::new();
+        for (k, len, _) in &snap.prefixes {
+            let id = u32::from_be_bytes(k.policy);
+            if id >= RANGES_FIRST_ID {
+                range_sets
+                    .entry(id)
+                    .or_default()
+                    .insert((k.addr, len.saturating_sub(32)));
+            }
+        }
+        let used_ranges: BTreeSet<u32> = range_sets.keys().copied().collect();
         Reconciler {
             sizes,
             config: snap.config,
@@ -312,8 +342,15 @@ impl Reconciler {
             prefixes: snap
                 .prefixes
                 .iter()
+                .filter(|(k, _, _)| u32::from_be_bytes(k.policy) < RANGES_FIRST_ID)
                 .map(|(k, len, rule)| ((*k, *len), *rule))
                 .collect(),
+            range_sets,
+            range_pool: IdPool::new(
+                RANGES_FIRST_ID..RANGES_FIRST_ID + MAX_PREFIXES,
+                &used_ranges,
+                &[],
+            ),
             overflow: BTreeSet::new(),
             service_gens: Generations::new(
                 sizes.max_services,
@@ -387,6 +424,7 @@ impl Reconciler {
             self.config = Some(config);
         }
         let default_policy = self.apply_policies(desired, &mut t)?;
+        let range_ids = self.write_range_sets(desired, &mut t)?;
 
         // Removals first: the ids they free make room for what is added.
         let wanted: BTreeSet<ServiceKey> = desired.services.keys().map(Frontend::key).collect();
@@ -402,10 +440,16 @@ impl Reconciler {
                 .or(desired.node.default_policy.as_ref())
                 .and_then(|name| self.policy_ids.get(&(name.clone(), None)).copied())
                 .unwrap_or(default_policy);
-            self.apply_service(key, service, policy, &mut t, &mut report)?;
+            let ranges = match range_set(service) {
+                Some(set) => range_ids[&set],
+                None => 0,
+            };
+            self.apply_service(key, service, policy, ranges, &mut t, &mut report)?;
         }
 
         self.apply_addrs(desired, node, &mut t)?;
+        // Only now: no service entry points to them any more.
+        self.remove_range_sets(&range_ids, &mut t)?;
         self.remove_stale_policies(desired);
         report.writes = t.writes;
         Ok(report)
@@ -596,6 +640,32 @@ impl Reconciler {
                 flag: "lb_common::MAX_POLICIES",
             });
         }
+        // Prefixes: the policies', the range sets kept, and new sets, which are written before
+        // the sets they replace are removed.
+        let policy_prefixes: usize = desired
+            .policies
+            .values()
+            .map(|p| {
+                p.exempt.len()
+                    + p.deny.len()
+                    + p.overrides.iter().map(|(c, _)| c.len()).sum::<usize>()
+            })
+            .sum::<usize>()
+            .max(self.prefixes.len());
+        let wanted: BTreeSet<RangeSet> = desired.services.values().filter_map(range_set).collect();
+        let kept: usize = self.range_sets.values().map(BTreeSet::len).sum();
+        let new: usize = wanted
+            .iter()
+            .filter(|w| !self.range_sets.values().any(|s| s == *w))
+            .map(BTreeSet::len)
+            .sum();
+        if policy_prefixes + kept + new > MAX_PREFIXES as usize {
+            return Err(ApplyError::Capacity {
+                what: "rate-limit and source-range prefixes",
+                max: MAX_PREFIXES,
+                flag: "lb_common::MAX_PREFIXES",
+            });
+        }
         Ok(())
     }
 
@@ -714,6 +784,77 @@ impl Reconciler {
             .unwrap_or(0))
     }
 
+    /// Writes every source-range set `desired` needs that the maps do not hold yet (each under
+    /// a fresh id, in full); returns the id of every set needed.
+    fn write_range_sets(
+        &mut self,
+        desired: &Desired,
+        t: &mut Counting<'_>,
+    ) -> Result<BTreeMap<RangeSet, u32>, ApplyError> {
+        let mut ids = BTreeMap::new();
+        for set in desired.services.values().filter_map(range_set) {
+            if ids.contains_key(&set) {
+                continue;
+            }
+            let id = if let Some((id, _)) = self.range_sets.iter().find(|(_, s)| **s == set) {
+                *id
+            } else {
+                let id = self.range_pool.take().ok_or(ApplyError::Capacity {
+                    what: "source-range sets",
+                    max: MAX_PREFIXES,
+                    flag: "lb_common::MAX_PREFIXES",
+                })?;
+                // The mirror follows each write: a set left half-written by a failed write
+                // matches no list, and is removed by a later apply.
+                let written = self.range_sets.entry(id).or_default();
+                for (addr, len) in &set {
+                    let key = PrefixKey {
+                        policy: id.to_be_bytes(),
+                        addr: *addr,
+                    };
+                    t.set_prefix(&key, 32 + len, &PrefixRule::default())?;
+                    written.insert((*addr, *len));
+                }
+                id
+            };
+            ids.insert(set, id);
+        }
+        Ok(ids)
+    }
+
+    /// Removes the source-range sets not in `used`: the caller has pointed every service
+    /// elsewhere first.
+    fn remove_range_sets(
+        &mut self,
+        used: &BTreeMap<RangeSet, u32>,
+        t: &mut Counting<'_>,
+    ) -> Result<(), ApplyError> {
+        let live: BTreeSet<u32> = used.values().copied().collect();
+        let stale: Vec<u32> = self
+            .range_sets
+            .keys()
+            .filter(|id| !live.contains(id))
+            .copied()
+            .collect();
+        for id in stale {
+            let set = self.range_sets[&id].clone();
+            for (addr, len) in &set {
+                let key = PrefixKey {
+                    policy: id.to_be_bytes(),
+                    addr: *addr,
+                };
+                t.remove_prefix(&key, 32 + len)?;
+                // As for writes: a half-removed set matches no list any more.
+                if let Some(s) = self.range_sets.get_mut(&id) {
+                    s.remove(&(*addr, *len));
+                }
+            }
+            self.range_sets.remove(&id);
+            self.range_pool.give_back(id);
+        }
+        Ok(())
+    }
+
     /// An id for a new policy slot: one whose map entry already holds this exact policy (left
     /// by a previous agent: its sources keep their buckets) or a fresh one, in a new generation
     /// (sources tracked under its previous owner no longer match).
@@ -775,6 +916,7 @@ impl Reconciler {
         key: ServiceKey,
         service: &Service,
         policy: u32,
+        ranges: u32,
         t: &mut Counting<'_>,
         report: &mut Report,
     ) -> Result<(), ApplyError> {
@@ -795,7 +937,12 @@ impl Reconciler {
             SVC_AFFINITY
         } else {
             0
+        } | if ranges != 0 && service.source_ranges.deny {
+            SVC_RANGES_DENY
+        } else {
+            0
         };
+        value.source_ranges = ranges;
         value.policy = policy;
         value.affinity_timeout_s = service
             .affinity
@@ -1145,6 +1292,22 @@ fn to_bpf_policy(p: &Policy, limits: &Limits) -> lb_common::Policy {
     }
 }
 
+/// A service's source-range set, as its LB_PREFIXES entries hold it; `None`: every source is
+/// admitted.
+fn range_set(s: &Service) -> Option<RangeSet> {
+    if s.source_ranges.is_open() {
+        return None;
+    }
+    Some(
+        s.source_ranges
+            .cidrs
+            .iter()
+            .flat_map(Cidr::own_family_pieces)
+            .map(|(bits, len)| (Addr(bits.to_be_bytes()), u32::from(len)))
+            .collect(),
+    )
+}
+
 /// The LPM key of a policy's prefix, and its length in bits (policy id, then the address).
 fn prefix_key(policy: u32, c: &Cidr) -> (PrefixKey, u32) {
     let (bits, len) = c.as_v6_bits();
@@ -1273,6 +1436,7 @@ mod tests {
             backends,
             policy: None,
             affinity: None,
+            source_ranges: crate::model::SourceRanges::default(),
         }
     }
 
@@ -1693,5 +1857,158 @@ mod tests {
         assert!(t.prefixes.is_empty());
         assert!(r.policy_ids.is_empty(), "every policy id is given back");
         assert_eq!(t.services[&key(&s)].policy, 0);
+    }
+
+    fn ranged(vip: &str, port: u16, cidrs: &[&str], deny: bool) -> Service {
+        let mut s = service(vip, port, Mode::Snat, vec![backend("10.1.1.2", 1)]);
+        s.source_ranges = crate::model::SourceRanges {
+            cidrs: crate::model::SourceRanges::parse(cidrs).unwrap(),
+            deny,
+        };
+        s
+    }
+
+    /// The prefixes (as "addr/len in 128 bits") the maps hold under `id`.
+    fn range_entries(t: &MemoryTables, id: u32) -> Vec<String> {
+        t.prefixes
+            .keys()
+            .filter(|(k, _)| u32::from_be_bytes(k.policy) == id)
+            .map(|(k, len)| format!("{}/{}", IpAddr::from(k.addr), len - 32))
+            .collect()
+    }
+
+    fn position(t: &MemoryTables, f: impl Fn(&Write) -> bool) -> usize {
+        t.log.iter().position(f).unwrap()
+    }
+
+    #[test]
+    fn source_ranges_are_written_before_the_service_points_to_them_and_removed_after() {
+        let mut t = MemoryTables::default();
+        let mut r = Reconciler::new(sizes());
+        let s = ranged("10.96.0.10", 80, &["192.0.2.0/24", "2001:db8::/32"], false);
+        r.apply(&desired(vec![s.clone()]), &node(), &mut t).unwrap();
+        let first = t.services[&key(&s)];
+        assert!(first.source_ranges >= RANGES_FIRST_ID);
+        assert_eq!(first.flags & SVC_RANGES_DENY, 0);
+        // IPv4 mapped: 96 + 24 bits.
+        let want = vec!["192.0.2.0/120".to_string(), "2001:db8::/32".to_string()];
+        let mut got = range_entries(&t, first.source_ranges);
+        got.sort();
+        assert_eq!(got, want);
+        let set_service = position(&t, |w| *w == Write::SetService(key(&s)));
+        assert!(
+            t.log[..set_service]
+                .iter()
+                .filter(|w| matches!(w, Write::SetPrefix(..)))
+                .count()
+                == 2,
+            "{:?}",
+            t.log
+        );
+        // Another list: a new set, written in full before the switch; the old one after.
+        t.take_log();
+        let changed = ranged("10.96.0.10", 80, &["192.0.2.0/25"], false);
+        r.apply(&desired(vec![changed.clone()]), &node(), &mut t)
+            .unwrap();
+        let second = t.services[&key(&s)];
+        assert_ne!(
+            second.source_ranges, first.source_ranges,
+            "never rewritten in place"
+        );
+        let new_at = position(
+            &t,
+            |w| matches!(w, Write::SetPrefix(k, _) if u32::from_be_bytes(k.policy) == second.source_ranges),
+        );
+        let switch_at = position(&t, |w| *w == Write::SetService(key(&s)));
+        let old_at = position(&t, |w| matches!(w, Write::RemovePrefix(..)));
+        assert!(new_at < switch_at && switch_at < old_at, "{:?}", t.log);
+        assert!(range_entries(&t, first.source_ranges).is_empty());
+        // The same list as a deny list: the same set, only the flag changes.
+        t.take_log();
+        let deny = ranged("10.96.0.10", 80, &["192.0.2.0/25"], true);
+        r.apply(&desired(vec![deny.clone()]), &node(), &mut t)
+            .unwrap();
+        assert_eq!(t.log, vec![Write::SetService(key(&s))]);
+        let third = t.services[&key(&s)];
+        assert_eq!(third.source_ranges, second.source_ranges);
+        assert_ne!(third.flags & SVC_RANGES_DENY, 0);
+        // No list: the service lets every source in first, then the set goes.
+        t.take_log();
+        r.apply(&desired(vec![web()]), &node(), &mut t).unwrap();
+        let open = t.services[&key(&s)];
+        assert_eq!((open.source_ranges, open.flags & SVC_RANGES_DENY), (0, 0));
+        let switch_at = position(&t, |w| *w == Write::SetService(key(&s)));
+        let removed_at = position(&t, |w| matches!(w, Write::RemovePrefix(..)));
+        assert!(switch_at < removed_at, "{:?}", t.log);
+        assert!(t.prefixes.is_empty());
+    }
+
+    #[test]
+    #[expect(
+        clippy::many_single_char_names,
+        reason = "t, r, d: as in every test here; a, b, c: the three services"
+    )]
+    fn services_with_the_same_ranges_share_a_set_which_goes_with_the_last_of_them() {
+        let mut t = MemoryTables::default();
+        let mut r = Reconciler::new(sizes());
+        let a = ranged("10.96.0.10", 80, &["192.0.2.0/24", "::/0"], false);
+        let b = ranged("10.96.0.11", 80, &["::/0", "192.0.2.0/24"], true);
+        let c = ranged("10.96.0.12", 80, &["198.51.100.0/24"], false);
+        // A policy with prefixes of its own: in the same trie, under its own id.
+        let mut d = desired(vec![a.clone(), b.clone(), c.clone()]);
+        d.policies.insert(
+            "p".into(),
+            Policy {
+                limits: Limits {
+                    packets: None,
+                    connections: None,
+                },
+                ipv6_prefix: 64,
+                table_full: TableFull::FailOpen,
+                reset_rejected_syn: false,
+                exempt: vec!["192.0.2.0/24".parse().unwrap()],
+                deny: Vec::new(),
+                overrides: Vec::new(),
+            },
+        );
+        r.apply(&d, &node(), &mut t).unwrap();
+        let (sa, sb, sc) = (
+            t.services[&key(&a)],
+            t.services[&key(&b)],
+            t.services[&key(&c)],
+        );
+        assert_eq!(sa.source_ranges, sb.source_ranges, "one set for one list");
+        assert_ne!(sa.source_ranges, sc.source_ranges);
+        assert_eq!(sa.flags & SVC_RANGES_DENY, 0);
+        assert_ne!(sb.flags & SVC_RANGES_DENY, 0);
+        // 192.0.2.0/24 and ::/0 less the IPv4-mapped range (96 pieces).
+        assert_eq!(range_entries(&t, sa.source_ranges).len(), 97);
+        let policy_prefixes = |t: &MemoryTables| {
+            t.prefixes
+                .keys()
+                .filter(|(k, _)| u32::from_be_bytes(k.policy) < RANGES_FIRST_ID)
+                .count()
+        };
+        assert_eq!(policy_prefixes(&t), 1);
+        // A restarted agent finds the sets and writes nothing.
+        t.take_log();
+        let mut resumed = Reconciler::resume(sizes(), &t.snapshot().unwrap());
+        assert!(
+            resumed.apply(&d, &node(), &mut t).unwrap().is_empty(),
+            "{:?}",
+            t.log
+        );
+        // One of the two sharing services goes: the set stays for the other.
+        d.services.remove(&a.frontend);
+        resumed.apply(&d, &node(), &mut t).unwrap();
+        assert_eq!(range_entries(&t, sb.source_ranges).len(), 97);
+        // Then the other: its set goes, and its id is free again; the policy's prefix stays.
+        d.services.remove(&b.frontend);
+        d.services.remove(&c.frontend);
+        resumed.apply(&d, &node(), &mut t).unwrap();
+        assert_eq!(policy_prefixes(&t), 1);
+        assert_eq!(t.prefixes.len(), 1);
+        assert!(resumed.range_sets.is_empty());
+        assert_eq!(resumed.range_pool.free(), MAX_PREFIXES as usize);
     }
 }

@@ -8,7 +8,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Frontend, Mode};
+use crate::model::{Frontend, Mode, SourceRanges};
 
 pub const FILE: &str = "state.json";
 
@@ -44,6 +44,9 @@ pub struct ServiceLabel {
     /// to weight 0 by configuration ("maintenance").
     #[serde(default)]
     pub draining: Vec<String>,
+    /// The sources it admits (or refuses).
+    #[serde(default)]
+    pub source_ranges: SourceRanges,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

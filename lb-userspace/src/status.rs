@@ -54,6 +54,8 @@ pub struct ServiceStatus {
     pub origin: Option<String>,
     pub mode: &'static str,
     pub policy: Option<String>,
+    /// "allow <prefixes>" or "deny <prefixes>"; `None`: every source is admitted.
+    pub source_ranges: Option<String>,
     pub packets: u64,
     pub bytes: u64,
     pub reply_packets: u64,
@@ -173,6 +175,9 @@ fn service_status(
             "preserve-client-ip"
         },
         policy: label.and_then(|l| l.policy.clone()),
+        source_ranges: label
+            .filter(|l| !l.source_ranges.is_open())
+            .map(|l| l.source_ranges.to_string()),
         packets: st.packets,
         bytes: st.bytes,
         reply_packets: st.reply_packets,
@@ -315,13 +320,17 @@ fn render_service(out: &mut String, svc: &ServiceStatus) {
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "{}  {}  {}{}{}",
+        "{}  {}  {}{}{}{}",
         svc.name,
         svc.frontend.map(|f| f.to_string()).unwrap_or_default(),
         svc.mode,
         svc.policy
             .as_deref()
             .map(|p| format!("  rate-limit={p}"))
+            .unwrap_or_default(),
+        svc.source_ranges
+            .as_deref()
+            .map(|r| format!("  sources={r}"))
             .unwrap_or_default(),
         svc.origin
             .as_deref()
@@ -412,6 +421,7 @@ mod tests {
             mode: crate::model::Mode::Snat,
             policy: None,
             draining: vec!["10.1.1.3:8080".into()],
+            source_ranges: crate::model::SourceRanges::default(),
         };
         assert_eq!(
             backend_state(&backend(true), "10.1.1.2:8080", Some(&label)),

@@ -999,6 +999,155 @@ fn kubernetes_objects_to_real_traffic_through_the_agent() {
     drop(forward);
 }
 
+/// `spec.loadBalancerSourceRanges` with real clients, on every frontend of a LoadBalancer
+/// Service (its load-balancer IP, an external IP, the node port): the clients inside the ranges
+/// are answered and the others are not; with the deny-list annotation the other way round.
+#[test]
+fn load_balancer_source_ranges_admit_and_refuse_real_clients_on_every_frontend() {
+    use lb_tests::{
+        agent::{AgentOptions, AgentProcess, Bpffs},
+        lab::Lab,
+        netns::require_root,
+        traffic::{Batch, Proto, serve_pods},
+    };
+    if !require_root() {
+        return;
+    }
+    let server = TestApiServer::start().expect("test API server");
+    let bpffs = Bpffs::mount("k8s-ranges").expect("bpffs");
+    let lab = Lab::build("k8sr").expect("lab");
+    let _servers = serve_pods(lab.pods(), 8080).expect("servers");
+    let forward = Forward::into_netns(&lab.node1().ns, server.url()).expect("forward");
+    let kubeconfig = server.dir().join("node1.kubeconfig");
+    let text = std::fs::read_to_string(server.kubeconfig_path()).expect("kubeconfig");
+    std::fs::write(&kubeconfig, text.replace(server.url(), &forward.url)).expect("write");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let client = runtime.block_on(client(server.kubeconfig_path()));
+    let services: Api<Service> = Api::namespaced(client.clone(), NS);
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), NS);
+    let params = PatchParams::apply("xdplb-test").force();
+    // Clients 10.0.0.10 and .11 are inside the ranges; .12 to .14 are not.
+    let service = |mode: &str| {
+        json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "web", "namespace": NS, "annotations": {
+                "xdplb.io/enabled": "true",
+                "xdplb.io/source-ranges-mode": mode,
+            }},
+            "spec": {
+                "type": "LoadBalancer",
+                "externalIPs": ["10.96.0.10"],
+                "loadBalancerSourceRanges": ["10.0.0.10/31", "fd00:a::10/128"],
+                "ports": [{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30080,
+                           "protocol": "TCP"}],
+            },
+        })
+    };
+    runtime.block_on(async {
+        services
+            .patch("web", &params, &Patch::Apply(&service("allow")))
+            .await
+            .expect("service");
+        services
+            .patch_status(
+                "web",
+                &PatchParams::default(),
+                &Patch::Merge(
+                    json!({"status": {"loadBalancer": {"ingress": [{"ip": "10.96.0.11"}]}}}),
+                ),
+            )
+            .await
+            .expect("status");
+        let eps: Vec<Ep> = ["10.1.1.2", "10.1.1.3", "10.1.2.2", "10.1.2.3"]
+            .into_iter()
+            .map(ready)
+            .collect();
+        slices
+            .patch(
+                "web-a",
+                &params,
+                &Patch::Apply(&slice("web-a", "web", "http", 8080, &eps)),
+            )
+            .await
+            .expect("slice");
+    });
+    let options = AgentOptions {
+        extra: vec![
+            "--kubernetes".into(),
+            "--node-name".into(),
+            "node1".into(),
+            "--kubeconfig".into(),
+            kubeconfig.display().to_string(),
+        ],
+        ..AgentOptions::default()
+    };
+    let agent = AgentProcess::start(&lab.node1().ns, &bpffs, "[node]\nhash-seed = 42\n", options)
+        .expect("agent");
+    let frontends: Vec<SocketAddr> = vec![
+        "10.96.0.11:80".parse().expect("load-balancer IP"),
+        "10.96.0.10:80".parse().expect("external IP"),
+        SocketAddr::new(IpAddr::V4(lab.node1().ipv4), 30080),
+    ];
+    let sources = lab.client().sources_for(frontends[0].ip());
+    let (inside, outside) = sources.split_at(2);
+    // (answered, of) for requests from `from` to `to`.
+    let try_from = |to: SocketAddr, from: &[IpAddr]| {
+        let report = Batch::new(Proto::Tcp, to, from.to_vec(), from.len() * 2)
+            .request_timeout(Duration::from_millis(700))
+            .run(&lab.client().ns)
+            .expect("batch");
+        (report.ok, report.attempted)
+    };
+    // Each frontend, until the clients inside are all answered and those outside none (the
+    // agent serves within seconds of the change; a refused client is never answered).
+    let expect = |admitted: &[IpAddr], refused: &[IpAddr], what: &str| {
+        for to in &frontends {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let (ok, of) = try_from(*to, admitted);
+                if ok == of {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{what}: {to}: {ok} of {of} answered from {admitted:?}\n{}",
+                    agent.log_tail()
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            let (ok, of) = try_from(*to, refused);
+            assert_eq!(
+                ok, 0,
+                "{what}: {to}: {ok} of {of} answered from {refused:?}"
+            );
+        }
+    };
+    expect(inside, outside, "allow list");
+    let status = agent.status_text().expect("status");
+    assert!(
+        status.contains("sources=allow 10.0.0.10/31,fd00:a::10/128"),
+        "status shows the ranges: {status}"
+    );
+    runtime.block_on(async {
+        services
+            .patch("web", &params, &Patch::Apply(&service("deny")))
+            .await
+            .expect("service");
+    });
+    expect(outside, inside, "deny list");
+    let metrics = agent.status().expect("status").to_string();
+    assert!(
+        metrics.contains("source_range"),
+        "drops counted by reason: {metrics}"
+    );
+    drop(agent);
+    drop(forward);
+}
+
 /// A TCP forwarder from a port on a namespace's loopback to an address in the host's namespace.
 struct Forward {
     url: String,

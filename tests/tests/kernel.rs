@@ -3,7 +3,7 @@
 //! checksums, and the maps' side effects. Each test runs in its own network namespace.
 use std::net::IpAddr;
 
-use lb_common::{Counter, FLOW_OPENING, FLOW_REPLY, IPPROTO_TCP, IPPROTO_UDP};
+use lb_common::{Counter, DropReason, FLOW_OPENING, FLOW_REPLY, IPPROTO_TCP, IPPROTO_UDP};
 use lb_tests::{
     kernel::{CLIENT_MAC, Fixture, GW_MAC, NODE_V4, flow_key4 as flow_key},
     netns::require_root,
@@ -11,7 +11,7 @@ use lb_tests::{
 };
 use lb_userspace::{
     dataplane::Sizes,
-    model::{Backend, Desired, Frontend, Mode, Protocol, Service},
+    model::{Backend, Desired, Frontend, Mode, Protocol, Service, SourceRanges},
     sweep::sweep,
 };
 
@@ -63,6 +63,7 @@ fn service(
             .collect(),
         policy: None,
         affinity: None,
+        source_ranges: SourceRanges::default(),
     }
 }
 
@@ -1029,6 +1030,111 @@ fn service_and_backend_counters_add_up() {
     let (bid, _) = snap.backends[0];
     let b = fx.maps.read_backend_stats(bid);
     assert_eq!((b.packets, b.new_flows), (4, 1));
+}
+
+/// A service admitting (or, as a deny list, refusing) the sources in `cidrs`.
+fn ranged(mut s: Service, cidrs: &[&str], deny: bool) -> Service {
+    s.source_ranges = SourceRanges {
+        cidrs: SourceRanges::parse(cidrs).unwrap(),
+        deny,
+    };
+    s
+}
+
+#[test]
+fn source_ranges_admit_or_refuse_new_flows_by_client_address_in_both_families() {
+    if !require_root() {
+        return;
+    }
+    let v4 = || {
+        service(
+            "10.96.0.10",
+            80,
+            Protocol::Tcp,
+            Mode::Snat,
+            &[("10.1.2.2", 8080)],
+        )
+    };
+    let v6 = || {
+        service(
+            "fd00:96::10",
+            80,
+            Protocol::Tcp,
+            Mode::Snat,
+            &[("fd00:1:2::2", 8080)],
+        )
+    };
+    // One list for both services (one set in LB_PREFIXES), with a prefix of each family.
+    let list = ["10.0.0.0/28", "fd00:a::/64"];
+    let mut fx = fixture(vec![ranged(v4(), &list, false), ranged(v6(), &list, false)]);
+    let mut sport = 42000;
+    // The verdict on a SYN from `src` to the service of its family.
+    let mut syn = |fx: &mut Fixture, src: &str| {
+        sport += 1;
+        let vip = if src.contains(':') {
+            "fd00:96::10"
+        } else {
+            "10.96.0.10"
+        };
+        fx.uplink(&Spec::tcp(src, sport, vip, 80, TCP_SYN).build())
+            .unwrap()
+            .verdict
+    };
+    let (in4, out4, in6, out6) = ("10.0.0.10", "10.0.0.20", "fd00:a::10", "fd00:b::10");
+    let drops = |fx: &Fixture| {
+        let snap = lb_userspace::tables::Tables::snapshot(&fx.maps).unwrap();
+        snap.services
+            .iter()
+            .map(|(_, svc)| {
+                fx.maps.read_service_stats(svc.id).drops[DropReason::SourceRange as usize]
+            })
+            .sum::<u64>()
+    };
+
+    // Allow list: only the sources inside open flows.
+    assert_eq!(syn(&mut fx, in4), TX);
+    assert_eq!(syn(&mut fx, in6), TX);
+    assert_eq!(syn(&mut fx, out4), DROP);
+    assert_eq!(syn(&mut fx, out6), DROP);
+    assert_eq!(fx.counter(Counter::DropSourceRange), 2);
+    assert_eq!(drops(&fx), 2, "counted per service too");
+    assert_eq!(
+        fx.counter(Counter::FlowsCreated),
+        2,
+        "nothing made for a refused source"
+    );
+
+    // The same list as a deny list: the other way round.
+    fx.apply(&desired(vec![
+        ranged(v4(), &list, true),
+        ranged(v6(), &list, true),
+    ]))
+    .unwrap();
+    assert_eq!(syn(&mut fx, in4), DROP);
+    assert_eq!(syn(&mut fx, in6), DROP);
+    assert_eq!(syn(&mut fx, out4), TX);
+    assert_eq!(syn(&mut fx, out6), TX);
+    assert_eq!(fx.counter(Counter::DropSourceRange), 4);
+
+    // `::/0` stands for every IPv6 source, and for no IPv4 one.
+    let all6 = ["::/0"];
+    fx.apply(&desired(vec![
+        ranged(v4(), &all6, true),
+        ranged(v6(), &all6, true),
+    ]))
+    .unwrap();
+    assert_eq!(syn(&mut fx, in4), TX);
+    assert_eq!(syn(&mut fx, in6), DROP);
+    assert_eq!(syn(&mut fx, out6), DROP);
+
+    // No list: every source is admitted, and nothing is left in the trie.
+    fx.apply(&desired(vec![v4(), v6()])).unwrap();
+    for src in [in4, out4, in6, out6] {
+        assert_eq!(syn(&mut fx, src), TX, "{src}");
+    }
+    let snap = lb_userspace::tables::Tables::snapshot(&fx.maps).unwrap();
+    assert!(snap.prefixes.is_empty(), "{:?}", snap.prefixes);
+    assert_eq!(fx.counter(Counter::DropSourceRange), 6);
 }
 
 #[test]

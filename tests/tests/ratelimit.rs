@@ -79,6 +79,7 @@ fn desired(policy: Option<Policy>) -> Desired {
             }],
             policy: policy.as_ref().map(|_| "p".into()),
             affinity: None,
+            source_ranges: lb_userspace::model::SourceRanges::default(),
         };
         d.services.insert(s.frontend, s);
     }

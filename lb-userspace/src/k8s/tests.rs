@@ -327,6 +327,52 @@ fn client_ip_affinity_and_weights_come_from_the_service() {
 }
 
 #[test]
+fn source_ranges_apply_to_every_frontend_and_bad_ones_leave_the_service_unserved() {
+    let mut s = svc(
+        "web",
+        &[ON, (SOURCE_RANGES_MODE, "Deny")],
+        &[("http", 80, Some(30080))],
+    );
+    let spec = s.spec.as_mut().unwrap();
+    spec.external_ips = Some(vec!["192.0.2.7".into()]);
+    spec.load_balancer_source_ranges = Some(vec![" 198.51.100.0/24".into(), "::/0".into()]);
+    let slices = vec![slice("web-1", "http", 8080, &[ready("10.1.1.2", "node1")])];
+    let t = run(&cluster(s.clone(), slices.clone()));
+    assert_eq!(t.services.len(), 3, "{:?}", t.problems);
+    for f in &t.services {
+        assert_eq!(
+            f.source_ranges.to_string(),
+            "deny 198.51.100.0/24,::/0",
+            "{}",
+            f.frontend
+        );
+    }
+    assert!(t.problems.is_empty(), "{:?}", t.problems);
+    // A bad prefix: reported, and nothing of the Service served (not served open).
+    s.spec.as_mut().unwrap().load_balancer_source_ranges =
+        Some(vec!["198.51.100.0/24".into(), "198.51.100.1/24".into()]);
+    let t = run(&cluster(s.clone(), slices.clone()));
+    assert!(t.services.is_empty());
+    assert_eq!(t.problems.len(), 1);
+    assert_eq!(t.problems[0].field, "spec.loadBalancerSourceRanges[1]");
+    assert!(
+        t.problems[0].message.contains("host bits"),
+        "{:?}",
+        t.problems
+    );
+    // A mode that is neither: the same.
+    s.spec.as_mut().unwrap().load_balancer_source_ranges = Some(vec!["198.51.100.0/24".into()]);
+    s.metadata
+        .annotations
+        .as_mut()
+        .unwrap()
+        .insert(SOURCE_RANGES_MODE.into(), "block".into());
+    let t = run(&cluster(s, slices));
+    assert!(t.services.is_empty());
+    assert_eq!(t.problems[0].field, SOURCE_RANGES_MODE);
+}
+
+#[test]
 fn bad_annotations_are_reported_and_the_service_is_served_with_defaults() {
     let c = cluster(
         svc(

@@ -58,6 +58,7 @@ fn view() -> AgentView {
         mode: Mode::Snat,
         policy: None,
         draining: Vec::new(),
+        source_ranges: crate::model::SourceRanges::default(),
     };
     AgentView {
         health: Health {

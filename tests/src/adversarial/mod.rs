@@ -450,6 +450,7 @@ pub fn desired() -> Desired {
                     .collect(),
                 policy: s.policy.map(Into::into),
                 affinity: s.affinity.then(|| Duration::from_secs(600)),
+                source_ranges: lb_userspace::model::SourceRanges::default(),
             },
         );
     }

@@ -440,6 +440,7 @@ impl Layout {
                     backends: backends.clone(),
                     policy: None,
                     affinity: None,
+                    source_ranges: lb_userspace::model::SourceRanges::default(),
                 },
             );
         }

@@ -517,6 +517,7 @@ fn desired(limiter: bool) -> Desired {
                 .collect(),
             policy: None,
             affinity: None,
+            source_ranges: lb_userspace::model::SourceRanges::default(),
         },
     );
     d
