@@ -10,6 +10,7 @@ use crate::{
     k8s::{EndFlows, Problem, Translation, input::Target},
     model::Backend,
     reconcile::ApplyError,
+    reserved::Reserved,
     sweep::end_flows,
 };
 
@@ -20,6 +21,10 @@ impl Target for Agent {
 
     fn node_addrs(&mut self) -> Vec<IpAddr> {
         self.uplink_addrs.clone()
+    }
+
+    fn reserved(&mut self) -> Reserved {
+        self.reserved_on(&self.node)
     }
 
     fn apply_kubernetes(&mut self, translation: Translation) -> Result<Vec<Problem>, ApplyError> {
