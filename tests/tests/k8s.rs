@@ -996,7 +996,7 @@ fn kubernetes_objects_to_real_traffic_through_the_agent() {
         agent::{AgentOptions, AgentProcess, Bpffs},
         lab::Lab,
         netns::require_root,
-        traffic::{Batch, Proto, serve_pods},
+        traffic::{BackendServer, Batch, Proto, serve_pods},
     };
     if !require_root() {
         return;
@@ -1075,6 +1075,56 @@ fn kubernetes_objects_to_real_traffic_through_the_agent() {
         "new connections spread over the four pods: {:?}",
         report.backends()
     );
+
+    // A tenant's Service asks for node1's own address on port 22, where the node listens, and
+    // for a VIP: it gets the VIP; the node's port 22 stays the node's, and it is told.
+    let _node_sshd = BackendServer::start(&lab.node1().ns, "node1-itself", 22).expect("sshd");
+    let mut tenant = service("tenant", "ssh", &[]);
+    tenant["spec"]["externalIPs"] = json!([lab.node1().ipv4.to_string(), "10.96.0.12"]);
+    tenant["spec"]["ports"][0]["port"] = json!(22);
+    apply(tenant);
+    apply(slice("tenant-a", "tenant", "ssh", 8080, &eps));
+    let tenant_vip: SocketAddr = "10.96.0.12:22".parse().expect("vip");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let report = Batch::new(Proto::Tcp, tenant_vip, sources.clone(), 8)
+            .run(&lab.client().ns)
+            .expect("batch");
+        if report.all_ok() && report.backends().iter().all(|b| b.starts_with("pod")) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the tenant's VIP is not served: {report:?}\n{}",
+            agent.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let node_ssh = SocketAddr::new(IpAddr::V4(lab.node1().ipv4), 22);
+    let report = Batch::new(Proto::Tcp, node_ssh, sources.clone(), 20)
+        .run(&lab.client().ns)
+        .expect("batch");
+    assert!(report.all_ok(), "{report:?}\n{}", agent.log_tail());
+    assert_eq!(
+        report.backends(),
+        ["node1-itself".to_string()].into(),
+        "the node's own port 22 answers, not the tenant's pods"
+    );
+    let events: Api<Event> = Api::namespaced(client.clone(), NS);
+    let told = || {
+        runtime
+            .block_on(events.list(&ListParams::default()))
+            .expect("events")
+            .items
+            .iter()
+            .any(|e| {
+                e.involved_object.name.as_deref() == Some("tenant")
+                    && e.message
+                        .as_deref()
+                        .is_some_and(|m| m.contains("is an address of this node"))
+            })
+    };
+    wait_for("a Warning Event for the tenant", told);
 
     // Scale to the two node2 pods: within a second, new connections go only there.
     apply(slice("web-a", "web", "http", 8080, &eps[2..]));
