@@ -403,7 +403,7 @@ impl Translator {
             let endpoints = endpoints(key, sp, protocol, slices, local_node, &mut out.problems);
             local_ready = local_ready.max(endpoints.iter().filter(|e| e.ready).count());
             let port_name = sp.name.clone().unwrap_or_else(|| sp.port.to_string());
-            for (frontend, named) in frontends(spec, svc, sp, protocol, node) {
+            for (frontend, named) in frontends(key, svc, sp, protocol, node, &mut out.problems) {
                 if named && let Some(why) = node.reserved.refuse(&ns_name, frontend.vip) {
                     out.problems.push(Problem {
                         object: key.clone(),
@@ -617,13 +617,15 @@ fn protocol(sp: &ServicePort) -> Option<Protocol> {
 }
 
 /// Where clients reach a service port: load-balancer ingress IPs and external IPs (`true`: the
-/// Service names the address), and the node port on this node's addresses (`false`).
+/// Service names the address), and the node port on this node's addresses (`false`). An
+/// address that is no IP address is reported in `problems`.
 fn frontends(
-    spec: &ServiceSpec,
+    key: &ObjectKey,
     svc: &KubeService,
     sp: &ServicePort,
     protocol: Protocol,
     node: &NodeInfo,
+    problems: &mut Vec<Problem>,
 ) -> Vec<(Frontend, bool)> {
     let Ok(port) = u16::try_from(sp.port) else {
         return Vec::new();
@@ -634,14 +636,26 @@ fn frontends(
         .as_ref()
         .and_then(|s| s.load_balancer.as_ref())
         .and_then(|lb| lb.ingress.as_ref());
-    for i in ingress.into_iter().flatten() {
-        if let Some(ip) = i.ip.as_deref().and_then(|ip| ip.parse().ok()) {
-            vips.insert(ip);
-        }
-    }
-    for ip in spec.external_ips.iter().flatten() {
-        if let Ok(ip) = ip.parse() {
-            vips.insert(ip);
+    let ingress_ips = ingress
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i.ip.as_deref())
+        .map(|ip| ("status.loadBalancer.ingress", ip));
+    let external_ips = svc
+        .spec
+        .iter()
+        .flat_map(|s| s.external_ips.iter().flatten())
+        .map(|ip| ("spec.externalIPs", ip.as_str()));
+    for (field, ip) in ingress_ips.chain(external_ips) {
+        match ip.parse() {
+            Ok(ip) => {
+                vips.insert(ip);
+            }
+            Err(_) => problems.push(Problem {
+                object: key.clone(),
+                field: field.into(),
+                message: format!("`{ip}` is not an IP address; not served"),
+            }),
         }
     }
     let mut out: Vec<(Frontend, bool)> = vips

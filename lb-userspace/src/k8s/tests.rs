@@ -748,6 +748,17 @@ fn bad_endpoint_addresses_and_unmatched_port_names_are_reported() {
             "Service default/web: spec.ports[metrics]: no EndpointSlice of the Service has a port named `metrics`/TCP (does the targetPort name a port no pod has?); no endpoints for it",
         ]
     );
+    // An externalIP no IP parser takes (Kubernetes' sloppy one takes leading zeros).
+    let mut s = svc("web", &[ON], &[("http", 80, None)]);
+    s.spec.as_mut().unwrap().external_ips = Some(vec!["192.0.2.07".into()]);
+    let t = run(&cluster(s, vec![]));
+    assert_eq!(
+        t.problems
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        ["Service default/web: spec.externalIPs: `192.0.2.07` is not an IP address; not served"]
+    );
     // No endpoints at all: nothing to say about ports.
     let c = cluster(
         svc("web", &[ON], &[("metrics", 9090, None)]),
