@@ -996,7 +996,7 @@ fn kubernetes_objects_to_real_traffic_through_the_agent() {
         agent::{AgentOptions, AgentProcess, Bpffs},
         lab::Lab,
         netns::require_root,
-        traffic::{BackendServer, Batch, Proto, serve_pods},
+        traffic::{BackendServer, Batch, LongTransfer, Proto, serve_pods},
     };
     if !require_root() {
         return;
@@ -1125,6 +1125,35 @@ fn kubernetes_objects_to_real_traffic_through_the_agent() {
             })
     };
     wait_for("a Warning Event for the tenant", told);
+
+    // A newer Service whose name sorts first claims web's VIP and port, with an endpoint where
+    // nothing listens: web, the older, keeps it. A live connection stays up and new connections
+    // still reach web's four pods.
+    let live = LongTransfer::start(&lab.client().ns, None, vip).expect("transfer");
+    apply(service("a-newer", "http", &[]));
+    apply(slice("a-newer-a", "a-newer", "http", 9999, &eps[..1]));
+    let refused = || {
+        runtime
+            .block_on(events.list(&ListParams::default()))
+            .expect("events")
+            .items
+            .iter()
+            .any(|e| {
+                e.involved_object.name.as_deref() == Some("a-newer")
+                    && e.message.as_deref().is_some_and(|m| {
+                        m.contains("also claimed by Service default/web, which is older")
+                    })
+            })
+    };
+    wait_for("a Warning Event for the newer Service", refused);
+    let report = Batch::new(Proto::Tcp, vip, sources.clone(), 40)
+        .run(&lab.client().ns)
+        .expect("batch");
+    assert!(report.all_ok(), "{report:?}\n{}", agent.log_tail());
+    assert_eq!(report.backends().len(), 4, "{:?}", report.backends());
+    let live = live.finish();
+    assert!(live.is_clean(), "{live:?}");
+    assert!(live.bytes_sent > 0);
 
     // Scale to the two node2 pods: within a second, new connections go only there.
     apply(slice("web-a", "web", "http", 8080, &eps[2..]));
