@@ -30,7 +30,6 @@ use crate::{
     netlink::Netlink,
     node::{self, Interfaces, NodeView},
     reconcile::{ApplyError, Reconciler, Report},
-    reserved::Reserved,
     state::{InterfaceLabel, ServiceLabel},
     sweep::sweep,
     system::{self, monotonic_ns},
@@ -222,14 +221,6 @@ impl Agent {
             problems: problems.clone(),
         });
         Ok(Some((report, problems)))
-    }
-
-    /// The frontend addresses no Service may claim on this node as `node` sees it.
-    fn reserved_on(&self, node: &NodeView) -> Reserved {
-        Reserved::for_node(
-            &self.inputs.file.node,
-            node.own_addrs().chain(self.uplink_addrs.iter().copied()),
-        )
     }
 
     /// Re-reads the config file (when it changed, or always with `force`) and applies it. A
