@@ -53,6 +53,9 @@ struct Inputs {
 struct Composed {
     desired: Desired,
     problems: Vec<Problem>,
+    /// Services wait for room in the maps: the same state is applied again (each tick), so
+    /// they are served once room appears.
+    waiting: bool,
 }
 
 pub struct Agent {
@@ -192,6 +195,7 @@ impl Agent {
         let (composed, conflicts) = model::compose(&self.inputs.file, services, policies);
         if let Some(last) = &self.composed
             && last.desired == composed
+            && !last.waiting
         {
             return Ok(Some((Report::default(), last.problems.clone())));
         }
@@ -202,7 +206,15 @@ impl Agent {
         let applied = self
             .reconciler
             .apply_admitting(&composed, &node, &mut self.maps)?;
-        let (report, left_out) = (applied.report, applied.left_out);
+        let (report, left_out, waiting) = (applied.report, applied.left_out, applied.waiting);
+        let not_served: Vec<String> = left_out.iter().map(ToString::to_string).collect();
+        for n in not_served
+            .iter()
+            .filter(|n| !self.health.not_served.contains(n))
+        {
+            warn!("not served: {n}");
+        }
+        self.health.not_served = not_served;
         self.health.map_writes += report.writes as u64;
         self.health.ready = true;
         self.desired = applied.desired;
@@ -219,6 +231,7 @@ impl Agent {
         self.composed = Some(Composed {
             desired: composed,
             problems: problems.clone(),
+            waiting,
         });
         Ok(Some((report, problems)))
     }

@@ -77,8 +77,8 @@ fn assume_node(desired: &Desired) -> (NodeView, Vec<String>) {
             .collect::<Vec<_>>()
     };
     for (v4, configured, field) in [
-        (true, desired.node.snat_ipv4.is_some(), "snat-ipv4"),
-        (false, desired.node.snat_ipv6.is_some(), "snat-ipv6"),
+        (true, !desired.node.snat_ipv4.is_empty(), "snat-ipv4"),
+        (false, !desired.node.snat_ipv6.is_empty(), "snat-ipv6"),
     ] {
         let concerned = names(&|s| s.mode == Mode::Snat && s.frontend.vip.is_ipv4() == v4);
         if !configured && !concerned.is_empty() {
@@ -107,8 +107,8 @@ fn assume_node(desired: &Desired) -> (NodeView, Vec<String>) {
         .flat_map(|s| s.backends.iter().map(|b| b.addr))
         .collect();
     let node = NodeView {
-        snat_ipv4: desired.node.snat_ipv4.or(Some(Ipv4Addr::UNSPECIFIED)),
-        snat_ipv6: desired.node.snat_ipv6.or(Some(Ipv6Addr::UNSPECIFIED)),
+        snat_ipv4: or_placeholder(&desired.node.snat_ipv4, Ipv4Addr::UNSPECIFIED),
+        snat_ipv6: or_placeholder(&desired.node.snat_ipv6, Ipv6Addr::UNSPECIFIED),
         node_addrs: BTreeSet::new(),
         local,
         broadcast: BTreeSet::new(),
@@ -116,6 +116,15 @@ fn assume_node(desired: &Desired) -> (NodeView, Vec<String>) {
         ephemeral_ports: None,
     };
     (node, unchecked)
+}
+
+/// The configured snat addresses, or a stand-in for the one the agent will find on the uplink.
+fn or_placeholder<A: Copy>(configured: &[A], placeholder: A) -> Vec<A> {
+    if configured.is_empty() {
+        vec![placeholder]
+    } else {
+        configured.to_vec()
+    }
 }
 
 #[cfg(test)]

@@ -109,8 +109,10 @@ struct RawFile {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct RawNode {
     hash_seed: Option<u32>,
-    snat_ipv4: Option<Ipv4Addr>,
-    snat_ipv6: Option<Ipv6Addr>,
+    #[serde(default)]
+    snat_ipv4: OneOrMany<Ipv4Addr>,
+    #[serde(default)]
+    snat_ipv6: OneOrMany<Ipv6Addr>,
     snat_ports: Option<String>,
     tcp_idle_timeout_seconds: Option<u64>,
     udp_idle_timeout_seconds: Option<u64>,
@@ -280,8 +282,8 @@ impl RawNode {
         }
         Ok(NodeSettings {
             hash_seed: self.hash_seed.unwrap_or(d.hash_seed),
-            snat_ipv4: self.snat_ipv4,
-            snat_ipv6: self.snat_ipv6,
+            snat_ipv4: snat_addrs(doc, &path.key("snat-ipv4"), &self.snat_ipv4)?,
+            snat_ipv6: snat_addrs(doc, &path.key("snat-ipv6"), &self.snat_ipv6)?,
             snat_ports,
             tcp_idle: timeout(
                 "tcp-idle-timeout-seconds",
@@ -527,6 +529,47 @@ fn unknown_policy(name: &str, policies: &BTreeMap<String, Policy>) -> String {
             known.join(", ")
         )
     }
+}
+
+/// A setting that takes one value or a list: `"10.0.0.1"` or `["10.0.0.1", "10.0.0.2"]`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany<T> {
+    One(T),
+    Many(Vec<T>),
+}
+
+impl<T> Default for OneOrMany<T> {
+    fn default() -> Self {
+        OneOrMany::Many(Vec::new())
+    }
+}
+
+/// snat source addresses: at most MAX_SNAT_ADDRS, each once.
+fn snat_addrs<T: Copy + Ord + std::fmt::Display>(
+    doc: &Document<'_>,
+    path: &Path_,
+    v: &OneOrMany<T>,
+) -> Result<Vec<T>, ConfigError> {
+    let addrs = match v {
+        OneOrMany::One(a) => vec![*a],
+        OneOrMany::Many(v) => v.clone(),
+    };
+    if addrs.len() > lb_common::MAX_SNAT_ADDRS {
+        return Err(doc.error(
+            path,
+            format!(
+                "{} addresses; at most {} per family",
+                addrs.len(),
+                lb_common::MAX_SNAT_ADDRS
+            ),
+        ));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    if let Some(a) = addrs.iter().find(|a| !seen.insert(**a)) {
+        return Err(doc.error(path, format!("{a} is listed twice")));
+    }
+    Ok(addrs)
 }
 
 /// One or two port ranges: "61000-65535" or "1024-29999,61000-65535".
@@ -802,6 +845,28 @@ backends = [{ address = "fd00:1:1::2" }]
             e.starts_with("lb.toml:2: node.reserved-ranges[1]: `10.1.1.1/24` has host bits set"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn snat_addresses_one_or_a_list() {
+        let parse = |t: &str| super::parse(Path::new("lb.toml"), t);
+        let one = parse("[node]\nsnat-ipv4 = \"10.0.0.1\"\n").unwrap();
+        assert_eq!(one.node.snat_ipv4, [Ipv4Addr::new(10, 0, 0, 1)]);
+        let two =
+            parse("[node]\nsnat-ipv4 = [\"10.0.0.1\", \"10.0.0.2\"]\nsnat-ipv6 = [\"fd00::1\"]\n")
+                .unwrap();
+        assert_eq!(two.node.snat_ipv4.len(), 2);
+        assert_eq!(two.node.snat_ipv6.len(), 1);
+        assert!(parse("").unwrap().node.snat_ipv4.is_empty());
+        let e = err(
+            "[node]\nsnat-ipv4 = [\"10.0.0.1\", \"10.0.0.2\", \"10.0.0.3\", \"10.0.0.4\", \"10.0.0.5\"]\n",
+        );
+        assert!(
+            e.starts_with("lb.toml:2: node.snat-ipv4: 5 addresses"),
+            "{e}"
+        );
+        let e = err("[node]\nsnat-ipv4 = [\"10.0.0.1\", \"10.0.0.1\"]\n");
+        assert!(e.contains("10.0.0.1 is listed twice"), "{e}");
     }
 
     #[test]

@@ -10,6 +10,9 @@ pub struct Health {
     pub reloads_applied: u64,
     pub reloads_rejected: u64,
     pub last_error: Option<String>,
+    /// Services of the desired state that are not served, each with why (the node cannot serve
+    /// it, or the maps have no room for it yet: retried on each apply).
+    pub not_served: Vec<String>,
     /// Entries in the flow and source tables at the last sweep.
     pub flow_entries: usize,
     pub source_entries: usize,

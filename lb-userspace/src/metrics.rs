@@ -415,6 +415,14 @@ fn agent_metrics(r: &mut Registry, view: &AgentView) {
         "1 when the desired state is applied and the data path attached",
     );
     ready.get_or_create(&vec![]).set(i64::from(h.ready));
+    let not_served = gauge_family(
+        r,
+        "services_not_served",
+        "Services of the desired state not served: the node cannot serve them, or the maps have no room for them yet (lb-agent status says which and why)",
+    );
+    not_served
+        .get_or_create(&vec![])
+        .set(i64::try_from(h.not_served.len()).unwrap_or(i64::MAX));
     let attached = gauge_family(
         r,
         "interface_attached",

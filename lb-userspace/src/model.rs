@@ -222,9 +222,10 @@ pub const DEFAULT_IPV6_PREFIX: u8 = 64;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeSettings {
     pub hash_seed: u32,
-    /// Source address for snat services; `None`: detected from the uplink.
-    pub snat_ipv4: Option<Ipv4Addr>,
-    pub snat_ipv6: Option<Ipv6Addr>,
+    /// Source addresses for snat services (up to MAX_SNAT_ADDRS each; each adds a full range of
+    /// ports per backend); empty: the uplink's first global address.
+    pub snat_ipv4: Vec<Ipv4Addr>,
+    pub snat_ipv6: Vec<Ipv6Addr>,
     /// Source ports for snat flows (one or two inclusive ranges); `None`: every port from 1024
     /// up that neither the node's own connections (its ephemeral range) nor NodePorts use.
     pub snat_ports: Option<Vec<(u16, u16)>>,
@@ -250,8 +251,8 @@ impl Default for NodeSettings {
     fn default() -> Self {
         NodeSettings {
             hash_seed: DEFAULT_HASH_SEED,
-            snat_ipv4: None,
-            snat_ipv6: None,
+            snat_ipv4: Vec::new(),
+            snat_ipv6: Vec::new(),
             snat_ports: None,
             tcp_idle: Duration::from_secs(350),
             udp_idle: Duration::from_secs(120),

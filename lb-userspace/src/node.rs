@@ -14,9 +14,9 @@ use crate::{
 /// What reconcile needs to know about the node itself.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeView {
-    /// Source addresses for snat services, per family (`None`: that family cannot be served).
-    pub snat_ipv4: Option<Ipv4Addr>,
-    pub snat_ipv6: Option<Ipv6Addr>,
+    /// Source addresses for snat services, per family (empty: that family cannot be served).
+    pub snat_ipv4: Vec<Ipv4Addr>,
+    pub snat_ipv6: Vec<Ipv6Addr>,
     /// The node's own addresses. A VIP among them is served on its services' ports only; its
     /// other traffic stays the node's.
     pub node_addrs: BTreeSet<IpAddr>,
@@ -34,8 +34,8 @@ impl NodeView {
         self.node_addrs
             .iter()
             .copied()
-            .chain(self.snat_ipv4.map(IpAddr::V4))
-            .chain(self.snat_ipv6.map(IpAddr::V6))
+            .chain(self.snat_ipv4.iter().copied().map(IpAddr::V4))
+            .chain(self.snat_ipv6.iter().copied().map(IpAddr::V6))
     }
 
     /// The snat source ports: the configured ones, or the default for this node.
@@ -136,14 +136,18 @@ pub fn view(
             .find(|a| Some(a.ifindex) == uplink && a.global && a.addr.is_ipv4() == v4)
             .map(|a| a.addr)
     };
-    let snat_ipv4 = desired.node.snat_ipv4.or(match first_global(true) {
-        Some(IpAddr::V4(a)) => Some(a),
-        _ => None,
-    });
-    let snat_ipv6 = desired.node.snat_ipv6.or(match first_global(false) {
-        Some(IpAddr::V6(a)) => Some(a),
-        _ => None,
-    });
+    let mut snat_ipv4 = desired.node.snat_ipv4.clone();
+    if snat_ipv4.is_empty()
+        && let Some(IpAddr::V4(a)) = first_global(true)
+    {
+        snat_ipv4.push(a);
+    }
+    let mut snat_ipv6 = desired.node.snat_ipv6.clone();
+    if snat_ipv6.is_empty()
+        && let Some(IpAddr::V6(a)) = first_global(false)
+    {
+        snat_ipv6.push(a);
+    }
     let node_addrs = addrs.iter().filter(|a| a.global).map(|a| a.addr).collect();
     let backend_ifaces: BTreeSet<u32> = ifaces.backends.iter().map(|l| l.ifindex).collect();
     let mut local = BTreeSet::new();

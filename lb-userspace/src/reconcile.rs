@@ -99,8 +99,8 @@ fn service_problem(s: &Service, node: &NodeView) -> Option<String> {
     match s.mode {
         Mode::Snat => {
             let (missing, family) = match s.frontend.vip {
-                IpAddr::V4(_) => (node.snat_ipv4.is_none(), 4),
-                IpAddr::V6(_) => (node.snat_ipv6.is_none(), 6),
+                IpAddr::V4(_) => (node.snat_ipv4.is_empty(), 4),
+                IpAddr::V6(_) => (node.snat_ipv6.is_empty(), 6),
             };
             if missing {
                 return Some(format!(
@@ -164,6 +164,9 @@ pub struct Applied {
     pub desired: Desired,
     /// Services from the cluster this node cannot serve, not applied.
     pub left_out: Vec<Invalid>,
+    /// Some of them only wait for room in the maps: the same state applied again may serve
+    /// them.
+    pub waiting: bool,
 }
 
 /// What one `apply` changed.
@@ -394,10 +397,14 @@ impl Reconciler {
         }
         let default_policy = self.apply_policies(desired, &mut t)?;
 
-        let mut wanted = BTreeSet::new();
+        // Removals first: the ids they free make room for what is added.
+        let wanted: BTreeSet<ServiceKey> = desired.services.keys().map(Frontend::key).collect();
+        for key in self.stale(&wanted) {
+            self.remove_service(&key, &mut t)?;
+            report.services_removed += 1;
+        }
         for (frontend, service) in &desired.services {
             let key = frontend.key();
-            wanted.insert(key);
             let policy = service
                 .policy
                 .as_ref()
@@ -408,17 +415,6 @@ impl Reconciler {
         }
 
         self.apply_addrs(desired, node, &mut t)?;
-
-        let stale: Vec<ServiceKey> = self
-            .services
-            .keys()
-            .filter(|k| !wanted.contains(k))
-            .copied()
-            .collect();
-        for key in stale {
-            self.remove_service(&key, &mut t)?;
-            report.services_removed += 1;
-        }
         self.remove_stale_policies(desired);
         report.writes = t.writes;
         Ok(report)
@@ -432,13 +428,120 @@ impl Reconciler {
         node: &NodeView,
         tables: &mut dyn Tables,
     ) -> Result<Applied, ApplyError> {
-        let (admitted, left_out) = admit(desired, node)?;
+        let (admitted, mut left_out) = admit(desired, node)?;
+        let (admitted, no_room) = self.fit(admitted);
+        let waiting = !no_room.is_empty();
+        left_out.extend(no_room);
         let report = self.apply(&admitted, node, tables)?;
         Ok(Applied {
             report,
             desired: admitted,
             left_out,
+            waiting,
         })
+    }
+
+    /// Applied services that `wanted` no longer lists.
+    fn stale(&self, wanted: &BTreeSet<ServiceKey>) -> Vec<ServiceKey> {
+        self.services
+            .keys()
+            .filter(|k| !wanted.contains(k))
+            .copied()
+            .collect()
+    }
+
+    /// Free ids once `wanted`'s removals are done: (services, backends).
+    fn room(&self, wanted: &BTreeSet<ServiceKey>) -> (usize, usize) {
+        let stale = self.stale(wanted);
+        let backends: usize = stale.iter().map(|k| self.services[k].backends.len()).sum();
+        (
+            self.service_ids.free() + stale.len(),
+            self.backend_ids.free() + backends,
+        )
+    }
+
+    /// What of `desired` fits the maps, so that running out of room never stops the rest:
+    /// services already applied keep their place and take their new backends first, then new
+    /// services are added in order while their ids and backends fit. Only the cluster's services
+    /// are left out (an applied one keeps its listed backends and gets as many new ones as fit);
+    /// the config file's come first and, if they do not fit, `apply` rejects the file, as any
+    /// other mistake in it. What is left out is returned, to be reported and tried again. Room
+    /// freed by a kept service's removed backends counts from the next apply on.
+    fn fit(&self, mut desired: Desired) -> (Desired, Vec<Invalid>) {
+        let wanted: BTreeSet<ServiceKey> = desired.services.keys().map(Frontend::key).collect();
+        let (mut services, mut backends) = self.room(&wanted);
+        let mut no_room = Vec::new();
+        let too_many = |s: &Service, what: &str, flag: &str, max: u32| Invalid {
+            origin: s.origin.clone(),
+            name: s.name.clone(),
+            frontend: s.frontend,
+            reason: format!(
+                "no room for {what} (at most {max}, {flag}); tried again on every apply"
+            ),
+        };
+        let from_cluster = |s: &Service| s.origin.kubernetes_object().is_some();
+        // Applied services first, the config file's before the cluster's.
+        let mut applied: Vec<&mut Service> = desired
+            .services
+            .values_mut()
+            .filter(|s| self.services.contains_key(&s.frontend.key()))
+            .collect();
+        applied.sort_by_key(|s| from_cluster(s));
+        for s in applied {
+            let listed = &self.services[&s.frontend.key()].backends;
+            let new = s
+                .backends
+                .iter()
+                .filter(|b| !listed.contains_key(&(b.addr, b.port)))
+                .count();
+            if new <= backends || !from_cluster(s) {
+                backends = backends.saturating_sub(new);
+                continue;
+            }
+            let mut admitted = 0;
+            let waiting = new - backends;
+            s.backends.retain(|b| {
+                listed.contains_key(&(b.addr, b.port)) || {
+                    admitted += 1;
+                    admitted <= backends
+                }
+            });
+            backends = 0;
+            no_room.push(too_many(
+                s,
+                &format!("{waiting} of its new backends"),
+                "--max-backends",
+                self.sizes.max_backends,
+            ));
+        }
+        let mut new: Vec<(bool, Frontend)> = desired
+            .services
+            .values()
+            .filter(|s| !self.services.contains_key(&s.frontend.key()))
+            .map(|s| (from_cluster(s), s.frontend))
+            .collect();
+        new.sort();
+        for (cluster, f) in new {
+            let s = &desired.services[&f];
+            let short = if services == 0 {
+                Some(("another service", "--max-services", self.sizes.max_services))
+            } else if s.backends.len() > backends {
+                Some(("its backends", "--max-backends", self.sizes.max_backends))
+            } else {
+                None
+            };
+            match short {
+                Some((what, flag, max)) if cluster => {
+                    no_room.push(too_many(s, what, flag, max));
+                    desired.services.remove(&f);
+                }
+                _ => {
+                    services = services.saturating_sub(1);
+                    backends = backends.saturating_sub(s.backends.len());
+                }
+            }
+        }
+        (desired, no_room)
     }
 
     /// Everything `apply` would refuse, checked before any write.
@@ -457,13 +560,15 @@ impl Reconciler {
         if !invalid.is_empty() {
             return Err(ApplyError::Invalid(invalid));
         }
-        // Room for what is new.
+        // Room for what is new, once the removals are done.
+        let wanted: BTreeSet<ServiceKey> = desired.services.keys().map(Frontend::key).collect();
+        let (room_services, room_backends) = self.room(&wanted);
         let new_services = desired
             .services
             .keys()
             .filter(|f| !self.services.contains_key(&f.key()))
             .count();
-        if new_services > self.service_ids.free() {
+        if new_services > room_services {
             return Err(ApplyError::Capacity {
                 what: "services",
                 max: self.sizes.max_services,
@@ -481,7 +586,7 @@ impl Reconciler {
                     .count()
             })
             .sum();
-        if new_backends > self.backend_ids.free() {
+        if new_backends > room_backends {
             return Err(ApplyError::Capacity {
                 what: "backends",
                 max: self.sizes.max_backends,
@@ -509,11 +614,11 @@ impl Reconciler {
             |d: std::time::Duration| flow_ticks(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
         let mut snat_v4 = [Addr::ZERO; MAX_SNAT_ADDRS];
         let mut snat_v6 = [Addr::ZERO; MAX_SNAT_ADDRS];
-        if let Some(a) = node.snat_ipv4 {
-            snat_v4[0] = Addr::v4(a.octets());
+        for (slot, a) in snat_v4.iter_mut().zip(&node.snat_ipv4) {
+            *slot = Addr::v4(a.octets());
         }
-        if let Some(a) = node.snat_ipv6 {
-            snat_v6[0] = Addr(a.octets());
+        for (slot, a) in snat_v6.iter_mut().zip(&node.snat_ipv6) {
+            *slot = Addr(a.octets());
         }
         let mut snat_ports = [PortRange::EMPTY; 2];
         for (slot, (min, max)) in snat_ports.iter_mut().zip(node.snat_ports(n)) {
@@ -526,8 +631,8 @@ impl Reconciler {
             tcp_closing: ticks(n.tcp_closing),
             tcp_handshake: ticks(n.tcp_handshake),
             tcp_time_wait: ticks(n.tcp_time_wait),
-            snat_v4_count: u32::from(node.snat_ipv4.is_some()),
-            snat_v6_count: u32::from(node.snat_ipv6.is_some()),
+            snat_v4_count: snat_count(node.snat_ipv4.len()),
+            snat_v6_count: snat_count(node.snat_ipv6.len()),
             snat_v4,
             snat_v6,
             snat_ports,
@@ -896,9 +1001,9 @@ impl Reconciler {
         }
         let snat = node
             .snat_ipv4
-            .map(IpAddr::V4)
-            .into_iter()
-            .chain(node.snat_ipv6.map(IpAddr::V6));
+            .iter()
+            .map(|a| IpAddr::V4(*a))
+            .chain(node.snat_ipv6.iter().map(|a| IpAddr::V6(*a)));
         for a in snat {
             addrs.entry(Addr::from(a)).or_default().flags |= ADDR_NODE;
         }
@@ -1118,6 +1223,12 @@ counted! {
     set_overflow(policy: u32, s: &Source);
 }
 
+/// The data path's count of snat addresses (the config's validation keeps it at most
+/// MAX_SNAT_ADDRS).
+fn snat_count(n: usize) -> u32 {
+    u32::try_from(n.min(MAX_SNAT_ADDRS)).unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -1141,8 +1252,8 @@ mod tests {
 
     fn node() -> NodeView {
         NodeView {
-            snat_ipv4: Some("10.0.0.1".parse().unwrap()),
-            snat_ipv6: None,
+            snat_ipv4: vec!["10.0.0.1".parse().unwrap()],
+            snat_ipv6: Vec::new(),
             node_addrs: ["10.0.0.1".parse().unwrap()].into(),
             local: ["10.1.1.2".parse().unwrap(), "10.1.1.3".parse().unwrap()].into(),
             broadcast: std::collections::BTreeSet::default(),
@@ -1355,6 +1466,92 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("snat needs an IPv6 source address"), "{e}");
+    }
+
+    #[test]
+    fn what_does_not_fit_is_left_out_and_the_rest_keeps_updating() {
+        let mut rec = Reconciler::new(Sizes {
+            max_services: 2,
+            max_backends: 4,
+            ..sizes()
+        });
+        let mut tables = MemoryTables::default();
+        let from_cluster = |vip: &str, backends: &[&str]| {
+            let mut s = service(
+                vip,
+                80,
+                Mode::Snat,
+                backends.iter().map(|b| backend(b, 1)).collect(),
+            );
+            s.origin = Origin::Kubernetes {
+                namespace: "default".into(),
+                name: vip.into(),
+            };
+            s
+        };
+        let a = from_cluster("10.96.0.1", &["10.1.2.1"]);
+        let b = from_cluster("10.96.0.2", &["10.1.2.2"]);
+        let c = from_cluster("10.96.0.3", &["10.1.2.3"]);
+        let mut apply = |rec: &mut Reconciler, services: Vec<Service>| {
+            rec.apply_admitting(&desired(services), &node(), &mut tables)
+                .unwrap()
+        };
+        // Three services, room for two: the first two in order are served.
+        let applied = apply(&mut rec, vec![a.clone(), b.clone(), c.clone()]);
+        assert_eq!(applied.desired.services.len(), 2);
+        assert!(applied.waiting);
+        assert_eq!(applied.left_out.len(), 1);
+        assert_eq!(applied.left_out[0].frontend, c.frontend);
+        assert!(
+            applied.left_out[0].reason.contains("--max-services"),
+            "{}",
+            applied.left_out[0].reason
+        );
+        // A served service still takes changes: two backend ids are free, so `a` gets two of
+        // its three new backends and says the third waits.
+        let a4 = from_cluster(
+            "10.96.0.1",
+            &["10.1.2.1", "10.1.3.1", "10.1.3.2", "10.1.3.3"],
+        );
+        let applied = apply(&mut rec, vec![a4.clone(), b.clone(), c.clone()]);
+        assert_eq!(rec.ids(&key(&a)).unwrap().1.len(), 3);
+        assert!(
+            applied
+                .left_out
+                .iter()
+                .any(|i| i.frontend == a.frontend && i.reason.contains("1 of its new backends")),
+            "{:?}",
+            applied.left_out
+        );
+        // `b` goes: its ids make room in the same apply, for `a`'s last backend first.
+        let applied = apply(&mut rec, vec![a4.clone(), c.clone()]);
+        assert!(rec.ids(&key(&b)).is_none());
+        assert_eq!(rec.ids(&key(&a)).unwrap().1.len(), 4);
+        assert!(rec.ids(&key(&c)).is_none(), "no backend id left for c");
+        assert_eq!(applied.left_out.len(), 1);
+        // `a` shrinks: the ids it frees serve `c` on the next apply of the same state.
+        let applied = apply(&mut rec, vec![a.clone(), c.clone()]);
+        assert!(applied.waiting);
+        let applied = apply(&mut rec, vec![a.clone(), c.clone()]);
+        assert!(rec.ids(&key(&c)).is_some(), "{:?}", applied.left_out);
+        assert!(!applied.waiting && applied.left_out.is_empty());
+    }
+
+    #[test]
+    fn a_config_file_that_does_not_fit_is_rejected_whole() {
+        let mut rec = Reconciler::new(Sizes {
+            max_services: 1,
+            ..sizes()
+        });
+        let e = rec
+            .apply_admitting(
+                &desired(vec![web(), service("10.96.0.20", 80, Mode::Snat, vec![])]),
+                &node(),
+                &mut MemoryTables::default(),
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--max-services"), "{e}");
     }
 
     #[test]

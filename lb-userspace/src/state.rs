@@ -21,6 +21,9 @@ pub struct State {
     pub ready: bool,
     /// The last reload's error, if it was rejected (the previous state stays in force).
     pub last_error: Option<String>,
+    /// Services not served, each with why.
+    #[serde(default)]
+    pub not_served: Vec<String>,
     /// Desired states applied and rejected since start.
     pub applied: u64,
     pub rejected: u64,

@@ -21,6 +21,8 @@ pub struct Status {
     pub inputs: Option<String>,
     pub ready: Option<bool>,
     pub last_error: Option<String>,
+    /// Services of the desired state not served, each with why.
+    pub not_served: Vec<String>,
     pub interfaces: Vec<crate::state::InterfaceLabel>,
     pub services: Vec<ServiceStatus>,
     /// Sources being held back the most (by packets dropped while tracked).
@@ -116,6 +118,10 @@ pub fn status(paths: &Paths) -> Result<Status> {
         inputs: state.as_ref().map(|s| s.inputs.clone()),
         ready: state.as_ref().map(|s| s.ready),
         last_error: state.as_ref().and_then(|s| s.last_error.clone()),
+        not_served: state
+            .as_ref()
+            .map(|s| s.not_served.clone())
+            .unwrap_or_default(),
         interfaces: state.map(|s| s.interfaces).unwrap_or_default(),
         services,
         limited_sources,
@@ -285,6 +291,9 @@ fn render_agent(out: &mut String, s: &Status) {
     );
     if let Some(e) = &s.last_error {
         let _ = writeln!(out, "last config rejected (previous one in force): {e}");
+    }
+    for n in &s.not_served {
+        let _ = writeln!(out, "NOT SERVED: {n}");
     }
     for i in &s.interfaces {
         let _ = writeln!(

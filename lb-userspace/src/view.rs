@@ -49,6 +49,7 @@ impl AgentView {
             inputs: self.inputs.clone(),
             ready: self.health.ready,
             last_error: self.health.last_error.clone(),
+            not_served: self.health.not_served.clone(),
             applied: self.health.reloads_applied,
             rejected: self.health.reloads_rejected,
             services: self.services.iter().map(|s| s.label.clone()).collect(),

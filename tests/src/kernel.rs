@@ -105,8 +105,8 @@ impl Fixture {
         // lb_uplink balances only frames sent to up0's MAC.
         maps.set_link_mac(up0 % MAC_SLOTS, &LinkMac::new(up0, mac("up0")?))?;
         let node = NodeView {
-            snat_ipv4: Some(NODE_V4.parse()?),
-            snat_ipv6: Some(NODE_V6.parse()?),
+            snat_ipv4: vec![NODE_V4.parse()?],
+            snat_ipv6: vec![NODE_V6.parse()?],
             node_addrs: [NODE_V4.parse()?, NODE_V6.parse()?].into(),
             local: ["10.1.9.2".parse()?, "fd00:1:9::2".parse()?].into(),
             broadcast: ["10.0.0.255".parse()?, "10.2.0.255".parse()?].into(),

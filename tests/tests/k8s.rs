@@ -67,14 +67,18 @@ struct MemTarget {
 
 impl MemTarget {
     fn new() -> MemTarget {
+        MemTarget::with_sizes(Sizes {
+            ring_size: 251,
+            ..Sizes::default()
+        })
+    }
+
+    fn with_sizes(sizes: Sizes) -> MemTarget {
         MemTarget {
-            reconciler: Reconciler::new(Sizes {
-                ring_size: 251,
-                ..Sizes::default()
-            }),
+            reconciler: Reconciler::new(sizes),
             tables: MemoryTables::default(),
             node: NodeView {
-                snat_ipv4: Some(NODE_ADDR),
+                snat_ipv4: vec![NODE_ADDR],
                 node_addrs: [IpAddr::V4(NODE_ADDR)].into(),
                 // Pods in 10.1.1.0/24 are on this node (preserve-client-ip needs them local).
                 local: (2..=20)
@@ -148,9 +152,15 @@ impl Target for MemTarget {
                 Problem::for_service(&c.service.origin, &c.service.frontend, c.to_string())
             })
             .collect();
-        let report = self
+        // As the agent does: what this node cannot serve, or has no room for, is left out and
+        // reported.
+        let applied = self
             .reconciler
-            .apply(&desired, &self.node, &mut self.tables)?;
+            .apply_admitting(&desired, &self.node, &mut self.tables)?;
+        problems.extend(applied.left_out.iter().filter_map(|i| {
+            Problem::for_service(&i.origin, &i.frontend, format!("{}; not served", i.reason))
+        }));
+        let report = applied.report;
         if report.writes > 0 {
             self.writes += report.writes;
             let view = self.view();
@@ -195,6 +205,10 @@ impl Drop for Cluster {
 
 impl Cluster {
     fn start() -> Cluster {
+        Cluster::start_with(MemTarget::new())
+    }
+
+    fn start_with(target: MemTarget) -> Cluster {
         let server = TestApiServer::start().expect("test API server");
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -202,7 +216,7 @@ impl Cluster {
             .build()
             .expect("runtime");
         let kubeconfig = server.kubeconfig_path().to_path_buf();
-        let target = Arc::new(Mutex::new(MemTarget::new()));
+        let target = Arc::new(Mutex::new(target));
         let (client, pipeline) = runtime.block_on(async {
             let client = client(&kubeconfig).await;
             let mut source = KubeInput::connect(Some(&kubeconfig), NODE.into())
@@ -694,6 +708,84 @@ fn a_vanished_endpoint_drains_for_the_deregistration_delay_then_its_flows_end() 
         ("10.1.1.4".parse().expect("ip"), 8080)
     );
     assert!(t.end_flows[0].reset);
+}
+
+/// Service `name` as [`service`] makes it, on externalIP 10.96.0.`n` (clusterIP 172.20.0.`n`).
+fn service_at(name: &str, n: u8) -> Value {
+    let mut s = service(name, "http", &[]);
+    s["spec"]["externalIPs"] = json!([format!("10.96.0.{n}")]);
+    s["spec"]["clusterIP"] = json!(format!("172.20.0.{n}"));
+    s
+}
+
+#[test]
+fn more_frontends_than_max_services_leaves_the_overflow_out_and_the_rest_keeps_updating() {
+    // Room for 2 frontends (each of these Services has one: its externalIP).
+    let c = Cluster::start_with(MemTarget::with_sizes(Sizes {
+        ring_size: 251,
+        max_services: 2,
+        ..Sizes::default()
+    }));
+    c.settle();
+    let frontends = |n: u8, backends: &[(&str, u32)]| -> View {
+        let b: BTreeMap<String, u32> = backends
+            .iter()
+            .map(|(a, w)| (format!("{a}:8080"), *w))
+            .collect();
+        [(format!("10.96.0.{n}:80/tcp"), b)].into()
+    };
+    let join = |views: &[View]| -> View {
+        views
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    };
+    let one = [("10.1.1.2", 1)];
+    let two = [("10.1.1.2", 1), ("10.1.1.3", 1)];
+    // Two Services fill the room; a third is left out.
+    let mut served = View::new();
+    for (name, n) in [("s11", 11), ("s12", 12)] {
+        let before = served.clone();
+        served = join(&[before.clone(), frontends(n, &one)]);
+        c.step(
+            &format!("Service {name}"),
+            |c| {
+                c.apply(service_at(name, n));
+                c.apply(slice(&format!("{name}-a"), name, "http", 8080, &pods(1)));
+            },
+            &served,
+            &[&before, &join(&[before.clone(), frontends(n, &[])])],
+        );
+    }
+    c.apply(service_at("s13", 13));
+    c.apply(slice("s13-a", "s13", "http", 8080, &pods(1)));
+    wait_for("a Warning Event on the Service left out", || {
+        c.events_about("s13").iter().any(|e| {
+            e.type_.as_deref() == Some("Warning")
+                && e.message
+                    .as_deref()
+                    .is_some_and(|m| m.contains("no room") && m.contains("--max-services"))
+        })
+    });
+    assert_eq!(c.target().view(), served, "s13 is not served");
+    // The served ones keep updating.
+    let before = served.clone();
+    served = join(&[frontends(11, &two), frontends(12, &one)]);
+    c.step(
+        "an endpoint added to a served Service",
+        |c| c.apply(slice("s11-a", "s11", "http", 8080, &pods(2))),
+        &served,
+        &[&before],
+    );
+    // Room appears: the Service left out is served in the same apply.
+    let before = served.clone();
+    c.step(
+        "a served Service deleted",
+        |c| c.delete_service("s12"),
+        &join(&[frontends(11, &two), frontends(13, &one)]),
+        &[&before, &join(&[frontends(11, &two)])],
+    );
 }
 
 #[test]

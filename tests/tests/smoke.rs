@@ -113,12 +113,12 @@ fn interfaces(agent: &AgentProcess) -> Vec<(String, String, String, String)> {
         .iter()
         .map(|i| {
             let s = |k: &str| i[k].as_str().unwrap_or_default().to_string();
-            (s("name"), s("program"), s("mode"), s("note"))
+            (s("name"), s("program"), s("hook"), s("note"))
         })
         .collect()
 }
 
-/// The mode every lb_backend interface is attached in (they must agree).
+/// The hook every lb_backend interface is attached to, "tcx" or "tc-classic" (they must agree).
 fn backend_mode(agent: &AgentProcess) -> String {
     let modes: Vec<String> = interfaces(agent)
         .into_iter()

@@ -38,8 +38,8 @@ fn sizes() -> Sizes {
 /// The node the reload runs on: 10.1.1.0/24 local, no IPv6 address.
 fn node() -> NodeView {
     NodeView {
-        snat_ipv4: Some(Ipv4Addr::new(10, 0, 0, 1)),
-        snat_ipv6: None,
+        snat_ipv4: vec![Ipv4Addr::new(10, 0, 0, 1)],
+        snat_ipv6: Vec::new(),
         node_addrs: [IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))].into(),
         local: (2..=9)
             .map(|i| IpAddr::V4(Ipv4Addr::new(10, 1, 1, i)))

@@ -94,6 +94,10 @@ fn human(n: u32) -> String {
 /// How much to measure.
 #[derive(Clone, Debug)]
 pub struct Plan {
+    /// Measured first, the setup beside the targets: 1 service x 8 backends, snat, a flow table
+    /// holding `reference_fill` flows (as the comparison with Katran in issue 15 was set up).
+    pub reference: Config,
+    pub reference_fill: u32,
     pub configs: Vec<Config>,
     /// Flow-table fills: 0 (empty) and the prefilled count.
     pub fills: Vec<u32>,
@@ -147,6 +151,12 @@ impl Plan {
             }
         };
         Plan {
+            reference: Config::new(1, 8),
+            reference_fill: if matches!(scale, Scale::Smoke) {
+                10_000
+            } else {
+                100_000
+            },
             configs,
             fills,
             runs,
@@ -349,17 +359,18 @@ pub fn run_plan(plan: Plan, cpu: usize) -> Result<PerPacket> {
         cpu,
         left_out: plan.left_out.clone(),
     };
-    for config in &plan.configs {
+    let setups = std::iter::once((plan.reference, vec![plan.reference_fill]))
+        .chain(plan.configs.iter().map(|c| (*c, plan.fills.clone())));
+    for (config, fills) in setups {
         println!(
-            "per-packet: {} (ring {}), flow fills {:?}",
+            "per-packet: {} (ring {}), flow fills {fills:?}",
             config.label(),
             config.ring_size,
-            plan.fills
         );
         // A thread per configuration: the fixture moves its thread into a private network
         // namespace, which goes away with the thread.
         let (setups, rows) = std::thread::scope(|s| {
-            s.spawn(|| measure_config(*config, &plan, cpu))
+            s.spawn(|| measure_config(config, &plan, &fills, cpu))
                 .join()
                 .unwrap_or_else(|p| std::panic::resume_unwind(p))
         })
@@ -526,7 +537,12 @@ struct Bench<'a> {
     seq: u64,
 }
 
-fn measure_config(config: Config, plan: &Plan, cpu: usize) -> Result<(Vec<Setup>, Vec<Row>)> {
+fn measure_config(
+    config: Config,
+    plan: &Plan,
+    fills: &[u32],
+    cpu: usize,
+) -> Result<(Vec<Setup>, Vec<Row>)> {
     pin_thread(cpu)?;
     let layout = Layout {
         services: config.services,
@@ -562,7 +578,7 @@ fn measure_config(config: Config, plan: &Plan, cpu: usize) -> Result<(Vec<Setup>
     let mut setups = Vec::new();
     let mut rows = Vec::new();
     let mut filled = 0u32;
-    for &fill in &plan.fills {
+    for &fill in fills {
         let fill_time = if fill > filled {
             let t = b.fill_flows(filled, fill - filled)?;
             println!(

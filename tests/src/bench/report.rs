@@ -24,7 +24,8 @@ fn mpps(v: f64) -> String {
     format!("{:.2}", v / 1e6)
 }
 
-/// The setup whose numbers stand beside the targets: the first (1 service, empty table).
+/// The setup whose numbers stand beside the targets: the first, the plan's reference (1 service
+/// x 8 backends, snat, 100k flows in the table).
 const REFERENCE_SETUP: usize = 0;
 
 pub fn perpacket_tables(p: &PerPacket) -> String {
@@ -387,6 +388,22 @@ pub fn memory_tables(m: &Memory) -> String {
             s,
             "| {} ({what}) | {} | {} + {} B | {:.0} B |",
             p.map, p.kind, p.key_size, p.value_size, p.bytes
+        );
+    }
+    let charge = |map: &str| m.per_entry.iter().find(|p| p.map == map).map(|p| p.bytes);
+    if let Some(b) = charge(lb_common::MAP_FLOWS4) {
+        let _ = writeln!(
+            s,
+            "\n**Per flow** (IPv4, both directions: two entries): {:.0} B (target <= 200 B).",
+            2.0 * b
+        );
+    }
+    if let Some(b) = charge(lb_common::MAP_SOURCES) {
+        let _ = writeln!(
+            s,
+            "**Per tracked source**: {:.0} B, and its 4-byte tag in {} (target <= 64 B).",
+            b,
+            lb_common::MAP_SOURCE_TAGS
         );
     }
     if let Some(b) = m.meminfo_flow_bytes {

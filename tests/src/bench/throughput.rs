@@ -530,8 +530,8 @@ impl Lb {
         } = dataplane::load(&sizes, None)?;
         let mut maps = Maps::take(&mut ebpf)?;
         let node = NodeView {
-            snat_ipv4: Some("10.0.0.1".parse()?),
-            snat_ipv6: None,
+            snat_ipv4: vec!["10.0.0.1".parse()?],
+            snat_ipv6: Vec::new(),
             node_addrs: ["10.0.0.1".parse()?].into(),
             local: Default::default(),
             broadcast: Default::default(),
