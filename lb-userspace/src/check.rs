@@ -96,6 +96,11 @@ fn assume_node(desired: &Desired) -> (NodeView, Vec<String>) {
             preserving.join(", ")
         ));
     }
+    if !desired.services.is_empty() {
+        unchecked.push(
+            "no service may claim an address of the node, which its interfaces decide: services on the node's own addresses are refused when applied".to_string(),
+        );
+    }
     let local: BTreeSet<IpAddr> = desired
         .services
         .values()

@@ -8,6 +8,9 @@
 //! snat-ports = "61000-65535"
 //! tcp-idle-timeout-seconds = 350
 //! rate-limit = "default"           # policy for services without their own
+//! reserved-ranges = ["10.244.0.0/16"]  # no service may claim these (besides the node's
+//!                                  # addresses, loopback, link-local: always reserved)
+//! allow-reserved = ["kube-system/ingress"]  # services allowed them anyway
 //!
 //! [rate-limits.default]
 //! packets-per-second = 1000
@@ -46,6 +49,7 @@ use crate::{
         Backend, Cidr, DEFAULT_IPV6_PREFIX, Desired, Frontend, Limits, Mode, NodeSettings, Origin,
         Policy, Protocol, Rate, Service, SourceRanges, TableFull,
     },
+    reserved::Reserved,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +122,10 @@ struct RawNode {
     tcp_handshake_timeout_seconds: Option<u64>,
     tcp_time_wait_seconds: Option<u64>,
     rate_limit: Option<String>,
+    #[serde(default)]
+    reserved_ranges: Vec<String>,
+    #[serde(default)]
+    allow_reserved: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -206,12 +214,24 @@ impl RawFile {
             policies.insert(name.clone(), policy);
         }
         let node = self.node.validate(doc, &policies)?;
+        // What is reserved whatever the node's addresses (those are checked when applied).
+        let reserved = Reserved {
+            ranges: node.reserved_ranges.clone(),
+            allowed: node.allow_reserved.iter().cloned().collect(),
+            ..Reserved::default()
+        };
 
         let mut services = BTreeMap::new();
         for (i, raw) in self.services.iter().enumerate() {
             let path = Path_::new().key("services").index(i);
             let line = doc.line_at(raw.span().start);
             let service = raw.get_ref().validate(doc, &path, line, &policies)?;
+            if let Some(why) = reserved.refuse(&service.name, service.frontend.vip) {
+                return Err(doc.error(
+                    &path.key("vip"),
+                    format!("service `{}`: {why}", service.name),
+                ));
+            }
             if let Some(other) = services.get(&service.frontend) {
                 let other: &Service = other;
                 return Err(doc.error(
@@ -261,6 +281,21 @@ impl RawNode {
         {
             return Err(doc.error(&path.key("rate-limit"), unknown_policy(name, policies)));
         }
+        let mut reserved_ranges = Vec::with_capacity(self.reserved_ranges.len());
+        for (i, r) in self.reserved_ranges.iter().enumerate() {
+            reserved_ranges.push(
+                r.parse::<Cidr>()
+                    .map_err(|m| doc.error(&path.key("reserved-ranges").index(i), m))?,
+            );
+        }
+        for (i, who) in self.allow_reserved.iter().enumerate() {
+            if who.trim().is_empty() || who.trim() != who {
+                return Err(doc.error(
+                    &path.key("allow-reserved").index(i),
+                    format!("`{who}`: a config-file service's name or a Service's namespace/name"),
+                ));
+            }
+        }
         Ok(NodeSettings {
             hash_seed: self.hash_seed.unwrap_or(d.hash_seed),
             snat_ipv4: snat_addrs(doc, &path.key("snat-ipv4"), &self.snat_ipv4)?,
@@ -292,6 +327,8 @@ impl RawNode {
                 d.tcp_time_wait,
             )?,
             default_policy: self.rate_limit.clone(),
+            reserved_ranges,
+            allow_reserved: self.allow_reserved.clone(),
         })
     }
 }
@@ -793,6 +830,44 @@ backends = [{ address = "fd00:1:1::2" }]
     fn syntax_errors_name_the_line() {
         let e = err("[node]\nhash-seed = \n");
         assert!(e.starts_with("lb.toml:2: "), "{e}");
+    }
+
+    #[test]
+    fn a_service_on_a_reserved_address_is_rejected_naming_it_unless_allowed() {
+        let svc = |name: &str, vip: &str| {
+            format!(
+                "\n[[services]]\nname = \"{name}\"\nvip = \"{vip}\"\nport = 22\nprotocol = \"tcp\"\n"
+            )
+        };
+        let e = err(&svc("ssh", "127.0.0.1"));
+        assert!(
+            e.starts_with(
+                "lb.toml:4: services[0].vip: service `ssh`: 127.0.0.1 is a loopback address"
+            ),
+            "{e}"
+        );
+        let e = err(&svc("meta", "fe80::1"));
+        assert!(
+            e.contains("service `meta`: fe80::1 is a link-local address"),
+            "{e}"
+        );
+        let node = "[node]\nreserved-ranges = [\"10.244.0.0/16\"]\n";
+        let e = err(&format!("{node}{}", svc("pods", "10.244.1.1")));
+        assert!(
+            e.starts_with("lb.toml:6: services[0].vip: service `pods`: 10.244.1.1 is in 10.244.0.0/16, which node.reserved-ranges reserves"),
+            "{e}"
+        );
+        let allowed = format!(
+            "[node]\nreserved-ranges = [\"10.244.0.0/16\"]\nallow-reserved = [\"pods\"]\n{}",
+            svc("pods", "10.244.1.1")
+        );
+        let d = parse(Path::new("lb.toml"), &allowed).unwrap();
+        assert_eq!(d.node.allow_reserved, ["pods"]);
+        let e = err("[node]\nreserved-ranges = [\"10.0.0.0/8\", \"10.1.1.1/24\"]\n");
+        assert!(
+            e.starts_with("lb.toml:2: node.reserved-ranges[1]: `10.1.1.1/24` has host bits set"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! config file's. This file is the translation (pure: objects in, services out); `watch` keeps
 //! the objects current.
 //!
-//! Opt-in: the annotation `xdplb.io/enabled: "true"`. kube-proxy keeps handling the Service's
+//! Opt-in: the annotation `xdplb.io/enabled: "true"` (boolean annotations are read as Go's
+//! `strconv.ParseBool` reads them, so `"True"` and `"1"` opt in too; a value it would not
+//! understand is reported). kube-proxy keeps handling the Service's
 //! ClusterIP (in-cluster clients); the agent serves its external entry points, where XDP sees
 //! packets before kube-proxy's rules do: `status.loadBalancer.ingress` IPs, `spec.externalIPs`,
 //! and the `nodePort` on this node's addresses (where an NLB with instance targets sends).
@@ -13,6 +15,12 @@
 //! node's (by `nodeName`), and the client's address is kept. An endpoint that stops being used
 //! drains like an NLB target: it keeps its flows but gets no new ones for the deregistration
 //! delay, then its flows are ended.
+//!
+//! Tenant safety: a Service may not claim a reserved address ([`crate::reserved`]) as a
+//! load-balancer ingress IP or externalIP; that frontend is left out and reported. Two Services
+//! claiming one frontend (VIP, port, protocol): the older one (creationTimestamp, then uid)
+//! keeps it, whatever their names, and the newer one is reported; a newer Service never takes
+//! over a live VIP.
 pub mod health;
 pub mod input;
 pub mod watch;
@@ -23,15 +31,19 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::api::{
-    core::v1::{Service as KubeService, ServicePort, ServiceSpec},
-    discovery::v1::EndpointSlice,
+use k8s_openapi::{
+    api::{
+        core::v1::{Service as KubeService, ServicePort, ServiceSpec},
+        discovery::v1::EndpointSlice,
+    },
+    jiff::Timestamp,
 };
 
 use crate::{
     config::RawPolicy,
     maglev::MAX_WEIGHT,
     model::{Backend, Frontend, Mode, Origin, Policy, Protocol, Service, SourceRanges},
+    reserved::Reserved,
 };
 
 pub const ENABLED: &str = "xdplb.io/enabled";
@@ -78,6 +90,8 @@ pub struct NodeInfo {
     pub name: String,
     /// Addresses NodePorts are served on (the uplinks').
     pub addrs: Vec<IpAddr>,
+    /// What a Service may not claim as a load-balancer ingress IP or externalIP.
+    pub reserved: Reserved,
 }
 
 /// Something wrong with an object: reported (Kubernetes Event and log), never fatal.
@@ -233,7 +247,9 @@ fn mode(local_only: bool, annotation: Option<&String>) -> Result<Mode, (Mode, St
     } else {
         Mode::Snat
     };
-    match annotation.map(String::as_str) {
+    // Our own values, read whatever their case.
+    let value = annotation.map(|v| v.trim().to_ascii_lowercase());
+    match value.as_deref() {
         None => Ok(default),
         Some("snat") => Ok(Mode::Snat),
         Some("preserve-client-ip") if local_only => Ok(Mode::PreserveClientIp),
@@ -241,9 +257,12 @@ fn mode(local_only: bool, annotation: Option<&String>) -> Result<Mode, (Mode, St
             Mode::Snat,
             "preserve-client-ip needs externalTrafficPolicy: Local (remote endpoints would need direct server return); using snat".into(),
         )),
-        Some(other) => Err((
+        Some(_) => Err((
             default,
-            format!("`{other}`: snat or preserve-client-ip; using the default, {default}"),
+            format!(
+                "`{}`: snat or preserve-client-ip; using the default, {default}",
+                annotation.map_or("", String::as_str)
+            ),
         )),
     }
 }
@@ -269,13 +288,15 @@ fn drain(annotations: &BTreeMap<String, String>) -> (Drain, Vec<(&'static str, S
             DEFAULT_DEREGISTRATION_DELAY
         }
     };
-    let reset = match annotations.get(DEREGISTRATION_RESET).map(String::as_str) {
-        None | Some("false") => false,
-        Some("true") => true,
-        Some(other) => {
-            problems.push((DEREGISTRATION_RESET, format!("`{other}`: true or false")));
+    let reset = match annotations.get(DEREGISTRATION_RESET) {
+        None => false,
+        Some(v) => parse_bool(v).unwrap_or_else(|| {
+            problems.push((
+                DEREGISTRATION_RESET,
+                format!("`{v}`: true or false; using false"),
+            ));
             false
-        }
+        }),
     };
     (Drain { delay, reset }, problems)
 }
@@ -320,12 +341,29 @@ impl Translator {
     ) -> Translation {
         let mut out = Translation::default();
         let empty = BTreeMap::new();
+        let mut opted_in = Vec::new();
         for (key, svc) in &cluster.services {
-            if !enabled(svc) {
-                continue;
+            match enabled(svc) {
+                Ok(true) => opted_in.push((key, svc)),
+                Ok(false) => {}
+                Err(message) => out.problems.push(Problem {
+                    object: key.clone(),
+                    field: ENABLED.into(),
+                    message,
+                }),
             }
+        }
+        // Oldest first: the first to claim a frontend keeps it.
+        opted_in.sort_by_key(|(key, svc)| seniority(key, svc));
+        let mut owners = BTreeMap::new();
+        for (key, svc) in opted_in {
             let slices = cluster.slices.get(key).unwrap_or(&empty);
-            self.service(key, svc, slices, node, named_policies, now, &mut out);
+            let mut claim = Claim {
+                key,
+                svc,
+                owners: &mut owners,
+            };
+            self.service(&mut claim, slices, node, named_policies, now, &mut out);
         }
         // Frontends whose Service went away altogether: their backends drain too.
         let current: BTreeSet<Frontend> = out.services.iter().map(|s| s.frontend).collect();
@@ -346,20 +384,16 @@ impl Translator {
         out
     }
 
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "the translator's inputs, passed down unchanged"
-    )]
     fn service(
         &mut self,
-        key: &ObjectKey,
-        svc: &KubeService,
+        claim: &mut Claim<'_>,
         slices: &BTreeMap<String, EndpointSlice>,
         node: &NodeInfo,
         named_policies: &BTreeSet<String>,
         now: Instant,
         out: &mut Translation,
     ) {
+        let (key, svc) = (claim.key, claim.svc);
         let Some(spec) = &svc.spec else { return };
         // Fail closed: a Service whose ranges cannot be read is not served at all (it would be
         // open to every source).
@@ -374,10 +408,29 @@ impl Translator {
                 continue; // SCTP: not ours.
             };
             let local_node = settings.local_only.then_some(node.name.as_str());
-            let endpoints = endpoints(sp, protocol, slices, local_node);
+            let endpoints = endpoints(key, sp, protocol, slices, local_node, &mut out.problems);
             local_ready = local_ready.max(endpoints.iter().filter(|e| e.ready).count());
             let port_name = sp.name.clone().unwrap_or_else(|| sp.port.to_string());
-            for frontend in frontends(spec, svc, sp, protocol, node) {
+            for (frontend, named) in frontends(key, svc, sp, protocol, node, &mut out.problems) {
+                if named && let Some(why) = node.reserved.refuse(&ns_name, frontend.vip) {
+                    out.problems.push(Problem {
+                        object: key.clone(),
+                        field: format!("frontend {frontend}"),
+                        message: format!("{why}; not served"),
+                    });
+                    continue;
+                }
+                if let Some(owner) = claim.refused(frontend) {
+                    out.problems.push(Problem {
+                        object: key.clone(),
+                        field: format!("frontend {frontend}"),
+                        message: format!(
+                            "also claimed by Service {}/{}, which is older and keeps it; not served",
+                            owner.0, owner.1
+                        ),
+                    });
+                    continue;
+                }
                 let weighted = settings.weighted(&endpoints, &frontend);
                 let backends = self.drain(frontend, weighted, settings.drain, now, out);
                 out.services.push(Service {
@@ -552,16 +605,64 @@ fn source_ranges(
     }
 }
 
-fn enabled(svc: &KubeService) -> bool {
-    svc.metadata
+/// Whether a Service opts in; `Err`: the annotation's value is not understood (not opted in).
+fn enabled(svc: &KubeService) -> Result<bool, String> {
+    let Some(value) = svc
+        .metadata
         .annotations
         .as_ref()
         .and_then(|a| a.get(ENABLED))
-        .is_some_and(|v| v == "true")
+    else {
+        return Ok(false);
+    };
+    let on = parse_bool(value).ok_or_else(|| {
+        format!("`{value}` is not a boolean (true or false); the Service is not served")
+    })?;
+    Ok(on
         && svc
             .spec
             .as_ref()
-            .is_some_and(|s| s.type_.as_deref() != Some("ExternalName"))
+            .is_some_and(|s| s.type_.as_deref() != Some("ExternalName")))
+}
+
+/// A boolean as Kubernetes reads annotation booleans (Go's `strconv.ParseBool`): 1, t, T,
+/// TRUE, true, True, 0, f, F, FALSE, false, False; surrounding blanks ignored.
+pub fn parse_bool(value: &str) -> Option<bool> {
+    match value.trim() {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Some(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Some(false),
+        _ => None,
+    }
+}
+
+/// The order in which Services claim frontends: oldest first (creationTimestamp, then uid, which
+/// every node sees alike); a Service without them (no API server sets none) last, by name.
+fn seniority<'a>(
+    key: &'a ObjectKey,
+    svc: &'a KubeService,
+) -> (bool, Option<Timestamp>, Option<&'a str>, &'a ObjectKey) {
+    let created = svc.metadata.creation_timestamp.as_ref().map(|t| t.0);
+    (created.is_none(), created, svc.metadata.uid.as_deref(), key)
+}
+
+/// One Service claiming its frontends, against those older Services claimed in this
+/// translation.
+struct Claim<'a> {
+    key: &'a ObjectKey,
+    svc: &'a KubeService,
+    /// Frontend -> the Service that claimed it first.
+    owners: &'a mut BTreeMap<Frontend, ObjectKey>,
+}
+
+impl Claim<'_> {
+    /// The older Service that owns `frontend`, if another does; else `frontend` is this one's.
+    fn refused(&mut self, frontend: Frontend) -> Option<ObjectKey> {
+        let owner = self
+            .owners
+            .entry(frontend)
+            .or_insert_with(|| self.key.clone());
+        (owner != self.key).then(|| owner.clone())
+    }
 }
 
 fn protocol(sp: &ServicePort) -> Option<Protocol> {
@@ -572,15 +673,17 @@ fn protocol(sp: &ServicePort) -> Option<Protocol> {
     }
 }
 
-/// Where clients reach a service port: load-balancer ingress IPs, external IPs, and the node
-/// port on this node's addresses.
+/// Where clients reach a service port: load-balancer ingress IPs and external IPs (`true`: the
+/// Service names the address), and the node port on this node's addresses (`false`). An
+/// address that is no IP address is reported in `problems`.
 fn frontends(
-    spec: &ServiceSpec,
+    key: &ObjectKey,
     svc: &KubeService,
     sp: &ServicePort,
     protocol: Protocol,
     node: &NodeInfo,
-) -> Vec<Frontend> {
+    problems: &mut Vec<Problem>,
+) -> Vec<(Frontend, bool)> {
     let Ok(port) = u16::try_from(sp.port) else {
         return Vec::new();
     };
@@ -590,31 +693,47 @@ fn frontends(
         .as_ref()
         .and_then(|s| s.load_balancer.as_ref())
         .and_then(|lb| lb.ingress.as_ref());
-    for i in ingress.into_iter().flatten() {
-        if let Some(ip) = i.ip.as_deref().and_then(|ip| ip.parse().ok()) {
-            vips.insert(ip);
-        }
-    }
-    for ip in spec.external_ips.iter().flatten() {
-        if let Ok(ip) = ip.parse() {
-            vips.insert(ip);
-        }
-    }
-    let mut out: Vec<Frontend> = vips
+    let ingress_ips = ingress
         .into_iter()
-        .map(|vip| Frontend {
-            vip,
-            port,
-            protocol,
+        .flatten()
+        .filter_map(|i| i.ip.as_deref())
+        .map(|ip| ("status.loadBalancer.ingress", ip));
+    let external_ips = svc
+        .spec
+        .iter()
+        .flat_map(|s| s.external_ips.iter().flatten())
+        .map(|ip| ("spec.externalIPs", ip.as_str()));
+    for (field, ip) in ingress_ips.chain(external_ips) {
+        match ip.parse() {
+            Ok(ip) => {
+                vips.insert(ip);
+            }
+            Err(_) => problems.push(Problem {
+                object: key.clone(),
+                field: field.into(),
+                message: format!("`{ip}` is not an IP address; not served"),
+            }),
+        }
+    }
+    let mut out: Vec<(Frontend, bool)> = vips
+        .into_iter()
+        .map(|vip| {
+            let f = Frontend {
+                vip,
+                port,
+                protocol,
+            };
+            (f, true)
         })
         .collect();
     if let Some(node_port) = sp.node_port.and_then(|p| u16::try_from(p).ok()) {
         for addr in &node.addrs {
-            out.push(Frontend {
+            let f = Frontend {
                 vip: *addr,
                 port: node_port,
                 protocol,
-            });
+            };
+            out.push((f, false));
         }
     }
     out
@@ -633,11 +752,15 @@ struct Endpoint {
 /// The endpoints of a service port, as kube-proxy picks them: ready ones, else (KEP-1669)
 /// terminating ones that still serve; only this node's with `local_node`. The port comes from
 /// each slice's port of the same name and protocol (named target ports are resolved per slice).
+/// Endpoint addresses that are no IP address, and a port that slices with endpoints all lack (a
+/// `targetPort` name no pod's container port has), are reported in `problems`.
 fn endpoints(
+    key: &ObjectKey,
     sp: &ServicePort,
     protocol: Protocol,
     slices: &BTreeMap<String, EndpointSlice>,
     local_node: Option<&str>,
+    problems: &mut Vec<Problem>,
 ) -> Vec<Endpoint> {
     let want_name = sp.name.as_deref().unwrap_or("");
     let want_proto = match protocol {
@@ -646,10 +769,18 @@ fn endpoints(
     };
     let mut ready = Vec::new();
     let mut serving_terminating = Vec::new();
-    for slice in slices.values() {
+    // Whether some slice has endpoints, and whether one has this port.
+    let (mut populated, mut matched) = (false, false);
+    let problem = |field: String, message: String| Problem {
+        object: key.clone(),
+        field,
+        message,
+    };
+    for (slice_name, slice) in slices {
         if slice.address_type != "IPv4" && slice.address_type != "IPv6" {
             continue;
         }
+        populated |= slice.endpoints.as_ref().is_some_and(|e| !e.is_empty());
         let Some(port) = slice.ports.iter().flatten().find_map(|p| {
             let name_ok = p.name.as_deref().unwrap_or("") == want_name;
             let proto_ok = p.protocol.as_deref().unwrap_or("TCP") == want_proto;
@@ -660,6 +791,7 @@ fn endpoints(
         let Ok(port) = u16::try_from(port) else {
             continue;
         };
+        matched = true;
         for e in slice.endpoints.iter().flatten() {
             if let Some(node) = local_node
                 && e.node_name.as_deref() != Some(node)
@@ -674,6 +806,13 @@ fn endpoints(
             let target = e.target_ref.as_ref().and_then(|t| t.name.clone());
             for a in &e.addresses {
                 let Ok(addr) = a.parse::<IpAddr>() else {
+                    problems.push(problem(
+                        format!("EndpointSlice {slice_name}"),
+                        format!(
+                            "endpoint address `{a}` is not an {} address; left out",
+                            slice.address_type
+                        ),
+                    ));
                     continue;
                 };
                 let ep = Endpoint {
@@ -689,6 +828,14 @@ fn endpoints(
                 }
             }
         }
+    }
+    if populated && !matched {
+        problems.push(problem(
+            format!("spec.ports[{}]", sp.name.as_deref().unwrap_or("")),
+            format!(
+                "no EndpointSlice of the Service has a port named `{want_name}`/{want_proto} (does the targetPort name a port no pod has?); no endpoints for it"
+            ),
+        ));
     }
     if ready.is_empty() {
         serving_terminating
@@ -750,7 +897,7 @@ fn raw_policy(fields: &BTreeMap<&str, &str>) -> Result<RawPolicy, (String, Strin
                 );
             }
             "table-full" => {
-                raw.table_full = Some(match value.trim() {
+                raw.table_full = Some(match value.trim().to_ascii_lowercase().as_str() {
                     "fail-closed" => crate::model::TableFull::FailClosed,
                     "fail-open" => crate::model::TableFull::FailOpen,
                     other => {
@@ -759,11 +906,10 @@ fn raw_policy(fields: &BTreeMap<&str, &str>) -> Result<RawPolicy, (String, Strin
                 });
             }
             "reject-syn-with-rst" => {
-                raw.reject_syn_with_rst = Some(match value.trim() {
-                    "true" => true,
-                    "false" => false,
-                    other => return Err(err(field, format!("`{other}`: true or false"))),
-                });
+                raw.reject_syn_with_rst = Some(
+                    parse_bool(value)
+                        .ok_or_else(|| err(field, format!("`{value}`: true or false")))?,
+                );
             }
             "exempt" => raw.exempt = list(value),
             "deny" => raw.deny = list(value),

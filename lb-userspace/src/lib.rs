@@ -19,6 +19,7 @@ pub mod netlink;
 pub mod nic;
 pub mod node;
 pub mod reconcile;
+pub mod reserved;
 pub mod state;
 pub mod status;
 pub mod sweep;

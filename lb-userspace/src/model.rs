@@ -284,6 +284,12 @@ pub struct NodeSettings {
     pub tcp_time_wait: Duration,
     /// Policy for services without one of their own.
     pub default_policy: Option<String>,
+    /// Frontend addresses no service may claim, besides those always reserved (see
+    /// [`crate::reserved`]).
+    pub reserved_ranges: Vec<Cidr>,
+    /// Services that may claim reserved addresses anyway: config-file service names, and
+    /// `namespace/name` of Kubernetes Services.
+    pub allow_reserved: Vec<String>,
 }
 
 impl Default for NodeSettings {
@@ -301,6 +307,8 @@ impl Default for NodeSettings {
             // Linux's TCP_TIMEWAIT_LEN.
             tcp_time_wait: Duration::from_secs(60),
             default_policy: None,
+            reserved_ranges: Vec::new(),
+            allow_reserved: Vec::new(),
         }
     }
 }
@@ -379,7 +387,8 @@ impl fmt::Display for Conflict {
 
 /// The config file's desired state with another input's services and policies added (the
 /// cluster's). The file wins a frontend both define; within `services`, the first one wins
-/// (the cluster's come sorted by namespace and name). The losers are returned.
+/// (the cluster's translation already kept each frontend to its oldest Service). The losers
+/// are returned.
 pub fn compose(
     file: &Desired,
     services: &[Service],

@@ -29,6 +29,15 @@ pub struct NodeView {
 }
 
 impl NodeView {
+    /// The node's own addresses: its global ones and its snat source addresses.
+    pub fn own_addrs(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.node_addrs
+            .iter()
+            .copied()
+            .chain(self.snat_ipv4.iter().copied().map(IpAddr::V4))
+            .chain(self.snat_ipv6.iter().copied().map(IpAddr::V6))
+    }
+
     /// The snat source ports: the configured ones, or the default for this node.
     pub fn snat_ports(&self, settings: &crate::model::NodeSettings) -> Vec<(u16, u16)> {
         settings.snat_ports.clone().unwrap_or_else(|| {

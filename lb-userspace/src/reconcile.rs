@@ -40,6 +40,7 @@ use crate::{
     maglev,
     model::{Cidr, Desired, Frontend, Limits, Mode, Origin, Policy, Service, TableFull},
     node::{NodeError, NodeView},
+    reserved::Reserved,
     system::monotonic_ns,
     tables::{Snapshot, Tables},
 };
@@ -140,11 +141,19 @@ fn service_problem(s: &Service, node: &NodeView) -> Option<String> {
 /// What of `desired` this node takes: services from the cluster that it cannot serve are left
 /// out (returned, to be reported; the cluster is every node's, and the rest must still be
 /// served), while any other invalid service rejects the whole state (a config file is this
-/// node's own: its operator fixes it, and the last good state stays meanwhile).
+/// node's own: its operator fixes it, and the last good state stays meanwhile). A config-file
+/// service on a reserved address ([`crate::reserved`]) is one (the cluster's were left out
+/// when translated, where their node ports are told apart).
 pub fn admit(desired: &Desired, node: &NodeView) -> Result<(Desired, Vec<Invalid>), ApplyError> {
-    let (left_out, rejected): (Vec<Invalid>, Vec<Invalid>) = invalid_services(desired, node)
+    let (left_out, mut rejected): (Vec<Invalid>, Vec<Invalid>) = invalid_services(desired, node)
         .into_iter()
         .partition(|i| i.origin.kubernetes_object().is_some());
+    for refused in Reserved::for_node(&desired.node, node.own_addrs()).check_file(desired) {
+        // One entry per service, its first problem.
+        if !rejected.iter().any(|r| r.frontend == refused.frontend) {
+            rejected.push(refused);
+        }
+    }
     if !rejected.is_empty() {
         return Err(ApplyError::Invalid(rejected));
     }

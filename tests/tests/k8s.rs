@@ -884,6 +884,200 @@ fn the_health_check_node_port_answers_200_only_while_this_node_has_ready_endpoin
     });
 }
 
+/// Warning Events about `service` whose message contains `words`.
+fn warned(c: &Cluster, service: &str, words: &str) -> bool {
+    c.events_about(service).iter().any(|e| {
+        e.type_.as_deref() == Some("Warning")
+            && e.message.as_deref().is_some_and(|m| m.contains(words))
+    })
+}
+
+impl Cluster {
+    /// Checks for `hold` that the maps pass through no state but `expected` from history entry
+    /// `since` on, and still show it at the end.
+    fn holds(&self, what: &str, since: usize, expected: &View, hold: Duration) {
+        let until = Instant::now() + hold;
+        loop {
+            {
+                let t = self.target();
+                for (i, (_, v)) in t.history.iter().enumerate().skip(since) {
+                    assert!(
+                        v == expected,
+                        "{what}: the maps passed through another state (#{i}): {v:#?}\nexpected {expected:#?}"
+                    );
+                }
+                assert_eq!(t.view(), *expected, "{what}");
+            }
+            if Instant::now() >= until {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+#[test]
+fn a_service_may_not_claim_the_nodes_own_address_and_is_told() {
+    let c = Cluster::start();
+    c.settle();
+    // A tenant's Service asks for the node's address (and a VIP) on the node's SSH port.
+    let mut tenant = service("tenant", "ssh", &[]);
+    tenant["spec"]["externalIPs"] = json!([NODE_ADDR.to_string(), "10.96.0.10"]);
+    tenant["spec"]["ports"][0]["port"] = json!(22);
+    let expected: View = [(
+        "10.96.0.10:22/tcp".to_string(),
+        [("10.1.1.2:8080".to_string(), 1)].into(),
+    )]
+    .into();
+    c.step(
+        "a Service on the node's address and a VIP",
+        |c| {
+            c.apply(tenant.clone());
+            c.apply(slice("tenant-a", "tenant", "ssh", 8080, &pods(1)));
+        },
+        &expected,
+        &[&[("10.96.0.10:22/tcp".to_string(), BTreeMap::new())].into()],
+    );
+    let node_frontend = format!("{NODE_ADDR}:22/tcp");
+    assert!(
+        !c.target().view().contains_key(&node_frontend),
+        "the node's port 22 stays the node's"
+    );
+    wait_for("a Warning Event about the node's address", || {
+        warned(
+            &c,
+            "tenant",
+            &format!("{NODE_ADDR} is an address of this node: a service may not claim it"),
+        )
+    });
+    // Everything else keeps working: another Service is served next to it.
+    let mut other = service("other", "http", &[]);
+    other["spec"]["externalIPs"] = json!(["10.96.0.11"]);
+    let mut with_other = expected.clone();
+    with_other.insert(
+        "10.96.0.11:80/tcp".into(),
+        [("10.1.1.3:8080".to_string(), 1)].into(),
+    );
+    c.step(
+        "another Service",
+        |c| {
+            c.apply(other.clone());
+            c.apply(slice(
+                "other-a",
+                "other",
+                "http",
+                8080,
+                &[ready("10.1.1.3")],
+            ));
+        },
+        &with_other,
+        &[&{
+            let mut v = expected.clone();
+            v.insert("10.96.0.11:80/tcp".into(), BTreeMap::new());
+            v
+        }],
+    );
+}
+
+#[test]
+fn the_older_of_two_services_on_one_vip_keeps_it_in_either_name_order() {
+    let c = Cluster::start();
+    c.settle();
+    // (older, newer): the older sorts last by name, then first.
+    for (older, newer) in [("z-old", "a-new"), ("a-old", "z-new")] {
+        let owner = web(&[("10.1.1.2", 1)], 8080);
+        c.step(
+            &format!("{older} claims the VIP"),
+            |c| {
+                c.apply(service(older, "http", &[]));
+                c.apply(slice(&format!("{older}-a"), older, "http", 8080, &pods(1)));
+            },
+            &owner,
+            &[&web(&[], 8080)],
+        );
+        // creationTimestamp has whole seconds: the newer one is created in a later one.
+        std::thread::sleep(Duration::from_millis(1100));
+        let since = c.target().history.len();
+        c.apply(service(newer, "http", &[]));
+        c.apply(slice(
+            &format!("{newer}-a"),
+            newer,
+            "http",
+            8080,
+            &[ready("10.1.1.7")],
+        ));
+        wait_for("a Warning Event for the newer Service", || {
+            warned(
+                &c,
+                newer,
+                &format!("also claimed by Service {NS}/{older}, which is older and keeps it"),
+            )
+        });
+        c.holds(
+            &format!("{older} keeps the VIP against {newer}"),
+            since,
+            &owner,
+            Duration::from_secs(2),
+        );
+        // Once the owner goes, the other one has it (the owner's backend drains).
+        c.step(
+            &format!("{older} deleted"),
+            |c| c.delete_service(older),
+            &web(&[("10.1.1.2", 0), ("10.1.1.7", 1)], 8080),
+            &[],
+        );
+        c.step(
+            &format!("{newer} deleted"),
+            |c| c.delete_service(newer),
+            &BTreeMap::new(),
+            &[],
+        );
+    }
+}
+
+#[test]
+fn capitalised_booleans_opt_in_and_bad_endpoints_and_unmatched_ports_are_told() {
+    let c = Cluster::start();
+    c.settle();
+    let mut svc = service("web", "http", &[]);
+    svc["metadata"]["annotations"]["xdplb.io/enabled"] = json!("True");
+    // A second port whose name no slice has (a targetPort naming no container port).
+    svc["spec"]["ports"] = json!([
+        {"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"},
+        {"name": "metrics", "port": 9090, "targetPort": "metrics", "protocol": "TCP"},
+    ]);
+    // An address Kubernetes' sloppy parser takes and no IP parser should (leading zero).
+    let mut bad = slice("web-a", "web", "http", 8080, &pods(1));
+    bad["endpoints"]
+        .as_array_mut()
+        .expect("endpoints")
+        .push(json!({"addresses": ["10.1.1.03"], "conditions": {"ready": true}, "nodeName": NODE}));
+    let mut expected = web(&[("10.1.1.2", 1)], 8080);
+    expected.insert("10.96.0.10:9090/tcp".into(), BTreeMap::new());
+    let mut empty = web(&[], 8080);
+    empty.insert("10.96.0.10:9090/tcp".into(), BTreeMap::new());
+    c.step(
+        "xdplb.io/enabled: True",
+        |c| {
+            c.apply(svc.clone());
+            c.apply(bad.clone());
+        },
+        &expected,
+        &[&empty],
+    );
+    wait_for("Warning Events about the port and the address", || {
+        warned(
+            &c,
+            "web",
+            "no EndpointSlice of the Service has a port named `metrics`",
+        ) && warned(
+            &c,
+            "web",
+            "endpoint address `10.1.1.03` is not an IPv4 address",
+        )
+    });
+}
+
 // ---- end to end ----------------------------------------------------------------------------
 
 /// Kubernetes objects -> lb-agent --kubernetes on node1 -> XDP -> real TCP from the lab's client
@@ -894,7 +1088,7 @@ fn kubernetes_objects_to_real_traffic_through_the_agent() {
         agent::{AgentOptions, AgentProcess, Bpffs},
         lab::Lab,
         netns::require_root,
-        traffic::{Batch, Proto, serve_pods},
+        traffic::{BackendServer, Batch, LongTransfer, Proto, serve_pods},
     };
     if !require_root() {
         return;
@@ -973,6 +1167,85 @@ fn kubernetes_objects_to_real_traffic_through_the_agent() {
         "new connections spread over the four pods: {:?}",
         report.backends()
     );
+
+    // A tenant's Service asks for node1's own address on port 22, where the node listens, and
+    // for a VIP: it gets the VIP; the node's port 22 stays the node's, and it is told.
+    let _node_sshd = BackendServer::start(&lab.node1().ns, "node1-itself", 22).expect("sshd");
+    let mut tenant = service("tenant", "ssh", &[]);
+    tenant["spec"]["externalIPs"] = json!([lab.node1().ipv4.to_string(), "10.96.0.12"]);
+    tenant["spec"]["ports"][0]["port"] = json!(22);
+    apply(tenant);
+    apply(slice("tenant-a", "tenant", "ssh", 8080, &eps));
+    let tenant_vip: SocketAddr = "10.96.0.12:22".parse().expect("vip");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let report = Batch::new(Proto::Tcp, tenant_vip, sources.clone(), 8)
+            .run(&lab.client().ns)
+            .expect("batch");
+        if report.all_ok() && report.backends().iter().all(|b| b.starts_with("pod")) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the tenant's VIP is not served: {report:?}\n{}",
+            agent.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let node_ssh = SocketAddr::new(IpAddr::V4(lab.node1().ipv4), 22);
+    let report = Batch::new(Proto::Tcp, node_ssh, sources.clone(), 20)
+        .run(&lab.client().ns)
+        .expect("batch");
+    assert!(report.all_ok(), "{report:?}\n{}", agent.log_tail());
+    assert_eq!(
+        report.backends(),
+        ["node1-itself".to_string()].into(),
+        "the node's own port 22 answers, not the tenant's pods"
+    );
+    let events: Api<Event> = Api::namespaced(client.clone(), NS);
+    let told = || {
+        runtime
+            .block_on(events.list(&ListParams::default()))
+            .expect("events")
+            .items
+            .iter()
+            .any(|e| {
+                e.involved_object.name.as_deref() == Some("tenant")
+                    && e.message
+                        .as_deref()
+                        .is_some_and(|m| m.contains("is an address of this node"))
+            })
+    };
+    wait_for("a Warning Event for the tenant", told);
+
+    // A newer Service whose name sorts first claims web's VIP and port, with an endpoint where
+    // nothing listens: web, the older, keeps it. A live connection stays up and new connections
+    // still reach web's four pods.
+    let live = LongTransfer::start(&lab.client().ns, None, vip).expect("transfer");
+    apply(service("a-newer", "http", &[]));
+    apply(slice("a-newer-a", "a-newer", "http", 9999, &eps[..1]));
+    let refused = || {
+        runtime
+            .block_on(events.list(&ListParams::default()))
+            .expect("events")
+            .items
+            .iter()
+            .any(|e| {
+                e.involved_object.name.as_deref() == Some("a-newer")
+                    && e.message.as_deref().is_some_and(|m| {
+                        m.contains("also claimed by Service default/web, which is older")
+                    })
+            })
+    };
+    wait_for("a Warning Event for the newer Service", refused);
+    let report = Batch::new(Proto::Tcp, vip, sources.clone(), 40)
+        .run(&lab.client().ns)
+        .expect("batch");
+    assert!(report.all_ok(), "{report:?}\n{}", agent.log_tail());
+    assert_eq!(report.backends().len(), 4, "{:?}", report.backends());
+    let live = live.finish();
+    assert!(live.is_clean(), "{live:?}");
+    assert!(live.bytes_sent > 0);
 
     // Scale to the two node2 pods: within a second, new connections go only there.
     apply(slice("web-a", "web", "http", 8080, &eps[2..]));

@@ -2,7 +2,7 @@
 //! with the config file's part, and ends the flows whose deregistration delay ran out.
 use std::{collections::BTreeSet, net::IpAddr};
 
-use log::info;
+use log::{info, warn};
 
 use super::{Agent, describe};
 use crate::{
@@ -10,6 +10,7 @@ use crate::{
     k8s::{EndFlows, Problem, Translation, input::Target},
     model::Backend,
     reconcile::ApplyError,
+    reserved::Reserved,
     sweep::end_flows,
 };
 
@@ -20,6 +21,19 @@ impl Target for Agent {
 
     fn node_addrs(&mut self) -> Vec<IpAddr> {
         self.uplink_addrs.clone()
+    }
+
+    /// The node's own addresses (as the node view has them, and the uplinks'), less those
+    /// kube-proxy in IPVS mode binds for Services on its dummy device: those are Services'.
+    fn reserved(&mut self) -> Reserved {
+        let services = self.kube_ipvs_addrs();
+        let own: Vec<IpAddr> = self
+            .node
+            .own_addrs()
+            .chain(self.uplink_addrs.iter().copied())
+            .filter(|a| !services.contains(a))
+            .collect();
+        Reserved::for_node(&self.inputs.file.node, own)
     }
 
     fn apply_kubernetes(&mut self, translation: Translation) -> Result<Vec<Problem>, ApplyError> {
@@ -53,7 +67,35 @@ impl Target for Agent {
     }
 }
 
+/// The dummy device kube-proxy's IPVS mode binds every Service address to.
+const KUBE_IPVS_DEVICE: &str = "kube-ipvs0";
+
 impl Agent {
+    /// The addresses on [`KUBE_IPVS_DEVICE`], if there is one.
+    fn kube_ipvs_addrs(&mut self) -> BTreeSet<IpAddr> {
+        let device = match self.netlink.links() {
+            Ok(links) => links.into_iter().find(|l| l.name == KUBE_IPVS_DEVICE),
+            Err(e) => {
+                warn!("listing the node's interfaces: {e}");
+                None
+            }
+        };
+        let Some(device) = device else {
+            return BTreeSet::new();
+        };
+        match self.netlink.addresses() {
+            Ok(addrs) => addrs
+                .into_iter()
+                .filter(|a| a.ifindex == device.ifindex)
+                .map(|a| a.addr)
+                .collect(),
+            Err(e) => {
+                warn!("reading the node's addresses: {e}");
+                BTreeSet::new()
+            }
+        }
+    }
+
     fn end_drained_flows(&mut self, ends: &[EndFlows]) {
         for e in ends {
             let Some(svc) = crate::tables::Tables::service(&self.maps, &e.frontend.key()) else {

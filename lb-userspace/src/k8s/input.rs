@@ -19,7 +19,7 @@ use super::{
     health::HealthServers,
     watch::{Events, Watch},
 };
-use crate::{health::KubeHealth, reconcile::ApplyError};
+use crate::{health::KubeHealth, model::NodeSettings, reconcile::ApplyError, reserved::Reserved};
 
 /// What the cluster's state is applied to: the agent (its maps), or a stand-in in tests.
 pub trait Target {
@@ -27,6 +27,11 @@ pub trait Target {
     fn named_policies(&self) -> BTreeSet<String>;
     /// The node's addresses that node ports are served on.
     fn node_addrs(&mut self) -> Vec<IpAddr>;
+    /// The addresses a Service may not claim as a frontend (default: those always reserved and
+    /// the node ports' addresses).
+    fn reserved(&mut self) -> Reserved {
+        Reserved::for_node(&NodeSettings::default(), self.node_addrs())
+    }
     /// Composes and applies; returns the problems to report, or why nothing was applied (the
     /// last good state stays).
     fn apply_kubernetes(&mut self, translation: Translation) -> Result<Vec<Problem>, ApplyError>;
@@ -113,6 +118,7 @@ impl KubeInput {
         let node = NodeInfo {
             name: self.node_name.clone(),
             addrs: target.node_addrs(),
+            reserved: target.reserved(),
         };
         let translation =
             self.translator

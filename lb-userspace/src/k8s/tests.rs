@@ -122,6 +122,10 @@ fn node() -> NodeInfo {
     NodeInfo {
         name: "node1".into(),
         addrs: vec!["10.0.0.1".parse().unwrap()],
+        reserved: crate::reserved::Reserved {
+            node_addrs: ["10.0.0.1".parse().unwrap()].into(),
+            ..Default::default()
+        },
     }
 }
 
@@ -540,4 +544,271 @@ fn ipv6_slices_serve_ipv6_frontends() {
     // Each family's frontend gets its family's endpoints.
     assert_eq!(t["10.96.0.10:80/tcp"], ["10.1.1.2:8080=1"]);
     assert_eq!(t["[fd00:96::10]:80/tcp"], ["fd00:1:1::2:8080=1"]);
+}
+
+/// A Service created at `created` (seconds) with uid `uid`, claiming 10.96.0.10:80 (its
+/// load-balancer IP) and a node port.
+fn aged(name: &str, created: i64, uid: &str, node_port: i32) -> KubeService {
+    let mut s = svc(name, &[ON], &[("http", 80, Some(node_port))]);
+    s.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        Timestamp::from_second(1_700_000_000 + created).unwrap(),
+    ));
+    s.metadata.uid = Some(uid.into());
+    s
+}
+
+fn two(a: KubeService, b: KubeService) -> Cluster {
+    let mut c = Cluster::default();
+    for s in [a, b] {
+        let key: ObjectKey = ("default".into(), s.metadata.name.clone().unwrap());
+        let sl = slice(
+            &format!("{}-1", key.1),
+            "http",
+            8080,
+            &[ready(
+                if key.1.as_str() < "m" {
+                    "10.1.1.2"
+                } else {
+                    "10.1.1.3"
+                },
+                "node1",
+            )],
+        );
+        c.slices.insert(
+            key.clone(),
+            [(sl.metadata.name.clone().unwrap(), sl)].into(),
+        );
+        c.services.insert(key, s);
+    }
+    c
+}
+
+/// Who serves 10.96.0.10:80 ("a" has backend .2, "z" has .3), and who was refused it.
+fn owner_and_refused(t: &Translation) -> (Vec<String>, Vec<String>) {
+    let served = summary(t)
+        .get("10.96.0.10:80/tcp")
+        .cloned()
+        .unwrap_or_default();
+    let refused = t
+        .problems
+        .iter()
+        .filter(|p| p.field == "frontend 10.96.0.10:80/tcp")
+        .map(ToString::to_string)
+        .collect();
+    (served, refused)
+}
+
+#[test]
+fn the_older_service_keeps_a_frontend_whatever_the_names() {
+    // "a" sorts first by name; the older one must win in both orders.
+    for (a_created, a_uid, z_created, z_uid, winner, loser) in [
+        (10, "u1", 20, "u2", "10.1.1.2:8080=1", "z"),
+        (20, "u1", 10, "u2", "10.1.1.3:8080=1", "a"),
+        // The same second: the uid decides (every node sees the same).
+        (10, "u9", 10, "u2", "10.1.1.3:8080=1", "a"),
+        (10, "u1", 10, "u2", "10.1.1.2:8080=1", "z"),
+    ] {
+        let c = two(
+            aged("a", a_created, a_uid, 30080),
+            aged("z", z_created, z_uid, 30081),
+        );
+        let t = run(&c);
+        let (served, refused) = owner_and_refused(&t);
+        assert_eq!(
+            served,
+            [winner],
+            "{a_created}/{a_uid} vs {z_created}/{z_uid}"
+        );
+        let other = if loser == "a" { "z" } else { "a" };
+        assert_eq!(
+            refused,
+            [format!(
+                "Service default/{loser}: frontend 10.96.0.10:80/tcp: also claimed by Service default/{other}, which is older and keeps it; not served"
+            )]
+        );
+        // Only the shared frontend is refused: the loser's node port is still served.
+        assert_eq!(t.services.len(), 3, "{:?}", summary(&t));
+    }
+}
+
+#[test]
+fn a_newer_service_never_takes_a_live_frontend_and_its_drains_stay_its_own() {
+    let mut tr = Translator::default();
+    let now = Instant::now();
+    let old = aged("z", 10, "u1", 30080);
+    let c = cluster(
+        old.clone(),
+        vec![slice("z-1", "http", 8080, &[ready("10.1.1.3", "node1")])],
+    );
+    let t = tr.translate(&c, &node(), &BTreeSet::new(), now);
+    assert_eq!(owner_and_refused(&t).0, ["10.1.1.3:8080=1"]);
+    // A newer Service whose name sorts first claims the same VIP: nothing changes for it, and
+    // the older one's backends are not drained by the claim.
+    let c = two(aged("a", 20, "u2", 30081), old);
+    for later in [0, 1, 400] {
+        let t = tr.translate(
+            &c,
+            &node(),
+            &BTreeSet::new(),
+            now + Duration::from_secs(later),
+        );
+        let (served, refused) = owner_and_refused(&t);
+        assert_eq!(served, ["10.1.1.3:8080=1"], "after {later} s");
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        assert!(t.end_flows.is_empty(), "{:?}", t.end_flows);
+    }
+}
+
+#[test]
+fn reserved_addresses_are_refused_as_ingress_ips_and_external_ips_but_not_as_node_ports() {
+    let mut s = svc("web", &[ON], &[("ssh", 22, Some(30022))]);
+    let spec = s.spec.as_mut().unwrap();
+    spec.external_ips = Some(vec![
+        "10.0.0.1".into(),
+        "127.0.0.1".into(),
+        "169.254.169.254".into(),
+        "10.244.1.9".into(),
+        "192.0.2.7".into(),
+    ]);
+    let c = cluster(
+        s,
+        vec![slice("web-1", "ssh", 2222, &[ready("10.1.1.2", "node1")])],
+    );
+    let mut n = node();
+    n.reserved.ranges = vec!["10.244.0.0/16".parse().unwrap()];
+    let t = Translator::default().translate(&c, &n, &BTreeSet::new(), Instant::now());
+    let fronts: Vec<String> = summary(&t).into_keys().collect();
+    // The node port is on the node's address by design.
+    assert_eq!(
+        fronts,
+        [
+            "10.0.0.1:30022/tcp",
+            "10.96.0.10:22/tcp",
+            "192.0.2.7:22/tcp"
+        ]
+    );
+    let refused: Vec<String> = t.problems.iter().map(ToString::to_string).collect();
+    for (vip, why) in [
+        ("10.0.0.1", "an address of this node"),
+        ("127.0.0.1", "loopback"),
+        ("169.254.169.254", "link-local"),
+        ("10.244.1.9", "node.reserved-ranges"),
+    ] {
+        assert!(
+            refused.iter().any(|p| p.starts_with(&format!(
+                "Service default/web: frontend {vip}:22/tcp: {vip} is "
+            )) && p.contains(why)
+                && p.ends_with("; not served")),
+            "{vip}: {refused:#?}"
+        );
+    }
+    assert_eq!(refused.len(), 4, "{refused:#?}");
+    // A named exception may.
+    n.reserved.allowed = ["default/web".to_string()].into();
+    let t = Translator::default().translate(&c, &n, &BTreeSet::new(), Instant::now());
+    assert_eq!(t.services.len(), 7, "{:?}", summary(&t));
+    assert!(t.problems.is_empty(), "{:?}", t.problems);
+}
+
+#[test]
+fn boolean_annotations_are_read_as_kubernetes_reads_them_and_others_reported() {
+    for on in ["true", "True", "TRUE", "1", "t", " true "] {
+        let c = cluster(svc("web", &[(ENABLED, on)], &[("http", 80, None)]), vec![]);
+        let t = run(&c);
+        assert_eq!(t.services.len(), 1, "{on:?} opts in");
+        assert!(t.problems.is_empty(), "{on:?}: {:?}", t.problems);
+    }
+    for off in ["false", "False", "0", "f"] {
+        let c = cluster(svc("web", &[(ENABLED, off)], &[("http", 80, None)]), vec![]);
+        let t = run(&c);
+        assert!(t.services.is_empty() && t.problems.is_empty(), "{off:?}");
+    }
+    let c = cluster(
+        svc("web", &[(ENABLED, "yes")], &[("http", 80, None)]),
+        vec![],
+    );
+    let t = run(&c);
+    assert!(t.services.is_empty());
+    assert_eq!(
+        t.problems
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        [
+            "Service default/web: xdplb.io/enabled: `yes` is not a boolean (true or false); the Service is not served"
+        ]
+    );
+    // Our own enumerations, whatever their case; booleans as above.
+    let c = cluster(
+        svc(
+            "web",
+            &[ON, (MODE, "SNAT"), (DEREGISTRATION_RESET, "True")],
+            &[("http", 80, None)],
+        ),
+        vec![],
+    );
+    let t = run(&c);
+    assert!(t.problems.is_empty(), "{:?}", t.problems);
+    assert_eq!(t.services[0].mode, Mode::Snat);
+    let c = cluster(
+        svc(
+            "web",
+            &[ON, (DEREGISTRATION_RESET, "sometimes")],
+            &[("http", 80, None)],
+        ),
+        vec![],
+    );
+    let fields: Vec<String> = run(&c).problems.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        fields,
+        [
+            "Service default/web: xdplb.io/deregistration-reset: `sometimes`: true or false; using false"
+        ]
+    );
+}
+
+#[test]
+fn bad_endpoint_addresses_and_unmatched_port_names_are_reported() {
+    let mut bad = slice(
+        "web-1",
+        "http",
+        8080,
+        &[ready("10.1.1.2", "node1"), ready("10.1.1.3", "node1")],
+    );
+    bad.endpoints.as_mut().unwrap()[1].addresses = vec!["10.1.1.999".into()];
+    let c = cluster(
+        svc("web", &[ON], &[("http", 80, None), ("metrics", 9090, None)]),
+        vec![bad],
+    );
+    let t = run(&c);
+    let s = summary(&t);
+    assert_eq!(s["10.96.0.10:80/tcp"], ["10.1.1.2:8080=1"]);
+    assert!(s["10.96.0.10:9090/tcp"].is_empty());
+    assert_eq!(
+        t.problems
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        [
+            "Service default/web: EndpointSlice web-1: endpoint address `10.1.1.999` is not an IPv4 address; left out",
+            "Service default/web: spec.ports[metrics]: no EndpointSlice of the Service has a port named `metrics`/TCP (does the targetPort name a port no pod has?); no endpoints for it",
+        ]
+    );
+    // An externalIP no IP parser takes (Kubernetes' sloppy one takes leading zeros).
+    let mut s = svc("web", &[ON], &[("http", 80, None)]);
+    s.spec.as_mut().unwrap().external_ips = Some(vec!["192.0.2.07".into()]);
+    let t = run(&cluster(s, vec![]));
+    assert_eq!(
+        t.problems
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        ["Service default/web: spec.externalIPs: `192.0.2.07` is not an IP address; not served"]
+    );
+    // No endpoints at all: nothing to say about ports.
+    let c = cluster(
+        svc("web", &[ON], &[("metrics", 9090, None)]),
+        vec![slice("web-1", "http", 8080, &[])],
+    );
+    assert!(run(&c).problems.is_empty());
 }
