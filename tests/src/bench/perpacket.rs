@@ -293,23 +293,33 @@ impl Scenario {
     }
 
     /// The target printed beside the number (not asserted), in ns net of the floor.
-    pub fn target(self) -> Option<&'static str> {
+    /// The target, ns net of the floor (issue 15: ratios to Katran's cost measured on this
+    /// machine, 2026-12-02).
+    pub fn target_ns(self) -> Option<f64> {
         match self {
-            Scenario::NonVip => Some("<= 50"),
-            Scenario::Established => Some("<= 150"),
-            Scenario::EstablishedLimiter => Some("<= 200"),
-            Scenario::NewSyn => Some("<= 700"),
-            Scenario::LimiterMiss => Some("<= 4x new SYN+limiter"),
+            Scenario::NonVip => Some(69.0),
+            Scenario::Established => Some(140.0),
+            Scenario::EstablishedLimiter => Some(160.0),
+            Scenario::NewSyn | Scenario::NewMidstream => Some(950.0),
+            Scenario::LimiterMiss => Some(1500.0),
             _ => None,
         }
     }
 
-    /// The same path measured on a leading C XDP balancer on these machines.
+    pub fn target(self) -> Option<String> {
+        self.target_ns().map(|t| format!("<= {t:.0}"))
+    }
+
+    /// Katran's cost for the same path, measured side by side on this machine (2026-12-02,
+    /// issue 15; in parentheses: Katran has no limiter, its path without one).
     pub fn reference(self) -> Option<&'static str> {
         match self {
-            Scenario::NonVip => Some("~75"),
-            Scenario::Established => Some("~160"),
-            Scenario::NewSyn => Some("~780"),
+            Scenario::NonVip => Some("69"),
+            Scenario::Established => Some("137"),
+            Scenario::EstablishedLimiter => Some("(137)"),
+            Scenario::NewSyn => Some("748"),
+            Scenario::NewMidstream => Some("874"),
+            Scenario::LimiterMiss => Some("(768)"),
             _ => None,
         }
     }
