@@ -348,6 +348,11 @@ impl Agent {
         self.health.source_entries = report.sources;
     }
 
+    /// The loop went round: see [`crate::view::Publisher::beat`].
+    pub fn beat(&self) {
+        self.publisher.beat();
+    }
+
     /// Readers of the published view (the metrics server).
     pub fn views(&self) -> Views {
         self.publisher.views()

@@ -130,6 +130,11 @@ pub struct RunArgs {
     /// Seconds between sweeps of finished flows and refilled rate-limit buckets.
     #[arg(long, default_value_t = 5)]
     pub sweep_seconds: u64,
+    /// /healthz fails (503) once the agent's loop has made no progress for this long: a stuck
+    /// agent gets restarted by the liveness probe. Above the longest apply (a full resync of a
+    /// large cluster).
+    #[arg(long, default_value_t = 120)]
+    pub stall_seconds: u64,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -6,7 +6,10 @@
 //! it, else the Prometheus text format 0.0.4 (what Prometheus asks for by default, and what
 //! `promtool check metrics` reads). Counters are read from the maps at scrape time, summed over
 //! CPUs, so there is nothing to keep in sync.
-use std::{convert::Infallible, fmt::Write as _, net::SocketAddr, sync::Arc, thread::JoinHandle};
+use std::{
+    convert::Infallible, fmt::Write as _, net::SocketAddr, sync::Arc, thread::JoinHandle,
+    time::Duration,
+};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -108,6 +111,8 @@ struct Endpoint {
     stats: Stats,
     sync_latency: Option<Histogram>,
     endpoints: Endpoints,
+    /// /healthz fails once the agent's loop has not gone round for this long.
+    stall: Duration,
 }
 
 /// Binds `addr` (an error here is the caller's to report) and serves on a thread of its own
@@ -118,6 +123,7 @@ pub fn serve(
     stats: Stats,
     sync_latency: Option<Histogram>,
     endpoints: Endpoints,
+    stall: Duration,
 ) -> std::io::Result<MetricsServer> {
     let listener = std::net::TcpListener::bind(addr)?;
     listener.set_nonblocking(true)?;
@@ -126,6 +132,7 @@ pub fn serve(
         stats,
         sync_latency,
         endpoints,
+        stall,
     });
     let (stop, stopped) = oneshot::channel();
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -197,7 +204,20 @@ impl Endpoint {
                 let body = render(&view, &figures, self.sync_latency.as_ref(), format);
                 reply(StatusCode::OK, Bytes::from(body), format.content_type())
             }
-            "/healthz" => reply(StatusCode::OK, Bytes::from_static(b"ok\n"), text),
+            "/healthz" => match self.views.since_beat() {
+                quiet if quiet <= self.stall => {
+                    reply(StatusCode::OK, Bytes::from_static(b"ok\n"), text)
+                }
+                quiet => reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Bytes::from(format!(
+                        "stalled: the agent's loop has made no progress for {}s (--stall-seconds {})\n",
+                        quiet.as_secs(),
+                        self.stall.as_secs()
+                    )),
+                    text,
+                ),
+            },
             "/readyz" => match self.views.latest().health.readiness() {
                 Ok(()) => reply(StatusCode::OK, Bytes::from_static(b"ready\n"), text),
                 Err(why) => reply(

@@ -1,7 +1,14 @@
 //! What the agent publishes after each change: a read-only copy of its health and of the names
 //! and ids it gave things. The metrics server reads it from its own thread and the state file is
 //! written from it, so neither ever waits for the agent's work (a long apply, a sweep).
-use std::{collections::BTreeMap, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use tokio::sync::watch;
 
@@ -9,6 +16,7 @@ use crate::{
     dataplane::Sizes,
     health::Health,
     state::{InterfaceLabel, ServiceLabel, State},
+    system::monotonic_ns,
 };
 
 /// One applied service: its labels and the map ids its counters are under.
@@ -59,16 +67,18 @@ impl AgentView {
     }
 }
 
-/// The agent's end: publishes a new view (readers see either the old one or the new one whole).
-pub struct Publisher(watch::Sender<Arc<AgentView>>);
+/// The agent's end: publishes a new view (readers see either the old one or the new one whole),
+/// and beats while its loop makes progress.
+pub struct Publisher(watch::Sender<Arc<AgentView>>, Arc<AtomicU64>);
 
 /// A reader's end: cheap to clone, never blocks the publisher for longer than a pointer swap.
 #[derive(Clone)]
-pub struct Views(watch::Receiver<Arc<AgentView>>);
+pub struct Views(watch::Receiver<Arc<AgentView>>, Arc<AtomicU64>);
 
 pub fn channel() -> (Publisher, Views) {
     let (tx, rx) = watch::channel(Arc::new(AgentView::default()));
-    (Publisher(tx), Views(rx))
+    let beat = Arc::new(AtomicU64::new(monotonic_ns()));
+    (Publisher(tx, beat.clone()), Views(rx, beat))
 }
 
 impl Publisher {
@@ -84,7 +94,13 @@ impl Publisher {
     }
 
     pub fn views(&self) -> Views {
-        Views(self.0.subscribe())
+        Views(self.0.subscribe(), self.1.clone())
+    }
+
+    /// The agent's loop went round (it beats once a second when idle, and after each piece of
+    /// work): `/healthz` fails when it stops.
+    pub fn beat(&self) {
+        self.1.store(monotonic_ns(), Ordering::Relaxed);
     }
 }
 
@@ -93,11 +109,27 @@ impl Views {
     pub fn latest(&self) -> Arc<AgentView> {
         self.0.borrow().clone()
     }
+
+    /// How long since the agent's loop last beat.
+    pub fn since_beat(&self) -> Duration {
+        Duration::from_nanos(monotonic_ns().saturating_sub(self.1.load(Ordering::Relaxed)))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn readers_see_how_long_since_the_loop_beat() {
+        let (publisher, views) = channel();
+        std::thread::sleep(Duration::from_millis(60));
+        let quiet = views.since_beat();
+        assert!(quiet >= Duration::from_millis(40), "{quiet:?}");
+        publisher.beat();
+        assert!(views.since_beat() < quiet, "a beat resets it");
+        assert!(publisher.views().since_beat() < quiet, "for every reader");
+    }
 
     #[test]
     fn readers_see_the_latest_view_and_equal_views_are_not_republished() {

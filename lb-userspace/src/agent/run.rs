@@ -37,6 +37,7 @@ async fn serve(args: RunArgs) -> Result<()> {
     let keep = args.keep_on_exit;
     let metrics_addr = args.metrics_addr;
     let scrape_addr = args.scrape_addr;
+    let stall = Duration::from_secs(args.stall_seconds.max(1));
     let sweep_every = Duration::from_secs(args.sweep_seconds.max(1));
     let mut kube = if args.kubernetes {
         let node = args
@@ -63,30 +64,7 @@ async fn serve(args: RunArgs) -> Result<()> {
         ),
     }
     let latency = kube.as_ref().map(|k| k.sync_latency.clone());
-    let server = metrics::serve(
-        metrics_addr,
-        agent.views(),
-        agent.stats()?,
-        latency.clone(),
-        Endpoints::All,
-    )
-    .with_context(|| format!("serving metrics and probes on {metrics_addr}"))?;
-    // A second listener with /metrics only, for a scraper that must not reach the probes.
-    let scrape = match scrape_addr {
-        Some(addr) => {
-            let s = metrics::serve(
-                addr,
-                agent.views(),
-                agent.stats()?,
-                latency,
-                Endpoints::MetricsOnly,
-            )
-            .with_context(|| format!("serving metrics on {addr}"))?;
-            info!("metrics for scraping on http://{addr}/metrics");
-            Some(s)
-        }
-        None => None,
-    };
+    let (server, scrape) = metrics_servers(&agent, metrics_addr, scrape_addr, latency, stall)?;
     let _datapath_log = datapath_log::start(&mut agent.loaded.ebpf);
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
@@ -131,12 +109,50 @@ async fn serve(args: RunArgs) -> Result<()> {
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
+        agent.beat();
     }
     drop(server);
     drop(scrape);
     drop(kube);
     agent.shutdown(keep);
     Ok(())
+}
+
+/// The metrics server with the probes on `metrics_addr`, and with `scrape_addr` a second one
+/// with /metrics only, for a scraper that must not reach the probes.
+fn metrics_servers(
+    agent: &Agent,
+    metrics_addr: std::net::SocketAddr,
+    scrape_addr: Option<std::net::SocketAddr>,
+    latency: Option<prometheus_client::metrics::histogram::Histogram>,
+    stall: Duration,
+) -> Result<(metrics::MetricsServer, Option<metrics::MetricsServer>)> {
+    let server = metrics::serve(
+        metrics_addr,
+        agent.views(),
+        agent.stats()?,
+        latency.clone(),
+        Endpoints::All,
+        stall,
+    )
+    .with_context(|| format!("serving metrics and probes on {metrics_addr}"))?;
+    let scrape = match scrape_addr {
+        Some(addr) => {
+            let s = metrics::serve(
+                addr,
+                agent.views(),
+                agent.stats()?,
+                latency,
+                Endpoints::MetricsOnly,
+                stall,
+            )
+            .with_context(|| format!("serving metrics on {addr}"))?;
+            info!("metrics for scraping on http://{addr}/metrics");
+            Some(s)
+        }
+        None => None,
+    };
+    Ok((server, scrape))
 }
 
 /// Resolves at `due` (never without one).
