@@ -138,6 +138,14 @@ mod datapath {
         // SAFETY: the program array holds XDP programs of this object (or nothing).
         unsafe { LB_PROGS.tail_call(ctx, slot) };
         count(Counter::TailCallFailed);
+        // A rare event: the agent's log shows it when its level lets the data path log (else
+        // the verifier removes this, the level being a constant of the loaded object).
+        aya_log_ebpf::error!(
+            ctx,
+            target: lb_common::logging::LOG_TARGET,
+            "tail call to slow path {} failed: is LB_PROGS filled?",
+            slot
+        );
         xdp_action::XDP_DROP
     }
 
@@ -393,7 +401,19 @@ mod datapath {
                 let route = nexthop::route(&fib, &addrs, pkt.len, now_ns, &mut s.next);
                 return send(ctx, pkt, &s.target, route, &s.next);
             }
-            Opened::Failed => return drop_for(svc.id, s.reason),
+            Opened::Failed => {
+                if s.reason == DropReason::FlowTable {
+                    // The flow table refused an insert (not a clash, not the LRU's eviction:
+                    // the kernel's own failure). Rare; logged when the agent asks for it.
+                    aya_log_ebpf::warn!(
+                        ctx,
+                        target: lb_common::logging::LOG_TARGET,
+                        "flow table insert failed for service {}",
+                        svc.id
+                    );
+                }
+                return drop_for(svc.id, s.reason);
+            }
         }
         if pkt.proto == IPPROTO_TCP && !s.choice.syn {
             count(Counter::FlowsCreatedMidstream);

@@ -124,6 +124,16 @@ impl Backend {
     }
 }
 
+/// A service this node cannot serve as defined, and why.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{origin}: service `{name}` ({frontend}): {reason}")]
+pub struct Invalid {
+    pub origin: Origin,
+    pub name: String,
+    pub frontend: Frontend,
+    pub reason: String,
+}
+
 /// Where a service (or a policy) was defined.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Origin {

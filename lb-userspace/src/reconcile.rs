@@ -38,22 +38,14 @@ use crate::{
     dataplane::Sizes,
     error::DataplaneError,
     maglev,
-    model::{Cidr, Desired, Frontend, Limits, Mode, Origin, Policy, Service, TableFull},
+    model::{Cidr, Desired, Frontend, Limits, Mode, Policy, Service, TableFull},
     node::{NodeError, NodeView},
     reserved::Reserved,
     system::monotonic_ns,
     tables::{Snapshot, Tables},
 };
 
-/// A service this node cannot serve as defined, and why.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{origin}: service `{name}` ({frontend}): {reason}")]
-pub struct Invalid {
-    pub origin: Origin,
-    pub name: String,
-    pub frontend: Frontend,
-    pub reason: String,
-}
+pub use crate::model::Invalid;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -1399,6 +1391,7 @@ mod tests {
     use lb_common::{FILTER_WORDS, filter_bit};
 
     use super::*;
+    use crate::model::Origin;
     use crate::{
         model::{Backend, Protocol, Rate},
         tables::{MemoryTables, Write},

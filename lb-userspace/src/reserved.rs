@@ -10,10 +10,7 @@ use std::{
     net::{IpAddr, Ipv4Addr},
 };
 
-use crate::{
-    model::{Cidr, Desired, NodeSettings, Origin},
-    reconcile::Invalid,
-};
+use crate::model::{Cidr, Desired, Invalid, NodeSettings, Origin};
 
 /// Ranges reserved on every node, with what they are.
 const ALWAYS: &[(&str, &str)] = &[

@@ -126,6 +126,13 @@ impl Fixture {
         })
     }
 
+    /// Empties slot `slot` of the tail-call table: the slow path there is gone.
+    pub fn clear_slow_path(&mut self, slot: u32) -> Result<()> {
+        let mut progs = aya::maps::ProgramArray::try_from(&mut self._progs)?;
+        progs.clear_index(&slot)?;
+        Ok(())
+    }
+
     /// Makes the maps hold `desired` (through the agent's reconciler).
     pub fn apply(&mut self, desired: &Desired) -> Result<()> {
         self.reconciler

@@ -488,6 +488,8 @@ const TIERS: &[(&str, &str, &[&str])] = &[
             "ratelimit",
             "--test",
             "adversarial",
+            "--test",
+            "datapath_log",
         ],
     ),
     (
