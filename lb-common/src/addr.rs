@@ -31,6 +31,10 @@ impl Addr {
 
     /// The four words, each holding four bytes in memory order.
     #[inline(always)]
+    #[allow(
+        clippy::cast_ptr_alignment,
+        reason = "Addr is repr(align(4)): its bytes start on a word boundary"
+    )]
     pub fn words(&self) -> [u32; 4] {
         let p = self.0.as_ptr().cast::<u32>();
         // SAFETY: Addr is 4-aligned and 16 bytes long.
@@ -38,6 +42,10 @@ impl Addr {
     }
 
     #[inline(always)]
+    #[allow(
+        clippy::cast_ptr_alignment,
+        reason = "Addr is repr(align(4)): its bytes start on a word boundary"
+    )]
     pub fn set_words(&mut self, w: [u32; 4]) {
         let p = self.0.as_mut_ptr().cast::<u32>();
         // SAFETY: as in `words`.
@@ -117,8 +125,7 @@ impl core::hash::Hash for Addr {
 impl core::fmt::Debug for Addr {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         if self.is_v4() {
-            let [a, b, c, d] = self.v4_bytes();
-            write!(f, "{a}.{b}.{c}.{d}")
+            write!(f, "{}", core::net::Ipv4Addr::from(self.v4_bytes()))
         } else {
             write!(f, "{}", core::net::Ipv6Addr::from(self.0))
         }

@@ -137,9 +137,9 @@ pub fn admit(limit: &Limit, tat: u64, last_ns: u64, now_ns: u64) -> Option<u64> 
     // case where `tat` is so old that its unit difference to now could have wrapped. Signed:
     // another CPU may have admitted a packet (and set `last_ns`) after this CPU read its
     // clock, and a `now` slightly before `last_ns` is not a long idle time.
-    let idle_ns = now_ns.wrapping_sub(last_ns) as i64;
+    let idle_ns = now_ns.wrapping_sub(last_ns).cast_signed();
     let ahead = tat.wrapping_sub(now);
-    let ahead = if idle_ns >= limit.fill_ns as i64 || (ahead as i64) < 0 {
+    let ahead = if idle_ns >= limit.fill_ns.cast_signed() || ahead.cast_signed() < 0 {
         0
     } else {
         ahead
@@ -156,9 +156,9 @@ pub fn tokens(limit: &Limit, bucket: &Bucket, now_ns: u64) -> u64 {
         return u64::MAX;
     }
     let now = now_ns.wrapping_mul(limit.rate);
-    let idle_ns = now_ns.wrapping_sub(bucket.last_ns) as i64;
+    let idle_ns = now_ns.wrapping_sub(bucket.last_ns).cast_signed();
     let ahead = bucket.tat.wrapping_sub(now);
-    if idle_ns >= limit.fill_ns as i64 || (ahead as i64) < 0 {
+    if idle_ns >= limit.fill_ns.cast_signed() || ahead.cast_signed() < 0 {
         return limit.burst;
     }
     // `now` may lag the last admission a little (another CPU's clock read): no tokens then.

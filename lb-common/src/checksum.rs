@@ -85,6 +85,10 @@ impl Delta {
     /// The change as a 32-bit one's-complement sum: the kernel's `__wsum`, which
     /// bpf_l4_csum_replace takes as a precomputed difference.
     #[inline(always)]
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "two folds leave at most 32 bits"
+    )]
     pub fn wsum(self) -> u32 {
         let s = (self.0 & 0xffff_ffff) + (self.0 >> 32);
         let s = (s & 0xffff_ffff) + (s >> 32);
@@ -100,6 +104,10 @@ impl Delta {
 
 /// Folds a 64-bit one's-complement accumulator to 16 bits.
 #[inline(always)]
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "two folds leave at most 32 bits"
+)]
 pub const fn fold64(sum: u64) -> u16 {
     let s = (sum & 0xffff_ffff) + (sum >> 32);
     let s = (s & 0xffff_ffff) + (s >> 32);
@@ -108,6 +116,10 @@ pub const fn fold64(sum: u64) -> u16 {
 
 /// Folds carries back into the low 16 bits (twice covers any u32).
 #[inline(always)]
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "two folds leave at most 16 bits"
+)]
 pub const fn fold(sum: u32) -> u16 {
     let s = (sum & 0xffff) + (sum >> 16);
     let s = (s & 0xffff) + (s >> 16);
@@ -208,7 +220,7 @@ mod tests {
             seg.extend_from_slice(&[0, 0]); // checksum at 16
             seg.extend_from_slice(&[0, 0]);
             seg.extend_from_slice(&payload);
-            let pseudo = |s: &Addr, d: &Addr, seg: &[u8]| pseudo_header_sum(&bytes(s), &bytes(d), 6, seg.len() as u32);
+            let pseudo = |s: &Addr, d: &Addr, seg: &[u8]| pseudo_header_sum(&bytes(s), &bytes(d), 6, u32::try_from(seg.len()).unwrap());
             let c = checksum(&seg, pseudo(&os, &od, &seg));
             seg[16..18].copy_from_slice(&c);
             // Rewrite: addresses (pseudo-header) and ports, incrementally, in memory order.

@@ -72,6 +72,10 @@ pub fn addr_hash(a: &Addr) -> u32 {
 }
 
 /// Hash of arbitrary bytes (host side: Maglev permutations).
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "Murmur3 mixes in the length modulo 2^32"
+)]
 pub fn bytes_hash(data: &[u8], seed: u32) -> u32 {
     let mut h = seed;
     let mut chunks = data.chunks_exact(4);

@@ -2,6 +2,10 @@
 //! agent (`lb-userspace`, with the `user` feature). Everything here is plain data or a pure,
 //! non-panicking function, so the verifier accepts it and host tests can exercise it.
 #![no_std]
+#![allow(
+    clippy::pub_underscore_fields,
+    reason = "the padding of #[repr(C)] map values is public so both sides can build them with struct literals"
+)]
 
 pub mod addr;
 pub mod affinity;

@@ -190,6 +190,10 @@ impl Config {
 
     /// The `i`-th snat port (host order), `i < snat_port_count()`.
     #[inline(always)]
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "i < the range's length, so min + i <= max, a u16"
+    )]
     pub const fn snat_port(&self, i: u32) -> u16 {
         let first = self.snat_ports[0].len();
         if i < first {
@@ -205,12 +209,20 @@ impl Config {
 pub const FLOW_CLOCK_SHIFT: u32 = 20;
 
 #[inline(always)]
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "the clock wraps at 32 bits by design (compared by wrapping difference)"
+)]
 pub const fn flow_clock(now_ns: u64) -> u32 {
     (now_ns >> FLOW_CLOCK_SHIFT) as u32
 }
 
 /// Ticks of the flow clock in `ns` nanoseconds (rounded up, so a timeout is never shorter).
 #[inline(always)]
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "t is at most i32::MAX there"
+)]
 pub const fn flow_ticks(ns: u64) -> u32 {
     let t = ns.div_ceil(1 << FLOW_CLOCK_SHIFT);
     if t > i32::MAX as u64 {
@@ -516,7 +528,7 @@ impl<A> Flow<A> {
     pub fn is_expired(&self, cfg: &Config, now: u32) -> bool {
         // Signed: packets read the precise or the coarse clock (a tick apart), so `now` may be
         // a little before `last`; that is not a long idle time.
-        now.wrapping_sub(self.last) as i32 > self.timeout(cfg) as i32
+        now.wrapping_sub(self.last).cast_signed() > self.timeout(cfg).cast_signed()
     }
 }
 
@@ -548,6 +560,10 @@ pub const HOP_VLAN: u16 = 0x8000;
 
 /// The period a cached next hop is used for: about a second (2^30 ns).
 #[inline(always)]
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "the epoch wraps at 32 bits; a slot is fresh only when equal to now's"
+)]
 pub const fn hop_epoch(now_ns: u64) -> u32 {
     (now_ns >> 30) as u32
 }
@@ -677,6 +693,10 @@ pub const fn source_tag(hash: u32) -> u32 {
 
 /// Sets for `entries` sources.
 #[inline(always)]
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "SOURCE_WAYS is 8 (a const fn cannot call try_from)"
+)]
 pub const fn source_sets(entries: u32) -> u32 {
     let sets = entries.div_ceil(SOURCE_WAYS as u32);
     if sets == 0 { 1 } else { sets }
@@ -731,33 +751,47 @@ const _: () = assert!(core::mem::size_of::<Affinity>() == 16);
 
 #[cfg(feature = "user")]
 mod pod {
-    use super::*;
-    // SAFETY: every type is #[repr(C)] plain data with explicit padding and no invalid bit patterns.
-    unsafe impl aya::Pod for crate::addr::Addr {}
-    unsafe impl aya::Pod for Config {}
-    unsafe impl aya::Pod for AddrInfo {}
-    unsafe impl aya::Pod for ServiceKey {}
-    unsafe impl aya::Pod for Service {}
-    unsafe impl aya::Pod for Backend {}
-    unsafe impl aya::Pod for FlowKey4 {}
-    unsafe impl aya::Pod for FlowKey6 {}
-    unsafe impl aya::Pod for Flow4 {}
-    unsafe impl aya::Pod for Flow6 {}
-    unsafe impl aya::Pod for ServiceInfo {}
-    unsafe impl aya::Pod for LinkMac {}
-    unsafe impl aya::Pod for Hop {}
-    unsafe impl aya::Pod for PortRange {}
-    unsafe impl aya::Pod for Iface {}
-    unsafe impl aya::Pod for Policy {}
-    unsafe impl aya::Pod for SourceKey {}
-    unsafe impl aya::Pod for Source {}
-    unsafe impl aya::Pod for SourceTags {}
-    unsafe impl aya::Pod for PrefixKey {}
-    unsafe impl aya::Pod for PrefixRule {}
-    unsafe impl aya::Pod for AffinityKey {}
-    unsafe impl aya::Pod for Affinity {}
-    unsafe impl aya::Pod for crate::stats::ServiceStats {}
-    unsafe impl aya::Pod for crate::stats::BackendStats {}
+    use super::{
+        Addr, AddrInfo, Affinity, AffinityKey, Backend, Config, Flow4, Flow6, FlowKey4, FlowKey6,
+        Hop, Iface, LinkMac, Policy, PortRange, PrefixKey, PrefixRule, Service, ServiceInfo,
+        ServiceKey, Source, SourceKey, SourceTags,
+    };
+    use crate::stats::{BackendStats, ServiceStats};
+
+    macro_rules! pod {
+        ($($t:ty),* $(,)?) => {$(
+            // SAFETY: every type listed is #[repr(C)] plain data with explicit padding and no
+            // invalid bit patterns.
+            unsafe impl aya::Pod for $t {}
+        )*};
+    }
+    pod!(
+        Addr,
+        Config,
+        AddrInfo,
+        ServiceKey,
+        Service,
+        Backend,
+        FlowKey4,
+        FlowKey6,
+        Flow4,
+        Flow6,
+        ServiceInfo,
+        LinkMac,
+        Hop,
+        PortRange,
+        Iface,
+        Policy,
+        SourceKey,
+        Source,
+        SourceTags,
+        PrefixKey,
+        PrefixRule,
+        AffinityKey,
+        Affinity,
+        ServiceStats,
+        BackendStats,
+    );
 }
 
 #[cfg(test)]
@@ -836,7 +870,7 @@ mod tests {
             ..Config::default()
         };
         assert_eq!(c.snat_port_count(), 5);
-        let ports: [u16; 5] = core::array::from_fn(|i| c.snat_port(i as u32));
+        let ports: [u16; 5] = core::array::from_fn(|i| c.snat_port(u32::try_from(i).unwrap()));
         assert_eq!(ports, [1024, 1025, 1026, 61000, 61001]);
         let one = Config {
             snat_ports: [PortRange { min: 7, max: 7 }, PortRange::EMPTY],

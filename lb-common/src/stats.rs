@@ -90,6 +90,10 @@ counters! {
     TailCallFailed = "tail_call_failed",
 }
 
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "a few dozen counters (a const cannot call try_from)"
+)]
 pub const COUNTER_COUNT: u32 = Counter::ALL.len() as u32;
 
 macro_rules! drop_reasons {

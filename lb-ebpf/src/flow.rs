@@ -149,7 +149,7 @@ pub fn refresh<F: Family>(
         if t.reply
             && flags & FLOW_SNAT != 0
             && tcp_flags & TCP_FIN != 0
-            && !peer_flags::<F>(t, proto).is_some_and(|f| f & FLOW_CLOSING != 0)
+            && peer_flags::<F>(t, proto).is_none_or(|f| f & FLOW_CLOSING == 0)
         {
             new |= FLOW_TIME_WAIT;
         }
@@ -160,6 +160,7 @@ pub fn refresh<F: Family>(
     if flags & FLOW_OPENING != 0 && !t.reply && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_ACK {
         flow.flags &= !FLOW_OPENING;
         if let Some(p) = F::flows().get_ptr_mut(&peer_key::<F>(t, proto)) {
+            // SAFETY: a successful map lookup's pointer is valid and aligned for the value until the program returns.
             unsafe { (*p).flags &= !FLOW_OPENING };
         }
     }
@@ -169,6 +170,7 @@ pub fn refresh<F: Family>(
 #[inline(always)]
 fn peer_flags<F: Family>(t: &Target, proto: u8) -> Option<u8> {
     let p = F::flows().get_ptr(&peer_key::<F>(t, proto))?;
+    // SAFETY: a successful map lookup's pointer is valid and aligned for the value until the program returns.
     Some(unsafe { (*p).flags })
 }
 
@@ -225,6 +227,7 @@ fn pick(src: &Addr, svc: &Service, hash: u32, now_ns: u64) -> Option<(u32, bool)
             service: svc.id,
         };
         if let Some(a) = LB_AFFINITY.get_ptr_mut(&akey) {
+            // SAFETY: a successful map lookup's pointer is valid and aligned for the value until the program returns.
             let a = unsafe { &mut *a };
             if let Some(b) = LB_BACKENDS.get(a.backend)
                 && lb_common::affinity::sticks(a, b, svc, now_ns)
@@ -361,7 +364,7 @@ fn inserted<F: Family>(svc: &Service, choice: &Choice, cfg: &Config) -> Result<(
     let b = &choice.backend;
     let s = scratch().ok_or(DropReason::FlowTable)?;
     // SAFETY: distinct fields of the scratch space.
-    let key: &FlowKey<F::A> = unsafe { &*(new_key::<F::A>(s) as *const FlowKey<F::A>) };
+    let key: &FlowKey<F::A> = unsafe { &*core::ptr::from_ref::<FlowKey<F::A>>(new_key::<F::A>(s)) };
     let (reply_key, forward, reply) = entries::<F::A>(s);
     let flows = F::flows();
     match flows.insert(key, &*forward, u64::from(BPF_NOEXIST)) {
@@ -414,9 +417,11 @@ fn inserted<F: Family>(svc: &Service, choice: &Choice, cfg: &Config) -> Result<(
     }
     count(Counter::FlowsCreated);
     if let Some(s) = LB_SVC_STATS.get_ptr_mut(svc.id) {
+        // SAFETY: a successful map lookup's pointer is valid and aligned for the value until the program returns.
         unsafe { (*s).new_flows += 1 };
     }
     if let Some(s) = LB_BE_STATS.get_ptr_mut(choice.backend_id) {
+        // SAFETY: a successful map lookup's pointer is valid and aligned for the value until the program returns.
         unsafe { (*s).new_flows += 1 };
     }
     let (src, sport) = (forward.addr.to_addr(), forward.port);
@@ -441,6 +446,7 @@ fn live<F: Family>(key: &FlowKey<F::A>, cfg: &Config, now: u32) -> bool {
     let Some(p) = F::flows().get_ptr(key) else {
         return false;
     };
+    // SAFETY: a successful map lookup's pointer is valid and aligned for the value until the program returns.
     let f = unsafe { &*p };
     if f.is_expired(cfg, now) || f.flags & FLOW_CLOSING != 0 {
         return false;
@@ -471,6 +477,7 @@ fn insert_reply<F: Family>(
         Ok(()) => Ok(()),
         Err(e) if e == -EEXIST => {
             if let Some(p) = flows.get_ptr(key) {
+                // SAFETY: a successful map lookup's pointer is valid and aligned for the value until the program returns.
                 let old = unsafe { &*p };
                 if !old.is_expired(cfg, now)
                     && (old.id != value.id || old.generation != value.generation)
@@ -528,7 +535,8 @@ fn claim_port<F: Family>(
         // Masked in 64 bits as well: the verifier must see the index bounded in the register
         // that addresses the array, whatever width the compiler compared it in.
         let a =
-            (unsafe { core::ptr::read_volatile(&a) } as u64 & (MAX_SNAT_ADDRS as u64 - 1)) as usize;
+            // SAFETY: the pointer comes from a reference; volatile only keeps the access as written.
+            (u64::from(unsafe { core::ptr::read_volatile(&raw const a) }) & (MAX_SNAT_ADDRS as u64 - 1)) as usize;
         // The key is (backend -> snat address and port); the caller filled in the rest.
         key.dst = F::A::from_addr(&addrs[a]);
         key.dport = cfg.snat_port(i % ports).to_be();
@@ -538,6 +546,7 @@ fn claim_port<F: Family>(
         if claimed == Err(-EEXIST)
             && flows
                 .get_ptr(&*key)
+                // SAFETY: a successful map lookup's pointer is valid and aligned for the value until the program returns.
                 .is_some_and(|p| unsafe { &*p }.is_expired(cfg, now))
             && flows.remove(&*key).is_ok()
         {

@@ -38,6 +38,7 @@ pub fn handle(ctx: &XdpContext, pkt: &Packet) -> u32 {
     let Some(hdr) = ptr_at::<[u8; 2]>(ctx, pkt.l4) else {
         return not_served(pkt, Counter::DropMalformed);
     };
+    // SAFETY: `ptr_at` checked that these bytes lie inside the packet.
     let kind = unsafe { (*hdr)[0] };
     // From a martian source (multicast, broadcast, loopback, ...): never answered, and not
     // translated either, as the kernel would not forward it.
@@ -78,6 +79,7 @@ fn echo_reply(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
     let icmp: *mut u8 = ptr_at::<[u8; ICMP_HLEN]>(ctx, pkt.l4)?.cast();
     // Swapping the addresses leaves every checksum as it is (IPv4 header and ICMPv6's
     // pseudo-header alike); only the type and the hop limit change.
+    // SAFETY: `ptr_at` checked that these bytes lie inside the packet.
     unsafe {
         let reply = if pkt.v6 {
             ICMPV6_ECHO_REPLY
@@ -95,6 +97,7 @@ fn echo_reply(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
     }
     if pkt.v6 {
         let ip: *mut u8 = ptr_at::<Ipv6Hdr>(ctx, pkt.l3)?.cast();
+        // SAFETY: `ptr_at` checked that these bytes lie inside the packet.
         unsafe {
             let (src, dst) = (load_addr(ip.add(IPV6_SRC)), load_addr(ip.add(IPV6_DST)));
             store_addr(ip.add(IPV6_SRC), &dst);
@@ -103,6 +106,7 @@ fn echo_reply(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
         }
     } else {
         let ip: *mut u8 = ptr_at::<Ipv4Hdr>(ctx, pkt.l3)?.cast();
+        // SAFETY: `ptr_at` checked that these bytes lie inside the packet.
         unsafe {
             let (src, dst): (u32, u32) = (load(ip.add(IPV4_SRC)), load(ip.add(IPV4_DST)));
             store(ip.add(IPV4_SRC), dst);
@@ -132,6 +136,7 @@ fn quoted(ctx: &XdpContext, pkt: &Packet) -> Option<(Addr, Addr, u8, usize)> {
             return None;
         }
         let ip: *const u8 = ptr_at::<Ipv6Hdr>(ctx, inner_l3)?.cast();
+        // SAFETY: `ptr_at` checked that these bytes lie inside the packet.
         unsafe {
             if *ip >> 4 != 6 {
                 return None;
@@ -148,11 +153,13 @@ fn quoted(ctx: &XdpContext, pkt: &Packet) -> Option<(Addr, Addr, u8, usize)> {
             return None;
         }
         let ip: *const u8 = ptr_at::<Ipv4Hdr>(ctx, inner_l3)?.cast();
+        // SAFETY: `ptr_at` checked that these bytes lie inside the packet.
         let vihl = unsafe { *ip };
         let ihl = ((vihl & 0x0f) as usize) * 4;
         if vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN {
             return None;
         }
+        // SAFETY: `ip` is a checked IPv4 header (`ptr_at` above); the fields read lie in its fixed 20 bytes.
         unsafe {
             (
                 load_v4(ip.add(IPV4_SRC)),
@@ -178,6 +185,7 @@ fn translate_error<F: Family>(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
         return None;
     }
     let ports: *const u8 = ptr_at::<u32>(ctx, inner_l4)?.cast();
+    // SAFETY: `ptr_at` checked that these bytes lie inside the packet.
     let (sport, dport): (u16, u16) = unsafe { (load(ports), load(ports.add(2))) };
     // The quoted packet travelled the other way: the entry that matters is the reverse's.
     let key = FlowKey::new(
@@ -188,6 +196,7 @@ fn translate_error<F: Family>(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
         proto,
     );
     let found = F::flows().get_ptr(&key)?;
+    // SAFETY: a successful map lookup's pointer is valid and aligned for the value until the program returns.
     let entry = unsafe { *found };
     let t = flow::resolve(&entry)?;
     if pkt.ttl <= 1 {
@@ -208,6 +217,7 @@ fn translate_error<F: Family>(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
         ifindex: ctx.ingress_ifindex() as u32,
         v6: pkt.v6,
     };
+    // SAFETY: a BPF helper without arguments.
     let now_ns = unsafe { aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns() };
     let mut next = Next::NONE;
     let forwarded = match nexthop::route(&fib, &outer, pkt.len, now_ns, &mut next) {
@@ -224,12 +234,14 @@ fn translate_error<F: Family>(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
         0
     } else {
         let ip: *const u8 = ptr_at::<Ipv4Hdr>(ctx, inner_l3)?.cast();
+        // SAFETY: `ptr_at` checked that these bytes lie inside the packet.
         unsafe { load::<u16>(ip.add(IPV4_CHECK)) }
     };
     let inner_delta = set_addrs(ctx, inner_l3, v6, &quoted)?;
     let mut icmp_delta = inner_delta;
     if !pkt.v6 {
         let ip: *const u8 = ptr_at::<Ipv4Hdr>(ctx, inner_l3)?.cast();
+        // SAFETY: `ptr_at` checked that these bytes lie inside the packet.
         icmp_delta = icmp_delta.u16(inner_check, unsafe { load(ip.add(IPV4_CHECK)) });
     }
     let ports = port_pair(t.tuple.dport, t.tuple.sport);
@@ -243,6 +255,7 @@ fn translate_error<F: Family>(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
         icmp_delta = icmp_delta.combine(outer_delta);
     }
     let check: *mut u8 = ptr_at::<u16>(ctx, pkt.l4 + ICMP_CHECK)?.cast();
+    // SAFETY: `ptr_at` checked that these bytes lie inside the packet.
     unsafe { store(check, icmp_delta.apply(load(check))) };
     count(Counter::IcmpErrorsTranslated);
     Some(if forwarded {
@@ -255,6 +268,7 @@ fn translate_error<F: Family>(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
 #[inline(always)]
 pub fn swap_macs(ctx: &XdpContext) -> Option<()> {
     let eth: *mut u8 = ptr_at::<[u16; 6]>(ctx, 0)?.cast();
+    // SAFETY: `ptr_at` checked that these bytes lie inside the packet.
     unsafe {
         let dst: [u16; 3] = [load(eth), load(eth.add(2)), load(eth.add(4))];
         let src: [u16; 3] = [load(eth.add(6)), load(eth.add(8)), load(eth.add(10))];

@@ -25,6 +25,17 @@
 #![cfg_attr(target_arch = "bpf", allow(internal_features))]
 // Map keys and values go by reference: by value they would be copied onto the 512-byte stack.
 #![allow(clippy::needless_borrows_for_generic_args)]
+// aya's #[xdp] and #[classifier] macros want the program function to take its context by value.
+#![allow(clippy::needless_pass_by_value)]
+// Casts between integer widths are the data path's idiom: packet offsets and lengths (under
+// 64 KiB, bounded where the verifier needs it) into helper arguments and header fields, map
+// indexes (under max_entries) into u32 keys, bytes unpacked from words. A try_from would add a
+// branch the verifier follows on every path, for a case that cannot occur.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    reason = "bounded packet offsets and map indexes, see above"
+)]
 
 #[cfg(target_arch = "bpf")]
 mod datapath {
@@ -128,6 +139,7 @@ mod datapath {
             return false;
         };
         let eth: *const u8 = eth.cast();
+        // SAFETY: `ptr_at` checked that these bytes lie inside the packet.
         let dst: [u16; 3] = unsafe { [load(eth), load(eth.add(2)), load(eth.add(4))] };
         link.ifindex == ifindex && dst == link.mac
     }
@@ -189,6 +201,7 @@ mod datapath {
         let Some(entry) = F::flows().get_ptr_mut(&key) else {
             return false;
         };
+        // SAFETY: a successful map lookup's pointer is valid and aligned for the value until the program returns.
         let f = unsafe { *entry };
         let Some(t) = flow::resolve(&f) else {
             return false;
@@ -213,11 +226,13 @@ mod datapath {
 
     #[inline(always)]
     fn precise_now() -> u64 {
+        // SAFETY: a BPF helper without arguments.
         unsafe { bpf_ktime_get_ns() }
     }
 
     #[inline(always)]
     fn coarse_now() -> u64 {
+        // SAFETY: a BPF helper without arguments.
         unsafe { bpf_ktime_get_coarse_ns() }
     }
 
@@ -310,6 +325,7 @@ mod datapath {
         let Some(svc) = LB_SERVICES.get_ptr(&skey) else {
             return not_served(pkt, Counter::DropNoService);
         };
+        // SAFETY: a successful map lookup's pointer is valid and aligned for the value until the program returns.
         let svc = unsafe { &*svc };
         if !is_client(pkt) {
             count(Counter::DropBadSource);
@@ -367,6 +383,7 @@ mod datapath {
             _ => {}
         }
         // Kept in scratch memory until the send, not on the stack: see maps.rs, LB_PACKET.
+        // SAFETY: the pointer comes from a reference; volatile only keeps the access as written.
         unsafe { core::ptr::write_volatile(&raw mut s.route, route as u32) };
         // Every new flow counts as a connection: a SYN, a UDP flow's first packet, and a TCP
         // packet without state (it would create state too).
@@ -418,7 +435,8 @@ mod datapath {
         if pkt.proto == IPPROTO_TCP && !s.choice.syn {
             count(Counter::FlowsCreatedMidstream);
         }
-        let route = Route::of(unsafe { core::ptr::read_volatile(&s.route) });
+        // SAFETY: the pointer comes from a reference; volatile only keeps the access as written.
+        let route = Route::of(unsafe { core::ptr::read_volatile(&raw const s.route) });
         send(ctx, pkt, &s.target, route, &s.next)
     }
 
@@ -457,6 +475,7 @@ mod datapath {
     fn count_packet(t: &Target, len: u32) {
         let bytes = u64::from(len);
         if let Some(s) = LB_SVC_STATS.get_ptr_mut(t.service) {
+            // SAFETY: a successful map lookup's pointer is valid and aligned for the value until the program returns.
             let s = unsafe { &mut *s };
             if t.reply {
                 s.reply_packets += 1;
@@ -469,6 +488,7 @@ mod datapath {
         if !t.reply
             && let Some(b) = LB_BE_STATS.get_ptr_mut(t.backend)
         {
+            // SAFETY: a successful map lookup's pointer is valid and aligned for the value until the program returns.
             let b = unsafe { &mut *b };
             b.packets += 1;
             b.bytes += bytes;
@@ -504,6 +524,7 @@ mod tcp;
 #[inline(always)]
 fn is_vip(addr: &lb_common::Addr) -> bool {
     match maps::LB_ADDRS.get_ptr(addr) {
+        // SAFETY: a successful map lookup's pointer is valid and aligned for the value until the program returns.
         Some(a) => (unsafe { (*a).flags } & lb_common::ADDR_VIP) != 0,
         None => false,
     }

@@ -5,7 +5,15 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
 };
-use lb_common::*;
+use lb_common::{
+    Addr, AddrInfo, Affinity, AffinityKey, Backend, BackendStats, COUNTER_COUNT, Config, Counter,
+    DEFAULT_AFFINITY_ENTRIES, DEFAULT_FLOW_ENTRIES, DEFAULT_FLOW_ENTRIES_V6, DEFAULT_MAX_BACKENDS,
+    DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE, DEFAULT_SOURCE_ENTRIES, DROP_REASONS, DropReason,
+    Flow, Flow4, Flow6, FlowAddr, FlowKey, FlowKey4, FlowKey6, HOP_SLOTS, Hop, Iface, LinkMac,
+    MAC_SLOTS, MAX_ADDRS, MAX_IFACES, MAX_POLICIES, MAX_PREFIXES, PORT_CURSORS, Policy, PrefixKey,
+    PrefixRule, SOURCE_WAYS, SPARE_RINGS, Service, ServiceInfo, ServiceKey, ServiceStats, Source,
+    SourceTags, filter, source_sets,
+};
 
 #[map]
 pub static LB_CONFIG: Array<Config> = Array::with_max_entries(1, 0);
@@ -184,6 +192,7 @@ pub fn count_service_drop(service: u32, reason: DropReason) {
     // The compiler knows `reason` is in range and would drop the bounds check; the verifier does
     // not (the value may have come through the stack of another frame). A volatile read keeps
     // the check in.
+    // SAFETY: the pointer comes from a reference; volatile only keeps the access as written.
     let index = unsafe { core::ptr::read_volatile(&(reason as u32)) } as usize;
     if index >= DROP_REASONS {
         return;

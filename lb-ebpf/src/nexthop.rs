@@ -107,6 +107,7 @@ pub fn route(fib: &Fib, addrs: &[Addr; 2], len: u32, now_ns: u64, next: &mut Nex
         return Route::Unreachable;
     };
     let p = &mut scratch.fib;
+    // SAFETY: FibParams is a C struct of integers and unions of integers: all zeroes is a valid value.
     *p = unsafe { core::mem::zeroed() };
     p.ifindex = fib.ifindex;
     p.__bindgen_anon_1.tot_len = len.min(0xffff) as u16;
@@ -119,6 +120,7 @@ pub fn route(fib: &Fib, addrs: &[Addr; 2], len: u32, now_ns: u64, next: &mut Nex
         p.__bindgen_anon_3.ipv4_src = src.v4_word();
         p.__bindgen_anon_4.ipv4_dst = dst.v4_word();
     }
+    // SAFETY: `fib.ctx` is the program's context and `p` a FibParams of the size passed.
     let rc = unsafe { bpf_fib_lookup(fib.ctx, p, core::mem::size_of::<FibParams>() as i32, 0) };
     match rc {
         FIB_SUCCESS => {}
@@ -129,6 +131,7 @@ pub fn route(fib: &Fib, addrs: &[Addr; 2], len: u32, now_ns: u64, next: &mut Nex
         FIB_NOT_FORWARDED => return Route::Local,
         FIB_FRAG_NEEDED => {
             // The MTU comes back in place of the length.
+            // SAFETY: the union holds integers only; on FRAG_NEEDED the kernel wrote the MTU in it.
             next.mtu = unsafe { p.__bindgen_anon_1.mtu_result };
             return Route::TooBig;
         }
@@ -137,6 +140,7 @@ pub fn route(fib: &Fib, addrs: &[Addr; 2], len: u32, now_ns: u64, next: &mut Nex
     let mut ifindex = p.ifindex;
     let mut vlan = 0;
     // A VLAN device: send tagged out of the device it sits on.
+    // SAFETY: the entry is copied out at once; the agent writes this map only when VLAN devices change.
     if let Some(v) = unsafe { LB_IFACES.get(&ifindex) } {
         ifindex = v.parent;
         vlan = HOP_VLAN | (v.vlan_id & 0x0fff);
@@ -167,6 +171,7 @@ fn macs_of(p: &FibParams) -> [u16; 6] {
     let smac: *const u16 = (&raw const p.smac).cast();
     let dmac: *const u16 = (&raw const p.dmac).cast();
     // Volatile: keeps LLVM from merging the 16-bit loads.
+    // SAFETY: `smac` and `dmac` are 6 bytes each at even offsets of FibParams (52 and 58): three aligned u16 words each.
     unsafe {
         [
             core::ptr::read_volatile(dmac),
@@ -191,6 +196,7 @@ pub fn transmit(ctx: &XdpContext, tagged: bool, next: &Next) -> u32 {
     };
     let eth: *mut u8 = eth.cast();
     for (i, word) in next.macs.iter().enumerate() {
+        // SAFETY: `ptr_at` checked that these bytes lie inside the packet.
         unsafe { store(eth.add(2 * i), *word) };
     }
     if next.ifindex == ctx.ingress_ifindex() as u32 {
@@ -221,16 +227,19 @@ fn set_vlan(ctx: &XdpContext, tagged: bool, vlan: u16) -> Option<()> {
         (false, false) => return Some(()),
         // Drop the 4 tag bytes from the front: the EtherType then follows the (stale) MACs.
         (true, false) => {
+            // SAFETY: `ctx.ctx` is the program's context; no packet pointer taken before the call is used after it.
             return (unsafe { bpf_xdp_adjust_head(ctx.ctx.cast(), 4) } == 0).then_some(());
         }
         (true, true) => false,
         (false, true) => true,
     };
+    // SAFETY: `ctx.ctx` is the program's context; no packet pointer taken before the call is used after it.
     if grow && unsafe { bpf_xdp_adjust_head(ctx.ctx.cast(), -4) } != 0 {
         return None;
     }
     // TPID and TCI sit between the MACs and the EtherType (which a push leaves in place).
     let tag: *mut u8 = ptr_at::<[u16; 8]>(ctx, 0)?.cast();
+    // SAFETY: `ptr_at` checked that these bytes lie inside the packet.
     unsafe {
         let pcp = if grow {
             0

@@ -103,18 +103,21 @@ pub fn ptr_at<T>(ctx: &impl Frame, offset: usize) -> Option<*mut T> {
 /// loop (BPF cannot merge unaligned bytes). Only for packet memory: stack access must be aligned.
 #[inline(always)]
 pub unsafe fn load<T: Copy>(at: *const u8) -> T {
+    // SAFETY: the caller passes a pointer `ptr_at` checked for `size_of::<T>()` bytes of packet data, where unaligned access is allowed (see above).
     unsafe { at.cast::<T>().read() }
 }
 
 /// Writes a word of packet data; see [`load`].
 #[inline(always)]
 pub unsafe fn store<T>(at: *mut u8, value: T) {
+    // SAFETY: as in `load`.
     unsafe { at.cast::<T>().write(value) }
 }
 
 /// Reads an IPv6 address from packet data.
 #[inline(always)]
 pub unsafe fn load_addr(at: *const u8) -> Addr {
+    // SAFETY: the caller passes a pointer to 16 checked bytes of packet data.
     unsafe { Addr::from_words([load(at), load(at.add(4)), load(at.add(8)), load(at.add(12))]) }
 }
 
@@ -122,6 +125,7 @@ pub unsafe fn load_addr(at: *const u8) -> Addr {
 #[inline(always)]
 pub unsafe fn store_addr(at: *mut u8, a: &Addr) {
     let w = a.words();
+    // SAFETY: the caller passes a pointer to 16 checked bytes of packet data.
     unsafe {
         store(at, w[0]);
         store(at.add(4), w[1]);
@@ -133,6 +137,7 @@ pub unsafe fn store_addr(at: *mut u8, a: &Addr) {
 /// Reads an IPv4 address from packet data as an IPv4-mapped [`Addr`].
 #[inline(always)]
 pub unsafe fn load_v4(at: *const u8) -> Addr {
+    // SAFETY: the caller passes a pointer to 4 checked bytes of packet data.
     Addr::from_words([0, 0, V4_MAPPED_WORD, unsafe { load(at) }])
 }
 
@@ -189,13 +194,16 @@ pub fn parse_l3<F: Frame>(ctx: &F, pkt: &mut Packet) -> bool {
 #[inline(always)]
 fn parse_headers<F: Frame>(ctx: &F) -> Option<Packet> {
     let eth: *const EthHdr = ptr_at(ctx, 0)?;
+    // SAFETY: `ptr_at` checked that these bytes lie inside the packet.
     let mut ether_type = u16::from_be(unsafe { (*eth).ether_type });
     // A group address is never a sender: nothing from one is balanced or answered.
+    // SAFETY: `ptr_at` checked that these bytes lie inside the packet.
     let group_source = unsafe { (*eth).src_addr[0] } & 1 != 0;
     let mut l3 = EthHdr::LEN;
     let mut vlan = false;
     if ether_type == ETH_P_8021Q {
         let tag: *const VlanHdr = ptr_at(ctx, l3)?;
+        // SAFETY: `ptr_at` checked that these bytes lie inside the packet.
         ether_type = u16::from_be(unsafe { (*tag).ether_type });
         l3 += VlanHdr::LEN;
         vlan = true;
@@ -215,6 +223,7 @@ fn parse_headers<F: Frame>(ctx: &F) -> Option<Packet> {
 #[inline(always)]
 fn parse_v4<F: Frame>(ctx: &F, l3: usize) -> Option<Packet> {
     let ptr: *const u8 = ptr_at::<Ipv4Hdr>(ctx, l3)?.cast();
+    // SAFETY: `ptr_at` checked the header's bytes; Ipv4Hdr is plain bytes (alignment 1), valid for any contents.
     let ip = unsafe { &*ptr.cast::<Ipv4Hdr>() };
     let ihl = ((ip.vihl & 0x0f) as usize) * 4;
     let len = u16::from_be_bytes(ip.tot_len) as usize;
@@ -235,10 +244,13 @@ fn parse_v4<F: Frame>(ctx: &F, l3: usize) -> Option<Packet> {
         v6: false,
         vlan: false,
         proto: ip.proto,
+        // SAFETY: `ptr_at` checked that these bytes lie inside the packet.
         ttl: unsafe { *ptr.add(IPV4_TTL) },
         len: len as u32,
         state,
+        // SAFETY: `ptr_at` checked that these bytes lie inside the packet.
         src: unsafe { load_v4(ptr.add(IPV4_SRC)) },
+        // SAFETY: `ptr_at` checked that these bytes lie inside the packet.
         dst: unsafe { load_v4(ptr.add(IPV4_DST)) },
     })
 }
@@ -257,7 +269,9 @@ const IPV6_MAX_EXTENSIONS: usize = 4;
 #[inline(always)]
 fn parse_v6<F: Frame>(ctx: &F, l3: usize) -> Option<Packet> {
     let ptr: *const u8 = ptr_at::<Ipv6Hdr>(ctx, l3)?.cast();
+    // SAFETY: `ptr_at` checked the header's bytes; Ipv6Hdr is plain bytes (alignment 1), valid for any contents.
     let ip = unsafe { &*ptr.cast::<Ipv6Hdr>() };
+    // SAFETY: `ptr_at` checked that these bytes lie inside the packet.
     let dst = unsafe { load_addr(ptr.add(IPV6_DST)) };
     if dst.is_v4() {
         return None;
@@ -284,6 +298,7 @@ fn parse_v6<F: Frame>(ctx: &F, l3: usize) -> Option<Packet> {
                     break;
                 }
                 let ext: *const [u8; 2] = ptr_at(ctx, l4)?;
+                // SAFETY: `ptr_at` checked that these bytes lie inside the packet.
                 let ext = unsafe { *ext };
                 next = ext[0];
                 l4 += (ext[1] as usize + 1) * 8;
@@ -313,9 +328,11 @@ fn parse_v6<F: Frame>(ctx: &F, l3: usize) -> Option<Packet> {
         v6: true,
         vlan: false,
         proto: next,
+        // SAFETY: `ptr_at` checked that these bytes lie inside the packet.
         ttl: unsafe { *ptr.add(IPV6_HOP_LIMIT) },
         len: (Ipv6Hdr::LEN + payload) as u32,
         state,
+        // SAFETY: `ptr_at` checked that these bytes lie inside the packet.
         src: unsafe { load_addr(ptr.add(IPV6_SRC)) },
         dst,
     })
@@ -328,6 +345,7 @@ pub fn ipv4_checksum_ok<F: Frame>(ctx: &F, l3: usize, l4: usize) -> bool {
     let Some(h) = ptr_at::<[u32; 5]>(ctx, l3) else {
         return false;
     };
+    // SAFETY: `ptr_at` checked that these bytes lie inside the packet.
     let h = unsafe { *h };
     let mut sum: u64 = u64::from(h[0]) + u64::from(h[1]) + u64::from(h[2]) + u64::from(h[3]);
     sum += u64::from(h[4]);
@@ -338,6 +356,7 @@ pub fn ipv4_checksum_ok<F: Frame>(ctx: &F, l3: usize, l4: usize) -> bool {
             break;
         }
         match ptr_at::<u32>(ctx, at) {
+            // SAFETY: `ptr_at` checked that these bytes lie inside the packet.
             Some(w) => sum += u64::from(unsafe { load::<u32>(w.cast()) }),
             None => return false,
         }
@@ -367,10 +386,12 @@ pub fn parse_ports<F: Frame>(ctx: &F, pkt: &Packet) -> Option<Ports> {
             return None;
         }
         let at: *const u8 = ptr_at::<[u8; 20]>(ctx, pkt.l4)?.cast();
+        // SAFETY: `ptr_at` checked that these bytes lie inside the packet.
         let offset = (unsafe { *at.add(12) } >> 4) as usize * 4;
         if offset < 20 || offset > room {
             return None;
         }
+        // SAFETY: `ptr_at` checked that these bytes lie inside the packet.
         unsafe {
             Some(Ports {
                 sport: load(at),
@@ -384,6 +405,7 @@ pub fn parse_ports<F: Frame>(ctx: &F, pkt: &Packet) -> Option<Ports> {
             return None;
         }
         let at: *const u8 = ptr_at::<[u8; 8]>(ctx, pkt.l4)?.cast();
+        // SAFETY: `ptr_at` checked that these bytes lie inside the packet.
         let (len, check) = unsafe {
             (
                 u16::from_be(load::<u16>(at.add(4))) as usize,
@@ -394,6 +416,7 @@ pub fn parse_ports<F: Frame>(ctx: &F, pkt: &Packet) -> Option<Ports> {
         if len < 8 || len > room || (pkt.v6 && check == 0) {
             return None;
         }
+        // SAFETY: `ptr_at` checked that these bytes lie inside the packet.
         unsafe {
             Some(Ports {
                 sport: load(at),

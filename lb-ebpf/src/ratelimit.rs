@@ -164,10 +164,12 @@ fn find(key: &SourceKey, now: u64) -> Found {
     let (hit, free) = scan(unsafe { &*tags }, tag);
     if hit < WAYS
         && let Some(slot) = LB_SOURCES.get_ptr_mut(set * WAYS + hit)
+        // SAFETY: a successful map lookup's pointer is valid and aligned for the value until the program returns.
         && unsafe { (*slot).key } == *key
     {
         return Found::Source(slot);
     }
+    // SAFETY: a map value; tags change only by compare-and-swap.
     if free < WAYS || reclaimable_way(unsafe { &*tags }, set, now) < WAYS {
         Found::Room
     } else {
@@ -188,16 +190,21 @@ fn scan(tags: &SourceTags, tag: u32) -> (u32, u32) {
         return (WAYS, WAYS);
     };
     let ways = &raw mut s.ways;
+    // SAFETY: the pointer comes from a reference; volatile only keeps the access as written.
     unsafe { core::ptr::write_volatile(ways, [WAYS, WAYS]) };
     for (i, t) in tags.tags.iter().enumerate() {
+        // SAFETY: the pointer comes from a reference; volatile only keeps the access as written.
         let t = unsafe { core::ptr::read_volatile(t) };
         if t == tag {
+            // SAFETY: the pointer comes from a reference; volatile only keeps the access as written.
             unsafe { core::ptr::write_volatile(&raw mut (*ways)[0], i as u32) };
         }
         if t == SOURCE_FREE {
+            // SAFETY: the pointer comes from a reference; volatile only keeps the access as written.
             unsafe { core::ptr::write_volatile(&raw mut (*ways)[1], i as u32) };
         }
     }
+    // SAFETY: the pointer comes from a reference; volatile only keeps the access as written.
     let [hit, free] = unsafe { core::ptr::read_volatile(ways) };
     (hit, free)
 }
@@ -210,16 +217,20 @@ fn reclaimable_way(tags: &SourceTags, set: u32, now: u64) -> u32 {
         return WAYS;
     };
     let way = &raw mut s.ways[0];
+    // SAFETY: the pointer comes from a reference; volatile only keeps the access as written.
     unsafe { core::ptr::write_volatile(way, WAYS) };
     for i in 0..WAYS {
-        let t = unsafe { core::ptr::read_volatile(&tags.tags[i as usize]) };
+        // SAFETY: the pointer comes from a reference; volatile only keeps the access as written.
+        let t = unsafe { core::ptr::read_volatile(&raw const tags.tags[i as usize]) };
         if t >= 2
             && let Some(slot) = LB_SOURCES.get(set * WAYS + i)
             && reclaimable(slot, now)
         {
+            // SAFETY: the pointer comes from a reference; volatile only keeps the access as written.
             unsafe { core::ptr::write_volatile(way, i) };
         }
     }
+    // SAFETY: the pointer comes from a reference; volatile only keeps the access as written.
     unsafe { core::ptr::read_volatile(way) }
 }
 
@@ -266,7 +277,9 @@ pub fn commit() {
         let Some(slot) = LB_SOURCES.get(set * WAYS + way) else {
             return;
         };
-        let seen = unsafe { core::ptr::read_volatile(&tags.tags[(way & (WAYS - 1)) as usize]) };
+        // SAFETY: the pointer comes from a reference; volatile only keeps the access as written.
+        let seen =
+            unsafe { core::ptr::read_volatile(&raw const tags.tags[(way & (WAYS - 1)) as usize]) };
         if seen < 2 || !reclaimable(slot, now) {
             return;
         }
@@ -297,12 +310,14 @@ pub fn commit() {
 fn claim(tags: &mut SourceTags, way: u32, expected: u32) -> bool {
     let w = (way & (WAYS - 1)) as usize;
     let at = &raw mut tags.tags[w];
+    // SAFETY: `at` comes from a reference to an aligned u32 in a map value, which other CPUs change only atomically.
     unsafe { atomic_cxchg::<u32, { Relaxed }, { Relaxed }>(at, expected, SOURCE_BUSY) }.1
 }
 
 #[inline(always)]
 fn publish(tags: &mut SourceTags, way: u32, tag: u32) {
     let w = (way & (WAYS - 1)) as usize;
+    // SAFETY: the pointer comes from a reference; volatile only keeps the access as written.
     unsafe { core::ptr::write_volatile(&raw mut tags.tags[w], tag) };
 }
 
@@ -314,8 +329,8 @@ fn reclaimable(slot: &Source, now: u64) -> bool {
         return true;
     };
     let idle = |b: &Bucket, l: &Limit| {
-        let ns = now.wrapping_sub(b.last_ns) as i64;
-        ns >= SOURCE_KEEP_NS as i64 && ns >= l.fill_ns as i64
+        let ns = now.wrapping_sub(b.last_ns).cast_signed();
+        ns >= SOURCE_KEEP_NS.cast_signed() && ns >= l.fill_ns.cast_signed()
     };
     idle(&slot.packets, &policy.packets) && idle(&slot.connections, &policy.connections)
 }
@@ -352,10 +367,12 @@ fn take(bucket: &mut Bucket, limit: &Limit, now: u64) -> bool {
         // single-copy atomic. The BPF target has no AtomicU64::compare_exchange (its spec
         // predates v3's BPF_CMPXCHG), hence the intrinsic below.
         let old = unsafe { core::ptr::read_volatile(tat) };
-        let last = unsafe { core::ptr::read_volatile(&bucket.last_ns) };
+        // SAFETY: the pointer comes from a reference; volatile only keeps the access as written.
+        let last = unsafe { core::ptr::read_volatile(&raw const bucket.last_ns) };
         let Some(new) = admit(limit, old, last, now) else {
             return false;
         };
+        // SAFETY: `tat` is a naturally aligned u64 in a map value.
         if unsafe { atomic_cxchg::<u64, { Relaxed }, { Relaxed }>(tat, old, new) }.1 {
             bucket.last_ns = now;
             return true;

@@ -32,6 +32,7 @@ pub fn set_addrs(ctx: &XdpContext, l3: usize, how: u32, addrs: &[Addr; 2]) -> Op
     let forwarded = how & FORWARDED != 0;
     if how & V6 != 0 {
         let ip: *mut u8 = ptr_at::<Ipv6Hdr>(ctx, l3)?.cast();
+        // SAFETY: `ptr_at` checked that these bytes lie inside the packet.
         unsafe {
             let d = Delta::ZERO
                 .addr(&load_addr(ip.add(IPV6_SRC)), src)
@@ -45,6 +46,7 @@ pub fn set_addrs(ctx: &XdpContext, l3: usize, how: u32, addrs: &[Addr; 2]) -> Op
         }
     } else {
         let ip: *mut u8 = ptr_at::<Ipv4Hdr>(ctx, l3)?.cast();
+        // SAFETY: `ptr_at` checked that these bytes lie inside the packet.
         unsafe {
             let (new_src, new_dst) = (src.v4_word(), dst.v4_word());
             let d = Delta::ZERO
@@ -89,7 +91,9 @@ pub fn set_ports(
         return None;
     }
     let at: *mut u8 = ptr_at::<u32>(ctx, l4)?.cast();
+    // SAFETY: `ptr_at` checked that these bytes lie inside the packet.
     let port_delta = Delta::ZERO.u32(unsafe { load(at) }, ports);
+    // SAFETY: `ptr_at` checked that these bytes lie inside the packet.
     unsafe { store(at, ports) };
     // Everything a covering checksum sees change: the ports, and the transport checksum below.
     let mut covered = port_delta;
@@ -104,6 +108,7 @@ pub fn set_ports(
         && let Some(check) = ptr_at::<u16>(ctx, check_at)
     {
         let check: *mut u8 = check.cast();
+        // SAFETY: `ptr_at` checked that these bytes lie inside the packet.
         let old = unsafe { load::<u16>(check) };
         // IPv4 UDP may carry no checksum (0); IPv6 UDP always does.
         let new = if proto == IPPROTO_TCP || v6 {
@@ -112,6 +117,7 @@ pub fn set_ports(
             l4_delta.apply_udp(old)
         };
         covered = covered.u16(old, new);
+        // SAFETY: `ptr_at` checked that these bytes lie inside the packet.
         unsafe { store(check, new) };
     }
     Some(covered)

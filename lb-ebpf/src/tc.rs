@@ -114,9 +114,11 @@ fn lookup<F: Family>(pkt: &Packet, ports: &Ports) -> bool {
     let Some(entry) = F::flows().get_ptr_mut(&key) else {
         return false;
     };
+    // SAFETY: a successful map lookup's pointer is valid and aligned for the value until the program returns.
     let Some(t) = flow::resolve(unsafe { &*entry }) else {
         return false;
     };
+    // SAFETY: a BPF helper without arguments.
     let now_ns = unsafe { bpf_ktime_get_coarse_ns() };
     s.now = now_ns;
     let seen = flow::seen(pkt.proto, ports.tcp_flags);
@@ -162,6 +164,7 @@ fn reply(ctx: &TcContext, pkt: &Packet, ports: &Ports) -> i32 {
             count_reply(t, pkt.len);
             if next.vlan & HOP_VLAN != 0 {
                 let tci = next.vlan & 0x0fff;
+                // SAFETY: `ctx.skb.skb` is the program's context; no packet pointer taken before the call is used after it.
                 if unsafe { bpf_skb_vlan_push(ctx.skb.skb.cast(), ETH_P_8021Q.to_be(), tci) } != 0 {
                     return TC_ACT_SHOT;
                 }
@@ -176,6 +179,7 @@ fn reply(ctx: &TcContext, pkt: &Packet, ports: &Ports) -> i32 {
                 return TC_ACT_SHOT;
             }
             count(Counter::XdpRedirect);
+            // SAFETY: a helper taking integers only.
             unsafe { bpf_redirect(next.ifindex, 0) as i32 }
         }
         Route::Neighbour => {
@@ -186,6 +190,7 @@ fn reply(ctx: &TcContext, pkt: &Packet, ports: &Ports) -> i32 {
             count_reply(t, pkt.len);
             // The kernel resolves the neighbour and sends the packet on.
             count(Counter::PassNoNeighbour);
+            // SAFETY: a null parameter pointer with length 0 is allowed: the kernel resolves the neighbour itself.
             unsafe { bpf_redirect_neigh(next.ifindex, core::ptr::null_mut(), 0, 0) as i32 }
         }
         Route::Local => {
@@ -211,6 +216,7 @@ fn reply(ctx: &TcContext, pkt: &Packet, ports: &Ports) -> i32 {
 #[inline(always)]
 fn count_reply(t: &Target, len: u32) {
     if let Some(s) = LB_SVC_STATS.get_ptr_mut(t.service) {
+        // SAFETY: a successful map lookup's pointer is valid and aligned for the value until the program returns.
         let s = unsafe { &mut *s };
         s.reply_packets += 1;
         s.reply_bytes += u64::from(len);
@@ -232,6 +238,7 @@ fn rewrite(ctx: &TcContext, pkt: &Packet, t: &Target, forwarded: bool) -> Option
     let (old_ports, new_ports) = {
         let p: *const u8 = ptr_at::<u32>(ctx, pkt.l4)?.cast();
         (
+            // SAFETY: `ptr_at` checked that these bytes lie inside the packet.
             unsafe { load::<u32>(p) },
             u32::from(t.tuple.sport) | (u32::from(t.tuple.dport) << 16),
         )
@@ -256,6 +263,7 @@ fn rewrite(ctx: &TcContext, pkt: &Packet, t: &Target, forwarded: bool) -> Option
     } else {
         let ip: *const u8 = ptr_at::<[u8; 20]>(ctx, pkt.l3)?.cast();
         // Read before the helpers below, which invalidate packet pointers.
+        // SAFETY: `ptr_at` checked that these bytes lie inside the packet.
         let (old_src, old_dst, old_ttl): (u32, u32, u16) = unsafe {
             (
                 load(ip.add(IPV4_SRC)),

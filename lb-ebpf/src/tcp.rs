@@ -44,6 +44,7 @@ fn build_reset(ctx: &XdpContext, pkt: &Packet) -> Option<()> {
         return None;
     }
     let tcp: *mut u8 = ptr_at::<[u8; TCP_HEADER_LEN]>(ctx, pkt.l4)?.cast();
+    // SAFETY: `ptr_at` checked that these bytes lie inside the packet.
     let (ports, seq, ack, offset, flags): (u32, u32, u32, u8, u8) = unsafe {
         (
             load(tcp),
@@ -65,6 +66,7 @@ fn build_reset(ctx: &XdpContext, pkt: &Packet) -> Option<()> {
         (0, seq.wrapping_add(len), TCP_RST | TCP_ACK)
     };
     // Ports swapped, sequence numbers, a 20-byte header, window/checksum/urgent pointer zero.
+    // SAFETY: `ptr_at` checked that these bytes lie inside the packet.
     unsafe {
         store(tcp, ports.rotate_left(16));
         store(tcp.add(4), rst_seq.to_be());
@@ -82,6 +84,7 @@ fn build_reset(ctx: &XdpContext, pkt: &Packet) -> Option<()> {
     let l3_len = (ip_header_len + TCP_HEADER_LEN) as u16;
     let pseudo = if pkt.v6 {
         let ip: *mut u8 = ptr_at::<Ipv6Hdr>(ctx, pkt.l3)?.cast();
+        // SAFETY: `ptr_at` checked that these bytes lie inside the packet.
         unsafe {
             let (src, dst) = (load_addr(ip.add(IPV6_SRC)), load_addr(ip.add(IPV6_DST)));
             store_addr(ip.add(IPV6_SRC), &dst);
@@ -95,6 +98,7 @@ fn build_reset(ctx: &XdpContext, pkt: &Packet) -> Option<()> {
         }
     } else {
         let ip: *mut u8 = ptr_at::<Ipv4Hdr>(ctx, pkt.l3)?.cast();
+        // SAFETY: `ptr_at` checked that these bytes lie inside the packet.
         unsafe {
             let (src, dst): (u32, u32) = (load(ip.add(IPV4_SRC)), load(ip.add(IPV4_DST)));
             store(ip.add(IPV4_SRC), dst);
@@ -118,8 +122,10 @@ fn build_reset(ctx: &XdpContext, pkt: &Packet) -> Option<()> {
     let tcp: *mut u8 = ptr_at::<[u8; TCP_HEADER_LEN]>(ctx, pkt.l4)?.cast();
     let mut sum = pseudo;
     for i in 0..TCP_HEADER_LEN / 4 {
+        // SAFETY: `ptr_at` checked that these bytes lie inside the packet.
         sum += u64::from(unsafe { load::<u32>(tcp.add(4 * i)) });
     }
+    // SAFETY: `ptr_at` checked that these bytes lie inside the packet.
     unsafe { store(tcp.add(16), !fold64(sum)) };
     swap_macs(ctx)?;
 
@@ -129,6 +135,7 @@ fn build_reset(ctx: &XdpContext, pkt: &Packet) -> Option<()> {
     let keep = pkt.l4 + TCP_HEADER_LEN;
     if frame_len > keep {
         let shrink = (frame_len - keep) as i32;
+        // SAFETY: `ctx.ctx` is the program's context; no packet pointer taken before the call is used after it.
         if unsafe { bpf_xdp_adjust_tail(ctx.ctx.cast(), -shrink) } != 0 {
             return None;
         }

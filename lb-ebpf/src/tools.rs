@@ -21,6 +21,17 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 // Map keys and values go by reference: by value they would be copied onto the 512-byte stack.
 #![allow(clippy::needless_borrows_for_generic_args)]
+// aya's #[xdp] and #[classifier] macros want the program function to take its context by value.
+#![allow(clippy::needless_pass_by_value)]
+// Casts between integer widths are the data path's idiom: packet offsets and lengths (under
+// 64 KiB, bounded where the verifier needs it) into helper arguments and header fields, map
+// indexes (under max_entries) into u32 keys, bytes unpacked from words. A try_from would add a
+// branch the verifier follows on every path, for a case that cannot occur.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    reason = "bounded packet offsets and map indexes, see above"
+)]
 
 #[cfg(target_arch = "bpf")]
 mod programs {
@@ -106,9 +117,11 @@ mod programs {
     fn count(ctx: &XdpContext) {
         let len = (ctx.data_end() - ctx.data()) as u64;
         if let Some(frames) = TOOLS_COUNT.get_ptr_mut(0) {
+            // SAFETY: a successful map lookup's pointer is valid and aligned for the value until the program returns.
             unsafe { *frames += 1 };
         }
         if let Some(bytes) = TOOLS_COUNT.get_ptr_mut(1) {
+            // SAFETY: a successful map lookup's pointer is valid and aligned for the value until the program returns.
             unsafe { *bytes += len };
         }
     }
@@ -227,6 +240,10 @@ mod programs {
 
     /// Restores the frame and applies this run's variation.
     #[inline(always)]
+    #[allow(
+        clippy::cast_ptr_alignment,
+        reason = "every access through the cast pointers is read_unaligned/write_unaligned"
+    )]
     fn prepare(ctx: &XdpContext) -> Option<()> {
         let tpl = BENCH_FRAME.get(0)?;
         let (start, end) = bounds(ctx);
@@ -284,7 +301,7 @@ mod programs {
             let addr_sum = sum32(old_src, new_src);
             let ip_check = p.add(IP_CHECK).cast::<u16>();
             ip_check.write_unaligned(apply(ip_check.read_unaligned(), addr_sum));
-            let l4_sum = addr_sum + (!old_sport) as u32 + new_sport as u32;
+            let l4_sum = addr_sum + u32::from(!old_sport) + u32::from(new_sport);
             let proto = *p.add(IP_PROTO);
             if proto == IPPROTO_TCP {
                 let c = p.add(TCP_CHECK).cast::<u16>();
@@ -305,15 +322,15 @@ mod programs {
     /// ~m + m' for a 32-bit field, as a sum of 16-bit words (not folded).
     #[inline(always)]
     fn sum32(old: u32, new: u32) -> u32 {
-        (!(old as u16)) as u32
-            + (!((old >> 16) as u16)) as u32
-            + (new as u16) as u32
-            + ((new >> 16) as u16) as u32
+        u32::from(!(old as u16))
+            + u32::from(!((old >> 16) as u16))
+            + u32::from(new as u16)
+            + u32::from((new >> 16) as u16)
     }
 
     #[inline(always)]
     fn apply(check: u16, delta: u32) -> u16 {
-        let mut s = (!check) as u32 + delta;
+        let mut s = u32::from(!check) + delta;
         s = (s & 0xffff) + (s >> 16);
         s = (s & 0xffff) + (s >> 16);
         !(s as u16)

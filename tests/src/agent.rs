@@ -58,9 +58,8 @@ pub fn agent_binary() -> Result<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("workspace root");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
     let profile = if cfg!(debug_assertions) {
         "debug"
     } else {
@@ -225,7 +224,7 @@ impl AgentProcess {
         let _ = std::fs::remove_file(self.state_dir.join(lb_userspace::state::FILE));
         self.child = Some(ChildGuard::spawn(cmd)?);
         self.wait(self.options.ready_timeout, "to become ready", |s| s.ready)?;
-        self.applied = self.state().map(|s| s.applied).unwrap_or(0);
+        self.applied = self.state().map_or(0, |s| s.applied);
         Ok(())
     }
 
@@ -335,7 +334,7 @@ impl AgentProcess {
     fn signal(&self, sig: i32) {
         if let Some(child) = &self.child {
             // SAFETY: sending a signal to our own child.
-            unsafe { libc::kill(child.id() as i32, sig) };
+            unsafe { libc::kill(child.id().cast_signed(), sig) };
         }
     }
 

@@ -90,18 +90,15 @@ fn build() -> Result<Binaries> {
             .stderr(fs::File::create(&err_path)?)
             .spawn()
             .with_context(|| format!("running {}", script.display()))?;
-        let status = match wait_timeout(&mut child, BUILD_TIMEOUT)? {
-            Some(status) => status,
-            None => {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!(
-                    "{} did not finish within {:?}; its output ends with:\n{}",
-                    script.display(),
-                    BUILD_TIMEOUT,
-                    tail(&err_path, LOG_TAIL_LINES)
-                );
-            }
+        let Some(status) = wait_timeout(&mut child, BUILD_TIMEOUT)? else {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "{} did not finish within {:?}; its output ends with:\n{}",
+                script.display(),
+                BUILD_TIMEOUT,
+                tail(&err_path, LOG_TAIL_LINES)
+            );
         };
         if !status.success() {
             bail!(
@@ -195,7 +192,7 @@ impl TestApiServer {
             etcd: None,
             etcd_client_port: 0,
             apiserver: None,
-            apiserver_args: args.iter().map(|a| a.to_string()).collect(),
+            apiserver_args: args.iter().map(std::string::ToString::to_string).collect(),
             port: 0,
             url: String::new(),
         };
@@ -434,8 +431,7 @@ fn unique_temp_dir(prefix: &str) -> Result<PathBuf> {
     static COUNTER: AtomicU32 = AtomicU32::new(0);
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
+        .map_or(0, |d| d.subsec_nanos());
     let dir = std::env::temp_dir().join(format!(
         "{prefix}-{}-{}-{nanos}",
         std::process::id(),
@@ -565,7 +561,7 @@ fn json_number_after(json: &str, key: &str) -> Option<i64> {
     let digits: String = after
         .trim_start_matches(|c: char| c == ':' || c == '"' || c.is_whitespace())
         .chars()
-        .take_while(|c| c.is_ascii_digit())
+        .take_while(char::is_ascii_digit)
         .collect();
     digits.parse().ok()
 }
@@ -620,7 +616,7 @@ mod tests {
             json_number_after(r#"{"revision": 7}"#, "\"revision\""),
             Some(7)
         );
-        assert_eq!(json_number_after(r#"{}"#, "\"revision\""), None);
+        assert_eq!(json_number_after(r"{}", "\"revision\""), None);
     }
 
     #[test]

@@ -77,7 +77,7 @@ pub fn spoofed_udp_flood(
         .map(|(i, s)| {
             Spec::udp(
                 &s.to_string(),
-                1024 + (i % 60000) as u16,
+                1024 + u16::try_from(i % 60000).expect("under 60000"),
                 &dst.ip().to_string(),
                 dst.port(),
             )
@@ -90,7 +90,7 @@ pub fn spoofed_udp_flood(
     ns.run(move || -> Result<FloodReport> {
         let socket = PacketSocket::open(&iface)?;
         paced(rate, duration, |i| {
-            socket.send(&frames[(i % frames.len() as u64) as usize])
+            socket.send(&frames[usize::try_from(i).expect("64-bit") % frames.len()])
         })
     })?
 }
@@ -98,7 +98,7 @@ pub fn spoofed_udp_flood(
 /// Calls `send(i)` `rate` times a second for `duration`, in millisecond slices.
 fn paced(rate: u64, duration: Duration, mut send: impl FnMut(u64) -> bool) -> Result<FloodReport> {
     let per_slice = (rate / 1000).max(1);
-    let total = rate * duration.as_millis() as u64 / 1000;
+    let total = rate * u64::try_from(duration.as_millis())? / 1000;
     let mut report = FloodReport::default();
     let start = Instant::now();
     let mut next = start;
@@ -141,14 +141,14 @@ impl PacketSocket {
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         // SAFETY: all-zero is a valid sockaddr_ll; the fields set are the ones bind reads.
         let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        addr.sll_family = libc::AF_PACKET as u16;
-        addr.sll_ifindex = ifindex as i32;
+        addr.sll_family = u16::try_from(libc::AF_PACKET)?;
+        addr.sll_ifindex = i32::try_from(ifindex)?;
         // SAFETY: a valid sockaddr_ll of the given size.
         let rc = unsafe {
             libc::bind(
                 fd.as_raw_fd(),
                 (&raw const addr).cast(),
-                size_of::<libc::sockaddr_ll>() as u32,
+                u32::try_from(size_of::<libc::sockaddr_ll>())?,
             )
         };
         ensure!(

@@ -227,8 +227,7 @@ impl Fixture {
             .read_counters()
             .into_iter()
             .find(|(k, _)| *k == c)
-            .map(|(_, v)| v)
-            .unwrap_or(0)
+            .map_or(0, |(_, v)| v)
     }
 
     pub fn flow4(&self, key: &FlowKey4) -> Option<Flow4> {
@@ -285,7 +284,7 @@ impl Fixture {
 /// data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
 fn xdp_md(packet: &[u8], ifindex: u32) -> [u8; 24] {
     let mut ctx = [0u8; 24];
-    ctx[4..8].copy_from_slice(&(packet.len() as u32).to_ne_bytes());
+    ctx[4..8].copy_from_slice(&u32::try_from(packet.len()).expect("a frame").to_ne_bytes());
     ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
     ctx
 }

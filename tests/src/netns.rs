@@ -25,9 +25,10 @@ pub fn require_root() -> bool {
     if unsafe { libc::geteuid() } == 0 {
         return true;
     }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("this test needs root (netns, veth, XDP) and CI=true forbids skipping it");
-    }
+    assert!(
+        !std::env::var("CI").is_ok_and(|v| v == "true"),
+        "this test needs root (netns, veth, XDP) and CI=true forbids skipping it"
+    );
     eprintln!("skipped: needs root");
     false
 }
@@ -232,9 +233,7 @@ impl Netns {
                 let ok = entered.is_ok();
                 let _ = tx.send(entered);
                 // Never run `f` in the wrong namespace; the spawner reports the error.
-                if !ok {
-                    panic!("thread did not enter its namespace");
-                }
+                assert!(ok, "thread did not enter its namespace");
                 f()
             })
             .context("spawning a namespace thread")?;
@@ -400,7 +399,7 @@ fn ethtool_value(ifname: &str, cmd: u32, data: u32) -> Result<u32> {
     let mut value = EthtoolValue { cmd, data };
     let mut req = IfReq {
         name: [0; libc::IFNAMSIZ],
-        data: &mut value,
+        data: &raw mut value,
         _pad: [0; 16],
     };
     let bytes = ifname.as_bytes();

@@ -311,13 +311,13 @@ fn check_family_values(f: &Family) -> Result<()> {
 /// Buckets: increasing `le`, ending at +Inf, cumulative counts that never decrease, and
 /// `_count` equal to the +Inf bucket.
 fn check_histograms(f: &Family) -> Result<()> {
+    /// Per metric (label set without `le`): its (le, count) buckets and its `_count`.
+    type Buckets = (Vec<(f64, f64)>, Option<f64>);
     let count_suffix = if f.kind == "histogram" {
         "_count"
     } else {
         "_gcount"
     };
-    /// Per metric (label set without `le`): its (le, count) buckets and its `_count`.
-    type Buckets = (Vec<(f64, f64)>, Option<f64>);
     let mut per_metric: BTreeMap<Vec<(String, String)>, Buckets> = BTreeMap::new();
     for s in &f.samples {
         let metric: Vec<(String, String)> = s

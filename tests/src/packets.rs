@@ -121,19 +121,19 @@ impl Spec {
                 .expect("ipv4 header");
                 h.dont_fragment = true;
                 h.options = Ipv4Options::try_from(self.ipv4_options.as_slice()).expect("options");
-                IpHeaders::Ipv4(h, Default::default())
+                IpHeaders::Ipv4(h, etherparse::Ipv4Extensions::default())
             }
             (IpAddr::V6(s), IpAddr::V6(d)) => IpHeaders::Ipv6(
                 etherparse::Ipv6Header {
                     traffic_class: 0,
-                    flow_label: Default::default(),
+                    flow_label: etherparse::Ipv6FlowLabel::default(),
                     payload_length: 0,
                     next_header: etherparse::IpNumber::TCP,
                     hop_limit: self.ttl,
                     source: s.octets(),
                     destination: d.octets(),
                 },
-                Default::default(),
+                etherparse::Ipv6Extensions::default(),
             ),
             _ => panic!("mixed address families"),
         };
@@ -422,7 +422,12 @@ fn check_l4(proto: u8, l4: &[u8], src: &[u8], dst: &[u8], v6: bool, what: &str) 
             if proto == 17 && !v6 && l4[6..8] == [0, 0] {
                 return;
             }
-            let pseudo = pseudo_header_sum(src, dst, proto, l4.len() as u32);
+            let pseudo = pseudo_header_sum(
+                src,
+                dst,
+                proto,
+                u32::try_from(l4.len()).expect("a datagram"),
+            );
             assert_eq!(
                 fold(sum(l4, pseudo)),
                 0xffff,

@@ -101,7 +101,7 @@ impl Proc {
     pub fn signal(&self, sig: i32) {
         if self.status.is_none() {
             // SAFETY: kill(2) on the group of our own unreaped child; no memory involved.
-            unsafe { libc::kill(-(self.child.id() as i32), sig) };
+            unsafe { libc::kill(-self.child.id().cast_signed(), sig) };
         }
     }
 
@@ -688,7 +688,7 @@ pub fn syn_answers(segments: &[Segment], server_port: u16) -> SynAnswers {
     let mut out = SynAnswers::default();
     // (client, server) -> the SYN's sequence number, while unanswered.
     let mut pending: BTreeMap<(SocketAddr, SocketAddr), u32> = BTreeMap::new();
-    let mut seen: std::collections::BTreeSet<(SocketAddr, SocketAddr, u32)> = Default::default();
+    let mut seen = std::collections::BTreeSet::<(SocketAddr, SocketAddr, u32)>::new();
     for s in segments {
         if s.dst.port() == server_port && s.syn && !s.ack_flag {
             out.syns += 1;

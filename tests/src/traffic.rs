@@ -109,7 +109,9 @@ struct Shared {
 
 impl Shared {
     fn stats(&self) -> MutexGuard<'_, ServerStats> {
-        self.stats.lock().unwrap_or_else(|e| e.into_inner())
+        self.stats
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn stopped(&self) -> bool {
@@ -188,8 +190,13 @@ impl BackendServer {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
-        let conns: Vec<_> =
-            std::mem::take(&mut *self.shared.conns.lock().unwrap_or_else(|e| e.into_inner()));
+        let conns: Vec<_> = std::mem::take(
+            &mut *self
+                .shared
+                .conns
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
         for c in conns {
             let _ = c.join();
         }
@@ -250,9 +257,13 @@ fn poll_readable(fd: i32, timeout: Duration) -> bool {
     };
     let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
     // SAFETY: one valid pollfd for the duration of the call.
-    unsafe { libc::poll(&mut pfd, 1, ms) > 0 }
+    unsafe { libc::poll(&raw mut pfd, 1, ms) > 0 }
 }
 
+#[allow(
+    clippy::needless_pass_by_value,
+    reason = "a thread's body: it owns what it serves"
+)]
 fn accept_loop(listener: TcpListener, name: Arc<str>, shared: Arc<Shared>) {
     while !shared.stopped() {
         if !poll_readable(listener.as_raw_fd(), POLL_INTERVAL) {
@@ -268,7 +279,10 @@ fn accept_loop(listener: TcpListener, name: Arc<str>, shared: Arc<Shared>) {
             }
         };
         let peer = canonical(peer);
-        let mut conns = shared.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let mut conns = shared
+            .conns
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         conns.retain(|c| !c.is_finished());
         if conns.len() >= MAX_CONNECTIONS {
             shared.stats().rejected_connections += 1;
@@ -363,6 +377,10 @@ fn count_until_eof(reader: &mut BufReader<TcpStream>, shared: &Shared) -> io::Re
     }
 }
 
+#[allow(
+    clippy::needless_pass_by_value,
+    reason = "a thread's body: it owns what it serves"
+)]
 fn udp_loop(udp: UdpSocket, name: Arc<str>, shared: Arc<Shared>) {
     let mut buf = [0u8; 2048];
     while !shared.stopped() {
@@ -830,6 +848,10 @@ impl Drop for LongTransfer {
     }
 }
 
+#[allow(
+    clippy::needless_pass_by_value,
+    reason = "a thread's body: it owns what it serves"
+)]
 fn transfer(
     stream: TcpStream,
     backend: &str,

@@ -3,6 +3,8 @@
 //! `lb_tests::adversarial`; and one regression fixture per class A-I of the issue (the issue's
 //! frames, moved to this fixture's MACs and addresses), each checking the spec's verdict and
 //! output.
+// A test reads top to bottom as the scenario it checks; splitting it would only scatter it.
+#![allow(clippy::too_many_lines, reason = "test scenarios, see above")]
 use std::net::IpAddr;
 
 use lb_tests::{
@@ -165,7 +167,7 @@ fn assert_not_sent(lab: &mut Lab, prog: Prog, frame: &[u8], what: &str) {
     match (prog, out.verdict) {
         (Prog::Uplink, XDP_DROP) | (Prog::Backend, TC_SHOT) => {}
         (Prog::Uplink, XDP_PASS) | (Prog::Backend, TC_NEXT) => {
-            assert_eq!(out.packet, frame, "{what}: passed untouched")
+            assert_eq!(out.packet, frame, "{what}: passed untouched");
         }
         (_, v) => panic!("{what}: verdict {v} (sent on)"),
     }
@@ -630,6 +632,7 @@ fn h_sources_that_are_no_client_get_no_answer_and_no_state() {
 /// I: malformed (not truncated) datagrams to a VIP are dropped as malformed.
 #[test]
 fn i_malformed_datagrams_to_a_vip_are_dropped() {
+    type Break = fn(&mut Vec<u8>);
     if !require_root() {
         return;
     }
@@ -671,26 +674,25 @@ fn i_malformed_datagrams_to_a_vip_are_dropped() {
         }
         .frame()
     };
-    type Break = fn(&mut Vec<u8>);
     let cases: Vec<(&str, Vec<u8>, Break)> = vec![
         ("IHL 4", syn(&lab), |f| {
             f[14] = 0x44;
-            fixup(f, true, false)
+            fixup(f, true, false);
         }),
         ("IHL 0", syn(&lab), |f| {
             f[14] = 0x40;
         }),
         ("TCP data offset 4", syn(&lab), |f| {
             f[46] = 0x40;
-            fixup(f, false, true)
+            fixup(f, false, true);
         }),
         ("TCP data offset past the segment", syn(&lab), |f| {
             f[46] = 0xf0;
-            fixup(f, false, true)
+            fixup(f, false, true);
         }),
         ("UDP length 7", udp(&lab, "10.96.0.53"), |f| {
             put16(f, 38, 7);
-            fixup(f, false, true)
+            fixup(f, false, true);
         }),
         (
             "UDP length past the datagram",
@@ -698,11 +700,11 @@ fn i_malformed_datagrams_to_a_vip_are_dropped() {
             |f| {
                 let l = be16(f, 38) + 1;
                 put16(f, 38, l);
-                fixup(f, false, true)
+                fixup(f, false, true);
             },
         ),
         ("IPv6 UDP checksum 0", udp(&lab, "fd00:96::53"), |f| {
-            put16(f, 60, 0)
+            put16(f, 60, 0);
         }),
         (
             "IPv6 hop-by-hop after destination options",

@@ -240,7 +240,7 @@ fn a_long_transfer_survives_backend_changes_an_agent_restart_and_a_reload() {
             "fd00:1:1::9".parse().unwrap(),
         )
         .unwrap();
-    let pod5 = BackendServer::for_pod(s.lab.pod("pod5").unwrap(), PORT).unwrap();
+    let added = BackendServer::for_pod(s.lab.pod("pod5").unwrap(), PORT).unwrap();
     with_new = with_new.replacen(
         "backends = [\n",
         &format!("backends = [\n  {{ address = \"10.1.1.9\", port = {PORT}, weight = 5 }},\n"),
@@ -287,7 +287,7 @@ fn a_long_transfer_survives_backend_changes_an_agent_restart_and_a_reload() {
         "{:?}",
         r.per_backend
     );
-    drop(pod5);
+    drop(added);
 }
 
 #[test]

@@ -6,6 +6,8 @@
 //! that record every state they pass through, so a test can check not only where the maps end up
 //! (within a second of each change) but that no state on the way was wrong. The last test wires
 //! it all: Kubernetes objects -> the agent binary -> XDP -> real traffic in the namespace lab.
+// A test reads top to bottom as the scenario it checks; splitting it would only scatter it.
+#![allow(clippy::too_many_lines, reason = "test scenarios, see above")]
 use std::{
     collections::{BTreeMap, BTreeSet},
     io::{Read, Write},
@@ -167,7 +169,7 @@ impl Target for MemTarget {
             self.history.push((Instant::now(), view));
         }
         problems.extend(t.problems.iter().cloned());
-        self.problems = problems.clone();
+        self.problems.clone_from(&problems);
         self.end_flows.extend(t.end_flows.iter().cloned());
         Ok(problems)
     }
@@ -227,7 +229,7 @@ impl Cluster {
                 let mut tick = tokio::time::interval(Duration::from_secs(1));
                 loop {
                     tokio::select! {
-                        _ = source.watch.changed.notified() => {
+                        () = source.watch.changed.notified() => {
                             tokio::time::sleep(COALESCE).await;
                         }
                         _ = tick.tick() => {}
@@ -251,6 +253,10 @@ impl Cluster {
     }
 
     /// Server-side applies `obj` (a Service or an EndpointSlice, as JSON).
+    #[allow(
+        clippy::needless_pass_by_value,
+        reason = "callers hand over a fresh json! object"
+    )]
     fn apply(&self, obj: Value) {
         let name = obj["metadata"]["name"].as_str().expect("name").to_string();
         let params = PatchParams::apply("xdplb-test").force();
@@ -270,7 +276,7 @@ impl Cluster {
                 }
                 other => panic!("cannot apply a {other:?}"),
             }
-            .unwrap_or_else(|e| panic!("applying {name}: {e}"))
+            .unwrap_or_else(|e| panic!("applying {name}: {e}"));
         });
     }
 
@@ -333,7 +339,7 @@ impl Cluster {
                     );
                 }
                 if t.view() == *expected {
-                    let at = t.history.last().map(|(at, _)| *at).unwrap_or(written);
+                    let at = t.history.last().map_or(written, |(at, _)| *at);
                     let took = at.saturating_duration_since(written);
                     assert!(took <= CONVERGE, "{what}: converged after {took:?}");
                     eprintln!("{what}: converged in {took:?}");
@@ -364,7 +370,7 @@ impl Cluster {
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 async fn client(kubeconfig: &std::path::Path) -> Client {
@@ -568,7 +574,7 @@ fn services_and_slices_converge_within_a_second_and_never_pass_through_a_wrong_s
                 "web",
                 "web",
                 &[("xdplb.io/deregistration-delay-seconds", "0")],
-            ))
+            ));
         },
         &split,
         &[],
@@ -1123,8 +1129,8 @@ fn kubernetes_objects_to_real_traffic_through_the_agent() {
                     .await
                     .map(|_| ())
             }
-            .expect("apply")
-        })
+            .expect("apply");
+        });
     };
     // The four pods (two on node1, two on node2), snat (the default).
     let pod_ips: Vec<&'static str> = vec!["10.1.1.2", "10.1.1.3", "10.1.2.2", "10.1.2.3"];

@@ -22,7 +22,7 @@ const TX: u32 = 3;
 const REDIRECT: u32 = 4;
 // TC verdicts of lb_backend.
 /// TCX_NEXT: on to the next program (and then the kernel).
-const TC_NEXT: u32 = -1i32 as u32;
+const TC_NEXT: u32 = (-1i32).cast_unsigned();
 const TC_REDIRECT: u32 = 7;
 
 fn sizes() -> Sizes {

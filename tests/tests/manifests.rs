@@ -604,7 +604,11 @@ fn daemonset_runs_on_linux_nodes_of_the_shipped_architectures_and_rolls_a_tenth_
         Some("linux")
     );
     let expressions = node_affinity(&ds);
-    let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let strings = |v: &[&str]| {
+        v.iter()
+            .map(std::string::ToString::to_string)
+            .collect::<Vec<_>>()
+    };
     assert_eq!(
         expressions["kubernetes.io/arch"],
         ("In".to_string(), strings(&["amd64", "arm64"])),
@@ -717,14 +721,14 @@ fn cluster_role_grants_exactly_what_the_agent_uses() {
     );
     let mut expected = BTreeSet::new();
     for verb in ["list", "watch"] {
-        expected.insert(("".into(), "services".into(), verb.into()));
+        expected.insert((String::new(), "services".into(), verb.into()));
         expected.insert((
             "discovery.k8s.io".into(),
             "endpointslices".into(),
             verb.into(),
         ));
     }
-    expected.insert(("".into(), "events".into(), "create".into()));
+    expected.insert((String::new(), "events".into(), "create".into()));
     assert_eq!(granted, expected);
 }
 
@@ -858,9 +862,10 @@ fn kustomize(dir: &str) -> Option<Vec<Value>> {
     {
         Ok(out) => out,
         Err(e) => {
-            if std::env::var("CI").is_ok_and(|v| v == "true") {
-                panic!("kubectl is needed to render deploy/ and CI=true forbids skipping: {e}");
-            }
+            assert!(
+                !std::env::var("CI").is_ok_and(|v| v == "true"),
+                "kubectl is needed to render deploy/ and CI=true forbids skipping: {e}"
+            );
             eprintln!("skipped: no kubectl to render deploy/{dir} ({e})");
             return None;
         }
@@ -1042,14 +1047,13 @@ fn dockerfile() -> Vec<(String, String)> {
         if line.starts_with('#') && pending.is_empty() || line.is_empty() {
             continue;
         }
-        match line.strip_suffix('\\') {
-            Some(head) => pending.push_str(head),
-            None => {
-                pending.push_str(line);
-                let (instruction, rest) = pending.split_once(' ').unwrap_or((&pending, ""));
-                out.push((instruction.to_uppercase(), rest.trim().to_string()));
-                pending.clear();
-            }
+        if let Some(head) = line.strip_suffix('\\') {
+            pending.push_str(head);
+        } else {
+            pending.push_str(line);
+            let (instruction, rest) = pending.split_once(' ').unwrap_or((&pending, ""));
+            out.push((instruction.to_uppercase(), rest.trim().to_string()));
+            pending.clear();
         }
     }
     out
@@ -1204,11 +1208,10 @@ const FIELD_MANAGER: &str = "xdplb-manifests-test";
 /// CI=true that is a failure.
 fn api_server() -> Option<lb_tests::apiserver::TestApiServer> {
     if let Err(e) = lb_tests::apiserver::binaries() {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!(
-                "the test API server (tests/k8s-apiserver/build.sh) could not be built, and CI=true forbids skipping: {e:#}"
-            );
-        }
+        assert!(
+            !std::env::var("CI").is_ok_and(|v| v == "true"),
+            "the test API server (tests/k8s-apiserver/build.sh) could not be built, and CI=true forbids skipping: {e:#}"
+        );
         eprintln!(
             "skipped: the test API server (tests/k8s-apiserver/build.sh) could not be built: {e:#}"
         );
@@ -1295,9 +1298,12 @@ fn api_server_takes_the_manifests_by_server_side_apply() {
     runtime.block_on(async {
         let kubeconfig = kube::config::Kubeconfig::read_from(server.kubeconfig_path())
             .expect("the test server's kubeconfig");
-        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
-            .await
-            .expect("a client config");
+        let config = kube::Config::from_custom_kubeconfig(
+            kubeconfig,
+            &kube::config::KubeConfigOptions::default(),
+        )
+        .await
+        .expect("a client config");
         let client = kube::Client::try_from(config).expect("a client");
         let mut objects = objects();
         // kustomize's order: namespaces first, workloads last.
@@ -1316,19 +1322,19 @@ fn api_server_takes_the_manifests_by_server_side_apply() {
                 Object::Namespace(o) => apply_and_read_back(kube::Api::all(c), o, file).await,
                 Object::ClusterRole(o) => apply_and_read_back(kube::Api::all(c), o, file).await,
                 Object::ClusterRoleBinding(o) => {
-                    apply_and_read_back(kube::Api::all(c), o, file).await
+                    apply_and_read_back(kube::Api::all(c), o, file).await;
                 }
                 Object::ServiceAccount(o) => {
                     let api = kube::Api::namespaced(c, &ns(&o.metadata));
-                    apply_and_read_back(api, o, file).await
+                    apply_and_read_back(api, o, file).await;
                 }
                 Object::ConfigMap(o) => {
                     let api = kube::Api::namespaced(c, &ns(&o.metadata));
-                    apply_and_read_back(api, o, file).await
+                    apply_and_read_back(api, o, file).await;
                 }
                 Object::DaemonSet(o) => {
                     let api = kube::Api::namespaced(c, &ns(&o.metadata));
-                    apply_and_read_back(api, o.as_ref(), file).await
+                    apply_and_read_back(api, o.as_ref(), file).await;
                 }
             }
         }

@@ -3,6 +3,8 @@
 //! (DRY_RUN=1: every /proc/net/pktgen write printed as "<file>: <command>") and their writes
 //! compared line for line, their option errors checked, and their results parser fed captured
 //! pktgen output (deploy/bench/pktgen/testdata). Unprivileged: nothing here touches the host.
+// A test reads top to bottom as the scenario it checks; splitting it would only scatter it.
+#![allow(clippy::too_many_lines, reason = "test scenarios, see above")]
 use std::{
     fs,
     os::unix::fs::PermissionsExt,

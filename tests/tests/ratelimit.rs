@@ -33,6 +33,10 @@ fn sizes(source_entries: u32) -> Sizes {
     }
 }
 
+#[allow(
+    clippy::unnecessary_wraps,
+    reason = "fills the Option<Rate> fields of a policy"
+)]
 fn rate(per_second: u64, burst: u64) -> Option<Rate> {
     Some(Rate { per_second, burst })
 }
@@ -198,7 +202,11 @@ fn ipv6_sources_in_one_prefix_share_a_bucket() {
     let v: Vec<u32> = same64
         .iter()
         .enumerate()
-        .map(|(i, s)| fx.uplink(&syn(s, 43000 + i as u16)).unwrap().verdict)
+        .map(|(i, s)| {
+            fx.uplink(&syn(s, 43000 + u16::try_from(i).unwrap()))
+                .unwrap()
+                .verdict
+        })
         .collect();
     assert_eq!(v, [TX, TX, TX, DROP], "one /64, one bucket of 3");
     assert_eq!(
@@ -374,13 +382,10 @@ fn one_source_on_two_cpus_gets_the_rate_not_twice_it() {
     if !require_root() {
         return;
     }
-    if std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        < 2
-    {
-        panic!("this test needs two CPUs");
-    }
+    assert!(
+        std::thread::available_parallelism().map_or(1, std::num::NonZero::get) >= 2,
+        "this test needs two CPUs"
+    );
     let (per_second, burst) = (20_000u64, 200u64);
     let mut fx = fixture(policy(rate(per_second, burst), None), 64);
     // Open the flow (one packet, one token).
@@ -432,7 +437,7 @@ fn pin_to(cpu: usize) {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
         assert_eq!(
-            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &raw const set),
             0,
             "pin to CPU {cpu}"
         );

@@ -86,7 +86,7 @@ fn setup(name: &str, config: &str, extra: &[&str]) -> Setup {
     let lab = Lab::build(name).expect("lab");
     let servers = serve_pods(lab.pods(), PORT).expect("servers");
     let options = AgentOptions {
-        extra: extra.iter().map(|s| s.to_string()).collect(),
+        extra: extra.iter().map(std::string::ToString::to_string).collect(),
         ..AgentOptions::default()
     };
     let agent = AgentProcess::start(&lab.node1().ns, &bpffs, config, options).expect("agent");

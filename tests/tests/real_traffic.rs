@@ -5,6 +5,8 @@
 //! carrier flapping and its neighbours flushed during traffic, and /metrics in both exposition
 //! formats checked by promtool and a strict OpenMetrics parser. Each test builds its own lab and
 //! prints what it measured. The programs come from Debian packages (`cargo xtask setup`).
+// A test reads top to bottom as the scenario it checks; splitting it would only scatter it.
+#![allow(clippy::too_many_lines, reason = "test scenarios, see above")]
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
@@ -271,7 +273,7 @@ fn large_uploads_to_local_and_remote_pods_arrive_whole_in_every_mode_and_family(
     let s = transfer_setup("rt-up");
     let dir = TempDir::new("rt-up").expect("temp dir");
     let blob = dir.join("blob");
-    write_random_file(&blob, TRANSFER_BYTES as usize, 0x5eed_0001).expect("blob");
+    write_random_file(&blob, usize::try_from(TRANSFER_BYTES).unwrap(), 0x5eed_0001).expect("blob");
     let want = sha256_file(&blob).expect("hash");
     let blob_arg = blob.display().to_string();
     let mut rows = Vec::new();
@@ -331,7 +333,7 @@ fn large_downloads_from_local_and_remote_pods_arrive_whole_in_every_mode_and_fam
     let s = transfer_setup("rt-down");
     let dir = TempDir::new("rt-down").expect("temp dir");
     let blob = dir.join("blob");
-    write_random_file(&blob, TRANSFER_BYTES as usize, 0x5eed_0002).expect("blob");
+    write_random_file(&blob, usize::try_from(TRANSFER_BYTES).unwrap(), 0x5eed_0002).expect("blob");
     let want = sha256_file(&blob).expect("hash");
     for server in s.nginx.values() {
         server.add_file(&blob, "blob").expect("serve blob");
@@ -543,10 +545,9 @@ fn connection_churn_through_snat_never_meets_a_time_wait_and_counts_each_connect
         .fold(0.0, f64::max);
     let svc = s.service("churn");
     let new_flows = svc["new_flows"].as_u64().unwrap_or(0);
-    let drops: u64 = svc["drops"]
-        .as_object()
-        .map(|d| d.values().filter_map(|v| v.as_u64()).sum())
-        .unwrap_or(0);
+    let drops: u64 = svc["drops"].as_object().map_or(0, |d| {
+        d.values().filter_map(serde_json::Value::as_u64).sum()
+    });
     let summary = format!(
         "{requests} requests in {elapsed:.1?} ({:.0}/s) from {CHURN_SOURCES} addresses: {ok} ok, \
          {timeouts} timeouts, errors {errors:?}; {connections} connections made; connects >= 1 s: \
@@ -590,10 +591,10 @@ fn connection_churn_through_snat_never_meets_a_time_wait_and_counts_each_connect
 /// its SYN was dropped or refused).
 #[test]
 fn one_client_tuple_reconnecting_after_each_close_keeps_being_served() {
+    const CYCLES: usize = 30;
     if !require_root() {
         return;
     }
-    const CYCLES: usize = 30;
     let s = churn_setup("rt-tuple");
     let dir = TempDir::new("rt-tuple").expect("temp dir");
     let capture = Capture::start(
@@ -750,6 +751,7 @@ fn outage(probes: &[Probe], event: Duration) -> (Option<Duration>, usize) {
 /// download runs through it, does `event` to node1's uplink, and checks new flows work again
 /// within RECOVERY_LIMIT and the download completes intact.
 fn new_flows_recover_after(name: &str, what: &str, event: impl FnOnce(&Setup)) {
+    const DOWNLOAD: u64 = 24 * MIB;
     let s = Setup::new(name, &["pod3", "pod4"], true, |lab| {
         let pods = |v6| [pod_address(lab, "pod3", v6), pod_address(lab, "pod4", v6)];
         let [a, b] = pods(false);
@@ -761,8 +763,7 @@ fn new_flows_recover_after(name: &str, what: &str, event: impl FnOnce(&Setup)) {
     });
     let dir = TempDir::new(name).expect("temp dir");
     let blob = dir.join("blob");
-    const DOWNLOAD: u64 = 24 * MIB;
-    write_random_file(&blob, DOWNLOAD as usize, 0x5eed_0003).expect("blob");
+    write_random_file(&blob, usize::try_from(DOWNLOAD).unwrap(), 0x5eed_0003).expect("blob");
     let want = sha256_file(&blob).expect("hash");
     for server in s.nginx.values() {
         server.add_file(&blob, "blob").expect("serve blob");
@@ -1025,7 +1026,7 @@ fn metrics_pass_promtool_as_text_and_a_strict_openmetrics_parse() {
         Err(anyhow::anyhow!("answered {prom_type:?}"))
     };
     let om_check = openmetrics::check(&om);
-    let families = om_check.as_ref().map(|e| e.families.len()).unwrap_or(0);
+    let families = om_check.as_ref().map_or(0, |e| e.families.len());
     let first = |t: &str| t.lines().take(6).collect::<Vec<_>>().join("\n");
     let report = format!(
         "text: Content-Type {text_type:?}, {} lines; promtool: {} {:?}\n{}\n\

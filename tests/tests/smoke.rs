@@ -159,6 +159,7 @@ fn classic_state(lab: &Lab, pod: &str) -> (usize, bool) {
 /// while a preserved connection keeps going, traffic, and `end` (with the agent still running
 /// in its second life): `Cleanup` stops it keeping everything and runs `lb-agent cleanup`;
 /// `Exit` stops it without --keep-on-exit. Either way nothing may be left.
+#[derive(Clone, Copy)]
 enum End {
     Cleanup,
     Exit,

@@ -10,6 +10,7 @@
 //! read-only over 9p, so the test binaries built here run unchanged inside. Software emulation
 //! (TCG): KVM does not work on these machines.
 use std::{
+    fmt::Write as _,
     fs,
     path::{Path, PathBuf},
     process::{Command, ExitStatus, Stdio},
@@ -346,10 +347,10 @@ fn unpack(
 ) -> Result<bool> {
     let root = cache.join("root").join(component);
     let stamp = cache.join("root").join(format!("{component}.done"));
-    let want: String = packages
-        .iter()
-        .map(|(n, v)| format!("{n}={}\n", v.unwrap_or("candidate")))
-        .collect();
+    let want = packages.iter().fold(String::new(), |mut want, (n, v)| {
+        let _ = writeln!(want, "{n}={}", v.unwrap_or("candidate"));
+        want
+    });
     if fs::read_to_string(&stamp).is_ok_and(|s| s == want) && root.exists() {
         return Ok(false);
     }
@@ -391,7 +392,7 @@ fn qemu_packages(apt: &mut Apt, cache: &Path) -> Result<Vec<String>> {
         .lines()
         .filter_map(|l| l.strip_prefix("Inst "))
         .filter_map(|l| l.split_whitespace().next())
-        .map(|name| name.to_string())
+        .map(ToString::to_string)
         .collect();
     if !packages.iter().any(|p| p == "qemu-system-x86") {
         bail!("apt would not install qemu-system-x86 from {QEMU_SUITE}:\n{simulated}");
@@ -546,10 +547,10 @@ fn build(root: &Path) -> Result<Binaries> {
 /// The script the guest runs: kernel modules the tests need, then the suites; exits non-zero
 /// if any failed.
 fn guest_script(tools: &Tools, b: &Binaries, k: &GuestKernel) -> String {
-    let skips: String = SKIPPED
-        .iter()
-        .map(|(name, _)| format!(" --skip {name}"))
-        .collect();
+    let skips = SKIPPED.iter().fold(String::new(), |mut skips, (name, _)| {
+        let _ = write!(skips, " --skip {name}");
+        skips
+    });
     let ci = std::env::var("CI").unwrap_or_default();
     format!(
         r#"set -u
@@ -662,8 +663,9 @@ fn boot(
             return Ok(status);
         }
         if Instant::now() > deadline {
+            let group = -libc::pid_t::try_from(child.id())?;
             // SAFETY: signalling the process group we created for vng and its QEMU.
-            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+            unsafe { libc::kill(group, libc::SIGKILL) };
             let _ = child.wait();
             bail!("the guest did not finish within {GUEST_TIMEOUT:?}");
         }

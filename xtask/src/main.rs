@@ -168,24 +168,23 @@ fn installed_toolchain(channel: &str) -> Option<String> {
 fn setup() -> Result<()> {
     install_debian_packages()?;
     let pins = bpf_toolchain()?;
-    let toolchain = match installed_toolchain(&pins.channel) {
-        Some(t) => t,
-        None => {
-            step(&format!(
-                "rustup toolchain install {} (rust-src)",
-                pins.channel
-            ));
-            run(Command::new("rustup").args([
-                "toolchain",
-                "install",
-                &pins.channel,
-                "--profile",
-                "minimal",
-                "--component",
-                "rust-src",
-            ]))?;
-            pins.channel.clone()
-        }
+    let toolchain = if let Some(t) = installed_toolchain(&pins.channel) {
+        t
+    } else {
+        step(&format!(
+            "rustup toolchain install {} (rust-src)",
+            pins.channel
+        ));
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            &pins.channel,
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ]))?;
+        pins.channel.clone()
     };
     let sysroot =
         output(Command::new("rustup").args(["run", &toolchain, "rustc", "--print", "sysroot"]))
@@ -217,11 +216,13 @@ fn setup() -> Result<()> {
     // through an rpath to the nightly's lib directory.
     let lib = sysroot.join("lib");
     let llvm = std::fs::read_dir(&lib)?
-        .filter_map(|e| e.ok())
+        .filter_map(Result::ok)
         .map(|e| e.path())
         .find(|p| {
             p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
-                n.starts_with("libLLVM.so.") || (n.starts_with("libLLVM-") && n.ends_with(".so"))
+                n.starts_with("libLLVM.so.")
+                    || (n.starts_with("libLLVM-")
+                        && Path::new(n).extension().is_some_and(|e| e == "so"))
             })
         })
         .with_context(|| {
@@ -392,13 +393,13 @@ impl DenyServiceStarts {
     const PATH: &str = "/usr/sbin/policy-rc.d";
 
     fn install() -> Result<DenyServiceStarts> {
+        use std::os::unix::fs::PermissionsExt;
         let path = PathBuf::from(Self::PATH);
         if path.exists() {
             return Ok(DenyServiceStarts { created: None });
         }
         std::fs::write(&path, "#!/bin/sh\n# cargo xtask setup: no service starts while it installs packages.\nexit 101\n")
             .with_context(|| format!("writing {}", path.display()))?;
-        use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
         Ok(DenyServiceStarts {
             created: Some(path),
@@ -439,12 +440,13 @@ fn arm64_cross_build() -> Result<()> {
 }
 
 fn cache_dir() -> PathBuf {
-    std::env::var_os("XDPLB_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
+    std::env::var_os("XDPLB_CACHE").map_or_else(
+        || {
             PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
                 .join(".cache/xdplb")
-        })
+        },
+        PathBuf::from,
+    )
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -3,6 +3,15 @@
 //! BPF_PROG_TEST_RUN on a configuration that makes every path live (`Lab`), each outcome judged
 //! by an oracle written from DATAPATH-SPEC.md (`oracle`) on a strict parser of its own (`wire`).
 //! Nothing here reads the data path's code: only its verdicts, output bytes and counters.
+// Frames are built and mutated field by field: a value is cut to its field's wire width on
+// purpose (a length or checksum written as 16 bits, a draw taken modulo its bound, a verdict
+// read as the signed number it is), and out-of-range values are what a mutation is for.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss,
+    reason = "fields written at their wire width, see above"
+)]
 pub mod mutate;
 pub mod oracle;
 pub mod seeds;
@@ -10,6 +19,7 @@ pub mod wire;
 
 use std::{
     collections::BTreeMap,
+    fmt::Write as _,
     net::IpAddr,
     time::{Duration, Instant},
 };
@@ -367,6 +377,10 @@ pub fn snat_port(port: u16) -> bool {
 pub const ONLINK_CLIENTS: std::ops::RangeInclusive<u8> = 10..=40;
 pub const CLIENT_MAC_PREFIX: [u8; 5] = [0x02, 0, 0, 0, 0x0c];
 
+#[allow(
+    clippy::unnecessary_wraps,
+    reason = "fills the Option<Rate> fields of a policy"
+)]
 fn rate(per_second: u64, burst: u64) -> Option<Rate> {
     Some(Rate { per_second, burst })
 }
@@ -625,7 +639,8 @@ impl Lab {
                     (d, dp)
                 };
                 let lines = h.get(&(c, cp)).map_or(&[][..], |l| &l[..]);
-                detail += &format!(
+                let _ = write!(
+                    detail,
                     "\n      history of {c}:{cp}:\n        {}",
                     lines.join("\n        ")
                 );
@@ -671,7 +686,7 @@ impl Lab {
         let why = |e: &Expect| format!("{} ({})", e.reason, e.detail);
         match got {
             Got::Aborted | Got::Other(_) => {
-                v.push((format!("{} (never allowed)", got.name()), why(e)))
+                v.push((format!("{} (never allowed)", got.name()), why(e)));
             }
             Got::Passed if !e.pass => v.push((format!("{} -> passed", e.reason), why(e))),
             Got::Dropped if !e.drop => v.push((format!("{} -> dropped", e.reason), why(e))),

@@ -475,7 +475,7 @@ fn ipv6_extensions(f: &mut Vec<u8>, v: &View, rng: &mut Rng) -> String {
     let plen = be16(f, l3 + 4) as usize + n;
     put16(f, l3 + 4, plen as u16);
     fixup(f, false, true);
-    let names: Vec<String> = chain.iter().map(|k| k.to_string()).collect();
+    let names: Vec<String> = chain.iter().map(std::string::ToString::to_string).collect();
     format!(
         "ipv6-extensions:{}{}",
         names.join(","),
@@ -591,7 +591,7 @@ fn mapped(f: &mut [u8], v: &View, net: &Net, rng: &mut Rng) -> String {
         .iter()
         .chain(net.node_addrs.iter())
         .copied()
-        .filter(|a| a.is_ipv4())
+        .filter(std::net::IpAddr::is_ipv4)
         .collect();
     let (src, a) = if rng.percent(60) {
         (false, *rng.pick(&v4))

@@ -383,7 +383,7 @@ pub fn expect(net: &Net, model: &Model, prog: Prog, f: &[u8]) -> Expect {
         if ip.proto == ip.icmp_proto() {
             counters.push("drop_icmp");
         }
-        detail.extend(ip.malformed.iter().map(|m| m.to_string()));
+        detail.extend(ip.malformed.iter().map(std::string::ToString::to_string));
     }
     if ip.fragment {
         reasons.push(R_FRAGMENT);

@@ -2,7 +2,10 @@
 //! rules of DATAPATH-SPEC §2 (it shares no code with the data path's parser), internet
 //! checksums, a frame builder for seeds, and the checksum fix-up that mutations use to keep a
 //! frame consistent everywhere except where they break it on purpose.
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::{
+    fmt::Write as _,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
 
 pub const ETH_IPV4: u16 = 0x0800;
 pub const ETH_IPV6: u16 = 0x86dd;
@@ -91,7 +94,11 @@ pub fn is_group_mac(mac: &[u8; 6]) -> bool {
 }
 
 pub fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    b.iter()
+        .fold(String::with_capacity(2 * b.len()), |mut s, x| {
+            let _ = write!(s, "{x:02x}");
+            s
+        })
 }
 
 pub fn unhex(s: &str) -> Vec<u8> {

@@ -100,8 +100,8 @@ pub fn run(scale: Scale) -> Result<Memory> {
         let base = vmalloc_growth(small)?;
         Some((big as f64 - base as f64) / f64::from(meminfo_entries - small))
     };
-    let (a, _ea) = load_maps(&sized(small))?;
-    let (b, _eb) = load_maps(&sized(large))?;
+    let (a, ea) = load_maps(&sized(small))?;
+    let (b, eb) = load_maps(&sized(large))?;
     let mut per_entry = Vec::new();
     // A source is a slot in LB_SOURCES and a tag in LB_SOURCE_TAGS (SOURCE_WAYS per element).
     for (map, kind, per_element) in [
@@ -111,7 +111,7 @@ pub fn run(scale: Scale) -> Result<Memory> {
         (
             MAP_SOURCE_TAGS,
             "array of 8-way tag sets",
-            SOURCE_WAYS as u32,
+            u32::try_from(SOURCE_WAYS).expect("8 ways"),
         ),
     ] {
         let ma = find(&a, map)?;
@@ -126,12 +126,12 @@ pub fn run(scale: Scale) -> Result<Memory> {
             sizes: (small, large),
         });
     }
-    drop(_ea);
-    drop(_eb);
+    drop(ea);
+    drop(eb);
 
     let default_sizes = Sizes::default();
-    let (default_maps, _e) = load_maps(&default_sizes)?;
-    drop(_e);
+    let (default_maps, e) = load_maps(&default_sizes)?;
+    drop(e);
 
     let (agent_rss_kb, agent_hwm_kb, agent_note) = match agent_rss() {
         Ok((rss, hwm, note)) => (Some(rss), Some(hwm), note),
@@ -181,7 +181,7 @@ fn load_maps(sizes: &Sizes) -> Result<(Vec<MapMem>, Ebpf)> {
         .load(LB_OBJECT)
         .context("creating the data path's maps")?;
     let names: BTreeMap<u32, String> = aya::maps::loaded_maps()
-        .filter_map(|m| m.ok())
+        .filter_map(std::result::Result::ok)
         .map(|m| (m.id(), m.name_as_str().unwrap_or("?").to_string()))
         .collect();
     let mut maps: Vec<MapMem> = map_fdinfo()?
@@ -215,13 +215,13 @@ fn map_fdinfo() -> Result<BTreeMap<u32, MapMem>> {
             continue;
         };
         out.insert(
-            id as u32,
+            u32::try_from(id)?,
             MapMem {
                 name: String::new(),
-                map_type: field("map_type:").unwrap_or(0) as u32,
-                key_size: field("key_size:").unwrap_or(0) as u32,
-                value_size: field("value_size:").unwrap_or(0) as u32,
-                max_entries: field("max_entries:").unwrap_or(0) as u32,
+                map_type: u32::try_from(field("map_type:").unwrap_or(0))?,
+                key_size: u32::try_from(field("key_size:").unwrap_or(0))?,
+                value_size: u32::try_from(field("value_size:").unwrap_or(0))?,
+                max_entries: u32::try_from(field("max_entries:").unwrap_or(0))?,
                 memlock,
             },
         );
@@ -328,7 +328,7 @@ fn agent_rss() -> Result<(u64, u64, String)> {
     );
     // A graceful stop first (the agent detaches and unpins), then the guards.
     // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    unsafe { libc::kill(child.id().cast_signed(), libc::SIGTERM) };
     let stop = Instant::now();
     while child.try_wait()?.is_none() && stop.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(50));

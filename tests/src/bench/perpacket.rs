@@ -356,10 +356,10 @@ impl PerPacket {
 }
 
 pub fn run(scale: Scale, cpu: usize) -> Result<PerPacket> {
-    run_plan(Plan::for_scale(scale), cpu)
+    run_plan(&Plan::for_scale(scale), cpu)
 }
 
-pub fn run_plan(plan: Plan, cpu: usize) -> Result<PerPacket> {
+pub fn run_plan(plan: &Plan, cpu: usize) -> Result<PerPacket> {
     let mut out = PerPacket {
         setups: Vec::new(),
         rows: Vec::new(),
@@ -380,7 +380,7 @@ pub fn run_plan(plan: Plan, cpu: usize) -> Result<PerPacket> {
         // A thread per configuration: the fixture moves its thread into a private network
         // namespace, which goes away with the thread.
         let (setups, rows) = std::thread::scope(|s| {
-            s.spawn(|| measure_config(config, &plan, &fills, cpu))
+            s.spawn(|| measure_config(config, plan, &fills, cpu))
                 .join()
                 .unwrap_or_else(|p| std::panic::resume_unwind(p))
         })
@@ -406,6 +406,10 @@ struct Layout {
 impl Layout {
     /// Service `i`: VIP 10.96.0.1 + i / 10, port 80 + i % 10 (10 services per VIP: LB_ADDRS
     /// holds 4096 addresses).
+    #[allow(
+        clippy::unused_self,
+        reason = "the layout's addresses are asked of the layout"
+    )]
     fn frontend(&self, i: u32) -> Frontend {
         Frontend {
             vip: IpAddr::V4(Ipv4Addr::from(
@@ -419,6 +423,10 @@ impl Layout {
     /// Backend `j` (shared by every service, as pods behind several services are):
     /// 10.1.0.2 + j, routed through the fixture's gateway on the uplink (so snat flows leave
     /// by XDP_TX).
+    #[allow(
+        clippy::unused_self,
+        reason = "the layout's addresses are asked of the layout"
+    )]
     fn backend(&self, j: u32) -> Backend {
         Backend {
             addr: IpAddr::V4(Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 1, 0, 2)) + j)),
@@ -678,11 +686,11 @@ fn measure_config(
         );
         for r in rows.iter().filter(|r| r.setup == setup_index) {
             println!(
-                "    {:<42} {:>7.0} ns net ({:.0} gross, runs {:?})",
+                "    {:<42} {:>7.0} ns net ({:.0} gross, runs {:.0?})",
                 r.scenario.name(),
                 r.net,
                 r.gross,
-                r.runs_ns.iter().map(|v| *v as u64).collect::<Vec<_>>()
+                r.runs_ns
             );
         }
         setups.push(setup);
@@ -991,6 +999,7 @@ impl Bench<'_> {
         ])
     }
 
+    #[allow(clippy::unnecessary_wraps, reason = "one signature for every case")]
     fn case_rate_limited(&mut self) -> Result<Case> {
         let (vip, port) = (self.layout.vip(), self.layout.port());
         Ok(Case {
@@ -1199,7 +1208,7 @@ impl Bench<'_> {
                 .to_bits()
                 .wrapping_add(i & 0xffff)
                 .to_be());
-            let sport = (1024 + (i >> 16)) as u16;
+            let sport = u16::try_from(1024 + (i >> 16)).expect("fewer than 2^32 - 2^26 flows");
             let key = FlowKey4::new(src, vip, sport.to_be(), f.port.to_be(), IPPROTO_TCP);
             // A snat flow to backend 0 (whose generation is 1: its first id).
             let value = Flow4 {

@@ -37,7 +37,7 @@ pub fn perpacket_tables(p: &PerPacket) -> String {
         p.runs,
         p.setups
             .get(REFERENCE_SETUP)
-            .map(|s| s.label())
+            .map(super::perpacket::Setup::label)
             .unwrap_or_default()
     );
     let _ = writeln!(
@@ -103,22 +103,20 @@ pub fn perpacket_tables(p: &PerPacket) -> String {
     for sc in Scenario::ALL {
         let mut line = format!("| {} |", sc.name());
         for i in 0..p.setups.len() {
-            let v = p
-                .row(i, sc)
-                .map(|r| {
+            let v = p.row(i, sc).map_or_else(
+                || "-".into(),
+                |r| {
                     let mark = if r.anomalies.is_empty() { "" } else { " (!)" };
                     format!("{}{mark}", f0(r.net))
-                })
-                .unwrap_or_else(|| "-".into());
+                },
+            );
             let _ = write!(line, " {v} |");
         }
         let _ = writeln!(s, "{line}");
     }
     let mut miss = String::from("| limiter miss / its hit path |");
     for i in 0..p.setups.len() {
-        let v = miss_ratio(p, i)
-            .map(|x| format!("{x:.2}x"))
-            .unwrap_or_else(|| "-".into());
+        let v = miss_ratio(p, i).map_or_else(|| "-".into(), |x| format!("{x:.2}x"));
         let _ = write!(miss, " {v} |");
     }
     let _ = writeln!(s, "{miss}");
@@ -188,13 +186,14 @@ pub fn perpacket_tables(p: &PerPacket) -> String {
             st.config.ring_size,
             st.install_time.as_secs_f64(),
             st.prefilled,
-            st.fill_time
-                .map(|t| format!(
+            st.fill_time.map_or_else(
+                || "-".into(),
+                |t| format!(
                     "{:.2} s ({:.0} ns/entry)",
                     t.as_secs_f64(),
                     t.as_nanos() as f64 / f64::from(st.prefilled.max(1))
-                ))
-                .unwrap_or_else(|| "-".into()),
+                )
+            ),
             st.other_load
         );
     }
@@ -226,7 +225,7 @@ pub fn throughput_tables(t: &Throughput) -> String {
             m.path.name(),
             m.mix.name(),
             mpps(m.offered_pps),
-            m.absorbed_pps.map(mpps).unwrap_or_else(|| "-".into()),
+            m.absorbed_pps.map_or_else(|| "-".into(), mpps),
             mpps(m.forwarded_pps),
             m.cpu.softirq,
             m.cpu.busy,
@@ -243,7 +242,7 @@ pub fn throughput_tables(t: &Throughput) -> String {
     );
     let _ = writeln!(s, "| comparison | ratio | target |");
     let _ = writeln!(s, "|---|---|---|");
-    let r = |x: Option<f64>| x.map(|x| format!("{x:.2}x")).unwrap_or_else(|| "-".into());
+    let r = |x: Option<f64>| x.map_or_else(|| "-".into(), |x| format!("{x:.2}x"));
     let _ = writeln!(
         s,
         "| forwarded, many flows: xdplb (limiter on) / nftables | {} | >= 4x |",
@@ -312,17 +311,16 @@ pub fn throughput_tables(t: &Throughput) -> String {
             };
             let (a, b) = (at(lb), at(TPath::Nftables));
             let cell = |m: Option<&super::throughput::Measurement>| {
-                m.map(|m| (mpps(m.forwarded_pps), format!("{:.1}%", m.cpu.softirq)))
-                    .unwrap_or(("-".into(), "-".into()))
+                m.map_or(("-".into(), "-".into()), |m| {
+                    (mpps(m.forwarded_pps), format!("{:.1}%", m.cpu.softirq))
+                })
             };
             let (af, asi) = cell(a);
             let (bf, bsi) = cell(b);
             let other = format!(
                 "{} / {}",
-                a.map(|m| format!("{:.0}%", m.cpu.user_all))
-                    .unwrap_or_else(|| "-".into()),
-                b.map(|m| format!("{:.0}%", m.cpu.user_all))
-                    .unwrap_or_else(|| "-".into())
+                a.map_or_else(|| "-".into(), |m| format!("{:.0}%", m.cpu.user_all)),
+                b.map_or_else(|| "-".into(), |m| format!("{:.0}%", m.cpu.user_all))
             );
             let _ = writeln!(
                 s,
@@ -359,8 +357,8 @@ pub fn memory_tables(m: &Memory) -> String {
     let _ = writeln!(
         s,
         "| map | type | key + value | kernel charge per entry (memlock slope {}..{} entries) |",
-        m.per_entry.first().map(|p| p.sizes.0).unwrap_or(0),
-        m.per_entry.first().map(|p| p.sizes.1).unwrap_or(0)
+        m.per_entry.first().map_or(0, |p| p.sizes.0),
+        m.per_entry.first().map_or(0, |p| p.sizes.1)
     );
     let _ = writeln!(s, "|---|---|---|---|");
     for p in &m.per_entry {
@@ -597,12 +595,10 @@ fn perpacket_svg(p: &PerPacket) -> String {
             "floor (wrapper -> XDP_TX) subtracted: {:.0} ns; empty program {:.0} ns",
             p.setups
                 .get(REFERENCE_SETUP)
-                .map(|s| s.refs.floor)
-                .unwrap_or(f64::NAN),
+                .map_or(f64::NAN, |s| s.refs.floor),
             p.setups
                 .get(REFERENCE_SETUP)
-                .map(|s| s.refs.empty)
-                .unwrap_or(f64::NAN)
+                .map_or(f64::NAN, |s| s.refs.empty)
         )],
     )
 }

@@ -26,6 +26,8 @@
 //! from /proc/stat deltas (the whole machine: the generator's own time is in `system`).
 //! Generator, node and receiver share the machine's CPUs, so compare paths within one run.
 use std::{
+    collections::BTreeSet,
+    fmt::Write as _,
     io::Write,
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -265,8 +267,7 @@ impl Measurement {
             load,
             self.offered_pps / 1e6,
             self.absorbed_pps
-                .map(|a| format!("{:>5.2} Mpps", a / 1e6))
-                .unwrap_or_else(|| "    -     ".into()),
+                .map_or_else(|| "    -     ".into(), |a| format!("{:>5.2} Mpps", a / 1e6)),
             self.forwarded_pps / 1e6,
             self.cpu.softirq,
             self.cpu.busy,
@@ -407,7 +408,7 @@ fn link(ns: &Netns, name: &str) -> Result<([u8; 6], u32)> {
     for (i, p) in mac.split(':').enumerate().take(6) {
         m[i] = u8::from_str_radix(p, 16)?;
     }
-    let ifindex = v[0]["ifindex"].as_u64().context("no ifindex")? as u32;
+    let ifindex = u32::try_from(v[0]["ifindex"].as_u64().context("no ifindex")?)?;
     Ok((m, ifindex))
 }
 
@@ -534,8 +535,8 @@ impl Lb {
             snat_ipv4: vec!["10.0.0.1".parse()?],
             snat_ipv6: Vec::new(),
             node_addrs: ["10.0.0.1".parse()?].into(),
-            local: Default::default(),
-            broadcast: Default::default(),
+            local: BTreeSet::default(),
+            broadcast: BTreeSet::default(),
             ephemeral_ports: None,
         };
         Reconciler::new(sizes)
@@ -627,37 +628,40 @@ add rule ip kube-proxy services ip daddr @nodeport-ips meta l4proto . th dport v
 add rule ip kube-proxy service-endpoints-check ip daddr . meta l4proto . th dport vmap @no-endpoint-services
 "#,
     );
-    s.push_str(&format!("add chain ip kube-proxy {svc}\n"));
-    s.push_str(&format!(
-        "add rule ip kube-proxy {svc} ip daddr {VIP} ip saddr != 10.1.0.0/16 jump mark-for-masquerade\n"
-    ));
+    let _ = writeln!(s, "add chain ip kube-proxy {svc}");
+    let _ = writeln!(
+        s,
+        "add rule ip kube-proxy {svc} ip daddr {VIP} ip saddr != 10.1.0.0/16 jump mark-for-masquerade"
+    );
     let mut vmap = Vec::new();
     for j in 0..BACKENDS {
         let ep = format!(
             "endpoint-BENCH{j:03}-default/web/tcp/http__{}/{BACKEND_PORT}",
             backend_addr(j)
         );
-        s.push_str(&format!("add chain ip kube-proxy {ep}\n"));
-        s.push_str(&format!(
-            "add rule ip kube-proxy {ep} ip saddr {} jump mark-for-masquerade\n",
+        let _ = writeln!(s, "add chain ip kube-proxy {ep}");
+        let _ = writeln!(
+            s,
+            "add rule ip kube-proxy {ep} ip saddr {} jump mark-for-masquerade",
             backend_addr(j)
-        ));
-        s.push_str(&format!(
-            "add rule ip kube-proxy {ep} meta l4proto tcp dnat to {}:{BACKEND_PORT}\n",
+        );
+        let _ = writeln!(
+            s,
+            "add rule ip kube-proxy {ep} meta l4proto tcp dnat to {}:{BACKEND_PORT}",
             backend_addr(j)
-        ));
+        );
         vmap.push(format!("{j} : goto {ep}"));
     }
-    s.push_str(&format!(
-        "add rule ip kube-proxy {svc} numgen random mod {BACKENDS} vmap {{ {} }}\n",
+    let _ = writeln!(
+        s,
+        "add rule ip kube-proxy {svc} numgen random mod {BACKENDS} vmap {{ {} }}",
         vmap.join(" , ")
-    ));
-    s.push_str(&format!(
-        "add element ip kube-proxy cluster-ips {{ {VIP} }}\n"
-    ));
-    s.push_str(&format!(
-        "add element ip kube-proxy service-ips {{ {VIP} . tcp . {VIP_PORT} : goto {svc} }}\n"
-    ));
+    );
+    let _ = writeln!(s, "add element ip kube-proxy cluster-ips {{ {VIP} }}");
+    let _ = writeln!(
+        s,
+        "add element ip kube-proxy service-ips {{ {VIP} . tcp . {VIP_PORT} : goto {svc} }}"
+    );
     s
 }
 
@@ -774,7 +778,7 @@ fn generate(
                     loop {
                         match go.load(std::sync::atomic::Ordering::Acquire) {
                             WAIT if waiting.elapsed() < Duration::from_secs(30) => {
-                                std::thread::sleep(Duration::from_millis(1))
+                                std::thread::sleep(Duration::from_millis(1));
                             }
                             GO => break,
                             _ => anyhow::bail!("the generator threads did not all start"),
@@ -787,9 +791,19 @@ fn generate(
                     tools.set_seq(base)?;
                     let mut sent = 0u64;
                     // Bounded in time and count: `seconds`, and at most 50 Mpps worth.
+                    #[allow(
+                        clippy::cast_possible_truncation,
+                        clippy::cast_sign_loss,
+                        reason = "a positive duration or rate; float casts saturate"
+                    )]
                     let max_frames = (seconds * 50e6) as u64;
                     match rate {
                         None => {
+                            #[allow(
+                                clippy::cast_possible_truncation,
+                                clippy::cast_sign_loss,
+                                reason = "a positive duration or rate; float casts saturate"
+                            )]
                             let chunk = ((seconds * 1e6) as u32).clamp(CHUNK_MIN, CHUNK_MAX);
                             loop {
                                 live_frames(tools.program("bench_gen")?, frame, g0, chunk, BATCH)?;
@@ -801,6 +815,11 @@ fn generate(
                         }
                         Some(pps) => {
                             let tick = Duration::from_millis(50);
+                            #[allow(
+                                clippy::cast_possible_truncation,
+                                clippy::cast_sign_loss,
+                                reason = "a positive duration or rate; float casts saturate"
+                            )]
                             let chunk = ((pps * tick.as_secs_f64()).round() as u32).max(1);
                             let mut next = started;
                             loop {
@@ -900,7 +919,7 @@ fn run_path(path: Path, plan: &Plan, out: &mut Throughput) -> Result<Vec<Measure
             },
         };
         let (f0, a0) = (forwarded()?, absorbed()?);
-        let lb0 = lb.as_ref().map(|l| l.counters());
+        let lb0 = lb.as_ref().map(Lb::counters);
         let cpu0 = cpu_times()?;
         let (sent, secs) = generate(&topo, &frame, vary, seq, seconds, rate)?;
         seq += 2 * THREAD_SEQ_STRIDE;
@@ -962,8 +981,7 @@ fn counter(counters: &[(Counter, u64)], c: Counter) -> u64 {
     counters
         .iter()
         .find(|(k, _)| *k == c)
-        .map(|(_, v)| *v)
-        .unwrap_or(0)
+        .map_or(0, |(_, v)| *v)
 }
 
 /// Ratio helper for reports: `a / b`, None when either is missing or b is 0.

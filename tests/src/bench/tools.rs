@@ -63,6 +63,10 @@ impl Vary {
     }
 
     /// (source address offset, source port offset) of run `n`, as the BPF side computes them.
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "the offsets wrap at their field widths, as on the BPF side"
+    )]
     pub fn offsets(&self, n: u64) -> (u32, u16) {
         if self.bits == 0 {
             return (0, 0);
@@ -209,7 +213,11 @@ impl BenchTools {
 
     /// Empties the map `bench_lookup` / `bench_insert` use.
     pub fn clear_lookup(&mut self) -> Result<()> {
-        let keys: Vec<[u8; 40]> = self.lookup.keys().filter_map(|k| k.ok()).collect();
+        let keys: Vec<[u8; 40]> = self
+            .lookup
+            .keys()
+            .filter_map(std::result::Result::ok)
+            .collect();
         for k in keys {
             let _ = self.lookup.remove(&k);
         }
@@ -234,7 +242,7 @@ impl BenchTools {
 /// rx_queue_index, egress_ifindex).
 pub fn xdp_md(frame_len: usize, ifindex: u32) -> [u8; 24] {
     let mut ctx = [0u8; 24];
-    ctx[4..8].copy_from_slice(&(frame_len as u32).to_ne_bytes());
+    ctx[4..8].copy_from_slice(&u32::try_from(frame_len).expect("a frame").to_ne_bytes());
     ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
     ctx
 }
@@ -250,7 +258,7 @@ pub fn timed_run(prog: &mut Xdp, frame: &[u8], ifindex: u32, repeat: u32) -> Res
             ..TestRunOptions::new()
         })
         .context("BPF_PROG_TEST_RUN")?;
-    Ok((r.return_value, r.duration.as_nanos() as u64))
+    Ok((r.return_value, u64::try_from(r.duration.as_nanos())?))
 }
 
 /// Transmits `count` frames from `prog` (`bench_gen`) in live-frames mode out of `ifindex`
@@ -275,7 +283,7 @@ pub fn live_frames(
     if r.return_value != 0 {
         bail!("live-frames run returned {}", r.return_value);
     }
-    Ok(r.duration.as_nanos() as u64)
+    Ok(u64::try_from(r.duration.as_nanos())?)
 }
 
 /// Raw fd of a program, for diagnostics.

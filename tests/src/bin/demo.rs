@@ -1,6 +1,8 @@
 //! `cargo xtask demo`: the EKS-like lab from nothing, lb-agent on node1, traffic, the
 //! distribution and counters as they change, a backend drained mid-stream, a flooding client
 //! held to its rate while another is served, clean-up.
+// A test reads top to bottom as the scenario it checks; splitting it would only scatter it.
+#![allow(clippy::too_many_lines, reason = "test scenarios, see above")]
 use std::{
     net::SocketAddr,
     time::{Duration, Instant},
@@ -71,6 +73,7 @@ backends = [{{ address = "10.1.1.2", port = {PORT} }}]
 }
 
 fn main() -> Result<()> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         bail!("the demo builds network namespaces and attaches XDP programs: run it as root");
     }
