@@ -418,19 +418,7 @@ mod datapath {
                 let route = nexthop::route(&fib, &addrs, pkt.len, now_ns, &mut s.next);
                 return send(ctx, pkt, &s.target, route, &s.next);
             }
-            Opened::Failed => {
-                if s.reason == DropReason::FlowTable {
-                    // The flow table refused an insert (not a clash, not the LRU's eviction:
-                    // the kernel's own failure). Rare; logged when the agent asks for it.
-                    aya_log_ebpf::warn!(
-                        ctx,
-                        target: lb_common::logging::LOG_TARGET,
-                        "flow table insert failed for service {}",
-                        svc.id
-                    );
-                }
-                return drop_for(svc.id, s.reason);
-            }
+            Opened::Failed => return not_opened(ctx, svc.id, s.reason),
         }
         if pkt.proto == IPPROTO_TCP && !s.choice.syn {
             count(Counter::FlowsCreatedMidstream);
@@ -438,6 +426,21 @@ mod datapath {
         // SAFETY: the pointer comes from a reference; volatile only keeps the access as written.
         let route = Route::of(unsafe { core::ptr::read_volatile(&raw const s.route) });
         send(ctx, pkt, &s.target, route, &s.next)
+    }
+
+    /// A new flow that could not be made: dropped and counted. A flow-table insert the kernel
+    /// refused (not a clash, not the LRU's eviction) is rare: logged when the agent asks.
+    #[inline(always)]
+    fn not_opened(ctx: &XdpContext, service: u32, reason: DropReason) -> u32 {
+        if reason == DropReason::FlowTable {
+            aya_log_ebpf::warn!(
+                ctx,
+                target: lb_common::logging::LOG_TARGET,
+                "flow table insert failed for service {}",
+                service
+            );
+        }
+        drop_for(service, reason)
     }
 
     #[inline(always)]

@@ -40,8 +40,8 @@ pub const NODE_V6: &str = "fd00:a::1";
 
 pub struct Fixture {
     pub ebpf: Ebpf,
-    /// Keeps the tail-call table filled.
-    _progs: aya::maps::Map,
+    /// The tail-call table (kept, so it stays filled).
+    progs: aya::maps::Map,
     pub maps: Maps,
     pub reconciler: Reconciler,
     pub node: NodeView,
@@ -116,7 +116,7 @@ impl Fixture {
             up0_mac: mac("up0")?,
             pod0_mac: mac("pod0")?,
             ebpf,
-            _progs: progs,
+            progs,
             maps,
             reconciler: Reconciler::new(sizes),
             node,
@@ -128,7 +128,7 @@ impl Fixture {
 
     /// Empties slot `slot` of the tail-call table: the slow path there is gone.
     pub fn clear_slow_path(&mut self, slot: u32) -> Result<()> {
-        let mut progs = aya::maps::ProgramArray::try_from(&mut self._progs)?;
+        let mut progs = aya::maps::ProgramArray::try_from(&mut self.progs)?;
         progs.clear_index(&slot)?;
         Ok(())
     }
