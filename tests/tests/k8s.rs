@@ -31,6 +31,7 @@ use lb_userspace::{
     k8s::{
         EndFlows, Problem, Translation,
         input::{COALESCE, KubeInput, Target},
+        reason,
     },
     model::{Desired, compose},
     node::NodeView,
@@ -149,7 +150,12 @@ impl Target for MemTarget {
         let mut problems: Vec<Problem> = conflicts
             .iter()
             .filter_map(|c| {
-                Problem::for_service(&c.service.origin, &c.service.frontend, c.to_string())
+                Problem::for_service(
+                    &c.service.origin,
+                    &c.service.frontend,
+                    reason::FRONTEND_CLAIMED,
+                    c.to_string(),
+                )
             })
             .collect();
         // As the agent does: what this node cannot serve, or has no room for, is left out and
@@ -158,7 +164,12 @@ impl Target for MemTarget {
             .reconciler
             .apply_admitting(&desired, &self.node, &mut self.tables)?;
         problems.extend(applied.left_out.iter().filter_map(|i| {
-            Problem::for_service(&i.origin, &i.frontend, format!("{}; not served", i.reason))
+            Problem::for_service(
+                &i.origin,
+                &i.frontend,
+                reason::NOT_SERVED,
+                format!("{}; not served", i.reason),
+            )
         }));
         let report = applied.report;
         if report.writes > 0 {

@@ -15,9 +15,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use tokio::sync::watch as latest;
 
 use super::{
-    NodeInfo, Problem, Translation, Translator,
-    health::HealthServers,
-    watch::{Events, Watch},
+    NodeInfo, Problem, Translation, Translator, events::Events, health::HealthServers, watch::Watch,
 };
 use crate::{health::KubeHealth, model::NodeSettings, reconcile::ApplyError, reserved::Reserved};
 
@@ -37,6 +35,9 @@ pub trait Target {
     fn apply_kubernetes(&mut self, translation: Translation) -> Result<Vec<Problem>, ApplyError>;
     fn kube_health(&mut self) -> &mut KubeHealth;
 }
+
+/// How often the Event reporter looks again at problems that did not change.
+const REPORT_TICK: Duration = Duration::from_secs(5);
 
 /// How long a burst of changes may go on before it is applied (all of it at once).
 pub const COALESCE: Duration = Duration::from_millis(50);
@@ -81,9 +82,13 @@ impl KubeInput {
         let client = Client::try_from(config).context("Kubernetes client")?;
         let watch = Watch::start(client.clone());
         let (problems, mut rx) = latest::channel(Vec::<Problem>::new());
+        let mut events = Events::new(node_name.clone());
         let reporter = tokio::spawn(async move {
-            let mut events = Events::default();
-            while rx.changed().await.is_ok() {
+            loop {
+                // On every change, and now and then for re-posts held back by the rate limit.
+                if let Ok(Err(_)) = tokio::time::timeout(REPORT_TICK, rx.changed()).await {
+                    break;
+                }
                 let p = rx.borrow_and_update().clone();
                 events.report(&client, &p).await;
             }
