@@ -495,6 +495,8 @@ impl Agent {
             warn!("removing {}: {e}", layout.display());
         }
         let _ = std::fs::remove_file(crate::state::path(&self.args.paths.state_dir));
+        // With the maps gone there are no flows left to end.
+        let _ = std::fs::remove_file(crate::k8s::drains::path(&self.args.paths.state_dir));
         info!("detached and unpinned");
     }
 }

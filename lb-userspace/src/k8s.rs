@@ -21,6 +21,7 @@
 //! claiming one frontend (VIP, port, protocol): the older one (creationTimestamp, then uid)
 //! keeps it, whatever their names, and the newer one is reported; a newer Service never takes
 //! over a live VIP.
+pub mod drains;
 pub mod events;
 pub mod health;
 pub mod input;
