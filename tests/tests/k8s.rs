@@ -1310,6 +1310,8 @@ fn kubernetes_objects_to_real_traffic_through_the_agent() {
     let node_config = "[node]\nhash-seed = 42\n";
     let options = AgentOptions {
         extra: vec![
+            // Restarted below in the middle of a drain, keeping its data path.
+            "--keep-on-exit".into(),
             "--kubernetes".into(),
             "--node-name".into(),
             "node1".into(),
@@ -1318,7 +1320,8 @@ fn kubernetes_objects_to_real_traffic_through_the_agent() {
         ],
         ..AgentOptions::default()
     };
-    let agent = AgentProcess::start(&lab.node1().ns, &bpffs, node_config, options).expect("agent");
+    let mut agent =
+        AgentProcess::start(&lab.node1().ns, &bpffs, node_config, options).expect("agent");
     let status = agent.status().expect("status");
     let text = status.to_string();
     assert!(
@@ -1439,6 +1442,59 @@ fn kubernetes_objects_to_real_traffic_through_the_agent() {
             agent.log_tail()
         );
     }
+
+    // A drain across an agent restart: a live connection to pod3, pod3 leaves the slice (a 6 s
+    // deregistration delay, then RST), the agent restarts 1.5 s in. The connection keeps
+    // going until the delay set before the restart ends, then it is reset.
+    apply(service(
+        "web",
+        "http",
+        &[
+            ("xdplb.io/deregistration-delay-seconds", "6"),
+            ("xdplb.io/deregistration-reset", "true"),
+        ],
+    ));
+    apply(slice("web-a", "web", "http", 8080, &eps[2..3]));
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let live = loop {
+        let live = LongTransfer::start(&lab.client().ns, None, vip).expect("transfer");
+        if live.backend().contains("pod3") {
+            break live;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "reaching {}, not pod3 alone",
+            live.backend()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    apply(slice("web-a", "web", "http", 8080, &eps[3..]));
+    let began = Instant::now();
+    let drains = agent.state_dir().join("drains.json");
+    wait_for("the drain to be kept in the state directory", || {
+        std::fs::read_to_string(&drains).is_ok_and(|t| t.contains("10.1.2.2"))
+    });
+    std::thread::sleep(Duration::from_millis(1500).saturating_sub(began.elapsed()));
+    agent.restart().expect("restart");
+    // Still draining 4.5 s in: the connection moves data.
+    std::thread::sleep(Duration::from_millis(4500).saturating_sub(began.elapsed()));
+    let sent = live.bytes_sent();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        live.bytes_sent() > sent,
+        "the draining connection stalled before its delay ended\n{}",
+        agent.log_tail()
+    );
+    // Over at 6 s: reset (give the restarted agent's tick a moment).
+    std::thread::sleep(Duration::from_secs(9).saturating_sub(began.elapsed()));
+    let live = live.finish();
+    assert!(
+        live.error.as_deref().is_some_and(|e| e.contains("reset")),
+        "the drain was forgotten across the restart: {live:?}\n{}",
+        agent.log_tail()
+    );
+    let log = std::fs::read_to_string(agent.state_dir().join("agent.log")).unwrap_or_default();
+    assert!(log.contains("taking up 1 drains"), "{log}");
     drop(agent);
     drop(forward);
 }
