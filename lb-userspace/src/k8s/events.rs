@@ -224,8 +224,9 @@ impl Events {
                 component: Some(COMPONENT.into()),
                 host: Some(self.node.clone()),
             }),
+            // As client-go's recorder sets them: the component, and the host it runs on.
             reporting_component: Some(COMPONENT.into()),
-            reporting_instance: Some(format!("{COMPONENT}-{}", self.node)),
+            reporting_instance: Some(self.node.clone()),
             first_timestamp: Some(Time(now)),
             last_timestamp: Some(Time(now)),
             count: Some(count),
