@@ -23,7 +23,7 @@ use crate::{
     config,
     dataplane::{self, Loaded, Maps, Stats},
     health::{Health, KubeHealth},
-    k8s::{Problem, Translation},
+    k8s::{Problem, Translation, reason},
     model::{self, Backend, Desired},
     neighbours::Neighbours,
     netlink::Change,
@@ -222,10 +222,20 @@ impl Agent {
         let problems: Vec<Problem> = conflicts
             .iter()
             .filter_map(|c| {
-                Problem::for_service(&c.service.origin, &c.service.frontend, c.to_string())
+                Problem::for_service(
+                    &c.service.origin,
+                    &c.service.frontend,
+                    reason::FRONTEND_CLAIMED,
+                    c.to_string(),
+                )
             })
             .chain(left_out.iter().filter_map(|i| {
-                Problem::for_service(&i.origin, &i.frontend, format!("{}; not served", i.reason))
+                Problem::for_service(
+                    &i.origin,
+                    &i.frontend,
+                    reason::NOT_SERVED,
+                    format!("{}; not served", i.reason),
+                )
             }))
             .collect();
         self.composed = Some(Composed {
@@ -490,6 +500,8 @@ impl Agent {
             warn!("removing {}: {e}", layout.display());
         }
         let _ = std::fs::remove_file(crate::state::path(&self.args.paths.state_dir));
+        // With the maps gone there are no flows left to end.
+        let _ = std::fs::remove_file(crate::k8s::drains::path(&self.args.paths.state_dir));
         info!("detached and unpinned");
     }
 }

@@ -1,5 +1,5 @@
 //! `lb-agent cleanup`: removes what an agent that exited with --keep-on-exit left behind: its
-//! links (which detaches the programs), pinned maps and state file.
+//! links (which detaches the programs), pinned maps, state file and saved drains.
 use anyhow::{Context, Result};
 
 use crate::{attach::Attachments, cli::Paths, dataplane};
@@ -14,6 +14,7 @@ pub fn cleanup(paths: &Paths) -> Result<()> {
             .with_context(|| format!("removing {}", layout.display()))?;
     }
     let _ = std::fs::remove_file(crate::state::path(&paths.state_dir));
+    let _ = std::fs::remove_file(crate::k8s::drains::path(&paths.state_dir));
     println!("removed {}", layout.display());
     Ok(())
 }

@@ -21,6 +21,8 @@
 //! claiming one frontend (VIP, port, protocol): the older one (creationTimestamp, then uid)
 //! keeps it, whatever their names, and the newer one is reported; a newer Service never takes
 //! over a live VIP.
+pub mod drains;
+pub mod events;
 pub mod health;
 pub mod input;
 pub mod watch;
@@ -94,10 +96,32 @@ pub struct NodeInfo {
     pub reserved: Reserved,
 }
 
+/// The `reason` of a problem's Event: one per kind of problem (CamelCase, as Kubernetes' own).
+pub mod reason {
+    /// An `xdplb.io/*` annotation's value is not understood.
+    pub const INVALID_ANNOTATION: &str = "InvalidAnnotation";
+    /// `spec.loadBalancerSourceRanges` (or its mode) cannot be read: the Service is not served.
+    pub const INVALID_SOURCE_RANGES: &str = "InvalidSourceRanges";
+    /// A load-balancer ingress IP or externalIP that is no IP address.
+    pub const INVALID_ADDRESS: &str = "InvalidAddress";
+    /// A frontend on an address the node reserves.
+    pub const RESERVED_ADDRESS: &str = "ReservedAddress";
+    /// A frontend an older Service (or the config file) already has.
+    pub const FRONTEND_CLAIMED: &str = "FrontendClaimed";
+    /// An endpoint address that is no address of its slice's type.
+    pub const BAD_ENDPOINT: &str = "BadEndpoint";
+    /// A service port no EndpointSlice port matches.
+    pub const UNMATCHED_PORT: &str = "UnmatchedTargetPort";
+    /// A frontend the data path has no room for (or cannot serve as asked).
+    pub const NOT_SERVED: &str = "FrontendNotServed";
+}
+
 /// Something wrong with an object: reported (Kubernetes Event and log), never fatal.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Problem {
     pub object: ObjectKey,
+    /// One of [`reason`].
+    pub reason: &'static str,
     pub field: String,
     pub message: String,
 }
@@ -105,10 +129,16 @@ pub struct Problem {
 impl Problem {
     /// A problem with the service `origin` names at `frontend`; `None` if it did not come from
     /// the cluster (there is no Service to report it on).
-    pub fn for_service(origin: &Origin, frontend: &Frontend, message: String) -> Option<Problem> {
+    pub fn for_service(
+        origin: &Origin,
+        frontend: &Frontend,
+        reason: &'static str,
+        message: String,
+    ) -> Option<Problem> {
         let (namespace, name) = origin.kubernetes_object()?;
         Some(Problem {
             object: (namespace.to_string(), name.to_string()),
+            reason,
             field: format!("frontend {frontend}"),
             message,
         })
@@ -188,6 +218,7 @@ impl Settings {
         let local_only = spec.external_traffic_policy.as_deref() == Some("Local");
         let problem = |field: &str, message: String| Problem {
             object: key.clone(),
+            reason: reason::INVALID_ANNOTATION,
             field: field.to_string(),
             message,
         };
@@ -348,6 +379,7 @@ impl Translator {
                 Ok(false) => {}
                 Err(message) => out.problems.push(Problem {
                     object: key.clone(),
+                    reason: reason::INVALID_ANNOTATION,
                     field: ENABLED.into(),
                     message,
                 }),
@@ -415,6 +447,7 @@ impl Translator {
                 if named && let Some(why) = node.reserved.refuse(&ns_name, frontend.vip) {
                     out.problems.push(Problem {
                         object: key.clone(),
+                        reason: reason::RESERVED_ADDRESS,
                         field: format!("frontend {frontend}"),
                         message: format!("{why}; not served"),
                     });
@@ -423,6 +456,7 @@ impl Translator {
                 if let Some(owner) = claim.refused(frontend) {
                     out.problems.push(Problem {
                         object: key.clone(),
+                        reason: reason::FRONTEND_CLAIMED,
                         field: format!("frontend {frontend}"),
                         message: format!(
                             "also claimed by Service {}/{}, which is older and keeps it; not served",
@@ -520,6 +554,7 @@ impl Translator {
             .collect();
         let problem = |field: String, message: String| Problem {
             object: key.clone(),
+            reason: reason::INVALID_ANNOTATION,
             field,
             message,
         };
@@ -569,6 +604,7 @@ fn source_ranges(
     let mut problem = |field: String, message: String| {
         out.problems.push(Problem {
             object: key.clone(),
+            reason: reason::INVALID_SOURCE_RANGES,
             field,
             message: format!("{message}; the Service is not served until this is fixed"),
         });
@@ -710,6 +746,7 @@ fn frontends(
             }
             Err(_) => problems.push(Problem {
                 object: key.clone(),
+                reason: reason::INVALID_ADDRESS,
                 field: field.into(),
                 message: format!("`{ip}` is not an IP address; not served"),
             }),
@@ -771,8 +808,9 @@ fn endpoints(
     let mut serving_terminating = Vec::new();
     // Whether some slice has endpoints, and whether one has this port.
     let (mut populated, mut matched) = (false, false);
-    let problem = |field: String, message: String| Problem {
+    let problem = |reason: &'static str, field: String, message: String| Problem {
         object: key.clone(),
+        reason,
         field,
         message,
     };
@@ -807,6 +845,7 @@ fn endpoints(
             for a in &e.addresses {
                 let Ok(addr) = a.parse::<IpAddr>() else {
                     problems.push(problem(
+                        reason::BAD_ENDPOINT,
                         format!("EndpointSlice {slice_name}"),
                         format!(
                             "endpoint address `{a}` is not an {} address; left out",
@@ -831,6 +870,7 @@ fn endpoints(
     }
     if populated && !matched {
         problems.push(problem(
+            reason::UNMATCHED_PORT,
             format!("spec.ports[{}]", sp.name.as_deref().unwrap_or("")),
             format!(
                 "no EndpointSlice of the Service has a port named `{want_name}`/{want_proto} (does the targetPort name a port no pod has?); no endpoints for it"

@@ -12,6 +12,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     io::{Read, Write},
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -33,6 +34,7 @@ use lb_userspace::{
     k8s::{
         EndFlows, Problem, Translation,
         input::{COALESCE, KubeInput, Target},
+        reason,
     },
     model::{Desired, compose},
     node::NodeView,
@@ -151,7 +153,12 @@ impl Target for MemTarget {
         let mut problems: Vec<Problem> = conflicts
             .iter()
             .filter_map(|c| {
-                Problem::for_service(&c.service.origin, &c.service.frontend, c.to_string())
+                Problem::for_service(
+                    &c.service.origin,
+                    &c.service.frontend,
+                    reason::FRONTEND_CLAIMED,
+                    c.to_string(),
+                )
             })
             .collect();
         // As the agent does: what this node cannot serve, or has no room for, is left out and
@@ -160,7 +167,12 @@ impl Target for MemTarget {
             .reconciler
             .apply_admitting(&desired, &self.node, &mut self.tables)?;
         problems.extend(applied.left_out.iter().filter_map(|i| {
-            Problem::for_service(&i.origin, &i.frontend, format!("{}; not served", i.reason))
+            Problem::for_service(
+                &i.origin,
+                &i.frontend,
+                reason::NOT_SERVED,
+                format!("{}; not served", i.reason),
+            )
         }));
         let report = applied.report;
         if report.writes > 0 {
@@ -189,6 +201,31 @@ fn strict_policy() -> lb_userspace::model::Policy {
     .expect("strict")
 }
 
+/// The agent's Kubernetes input stepped as `lb-agent run --kubernetes` steps it, keeping its
+/// drains in `state_dir`.
+async fn pipeline(
+    kubeconfig: PathBuf,
+    target: Arc<Mutex<MemTarget>>,
+    state_dir: PathBuf,
+) -> tokio::task::JoinHandle<()> {
+    let mut source = KubeInput::connect(Some(&kubeconfig), NODE.into())
+        .await
+        .expect("connect");
+    source.keep_drains_in(&state_dir);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                () = source.watch.changed.notified() => {
+                    tokio::time::sleep(COALESCE).await;
+                }
+                _ = tick.tick() => {}
+            }
+            source.step(&mut *lock(&target));
+        }
+    })
+}
+
 /// An API server, a client, and the agent's pipeline running against it (as `lb-agent run
 /// --kubernetes` runs it: a step after each burst of changes, and every second).
 struct Cluster {
@@ -197,11 +234,14 @@ struct Cluster {
     runtime: tokio::runtime::Runtime,
     pipeline: tokio::task::JoinHandle<()>,
     server: TestApiServer,
+    /// The agent's state directory (where it keeps drains across restarts).
+    state_dir: PathBuf,
 }
 
 impl Drop for Cluster {
     fn drop(&mut self) {
         self.pipeline.abort();
+        let _ = std::fs::remove_dir_all(&self.state_dir);
     }
 }
 
@@ -217,35 +257,39 @@ impl Cluster {
             .enable_all()
             .build()
             .expect("runtime");
-        let kubeconfig = server.kubeconfig_path().to_path_buf();
         let target = Arc::new(Mutex::new(target));
-        let (client, pipeline) = runtime.block_on(async {
-            let client = client(&kubeconfig).await;
-            let mut source = KubeInput::connect(Some(&kubeconfig), NODE.into())
-                .await
-                .expect("connect");
-            let t = target.clone();
-            let pipeline = tokio::spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_secs(1));
-                loop {
-                    tokio::select! {
-                        () = source.watch.changed.notified() => {
-                            tokio::time::sleep(COALESCE).await;
-                        }
-                        _ = tick.tick() => {}
-                    }
-                    source.step(&mut *lock(&t));
-                }
-            });
-            (client, pipeline)
-        });
+        let client = runtime.block_on(client(server.kubeconfig_path()));
+        let state_dir = std::env::temp_dir().join(format!(
+            "xdplb-k8s-state-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let pipeline = runtime.block_on(pipeline(
+            server.kubeconfig_path().to_path_buf(),
+            target.clone(),
+            state_dir.clone(),
+        ));
         Cluster {
             target,
             client,
             runtime,
             pipeline,
             server,
+            state_dir,
         }
+    }
+
+    /// Stops the agent's pipeline and starts another, as an agent restarted with
+    /// `--keep-on-exit` (the maps, here the target, stay as they were).
+    fn restart_agent(&mut self) {
+        self.pipeline.abort();
+        let stopped = self.runtime.block_on(&mut self.pipeline);
+        assert!(stopped.is_err_and(|e| e.is_cancelled()));
+        self.pipeline = self.runtime.block_on(pipeline(
+            self.server.kubeconfig_path().to_path_buf(),
+            self.target.clone(),
+            self.state_dir.clone(),
+        ));
     }
 
     fn target(&self) -> std::sync::MutexGuard<'_, MemTarget> {
@@ -716,6 +760,127 @@ fn a_vanished_endpoint_drains_for_the_deregistration_delay_then_its_flows_end() 
     assert!(t.end_flows[0].reset);
 }
 
+#[test]
+fn a_drain_begun_before_an_agent_restart_still_ends_on_time() {
+    let mut c = Cluster::start();
+    c.settle();
+    let svc = service(
+        "web",
+        "http",
+        &[
+            ("xdplb.io/deregistration-delay-seconds", "4"),
+            ("xdplb.io/deregistration-reset", "true"),
+        ],
+    );
+    c.step(
+        "create",
+        |c| {
+            c.apply(svc.clone());
+            c.apply(slice("web-a", "web", "http", 8080, &pods(3)));
+        },
+        &web(&all(&pods(3), 1), 8080),
+        &[&web(&[], 8080)],
+    );
+    let draining = web(&[("10.1.1.2", 1), ("10.1.1.3", 1), ("10.1.1.4", 0)], 8080);
+    c.step(
+        "an endpoint vanishes: it drains",
+        |c| c.apply(slice("web-a", "web", "http", 8080, &pods(2))),
+        &draining,
+        &[],
+    );
+    let began = Instant::now();
+    std::thread::sleep(Duration::from_millis(1500));
+    c.restart_agent();
+    // The restarted agent lists the cluster and takes the drain up where it was: the backend
+    // stays at weight 0 until the deadline set before the restart, then its flows end.
+    loop {
+        let view = c.target().view();
+        if view != draining {
+            assert_eq!(view, web(&all(&pods(2), 1), 8080), "after the restart");
+            break;
+        }
+        assert!(
+            began.elapsed() < Duration::from_secs(10),
+            "the drain never ended"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let took = began.elapsed();
+    assert!(
+        took >= Duration::from_millis(3500) && took <= Duration::from_millis(5500),
+        "drained for {took:?} across the restart, not about 4 s"
+    );
+    let t = c.target();
+    assert_eq!(t.end_flows.len(), 1, "{:?}", t.end_flows);
+    assert_eq!(
+        t.end_flows[0].backend,
+        ("10.1.1.4".parse().expect("ip"), 8080)
+    );
+    assert!(t.end_flows[0].reset);
+}
+
+#[test]
+fn a_problem_is_one_event_per_node_counted_again_when_it_comes_back() {
+    let c = Cluster::start();
+    c.settle();
+    let bad = service("web", "http", &[("xdplb.io/mode", "fast")]);
+    c.apply(bad.clone());
+    c.apply(slice("web-a", "web", "http", 8080, &pods(1)));
+    let about_mode = |c: &Cluster| -> Vec<Event> {
+        c.events_about("web")
+            .into_iter()
+            .filter(|e| {
+                e.message
+                    .as_deref()
+                    .is_some_and(|m| m.contains("xdplb.io/mode"))
+            })
+            .collect()
+    };
+    wait_for("a Warning Event about the mode", || {
+        !about_mode(&c).is_empty()
+    });
+    let events = about_mode(&c);
+    assert_eq!(events.len(), 1, "{events:#?}");
+    let e = &events[0];
+    assert_eq!(e.type_.as_deref(), Some("Warning"));
+    assert_eq!(e.reason.as_deref(), Some(reason::INVALID_ANNOTATION));
+    assert_eq!(e.count, Some(1));
+    let source = e.source.clone().expect("source");
+    assert_eq!(source.host.as_deref(), Some(NODE));
+    assert_eq!(source.component.as_deref(), Some("xdplb-agent"));
+    assert_eq!(e.reporting_component.as_deref(), Some("xdplb-agent"));
+    assert_eq!(e.reporting_instance.as_deref(), Some(NODE));
+    let name = e.metadata.name.clone();
+    // Gone and back, twice, within the minute: no new Event, and no post until a minute after
+    // the first; then the one Event counts all three.
+    let has_problem = |c: &Cluster| {
+        c.target()
+            .problems
+            .iter()
+            .any(|p| p.field == "xdplb.io/mode")
+    };
+    for _ in 0..2 {
+        c.apply(service("web", "http", &[]));
+        wait_for("the problem to go", || !has_problem(&c));
+        c.apply(bad.clone());
+        wait_for("the problem to come back", || has_problem(&c));
+    }
+    let first = Instant::now();
+    let deadline = first + Duration::from_secs(90);
+    loop {
+        let events = about_mode(&c);
+        assert_eq!(events.len(), 1, "one Event per problem: {events:#?}");
+        assert_eq!(events[0].metadata.name, name);
+        if events[0].count == Some(3) {
+            assert_ne!(events[0].last_timestamp, events[0].first_timestamp);
+            break;
+        }
+        assert_eq!(events[0].count, Some(1), "counted before the minute was up");
+        assert!(Instant::now() < deadline, "not counted again: {events:#?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Service `name` as [`service`] makes it, on externalIP 10.96.0.`n` (clusterIP 172.20.0.`n`).
 fn service_at(name: &str, n: u8) -> Value {
     let mut s = service(name, "http", &[]);
@@ -1145,6 +1310,8 @@ fn kubernetes_objects_to_real_traffic_through_the_agent() {
     let node_config = "[node]\nhash-seed = 42\n";
     let options = AgentOptions {
         extra: vec![
+            // Restarted below in the middle of a drain, keeping its data path.
+            "--keep-on-exit".into(),
             "--kubernetes".into(),
             "--node-name".into(),
             "node1".into(),
@@ -1153,7 +1320,8 @@ fn kubernetes_objects_to_real_traffic_through_the_agent() {
         ],
         ..AgentOptions::default()
     };
-    let agent = AgentProcess::start(&lab.node1().ns, &bpffs, node_config, options).expect("agent");
+    let mut agent =
+        AgentProcess::start(&lab.node1().ns, &bpffs, node_config, options).expect("agent");
     let status = agent.status().expect("status");
     let text = status.to_string();
     assert!(
@@ -1274,6 +1442,59 @@ fn kubernetes_objects_to_real_traffic_through_the_agent() {
             agent.log_tail()
         );
     }
+
+    // A drain across an agent restart: a live connection to pod3, pod3 leaves the slice (a 6 s
+    // deregistration delay, then RST), the agent restarts 1.5 s in. The connection keeps
+    // going until the delay set before the restart ends, then it is reset.
+    apply(service(
+        "web",
+        "http",
+        &[
+            ("xdplb.io/deregistration-delay-seconds", "6"),
+            ("xdplb.io/deregistration-reset", "true"),
+        ],
+    ));
+    apply(slice("web-a", "web", "http", 8080, &eps[2..3]));
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let live = loop {
+        let live = LongTransfer::start(&lab.client().ns, None, vip).expect("transfer");
+        if live.backend().contains("pod3") {
+            break live;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "reaching {}, not pod3 alone",
+            live.backend()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    apply(slice("web-a", "web", "http", 8080, &eps[3..]));
+    let began = Instant::now();
+    let drains = agent.state_dir().join("drains.json");
+    wait_for("the drain to be kept in the state directory", || {
+        std::fs::read_to_string(&drains).is_ok_and(|t| t.contains("10.1.2.2"))
+    });
+    std::thread::sleep(Duration::from_millis(1500).saturating_sub(began.elapsed()));
+    agent.restart().expect("restart");
+    // Still draining 4.5 s in: the connection moves data.
+    std::thread::sleep(Duration::from_millis(4500).saturating_sub(began.elapsed()));
+    let sent = live.bytes_sent();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        live.bytes_sent() > sent,
+        "the draining connection stalled before its delay ended\n{}",
+        agent.log_tail()
+    );
+    // Over at 6 s: reset (give the restarted agent's tick a moment).
+    std::thread::sleep(Duration::from_secs(9).saturating_sub(began.elapsed()));
+    let live = live.finish();
+    assert!(
+        live.error.as_deref().is_some_and(|e| e.contains("reset")),
+        "the drain was forgotten across the restart: {live:?}\n{}",
+        agent.log_tail()
+    );
+    let log = std::fs::read_to_string(agent.state_dir().join("agent.log")).unwrap_or_default();
+    assert!(log.contains("taking up 1 drains"), "{log}");
     drop(agent);
     drop(forward);
 }

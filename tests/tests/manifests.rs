@@ -708,16 +708,26 @@ fn cluster_role_grants_exactly_what_the_agent_uses() {
             }
         }
     }
-    // The agent's API calls (lb-userspace/src/k8s/watch.rs): watchers (list + watch) on
-    // Services and EndpointSlices, and core/v1 Events it creates.
-    let source = fs::read_to_string(workspace_root().join("lb-userspace/src/k8s/watch.rs"))
-        .expect("watch.rs");
+    // The agent's API calls: watchers (list + watch) on Services and EndpointSlices
+    // (lb-userspace/src/k8s/watch.rs), and core/v1 Events it creates and patches to count a
+    // problem again (lb-userspace/src/k8s/events.rs).
+    let read = |file: &str| {
+        fs::read_to_string(workspace_root().join("lb-userspace/src/k8s").join(file)).expect(file)
+    };
+    let source = read("watch.rs");
     assert!(source.contains("Api<KubeService> = Api::all("));
     assert!(source.contains("Api<EndpointSlice> = Api::all("));
-    assert!(source.contains("api.create(&PostParams::default(), &event)"));
     assert!(
-        !source.contains("api.get(") && !source.contains(".patch("),
-        "the agent gets or patches objects now: grant it in clusterrole.yaml"
+        !source.contains("api.get(") && !source.contains(".patch(") && !source.contains(".create("),
+        "the agent gets, patches or creates objects now: grant it in clusterrole.yaml"
+    );
+    let source = read("events.rs");
+    assert!(source.contains("Api<KubeEvent> = Api::namespaced("));
+    assert!(source.contains("api.create(&PostParams::default(), &event)"));
+    assert!(source.contains("api.patch(&name, &PatchParams::default(), &Patch::Merge("));
+    assert!(
+        !source.contains("api.get(") && !source.contains(".delete("),
+        "the agent gets or deletes Events now: grant it in clusterrole.yaml"
     );
     let mut expected = BTreeSet::new();
     for verb in ["list", "watch"] {
@@ -728,7 +738,9 @@ fn cluster_role_grants_exactly_what_the_agent_uses() {
             verb.into(),
         ));
     }
-    expected.insert((String::new(), "events".into(), "create".into()));
+    for verb in ["create", "patch"] {
+        expected.insert((String::new(), "events".into(), verb.into()));
+    }
     assert_eq!(granted, expected);
 }
 

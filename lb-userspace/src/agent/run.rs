@@ -33,27 +33,37 @@ pub fn run(args: RunArgs) -> Result<()> {
     runtime.block_on(serve(args))
 }
 
+/// The Kubernetes input, with `--kubernetes`.
+async fn kube_input(args: &RunArgs) -> Result<Option<KubeInput>> {
+    if !args.kubernetes {
+        return Ok(None);
+    }
+    let node = args
+        .node_name
+        .clone()
+        .context("--node-name (or NODE_NAME) is needed with --kubernetes")?;
+    Ok(Some(
+        KubeInput::connect(args.kubeconfig.as_deref(), node).await?,
+    ))
+}
+
 async fn serve(args: RunArgs) -> Result<()> {
     let keep = args.keep_on_exit;
     let metrics_addr = args.metrics_addr;
     let scrape_addr = args.scrape_addr;
     let stall = Duration::from_secs(args.stall_seconds.max(1));
     let sweep_every = Duration::from_secs(args.sweep_seconds.max(1));
-    let mut kube = if args.kubernetes {
-        let node = args
-            .node_name
-            .clone()
-            .context("--node-name (or NODE_NAME) is needed with --kubernetes")?;
-        Some(KubeInput::connect(args.kubeconfig.as_deref(), node).await?)
-    } else {
-        None
-    };
+    let mut kube = kube_input(&args).await?;
     // Subscribed before the first look at the node, so no change falls in between.
     let monitor = Monitor::open()?;
     // SAFETY: the monitor owns its socket for its whole life, and `as_raw_fd` always returns it.
     let mut monitor = unsafe { AsyncFd::register_with_interest(monitor, Interest::READABLE) }
         .map_err(|e| anyhow::anyhow!("watching netlink notifications: {e}"))?;
     let mut agent = Agent::start(args)?;
+    if let Some(k) = &mut kube {
+        // Once the state directory is the agent's (Agent::start locks it).
+        k.keep_drains_in(&agent.args.paths.state_dir);
+    }
     match &kube {
         None => info!(
             "serving: {} services; metrics on http://{metrics_addr}/metrics",

@@ -4,20 +4,19 @@
 use std::{
     collections::BTreeSet,
     net::IpAddr,
-    path::Path,
-    time::{Duration, Instant},
+    path::{Path, PathBuf},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context, Result};
 use kube::{Client, Config, config::KubeConfigOptions};
-use log::warn;
+use log::{info, warn};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use tokio::sync::watch as latest;
 
 use super::{
-    NodeInfo, Problem, Translation, Translator,
-    health::HealthServers,
-    watch::{Events, Watch},
+    NodeInfo, Problem, Translation, Translator, drains, events::Events, health::HealthServers,
+    watch::Watch,
 };
 use crate::{health::KubeHealth, model::NodeSettings, reconcile::ApplyError, reserved::Reserved};
 
@@ -38,6 +37,9 @@ pub trait Target {
     fn kube_health(&mut self) -> &mut KubeHealth;
 }
 
+/// How often the Event reporter looks again at problems that did not change.
+const REPORT_TICK: Duration = Duration::from_secs(5);
+
 /// How long a burst of changes may go on before it is applied (all of it at once).
 pub const COALESCE: Duration = Duration::from_millis(50);
 
@@ -45,6 +47,8 @@ pub struct KubeInput {
     node_name: String,
     pub watch: Watch,
     translator: Translator,
+    /// Where the drains in progress are kept across restarts, and the drains last written there.
+    drains: Option<(PathBuf, drains::DrainState)>,
     /// The problems to report; a task posts Events for them (slowly if the API server is).
     problems: latest::Sender<Vec<Problem>>,
     reporter: tokio::task::JoinHandle<()>,
@@ -81,9 +85,13 @@ impl KubeInput {
         let client = Client::try_from(config).context("Kubernetes client")?;
         let watch = Watch::start(client.clone());
         let (problems, mut rx) = latest::channel(Vec::<Problem>::new());
+        let mut events = Events::new(node_name.clone());
         let reporter = tokio::spawn(async move {
-            let mut events = Events::default();
-            while rx.changed().await.is_ok() {
+            loop {
+                // On every change, and now and then for re-posts held back by the rate limit.
+                if let Ok(Err(_)) = tokio::time::timeout(REPORT_TICK, rx.changed()).await {
+                    break;
+                }
                 let p = rx.borrow_and_update().clone();
                 events.report(&client, &p).await;
             }
@@ -92,6 +100,7 @@ impl KubeInput {
             node_name,
             watch,
             translator: Translator::default(),
+            drains: None,
             problems,
             reporter,
             health_checks: HealthServers::default(),
@@ -99,6 +108,41 @@ impl KubeInput {
             last_error: None,
             sync_latency: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
         })
+    }
+
+    /// Keeps the drains in progress in `state_dir` (written whenever they change), and takes up
+    /// those a previous agent left there: a drain begun before a restart still ends on time.
+    pub fn keep_drains_in(&mut self, state_dir: &Path) {
+        let saved = drains::read(state_dir);
+        if !saved.is_empty() {
+            info!(
+                "taking up {} drains in progress from {}",
+                saved.len(),
+                drains::path(state_dir).display()
+            );
+        }
+        self.translator
+            .restore(&saved, Instant::now(), SystemTime::now());
+        self.drains = Some((state_dir.to_path_buf(), self.translator.drain_state()));
+    }
+
+    /// Writes the drains in progress if they changed since last written.
+    fn save_drains(&mut self) {
+        let Some((dir, written)) = &mut self.drains else {
+            return;
+        };
+        let now = self.translator.drain_state();
+        if now == *written {
+            return;
+        }
+        let saved = self
+            .translator
+            .saved_drains(Instant::now(), SystemTime::now());
+        match drains::write(dir, &saved) {
+            Ok(()) => *written = now,
+            // Tried again at the next step; meanwhile a restart would forget the newest.
+            Err(e) => warn!("writing {}: {e}", drains::path(dir).display()),
+        }
     }
 
     /// Brings the target up to date with the cluster (cheap when nothing changed: the composed
@@ -133,6 +177,7 @@ impl KubeInput {
             .collect::<BTreeSet<_>>()
             .len();
         h.frontends = translation.services.len();
+        self.save_drains();
         let checks = translation.health_checks.clone();
         match target.apply_kubernetes(translation) {
             Ok(problems) => {

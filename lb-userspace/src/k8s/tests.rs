@@ -515,6 +515,97 @@ fn a_vanished_endpoint_drains_for_the_deregistration_delay_then_its_flows_end() 
 }
 
 #[test]
+fn a_drain_saved_by_one_translator_is_taken_up_by_the_next_and_ends_on_time() {
+    let s = svc(
+        "web",
+        &[
+            ON,
+            (DEREGISTRATION_DELAY, "60"),
+            (DEREGISTRATION_RESET, "true"),
+        ],
+        &[("http", 80, None)],
+    );
+    let both = cluster(
+        s.clone(),
+        vec![slice(
+            "web-1",
+            "http",
+            8080,
+            &[ready("10.1.1.2", "node1"), ready("10.1.1.3", "node1")],
+        )],
+    );
+    let one = cluster(
+        s.clone(),
+        vec![slice("web-1", "http", 8080, &[ready("10.1.1.2", "node1")])],
+    );
+    let (n, none) = (node(), BTreeSet::new());
+    let sec = Duration::from_secs;
+    // The first agent: 10.1.1.3 vanishes at t0 + 1 s and drains until t0 + 61 s.
+    let mut first = Translator::default();
+    let (t0, wall0) = (Instant::now(), std::time::SystemTime::now());
+    first.translate(&both, &n, &none, t0);
+    first.translate(&one, &n, &none, t0 + sec(1));
+    let saved = first.saved_drains(t0 + sec(1), wall0 + sec(1));
+    assert_eq!(saved.len(), 1, "{saved:?}");
+    assert_eq!(
+        (saved[0].addr, saved[0].port, saved[0].reset),
+        ("10.1.1.3".parse().unwrap(), 8080, true)
+    );
+    // Through the file, as a restarted agent reads it.
+    let dir = std::env::temp_dir().join(format!("xdplb-drains-{}", std::process::id()));
+    drains::write(&dir, &saved).unwrap();
+    let saved = drains::read(&dir);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(saved.len(), 1);
+    // A second agent starts 20 s later, its own clock elsewhere: the backend is still draining.
+    let mut second = Translator::default();
+    let (t1, wall1) = (t0 + sec(500), wall0 + sec(21));
+    second.restore(&saved, t1, wall1);
+    let t = second.translate(&one, &n, &none, t1);
+    assert_eq!(
+        summary(&t)["10.96.0.10:80/tcp"],
+        ["10.1.1.2:8080=1", "10.1.1.3:8080=0"]
+    );
+    assert!(t.end_flows.is_empty());
+    let t = second.translate(&one, &n, &none, t1 + sec(39));
+    assert!(t.end_flows.is_empty(), "still within the delay");
+    // The original deadline (40 s after the restart): removed, its flows ended with a RST.
+    let t = second.translate(&one, &n, &none, t1 + sec(40));
+    assert_eq!(summary(&t)["10.96.0.10:80/tcp"], ["10.1.1.2:8080=1"]);
+    assert_eq!(t.end_flows.len(), 1);
+    assert_eq!(t.end_flows[0].backend, ("10.1.1.3".parse().unwrap(), 8080));
+    assert!(t.end_flows[0].reset);
+    assert!(
+        second
+            .saved_drains(t1 + sec(40), wall1 + sec(40))
+            .is_empty()
+    );
+
+    // A drain whose deadline passed while no agent ran ends at the first translation; one whose
+    // backend is an endpoint again is over.
+    let mut late = Translator::default();
+    late.restore(&saved, t1, wall0 + sec(3600));
+    let t = late.translate(&one, &n, &none, t1);
+    assert_eq!(summary(&t)["10.96.0.10:80/tcp"], ["10.1.1.2:8080=1"]);
+    assert_eq!(t.end_flows.len(), 1);
+    let mut back = Translator::default();
+    back.restore(&saved, t1, wall1);
+    let t = back.translate(&both, &n, &none, t1);
+    assert_eq!(
+        summary(&t)["10.96.0.10:80/tcp"],
+        ["10.1.1.2:8080=1", "10.1.1.3:8080=1"]
+    );
+    assert!(t.end_flows.is_empty());
+    assert!(back.saved_drains(t1, wall1).is_empty());
+    // A drain of a frontend no Service has any more is dropped (nothing to drain through).
+    let mut gone = Translator::default();
+    gone.restore(&saved, t1, wall1);
+    let t = gone.translate(&Cluster::default(), &n, &none, t1);
+    assert!(t.services.is_empty() && t.end_flows.is_empty());
+    assert!(gone.saved_drains(t1, wall1).is_empty());
+}
+
+#[test]
 fn ipv6_slices_serve_ipv6_frontends() {
     let mut s = svc("web", &[ON], &[("http", 80, None)]);
     s.status

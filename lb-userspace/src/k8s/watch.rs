@@ -2,26 +2,20 @@
 //! all namespaces. A list (at start, and again after any error, with backoff) is
 //! collected from Init to InitDone and swapped in whole, so nothing downstream ever sees a
 //! half-listed cluster (no empty backend set while endpoints exist). While the API server is
-//! unreachable the last state stays in force and `synced()` says no. Also posts Events.
+//! unreachable the last state stays in force and `synced()` says no.
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use futures::StreamExt;
-use k8s_openapi::{
-    api::{
-        core::v1::{Event as KubeEvent, EventSource, ObjectReference, Service as KubeService},
-        discovery::v1::EndpointSlice,
-    },
-    apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time},
-};
-use kube::{Api, Client, ResourceExt, api::PostParams, runtime::watcher};
+use k8s_openapi::api::{core::v1::Service as KubeService, discovery::v1::EndpointSlice};
+use kube::{Api, Client, ResourceExt, runtime::watcher};
 use log::{info, warn};
 use tokio::{sync::Notify, task::JoinHandle};
 
-use super::{Cluster, ObjectKey, Problem, SERVICE_NAME_LABEL};
+use super::{Cluster, ObjectKey, SERVICE_NAME_LABEL};
 
 /// How the watchers are doing.
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -274,59 +268,5 @@ impl Store for EndpointSlice {
             }
         }
         c.slices.retain(|_, v| !v.is_empty());
-    }
-}
-
-/// Posts a Warning Event on the Service for each problem not posted before (and logs it).
-#[derive(Default)]
-pub struct Events {
-    posted: BTreeSet<Problem>,
-}
-
-impl Events {
-    pub async fn report(&mut self, client: &Client, problems: &[Problem]) {
-        for p in problems {
-            if self.posted.contains(p) {
-                continue;
-            }
-            warn!("{p}");
-            let api: Api<KubeEvent> = Api::namespaced(client.clone(), &p.object.0);
-            let now = k8s_openapi::jiff::Timestamp::now();
-            let event = KubeEvent {
-                metadata: ObjectMeta {
-                    generate_name: Some(format!("{}.", p.object.1)),
-                    namespace: Some(p.object.0.clone()),
-                    ..Default::default()
-                },
-                involved_object: ObjectReference {
-                    api_version: Some("v1".into()),
-                    kind: Some("Service".into()),
-                    namespace: Some(p.object.0.clone()),
-                    name: Some(p.object.1.clone()),
-                    ..Default::default()
-                },
-                reason: Some("XdplbInvalidSetting".into()),
-                message: Some(format!("{}: {}", p.field, p.message)),
-                type_: Some("Warning".into()),
-                source: Some(EventSource {
-                    component: Some("xdplb-agent".into()),
-                    host: None,
-                }),
-                reporting_component: Some("xdplb.io/agent".into()),
-                first_timestamp: Some(Time(now)),
-                last_timestamp: Some(Time(now)),
-                event_time: Some(MicroTime(now)),
-                count: Some(1),
-                ..Default::default()
-            };
-            match api.create(&PostParams::default(), &event).await {
-                Ok(_) => {
-                    self.posted.insert(p.clone());
-                }
-                Err(e) => warn!("posting an Event about {}/{}: {e}", p.object.0, p.object.1),
-            }
-        }
-        // Forget problems that went away, so they are reported again if they come back.
-        self.posted.retain(|p| problems.contains(p));
     }
 }
