@@ -64,10 +64,7 @@ impl Agent {
             a.ifindex,
             nic.describe(),
             a.mode,
-            a.note
-                .as_deref()
-                .map(|n| format!(": {n}"))
-                .unwrap_or_default()
+            note_suffix(a.note.as_deref())
         );
         Ok(a.iface.clone())
     }
@@ -85,10 +82,7 @@ impl Agent {
             a.iface,
             a.ifindex,
             a.mode,
-            a.note
-                .as_deref()
-                .map(|n| format!(": {n}"))
-                .unwrap_or_default()
+            note_suffix(a.note.as_deref())
         );
         Ok(a.iface.clone())
     }
@@ -220,4 +214,9 @@ mod tests {
         assert_eq!(t.redirects, [2, 6].into());
         assert!(t.vlans.is_empty());
     }
+}
+
+/// ": why", for an attachment whose mode needs a word of explanation.
+fn note_suffix(note: Option<&str>) -> String {
+    note.map(|n| format!(": {n}")).unwrap_or_default()
 }
