@@ -175,6 +175,13 @@ mod datapath {
         // A SYN opens a flow: the slow path inserts without looking up first, and finds a live
         // flow (a retransmission) through the insert's failure.
         let syn = pkt.proto == IPPROTO_TCP && syn_only(ports.tcp_flags);
+        // No clock reading yet for this packet. (Scratch memory outlives packets: a SYN, which
+        // skips the lookup, would otherwise hand the slow path the last packet's reading, and a
+        // stale `now` empties a rate-limit bucket and back-dates the new flow.)
+        let Some(s) = scratch() else {
+            return xdp_action::XDP_DROP;
+        };
+        s.now = 0;
         // One call of the family-neutral rest: the verifier walks it once, not once per family.
         let live = !syn
             && if pkt.v6 {
@@ -189,14 +196,13 @@ mod datapath {
     }
 
     /// Finds the packet's flow. If it is live for this packet: true, with its target, flags and
-    /// the packet's clock reading in scratch(). Else the reading (0: none yet) is left there for
-    /// the new-flow slow path.
+    /// the packet's clock reading in scratch(). Else the reading (0: none yet, as `transport`
+    /// left it) is left there for the new-flow slow path.
     #[inline(never)]
     fn lookup<F: Family>(pkt: &Packet, ports: &Ports) -> bool {
         let (Some(cfg), Some(s)) = (config(), scratch()) else {
             return false;
         };
-        s.now = 0;
         let key = key_of::<F>(pkt, ports);
         let Some(entry) = F::flows().get_ptr_mut(&key) else {
             return false;

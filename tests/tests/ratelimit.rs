@@ -431,6 +431,39 @@ fn one_source_on_two_cpus_gets_the_rate_not_twice_it() {
     );
 }
 
+/// Scratch memory outlives packets, one per CPU: a SYN, which skips the flow lookup, must read
+/// the clock itself, not take the reading of the last packet its CPU saw. A stale reading puts
+/// the source far ahead of its rate: its new connection was dropped (seen as a talking client's
+/// connect timing out under a spoofed flood).
+#[test]
+fn a_syn_on_a_cpu_that_was_idle_reads_the_clock_afresh() {
+    if !require_root() {
+        return;
+    }
+    assert!(
+        std::thread::available_parallelism().map_or(1, std::num::NonZero::get) >= 2,
+        "this test needs two CPUs"
+    );
+    let mut fx = fixture(policy(rate(1000, 10), None), 64);
+    // CPU 1 handles a flow's packets (its scratch keeps the last one's clock reading), then
+    // idles.
+    pin_to(1);
+    assert_eq!(fx.uplink(&syn("10.0.0.10", 48000)).unwrap().verdict, TX);
+    assert_eq!(fx.uplink(&data("10.0.0.10", 48000)).unwrap().verdict, TX);
+    std::thread::sleep(Duration::from_millis(300));
+    // CPU 0 moves the source's buckets on.
+    pin_to(0);
+    assert_eq!(fx.uplink(&data("10.0.0.10", 48000)).unwrap().verdict, TX);
+    // Back on CPU 1: a new connection well within the source's rate.
+    pin_to(1);
+    assert_eq!(
+        fx.uplink(&syn("10.0.0.10", 48001)).unwrap().verdict,
+        TX,
+        "a SYN within the rate, on a CPU that was idle"
+    );
+    assert_eq!(drops(&fx, DropReason::Rate), 0);
+}
+
 fn pin_to(cpu: usize) {
     // SAFETY: a zeroed cpu_set_t with one bit set, for the calling thread.
     unsafe {
