@@ -189,6 +189,11 @@ pub(crate) fn write_link_macs(
     Ok(wanted.into_keys().collect())
 }
 
+/// ": why", for an attachment whose mode needs a word of explanation.
+fn note_suffix(note: Option<&str>) -> String {
+    note.map(|n| format!(": {n}")).unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,9 +219,4 @@ mod tests {
         assert_eq!(t.redirects, [2, 6].into());
         assert!(t.vlans.is_empty());
     }
-}
-
-/// ": why", for an attachment whose mode needs a word of explanation.
-fn note_suffix(note: Option<&str>) -> String {
-    note.map(|n| format!(": {n}")).unwrap_or_default()
 }
