@@ -1179,28 +1179,45 @@ fn every_program_verifies_with_half_the_budget_to_spare() {
         lb_common::PROG_ICMP,
         lb_common::PROG_BACKEND,
     ] {
-        let mut ebpf = aya::EbpfLoader::new()
-            .load(lb_userspace::dataplane::LB_OBJECT)
-            .expect("object");
-        let prog = ebpf.program_mut(name).expect("program");
-        let loaded = match prog {
-            aya::programs::Program::Xdp(p) => p.load(),
-            aya::programs::Program::SchedClassifier(p) => p.load(),
-            _ => panic!("{name}: unexpected program type"),
+        let load = || {
+            let mut ebpf = aya::EbpfLoader::new()
+                .load(lb_userspace::dataplane::LB_OBJECT)
+                .expect("object");
+            let loaded = match ebpf.program_mut(name).expect("program") {
+                aya::programs::Program::Xdp(p) => p.load(),
+                aya::programs::Program::SchedClassifier(p) => p.load(),
+                _ => panic!("{name}: unexpected program type"),
+            };
+            (ebpf, loaded)
         };
+        // A rejection is deterministic: the same object fails again. Once (1 of about 30 runs
+        // of this test, never reproduced) a load failed where the next one of the same object
+        // passed, its log cut short; so a failure is tried once more, and said.
+        let (mut ebpf, mut loaded) = load();
+        if let Err(e) = &loaded {
+            println!("{name}: the first load failed ({e}); trying once more");
+            (ebpf, loaded) = load();
+        }
         let n = match loaded {
             Ok(()) => {
                 let info = ebpf.program(name).unwrap().info().expect("program info");
                 i64::from(info.verified_instruction_count().expect("count"))
             }
-            Err(aya::programs::ProgramError::LoadError { verifier_log, .. }) => {
+            Err(aya::programs::ProgramError::LoadError {
+                io_error,
+                verifier_log,
+            }) => {
                 let log = verifier_log.to_string();
                 let last = log
                     .lines()
                     .rev()
                     .find(|l| l.starts_with("processed"))
                     .unwrap_or("");
-                println!("{name}: rejected: {last}");
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                println!(
+                    "{name}: rejected ({io_error}): {last}\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
                 -1
             }
             Err(e) => panic!("{name}: {e}"),
