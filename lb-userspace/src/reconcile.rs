@@ -109,7 +109,14 @@ fn service_problem(s: &Service, node: &NodeView) -> Option<String> {
             }
         }
         Mode::PreserveClientIp => {
-            if let Some(b) = s.backends.iter().find(|b| !node.local.contains(&b.addr)) {
+            // Only backends that take new flows: one at weight 0 opens none, and its flows
+            // keep the translation they were opened with (e.g. snat flows to a remote backend
+            // draining after a switch to externalTrafficPolicy Local keep working).
+            if let Some(b) = s
+                .backends
+                .iter()
+                .find(|b| b.weight > 0 && !node.local.contains(&b.addr))
+            {
                 return Some(format!(
                     "preserve-client-ip needs every backend on this node, but {} is not reachable through a backend interface; remote backends need direct server return, which is not supported yet: use mode = \"snat\"",
                     b.maglev_key()
@@ -1160,9 +1167,13 @@ impl Reconciler {
         for a in addrs.keys() {
             set(Plane::Served, a);
         }
+        // Where lb_backend looks for replies that keep the client's address: the backends of
+        // preserve-client-ip services, and every local backend of any service, since a service
+        // that changed mode keeps its flows' translation (a flow opened in preserve-client-ip
+        // mode goes on after a switch to snat, and its replies still need lb_backend).
         for s in desired.services.values() {
-            if s.mode == Mode::PreserveClientIp {
-                for b in &s.backends {
+            for b in &s.backends {
+                if s.mode == Mode::PreserveClientIp || node.local.contains(&b.addr) {
                     set(Plane::PreservedBackends, &Addr::from(b.addr));
                 }
             }
@@ -1773,6 +1784,66 @@ mod tests {
         assert!(!t.addrs.contains_key(&vip));
         assert!(t.addrs.contains_key(&node_addr));
         assert!(t.filter[FILTER_WORDS as usize..].iter().all(|w| *w == 0));
+    }
+
+    /// externalTrafficPolicy Cluster -> Local -> Cluster as the translation gives it: the mode
+    /// changes, remote backends drain at weight 0. Every step applies, in place (the service
+    /// keeps its id, so its flows keep their entries), and the local backend stays where
+    /// lb_backend looks for the replies of flows opened in preserve-client-ip mode.
+    #[test]
+    fn a_traffic_policy_switch_applies_in_place_with_remote_backends_draining() {
+        let mut t = MemoryTables::default();
+        let mut r = Reconciler::new(sizes());
+        let local = Addr::from("10.1.1.2".parse::<IpAddr>().unwrap());
+        let bit = |t: &MemoryTables, a: &Addr| {
+            let b = filter_bit(a) as usize;
+            t.filter[FILTER_WORDS as usize + b / 64] & (1 << (b % 64)) != 0
+        };
+        r.apply(&desired(vec![web()]), &node(), &mut t).unwrap();
+        let key = web().frontend.key();
+        let id = t.services[&key].id;
+        assert!(bit(&t, &local), "a local backend, in case the mode changes");
+        // Local: preserve-client-ip, the remote backend draining (weight 0).
+        let local_only = service(
+            "10.96.0.10",
+            80,
+            Mode::PreserveClientIp,
+            vec![backend("10.1.1.2", 1), backend("10.1.2.2", 0)],
+        );
+        r.apply(&desired(vec![local_only]), &node(), &mut t)
+            .expect("a draining remote backend does not count against preserve-client-ip");
+        assert_eq!(t.services[&key].id, id, "changed in place");
+        assert_eq!(t.services[&key].flags & SVC_SNAT, 0);
+        let listed: Vec<u32> = t
+            .backends
+            .values()
+            .filter(|b| b.service == id && b.flags & BACKEND_LISTED != 0)
+            .map(|b| b.weight)
+            .collect();
+        assert_eq!(
+            listed.len(),
+            2,
+            "the draining backend stays listed: {listed:?}"
+        );
+        let ring: BTreeSet<u32> = t.ring_of(&key).unwrap().iter().copied().collect();
+        assert_eq!(ring.len(), 1, "new flows to the local backend only");
+        // A remote backend that would take new flows is still refused.
+        let bad = service(
+            "10.96.0.10",
+            80,
+            Mode::PreserveClientIp,
+            vec![backend("10.1.1.2", 1), backend("10.1.2.2", 1)],
+        );
+        assert!(r.apply(&desired(vec![bad]), &node(), &mut t).is_err());
+        // Back to Cluster: snat, both take new flows; the local backend stays in the plane.
+        r.apply(&desired(vec![web()]), &node(), &mut t).unwrap();
+        assert_eq!(t.services[&key].id, id);
+        assert_ne!(t.services[&key].flags & SVC_SNAT, 0);
+        assert!(bit(&t, &local));
+        assert!(
+            !bit(&t, &Addr::from("10.1.2.2".parse::<IpAddr>().unwrap())),
+            "a remote backend of a snat service is not looked for at lb_backend"
+        );
     }
 
     #[test]
