@@ -30,7 +30,7 @@ use crate::{
     netlink::Netlink,
     node::{self, Interfaces, NodeView},
     reconcile::{ApplyError, Reconciler, Report},
-    state::{InterfaceLabel, ServiceLabel},
+    state::{InterfaceLabel, ServiceLabel, ZoneLabel},
     sweep::sweep,
     system::{self, monotonic_ns},
     tables::Tables,
@@ -405,6 +405,7 @@ impl Agent {
                         policy: s.policy.clone().or_else(|| default_policy.cloned()),
                         draining: self.draining(&s.frontend),
                         source_ranges: s.source_ranges.clone(),
+                        zones: self.zones(s),
                     },
                     id,
                     backends: backends
@@ -440,6 +441,40 @@ impl Agent {
                 .collect(),
             policies: self.reconciler.policy_names(),
             sizes: self.args.sizes.sizes(),
+            zone: self.inputs.kube.as_ref().and_then(|t| t.node_zone.clone()),
+        }
+    }
+
+    /// A service's zone-aware routing and its backends' zones, as the cluster's translation
+    /// gave them.
+    fn zones(&self, s: &model::Service) -> ZoneLabel {
+        let Some(t) = &self.inputs.kube else {
+            return ZoneLabel::default();
+        };
+        let name = |(addr, port): &(IpAddr, u16)| {
+            Backend {
+                addr: *addr,
+                port: *port,
+                weight: 0,
+            }
+            .maglev_key()
+        };
+        ZoneLabel {
+            routing: t.routing.get(&s.frontend).map(ToString::to_string),
+            standby: t
+                .standby
+                .iter()
+                .filter(|(f, _)| *f == s.frontend)
+                .map(|(_, b)| name(b))
+                .collect(),
+            backends: s
+                .backends
+                .iter()
+                .filter_map(|b| {
+                    let zone = t.zones.get(&b.addr)?;
+                    Some((name(&(b.addr, b.port)), zone.clone()))
+                })
+                .collect(),
         }
     }
 

@@ -96,6 +96,12 @@ pub struct RunArgs {
     /// ~/.kube/config.
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
+    /// Keep new flows of opted-in Services that ask nothing of topology (no
+    /// spec.trafficDistribution, no topology-mode annotation) in this node's zone while it has
+    /// ready endpoints, as trafficDistribution: PreferSameZone would (also the node config's
+    /// prefer-same-zone).
+    #[arg(long)]
+    pub prefer_same_zone: bool,
     /// An uplink: an interface clients' traffic arrives on (repeat for several). Default: the
     /// interfaces of the node's default routes (main table, IPv4 and IPv6). Old name: --iface.
     #[arg(long = "uplink", alias = "iface")]

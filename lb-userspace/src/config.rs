@@ -11,6 +11,7 @@
 //! reserved-ranges = ["10.244.0.0/16"]  # no service may claim these (besides the node's
 //!                                  # addresses, loopback, link-local: always reserved)
 //! allow-reserved = ["kube-system/ingress"]  # services allowed them anyway
+//! prefer-same-zone = false         # Kubernetes: same zone first for Services that ask nothing
 //!
 //! [rate-limits.default]
 //! packets-per-second = 1000
@@ -126,6 +127,7 @@ struct RawNode {
     reserved_ranges: Vec<String>,
     #[serde(default)]
     allow_reserved: Vec<String>,
+    prefer_same_zone: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -329,6 +331,7 @@ impl RawNode {
             default_policy: self.rate_limit.clone(),
             reserved_ranges,
             allow_reserved: self.allow_reserved.clone(),
+            prefer_same_zone: self.prefer_same_zone.unwrap_or(d.prefer_same_zone),
         })
     }
 }

@@ -16,6 +16,16 @@
 //! drains like an NLB target: it keeps its flows but gets no new ones for the deregistration
 //! delay, then its flows are ended.
 //!
+//! Zone-aware routing ([`topology`]), for externalTrafficPolicy Cluster: kube-proxy's rules on
+//! the slices' hints, with hints derived from the endpoints' zones where the slices have none
+//! and the Service asks (trafficDistribution, or the node option `prefer-same-zone`). This
+//! node's zone is its Node's `topology.kubernetes.io/zone` label. Ready endpoints the choice
+//! leaves out stay backends at weight 0 ("standby"): no new flows, and their flows go on.
+//!
+//! Changing the traffic policy (Cluster <-> Local), the mode or the ports never interrupts what
+//! stays valid: new flows follow the new settings at once; a flow keeps the backend and the
+//! translation (snat or not) it was opened with until it ends or its backend's drain does.
+//!
 //! Tenant safety: a Service may not claim a reserved address ([`crate::reserved`]) as a
 //! load-balancer ingress IP or externalIP; that frontend is left out and reported. Two Services
 //! claiming one frontend (VIP, port, protocol): the older one (creationTimestamp, then uid)
@@ -25,6 +35,7 @@ pub mod drains;
 pub mod events;
 pub mod health;
 pub mod input;
+pub mod topology;
 pub mod watch;
 
 use std::{
@@ -35,12 +46,13 @@ use std::{
 
 use k8s_openapi::{
     api::{
-        core::v1::{Service as KubeService, ServicePort, ServiceSpec},
+        core::v1::{Node, Service as KubeService, ServicePort, ServiceSpec},
         discovery::v1::EndpointSlice,
     },
     jiff::Timestamp,
 };
 
+use self::topology::{Candidate, Preference, Role};
 use crate::{
     config::RawPolicy,
     maglev::MAX_WEIGHT,
@@ -77,11 +89,25 @@ pub struct Cluster {
     pub services: BTreeMap<ObjectKey, KubeService>,
     /// (namespace, service name) -> slice name -> slice.
     pub slices: BTreeMap<ObjectKey, BTreeMap<String, EndpointSlice>>,
+    /// This node's Node object (for its zone), if it exists.
+    pub node: Option<Node>,
 }
 
 impl Cluster {
     pub fn slice_count(&self) -> usize {
         self.slices.values().map(BTreeMap::len).sum()
+    }
+
+    /// This node's zone: its Node's `topology.kubernetes.io/zone` label.
+    pub fn node_zone(&self) -> Option<String> {
+        self.node
+            .as_ref()?
+            .metadata
+            .labels
+            .as_ref()?
+            .get(topology::ZONE_LABEL)
+            .filter(|z| !z.is_empty())
+            .cloned()
     }
 }
 
@@ -94,6 +120,10 @@ pub struct NodeInfo {
     pub addrs: Vec<IpAddr>,
     /// What a Service may not claim as a load-balancer ingress IP or externalIP.
     pub reserved: Reserved,
+    /// Its zone (the Node's `topology.kubernetes.io/zone` label).
+    pub zone: Option<String>,
+    /// Same zone first for Services that ask nothing of topology (node option).
+    pub prefer_same_zone: bool,
 }
 
 /// The `reason` of a problem's Event: one per kind of problem (CamelCase, as Kubernetes' own).
@@ -114,6 +144,8 @@ pub mod reason {
     pub const UNMATCHED_PORT: &str = "UnmatchedTargetPort";
     /// A frontend the data path has no room for (or cannot serve as asked).
     pub const NOT_SERVED: &str = "FrontendNotServed";
+    /// `spec.trafficDistribution` has a value the agent does not know.
+    pub const INVALID_TRAFFIC_DISTRIBUTION: &str = "InvalidTrafficDistribution";
 }
 
 /// Something wrong with an object: reported (Kubernetes Event and log), never fatal.
@@ -184,6 +216,51 @@ pub struct Translation {
     /// Backends kept at weight 0 only until their deregistration delay runs out (they are no
     /// longer endpoints, or terminating): "draining", unlike a weight of 0 by annotation.
     pub draining: BTreeSet<(Frontend, (IpAddr, u16))>,
+    /// Ready endpoints kept at weight 0 because closer ones take the new flows (zone-aware
+    /// routing): "standby".
+    pub standby: BTreeSet<(Frontend, (IpAddr, u16))>,
+    /// How each frontend's new flows are kept close, where topology was asked for or hinted.
+    pub routing: BTreeMap<Frontend, Routing>,
+    /// The zone of each endpoint address whose slice names one.
+    pub zones: BTreeMap<IpAddr, String>,
+    /// This node's zone.
+    pub node_zone: Option<String>,
+}
+
+/// How a frontend's new flows are kept close (zone-aware routing), for `lb-agent status`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Routing {
+    /// Who asked: `trafficDistribution PreferClose`, `topology-mode Auto`, the node option;
+    /// `None`: nobody, the slices have hints.
+    pub asked: Option<String>,
+    pub scope: topology::Scope,
+    /// This node's zone, or name for [`topology::Scope::SameNode`].
+    pub place: Option<String>,
+    pub fallback: Option<topology::Fallback>,
+    /// Endpoints that take new flows, of those ready.
+    pub taking: usize,
+    pub ready: usize,
+}
+
+impl std::fmt::Display for Routing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let place = self.place.as_deref().unwrap_or("?");
+        match (self.scope, &self.fallback) {
+            (topology::Scope::SameZone, _) => write!(f, "same zone ({place})")?,
+            (topology::Scope::SameNode, _) => write!(f, "same node ({place})")?,
+            (topology::Scope::Everywhere, Some(why)) => write!(f, "all endpoints ({why})")?,
+            (topology::Scope::Everywhere, None) => f.write_str("all endpoints")?,
+        }
+        write!(
+            f,
+            ": {} of {} ready endpoints take new flows",
+            self.taking, self.ready
+        )?;
+        match &self.asked {
+            Some(by) => write!(f, "; asked by {by}"),
+            None => f.write_str("; the slices' hints"),
+        }
+    }
 }
 
 /// How a Service's endpoints drain when they go: NLB's deregistration delay, and whether their
@@ -204,6 +281,8 @@ struct Settings {
     drain: Drain,
     policy: Option<String>,
     affinity: Option<Duration>,
+    /// What the Service (or the node option) asks of topology, and who asked.
+    preference: (Preference, Option<String>),
 }
 
 impl Settings {
@@ -211,6 +290,7 @@ impl Settings {
         key: &ObjectKey,
         svc: &KubeService,
         spec: &ServiceSpec,
+        node: &NodeInfo,
         named_policies: &BTreeSet<String>,
         out: &mut Translation,
     ) -> Settings {
@@ -241,31 +321,106 @@ impl Settings {
             drain,
             policy: Translator::policy(key, &annotations, named_policies, out),
             affinity: affinity(spec),
+            preference: preference(key, spec, &annotations, node.prefer_same_zone, out),
         }
     }
 
-    /// The endpoints a frontend sends to, with their weights. Dual-stack Services have a slice
-    /// per family: a frontend takes its own family's endpoints (the data path does not translate
-    /// between IPv4 and IPv6).
+    /// The endpoints a frontend sends to, with their weights (0 for those on standby).
+    /// Dual-stack Services have a slice per family: a frontend takes its own family's endpoints
+    /// (the data path does not translate between IPv4 and IPv6).
     fn weighted(
         &self,
-        endpoints: &[Endpoint],
+        endpoints: &[(Endpoint, Role)],
         frontend: &Frontend,
     ) -> BTreeMap<(IpAddr, u16), u32> {
-        endpoints
-            .iter()
-            .filter(|e| e.addr.is_ipv4() == frontend.vip.is_ipv4())
-            .map(|e| {
-                let w = e
+        let mut out = BTreeMap::new();
+        for (e, role) in endpoints {
+            if e.addr.is_ipv4() != frontend.vip.is_ipv4() {
+                continue;
+            }
+            let w = match role {
+                Role::Unused => continue,
+                Role::Standby => 0,
+                Role::Takes => e
                     .target
                     .as_ref()
                     .and_then(|t| self.weights.get(t))
                     .or_else(|| self.weights.get(&e.addr.to_string()))
                     .copied()
-                    .unwrap_or(1);
-                ((e.addr, e.port), w)
-            })
-            .collect()
+                    .unwrap_or(1),
+            };
+            // An address in two slices: the role that takes new flows wins.
+            let slot = out.entry((e.addr, e.port)).or_insert(w);
+            *slot = (*slot).max(w);
+        }
+        out
+    }
+}
+
+/// What a Service asks of topology: `spec.trafficDistribution`, else the topology-mode
+/// annotation (read by the EndpointSlice controller, which then writes hints), else the node
+/// option for Services that say nothing. With the name of who asked.
+fn preference(
+    key: &ObjectKey,
+    spec: &ServiceSpec,
+    annotations: &BTreeMap<String, String>,
+    node_option: bool,
+    out: &mut Translation,
+) -> (Preference, Option<String>) {
+    let asked = |p: Preference, by: String| (p, Some(by));
+    if let Some(value) = spec.traffic_distribution.as_deref() {
+        match value {
+            topology::PREFER_CLOSE | topology::PREFER_SAME_ZONE => {
+                return asked(Preference::SameZone, format!("trafficDistribution {value}"));
+            }
+            topology::PREFER_SAME_NODE => {
+                return asked(Preference::SameNode, format!("trafficDistribution {value}"));
+            }
+            // The API server refuses other values; one that got through is said, and the
+            // Service is treated as asking nothing.
+            other => out.problems.push(Problem {
+                object: key.clone(),
+                reason: reason::INVALID_TRAFFIC_DISTRIBUTION,
+                field: "spec.trafficDistribution".into(),
+                message: format!(
+                    "`{other}`: {}, {} or {}; ignored",
+                    topology::PREFER_CLOSE,
+                    topology::PREFER_SAME_ZONE,
+                    topology::PREFER_SAME_NODE
+                ),
+            }),
+        }
+    }
+    let mode = annotations
+        .get(topology::TOPOLOGY_MODE)
+        .map(|v| (topology::TOPOLOGY_MODE, v))
+        .or_else(|| {
+            annotations
+                .get(topology::TOPOLOGY_AWARE_HINTS)
+                .map(|v| (topology::TOPOLOGY_AWARE_HINTS, v))
+        });
+    match mode {
+        // The controller's spellings.
+        Some((_, v)) if v == "Auto" || v == "auto" => {
+            asked(Preference::Allotted, "topology-mode Auto".into())
+        }
+        Some((_, v)) if v.is_empty() || v == "Disabled" || v == "disabled" => {
+            (Preference::Unstated, None)
+        }
+        Some((field, v)) => {
+            out.problems.push(Problem {
+                object: key.clone(),
+                reason: reason::INVALID_ANNOTATION,
+                field: field.into(),
+                message: format!("`{v}`: Auto or Disabled; read as Disabled, as Kubernetes does"),
+            });
+            (Preference::Unstated, None)
+        }
+        None if node_option => asked(
+            Preference::SameZone,
+            "the node option prefer-same-zone".into(),
+        ),
+        None => (Preference::Unstated, None),
     }
 }
 
@@ -413,6 +568,7 @@ impl Translator {
         }
         out.problems.sort();
         out.problems.dedup();
+        out.node_zone.clone_from(&node.zone);
         out
     }
 
@@ -432,7 +588,7 @@ impl Translator {
         let Some(source_ranges) = source_ranges(key, svc, spec, out) else {
             return;
         };
-        let settings = Settings::read(key, svc, spec, named_policies, out);
+        let settings = Settings::read(key, svc, spec, node, named_policies, out);
         let ns_name = format!("{}/{}", key.0, key.1);
         let mut local_ready = 0usize;
         for sp in spec.ports.iter().flatten() {
@@ -441,7 +597,18 @@ impl Translator {
             };
             let local_node = settings.local_only.then_some(node.name.as_str());
             let endpoints = endpoints(key, sp, protocol, slices, local_node, &mut out.problems);
-            local_ready = local_ready.max(endpoints.iter().filter(|e| e.ready).count());
+            for e in &endpoints {
+                if let Some(zone) = &e.candidate.zone {
+                    out.zones.insert(e.addr, zone.clone());
+                }
+            }
+            let (endpoints, routing) = choose(endpoints, &settings, node);
+            local_ready = local_ready.max(
+                endpoints
+                    .iter()
+                    .filter(|(e, r)| e.candidate.ready && *r == Role::Takes)
+                    .count(),
+            );
             let port_name = sp.name.clone().unwrap_or_else(|| sp.port.to_string());
             for (frontend, named) in frontends(key, svc, sp, protocol, node, &mut out.problems) {
                 if named && let Some(why) = node.reserved.refuse(&ns_name, frontend.vip) {
@@ -466,6 +633,17 @@ impl Translator {
                     continue;
                 }
                 let weighted = settings.weighted(&endpoints, &frontend);
+                for (backend, _) in weighted.iter().filter(|(_, w)| **w == 0) {
+                    if endpoints
+                        .iter()
+                        .any(|(e, r)| *r == Role::Standby && (e.addr, e.port) == *backend)
+                    {
+                        out.standby.insert((frontend, *backend));
+                    }
+                }
+                if let Some(r) = &routing {
+                    out.routing.insert(frontend, r.clone());
+                }
                 let backends = self.drain(frontend, weighted, settings.drain, now, out);
                 out.services.push(Service {
                     name: format!("{ns_name}:{port_name}"),
@@ -776,21 +954,72 @@ fn frontends(
     out
 }
 
-/// An endpoint usable for one service port.
+/// An endpoint address of one service port, with what the choice of endpoints needs.
 #[derive(Clone, Debug)]
 struct Endpoint {
     addr: IpAddr,
     port: u16,
-    ready: bool,
+    /// Readiness, node, zone and hints.
+    candidate: Candidate,
     /// The pod's name (targetRef), for weight annotations.
     target: Option<String>,
 }
 
-/// The endpoints of a service port, as kube-proxy picks them: ready ones, else (KEP-1669)
-/// terminating ones that still serve; only this node's with `local_node`. The port comes from
-/// each slice's port of the same name and protocol (named target ports are resolved per slice).
-/// Endpoint addresses that are no IP address, and a port that slices with endpoints all lack (a
-/// `targetPort` name no pod's container port has), are reported in `problems`.
+/// Which endpoints take new flows (and which stand by), as kube-proxy chooses: with
+/// externalTrafficPolicy Local, this node's (already the only ones), ready else serving
+/// terminating, no topology; with Cluster, zone-aware ([`topology::categorize`]). The routing
+/// is `Some` where topology was asked for or hinted.
+fn choose(
+    endpoints: Vec<Endpoint>,
+    settings: &Settings,
+    node: &NodeInfo,
+) -> (Vec<(Endpoint, Role)>, Option<Routing>) {
+    let (preference, asked) = &settings.preference;
+    let candidates: Vec<Candidate> = endpoints
+        .iter()
+        .map(|e| {
+            let mut c = e.candidate.clone();
+            if settings.local_only {
+                // kube-proxy applies topology to Cluster endpoints only.
+                c.for_nodes.clear();
+                c.for_zones.clear();
+            }
+            c
+        })
+        .collect();
+    let preference = if settings.local_only {
+        Preference::Unstated
+    } else {
+        *preference
+    };
+    let c = topology::categorize(&candidates, preference, &node.name, node.zone.as_deref());
+    let hinted = candidates
+        .iter()
+        .any(|c| c.ready && (!c.for_zones.is_empty() || !c.for_nodes.is_empty()));
+    let routing = (preference != Preference::Unstated || hinted).then(|| Routing {
+        asked: asked.clone(),
+        scope: c.scope,
+        place: match c.scope {
+            topology::Scope::SameNode => Some(node.name.clone()),
+            _ => node.zone.clone(),
+        },
+        fallback: c.fallback.clone(),
+        taking: c
+            .roles
+            .iter()
+            .zip(&candidates)
+            .filter(|(r, c)| **r == Role::Takes && c.ready)
+            .count(),
+        ready: candidates.iter().filter(|c| c.ready).count(),
+    });
+    (endpoints.into_iter().zip(c.roles).collect(), routing)
+}
+
+/// The endpoints of a service port that may serve: ready ones and (KEP-1669) terminating ones
+/// that still serve; only this node's with `local_node` ([`choose`] picks among them). The port
+/// comes from each slice's port of the same name and protocol (named target ports are resolved
+/// per slice). Endpoint addresses that are no IP address, and a port that slices with endpoints
+/// all lack (a `targetPort` name no pod's container port has), are reported in `problems`.
 fn endpoints(
     key: &ObjectKey,
     sp: &ServicePort,
@@ -804,8 +1033,7 @@ fn endpoints(
         Protocol::Tcp => "TCP",
         Protocol::Udp => "UDP",
     };
-    let mut ready = Vec::new();
-    let mut serving_terminating = Vec::new();
+    let mut out = Vec::new();
     // Whether some slice has endpoints, and whether one has this port.
     let (mut populated, mut matched) = (false, false);
     let problem = |reason: &'static str, field: String, message: String| Problem {
@@ -841,7 +1069,29 @@ fn endpoints(
             let is_ready = c.ready.unwrap_or(true);
             let serving = c.serving.unwrap_or(is_ready);
             let terminating = c.terminating.unwrap_or(false);
+            if !(is_ready || serving && terminating) {
+                continue;
+            }
             let target = e.target_ref.as_ref().and_then(|t| t.name.clone());
+            let hints = e.hints.as_ref();
+            let candidate = Candidate {
+                ready: is_ready,
+                serving_terminating: !is_ready,
+                node: e.node_name.clone(),
+                zone: e.zone.clone().filter(|z| !z.is_empty()),
+                for_zones: hints
+                    .and_then(|h| h.for_zones.as_ref())
+                    .into_iter()
+                    .flatten()
+                    .map(|z| z.name.clone())
+                    .collect(),
+                for_nodes: hints
+                    .and_then(|h| h.for_nodes.as_ref())
+                    .into_iter()
+                    .flatten()
+                    .map(|n| n.name.clone())
+                    .collect(),
+            };
             for a in &e.addresses {
                 let Ok(addr) = a.parse::<IpAddr>() else {
                     problems.push(problem(
@@ -854,17 +1104,12 @@ fn endpoints(
                     ));
                     continue;
                 };
-                let ep = Endpoint {
+                out.push(Endpoint {
                     addr,
                     port,
-                    ready: is_ready,
+                    candidate: candidate.clone(),
                     target: target.clone(),
-                };
-                if is_ready {
-                    ready.push(ep);
-                } else if serving && terminating {
-                    serving_terminating.push(ep);
-                }
+                });
             }
         }
     }
@@ -877,11 +1122,7 @@ fn endpoints(
             ),
         ));
     }
-    if ready.is_empty() {
-        serving_terminating
-    } else {
-        ready
-    }
+    out
 }
 
 /// `xdplb.io/backend-weights: "pod-a=2, 10.1.2.3=0"`: by pod name or address.

@@ -326,7 +326,12 @@ fn service_metrics(r: &mut Registry, view: &AgentView, figures: &Figures) {
     let be_weight = gauge_family(
         r,
         "backend_weight",
-        "Weight per listed backend (0: takes no new flows; in maintenance, or draining)",
+        "Weight per listed backend (0: takes no new flows; in maintenance, draining, or on standby)",
+    );
+    let zone_flows = counter_family(
+        r,
+        "zone_new_flows",
+        "New flows per backend whose zone is known, by where the backend is relative to this node's zone (locality: same-zone, other-zone, unknown); sum by locality for the share that stayed in the zone",
     );
     for (s, (st, backends)) in view.services.iter().zip(&figures.services) {
         let base = service_labels(s);
@@ -358,6 +363,16 @@ fn service_metrics(r: &mut Registry, view: &AgentView, figures: &Figures) {
             be_bytes.get_or_create(&l).inc_by(bst.bytes);
             be_flows.get_or_create(&l).inc_by(bst.new_flows);
             be_weight.get_or_create(&l).set(i64::from(b.weight));
+            let zones = &s.label.zones;
+            if let Some(zone) = zones.backends.get(&b.name) {
+                let mut l = l;
+                l.push(("zone", escaped(zone)));
+                l.push((
+                    "locality",
+                    zones.locality(&b.name, view.zone.as_deref()).to_string(),
+                ));
+                zone_flows.get_or_create(&l).inc_by(bst.new_flows);
+            }
         }
     }
 }

@@ -300,6 +300,11 @@ pub struct NodeSettings {
     /// Services that may claim reserved addresses anyway: config-file service names, and
     /// `namespace/name` of Kubernetes Services.
     pub allow_reserved: Vec<String>,
+    /// Kubernetes: Services that opt in and ask nothing of topology (no
+    /// `spec.trafficDistribution`, no topology-mode annotation) keep new flows in this node's
+    /// zone while it has ready endpoints ([`crate::k8s::topology`]).
+    #[serde(default)]
+    pub prefer_same_zone: bool,
 }
 
 impl Default for NodeSettings {
@@ -319,6 +324,7 @@ impl Default for NodeSettings {
             default_policy: None,
             reserved_ranges: Vec::new(),
             allow_reserved: Vec::new(),
+            prefer_same_zone: false,
         }
     }
 }

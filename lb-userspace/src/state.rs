@@ -31,6 +31,9 @@ pub struct State {
     pub interfaces: Vec<InterfaceLabel>,
     /// Rate-limit policy names by id.
     pub policies: BTreeMap<u32, String>,
+    /// This node's zone (Kubernetes: its Node's `topology.kubernetes.io/zone` label).
+    #[serde(default)]
+    pub zone: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,7 +50,38 @@ pub struct ServiceLabel {
     /// The sources it admits (or refuses).
     #[serde(default)]
     pub source_ranges: SourceRanges,
+    /// Zone-aware routing and its backends' zones.
+    #[serde(default)]
+    pub zones: ZoneLabel,
 }
+
+/// A service's zone-aware routing (Kubernetes, [`crate::k8s::topology`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ZoneLabel {
+    /// How its new flows are kept close, and who asked; `None`: nobody did.
+    pub routing: Option<String>,
+    /// Backends ("addr:port") at weight 0 because closer ones take the new flows: no new
+    /// flows, their flows continue.
+    pub standby: Vec<String>,
+    /// Backend ("addr:port") -> its zone, where its EndpointSlice names one.
+    pub backends: BTreeMap<String, String>,
+}
+
+impl ZoneLabel {
+    /// Where a backend is relative to this node's zone: "same-zone", "other-zone" or
+    /// "unknown" (either zone unknown).
+    pub fn locality(&self, backend: &str, node_zone: Option<&str>) -> &'static str {
+        match (self.backends.get(backend), node_zone) {
+            (Some(b), Some(n)) if b == n => SAME_ZONE,
+            (Some(_), Some(_)) => OTHER_ZONE,
+            _ => UNKNOWN_ZONE,
+        }
+    }
+}
+
+pub const SAME_ZONE: &str = "same-zone";
+pub const OTHER_ZONE: &str = "other-zone";
+pub const UNKNOWN_ZONE: &str = "unknown";
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InterfaceLabel {

@@ -30,6 +30,8 @@ pub struct Status {
     /// Entries in the source table (sources with a partly used bucket).
     pub tracked_sources: usize,
     pub counters: BTreeMap<&'static str, u64>,
+    /// This node's zone (Kubernetes).
+    pub zone: Option<String>,
 }
 
 /// How many sources `status` lists.
@@ -62,17 +64,25 @@ pub struct ServiceStatus {
     pub new_flows: u64,
     pub drops: BTreeMap<&'static str, u64>,
     pub backends: Vec<BackendStatus>,
+    /// Zone-aware routing: how new flows are kept close, and who asked; `None`: nobody did.
+    pub zone_routing: Option<String>,
+    /// New flows by where their backend is relative to this node's zone ("same-zone",
+    /// "other-zone", "unknown"), summed over the listed backends; empty when no backend's zone
+    /// is known.
+    pub new_flows_by_zone: BTreeMap<&'static str, u64>,
 }
 
 #[derive(Serialize)]
 pub struct BackendStatus {
     pub address: String,
     pub weight: u32,
-    /// [`ACTIVE`], [`MAINTENANCE`] or [`DRAINING`].
+    /// [`ACTIVE`], [`MAINTENANCE`], [`DRAINING`] or [`STANDBY`].
     pub state: &'static str,
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
+    /// Its zone, where its EndpointSlice names one.
+    pub zone: Option<String>,
 }
 
 /// A listed backend that takes new flows (weight > 0).
@@ -84,6 +94,9 @@ pub const MAINTENANCE: &str = "maintenance";
 /// its deregistration delay runs: no new flows; its flows continue until the delay is over,
 /// then end.
 pub const DRAINING: &str = "draining";
+/// A ready endpoint kept at weight 0 because closer ones take the new flows (zone-aware
+/// routing): no new flows; its flows continue.
+pub const STANDBY: &str = "standby";
 
 /// The running agent's maps, or why they cannot be opened (saying so when this process sees a
 /// private /sys, as under `ip netns exec`).
@@ -108,7 +121,11 @@ pub fn status(paths: &Paths) -> Result<Status> {
     let mut services: Vec<ServiceStatus> = snap
         .services
         .iter()
-        .map(|(key, svc)| service_status(&maps, &snap, key, svc, labels.get(key).copied()))
+        .map(|(key, svc)| {
+            let label = labels.get(key).copied();
+            let zone = state.as_ref().and_then(|s| s.zone.as_deref());
+            service_status(&maps, &snap, key, svc, label, zone)
+        })
         .collect();
     services.sort_by(|a, b| a.name.cmp(&b.name));
     let policy_names = state
@@ -124,6 +141,7 @@ pub fn status(paths: &Paths) -> Result<Status> {
             .as_ref()
             .map(|s| s.not_served.clone())
             .unwrap_or_default(),
+        zone: state.as_ref().and_then(|s| s.zone.clone()),
         interfaces: state.map(|s| s.interfaces).unwrap_or_default(),
         services,
         limited_sources,
@@ -143,6 +161,7 @@ fn service_status(
     key: &ServiceKey,
     svc: &lb_common::Service,
     label: Option<&ServiceLabel>,
+    node_zone: Option<&str>,
 ) -> ServiceStatus {
     let st = maps.read_service_stats(svc.id);
     let mut backends: Vec<BackendStatus> = snap
@@ -154,6 +173,7 @@ fn service_status(
             let address = show(&b.addr, u16::from_be(b.port));
             BackendStatus {
                 state: backend_state(b, &address, label),
+                zone: label.and_then(|l| l.zones.backends.get(&address).cloned()),
                 address,
                 weight: b.weight,
                 packets: s.packets,
@@ -163,6 +183,14 @@ fn service_status(
         })
         .collect();
     backends.sort_by(|a, b| a.address.cmp(&b.address));
+    let mut new_flows_by_zone = BTreeMap::new();
+    if let Some(l) = label.filter(|l| !l.zones.backends.is_empty()) {
+        for b in &backends {
+            *new_flows_by_zone
+                .entry(l.zones.locality(&b.address, node_zone))
+                .or_default() += b.new_flows;
+        }
+    }
     ServiceStatus {
         name: label.map_or_else(|| format!("service {}", svc.id), |l| l.name.clone()),
         frontend: label
@@ -189,10 +217,13 @@ fn service_status(
             .map(|(r, v)| (r.name(), *v))
             .collect(),
         backends,
+        zone_routing: label.and_then(|l| l.zones.routing.clone()),
+        new_flows_by_zone,
     }
 }
 
-/// [`ACTIVE`], [`DRAINING`] (the agent says it drains it) or [`MAINTENANCE`].
+/// [`ACTIVE`], [`DRAINING`] (the agent says it drains it), [`STANDBY`] (closer endpoints take
+/// the new flows) or [`MAINTENANCE`].
 fn backend_state(
     b: &lb_common::Backend,
     address: &str,
@@ -204,10 +235,18 @@ fn backend_state(
                 .is_ok_and(|d| d.to_string() == address)
         })
     });
+    let standby = label.is_some_and(|l| {
+        l.zones.standby.iter().any(|d| {
+            d.parse::<SocketAddr>()
+                .is_ok_and(|d| d.to_string() == address)
+        })
+    });
     if b.flags & BACKEND_ACTIVE != 0 {
         ACTIVE
     } else if draining {
         DRAINING
+    } else if standby {
+        STANDBY
     } else {
         MAINTENANCE
     }
@@ -294,6 +333,9 @@ fn render_agent(out: &mut String, s: &Status) {
             None => "",
         }
     );
+    if let Some(zone) = &s.zone {
+        let _ = writeln!(out, "zone: {zone}");
+    }
     if let Some(e) = &s.last_error {
         let _ = writeln!(out, "last config rejected (previous one in force): {e}");
     }
@@ -351,11 +393,46 @@ fn render_service(out: &mut String, svc: &ServiceStatus) {
             format!("  drops {}", drops.join(" "))
         }
     );
+    if let Some(r) = &svc.zone_routing {
+        let _ = writeln!(out, "  zone routing: {r}");
+    }
+    if !svc.new_flows_by_zone.is_empty() {
+        let all: u64 = svc.new_flows_by_zone.values().sum();
+        let same = svc
+            .new_flows_by_zone
+            .get(crate::state::SAME_ZONE)
+            .copied()
+            .unwrap_or(0);
+        let share = if all > 0 {
+            format!(" ({:.1}%)", 100.0 * same as f64 / all as f64)
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            out,
+            "  new flows to backends in this node's zone: {same} of {all}{share}"
+        );
+    }
     let total: u64 = svc.backends.iter().map(|b| b.new_flows).sum();
+    // The zone column only where some backend's zone is known.
+    let zoned = svc.backends.iter().any(|b| b.zone.is_some());
+    let zone = |z: &str| {
+        if zoned {
+            format!("  {z}")
+        } else {
+            String::new()
+        }
+    };
     let _ = writeln!(
         out,
-        "  {:<40} {:>6} {:>11} {:>12} {:>10} {:>6}",
-        "backend", "weight", "state", "packets", "new flows", "share"
+        "  {:<40} {:>6} {:>11} {:>12} {:>10} {:>6}{}",
+        "backend",
+        "weight",
+        "state",
+        "packets",
+        "new flows",
+        "share",
+        zone("zone")
     );
     for b in &svc.backends {
         let share = if total > 0 {
@@ -365,8 +442,14 @@ fn render_service(out: &mut String, svc: &ServiceStatus) {
         };
         let _ = writeln!(
             out,
-            "  {:<40} {:>6} {:>11} {:>12} {:>10} {:>6}",
-            b.address, b.weight, b.state, b.packets, b.new_flows, share
+            "  {:<40} {:>6} {:>11} {:>12} {:>10} {:>6}{}",
+            b.address,
+            b.weight,
+            b.state,
+            b.packets,
+            b.new_flows,
+            share,
+            zone(b.zone.as_deref().unwrap_or("-"))
         );
     }
 }
@@ -409,7 +492,7 @@ mod tests {
     }
 
     #[test]
-    fn weight_zero_is_maintenance_unless_the_agent_drains_it() {
+    fn weight_zero_is_maintenance_unless_the_agent_drains_it_or_keeps_it_on_standby() {
         let label = ServiceLabel {
             frontend: Frontend {
                 vip: "10.96.0.10".parse().unwrap(),
@@ -422,6 +505,10 @@ mod tests {
             policy: None,
             draining: vec!["10.1.1.3:8080".into()],
             source_ranges: crate::model::SourceRanges::default(),
+            zones: crate::state::ZoneLabel {
+                standby: vec!["10.1.2.2:8080".into()],
+                ..Default::default()
+            },
         };
         assert_eq!(
             backend_state(&backend(true), "10.1.1.2:8080", Some(&label)),
@@ -439,6 +526,11 @@ mod tests {
         assert_eq!(
             backend_state(&backend(false), "10.1.1.3:8080", None),
             MAINTENANCE
+        );
+        assert_eq!(
+            backend_state(&backend(false), "10.1.2.2:8080", Some(&label)),
+            STANDBY,
+            "weight 0 because closer endpoints take the new flows"
         );
     }
 }

@@ -47,6 +47,8 @@ pub struct AgentView {
     /// Rate-limit policy names by id.
     pub policies: BTreeMap<u32, String>,
     pub sizes: Sizes,
+    /// This node's zone (Kubernetes).
+    pub zone: Option<String>,
 }
 
 impl AgentView {
@@ -63,6 +65,7 @@ impl AgentView {
             services: self.services.iter().map(|s| s.label.clone()).collect(),
             interfaces: self.interfaces.clone(),
             policies: self.policies.clone(),
+            zone: self.zone.clone(),
         }
     }
 }

@@ -708,8 +708,8 @@ fn cluster_role_grants_exactly_what_the_agent_uses() {
             }
         }
     }
-    // The agent's API calls: watchers (list + watch) on Services and EndpointSlices
-    // (lb-userspace/src/k8s/watch.rs), and core/v1 Events it creates and patches to count a
+    // The agent's API calls: watchers (list + watch) on Services, EndpointSlices and its own
+    // Node (lb-userspace/src/k8s/watch.rs), and core/v1 Events it creates and patches to count a
     // problem again (lb-userspace/src/k8s/events.rs).
     let read = |file: &str| {
         fs::read_to_string(workspace_root().join("lb-userspace/src/k8s").join(file)).expect(file)
@@ -717,6 +717,7 @@ fn cluster_role_grants_exactly_what_the_agent_uses() {
     let source = read("watch.rs");
     assert!(source.contains("Api<KubeService> = Api::all("));
     assert!(source.contains("Api<EndpointSlice> = Api::all("));
+    assert!(source.contains("Api<Node> = Api::all("));
     assert!(
         !source.contains("api.get(") && !source.contains(".patch(") && !source.contains(".create("),
         "the agent gets, patches or creates objects now: grant it in clusterrole.yaml"
@@ -737,6 +738,7 @@ fn cluster_role_grants_exactly_what_the_agent_uses() {
             "endpointslices".into(),
             verb.into(),
         ));
+        expected.insert((String::new(), "nodes".into(), verb.into()));
     }
     for verb in ["create", "patch"] {
         expected.insert((String::new(), "events".into(), verb.into()));
@@ -1378,6 +1380,7 @@ fn api_server_takes_the_manifests_by_server_side_apply() {
             .get(&binding.role_ref.name)
             .await
             .expect("the bound ClusterRole exists");
-        assert_eq!(role.rules.map(|r| r.len()), Some(3));
+        // Services, EndpointSlices, Nodes, Events.
+        assert_eq!(role.rules.map(|r| r.len()), Some(4));
     });
 }

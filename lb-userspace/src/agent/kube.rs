@@ -36,6 +36,10 @@ impl Target for Agent {
         Reserved::for_node(&self.inputs.file.node, own)
     }
 
+    fn prefer_same_zone(&self) -> bool {
+        self.args.prefer_same_zone || self.inputs.file.node.prefer_same_zone
+    }
+
     fn apply_kubernetes(&mut self, translation: Translation) -> Result<Vec<Problem>, ApplyError> {
         let previous = self.inputs.kube.replace(translation);
         match self.apply_inputs() {

@@ -31,6 +31,10 @@ pub trait Target {
     fn reserved(&mut self) -> Reserved {
         Reserved::for_node(&NodeSettings::default(), self.node_addrs())
     }
+    /// The node option `prefer-same-zone`: same zone first for Services that ask nothing.
+    fn prefer_same_zone(&self) -> bool {
+        false
+    }
     /// Composes and applies; returns the problems to report, or why nothing was applied (the
     /// last good state stays).
     fn apply_kubernetes(&mut self, translation: Translation) -> Result<Vec<Problem>, ApplyError>;
@@ -83,7 +87,7 @@ impl KubeInput {
             )?,
         };
         let client = Client::try_from(config).context("Kubernetes client")?;
-        let watch = Watch::start(client.clone());
+        let watch = Watch::start(client.clone(), &node_name);
         let (problems, mut rx) = latest::channel(Vec::<Problem>::new());
         let mut events = Events::new(node_name.clone());
         let reporter = tokio::spawn(async move {
@@ -163,6 +167,8 @@ impl KubeInput {
             name: self.node_name.clone(),
             addrs: target.node_addrs(),
             reserved: target.reserved(),
+            zone: cluster.node_zone(),
+            prefer_same_zone: target.prefer_same_zone(),
         };
         let translation =
             self.translator

@@ -126,6 +126,8 @@ fn node() -> NodeInfo {
             node_addrs: ["10.0.0.1".parse().unwrap()].into(),
             ..Default::default()
         },
+        zone: None,
+        prefer_same_zone: false,
     }
 }
 
@@ -902,4 +904,254 @@ fn bad_endpoint_addresses_and_unmatched_port_names_are_reported() {
         vec![slice("web-1", "http", 8080, &[])],
     );
     assert!(run(&c).problems.is_empty());
+}
+
+// ---- zone-aware routing ------------------------------------------------------------------------
+
+/// A slice whose endpoints are in zones: (address, node, zone, ready).
+fn zoned_slice(endpoints: &[(&str, &str, &str, bool)]) -> EndpointSlice {
+    let eps: Vec<Ep<'_>> = endpoints
+        .iter()
+        .map(|(a, n, _, r)| (*a, *r, *r, false, *n, *a))
+        .collect();
+    let mut s = slice("web-1", "http", 8080, &eps);
+    for (e, (_, _, zone, _)) in s.endpoints.as_mut().unwrap().iter_mut().zip(endpoints) {
+        e.zone = Some(zone.to_string());
+    }
+    s
+}
+
+/// Node1 (zone-a) and node2 (zone-b), with node1x, another node in zone-a.
+const TWO_ZONES: [(&str, &str, &str, bool); 4] = [
+    ("10.1.1.2", "node1", "zone-a", true),
+    ("10.1.3.2", "node1x", "zone-a", true),
+    ("10.1.2.2", "node2", "zone-b", true),
+    ("10.1.2.3", "node2", "zone-b", true),
+];
+
+fn in_zone_a() -> NodeInfo {
+    NodeInfo {
+        zone: Some("zone-a".into()),
+        ..node()
+    }
+}
+
+fn with_distribution(value: Option<&str>, annotations: &[(&str, &str)]) -> KubeService {
+    let mut a = vec![ON];
+    a.extend_from_slice(annotations);
+    let mut s = svc("web", &a, &[("http", 80, None)]);
+    s.spec.as_mut().unwrap().traffic_distribution = value.map(Into::into);
+    s
+}
+
+fn zoned(t: &Translation) -> Vec<String> {
+    summary(t)["10.96.0.10:80/tcp"].clone()
+}
+
+#[test]
+fn traffic_distribution_keeps_new_flows_in_the_zone_or_on_the_node_and_the_rest_stands_by() {
+    let c = cluster(
+        with_distribution(Some("PreferClose"), &[]),
+        vec![zoned_slice(&TWO_ZONES)],
+    );
+    let mut tr = Translator::default();
+    let t = tr.translate(&c, &in_zone_a(), &BTreeSet::new(), Instant::now());
+    assert_eq!(
+        zoned(&t),
+        [
+            "10.1.1.2:8080=1",
+            "10.1.2.2:8080=0",
+            "10.1.2.3:8080=0",
+            "10.1.3.2:8080=1"
+        ],
+        "zone-b's endpoints stay listed (their flows go on) but take no new flows"
+    );
+    let f = t.services[0].frontend;
+    let standby: Vec<String> = t.standby.iter().map(|(_, (a, _))| a.to_string()).collect();
+    assert_eq!(standby, ["10.1.2.2", "10.1.2.3"]);
+    assert!(t.draining.is_empty());
+    let r = &t.routing[&f];
+    assert_eq!(
+        (r.scope, r.taking, r.ready),
+        (topology::Scope::SameZone, 2, 4)
+    );
+    assert_eq!(
+        r.to_string(),
+        "same zone (zone-a): 2 of 4 ready endpoints take new flows; asked by trafficDistribution PreferClose"
+    );
+    assert_eq!(t.zones[&"10.1.2.2".parse::<IpAddr>().unwrap()], "zone-b");
+    assert_eq!(t.node_zone.as_deref(), Some("zone-a"));
+
+    let c = cluster(
+        with_distribution(Some("PreferSameNode"), &[]),
+        vec![zoned_slice(&TWO_ZONES)],
+    );
+    assert_eq!(
+        zoned(&tr.translate(&c, &in_zone_a(), &BTreeSet::new(), Instant::now())),
+        [
+            "10.1.1.2:8080=1",
+            "10.1.2.2:8080=0",
+            "10.1.2.3:8080=0",
+            "10.1.3.2:8080=0"
+        ]
+    );
+    // Standing by is not draining: nothing ends, whatever the time.
+    let later = Instant::now() + Duration::from_secs(3600);
+    let t = tr.translate(&c, &in_zone_a(), &BTreeSet::new(), later);
+    assert!(t.end_flows.is_empty() && t.draining.is_empty());
+}
+
+#[test]
+fn with_no_ready_endpoint_in_the_zone_every_ready_endpoint_takes_new_flows() {
+    let mut eps = TWO_ZONES;
+    eps[0].3 = false;
+    eps[1].3 = false;
+    let c = cluster(
+        with_distribution(Some("PreferSameZone"), &[]),
+        vec![zoned_slice(&eps)],
+    );
+    let t = Translator::default().translate(&c, &in_zone_a(), &BTreeSet::new(), Instant::now());
+    assert_eq!(zoned(&t), ["10.1.2.2:8080=1", "10.1.2.3:8080=1"]);
+    let r = &t.routing[&t.services[0].frontend];
+    assert_eq!(
+        r.to_string(),
+        "all endpoints (no ready endpoint in zone zone-a): 2 of 2 ready endpoints take new flows; asked by trafficDistribution PreferSameZone"
+    );
+    // A node without a zone label: every endpoint.
+    let c = cluster(
+        with_distribution(Some("PreferSameZone"), &[]),
+        vec![zoned_slice(&TWO_ZONES)],
+    );
+    assert_eq!(
+        run(&c).services[0]
+            .backends
+            .iter()
+            .filter(|b| b.weight == 1)
+            .count(),
+        4
+    );
+}
+
+#[test]
+fn a_service_that_asks_nothing_uses_every_endpoint_unless_the_node_option_says_same_zone() {
+    let c = cluster(with_distribution(None, &[]), vec![zoned_slice(&TWO_ZONES)]);
+    let t = Translator::default().translate(&c, &in_zone_a(), &BTreeSet::new(), Instant::now());
+    assert!(t.services[0].backends.iter().all(|b| b.weight == 1));
+    assert!(t.routing.is_empty() && t.standby.is_empty());
+
+    let node = NodeInfo {
+        prefer_same_zone: true,
+        ..in_zone_a()
+    };
+    let t = Translator::default().translate(&c, &node, &BTreeSet::new(), Instant::now());
+    assert_eq!(
+        zoned(&t),
+        [
+            "10.1.1.2:8080=1",
+            "10.1.2.2:8080=0",
+            "10.1.2.3:8080=0",
+            "10.1.3.2:8080=1"
+        ]
+    );
+    assert!(
+        t.routing[&t.services[0].frontend]
+            .to_string()
+            .ends_with("asked by the node option prefer-same-zone")
+    );
+    // A Service that says otherwise keeps its say: topology-mode Disabled, or a
+    // trafficDistribution of its own.
+    let c = cluster(
+        with_distribution(None, &[(topology::TOPOLOGY_MODE, "Disabled")]),
+        vec![zoned_slice(&TWO_ZONES)],
+    );
+    let t = Translator::default().translate(&c, &node, &BTreeSet::new(), Instant::now());
+    assert!(t.services[0].backends.iter().all(|b| b.weight == 1));
+    let c = cluster(
+        with_distribution(Some("PreferSameNode"), &[]),
+        vec![zoned_slice(&TWO_ZONES)],
+    );
+    let t = Translator::default().translate(&c, &node, &BTreeSet::new(), Instant::now());
+    assert_eq!(
+        t.services[0]
+            .backends
+            .iter()
+            .filter(|b| b.weight == 1)
+            .count(),
+        1
+    );
+}
+
+#[test]
+fn the_slices_hints_are_followed_and_topology_mode_auto_needs_them() {
+    use k8s_openapi::api::discovery::v1::{EndpointHints, ForZone};
+    let auto = with_distribution(None, &[(topology::TOPOLOGY_MODE, "Auto")]);
+    let c = cluster(auto.clone(), vec![zoned_slice(&TWO_ZONES)]);
+    let t = Translator::default().translate(&c, &in_zone_a(), &BTreeSet::new(), Instant::now());
+    assert!(
+        t.services[0].backends.iter().all(|b| b.weight == 1),
+        "no hints written yet: every endpoint"
+    );
+    let r = &t.routing[&t.services[0].frontend];
+    assert_eq!(r.fallback, Some(topology::Fallback::MissingHints));
+    // The controller allotted node2's first endpoint to zone-a too.
+    let mut s = zoned_slice(&TWO_ZONES);
+    for (e, zones) in s.endpoints.as_mut().unwrap().iter_mut().zip([
+        &["zone-a"][..],
+        &["zone-a"],
+        &["zone-a", "zone-b"],
+        &["zone-b"],
+    ]) {
+        e.hints = Some(EndpointHints {
+            for_zones: Some(
+                zones
+                    .iter()
+                    .map(|z| ForZone {
+                        name: z.to_string(),
+                    })
+                    .collect(),
+            ),
+            for_nodes: None,
+        });
+    }
+    for service in [auto, with_distribution(None, &[])] {
+        let c = cluster(service, vec![s.clone()]);
+        let t = Translator::default().translate(&c, &in_zone_a(), &BTreeSet::new(), Instant::now());
+        assert_eq!(
+            zoned(&t),
+            [
+                "10.1.1.2:8080=1",
+                "10.1.2.2:8080=1",
+                "10.1.2.3:8080=0",
+                "10.1.3.2:8080=1"
+            ],
+            "hints are followed whoever asked for them (kube-proxy's rule)"
+        );
+    }
+}
+
+#[test]
+fn external_traffic_policy_local_ignores_topology_and_bad_values_are_reported() {
+    let mut s = with_distribution(Some("PreferSameZone"), &[]);
+    s.spec.as_mut().unwrap().external_traffic_policy = Some("Local".into());
+    let mut eps = TWO_ZONES;
+    eps[2].1 = "node1"; // a zone-b endpoint on this node (as the slice says)
+    let c = cluster(s, vec![zoned_slice(&eps)]);
+    let t = Translator::default().translate(&c, &in_zone_a(), &BTreeSet::new(), Instant::now());
+    assert_eq!(zoned(&t), ["10.1.1.2:8080=1", "10.1.2.2:8080=1"]);
+    assert!(t.routing.is_empty());
+
+    let c = cluster(
+        with_distribution(Some("Nearby"), &[(topology::TOPOLOGY_MODE, "Sometimes")]),
+        vec![zoned_slice(&TWO_ZONES)],
+    );
+    let t = Translator::default().translate(&c, &in_zone_a(), &BTreeSet::new(), Instant::now());
+    let reasons: Vec<&str> = t.problems.iter().map(|p| p.reason).collect();
+    assert_eq!(
+        reasons,
+        [
+            reason::INVALID_ANNOTATION,
+            reason::INVALID_TRAFFIC_DISTRIBUTION
+        ]
+    );
+    assert!(t.services[0].backends.iter().all(|b| b.weight == 1));
 }

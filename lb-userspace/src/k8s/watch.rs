@@ -1,5 +1,5 @@
 //! Keeps a [`Cluster`] current from the API server: watchers on Services and EndpointSlices in
-//! all namespaces. A list (at start, and again after any error, with backoff) is
+//! all namespaces, and on this node's Node object (its zone label). A list (at start, and again after any error, with backoff) is
 //! collected from Init to InitDone and swapped in whole, so nothing downstream ever sees a
 //! half-listed cluster (no empty backend set while endpoints exist). While the API server is
 //! unreachable the last state stays in force and `synced()` says no.
@@ -10,7 +10,10 @@ use std::{
 };
 
 use futures::StreamExt;
-use k8s_openapi::api::{core::v1::Service as KubeService, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Node, Service as KubeService},
+    discovery::v1::EndpointSlice,
+};
 use kube::{Api, Client, ResourceExt, runtime::watcher};
 use log::{info, warn};
 use tokio::{sync::Notify, task::JoinHandle};
@@ -22,6 +25,7 @@ use super::{Cluster, ObjectKey, SERVICE_NAME_LABEL};
 pub struct WatchStatus {
     pub services_synced: bool,
     pub slices_synced: bool,
+    pub node_synced: bool,
     pub errors: u64,
     pub last_error: Option<String>,
     /// When the cluster last changed (for sync-latency metrics).
@@ -33,7 +37,7 @@ pub struct WatchStatus {
 
 impl WatchStatus {
     pub fn synced(&self) -> bool {
-        self.services_synced && self.slices_synced
+        self.services_synced && self.slices_synced && self.node_synced
     }
 }
 
@@ -66,16 +70,18 @@ fn object_key<K: ResourceExt>(o: &K) -> ObjectKey {
 enum Kind {
     Services,
     Slices,
+    Node,
 }
 
 impl Watch {
-    /// Starts both watchers (they run until the Watch is dropped).
-    pub fn start(client: Client) -> Watch {
+    /// Starts the watchers (they run until the Watch is dropped); `node`: this node's name.
+    pub fn start(client: Client, node: &str) -> Watch {
         let cluster = Arc::new(Mutex::new(Cluster::default()));
         let changed = Arc::new(Notify::new());
         let status = Arc::new(Mutex::new(WatchStatus::default()));
         let services: Api<KubeService> = Api::all(client.clone());
-        let slices: Api<EndpointSlice> = Api::all(client);
+        let slices: Api<EndpointSlice> = Api::all(client.clone());
+        let nodes: Api<Node> = Api::all(client);
         let tasks = vec![
             tokio::spawn(run(
                 services,
@@ -90,6 +96,15 @@ impl Watch {
                 // Only slices that belong to a Service.
                 watcher::Config::default().labels(SERVICE_NAME_LABEL),
                 Kind::Slices,
+                cluster.clone(),
+                changed.clone(),
+                status.clone(),
+            )),
+            tokio::spawn(run(
+                nodes,
+                // Only this node (a list that finds none is synced too: no zone).
+                watcher::Config::default().fields(&format!("metadata.name={node}")),
+                Kind::Node,
                 cluster.clone(),
                 changed.clone(),
                 status.clone(),
@@ -217,6 +232,7 @@ impl Kind {
         match self {
             Kind::Services => &mut s.services_synced,
             Kind::Slices => &mut s.slices_synced,
+            Kind::Node => &mut s.node_synced,
         }
     }
 }
@@ -268,5 +284,18 @@ impl Store for EndpointSlice {
             }
         }
         c.slices.retain(|_, v| !v.is_empty());
+    }
+}
+
+impl Store for Node {
+    const NAME: &'static str = "nodes";
+    fn replace_all(c: &mut Cluster, all: Vec<Self>) {
+        c.node = all.into_iter().next();
+    }
+    fn apply(c: &mut Cluster, o: Self) {
+        c.node = Some(o);
+    }
+    fn delete(c: &mut Cluster, _: &Self) {
+        c.node = None;
     }
 }

@@ -59,6 +59,7 @@ fn view() -> AgentView {
         policy: None,
         draining: Vec::new(),
         source_ranges: crate::model::SourceRanges::default(),
+        zones: crate::state::ZoneLabel::default(),
     };
     AgentView {
         health: Health {
@@ -105,6 +106,7 @@ fn view() -> AgentView {
         }],
         policies: BTreeMap::new(),
         sizes: crate::dataplane::Sizes::default(),
+        zone: None,
     }
 }
 
