@@ -18,7 +18,7 @@ use std::{
 };
 
 use k8s_openapi::api::{
-    core::v1::{Event, Service},
+    core::v1::{Event, Node, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{
@@ -67,6 +67,10 @@ struct MemTarget {
     history: Vec<(Instant, View)>,
     problems: Vec<Problem>,
     end_flows: Vec<EndFlows>,
+    /// The node option `prefer-same-zone`.
+    prefer_same_zone: bool,
+    /// The last translation applied (its zone-aware routing).
+    last: Option<Translation>,
 }
 
 impl MemTarget {
@@ -95,6 +99,8 @@ impl MemTarget {
             history: Vec::new(),
             problems: Vec::new(),
             end_flows: Vec::new(),
+            prefer_same_zone: false,
+            last: None,
         }
     }
 
@@ -146,6 +152,9 @@ impl Target for MemTarget {
     fn node_addrs(&mut self) -> Vec<IpAddr> {
         vec![IpAddr::V4(NODE_ADDR)]
     }
+    fn prefer_same_zone(&self) -> bool {
+        self.prefer_same_zone
+    }
     fn apply_kubernetes(&mut self, t: Translation) -> Result<Vec<Problem>, ApplyError> {
         let mut file = Desired::default();
         file.policies.insert("strict".into(), strict_policy());
@@ -183,6 +192,7 @@ impl Target for MemTarget {
         problems.extend(t.problems.iter().cloned());
         self.problems.clone_from(&problems);
         self.end_flows.extend(t.end_flows.iter().cloned());
+        self.last = Some(t);
         Ok(problems)
     }
     fn kube_health(&mut self) -> &mut KubeHealth {
@@ -314,6 +324,12 @@ impl Cluster {
                 }
                 Some("EndpointSlice") => {
                     let api: Api<EndpointSlice> = Api::namespaced(self.client.clone(), NS);
+                    api.patch(&name, &params, &Patch::Apply(&obj))
+                        .await
+                        .map(|_| ())
+                }
+                Some("Node") => {
+                    let api: Api<Node> = Api::all(self.client.clone());
                     api.patch(&name, &params, &Patch::Apply(&obj))
                         .await
                         .map(|_| ())
@@ -1253,6 +1269,217 @@ fn capitalised_booleans_opt_in_and_bad_endpoints_and_unmatched_ports_are_told() 
 
 /// Kubernetes objects -> lb-agent --kubernetes on node1 -> XDP -> real TCP from the lab's client
 /// to the pods.
+/// A Node with its zone label.
+fn node_in(name: &str, zone: &str) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name, "labels": {"topology.kubernetes.io/zone": zone}},
+    })
+}
+
+/// `slice(...)` with each endpoint's zone (in order).
+fn with_zones(mut slice: Value, zones: &[&str]) -> Value {
+    for (e, zone) in slice["endpoints"]
+        .as_array_mut()
+        .expect("endpoints")
+        .iter_mut()
+        .zip(zones)
+    {
+        e["zone"] = json!(zone);
+    }
+    slice
+}
+
+/// A Service as `service` makes it, with `spec.trafficDistribution`.
+fn distributed(name: &str, distribution: Option<&str>, annotations: &[(&str, &str)]) -> Value {
+    let mut s = service(name, "http", annotations);
+    if let Some(d) = distribution {
+        s["spec"]["trafficDistribution"] = json!(d);
+    }
+    s
+}
+
+/// Zone-aware routing from the cluster's objects to the rings: this node (node-1) in zone-a,
+/// two endpoints there and two in zone-b. Asked (trafficDistribution), the ring sends new
+/// flows only to zone-a's; zone-b's stay listed at weight 0 (their flows go on). Zone-a without
+/// ready endpoints: all take new flows again. The node moving zone is followed. A Service that
+/// asks nothing uses every endpoint, unless the node option says same zone first; a Service
+/// that says Disabled keeps its say.
+#[test]
+fn zone_aware_routing_keeps_new_flows_in_the_zone_and_falls_back_when_it_has_none() {
+    let c = Cluster::start();
+    let zones = ["zone-a", "zone-a", "zone-b", "zone-b"];
+    let eps = [
+        ready("10.1.1.2"),
+        ready("10.1.1.3"),
+        Ep("10.1.2.2", true, true, false, "node-2"),
+        Ep("10.1.2.3", true, true, false, "node-2"),
+    ];
+    let delay = [("xdplb.io/deregistration-delay-seconds", "0")];
+    c.apply(node_in(NODE, "zone-a"));
+    c.apply(node_in("node-2", "zone-b"));
+    c.apply(distributed("web", None, &delay));
+    c.apply(with_zones(
+        slice("web-a", "web", "http", 8080, &eps),
+        &zones,
+    ));
+    c.settle();
+    let every = web(&all(&eps, 1), 8080);
+    let in_zone_a = web(
+        &[
+            ("10.1.1.2", 1),
+            ("10.1.1.3", 1),
+            ("10.1.2.2", 0),
+            ("10.1.2.3", 0),
+        ],
+        8080,
+    );
+    let in_zone_b = web(
+        &[
+            ("10.1.1.2", 0),
+            ("10.1.1.3", 0),
+            ("10.1.2.2", 1),
+            ("10.1.2.3", 1),
+        ],
+        8080,
+    );
+    let wait_for_view = |what: &str, expected: &View| {
+        wait_for(what, || c.target().view() == *expected);
+    };
+    wait_for_view("every endpoint, nothing asked", &every);
+
+    c.step(
+        "trafficDistribution PreferClose",
+        |c| c.apply(distributed("web", Some("PreferClose"), &delay)),
+        &in_zone_a,
+        &[&every],
+    );
+    {
+        let t = c.target();
+        let last = t.last.as_ref().expect("applied");
+        let routing: Vec<String> = last.routing.values().map(ToString::to_string).collect();
+        assert_eq!(
+            routing,
+            [
+                "same zone (zone-a): 2 of 4 ready endpoints take new flows; asked by trafficDistribution PreferClose"
+            ]
+        );
+        assert_eq!(last.standby.len(), 2, "zone-b's endpoints stand by");
+        assert!(last.draining.is_empty() && t.end_flows.is_empty());
+    }
+
+    // Zone-a's endpoints stop being ready: zone-b's take the new flows (zone-a's drain, with
+    // no delay here).
+    let zone_b_only = web(&[("10.1.2.2", 1), ("10.1.2.3", 1)], 8080);
+    let zone_a_draining = web(
+        &[
+            ("10.1.1.2", 0),
+            ("10.1.1.3", 0),
+            ("10.1.2.2", 1),
+            ("10.1.2.3", 1),
+        ],
+        8080,
+    );
+    let mut not_ready = eps;
+    not_ready[0].1 = false;
+    not_ready[1].1 = false;
+    c.step(
+        "no ready endpoint in zone-a: every ready endpoint",
+        |c| {
+            c.apply(with_zones(
+                slice("web-a", "web", "http", 8080, &not_ready),
+                &zones,
+            ));
+        },
+        &zone_b_only,
+        &[&in_zone_a, &zone_a_draining],
+    );
+    assert!(
+        c.target()
+            .last
+            .as_ref()
+            .expect("applied")
+            .routing
+            .values()
+            .any(|r| r
+                .to_string()
+                .starts_with("all endpoints (no ready endpoint in zone zone-a)")),
+        "{:?}",
+        c.target().last.as_ref().map(|t| &t.routing)
+    );
+    c.step(
+        "zone-a ready again",
+        |c| {
+            c.apply(with_zones(
+                slice("web-a", "web", "http", 8080, &eps),
+                &zones,
+            ));
+        },
+        &in_zone_a,
+        &[&web(
+            &[
+                ("10.1.1.2", 1),
+                ("10.1.1.3", 0),
+                ("10.1.2.2", 0),
+                ("10.1.2.3", 0),
+            ],
+            8080,
+        )],
+    );
+    // The node is relabelled into zone-b: the Node watch follows it.
+    c.step(
+        "this node moves to zone-b",
+        |c| c.apply(node_in(NODE, "zone-b")),
+        &in_zone_b,
+        &[],
+    );
+    c.apply(node_in(NODE, "zone-a"));
+    wait_for_view("back in zone-a", &in_zone_a);
+
+    // Asking nothing: every endpoint. With the node option, same zone first, unless the
+    // Service says Disabled.
+    c.step(
+        "trafficDistribution removed",
+        |c| c.apply(distributed("web", None, &delay)),
+        &every,
+        &[],
+    );
+    c.target().prefer_same_zone = true;
+    c.apply(distributed(
+        "web",
+        None,
+        &[delay[0], ("xdplb.io/backend-weights", "")],
+    ));
+    wait_for_view("the node option: same zone first", &in_zone_a);
+    assert!(
+        c.target()
+            .last
+            .as_ref()
+            .expect("applied")
+            .routing
+            .values()
+            .all(|r| r
+                .to_string()
+                .ends_with("asked by the node option prefer-same-zone"))
+    );
+    c.step(
+        "topology-mode Disabled",
+        |c| {
+            c.apply(distributed(
+                "web",
+                None,
+                &[
+                    delay[0],
+                    ("service.kubernetes.io/topology-mode", "Disabled"),
+                ],
+            ));
+        },
+        &every,
+        &[],
+    );
+}
+
 #[test]
 fn kubernetes_objects_to_real_traffic_through_the_agent() {
     use lb_tests::{
@@ -1646,6 +1873,451 @@ fn load_balancer_source_ranges_admit_and_refuse_real_clients_on_every_frontend()
     );
     drop(agent);
     drop(forward);
+}
+
+/// The lab with an API server and the agent in node1 (as node1), for the real-traffic tests:
+/// four pods serving 8080 (pod1, pod2 on node1; pod3, pod4 on node2).
+struct AgentLab {
+    agent: lb_tests::agent::AgentProcess,
+    runtime: tokio::runtime::Runtime,
+    client: Client,
+    _forward: Forward,
+    _servers: Vec<lb_tests::traffic::BackendServer>,
+    lab: lb_tests::lab::Lab,
+    _bpffs: lb_tests::agent::Bpffs,
+    _server: TestApiServer,
+}
+
+impl AgentLab {
+    /// `objects` are applied before the agent starts, with `node_config` and `flags`.
+    fn start(name: &str, objects: Vec<Value>, node_config: &str, flags: &[&str]) -> AgentLab {
+        use lb_tests::{
+            agent::{AgentOptions, AgentProcess, Bpffs},
+            lab::Lab,
+            traffic::serve_pods,
+        };
+        let server = TestApiServer::start().expect("test API server");
+        let bpffs = Bpffs::mount(name).expect("bpffs");
+        let lab = Lab::build(name).expect("lab");
+        let servers = serve_pods(lab.pods(), 8080).expect("servers");
+        let forward = Forward::into_netns(&lab.node1().ns, server.url()).expect("forward");
+        let kubeconfig = server.dir().join("node1.kubeconfig");
+        let text = std::fs::read_to_string(server.kubeconfig_path()).expect("kubeconfig");
+        std::fs::write(&kubeconfig, text.replace(server.url(), &forward.url)).expect("write");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let client = runtime.block_on(client(server.kubeconfig_path()));
+        for o in objects {
+            apply_to(&runtime, &client, o);
+        }
+        let mut extra: Vec<String> = [
+            "--kubernetes",
+            "--node-name",
+            "node1",
+            "--kubeconfig",
+            &kubeconfig.display().to_string(),
+        ]
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+        extra.extend(flags.iter().map(ToString::to_string));
+        AgentLab {
+            agent: AgentProcess::start(
+                &lab.node1().ns,
+                &bpffs,
+                node_config,
+                AgentOptions {
+                    extra,
+                    ..AgentOptions::default()
+                },
+            )
+            .expect("agent"),
+            runtime,
+            client,
+            _forward: forward,
+            _servers: servers,
+            lab,
+            _bpffs: bpffs,
+            _server: server,
+        }
+    }
+
+    fn apply(&self, obj: Value) {
+        apply_to(&self.runtime, &self.client, obj);
+    }
+
+    /// `count` new TCP connections to `vip` from the client's addresses.
+    fn batch(&self, vip: SocketAddr, count: usize) -> lb_tests::traffic::BatchReport {
+        let sources = self.lab.client().sources_for(vip.ip());
+        lb_tests::traffic::Batch::new(lb_tests::traffic::Proto::Tcp, vip, sources, count)
+            .run(&self.lab.client().ns)
+            .expect("batch")
+    }
+
+    /// Batches until one is all answered by `backends` alone (within 10 s).
+    fn until_only(&self, what: &str, vip: SocketAddr, backends: &[&str]) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = self.batch(vip, 24);
+            if r.all_ok() && r.backends().iter().all(|b| backends.contains(&b.as_str())) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: still reaching {:?} ({} errors)\n{}",
+                r.backends(),
+                r.error_count,
+                self.agent.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `/metrics` of the agent (in node1's namespace).
+    fn metrics(&self) -> String {
+        self.lab
+            .node1()
+            .ns
+            .run(|| {
+                let mut s = TcpStream::connect("127.0.0.1:9435").expect("metrics");
+                s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+                    .expect("request");
+                let mut out = String::new();
+                s.read_to_string(&mut out).expect("response");
+                out
+            })
+            .expect("netns")
+    }
+}
+
+/// Server-side applies `obj` (a Service, an EndpointSlice or a Node, as JSON).
+#[allow(
+    clippy::needless_pass_by_value,
+    reason = "callers hand over a fresh json! object"
+)]
+fn apply_to(runtime: &tokio::runtime::Runtime, client: &Client, obj: Value) {
+    let name = obj["metadata"]["name"].as_str().expect("name").to_string();
+    let params = PatchParams::apply("xdplb-test").force();
+    runtime.block_on(async {
+        let client = client.clone();
+        match obj["kind"].as_str() {
+            Some("Service") => {
+                let api: Api<Service> = Api::namespaced(client, NS);
+                api.patch(&name, &params, &Patch::Apply(&obj))
+                    .await
+                    .map(|_| ())
+            }
+            Some("EndpointSlice") => {
+                let api: Api<EndpointSlice> = Api::namespaced(client, NS);
+                api.patch(&name, &params, &Patch::Apply(&obj))
+                    .await
+                    .map(|_| ())
+            }
+            Some("Node") => {
+                let api: Api<Node> = Api::all(client);
+                api.patch(&name, &params, &Patch::Apply(&obj))
+                    .await
+                    .map(|_| ())
+            }
+            other => panic!("cannot apply a {other:?}"),
+        }
+        .unwrap_or_else(|e| panic!("applying {name}: {e}"));
+    });
+}
+
+/// Zone-aware routing with real traffic: node1 in zone-a (pod1, pod2), node2 in zone-b (pod3,
+/// pod4). A connection open to a zone-b pod before the Service asks goes on after; once asked,
+/// every new connection stays in the zone, as the agent's counters say too; with no ready
+/// endpoint in zone-a, new connections go to zone-b's; a Service that asks nothing reaches
+/// all four.
+#[test]
+fn zone_aware_routing_keeps_real_connections_in_the_zone() {
+    use lb_tests::{netns::require_root, traffic::LongTransfer};
+    if !require_root() {
+        return;
+    }
+    let zones = ["zone-a", "zone-a", "zone-b", "zone-b"];
+    let eps = [
+        Ep("10.1.1.2", true, true, false, "node1"),
+        Ep("10.1.1.3", true, true, false, "node1"),
+        Ep("10.1.2.2", true, true, false, "node2"),
+        Ep("10.1.2.3", true, true, false, "node2"),
+    ];
+    let delay = [("xdplb.io/deregistration-delay-seconds", "60")];
+    let l = AgentLab::start(
+        "k8sz",
+        vec![
+            node_in("node1", "zone-a"),
+            node_in("node2", "zone-b"),
+            distributed("web", None, &delay),
+            with_zones(slice("web-a", "web", "http", 8080, &eps), &zones),
+        ],
+        "[node]\nhash-seed = 42\n",
+        &[],
+    );
+    let vip: SocketAddr = "10.96.0.10:80".parse().expect("vip");
+    l.until_only("every pod", vip, &["pod1", "pod2", "pod3", "pod4"]);
+    let r = l.batch(vip, 40);
+    assert!(r.all_ok() && r.backends().len() == 4, "{r:?}");
+    // A connection to a zone-b pod, open before the Service asks.
+    let sources = l.lab.client().sources_for(vip.ip());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let live = 'found: loop {
+        for src in &sources {
+            let t = LongTransfer::start(&l.lab.client().ns, Some(*src), vip).expect("transfer");
+            if t.backend() == "pod3" || t.backend() == "pod4" {
+                break 'found t;
+            }
+        }
+        assert!(Instant::now() < deadline, "no connection reached zone-b");
+    };
+
+    l.apply(distributed("web", Some("PreferClose"), &delay));
+    l.until_only("same zone", vip, &["pod1", "pod2"]);
+    let before = l.agent.status().expect("status");
+    let r = l.batch(vip, 60);
+    assert!(r.all_ok(), "{r:?}\n{}", l.agent.log_tail());
+    assert_eq!(r.backends(), ["pod1".to_string(), "pod2".into()].into());
+    let sent = live.bytes_sent();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(live.bytes_sent() > sent, "the zone-b connection stalled");
+    // The agent's account: the 60 new flows all went to backends in this node's zone.
+    let status = l.agent.status().expect("status");
+    let web_status = |s: &Value| {
+        s["services"]
+            .as_array()
+            .expect("services")
+            .iter()
+            .find(|x| x["name"] == "default/web:http")
+            .cloned()
+            .expect("web")
+    };
+    let flows = |s: &Value, locality: &str| {
+        web_status(s)["new_flows_by_zone"][locality]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    assert_eq!(
+        flows(&status, "same-zone") - flows(&before, "same-zone"),
+        60,
+        "{status:#}"
+    );
+    assert_eq!(flows(&status, "other-zone"), flows(&before, "other-zone"));
+    assert_eq!(status["zone"], "zone-a");
+    let w = web_status(&status);
+    assert!(
+        w["zone_routing"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("same zone (zone-a): 2 of 4")),
+        "{w:#}"
+    );
+    let backend_states: BTreeMap<String, String> = w["backends"]
+        .as_array()
+        .expect("backends")
+        .iter()
+        .map(|b| {
+            (
+                b["address"].as_str().unwrap_or("").to_string(),
+                b["state"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        backend_states["10.1.2.2:8080"], "standby",
+        "{backend_states:?}"
+    );
+    assert_eq!(
+        backend_states["10.1.1.2:8080"], "active",
+        "{backend_states:?}"
+    );
+    let text = l.agent.status_text().expect("status");
+    assert!(text.contains("zone routing: same zone (zone-a)"), "{text}");
+    let metrics = l.metrics();
+    assert!(
+        metrics
+            .lines()
+            .any(|m| m.starts_with("xdplb_zone_new_flows_total{")
+                && m.contains("locality=\"same-zone\"")
+                && m.contains("zone=\"zone-a\"")),
+        "{metrics}"
+    );
+
+    // Zone-a's pods stop being ready: new connections go to zone-b's.
+    let mut not_ready = eps;
+    not_ready[0].1 = false;
+    not_ready[1].1 = false;
+    l.apply(with_zones(
+        slice("web-a", "web", "http", 8080, &not_ready),
+        &zones,
+    ));
+    l.until_only("zone-a has no ready endpoint", vip, &["pod3", "pod4"]);
+    // Ready again, and the Service asks nothing: all four.
+    l.apply(with_zones(
+        slice("web-a", "web", "http", 8080, &eps),
+        &zones,
+    ));
+    l.apply(distributed("web", None, &delay));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = l.batch(vip, 40);
+        if r.all_ok() && r.backends().len() == 4 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{r:?}");
+    }
+    let live = live.finish();
+    assert!(live.is_clean(), "{live:?}");
+}
+
+/// externalTrafficPolicy Cluster -> Local -> Cluster with real traffic: new connections
+/// throughout, all answered; connections open across each switch (snat ones to a remote and a
+/// local pod, a client-address-preserving one opened under Local) keep going to the end.
+#[test]
+fn switching_the_traffic_policy_stops_nothing() {
+    use lb_tests::{netns::require_root, traffic::LongTransfer};
+    if !require_root() {
+        return;
+    }
+    let eps = [
+        Ep("10.1.1.2", true, true, false, "node1"),
+        Ep("10.1.1.3", true, true, false, "node1"),
+        Ep("10.1.2.2", true, true, false, "node2"),
+        Ep("10.1.2.3", true, true, false, "node2"),
+    ];
+    let policy = |p: &str| {
+        let mut s = service(
+            "web",
+            "http",
+            &[("xdplb.io/deregistration-delay-seconds", "120")],
+        );
+        s["spec"]["type"] = json!("LoadBalancer");
+        s["spec"]["externalTrafficPolicy"] = json!(p);
+        s["spec"]["ports"][0]["nodePort"] = json!(30080);
+        s["spec"]["healthCheckNodePort"] = json!(32080);
+        s
+    };
+    let l = AgentLab::start(
+        "k8sp",
+        vec![policy("Cluster"), slice("web-a", "web", "http", 8080, &eps)],
+        "[node]\nhash-seed = 42\n",
+        &[],
+    );
+    let vip: SocketAddr = "10.96.0.10:80".parse().expect("vip");
+    l.until_only("Cluster", vip, &["pod1", "pod2", "pod3", "pod4"]);
+    let ns = &l.lab.client().ns;
+    let sources = l.lab.client().sources_for(vip.ip());
+    // Open connections to the pods named, from distinct sources.
+    let connect = |wanted: &[&str]| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            for src in &sources {
+                let t = LongTransfer::start(ns, Some(*src), vip).expect("transfer");
+                if wanted.contains(&t.backend()) {
+                    return t;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no connection reached {wanted:?}"
+            );
+        }
+    };
+    let remote = connect(&["pod3", "pod4"]);
+    let local = connect(&["pod1", "pod2"]);
+
+    // New connections all the way through both switches.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (during, preserved) = std::thread::scope(|scope| {
+        let traffic = scope.spawn(|| {
+            let mut all = Vec::new();
+            let batch = lb_tests::traffic::Batch::new(
+                lb_tests::traffic::Proto::Tcp,
+                vip,
+                sources.clone(),
+                12,
+            );
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                all.push(batch.run(ns).expect("batch"));
+            }
+            all
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        l.apply(policy("Local"));
+        // Local: only node1's pods, and they see the client's address.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = l.batch(vip, 24);
+            if r.all_ok()
+                && r.peer_mismatches == 0
+                && r.backends().iter().all(|b| b == "pod1" || b == "pod2")
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "Local not in force: {r:?}\n{}",
+                l.agent.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let status = l.agent.status_text().expect("status");
+        assert!(!status.contains("NOT SERVED"), "{status}");
+        assert!(
+            status.contains("draining"),
+            "the remote pods drain: {status}"
+        );
+        // A connection opened under Local keeps the client's address; it must survive the
+        // switch back, when the service translates new flows with snat again.
+        let preserved = connect(&["pod1", "pod2"]);
+        l.apply(policy("Cluster"));
+        l.until_only("back to Cluster", vip, &["pod1", "pod2", "pod3", "pod4"]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = l.batch(vip, 40);
+            if r.all_ok() && r.backends().len() == 4 && r.peer_mismatches == r.ok {
+                break;
+            }
+            assert!(Instant::now() < deadline, "Cluster not in force: {r:?}");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        (traffic.join().expect("traffic"), preserved)
+    });
+    let attempted: usize = during.iter().map(|r| r.attempted).sum();
+    let failed: Vec<&String> = during.iter().flat_map(|r| &r.errors).collect();
+    assert!(
+        attempted > 100,
+        "{attempted} connections during the switches"
+    );
+    assert!(
+        during.iter().all(lb_tests::traffic::BatchReport::all_ok),
+        "{} of {attempted} new connections failed during the switches: {failed:?}\n{}",
+        during.iter().map(|r| r.error_count).sum::<usize>(),
+        l.agent.log_tail()
+    );
+    eprintln!("{attempted} new connections during the switches, all answered");
+    for (what, t) in [
+        ("remote snat", remote),
+        ("local snat", local),
+        ("preserved", preserved),
+    ] {
+        let sent = t.bytes_sent();
+        std::thread::sleep(Duration::from_millis(300));
+        let report = t.finish();
+        assert!(
+            report.is_clean() && report.bytes_sent > sent,
+            "the {what} connection did not survive: {report:?}\n{}",
+            l.agent.log_tail()
+        );
+        assert_eq!(
+            sources.contains(&report.peer.ip()),
+            what == "preserved",
+            "{what}: the pod saw {}",
+            report.peer
+        );
+    }
 }
 
 /// A TCP forwarder from a port on a namespace's loopback to an address in the host's namespace.
