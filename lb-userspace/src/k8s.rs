@@ -641,7 +641,7 @@ impl Translator {
                         out.standby.insert((frontend, *backend));
                     }
                 }
-                if let Some(r) = &routing {
+                if let Some(r) = routing.get(&frontend.vip.is_ipv4()) {
                     out.routing.insert(frontend, r.clone());
                 }
                 let backends = self.drain(frontend, weighted, settings.drain, now, out);
@@ -965,11 +965,34 @@ struct Endpoint {
     target: Option<String>,
 }
 
-/// Which endpoints take new flows (and which stand by), as kube-proxy chooses: with
-/// externalTrafficPolicy Local, this node's (already the only ones), ready else serving
-/// terminating, no topology; with Cluster, zone-aware ([`topology::categorize`]). The routing
-/// is `Some` where topology was asked for or hinted.
+/// Which endpoints take new flows (and which stand by), as kube-proxy chooses, for each IP
+/// family apart (kube-proxy runs a proxier per family): with externalTrafficPolicy Local, this
+/// node's (already the only ones), ready else serving terminating, no topology; with Cluster,
+/// zone-aware ([`topology::categorize`]). The routing of a family (true: IPv4) is there where
+/// topology was asked for or hinted.
 fn choose(
+    endpoints: Vec<Endpoint>,
+    settings: &Settings,
+    node: &NodeInfo,
+) -> (Vec<(Endpoint, Role)>, BTreeMap<bool, Routing>) {
+    let (v4, v6): (Vec<Endpoint>, Vec<Endpoint>) =
+        endpoints.into_iter().partition(|e| e.addr.is_ipv4());
+    let mut chosen = Vec::new();
+    let mut routing = BTreeMap::new();
+    for (ipv4, family) in [(true, v4), (false, v6)] {
+        if family.is_empty() {
+            continue;
+        }
+        let (roles, r) = choose_in_family(family, settings, node);
+        chosen.extend(roles);
+        if let Some(r) = r {
+            routing.insert(ipv4, r);
+        }
+    }
+    (chosen, routing)
+}
+
+fn choose_in_family(
     endpoints: Vec<Endpoint>,
     settings: &Settings,
     node: &NodeInfo,

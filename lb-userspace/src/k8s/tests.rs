@@ -1155,3 +1155,53 @@ fn external_traffic_policy_local_ignores_topology_and_bad_values_are_reported() 
     );
     assert!(t.services[0].backends.iter().all(|b| b.weight == 1));
 }
+
+#[test]
+fn each_ip_family_is_chosen_apart_as_kube_proxy_runs_a_proxier_per_family() {
+    let mut s = with_distribution(Some("PreferClose"), &[]);
+    s.status
+        .as_mut()
+        .unwrap()
+        .load_balancer
+        .as_mut()
+        .unwrap()
+        .ingress = Some(vec![
+        LoadBalancerIngress {
+            ip: Some("10.96.0.10".into()),
+            ..Default::default()
+        },
+        LoadBalancerIngress {
+            ip: Some("fd00:96::10".into()),
+            ..Default::default()
+        },
+    ]);
+    // The IPv6 slice names no zones: IPv6 falls back to every endpoint, IPv4 stays in zone.
+    let v6 = slice(
+        "web-v6",
+        "http",
+        8080,
+        &[ready("fd00:1:1::2", "node1"), ready("fd00:1:2::2", "node2")],
+    );
+    let c = cluster(s, vec![zoned_slice(&TWO_ZONES), v6]);
+    let t = Translator::default().translate(&c, &in_zone_a(), &BTreeSet::new(), Instant::now());
+    let sum = summary(&t);
+    assert_eq!(
+        sum["10.96.0.10:80/tcp"],
+        [
+            "10.1.1.2:8080=1",
+            "10.1.2.2:8080=0",
+            "10.1.2.3:8080=0",
+            "10.1.3.2:8080=1"
+        ]
+    );
+    assert_eq!(
+        sum["[fd00:96::10]:80/tcp"],
+        ["fd00:1:1::2:8080=1", "fd00:1:2::2:8080=1"]
+    );
+    let routing: Vec<String> = t.routing.values().map(ToString::to_string).collect();
+    assert!(routing[0].starts_with("same zone (zone-a)"), "{routing:?}");
+    assert!(
+        routing[1].starts_with("all endpoints (not every ready endpoint has a zone)"),
+        "{routing:?}"
+    );
+}
