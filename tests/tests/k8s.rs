@@ -1975,20 +1975,25 @@ impl AgentLab {
         }
     }
 
-    /// `/metrics` of the agent (in node1's namespace).
-    fn metrics(&self) -> String {
-        self.lab
+    /// The body of the agent's `/metrics` (in node1's namespace), as `accept` asks.
+    fn metrics(&self, accept: &str) -> String {
+        let response = self
+            .lab
             .node1()
             .ns
             .run(|| {
                 let mut s = TcpStream::connect("127.0.0.1:9435").expect("metrics");
-                s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
-                    .expect("request");
+                s.write_all(
+                    format!("GET /metrics HTTP/1.0\r\nAccept: {accept}\r\n\r\n").as_bytes(),
+                )
+                .expect("request");
                 let mut out = String::new();
                 s.read_to_string(&mut out).expect("response");
                 out
             })
-            .expect("netns")
+            .expect("netns");
+        let (_, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+        body.to_string()
     }
 }
 
@@ -2025,6 +2030,34 @@ fn apply_to(runtime: &tokio::runtime::Runtime, client: &Client, obj: Value) {
         }
         .unwrap_or_else(|e| panic!("applying {name}: {e}"));
     });
+}
+
+/// `promtool check metrics` on a text exposition, where promtool is installed (the host tier
+/// requires it under CI; here it is an extra check).
+fn promtool(text: &str) {
+    let Ok(mut child) = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    else {
+        eprintln!("promtool not found: skipping that check");
+        return;
+    };
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("promtool");
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Zone-aware routing with real traffic: node1 in zone-a (pod1, pod2), node2 in zone-b (pod3,
@@ -2134,7 +2167,12 @@ fn zone_aware_routing_keeps_real_connections_in_the_zone() {
     );
     let text = l.agent.status_text().expect("status");
     assert!(text.contains("zone routing: same zone (zone-a)"), "{text}");
-    let metrics = l.metrics();
+    let metrics = l.metrics("text/plain;version=0.0.4");
+    let openmetrics = l.metrics("application/openmetrics-text;version=1.0.0");
+    if let Err(e) = lb_tests::openmetrics::check(&openmetrics) {
+        panic!("the OpenMetrics exposition with zones: {e:#}\n{openmetrics}");
+    }
+    promtool(&metrics);
     assert!(
         metrics
             .lines()
