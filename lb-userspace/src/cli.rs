@@ -331,5 +331,19 @@ mod tests {
         };
         assert!(r.kubernetes && r.config.is_none());
         assert_eq!(r.node_name.as_deref(), Some("node-1"));
+        assert!(!r.prefer_same_zone, "off unless asked");
+        let cli = Cli::try_parse_from([
+            "lb-agent",
+            "run",
+            "--kubernetes",
+            "--node-name",
+            "node-1",
+            "--prefer-same-zone",
+        ])
+        .unwrap();
+        let Command::Run(r) = cli.command else {
+            panic!()
+        };
+        assert!(r.prefer_same_zone);
     }
 }

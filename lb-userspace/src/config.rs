@@ -866,6 +866,9 @@ backends = [{ address = "fd00:1:1::2" }]
         );
         let d = parse(Path::new("lb.toml"), &allowed).unwrap();
         assert_eq!(d.node.allow_reserved, ["pods"]);
+        assert!(!d.node.prefer_same_zone, "off by default");
+        let zoned = parse(Path::new("lb.toml"), "[node]\nprefer-same-zone = true\n").unwrap();
+        assert!(zoned.node.prefer_same_zone);
         let e = err("[node]\nreserved-ranges = [\"10.0.0.0/8\", \"10.1.1.1/24\"]\n");
         assert!(
             e.starts_with("lb.toml:2: node.reserved-ranges[1]: `10.1.1.1/24` has host bits set"),
