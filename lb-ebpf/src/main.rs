@@ -262,6 +262,8 @@ mod datapath {
             return xdp_action::XDP_DROP;
         };
         let (t, flags, now_ns) = (&s.target, s.flags, s.now);
+        // The next hop goes to scratch memory too: a struct on the stack would be zeroed
+        // first (see mem.rs), and `route` writes what `send` reads.
         if flags & FLOW_RESET != 0 && pkt.proto == IPPROTO_TCP {
             return tcp::reset(ctx, pkt);
         }
@@ -278,15 +280,14 @@ mod datapath {
             }
         }
         let fib = fib_of(ctx, pkt);
-        let mut next = Next::NONE;
         let route = nexthop::route(
             &fib,
             &[t.tuple.src, t.tuple.dst],
             pkt.len,
             now_ns,
-            &mut next,
+            &mut s.next,
         );
-        send(ctx, pkt, t, route, &next)
+        send(ctx, pkt, t, route, &s.next)
     }
 
     #[inline(always)]
@@ -513,6 +514,8 @@ mod flow;
 mod icmp;
 #[cfg(target_arch = "bpf")]
 mod maps;
+#[cfg(target_arch = "bpf")]
+mod mem;
 #[cfg(target_arch = "bpf")]
 mod nexthop;
 #[cfg(target_arch = "bpf")]

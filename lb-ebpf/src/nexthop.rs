@@ -107,8 +107,8 @@ pub fn route(fib: &Fib, addrs: &[Addr; 2], len: u32, now_ns: u64, next: &mut Nex
         return Route::Unreachable;
     };
     let p = &mut scratch.fib;
-    // SAFETY: FibParams is a C struct of integers and unions of integers: all zeroes is a valid value.
-    *p = unsafe { core::mem::zeroed() };
+    // FibParams is a C struct of integers and unions of integers: all zeroes is a value.
+    crate::mem::zero(p);
     p.ifindex = fib.ifindex;
     p.__bindgen_anon_1.tot_len = len.min(0xffff) as u16;
     if fib.v6 {
