@@ -281,6 +281,8 @@ pub fn load_tools() -> std::result::Result<Ebpf, DataplaneError> {
         let prog = program_mut(&mut ebpf, name)?;
         load_program(name, || prog.load())?;
     }
+    let prog = classifier_mut(&mut ebpf, "tc_deny")?;
+    load_program("tc_deny", || prog.load())?;
     Ok(ebpf)
 }
 

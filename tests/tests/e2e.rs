@@ -438,3 +438,263 @@ fn pods_without_xdp_get_redirected_frames_once_the_agent_turns_gro_on() {
         "redirected, not handed to the kernel: {status:#}"
     );
 }
+
+/// Services over pod1 alone, for the policy-hook test: one preserving client addresses, one snat.
+const HOOK_VIP: &str = "10.96.0.12";
+const HOOK_SNAT_VIP: &str = "10.96.0.13";
+const HOOK_VIP6: &str = "fd00:96::12";
+const HOOK_SNAT_VIP6: &str = "fd00:96::13";
+
+fn hook_config(setting: &str) -> String {
+    format!(
+        r#"
+[node]
+hash-seed = 42
+policy-hooks = "{setting}"
+
+[[services]]
+name = "hooked"
+vip = "{HOOK_VIP}"
+port = 80
+protocol = "tcp"
+mode = "preserve-client-ip"
+backends = [ {{ address = "10.1.1.2", port = {PORT} }} ]
+
+[[services]]
+name = "hooked-snat"
+vip = "{HOOK_SNAT_VIP}"
+port = 80
+protocol = "tcp"
+backends = [ {{ address = "10.1.1.2", port = {PORT} }} ]
+
+[[services]]
+name = "hooked6"
+vip = "{HOOK_VIP6}"
+port = 80
+protocol = "tcp"
+mode = "preserve-client-ip"
+backends = [ {{ address = "fd00:1:1::2", port = {PORT} }} ]
+
+[[services]]
+name = "hooked-snat6"
+vip = "{HOOK_SNAT_VIP6}"
+port = 80
+protocol = "tcp"
+backends = [ {{ address = "fd00:1:1::2", port = {PORT} }} ]
+"#
+    )
+}
+
+/// Waits until `lb-agent status` says `veth`'s delivery is `want`; then a little over a second
+/// more, the life of the data path's cached next hops (which carry the choice). Returns the
+/// reason the agent gave.
+fn wait_delivery(agent: &AgentProcess, veth: &str, want: &str) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = agent.status().expect("status");
+        let found = status["interfaces"]
+            .as_array()
+            .and_then(|a| a.iter().find(|i| i["name"] == veth))
+            .cloned()
+            .unwrap_or_default();
+        if found["delivery"] == want {
+            std::thread::sleep(Duration::from_millis(1200));
+            return found["delivery_reason"].as_str().unwrap_or("").to_string();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{veth}: delivery {} (want {want}) after 10 s: {found}\n{}",
+            found["delivery"],
+            agent.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn counter(agent: &AgentProcess, name: &str) -> u64 {
+    agent.status().expect("status")["counters"][name]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// A stand-in for a CNI's network policy agent: a TC egress filter of the test's own on pod1's
+/// host veth that drops one client source (as the VPC CNI's policy agent enforces ingress
+/// policy at that hook). Through the VIP, that source reaches the pod only when the data path
+/// delivers through the kernel, which the agent decides by finding the filter: it cannot reach
+/// pod1 while the filter is there, another source can, replies work (preserving and snat), and
+/// once the filter goes the agent redirects again. `policy-hooks = "ignore"` (the behaviour
+/// before policy hooks were respected) lets the dropped source in: the bypass this test catches.
+#[test]
+fn a_pod_behind_a_cni_policy_filter_is_reached_only_as_the_filter_allows() {
+    if !require_root() {
+        return;
+    }
+    let mut s = setup("e2e-hook", &hook_config("detect"), AgentOptions::default());
+    let veth = s.lab.pod("pod1").expect("pod1").host_veth.clone();
+    let (blocked, allowed): (IpAddr, IpAddr) =
+        ("10.0.0.11".parse().unwrap(), "10.0.0.10".parse().unwrap());
+    // The policy program: the tools' `tc_deny`, pinned so `tc` can attach it, denying `blocked`.
+    let pin = s._bpffs.path().join("tc_deny");
+    let tools = s.lab.tools_mut();
+    lb_userspace::dataplane::classifier_mut(tools, "tc_deny")
+        .expect("tc_deny")
+        .pin(&pin)
+        .expect("pin tc_deny");
+    let mut deny: aya::maps::HashMap<_, u32, u64> =
+        aya::maps::HashMap::try_from(tools.take_map("TOOLS_DENY").expect("TOOLS_DENY"))
+            .expect("TOOLS_DENY");
+    let IpAddr::V4(b) = blocked else {
+        unreachable!()
+    };
+    deny.insert(u32::from_ne_bytes(b.octets()), 0, 0)
+        .expect("deny insert");
+    let denied = |deny: &aya::maps::HashMap<_, u32, u64>| -> u64 {
+        deny.iter().filter_map(Result::ok).map(|(_, n)| n).sum()
+    };
+    let client = &s.lab.client().ns;
+    let node = &s.lab.node1().ns;
+    let vip = addr(HOOK_VIP, 80);
+    let snat_vip = addr(HOOK_SNAT_VIP, 80);
+    let reach = |src: IpAddr, dst: SocketAddr| {
+        lb_tests::traffic::request(client, Proto::Tcp, Some(src), dst, Duration::from_secs(2))
+    };
+    let must_reach = |src: IpAddr, dst: SocketAddr, agent: &AgentProcess| {
+        let reply = reach(src, dst)
+            .unwrap_or_else(|e| panic!("{src} -> {dst}: {e:#}\n{}", agent.log_tail()));
+        assert_eq!(reply.backend, "pod1", "{src} -> {dst}");
+        reply
+    };
+    let tc = |args: &str| {
+        let out = node
+            .command("tc")
+            .args(args.split_whitespace())
+            .output()
+            .expect("tc");
+        assert!(
+            out.status.success(),
+            "tc {args}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+
+    // Nothing else on the veth: redirected in XDP, both sources get in.
+    let reason = wait_delivery(&s.agent, &veth, "redirect");
+    println!("{veth}: redirect ({reason})");
+    for src in [blocked, allowed] {
+        let reply = must_reach(src, vip, &s.agent);
+        assert_eq!(reply.peer.ip(), src, "the pod sees the client");
+    }
+    assert_eq!(
+        counter(&s.agent, "pass_policy_hook"),
+        0,
+        "redirected, not handed to the kernel"
+    );
+
+    // The policy: drop `blocked` on its way into pod1 (a classic filter, as the VPC CNI's policy
+    // agent attaches; the clsact qdisc may be the agent's, if it attached in classic mode).
+    let _ = node
+        .command("tc")
+        .args(["qdisc", "add", "dev", &veth, "clsact"])
+        .output();
+    tc(&format!(
+        "filter add dev {veth} egress pref 1 bpf da pinned {}",
+        pin.display()
+    ));
+    let reason = wait_delivery(&s.agent, &veth, "kernel");
+    println!("{veth}: kernel ({reason})");
+    assert!(reason.contains("tc egress filter bpf tc_deny"), "{reason}");
+    let passed = counter(&s.agent, "pass_policy_hook");
+    let err = reach(blocked, vip).expect_err("the filtered source must not reach pod1");
+    println!("{blocked} -> {vip} with the filter: {err:#}");
+    assert!(denied(&deny) > 0, "the policy program dropped it");
+    for _ in 0..20 {
+        let reply = must_reach(allowed, vip, &s.agent);
+        assert_eq!(reply.peer.ip(), allowed, "the pod sees the client");
+    }
+    // snat: the pod sees the node, which the filter lets in; the reply comes back through
+    // lb_backend as ever.
+    for src in [blocked, allowed] {
+        let reply = must_reach(src, snat_vip, &s.agent);
+        assert_eq!(reply.peer.ip(), IpAddr::from(s.lab.node1().ipv4), "snat");
+    }
+    // IPv6 (which the IPv4 policy program lets through), both modes, through the kernel too.
+    let client6: IpAddr = "fd00:a::10".parse().unwrap();
+    let reply = must_reach(client6, addr(HOOK_VIP6, 80), &s.agent);
+    assert_eq!(reply.peer.ip(), client6, "the pod sees the client");
+    let reply = must_reach(client6, addr(HOOK_SNAT_VIP6, 80), &s.agent);
+    assert_eq!(reply.peer.ip(), IpAddr::from(s.lab.node1().ipv6), "snat");
+    let through_kernel = counter(&s.agent, "pass_policy_hook") - passed;
+    assert!(
+        through_kernel >= 24 * 3,
+        "every packet into pod1 went through the kernel: {through_kernel}"
+    );
+    let text = s.agent.status_text().expect("status text");
+    assert!(
+        text.contains("delivery kernel (tc egress filter bpf"),
+        "{text}"
+    );
+
+    // As before policy hooks counted (`ignore`): the filtered source gets in.
+    s.agent.set_config(&hook_config("ignore")).expect("ignore");
+    wait_delivery(&s.agent, &veth, "redirect");
+    must_reach(blocked, vip, &s.agent);
+    s.agent.set_config(&hook_config("detect")).expect("detect");
+    wait_delivery(&s.agent, &veth, "kernel");
+    reach(blocked, vip).expect_err("filtered again");
+
+    // The filter goes: redirected again, everyone gets in.
+    tc(&format!("filter del dev {veth} egress pref 1"));
+    wait_delivery(&s.agent, &veth, "redirect");
+    let before = counter(&s.agent, "pass_policy_hook");
+    must_reach(blocked, vip, &s.agent);
+    must_reach(allowed, snat_vip, &s.agent);
+    assert_eq!(
+        counter(&s.agent, "pass_policy_hook"),
+        before,
+        "redirected again, not handed to the kernel"
+    );
+
+    // Netfilter as the policy (as iptables-based policy engines enforce it): an nftables
+    // forward chain that drops `blocked`. Every backend interface is then `kernel`.
+    let nft = |script: &str| {
+        let out = node
+            .command("nft")
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut child| {
+                use std::io::Write;
+                child
+                    .stdin
+                    .take()
+                    .expect("stdin")
+                    .write_all(script.as_bytes())?;
+                child.wait_with_output()
+            })
+            .expect("nft");
+        assert!(
+            out.status.success(),
+            "nft {script}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    nft(&format!(
+        "table inet netpol {{\n chain forward {{\n  type filter hook forward priority 0;\n  ip saddr {blocked} tcp dport {PORT} drop\n }}\n}}\n"
+    ));
+    let reason = wait_delivery(&s.agent, &veth, "kernel");
+    println!("{veth} with an nftables forward rule: kernel ({reason})");
+    assert!(
+        reason.contains("nftables chain inet netpol forward"),
+        "{reason}"
+    );
+    let pod2_veth = s.lab.pod("pod2").expect("pod2").host_veth.clone();
+    wait_delivery(&s.agent, &pod2_veth, "kernel");
+    reach(blocked, vip).expect_err("netfilter drops the filtered source");
+    must_reach(allowed, vip, &s.agent);
+    must_reach(blocked, snat_vip, &s.agent);
+    nft("delete table inet netpol");
+    wait_delivery(&s.agent, &veth, "redirect");
+    must_reach(blocked, vip, &s.agent);
+}
