@@ -444,7 +444,10 @@ impl Agent {
                         hook: hook(a.mode),
                         note: a.note.clone(),
                         delivery: delivery.map(|d| d.word().to_string()),
-                        delivery_reason: delivery.map(|d| d.reason.clone()),
+                        delivery_reason: delivery.map(|d| match &d.warning {
+                            Some(w) => format!("{}; WARNING: {w}", d.reason),
+                            None => d.reason.clone(),
+                        }),
                     }
                 })
                 .collect(),

@@ -7,10 +7,17 @@
 //!
 //! What counts, per interface: a TCX program or classic TC filter on its egress hook that is not
 //! ours (we attach at ingress only); node-wide: an nftables base chain on the forward hook
-//! (ip, ip6, inet; iptables-nft's FORWARD is one) with rules, or iptables-legacy's FORWARD chain
-//! with rules. Queried through system calls only (no `tc`/`nft`/`iptables` binaries needed), and
-//! without loading kernel modules: the legacy tables are read only when already loaded.
+//! (ip, ip6, inet; iptables-nft's FORWARD is one) with rules, when its table tracks no
+//! connections. Netfilter rules that do (`ct`, iptables' `conntrack`/`state` matches, as
+//! kube-proxy's FORWARD rules and Calico's do) cannot be served either way: handed to the
+//! kernel, conntrack sees only the client's direction of a balanced flow (the replies leave
+//! through `lb_backend`), marks the client's ACK after the SYN INVALID, and the usual
+//! `ct state invalid drop` kills the connection. Those, and iptables-legacy's FORWARD rules
+//! (which we cannot read rule by rule), are reported but change nothing; `respect` overrides.
+//! Queried through system calls only (no `tc`/`nft`/`iptables` binaries needed), and without
+//! loading kernel modules: the legacy tables are read only when already loaded.
 use std::{
+    collections::BTreeMap,
     fmt, io,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
 };
@@ -61,6 +68,8 @@ pub struct Delivery {
     /// Why (for `kernel`: the hooks found, or the setting; for `redirect`: the setting, or
     /// that nothing was found).
     pub reason: String,
+    /// For `kernel` on a node whose netfilter tracks connections: what will go wrong.
+    pub warning: Option<String>,
 }
 
 impl Delivery {
@@ -70,41 +79,61 @@ impl Delivery {
     }
 }
 
+/// What netfilter has on the forward path, node-wide, described.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Netfilter {
+    /// Rules that inspect packets one by one: served through the kernel, they apply.
+    pub stateless: Vec<String>,
+    /// Rules that track connections, or that we cannot read rule by rule: they cannot apply to
+    /// balanced traffic (see the module's doc), and do not change a delivery.
+    pub unservable: Vec<String>,
+}
+
 /// Decides `link`'s delivery under `setting`, given the node-wide netfilter findings.
 pub fn decide(
     setting: PolicyHooks,
     nl: &mut Netlink,
     link: &Link,
-    netfilter: &[String],
+    netfilter: &Netfilter,
 ) -> Delivery {
-    match setting {
-        PolicyHooks::Respect => Delivery {
-            kernel: true,
-            reason: "policy-hooks = \"respect\"".into(),
-        },
-        PolicyHooks::Ignore => Delivery {
-            kernel: false,
-            reason: "policy-hooks = \"ignore\"".into(),
-        },
+    let (kernel, reason) = match setting {
+        PolicyHooks::Respect => (true, "policy-hooks = \"respect\"".to_string()),
+        PolicyHooks::Ignore => (false, "policy-hooks = \"ignore\"".to_string()),
         PolicyHooks::Detect => {
             let mut found = match tc_egress(nl, link) {
                 Ok(found) => found,
                 // Not knowing is treated as finding something: never bypass what may be there.
                 Err(e) => vec![format!("cannot read its TC egress hook ({e})")],
             };
-            found.extend(netfilter.iter().cloned());
+            found.extend(netfilter.stateless.iter().cloned());
             if found.is_empty() {
-                Delivery {
-                    kernel: false,
-                    reason: "no policy hook found".into(),
-                }
+                (false, "no policy hook found".to_string())
             } else {
-                Delivery {
-                    kernel: true,
-                    reason: found.join("; "),
-                }
+                (true, found.join("; "))
             }
         }
+    };
+    let unservable = netfilter.unservable.join("; ");
+    match (kernel, unservable.is_empty()) {
+        (_, true) => Delivery {
+            kernel,
+            reason,
+            warning: None,
+        },
+        (false, false) => Delivery {
+            kernel,
+            reason: format!(
+                "{reason}; not applied to balanced traffic (they track connections, or cannot be read rule by rule): {unservable}"
+            ),
+            warning: None,
+        },
+        (true, false) => Delivery {
+            kernel,
+            reason,
+            warning: Some(format!(
+                "netfilter tracks connections, or cannot be read rule by rule ({unservable}): through the kernel it sees only the client's direction of balanced flows, and a rule that drops INVALID packets (kube-proxy's KUBE-FORWARD unless nf_conntrack_tcp_be_liberal is 1) drops TCP after the SYN"
+            )),
+        },
     }
 }
 
@@ -162,24 +191,24 @@ fn tcx_absent(e: &ProgramError) -> bool {
     matches!(errno, Some(libc::EINVAL | libc::ENODEV | libc::EOPNOTSUPP))
 }
 
-/// Netfilter chains that see forwarded traffic and hold rules, described (node-wide: they see
-/// what is forwarded into every pod). An error reading one source is reported as a finding.
-pub fn netfilter_forward() -> Vec<String> {
+/// Netfilter's rules on the forward path, described (node-wide: they see what is forwarded
+/// into every pod). A source we cannot read is reported as unservable.
+pub fn netfilter_forward() -> Netfilter {
     let mut found = match nft_forward_chains() {
         Ok(found) => found,
-        Err(e) => vec![format!("cannot read nftables ({e})")],
+        Err(e) => Netfilter {
+            unservable: vec![format!("cannot read nftables ({e})")],
+            ..Netfilter::default()
+        },
     };
     for v6 in [false, true] {
+        let tool = if v6 { "ip6tables" } else { "iptables" };
         match legacy_forward_rules(v6) {
-            Ok(Some(n)) if n > 0 => found.push(format!(
-                "{} FORWARD chain (legacy) with {n} rule entries",
-                if v6 { "ip6tables" } else { "iptables" }
+            Ok(Some(n)) if n > 0 => found.unservable.push(format!(
+                "{tool} (legacy) FORWARD chain with rules ({n} bytes)"
             )),
             Ok(_) => {}
-            Err(e) => found.push(format!(
-                "cannot read {} ({e})",
-                if v6 { "ip6tables" } else { "iptables" }
-            )),
+            Err(e) => found.unservable.push(format!("cannot read {tool} ({e})")),
         }
     }
     found
@@ -213,6 +242,10 @@ const NFTA_CHAIN_HOOK: u16 = 4;
 const NFTA_HOOK_HOOKNUM: u16 = 1;
 const NFTA_RULE_TABLE: u16 = 1;
 const NFTA_RULE_CHAIN: u16 = 2;
+const NFTA_RULE_EXPRESSIONS: u16 = 4;
+const NFTA_EXPR_NAME: u16 = 1;
+const NFTA_EXPR_DATA: u16 = 2;
+const NFTA_MATCH_NAME: u16 = 1;
 /// NF_INET_FORWARD.
 const HOOK_FORWARD: u32 = 2;
 /// NFPROTO_INET, NFPROTO_IPV4, NFPROTO_IPV6: the families whose forward hook IP traffic passes.
@@ -221,15 +254,17 @@ const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const NLA_TYPE_MASK: u16 = 0x3fff;
 
-/// "nftables: inet filter forward (3 rules)" for each forward base chain with rules.
-fn nft_forward_chains() -> io::Result<Vec<String>> {
+/// Each forward base chain with rules, described as "nftables chain inet filter forward
+/// (forward hook) with 3 rules", as stateless or (its table tracks connections) unservable.
+fn nft_forward_chains() -> io::Result<Netfilter> {
     let socket = Socket::new(NETLINK_NETFILTER)?;
     let chains = nft_dump(&socket, NFT_MSG_GETCHAIN, 0, &[])?;
-    let mut found = Vec::new();
+    // (family, table) -> its forward base chains.
+    let mut forward: BTreeMap<(u8, String), Vec<String>> = BTreeMap::new();
     for (family, attrs) in chains {
-        let Some((_, family_name)) = FAMILIES.iter().find(|(f, _)| *f == family) else {
+        if !FAMILIES.iter().any(|(f, _)| *f == family) {
             continue;
-        };
+        }
         let (mut table, mut name, mut hook) = (None, None, None);
         for (kind, value) in attributes(&attrs) {
             match kind {
@@ -245,23 +280,75 @@ fn nft_forward_chains() -> io::Result<Vec<String>> {
                 _ => {}
             }
         }
-        let (Some(table), Some(name), Some(HOOK_FORWARD)) = (table, name, hook) else {
-            continue;
-        };
-        let filter = [
-            attribute(NFTA_RULE_TABLE, &table),
-            attribute(NFTA_RULE_CHAIN, &name),
-        ]
-        .concat();
-        let rules = nft_dump(&socket, NFT_MSG_GETRULE, family, &filter)?.len();
-        if rules > 0 {
-            found.push(format!(
-                "nftables chain {family_name} {table} {name} (forward hook) with {rules} rule{}",
-                if rules == 1 { "" } else { "s" }
-            ));
+        if let (Some(table), Some(name), Some(HOOK_FORWARD)) = (table, name, hook) {
+            forward.entry((family, table)).or_default().push(name);
+        }
+    }
+    let mut found = Netfilter::default();
+    for ((family, table), base_chains) in forward {
+        let family_name = FAMILIES
+            .iter()
+            .find(|(f, _)| *f == family)
+            .map_or("?", |(_, n)| n);
+        // Every rule of the table: the forward chains jump to others (kube-proxy's FORWARD to
+        // KUBE-FORWARD, where its conntrack rule is).
+        let rules = nft_dump(
+            &socket,
+            NFT_MSG_GETRULE,
+            family,
+            &attribute(NFTA_RULE_TABLE, &table),
+        )?;
+        let mut tracks = false;
+        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+        for (_, attrs) in &rules {
+            for (kind, value) in attributes(attrs) {
+                match kind {
+                    NFTA_RULE_CHAIN => *counts.entry(c_string(value)).or_default() += 1,
+                    NFTA_RULE_EXPRESSIONS => tracks |= tracks_connections(value),
+                    _ => {}
+                }
+            }
+        }
+        for chain in base_chains {
+            let n = counts.get(&chain).copied().unwrap_or(0);
+            if n == 0 {
+                continue;
+            }
+            let what = format!(
+                "nftables chain {family_name} {table} {chain} (forward hook) with {n} rule{}",
+                if n == 1 { "" } else { "s" }
+            );
+            if tracks {
+                found
+                    .unservable
+                    .push(format!("{what}, its table tracks connections"));
+            } else {
+                found.stateless.push(what);
+            }
         }
     }
     Ok(found)
+}
+
+/// Whether a rule's expressions (NFTA_RULE_EXPRESSIONS) use conntrack: nft's `ct` expression,
+/// or iptables-nft's `conntrack` / `state` match.
+fn tracks_connections(expressions: &[u8]) -> bool {
+    attributes(expressions).into_iter().any(|(_, element)| {
+        let mut name = String::new();
+        let mut data: &[u8] = &[];
+        for (k, v) in attributes(element) {
+            match k {
+                NFTA_EXPR_NAME => name = c_string(v),
+                NFTA_EXPR_DATA => data = v,
+                _ => {}
+            }
+        }
+        name == "ct"
+            || (name == "match"
+                && attributes(data).into_iter().any(|(k, v)| {
+                    k == NFTA_MATCH_NAME && matches!(c_string(v).as_str(), "conntrack" | "state")
+                }))
+    })
 }
 
 /// One nftables dump: the (family, attributes) of each reply message.
@@ -461,6 +548,42 @@ mod tests {
         assert_eq!((parsed[1].0, c_string(parsed[1].1)), (2, "forward".into()));
     }
 
+    /// A nested attribute.
+    fn nest(kind: u16, inner: &[u8]) -> Vec<u8> {
+        let mut a = Vec::new();
+        a.extend_from_slice(&u16::try_from(4 + inner.len()).unwrap().to_ne_bytes());
+        a.extend_from_slice(&(kind | 0x8000).to_ne_bytes());
+        a.extend_from_slice(inner);
+        a.resize((a.len() + 3) & !3, 0);
+        a
+    }
+
+    #[test]
+    fn rules_that_use_conntrack_are_told_apart() {
+        let expression = |name: &str, data: &[u8]| {
+            nest(
+                1,
+                &[attribute(NFTA_EXPR_NAME, name), nest(NFTA_EXPR_DATA, data)].concat(),
+            )
+        };
+        // `ip saddr 10.0.0.11 drop`: payload, cmp, immediate.
+        let stateless = [
+            expression("payload", &[]),
+            expression("cmp", &[]),
+            expression("immediate", &[]),
+        ]
+        .concat();
+        assert!(!tracks_connections(&stateless));
+        // `ct state invalid drop`.
+        let ct = [expression("ct", &[]), expression("cmp", &[])].concat();
+        assert!(tracks_connections(&ct));
+        // iptables-nft's `-m conntrack --ctstate INVALID -j DROP`, and a match that is not.
+        let matched = |m: &str| expression("match", &attribute(NFTA_MATCH_NAME, m));
+        assert!(tracks_connections(&matched("conntrack")));
+        assert!(tracks_connections(&matched("state")));
+        assert!(!tracks_connections(&matched("comment")));
+    }
+
     #[test]
     fn settings_decide_without_looking() {
         let mut nl = Netlink::open().expect("netlink");
@@ -475,10 +598,14 @@ mod tests {
             peer: None,
             xdp: None,
         };
-        let respect = decide(PolicyHooks::Respect, &mut nl, &link, &[]);
+        let respect = decide(PolicyHooks::Respect, &mut nl, &link, &Netfilter::default());
         assert!(respect.kernel);
         assert_eq!(respect.word(), "kernel");
-        let ignore = decide(PolicyHooks::Ignore, &mut nl, &link, &["nft".into()]);
+        let nft = Netfilter {
+            stateless: vec!["nft".into()],
+            unservable: Vec::new(),
+        };
+        let ignore = decide(PolicyHooks::Ignore, &mut nl, &link, &nft);
         assert!(!ignore.kernel);
         assert_eq!(ignore.word(), "redirect");
     }

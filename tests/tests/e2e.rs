@@ -489,6 +489,11 @@ backends = [ {{ address = "fd00:1:1::2", port = {PORT} }} ]
 /// more, the life of the data path's cached next hops (which carry the choice). Returns the
 /// reason the agent gave.
 fn wait_delivery(agent: &AgentProcess, veth: &str, want: &str) -> String {
+    wait_delivery_for(agent, veth, want, "")
+}
+
+/// `wait_delivery`, until the reason also says `saying`.
+fn wait_delivery_for(agent: &AgentProcess, veth: &str, want: &str, saying: &str) -> String {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let status = agent.status().expect("status");
@@ -497,7 +502,11 @@ fn wait_delivery(agent: &AgentProcess, veth: &str, want: &str) -> String {
             .and_then(|a| a.iter().find(|i| i["name"] == veth))
             .cloned()
             .unwrap_or_default();
-        if found["delivery"] == want {
+        if found["delivery"] == want
+            && found["delivery_reason"]
+                .as_str()
+                .is_some_and(|r| r.contains(saying))
+        {
             std::thread::sleep(Duration::from_millis(1200));
             return found["delivery_reason"].as_str().unwrap_or("").to_string();
         }
@@ -697,4 +706,29 @@ fn a_pod_behind_a_cni_policy_filter_is_reached_only_as_the_filter_allows() {
     nft("delete table inet netpol");
     wait_delivery(&s.agent, &veth, "redirect");
     must_reach(blocked, vip, &s.agent);
+
+    // Netfilter that tracks connections (as kube-proxy's FORWARD rules: `ct state invalid
+    // drop`) cannot be served through the kernel: conntrack would see only the client's
+    // direction and drop its ACK as INVALID. Reported, the delivery stays `redirect`, and
+    // connections keep working.
+    nft(&format!(
+        "table inet kp {{\n chain forward {{\n  type filter hook forward priority 0;\n  ct state invalid counter drop\n  ip saddr {blocked} tcp dport {PORT} drop\n }}\n}}\n"
+    ));
+    let reason = wait_delivery_for(&s.agent, &veth, "redirect", "tracks connections");
+    println!("{veth} with a conntrack rule: redirect ({reason})");
+    let before = counter(&s.agent, "pass_policy_hook");
+    must_reach(allowed, vip, &s.agent);
+    must_reach(allowed, snat_vip, &s.agent);
+    assert_eq!(counter(&s.agent, "pass_policy_hook"), before);
+    // With a policy program on the veth as well, the delivery is `kernel` (the policy first),
+    // and the agent warns that TCP will meet the INVALID drop (see README, Policy hooks).
+    tc(&format!(
+        "filter add dev {veth} egress pref 1 bpf da pinned {}",
+        pin.display()
+    ));
+    let reason = wait_delivery_for(&s.agent, &veth, "kernel", "WARNING: netfilter tracks");
+    println!("{veth} with both: kernel ({reason})");
+    tc(&format!("filter del dev {veth} egress pref 1"));
+    nft("delete table inet kp");
+    wait_delivery_for(&s.agent, &veth, "redirect", "no policy hook found");
 }

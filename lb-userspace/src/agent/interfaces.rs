@@ -36,7 +36,8 @@ impl Agent {
                 self.attachments.detach(&iface);
             }
         }
-        self.deliveries = self.decide_deliveries();
+        let deliveries = self.decide_deliveries();
+        self.set_deliveries(deliveries);
         self.write_interfaces()?;
         self.mac_slots =
             write_link_macs(&mut self.maps, &self.interfaces.uplinks, &self.mac_slots)?;
@@ -51,25 +52,34 @@ impl Agent {
         if deliveries == self.deliveries {
             return;
         }
-        for (ifindex, (name, d)) in &deliveries {
-            if self.deliveries.get(ifindex) != Some(&(name.clone(), d.clone())) {
-                info!("{name}: delivery {} ({})", d.word(), d.reason);
-            }
-        }
-        self.deliveries = deliveries;
+        self.set_deliveries(deliveries);
         if let Err(e) = self.write_interfaces() {
             warn!("interfaces: {e:#}");
         }
         self.publish();
     }
 
+    /// Takes `deliveries` as decided, saying each one that changed.
+    fn set_deliveries(&mut self, deliveries: BTreeMap<u32, (String, Delivery)>) {
+        for (ifindex, (name, d)) in &deliveries {
+            if self.deliveries.get(ifindex) != Some(&(name.clone(), d.clone())) {
+                info!("{name}: delivery {} ({})", d.word(), d.reason);
+                if let Some(w) = &d.warning {
+                    warn!("{name}: {w}");
+                }
+            }
+        }
+        self.deliveries = deliveries;
+    }
+
     /// Each backend interface's delivery, by ifindex (with its name).
     fn decide_deliveries(&mut self) -> BTreeMap<u32, (String, Delivery)> {
         let setting = self.inputs.file.node.policy_hooks;
-        let netfilter = if setting == hooks::PolicyHooks::Detect {
+        // Under `respect` too: to warn where netfilter cannot follow balanced flows.
+        let netfilter = if setting != hooks::PolicyHooks::Ignore {
             hooks::netfilter_forward()
         } else {
-            Vec::new()
+            hooks::Netfilter::default()
         };
         let mut out = BTreeMap::new();
         for link in self.interfaces.backends.clone() {
@@ -79,6 +89,7 @@ impl Agent {
                 Delivery {
                     kernel: true,
                     reason: "its pod end takes no redirected frames".into(),
+                    warning: None,
                 }
             };
             out.insert(link.ifindex, (link.name.clone(), d));
