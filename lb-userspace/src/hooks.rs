@@ -184,8 +184,8 @@ fn ours(name: &str) -> bool {
 /// interface that just went (ENODEV; its name no longer resolves).
 fn tcx_absent(e: &ProgramError) -> bool {
     let errno = match e {
-        ProgramError::SyscallError(SyscallError { io_error, .. }) => io_error.raw_os_error(),
-        ProgramError::TcError(TcError::IoError(io_error)) => io_error.raw_os_error(),
+        ProgramError::SyscallError(SyscallError { io_error, .. })
+        | ProgramError::TcError(TcError::IoError(io_error)) => io_error.raw_os_error(),
         _ => None,
     };
     matches!(errno, Some(libc::EINVAL | libc::ENODEV | libc::EOPNOTSUPP))
@@ -399,7 +399,7 @@ fn nft_dump(socket: &Socket, msg: u16, family: u8, attrs: &[u8]) -> io::Result<V
                     return Err(io::Error::from_raw_os_error(-code));
                 }
                 t if t == reply && n >= 20 => {
-                    out.push((buf[at + 16], buf[at + 20..at + n].to_vec()))
+                    out.push((buf[at + 16], buf[at + 20..at + n].to_vec()));
                 }
                 _ => {}
             }
@@ -498,7 +498,7 @@ fn legacy_forward_rules(v6: bool) -> io::Result<Option<u32>> {
         size: 0,
     };
     info.name[..6].copy_from_slice(b"filter");
-    let mut len = std::mem::size_of::<GetInfo>() as libc::socklen_t;
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<GetInfo>()).unwrap_or(0);
     // SAFETY: `info` is a GetInfo of `len` bytes, as the kernel expects for SO_GET_INFO.
     let rc = unsafe {
         libc::getsockopt(
@@ -506,7 +506,7 @@ fn legacy_forward_rules(v6: bool) -> io::Result<Option<u32>> {
             level,
             SO_GET_INFO,
             (&raw mut info).cast(),
-            &mut len,
+            &raw mut len,
         )
     };
     if rc != 0 {

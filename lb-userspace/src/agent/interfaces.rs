@@ -76,10 +76,10 @@ impl Agent {
     fn decide_deliveries(&mut self) -> BTreeMap<u32, (String, Delivery)> {
         let setting = self.inputs.file.node.policy_hooks;
         // Under `respect` too: to warn where netfilter cannot follow balanced flows.
-        let netfilter = if setting != hooks::PolicyHooks::Ignore {
-            hooks::netfilter_forward()
-        } else {
+        let netfilter = if setting == hooks::PolicyHooks::Ignore {
             hooks::Netfilter::default()
+        } else {
+            hooks::netfilter_forward()
         };
         let mut out = BTreeMap::new();
         for link in self.interfaces.backends.clone() {
