@@ -108,7 +108,7 @@ mod programs {
             Some(n) => {
                 // SAFETY: a successful map lookup's pointer is valid and aligned for the value until the program returns.
                 unsafe { *n += 1 };
-                TC_ACT_SHOT as i32
+                TC_ACT_SHOT
             }
             None => NEXT,
         }
