@@ -456,14 +456,17 @@ mod datapath {
     }
 
     /// Applies a flow's rewrite, counts the packet and sends it on to `hop`; without one (no
-    /// neighbour entry, a local destination) the rewritten packet goes to the kernel, which
-    /// forwards it (and decrements the TTL) itself.
+    /// neighbour entry, a local destination), or when its device has a policy hook, the
+    /// rewritten packet goes to the kernel, which forwards it (and decrements the TTL) itself.
+    /// The frame keeps its MACs (addressed to this interface) and VLAN tag, so the kernel takes
+    /// it in as any other.
     #[inline(never)]
     fn send(ctx: &XdpContext, pkt: &Packet, t: &Target, route: Route, next: &Next) -> u32 {
         match route {
             Route::Found => {}
             Route::Neighbour => count(Counter::PassNoNeighbour),
             Route::Local => count(Counter::PassNotRedirectable),
+            Route::PolicyHook => count(Counter::PassPolicyHook),
             Route::Unreachable => return drop_for(t.service, DropReason::NoRoute),
             Route::TooBig => return drop_for(t.service, DropReason::TooBig),
         }

@@ -300,6 +300,9 @@ pub struct NodeSettings {
     /// Services that may claim reserved addresses anyway: config-file service names, and
     /// `namespace/name` of Kubernetes Services.
     pub allow_reserved: Vec<String>,
+    /// How the agent decides whether packets for local pods may skip the hooks on their way in
+    /// (see [`crate::hooks`]).
+    pub policy_hooks: crate::hooks::PolicyHooks,
 }
 
 impl Default for NodeSettings {
@@ -319,6 +322,7 @@ impl Default for NodeSettings {
             default_policy: None,
             reserved_ranges: Vec::new(),
             allow_reserved: Vec::new(),
+            policy_hooks: crate::hooks::PolicyHooks::Detect,
         }
     }
 }
