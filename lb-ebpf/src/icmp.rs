@@ -91,7 +91,9 @@ fn echo_reply(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
         let check = icmp.add(ICMP_CHECK);
         store(
             check,
-            Delta::ZERO.u16(old_type, new_type).apply(load(check)),
+            Delta::ZERO
+                .u16(old_type, new_type)
+                .apply_nonzero(load(check)),
         );
         store(icmp, new_type);
     }
