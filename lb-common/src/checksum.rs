@@ -69,17 +69,26 @@ impl Delta {
         !fold64(sum)
     }
 
+    /// Like [`Delta::apply`], but a computed 0 is written as 0xffff, the other zero of one's
+    /// complement: it verifies wherever 0 does, and also when every other covered word is 0
+    /// (an ICMP echo reply of zeros, where the update formula yields 0, which does not verify).
+    /// Both values read the same in either byte order.
+    #[inline(always)]
+    pub fn apply_nonzero(self, check: u16) -> u16 {
+        match self.apply(check) {
+            0 => 0xffff,
+            c => c,
+        }
+    }
+
     /// Like [`Delta::apply`] for an IPv4 UDP checksum: 0 means "no checksum" and stays 0; a
-    /// computed 0 is sent as 0xffff (RFC 768). Both values read the same in either byte order.
+    /// computed 0 is sent as 0xffff (RFC 768).
     #[inline(always)]
     pub fn apply_udp(self, check: u16) -> u16 {
         if check == 0 {
             return 0;
         }
-        match self.apply(check) {
-            0 => 0xffff,
-            c => c,
-        }
+        self.apply_nonzero(check)
     }
 
     /// The change as a 32-bit one's-complement sum: the kernel's `__wsum`, which
@@ -246,5 +255,28 @@ mod tests {
         let d = Delta::ZERO.u16(0, check);
         assert_eq!(d.apply(check), 0);
         assert_eq!(d.apply_udp(check), 0xffff);
+    }
+
+    /// An ICMP echo request of zeros (type 8, everything else 0) turned into a reply: every
+    /// word of the reply is 0, so only 0xffff verifies, and the update formula gives 0.
+    #[test]
+    fn an_echo_reply_of_zeros_gets_the_checksum_that_verifies() {
+        let request = [8u8, 0, 0, 0, 0, 0, 0, 0];
+        let check = full(&request, 2, 0);
+        let mut reply = request;
+        reply[0] = 0;
+        let d = Delta::ZERO.u16(word(&request, 0), word(&reply, 0));
+        assert_eq!(
+            d.apply(check),
+            0,
+            "the formula's zero: the case this is about"
+        );
+        let c = d.apply_nonzero(check).to_ne_bytes();
+        reply[2..4].copy_from_slice(&c);
+        assert_eq!(
+            checksum(&reply, 0),
+            [0, 0],
+            "a packet that verifies sums to all ones"
+        );
     }
 }

@@ -557,6 +557,9 @@ const _: () = assert!(core::mem::size_of::<Hop>() == 40);
 
 /// `Hop::vlan`: a VLAN tag is to be pushed.
 pub const HOP_VLAN: u16 = 0x8000;
+/// `Hop::vlan`: the egress device has a policy hook ([`IFACE_POLICY_HOOK`]): the kernel
+/// delivers the packet.
+pub const HOP_POLICY_HOOK: u16 = 0x4000;
 
 /// The period a cached next hop is used for: about a second (2^30 ns).
 #[inline(always)]
@@ -569,17 +572,24 @@ pub const fn hop_epoch(now_ns: u64) -> u32 {
 }
 
 // ---------------------------------------------------------------------------------------------
-// LB_IFACES: VLAN devices on top of attached interfaces, so a frame can leave tagged.
+// LB_IFACES: what the data path must know of an egress device the FIB names: VLAN devices on
+// top of attached interfaces (so a frame can leave tagged), and devices with a policy hook.
 // ---------------------------------------------------------------------------------------------
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Iface {
-    /// Ifindex of the device the VLAN device sits on.
+    /// Ifindex of the device the VLAN device sits on; 0: not a VLAN device.
     pub parent: u32,
     /// VLAN id, host byte order.
     pub vlan_id: u16,
-    pub _pad: u16,
+    /// IFACE_* bits.
+    pub flags: u16,
 }
+
+/// `Iface::flags`: something else inspects what the kernel sends out of this device (a TC
+/// egress program or filter of another owner, such as a CNI's network policy, or netfilter):
+/// packets to it are handed to the kernel, never redirected past those hooks.
+pub const IFACE_POLICY_HOOK: u16 = 1;
 const _: () = assert!(core::mem::size_of::<Iface>() == 8);
 
 // ---------------------------------------------------------------------------------------------

@@ -88,6 +88,10 @@ counters! {
     SourcesCreated = "sources_created",
     /// A tail call to a slow path failed (program array not filled): packet dropped.
     TailCallFailed = "tail_call_failed",
+    /// The next hop is an interface with a policy hook (a pod veth whose TC egress or netfilter
+    /// inspects what enters the pod): passed to the kernel (rewritten), which delivers it
+    /// through those hooks.
+    PassPolicyHook = "pass_policy_hook",
 }
 
 #[allow(

@@ -208,7 +208,7 @@ pub fn choose(src: &Addr, svc: &Service, hash: u32, now_ns: u64) -> bool {
             };
             let c = &mut s.choice;
             c.backend_id = id;
-            c.backend = *b;
+            crate::mem::copy(&mut c.backend, b);
             c.remember = remember;
             c.now_ns = now_ns;
             true

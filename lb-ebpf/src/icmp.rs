@@ -91,7 +91,9 @@ fn echo_reply(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
         let check = icmp.add(ICMP_CHECK);
         store(
             check,
-            Delta::ZERO.u16(old_type, new_type).apply(load(check)),
+            Delta::ZERO
+                .u16(old_type, new_type)
+                .apply_nonzero(load(check)),
         );
         store(icmp, new_type);
     }
@@ -222,7 +224,7 @@ fn translate_error<F: Family>(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
     let mut next = Next::NONE;
     let forwarded = match nexthop::route(&fib, &outer, pkt.len, now_ns, &mut next) {
         Route::Found => true,
-        Route::Neighbour | Route::Local => false,
+        Route::Neighbour | Route::Local | Route::PolicyHook => false,
         Route::Unreachable => return Some(drop_for(t.service, DropReason::NoRoute)),
         Route::TooBig => return Some(drop_for(t.service, DropReason::TooBig)),
     };

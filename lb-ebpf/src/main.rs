@@ -262,6 +262,8 @@ mod datapath {
             return xdp_action::XDP_DROP;
         };
         let (t, flags, now_ns) = (&s.target, s.flags, s.now);
+        // The next hop goes to scratch memory too: a struct on the stack would be zeroed
+        // first (see mem.rs), and `route` writes what `send` reads.
         if flags & FLOW_RESET != 0 && pkt.proto == IPPROTO_TCP {
             return tcp::reset(ctx, pkt);
         }
@@ -278,15 +280,14 @@ mod datapath {
             }
         }
         let fib = fib_of(ctx, pkt);
-        let mut next = Next::NONE;
         let route = nexthop::route(
             &fib,
             &[t.tuple.src, t.tuple.dst],
             pkt.len,
             now_ns,
-            &mut next,
+            &mut s.next,
         );
-        send(ctx, pkt, t, route, &next)
+        send(ctx, pkt, t, route, &s.next)
     }
 
     #[inline(always)]
@@ -455,14 +456,17 @@ mod datapath {
     }
 
     /// Applies a flow's rewrite, counts the packet and sends it on to `hop`; without one (no
-    /// neighbour entry, a local destination) the rewritten packet goes to the kernel, which
-    /// forwards it (and decrements the TTL) itself.
+    /// neighbour entry, a local destination), or when its device has a policy hook, the
+    /// rewritten packet goes to the kernel, which forwards it (and decrements the TTL) itself.
+    /// The frame keeps its MACs (addressed to this interface) and VLAN tag, so the kernel takes
+    /// it in as any other.
     #[inline(never)]
     fn send(ctx: &XdpContext, pkt: &Packet, t: &Target, route: Route, next: &Next) -> u32 {
         match route {
             Route::Found => {}
             Route::Neighbour => count(Counter::PassNoNeighbour),
             Route::Local => count(Counter::PassNotRedirectable),
+            Route::PolicyHook => count(Counter::PassPolicyHook),
             Route::Unreachable => return drop_for(t.service, DropReason::NoRoute),
             Route::TooBig => return drop_for(t.service, DropReason::TooBig),
         }
@@ -513,6 +517,8 @@ mod flow;
 mod icmp;
 #[cfg(target_arch = "bpf")]
 mod maps;
+#[cfg(target_arch = "bpf")]
+mod mem;
 #[cfg(target_arch = "bpf")]
 mod nexthop;
 #[cfg(target_arch = "bpf")]

@@ -2,15 +2,16 @@
 //! (bpf_fib_lookup), cached per CPU and destination for about a second (LB_HOPS); then XDP_TX
 //! when it leaves where it came in, XDP_REDIRECT through LB_DEVMAP otherwise. When the kernel
 //! cannot tell us enough (no neighbour entry yet, a local destination, a device we may not
-//! redirect to) the rewritten packet goes to the kernel, which forwards it itself; each such case
-//! is counted.
+//! redirect to), or when the egress device has a policy hook that a redirect would skip (the
+//! agent marks such devices in LB_IFACES), the rewritten packet goes to the kernel, which
+//! forwards it itself; each such case is counted.
 use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibParams, xdp_action},
     helpers::generated::{bpf_fib_lookup, bpf_xdp_adjust_head},
     programs::XdpContext,
 };
 use lb_common::{
-    Addr, Counter, HOP_SLOTS, HOP_VLAN, Hop,
+    Addr, Counter, HOP_POLICY_HOOK, HOP_SLOTS, HOP_VLAN, Hop, IFACE_POLICY_HOOK,
     hash::addr_hash,
     hop_epoch,
     net::{
@@ -60,6 +61,10 @@ pub enum Route {
     Unreachable,
     /// Larger than the route's MTU (`Next::mtu`).
     TooBig,
+    /// The next hop is out of a device whose egress hooks (a CNI's network policy, netfilter)
+    /// must see the packet: the kernel forwards it, through them. `Next` is filled as for
+    /// `Found`.
+    PolicyHook,
 }
 
 impl Route {
@@ -71,6 +76,7 @@ impl Route {
             1 => Route::Neighbour,
             2 => Route::Local,
             4 => Route::TooBig,
+            5 => Route::PolicyHook,
             _ => Route::Unreachable,
         }
     }
@@ -101,14 +107,14 @@ pub fn route(fib: &Fib, addrs: &[Addr; 2], len: u32, now_ns: u64, next: &mut Nex
         next.ifindex = hop.ifindex;
         next.vlan = hop.vlan;
         next.macs = hop.macs;
-        return Route::Found;
+        return found(hop.vlan);
     }
     let Some(scratch) = scratch() else {
         return Route::Unreachable;
     };
     let p = &mut scratch.fib;
-    // SAFETY: FibParams is a C struct of integers and unions of integers: all zeroes is a valid value.
-    *p = unsafe { core::mem::zeroed() };
+    // FibParams is a C struct of integers and unions of integers: all zeroes is a value.
+    crate::mem::zero(p);
     p.ifindex = fib.ifindex;
     p.__bindgen_anon_1.tot_len = len.min(0xffff) as u16;
     if fib.v6 {
@@ -139,11 +145,17 @@ pub fn route(fib: &Fib, addrs: &[Addr; 2], len: u32, now_ns: u64, next: &mut Nex
     }
     let mut ifindex = p.ifindex;
     let mut vlan = 0;
-    // A VLAN device: send tagged out of the device it sits on.
-    // SAFETY: the entry is copied out at once; the agent writes this map only when VLAN devices change.
+    // SAFETY: the entry is copied out at once; the agent writes this map only when interfaces
+    // or their hooks change.
     if let Some(v) = unsafe { LB_IFACES.get(&ifindex) } {
-        ifindex = v.parent;
-        vlan = HOP_VLAN | (v.vlan_id & 0x0fff);
+        if v.flags & IFACE_POLICY_HOOK != 0 {
+            vlan = HOP_POLICY_HOOK;
+        }
+        // A VLAN device: send tagged out of the device it sits on.
+        if v.parent != 0 {
+            ifindex = v.parent;
+            vlan |= HOP_VLAN | (v.vlan_id & 0x0fff);
+        }
     }
     next.ifindex = ifindex;
     next.vlan = vlan;
@@ -161,7 +173,17 @@ pub fn route(fib: &Fib, addrs: &[Addr; 2], len: u32, now_ns: u64, next: &mut Nex
         vlan,
         len_ok,
     };
-    Route::Found
+    found(vlan)
+}
+
+/// A next hop that was found: `Found`, or `PolicyHook` when its device has one.
+#[inline(always)]
+fn found(vlan: u16) -> Route {
+    if vlan & HOP_POLICY_HOOK != 0 {
+        Route::PolicyHook
+    } else {
+        Route::Found
+    }
 }
 
 /// The FIB result's MACs as 16-bit words: they sit at offsets 52 and 58, where a merged 32-bit

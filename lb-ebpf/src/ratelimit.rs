@@ -293,7 +293,7 @@ pub fn commit() {
     };
     // SAFETY: a map value, ours while its tag is BUSY.
     let slot = unsafe { &mut *slot };
-    slot.key = p.key;
+    crate::mem::copy(&mut slot.key, &p.key);
     slot.dropped = 0;
     slot.packets = Bucket::first_packet(&policy.packets, now);
     slot.connections = if p.new_flow != 0 {

@@ -202,6 +202,17 @@ fn reply(ctx: &TcContext, pkt: &Packet, ports: &Ports) -> i32 {
             count(Counter::PassNotRedirectable);
             TCX_NEXT
         }
+        Route::PolicyHook => {
+            // Another pod's veth with a policy hook: the kernel routes the packet there, through
+            // that veth's TC egress and netfilter.
+            if rewrite(ctx, pkt, t, false).is_none() {
+                count(Counter::DropMalformed);
+                return TC_ACT_SHOT;
+            }
+            count_reply(t, pkt.len);
+            count(Counter::PassPolicyHook);
+            TCX_NEXT
+        }
         Route::Unreachable => {
             count_service_drop(t.service, DropReason::NoRoute);
             TC_ACT_SHOT

@@ -11,6 +11,9 @@
 //!   sequence if asked, then tail-calls the program under test in BENCH_TARGET slot 0;
 //! - `bench_gen`: the traffic generator for BPF_PROG_RUN live-frames mode: the same frame
 //!   preparation, then XDP_TX (the kernel transmits the frame out of the ctx's ingress device);
+//! - `tc_deny`: a TC classifier (direct action) that drops IPv4 packets from the sources listed
+//!   in TOOLS_DENY and lets the rest go on: the tests' stand-in for a CNI's network policy
+//!   program on a pod's host veth;
 //! - `bench_fib`, `bench_lookup`, `bench_insert`: single operations of the data path, as
 //!   targets of `bench_wrap`, to tell what its cost is made of: a bpf_fib_lookup for the frame's
 //!   IPv4 addresses; a lookup and an insert of a 40-byte key (the size of a flow key: the
@@ -36,11 +39,11 @@
 #[cfg(target_arch = "bpf")]
 mod programs {
     use aya_ebpf::{
-        bindings::{bpf_fib_lookup as FibParams, xdp_action},
+        bindings::{TC_ACT_SHOT, bpf_fib_lookup as FibParams, xdp_action},
         helpers::generated::bpf_fib_lookup,
-        macros::{map, xdp},
-        maps::{Array, LruHashMap, PerCpuArray, ProgramArray},
-        programs::XdpContext,
+        macros::{classifier, map, xdp},
+        maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray},
+        programs::{TcContext, XdpContext},
     };
 
     /// [frames, bytes] seen by `xdp_count` and `xdp_sink`.
@@ -85,6 +88,31 @@ mod programs {
     /// Slot 0: the program under test (the data path's `lb_uplink`, or `xdp_tx` for the floor).
     #[map]
     static BENCH_TARGET: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+    /// IPv4 sources `tc_deny` drops (address as on the wire), with a count of drops.
+    #[map]
+    static TOOLS_DENY: HashMap<u32, u64> = HashMap::with_max_entries(16, 0);
+
+    #[classifier]
+    pub fn tc_deny(ctx: TcContext) -> i32 {
+        // TCX_NEXT (classic: TC_ACT_UNSPEC): whatever else is on the hook decides.
+        const NEXT: i32 = -1;
+        // An untagged IPv4 frame's EtherType and source address.
+        if ctx.load::<u16>(12).ok() != Some(0x0800u16.to_be()) {
+            return NEXT;
+        }
+        let Ok(src) = ctx.load::<u32>(26) else {
+            return NEXT;
+        };
+        match TOOLS_DENY.get_ptr_mut(&src) {
+            Some(n) => {
+                // SAFETY: a successful map lookup's pointer is valid and aligned for the value until the program returns.
+                unsafe { *n += 1 };
+                TC_ACT_SHOT
+            }
+            None => NEXT,
+        }
+    }
 
     #[xdp]
     pub fn xdp_pass(_ctx: XdpContext) -> u32 {

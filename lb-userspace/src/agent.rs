@@ -79,6 +79,8 @@ pub struct Agent {
     _lock: File,
     /// Backend veths (ifindex, name) and whether their pod end takes redirected frames.
     pod_ends: BTreeMap<(u32, String), bool>,
+    /// Each backend interface's delivery (by ifindex, with its name), as last decided.
+    deliveries: BTreeMap<u32, (String, crate::hooks::Delivery)>,
     /// LB_MACS slots written (the uplinks' MACs).
     mac_slots: std::collections::BTreeSet<u32>,
     health: Health,
@@ -141,6 +143,7 @@ impl Agent {
             composed: None,
             _lock: lock,
             pod_ends: BTreeMap::new(),
+            deliveries: BTreeMap::new(),
             mac_slots: std::collections::BTreeSet::new(),
             health: Health::default(),
             publisher,
@@ -282,6 +285,8 @@ impl Agent {
                 self.health.reloads_applied += 1;
                 self.health.last_error = None;
                 info!("applied {}: {}", path.display(), describe(&r));
+                // `policy-hooks` may have changed.
+                self.check_policy_hooks();
             }
             Err(e) => {
                 self.inputs.file = previous;
@@ -431,12 +436,20 @@ impl Agent {
             interfaces: self
                 .attachments
                 .iter()
-                .map(|a| InterfaceLabel {
-                    name: a.iface.clone(),
-                    ifindex: a.ifindex,
-                    program: a.program.to_string(),
-                    hook: hook(a.mode),
-                    note: a.note.clone(),
+                .map(|a| {
+                    let delivery = self.deliveries.get(&a.ifindex).map(|(_, d)| d);
+                    InterfaceLabel {
+                        name: a.iface.clone(),
+                        ifindex: a.ifindex,
+                        program: a.program.to_string(),
+                        hook: hook(a.mode),
+                        note: a.note.clone(),
+                        delivery: delivery.map(|d| d.word().to_string()),
+                        delivery_reason: delivery.map(|d| match &d.warning {
+                            Some(w) => format!("{}; WARNING: {w}", d.reason),
+                            None => d.reason.clone(),
+                        }),
+                    }
                 })
                 .collect(),
             policies: self.reconciler.policy_names(),

@@ -12,6 +12,8 @@
 //!                                  # addresses, loopback, link-local: always reserved)
 //! allow-reserved = ["kube-system/ingress"]  # services allowed them anyway
 //! prefer-same-zone = false         # Kubernetes: same zone first for Services that ask nothing
+//! policy-hooks = "detect"          # "respect": local pods always through the kernel's hooks;
+//!                                  # "ignore": always redirected in XDP (README, Policy hooks)
 //!
 //! [rate-limits.default]
 //! packets-per-second = 1000
@@ -45,6 +47,7 @@ use serde::Deserialize;
 use toml::{Spanned, de::DeValue};
 
 use crate::{
+    hooks::PolicyHooks,
     maglev::MAX_WEIGHT,
     model::{
         Backend, Cidr, DEFAULT_IPV6_PREFIX, Desired, Frontend, Limits, Mode, NodeSettings, Origin,
@@ -128,6 +131,8 @@ struct RawNode {
     #[serde(default)]
     allow_reserved: Vec<String>,
     prefer_same_zone: Option<bool>,
+    #[serde(default)]
+    policy_hooks: PolicyHooks,
 }
 
 #[derive(Deserialize)]
@@ -332,6 +337,7 @@ impl RawNode {
             reserved_ranges,
             allow_reserved: self.allow_reserved.clone(),
             prefer_same_zone: self.prefer_same_zone.unwrap_or(d.prefer_same_zone),
+            policy_hooks: self.policy_hooks,
         })
     }
 }
@@ -780,6 +786,26 @@ protocol = "udp"
 mode = "preserve-client-ip"
 backends = [{ address = "fd00:1:1::2" }]
 "#;
+
+    #[test]
+    fn policy_hooks_default_to_detect_and_take_three_words() {
+        let d = parse(Path::new("lb.toml"), GOOD).unwrap();
+        assert_eq!(d.node.policy_hooks, PolicyHooks::Detect);
+        for (word, want) in [
+            ("detect", PolicyHooks::Detect),
+            ("respect", PolicyHooks::Respect),
+            ("ignore", PolicyHooks::Ignore),
+        ] {
+            let text = format!("[node]\npolicy-hooks = \"{word}\"\n");
+            let d = parse(Path::new("lb.toml"), &text).unwrap();
+            assert_eq!(d.node.policy_hooks, want);
+        }
+        let e = err("[node]\npolicy-hooks = \"sometimes\"\n");
+        assert!(
+            e.starts_with("lb.toml:2: node.policy-hooks") && e.contains("sometimes"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn good_config_becomes_the_desired_state() {

@@ -281,6 +281,8 @@ pub fn load_tools() -> std::result::Result<Ebpf, DataplaneError> {
         let prog = program_mut(&mut ebpf, name)?;
         load_program(name, || prog.load())?;
     }
+    let prog = classifier_mut(&mut ebpf, "tc_deny")?;
+    load_program("tc_deny", || prog.load())?;
     Ok(ebpf)
 }
 
@@ -790,18 +792,18 @@ impl Tables for Maps {
     fn remove_redirect(&mut self, ifindex: u32) -> Result<()> {
         ignore_missing(self.devmap.remove(ifindex)).map_err(|e| map_err(MAP_DEVMAP, e))
     }
-    fn vlans(&self) -> Result<BTreeMap<u32, Iface>> {
+    fn ifaces(&self) -> Result<BTreeMap<u32, Iface>> {
         self.ifaces
             .iter()
             .collect::<std::result::Result<_, _>>()
             .map_err(|e| map_err(MAP_IFACES, e))
     }
-    fn set_vlan(&mut self, ifindex: u32, vlan: &Iface) -> Result<()> {
+    fn set_iface(&mut self, ifindex: u32, iface: &Iface) -> Result<()> {
         self.ifaces
-            .insert(ifindex, vlan, 0)
+            .insert(ifindex, iface, 0)
             .map_err(|e| map_err(MAP_IFACES, e))
     }
-    fn remove_vlan(&mut self, ifindex: u32) -> Result<()> {
+    fn remove_iface(&mut self, ifindex: u32) -> Result<()> {
         ignore_missing(self.ifaces.remove(&ifindex)).map_err(|e| map_err(MAP_IFACES, e))
     }
     fn config(&self) -> Option<Config> {

@@ -10,6 +10,7 @@ pub mod dataplane;
 pub mod error;
 pub mod flow;
 pub mod health;
+pub mod hooks;
 pub mod k8s;
 pub mod maglev;
 pub mod metrics;

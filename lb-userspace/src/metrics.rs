@@ -472,6 +472,21 @@ fn agent_metrics(r: &mut Registry, view: &AgentView) {
             ])
             .set(1);
     }
+    let delivery = gauge_family(
+        r,
+        "interface_delivery",
+        "Backend interfaces by how packets for their local backends are delivered: redirect (in XDP, straight into the interface) or kernel (handed to the kernel, which sends them through the interface's policy hooks: TC egress, netfilter)",
+    );
+    for i in &view.interfaces {
+        if let Some(d) = &i.delivery {
+            delivery
+                .get_or_create(&vec![
+                    ("interface", escaped(&i.name)),
+                    ("delivery", d.clone()),
+                ])
+                .set(1);
+        }
+    }
 }
 
 fn kubernetes_metrics(r: &mut Registry, k: &KubeHealth, sync_latency: Option<&Histogram>) {

@@ -305,6 +305,9 @@ pub struct NodeSettings {
     /// zone while it has ready endpoints ([`crate::k8s::topology`]).
     #[serde(default)]
     pub prefer_same_zone: bool,
+    /// How the agent decides whether packets for local pods may skip the hooks on their way in
+    /// (see [`crate::hooks`]).
+    pub policy_hooks: crate::hooks::PolicyHooks,
 }
 
 impl Default for NodeSettings {
@@ -325,6 +328,7 @@ impl Default for NodeSettings {
             reserved_ranges: Vec::new(),
             allow_reserved: Vec::new(),
             prefer_same_zone: false,
+            policy_hooks: crate::hooks::PolicyHooks::Detect,
         }
     }
 }

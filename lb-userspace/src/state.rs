@@ -92,6 +92,12 @@ pub struct InterfaceLabel {
     #[serde(alias = "mode")]
     pub hook: String,
     pub note: Option<String>,
+    /// For a backend interface: how packets for its local backends are delivered, "redirect"
+    /// (in XDP) or "kernel" (through its policy hooks), and why.
+    #[serde(default)]
+    pub delivery: Option<String>,
+    #[serde(default)]
+    pub delivery_reason: Option<String>,
 }
 
 pub fn path(state_dir: &Path) -> PathBuf {

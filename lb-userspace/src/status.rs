@@ -345,7 +345,7 @@ fn render_agent(out: &mut String, s: &Status) {
     for i in &s.interfaces {
         let _ = writeln!(
             out,
-            "  {} (ifindex {}): {} at {}{}",
+            "  {} (ifindex {}): {} at {}{}{}",
             i.name,
             i.ifindex,
             i.program,
@@ -353,6 +353,13 @@ fn render_agent(out: &mut String, s: &Status) {
             i.note
                 .as_deref()
                 .map(|n| format!(" — {n}"))
+                .unwrap_or_default(),
+            i.delivery
+                .as_deref()
+                .map(|d| format!(
+                    "; delivery {d} ({})",
+                    i.delivery_reason.as_deref().unwrap_or("")
+                ))
                 .unwrap_or_default()
         );
     }

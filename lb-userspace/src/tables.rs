@@ -79,10 +79,11 @@ pub trait Tables {
     fn redirects(&self) -> Result<BTreeSet<u32>>;
     fn set_redirect(&mut self, ifindex: u32) -> Result<()>;
     fn remove_redirect(&mut self, ifindex: u32) -> Result<()>;
-    /// VLAN devices on uplinks, by ifindex.
-    fn vlans(&self) -> Result<BTreeMap<u32, Iface>>;
-    fn set_vlan(&mut self, ifindex: u32, vlan: &Iface) -> Result<()>;
-    fn remove_vlan(&mut self, ifindex: u32) -> Result<()>;
+    /// What the data path knows of egress devices, by ifindex (LB_IFACES): VLAN devices on
+    /// uplinks, interfaces with a policy hook.
+    fn ifaces(&self) -> Result<BTreeMap<u32, Iface>>;
+    fn set_iface(&mut self, ifindex: u32, iface: &Iface) -> Result<()>;
+    fn remove_iface(&mut self, ifindex: u32) -> Result<()>;
     /// Tells the data path the MAC of an interface lb_uplink runs on (slot: ifindex % MAC_SLOTS).
     fn set_link_mac(&mut self, slot: u32, mac: &LinkMac) -> Result<()>;
 
@@ -123,8 +124,8 @@ pub enum Write {
     SetOverflow(u32),
     SetRedirect(u32),
     RemoveRedirect(u32),
-    SetVlan(u32),
-    RemoveVlan(u32),
+    SetIface(u32),
+    RemoveIface(u32),
     SetLinkMac(u32),
     SetFlow(FlowId),
     RemoveFlow(FlowId),
@@ -146,7 +147,7 @@ pub struct MemoryTables {
     /// Tracked rate-limit sources (the data path makes them; tests put some here).
     pub sources: Vec<Source>,
     pub redirects: BTreeSet<u32>,
-    pub vlans: BTreeMap<u32, Iface>,
+    pub ifaces: BTreeMap<u32, Iface>,
     pub macs: BTreeMap<u32, LinkMac>,
     pub flows: HashMap<FlowId, FlowEntry>,
     pub log: Vec<Write>,
@@ -167,7 +168,7 @@ impl Default for MemoryTables {
             service_info: BTreeMap::new(),
             sources: Vec::new(),
             redirects: BTreeSet::new(),
-            vlans: BTreeMap::new(),
+            ifaces: BTreeMap::new(),
             macs: BTreeMap::new(),
             flows: HashMap::new(),
             log: Vec::new(),
@@ -291,17 +292,17 @@ impl Tables for MemoryTables {
         self.log.push(Write::RemoveRedirect(ifindex));
         Ok(())
     }
-    fn vlans(&self) -> Result<BTreeMap<u32, Iface>> {
-        Ok(self.vlans.clone())
+    fn ifaces(&self) -> Result<BTreeMap<u32, Iface>> {
+        Ok(self.ifaces.clone())
     }
-    fn set_vlan(&mut self, ifindex: u32, vlan: &Iface) -> Result<()> {
-        self.vlans.insert(ifindex, *vlan);
-        self.log.push(Write::SetVlan(ifindex));
+    fn set_iface(&mut self, ifindex: u32, iface: &Iface) -> Result<()> {
+        self.ifaces.insert(ifindex, *iface);
+        self.log.push(Write::SetIface(ifindex));
         Ok(())
     }
-    fn remove_vlan(&mut self, ifindex: u32) -> Result<()> {
-        self.vlans.remove(&ifindex);
-        self.log.push(Write::RemoveVlan(ifindex));
+    fn remove_iface(&mut self, ifindex: u32) -> Result<()> {
+        self.ifaces.remove(&ifindex);
+        self.log.push(Write::RemoveIface(ifindex));
         Ok(())
     }
     fn set_link_mac(&mut self, slot: u32, mac: &LinkMac) -> Result<()> {

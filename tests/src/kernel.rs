@@ -18,10 +18,12 @@ use std::{net::IpAddr, process::Command};
 use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf,
+    maps::{PerCpuArray, PerCpuValues},
     programs::{TestRun, TestRunOptions},
 };
 use lb_common::{
-    Addr, Counter, Flow4, Flow6, FlowAddr, FlowKey4, FlowKey6, Iface, LinkMac, MAC_SLOTS, V4,
+    Addr, Counter, Flow4, Flow6, FlowAddr, FlowKey4, FlowKey6, Hop, IFACE_POLICY_HOOK, Iface,
+    LinkMac, MAC_SLOTS, V4,
 };
 use lb_userspace::{
     dataplane::{self, Maps, Sizes},
@@ -97,7 +99,7 @@ impl Fixture {
                 Iface {
                     parent: up0,
                     vlan_id: 100,
-                    _pad: 0,
+                    flags: 0,
                 },
                 0,
             )
@@ -273,6 +275,32 @@ impl Fixture {
     /// Flow-table entries of both families.
     pub fn flow_count(&self) -> usize {
         self.maps.flows4.keys().count() + self.maps.flows6.keys().count()
+    }
+
+    /// Marks pod0 as having a policy hook (as the agent does for a veth with another owner's
+    /// TC egress program), or not; and forgets the cached next hops, which carry the mark.
+    pub fn set_policy_hook(&mut self, on: bool) -> Result<()> {
+        let pod0 = self.pod0;
+        if on {
+            let iface = Iface {
+                parent: 0,
+                vlan_id: 0,
+                flags: IFACE_POLICY_HOOK,
+            };
+            self.maps.set_iface(pod0, &iface)?;
+        } else {
+            self.maps.remove_iface(pod0)?;
+        }
+        let mut hops: PerCpuArray<_, Hop> = PerCpuArray::try_from(
+            self.ebpf
+                .map_mut(lb_common::MAP_HOPS)
+                .context("no hop cache map")?,
+        )?;
+        let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
+        for slot in 0..lb_common::HOP_SLOTS {
+            hops.set(slot, PerCpuValues::try_from(vec![Hop::default(); cpus])?, 0)?;
+        }
+        Ok(())
     }
 
     pub fn tables(&mut self) -> &mut dyn Tables {

@@ -68,6 +68,35 @@ fn adversarial_frames_get_only_what_the_spec_allows() {
     );
 }
 
+/// The same contract when the local pod's veth has a policy hook: what went into the veth is
+/// now passed to the kernel rewritten, and everything else the spec says still holds.
+#[test]
+fn adversarial_frames_with_a_policy_hook_on_the_pod_veth_get_only_what_the_spec_allows() {
+    if !require_root() {
+        return;
+    }
+    let frames = std::env::var("ADVERSARIAL_FRAMES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(FRAMES / 4);
+    let mut lab = lab();
+    lab.fx.set_policy_hook(true).expect("policy hook");
+    let (report, elapsed) = fuzz(&mut lab, frames, SEED ^ 0x9001);
+    report.print(elapsed);
+    let passed = lab.fx.counter(lb_common::Counter::PassPolicyHook);
+    println!("passed to the kernel through the policy hook: {passed}");
+    assert!(
+        passed > 100,
+        "frames for the local pod reached the mark: {passed}"
+    );
+    let violations = report.violations();
+    assert!(
+        violations == 0,
+        "{violations} violations of DATAPATH-SPEC.md in {} frames (summary and examples above)",
+        report.frames
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Helpers of the regression fixtures.
 // ---------------------------------------------------------------------------------------------

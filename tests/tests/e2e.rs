@@ -25,7 +25,7 @@ struct Setup {
     agent: AgentProcess,
     servers: Vec<BackendServer>,
     lab: Lab,
-    _bpffs: Bpffs,
+    bpffs: Bpffs,
 }
 
 fn setup(name: &str, config: &str, options: AgentOptions) -> Setup {
@@ -37,7 +37,7 @@ fn setup(name: &str, config: &str, options: AgentOptions) -> Setup {
         agent,
         servers,
         lab,
-        _bpffs: bpffs,
+        bpffs,
     }
 }
 
@@ -437,4 +437,364 @@ fn pods_without_xdp_get_redirected_frames_once_the_agent_turns_gro_on() {
         status["counters"]["xdp_redirect"].as_u64().unwrap_or(0) >= 100,
         "redirected, not handed to the kernel: {status:#}"
     );
+}
+
+/// Services over pod1 alone, for the policy-hook test: one preserving client addresses, one snat.
+const HOOK_VIP: &str = "10.96.0.12";
+const HOOK_SNAT_VIP: &str = "10.96.0.13";
+const HOOK_VIP6: &str = "fd00:96::12";
+const HOOK_SNAT_VIP6: &str = "fd00:96::13";
+
+fn hook_config(setting: &str) -> String {
+    format!(
+        r#"
+[node]
+hash-seed = 42
+policy-hooks = "{setting}"
+
+[[services]]
+name = "hooked"
+vip = "{HOOK_VIP}"
+port = 80
+protocol = "tcp"
+mode = "preserve-client-ip"
+backends = [ {{ address = "10.1.1.2", port = {PORT} }} ]
+
+[[services]]
+name = "hooked-snat"
+vip = "{HOOK_SNAT_VIP}"
+port = 80
+protocol = "tcp"
+backends = [ {{ address = "10.1.1.2", port = {PORT} }} ]
+
+[[services]]
+name = "hooked6"
+vip = "{HOOK_VIP6}"
+port = 80
+protocol = "tcp"
+mode = "preserve-client-ip"
+backends = [ {{ address = "fd00:1:1::2", port = {PORT} }} ]
+
+[[services]]
+name = "hooked-snat6"
+vip = "{HOOK_SNAT_VIP6}"
+port = 80
+protocol = "tcp"
+backends = [ {{ address = "fd00:1:1::2", port = {PORT} }} ]
+"#
+    )
+}
+
+/// Waits until `lb-agent status` says `veth`'s delivery is `want`; then a little over a second
+/// more, the life of the data path's cached next hops (which carry the choice). Returns the
+/// reason the agent gave.
+fn wait_delivery(agent: &AgentProcess, veth: &str, want: &str) -> String {
+    wait_delivery_for(agent, veth, want, "")
+}
+
+/// `wait_delivery`, until the reason also says `saying`.
+fn wait_delivery_for(agent: &AgentProcess, veth: &str, want: &str, saying: &str) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = agent.status().expect("status");
+        let found = status["interfaces"]
+            .as_array()
+            .and_then(|a| a.iter().find(|i| i["name"] == veth))
+            .cloned()
+            .unwrap_or_default();
+        if found["delivery"] == want
+            && found["delivery_reason"]
+                .as_str()
+                .is_some_and(|r| r.contains(saying))
+        {
+            std::thread::sleep(Duration::from_millis(1200));
+            return found["delivery_reason"].as_str().unwrap_or("").to_string();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{veth}: delivery {} (want {want}) after 10 s: {found}\n{}",
+            found["delivery"],
+            agent.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn counter(agent: &AgentProcess, name: &str) -> u64 {
+    agent.status().expect("status")["counters"][name]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// The policy-hook tests' lab: the agent with `hook_config`, pod1's host veth, and `tc_deny`
+/// (the tools' direct-action classifier) pinned and denying `BLOCKED`: the stand-in for a CNI's
+/// network policy program.
+struct HookLab {
+    s: Setup,
+    veth: String,
+    pin: std::path::PathBuf,
+    deny: aya::maps::HashMap<aya::maps::MapData, u32, u64>,
+}
+
+const BLOCKED: &str = "10.0.0.11";
+const ALLOWED: &str = "10.0.0.10";
+
+impl HookLab {
+    fn new(name: &str) -> HookLab {
+        let mut s = setup(name, &hook_config("detect"), AgentOptions::default());
+        let veth = s.lab.pod("pod1").expect("pod1").host_veth.clone();
+        let pin = s.bpffs.path().join("tc_deny");
+        let tools = s.lab.tools_mut();
+        lb_userspace::dataplane::classifier_mut(tools, "tc_deny")
+            .expect("tc_deny")
+            .pin(&pin)
+            .expect("pin tc_deny");
+        let mut deny: aya::maps::HashMap<_, u32, u64> =
+            aya::maps::HashMap::try_from(tools.take_map("TOOLS_DENY").expect("TOOLS_DENY"))
+                .expect("TOOLS_DENY");
+        let blocked: std::net::Ipv4Addr = BLOCKED.parse().unwrap();
+        deny.insert(u32::from_ne_bytes(blocked.octets()), 0, 0)
+            .expect("deny insert");
+        HookLab { s, veth, pin, deny }
+    }
+
+    /// One TCP request from `src` to `dst` (2 s per step).
+    fn reach(&self, src: &str, dst: SocketAddr) -> anyhow::Result<lb_tests::traffic::Reply> {
+        lb_tests::traffic::request(
+            &self.s.lab.client().ns,
+            Proto::Tcp,
+            Some(src.parse().unwrap()),
+            dst,
+            Duration::from_secs(2),
+        )
+    }
+
+    /// `reach`, which must be answered by pod1; returns the address pod1 saw.
+    fn must_reach(&self, src: &str, dst: SocketAddr) -> IpAddr {
+        let reply = self
+            .reach(src, dst)
+            .unwrap_or_else(|e| panic!("{src} -> {dst}: {e:#}\n{}", self.s.agent.log_tail()));
+        assert_eq!(reply.backend, "pod1", "{src} -> {dst}");
+        reply.peer.ip()
+    }
+
+    /// Packets `tc_deny` dropped.
+    fn denied(&self) -> u64 {
+        self.deny
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    /// Attaches `tc_deny` at pod1's veth's egress (a classic filter, as the VPC CNI's policy
+    /// agent attaches; the clsact qdisc may already be the agent's, if it attached in classic
+    /// mode), or takes it off.
+    fn policy_program(&self, on: bool) {
+        let veth = &self.veth;
+        if on {
+            let _ = self
+                .command("tc")
+                .args(["qdisc", "add", "dev", veth, "clsact"])
+                .output();
+            self.tc(&format!(
+                "filter add dev {veth} egress pref 1 bpf da pinned {}",
+                self.pin.display()
+            ));
+        } else {
+            self.tc(&format!("filter del dev {veth} egress pref 1"));
+        }
+    }
+
+    fn command(&self, program: &str) -> std::process::Command {
+        self.s.lab.node1().ns.command(program)
+    }
+
+    fn tc(&self, args: &str) {
+        let out = self
+            .command("tc")
+            .args(args.split_whitespace())
+            .output()
+            .expect("tc");
+        assert!(
+            out.status.success(),
+            "tc {args}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Runs an nft script in node1's namespace.
+    fn nft(&self, script: &str) {
+        use std::io::Write;
+        let mut child = self
+            .command("nft")
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("nft");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(script.as_bytes())
+            .expect("nft script");
+        let out = child.wait_with_output().expect("nft");
+        assert!(
+            out.status.success(),
+            "nft {script}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn delivery(&self, want: &str, saying: &str) -> String {
+        wait_delivery_for(&self.s.agent, &self.veth, want, saying)
+    }
+
+    fn counter(&self, name: &str) -> u64 {
+        counter(&self.s.agent, name)
+    }
+}
+
+/// A stand-in for a CNI's network policy agent: a TC egress program of the test's own on pod1's
+/// host veth that drops one client source (as the VPC CNI's policy agent enforces ingress
+/// policy at that hook). Through the VIP, that source reaches the pod only when the data path
+/// delivers through the kernel, which the agent decides by finding the program: it cannot reach
+/// pod1 while the program is there, another source can, replies work (preserving and snat, both
+/// families), and once the program goes the agent redirects again. `policy-hooks = "ignore"`
+/// (the behaviour before policy hooks were respected) lets the dropped source in: the bypass
+/// this test catches.
+#[test]
+fn a_pod_behind_a_cni_policy_program_is_reached_only_as_the_program_allows() {
+    if !require_root() {
+        return;
+    }
+    let mut h = HookLab::new("e2e-hook");
+    let (vip, snat_vip) = (addr(HOOK_VIP, 80), addr(HOOK_SNAT_VIP, 80));
+    let node_ip = IpAddr::from(h.s.lab.node1().ipv4);
+
+    // Nothing else on the veth: redirected in XDP, both sources get in.
+    let reason = h.delivery("redirect", "");
+    println!("{}: redirect ({reason})", h.veth);
+    for src in [BLOCKED, ALLOWED] {
+        assert_eq!(
+            h.must_reach(src, vip).to_string(),
+            src,
+            "the pod sees the client"
+        );
+    }
+    assert_eq!(h.counter("pass_policy_hook"), 0, "redirected, not passed");
+
+    // The policy drops BLOCKED on its way into pod1.
+    h.policy_program(true);
+    let reason = h.delivery("kernel", "");
+    println!("{}: kernel ({reason})", h.veth);
+    assert!(reason.contains("tc egress filter bpf tc_deny"), "{reason}");
+    let passed = h.counter("pass_policy_hook");
+    let err = h
+        .reach(BLOCKED, vip)
+        .expect_err("the denied source must not reach pod1");
+    println!("{BLOCKED} -> {vip} with the policy: {err:#}");
+    assert!(h.denied() > 0, "the policy program dropped it");
+    for _ in 0..20 {
+        assert_eq!(h.must_reach(ALLOWED, vip).to_string(), ALLOWED);
+    }
+    // snat: the pod sees the node, which the policy lets in; the reply comes back through
+    // lb_backend as ever. IPv6 (which the IPv4 policy lets through), both modes, too.
+    for src in [BLOCKED, ALLOWED] {
+        assert_eq!(h.must_reach(src, snat_vip), node_ip, "snat");
+    }
+    let client6 = "fd00:a::10";
+    assert_eq!(
+        h.must_reach(client6, addr(HOOK_VIP6, 80)).to_string(),
+        client6
+    );
+    assert_eq!(
+        h.must_reach(client6, addr(HOOK_SNAT_VIP6, 80)),
+        IpAddr::from(h.s.lab.node1().ipv6)
+    );
+    let through_kernel = h.counter("pass_policy_hook") - passed;
+    assert!(
+        through_kernel >= 24 * 3,
+        "every packet into pod1 went through the kernel: {through_kernel}"
+    );
+    let text = h.s.agent.status_text().expect("status text");
+    assert!(
+        text.contains("delivery kernel (tc egress filter bpf"),
+        "{text}"
+    );
+
+    // As before policy hooks counted (`ignore`): the denied source gets in.
+    h.s.agent
+        .set_config(&hook_config("ignore"))
+        .expect("ignore");
+    h.delivery("redirect", "ignore");
+    h.must_reach(BLOCKED, vip);
+    h.s.agent
+        .set_config(&hook_config("detect"))
+        .expect("detect");
+    h.delivery("kernel", "");
+    h.reach(BLOCKED, vip).expect_err("denied again");
+
+    // The program goes: redirected again, everyone gets in.
+    h.policy_program(false);
+    h.delivery("redirect", "no policy hook found");
+    let before = h.counter("pass_policy_hook");
+    h.must_reach(BLOCKED, vip);
+    h.must_reach(ALLOWED, snat_vip);
+    assert_eq!(h.counter("pass_policy_hook"), before, "redirected again");
+}
+
+/// Netfilter as the policy. A forward-chain rule that judges packet by packet (as a stateless
+/// policy would) makes every backend interface `kernel`, and applies: the dropped source cannot
+/// reach pod1. Rules that track connections (kube-proxy's `ct state invalid drop`) cannot be
+/// served through the kernel (conntrack would see one direction and drop the client's ACK):
+/// reported, the delivery stays `redirect` and connections work; where a policy program makes
+/// the veth `kernel` anyway, the agent warns.
+#[test]
+fn netfilter_forward_rules_are_honoured_when_stateless_and_reported_when_they_track_connections() {
+    if !require_root() {
+        return;
+    }
+    let h = HookLab::new("e2e-nf");
+    let (vip, snat_vip) = (addr(HOOK_VIP, 80), addr(HOOK_SNAT_VIP, 80));
+    h.delivery("redirect", "no policy hook found");
+    h.nft(&format!(
+        "table inet netpol {{\n chain forward {{\n  type filter hook forward priority 0;\n  ip saddr {BLOCKED} tcp dport {PORT} drop\n }}\n}}\n"
+    ));
+    let reason = h.delivery("kernel", "");
+    println!(
+        "{} with an nftables forward rule: kernel ({reason})",
+        h.veth
+    );
+    assert!(
+        reason.contains("nftables chain inet netpol forward"),
+        "{reason}"
+    );
+    let pod2_veth = h.s.lab.pod("pod2").expect("pod2").host_veth.clone();
+    wait_delivery(&h.s.agent, &pod2_veth, "kernel");
+    h.reach(BLOCKED, vip)
+        .expect_err("netfilter drops the denied source");
+    h.must_reach(ALLOWED, vip);
+    h.must_reach(BLOCKED, snat_vip);
+    h.nft("delete table inet netpol");
+    h.delivery("redirect", "no policy hook found");
+    h.must_reach(BLOCKED, vip);
+
+    h.nft(&format!(
+        "table inet kp {{\n chain forward {{\n  type filter hook forward priority 0;\n  ct state invalid counter drop\n  ip saddr {BLOCKED} tcp dport {PORT} drop\n }}\n}}\n"
+    ));
+    let reason = h.delivery("redirect", "tracks connections");
+    println!("{} with a conntrack rule: redirect ({reason})", h.veth);
+    let before = h.counter("pass_policy_hook");
+    h.must_reach(ALLOWED, vip);
+    h.must_reach(ALLOWED, snat_vip);
+    assert_eq!(h.counter("pass_policy_hook"), before);
+    h.policy_program(true);
+    let reason = h.delivery("kernel", "WARNING: netfilter tracks");
+    println!("{} with both: kernel ({reason})", h.veth);
+    h.policy_program(false);
+    h.nft("delete table inet kp");
+    h.delivery("redirect", "no policy hook found");
 }

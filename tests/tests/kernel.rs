@@ -484,6 +484,109 @@ fn udp_to_a_preserving_vip_is_redirected_to_the_local_pod_and_its_reply_translat
     );
 }
 
+/// A local pod whose veth has a policy hook (the agent found another owner's TC egress program
+/// there) is reached through the kernel: the rewritten packet is passed, addressed as the
+/// uplink received it (the kernel takes it in, routes it to the pod through the veth's TC
+/// egress and netfilter, and decrements the TTL). Without the mark the same flow's packets are
+/// redirected; with it again, passed. Both modes, both families; replies are translated as ever.
+#[test]
+fn a_local_pod_behind_a_policy_hook_gets_the_rewritten_packet_through_the_kernel() {
+    if !require_root() {
+        return;
+    }
+    let mut fx = fixture(vec![
+        service(
+            "10.96.0.20",
+            80,
+            Protocol::Tcp,
+            Mode::PreserveClientIp,
+            &[("10.1.9.2", 8080)],
+        ),
+        service(
+            "10.96.0.21",
+            80,
+            Protocol::Tcp,
+            Mode::Snat,
+            &[("10.1.9.2", 8080)],
+        ),
+        service(
+            "fd00:96::20",
+            80,
+            Protocol::Tcp,
+            Mode::PreserveClientIp,
+            &[("fd00:1:9::2", 8080)],
+        ),
+    ]);
+    let client_mac = CLIENT_MAC;
+    fx.set_policy_hook(true).unwrap();
+    for (client, vip, pod, snat) in [
+        ("10.0.0.10", "10.96.0.20", "10.1.9.2", false),
+        ("10.0.0.10", "10.96.0.21", "10.1.9.2", true),
+        ("fd00:a::10", "fd00:96::20", "fd00:1:9::2", false),
+    ] {
+        let syn = Spec::tcp(client, 41000, vip, 80, TCP_SYN)
+            .macs(client_mac, fx.up0_mac)
+            .build();
+        let before = fx.counter(Counter::PassPolicyHook);
+        let out = fx.uplink(&syn).unwrap();
+        assert_eq!(out.verdict, PASS, "{vip}: handed to the kernel");
+        assert_checksums(&out.packet);
+        let p = parse(&out.packet);
+        assert_eq!(
+            (p.src_mac, p.dst_mac),
+            (client_mac, fx.up0_mac),
+            "{vip}: still addressed to the uplink, so the kernel takes it in"
+        );
+        let expected_src = if snat { ip(NODE_V4) } else { ip(client) };
+        assert_eq!(
+            (p.src, p.dst, p.dport),
+            (expected_src, ip(pod), 8080),
+            "{vip}"
+        );
+        if !snat {
+            assert_eq!(p.sport, 41000, "{vip}");
+        }
+        assert_eq!(p.ttl, 64, "{vip}: the kernel decrements the TTL, not us");
+        assert_eq!(p.payload, b"hello");
+        assert_eq!(fx.counter(Counter::PassPolicyHook), before + 1, "{vip}");
+        // The pod's SYN-ACK leaves through lb_backend, translated back to VIP -> client.
+        let synack = Spec::tcp(pod, 8080, &p.src.to_string(), p.sport, TCP_SYN | TCP_ACK)
+            .macs(lb_tests::kernel::POD_MAC, fx.pod0_mac)
+            .build();
+        let back = fx.from_pod(&synack).unwrap();
+        assert_eq!(back.verdict, TC_REDIRECT, "{vip}: the reply to the uplink");
+        assert_checksums(&back.packet);
+        let r = parse(&back.packet);
+        assert_eq!(
+            (r.src, r.sport, r.dst, r.dport),
+            (ip(vip), 80, ip(client), 41000),
+            "{vip}"
+        );
+    }
+    // The mark removed: the live flow's next packet is redirected into the veth.
+    fx.set_policy_hook(false).unwrap();
+    let ack = Spec::tcp("10.0.0.10", 41000, "10.96.0.20", 80, TCP_ACK)
+        .macs(client_mac, fx.up0_mac)
+        .build();
+    let redirects = fx.counter(Counter::XdpRedirect);
+    let out = fx.uplink(&ack).unwrap();
+    assert_eq!(out.verdict, REDIRECT, "without the mark: into the veth");
+    let p = parse(&out.packet);
+    assert_eq!(
+        (p.src_mac, p.dst_mac),
+        (fx.pod0_mac, lb_tests::kernel::POD_MAC)
+    );
+    assert_eq!((p.dst, p.ttl), (ip("10.1.9.2"), 63));
+    assert_eq!(fx.counter(Counter::XdpRedirect), redirects + 1);
+    // And marked again: passed again.
+    fx.set_policy_hook(true).unwrap();
+    let passed = fx.counter(Counter::PassPolicyHook);
+    let out = fx.uplink(&ack).unwrap();
+    assert_eq!(out.verdict, PASS, "marked again: through the kernel");
+    assert_eq!(fx.counter(Counter::PassPolicyHook), passed + 1);
+    assert_eq!(fx.counter(Counter::XdpRedirect), redirects + 1);
+}
+
 #[test]
 fn ipv4_udp_without_a_checksum_keeps_none() {
     if !require_root() {

@@ -1,14 +1,18 @@
 //! Following the node's interfaces: the uplinks and backend interfaces get their program
 //! (attached, or taken over from a previous agent), interfaces that went are detached, and the
-//! redirect targets (devmap) and VLAN table are made to list exactly the current interfaces.
+//! redirect targets (devmap) and interface table (VLAN devices, policy hooks) are made to list
+//! exactly the current interfaces. Each backend interface's delivery (redirect in XDP, or the
+//! kernel through its policy hooks: see [`crate::hooks`]) is decided here, and again
+//! periodically, as hooks come and go without notifications.
 use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::Result;
-use lb_common::{Iface, LinkMac, MAC_SLOTS, PROG_BACKEND, PROG_UPLINK};
+use lb_common::{IFACE_POLICY_HOOK, Iface, LinkMac, MAC_SLOTS, PROG_BACKEND, PROG_UPLINK};
 use log::{info, warn};
 
 use super::Agent;
 use crate::{
+    hooks::{self, Delivery},
     netlink::Link,
     nic::Nic,
     tables::Tables,
@@ -32,17 +36,101 @@ impl Agent {
                 self.attachments.detach(&iface);
             }
         }
-        // Redirect targets: the uplinks, and backend interfaces that take redirected frames.
+        let deliveries = self.decide_deliveries();
+        self.set_deliveries(deliveries);
+        self.write_interfaces()?;
+        self.mac_slots =
+            write_link_macs(&mut self.maps, &self.interfaces.uplinks, &self.mac_slots)?;
+        Ok(())
+    }
+
+    /// Looks at the backend interfaces' policy hooks again (the periodic check: TCX programs
+    /// and netfilter rules come and go without a notification) and rewrites the interface
+    /// table where a delivery changed.
+    pub(super) fn check_policy_hooks(&mut self) {
+        let deliveries = self.decide_deliveries();
+        if deliveries == self.deliveries {
+            return;
+        }
+        self.set_deliveries(deliveries);
+        if let Err(e) = self.write_interfaces() {
+            warn!("interfaces: {e:#}");
+        }
+        self.publish();
+    }
+
+    /// Takes `deliveries` as decided, saying each one that changed.
+    fn set_deliveries(&mut self, deliveries: BTreeMap<u32, (String, Delivery)>) {
+        for (ifindex, (name, d)) in &deliveries {
+            if self.deliveries.get(ifindex) != Some(&(name.clone(), d.clone())) {
+                info!("{name}: delivery {} ({})", d.word(), d.reason);
+                if let Some(w) = &d.warning {
+                    warn!("{name}: {w}");
+                }
+            }
+        }
+        self.deliveries = deliveries;
+    }
+
+    /// Each backend interface's delivery, by ifindex (with its name).
+    fn decide_deliveries(&mut self) -> BTreeMap<u32, (String, Delivery)> {
+        let setting = self.inputs.file.node.policy_hooks;
+        // Under `respect` too: to warn where netfilter cannot follow balanced flows.
+        let netfilter = if setting == hooks::PolicyHooks::Ignore {
+            hooks::Netfilter::default()
+        } else {
+            hooks::netfilter_forward()
+        };
+        let mut out = BTreeMap::new();
+        for link in self.interfaces.backends.clone() {
+            let d = if self.redirectable(&link) {
+                hooks::decide(setting, &mut self.netlink, &link, &netfilter)
+            } else {
+                Delivery {
+                    kernel: true,
+                    reason: "its pod end takes no redirected frames".into(),
+                    warning: None,
+                }
+            };
+            out.insert(link.ifindex, (link.name.clone(), d));
+        }
+        out
+    }
+
+    /// Redirect targets (the uplinks, and backend interfaces that take redirected frames) and
+    /// the interface table (VLAN devices; backend interfaces with a policy hook), as decided.
+    fn write_interfaces(&mut self) -> Result<()> {
         let mut targets: BTreeSet<u32> =
             self.interfaces.uplinks.iter().map(|l| l.ifindex).collect();
+        let mut hooked = BTreeSet::new();
         for link in self.interfaces.backends.clone() {
             if self.redirectable(&link) {
                 targets.insert(link.ifindex);
+                if self
+                    .deliveries
+                    .get(&link.ifindex)
+                    .is_some_and(|(_, d)| d.kernel)
+                {
+                    hooked.insert(link.ifindex);
+                }
             }
         }
-        write_interface_tables(&mut self.maps, &targets, &self.interfaces.vlans)?;
-        self.mac_slots =
-            write_link_macs(&mut self.maps, &self.interfaces.uplinks, &self.mac_slots)?;
+        write_interface_tables(&mut self.maps, &targets, &self.interfaces.vlans, &hooked)?;
+        if self.deliveries.values().any(|(_, d)| d.kernel) {
+            for uplink in &self.interfaces.uplinks {
+                match hooks::accept_local(&uplink.name) {
+                    Ok(true) => info!(
+                        "{}: accept_local turned on: snat packets the data path hands to the kernel for local pods carry the node's own address as source",
+                        uplink.name
+                    ),
+                    Ok(false) => {}
+                    Err(e) => warn!(
+                        "{}: cannot turn accept_local on ({e}): snat flows to local pods delivered through the kernel will be dropped as martians",
+                        uplink.name
+                    ),
+                }
+            }
+        }
         Ok(())
     }
 
@@ -122,13 +210,14 @@ impl Agent {
     }
 }
 
-/// Makes the redirect targets exactly `targets` and the VLAN table exactly `vlans` ((ifindex,
-/// parent ifindex, VLAN id)), writing only what differs. New entries go in before stale ones go,
-/// so a packet never finds neither.
+/// Makes the redirect targets exactly `targets` and the interface table exactly `vlans`
+/// ((ifindex, parent ifindex, VLAN id)) and `hooked` (interfaces with a policy hook), writing
+/// only what differs. New entries go in before stale ones go, so a packet never finds neither.
 pub(crate) fn write_interface_tables(
     t: &mut dyn Tables,
     targets: &BTreeSet<u32>,
     vlans: &[(u32, u32, u16)],
+    hooked: &BTreeSet<u32>,
 ) -> crate::tables::Result<()> {
     let present = t.redirects()?;
     for i in targets.difference(&present) {
@@ -137,20 +226,29 @@ pub(crate) fn write_interface_tables(
     for i in present.difference(targets) {
         t.remove_redirect(*i)?;
     }
-    let known = t.vlans()?;
+    let mut wanted: BTreeMap<u32, Iface> = BTreeMap::new();
     for (ifindex, parent, id) in vlans {
-        let vlan = Iface {
-            parent: *parent,
-            vlan_id: *id,
-            _pad: 0,
-        };
-        if known.get(ifindex) != Some(&vlan) {
-            t.set_vlan(*ifindex, &vlan)?;
+        wanted.insert(
+            *ifindex,
+            Iface {
+                parent: *parent,
+                vlan_id: *id,
+                flags: 0,
+            },
+        );
+    }
+    for i in hooked {
+        wanted.entry(*i).or_default().flags |= IFACE_POLICY_HOOK;
+    }
+    let known = t.ifaces()?;
+    for (ifindex, iface) in &wanted {
+        if known.get(ifindex) != Some(iface) {
+            t.set_iface(*ifindex, iface)?;
         }
     }
     for i in known.keys() {
-        if !vlans.iter().any(|v| v.0 == *i) {
-            t.remove_vlan(*i)?;
+        if !wanted.contains_key(i) {
+            t.remove_iface(*i)?;
         }
     }
     Ok(())
@@ -202,21 +300,30 @@ mod tests {
     #[test]
     fn interface_tables_follow_the_interfaces_with_the_fewest_writes() {
         let mut t = MemoryTables::default();
-        write_interface_tables(&mut t, &[2, 5].into(), &[(7, 2, 100)]).unwrap();
+        write_interface_tables(&mut t, &[2, 5].into(), &[(7, 2, 100)], &[5].into()).unwrap();
         assert_eq!(t.redirects, [2, 5].into());
-        assert_eq!(t.vlans[&7].vlan_id, 100);
+        assert_eq!(t.ifaces[&7].vlan_id, 100);
+        assert_eq!(t.ifaces[&7].flags, 0);
+        assert_eq!(
+            (t.ifaces[&5].parent, t.ifaces[&5].flags),
+            (0, IFACE_POLICY_HOOK)
+        );
         t.take_log();
-        // Interface 5 went, 6 came, the VLAN device went.
-        write_interface_tables(&mut t, &[2, 6].into(), &[]).unwrap();
+        // The same again: nothing to write.
+        write_interface_tables(&mut t, &[2, 5].into(), &[(7, 2, 100)], &[5].into()).unwrap();
+        assert!(t.take_log().is_empty());
+        // Interface 5 went, 6 came (without a hook), the VLAN device went.
+        write_interface_tables(&mut t, &[2, 6].into(), &[], &BTreeSet::new()).unwrap();
         assert_eq!(
             t.take_log(),
             [
                 Write::SetRedirect(6),
                 Write::RemoveRedirect(5),
-                Write::RemoveVlan(7)
+                Write::RemoveIface(5),
+                Write::RemoveIface(7)
             ]
         );
         assert_eq!(t.redirects, [2, 6].into());
-        assert!(t.vlans.is_empty());
+        assert!(t.ifaces.is_empty());
     }
 }

@@ -24,6 +24,8 @@ use crate::{
 /// How long a burst of link, address and route changes (an interface going down takes its
 /// addresses and routes with it) may go on before the node is read again, once.
 const NODE_SETTLE: Duration = Duration::from_millis(100);
+/// How often the backend interfaces' policy hooks are looked at again.
+const POLICY_HOOKS_EVERY: Duration = Duration::from_secs(2);
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub fn run(args: RunArgs) -> Result<()> {
@@ -81,6 +83,9 @@ async fn serve(args: RunArgs) -> Result<()> {
     let mut int = signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut sweeps = tokio::time::interval(sweep_every);
+    // Policy hooks appear without a notification (a TCX program, a netfilter rule): looked at
+    // again this often (a few system calls per backend interface).
+    let mut hooks = tokio::time::interval(POLICY_HOOKS_EVERY);
     // When the node is next read, after a burst of changes.
     let mut node_due: Option<Instant> = None;
     loop {
@@ -112,6 +117,7 @@ async fn serve(args: RunArgs) -> Result<()> {
                     k.step(&mut agent);
                 }
             }
+            _ = hooks.tick() => agent.check_policy_hooks(),
             _ = sweeps.tick() => {
                 agent.sweep();
                 agent.publish();
