@@ -118,7 +118,8 @@ impl Agent {
             warn!("{note}");
         }
         let maps = Maps::take(&mut loaded.ebpf)?;
-        let found = maps.snapshot()?;
+        let mut found = maps.snapshot()?;
+        found.rings_lost = loaded.recreated.contains(&lb_common::MAP_RINGS);
         let reconciler = Reconciler::resume(sizes, &found);
         let node = node::view(&mut netlink, &inputs.file, &interfaces)?;
         let uplink_addrs = node::uplink_addrs(&mut netlink, &interfaces)?;
