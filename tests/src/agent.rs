@@ -116,6 +116,7 @@ pub struct AgentOptions {
     /// `--iface`; empty: none (the agent picks the interfaces of the default routes).
     pub uplink: String,
     pub backend_ifaces: Vec<String>,
+    /// `--max-ring-size`: the largest ring (each is sized from its backends).
     pub ring_size: u32,
     pub extra: Vec<String>,
     /// A command line the agent runs under (e.g. `setpriv` with a capability set).
@@ -134,7 +135,7 @@ impl Default for AgentOptions {
         AgentOptions {
             uplink: "eth0".into(),
             backend_ifaces: vec!["vethpod*".into()],
-            ring_size: 4093,
+            ring_size: lb_common::DEFAULT_MAX_RING_SIZE,
             extra: Vec::new(),
             wrapper: Vec::new(),
             ready_timeout: Duration::from_secs(ready),
@@ -204,7 +205,7 @@ impl AgentProcess {
             .arg(&self.pin_dir)
             .arg("--state-dir")
             .arg(&self.state_dir)
-            .args(["--ring-size", &self.options.ring_size.to_string()])
+            .args(["--max-ring-size", &self.options.ring_size.to_string()])
             .args([
                 "--max-services",
                 "64",

@@ -70,11 +70,9 @@ struct MemTarget {
 }
 
 impl MemTarget {
+    /// The agent's default sizes: each ring sized from its backends (up to 131071 slots).
     fn new() -> MemTarget {
-        MemTarget::with_sizes(Sizes {
-            ring_size: 251,
-            ..Sizes::default()
-        })
+        MemTarget::with_sizes(Sizes::default())
     }
 
     fn with_sizes(sizes: Sizes) -> MemTarget {
@@ -893,7 +891,6 @@ fn service_at(name: &str, n: u8) -> Value {
 fn more_frontends_than_max_services_leaves_the_overflow_out_and_the_rest_keeps_updating() {
     // Room for 2 frontends (each of these Services has one: its externalIP).
     let c = Cluster::start_with(MemTarget::with_sizes(Sizes {
-        ring_size: 251,
         max_services: 2,
         ..Sizes::default()
     }));
