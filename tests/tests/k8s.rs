@@ -712,6 +712,78 @@ fn an_api_server_restart_or_a_410_relist_writes_nothing_and_changes_still_arrive
     );
 }
 
+/// A hung API server (process stopped: connections open, nothing answered) is noticed by the
+/// watch's probe: not synced, so `/readyz` says 503 with why, while the maps keep serving; once
+/// it answers again the watchers list afresh, readiness comes back and changes arrive.
+#[test]
+fn a_hung_api_server_turns_readiness_off_within_the_probe_deadline_and_on_again() {
+    use lb_userspace::{
+        health::Health,
+        k8s::watch::{PROBE_EVERY, PROBE_TIMEOUT},
+    };
+    let c = Cluster::start();
+    c.settle();
+    let two = web(&all(&pods(2), 1), 8080);
+    c.step(
+        "create",
+        |c| {
+            c.apply(service("web", "http", &[]));
+            c.apply(slice("web-a", "web", "http", 8080, &pods(2)));
+        },
+        &two,
+        &[&web(&[], 8080)],
+    );
+    let readiness = |c: &Cluster| {
+        Health {
+            ready: true,
+            kubernetes: Some(c.target().health.clone()),
+            ..Health::default()
+        }
+        .readiness()
+    };
+    assert_eq!(readiness(&c), Ok(()));
+    let writes = c.target().writes;
+
+    c.server.pause_apiserver();
+    let hung = Instant::now();
+    // The probe's period and timeout, plus the pipeline's one-second step.
+    let limit = PROBE_EVERY + PROBE_TIMEOUT + Duration::from_secs(1);
+    while c.target().health.synced {
+        if hung.elapsed() > limit + Duration::from_secs(1) {
+            c.server.resume_apiserver();
+            panic!(
+                "still synced {:?} after the API server hung",
+                hung.elapsed()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let took = hung.elapsed();
+    eprintln!("a hung API server noticed after {took:?} (limit {limit:?})");
+    let why = readiness(&c).unwrap_err();
+    assert!(why.contains("did not answer"), "{why}");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(c.target().writes, writes, "the maps changed while hung");
+    assert_eq!(c.target().view(), two, "the last state stays in force");
+    assert!(took <= limit, "noticed after {took:?}");
+
+    c.server.resume_apiserver();
+    let answered = Instant::now();
+    wait_for("readiness to come back once the API server answers", || {
+        readiness(&c).is_ok()
+    });
+    eprintln!(
+        "ready again {:?} after the API server answers",
+        answered.elapsed()
+    );
+    c.step(
+        "scale 2 -> 3 after the hang",
+        |c| c.apply(slice("web-a", "web", "http", 8080, &pods(3))),
+        &web(&all(&pods(3), 1), 8080),
+        &[],
+    );
+}
+
 #[test]
 fn a_vanished_endpoint_drains_for_the_deregistration_delay_then_its_flows_end() {
     let c = Cluster::start();
