@@ -117,10 +117,16 @@ impl Agent {
         for note in &loaded.notes {
             warn!("{note}");
         }
-        let maps = Maps::take(&mut loaded.ebpf)?;
+        let mut maps = Maps::take(&mut loaded.ebpf)?;
         let mut found = maps.snapshot()?;
         found.rings_lost = loaded.recreated.contains(&lb_common::MAP_RINGS);
-        let reconciler = Reconciler::resume(sizes, &found);
+        let mut reconciler = Reconciler::resume(sizes, &found);
+        if found.rings_lost {
+            // Before anything is attached: the programs already attached still use the old
+            // array, the ones about to replace them this one.
+            let restored = reconciler.restore_rings(&mut maps)?;
+            info!("LB_RINGS was recreated: wrote the rings of {restored} pinned services anew");
+        }
         let node = node::view(&mut netlink, &inputs.file, &interfaces)?;
         let uplink_addrs = node::uplink_addrs(&mut netlink, &interfaces)?;
         let attachments =

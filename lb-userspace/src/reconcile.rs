@@ -388,6 +388,58 @@ impl Reconciler {
         }
     }
 
+    /// Writes a ring for every service a previous agent left without one this agent can use
+    /// (LB_RINGS was recreated at another size, so the service entries point into an empty
+    /// array): from the backends and weights the maps hold, before any packet reaches the new
+    /// maps, so new flows never read an empty ring while the first apply is awaited. Returns
+    /// how many were written.
+    pub fn restore_rings(&mut self, tables: &mut dyn Tables) -> Result<usize, ApplyError> {
+        let seed = self.config.unwrap_or_default().hash_seed;
+        let lost: Vec<ServiceKey> = self
+            .services
+            .iter()
+            .filter(|(_, a)| a.value.ring == u32::MAX)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in &lost {
+            let applied = &self.services[key];
+            let backends: Vec<crate::model::Backend> = applied
+                .backends
+                .keys()
+                .map(|(addr, port)| crate::model::Backend {
+                    addr: *addr,
+                    port: *port,
+                    weight: applied.backends[&(*addr, *port)].1,
+                })
+                .collect();
+            let entries: Vec<(String, u32, u32)> = backends
+                .iter()
+                .map(|b| {
+                    (
+                        b.maglev_key(),
+                        b.weight,
+                        applied.backends[&(b.addr, b.port)].0,
+                    )
+                })
+                .collect();
+            let active = backends.iter().filter(|b| b.weight > 0).count();
+            let size = ring_space::ring_size(active, self.sizes.ring_size);
+            let table = ring_table(&entries, size, seed)?;
+            let base = self.ring_space.alloc(size).ok_or(ApplyError::Capacity {
+                what: "ring slots",
+                max: self.sizes.ring_slots(),
+                flag: "--max-backends and --max-services",
+            })?;
+            tables.write_ring(base, &table)?;
+            let applied = self.services.get_mut(key).expect("listed above");
+            applied.value.ring = base;
+            applied.value.ring_size = size;
+            applied.value.ring_digest = ring_digest(&table, size, seed);
+            tables.set_service(key, &applied.value)?;
+        }
+        Ok(lost.len())
+    }
+
     /// The ids the maps hold a service's entries under: its service id and its listed backends.
     /// `None` if the service is not applied.
     pub fn ids(&self, key: &ServiceKey) -> Option<(u32, Vec<BackendIds>)> {
@@ -1692,6 +1744,29 @@ mod tests {
             u64::from(sizes().ring_slots()) - 2 * 256,
             "the old rings are free again"
         );
+    }
+
+    /// LB_RINGS recreated at another size under pinned services (an upgrade): the restarted
+    /// agent writes their rings from the pinned backends before anything else, the same rings
+    /// the first apply then keeps.
+    #[test]
+    fn rings_lost_with_a_recreated_map_are_restored_from_the_pinned_backends() {
+        let mut t = MemoryTables::default();
+        let mut r = Reconciler::new(sizes());
+        let s = web();
+        r.apply(&desired(vec![s.clone()]), &node(), &mut t).unwrap();
+        let ring = t.ring_of(&key(&s)).unwrap().to_vec();
+        let mut snap = t.snapshot().unwrap();
+        snap.rings_lost = true;
+        t.rings.clear();
+        let mut resumed = Reconciler::resume(sizes(), &snap);
+        assert_eq!(resumed.restore_rings(&mut t).unwrap(), 1);
+        assert_eq!(t.ring_of(&key(&s)).unwrap(), ring.as_slice());
+        t.take_log();
+        let report = resumed
+            .apply(&desired(vec![s.clone()]), &node(), &mut t)
+            .unwrap();
+        assert_eq!(report.rings_written, 0, "{:?}", t.log);
     }
 
     #[test]
