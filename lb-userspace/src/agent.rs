@@ -213,6 +213,7 @@ impl Agent {
         let applied = self
             .reconciler
             .apply_admitting(&composed, &node, &mut self.maps)?;
+        self.health.ring_slots = self.reconciler.ring_slots_held();
         let (report, left_out, waiting) = (applied.report, applied.left_out, applied.waiting);
         let not_served: Vec<String> = left_out.iter().map(ToString::to_string).collect();
         for n in not_served

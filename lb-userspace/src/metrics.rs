@@ -415,16 +415,21 @@ fn agent_metrics(r: &mut Registry, view: &AgentView) {
     let tables = gauge_family(
         r,
         "table_entries",
-        "Entries in a data path table at the last sweep",
+        "Entries in a data path table: flows and sources at the last sweep, ring slots held by rings after the last apply",
     );
     let capacity = gauge_family(r, "table_capacity", "Capacity of a data path table");
     for (table, n, cap) in [
         (
             "flows",
-            h.flow_entries,
+            h.flow_entries as u64,
             view.sizes.flow_entries + view.sizes.flow_entries_v6,
         ),
-        ("sources", h.source_entries, view.sizes.source_entries),
+        (
+            "sources",
+            h.source_entries as u64,
+            view.sizes.source_entries,
+        ),
+        ("ring_slots", h.ring_slots, view.sizes.ring_slots()),
     ] {
         let l = vec![("table", table.to_string())];
         tables

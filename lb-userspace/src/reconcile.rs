@@ -440,6 +440,11 @@ impl Reconciler {
         Ok(lost.len())
     }
 
+    /// LB_RINGS slots the applied services' rings hold (whole blocks).
+    pub fn ring_slots_held(&self) -> u64 {
+        self.ring_space.held_slots()
+    }
+
     /// The ids the maps hold a service's entries under: its service id and its listed backends.
     /// `None` if the service is not applied.
     pub fn ids(&self, key: &ServiceKey) -> Option<(u32, Vec<BackendIds>)> {

@@ -57,6 +57,8 @@ pub fn block_slots(size: u32) -> u32 {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RingSpace {
     len: u32,
+    /// Slots in blocks (`len` down to whole 256-slot blocks).
+    blocks: u64,
     /// Offsets of the free blocks of each order (index 0: MIN_ORDER), each aligned to its size.
     free: [BTreeSet<u32>; ORDERS],
 }
@@ -66,6 +68,7 @@ impl RingSpace {
     pub fn new(len: u32) -> RingSpace {
         let mut space = RingSpace {
             len,
+            blocks: 0,
             free: Default::default(),
         };
         // The largest aligned blocks that fit, from the start: a block's buddy past the end
@@ -82,6 +85,7 @@ impl RingSpace {
             }
             break;
         }
+        space.blocks = u64::from(at);
         space
     }
 
@@ -92,6 +96,11 @@ impl RingSpace {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Slots in blocks that rings hold.
+    pub fn held_slots(&self) -> u64 {
+        self.blocks - self.free_slots()
     }
 
     /// Slots in free blocks.
@@ -293,6 +302,7 @@ mod tests {
             held_slots + space.free_slots(),
             u64::from(space.len() & !255)
         );
+        assert_eq!(held_slots, space.held_slots());
     }
 
     #[test]
