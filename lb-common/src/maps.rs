@@ -98,8 +98,11 @@ pub const MAP_LAYOUT_VERSION: u32 = 2;
 // Capacities compiled into the object. The agent overrides the sizable ones at load time.
 // ---------------------------------------------------------------------------------------------
 /// The largest ring a service gets (`--max-ring-size`): each service's ring is sized from its
-/// backend count, up to this (the largest prime below 2^17).
-pub const DEFAULT_MAX_RING_SIZE: u32 = 131_071;
+/// backend count, up to this. The fixed size of every ring before rings were sized from
+/// backends: a larger ring gives a Service of more than 163 backends finer shares, but takes
+/// far longer to build on every change (release build, 5000 backends: 13 ms at 16381, 77 ms at
+/// 65521, 341 ms at 131071).
+pub const DEFAULT_MAX_RING_SIZE: u32 = 16381;
 pub const DEFAULT_MAX_SERVICES: u32 = 512;
 pub const DEFAULT_MAX_BACKENDS: u32 = 16384;
 pub const DEFAULT_FLOW_ENTRIES: u32 = 262_144;
