@@ -48,9 +48,11 @@ impl WatchStatus {
 }
 
 /// How often the probe asks the API server for its version, and how long an answer may take.
-/// A hung server is noticed within the sum (a crashed one at once: its connections fail).
-pub const PROBE_EVERY: Duration = Duration::from_secs(2);
-pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+/// A hung server is noticed within the sum (a crashed one at once: its connections fail). The
+/// answer is a few milliseconds from a live server; the timeout leaves a loaded one (or a far
+/// one) a wide margin, since an unanswered probe also makes the watchers list again.
+pub const PROBE_EVERY: Duration = Duration::from_secs(5);
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct Watch {
     pub cluster: Arc<Mutex<Cluster>>,
