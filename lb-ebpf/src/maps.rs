@@ -8,11 +8,11 @@ use aya_ebpf::{
 use lb_common::{
     Addr, AddrInfo, Affinity, AffinityKey, Backend, BackendStats, COUNTER_COUNT, Config, Counter,
     DEFAULT_AFFINITY_ENTRIES, DEFAULT_FLOW_ENTRIES, DEFAULT_FLOW_ENTRIES_V6, DEFAULT_MAX_BACKENDS,
-    DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE, DEFAULT_SOURCE_ENTRIES, DROP_REASONS, DropReason,
-    Flow, Flow4, Flow6, FlowAddr, FlowKey, FlowKey4, FlowKey6, HOP_SLOTS, Hop, Iface, LinkMac,
-    MAC_SLOTS, MAX_ADDRS, MAX_IFACES, MAX_POLICIES, MAX_PREFIXES, PORT_CURSORS, Policy, PrefixKey,
-    PrefixRule, SOURCE_WAYS, SPARE_RINGS, Service, ServiceInfo, ServiceKey, ServiceStats, Source,
-    SourceTags, filter, source_sets,
+    DEFAULT_MAX_SERVICES, DEFAULT_SOURCE_ENTRIES, DROP_REASONS, DropReason, Flow, Flow4, Flow6,
+    FlowAddr, FlowKey, FlowKey4, FlowKey6, HOP_SLOTS, Hop, Iface, LinkMac, MAC_SLOTS, MAX_ADDRS,
+    MAX_IFACES, MAX_POLICIES, MAX_PREFIXES, PORT_CURSORS, Policy, PrefixKey, PrefixRule,
+    SOURCE_WAYS, Service, ServiceInfo, ServiceKey, ServiceStats, Source, SourceTags, filter,
+    ring_slots, source_sets,
 };
 
 #[map]
@@ -33,7 +33,7 @@ pub static LB_SVC_INFO: Array<ServiceInfo> = Array::with_max_entries(DEFAULT_MAX
 pub static LB_BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 #[map]
 pub static LB_RINGS: Array<u32> =
-    Array::with_max_entries((DEFAULT_MAX_SERVICES + SPARE_RINGS) * DEFAULT_RING_SIZE, 0);
+    Array::with_max_entries(ring_slots(DEFAULT_MAX_SERVICES, DEFAULT_MAX_BACKENDS), 0);
 #[map]
 pub static LB_FLOWS4: LruHashMap<FlowKey4, Flow4> =
     LruHashMap::with_max_entries(DEFAULT_FLOW_ENTRIES, 0);

@@ -119,9 +119,16 @@ impl Agent {
         for note in &loaded.notes {
             warn!("{note}");
         }
-        let maps = Maps::take(&mut loaded.ebpf)?;
-        let found = maps.snapshot()?;
-        let reconciler = Reconciler::resume(sizes, &found);
+        let mut maps = Maps::take(&mut loaded.ebpf)?;
+        let mut found = maps.snapshot()?;
+        found.rings_lost = loaded.recreated.contains(&lb_common::MAP_RINGS);
+        let mut reconciler = Reconciler::resume(sizes, &found);
+        if found.rings_lost {
+            // Before anything is attached: the programs already attached still use the old
+            // array, the ones about to replace them this one.
+            let restored = reconciler.restore_rings(&mut maps)?;
+            info!("LB_RINGS was recreated: wrote the rings of {restored} pinned services anew");
+        }
         let node = node::view(&mut netlink, &inputs.file, &interfaces)?;
         let uplink_addrs = node::uplink_addrs(&mut netlink, &interfaces)?;
         let attachments =
@@ -209,6 +216,7 @@ impl Agent {
         let applied = self
             .reconciler
             .apply_admitting(&composed, &node, &mut self.maps)?;
+        self.health.ring_slots = self.reconciler.ring_slots_held();
         let (report, left_out, waiting) = (applied.report, applied.left_out, applied.waiting);
         let not_served: Vec<String> = left_out.iter().map(ToString::to_string).collect();
         for n in not_served

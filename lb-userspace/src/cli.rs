@@ -161,9 +161,11 @@ pub struct SizeArgs {
     /// Backends over all services.
     #[arg(long, default_value_t = lb_common::DEFAULT_MAX_BACKENDS)]
     pub max_backends: u32,
-    /// Slots per Maglev ring: a prime from 251 to 131071, the same on every node.
-    #[arg(long, default_value_t = lb_common::DEFAULT_RING_SIZE, value_parser = parse_ring_size)]
-    pub ring_size: u32,
+    /// The largest Maglev ring a service gets: a prime from 251 to 131071, the same on every
+    /// node. Each service's ring is the smallest of 251, 509, 1021, ... (the largest prime below
+    /// each power of two) with 100 slots per backend, up to this. `--ring-size` is its old name.
+    #[arg(long, alias = "ring-size", default_value_t = lb_common::DEFAULT_MAX_RING_SIZE, value_parser = parse_ring_size)]
+    pub max_ring_size: u32,
     /// IPv4 flow-table entries (two per flow: one per direction).
     #[arg(long, default_value_t = lb_common::DEFAULT_FLOW_ENTRIES)]
     pub flow_entries: u32,
@@ -183,7 +185,7 @@ impl SizeArgs {
         Sizes {
             max_services: self.max_services,
             max_backends: self.max_backends,
-            ring_size: self.ring_size,
+            ring_size: self.max_ring_size,
             flow_entries: self.flow_entries,
             flow_entries_v6: self.flow_entries_v6,
             source_entries: self.source_entries,
@@ -292,7 +294,11 @@ mod tests {
         assert_eq!(r.uplinks, ["eth0"], "the old flag name still works");
         assert_eq!(r.backend_interfaces, ["eni*", "veth*"]);
         assert_eq!(r.xdp_mode, ModeChoice::Native);
-        assert_eq!(r.sizes.sizes().ring_size, 251);
+        assert_eq!(
+            r.sizes.sizes().ring_size,
+            251,
+            "--ring-size is the old name of --max-ring-size"
+        );
         assert!(r.keep_on_exit);
         let cli =
             Cli::try_parse_from(["lb-agent", "flow", "tcp", "10.0.0.10:40000", "[fd00::1]:80"])

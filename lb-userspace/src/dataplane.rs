@@ -19,14 +19,14 @@ use aya::{
 use lb_common::{
     ALL_MAPS, Addr, AddrInfo, Affinity, AffinityKey, Backend, BackendStats, Config, Counter,
     DEFAULT_AFFINITY_ENTRIES, DEFAULT_FLOW_ENTRIES, DEFAULT_FLOW_ENTRIES_V6, DEFAULT_MAX_BACKENDS,
-    DEFAULT_MAX_SERVICES, DEFAULT_RING_SIZE, DEFAULT_SOURCE_ENTRIES, Flow4, Flow6, FlowKey4,
+    DEFAULT_MAX_RING_SIZE, DEFAULT_MAX_SERVICES, DEFAULT_SOURCE_ENTRIES, Flow4, Flow6, FlowKey4,
     FlowKey6, Iface, LinkMac, MAP_ADDRS, MAP_AFFINITY, MAP_BACKENDS, MAP_BE_STATS, MAP_CONFIG,
     MAP_COUNTERS, MAP_DEVMAP, MAP_FILTER, MAP_FLOWS4, MAP_FLOWS6, MAP_IFACES, MAP_LAYOUT_VERSION,
     MAP_MACS, MAP_OVERFLOW, MAP_POLICIES, MAP_PORTS, MAP_PREFIXES, MAP_PROGS, MAP_RINGS,
     MAP_SERVICES, MAP_SOURCE_TAGS, MAP_SOURCES, MAP_SVC_INFO, MAP_SVC_STATS, PROG_BACKEND,
     PROG_ICMP, PROG_NEW_FLOW, PROG_UPLINK, Policy, PrefixKey, PrefixRule, SOURCE_FREE, SOURCE_WAYS,
-    SPARE_RINGS, Service, ServiceInfo, ServiceKey, ServiceStats, Source, SourceKey, SourceTags,
-    TAIL_ICMP, TAIL_NEW_FLOW, source_hash, source_sets,
+    Service, ServiceInfo, ServiceKey, ServiceStats, Source, SourceKey, SourceTags, TAIL_ICMP,
+    TAIL_NEW_FLOW, source_hash, source_sets,
 };
 
 use crate::{
@@ -48,6 +48,8 @@ pub static TOOLS_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_D
 pub struct Sizes {
     pub max_services: u32,
     pub max_backends: u32,
+    /// The largest ring a service gets (`--max-ring-size`); each service's ring is sized from
+    /// its backends (ring_space::ring_size).
     pub ring_size: u32,
     /// IPv4 flow entries (two per flow), and IPv6 ones (a table of their own).
     pub flow_entries: u32,
@@ -61,7 +63,7 @@ impl Default for Sizes {
         Sizes {
             max_services: DEFAULT_MAX_SERVICES,
             max_backends: DEFAULT_MAX_BACKENDS,
-            ring_size: DEFAULT_RING_SIZE,
+            ring_size: DEFAULT_MAX_RING_SIZE,
             flow_entries: DEFAULT_FLOW_ENTRIES,
             flow_entries_v6: DEFAULT_FLOW_ENTRIES_V6,
             source_entries: DEFAULT_SOURCE_ENTRIES,
@@ -71,9 +73,10 @@ impl Default for Sizes {
 }
 
 impl Sizes {
-    /// Rings in LB_RINGS: one per service plus spares to write new rings into.
-    pub fn rings(&self) -> u32 {
-        self.max_services + SPARE_RINGS
+    /// Slots of LB_RINGS: room for every service's ring, sized from the capacities (see
+    /// lb_common::ring_slots), not from the largest ring.
+    pub fn ring_slots(&self) -> u32 {
+        lb_common::ring_slots(self.max_services, self.max_backends)
     }
 
     /// Sets of LB_SOURCES (SOURCE_WAYS sources each).
@@ -89,7 +92,7 @@ impl Sizes {
             (MAP_SVC_INFO, self.max_services),
             (MAP_BACKENDS, self.max_backends),
             (MAP_BE_STATS, self.max_backends),
-            (MAP_RINGS, self.rings() * self.ring_size),
+            (MAP_RINGS, self.ring_slots()),
             (MAP_FLOWS4, self.flow_entries),
             (MAP_FLOWS6, self.flow_entries_v6),
             (MAP_SOURCES, self.source_sets() * WAYS),
@@ -124,6 +127,8 @@ pub struct Loaded {
     pub progs: Map,
     /// For the log: pinned maps kept at another size, or recreated.
     pub notes: Vec<String>,
+    /// Pinned maps created anew at another size (their contents are gone).
+    pub recreated: Vec<&'static str>,
 }
 
 impl Loaded {
@@ -171,6 +176,7 @@ pub fn load(sizes: &Sizes, pin_dir: Option<&Path>) -> std::result::Result<Loaded
         loader.map_max_entries(name, entries);
     }
     let mut notes = Vec::new();
+    let mut recreated = Vec::new();
     let mut pins: Vec<(&str, PathBuf)> = Vec::new();
     if let Some(dir) = pin_dir {
         let dir = layout_dir(dir);
@@ -182,9 +188,12 @@ pub fn load(sizes: &Sizes, pin_dir: Option<&Path>) -> std::result::Result<Loaded
         for name in ALL_MAPS {
             let path = dir.join(name);
             if path.exists()
-                && let Some(note) = check_pinned(name, &path, &expected)?
+                && let Some((note, gone)) = check_pinned(name, &path, &expected)?
             {
                 notes.push(note);
+                if gone {
+                    recreated.push(name);
+                }
             }
             pins.push((name, path));
         }
@@ -218,6 +227,7 @@ pub fn load(sizes: &Sizes, pin_dir: Option<&Path>) -> std::result::Result<Loaded
         ebpf,
         progs: map,
         notes,
+        recreated,
     })
 }
 
@@ -332,12 +342,13 @@ fn expected_maps(sizes: &Sizes) -> std::result::Result<BTreeMap<String, MapSpec>
 
 /// Checks a pinned map against this build. A different layout is an error (the pin directory
 /// is per layout version, so this means someone else's map); a different size is handled: maps
-/// the agent rebuilds are recreated, state maps are kept at their size (a note says so).
+/// the agent rebuilds are recreated, state maps are kept at their size (a note says so, and
+/// whether the map was recreated).
 fn check_pinned(
     name: &str,
     path: &Path,
     expected: &BTreeMap<String, MapSpec>,
-) -> std::result::Result<Option<String>, DataplaneError> {
+) -> std::result::Result<Option<(String, bool)>, DataplaneError> {
     let Some(&(kind, key, value, entries)) = expected.get(name) else {
         return Ok(None);
     };
@@ -360,19 +371,25 @@ fn check_pinned(
         return Ok(None);
     }
     if STATE_MAPS.contains(&name) {
-        return Ok(Some(format!(
-            "{name}: keeping the pinned map with {} entries (asked for {entries}) so live state survives; remove {} to resize",
-            info.max_entries(),
-            path.display()
+        return Ok(Some((
+            format!(
+                "{name}: keeping the pinned map with {} entries (asked for {entries}) so live state survives; remove {} to resize",
+                info.max_entries(),
+                path.display()
+            ),
+            false,
         )));
     }
     std::fs::remove_file(path).map_err(|e| DataplaneError::Pin {
         path: path.to_path_buf(),
         reason: format!("cannot remove to resize: {e}"),
     })?;
-    Ok(Some(format!(
-        "{name}: resized from {} to {entries} entries (recreated; the agent rewrites its contents)",
-        info.max_entries()
+    Ok(Some((
+        format!(
+            "{name}: resized from {} to {entries} entries (recreated; the agent rewrites its contents)",
+            info.max_entries()
+        ),
+        true,
     )))
 }
 
@@ -775,6 +792,7 @@ impl Tables for Maps {
             policies,
             prefixes,
             service_info,
+            rings_lost: false,
         })
     }
 

@@ -16,6 +16,8 @@ pub struct Health {
     /// Entries in the flow and source tables at the last sweep.
     pub flow_entries: usize,
     pub source_entries: usize,
+    /// LB_RINGS slots held by rings after the last apply.
+    pub ring_slots: u64,
     /// Flow entries all sweeps removed (flows that are over).
     pub swept_flows: u64,
     pub map_writes: u64,

@@ -21,6 +21,7 @@ pub mod nic;
 pub mod node;
 pub mod reconcile;
 pub mod reserved;
+pub mod ring_space;
 pub mod state;
 pub mod status;
 pub mod sweep;

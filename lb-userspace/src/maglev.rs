@@ -349,12 +349,11 @@ fn log2_fixed(x: u64) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use lb_common::DEFAULT_RING_SIZE;
     use proptest::prelude::*;
 
     use super::*;
 
-    const M: u32 = DEFAULT_RING_SIZE;
+    const M: u32 = 16381;
     /// Backend counts the fixed tests sample, 3 to 1000.
     const NS: [usize; 9] = [3, 7, 10, 50, 100, 200, 300, 500, 1000];
     const SEED: u32 = 0x1b_5eed;
@@ -467,7 +466,7 @@ mod tests {
         for size in [253, 16_383, 65_536, MAX_SIZE - 2] {
             assert_eq!(build(&es, size, 0), Err(MaglevError::SizeNotPrime { size }));
         }
-        for size in [MIN_SIZE, 1021, 4093, DEFAULT_RING_SIZE, MAX_SIZE] {
+        for size in [MIN_SIZE, 1021, 4093, M, MAX_SIZE] {
             assert_eq!(build(&es, size, 0).unwrap().len(), size as usize);
         }
     }

@@ -168,8 +168,28 @@ async fn accept_loop(listener: tokio::net::TcpListener, endpoint: Arc<Endpoint>)
         let endpoint = endpoint.clone();
         connections.spawn(async move {
             let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                let response = endpoint.respond(&req);
-                async move { Ok::<_, Infallible>(response) }
+                let endpoint = endpoint.clone();
+                async move {
+                    // A scrape renders every series, which takes a while at thousands of
+                    // services: on a blocking thread, so that the probes on this listener
+                    // answer meanwhile.
+                    let response = if req.uri().path() == "/metrics" {
+                        let (parts, _) = req.into_parts();
+                        let req = Request::from_parts(parts, ());
+                        tokio::task::spawn_blocking(move || endpoint.respond(&req))
+                            .await
+                            .unwrap_or_else(|_| {
+                                let mut r = Response::new(Full::new(Bytes::from_static(
+                                    b"rendering the metrics failed\n",
+                                )));
+                                *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                                r
+                            })
+                    } else {
+                        endpoint.respond(&req)
+                    };
+                    Ok::<_, Infallible>(response)
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -410,16 +430,21 @@ fn agent_metrics(r: &mut Registry, view: &AgentView) {
     let tables = gauge_family(
         r,
         "table_entries",
-        "Entries in a data path table at the last sweep",
+        "Entries in a data path table: flows and sources at the last sweep, ring slots held by rings after the last apply",
     );
     let capacity = gauge_family(r, "table_capacity", "Capacity of a data path table");
     for (table, n, cap) in [
         (
             "flows",
-            h.flow_entries,
+            h.flow_entries as u64,
             view.sizes.flow_entries + view.sizes.flow_entries_v6,
         ),
-        ("sources", h.source_entries, view.sizes.source_entries),
+        (
+            "sources",
+            h.source_entries as u64,
+            view.sizes.source_entries,
+        ),
+        ("ring_slots", h.ring_slots, view.sizes.ring_slots()),
     ] {
         let l = vec![("table", table.to_string())];
         tables

@@ -4,11 +4,12 @@
 //! found in the pinned maps) and writes only the difference, in an order that never shows a
 //! packet a half-made state:
 //! 1. node config and rate-limit policies, before anything refers to them;
-//! 2. per service: its backends, then its new Maglev ring into a spare ring, then the service
+//! 2. per service: its backends, then its new Maglev ring into free ring space, then the service
 //!    entry, which switches to the new ring in one map update;
 //! 3. addresses and the address filter: traffic to a new VIP is taken only from here on;
 //! 4. removals: services, addresses and filter bits, policies, source-range sets; freed ids
-//!    are reused last.
+//!    are reused last, and ring space let go in an apply is reused from the next one on (a
+//!    packet that read a service entry just before its switch may still read the old ring).
 //!
 //! A service's source ranges are a set of LB_PREFIXES entries under an id of their own (ids
 //! from [`RANGES_FIRST_ID`] up, above every policy id), shared by the services with the same
@@ -41,6 +42,7 @@ use crate::{
     model::{Cidr, Desired, Frontend, Limits, Mode, Policy, Service, TableFull},
     node::{NodeError, NodeView},
     reserved::Reserved,
+    ring_space::{self, RingSpace},
     system::monotonic_ns,
     tables::{Snapshot, Tables},
 };
@@ -273,7 +275,10 @@ pub struct Reconciler {
     policy_gens: Generations,
     service_ids: IdPool,
     backend_ids: IdPool,
-    rings: IdPool,
+    /// LB_RINGS: the rings of applied services are held, the rest is free.
+    ring_space: RingSpace,
+    /// Rings let go in this apply, (first slot, size): free again once it ends.
+    freed_rings: Vec<(u32, u32)>,
     policy_pool: IdPool,
 }
 
@@ -287,7 +292,18 @@ impl Reconciler {
     pub fn resume(sizes: Sizes, snap: &Snapshot) -> Reconciler {
         let infos: BTreeMap<u32, ServiceInfo> = snap.service_info.iter().copied().collect();
         let mut services = BTreeMap::new();
+        let mut ring_space = RingSpace::new(sizes.ring_slots());
         for (key, value) in &snap.services {
+            let mut value = *value;
+            // A ring this space cannot hold where it is (LB_RINGS was recreated, or laid out by
+            // another size) is written anew by the first apply.
+            if snap.rings_lost
+                || value.ring == u32::MAX
+                || !ring_space.reserve(value.ring, value.ring_size)
+            {
+                value.ring = u32::MAX;
+                value.ring_digest = 0;
+            }
             let backends = snap
                 .backends
                 .iter()
@@ -302,18 +318,13 @@ impl Reconciler {
             services.insert(
                 *key,
                 AppliedService {
-                    value: *value,
+                    value,
                     info: infos.get(&value.id).copied().unwrap_or_default(),
                     backends,
                 },
             );
         }
         let used_services: BTreeSet<u32> = services.values().map(|s| s.value.id).collect();
-        // Rings by index (a service holds its ring's first slot).
-        let used_rings: BTreeSet<u32> = services
-            .values()
-            .map(|s| s.value.ring / s.value.ring_size.max(1))
-            .collect();
         let listed: BTreeSet<u32> = services
             .values()
             .flat_map(|s| s.backends.values().map(|(id, _)| *id))
@@ -374,13 +385,71 @@ impl Reconciler {
             ),
             service_ids: IdPool::new(0..sizes.max_services, &used_services, &[]),
             backend_ids: IdPool::new(0..sizes.max_backends, &listed, &recently_removed),
-            rings: IdPool::new(0..sizes.rings(), &used_rings, &[]),
+            ring_space,
+            freed_rings: Vec::new(),
             policy_pool: IdPool::new(
                 1..MAX_POLICIES,
                 &snap.policies.iter().map(|(id, _)| *id).collect(),
                 &[],
             ),
         }
+    }
+
+    /// Writes a ring for every service a previous agent left without one this agent can use
+    /// (LB_RINGS was recreated at another size, so the service entries point into an empty
+    /// array): from the backends and weights the maps hold, before any packet reaches the new
+    /// maps, so new flows never read an empty ring while the first apply is awaited. Returns
+    /// how many were written.
+    pub fn restore_rings(&mut self, tables: &mut dyn Tables) -> Result<usize, ApplyError> {
+        let seed = self.config.unwrap_or_default().hash_seed;
+        let lost: Vec<ServiceKey> = self
+            .services
+            .iter()
+            .filter(|(_, a)| a.value.ring == u32::MAX)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in &lost {
+            let applied = &self.services[key];
+            let backends: Vec<crate::model::Backend> = applied
+                .backends
+                .keys()
+                .map(|(addr, port)| crate::model::Backend {
+                    addr: *addr,
+                    port: *port,
+                    weight: applied.backends[&(*addr, *port)].1,
+                })
+                .collect();
+            let entries: Vec<(String, u32, u32)> = backends
+                .iter()
+                .map(|b| {
+                    (
+                        b.maglev_key(),
+                        b.weight,
+                        applied.backends[&(b.addr, b.port)].0,
+                    )
+                })
+                .collect();
+            let active = backends.iter().filter(|b| b.weight > 0).count();
+            let size = ring_space::ring_size(active, self.sizes.ring_size);
+            let table = ring_table(&entries, size, seed)?;
+            let base = self.ring_space.alloc(size).ok_or(ApplyError::Capacity {
+                what: "ring slots",
+                max: self.sizes.ring_slots(),
+                flag: "--max-backends and --max-services",
+            })?;
+            tables.write_ring(base, &table)?;
+            let applied = self.services.get_mut(key).expect("listed above");
+            applied.value.ring = base;
+            applied.value.ring_size = size;
+            applied.value.ring_digest = ring_digest(&table, size, seed);
+            tables.set_service(key, &applied.value)?;
+        }
+        Ok(lost.len())
+    }
+
+    /// LB_RINGS slots the applied services' rings hold (whole blocks).
+    pub fn ring_slots_held(&self) -> u64 {
+        self.ring_space.held_slots()
     }
 
     /// The ids the maps hold a service's entries under: its service id and its listed backends.
@@ -419,6 +488,7 @@ impl Reconciler {
         node: &NodeView,
         tables: &mut dyn Tables,
     ) -> Result<Report, ApplyError> {
+        self.release_rings();
         self.check(desired, node)?;
         let mut report = Report::default();
         let mut t = Counting {
@@ -459,6 +529,7 @@ impl Reconciler {
         // Only now: no service entry points to them any more.
         self.remove_range_sets(&range_ids, &mut t)?;
         self.remove_stale_policies(desired);
+        self.release_rings();
         report.writes = t.writes;
         Ok(report)
     }
@@ -503,6 +574,50 @@ impl Reconciler {
         )
     }
 
+    /// Rings let go in the last apply are free again.
+    fn release_rings(&mut self) {
+        for (at, size) in self.freed_rings.drain(..) {
+            self.ring_space.free(at, size);
+        }
+    }
+
+    /// The ring size of `service`: from its backends of weight > 0, up to the largest.
+    fn ring_size_of(&self, service: &Service) -> u32 {
+        let active = service.backends.iter().filter(|b| b.weight > 0).count();
+        ring_space::ring_size(active, self.sizes.ring_size)
+    }
+
+    /// The size of the new ring `service` needs, or `None` if the ring it has stays. May say a
+    /// ring is needed when `apply` finds the same one (room is then kept for nothing), never the
+    /// other way: the ring depends only on the backends, their weights, the size and the seed.
+    fn new_ring(&self, service: &Service, seed: u32) -> Option<u32> {
+        let size = self.ring_size_of(service);
+        let Some(a) = self.services.get(&service.frontend.key()) else {
+            return Some(size);
+        };
+        let same = a.value.ring != u32::MAX
+            && a.value.ring_digest != 0
+            && a.value.ring_size == size
+            && self.config.map(|c| c.hash_seed) == Some(seed)
+            && a.backends.len() == service.backends.len()
+            && service.backends.iter().all(|b| {
+                a.backends
+                    .get(&(b.addr, b.port))
+                    .is_some_and(|(_, w)| *w == b.weight)
+            });
+        (!same).then_some(size)
+    }
+
+    /// Whether a new ring of `desired` finds no room: `apply`'s placement, in its order, in a
+    /// copy of the space (the rings it lets go are free only once it ends).
+    fn rings_without_room(&self, desired: &Desired) -> bool {
+        let mut space = self.ring_space.clone();
+        desired.services.values().any(|s| {
+            self.new_ring(s, desired.node.hash_seed)
+                .is_some_and(|size| space.alloc(size).is_none())
+        })
+    }
+
     /// What of `desired` fits the maps, so that running out of room never stops the rest:
     /// services already applied keep their place and take their new backends first, then new
     /// services are added in order while their ids and backends fit. Only the cluster's services
@@ -514,14 +629,7 @@ impl Reconciler {
         let wanted: BTreeSet<ServiceKey> = desired.services.keys().map(Frontend::key).collect();
         let (mut services, mut backends) = self.room(&wanted);
         let mut no_room = Vec::new();
-        let too_many = |s: &Service, what: &str, flag: &str, max: u32| Invalid {
-            origin: s.origin.clone(),
-            name: s.name.clone(),
-            frontend: s.frontend,
-            reason: format!(
-                "no room for {what} (at most {max}, {flag}); tried again on every apply"
-            ),
-        };
+        let too_many = no_room_for;
         let from_cluster = |s: &Service| s.origin.kubernetes_object().is_some();
         // Applied services first, the config file's before the cluster's.
         let mut applied: Vec<&mut Service> = desired
@@ -584,7 +692,55 @@ impl Reconciler {
                 }
             }
         }
+        self.fit_rings(&mut desired, &mut no_room);
         (desired, no_room)
+    }
+
+    /// The ring part of [`Reconciler::fit`].
+    fn fit_rings(&self, desired: &mut Desired, no_room: &mut Vec<Invalid>) {
+        // Ring space, by the rings' real sizes, in apply's order (the rings it lets go are free
+        // only once it ends): a new service whose ring finds no room waits; an applied one
+        // keeps the backends it has, and so its ring.
+        let from_cluster = |s: &Service| s.origin.kubernetes_object().is_some();
+        let seed = desired.node.hash_seed;
+        let mut space = self.ring_space.clone();
+        let frontends: Vec<Frontend> = desired.services.keys().copied().collect();
+        for f in frontends {
+            let s = &desired.services[&f];
+            let Some(size) = self.new_ring(s, seed) else {
+                continue;
+            };
+            // The config file's services take their room whatever it costs: `apply` rejects
+            // the file if it does not fit.
+            if space.alloc(size).is_some() || !from_cluster(s) {
+                continue;
+            }
+            no_room.push(no_room_for(
+                s,
+                &format!("a ring of {size} slots"),
+                "--max-backends and --max-services: ring space",
+                self.sizes.ring_slots(),
+            ));
+            match self.services.get(&f.key()) {
+                None => {
+                    desired.services.remove(&f);
+                }
+                Some(a) => {
+                    let s = desired.services.get_mut(&f).expect("listed above");
+                    s.backends = a
+                        .backends
+                        .iter()
+                        .map(|((addr, port), (_, weight))| crate::model::Backend {
+                            addr: *addr,
+                            port: *port,
+                            weight: *weight,
+                        })
+                        .collect();
+                    // Still a new ring with the same backends (a new seed): `apply` fails
+                    // and says why.
+                }
+            }
+        }
     }
 
     /// Everything `apply` would refuse, checked before any write.
@@ -634,6 +790,13 @@ impl Reconciler {
                 what: "backends",
                 max: self.sizes.max_backends,
                 flag: "--max-backends",
+            });
+        }
+        if self.rings_without_room(desired) {
+            return Err(ApplyError::Capacity {
+                what: "ring slots",
+                max: self.sizes.ring_slots(),
+                flag: "--max-backends and --max-services",
             });
         }
         let slots: usize = desired
@@ -980,8 +1143,7 @@ impl Reconciler {
             }
         }
         if old_ring != u32::MAX && old_ring != value.ring {
-            self.rings
-                .give_back(old_ring / applied.value.ring_size.max(1));
+            self.freed_rings.push((old_ring, applied.value.ring_size));
         }
         // Backends no longer listed: no ring slot refers to them any more. Existing flows keep
         // going (they hold the address and the id's generation); the id is reused last.
@@ -1083,19 +1245,25 @@ impl Reconciler {
             .iter()
             .map(|b| (b.maglev_key(), b.weight, backends[&(b.addr, b.port)].0))
             .collect();
-        let ring_size = self.sizes.ring_size;
+        let ring_size = self.ring_size_of(service);
         let table = ring_table(&entries, ring_size, cfg.hash_seed)?;
         let digest = ring_digest(&table, ring_size, cfg.hash_seed);
         if value.ring == u32::MAX || value.ring_digest != digest || value.ring_size != ring_size {
-            let ring = self.rings.take().ok_or(ApplyError::Capacity {
-                what: "rings",
-                max: self.sizes.rings(),
-                flag: "--max-services",
-            })?;
+            let base = self
+                .ring_space
+                .alloc(ring_size)
+                .ok_or(ApplyError::Capacity {
+                    what: "ring slots",
+                    max: self.sizes.ring_slots(),
+                    flag: "--max-backends and --max-services",
+                })?;
             // The service entry holds its ring's first slot and its size.
-            t.write_ring(ring * ring_size, &table)?;
+            if let Err(e) = t.write_ring(base, &table) {
+                self.ring_space.free(base, ring_size);
+                return Err(e.into());
+            }
             report.rings_written += 1;
-            value.ring = ring * ring_size;
+            value.ring = base;
             value.ring_size = ring_size;
             value.ring_digest = digest;
         }
@@ -1124,8 +1292,10 @@ impl Reconciler {
             )?;
             self.backend_ids.give_back(*bid);
         }
-        self.rings
-            .give_back(applied.value.ring / applied.value.ring_size.max(1));
+        if applied.value.ring != u32::MAX {
+            self.freed_rings
+                .push((applied.value.ring, applied.value.ring_size));
+        }
         self.service_ids.give_back(applied.value.id);
         Ok(())
     }
@@ -1332,6 +1502,16 @@ fn prefix_key(policy: u32, c: &Cidr) -> (PrefixKey, u32) {
     )
 }
 
+/// What a service that does not fit is told.
+fn no_room_for(s: &Service, what: &str, flag: &str, max: u32) -> Invalid {
+    Invalid {
+        origin: s.origin.clone(),
+        name: s.name.clone(),
+        frontend: s.frontend,
+        reason: format!("no room for {what} (at most {max}, {flag}); tried again on every apply"),
+    }
+}
+
 /// Free ids, handed out oldest-freed first, so a freed id is reused as late as possible.
 struct IdPool(VecDeque<u32>);
 
@@ -1403,6 +1583,7 @@ mod tests {
 
     use super::*;
     use crate::model::Origin;
+    use crate::ring_space::RingSpace;
     use crate::{
         model::{Backend, Protocol, Rate},
         tables::{MemoryTables, Write},
@@ -1549,10 +1730,168 @@ mod tests {
             .unwrap();
         assert!(backend_at < ring_at && ring_at < switch_at, "{:?}", t.log);
         assert!(ring_addrs(&t, &s).contains(&Addr::from("10.1.2.3".parse::<IpAddr>().unwrap())));
-        // The old ring goes to the back of the free list: the next change uses another one.
-        s.backends.pop();
+    }
+
+    /// A packet that read a service entry just before its switch may still read the old ring:
+    /// no other service's new ring goes there in the same apply.
+    #[test]
+    fn a_ring_let_go_is_not_reused_in_the_same_apply() {
+        let mut t = MemoryTables::default();
+        let mut r = Reconciler::new(sizes());
+        let mut a = web();
+        let mut b = service("10.96.0.20", 80, Mode::Snat, vec![backend("10.1.2.9", 1)]);
+        r.apply(&desired(vec![a.clone(), b.clone()]), &node(), &mut t)
+            .unwrap();
+        let old: Vec<u32> = [&a, &b].iter().map(|s| t.services[&key(s)].ring).collect();
+        a.backends.push(backend("10.1.2.3", 1));
+        b.backends.push(backend("10.1.2.4", 1));
+        let report = r
+            .apply(&desired(vec![a.clone(), b.clone()]), &node(), &mut t)
+            .unwrap();
+        assert_eq!(report.rings_written, 2);
+        for s in [&a, &b] {
+            let ring = t.services[&key(s)].ring;
+            assert!(!old.contains(&ring), "{ring} was let go in this apply");
+        }
+        // The next apply may use them again: the space is back to two rings' worth.
+        let free = r.ring_space.free_slots();
+        assert_eq!(
+            free,
+            u64::from(sizes().ring_slots()) - 2 * 256,
+            "the old rings are free again"
+        );
+    }
+
+    /// LB_RINGS recreated at another size under pinned services (an upgrade): the restarted
+    /// agent writes their rings from the pinned backends before anything else, the same rings
+    /// the first apply then keeps.
+    #[test]
+    fn rings_lost_with_a_recreated_map_are_restored_from_the_pinned_backends() {
+        let mut t = MemoryTables::default();
+        let mut r = Reconciler::new(sizes());
+        let s = web();
         r.apply(&desired(vec![s.clone()]), &node(), &mut t).unwrap();
-        assert_ne!(t.services[&key(&s)].ring, old_ring);
+        let ring = t.ring_of(&key(&s)).unwrap().to_vec();
+        let mut snap = t.snapshot().unwrap();
+        snap.rings_lost = true;
+        t.rings.clear();
+        let mut resumed = Reconciler::resume(sizes(), &snap);
+        assert_eq!(resumed.restore_rings(&mut t).unwrap(), 1);
+        assert_eq!(t.ring_of(&key(&s)).unwrap(), ring.as_slice());
+        t.take_log();
+        let report = resumed
+            .apply(&desired(vec![s.clone()]), &node(), &mut t)
+            .unwrap();
+        assert_eq!(report.rings_written, 0, "{:?}", t.log);
+    }
+
+    #[test]
+    fn rings_are_sized_from_their_backends_and_a_resize_switches_to_a_whole_new_ring() {
+        let mut t = MemoryTables::default();
+        let sizes = Sizes {
+            max_services: 8,
+            max_backends: 64,
+            ..Sizes::default()
+        };
+        let mut r = Reconciler::new(sizes);
+        let mut s = web();
+        let backends = |n: u8| -> Vec<crate::model::Backend> {
+            (1..=n)
+                .map(|i| backend(&format!("10.1.3.{i}"), 1))
+                .collect()
+        };
+        s.backends = backends(3);
+        r.apply(&desired(vec![s.clone()]), &node(), &mut t).unwrap();
+        let small = t.services[&key(&s)];
+        assert_eq!(
+            small.ring_size, 509,
+            "3 backends: the smallest listed prime >= 300"
+        );
+        t.take_log();
+        // 3 -> 30 backends: a ring of 4093 slots, written in full before the switch.
+        s.backends = backends(30);
+        r.apply(&desired(vec![s.clone()]), &node(), &mut t).unwrap();
+        let big = t.services[&key(&s)];
+        assert_eq!(big.ring_size, 4093);
+        let ring_at = t.log.iter().position(|w| *w == Write::Ring(big.ring));
+        let switch_at = t.log.iter().position(|w| *w == Write::SetService(key(&s)));
+        assert!(ring_at.unwrap() < switch_at.unwrap(), "{:?}", t.log);
+        assert_eq!(t.ring_of(&key(&s)).unwrap().len(), 4093);
+        let (_, ids) = r.ids(&key(&s)).unwrap();
+        let mut per_backend = BTreeMap::new();
+        for id in t.ring_of(&key(&s)).unwrap() {
+            *per_backend.entry(*id).or_insert(0u32) += 1;
+        }
+        assert_eq!(per_backend.len(), 30);
+        assert!(ids.iter().all(|b| per_backend.contains_key(&b.id)));
+        // The old ring's room is free again once the apply ends; back down gives it all back.
+        s.backends = backends(3);
+        r.apply(&desired(vec![s.clone()]), &node(), &mut t).unwrap();
+        r.apply(&desired(vec![]), &node(), &mut t).unwrap();
+        assert_eq!(r.ring_space, RingSpace::new(sizes.ring_slots()));
+    }
+
+    #[test]
+    fn a_ring_that_finds_no_room_waits_and_an_applied_service_keeps_its_ring() {
+        // Ring space of 2 x 256 + 8 x 192 = 2048 slots.
+        let sizes = Sizes {
+            max_services: 2,
+            max_backends: 8,
+            ..Sizes::default()
+        };
+        assert_eq!(sizes.ring_slots(), 2048);
+        let mut rec = Reconciler::new(sizes);
+        let mut tables = MemoryTables::default();
+        let from_cluster = |net: &str, n: u8, weight: u32| {
+            let vip = format!("10.96.0.{}", net.len());
+            let mut s = service(
+                &vip,
+                80,
+                Mode::Snat,
+                (1..=n)
+                    .map(|i| backend(&format!("{net}{i}"), weight))
+                    .collect(),
+            );
+            s.origin = Origin::Kubernetes {
+                namespace: "default".into(),
+                name: vip,
+            };
+            s
+        };
+        let mut apply = |rec: &mut Reconciler, services: Vec<Service>| {
+            rec.apply_admitting(&desired(services), &node(), &mut tables)
+                .unwrap()
+        };
+        // Six backends: a ring of 1021 in a 1024 block; one: 251 in 256.
+        let a6 = from_cluster("10.1.1.", 6, 1);
+        let b = from_cluster("10.11.2.", 1, 1);
+        let applied = apply(&mut rec, vec![a6.clone(), b.clone()]);
+        assert!(applied.left_out.is_empty(), "{:?}", applied.left_out);
+        let a_ring = rec.services[&key(&a6)].value;
+        assert_eq!(a_ring.ring_size, 1021);
+        // `a` takes a seventh backend: its new ring needs a second 1024 block while the first
+        // is held, and 768 slots are free: it waits with the ring and backends it has, while
+        // `b`'s change (a new weight, a new 256 ring) goes through.
+        let a7 = from_cluster("10.1.1.", 7, 1);
+        let b2 = from_cluster("10.11.2.", 1, 2);
+        let applied = apply(&mut rec, vec![a7.clone(), b2.clone()]);
+        assert!(applied.waiting);
+        assert_eq!(applied.left_out.len(), 1, "{:?}", applied.left_out);
+        assert_eq!(applied.left_out[0].frontend, a7.frontend);
+        assert!(
+            applied.left_out[0].reason.contains("a ring of 1021 slots"),
+            "{}",
+            applied.left_out[0].reason
+        );
+        assert_eq!(rec.services[&key(&a6)].value, a_ring, "a keeps its ring");
+        assert_eq!(rec.ids(&key(&a6)).unwrap().1.len(), 6);
+        assert_eq!(rec.ids(&key(&b2)).unwrap().1[0].weight, 2, "b changed");
+        // `b` goes: its ring is let go in that apply, and `a`'s new ring fits the next one.
+        let applied = apply(&mut rec, vec![a7.clone()]);
+        assert!(applied.waiting);
+        let applied = apply(&mut rec, vec![a7.clone()]);
+        assert!(!applied.waiting, "{:?}", applied.left_out);
+        assert_eq!(rec.ids(&key(&a7)).unwrap().1.len(), 7);
     }
 
     #[test]

@@ -26,6 +26,8 @@ pub struct Snapshot {
     pub prefixes: Vec<(PrefixKey, u32, PrefixRule)>,
     /// Non-empty LB_SVC_INFO slots (their generations).
     pub service_info: Vec<(u32, ServiceInfo)>,
+    /// LB_RINGS was created anew (resized): the services' rings are not in it.
+    pub rings_lost: bool,
 }
 
 /// A flow-table entry of either family (they have tables of their own).
@@ -276,6 +278,7 @@ impl Tables for MemoryTables {
                 .map(|((k, len), r)| (*k, *len, *r))
                 .collect(),
             service_info: self.service_info.iter().map(|(k, v)| (*k, *v)).collect(),
+            rings_lost: false,
         })
     }
 

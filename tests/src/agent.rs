@@ -116,7 +116,11 @@ pub struct AgentOptions {
     /// `--iface`; empty: none (the agent picks the interfaces of the default routes).
     pub uplink: String,
     pub backend_ifaces: Vec<String>,
+    /// `--max-ring-size`: the largest ring (each is sized from its backends).
     pub ring_size: u32,
+    /// `--max-services` and `--max-backends`.
+    pub max_services: u32,
+    pub max_backends: u32,
     pub extra: Vec<String>,
     /// A command line the agent runs under (e.g. `setpriv` with a capability set).
     pub wrapper: Vec<String>,
@@ -134,7 +138,9 @@ impl Default for AgentOptions {
         AgentOptions {
             uplink: "eth0".into(),
             backend_ifaces: vec!["vethpod*".into()],
-            ring_size: 4093,
+            ring_size: lb_common::DEFAULT_MAX_RING_SIZE,
+            max_services: 64,
+            max_backends: 1024,
             extra: Vec::new(),
             wrapper: Vec::new(),
             ready_timeout: Duration::from_secs(ready),
@@ -204,15 +210,10 @@ impl AgentProcess {
             .arg(&self.pin_dir)
             .arg("--state-dir")
             .arg(&self.state_dir)
-            .args(["--ring-size", &self.options.ring_size.to_string()])
-            .args([
-                "--max-services",
-                "64",
-                "--max-backends",
-                "1024",
-                "--flow-entries",
-                "65536",
-            ])
+            .args(["--max-ring-size", &self.options.ring_size.to_string()])
+            .args(["--max-services", &self.options.max_services.to_string()])
+            .args(["--max-backends", &self.options.max_backends.to_string()])
+            .args(["--flow-entries", "65536"])
             .args(["--sweep-seconds", "2"])
             .args(&self.options.extra)
             .env("RUST_LOG", "info,netlink_packet_route=error")

@@ -247,6 +247,34 @@ impl TestApiServer {
         let _ = fs::remove_file(self.dir.join("apiserver.ready"));
     }
 
+    /// Stops the API server process (SIGSTOP) without closing anything: connections stay open
+    /// and requests go unanswered, as from a hung server, until [`resume_apiserver`](Self::resume_apiserver).
+    pub fn pause_apiserver(&self) {
+        self.signal_apiserver(libc::SIGSTOP);
+    }
+
+    /// Lets a paused API server run again (SIGCONT).
+    pub fn resume_apiserver(&self) {
+        self.signal_apiserver(libc::SIGCONT);
+    }
+
+    fn signal_apiserver(&self, signal: i32) {
+        let pid = self
+            .apiserver
+            .as_ref()
+            .expect("the API server runs")
+            .child
+            .id();
+        // SAFETY: kill(2) on our own child's pid, which we have not waited for (it is running).
+        let rc = unsafe { libc::kill(libc::pid_t::try_from(pid).expect("pid"), signal) };
+        assert_eq!(
+            rc,
+            0,
+            "signal {signal} to the API server: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+
     /// Starts the API server (if it is not running) and waits until /readyz answers. The first
     /// start picks a free port; later ones reuse it.
     pub fn start_apiserver(&mut self) -> Result<()> {

@@ -798,3 +798,35 @@ fn netfilter_forward_rules_are_honoured_when_stateless_and_reported_when_they_tr
     h.nft("delete table inet kp");
     h.delivery("redirect", "no policy hook found");
 }
+
+/// A restart with more room (`--max-backends` raised: LB_RINGS is recreated at its new size
+/// under the pinned services, as on an upgrade that changes its size): the new agent writes the
+/// services' rings from the pinned backends before it attaches, a live connection keeps going,
+/// and new connections are served. (With a config file the first apply also comes before the
+/// attach; with --kubernetes it waits for the first list, and the refilled rings are what new
+/// flows read meanwhile.)
+#[test]
+fn a_restart_that_resizes_the_ring_array_refills_it_and_keeps_serving() {
+    if !require_root() {
+        return;
+    }
+    let mut options = AgentOptions::default();
+    options.extra.push("--keep-on-exit".into());
+    let mut s = setup("e2e-rings", &config([1, 1, 1, 1]), options);
+    let transfer = LongTransfer::start(&s.lab.client().ns, None, addr(VIP, 80)).expect("transfer");
+    std::thread::sleep(Duration::from_millis(300));
+    s.agent.options_mut().max_backends *= 2;
+    s.agent.restart().unwrap();
+    let log = std::fs::read_to_string(s.agent.state_dir().join("agent.log")).unwrap_or_default();
+    assert!(
+        log.contains("LB_RINGS: resized from")
+            && log.contains("LB_RINGS was recreated: wrote the rings of"),
+        "{log}"
+    );
+    assert!(!log.contains("wrote the rings of 0 "), "{log}");
+    let r = batch(&s, Proto::Tcp, addr(VIP, 80), 100);
+    assert_eq!(r.ok, 100, "{:?}\n{log}", r.per_backend);
+    std::thread::sleep(Duration::from_millis(300));
+    let report = transfer.finish();
+    assert!(report.is_clean(), "transfer broke: {report:?}\n{log}");
+}

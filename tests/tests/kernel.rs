@@ -343,6 +343,64 @@ fn a_flow_keeps_its_backend_when_backends_are_added_drained_or_removed() {
     }
 }
 
+/// A service's ring is sized from its backends: going from 3 backends (509 slots) to 30 (4093)
+/// writes a new ring elsewhere and switches to it; the flow table keeps every flow on its
+/// backend, and new flows reach the new backends.
+#[test]
+fn a_flow_keeps_its_backend_when_its_ring_is_resized() {
+    if !require_root() {
+        return;
+    }
+    let mut fx = Fixture::new(Sizes {
+        ring_size: lb_common::DEFAULT_MAX_RING_SIZE,
+        ..sizes()
+    })
+    .expect("fixture");
+    fx.apply(&desired(vec![snat_web()])).expect("apply");
+    let key = snat_web().frontend.key();
+    let before = fx.maps.services.get(&key, 0).unwrap();
+    assert_eq!(before.ring_size, 509);
+    let flows: Vec<(u16, IpAddr, u16)> = (0..30)
+        .map(|i| {
+            let (b, p) = open(&mut fx, 44000 + i);
+            (44000 + i, b, p)
+        })
+        .collect();
+    let mut grown = snat_web();
+    grown.backends.extend((5..32).map(|i| Backend {
+        addr: ip(&format!("10.1.2.{i}")),
+        port: 8080,
+        weight: 1,
+    }));
+    fx.apply(&desired(vec![grown])).unwrap();
+    let after = fx.maps.services.get(&key, 0).unwrap();
+    assert_eq!(after.ring_size, 4093);
+    assert_ne!(
+        after.ring, before.ring,
+        "a new ring, not the old one rewritten"
+    );
+    for (sport, backend, node_port) in &flows {
+        let out = fx
+            .uplink(&Spec::tcp("10.0.0.10", *sport, "10.96.0.10", 80, TCP_ACK).build())
+            .unwrap();
+        assert_eq!(out.verdict, TX);
+        let p = parse(&out.packet);
+        assert_eq!(
+            (p.dst, p.sport),
+            (*backend, *node_port),
+            "flow from port {sport} moved"
+        );
+    }
+    let old: Vec<IpAddr> = snat_web().backends.iter().map(|b| b.addr).collect();
+    let new_flows = (0..60)
+        .filter(|i| !old.contains(&open(&mut fx, 45000 + i).0))
+        .count();
+    assert!(
+        new_flows > 30,
+        "{new_flows} of 60 new flows went to the 27 new backends"
+    );
+}
+
 #[test]
 fn fin_ends_a_flow_after_the_linger_and_a_new_syn_on_the_tuple_is_a_new_flow() {
     if !require_root() {

@@ -3,6 +3,11 @@
 //! collected from Init to InitDone and swapped in whole, so nothing downstream ever sees a
 //! half-listed cluster (no empty backend set while endpoints exist). While the API server is
 //! unreachable the last state stays in force and `synced()` says no.
+//!
+//! A hung API server (connection open, no answers) sends no error, only silence, which a quiet
+//! cluster sends too: a probe asks it a cheap question ([`PROBE_EVERY`], answered within
+//! [`PROBE_TIMEOUT`]). Unanswered, `synced()` says no and the watchers start over with a fresh
+//! list (their connection may be the dead one); answered again, `synced()` follows the lists.
 use std::{
     collections::BTreeMap,
     sync::{Arc, Mutex},
@@ -16,7 +21,10 @@ use k8s_openapi::api::{
 };
 use kube::{Api, Client, ResourceExt, runtime::watcher};
 use log::{info, warn};
-use tokio::{sync::Notify, task::JoinHandle};
+use tokio::{
+    sync::{Notify, watch as signal},
+    task::JoinHandle,
+};
 
 use super::{Cluster, ObjectKey, SERVICE_NAME_LABEL};
 
@@ -33,13 +41,22 @@ pub struct WatchStatus {
     pub last_change: Option<Instant>,
     /// Watch events received.
     pub events: u64,
+    /// The probe's question went unanswered (why); `None` once it is answered.
+    pub unanswered: Option<String>,
 }
 
 impl WatchStatus {
     pub fn synced(&self) -> bool {
-        self.services_synced && self.slices_synced && self.node_synced
+        self.services_synced && self.slices_synced && self.node_synced && self.unanswered.is_none()
     }
 }
+
+/// How often the probe asks the API server for its version, and how long an answer may take.
+/// A hung server is noticed within the sum (a crashed one at once: its connections fail). The
+/// answer is a few milliseconds from a live server; the timeout leaves a loaded one (or a far
+/// one) a wide margin, since an unanswered probe also makes the watchers list again.
+pub const PROBE_EVERY: Duration = Duration::from_secs(5);
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct Watch {
     pub cluster: Arc<Mutex<Cluster>>,
@@ -81,34 +98,46 @@ impl Watch {
         let status = Arc::new(Mutex::new(WatchStatus::default()));
         let services: Api<KubeService> = Api::all(client.clone());
         let slices: Api<EndpointSlice> = Api::all(client.clone());
-        let nodes: Api<Node> = Api::all(client);
+        let nodes: Api<Node> = Api::all(client.clone());
+        // Bumped by the probe: the watchers start over.
+        let (restart, restarts) = signal::channel(0u64);
         let tasks = vec![
             tokio::spawn(run(
                 services,
                 watcher::Config::default(),
                 Kind::Services,
-                cluster.clone(),
-                changed.clone(),
-                status.clone(),
+                Shared {
+                    cluster: cluster.clone(),
+                    changed: changed.clone(),
+                    status: status.clone(),
+                    restarts: restarts.clone(),
+                },
             )),
             tokio::spawn(run(
                 slices,
                 // Only slices that belong to a Service.
                 watcher::Config::default().labels(SERVICE_NAME_LABEL),
                 Kind::Slices,
-                cluster.clone(),
-                changed.clone(),
-                status.clone(),
+                Shared {
+                    cluster: cluster.clone(),
+                    changed: changed.clone(),
+                    status: status.clone(),
+                    restarts: restarts.clone(),
+                },
             )),
             tokio::spawn(run(
                 nodes,
                 // Only this node (a list that finds none is synced too: no zone).
                 watcher::Config::default().fields(&format!("metadata.name={node}")),
                 Kind::Node,
-                cluster.clone(),
-                changed.clone(),
-                status.clone(),
+                Shared {
+                    cluster: cluster.clone(),
+                    changed: changed.clone(),
+                    status: status.clone(),
+                    restarts,
+                },
             )),
+            tokio::spawn(probe(client, status.clone(), changed.clone(), restart)),
         ];
         Watch {
             cluster,
@@ -142,18 +171,60 @@ fn slice_place(s: &EndpointSlice) -> Option<(ObjectKey, String)> {
 const BACKOFF_FIRST: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
-/// One watcher, forever. On any error the stream is dropped and, after a backoff, started again
-/// with a fresh list (served from the API server's watch cache). The new list is swapped in whole
-/// at its end, so a restart flaps nothing, and `synced` is exact: false from the error until the
-/// new list is in.
-async fn run<K>(
-    api: Api<K>,
-    config: watcher::Config,
-    kind: Kind,
+/// What a watcher shares with the rest.
+struct Shared {
     cluster: Arc<Mutex<Cluster>>,
     changed: Arc<Notify>,
     status: Arc<Mutex<WatchStatus>>,
-) where
+    /// Changes when the probe found the API server not answering.
+    restarts: signal::Receiver<u64>,
+}
+
+/// Asks the API server for its version every [`PROBE_EVERY`]: no answer within
+/// [`PROBE_TIMEOUT`] marks the watch not synced and restarts the watchers; an answer clears the
+/// mark.
+async fn probe(
+    client: Client,
+    status: Arc<Mutex<WatchStatus>>,
+    changed: Arc<Notify>,
+    restart: signal::Sender<u64>,
+) {
+    let mut tick = tokio::time::interval(PROBE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let problem = match tokio::time::timeout(PROBE_TIMEOUT, client.apiserver_version()).await {
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => Some(format!("the API server's version: {e}")),
+            Err(_) => Some(format!(
+                "the API server did not answer within {PROBE_TIMEOUT:?}"
+            )),
+        };
+        let mut s = lock(&status);
+        if s.unanswered == problem {
+            continue;
+        }
+        match &problem {
+            Some(why) => {
+                warn!("{why}: not ready; watching again from a fresh list");
+                s.errors += 1;
+                s.last_error = Some(why.clone());
+                restart.send_modify(|n| *n += 1);
+            }
+            None => info!("the API server answers again"),
+        }
+        s.unanswered = problem;
+        drop(s);
+        changed.notify_one();
+    }
+}
+
+/// One watcher, forever. On any error (or a restart from the probe) the stream is dropped and,
+/// after a backoff, started again with a fresh list (served from the API server's watch
+/// cache). The new list is swapped in whole at its end, so a restart flaps nothing, and `synced`
+/// is exact: false from the error until the new list is in.
+async fn run<K>(api: Api<K>, config: watcher::Config, kind: Kind, mut shared: Shared)
+where
     K: kube::Resource
         + Clone
         + std::fmt::Debug
@@ -162,35 +233,52 @@ async fn run<K>(
         + 'static
         + Store,
 {
+    let Shared {
+        cluster,
+        changed,
+        status,
+        restarts,
+    } = &mut shared;
     let mut backoff = BACKOFF_FIRST;
     loop {
         let mut stream = watcher(api.clone(), config.clone()).boxed();
         // Objects of a list in progress.
         let mut relist: Vec<K> = Vec::new();
-        while let Some(event) = stream.next().await {
+        restarts.borrow_and_update();
+        loop {
+            let event = tokio::select! {
+                event = stream.next() => event,
+                Ok(()) = restarts.changed() => {
+                    *kind.synced(&mut lock(status)) = false;
+                    None
+                }
+            };
+            let Some(event) = event else {
+                break;
+            };
             match event {
                 Ok(watcher::Event::Init) => relist.clear(),
                 Ok(watcher::Event::InitApply(o)) => relist.push(o),
                 Ok(watcher::Event::InitDone) => {
                     let n = relist.len();
-                    K::replace_all(&mut lock(&cluster), std::mem::take(&mut relist));
-                    let mut s = lock(&status);
+                    K::replace_all(&mut lock(cluster), std::mem::take(&mut relist));
+                    let mut s = lock(status);
                     *kind.synced(&mut s) = true;
                     backoff = BACKOFF_FIRST;
                     drop(s);
                     info!("{}: listed {n}", K::NAME);
-                    note_change(&status, &changed);
+                    note_change(status, changed);
                 }
                 Ok(watcher::Event::Apply(o)) => {
-                    K::apply(&mut lock(&cluster), o);
-                    note_change(&status, &changed);
+                    K::apply(&mut lock(cluster), o);
+                    note_change(status, changed);
                 }
                 Ok(watcher::Event::Delete(o)) => {
-                    K::delete(&mut lock(&cluster), &o);
-                    note_change(&status, &changed);
+                    K::delete(&mut lock(cluster), &o);
+                    note_change(status, changed);
                 }
                 Err(e) => {
-                    let mut s = lock(&status);
+                    let mut s = lock(status);
                     s.errors += 1;
                     *kind.synced(&mut s) = false;
                     let msg = e.to_string();

@@ -52,9 +52,9 @@ const BACKEND_PORT: u16 = 8080;
 /// new flows without LRU eviction, so "empty" and "1M" differ only in occupancy.
 const FLOW_ENTRIES: u32 = 1 << 21;
 const SOURCE_ENTRIES: u32 = 1 << 18;
-/// Ring size for up to 100 services (the agent's default) and for 10k services (a smaller
-/// prime: rings are (services + 16) x ring_size slots in one array).
-const RING_DEFAULT: u32 = lb_common::DEFAULT_RING_SIZE;
+/// The largest ring for up to 100 services (the agent's default) and for 10k services (a
+/// smaller prime; each service's ring is sized from its backends, up to this).
+const RING_DEFAULT: u32 = lb_common::DEFAULT_MAX_RING_SIZE;
 const RING_10K: u32 = 1021;
 
 /// One table-size configuration.
