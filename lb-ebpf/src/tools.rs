@@ -7,7 +7,8 @@
 //! - `xdp_sink`: the same counts, then XDP_DROP (a receiver that costs as little as possible);
 //! - `bench_wrap`: the per-packet benchmark's wrapper. Every iteration of BPF_PROG_TEST_RUN it
 //!   restores the frame from BENCH_FRAME (with `repeat > 1` the kernel reruns the program on the
-//!   frame the previous iteration rewrote), varies its source address / port from a per-CPU
+//!   frame the previous iteration rewrote; a program that moved the frame's start, as Katran's
+//!   encapsulation does, gets it moved back), varies its source address / port from a per-CPU
 //!   sequence if asked, then tail-calls the program under test in BENCH_TARGET slot 0;
 //! - `bench_gen`: the traffic generator for BPF_PROG_RUN live-frames mode: the same frame
 //!   preparation, then XDP_TX (the kernel transmits the frame out of the ctx's ingress device);
@@ -40,7 +41,7 @@
 mod programs {
     use aya_ebpf::{
         bindings::{TC_ACT_SHOT, bpf_fib_lookup as FibParams, xdp_action},
-        helpers::generated::bpf_fib_lookup,
+        helpers::generated::{bpf_fib_lookup, bpf_xdp_adjust_head},
         macros::{classifier, map, xdp},
         maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray},
         programs::{TcContext, XdpContext},
@@ -76,7 +77,11 @@ mod programs {
         vary: u32,
         cycle: u32,
         sources: u32,
-        _pad: u32,
+        /// The frame's length as BPF_PROG_TEST_RUN was given it (0: leave the start alone).
+        /// The kernel does not reset the frame's start between iterations: a program under test
+        /// that pushed a header in front (bpf_xdp_adjust_head) would leave the next iteration
+        /// a longer frame, and after a dozen the headroom is gone.
+        len: u32,
     }
 
     #[map]
@@ -274,6 +279,15 @@ mod programs {
     )]
     fn prepare(ctx: &XdpContext) -> Option<()> {
         let tpl = BENCH_FRAME.get(0)?;
+        if tpl.len != 0 {
+            let (start, end) = bounds(ctx);
+            let grown = (end - start) as i64 - i64::from(tpl.len);
+            // SAFETY: `ctx.ctx` is the program's context; a positive delta moves the start
+            // back over bytes the previous iteration pushed in front.
+            if grown != 0 && unsafe { bpf_xdp_adjust_head(ctx.ctx, grown as i32) } != 0 {
+                return None;
+            }
+        }
         let (start, end) = bounds(ctx);
         if start + FRAME_WORDS * 8 > end {
             return None;

@@ -17,6 +17,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
+pub mod katran;
 pub mod memory;
 pub mod perpacket;
 pub mod report;
@@ -60,6 +61,8 @@ pub struct Options {
     pub out_dir: PathBuf,
     /// CPU the per-packet measurements run on.
     pub cpu: usize,
+    /// Measure Katran beside the per-packet reference setup (never at smoke scale).
+    pub katran: bool,
 }
 
 impl Options {
@@ -71,6 +74,7 @@ impl Options {
             memory: true,
             out_dir: default_out_dir(),
             cpu: last_cpu(),
+            katran: true,
         }
     }
 }
@@ -125,7 +129,7 @@ pub fn run(options: &Options) -> Result<Results> {
     };
 
     let perpacket = if options.perpacket {
-        match perpacket::run(options.scale, options.cpu) {
+        match perpacket::run(options.scale, options.cpu, options.katran) {
             Ok(p) => {
                 println!("\n{}", report::perpacket_tables(&p));
                 left_out.extend(p.left_out.iter().map(|s| format!("per-packet: {s}")));

@@ -16,6 +16,10 @@
 //! Each configuration (services x backends) runs in a private network namespace (the kernel
 //! fixture's topology), first with an empty flow table, then with 1M entries added from user
 //! space (the time it took is reported).
+//!
+//! Katran ([`super::katran`]) runs in the reference setup's limiter-off phase, behind the same
+//! wrapper, in the same rounds (which of the two goes first alternates round by round), and net
+//! of the same floor; its runs are checked by its own `stats` map and its LRU.
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr},
@@ -33,7 +37,7 @@ use lb_userspace::{
 };
 
 use super::{
-    Scale, coarse_now_ns, median, pin_thread,
+    Scale, coarse_now_ns, katran, median, pin_thread,
     tools::{BenchTools, FRAME_LEN, Vary, timed_run},
 };
 use crate::{
@@ -109,6 +113,10 @@ pub struct Plan {
     /// backend) and the table stays at its configured fill.
     pub new_flow_repeat: u32,
     pub left_out: Vec<String>,
+    /// Why Katran is not measured beside the reference setup; None: it is. Off at smoke scale
+    /// (the CI smoke test): it needs clang, bpftool, Katran's source from the network or the
+    /// cache, and 2 x 4M-entry LRUs.
+    pub katran_skipped: Option<String>,
 }
 
 impl Plan {
@@ -163,6 +171,9 @@ impl Plan {
             repeat,
             new_flow_repeat,
             left_out,
+            katran_skipped: matches!(scale, Scale::Smoke).then(|| {
+                "smoke scale (Katran needs clang, bpftool, its source and 2 x 4M-entry LRUs): `cargo xtask bench` measures it".to_string()
+            }),
         }
     }
 }
@@ -292,37 +303,50 @@ impl Scenario {
         }
     }
 
-    /// The target printed beside the number (not asserted), in ns net of the floor.
-    /// The target, ns net of the floor (issue 15: ratios to Katran's cost measured on this
-    /// machine, 2026-12-02).
-    pub fn target_ns(self) -> Option<f64> {
+    /// Issue 15's target: at most this multiple of Katran's cost on the given Katran path
+    /// (Katran has no limiter: the limiter scenarios are held against its path without one).
+    pub fn katran_target(self) -> Option<(Scenario, f64)> {
+        match self {
+            Scenario::NonVip => Some((Scenario::NonVip, 1.0)),
+            Scenario::Established => Some((Scenario::Established, 1.0)),
+            Scenario::EstablishedLimiter => Some((Scenario::Established, 1.15)),
+            Scenario::NewSyn => Some((Scenario::NewSyn, 1.25)),
+            Scenario::NewMidstream => Some((Scenario::NewMidstream, 1.25)),
+            Scenario::LimiterMiss => Some((Scenario::NewSyn, 2.0)),
+            _ => None,
+        }
+    }
+
+    /// The target as printed: "<= 1.25x Katran".
+    pub fn target(self) -> Option<String> {
+        self.katran_target().map(|(basis, x)| {
+            if basis == self {
+                format!("<= {x:.2}x Katran")
+            } else {
+                format!("<= {x:.2}x Katran's {}", basis.short())
+            }
+        })
+    }
+
+    /// Katran's cost of this path as issue 15 measured it side by side on this machine
+    /// (2026-12-02, ns net of the floor): quoted when Katran cannot be measured in the run.
+    pub fn issue_katran_ns(self) -> Option<f64> {
         match self {
             Scenario::NonVip => Some(69.0),
-            Scenario::Established => Some(140.0),
-            Scenario::EstablishedLimiter => Some(160.0),
-            Scenario::NewSyn | Scenario::NewMidstream => Some(950.0),
-            Scenario::LimiterMiss => Some(1500.0),
+            Scenario::Established => Some(137.0),
+            Scenario::NewSyn => Some(748.0),
+            Scenario::NewMidstream => Some(874.0),
             _ => None,
         }
     }
 
-    pub fn target(self) -> Option<String> {
-        self.target_ns().map(|t| format!("<= {t:.0}"))
-    }
-
-    /// Katran's cost for the same path, measured side by side on this machine (2026-12-02,
-    /// issue 15; in parentheses: Katran has no limiter, its path without one).
-    pub fn reference(self) -> Option<&'static str> {
-        match self {
-            Scenario::NonVip => Some("69"),
-            Scenario::Established => Some("137"),
-            Scenario::EstablishedLimiter => Some("(137)"),
-            Scenario::NewSyn => Some("748"),
-            Scenario::NewMidstream => Some("874"),
-            Scenario::LimiterMiss => Some("(768)"),
-            _ => None,
-        }
-    }
+    /// The scenarios Katran has (its paths without a limiter).
+    pub const KATRAN: [Scenario; 4] = [
+        Scenario::NonVip,
+        Scenario::Established,
+        Scenario::NewSyn,
+        Scenario::NewMidstream,
+    ];
 
     fn creates_state(self) -> bool {
         matches!(
@@ -335,6 +359,25 @@ impl Scenario {
     }
 }
 
+/// Katran in this run.
+#[derive(Clone, Debug)]
+pub enum KatranOutcome {
+    /// Not asked for (smoke scale, or `--no-katran`).
+    Skipped(String),
+    /// Asked for, but it could not be fetched, built or loaded here: why.
+    Unavailable(String),
+    /// Measured in the reference setup (rows' `setup` is 0).
+    Measured {
+        /// Where its source came from.
+        source: String,
+        /// Entries of each per-CPU LRU.
+        lru_entries: u32,
+        /// Flows put into the measuring CPU's LRU before measuring.
+        prefilled: u32,
+        rows: Vec<Row>,
+    },
+}
+
 /// Everything the per-packet part measured.
 #[derive(Clone, Debug)]
 pub struct PerPacket {
@@ -345,6 +388,7 @@ pub struct PerPacket {
     pub new_flow_repeat: u32,
     pub cpu: usize,
     pub left_out: Vec<String>,
+    pub katran: KatranOutcome,
 }
 
 impl PerPacket {
@@ -353,10 +397,22 @@ impl PerPacket {
             .iter()
             .find(|r| r.setup == setup && r.scenario == s)
     }
+
+    /// Katran's row of scenario `s`, if it was measured.
+    pub fn katran_row(&self, s: Scenario) -> Option<&Row> {
+        match &self.katran {
+            KatranOutcome::Measured { rows, .. } => rows.iter().find(|r| r.scenario == s),
+            _ => None,
+        }
+    }
 }
 
-pub fn run(scale: Scale, cpu: usize) -> Result<PerPacket> {
-    run_plan(&Plan::for_scale(scale), cpu)
+pub fn run(scale: Scale, cpu: usize, katran: bool) -> Result<PerPacket> {
+    let mut plan = Plan::for_scale(scale);
+    if !katran && plan.katran_skipped.is_none() {
+        plan.katran_skipped = Some("not asked for (--no-katran)".into());
+    }
+    run_plan(&plan, cpu)
 }
 
 pub fn run_plan(plan: &Plan, cpu: usize) -> Result<PerPacket> {
@@ -368,7 +424,25 @@ pub fn run_plan(plan: &Plan, cpu: usize) -> Result<PerPacket> {
         new_flow_repeat: plan.new_flow_repeat,
         cpu,
         left_out: plan.left_out.clone(),
+        katran: KatranOutcome::Skipped(plan.katran_skipped.clone().unwrap_or_default()),
     };
+    // Katran is built once, before the reference setup, which measures it.
+    let mut katran_built = None;
+    if let Some(why) = &plan.katran_skipped {
+        println!("per-packet: Katran not measured: {why}");
+    } else {
+        println!("per-packet: building Katran (the reference issue 15 measures against)");
+        match katran::build() {
+            Ok(b) => {
+                println!("  Katran: {}", b.source);
+                katran_built = Some(b);
+            }
+            Err(e) => {
+                println!("  Katran unavailable: {e:#}");
+                out.katran = KatranOutcome::Unavailable(format!("{e:#}"));
+            }
+        }
+    }
     let setups = std::iter::once((plan.reference, vec![plan.reference_fill]))
         .chain(plan.configs.iter().map(|c| (*c, plan.fills.clone())));
     for (config, fills) in setups {
@@ -377,14 +451,18 @@ pub fn run_plan(plan: &Plan, cpu: usize) -> Result<PerPacket> {
             config.label(),
             config.ring_size,
         );
+        let with_katran = katran_built.take();
         // A thread per configuration: the fixture moves its thread into a private network
         // namespace, which goes away with the thread.
-        let (setups, rows) = std::thread::scope(|s| {
-            s.spawn(|| measure_config(config, plan, &fills, cpu))
+        let (setups, rows, katran) = std::thread::scope(|s| {
+            s.spawn(|| measure_config(config, plan, &fills, cpu, with_katran))
                 .join()
                 .unwrap_or_else(|p| std::panic::resume_unwind(p))
         })
         .with_context(|| config.label())?;
+        if let Some(k) = katran {
+            out.katran = k;
+        }
         let base = out.setups.len();
         out.setups.extend(setups);
         out.rows.extend(rows.into_iter().map(|mut r| {
@@ -561,7 +639,8 @@ fn measure_config(
     plan: &Plan,
     fills: &[u32],
     cpu: usize,
-) -> Result<(Vec<Setup>, Vec<Row>)> {
+    katran_built: Option<katran::Built>,
+) -> Result<(Vec<Setup>, Vec<Row>, Option<KatranOutcome>)> {
     pin_thread(cpu)?;
     let layout = Layout {
         services: config.services,
@@ -597,6 +676,18 @@ fn measure_config(
     let mut setups = Vec::new();
     let mut rows = Vec::new();
     let mut filled = 0u32;
+    let mut katran_outcome = None;
+    let mut katran_side = match katran_built {
+        Some(built) => match b.katran_side(built, fills.first().copied().unwrap_or(0), cpu) {
+            Ok(side) => Some(side),
+            Err(e) => {
+                println!("  Katran unavailable: {e:#}");
+                katran_outcome = Some(KatranOutcome::Unavailable(format!("{e:#}")));
+                None
+            }
+        },
+        None => None,
+    };
     for &fill in fills {
         let fill_time = if fill > filled {
             let t = b.fill_flows(filled, fill - filled)?;
@@ -632,13 +723,19 @@ fn measure_config(
         let mut measured = Vec::new();
         b.fx.apply(&layout.desired(generous_policy(), false))?;
         let cases = b.cases_limiter_off()?;
-        measured.extend(b.measure_phase(&cases, &mut floors, &mut floors_vary)?);
+        // Katran, if loaded, takes turns with these (the first fill only).
+        let katran_now = if setup_index == 0 {
+            katran_side.as_mut()
+        } else {
+            None
+        };
+        measured.extend(b.measure_phase(&cases, &mut floors, &mut floors_vary, katran_now)?);
         b.fx.apply(&layout.desired(generous_policy(), true))?;
         let cases = b.cases_limiter_on()?;
-        measured.extend(b.measure_phase(&cases, &mut floors, &mut floors_vary)?);
+        measured.extend(b.measure_phase(&cases, &mut floors, &mut floors_vary, None)?);
         b.fx.apply(&layout.desired(strict_policy(), true))?;
         let cases = [b.case_rate_limited()?];
-        measured.extend(b.measure_phase(&cases, &mut floors, &mut floors_vary)?);
+        measured.extend(b.measure_phase(&cases, &mut floors, &mut floors_vary, None)?);
         // The next fill starts the limiter scenarios from a full bucket again.
         b.forget_source(LIMITED_CLIENT)?;
         b.fx.apply(&layout.desired(generous_policy(), false))?;
@@ -693,9 +790,110 @@ fn measure_config(
                 r.runs_ns
             );
         }
+        if setup_index == 0
+            && let Some(side) = katran_side.take()
+        {
+            let krows = side.rows(&setup.refs);
+            for r in &krows {
+                println!(
+                    "    Katran: {:<34} {:>7.0} ns net ({:.0} gross, runs {:.0?})",
+                    r.scenario.name(),
+                    r.net,
+                    r.gross,
+                    r.runs_ns
+                );
+            }
+            katran_outcome = Some(KatranOutcome::Measured {
+                source: side.katran.built.source.clone(),
+                lru_entries: katran::LRU_ENTRIES,
+                prefilled: side.katran.prefilled,
+                rows: krows,
+            });
+        }
         setups.push(setup);
     }
-    Ok((setups, rows))
+    Ok((setups, rows, katran_outcome))
+}
+
+/// Katran's side of the reference setup: the loaded balancer, its cases (the same frames as
+/// xdplb's), and what its runs measured.
+struct KatranSide {
+    katran: katran::Katran,
+    vip: [u8; 4],
+    port: u16,
+    cases: Vec<KatranCase>,
+    /// Per case: ns of each recorded run, packets verified, anomalies.
+    acc: Vec<(Vec<f64>, u64, Vec<String>)>,
+}
+
+struct KatranCase {
+    scenario: Scenario,
+    frame: Vec<u8>,
+    vary: Vary,
+    src: Ipv4Addr,
+    sport: u16,
+    verdict: u32,
+    repeat: u32,
+}
+
+impl KatranSide {
+    /// What Katran's own counters must show after `n` packets of `scenario`: wrong ones.
+    fn check(scenario: Scenario, d: &katran::Counters, n: u64) -> Vec<String> {
+        let want = match scenario {
+            // Not a VIP: no packet reaches Katran's VIP path (it passes them at the lookup).
+            Scenario::NonVip => katran::Counters::default(),
+            Scenario::Established => katran::Counters {
+                vip_packets: n,
+                encapsulated: n,
+                ..Default::default()
+            },
+            Scenario::NewSyn => katran::Counters {
+                vip_packets: n,
+                lru_misses: n,
+                syn_misses: n,
+                encapsulated: n,
+                ..Default::default()
+            },
+            _ => katran::Counters {
+                vip_packets: n,
+                lru_misses: n,
+                nonsyn_misses: n,
+                encapsulated: n,
+                ..Default::default()
+            },
+        };
+        if *d == want {
+            Vec::new()
+        } else {
+            vec![format!("Katran's counters moved {d:?}, expected {want:?}")]
+        }
+    }
+
+    fn rows(&self, refs: &Refs) -> Vec<Row> {
+        self.cases
+            .iter()
+            .zip(&self.acc)
+            .map(|(case, (runs_ns, verified, anomalies))| {
+                let floor = if case.vary.bits != 0 {
+                    refs.floor_vary
+                } else {
+                    refs.floor
+                };
+                let gross = median(runs_ns);
+                Row {
+                    setup: 0,
+                    scenario: case.scenario,
+                    repeat: case.repeat,
+                    runs_ns: runs_ns.clone(),
+                    gross,
+                    floor,
+                    net: gross - floor,
+                    verified: *verified,
+                    anomalies: anomalies.clone(),
+                }
+            })
+            .collect()
+    }
 }
 
 type Measured = (bool, Scenario, u32, Vec<f64>, u64, Vec<String>);
@@ -757,6 +955,7 @@ impl Bench<'_> {
         cases: &[Case],
         floors: &mut Vec<f64>,
         floors_vary: &mut Vec<f64>,
+        mut katran: Option<&mut KatranSide>,
     ) -> Result<Vec<Measured>> {
         let up0 = self.fx.up0;
         let mut acc: Vec<(Vec<f64>, u64, Vec<String>)> =
@@ -767,6 +966,12 @@ impl Bench<'_> {
             if round > 0 {
                 floors.push(f as f64);
                 floors_vary.push(fv as f64);
+            }
+            // Katran and xdplb take turns going first, so neither always runs on a cache the
+            // other just warmed (or cooled).
+            let katran_first = round % 2 == 1;
+            if katran_first && let Some(side) = katran.as_deref_mut() {
+                self.katran_round(side, round)?;
             }
             let uplink = dataplane::program_mut(&mut self.fx.ebpf, PROG_UPLINK)?;
             self.tools.set_target(uplink)?;
@@ -784,6 +989,9 @@ impl Bench<'_> {
                     }
                 }
             }
+            if !katran_first && let Some(side) = katran.as_deref_mut() {
+                self.katran_round(side, round)?;
+            }
         }
         Ok(cases
             .iter()
@@ -799,6 +1007,151 @@ impl Bench<'_> {
                 )
             })
             .collect())
+    }
+
+    /// Loads Katran (built by `katran::build`), configures it as issue 15's setup for this
+    /// layout's target service (its VIP and port, the same backends as reals), fills the
+    /// measuring CPU's LRU with `fill` flows and the established flow, and makes its cases:
+    /// the frames of xdplb's cases.
+    fn katran_side(&mut self, built: katran::Built, fill: u32, cpu: usize) -> Result<KatranSide> {
+        let started = Instant::now();
+        let vip: Ipv4Addr = self.layout.vip().parse()?;
+        let port = self.layout.port();
+        let setup = katran::Setup {
+            vip: vip.octets(),
+            port,
+            reals: (0..self.layout.backends)
+                .map(|j| match self.layout.backend(j).addr {
+                    IpAddr::V4(a) => a.octets(),
+                    IpAddr::V6(_) => [0; 4],
+                })
+                .collect(),
+            gateway_mac: crate::kernel::GW_MAC,
+        };
+        let mut k = katran::Katran::load(built, &setup, katran::LRU_ENTRIES, cpu)?;
+        k.fill(&setup, fill)?;
+        k.add_flow(katran::flow_key([10, 0, 0, 10], setup.vip, 40000, port), 1)?;
+        println!(
+            "  Katran loaded ({}), {} reals, LRUs of {} entries per CPU, {fill} flows added, in {:.1?}",
+            k.built.source,
+            setup.reals.len(),
+            katran::LRU_ENTRIES,
+            started.elapsed()
+        );
+        let (vip_s, repeat, new_repeat) =
+            (vip.to_string(), self.plan.repeat, self.plan.new_flow_repeat);
+        let non_vip = self.non_vip_address()?.to_string();
+        let cases = vec![
+            KatranCase {
+                scenario: Scenario::NonVip,
+                frame: tcp_frame("10.0.0.10", 40000, &non_vip, port, TCP_ACK),
+                vary: Vary::NONE,
+                src: Ipv4Addr::UNSPECIFIED,
+                sport: 0,
+                verdict: XDP_PASS,
+                repeat,
+            },
+            KatranCase {
+                scenario: Scenario::Established,
+                frame: tcp_frame("10.0.0.10", 40000, &vip_s, port, TCP_ACK),
+                vary: Vary::NONE,
+                src: Ipv4Addr::UNSPECIFIED,
+                sport: 0,
+                verdict: XDP_TX,
+                repeat,
+            },
+            KatranCase {
+                scenario: Scenario::NewSyn,
+                frame: tcp_frame("10.64.0.0", 1024, &vip_s, port, TCP_SYN),
+                vary: Vary::new_flows(1024),
+                src: Ipv4Addr::new(10, 64, 0, 0),
+                sport: 1024,
+                verdict: XDP_TX,
+                repeat: new_repeat,
+            },
+            KatranCase {
+                scenario: Scenario::NewMidstream,
+                frame: tcp_frame("10.66.0.0", 1024, &vip_s, port, TCP_ACK),
+                vary: Vary::new_flows(1024),
+                src: Ipv4Addr::new(10, 66, 0, 0),
+                sport: 1024,
+                verdict: XDP_TX,
+                repeat: new_repeat,
+            },
+        ];
+        let acc = cases.iter().map(|_| (Vec::new(), 0, Vec::new())).collect();
+        Ok(KatranSide {
+            katran: k,
+            vip: setup.vip,
+            port,
+            cases,
+            acc,
+        })
+    }
+
+    /// One run of each Katran case behind the wrapper, checked by Katran's counters and (for
+    /// new flows) its LRU, whose new entries are then deleted so it keeps its fill. Round 0
+    /// warms up and is not recorded.
+    fn katran_round(&mut self, side: &mut KatranSide, round: usize) -> Result<()> {
+        let up0 = self.fx.up0;
+        self.tools.set_target_fd(&side.katran.program)?;
+        for (case, (runs_ns, verified, anomalies)) in side.cases.iter().zip(side.acc.iter_mut()) {
+            self.tools.set_frame(&case.frame, case.vary)?;
+            let creates = case.vary.bits != 0;
+            if creates {
+                side.katran.reset_rate_guard()?;
+            }
+            let n0 = self.seq;
+            self.tools.set_seq(n0)?;
+            let before = side.katran.counters()?;
+            let (verdict, ns) = timed_run(
+                self.tools.program("bench_wrap")?,
+                &case.frame,
+                up0,
+                case.repeat,
+            )
+            .with_context(|| format!("Katran: {} (round {round})", case.scenario.name()))?;
+            let d = side.katran.counters()?.delta(&before);
+            self.seq += u64::from(case.repeat);
+            let repeat = u64::from(case.repeat);
+            let runs = self.tools.runs_since(n0)?;
+            ensure!(
+                runs == repeat,
+                "Katran: {}: the wrapper ran {runs} times for repeat {repeat}",
+                case.scenario.name()
+            );
+            let mut wrong = KatranSide::check(case.scenario, &d, repeat);
+            if verdict != case.verdict {
+                wrong.push(format!("last verdict {verdict}, expected {}", case.verdict));
+            }
+            if creates {
+                let keys: Vec<[u8; 40]> = (n0..n0 + repeat)
+                    .map(|n| {
+                        let (a, p) = case.vary.offsets(n);
+                        katran::flow_key(
+                            (u32::from(case.src).wrapping_add(a)).to_be_bytes(),
+                            side.vip,
+                            case.sport.wrapping_add(p),
+                            side.port,
+                        )
+                    })
+                    .collect();
+                let found = side.katran.forget_flows(&keys);
+                if found != repeat {
+                    wrong.push(format!("{found} of {repeat} new flows in Katran's LRU"));
+                }
+            }
+            if round > 0 {
+                runs_ns.push(ns as f64);
+                *verified += repeat;
+                if !wrong.is_empty() {
+                    let a = format!("run {round}: {}", wrong.join(", "));
+                    println!("    Katran: {}: {a}", case.scenario.name());
+                    anomalies.push(a);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// bench_fib, bench_lookup and bench_insert behind the wrapper (gross ns per run, `runs`

@@ -105,7 +105,8 @@ struct BenchFrame {
     vary: u32,
     cycle: u32,
     sources: u32,
-    _pad: u32,
+    /// The frame's length: the wrapper moves a start the program under test moved back.
+    len: u32,
 }
 const _: () = assert!(std::mem::size_of::<BenchFrame>() == 80);
 // SAFETY: repr(C) plain data, explicit padding.
@@ -174,7 +175,7 @@ impl BenchTools {
             vary: vary.bits,
             cycle: vary.cycle,
             sources: vary.sources,
-            _pad: 0,
+            len: u32::try_from(frame.len()).context("frame length")?,
         };
         self.frame.set(0, value, 0)?;
         Ok(())
@@ -198,6 +199,14 @@ impl BenchTools {
         let fd = program.fd()?.try_clone()?;
         self.target
             .set(0, &fd, 0)
+            .context("BENCH_TARGET: inserting the program under test")?;
+        Ok(())
+    }
+
+    /// Makes `bench_wrap` tail-call the program of `fd` (one loaded by another loader).
+    pub fn set_target_fd(&mut self, fd: &aya::programs::ProgramFd) -> Result<()> {
+        self.target
+            .set(0, fd, 0)
             .context("BENCH_TARGET: inserting the program under test")?;
         Ok(())
     }

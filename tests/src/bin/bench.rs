@@ -6,7 +6,7 @@ use anyhow::{Result, bail};
 use lb_tests::bench::{Options, Scale, run};
 
 const USAGE: &str = "\
-usage: bench [--quick | --smoke | --full] [--only PARTS] [--out DIR] [--cpu N]
+usage: bench [--quick | --smoke | --full] [--only PARTS] [--out DIR] [--cpu N] [--no-katran]
 
   (default)     the whole matrix except 10k services x 1000 backends (a few minutes)
   --quick       fewer setups and runs (about a minute)
@@ -15,6 +15,8 @@ usage: bench [--quick | --smoke | --full] [--only PARTS] [--out DIR] [--cpu N]
   --only PARTS  comma-separated: perpacket, throughput, memory
   --out DIR     results directory (default: bench-results/ at the workspace root)
   --cpu N       CPU for the per-packet measurements (default: the last one)
+  --no-katran   do not measure Katran beside the per-packet reference setup (it is
+                fetched into ~/.cache/xdplb/katran and built with clang; never at --smoke)
 
 Writes DIR/<UTC time>/results.md with SVG plots, and DIR/latest.md.";
 
@@ -23,6 +25,7 @@ fn main() -> Result<()> {
     let mut only: Option<Vec<String>> = None;
     let mut out: Option<PathBuf> = None;
     let mut cpu: Option<usize> = None;
+    let mut katran = true;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -35,6 +38,7 @@ fn main() -> Result<()> {
             }
             "--out" => out = args.next().map(PathBuf::from),
             "--cpu" => cpu = args.next().and_then(|v| v.parse().ok()),
+            "--no-katran" => katran = false,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return Ok(());
@@ -63,6 +67,7 @@ fn main() -> Result<()> {
     if let Some(c) = cpu {
         options.cpu = c;
     }
+    options.katran = katran;
     run(&options)?;
     Ok(())
 }
