@@ -441,7 +441,7 @@ impl Reconciler {
             let applied = self.services.get_mut(key).expect("listed above");
             applied.value.ring = base;
             applied.value.ring_size = size;
-            applied.value.ring_digest = ring_digest(&table, size, seed);
+            applied.value.ring_digest = ring_digest(&entries, size, seed);
             tables.set_service(key, &applied.value)?;
         }
         Ok(lost.len())
@@ -1229,8 +1229,9 @@ impl Reconciler {
         Ok(backends)
     }
 
-    /// Builds the service's ring and, only if its contents change, writes it into a spare ring
-    /// and points `value` at it (the caller switches the service entry, then frees the old ring).
+    /// Only if what the service's ring is built from changed: builds the ring, writes it into a
+    /// spare ring and points `value` at it (the caller switches the service entry, then frees
+    /// the old ring).
     fn apply_ring(
         &mut self,
         service: &Service,
@@ -1246,9 +1247,9 @@ impl Reconciler {
             .map(|b| (b.maglev_key(), b.weight, backends[&(b.addr, b.port)].0))
             .collect();
         let ring_size = self.ring_size_of(service);
-        let table = ring_table(&entries, ring_size, cfg.hash_seed)?;
-        let digest = ring_digest(&table, ring_size, cfg.hash_seed);
+        let digest = ring_digest(&entries, ring_size, cfg.hash_seed);
         if value.ring == u32::MAX || value.ring_digest != digest || value.ring_size != ring_size {
+            let table = ring_table(&entries, ring_size, cfg.hash_seed)?;
             let base = self
                 .ring_space
                 .alloc(ring_size)
@@ -1430,14 +1431,20 @@ pub fn ring_table(
         .collect())
 }
 
-fn ring_digest(table: &[u32], size: u32, seed: u32) -> u32 {
-    let mut bytes = Vec::with_capacity(table.len() * 4 + 8);
+/// What a ring is built from (its entries in order, size and seed), hashed: the same digest,
+/// the same ring, so an apply builds only the rings whose inputs changed (building one is the
+/// dear part of an apply: at 16381 slots, milliseconds). Never 0: a service entry with digest 0
+/// has no ring yet.
+fn ring_digest(entries: &[(String, u32, u32)], size: u32, seed: u32) -> u32 {
+    let mut bytes = Vec::with_capacity(entries.len() * 48 + 8);
     bytes.extend_from_slice(&size.to_le_bytes());
     bytes.extend_from_slice(&seed.to_le_bytes());
-    for s in table {
-        bytes.extend_from_slice(&s.to_le_bytes());
+    for (key, weight, id) in entries {
+        bytes.extend_from_slice(&u32::try_from(key.len()).unwrap_or(u32::MAX).to_le_bytes());
+        bytes.extend_from_slice(key.as_bytes());
+        bytes.extend_from_slice(&weight.to_le_bytes());
+        bytes.extend_from_slice(&id.to_le_bytes());
     }
-    // Never 0: a service entry with digest 0 has no ring yet.
     bytes_hash(&bytes, 0x0d16_e575).max(1)
 }
 
