@@ -361,7 +361,14 @@ fn run_size(size: Size) -> Result<Run> {
     };
     let start_cpu_s = cpu_seconds(pid)?;
     let start_end = Instant::now();
-    let ready = probes.first_ok("/readyz").map(|t| t.duration_since(t0));
+    // /readyz may turn 200 a moment after the maps are complete: wait for it (a while).
+    let ready_limit = Instant::now() + Duration::from_secs(30);
+    let mut ready = probes.first_ok("/readyz");
+    while ready.is_none() && Instant::now() < ready_limit {
+        std::thread::sleep(Duration::from_millis(50));
+        ready = probes.first_ok("/readyz");
+    }
+    let ready = ready.map(|t| t.duration_since(t0));
     println!(
         "  /readyz 200 after {}, all frontends in the maps after {}",
         secs(ready),
