@@ -102,11 +102,31 @@ fn smoke_run_measures_every_part_and_writes_its_results() {
     assert!(m.default_total() > 0);
     assert!(m.agent_rss_kb.is_some_and(|kb| kb > 0), "{:?}", m.left_out);
 
-    // Kubernetes: the agent started, every frontend reached the maps, every change was seen
-    // there, the probes were answered, the process was measured.
-    let k = results.kubernetes.as_ref().expect("kubernetes results");
-    assert_eq!(k.runs.len(), 1, "{:?}", k.left_out);
-    let r = &k.runs[0];
+    check_kubernetes(&results);
+
+    // Files a person reads.
+    let md = std::fs::read_to_string(results.dir.join("results.md")).expect("results.md");
+    for heading in ["Per-packet cost", "Throughput", "Memory", "Kubernetes"] {
+        assert!(md.contains(heading), "results.md lacks {heading}");
+    }
+    for svg in ["perpacket.svg", "throughput.svg"] {
+        let text = std::fs::read_to_string(results.dir.join(svg)).expect(svg);
+        assert!(text.starts_with("<svg") && text.contains("<rect"), "{svg}");
+    }
+    let latest = std::fs::read_to_string(dir.join("latest.md")).expect("latest.md");
+    assert!(
+        latest.contains("/perpacket.svg)"),
+        "latest.md points into the run's directory"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Kubernetes: the agent started, every frontend reached the maps, every change was seen there,
+/// the probes were answered, the process was measured.
+fn check_kubernetes(results: &lb_tests::bench::Results) {
+    let kube = results.kubernetes.as_ref().expect("kubernetes results");
+    assert_eq!(kube.runs.len(), 1, "{:?}", kube.left_out);
+    let r = &kube.runs[0];
     assert!(r.ready.is_some(), "/readyz never answered 200: {r:?}");
     assert!(
         r.converged.is_some(),
@@ -133,20 +153,4 @@ fn smoke_run_measures_every_part_and_writes_its_results() {
         "the DaemonSet's args: {:?}",
         r.args
     );
-
-    // Files a person reads.
-    let md = std::fs::read_to_string(results.dir.join("results.md")).expect("results.md");
-    for heading in ["Per-packet cost", "Throughput", "Memory", "Kubernetes"] {
-        assert!(md.contains(heading), "results.md lacks {heading}");
-    }
-    for svg in ["perpacket.svg", "throughput.svg"] {
-        let text = std::fs::read_to_string(results.dir.join(svg)).expect(svg);
-        assert!(text.starts_with("<svg") && text.contains("<rect"), "{svg}");
-    }
-    let latest = std::fs::read_to_string(dir.join("latest.md")).expect("latest.md");
-    assert!(
-        latest.contains("/perpacket.svg)"),
-        "latest.md points into the run's directory"
-    );
-    let _ = std::fs::remove_dir_all(&dir);
 }

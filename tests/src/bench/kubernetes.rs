@@ -431,8 +431,8 @@ fn run_size(size: Size) -> Result<Run> {
     }
     println!(
         "  one endpoint change: p50 {} p99 {} ({} changes)",
-        ms(percentile(&changes, 50.0)),
-        ms(percentile(&changes, 99.0)),
+        ms(percentile(&changes, 50)),
+        ms(percentile(&changes, 99)),
         changes.len()
     );
 
@@ -479,9 +479,9 @@ fn run_size(size: Size) -> Result<Run> {
     // A probe in flight at the end of the phase counts: give it time to end.
     std::thread::sleep(Duration::from_secs(1));
     let batch_end = Instant::now();
-    let probed = probes.stop();
-    let worst_start = worst(&probed, t0, start_end);
-    let worst_batch = worst(&probed, batch_start, batch_end);
+    let answers = probes.stop();
+    let worst_start = worst(&answers, t0, start_end);
+    let worst_batch = worst(&answers, batch_start, batch_end);
     println!(
         "  {batch} Services at once: {} (requests answered after {})",
         secs(batch_converged),
@@ -902,7 +902,7 @@ impl Probes {
                 while !stop.load(Ordering::Relaxed) {
                     let start = Instant::now();
                     // Refused: nothing listens yet (not counted).
-                    if let Some(status) = http_get(path) {
+                    if let Ok(status) = http_get(path) {
                         let p = Probe {
                             path,
                             start,
@@ -973,47 +973,67 @@ fn worst(probes: &[Probe], from: Instant, to: Instant) -> Vec<Worst> {
         .collect()
 }
 
-/// GET `path` from the agent on 127.0.0.1 (the calling thread's namespace): Some(Some(status)),
-/// Some(None) if no answer came within the timeout, None if the connection was refused.
-fn http_get(path: &str) -> Option<Option<u16>> {
-    http_fetch(path).map(|r| r.map(|(status, _)| status))
+/// What a GET of the agent's probe port got.
+enum Answer {
+    /// Nothing listens yet.
+    Refused,
+    /// No (complete) answer within the timeout.
+    Silent,
+    Got(u16, String),
 }
 
-/// GET `path`: Some(Some((status, body))), Some(None) without an answer, None if refused.
-fn http_fetch(path: &str) -> Option<Option<(u16, String)>> {
+/// GET `path` from the agent on 127.0.0.1 (the calling thread's namespace): Err if refused,
+/// Ok(None) if no answer came within the timeout.
+fn http_get(path: &str) -> Result<Option<u16>, ()> {
+    match http_fetch(path) {
+        Answer::Refused => Err(()),
+        Answer::Silent => Ok(None),
+        Answer::Got(status, _) => Ok(Some(status)),
+    }
+}
+
+fn http_fetch(path: &str) -> Answer {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, PROBE_PORT));
     let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else {
-        return None;
+        return Answer::Refused;
     };
     let _ = s.set_read_timeout(Some(PROBE_TIMEOUT));
     let request = format!("GET {path} HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n");
     if s.write_all(request.as_bytes()).is_err() {
-        return Some(None);
+        return Answer::Silent;
     }
     let mut out = Vec::new();
     if s.read_to_end(&mut out).is_err() {
-        return Some(None);
+        return Answer::Silent;
     }
     let text = String::from_utf8_lossy(&out);
     let Some((head, body)) = text.split_once("\r\n\r\n") else {
-        return Some(None);
+        return Answer::Silent;
     };
-    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok());
-    Some(status.map(|c| (c, body.to_string())))
+    match head.split_whitespace().nth(1).and_then(|c| c.parse().ok()) {
+        Some(status) => Answer::Got(status, body.to_string()),
+        None => Answer::Silent,
+    }
 }
 
 /// The agent's own sync-latency histogram (from a change seen by its watcher to the maps
 /// holding it): (sum of seconds, count).
 fn sync_latency(ns: &Netns) -> Option<(f64, u64)> {
-    let (_, body) = ns.run(|| http_fetch("/metrics")).ok()???;
+    let Ok(Answer::Got(_, body)) = ns.run(|| http_fetch("/metrics")) else {
+        return None;
+    };
     let value = |name: &str| {
         body.lines()
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map(|v| v.trim().to_string())
     };
-    let sum = value("xdplb_kubernetes_sync_latency_seconds_sum")?;
-    let count = value("xdplb_kubernetes_sync_latency_seconds_count")?;
-    Some((sum, count as u64))
+    let sum = value("xdplb_kubernetes_sync_latency_seconds_sum")?
+        .parse()
+        .ok()?;
+    let count = value("xdplb_kubernetes_sync_latency_seconds_count")?
+        .parse()
+        .ok()?;
+    Some((sum, count))
 }
 
 // ---- the API server from the node ------------------------------------------------------------
@@ -1080,14 +1100,14 @@ fn pipe(a: TcpStream, b: TcpStream) {
 
 // ---- figures -----------------------------------------------------------------------------------
 
-/// Nearest-rank percentile; None for none.
-pub fn percentile(v: &[Duration], p: f64) -> Option<Duration> {
+/// Nearest-rank percentile (`p` in percent); None for none.
+pub fn percentile(v: &[Duration], p: usize) -> Option<Duration> {
     if v.is_empty() {
         return None;
     }
     let mut s = v.to_vec();
     s.sort();
-    let rank = ((p / 100.0) * s.len() as f64).ceil() as usize;
+    let rank = (p * s.len()).div_ceil(100);
     Some(s[rank.clamp(1, s.len()) - 1])
 }
 
@@ -1159,13 +1179,13 @@ const ROWS: &[Row] = &[
         what: "one endpoint change to the maps, p50",
         target: None,
         unit: Unit::Millis,
-        value: |r| percentile(&r.changes, 50.0).map(|d| d.as_secs_f64() * 1000.0),
+        value: |r| percentile(&r.changes, 50).map(|d| d.as_secs_f64() * 1000.0),
     },
     Row {
         what: "one endpoint change to the maps, p99",
         target: Some(100.0),
         unit: Unit::Millis,
-        value: |r| percentile(&r.changes, 99.0).map(|d| d.as_secs_f64() * 1000.0),
+        value: |r| percentile(&r.changes, 99).map(|d| d.as_secs_f64() * 1000.0),
     },
     Row {
         what: "100 Services changed at once, to converged",
