@@ -1,6 +1,7 @@
 //! The benchmarks at smoke scale, so their code cannot rot: asserts that the harness works
 //! (every scenario ran and was verified by counters, the generator's frames arrived, numbers
-//! are finite, result files were written), never speed. Privileged: see `require_root`.
+//! are finite, the agent in Kubernetes mode saw every change, result files were written), never
+//! speed. Privileged: see `require_root`.
 use lb_tests::{
     bench::{
         Options, Scale,
@@ -13,10 +14,11 @@ use lb_tests::{
 
 /// What results.md must say: its parts, and (Katran being skipped at smoke scale) that Katran
 /// was not measured, with the figures quoted instead labelled as issue 15's.
-const REPORT_TEXTS: [&str; 5] = [
+const REPORT_TEXTS: [&str; 6] = [
     "Per-packet cost",
     "Throughput",
     "Memory",
+    "Kubernetes",
     "Katran not measured: smoke scale",
     "(issue 15)",
 ];
@@ -119,6 +121,8 @@ fn smoke_run_measures_every_part_and_writes_its_results() {
     assert!(m.default_total() > 0);
     assert!(m.agent_rss_kb.is_some_and(|kb| kb > 0), "{:?}", m.left_out);
 
+    check_kubernetes(&results);
+
     // Files a person reads.
     let md = std::fs::read_to_string(results.dir.join("results.md")).expect("results.md");
     for text in REPORT_TEXTS {
@@ -134,4 +138,38 @@ fn smoke_run_measures_every_part_and_writes_its_results() {
         "latest.md points into the run's directory"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Kubernetes: the agent started, every frontend reached the maps, every change was seen there,
+/// the probes were answered, the process was measured.
+fn check_kubernetes(results: &lb_tests::bench::Results) {
+    let kube = results.kubernetes.as_ref().expect("kubernetes results");
+    assert_eq!(kube.runs.len(), 1, "{:?}", kube.left_out);
+    let r = &kube.runs[0];
+    assert!(r.ready.is_some(), "/readyz never answered 200: {r:?}");
+    assert!(
+        r.converged.is_some(),
+        "not every frontend reached the maps: {r:?}"
+    );
+    assert!(
+        r.changes_lost == 0 && !r.changes.is_empty(),
+        "endpoint changes not seen in the maps: {r:?}"
+    );
+    assert!(r.batch_converged.is_some(), "{r:?}");
+    for w in r.worst_start.iter().chain(&r.worst_batch) {
+        if w.path != "/metrics" {
+            assert!(w.probes > 0 && w.worst.is_some(), "{w:?}");
+        }
+    }
+    assert!(
+        r.rss_kb > 0 && r.map_bytes > 0 && r.start_cpu_s > 0.0,
+        "{r:?}"
+    );
+    assert!(r.idle_cpu_pct.is_finite() && r.idle_cpu_pct >= 0.0, "{r:?}");
+    assert!(r.status_bytes > 0, "{r:?}");
+    assert!(
+        r.args.iter().any(|a| a == "--kubernetes") && r.args.iter().any(|a| a == "--keep-on-exit"),
+        "the DaemonSet's args: {:?}",
+        r.args
+    );
 }

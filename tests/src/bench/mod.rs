@@ -5,7 +5,9 @@
 //!   against the kernel path users run today (nftables DNAT as kube-proxy programs it), with a
 //!   live-frames generator of our own, counted at the receiver; CPU cost at fixed loads;
 //! - [`memory`]: bytes per flow entry and per tracked source, map memory at default sizes, and
-//!   the agent's RSS.
+//!   the agent's RSS;
+//! - [`kubernetes`]: the agent in Kubernetes mode at cluster sizes (start, change latency, idle
+//!   CPU, memory, probe answer times) against issue 12's targets.
 //!
 //! [`run`] runs the chosen parts and writes `results.md` and SVG plots ([`report`]). Every
 //! traffic loop is bounded in count and time; namespaces, programs and processes are released
@@ -18,6 +20,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 pub mod katran;
+pub mod kubernetes;
 pub mod memory;
 pub mod perpacket;
 pub mod report;
@@ -56,6 +59,9 @@ pub struct Options {
     pub perpacket: bool,
     pub throughput: bool,
     pub memory: bool,
+    pub kubernetes: bool,
+    /// Cluster sizes of the Kubernetes part (by default [`kubernetes::sizes`] of the scale).
+    pub kube_sizes: Vec<kubernetes::Size>,
     /// `bench-results/` at the workspace root by default; each run writes a sub-directory
     /// named by its UTC start time and a `latest.md` beside it.
     pub out_dir: PathBuf,
@@ -72,6 +78,8 @@ impl Options {
             perpacket: true,
             throughput: true,
             memory: true,
+            kubernetes: true,
+            kube_sizes: kubernetes::sizes(scale),
             out_dir: default_out_dir(),
             cpu: last_cpu(),
             katran: true,
@@ -95,6 +103,7 @@ pub struct Results {
     pub perpacket: Option<perpacket::PerPacket>,
     pub throughput: Option<throughput::Throughput>,
     pub memory: Option<memory::Memory>,
+    pub kubernetes: Option<kubernetes::Kubernetes>,
     /// What was left out, and why (printed and written to the report).
     pub left_out: Vec<String>,
     /// The run's directory (results.md and the plots).
@@ -177,6 +186,23 @@ pub fn run(options: &Options) -> Result<Results> {
         None
     };
 
+    let kubernetes = if options.kubernetes {
+        match kubernetes::run(&options.kube_sizes) {
+            Ok(k) => {
+                println!("\n{}", kubernetes::tables(&k));
+                left_out.extend(k.left_out.iter().map(|s| format!("kubernetes: {s}")));
+                Some(k)
+            }
+            Err(e) => {
+                note_failure("kubernetes", e, &mut left_out);
+                None
+            }
+        }
+    } else {
+        left_out.push("kubernetes: not asked for".into());
+        None
+    };
+
     let dir = options.out_dir.join(&machine.stamp);
     let mut results = Results {
         machine,
@@ -184,6 +210,7 @@ pub fn run(options: &Options) -> Result<Results> {
         perpacket,
         throughput,
         memory,
+        kubernetes,
         left_out,
         dir,
         elapsed: Duration::ZERO,

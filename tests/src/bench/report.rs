@@ -586,6 +586,11 @@ pub fn write(results: &Results, out: &Path) -> Result<()> {
         );
         let _ = writeln!(md, "{}", memory_tables(mem));
     }
+    if let Some(k) = &results.kubernetes {
+        let _ = writeln!(md, "\n## 4. Kubernetes at cluster size\n");
+        let _ = writeln!(md, "{}", super::kubernetes::method());
+        let _ = writeln!(md, "{}", super::kubernetes::tables(k));
+    }
     if !results.left_out.is_empty() {
         let _ = writeln!(md, "\n## Left out\n");
         for l in &results.left_out {

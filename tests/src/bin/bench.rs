@@ -3,16 +3,21 @@
 use std::path::PathBuf;
 
 use anyhow::{Result, bail};
-use lb_tests::bench::{Options, Scale, run};
+use lb_tests::bench::{Options, Scale, kubernetes, run};
 
 const USAGE: &str = "\
-usage: bench [--quick | --smoke | --full] [--only PARTS] [--out DIR] [--cpu N] [--no-katran]
+usage: bench [--quick | --smoke | --full] [--only PARTS] [--k8s-sizes SIZES] [--out DIR] [--cpu N]
+             [--no-katran]
 
-  (default)     the whole matrix except 10k services x 1000 backends (a few minutes)
-  --quick       fewer setups and runs (about a minute)
-  --smoke       seconds: tiny sizes (what the CI smoke test runs)
+  (default)     the whole matrix except 10k services x 1000 backends; Kubernetes at
+                1000 x 10 and 10000 x 10 Services x endpoints (the 10k start alone takes
+                many minutes with fixed 16381-slot rings)
+  --quick       fewer setups and runs; Kubernetes at 1000 x 10 only
+  --smoke       seconds: tiny sizes (what the CI smoke test runs); Kubernetes at 50 x 3
   --full        also 10k services x 1000 backends (10M backend entries: slow to install)
-  --only PARTS  comma-separated: perpacket, throughput, memory
+  --only PARTS  comma-separated: perpacket, throughput, memory, kubernetes
+  --k8s-sizes SIZES  comma-separated Services x endpoints for the Kubernetes part, e.g.
+                1000x10,10000x10 (endpoints 1 to 15)
   --out DIR     results directory (default: bench-results/ at the workspace root)
   --cpu N       CPU for the per-packet measurements (default: the last one)
   --no-katran   do not measure Katran beside the per-packet reference setup (it is
@@ -26,6 +31,7 @@ fn main() -> Result<()> {
     let mut out: Option<PathBuf> = None;
     let mut cpu: Option<usize> = None;
     let mut katran = true;
+    let mut kube_sizes: Option<Vec<kubernetes::Size>> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -39,6 +45,15 @@ fn main() -> Result<()> {
             "--out" => out = args.next().map(PathBuf::from),
             "--cpu" => cpu = args.next().and_then(|v| v.parse().ok()),
             "--no-katran" => katran = false,
+            "--k8s-sizes" => {
+                let v = args.next().unwrap_or_default();
+                let sizes: Option<Vec<kubernetes::Size>> =
+                    v.split(',').map(kubernetes::Size::parse).collect();
+                match sizes {
+                    Some(s) if !s.is_empty() => kube_sizes = Some(s),
+                    _ => bail!("bad --k8s-sizes {v:?}\n\n{USAGE}"),
+                }
+            }
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return Ok(());
@@ -53,16 +68,20 @@ fn main() -> Result<()> {
     let mut options = Options::new(scale);
     if let Some(parts) = only {
         for p in &parts {
-            if !["perpacket", "throughput", "memory"].contains(&p.as_str()) {
+            if !["perpacket", "throughput", "memory", "kubernetes"].contains(&p.as_str()) {
                 bail!("unknown part {p:?}\n\n{USAGE}");
             }
         }
         options.perpacket = parts.iter().any(|p| p == "perpacket");
         options.throughput = parts.iter().any(|p| p == "throughput");
         options.memory = parts.iter().any(|p| p == "memory");
+        options.kubernetes = parts.iter().any(|p| p == "kubernetes");
     }
     if let Some(dir) = out {
         options.out_dir = dir;
+    }
+    if let Some(s) = kube_sizes {
+        options.kube_sizes = s;
     }
     if let Some(c) = cpu {
         options.cpu = c;
