@@ -112,7 +112,7 @@ impl Cluster {
 }
 
 /// What the translation needs to know about this node.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct NodeInfo {
     /// The Node's name (EndpointSlice `nodeName`).
     pub name: String,

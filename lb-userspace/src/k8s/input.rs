@@ -60,9 +60,25 @@ pub struct KubeInput {
     /// The last change already applied, for the sync latency.
     applied_change: Option<Instant>,
     last_error: Option<String>,
+    /// What the last step translated from, and when; see [`KubeInput::step`].
+    last_step: Option<(StepInputs, Instant)>,
     /// Seconds from a change seen by a watcher to the maps holding it.
     pub sync_latency: Histogram,
 }
+
+/// What a translation depends on besides the clock: when none of it changed, nothing drains
+/// and nothing was left to retry, a step would produce what is applied already.
+#[derive(PartialEq)]
+struct StepInputs {
+    events: u64,
+    errors: u64,
+    node: NodeInfo,
+    policies: BTreeSet<String>,
+}
+
+/// How often a step runs all the same when its inputs stay the same (a safety net: the
+/// translation also reads the clock).
+const STEP_AT_LEAST_EVERY: Duration = Duration::from_secs(10);
 
 impl Drop for KubeInput {
     fn drop(&mut self) {
@@ -110,6 +126,7 @@ impl KubeInput {
             health_checks: HealthServers::default(),
             applied_change: None,
             last_error: None,
+            last_step: None,
             sync_latency: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
         })
     }
@@ -162,17 +179,36 @@ impl KubeInput {
         if !status.synced() {
             return;
         }
-        let cluster = self.watch.snapshot();
-        let node = NodeInfo {
+        // The zone comes with the snapshot; a change of it is a watch event.
+        let mut node = NodeInfo {
             name: self.node_name.clone(),
             addrs: target.node_addrs(),
             reserved: target.reserved(),
-            zone: cluster.node_zone(),
+            zone: None,
             prefer_same_zone: target.prefer_same_zone(),
         };
+        let inputs = StepInputs {
+            events: status.events,
+            errors: status.errors,
+            node: node.clone(),
+            policies: target.named_policies(),
+        };
+        // Idle at 10,000 Services: copying, translating and composing them all every tick cost
+        // a tenth of a core for nothing.
+        if self.translator.drain_state().is_empty()
+            && self.last_error.is_none()
+            && self
+                .last_step
+                .as_ref()
+                .is_some_and(|(last, at)| *last == inputs && at.elapsed() < STEP_AT_LEAST_EVERY)
+        {
+            return;
+        }
+        let cluster = self.watch.snapshot();
+        node.zone = cluster.node_zone();
         let translation =
             self.translator
-                .translate(&cluster, &node, &target.named_policies(), Instant::now());
+                .translate(&cluster, &node, &inputs.policies, Instant::now());
         let h = target.kube_health();
         h.services_seen = cluster.services.len();
         h.slices_seen = cluster.slice_count();
@@ -188,6 +224,8 @@ impl KubeInput {
         match target.apply_kubernetes(translation) {
             Ok(problems) => {
                 self.last_error = None;
+                // With problems (a Service left out for room among them) every tick tries again.
+                self.last_step = problems.is_empty().then(|| (inputs, Instant::now()));
                 if let Some(changed) = status.last_change
                     && self.applied_change != Some(changed)
                 {
@@ -204,6 +242,7 @@ impl KubeInput {
                 });
             }
             Err(e) => {
+                self.last_step = None;
                 let e = e.to_string();
                 let h = target.kube_health();
                 // Counted and logged once per distinct error (this runs every tick).
