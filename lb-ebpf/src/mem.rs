@@ -6,7 +6,7 @@
 
 /// The number of 32-bit words of `T`, checked at compile time: whole words, word-aligned.
 const fn words<T>() -> usize {
-    assert!(core::mem::size_of::<T>() % 4 == 0 && core::mem::align_of::<T>() >= 4);
+    assert!(core::mem::size_of::<T>().is_multiple_of(4) && core::mem::align_of::<T>() >= 4);
     core::mem::size_of::<T>() / 4
 }
 
@@ -15,8 +15,8 @@ const fn words<T>() -> usize {
 pub fn copy<T: Copy>(dst: &mut T, src: &T) {
     let n = const { words::<T>() };
     let (dst, src) = (
-        (dst as *mut T).cast::<u32>(),
-        (src as *const T).cast::<u32>(),
+        core::ptr::from_mut(dst).cast::<u32>(),
+        core::ptr::from_ref(src).cast::<u32>(),
     );
     for i in 0..n {
         // SAFETY: both references cover `n` aligned words (checked in `words`), and `T: Copy`
@@ -30,7 +30,7 @@ pub fn copy<T: Copy>(dst: &mut T, src: &T) {
 #[inline(always)]
 pub fn zero<T: Copy>(dst: &mut T) {
     let n = const { words::<T>() };
-    let dst = (dst as *mut T).cast::<u32>();
+    let dst = core::ptr::from_mut(dst).cast::<u32>();
     for i in 0..n {
         // SAFETY: the reference covers `n` aligned words (checked in `words`); callers pass
         // plain-number types, for which zero bits are a value.
