@@ -82,6 +82,9 @@ pub const PROG_UPLINK: &str = "lb_uplink";
 pub const PROG_BACKEND: &str = "lb_backend";
 pub const PROG_NEW_FLOW: &str = "lb_new_flow";
 pub const PROG_ICMP: &str = "lb_icmp";
+/// At TC ingress of the uplinks, while some backend interface's delivery is `kernel`: takes
+/// the packets `lb_uplink` marks ([`HANDOFF_MAC`]) to their pod veth's egress.
+pub const PROG_UPLINK_TC: &str = "lb_uplink_tc";
 /// LB_PROGS slots of the tail-called programs.
 pub const TAIL_NEW_FLOW: u32 = 0;
 pub const TAIL_ICMP: u32 = 1;
@@ -613,6 +616,12 @@ pub struct Iface {
 /// packets to it are handed to the kernel, never redirected past those hooks.
 pub const IFACE_POLICY_HOOK: u16 = 1;
 const _: () = assert!(core::mem::size_of::<Iface>() == 8);
+
+/// The source MAC `lb_uplink` gives a rewritten packet it passes for a local pod behind a policy
+/// hook: `lb_uplink_tc` at the uplink's TC ingress redirects such a packet, if it belongs to a
+/// live balanced flow, to the pod veth's egress, past netfilter (see handoff.rs in lb-ebpf). A
+/// locally administered unicast address ("\x06xdplb").
+pub const HANDOFF_MAC: [u8; 6] = [0x06, b'x', b'd', b'p', b'l', b'b'];
 
 // ---------------------------------------------------------------------------------------------
 // Rate limiting (LB_POLICIES, LB_SOURCES, LB_OVERFLOW, LB_PREFIXES).

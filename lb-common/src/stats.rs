@@ -88,10 +88,13 @@ counters! {
     SourcesCreated = "sources_created",
     /// A tail call to a slow path failed (program array not filled): packet dropped.
     TailCallFailed = "tail_call_failed",
-    /// The next hop is an interface with a policy hook (a pod veth whose TC egress or netfilter
-    /// inspects what enters the pod): passed to the kernel (rewritten), which delivers it
-    /// through those hooks.
+    /// The next hop is an interface with a policy hook (a pod veth whose TC egress hook inspects
+    /// what enters the pod): passed to the kernel (rewritten), marked for `lb_uplink_tc`, which
+    /// delivers it through that hook (`redirect_policy_hook`).
     PassPolicyHook = "pass_policy_hook",
+    /// A packet `pass_policy_hook` marked ([`crate::HANDOFF_MAC`]) that `lb_uplink_tc` redirected
+    /// into its pod veth's egress: through the veth's TC egress hook, past netfilter.
+    RedirectPolicyHook = "redirect_policy_hook",
 }
 
 #[allow(

@@ -9,6 +9,8 @@
 //!   so the verifier checks each on its own (one program with everything would need most of its
 //!   instruction budget).
 //! - `lb_backend` (TC, see tc.rs), on the interfaces facing local backends: their replies.
+//! - `lb_uplink_tc` (TC, see handoff.rs), at the uplinks' TC ingress while a backend interface
+//!   is `kernel`: delivers the packets `lb_uplink` hands over to pod veths' egress.
 //!
 //! Verdicts:
 //! - XDP_PASS, untouched: anything not addressed to what we serve (one bitmap read decides);
@@ -46,8 +48,9 @@ mod datapath {
         programs::XdpContext,
     };
     use lb_common::{
-        Counter, DropReason, FLOW_RESET, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
-        MAC_SLOTS, POLICY_PRECISE_CLOCK, SVC_SNAT, ServiceKey, TAIL_ICMP, TAIL_NEW_FLOW,
+        Counter, DropReason, FLOW_RESET, HOP_VLAN, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP,
+        IPPROTO_UDP, MAC_SLOTS, POLICY_PRECISE_CLOCK, SVC_SNAT, ServiceKey, TAIL_ICMP,
+        TAIL_NEW_FLOW,
         filter::Plane,
         flow_clock,
         hash::flow_hash,
@@ -456,10 +459,10 @@ mod datapath {
     }
 
     /// Applies a flow's rewrite, counts the packet and sends it on to `hop`; without one (no
-    /// neighbour entry, a local destination), or when its device has a policy hook, the
-    /// rewritten packet goes to the kernel, which forwards it (and decrements the TTL) itself.
-    /// The frame keeps its MACs (addressed to this interface) and VLAN tag, so the kernel takes
-    /// it in as any other.
+    /// neighbour entry, a local destination), the rewritten packet goes to the kernel, which
+    /// forwards it (and decrements the TTL) itself; when its device has a policy hook, it goes to
+    /// the kernel marked for `lb_uplink_tc` (see handoff.rs). The frame keeps its destination MAC
+    /// (this interface's) and VLAN tag, so the kernel takes it in as any other.
     #[inline(never)]
     fn send(ctx: &XdpContext, pkt: &Packet, t: &Target, route: Route, next: &Next) -> u32 {
         match route {
@@ -470,14 +473,18 @@ mod datapath {
             Route::Unreachable => return drop_for(t.service, DropReason::NoRoute),
             Route::TooBig => return drop_for(t.service, DropReason::TooBig),
         }
-        let forwarded = route == Route::Found;
+        // To a pod behind a policy hook: marked for `lb_uplink_tc`, which redirects it to the
+        // pod veth's egress (so we decrement the TTL, as the kernel's forwarding would have).
+        let handed =
+            route == Route::PolicyHook && next.vlan & HOP_VLAN == 0 && crate::handoff::mark(ctx);
+        let forwarded = route == Route::Found || handed;
         if rewrite::set_tuple(ctx, pkt, &t.tuple, forwarded).is_none() {
             count(Counter::DropMalformed);
             return xdp_action::XDP_DROP;
         }
         count_packet(t, pkt.len);
         ratelimit::commit();
-        if forwarded {
+        if route == Route::Found {
             nexthop::transmit(ctx, pkt.vlan, next)
         } else {
             xdp_action::XDP_PASS
@@ -513,6 +520,8 @@ mod datapath {
 mod family;
 #[cfg(target_arch = "bpf")]
 mod flow;
+#[cfg(target_arch = "bpf")]
+mod handoff;
 #[cfg(target_arch = "bpf")]
 mod icmp;
 #[cfg(target_arch = "bpf")]

@@ -40,7 +40,7 @@ use crate::{
 };
 
 /// Headers we read directly; pulled into the linear part first.
-const HEADROOM: u32 = 14 + 4 + 60 + 60;
+pub(crate) const HEADROOM: u32 = 14 + 4 + 60 + 60;
 
 // bpf_skb_store_bytes / bpf_l4_csum_replace flags.
 const BPF_F_RECOMPUTE_CSUM: u64 = 1;
@@ -57,7 +57,7 @@ pub fn lb_backend(ctx: TcContext) -> i32 {
 /// Not ours (or for the kernel to route): on to the next program on the hook. Under TCX,
 /// TC_ACT_OK would end the chain there, skipping later programs such as a CNI's network
 /// policy enforcement; for a classic filter it is TC_ACT_UNSPEC, the next filter's turn.
-const TCX_NEXT: i32 = -1;
+pub(crate) const TCX_NEXT: i32 = -1;
 
 #[inline(never)]
 fn backend(ctx: &TcContext) -> i32 {

@@ -67,6 +67,9 @@ pub struct Agent {
     desired: Desired,
     node: NodeView,
     attachments: Attachments,
+    /// `lb_uplink_tc` on the uplinks, while some backend interface is `kernel` (see
+    /// `crate::hooks`).
+    uplink_tc: Attachments,
     netlink: Netlink,
     neighbours: Neighbours,
     interfaces: Interfaces,
@@ -133,6 +136,8 @@ impl Agent {
         let uplink_addrs = node::uplink_addrs(&mut netlink, &interfaces)?;
         let attachments =
             Attachments::new(&layout).with_context(|| format!("creating {}", layout.display()))?;
+        let uplink_tc = Attachments::new_in(&layout, crate::attach::UPLINK_TC_LINKS)
+            .with_context(|| format!("creating {}", layout.display()))?;
         let (publisher, _) = crate::view::channel();
         let mut agent = Agent {
             args,
@@ -142,6 +147,7 @@ impl Agent {
             desired: Desired::default(),
             node,
             attachments,
+            uplink_tc,
             netlink,
             neighbours: Neighbours::default(),
             interfaces,
@@ -444,6 +450,7 @@ impl Agent {
             interfaces: self
                 .attachments
                 .iter()
+                .chain(self.uplink_tc.iter())
                 .map(|a| {
                     let delivery = self.deliveries.get(&a.ifindex).map(|(_, d)| d);
                     InterfaceLabel {
@@ -453,10 +460,7 @@ impl Agent {
                         hook: hook(a.mode),
                         note: a.note.clone(),
                         delivery: delivery.map(|d| d.word().to_string()),
-                        delivery_reason: delivery.map(|d| match &d.warning {
-                            Some(w) => format!("{}; WARNING: {w}", d.reason),
-                            None => d.reason.clone(),
-                        }),
+                        delivery_reason: delivery.map(|d| d.reason.clone()),
                     }
                 })
                 .collect(),
@@ -539,6 +543,7 @@ impl Agent {
         if keep {
             // The tail-call table is pinned already (since start).
             self.attachments.keep_all();
+            self.uplink_tc.keep_all();
             info!(
                 "left the data path attached and pinned in {} for the next agent",
                 pin_dir.display()
@@ -546,6 +551,7 @@ impl Agent {
             return;
         }
         self.attachments.detach_all();
+        self.uplink_tc.detach_all();
         for (ifindex, addr) in self.neighbours.drain() {
             let _ = self.netlink.remove_neighbour(ifindex, addr);
         }

@@ -40,6 +40,9 @@ pub const FILTER_HANDLE: u32 = 1;
 /// The attachment modes of `lb_backend`, as status and metrics show them.
 pub const MODE_TCX: &str = "tcx";
 pub const MODE_TC_CLASSIC: &str = "tc-classic";
+/// Where `lb_uplink_tc`'s links (or classic filters' records) pin, under the layout directory:
+/// the uplinks' `links/<interface>` hold `lb_uplink`'s XDP links.
+pub const UPLINK_TC_LINKS: &str = "uplink-tc";
 /// In a classic filter's record directory: the agent added the clsact qdisc (cleanup removes it
 /// when no other filter is left on it).
 const RECORD_ADDED_CLSACT: &str = "added-clsact";
@@ -118,7 +121,13 @@ pub struct Attachments {
 impl Attachments {
     /// Links pin under `<layout dir>/links`.
     pub fn new(layout_dir: &Path) -> std::io::Result<Attachments> {
-        let dir = layout_dir.join("links");
+        Attachments::new_in(layout_dir, "links")
+    }
+
+    /// Links pin under `<layout dir>/<subdir>`: for a second program on the same interfaces
+    /// (`lb_uplink_tc` on the uplinks, in [`UPLINK_TC_LINKS`]).
+    pub fn new_in(layout_dir: &Path, subdir: &str) -> std::io::Result<Attachments> {
+        let dir = layout_dir.join(subdir);
         std::fs::create_dir_all(&dir)?;
         Ok(Attachments {
             dir,

@@ -2,11 +2,20 @@
 //! links (which detaches the programs), pinned maps, state file and saved drains.
 use anyhow::{Context, Result};
 
-use crate::{attach::Attachments, cli::Paths, dataplane};
+use crate::{
+    attach::{Attachments, UPLINK_TC_LINKS},
+    cli::Paths,
+    dataplane,
+};
 
 pub fn cleanup(paths: &Paths) -> Result<()> {
     let layout = dataplane::layout_dir(&paths.pin_dir);
     if let Ok(mut a) = Attachments::new(&layout) {
+        a.detach_all();
+    }
+    if layout.join(UPLINK_TC_LINKS).exists()
+        && let Ok(mut a) = Attachments::new_in(&layout, UPLINK_TC_LINKS)
+    {
         a.detach_all();
     }
     if layout.exists() {

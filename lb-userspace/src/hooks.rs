@@ -1,19 +1,18 @@
 //! Policy hooks: what else inspects the packets the kernel sends into a local pod, and so how
 //! the data path must deliver packets for that pod's backends. A frame XDP redirects into a pod's
-//! host veth skips that veth's TC egress hook (where CNIs such as the AWS VPC CNI's network
-//! policy agent enforce ingress NetworkPolicy) and netfilter's FORWARD chains; a rewritten packet
-//! handed to the kernel (XDP_PASS) is routed to the pod through both. So a backend interface is
-//! `redirect` only when nothing else is there, else `kernel`.
+//! host veth skips that veth's TC egress hook, where CNIs such as the AWS VPC CNI's network
+//! policy agent enforce ingress NetworkPolicy. So a backend interface is `redirect` only when
+//! nothing else is there, else `kernel`: XDP hands the rewritten packet over to `lb_uplink_tc` at
+//! the uplink's TC ingress, which redirects it to the veth's egress, through that hook (see
+//! `handoff.rs` in lb-ebpf; where `lb_uplink_tc` is missing, the kernel forwards it).
 //!
 //! What counts, per interface: a TCX program or classic TC filter on its egress hook that is not
-//! ours (we attach at ingress only); node-wide: an nftables base chain on the forward hook
-//! (ip, ip6, inet; iptables-nft's FORWARD is one) with rules, when its table tracks no
-//! connections. Netfilter rules that do (`ct`, iptables' `conntrack`/`state` matches, as
-//! kube-proxy's FORWARD rules and Calico's do) cannot be served either way: handed to the
-//! kernel, conntrack sees only the client's direction of a balanced flow (the replies leave
-//! through `lb_backend`), marks the client's ACK after the SYN INVALID, and the usual
-//! `ct state invalid drop` kills the connection. Those, and iptables-legacy's FORWARD rules
-//! (which we cannot read rule by rule), are reported but change nothing; `respect` overrides.
+//! ours (we attach at ingress only). Netfilter's forward path is read (nftables base chains on
+//! the forward hook, iptables-legacy's FORWARD) and reported, but changes nothing: neither
+//! delivery passes it (the handoff goes around it on purpose: conntrack would see only the
+//! client's direction of a balanced flow, take the client's ACK after the SYN for INVALID, and
+//! kube-proxy's `ctstate INVALID -j DROP` would kill every TCP connection). `respect` makes
+//! every interface `kernel` for hooks the agent cannot see.
 //! Queried through system calls only (no `tc`/`nft`/`iptables` binaries needed), and without
 //! loading kernel modules: the legacy tables are read only when already loaded.
 use std::{
@@ -29,7 +28,7 @@ use aya::{
     },
     sys::SyscallError,
 };
-use lb_common::{PROG_BACKEND, PROG_UPLINK};
+use lb_common::{PROG_BACKEND, PROG_UPLINK, PROG_UPLINK_TC};
 use netlink_sys::{Socket, SocketAddr};
 use serde::{Deserialize, Serialize};
 
@@ -63,13 +62,12 @@ impl fmt::Display for PolicyHooks {
 /// How the data path delivers packets for the local backends behind one interface.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Delivery {
-    /// Handed to the kernel (rewritten), rather than redirected in XDP.
+    /// Handed over to the kernel's TC hooks (rewritten), rather than redirected in XDP.
     pub kernel: bool,
     /// Why (for `kernel`: the hooks found, or the setting; for `redirect`: the setting, or
-    /// that nothing was found).
+    /// that nothing was found), and what netfilter has on the forward path, which neither
+    /// delivery passes.
     pub reason: String,
-    /// For `kernel` on a node whose netfilter tracks connections: what will go wrong.
-    pub warning: Option<String>,
 }
 
 impl Delivery {
@@ -82,14 +80,13 @@ impl Delivery {
 /// What netfilter has on the forward path, node-wide, described.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Netfilter {
-    /// Rules that inspect packets one by one: served through the kernel, they apply.
+    /// Rules that inspect packets one by one.
     pub stateless: Vec<String>,
-    /// Rules that track connections, or that we cannot read rule by rule: they cannot apply to
-    /// balanced traffic (see the module's doc), and do not change a delivery.
+    /// Rules that track connections, or that we cannot read rule by rule.
     pub unservable: Vec<String>,
 }
 
-/// Decides `link`'s delivery under `setting`, given the node-wide netfilter findings.
+/// Decides `link`'s delivery under `setting`; `netfilter`'s findings only go into the reason.
 pub fn decide(
     setting: PolicyHooks,
     nl: &mut Netlink,
@@ -100,12 +97,11 @@ pub fn decide(
         PolicyHooks::Respect => (true, "policy-hooks = \"respect\"".to_string()),
         PolicyHooks::Ignore => (false, "policy-hooks = \"ignore\"".to_string()),
         PolicyHooks::Detect => {
-            let mut found = match tc_egress(nl, link) {
+            let found = match tc_egress(nl, link) {
                 Ok(found) => found,
                 // Not knowing is treated as finding something: never bypass what may be there.
                 Err(e) => vec![format!("cannot read its TC egress hook ({e})")],
             };
-            found.extend(netfilter.stateless.iter().cloned());
             if found.is_empty() {
                 (false, "no policy hook found".to_string())
             } else {
@@ -113,27 +109,21 @@ pub fn decide(
             }
         }
     };
-    let unservable = netfilter.unservable.join("; ");
-    match (kernel, unservable.is_empty()) {
-        (_, true) => Delivery {
-            kernel,
-            reason,
-            warning: None,
-        },
-        (false, false) => Delivery {
-            kernel,
-            reason: format!(
-                "{reason}; not applied to balanced traffic (they track connections, or cannot be read rule by rule): {unservable}"
-            ),
-            warning: None,
-        },
-        (true, false) => Delivery {
-            kernel,
-            reason,
-            warning: Some(format!(
-                "netfilter tracks connections, or cannot be read rule by rule ({unservable}): through the kernel it sees only the client's direction of balanced flows, and a rule that drops INVALID packets (kube-proxy's KUBE-FORWARD unless nf_conntrack_tcp_be_liberal is 1) drops TCP after the SYN"
-            )),
-        },
+    let skipped: Vec<&str> = netfilter
+        .stateless
+        .iter()
+        .chain(&netfilter.unservable)
+        .map(String::as_str)
+        .collect();
+    if skipped.is_empty() {
+        return Delivery { kernel, reason };
+    }
+    Delivery {
+        kernel,
+        reason: format!(
+            "{reason}; not applied to balanced traffic into pods (netfilter's forward path, which neither delivery passes): {}",
+            skipped.join("; ")
+        ),
     }
 }
 
@@ -175,7 +165,7 @@ pub fn tc_egress(nl: &mut Netlink, link: &Link) -> Result<Vec<String>, String> {
 /// Whether a program name is one of ours (the kernel keeps 15 bytes of it).
 fn ours(name: &str) -> bool {
     !name.is_empty()
-        && [PROG_BACKEND, PROG_UPLINK]
+        && [PROG_BACKEND, PROG_UPLINK, PROG_UPLINK_TC]
             .iter()
             .any(|p| p.starts_with(name))
 }

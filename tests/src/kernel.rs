@@ -163,6 +163,53 @@ impl Fixture {
         })
     }
 
+    /// Runs `frame` through `program` of `tools` (the data path's object by default) in
+    /// live-frame mode (BPF_F_TEST_XDP_LIVE_FRAMES) as if received on up0: what it passes, the
+    /// kernel takes in on up0 as from a driver (TC ingress, then the stack).
+    pub fn live_on_up0(&self, tools: Option<&Ebpf>, program: &str, frame: &[u8]) -> Result<()> {
+        let ebpf = tools.unwrap_or(&self.ebpf);
+        let prog: &aya::programs::Xdp = ebpf
+            .program(program)
+            .with_context(|| format!("no {program}"))?
+            .try_into()?;
+        let ctx = xdp_md(frame, self.up0);
+        prog.test_run(TestRunOptions {
+            data_in: Some(frame),
+            ctx_in: Some(&ctx),
+            repeat: 1,
+            attrs: aya::programs::TestRunAttrs::new().xdp_live_frames(1),
+            ..TestRunOptions::new()
+        })
+        .context("BPF_PROG_TEST_RUN (live frames)")?;
+        Ok(())
+    }
+
+    /// Attaches `lb_uplink_tc` at up0's TC ingress (a classic clsact filter: every kernel has
+    /// them), as the agent does while a backend interface is `kernel`.
+    pub fn attach_uplink_tc(&mut self) -> Result<()> {
+        let _ = aya::programs::tc::qdisc_add_clsact("up0");
+        let prog = dataplane::classifier_mut(&mut self.ebpf, lb_common::PROG_UPLINK_TC)?;
+        let id = prog.attach_with_options(
+            "up0",
+            aya::programs::TcAttachType::Ingress,
+            aya::programs::tc::TcAttachOptions::Netlink(aya::programs::tc::NlOptions::default()),
+        )?;
+        // Detached with the namespace.
+        std::mem::forget(prog.take_link(id)?);
+        Ok(())
+    }
+
+    /// Packets `dev` (in the fixture's namespace) received.
+    pub fn rx_packets(&self, dev: &str) -> Result<u64> {
+        let out = Command::new("ip")
+            .args(["-j", "-s", "link", "show", "dev", dev])
+            .output()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        v[0]["stats64"]["rx"]["packets"]
+            .as_u64()
+            .with_context(|| format!("no rx packets in {v}"))
+    }
+
     /// Runs `packet` through `lb_uplink` `n` times (one run each: the original packet every
     /// time) and returns the verdicts. Takes `&self` so several threads can share a fixture.
     pub fn run_many(&self, packet: &[u8], n: usize) -> Result<Vec<u32>> {

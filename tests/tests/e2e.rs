@@ -485,14 +485,9 @@ backends = [ {{ address = "fd00:1:1::2", port = {PORT} }} ]
     )
 }
 
-/// Waits until `lb-agent status` says `veth`'s delivery is `want`; then a little over a second
-/// more, the life of the data path's cached next hops (which carry the choice). Returns the
-/// reason the agent gave.
-fn wait_delivery(agent: &AgentProcess, veth: &str, want: &str) -> String {
-    wait_delivery_for(agent, veth, want, "")
-}
-
-/// `wait_delivery`, until the reason also says `saying`.
+/// Waits until `lb-agent status` says `veth`'s delivery is `want` and its reason says `saying`;
+/// then a little over a second more, the life of the data path's cached next hops (which carry
+/// the choice). Returns the reason the agent gave.
 fn wait_delivery_for(agent: &AgentProcess, veth: &str, want: &str, saying: &str) -> String {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
@@ -691,7 +686,10 @@ fn a_pod_behind_a_cni_policy_program_is_reached_only_as_the_program_allows() {
     let reason = h.delivery("kernel", "");
     println!("{}: kernel ({reason})", h.veth);
     assert!(reason.contains("tc egress filter bpf tc_deny"), "{reason}");
-    let passed = h.counter("pass_policy_hook");
+    let (passed, handed) = (
+        h.counter("pass_policy_hook"),
+        h.counter("redirect_policy_hook"),
+    );
     let err = h
         .reach(BLOCKED, vip)
         .expect_err("the denied source must not reach pod1");
@@ -718,6 +716,11 @@ fn a_pod_behind_a_cni_policy_program_is_reached_only_as_the_program_allows() {
     assert!(
         through_kernel >= 24 * 3,
         "every packet into pod1 went through the kernel: {through_kernel}"
+    );
+    assert_eq!(
+        h.counter("redirect_policy_hook") - handed,
+        through_kernel,
+        "each handed over to the veth's egress"
     );
     let text = h.s.agent.status_text().expect("status text");
     assert!(
@@ -746,55 +749,96 @@ fn a_pod_behind_a_cni_policy_program_is_reached_only_as_the_program_allows() {
     assert_eq!(h.counter("pass_policy_hook"), before, "redirected again");
 }
 
-/// Netfilter as the policy. A forward-chain rule that judges packet by packet (as a stateless
-/// policy would) makes every backend interface `kernel`, and applies: the dropped source cannot
-/// reach pod1. Rules that track connections (kube-proxy's `ct state invalid drop`) cannot be
-/// served through the kernel (conntrack would see one direction and drop the client's ACK):
-/// reported, the delivery stays `redirect` and connections work; where a policy program makes
-/// the veth `kernel` anyway, the agent warns.
+/// The node type we target: EKS with kube-proxy (whose forward path drops packets conntrack
+/// calls INVALID) and a CNI policy agent (a TC egress program on pods' host veths). Handed to
+/// the kernel's forwarding, conntrack sees only the client's direction of a balanced flow and
+/// takes the client's ACK after the SYN for INVALID: every TCP connection to a `kernel` pod
+/// would die. Handed over to `lb_uplink_tc` instead, the packet reaches the veth's egress
+/// without netfilter: short connections and a large transfer (default offloads) work, in both
+/// modes, while the policy program still keeps its denied source out. Netfilter's forward
+/// rules, stateless or not, are reported and change no delivery: neither passes them.
 #[test]
-fn netfilter_forward_rules_are_honoured_when_stateless_and_reported_when_they_track_connections() {
+fn a_kernel_pod_on_a_node_whose_netfilter_drops_invalid_packets_is_served() {
     if !require_root() {
         return;
     }
     let h = HookLab::new("e2e-nf");
     let (vip, snat_vip) = (addr(HOOK_VIP, 80), addr(HOOK_SNAT_VIP, 80));
     h.delivery("redirect", "no policy hook found");
+    // kube-proxy's `-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP`, and a stateless
+    // rule as a netfilter policy would have one.
     h.nft(&format!(
-        "table inet netpol {{\n chain forward {{\n  type filter hook forward priority 0;\n  ip saddr {BLOCKED} tcp dport {PORT} drop\n }}\n}}\n"
+        "table inet kp {{\n chain forward {{\n  type filter hook forward priority 0;\n  ct state invalid counter drop\n  ip saddr {ALLOWED} tcp dport {PORT} drop\n }}\n}}\n"
     ));
-    let reason = h.delivery("kernel", "");
+    let reason = h.delivery("redirect", "nftables chain inet kp forward");
     println!(
-        "{} with an nftables forward rule: kernel ({reason})",
+        "{} with netfilter forward rules: redirect ({reason})",
         h.veth
     );
     assert!(
-        reason.contains("nftables chain inet netpol forward"),
+        reason.contains("not applied to balanced traffic"),
         "{reason}"
     );
-    let pod2_veth = h.s.lab.pod("pod2").expect("pod2").host_veth.clone();
-    wait_delivery(&h.s.agent, &pod2_veth, "kernel");
-    h.reach(BLOCKED, vip)
-        .expect_err("netfilter drops the denied source");
     h.must_reach(ALLOWED, vip);
-    h.must_reach(BLOCKED, snat_vip);
-    h.nft("delete table inet netpol");
-    h.delivery("redirect", "no policy hook found");
-    h.must_reach(BLOCKED, vip);
 
-    h.nft(&format!(
-        "table inet kp {{\n chain forward {{\n  type filter hook forward priority 0;\n  ct state invalid counter drop\n  ip saddr {BLOCKED} tcp dport {PORT} drop\n }}\n}}\n"
-    ));
-    let reason = h.delivery("redirect", "tracks connections");
-    println!("{} with a conntrack rule: redirect ({reason})", h.veth);
-    let before = h.counter("pass_policy_hook");
-    h.must_reach(ALLOWED, vip);
-    h.must_reach(ALLOWED, snat_vip);
-    assert_eq!(h.counter("pass_policy_hook"), before);
     h.policy_program(true);
-    let reason = h.delivery("kernel", "WARNING: netfilter tracks");
+    let reason = h.delivery("kernel", "tc egress filter bpf tc_deny");
     println!("{} with both: kernel ({reason})", h.veth);
+    let text = h.s.agent.status_text().expect("status text");
+    assert!(text.contains("lb_uplink_tc at"), "{text}");
+    let (passed, handed) = (
+        h.counter("pass_policy_hook"),
+        h.counter("redirect_policy_hook"),
+    );
+    for _ in 0..20 {
+        assert_eq!(h.must_reach(ALLOWED, vip).to_string(), ALLOWED);
+    }
+    let node_ip = IpAddr::from(h.s.lab.node1().ipv4);
+    for src in [BLOCKED, ALLOWED] {
+        assert_eq!(h.must_reach(src, snat_vip), node_ip, "snat");
+    }
+    h.reach(BLOCKED, vip)
+        .expect_err("the policy program still drops the denied source");
+    assert!(h.denied() > 0, "the policy program dropped it");
+    // A large transfer with the lab's default offloads.
+    let opts = lb_tests::traffic::TransferOptions {
+        chunk: 64 * 1024,
+        interval: Duration::from_millis(1),
+        ..Default::default()
+    };
+    let transfer = LongTransfer::start_with(
+        &h.s.lab.client().ns,
+        Some(ALLOWED.parse().unwrap()),
+        vip,
+        opts,
+    )
+    .expect("transfer");
+    std::thread::sleep(Duration::from_secs(3));
+    let report = transfer.finish();
+    println!("large transfer to a kernel pod: {report:?}");
+    assert!(
+        report.is_clean() && report.bytes_sent > 20_000_000,
+        "{report:?}\n{}",
+        h.s.agent.log_tail()
+    );
+    let (passed, handed) = (
+        h.counter("pass_policy_hook") - passed,
+        h.counter("redirect_policy_hook") - handed,
+    );
+    println!("pass_policy_hook +{passed}, redirect_policy_hook +{handed}");
+    assert!(passed > 100, "through the handoff: {passed}");
+    assert_eq!(
+        handed, passed,
+        "every packet handed over reached the veth's egress"
+    );
+
     h.policy_program(false);
+    h.delivery("redirect", "no policy hook found");
+    let text = h.s.agent.status_text().expect("status text");
+    assert!(
+        !text.contains("lb_uplink_tc at"),
+        "off the uplinks with nothing to hand over: {text}"
+    );
     h.nft("delete table inet kp");
     h.delivery("redirect", "no policy hook found");
 }

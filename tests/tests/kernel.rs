@@ -543,9 +543,9 @@ fn udp_to_a_preserving_vip_is_redirected_to_the_local_pod_and_its_reply_translat
 }
 
 /// A local pod whose veth has a policy hook (the agent found another owner's TC egress program
-/// there) is reached through the kernel: the rewritten packet is passed, addressed as the
-/// uplink received it (the kernel takes it in, routes it to the pod through the veth's TC
-/// egress and netfilter, and decrements the TTL). Without the mark the same flow's packets are
+/// there) is reached through the kernel's TC hooks: the rewritten packet (TTL decremented) is
+/// passed, still addressed to the uplink, its source MAC the handoff's marker (for
+/// `lb_uplink_tc`, see the live test below). Without the mark the same flow's packets are
 /// redirected; with it again, passed. Both modes, both families; replies are translated as ever.
 #[test]
 fn a_local_pod_behind_a_policy_hook_gets_the_rewritten_packet_through_the_kernel() {
@@ -592,8 +592,8 @@ fn a_local_pod_behind_a_policy_hook_gets_the_rewritten_packet_through_the_kernel
         let p = parse(&out.packet);
         assert_eq!(
             (p.src_mac, p.dst_mac),
-            (client_mac, fx.up0_mac),
-            "{vip}: still addressed to the uplink, so the kernel takes it in"
+            (lb_common::HANDOFF_MAC, fx.up0_mac),
+            "{vip}: marked, still addressed to the uplink, so the kernel takes it in"
         );
         let expected_src = if snat { ip(NODE_V4) } else { ip(client) };
         assert_eq!(
@@ -604,7 +604,10 @@ fn a_local_pod_behind_a_policy_hook_gets_the_rewritten_packet_through_the_kernel
         if !snat {
             assert_eq!(p.sport, 41000, "{vip}");
         }
-        assert_eq!(p.ttl, 64, "{vip}: the kernel decrements the TTL, not us");
+        assert_eq!(
+            p.ttl, 63,
+            "{vip}: decremented, as the handoff skips the forwarding"
+        );
         assert_eq!(p.payload, b"hello");
         assert_eq!(fx.counter(Counter::PassPolicyHook), before + 1, "{vip}");
         // The pod's SYN-ACK leaves through lb_backend, translated back to VIP -> client.
@@ -643,6 +646,69 @@ fn a_local_pod_behind_a_policy_hook_gets_the_rewritten_packet_through_the_kernel
     assert_eq!(out.verdict, PASS, "marked again: through the kernel");
     assert_eq!(fx.counter(Counter::PassPolicyHook), passed + 1);
     assert_eq!(fx.counter(Counter::XdpRedirect), redirects + 1);
+}
+
+/// `lb_uplink_tc` at the uplink's TC ingress, live (BPF_F_TEST_XDP_LIVE_FRAMES: what a program
+/// passes, the kernel takes in on up0 as from a driver, through TC ingress): a packet
+/// `lb_uplink` marked for a pod behind a policy hook is redirected into pod0 (its peer pod1
+/// receives it). A frame carrying the marker that is not a packet of a live balanced flow, or
+/// whose next hop has no policy hook, is left to the kernel (sent through a plain XDP_PASS
+/// program, as from the network).
+#[test]
+fn the_uplink_tc_program_redirects_handed_over_packets_and_nothing_else() {
+    if !require_root() {
+        return;
+    }
+    let mut fx = fixture(vec![service(
+        "10.96.0.20",
+        80,
+        Protocol::Tcp,
+        Mode::PreserveClientIp,
+        &[("10.1.9.2", 8080)],
+    )]);
+    fx.set_policy_hook(true).unwrap();
+    fx.attach_uplink_tc().unwrap();
+    let tools = lb_userspace::dataplane::load_tools().unwrap();
+    let handed = |fx: &Fixture| fx.counter(Counter::RedirectPolicyHook);
+    let syn = Spec::tcp("10.0.0.10", 42000, "10.96.0.20", 80, TCP_SYN)
+        .macs(CLIENT_MAC, fx.up0_mac)
+        .build();
+
+    let (before, rx) = (handed(&fx), fx.rx_packets("pod1").unwrap());
+    fx.live_on_up0(None, lb_common::PROG_UPLINK, &syn).unwrap();
+    assert_eq!(handed(&fx), before + 1, "marked and redirected");
+    assert!(
+        fx.rx_packets("pod1").unwrap() > rx,
+        "pod0's peer received it"
+    );
+
+    // As from the network, with the marker: the rewritten packet of the live flow goes where
+    // the flow's packets go (the control); the same to a port with no flow, or to the node,
+    // does not.
+    let up0_mac = fx.up0_mac;
+    let forged = |src_port: u16, dst: &str, dport: u16| {
+        Spec::tcp("10.0.0.10", src_port, dst, dport, TCP_ACK)
+            .macs(lb_common::HANDOFF_MAC, up0_mac)
+            .build()
+    };
+    let before = handed(&fx);
+    fx.live_on_up0(Some(&tools), "xdp_pass", &forged(42000, "10.1.9.2", 8080))
+        .unwrap();
+    assert_eq!(handed(&fx), before + 1, "the control: a packet of the flow");
+    let before = handed(&fx);
+    for frame in [
+        forged(42001, "10.1.9.2", 8080),
+        forged(42000, "10.1.9.2", 8081),
+        forged(42000, NODE_V4, 22),
+    ] {
+        fx.live_on_up0(Some(&tools), "xdp_pass", &frame).unwrap();
+        assert_eq!(handed(&fx), before, "not a packet of a balanced flow");
+    }
+    // Without the policy hook, not even a packet of the flow.
+    fx.set_policy_hook(false).unwrap();
+    fx.live_on_up0(Some(&tools), "xdp_pass", &forged(42000, "10.1.9.2", 8080))
+        .unwrap();
+    assert_eq!(handed(&fx), before, "pod0 has no policy hook now");
 }
 
 #[test]

@@ -7,7 +7,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::Result;
-use lb_common::{IFACE_POLICY_HOOK, Iface, LinkMac, MAC_SLOTS, PROG_BACKEND, PROG_UPLINK};
+use lb_common::{
+    IFACE_POLICY_HOOK, Iface, LinkMac, MAC_SLOTS, PROG_BACKEND, PROG_UPLINK, PROG_UPLINK_TC,
+};
 use log::{info, warn};
 
 use super::Agent;
@@ -64,9 +66,6 @@ impl Agent {
         for (ifindex, (name, d)) in &deliveries {
             if self.deliveries.get(ifindex) != Some(&(name.clone(), d.clone())) {
                 info!("{name}: delivery {} ({})", d.word(), d.reason);
-                if let Some(w) = &d.warning {
-                    warn!("{name}: {w}");
-                }
             }
         }
         self.deliveries = deliveries;
@@ -75,7 +74,7 @@ impl Agent {
     /// Each backend interface's delivery, by ifindex (with its name).
     fn decide_deliveries(&mut self) -> BTreeMap<u32, (String, Delivery)> {
         let setting = self.inputs.file.node.policy_hooks;
-        // Under `respect` too: to warn where netfilter cannot follow balanced flows.
+        // Under `respect` too: the reason says what netfilter has that balanced traffic skips.
         let netfilter = if setting == hooks::PolicyHooks::Ignore {
             hooks::Netfilter::default()
         } else {
@@ -89,7 +88,6 @@ impl Agent {
                 Delivery {
                     kernel: true,
                     reason: "its pod end takes no redirected frames".into(),
-                    warning: None,
                 }
             };
             out.insert(link.ifindex, (link.name.clone(), d));
@@ -115,6 +113,8 @@ impl Agent {
                 }
             }
         }
+        // The handoff's receiver goes on before the data path starts handing over.
+        self.sync_uplink_tc(!hooked.is_empty());
         write_interface_tables(&mut self.maps, &targets, &self.interfaces.vlans, &hooked)?;
         if self.deliveries.values().any(|(_, d)| d.kernel) {
             for uplink in &self.interfaces.uplinks {
@@ -132,6 +132,50 @@ impl Agent {
             }
         }
         Ok(())
+    }
+
+    /// `lb_uplink_tc` at every uplink's TC ingress when `wanted` (some backend interface takes
+    /// handed-over packets), else on none: it costs every packet the kernel takes in on an uplink
+    /// a program run. An uplink it cannot go on keeps working: the packets handed over there go
+    /// through the kernel's forwarding instead (see `handoff.rs` in lb-ebpf).
+    fn sync_uplink_tc(&mut self, wanted: bool) {
+        let mut on = Vec::new();
+        if wanted {
+            for link in self.interfaces.uplinks.clone() {
+                let new = self.uplink_tc.get(&link.name).is_none();
+                match self.uplink_tc.attach_tc(
+                    &mut self.loaded.ebpf,
+                    PROG_UPLINK_TC,
+                    &link.name,
+                    self.args.tc_mode,
+                ) {
+                    Ok(a) => {
+                        if new {
+                            info!(
+                                "{PROG_UPLINK_TC} on {} (ifindex {}): {} mode{}: packets for pods behind a policy hook go to their veth's egress from here",
+                                a.iface,
+                                a.ifindex,
+                                a.mode,
+                                note_suffix(a.note.as_deref())
+                            );
+                        }
+                        on.push(link.name.clone());
+                    }
+                    Err(e) => warn!(
+                        "{}: {e:#}; packets for pods behind a policy hook arriving there go through the kernel's forwarding (and netfilter)",
+                        link.name
+                    ),
+                }
+            }
+        }
+        for iface in self.uplink_tc.pinned_interfaces() {
+            if !on.contains(&iface) {
+                info!(
+                    "{PROG_UPLINK_TC} off {iface}: no backend interface takes handed-over packets"
+                );
+                self.uplink_tc.detach(&iface);
+            }
+        }
     }
 
     /// `lb_uplink` at XDP, after saying what the NIC allows; returns the interface's name.
