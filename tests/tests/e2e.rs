@@ -765,11 +765,10 @@ fn a_kernel_pod_on_a_node_whose_netfilter_drops_invalid_packets_is_served() {
     let h = HookLab::new("e2e-nf");
     let (vip, snat_vip) = (addr(HOOK_VIP, 80), addr(HOOK_SNAT_VIP, 80));
     h.delivery("redirect", "no policy hook found");
-    // kube-proxy's `-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP`, and a stateless
-    // rule as a netfilter policy would have one.
-    h.nft(&format!(
-        "table inet kp {{\n chain forward {{\n  type filter hook forward priority 0;\n  ct state invalid counter drop\n  ip saddr {ALLOWED} tcp dport {PORT} drop\n }}\n}}\n"
-    ));
+    // kube-proxy's `-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP`.
+    h.nft(
+        "table inet kp {\n chain forward {\n  type filter hook forward priority 0;\n  ct state invalid counter drop\n }\n}\n",
+    );
     let reason = h.delivery("redirect", "nftables chain inet kp forward");
     println!(
         "{} with netfilter forward rules: redirect ({reason})",
@@ -831,6 +830,16 @@ fn a_kernel_pod_on_a_node_whose_netfilter_drops_invalid_packets_is_served() {
         handed, passed,
         "every packet handed over reached the veth's egress"
     );
+
+    // A stateless forward rule, as a netfilter policy would have: reported, no change, and not
+    // applied (the source it drops still gets in).
+    h.nft(&format!(
+        "table inet netpol {{\n chain forward {{\n  type filter hook forward priority 0;\n  ip saddr {ALLOWED} tcp dport {PORT} drop\n }}\n}}\n"
+    ));
+    let reason = h.delivery("kernel", "nftables chain inet netpol forward");
+    println!("{} with a stateless rule too: kernel ({reason})", h.veth);
+    h.must_reach(ALLOWED, vip);
+    h.nft("delete table inet netpol");
 
     h.policy_program(false);
     h.delivery("redirect", "no policy hook found");
