@@ -582,8 +582,8 @@ const _: () = assert!(core::mem::size_of::<Hop>() == 40);
 
 /// `Hop::vlan`: a VLAN tag is to be pushed.
 pub const HOP_VLAN: u16 = 0x8000;
-/// `Hop::vlan`: the egress device has a policy hook ([`IFACE_POLICY_HOOK`]): the kernel
-/// delivers the packet.
+/// `Hop::vlan`: the egress device has a policy hook ([`IFACE_POLICY_HOOK`]): the packet is
+/// handed over to `lb_uplink_tc`, which sends it through that hook.
 pub const HOP_POLICY_HOOK: u16 = 0x4000;
 
 /// The period a cached next hop is used for: about a second (2^30 ns).
@@ -612,8 +612,9 @@ pub struct Iface {
 }
 
 /// `Iface::flags`: something else inspects what the kernel sends out of this device (a TC
-/// egress program or filter of another owner, such as a CNI's network policy, or netfilter):
-/// packets to it are handed to the kernel, never redirected past those hooks.
+/// egress program or filter of another owner, such as a CNI's network policy): packets to it are
+/// handed over to `lb_uplink_tc`, which sends them out through that hook, never redirected past
+/// it.
 pub const IFACE_POLICY_HOOK: u16 = 1;
 const _: () = assert!(core::mem::size_of::<Iface>() == 8);
 

@@ -2,9 +2,10 @@
 //! (bpf_fib_lookup), cached per CPU and destination for about a second (LB_HOPS); then XDP_TX
 //! when it leaves where it came in, XDP_REDIRECT through LB_DEVMAP otherwise. When the kernel
 //! cannot tell us enough (no neighbour entry yet, a local destination, a device we may not
-//! redirect to), or when the egress device has a policy hook that a redirect would skip (the
-//! agent marks such devices in LB_IFACES), the rewritten packet goes to the kernel, which
-//! forwards it itself; each such case is counted.
+//! redirect to), the rewritten packet goes to the kernel, which forwards it itself; when the
+//! egress device has a policy hook that a redirect would skip (the agent marks such devices in
+//! LB_IFACES), it goes to the kernel marked for `lb_uplink_tc` (see handoff.rs). Each such case
+//! is counted.
 use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibParams, xdp_action},
     helpers::generated::{bpf_fib_lookup, bpf_xdp_adjust_head},
@@ -61,9 +62,9 @@ pub enum Route {
     Unreachable,
     /// Larger than the route's MTU (`Next::mtu`).
     TooBig,
-    /// The next hop is out of a device whose egress hooks (a CNI's network policy, netfilter)
-    /// must see the packet: the kernel forwards it, through them. `Next` is filled as for
-    /// `Found`.
+    /// The next hop is out of a device whose TC egress hook (a CNI's network policy) must see
+    /// the packet: handed over to `lb_uplink_tc`, which sends it out of the device through that
+    /// hook (see handoff.rs). `Next` is filled as for `Found`.
     PolicyHook,
 }
 
