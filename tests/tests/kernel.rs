@@ -515,7 +515,7 @@ fn the_agent_walks_full_flow_tables_in_batches_and_sweeps_exactly_the_expired() 
     let now_ns = 3_600 * 1_000_000_000u64;
     let fresh = flow_clock(now_ns);
     let stale = fresh - cfg.udp_idle - 2;
-    let last = |i: u32| if i % 3 == 0 { stale } else { fresh };
+    let last = |i: u32| if i.is_multiple_of(3) { stale } else { fresh };
     for i in 0..n4 {
         let src = format!("10.{}.{}.{}", 100 + i / 65_536, (i / 256) % 256, i % 256);
         let key = flow_key(&src, 40_000, "10.96.0.10", 53, IPPROTO_UDP);
