@@ -469,6 +469,71 @@ fn update_batch(fd: BorrowedFd<'_>, first: u32, values: &[u32]) -> std::io::Resu
     Ok(())
 }
 
+/// Calls `f` for every entry of hash map `fd`, read with BPF_MAP_LOOKUP_BATCH: one system call
+/// per few thousand entries, where aya's iterator makes two per entry (sweeps and drain ends walk
+/// the flow tables on the loop that applies changes). Entries added or removed meanwhile may be
+/// seen or not. Returns how many entries `f` saw; an error only if the kernel failed before any.
+fn lookup_batch<K: aya::Pod, V: aya::Pod>(
+    fd: BorrowedFd<'_>,
+    f: &mut dyn FnMut(&K, &V),
+) -> std::io::Result<usize> {
+    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+    // Entries per call: more than any hash bucket holds (the kernel needs a whole bucket).
+    const CHUNK: usize = 4096;
+    // SAFETY: Pod types are valid for any bytes, zeros included.
+    let (mut keys, mut values): (Vec<K>, Vec<V>) = unsafe {
+        (
+            vec![std::mem::zeroed(); CHUNK],
+            vec![std::mem::zeroed(); CHUNK],
+        )
+    };
+    // Where the next call starts: a bucket index for hash maps (room for any key, as arrays use).
+    let (mut from, mut next) = ([0u64; 8], [0u64; 8]);
+    let mut seen = 0;
+    for call in 0usize.. {
+        let mut attr = [0u64; 7];
+        attr[0] = if call == 0 { 0 } else { from.as_ptr() as u64 };
+        attr[1] = next.as_mut_ptr() as u64;
+        attr[2] = keys.as_mut_ptr() as u64;
+        attr[3] = values.as_mut_ptr() as u64;
+        attr[4] = CHUNK as u64 | (u64::from(fd.as_raw_fd().cast_unsigned()) << 32);
+        // SAFETY: a bpf_attr of the size passed (see update_batch); keys and values have room
+        // for CHUNK entries, the batch tokens for any key size, and all outlive the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                attr.as_mut_ptr(),
+                std::mem::size_of_val(&attr),
+            )
+        };
+        let got = usize::try_from(attr[4] & u64::from(u32::MAX))
+            .unwrap_or(0)
+            .min(CHUNK);
+        // ENOENT: the last entries (`got` of them, maybe none) and the end.
+        let err = (rc != 0).then(std::io::Error::last_os_error);
+        if err
+            .as_ref()
+            .is_none_or(|e| e.raw_os_error() == Some(libc::ENOENT))
+        {
+            for (k, v) in keys.iter().zip(&values).take(got) {
+                f(k, v);
+            }
+            seen += got;
+        }
+        match err {
+            None => from = next,
+            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
+            Some(e) if seen == 0 => return Err(e),
+            Some(e) => {
+                log::debug!("reading a map in batches stopped after {seen} entries: {e}");
+                break;
+            }
+        }
+    }
+    Ok(seen)
+}
+
 fn reopen<K: aya::Pod, V, M: IterableMap<K, V>, T>(name: &str, map: &M) -> Result<T>
 where
     T: TryFrom<Map, Error = MapError>,
@@ -836,13 +901,20 @@ impl Tables for Maps {
         self.backends.get(&id, 0).ok()
     }
     fn for_each_flow(&self, f: &mut dyn FnMut(&FlowEntry)) {
-        // An entry deleted while we iterate ends this walk early at worst (the next sweep
+        // In batches; where the kernel has no batch reads for these maps, one by one. With the
+        // iterator, an entry deleted while we walk ends the walk early at worst (the next sweep
         // continues); entries that fail to read are skipped.
-        for (k, v) in self.flows4.iter().filter_map(std::result::Result::ok) {
-            f(&FlowEntry::V4(k, v));
+        let fd = IterableMap::map(&self.flows4).fd().as_fd();
+        if lookup_batch(fd, &mut |k, v| f(&FlowEntry::V4(*k, *v))).is_err() {
+            for (k, v) in self.flows4.iter().filter_map(std::result::Result::ok) {
+                f(&FlowEntry::V4(k, v));
+            }
         }
-        for (k, v) in self.flows6.iter().filter_map(std::result::Result::ok) {
-            f(&FlowEntry::V6(k, v));
+        let fd = IterableMap::map(&self.flows6).fd().as_fd();
+        if lookup_batch(fd, &mut |k, v| f(&FlowEntry::V6(*k, *v))).is_err() {
+            for (k, v) in self.flows6.iter().filter_map(std::result::Result::ok) {
+                f(&FlowEntry::V6(k, v));
+            }
         }
     }
     fn set_flow(&mut self, entry: &FlowEntry) -> Result<()> {

@@ -56,7 +56,7 @@ use self::topology::{Candidate, Preference, Role};
 use crate::{
     config::RawPolicy,
     maglev::MAX_WEIGHT,
-    model::{Backend, Frontend, Mode, Origin, Policy, Protocol, Service, SourceRanges},
+    model::{Backend, Cidr, Frontend, Mode, Origin, Policy, Protocol, Service, SourceRanges},
     reserved::Reserved,
 };
 
@@ -96,6 +96,25 @@ pub struct Cluster {
 impl Cluster {
     pub fn slice_count(&self) -> usize {
         self.slices.values().map(BTreeMap::len).sum()
+    }
+
+    /// This node's pod ranges: its Node's `spec.podCIDRs` (or the older `spec.podCIDR`), those
+    /// that parse. (Clusters whose CNI gives pods addresses of the VPC, as the AWS VPC CNI does,
+    /// have none.)
+    pub fn node_pod_ranges(&self) -> Vec<Cidr> {
+        let Some(spec) = self.node.as_ref().and_then(|n| n.spec.as_ref()) else {
+            return Vec::new();
+        };
+        let listed = spec.pod_cidrs.iter().flatten();
+        listed
+            .chain(spec.pod_cidr.iter())
+            .filter_map(|c| c.parse().ok())
+            .fold(Vec::new(), |mut all, c: Cidr| {
+                if !all.contains(&c) {
+                    all.push(c);
+                }
+                all
+            })
     }
 
     /// This node's zone: its Node's `topology.kubernetes.io/zone` label.

@@ -15,9 +15,11 @@ use lb_userspace::{
 
 fn main() -> ExitCode {
     // netlink-packet-route warns about every attribute newer kernels added; that is noise here.
+    // Milliseconds: an apply, a watch event and a probe often fall in the same second.
     env_logger::Builder::from_env(
         env_logger::Env::default().default_filter_or("info,netlink_packet_route=error"),
     )
+    .format_timestamp_millis()
     .init();
     let cli = Cli::parse();
     let result = match cli.command {

@@ -1,7 +1,8 @@
 //! Frontend addresses a service may not claim (CVE-2020-8554 and its kind): whoever defines a
 //! service must not be able to take the node's own traffic. Reserved are the node's own
-//! addresses, loopback, link-local, unspecified and multicast addresses, and the ranges the node
-//! config lists (`node.reserved-ranges`); the node config may name services allowed anyway
+//! addresses, loopback, link-local, unspecified and multicast addresses, the node's pod ranges
+//! when its Node says them (`spec.podCIDRs`: a Service there would take the traffic of pods), and
+//! the ranges the node config lists (`node.reserved-ranges`); the node config may name services allowed anyway
 //! (`node.allow-reserved`). Node ports are on the node's addresses by design and are not
 //! checked here: only addresses a service names (a config file's `vip`, a Service's
 //! load-balancer ingress IPs and externalIPs).
@@ -30,6 +31,8 @@ const ALWAYS: &[(&str, &str)] = &[
 pub struct Reserved {
     /// The node's own addresses.
     pub node_addrs: BTreeSet<IpAddr>,
+    /// The node's pod ranges (its Node's `spec.podCIDRs`), when it has any.
+    pub pod_ranges: Vec<Cidr>,
     /// `node.reserved-ranges`.
     pub ranges: Vec<Cidr>,
     /// `node.allow-reserved`: config-file service names and `namespace/name` of Services.
@@ -41,6 +44,7 @@ impl Reserved {
     pub fn for_node(settings: &NodeSettings, node_addrs: impl IntoIterator<Item = IpAddr>) -> Self {
         Reserved {
             node_addrs: node_addrs.into_iter().collect(),
+            pod_ranges: Vec::new(),
             ranges: settings.reserved_ranges.clone(),
             allowed: settings.allow_reserved.iter().cloned().collect(),
         }
@@ -57,6 +61,11 @@ impl Reserved {
             if range.contains(vip) {
                 return Some(format!("{vip} is {what}"));
             }
+        }
+        if let Some(r) = self.pod_ranges.iter().find(|r| r.contains(vip)) {
+            return Some(format!(
+                "{vip} is in {r}, this node's pod range (its Node's spec.podCIDRs)"
+            ));
         }
         self.ranges
             .iter()
@@ -132,6 +141,7 @@ mod tests {
     fn reserved() -> Reserved {
         Reserved {
             node_addrs: [ip("10.0.0.1"), ip("fd00:a::1")].into(),
+            pod_ranges: Vec::new(),
             ranges: vec!["10.244.0.0/16".parse().unwrap()],
             allowed: ["kube-system/ingress".to_string(), "local-dns".to_string()].into(),
         }

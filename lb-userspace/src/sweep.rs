@@ -46,54 +46,62 @@ pub fn sweep(tables: &mut dyn Tables, now_ns: u64) -> SweepReport {
     report
 }
 
-/// Ends the flows of one service that go to one backend (its deregistration delay is over):
-/// with `reset`, the client's next packet is answered with a TCP RST; else the flows are
-/// forgotten (their next packet is a new flow, to a current backend). Returns how many flows.
-pub fn end_flows(
-    tables: &mut dyn Tables,
-    service: u32,
-    backend: Addr,
-    port: u16,
-    reset: bool,
-) -> usize {
-    let port = port.to_be();
-    // Backends by id, read once each (client-side entries name their backend by id).
-    let mut backends: BTreeMap<u32, Option<Backend>> = BTreeMap::new();
-    let mut to_backend = |id: u32, tables: &dyn Tables| {
-        backends
-            .entry(id)
-            .or_insert_with(|| tables.backend(id))
-            .is_some_and(|b| b.service == service && b.addr == backend && b.port == port)
-    };
+/// One service's flows to one backend, to be ended (its deregistration delay is over).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ending {
+    pub service: u32,
+    pub backend: Addr,
+    /// Host order.
+    pub port: u16,
+    /// Answer the client's next packet with a TCP RST; else the flows are forgotten (their next
+    /// packet is a new flow, to a current backend).
+    pub reset: bool,
+}
+
+/// Ends the flows of each of `endings`, in one pass over the flow tables for all of them (a
+/// rolling restart ends thousands of backends in one tick: a pass each made every apply wait
+/// behind thousands of passes). Returns how many flows each ended, in order.
+pub fn end_flows(tables: &mut dyn Tables, endings: &[Ending]) -> Vec<usize> {
+    let mut ended = vec![0; endings.len()];
+    if endings.is_empty() {
+        return ended;
+    }
+    // (service, backend, port in network order) -> its index in `endings`.
+    let wanted: BTreeMap<(u32, Addr, u16), usize> = endings
+        .iter()
+        .enumerate()
+        .map(|(i, e)| ((e.service, e.backend, e.port.to_be()), i))
+        .collect();
+    // Client-side entries name their backend by id: each read once.
+    let mut backends: BTreeMap<u32, Option<usize>> = BTreeMap::new();
     let mut all = Vec::new();
     tables.for_each_flow(&mut |e| all.push(*e));
-    let mut matching = Vec::new();
+    let mut found = Vec::new();
     for e in all {
         let (flags, id, src, sport) = match &e {
             FlowEntry::V4(k, f) => (f.flags, f.id, k.src.to_addr(), k.sport),
             FlowEntry::V6(k, f) => (f.flags, f.id, k.src, k.sport),
         };
-        let ours = if flags & FLOW_REPLY == 0 {
-            // Client to backend: names the backend's id.
-            to_backend(id, tables)
+        let client_side = flags & FLOW_REPLY == 0;
+        let which = if client_side {
+            *backends.entry(id).or_insert_with(|| {
+                tables
+                    .backend(id)
+                    .and_then(|b: Backend| wanted.get(&(b.service, b.addr, b.port)).copied())
+            })
         } else {
             // Backend to client: keyed by the backend, names the service.
-            id == service && src == backend && sport == port
+            wanted.get(&(id, src, sport)).copied()
         };
-        if ours {
-            matching.push(e);
+        if let Some(i) = which {
+            found.push((i, client_side, e));
         }
     }
-    let mut ended = 0;
-    for e in matching {
-        let client_side = match &e {
-            FlowEntry::V4(_, f) => f.flags & FLOW_REPLY == 0,
-            FlowEntry::V6(_, f) => f.flags & FLOW_REPLY == 0,
-        };
+    for (i, client_side, e) in found {
         if client_side {
-            ended += 1;
+            ended[i] += 1;
         }
-        let done = if reset && client_side {
+        let done = if endings[i].reset && client_side {
             let e = match e {
                 FlowEntry::V4(k, mut f) => {
                     f.flags |= FLOW_RESET;
@@ -241,7 +249,13 @@ mod tests {
         let mut t = tables();
         flow_pair(&mut t, 1, 2, 0, 0, 0);
         flow_pair(&mut t, 3, 9, 0, 0, 0);
-        assert_eq!(end_flows(&mut t, 1, addr(2), 8080, true), 1);
+        let ending = |last, reset| Ending {
+            service: 1,
+            backend: addr(last),
+            port: 8080,
+            reset,
+        };
+        assert_eq!(end_flows(&mut t, &[ending(2, true)]), [1]);
         let reset = t.flows.values().any(|e| match e {
             FlowEntry::V4(_, f) => {
                 f.flags & FLOW_REPLY == 0 && f.id == 2 && f.flags & FLOW_RESET != 0
@@ -250,7 +264,27 @@ mod tests {
         });
         assert!(reset, "answered with a RST");
         assert_eq!(t.flows.len(), 3, "the reply entry of the reset flow went");
-        assert_eq!(end_flows(&mut t, 1, addr(9), 8080, false), 1);
+        assert_eq!(end_flows(&mut t, &[ending(9, false)]), [1]);
         assert_eq!(t.flows.len(), 1);
+    }
+
+    #[test]
+    fn ending_many_backends_takes_one_pass_and_counts_each() {
+        let mut t = tables();
+        flow_pair(&mut t, 1, 2, 0, 0, 0);
+        flow_pair(&mut t, 3, 9, 0, 0, 0);
+        flow_pair(&mut t, 4, 9, 0, 0, 0);
+        let ending = |last, service| Ending {
+            service,
+            backend: addr(last),
+            port: 8080,
+            reset: false,
+        };
+        // Another service's flows to the same backend are not this ending's.
+        assert_eq!(
+            end_flows(&mut t, &[ending(9, 1), ending(2, 7), ending(2, 1)]),
+            [2, 0, 1]
+        );
+        assert!(t.flows.is_empty());
     }
 }

@@ -1954,13 +1954,24 @@ fn kubernetes_objects_to_real_traffic_through_the_agent() {
     assert!(live.bytes_sent > 0);
 
     // Scale to the two node2 pods: within a second, new connections go only there.
+    let changed = Instant::now();
     apply(slice("web-a", "web", "http", 8080, &eps[2..]));
-    let deadline = Instant::now() + Duration::from_secs(2);
+    let deadline = changed + Duration::from_secs(2);
+    let mut seen = Vec::new();
     loop {
+        let started = Instant::now();
         let report = Batch::new(Proto::Tcp, vip, sources.clone(), 20)
             .run(&lab.client().ns)
             .expect("batch");
         let backends = report.backends();
+        seen.push(format!(
+            "{:?} +{:?}: {:?}, {} errors {:?}",
+            started - changed,
+            report.elapsed,
+            report.per_backend,
+            report.error_count,
+            report.errors.first()
+        ));
         if report.all_ok()
             && backends
                 .iter()
@@ -1969,11 +1980,13 @@ fn kubernetes_objects_to_real_traffic_through_the_agent() {
             break;
         }
         assert!(
-            Instant::now() < deadline,
-            "still reaching {backends:?}\n{}",
-            agent.log_tail()
+            started < deadline,
+            "still reaching {backends:?} in a batch started after the deadline; batches: {seen:#?}\n{}\n{}",
+            agent.log_tail(),
+            agent.status_text().unwrap_or_default()
         );
     }
+    eprintln!("scale-down batches: {} until {:?}", seen.len(), seen.last());
 
     // A drain across an agent restart: a live connection to pod3, pod3 leaves the slice (a 6 s
     // deregistration delay, then RST), the agent restarts 1.5 s in. The connection keeps

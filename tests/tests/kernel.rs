@@ -490,6 +490,72 @@ fn a_handshake_that_never_finishes_is_swept_after_its_timeout_with_its_reply_ent
     assert!(fx.flow4(&done_reply_key).is_some());
 }
 
+/// The agent walks the flow tables (sweeps, drain ends) in batches: with tens of thousands of
+/// entries over many hash buckets, both families, it sees each entry exactly once, and a sweep
+/// removes exactly the expired ones.
+#[test]
+fn the_agent_walks_full_flow_tables_in_batches_and_sweeps_exactly_the_expired() {
+    use std::collections::HashSet;
+
+    use lb_common::{Flow4, Flow6, flow_clock};
+    use lb_userspace::tables::{FlowEntry, Tables};
+    if !require_root() {
+        return;
+    }
+    let (n4, n6) = (30_000u32, 5_000u32);
+    let mut fx = Fixture::new(Sizes {
+        flow_entries: 32_768,
+        flow_entries_v6: 8_192,
+        ..sizes()
+    })
+    .expect("fixture");
+    fx.apply(&desired(vec![snat_web()])).expect("apply");
+    let cfg = fx.maps.config().expect("config");
+    // UDP entries: every third last seen past the UDP timeout, the rest just now.
+    let now_ns = 3_600 * 1_000_000_000u64;
+    let fresh = flow_clock(now_ns);
+    let stale = fresh - cfg.udp_idle - 2;
+    let last = |i: u32| if i.is_multiple_of(3) { stale } else { fresh };
+    for i in 0..n4 {
+        let src = format!("10.{}.{}.{}", 100 + i / 65_536, (i / 256) % 256, i % 256);
+        let key = flow_key(&src, 40_000, "10.96.0.10", 53, IPPROTO_UDP);
+        let flow = Flow4 {
+            last: last(i),
+            id: 1,
+            ..Flow4::default()
+        };
+        fx.maps.set_flow(&FlowEntry::V4(key, flow)).expect("insert");
+    }
+    for i in 0..n6 {
+        let key = lb_tests::kernel::flow_key6(
+            &format!("fd00:a::{:x}", i + 1),
+            40_000,
+            "fd00:96::10",
+            53,
+            IPPROTO_UDP,
+        );
+        let flow = Flow6 {
+            last: last(i),
+            id: 1,
+            ..Flow6::default()
+        };
+        fx.maps.set_flow(&FlowEntry::V6(key, flow)).expect("insert");
+    }
+    let mut seen = Vec::new();
+    fx.maps.for_each_flow(&mut |e| seen.push(e.id()));
+    let distinct: HashSet<_> = seen.iter().collect();
+    assert_eq!(seen.len(), (n4 + n6) as usize, "every entry, once");
+    assert_eq!(distinct.len(), seen.len());
+
+    let report = sweep(&mut fx.maps, now_ns);
+    let expired = (n4.div_ceil(3) + n6.div_ceil(3)) as usize;
+    assert_eq!(
+        (report.flows, report.flows_removed),
+        ((n4 + n6) as usize, expired)
+    );
+    assert_eq!(fx.flow_count(), (n4 + n6) as usize - expired);
+}
+
 // ---------------------------------------------------------------------------------------------
 // UDP, client-IP preservation, local backends, redirect.
 // ---------------------------------------------------------------------------------------------

@@ -70,7 +70,7 @@ fn main() -> Result<()> {
                 "lb-tests",
                 "--bins",
             ])?;
-            run(&mut Command::new(root().join("target/release/demo")))
+            run(&mut Command::new(target_dir().join("release/demo")))
         }
         Task::Bench { args } => {
             setup()?;
@@ -83,7 +83,7 @@ fn main() -> Result<()> {
                 "lb-tests",
                 "--bins",
             ])?;
-            let mut cmd = Command::new(root().join("target/release/bench"));
+            let mut cmd = Command::new(target_dir().join("release/bench"));
             cmd.args(args);
             run(&mut cmd)
         }
@@ -95,6 +95,12 @@ fn root() -> PathBuf {
         .parent()
         .expect("workspace root")
         .to_path_buf()
+}
+
+/// Where cargo puts what it builds: `CARGO_TARGET_DIR` if set (relative to the workspace), else
+/// `target/`.
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), |d| root().join(d))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -425,7 +431,7 @@ fn arm64_cross_build() -> Result<()> {
     let mut args = AGENT_BUILD.to_vec();
     args.extend(["--target", ARM64_TARGET]);
     cargo(&args)?;
-    let bin = root().join(format!("target/{ARM64_TARGET}/debug/lb-agent"));
+    let bin = target_dir().join(format!("{ARM64_TARGET}/debug/lb-agent"));
     let head = std::fs::read(&bin).with_context(|| format!("{}", bin.display()))?;
     // ELF, 64-bit, little-endian, e_machine EM_AARCH64 (183) at offset 18.
     if head.get(..4) != Some(b"\x7fELF") || head.get(18..20) != Some(&183u16.to_le_bytes()[..]) {

@@ -11,7 +11,7 @@ use crate::{
     model::Backend,
     reconcile::ApplyError,
     reserved::Reserved,
-    sweep::end_flows,
+    sweep::{Ending, end_flows},
 };
 
 impl Target for Agent {
@@ -101,17 +101,24 @@ impl Agent {
     }
 
     fn end_drained_flows(&mut self, ends: &[EndFlows]) {
-        for e in ends {
-            let Some(svc) = crate::tables::Tables::service(&self.maps, &e.frontend.key()) else {
-                continue;
-            };
-            let n = end_flows(
-                &mut self.maps,
-                svc.id,
-                e.backend.0.into(),
-                e.backend.1,
-                e.reset,
-            );
+        // Those whose frontend is still in the maps (its service id names the flows).
+        let (ends, endings): (Vec<&EndFlows>, Vec<Ending>) = ends
+            .iter()
+            .filter_map(|e| {
+                let svc = crate::tables::Tables::service(&self.maps, &e.frontend.key())?;
+                Some((
+                    e,
+                    Ending {
+                        service: svc.id,
+                        backend: e.backend.0.into(),
+                        port: e.backend.1,
+                        reset: e.reset,
+                    },
+                ))
+            })
+            .unzip();
+        let counts = end_flows(&mut self.maps, &endings);
+        for (e, n) in ends.iter().zip(counts) {
             info!(
                 "{}: deregistration delay of backend {} over: {n} flows {}",
                 e.frontend,

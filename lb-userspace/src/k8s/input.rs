@@ -179,7 +179,7 @@ impl KubeInput {
         if !status.synced() {
             return;
         }
-        // The zone comes with the snapshot; a change of it is a watch event.
+        // The zone and pod ranges come with the snapshot; a change of them is a watch event.
         let mut node = NodeInfo {
             name: self.node_name.clone(),
             addrs: target.node_addrs(),
@@ -206,6 +206,7 @@ impl KubeInput {
         }
         let cluster = self.watch.snapshot();
         node.zone = cluster.node_zone();
+        node.reserved.pod_ranges = cluster.node_pod_ranges();
         let translation =
             self.translator
                 .translate(&cluster, &node, &inputs.policies, Instant::now());

@@ -796,6 +796,34 @@ fn reserved_addresses_are_refused_as_ingress_ips_and_external_ips_but_not_as_nod
         );
     }
     assert_eq!(refused.len(), 4, "{refused:#?}");
+    // The node's pod range, as its Node says it, is the pods' (the older single field too).
+    let mut c = c;
+    c.node = Some(k8s_openapi::api::core::v1::Node {
+        spec: Some(k8s_openapi::api::core::v1::NodeSpec {
+            pod_cidr: Some("10.244.1.0/24".into()),
+            pod_cidrs: Some(vec!["10.244.1.0/24".into(), "fd00:244:1::/64".into()]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    assert_eq!(
+        c.node_pod_ranges(),
+        [
+            "10.244.1.0/24".parse().unwrap(),
+            "fd00:244:1::/64".parse().unwrap()
+        ]
+    );
+    n.reserved.ranges.clear();
+    n.reserved.pod_ranges = c.node_pod_ranges();
+    let t = Translator::default().translate(&c, &n, &BTreeSet::new(), Instant::now());
+    let refused: Vec<String> = t.problems.iter().map(ToString::to_string).collect();
+    assert!(
+        refused.iter().any(|p| p.contains(
+            "frontend 10.244.1.9:22/tcp: 10.244.1.9 is in 10.244.1.0/24, this node's pod range"
+        )),
+        "{refused:#?}"
+    );
+    assert_eq!(refused.len(), 4, "{refused:#?}");
     // A named exception may.
     n.reserved.allowed = ["default/web".to_string()].into();
     let t = Translator::default().translate(&c, &n, &BTreeSet::new(), Instant::now());
