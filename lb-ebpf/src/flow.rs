@@ -117,7 +117,7 @@ pub fn seen(proto: u8, tcp_flags: u8) -> u32 {
 /// Whether the entry at `entry` (resolving to `t`) is live for this packet (`seen`); if so,
 /// notes it (time, FIN/RST, the end of the handshake). Not live: expired, or a client's SYN on
 /// the tuple of a closed connection (a new connection reusing it).
-#[inline(never)]
+#[inline(always)]
 pub fn refresh<F: Family>(
     entry: *mut Flow<F::A>,
     t: &Target,

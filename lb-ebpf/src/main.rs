@@ -182,6 +182,8 @@ mod datapath {
             return xdp_action::XDP_DROP;
         };
         s.now = 0;
+        // For the slow path, which takes the packet as parsed here (LB_PACKET) and these.
+        s.ports = ports;
         // One call of the family-neutral rest: the verifier walks it once, not once per family.
         let live = !syn
             && if pkt.v6 {
@@ -270,7 +272,11 @@ mod datapath {
         if pkt.ttl <= 1 {
             return drop_for(t.service, DropReason::TtlExceeded);
         }
-        if !t.reply {
+        // Only clients are limited; without a policy there is nothing to decide (and no
+        // subprogram call to make).
+        if t.reply || t.policy == 0 {
+            ratelimit::clear();
+        } else {
             let how = if pkt.v6 { ratelimit::V6 } else { 0 };
             match ratelimit::check(t.policy, &pkt.src, how, now_ns) {
                 Verdict::Pass => {}
@@ -299,20 +305,16 @@ mod datapath {
         }
     }
 
-    /// The new-flow slow path: re-parse (the entry program checked it all; parsing again is
-    /// cheaper than passing the results along), then the family's.
+    /// The new-flow slow path, on the packet as `transport` parsed and checked it: LB_PACKET and
+    /// scratch().ports are this CPU's, and the tail call runs before anything else can run on
+    /// it. (Offsets only: every packet access is bounds-checked again where it is made.)
     #[inline(always)]
     fn new_flow_stage(ctx: &XdpContext) -> u32 {
-        let Some(pkt) = packet() else {
+        let (Some(pkt), Some(s)) = (packet(), scratch()) else {
             return xdp_action::XDP_DROP;
         };
-        if !parse_l3(ctx, pkt) {
-            return xdp_action::XDP_DROP;
-        }
         let pkt: &Packet = pkt;
-        let Some(ports) = parse_ports(ctx, pkt) else {
-            return xdp_action::XDP_DROP;
-        };
+        let ports = s.ports;
         new_flow(ctx, pkt, &ports)
     }
 
@@ -547,13 +549,16 @@ fn is_vip(addr: &lb_common::Addr) -> bool {
 
 /// Whether the packet's source may be a client: a unicast host address that is not one of the
 /// node's, a VIP or a subnet broadcast (LB_ADDRS), nor IPv4-mapped in an IPv6 packet. No flow,
-/// no answer, no bucket for anything else (it would make us a reflector).
+/// no answer, no bucket for anything else (it would make us a reflector). Every LB_ADDRS key has
+/// its bit in the served filter, so a clear bit answers without the hash lookup (the agent sets
+/// the bit after the entry: a new address counts as a client until it is served).
 #[cfg(target_arch = "bpf")]
 #[inline(always)]
 fn is_client(pkt: &parse::Packet) -> bool {
     !(pkt.v6 && pkt.src.is_v4())
         && pkt.src.may_be_client()
-        && maps::LB_ADDRS.get_ptr(&pkt.src).is_none()
+        && (!maps::in_filter(lb_common::filter::Plane::Served, &pkt.src)
+            || maps::LB_ADDRS.get_ptr(&pkt.src).is_none())
 }
 
 /// A packet we do not balance: dropped and counted if addressed to a VIP, else the kernel's.

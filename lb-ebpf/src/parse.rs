@@ -366,6 +366,7 @@ pub fn ipv4_checksum_ok<F: Frame>(ctx: &F, l3: usize, l4: usize) -> bool {
 }
 
 /// The first bytes of a TCP or UDP header: ports (wire order), and TCP flags.
+#[derive(Clone, Copy)]
 pub struct Ports {
     pub sport: u16,
     pub dport: u16,
