@@ -183,7 +183,7 @@ mod datapath {
         };
         s.now = 0;
         // For the slow path, which takes the packet as parsed here (LB_PACKET) and these.
-        s.ports = ports;
+        s.ports = ports.clone();
         // One call of the family-neutral rest: the verifier walks it once, not once per family.
         let live = !syn
             && if pkt.v6 {
@@ -314,7 +314,7 @@ mod datapath {
             return xdp_action::XDP_DROP;
         };
         let pkt: &Packet = pkt;
-        let ports = s.ports;
+        let ports = s.ports.clone();
         new_flow(ctx, pkt, &ports)
     }
 
