@@ -549,16 +549,13 @@ fn is_vip(addr: &lb_common::Addr) -> bool {
 
 /// Whether the packet's source may be a client: a unicast host address that is not one of the
 /// node's, a VIP or a subnet broadcast (LB_ADDRS), nor IPv4-mapped in an IPv6 packet. No flow,
-/// no answer, no bucket for anything else (it would make us a reflector). Every LB_ADDRS key has
-/// its bit in the served filter, so a clear bit answers without the hash lookup (the agent sets
-/// the bit after the entry: a new address counts as a client until it is served).
+/// no answer, no bucket for anything else (it would make us a reflector).
 #[cfg(target_arch = "bpf")]
 #[inline(always)]
 fn is_client(pkt: &parse::Packet) -> bool {
     !(pkt.v6 && pkt.src.is_v4())
         && pkt.src.may_be_client()
-        && (!maps::in_filter(lb_common::filter::Plane::Served, &pkt.src)
-            || maps::LB_ADDRS.get_ptr(&pkt.src).is_none())
+        && maps::LB_ADDRS.get_ptr(&pkt.src).is_none()
 }
 
 /// A packet we do not balance: dropped and counted if addressed to a VIP, else the kernel's.
