@@ -108,7 +108,8 @@ fn syn_only(tcp_flags: u8) -> bool {
     tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
-/// What `refresh` needs of a packet, in one argument (a BPF subprogram takes at most five).
+/// What `refresh` needs of a packet, in one word (the lookups that call it have few registers to
+/// spare).
 #[inline(always)]
 pub fn seen(proto: u8, tcp_flags: u8) -> u32 {
     u32::from(proto) | (u32::from(tcp_flags) << 8)
@@ -117,7 +118,7 @@ pub fn seen(proto: u8, tcp_flags: u8) -> u32 {
 /// Whether the entry at `entry` (resolving to `t`) is live for this packet (`seen`); if so,
 /// notes it (time, FIN/RST, the end of the handshake). Not live: expired, or a client's SYN on
 /// the tuple of a closed connection (a new connection reusing it).
-#[inline(never)]
+#[inline(always)]
 pub fn refresh<F: Family>(
     entry: *mut Flow<F::A>,
     t: &Target,

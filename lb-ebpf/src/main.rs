@@ -185,6 +185,8 @@ mod datapath {
             return xdp_action::XDP_DROP;
         };
         s.now = 0;
+        // For the slow path, which takes the packet as parsed here (LB_PACKET) and these.
+        s.ports = ports.clone();
         // One call of the family-neutral rest: the verifier walks it once, not once per family.
         let live = !syn
             && if pkt.v6 {
@@ -273,7 +275,11 @@ mod datapath {
         if pkt.ttl <= 1 {
             return drop_for(t.service, DropReason::TtlExceeded);
         }
-        if !t.reply {
+        // Only clients are limited; without a policy there is nothing to decide (and no
+        // subprogram call to make).
+        if t.reply || t.policy == 0 {
+            ratelimit::clear();
+        } else {
             let how = if pkt.v6 { ratelimit::V6 } else { 0 };
             match ratelimit::check(t.policy, &pkt.src, how, now_ns) {
                 Verdict::Pass => {}
@@ -302,20 +308,16 @@ mod datapath {
         }
     }
 
-    /// The new-flow slow path: re-parse (the entry program checked it all; parsing again is
-    /// cheaper than passing the results along), then the family's.
+    /// The new-flow slow path, on the packet as `transport` parsed and checked it: LB_PACKET and
+    /// scratch().ports are this CPU's, and the tail call runs before anything else can run on
+    /// it. (Offsets only: every packet access is bounds-checked again where it is made.)
     #[inline(always)]
     fn new_flow_stage(ctx: &XdpContext) -> u32 {
-        let Some(pkt) = packet() else {
+        let (Some(pkt), Some(s)) = (packet(), scratch()) else {
             return xdp_action::XDP_DROP;
         };
-        if !parse_l3(ctx, pkt) {
-            return xdp_action::XDP_DROP;
-        }
         let pkt: &Packet = pkt;
-        let Some(ports) = parse_ports(ctx, pkt) else {
-            return xdp_action::XDP_DROP;
-        };
+        let ports = s.ports.clone();
         new_flow(ctx, pkt, &ports)
     }
 

@@ -89,6 +89,8 @@ pub struct Scratch {
     pub target: crate::flow::Target,
     /// The packet's one clock reading, for the slow path a tail call continues in (0: none).
     pub now: u64,
+    /// The packet's transport header as `transport` read it, for the new-flow slow path.
+    pub ports: crate::parse::Ports,
     /// The established flow's entry flags (main.rs, lookup, then established).
     pub flags: u8,
     /// The source the rate limiter admitted without a slot (ratelimit::check, then commit).

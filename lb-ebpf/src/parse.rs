@@ -365,7 +365,9 @@ pub fn ipv4_checksum_ok<F: Frame>(ctx: &F, l3: usize, l4: usize) -> bool {
     lb_common::checksum::fold64(sum) == 0xffff
 }
 
-/// The first bytes of a TCP or UDP header: ports (wire order), and TCP flags.
+/// The first bytes of a TCP or UDP header: ports (wire order), and TCP flags. (Clone, not Copy:
+/// by reference into subprograms, where a BPF call has five argument registers.)
+#[derive(Clone)]
 pub struct Ports {
     pub sport: u16,
     pub dport: u16,

@@ -234,11 +234,27 @@ fn reclaimable_way(tags: &SourceTags, set: u32, now: u64) -> u32 {
     unsafe { core::ptr::read_volatile(way) }
 }
 
+/// Nothing pending for this packet: what a packet no policy applies to skips `check` with.
+#[inline(always)]
+pub fn clear() {
+    if let Some(s) = scratch() {
+        s.pending.policy = 0;
+    }
+}
+
 /// Gives the pending source (if any) of this packet its slot, with the tokens its packet took.
 /// Called once the packet is sent on. A lost race (another CPU filled the set, or made the same
 /// source) leaves it untracked for this one packet.
-#[inline(never)]
+#[inline(always)]
 pub fn commit() {
+    // Most packets have nothing pending: no subprogram call for them.
+    if scratch().is_some_and(|s| s.pending.policy != 0) {
+        give_slot();
+    }
+}
+
+#[inline(never)]
+fn give_slot() {
     let Some(s) = scratch() else {
         return;
     };
