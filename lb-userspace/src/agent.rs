@@ -89,6 +89,8 @@ pub struct Agent {
     mac_slots: std::collections::BTreeSet<u32>,
     health: Health,
     publisher: Publisher,
+    /// The state file as last written.
+    written: Option<crate::state::State>,
 }
 
 impl Agent {
@@ -158,6 +160,7 @@ impl Agent {
             mac_slots: std::collections::BTreeSet::new(),
             health: Health::default(),
             publisher,
+            written: None,
         };
         match agent.serve_first() {
             Ok(()) => {
@@ -391,17 +394,22 @@ impl Agent {
         Ok(self.maps.stats.reopen()?)
     }
 
-    /// Publishes the current view; writes the state file when it changed.
+    /// Publishes the current view; writes the state file when it changed. The view changes with
+    /// every counter in it (at each sweep); the file (5 MiB at 2000 frontends) only with what
+    /// it holds.
     pub fn publish(&mut self) {
         let view = self.view();
         let state = view.state();
-        if self.publisher.publish(view)
-            && let Err(e) = state.write(&self.args.paths.state_dir)
-        {
-            warn!(
+        self.publisher.publish(view);
+        if self.written.as_ref() == Some(&state) {
+            return;
+        }
+        match state.write(&self.args.paths.state_dir) {
+            Ok(()) => self.written = Some(state),
+            Err(e) => warn!(
                 "writing the state file in {}: {e}",
                 self.args.paths.state_dir.display()
-            );
+            ),
         }
     }
 

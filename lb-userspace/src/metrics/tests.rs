@@ -10,6 +10,7 @@ use crate::{
     health::Health,
     model::{Frontend, Mode, Protocol},
     state::{InterfaceLabel, ServiceLabel},
+    view::{BackendView, ServiceView},
 };
 
 #[test]
@@ -557,7 +558,7 @@ fn per_service_families_say_what_the_registry_would() {
     let mut reference = String::new();
     encode(&mut reference, &r).unwrap();
     let mut direct = String::new();
-    service_metrics(&mut direct, &v, &f);
+    service_metrics(&mut direct, &v, &f, Format::OpenMetrics);
     direct.push_str("# EOF\n");
     // The registry writes a family's series in hash order; families and metadata in order.
     let sorted = |s: &str| {
@@ -574,4 +575,26 @@ fn per_service_families_say_what_the_registry_would() {
     };
     assert_eq!(families(&direct), families(&reference));
     assert!(direct.contains("zone_new_flows_total"), "{direct}");
+    // The text format: what the conversion of the registry's text gives.
+    let mut text = String::new();
+    service_metrics(&mut text, &v, &f, Format::Text);
+    assert_eq!(sorted(&text), sorted(&openmetrics_to_text(&reference)));
+}
+
+#[test]
+fn without_services_the_per_service_families_are_as_the_registry_leaves_them() {
+    let mut v = view();
+    v.services.clear();
+    let f = Figures {
+        services: Vec::new(),
+        ..figures()
+    };
+    let mut r = Registry::with_prefix(PREFIX);
+    registry_service_metrics(&mut r, &v, &f);
+    let mut reference = String::new();
+    encode(&mut reference, &r).unwrap();
+    let mut direct = String::new();
+    service_metrics(&mut direct, &v, &f, Format::OpenMetrics);
+    direct.push_str("# EOF\n");
+    assert_eq!(direct, reference);
 }
