@@ -172,7 +172,7 @@ impl From<&str> for Origin {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Service {
     /// How people call it ("web", "default/web:http").
     pub name: String,
