@@ -725,9 +725,9 @@ pub enum Change {
     Overrun,
 }
 
-/// A socket subscribed to the kernel's notifications about links, addresses, routes, policy rules and
-/// neighbours (both families), in the network namespace it was opened in. Non-blocking: poll
-/// its descriptor for readability, then [`Monitor::read`].
+/// A socket subscribed to the kernel's notifications about links, addresses, routes, policy
+/// rules and neighbours (both families), in the network namespace it was opened in.
+/// Non-blocking: poll its descriptor for readability, then [`Monitor::read`].
 pub struct Monitor {
     socket: Socket,
     buf: BytesMut,
