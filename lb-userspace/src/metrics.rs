@@ -355,60 +355,43 @@ fn service_metrics(out: &mut String, view: &AgentView, figures: &Figures, format
         })
         .collect();
     let services = || view.services.iter().zip(&figures.services).zip(&bases);
-    family(
-        out,
-        format,
-        "service_packets",
-        Kind::Counter,
-        "Packets of a service, by direction",
-        |out| {
+    // (name, help, the counters to the backends and to the clients)
+    let directed: [Figure<ServiceStats, (u64, u64)>; 2] = [
+        (
+            "service_packets",
+            "Packets of a service, by direction",
+            |st| (st.packets, st.reply_packets),
+        ),
+        (
+            "service_bytes",
+            "IP bytes of a service, by direction",
+            |st| (st.bytes, st.reply_bytes),
+        ),
+    ];
+    for (name, help, counters) in directed {
+        family(out, format, name, Kind::Counter, help, |out| {
             for ((_, (st, _)), base) in services() {
+                let (to_backend, to_client) = counters(st);
+                let kind = Kind::Counter;
                 sample(
                     out,
-                    "service_packets",
-                    Kind::Counter,
+                    name,
+                    kind,
                     base,
                     Some(("direction", "to_backend")),
-                    st.packets,
+                    to_backend,
                 );
                 sample(
                     out,
-                    "service_packets",
-                    Kind::Counter,
+                    name,
+                    kind,
                     base,
                     Some(("direction", "to_client")),
-                    st.reply_packets,
+                    to_client,
                 );
             }
-        },
-    );
-    family(
-        out,
-        format,
-        "service_bytes",
-        Kind::Counter,
-        "IP bytes of a service, by direction",
-        |out| {
-            for ((_, (st, _)), base) in services() {
-                sample(
-                    out,
-                    "service_bytes",
-                    Kind::Counter,
-                    base,
-                    Some(("direction", "to_backend")),
-                    st.bytes,
-                );
-                sample(
-                    out,
-                    "service_bytes",
-                    Kind::Counter,
-                    base,
-                    Some(("direction", "to_client")),
-                    st.reply_bytes,
-                );
-            }
-        },
-    );
+        });
+    }
     family(
         out,
         format,
@@ -449,11 +432,22 @@ fn service_metrics(out: &mut String, view: &AgentView, figures: &Figures, format
             }
         },
     );
+    backend_metrics(out, view, figures, format, &bases);
+}
+
+/// The per-backend part of [`service_metrics`]; `bases`: each service's labels.
+fn backend_metrics(
+    out: &mut String,
+    view: &AgentView,
+    figures: &Figures,
+    format: Format,
+    bases: &[String],
+) {
     // `base,backend="..."` per backend, in the services' order.
     let backend_labels: Vec<Vec<String>> = view
         .services
         .iter()
-        .zip(&bases)
+        .zip(bases)
         .map(|(s, base)| {
             s.backends
                 .iter()
@@ -474,49 +468,28 @@ fn service_metrics(out: &mut String, view: &AgentView, figures: &Figures, format
                     .map(move |((b, st), l)| (s, b, st, l))
             })
     };
-    family(
-        out,
-        format,
-        "backend_packets",
-        Kind::Counter,
-        "Client-to-backend packets per backend",
-        |out| {
+    let counters: [Figure<BackendStats, u64>; 3] = [
+        (
+            "backend_packets",
+            "Client-to-backend packets per backend",
+            |st| st.packets,
+        ),
+        (
+            "backend_bytes",
+            "Client-to-backend IP bytes per backend",
+            |st| st.bytes,
+        ),
+        ("backend_new_flows", "New flows per backend", |st| {
+            st.new_flows
+        }),
+    ];
+    for (name, help, counter) in counters {
+        family(out, format, name, Kind::Counter, help, |out| {
             for (_, _, st, l) in backends() {
-                sample(out, "backend_packets", Kind::Counter, l, None, st.packets);
+                sample(out, name, Kind::Counter, l, None, counter(st));
             }
-        },
-    );
-    family(
-        out,
-        format,
-        "backend_bytes",
-        Kind::Counter,
-        "Client-to-backend IP bytes per backend",
-        |out| {
-            for (_, _, st, l) in backends() {
-                sample(out, "backend_bytes", Kind::Counter, l, None, st.bytes);
-            }
-        },
-    );
-    family(
-        out,
-        format,
-        "backend_new_flows",
-        Kind::Counter,
-        "New flows per backend",
-        |out| {
-            for (_, _, st, l) in backends() {
-                sample(
-                    out,
-                    "backend_new_flows",
-                    Kind::Counter,
-                    l,
-                    None,
-                    st.new_flows,
-                );
-            }
-        },
-    );
+        });
+    }
     family(
         out,
         format,
@@ -557,6 +530,9 @@ fn service_metrics(out: &mut String, view: &AgentView, figures: &Figures, format
         },
     );
 }
+
+/// A family read from one kind of stats: (name, help, its value in the stats).
+type Figure<S, V> = (&'static str, &'static str, fn(&S) -> V);
 
 #[derive(Clone, Copy)]
 enum Kind {

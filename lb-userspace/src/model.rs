@@ -629,7 +629,7 @@ mod tests {
             x ^= x << 13;
             x ^= x >> 17;
             x ^= x << 5;
-            addrs.push((IpAddr::V4(x.into()), (x >> 7) as u16));
+            addrs.push((IpAddr::V4(x.into()), u16::try_from(x >> 16).unwrap()));
         }
         for (addr, port) in addrs {
             let b = Backend {

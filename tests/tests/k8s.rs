@@ -2274,7 +2274,7 @@ fn health_endpoints_answer_within_100ms_during_a_1000_service_apply_and_readyz_f
             let least = if *path == "/metrics" {
                 1
             } else {
-                (lasted.as_millis() / 20).clamp(5, 50) as usize
+                usize::try_from(lasted.as_millis() / 20).map_or(50, |n| n.clamp(5, 50))
             };
             assert!(n >= least, "{what}: only {n} probes of {path}");
         }
