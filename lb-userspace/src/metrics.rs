@@ -28,7 +28,7 @@ use tokio::sync::oneshot;
 use crate::{
     dataplane::Stats,
     health::KubeHealth,
-    view::{AgentView, BackendView, ServiceView, Views},
+    view::{AgentView, Views},
 };
 
 type Labels = Vec<(&'static str, String)>;
@@ -286,20 +286,29 @@ pub fn render(
     sync_latency: Option<&Histogram>,
     format: Format,
 ) -> String {
-    let mut r = Registry::with_prefix("xdplb");
+    let mut r = Registry::with_prefix(PREFIX);
     datapath_metrics(&mut r, figures);
-    service_metrics(&mut r, view, figures);
     agent_metrics(&mut r, view);
     if let Some(k) = &view.health.kubernetes {
         kubernetes_metrics(&mut r, k, sync_latency);
     }
-    let mut out = String::new();
+    let mut om = String::new();
     // Writing into a String cannot fail.
-    let _ = encode(&mut out, &r);
-    match format {
-        Format::OpenMetrics => out,
-        Format::Text => openmetrics_to_text(&out),
+    let _ = encode(&mut om, &r);
+    // The registry's families end with `# EOF`; the per-service ones come after them, in the
+    // format asked for (not converted: they are most of the text).
+    om.truncate(om.rfind("# EOF").unwrap_or(om.len()));
+    let mut out = match format {
+        Format::OpenMetrics => om,
+        Format::Text => openmetrics_to_text(&om),
+    };
+    let backends: usize = view.services.iter().map(|s| s.backends.len()).sum();
+    out.reserve(view.services.len() * 21 * 120 + backends * 5 * 150);
+    service_metrics(&mut out, view, figures, format);
+    if format == Format::OpenMetrics {
+        out.push_str("# EOF\n");
     }
+    out
 }
 
 fn counter_family(r: &mut Registry, name: &str, help: &str) -> Family<Labels, PromCounter> {
@@ -327,75 +336,260 @@ fn datapath_metrics(r: &mut Registry, figures: &Figures) {
     }
 }
 
-fn service_metrics(r: &mut Registry, view: &AgentView, figures: &Figures) {
-    let svc_packets = counter_family(r, "service_packets", "Packets of a service, by direction");
-    let svc_bytes = counter_family(r, "service_bytes", "IP bytes of a service, by direction");
-    let svc_flows = counter_family(r, "service_new_flows", "New flows of a service");
-    let svc_drops = counter_family(
-        r,
-        "service_drops",
-        "Packets of a service dropped, by reason",
-    );
-    let be_packets = counter_family(
-        r,
-        "backend_packets",
-        "Client-to-backend packets per backend",
-    );
-    let be_bytes = counter_family(r, "backend_bytes", "Client-to-backend IP bytes per backend");
-    let be_flows = counter_family(r, "backend_new_flows", "New flows per backend");
-    let be_weight = gauge_family(
-        r,
-        "backend_weight",
-        "Weight per listed backend (0: takes no new flows; in maintenance, draining, or on standby)",
-    );
-    let zone_flows = counter_family(
-        r,
-        "zone_new_flows",
-        "New flows per backend whose zone is known, by where the backend is relative to this node's zone (locality: same-zone, other-zone, unknown); sum by locality for the share that stayed in the zone",
-    );
-    for (s, (st, backends)) in view.services.iter().zip(&figures.services) {
-        let base = service_labels(s);
-        let with = |k: &'static str, v: &str| {
-            let mut l = base.clone();
-            l.push((k, v.to_string()));
-            l
-        };
-        for (direction, packets, bytes) in [
-            ("to_backend", st.packets, st.bytes),
-            ("to_client", st.reply_packets, st.reply_bytes),
-        ] {
-            svc_packets
-                .get_or_create(&with("direction", direction))
-                .inc_by(packets);
-            svc_bytes
-                .get_or_create(&with("direction", direction))
-                .inc_by(bytes);
-        }
-        svc_flows.get_or_create(&base).inc_by(st.new_flows);
-        for (reason, v) in DropReason::ALL.iter().zip(st.drops.iter()) {
-            svc_drops
-                .get_or_create(&with("reason", reason.name()))
-                .inc_by(*v);
-        }
-        for (b, bst) in s.backends.iter().zip(backends) {
-            let l = backend_labels(&base, b);
-            be_packets.get_or_create(&l).inc_by(bst.packets);
-            be_bytes.get_or_create(&l).inc_by(bst.bytes);
-            be_flows.get_or_create(&l).inc_by(bst.new_flows);
-            be_weight.get_or_create(&l).set(i64::from(b.weight));
-            let zones = &s.label.zones;
-            if let Some(zone) = zones.backends.get(&b.name) {
-                let mut l = l;
-                l.push(("zone", escaped(zone)));
-                l.push((
-                    "locality",
-                    zones.locality(&b.name, view.zone.as_deref()).to_string(),
-                ));
-                zone_flows.get_or_create(&l).inc_by(bst.new_flows);
+/// The per-service and per-backend families (21 series per frontend, 5 per backend: most of a
+/// scrape), written straight into OpenMetrics text. Through the registry each series cost a
+/// label vector, a hash map entry and an atomic: 370-530 ms per scrape at 2000 frontends and
+/// 20,000 backends, a third of a core at one scrape a second. Families are written whole, one
+/// after the other, as the format requires; the labels and their order are the registry's.
+fn service_metrics(out: &mut String, view: &AgentView, figures: &Figures, format: Format) {
+    // `service="...",frontend="..."`, per service, and `,backend="..."` per backend.
+    let bases: Vec<String> = view
+        .services
+        .iter()
+        .map(|s| {
+            format!(
+                "service=\"{}\",frontend=\"{}\"",
+                escaped(&s.label.name),
+                s.label.frontend
+            )
+        })
+        .collect();
+    let services = || view.services.iter().zip(&figures.services).zip(&bases);
+    // (name, help, the counters to the backends and to the clients)
+    let directed: [Figure<ServiceStats, (u64, u64)>; 2] = [
+        (
+            "service_packets",
+            "Packets of a service, by direction",
+            |st| (st.packets, st.reply_packets),
+        ),
+        (
+            "service_bytes",
+            "IP bytes of a service, by direction",
+            |st| (st.bytes, st.reply_bytes),
+        ),
+    ];
+    for (name, help, counters) in directed {
+        family(out, format, name, Kind::Counter, help, |out| {
+            for ((_, (st, _)), base) in services() {
+                let (to_backend, to_client) = counters(st);
+                let kind = Kind::Counter;
+                sample(
+                    out,
+                    name,
+                    kind,
+                    base,
+                    Some(("direction", "to_backend")),
+                    to_backend,
+                );
+                sample(
+                    out,
+                    name,
+                    kind,
+                    base,
+                    Some(("direction", "to_client")),
+                    to_client,
+                );
             }
-        }
+        });
+    }
+    family(
+        out,
+        format,
+        "service_new_flows",
+        Kind::Counter,
+        "New flows of a service",
+        |out| {
+            for ((_, (st, _)), base) in services() {
+                sample(
+                    out,
+                    "service_new_flows",
+                    Kind::Counter,
+                    base,
+                    None,
+                    st.new_flows,
+                );
+            }
+        },
+    );
+    family(
+        out,
+        format,
+        "service_drops",
+        Kind::Counter,
+        "Packets of a service dropped, by reason",
+        |out| {
+            for ((_, (st, _)), base) in services() {
+                for (reason, v) in DropReason::ALL.iter().zip(st.drops.iter()) {
+                    sample(
+                        out,
+                        "service_drops",
+                        Kind::Counter,
+                        base,
+                        Some(("reason", reason.name())),
+                        *v,
+                    );
+                }
+            }
+        },
+    );
+    backend_metrics(out, view, figures, format, &bases);
+}
+
+/// The per-backend part of [`service_metrics`]; `bases`: each service's labels.
+fn backend_metrics(
+    out: &mut String,
+    view: &AgentView,
+    figures: &Figures,
+    format: Format,
+    bases: &[String],
+) {
+    // `base,backend="..."` per backend, in the services' order.
+    let backend_labels: Vec<Vec<String>> = view
+        .services
+        .iter()
+        .zip(bases)
+        .map(|(s, base)| {
+            s.backends
+                .iter()
+                .map(|b| format!("{base},backend=\"{}\"", b.name))
+                .collect()
+        })
+        .collect();
+    let backends = || {
+        view.services
+            .iter()
+            .zip(&figures.services)
+            .zip(&backend_labels)
+            .flat_map(|((s, (_, stats)), labels)| {
+                s.backends
+                    .iter()
+                    .zip(stats)
+                    .zip(labels)
+                    .map(move |((b, st), l)| (s, b, st, l))
+            })
+    };
+    let counters: [Figure<BackendStats, u64>; 3] = [
+        (
+            "backend_packets",
+            "Client-to-backend packets per backend",
+            |st| st.packets,
+        ),
+        (
+            "backend_bytes",
+            "Client-to-backend IP bytes per backend",
+            |st| st.bytes,
+        ),
+        ("backend_new_flows", "New flows per backend", |st| {
+            st.new_flows
+        }),
+    ];
+    for (name, help, counter) in counters {
+        family(out, format, name, Kind::Counter, help, |out| {
+            for (_, _, st, l) in backends() {
+                sample(out, name, Kind::Counter, l, None, counter(st));
+            }
+        });
+    }
+    family(
+        out,
+        format,
+        "backend_weight",
+        Kind::Gauge,
+        "Weight per listed backend (0: takes no new flows; in maintenance, draining, or on standby)",
+        |out| {
+            for (_, b, _, l) in backends() {
+                sample(
+                    out,
+                    "backend_weight",
+                    Kind::Gauge,
+                    l,
+                    None,
+                    u64::from(b.weight),
+                );
+            }
+        },
+    );
+    family(
+        out,
+        format,
+        "zone_new_flows",
+        Kind::Counter,
+        "New flows per backend whose zone is known, by where the backend is relative to this node's zone (locality: same-zone, other-zone, unknown); sum by locality for the share that stayed in the zone",
+        |out| {
+            for (s, b, st, l) in backends() {
+                let zones = &s.label.zones;
+                if let Some(zone) = zones.backends.get(&b.name) {
+                    let l = format!(
+                        "{l},zone=\"{}\",locality=\"{}\"",
+                        escaped(zone),
+                        zones.locality(&b.name, view.zone.as_deref())
+                    );
+                    sample(out, "zone_new_flows", Kind::Counter, &l, None, st.new_flows);
+                }
+            }
+        },
+    );
+}
+
+/// A family read from one kind of stats: (name, help, its value in the stats).
+type Figure<S, V> = (&'static str, &'static str, fn(&S) -> V);
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Counter,
+    Gauge,
+}
+
+/// A family's metadata as the registry writes it (prefix, help with a full stop; in the text
+/// format a counter's metadata names it with `_total`, as [`openmetrics_to_text`] does), then
+/// its samples; nothing for a family without samples, as the registry does.
+fn family(
+    out: &mut String,
+    format: Format,
+    name: &str,
+    kind: Kind,
+    help: &str,
+    samples: impl FnOnce(&mut String),
+) {
+    let start = out.len();
+    let (kind_name, suffix) = match (kind, format) {
+        (Kind::Counter, Format::OpenMetrics) => ("counter", ""),
+        (Kind::Counter, Format::Text) => ("counter", "_total"),
+        (Kind::Gauge, _) => ("gauge", ""),
+    };
+    let _ = writeln!(out, "# HELP {PREFIX}_{name}{suffix} {help}.");
+    let _ = writeln!(out, "# TYPE {PREFIX}_{name}{suffix} {kind_name}");
+    let metadata = out.len();
+    samples(out);
+    if out.len() == metadata {
+        out.truncate(start);
     }
 }
+
+/// One sample: `labels` (already escaped) and one more label if given.
+fn sample(
+    out: &mut String,
+    name: &str,
+    kind: Kind,
+    labels: &str,
+    extra: Option<(&str, &str)>,
+    value: u64,
+) {
+    let suffix = match kind {
+        Kind::Counter => "_total",
+        Kind::Gauge => "",
+    };
+    let _ = match extra {
+        Some((k, v)) => writeln!(
+            out,
+            "{PREFIX}_{name}{suffix}{{{labels},{k}=\"{v}\"}} {value}"
+        ),
+        None => writeln!(out, "{PREFIX}_{name}{suffix}{{{labels}}} {value}"),
+    };
+}
+
+/// Every metric's name starts with it.
+const PREFIX: &str = "xdplb";
 
 /// A label value as both formats write it: prometheus_client writes values as given, and a
 /// service may be named anything (`"`, `\`, a line break).
@@ -410,19 +604,6 @@ fn escaped(value: &str) -> String {
         }
     }
     out
-}
-
-fn service_labels(s: &ServiceView) -> Labels {
-    vec![
-        ("service", escaped(&s.label.name)),
-        ("frontend", s.label.frontend.to_string()),
-    ]
-}
-
-fn backend_labels(base: &Labels, b: &BackendView) -> Labels {
-    let mut l = base.clone();
-    l.push(("backend", b.name.clone()));
-    l
 }
 
 fn agent_metrics(r: &mut Registry, view: &AgentView) {

@@ -27,7 +27,7 @@ pub trait Kernel {
 
 impl Kernel for Netlink {
     fn route(&mut self, dst: IpAddr) -> Result<Option<Route>, NetlinkError> {
-        self.route_get(dst)
+        Netlink::route(self, dst)
     }
     fn neighbours(&mut self) -> Result<Vec<Neighbour>, NetlinkError> {
         Netlink::neighbours(self)

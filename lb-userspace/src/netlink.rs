@@ -7,7 +7,7 @@
 //! whole life: call [`Netlink::open`] on a thread that is in the namespace you mean to query
 //! (a thread that later `setns`es elsewhere keeps talking to the namespace the socket was made
 //! in).
-use std::{io, net::IpAddr, time::Duration};
+use std::{collections::HashMap, io, net::IpAddr, time::Duration};
 
 use bytes::BytesMut;
 use netlink_packet_core::{
@@ -176,7 +176,14 @@ pub struct Netlink {
     /// once they have grown to the largest message seen.
     buf: BytesMut,
     out: BytesMut,
+    /// The answers of [`Netlink::route`] since the routes last changed (as far as the agent
+    /// was told: [`Netlink::forget_routes`]).
+    routes: HashMap<IpAddr, Option<Route>>,
 }
+
+/// How many route answers are kept at most (then all are forgotten and asked again): a bound
+/// for a node whose backends come and go for long.
+const ROUTES_KEPT: usize = 1 << 20;
 
 /// One neighbour entry as the kernel has it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -223,7 +230,30 @@ impl Netlink {
             seq: 0,
             buf: BytesMut::with_capacity(RECV_BUFFER),
             out: BytesMut::new(),
+            routes: HashMap::new(),
         })
+    }
+
+    /// [`Netlink::route_get`], answered from what it said last time until
+    /// [`Netlink::forget_routes`]: every apply needs every backend's route (whether it is local,
+    /// its next hop), and asking the kernel for each of 20,000 backends twice per apply cost
+    /// most of an endpoint change. Errors are not kept.
+    pub fn route(&mut self, dst: IpAddr) -> Result<Option<Route>, NetlinkError> {
+        if let Some(known) = self.routes.get(&dst) {
+            return Ok(known.clone());
+        }
+        let route = self.route_get(dst)?;
+        if self.routes.len() >= ROUTES_KEPT {
+            self.routes.clear();
+        }
+        self.routes.insert(dst, route.clone());
+        Ok(route)
+    }
+
+    /// Routes, rules, addresses or links changed (or notifications were lost): the next
+    /// [`Netlink::route`] asks the kernel again.
+    pub fn forget_routes(&mut self) {
+        self.routes = HashMap::new();
     }
 
     /// Like `ip route get DST`: what the kernel would use to reach `dst`, policy rules included.
@@ -669,8 +699,10 @@ const RTNLGRP_LINK: u32 = 1;
 const RTNLGRP_NEIGH: u32 = 3;
 const RTNLGRP_IPV4_IFADDR: u32 = 5;
 const RTNLGRP_IPV4_ROUTE: u32 = 7;
+const RTNLGRP_IPV4_RULE: u32 = 8;
 const RTNLGRP_IPV6_IFADDR: u32 = 9;
 const RTNLGRP_IPV6_ROUTE: u32 = 11;
+const RTNLGRP_IPV6_RULE: u32 = 19;
 /// Room for a burst of notifications (a flush of thousands of neighbour entries) before the
 /// kernel drops some and says so with ENOBUFS.
 const MONITOR_BUFFER: usize = 4 << 20;
@@ -682,7 +714,7 @@ pub enum Change {
     Link { ifindex: u32 },
     /// An address was added or removed.
     Address,
-    /// A route was added or removed.
+    /// A route or a policy rule was added or removed.
     Route,
     /// A neighbour entry was deleted (a flush, carrier loss, the interface going down).
     NeighbourGone { ifindex: u32, addr: IpAddr },
@@ -693,9 +725,9 @@ pub enum Change {
     Overrun,
 }
 
-/// A socket subscribed to the kernel's notifications about links, addresses, routes and
-/// neighbours (both families), in the network namespace it was opened in. Non-blocking: poll
-/// its descriptor for readability, then [`Monitor::read`].
+/// A socket subscribed to the kernel's notifications about links, addresses, routes, policy
+/// rules and neighbours (both families), in the network namespace it was opened in.
+/// Non-blocking: poll its descriptor for readability, then [`Monitor::read`].
 pub struct Monitor {
     socket: Socket,
     buf: BytesMut,
@@ -712,6 +744,9 @@ impl Monitor {
             RTNLGRP_IPV4_ROUTE,
             RTNLGRP_IPV6_IFADDR,
             RTNLGRP_IPV6_ROUTE,
+            // Policy rules change where a backend is routed as routes do.
+            RTNLGRP_IPV4_RULE,
+            RTNLGRP_IPV6_RULE,
         ] {
             socket.add_membership(group).map_err(NetlinkError::Open)?;
         }
@@ -770,7 +805,10 @@ fn change_of(message: RouteNetlinkMessage) -> Option<Change> {
             ifindex: l.header.index,
         },
         RouteNetlinkMessage::NewAddress(_) | RouteNetlinkMessage::DelAddress(_) => Change::Address,
-        RouteNetlinkMessage::NewRoute(_) | RouteNetlinkMessage::DelRoute(_) => Change::Route,
+        RouteNetlinkMessage::NewRoute(_)
+        | RouteNetlinkMessage::DelRoute(_)
+        | RouteNetlinkMessage::NewRule(_)
+        | RouteNetlinkMessage::DelRule(_) => Change::Route,
         RouteNetlinkMessage::DelNeighbour(n) => Change::NeighbourGone {
             ifindex: n.header.ifindex,
             addr: neighbour_addr(&n)?,

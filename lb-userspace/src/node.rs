@@ -152,7 +152,7 @@ pub fn view(
     let backend_ifaces: BTreeSet<u32> = ifaces.backends.iter().map(|l| l.ifindex).collect();
     let mut local = BTreeSet::new();
     for addr in backend_addrs(desired) {
-        if let Some(route) = nl.route_get(addr)?
+        if let Some(route) = nl.route(addr)?
             && route.kind == RouteKind::Unicast
             && backend_ifaces.contains(&route.oif)
         {

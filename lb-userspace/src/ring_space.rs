@@ -283,36 +283,6 @@ mod tests {
         );
     }
 
-    /// What a service's ring costs to build at its size, for the README's figures:
-    /// `cargo test --release -p lb-userspace ring_build_report -- --ignored --nocapture`.
-    #[test]
-    #[ignore = "report; meaningful only in release builds"]
-    fn ring_build_report() {
-        for (n, largest) in [
-            (10, maglev::MAX_SIZE),
-            (100, maglev::MAX_SIZE),
-            (1000, maglev::MAX_SIZE),
-            (5000, maglev::MAX_SIZE),
-            (5000, 65521),
-            (5000, 16381),
-        ] {
-            let size = ring_size(n, largest);
-            let keys: Vec<String> = (0..n)
-                .map(|i| format!("10.{}.{}.{}:8080", i / 65536, (i / 256) % 256, i % 256))
-                .collect();
-            let entries: Vec<maglev::Entry<'_>> = keys
-                .iter()
-                .map(|k| maglev::Entry {
-                    key: k.as_bytes(),
-                    weight: 1,
-                })
-                .collect();
-            let t = std::time::Instant::now();
-            maglev::build(&entries, size, 7).unwrap();
-            eprintln!("{n} backends, ring {size}: {:?}", t.elapsed());
-        }
-    }
-
     /// Held blocks as (start, end) slot ranges must never overlap, nor overlap a free block.
     fn assert_disjoint(space: &RingSpace, held: &[(u32, u32)]) {
         let mut ranges: Vec<(u32, u32)> = held

@@ -12,7 +12,7 @@ use crate::model::{Frontend, Mode, SourceRanges};
 
 pub const FILE: &str = "state.json";
 
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct State {
     pub pid: u32,
     /// Where the desired state comes from ("config /etc/xdplb/lb.toml", "kubernetes").

@@ -2246,9 +2246,9 @@ fn health_endpoints_answer_within_100ms_during_a_1000_service_apply_and_readyz_f
         std::thread::sleep(Duration::from_millis(50));
     }
     let creation = take_worst();
+    let created = started.elapsed();
     eprintln!(
-        "{SERVICES} Services x {PODS} endpoints: written in {written:?}, served {:?} after the first write",
-        started.elapsed()
+        "{SERVICES} Services x {PODS} endpoints: written in {written:?}, served {created:?} after the first write"
     );
 
     // A new hash seed: every ring rewritten in one apply.
@@ -2261,7 +2261,10 @@ fn health_endpoints_answer_within_100ms_during_a_1000_service_apply_and_readyz_f
     assert!(agent.state().is_some_and(|s| s.applied > applied));
     let resync = take_worst();
     eprintln!("new hash seed: {SERVICES} rings rewritten in {reseeded:?}");
-    for (what, worst) in [("creation", &creation), ("reseed", &resync)] {
+    for (what, worst, lasted) in [
+        ("creation", &creation, created),
+        ("reseed", &resync, reseeded),
+    ] {
         for (path, (times, unanswered)) in worst {
             let mut times = times.clone();
             times.sort_unstable();
@@ -2271,14 +2274,21 @@ fn health_endpoints_answer_within_100ms_during_a_1000_service_apply_and_readyz_f
                 "{what}: {path}: worst {took:?}, 99th percentile {p99:?}, median {median:?} over {n} probes ({unanswered} unanswered)"
             );
             assert_eq!(*unanswered, 0, "{what}: {path} went unanswered");
-            // 99 of 100 answers within the limit, and none stuck behind the apply (which takes
-            // seconds): one answer in a hundred may wait for a core of this shared machine.
+            // 99 of 100 answers within the limit, and none stuck behind the apply (a large one
+            // can take seconds): one answer in a hundred may wait for a core of this shared
+            // machine.
             if *path != "/metrics" || !cfg!(debug_assertions) {
                 assert!(p99 < LIMIT, "{what}: {path}: 99th percentile {p99:?}");
                 assert!(took < 10 * LIMIT, "{what}: {path} took {took:?}");
             }
-            // A scrape takes a debug build a good part of a second: a few of them.
-            let least = if *path == "/metrics" { 1 } else { 50 };
+            // A scrape takes a debug build a good part of a second: a few of them. The probes go
+            // back to back (5 ms apart): at least one per 20 ms of the phase, so they ran all
+            // along (the reseed's apply takes a quarter of a second).
+            let least = if *path == "/metrics" {
+                1
+            } else {
+                usize::try_from(lasted.as_millis() / 20).map_or(50, |n| n.clamp(5, 50))
+            };
             assert!(n >= least, "{what}: only {n} probes of {path}");
         }
     }

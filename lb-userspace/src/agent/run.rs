@@ -103,6 +103,8 @@ async fn serve(args: RunArgs) -> Result<()> {
                 ready.clear_ready();
                 agent.neighbours_changed(&changes);
                 if changes.iter().any(|c| !matches!(c, Change::NeighbourGone { .. } | Change::Neighbour(_))) {
+                    // At once, not after the settle: an apply meanwhile asks the kernel again.
+                    agent.netlink.forget_routes();
                     node_due.get_or_insert_with(|| Instant::now() + NODE_SETTLE);
                 }
             }

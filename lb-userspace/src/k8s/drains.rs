@@ -56,6 +56,11 @@ impl Translator {
     }
 
     /// The drains in progress as they are (for telling whether they changed).
+    /// When the first drain in progress runs out, if one is in progress.
+    pub(super) fn next_drain_end(&self) -> Option<Instant> {
+        self.draining.values().map(|d| d.until).min()
+    }
+
     pub(super) fn drain_state(&self) -> DrainState {
         self.draining
             .iter()

@@ -66,7 +66,7 @@ pub struct KubeInput {
     pub sync_latency: Histogram,
 }
 
-/// What a translation depends on besides the clock: when none of it changed, nothing drains
+/// What a translation depends on besides the clock: when none of it changed, no drain ran out
 /// and nothing was left to retry, a step would produce what is applied already.
 #[derive(PartialEq)]
 struct StepInputs {
@@ -76,9 +76,9 @@ struct StepInputs {
     policies: BTreeSet<String>,
 }
 
-/// How often a step runs all the same when its inputs stay the same (a safety net: the
-/// translation also reads the clock).
-const STEP_AT_LEAST_EVERY: Duration = Duration::from_secs(10);
+/// How often a step runs all the same when its inputs stay the same: a safety net (the drains'
+/// deadlines are followed; nothing else in a translation reads the clock).
+const STEP_AT_LEAST_EVERY: Duration = Duration::from_secs(60);
 
 impl Drop for KubeInput {
     fn drop(&mut self) {
@@ -194,8 +194,10 @@ impl KubeInput {
             policies: target.named_policies(),
         };
         // Idle at 10,000 Services: copying, translating and composing them all every tick cost
-        // a tenth of a core for nothing.
-        if self.translator.drain_state().is_empty()
+        // a tenth of a core for nothing. Drains in progress change nothing until one runs out
+        // (then its flows are ended and it leaves the service).
+        let now = Instant::now();
+        if self.translator.next_drain_end().is_none_or(|end| now < end)
             && self.last_error.is_none()
             && self
                 .last_step
@@ -204,7 +206,7 @@ impl KubeInput {
         {
             return;
         }
-        let cluster = self.watch.snapshot();
+        let cluster = self.watch.cluster();
         node.zone = cluster.node_zone();
         node.reserved.pod_ranges = cluster.node_pod_ranges();
         let translation =
@@ -213,6 +215,7 @@ impl KubeInput {
         let h = target.kube_health();
         h.services_seen = cluster.services.len();
         h.slices_seen = cluster.slice_count();
+        drop(cluster);
         h.services_enabled = translation
             .services
             .iter()

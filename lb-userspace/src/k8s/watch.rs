@@ -151,8 +151,11 @@ impl Watch {
         lock(&self.status).synced()
     }
 
-    pub fn snapshot(&self) -> Cluster {
-        lock(&self.cluster).clone()
+    /// The cluster as the watchers have it, held while the guard lives. The watchers run on
+    /// the agent's own thread, so holding it costs them nothing; a copy of every object at each
+    /// step cost more than translating them.
+    pub fn cluster(&self) -> std::sync::MutexGuard<'_, Cluster> {
+        lock(&self.cluster)
     }
 
     pub fn status(&self) -> WatchStatus {

@@ -10,6 +10,7 @@ use crate::{
     health::Health,
     model::{Frontend, Mode, Protocol},
     state::{InterfaceLabel, ServiceLabel},
+    view::{BackendView, ServiceView},
 };
 
 #[test]
@@ -452,4 +453,148 @@ fn label_values_are_escaped_as_both_formats_require() {
     v.services[0].label.name = "odd \\ name\nwith a break".into();
     let om = render(&v, &figures(), None, Format::OpenMetrics);
     strict_openmetrics(&om).unwrap_or_else(|e| panic!("{e}\n{om}"));
+}
+
+/// The per-service families as the registry writes them (what `render` did before it wrote
+/// them itself): the reference the direct encoding is held to.
+fn registry_service_metrics(r: &mut Registry, view: &AgentView, figures: &Figures) {
+    let svc_packets = counter_family(r, "service_packets", "Packets of a service, by direction");
+    let svc_bytes = counter_family(r, "service_bytes", "IP bytes of a service, by direction");
+    let svc_flows = counter_family(r, "service_new_flows", "New flows of a service");
+    let svc_drops = counter_family(
+        r,
+        "service_drops",
+        "Packets of a service dropped, by reason",
+    );
+    let be_packets = counter_family(
+        r,
+        "backend_packets",
+        "Client-to-backend packets per backend",
+    );
+    let be_bytes = counter_family(r, "backend_bytes", "Client-to-backend IP bytes per backend");
+    let be_flows = counter_family(r, "backend_new_flows", "New flows per backend");
+    let be_weight = gauge_family(
+        r,
+        "backend_weight",
+        "Weight per listed backend (0: takes no new flows; in maintenance, draining, or on standby)",
+    );
+    let zone_flows = counter_family(
+        r,
+        "zone_new_flows",
+        "New flows per backend whose zone is known, by where the backend is relative to this node's zone (locality: same-zone, other-zone, unknown); sum by locality for the share that stayed in the zone",
+    );
+    for (s, (st, backends)) in view.services.iter().zip(&figures.services) {
+        let base = service_labels(s);
+        let with = |k: &'static str, v: &str| {
+            let mut l = base.clone();
+            l.push((k, v.to_string()));
+            l
+        };
+        for (direction, packets, bytes) in [
+            ("to_backend", st.packets, st.bytes),
+            ("to_client", st.reply_packets, st.reply_bytes),
+        ] {
+            svc_packets
+                .get_or_create(&with("direction", direction))
+                .inc_by(packets);
+            svc_bytes
+                .get_or_create(&with("direction", direction))
+                .inc_by(bytes);
+        }
+        svc_flows.get_or_create(&base).inc_by(st.new_flows);
+        for (reason, v) in DropReason::ALL.iter().zip(st.drops.iter()) {
+            svc_drops
+                .get_or_create(&with("reason", reason.name()))
+                .inc_by(*v);
+        }
+        for (b, bst) in s.backends.iter().zip(backends) {
+            let l = backend_labels(&base, b);
+            be_packets.get_or_create(&l).inc_by(bst.packets);
+            be_bytes.get_or_create(&l).inc_by(bst.bytes);
+            be_flows.get_or_create(&l).inc_by(bst.new_flows);
+            be_weight.get_or_create(&l).set(i64::from(b.weight));
+            let zones = &s.label.zones;
+            if let Some(zone) = zones.backends.get(&b.name) {
+                let mut l = l;
+                l.push(("zone", escaped(zone)));
+                l.push((
+                    "locality",
+                    zones.locality(&b.name, view.zone.as_deref()).to_string(),
+                ));
+                zone_flows.get_or_create(&l).inc_by(bst.new_flows);
+            }
+        }
+    }
+}
+
+fn service_labels(s: &ServiceView) -> Labels {
+    vec![
+        ("service", escaped(&s.label.name)),
+        ("frontend", s.label.frontend.to_string()),
+    ]
+}
+
+fn backend_labels(base: &Labels, b: &BackendView) -> Labels {
+    let mut l = base.clone();
+    l.push(("backend", b.name.clone()));
+    l
+}
+
+#[test]
+fn per_service_families_say_what_the_registry_would() {
+    let mut v = view();
+    // A zone and a name that needs escaping, so every family and label kind is written.
+    v.services[0].label.name = "we\"b\\1\n".into();
+    v.zone = Some("us-east-1a".into());
+    let first = v.services[0].backends[0].name.clone();
+    v.services[0]
+        .label
+        .zones
+        .backends
+        .insert(first, "us-east-1a".into());
+    let f = figures();
+    let mut r = Registry::with_prefix(PREFIX);
+    registry_service_metrics(&mut r, &v, &f);
+    let mut reference = String::new();
+    encode(&mut reference, &r).unwrap();
+    let mut direct = String::new();
+    service_metrics(&mut direct, &v, &f, Format::OpenMetrics);
+    direct.push_str("# EOF\n");
+    // The registry writes a family's series in hash order; families and metadata in order.
+    let sorted = |s: &str| {
+        let mut lines: Vec<String> = s.lines().map(str::to_string).collect();
+        lines.sort();
+        lines
+    };
+    assert_eq!(sorted(&direct), sorted(&reference));
+    let families = |s: &str| {
+        s.lines()
+            .filter(|l| l.starts_with("# "))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(families(&direct), families(&reference));
+    assert!(direct.contains("zone_new_flows_total"), "{direct}");
+    // The text format: what the conversion of the registry's text gives.
+    let mut text = String::new();
+    service_metrics(&mut text, &v, &f, Format::Text);
+    assert_eq!(sorted(&text), sorted(&openmetrics_to_text(&reference)));
+}
+
+#[test]
+fn without_services_the_per_service_families_are_as_the_registry_leaves_them() {
+    let mut v = view();
+    v.services.clear();
+    let f = Figures {
+        services: Vec::new(),
+        ..figures()
+    };
+    let mut r = Registry::with_prefix(PREFIX);
+    registry_service_metrics(&mut r, &v, &f);
+    let mut reference = String::new();
+    encode(&mut reference, &r).unwrap();
+    let mut direct = String::new();
+    service_metrics(&mut direct, &v, &f, Format::OpenMetrics);
+    direct.push_str("# EOF\n");
+    assert_eq!(direct, reference);
 }

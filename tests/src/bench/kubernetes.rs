@@ -24,7 +24,9 @@
 //! - idle CPU: utime + stime from /proc/PID/stat over 10 s with nothing changing and nobody
 //!   probing; RSS and its peak from /proc/PID/status; map memory: `memlock:` of every map fd in
 //!   /proc/PID/fdinfo (the kernel's own accounting);
-//! - `lb-agent status --json`: wall time of the command, median and worst of 5.
+//! - `lb-agent status --json`: wall time of the command, median and worst of 5;
+//! - one Service's Maglev ring built at the size the agent gives it, per backend count (in this
+//!   process, no agent): what a changed Service's ring costs.
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
@@ -48,6 +50,7 @@ use kube::{
     config::{KubeConfigOptions, Kubeconfig},
 };
 use lb_common::{Addr, IPPROTO_TCP, MAP_SERVICES, Service, ServiceKey};
+use lb_userspace::{maglev, ring_space::ring_size};
 use serde_json::{Value, json};
 
 use super::Scale;
@@ -197,7 +200,66 @@ pub struct Run {
 #[derive(Clone, Debug)]
 pub struct Kubernetes {
     pub runs: Vec<Run>,
+    /// What building one service's Maglev ring costs at its size (the agent builds a ring
+    /// only for a Service whose backends changed, so this bounds a change's ring work).
+    pub rings: Vec<RingBuild>,
     pub left_out: Vec<String>,
+}
+
+/// One ring build: `backends` of weight 1 into a ring of the size the agent gives them when
+/// rings may have up to `largest` slots; the median of a few builds.
+#[derive(Clone, Debug)]
+pub struct RingBuild {
+    pub backends: usize,
+    pub largest: u32,
+    pub size: u32,
+    pub time: Duration,
+}
+
+/// Backend counts (and largest ring) the ring build is timed at: the bench's 10 per Service,
+/// and the sizes large Services reach.
+const RING_BUILDS: [(usize, u32); 6] = [
+    (10, maglev::MAX_SIZE),
+    (100, maglev::MAX_SIZE),
+    (1000, maglev::MAX_SIZE),
+    (5000, maglev::MAX_SIZE),
+    (5000, 65521),
+    (5000, 16381),
+];
+
+/// Times [`RING_BUILDS`] (pure CPU, this process).
+pub fn ring_builds() -> Vec<RingBuild> {
+    RING_BUILDS
+        .iter()
+        .map(|&(backends, largest)| {
+            let size = ring_size(backends, largest);
+            let keys: Vec<String> = (0..backends)
+                .map(|i| format!("10.{}.{}.{}:8080", i / 65536, (i / 256) % 256, i % 256))
+                .collect();
+            let entries: Vec<maglev::Entry<'_>> = keys
+                .iter()
+                .map(|k| maglev::Entry {
+                    key: k.as_bytes(),
+                    weight: 1,
+                })
+                .collect();
+            let mut times: Vec<f64> = (0..5)
+                .map(|_| {
+                    let t = Instant::now();
+                    let ring = maglev::build(&entries, size, 7).expect("a listed size");
+                    std::hint::black_box(ring);
+                    t.elapsed().as_secs_f64()
+                })
+                .collect();
+            times.sort_by(f64::total_cmp);
+            RingBuild {
+                backends,
+                largest,
+                size,
+                time: Duration::from_secs_f64(times[times.len() / 2]),
+            }
+        })
+        .collect()
 }
 
 /// Runs every size of `sizes`; a size that fails is left out (with its error) and the next
@@ -206,6 +268,7 @@ pub fn run(sizes: &[Size]) -> Result<Kubernetes> {
     let mut runs = Vec::new();
     let mut left_out = Vec::new();
     let mut first_error = None;
+    let rings = ring_builds();
     for &size in sizes {
         println!("kubernetes: {} ...", size.label());
         match run_size(size) {
@@ -223,7 +286,11 @@ pub fn run(sizes: &[Size]) -> Result<Kubernetes> {
     {
         return Err(e);
     }
-    Ok(Kubernetes { runs, left_out })
+    Ok(Kubernetes {
+        runs,
+        rings,
+        left_out,
+    })
 }
 
 fn run_size(size: Size) -> Result<Run> {
@@ -1352,6 +1419,22 @@ pub fn tables(k: &Kubernetes) -> String {
         );
         for n in &r.notes {
             let _ = writeln!(s, "  - {n}");
+        }
+    }
+    if !k.rings.is_empty() {
+        let _ = writeln!(
+            s,
+            "\nOne Service's Maglev ring built (this process, median of 5; the agent builds one only for a Service whose backends changed):\n\n| backends | largest ring | ring size | build |\n|---|---|---|---|"
+        );
+        for b in &k.rings {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {:.2} ms |",
+                b.backends,
+                b.largest,
+                b.size,
+                b.time.as_secs_f64() * 1e3
+            );
         }
     }
     if let Some(r) = k.runs.first() {
