@@ -784,21 +784,6 @@ mod tests {
         }
     }
 
-    /// Release timing: `cargo test --release -p lb-userspace maglev -- --ignored`.
-    #[test]
-    #[ignore = "timing; meaningful only in release builds"]
-    fn thousand_backends_build_in_well_under_50ms() {
-        let ks = keys(1000);
-        for mixed in [false, true] {
-            let es = entries(&ks, &weights(1000, mixed));
-            let t = std::time::Instant::now();
-            build(&es, M, SEED).unwrap();
-            let took = t.elapsed();
-            eprintln!("mixed={mixed}: {took:?}");
-            assert!(took < std::time::Duration::from_millis(25), "{took:?}");
-        }
-    }
-
     /// The numbers quoted above: `cargo test --release -p lb-userspace maglev_churn_report --
     /// --ignored --nocapture`.
     #[test]
