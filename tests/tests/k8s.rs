@@ -1837,6 +1837,7 @@ fn kubernetes_objects_to_real_traffic_through_the_agent() {
         "http",
         &[("xdplb.io/deregistration-delay-seconds", "0")],
     ));
+    let web_created = Instant::now();
     apply(slice("web-a", "web", "http", 8080, &eps));
 
     let node_config = "[node]\nhash-seed = 42\n";
@@ -1922,12 +1923,15 @@ fn kubernetes_objects_to_real_traffic_through_the_agent() {
                         .is_some_and(|m| m.contains("is an address of this node"))
             })
     };
-    wait_for("a Warning Event for the tenant", told);
+    wait_for_or("a Warning Event for the tenant", told, || agent.log_tail());
 
     // A newer Service whose name sorts first claims web's VIP and port, with an endpoint where
     // nothing listens: web, the older, keeps it. A live connection stays up and new connections
     // still reach web's four pods.
     let live = LongTransfer::start(&lab.client().ns, None, vip).expect("transfer");
+    // creationTimestamp has whole seconds: the newer one is created in a later one (in the same
+    // second the uids decide, either way).
+    std::thread::sleep(Duration::from_millis(1100).saturating_sub(web_created.elapsed()));
     apply(service("a-newer", "http", &[]));
     apply(slice("a-newer-a", "a-newer", "http", 9999, &eps[..1]));
     let refused = || {
@@ -1943,7 +1947,9 @@ fn kubernetes_objects_to_real_traffic_through_the_agent() {
                     })
             })
     };
-    wait_for("a Warning Event for the newer Service", refused);
+    wait_for_or("a Warning Event for the newer Service", refused, || {
+        agent.log_tail()
+    });
     let report = Batch::new(Proto::Tcp, vip, sources.clone(), 40)
         .run(&lab.client().ns)
         .expect("batch");
@@ -3022,10 +3028,19 @@ fn pipe(a: TcpStream, b: TcpStream) {
 
 // ---- small helpers -----------------------------------------------------------------------------
 
-fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+fn wait_for(what: &str, done: impl FnMut() -> bool) {
+    wait_for_or(what, done, String::new);
+}
+
+/// [`wait_for`], saying `context()` (e.g. the agent's log) if it times out.
+fn wait_for_or(what: &str, mut done: impl FnMut() -> bool, context: impl Fn() -> String) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}\n{}",
+            context()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
