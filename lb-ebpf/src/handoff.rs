@@ -32,9 +32,9 @@ use crate::{
     family::{Family, Ipv4, Ipv6},
     flow,
     maps::{count, packet, scratch},
-    nexthop::{self, Fib, Route},
+    nexthop::{self, Route},
     parse::{Packet, Ports, State, load, parse_l3, parse_ports, ptr_at, store},
-    tc::{HEADROOM, TCX_NEXT},
+    tc::{HEADROOM, TCX_NEXT, fib_of_skb},
 };
 
 /// [`HANDOFF_MAC`] as the three 16-bit words the frame holds.
@@ -138,20 +138,7 @@ fn send(ctx: &TcContext, pkt: &Packet, ports: &Ports) -> i32 {
     let Some(s) = scratch() else {
         return TCX_NEXT;
     };
-    // A GRO packet is checked against the MTU one segment at a time, as the veth will pass it on.
-    // SAFETY: the program's context.
-    let gso_size = unsafe { (*ctx.skb.skb).gso_size };
-    let mtu_len = if gso_size != 0 {
-        (pkt.l4 - pkt.l3) as u32 + u32::from(ports.header_len) + gso_size
-    } else {
-        pkt.len
-    };
-    let fib = Fib {
-        ctx: ctx.skb.skb.cast(),
-        // SAFETY: the program's context: the uplink the skb arrived on.
-        ifindex: unsafe { (*ctx.skb.skb).ifindex },
-        v6: pkt.v6,
-    };
+    let (fib, mtu_len) = fib_of_skb(ctx, pkt, ports);
     // SAFETY: a BPF helper without arguments.
     let now_ns = unsafe { bpf_ktime_get_coarse_ns() };
     let next = &mut s.next;

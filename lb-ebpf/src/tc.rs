@@ -129,18 +129,10 @@ fn lookup<F: Family>(pkt: &Packet, ports: &Ports) -> bool {
     true
 }
 
-/// Sends a pod's reply on, translated (its target and clock reading in scratch()).
-#[inline(never)]
-fn reply(ctx: &TcContext, pkt: &Packet, ports: &Ports) -> i32 {
-    let Some(s) = scratch() else {
-        return TCX_NEXT;
-    };
-    let (t, now_ns) = (&s.target, s.now);
-    if pkt.ttl <= 1 {
-        count_service_drop(t.service, DropReason::TtlExceeded);
-        return TC_ACT_SHOT;
-    }
-    // A GSO packet is checked against the MTU one segment at a time, as the device will send it.
+/// The FIB lookup's input for an skb (the device it arrived on), and the length to hold to the
+/// route's MTU: a GSO or GRO packet one segment at a time, as the device will pass it on.
+#[inline(always)]
+pub fn fib_of_skb(ctx: &TcContext, pkt: &Packet, ports: &Ports) -> (Fib, u32) {
     // SAFETY: the program's context.
     let gso_size = unsafe { (*ctx.skb.skb).gso_size };
     let mtu_len = if gso_size != 0 {
@@ -154,6 +146,21 @@ fn reply(ctx: &TcContext, pkt: &Packet, ports: &Ports) -> i32 {
         ifindex: unsafe { (*ctx.skb.skb).ifindex },
         v6: pkt.v6,
     };
+    (fib, mtu_len)
+}
+
+/// Sends a pod's reply on, translated (its target and clock reading in scratch()).
+#[inline(never)]
+fn reply(ctx: &TcContext, pkt: &Packet, ports: &Ports) -> i32 {
+    let Some(s) = scratch() else {
+        return TCX_NEXT;
+    };
+    let (t, now_ns) = (&s.target, s.now);
+    if pkt.ttl <= 1 {
+        count_service_drop(t.service, DropReason::TtlExceeded);
+        return TC_ACT_SHOT;
+    }
+    let (fib, mtu_len) = fib_of_skb(ctx, pkt, ports);
     let next = &mut s.next;
     match nexthop::route(&fib, &[t.tuple.src, t.tuple.dst], mtu_len, now_ns, next) {
         Route::Found => {
