@@ -12,7 +12,7 @@
 //! directory that records it (and whether the agent added the clsact qdisc, which cleanup then
 //! removes).
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     os::fd::{AsFd, AsRawFd, BorrowedFd},
     path::{Path, PathBuf},
 };
@@ -116,6 +116,8 @@ pub struct Attachments {
     by_iface: BTreeMap<String, Attached>,
     /// Whether the kernel has TCX links (probed once, on the first TC attach).
     tcx: Option<bool>,
+    /// Interfaces whose program someone else took off, until it is attached again.
+    restored: BTreeSet<String>,
 }
 
 impl Attachments {
@@ -133,6 +135,7 @@ impl Attachments {
             dir,
             by_iface: BTreeMap::new(),
             tcx: None,
+            restored: BTreeSet::new(),
         })
     }
 
@@ -142,6 +145,19 @@ impl Attachments {
 
     pub fn iter(&self) -> impl Iterator<Item = &Attached> {
         self.by_iface.values()
+    }
+
+    /// Records `a` as attached (its note says so if it replaces one someone else took off).
+    fn keep(&mut self, mut a: Attached) -> &Attached {
+        if self.restored.remove(&a.iface) {
+            let again = "attached again: someone else had taken it off";
+            a.note = Some(match a.note {
+                Some(n) => format!("{again}; {n}"),
+                None => again.to_string(),
+            });
+        }
+        let iface = a.iface.clone();
+        self.by_iface.entry(iface).insert_entry(a).into_mut()
     }
 
     /// Interfaces a previous agent left a link on.
@@ -210,18 +226,14 @@ impl Attachments {
                 path: path.clone(),
                 reason: format!("recording the classic TC filter: {e}"),
             })?;
-            self.by_iface.insert(
-                iface.to_string(),
-                Attached {
-                    iface: iface.to_string(),
-                    ifindex,
-                    program,
-                    mode: MODE_TC_CLASSIC,
-                    note,
-                    hold: Hold::Filter,
-                },
-            );
-            return Ok(&self.by_iface[iface]);
+            return Ok(self.keep(Attached {
+                iface: iface.to_string(),
+                ifindex,
+                program,
+                mode: MODE_TC_CLASSIC,
+                note,
+                hold: Hold::Filter,
+            }));
         }
         // A classic filter of ours on a kernel with TCX (only if bpffs outlived a kernel
         // change): the TCX link goes on first, then the filter comes off, so the interface is
@@ -258,18 +270,14 @@ impl Attachments {
         if let Some(record) = stale_filter {
             remove_filter(iface, &record);
         }
-        self.by_iface.insert(
-            iface.to_string(),
-            Attached {
-                iface: iface.to_string(),
-                ifindex,
-                program,
-                mode: MODE_TCX,
-                note,
-                hold: Hold::Link(link),
-            },
-        );
-        Ok(&self.by_iface[iface])
+        Ok(self.keep(Attached {
+            iface: iface.to_string(),
+            ifindex,
+            program,
+            mode: MODE_TCX,
+            note,
+            hold: Hold::Link(link),
+        }))
     }
 
     /// Puts the XDP program `program` on `iface`: takes over a link a previous agent pinned
@@ -340,18 +348,14 @@ impl Attachments {
             path: path.clone(),
             reason: e.to_string(),
         })?;
-        self.by_iface.insert(
-            iface.to_string(),
-            Attached {
-                iface: iface.to_string(),
-                ifindex,
-                program,
-                mode: used,
-                note,
-                hold: Hold::Link(link),
-            },
-        );
-        Ok(&self.by_iface[iface])
+        Ok(self.keep(Attached {
+            iface: iface.to_string(),
+            ifindex,
+            program,
+            mode: used,
+            note,
+            hold: Hold::Link(link),
+        }))
     }
 
     /// Takes the program off `iface` (if the interface is gone, just forgets it).
@@ -365,6 +369,52 @@ impl Attachments {
             None => {}
         }
         let _ = std::fs::remove_file(&path);
+    }
+
+    /// The interfaces whose program someone else took off (`tc filter del`, `tc qdisc del ...
+    /// clsact`, a TCX or XDP link detached by id), forgotten so the next attach puts it back.
+    /// `xdp_on`: the interfaces that have an XDP program now (netlink). A hook the kernel does
+    /// not answer about counts as still holding ours: the interface may be going away, which
+    /// the interface sync handles.
+    pub fn take_lost(&mut self, nl: &mut Netlink, xdp_on: &BTreeSet<u32>) -> Vec<String> {
+        let mut lost = Vec::new();
+        let ifaces: Vec<String> = self.by_iface.keys().cloned().collect();
+        for iface in ifaces {
+            let a = &self.by_iface[&iface];
+            let present =
+                match a.mode {
+                    MODE_TCX => tc::SchedClassifier::query_tcx(&iface, TcAttachType::Ingress)
+                        .map_or(true, |(_, progs)| {
+                            progs.iter().any(|p| {
+                                p.name_as_str()
+                                    .is_some_and(|n| !n.is_empty() && a.program.starts_with(n))
+                            })
+                        }),
+                    MODE_TC_CLASSIC => nl.clsact_filters(a.ifindex).map_or(true, |filters| {
+                        filters.iter().any(|f| {
+                            f.ingress
+                                && f.priority == FILTER_PRIORITY
+                                && f.handle == FILTER_HANDLE
+                                && f.bpf_name.as_deref() == Some(a.program)
+                        })
+                    }),
+                    _ => xdp_on.contains(&a.ifindex),
+                };
+            if !present {
+                lost.push(iface.clone());
+                log::warn!(
+                    "{iface}: {} is no longer attached ({} mode): someone else took it off; attaching it again",
+                    a.program,
+                    a.mode
+                );
+                // A link detached from outside stays pinned: let it go, so a new one pins there.
+                if let Some(Hold::Link(link)) = self.by_iface.remove(&iface).map(|a| a.hold) {
+                    drop(link.unpin());
+                }
+                self.restored.insert(iface);
+            }
+        }
+        lost
     }
 
     /// Detaches everything, including what a previous agent left on interfaces we no longer

@@ -155,6 +155,117 @@ fn classic_state(lab: &Lab, pod: &str) -> (usize, bool) {
     (ours, text.contains("clsact"))
 }
 
+/// Another tool takes our programs off (`tc filter del`, or the pinned TCX link detached by id as
+/// `bpftool link detach` does; the uplink's XDP link likewise): the agent, which gets no
+/// notification of it, puts them back within its periodic look (2 s) and says so in status.
+fn programs_taken_off_from_outside_are_put_back(lab: &Lab, agent: &AgentProcess, classic: bool) {
+    let node = &lab.node1().ns;
+    let links = lb_userspace::dataplane::layout_dir(agent.pin_dir()).join("links");
+    if classic {
+        let out = node
+            .command("tc")
+            .args(["filter", "del", "dev", "vethpod1", "ingress", "pref"])
+            .arg(FILTER_PRIORITY.to_string())
+            .args(["handle", &FILTER_HANDLE.to_string(), "bpf"])
+            .output()
+            .expect("tc filter del");
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(classic_state(lab, "pod1").0, 0, "our filter is off");
+    } else {
+        detach_link(&links.join("vethpod1"));
+    }
+    detach_link(&links.join("eth0"));
+    let xdp_on = || {
+        node.ip(&["-d", "link", "show", "dev", "eth0"])
+            .expect("ip link")
+            .contains("prog/xdp")
+    };
+    assert!(!xdp_on(), "the uplink's XDP link is detached");
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(6);
+    let restored = |name: &str, now: &[(String, String, String, String)]| {
+        now.iter()
+            .any(|i| i.0 == name && i.3.starts_with("attached again"))
+    };
+    loop {
+        let now = interfaces(agent);
+        if restored("vethpod1", &now) && restored("eth0", &now) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not put back within 6 s: {now:?}\n{}",
+            agent.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(xdp_on(), "lb_uplink is on the uplink again");
+    if classic {
+        assert_eq!(classic_state(lab, "pod1").0, 1, "our filter is back");
+    }
+    let log = std::fs::read_to_string(agent.state_dir().join("agent.log")).unwrap_or_default();
+    assert!(
+        log.contains("vethpod1: lb_backend is no longer attached")
+            && log.contains("eth0: lb_uplink is no longer attached"),
+        "the log says what was taken off:\n{log}"
+    );
+}
+
+/// Detaches the BPF link pinned at `pin` from its hook as `bpftool link detach` does
+/// (BPF_LINK_DETACH): the link object stays, pinned, with nothing attached.
+fn detach_link(pin: &std::path::Path) {
+    use std::os::unix::ffi::OsStrExt;
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    #[repr(C)]
+    struct LinkDetach {
+        link_fd: u32,
+    }
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    let path = std::ffi::CString::new(pin.as_os_str().as_bytes()).expect("path");
+    let get = ObjGet {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    // SAFETY: `get` is a valid bpf_attr prefix for BPF_OBJ_GET and `path` outlives the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &raw const get,
+            std::mem::size_of::<ObjGet>(),
+        )
+    };
+    assert!(
+        fd >= 0,
+        "{}: {}",
+        pin.display(),
+        std::io::Error::last_os_error()
+    );
+    let detach = LinkDetach {
+        link_fd: u32::try_from(fd).expect("fd"),
+    };
+    // SAFETY: `detach` is a valid bpf_attr prefix for BPF_LINK_DETACH.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_DETACH,
+            &raw const detach,
+            std::mem::size_of::<LinkDetach>(),
+        )
+    };
+    let error = std::io::Error::last_os_error();
+    // SAFETY: `fd` is the descriptor BPF_OBJ_GET returned, closed once.
+    unsafe { libc::close(i32::try_from(fd).expect("fd")) };
+    assert_eq!(rc, 0, "detaching {}: {error}", pin.display());
+}
+
 /// Start (keeping the data path on exit), traffic, a restart that takes over every attachment
 /// while a preserved connection keeps going, traffic, and `end` (with the agent still running
 /// in its second life): `Cleanup` stops it keeping everything and runs `lb-agent cleanup`;
@@ -207,6 +318,8 @@ fn run(name: &str, tc_mode: Option<&str>, end: End) {
         "the start-up log names the attachment mode:\n{log}"
     );
 
+    traffic_in_both_modes(&lab, &agent);
+    programs_taken_off_from_outside_are_put_back(&lab, &agent, classic);
     traffic_in_both_modes(&lab, &agent);
 
     // A preserved connection (lb_backend translates its replies) across the restart.

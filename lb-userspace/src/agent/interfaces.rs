@@ -50,6 +50,7 @@ impl Agent {
     /// and netfilter rules come and go without a notification) and rewrites the interface
     /// table where a delivery changed.
     pub(super) fn check_policy_hooks(&mut self) {
+        self.restore_lost_attachments();
         let deliveries = self.decide_deliveries();
         if deliveries == self.deliveries {
             return;
@@ -59,6 +60,31 @@ impl Agent {
             warn!("interfaces: {e:#}");
         }
         self.publish();
+    }
+
+    /// Puts back our programs that someone else took off an interface (no notification says
+    /// so: looked at with the policy hooks). Until then that interface's packets go on without
+    /// them: an uplink's to the kernel unbalanced, a pod's replies untranslated.
+    fn restore_lost_attachments(&mut self) {
+        let xdp_on = match self.netlink.links() {
+            Ok(links) => links
+                .iter()
+                .filter(|l| l.xdp.is_some())
+                .map(|l| l.ifindex)
+                .collect(),
+            Err(e) => {
+                log::debug!("links: {e}");
+                return;
+            }
+        };
+        let lost = self.attachments.take_lost(&mut self.netlink, &xdp_on).len()
+            + self.uplink_tc.take_lost(&mut self.netlink, &xdp_on).len();
+        if lost > 0 {
+            if let Err(e) = self.sync_interfaces() {
+                warn!("interfaces: {e:#}");
+            }
+            self.publish();
+        }
     }
 
     /// Takes `deliveries` as decided, saying each one that changed.
