@@ -90,6 +90,19 @@ fn smoke_run_measures_every_part_and_writes_its_results() {
             path.name()
         );
     }
+    // The handoff path handed packets over (lb_uplink_tc redirected them), not the kernel.
+    let handoff = t
+        .peak(Path::Handoff, Mix::ManyFlows)
+        .expect("the handoff path measured");
+    let redirected = handoff
+        .lb_counters
+        .iter()
+        .find(|(n, _)| n == "redirect_policy_hook")
+        .map_or(0.0, |(_, v)| *v);
+    assert!(
+        handoff.forwarded_pps > 0.0 && redirected >= handoff.forwarded_pps * 0.9,
+        "{handoff:?}"
+    );
     let flood = t
         .peak(Path::Lb { limiter: true }, Mix::Flood)
         .expect("flood through xdplb");

@@ -363,6 +363,16 @@ pub fn throughput_tables(t: &Throughput) -> String {
             r(Some(b / a))
         );
     }
+    if let (Some(a), Some(b)) = (own(lb), own(TPath::Handoff)) {
+        let _ = writeln!(
+            s,
+            "| kernel delivery (handoff), limiter on: forwarded / redirect's; CPU ns per packet as above: handoff {b:.0} ns, redirect {a:.0} ns | {} | |",
+            r(ratio(
+                fwd(TPath::Handoff, Mix::ManyFlows),
+                fwd(lb, Mix::ManyFlows)
+            ))
+        );
+    }
     if !t.fixed_loads.is_empty() {
         let _ = writeln!(
             s,
@@ -399,15 +409,21 @@ pub fn throughput_tables(t: &Throughput) -> String {
             );
         }
     }
-    if let Some(lbm) = t.peak(lb, Mix::Flood) {
+    let counters = |m: &super::throughput::Measurement| {
+        m.lb_counters
+            .iter()
+            .map(|(n, v)| format!("{n} {}", mpps_or_k(*v)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if let Some(m) = t.peak(lb, Mix::Flood) {
+        let _ = writeln!(s, "\nxdplb under the flood (per second): {}", counters(m));
+    }
+    if let Some(m) = t.peak(TPath::Handoff, Mix::ManyFlows) {
         let _ = writeln!(
             s,
-            "\nxdplb under the flood (per second): {}",
-            lbm.lb_counters
-                .iter()
-                .map(|(n, v)| format!("{n} {}", mpps_or_k(*v)))
-                .collect::<Vec<_>>()
-                .join(", ")
+            "\nxdplb with the handoff, many flows (per second; every packet handed over is counted by pass_policy_hook in lb_uplink and redirect_policy_hook in lb_uplink_tc): {}",
+            counters(m)
         );
     }
     s
@@ -684,6 +700,7 @@ fn throughput_svg(t: &Throughput) -> String {
         TPath::XdpTx,
         TPath::Lb { limiter: false },
         TPath::Lb { limiter: true },
+        TPath::Handoff,
         TPath::Nftables,
     ];
     let present: Vec<TPath> = paths

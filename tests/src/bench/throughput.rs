@@ -17,7 +17,9 @@
 //! reaches its program).
 //!
 //! Paths: XDP_DROP on up0 (floor), XDP_TX on up0 back to g0 (floor), our data path on up0
-//! redirecting to be0 (limiter off and on), and the kernel path users run today for the same
+//! redirecting to be0 (limiter off and on), our data path with be0 behind a policy hook (the
+//! `kernel` delivery: `lb_uplink` rewrites, marks and passes each packet, `lb_uplink_tc` on
+//! up0's TC ingress redirects it to be0's egress; limiter on), and the kernel path users run today for the same
 //! service: nftables rules as kube-proxy's nftables mode writes them (DNAT to a random
 //! endpoint, masquerade for traffic from outside the cluster) with kernel forwarding, behind
 //! `xdp_count` (count, pass) on up0.
@@ -37,15 +39,15 @@ use anyhow::{Context, Result, ensure};
 use aya::{
     Ebpf,
     maps::{MapData, PerCpuArray},
-    programs::{XdpMode, xdp::XdpLinkId},
+    programs::{TcAttachType, XdpMode, tc::SchedClassifierLinkId, xdp::XdpLinkId},
 };
-use lb_common::{Counter, PROG_UPLINK};
+use lb_common::{Counter, PROG_UPLINK, PROG_UPLINK_TC};
 use lb_userspace::{
     dataplane::{self, Maps, Sizes},
     model::{Backend, Desired, Frontend, Limits, Mode, Policy, Protocol, Rate, Service, TableFull},
     node::NodeView,
     reconcile::Reconciler,
-    tables::Tables,
+    tables::Tables as _,
 };
 
 use super::{
@@ -85,7 +87,11 @@ pub const GEN_CPU: usize = 0;
 pub enum Path {
     XdpDrop,
     XdpTx,
-    Lb { limiter: bool },
+    Lb {
+        limiter: bool,
+    },
+    /// The data path, limiter on, with be0's delivery `kernel` (the handoff).
+    Handoff,
     Nftables,
 }
 
@@ -96,6 +102,7 @@ impl Path {
             Path::XdpTx => "XDP_TX on the uplink (floor)",
             Path::Lb { limiter: false } => "xdplb, limiter off",
             Path::Lb { limiter: true } => "xdplb, limiter on",
+            Path::Handoff => "xdplb, limiter on, kernel delivery (handoff to lb_uplink_tc)",
             Path::Nftables => "nftables (kube-proxy rules) + forwarding",
         }
     }
@@ -106,6 +113,7 @@ impl Path {
             Path::XdpTx => "XDP_TX",
             Path::Lb { limiter: false } => "xdplb",
             Path::Lb { limiter: true } => "xdplb+limiter",
+            Path::Handoff => "xdplb+handoff",
             Path::Nftables => "nftables",
         }
     }
@@ -241,6 +249,7 @@ pub fn run(scale: Scale) -> Result<Throughput> {
             .push("xdplb with the limiter off (this scale runs the limiter-on path only)".into());
     }
     paths.push(Path::Lb { limiter: true });
+    paths.push(Path::Handoff);
     if nft.is_ok() {
         paths.push(Path::Nftables);
     }
@@ -460,12 +469,18 @@ struct Lb {
     _progs: aya::maps::Map,
     maps: Maps,
     link: Option<XdpLinkId>,
+    handoff: Option<SchedClassifierLinkId>,
 }
 
 impl Drop for Lb {
     fn drop(&mut self) {
         if let Some(link) = self.link.take()
             && let Ok(p) = dataplane::program_mut(&mut self.ebpf, PROG_UPLINK)
+        {
+            let _ = p.detach(link);
+        }
+        if let Some(link) = self.handoff.take()
+            && let Ok(p) = dataplane::classifier_mut(&mut self.ebpf, PROG_UPLINK_TC)
         {
             let _ = p.detach(link);
         }
@@ -525,7 +540,9 @@ fn desired(limiter: bool) -> Desired {
 }
 
 impl Lb {
-    fn install(topo: &Topology, limiter: bool) -> Result<Lb> {
+    /// `handoff`: be0 is behind a policy hook (as the agent marks a pod veth whose delivery is
+    /// `kernel`) and `lb_uplink_tc` is on up0's TC ingress.
+    fn install(topo: &Topology, limiter: bool, handoff: bool) -> Result<Lb> {
         let sizes = Sizes::default();
         let dataplane::Loaded {
             mut ebpf, progs, ..
@@ -555,6 +572,24 @@ impl Lb {
             up0 % lb_common::MAC_SLOTS,
             &lb_common::LinkMac::new(up0, mac),
         )?;
+        let handoff = if handoff {
+            maps.set_iface(
+                be0,
+                &lb_common::Iface {
+                    parent: 0,
+                    vlan_id: 0,
+                    flags: lb_common::IFACE_POLICY_HOOK,
+                },
+            )?;
+            let tc = dataplane::classifier_mut(&mut ebpf, PROG_UPLINK_TC)?;
+            Some(
+                topo.lb
+                    .run(|| tc.attach("up0", TcAttachType::Ingress))?
+                    .context("attaching lb_uplink_tc to up0")?,
+            )
+        } else {
+            None
+        };
         let prog = dataplane::program_mut(&mut ebpf, PROG_UPLINK)?;
         let link = topo
             .lb
@@ -565,6 +600,7 @@ impl Lb {
             _progs: progs,
             maps,
             link: Some(link),
+            handoff,
         })
     }
 
@@ -882,7 +918,8 @@ fn run_path(path: Path, plan: &Plan, out: &mut Throughput) -> Result<Vec<Measure
             back = Some(Counted::attach(&topo.sender, "g0", "xdp_sink")?);
             uplink = Some(Counted::attach(&topo.lb, "up0", "xdp_tx")?);
         }
-        Path::Lb { limiter } => lb = Some(Lb::install(&topo, limiter)?),
+        Path::Lb { limiter } => lb = Some(Lb::install(&topo, limiter, false)?),
+        Path::Handoff => lb = Some(Lb::install(&topo, true, true)?),
         Path::Nftables => {
             apply_nft(&topo.lb)?;
             uplink = Some(Counted::attach(&topo.lb, "up0", "xdp_count")?);
@@ -902,7 +939,7 @@ fn run_path(path: Path, plan: &Plan, out: &mut Throughput) -> Result<Vec<Measure
         Ok(match path {
             Path::XdpDrop | Path::Nftables => Some(uplink.as_ref().expect("uplink").frames()?),
             Path::XdpTx => None,
-            Path::Lb { .. } => lb
+            Path::Lb { .. } | Path::Handoff => lb
                 .as_ref()
                 .map(|l| counter(&l.counters(), Counter::Packets)),
         })
