@@ -78,42 +78,7 @@ fn smoke_run_measures_every_part_and_writes_its_results() {
         p.katran
     );
 
-    // Throughput: the generator's frames were counted where they arrived.
-    let t = results.throughput.as_ref().expect("throughput results");
-    for path in [Path::XdpDrop, Path::XdpTx, Path::Lb { limiter: true }] {
-        let m = t
-            .peak(path, Mix::ManyFlows)
-            .unwrap_or_else(|| panic!("{} not measured", path.name()));
-        assert!(
-            m.offered_pps > 0.0 && m.forwarded_pps > 0.0 && m.forwarded_pps <= m.offered_pps * 1.01,
-            "{}: {m:?}",
-            path.name()
-        );
-    }
-    // The handoff path handed packets over (lb_uplink_tc redirected them), not the kernel.
-    let handoff = t
-        .peak(Path::Handoff, Mix::ManyFlows)
-        .expect("the handoff path measured");
-    let redirected = handoff
-        .lb_counters
-        .iter()
-        .find(|(n, _)| n == "redirect_policy_hook")
-        .map_or(0.0, |(_, v)| *v);
-    assert!(
-        handoff.forwarded_pps > 0.0 && redirected >= handoff.forwarded_pps * 0.9,
-        "{handoff:?}"
-    );
-    let flood = t
-        .peak(Path::Lb { limiter: true }, Mix::Flood)
-        .expect("flood through xdplb");
-    assert!(flood.absorbed_pps.is_some_and(|a| a > 0.0), "{flood:?}");
-    match t.peak(Path::Nftables, Mix::ManyFlows) {
-        Some(m) => assert!(m.forwarded_pps > 0.0, "{m:?}"),
-        None => assert!(
-            results.left_out.iter().any(|l| l.contains("nftables")),
-            "the nftables path is neither measured nor reported as left out"
-        ),
-    }
+    check_throughput(&results);
 
     // Memory: what the kernel charges is at least what the entries hold (an array stores no
     // key: its index is the key).
@@ -151,6 +116,45 @@ fn smoke_run_measures_every_part_and_writes_its_results() {
         "latest.md points into the run's directory"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Throughput: the generator's frames were counted where they arrived.
+fn check_throughput(results: &lb_tests::bench::Results) {
+    let t = results.throughput.as_ref().expect("throughput results");
+    for path in [Path::XdpDrop, Path::XdpTx, Path::Lb { limiter: true }] {
+        let m = t
+            .peak(path, Mix::ManyFlows)
+            .unwrap_or_else(|| panic!("{} not measured", path.name()));
+        assert!(
+            m.offered_pps > 0.0 && m.forwarded_pps > 0.0 && m.forwarded_pps <= m.offered_pps * 1.01,
+            "{}: {m:?}",
+            path.name()
+        );
+    }
+    // The handoff path handed packets over (lb_uplink_tc redirected them), not the kernel.
+    let handoff = t
+        .peak(Path::Handoff, Mix::ManyFlows)
+        .expect("the handoff path measured");
+    let redirected = handoff
+        .lb_counters
+        .iter()
+        .find(|(n, _)| n == "redirect_policy_hook")
+        .map_or(0.0, |(_, v)| *v);
+    assert!(
+        handoff.forwarded_pps > 0.0 && redirected >= handoff.forwarded_pps * 0.9,
+        "{handoff:?}"
+    );
+    let flood = t
+        .peak(Path::Lb { limiter: true }, Mix::Flood)
+        .expect("flood through xdplb");
+    assert!(flood.absorbed_pps.is_some_and(|a| a > 0.0), "{flood:?}");
+    match t.peak(Path::Nftables, Mix::ManyFlows) {
+        Some(m) => assert!(m.forwarded_pps > 0.0, "{m:?}"),
+        None => assert!(
+            results.left_out.iter().any(|l| l.contains("nftables")),
+            "the nftables path is neither measured nor reported as left out"
+        ),
+    }
 }
 
 /// Kubernetes: the agent started, every frontend reached the maps, every change was seen there,
