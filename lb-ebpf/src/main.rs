@@ -68,7 +68,10 @@ mod datapath {
         },
         nexthop::{self, Fib, Next, Route},
         not_served,
-        parse::{Packet, Ports, State, ipv4_checksum_ok, load, parse_l3, parse_ports, ptr_at},
+        parse::{
+            Packet, Ports, State, ipv4_checksum_ok_inline, load, parse_l3, parse_l3_inline,
+            parse_ports, ptr_at,
+        },
         ratelimit::{self, Verdict},
         rewrite, sources, tcp,
     };
@@ -97,13 +100,18 @@ mod datapath {
         crate::icmp::handle(&ctx, pkt)
     }
 
-    #[inline(never)]
+    /// The per-packet path, from here to the rewritten packet's send, is one BPF function: each
+    /// subprogram call costs a call, a prologue saving every callee-saved register and (in a
+    /// program with tail calls) the tail-call counter's hand-over; about as much as the rest of
+    /// an established flow's work together. Only the rare branches (the limiter, resets, the
+    /// slow paths' tail calls) call out.
+    #[inline(always)]
     fn entry(ctx: &XdpContext) -> u32 {
         count(Counter::Packets);
         let Some(pkt) = packet() else {
             return xdp_action::XDP_PASS;
         };
-        if !parse_l3(ctx, pkt) {
+        if !parse_l3_inline(ctx, pkt) {
             return xdp_action::XDP_PASS;
         }
         let pkt: &Packet = pkt;
@@ -119,7 +127,7 @@ mod datapath {
                 return not_served(pkt, Counter::DropIpv6Extension);
             }
         }
-        if !pkt.v6 && !ipv4_checksum_ok(ctx, pkt.l3, pkt.l4) {
+        if !pkt.v6 && !ipv4_checksum_ok_inline(ctx, pkt.l3, pkt.l4) {
             return not_served(pkt, Counter::DropMalformed);
         }
         match pkt.proto {
@@ -170,7 +178,7 @@ mod datapath {
     }
 
     /// A TCP or UDP packet to a served address: its flow's, or a new flow's (tail call).
-    #[inline(never)]
+    #[inline(always)]
     fn transport(ctx: &XdpContext, pkt: &Packet) -> u32 {
         let Some(ports) = parse_ports(ctx, pkt) else {
             return not_served(pkt, Counter::DropMalformed);
@@ -185,8 +193,6 @@ mod datapath {
             return xdp_action::XDP_DROP;
         };
         s.now = 0;
-        // For the slow path, which takes the packet as parsed here (LB_PACKET) and these.
-        s.ports = ports.clone();
         // One call of the family-neutral rest: the verifier walks it once, not once per family.
         let live = !syn
             && if pkt.v6 {
@@ -197,13 +203,17 @@ mod datapath {
         if live {
             return established(ctx, pkt);
         }
+        // For the slow path, which takes the packet as parsed here (LB_PACKET) and these.
+        if let Some(s) = scratch() {
+            s.ports = ports;
+        }
         tail_call(ctx, TAIL_NEW_FLOW)
     }
 
     /// Finds the packet's flow. If it is live for this packet: true, with its target, flags and
     /// the packet's clock reading in scratch(). Else the reading (0: none yet, as `transport`
     /// left it) is left there for the new-flow slow path.
-    #[inline(never)]
+    #[inline(always)]
     fn lookup<F: Family>(pkt: &Packet, ports: &Ports) -> bool {
         let (Some(cfg), Some(s)) = (config(), scratch()) else {
             return false;
@@ -261,7 +271,7 @@ mod datapath {
     }
 
     /// A packet of a flow in the table (its target, flags and clock reading in scratch()).
-    #[inline(never)]
+    #[inline(always)]
     fn established(ctx: &XdpContext, pkt: &Packet) -> u32 {
         let Some(s) = scratch() else {
             return xdp_action::XDP_DROP;
@@ -296,7 +306,7 @@ mod datapath {
             now_ns,
             &mut s.next,
         );
-        send(ctx, pkt, t, route, &s.next)
+        send_inline(ctx, pkt, t, route, &s.next)
     }
 
     #[inline(always)]
@@ -406,7 +416,14 @@ mod datapath {
         if syn {
             how |= ratelimit::SYN;
         }
-        match ratelimit::check(svc.policy, &pkt.src, how, now_ns) {
+        // Without a policy, no subprogram call (as for established packets).
+        let verdict = if svc.policy == 0 {
+            ratelimit::clear();
+            Verdict::Pass
+        } else {
+            ratelimit::check(svc.policy, &pkt.src, how, now_ns)
+        };
+        match verdict {
             Verdict::Pass => {}
             Verdict::Drop(reason) => return drop_for(svc.id, reason),
             Verdict::Reset(reason) => {
@@ -467,6 +484,12 @@ mod datapath {
     /// (this interface's) and VLAN tag, so the kernel takes it in as any other.
     #[inline(never)]
     fn send(ctx: &XdpContext, pkt: &Packet, t: &Target, route: Route, next: &Next) -> u32 {
+        send_inline(ctx, pkt, t, route, next)
+    }
+
+    /// `send` without the subprogram call, for the established path (see `entry`).
+    #[inline(always)]
+    fn send_inline(ctx: &XdpContext, pkt: &Packet, t: &Target, route: Route, next: &Next) -> u32 {
         match route {
             Route::Found => {}
             Route::Neighbour => count(Counter::PassNoNeighbour),
