@@ -194,14 +194,15 @@ mod datapath {
         };
         s.now = 0;
         // One call of the family-neutral rest: the verifier walks it once, not once per family.
-        let live = !syn
-            && if pkt.v6 {
-                lookup::<Ipv6>(pkt, &ports)
-            } else {
-                lookup::<Ipv4>(pkt, &ports)
-            };
-        if live {
-            return established(ctx, pkt);
+        let hit = if syn {
+            None
+        } else if pkt.v6 {
+            lookup::<Ipv6>(pkt, &ports)
+        } else {
+            lookup::<Ipv4>(pkt, &ports)
+        };
+        if let Some(hit) = hit {
+            return established(ctx, pkt, &hit);
         }
         // For the slow path, which takes the packet as parsed here (LB_PACKET) and these.
         if let Some(s) = scratch() {
@@ -210,27 +211,29 @@ mod datapath {
         tail_call(ctx, TAIL_NEW_FLOW)
     }
 
-    /// Finds the packet's flow. If it is live for this packet: true, with its target, flags and
-    /// the packet's clock reading in scratch(). Else the reading (0: none yet, as `transport`
-    /// left it) is left there for the new-flow slow path.
+    /// A packet's live flow, as `lookup` found it.
+    struct Hit {
+        target: Target,
+        /// The entry's flags.
+        flags: u8,
+        /// The packet's clock reading.
+        now_ns: u64,
+    }
+
+    /// Finds the packet's flow, if it is live for this packet. Else the packet's clock reading
+    /// (0: none yet, as `transport` left it) is in scratch() for the new-flow slow path. (The
+    /// hit stays in registers and the stack: the established path is one function.)
     #[inline(always)]
-    fn lookup<F: Family>(pkt: &Packet, ports: &Ports) -> bool {
-        let (Some(cfg), Some(s)) = (config(), scratch()) else {
-            return false;
-        };
+    fn lookup<F: Family>(pkt: &Packet, ports: &Ports) -> Option<Hit> {
+        let cfg = config()?;
         let key = key_of::<F>(pkt, ports);
-        let Some(entry) = F::flows().get_ptr_mut(&key) else {
-            return false;
-        };
+        let entry = F::flows().get_ptr_mut(&key)?;
         // SAFETY: a successful map lookup's pointer is valid and aligned for the value until the program returns.
         let f = unsafe { *entry };
-        let Some(t) = flow::resolve(&f) else {
-            return false;
-        };
+        let t = flow::resolve(&f)?;
         // The one clock read of this packet, shared by the flow's timestamp and the rate
         // limiter; for a new flow the slow path reads it, once it knows the service.
         let now_ns = clock_for(t.policy);
-        s.now = now_ns;
         if !flow::refresh::<F>(
             entry,
             &t,
@@ -238,11 +241,16 @@ mod datapath {
             flow_clock(now_ns),
             cfg,
         ) {
-            return false;
+            if let Some(s) = scratch() {
+                s.now = now_ns;
+            }
+            return None;
         }
-        s.target = t;
-        s.flags = f.flags;
-        true
+        Some(Hit {
+            target: t,
+            flags: f.flags,
+            now_ns,
+        })
     }
 
     #[inline(always)]
@@ -270,13 +278,13 @@ mod datapath {
         if precise { precise_now() } else { coarse_now() }
     }
 
-    /// A packet of a flow in the table (its target, flags and clock reading in scratch()).
+    /// A packet of a flow in the table.
     #[inline(always)]
-    fn established(ctx: &XdpContext, pkt: &Packet) -> u32 {
+    fn established(ctx: &XdpContext, pkt: &Packet, hit: &Hit) -> u32 {
         let Some(s) = scratch() else {
             return xdp_action::XDP_DROP;
         };
-        let (t, flags, now_ns) = (&s.target, s.flags, s.now);
+        let (t, flags, now_ns) = (&hit.target, hit.flags, hit.now_ns);
         // The next hop goes to scratch memory too: a struct on the stack would be zeroed
         // first (see mem.rs), and `route` writes what `send` reads.
         if flags & FLOW_RESET != 0 && pkt.proto == IPPROTO_TCP {

@@ -12,8 +12,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    Addr, Counter, HOP_POLICY_HOOK, HOP_SLOTS, HOP_VLAN, Hop, IFACE_POLICY_HOOK,
-    hash::addr_hash,
+    Addr, Counter, HOP_POLICY_HOOK, HOP_SLOT_BITS, HOP_VLAN, Hop, IFACE_POLICY_HOOK,
+    hash::slot_hash,
     hop_epoch,
     net::{
         AF_INET, AF_INET6, ETH_P_8021Q, FIB_FRAG_NEEDED, FIB_NO_NEIGHBOUR, FIB_NOT_FORWARDED,
@@ -98,7 +98,7 @@ pub struct Fib {
 #[inline(always)]
 pub fn route(fib: &Fib, addrs: &[Addr; 2], len: u32, now_ns: u64, next: &mut Next) -> Route {
     let dst = &addrs[1];
-    let slot = addr_hash(dst) % HOP_SLOTS;
+    let slot = slot_hash(dst, HOP_SLOT_BITS);
     let Some(hop) = LB_HOPS.get_ptr(slot) else {
         return Route::Unreachable;
     };
@@ -121,7 +121,7 @@ pub fn route(fib: &Fib, addrs: &[Addr; 2], len: u32, now_ns: u64, next: &mut Nex
 #[inline(never)]
 fn route_miss(fib: &Fib, addrs: &[Addr; 2], len: u32, now_ns: u64, next: &mut Next) -> Route {
     let [src, dst] = addrs;
-    let slot = addr_hash(dst) % HOP_SLOTS;
+    let slot = slot_hash(dst, HOP_SLOT_BITS);
     let Some(hop) = LB_HOPS.get_ptr_mut(slot) else {
         return Route::Unreachable;
     };
