@@ -415,23 +415,7 @@ mod datapath {
         // Kept in scratch memory until the send, not on the stack: see maps.rs, LB_PACKET.
         // SAFETY: the pointer comes from a reference; volatile only keeps the access as written.
         unsafe { core::ptr::write_volatile(&raw mut s.route, route as u32) };
-        // Every new flow counts as a connection: a SYN, a UDP flow's first packet, and a TCP
-        // packet without state (it would create state too).
-        let mut how = ratelimit::NEW_FLOW;
-        if pkt.v6 {
-            how |= ratelimit::V6;
-        }
-        if syn {
-            how |= ratelimit::SYN;
-        }
-        // Without a policy, no subprogram call (as for established packets).
-        let verdict = if svc.policy == 0 {
-            ratelimit::clear();
-            Verdict::Pass
-        } else {
-            ratelimit::check(svc.policy, &pkt.src, how, now_ns)
-        };
-        match verdict {
+        match limit_new_flow(svc.policy, pkt, syn, now_ns) {
             Verdict::Pass => {}
             Verdict::Drop(reason) => return drop_for(svc.id, reason),
             Verdict::Reset(reason) => {
@@ -463,6 +447,26 @@ mod datapath {
         // SAFETY: the pointer comes from a reference; volatile only keeps the access as written.
         let route = Route::of(unsafe { core::ptr::read_volatile(&raw const s.route) });
         send(ctx, pkt, &s.target, route, &s.next)
+    }
+
+    /// The rate limiter's verdict on a new flow's packet under `policy` (0: none). Every new
+    /// flow counts as a connection: a SYN, a UDP flow's first packet, and a TCP packet without
+    /// state (it would create state too). Without a policy, no subprogram call (as for
+    /// established packets).
+    #[inline(always)]
+    fn limit_new_flow(policy: u32, pkt: &Packet, syn: bool, now_ns: u64) -> Verdict {
+        if policy == 0 {
+            ratelimit::clear();
+            return Verdict::Pass;
+        }
+        let mut how = ratelimit::NEW_FLOW;
+        if pkt.v6 {
+            how |= ratelimit::V6;
+        }
+        if syn {
+            how |= ratelimit::SYN;
+        }
+        ratelimit::check(policy, &pkt.src, how, now_ns)
     }
 
     /// A new flow that could not be made: dropped and counted. A flow-table insert the kernel
