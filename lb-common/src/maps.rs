@@ -562,7 +562,9 @@ impl<A> Flow<A> {
 // the largest single cost of forwarding a packet; this makes it once a second per destination
 // and CPU. A route or neighbour change reaches a destination within that second.
 // ---------------------------------------------------------------------------------------------
-pub const HOP_SLOTS: u32 = 256;
+pub const HOP_SLOTS: u32 = 1 << HOP_SLOT_BITS;
+/// log2 of [`HOP_SLOTS`] (the slot is [`crate::hash::slot_hash`]'s top bits).
+pub const HOP_SLOT_BITS: u32 = 8;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -68,7 +68,10 @@ mod datapath {
         },
         nexthop::{self, Fib, Next, Route},
         not_served,
-        parse::{Packet, Ports, State, ipv4_checksum_ok, load, parse_l3, parse_ports, ptr_at},
+        parse::{
+            Packet, Ports, State, ipv4_checksum_ok_inline, load, parse_l3, parse_l3_inline,
+            parse_ports, ptr_at,
+        },
         ratelimit::{self, Verdict},
         rewrite, sources, tcp,
     };
@@ -97,13 +100,18 @@ mod datapath {
         crate::icmp::handle(&ctx, pkt)
     }
 
-    #[inline(never)]
+    /// The per-packet path, from here to the rewritten packet's send, is one BPF function: each
+    /// subprogram call costs a call, a prologue saving every callee-saved register and (in a
+    /// program with tail calls) the tail-call counter's hand-over; about as much as the rest of
+    /// an established flow's work together. Only the rare branches (the limiter, resets, the
+    /// slow paths' tail calls) call out.
+    #[inline(always)]
     fn entry(ctx: &XdpContext) -> u32 {
         count(Counter::Packets);
         let Some(pkt) = packet() else {
             return xdp_action::XDP_PASS;
         };
-        if !parse_l3(ctx, pkt) {
+        if !parse_l3_inline(ctx, pkt) {
             return xdp_action::XDP_PASS;
         }
         let pkt: &Packet = pkt;
@@ -119,7 +127,7 @@ mod datapath {
                 return not_served(pkt, Counter::DropIpv6Extension);
             }
         }
-        if !pkt.v6 && !ipv4_checksum_ok(ctx, pkt.l3, pkt.l4) {
+        if !pkt.v6 && !ipv4_checksum_ok_inline(ctx, pkt.l3, pkt.l4) {
             return not_served(pkt, Counter::DropMalformed);
         }
         match pkt.proto {
@@ -170,7 +178,7 @@ mod datapath {
     }
 
     /// A TCP or UDP packet to a served address: its flow's, or a new flow's (tail call).
-    #[inline(never)]
+    #[inline(always)]
     fn transport(ctx: &XdpContext, pkt: &Packet) -> u32 {
         let Some(ports) = parse_ports(ctx, pkt) else {
             return not_served(pkt, Counter::DropMalformed);
@@ -185,42 +193,47 @@ mod datapath {
             return xdp_action::XDP_DROP;
         };
         s.now = 0;
-        // For the slow path, which takes the packet as parsed here (LB_PACKET) and these.
-        s.ports = ports.clone();
         // One call of the family-neutral rest: the verifier walks it once, not once per family.
-        let live = !syn
-            && if pkt.v6 {
-                lookup::<Ipv6>(pkt, &ports)
-            } else {
-                lookup::<Ipv4>(pkt, &ports)
-            };
-        if live {
-            return established(ctx, pkt);
+        let hit = if syn {
+            None
+        } else if pkt.v6 {
+            lookup::<Ipv6>(pkt, &ports)
+        } else {
+            lookup::<Ipv4>(pkt, &ports)
+        };
+        if let Some(hit) = hit {
+            return established(ctx, pkt, &hit);
+        }
+        // For the slow path, which takes the packet as parsed here (LB_PACKET) and these.
+        if let Some(s) = scratch() {
+            s.ports = ports;
         }
         tail_call(ctx, TAIL_NEW_FLOW)
     }
 
-    /// Finds the packet's flow. If it is live for this packet: true, with its target, flags and
-    /// the packet's clock reading in scratch(). Else the reading (0: none yet, as `transport`
-    /// left it) is left there for the new-flow slow path.
-    #[inline(never)]
-    fn lookup<F: Family>(pkt: &Packet, ports: &Ports) -> bool {
-        let (Some(cfg), Some(s)) = (config(), scratch()) else {
-            return false;
-        };
+    /// A packet's live flow, as `lookup` found it.
+    struct Hit {
+        target: Target,
+        /// The entry's flags.
+        flags: u8,
+        /// The packet's clock reading.
+        now_ns: u64,
+    }
+
+    /// Finds the packet's flow, if it is live for this packet. Else the packet's clock reading
+    /// (0: none yet, as `transport` left it) is in scratch() for the new-flow slow path. (The
+    /// hit stays in registers and the stack: the established path is one function.)
+    #[inline(always)]
+    fn lookup<F: Family>(pkt: &Packet, ports: &Ports) -> Option<Hit> {
+        let cfg = config()?;
         let key = key_of::<F>(pkt, ports);
-        let Some(entry) = F::flows().get_ptr_mut(&key) else {
-            return false;
-        };
+        let entry = F::flows().get_ptr_mut(&key)?;
         // SAFETY: a successful map lookup's pointer is valid and aligned for the value until the program returns.
         let f = unsafe { *entry };
-        let Some(t) = flow::resolve(&f) else {
-            return false;
-        };
+        let t = flow::resolve(&f)?;
         // The one clock read of this packet, shared by the flow's timestamp and the rate
         // limiter; for a new flow the slow path reads it, once it knows the service.
         let now_ns = clock_for(t.policy);
-        s.now = now_ns;
         if !flow::refresh::<F>(
             entry,
             &t,
@@ -228,11 +241,16 @@ mod datapath {
             flow_clock(now_ns),
             cfg,
         ) {
-            return false;
+            if let Some(s) = scratch() {
+                s.now = now_ns;
+            }
+            return None;
         }
-        s.target = t;
-        s.flags = f.flags;
-        true
+        Some(Hit {
+            target: t,
+            flags: f.flags,
+            now_ns,
+        })
     }
 
     #[inline(always)]
@@ -260,13 +278,13 @@ mod datapath {
         if precise { precise_now() } else { coarse_now() }
     }
 
-    /// A packet of a flow in the table (its target, flags and clock reading in scratch()).
-    #[inline(never)]
-    fn established(ctx: &XdpContext, pkt: &Packet) -> u32 {
+    /// A packet of a flow in the table.
+    #[inline(always)]
+    fn established(ctx: &XdpContext, pkt: &Packet, hit: &Hit) -> u32 {
         let Some(s) = scratch() else {
             return xdp_action::XDP_DROP;
         };
-        let (t, flags, now_ns) = (&s.target, s.flags, s.now);
+        let (t, flags, now_ns) = (&hit.target, hit.flags, hit.now_ns);
         // The next hop goes to scratch memory too: a struct on the stack would be zeroed
         // first (see mem.rs), and `route` writes what `send` reads.
         if flags & FLOW_RESET != 0 && pkt.proto == IPPROTO_TCP {
@@ -296,7 +314,7 @@ mod datapath {
             now_ns,
             &mut s.next,
         );
-        send(ctx, pkt, t, route, &s.next)
+        send_inline(ctx, pkt, t, route, &s.next)
     }
 
     #[inline(always)]
@@ -397,16 +415,7 @@ mod datapath {
         // Kept in scratch memory until the send, not on the stack: see maps.rs, LB_PACKET.
         // SAFETY: the pointer comes from a reference; volatile only keeps the access as written.
         unsafe { core::ptr::write_volatile(&raw mut s.route, route as u32) };
-        // Every new flow counts as a connection: a SYN, a UDP flow's first packet, and a TCP
-        // packet without state (it would create state too).
-        let mut how = ratelimit::NEW_FLOW;
-        if pkt.v6 {
-            how |= ratelimit::V6;
-        }
-        if syn {
-            how |= ratelimit::SYN;
-        }
-        match ratelimit::check(svc.policy, &pkt.src, how, now_ns) {
+        match limit_new_flow(svc.policy, pkt, syn, now_ns) {
             Verdict::Pass => {}
             Verdict::Drop(reason) => return drop_for(svc.id, reason),
             Verdict::Reset(reason) => {
@@ -440,6 +449,26 @@ mod datapath {
         send(ctx, pkt, &s.target, route, &s.next)
     }
 
+    /// The rate limiter's verdict on a new flow's packet under `policy` (0: none). Every new
+    /// flow counts as a connection: a SYN, a UDP flow's first packet, and a TCP packet without
+    /// state (it would create state too). Without a policy, no subprogram call (as for
+    /// established packets).
+    #[inline(always)]
+    fn limit_new_flow(policy: u32, pkt: &Packet, syn: bool, now_ns: u64) -> Verdict {
+        if policy == 0 {
+            ratelimit::clear();
+            return Verdict::Pass;
+        }
+        let mut how = ratelimit::NEW_FLOW;
+        if pkt.v6 {
+            how |= ratelimit::V6;
+        }
+        if syn {
+            how |= ratelimit::SYN;
+        }
+        ratelimit::check(policy, &pkt.src, how, now_ns)
+    }
+
     /// A new flow that could not be made: dropped and counted. A flow-table insert the kernel
     /// refused (not a clash, not the LRU's eviction) is rare: logged when the agent asks.
     #[inline(always)]
@@ -467,6 +496,12 @@ mod datapath {
     /// (this interface's) and VLAN tag, so the kernel takes it in as any other.
     #[inline(never)]
     fn send(ctx: &XdpContext, pkt: &Packet, t: &Target, route: Route, next: &Next) -> u32 {
+        send_inline(ctx, pkt, t, route, next)
+    }
+
+    /// `send` without the subprogram call, for the established path (see `entry`).
+    #[inline(always)]
+    fn send_inline(ctx: &XdpContext, pkt: &Packet, t: &Target, route: Route, next: &Next) -> u32 {
         match route {
             Route::Found => {}
             Route::Neighbour => count(Counter::PassNoNeighbour),

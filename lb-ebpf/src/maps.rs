@@ -84,15 +84,12 @@ pub struct Scratch {
     pub fib: FibParams,
     /// The new flow's backend choice (flow::choose, then flow::open).
     pub choice: crate::flow::Choice,
-    /// The flow's target: an established one's (main.rs, lookup), a new one's (flow::open);
-    /// then the send.
+    /// A new flow's target (flow::open), then its send.
     pub target: crate::flow::Target,
     /// The packet's one clock reading, for the slow path a tail call continues in (0: none).
     pub now: u64,
     /// The packet's transport header as `transport` read it, for the new-flow slow path.
     pub ports: crate::parse::Ports,
-    /// The established flow's entry flags (main.rs, lookup, then established).
-    pub flags: u8,
     /// The source the rate limiter admitted without a slot (ratelimit::check, then commit).
     pub pending: crate::ratelimit::Pending,
     /// Why flow::open failed.

@@ -12,8 +12,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    Addr, Counter, HOP_POLICY_HOOK, HOP_SLOTS, HOP_VLAN, Hop, IFACE_POLICY_HOOK,
-    hash::addr_hash,
+    Addr, Counter, HOP_POLICY_HOOK, HOP_SLOT_BITS, HOP_VLAN, Hop, IFACE_POLICY_HOOK,
+    hash::slot_hash,
     hop_epoch,
     net::{
         AF_INET, AF_INET6, ETH_P_8021Q, FIB_FRAG_NEEDED, FIB_NO_NEIGHBOUR, FIB_NOT_FORWARDED,
@@ -93,10 +93,35 @@ pub struct Fib {
 
 /// How to reach `dst` from `src` with a datagram of `len` bytes (`len`: the size the MTU is
 /// checked against, one segment's for a GSO packet), into `next`.
-#[inline(never)]
+/// The cache's answer is inline (the per-packet path makes no call for it); a miss calls
+/// `route_miss`.
+#[inline(always)]
 pub fn route(fib: &Fib, addrs: &[Addr; 2], len: u32, now_ns: u64, next: &mut Next) -> Route {
+    let dst = &addrs[1];
+    let slot = slot_hash(dst, HOP_SLOT_BITS);
+    let Some(hop) = LB_HOPS.get_ptr(slot) else {
+        return Route::Unreachable;
+    };
+    // SAFETY: this CPU's slot; nothing else runs on this CPU while we do.
+    let hop = unsafe { &*hop };
+    if hop.ifindex != 0
+        && hop.epoch == hop_epoch(now_ns)
+        && hop.dst == *dst
+        && len <= u32::from(hop.len_ok)
+    {
+        next.ifindex = hop.ifindex;
+        next.vlan = hop.vlan;
+        copy_macs(&mut next.macs, &hop.macs);
+        return found(hop.vlan);
+    }
+    route_miss(fib, addrs, len, now_ns, next)
+}
+
+/// `route` past the cache: asks the FIB and fills the cache's slot.
+#[inline(never)]
+fn route_miss(fib: &Fib, addrs: &[Addr; 2], len: u32, now_ns: u64, next: &mut Next) -> Route {
     let [src, dst] = addrs;
-    let slot = addr_hash(dst) % HOP_SLOTS;
+    let slot = slot_hash(dst, HOP_SLOT_BITS);
     let Some(hop) = LB_HOPS.get_ptr_mut(slot) else {
         return Route::Unreachable;
     };
@@ -104,12 +129,6 @@ pub fn route(fib: &Fib, addrs: &[Addr; 2], len: u32, now_ns: u64, next: &mut Nex
     let hop = unsafe { &mut *hop };
     let epoch = hop_epoch(now_ns);
     let same = hop.ifindex != 0 && hop.epoch == epoch && hop.dst == *dst;
-    if same && len <= u32::from(hop.len_ok) {
-        next.ifindex = hop.ifindex;
-        next.vlan = hop.vlan;
-        next.macs = hop.macs;
-        return found(hop.vlan);
-    }
     let Some(scratch) = scratch() else {
         return Route::Unreachable;
     };
@@ -177,6 +196,19 @@ pub fn route(fib: &Fib, addrs: &[Addr; 2], len: u32, now_ns: u64, next: &mut Nex
     found(vlan)
 }
 
+/// `*dst = *src` for MACs in map memory, word by word: LLVM cannot tell two map values apart
+/// and would call `memmove`, a byte loop (see mem.rs), on every forwarded packet.
+#[inline(always)]
+fn copy_macs(dst: &mut [u16; 6], src: &[u16; 6]) {
+    for i in 0..6 {
+        // SAFETY: both arrays have six u16 words; volatile keeps LLVM from merging the copies
+        // back into a `memmove` call.
+        unsafe {
+            core::ptr::write_volatile(&raw mut dst[i], core::ptr::read_volatile(&raw const src[i]));
+        }
+    }
+}
+
 /// A next hop that was found: `Found`, or `PolicyHook` when its device has one.
 #[inline(always)]
 fn found(vlan: u16) -> Route {
@@ -207,8 +239,9 @@ fn macs_of(p: &FibParams) -> [u16; 6] {
     }
 }
 
-/// Sets the VLAN tag and MACs, then XDP_TX or XDP_REDIRECT to the next hop's device.
-#[inline(never)]
+/// Sets the VLAN tag and MACs, then XDP_TX or XDP_REDIRECT to the next hop's device. Inline:
+/// on the per-packet path (see main.rs, `entry`).
+#[inline(always)]
 pub fn transmit(ctx: &XdpContext, tagged: bool, next: &Next) -> u32 {
     if set_vlan(ctx, tagged, next.vlan).is_none() {
         count(Counter::DropMalformed);

@@ -182,6 +182,13 @@ pub struct Packet {
 /// bytes of stack along any chain).
 #[inline(never)]
 pub fn parse_l3<F: Frame>(ctx: &F, pkt: &mut Packet) -> bool {
+    parse_l3_inline(ctx, pkt)
+}
+
+/// `parse_l3` without the subprogram call: for `lb_uplink`'s per-packet path (see main.rs,
+/// `entry`).
+#[inline(always)]
+pub fn parse_l3_inline<F: Frame>(ctx: &F, pkt: &mut Packet) -> bool {
     match parse_headers(ctx) {
         Some(p) => {
             *pkt = p;
@@ -342,6 +349,12 @@ fn parse_v6<F: Frame>(ctx: &F, l3: usize) -> Option<Packet> {
 /// kernel checks it before forwarding; so do we, before balancing.
 #[inline(never)]
 pub fn ipv4_checksum_ok<F: Frame>(ctx: &F, l3: usize, l4: usize) -> bool {
+    ipv4_checksum_ok_inline(ctx, l3, l4)
+}
+
+/// `ipv4_checksum_ok` without the subprogram call (see `parse_l3_inline`).
+#[inline(always)]
+pub fn ipv4_checksum_ok_inline<F: Frame>(ctx: &F, l3: usize, l4: usize) -> bool {
     let Some(h) = ptr_at::<[u32; 5]>(ctx, l3) else {
         return false;
     };

@@ -28,6 +28,12 @@ pub const FORWARDED: u32 = 2;
 /// over a pseudo-header must also take.
 #[inline(never)]
 pub fn set_addrs(ctx: &XdpContext, l3: usize, how: u32, addrs: &[Addr; 2]) -> Option<Delta> {
+    set_addrs_inline(ctx, l3, how, addrs)
+}
+
+/// `set_addrs` without the subprogram call, for a flow's rewrite (`set_tuple`).
+#[inline(always)]
+fn set_addrs_inline(ctx: &XdpContext, l3: usize, how: u32, addrs: &[Addr; 2]) -> Option<Delta> {
     let [src, dst] = addrs;
     let forwarded = how & FORWARDED != 0;
     if how & V6 != 0 {
@@ -136,7 +142,7 @@ pub fn set_tuple(ctx: &XdpContext, pkt: &Packet, t: &Tuple, forwarded: bool) -> 
     if forwarded {
         how |= FORWARDED;
     }
-    let d = set_addrs(ctx, pkt.l3, how, &[t.src, t.dst])?;
+    let d = set_addrs_inline(ctx, pkt.l3, how, &[t.src, t.dst])?;
     set_ports(
         ctx,
         pkt.l4,

@@ -402,6 +402,10 @@ pub fn desired() -> Desired {
             udp_idle: Duration::from_secs(3600),
             tcp_closing: Duration::from_secs(3600),
             tcp_handshake: Duration::from_secs(3600),
+            // A reply entry the backend closed first lives this long: 60 s by default, shorter
+            // than a run on a loaded machine (it took 90 s at load 15, and replies of such flows
+            // then met expired entries).
+            tcp_time_wait: Duration::from_secs(3600),
             ..NodeSettings::default()
         },
         ..Desired::default()
