@@ -44,8 +44,11 @@ pub trait Target {
 /// How often the Event reporter looks again at problems that did not change.
 const REPORT_TICK: Duration = Duration::from_secs(5);
 
-/// How long a burst of changes may go on before it is applied (all of it at once).
-pub const COALESCE: Duration = Duration::from_millis(50);
+/// How long a burst of changes may go on before it is applied (all of it at once). Short: a step
+/// costs in proportion to what changed, and changes that come while one runs wait for it and are
+/// applied together by the next; a longer wait only delays a lone change (it was 50 ms, half of
+/// the 100 ms a change may take).
+pub const COALESCE: Duration = Duration::from_millis(10);
 
 pub struct KubeInput {
     node_name: String,
