@@ -39,7 +39,7 @@ pub mod topology;
 pub mod watch;
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
     time::{Duration, Instant},
 };
@@ -681,14 +681,26 @@ impl Translator {
         }
         // Oldest first: the first to claim a frontend keeps it.
         opted_in.sort_by_key(|(key, svc)| seniority(key, svc));
-        let mut owners: BTreeMap<Frontend, &ObjectKey> = BTreeMap::new();
+        let mut owners: HashMap<Frontend, &ObjectKey> = HashMap::with_capacity(self.previous.len());
         let cache = std::mem::take(&mut self.cache);
         for (key, _) in opted_in {
             let part = &cache[key].part;
             self.assemble(key, part, &mut owners, now, &mut out);
         }
         self.cache = cache;
-        // Frontends whose Service went away altogether: their backends drain too.
+        // Every frontend served was given its backends by `drain`, which keeps them in
+        // `previous`: as many there as served, and none went.
+        if self.previous.len() > owners.len() {
+            self.forget_gone(&out);
+        }
+        out.problems.sort();
+        out.problems.dedup();
+        out.node_zone.clone_from(&node.zone);
+        out
+    }
+
+    /// Frontends whose Service went away altogether: their backends drain too.
+    fn forget_gone(&mut self, out: &Translation) {
         let current: BTreeSet<Frontend> = out.services.iter().map(|s| s.frontend).collect();
         let gone: Vec<Frontend> = self
             .previous
@@ -702,10 +714,6 @@ impl Translator {
             self.previous.remove(&f);
             self.draining.retain(|(df, _), _| *df != f);
         }
-        out.problems.sort();
-        out.problems.dedup();
-        out.node_zone.clone_from(&node.zone);
-        out
     }
 
     /// A Service's part into the translation: the frontends no older Service has, with their
@@ -714,7 +722,7 @@ impl Translator {
         &mut self,
         key: &'a ObjectKey,
         part: &Part,
-        owners: &mut BTreeMap<Frontend, &'a ObjectKey>,
+        owners: &mut HashMap<Frontend, &'a ObjectKey>,
         now: Instant,
         out: &mut Translation,
     ) {

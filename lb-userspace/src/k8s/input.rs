@@ -219,12 +219,11 @@ impl KubeInput {
         h.services_seen = cluster.services.len();
         h.slices_seen = cluster.slice_count();
         drop(cluster);
+        // A Service's frontends are next to each other in the translation.
         h.services_enabled = translation
             .services
-            .iter()
-            .map(|s| &s.origin)
-            .collect::<BTreeSet<_>>()
-            .len();
+            .chunk_by(|a, b| a.origin == b.origin)
+            .count();
         h.frontends = translation.services.len();
         self.save_drains();
         let checks = translation.health_checks.clone();
