@@ -779,30 +779,30 @@ mod tests {
                 .collect(),
             policy: None,
             affinity: None,
-            source_ranges: Default::default(),
+            source_ranges: crate::model::SourceRanges::default(),
         }
     }
 
     #[test]
     fn changed_services_and_kept_backend_counts_equal_a_recount_after_any_changes() {
         let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut roll = |n: u64| {
+        let mut roll = |n: u8| {
             seed ^= seed << 13;
             seed ^= seed >> 7;
             seed ^= seed << 17;
-            seed % n
+            u8::try_from(seed % u64::from(n)).expect("below n")
         };
         let mut old = Desired::default();
         let mut counts = count_backend_addrs(&old);
         for _ in 0..2000 {
             let mut new = old.clone();
             for _ in 0..=roll(3) {
-                let port = 80 + roll(8) as u16;
+                let port = 80 + u16::from(roll(8));
                 if roll(4) == 0 {
                     new.services.retain(|f, _| f.port != port);
                 } else {
                     let backends: Vec<(u8, u32)> = (0..roll(4))
-                        .map(|_| (roll(6) as u8, roll(2) as u32))
+                        .map(|_| (roll(6), u32::from(roll(2))))
                         .collect();
                     let s = service(port, &backends);
                     new.services.insert(s.frontend, s);

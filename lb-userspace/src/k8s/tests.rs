@@ -1238,18 +1238,18 @@ fn each_ip_family_is_chosen_apart_as_kube_proxy_runs_a_proxier_per_family() {
 struct Dice(u64);
 
 impl Dice {
-    fn below(&mut self, n: u64) -> u64 {
+    fn below(&mut self, n: u16) -> u16 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
-        self.0 % n
+        u16::try_from(self.0 % u64::from(n)).expect("below n")
     }
 
     fn pick<'a, T>(&mut self, from: &'a [T]) -> &'a T {
-        &from[self.below(from.len() as u64) as usize]
+        &from[usize::from(self.below(u16::try_from(from.len()).expect("short")))]
     }
 
-    fn chance(&mut self, percent: u64) -> bool {
+    fn chance(&mut self, percent: u16) -> bool {
         self.below(100) < percent
     }
 }
@@ -1288,7 +1288,7 @@ impl World {
         if d.chance(20) {
             annotations.push((topology::TOPOLOGY_MODE, "Auto"));
         }
-        let node_port = 30080 + d.below(3) as i32;
+        let node_port = 30080 + i32::from(d.below(3));
         let mut ports = vec![("http", 80, Some(node_port))];
         if d.chance(40) {
             ports.push(("https", 443, None));
@@ -1297,7 +1297,7 @@ impl World {
         let spec = s.spec.as_mut().unwrap();
         if d.chance(25) {
             spec.external_traffic_policy = Some("Local".into());
-            spec.health_check_node_port = Some(32000 + d.below(3) as i32);
+            spec.health_check_node_port = Some(32000 + i32::from(d.below(3)));
         }
         if d.chance(20) {
             spec.traffic_distribution = Some("PreferClose".into());
@@ -1308,7 +1308,7 @@ impl World {
         let ingress = s.status.as_mut().unwrap().load_balancer.as_mut().unwrap();
         ingress.ingress.as_mut().unwrap()[0].ip = Some(d.pick(&VIPS).to_string());
         s.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-            Timestamp::from_second(1_700_000_000 + d.below(4) as i64).unwrap(),
+            Timestamp::from_second(1_700_000_000 + i64::from(d.below(4))).unwrap(),
         ));
         s.metadata.uid = Some(format!("uid-{name}-{}", d.below(1000)));
         let versioned = d.chance(70);
@@ -1331,7 +1331,7 @@ impl World {
                 )
             })
             .collect();
-        let mut s = slice(name, "http", 8080 + d.below(2) as i32, &endpoints);
+        let mut s = slice(name, "http", 8080 + i32::from(d.below(2)), &endpoints);
         for e in s.endpoints.iter_mut().flatten() {
             e.zone = d
                 .chance(70)
@@ -1407,7 +1407,7 @@ impl World {
             },
             _ => {
                 let secs = d.below(20);
-                self.now += Duration::from_secs(secs);
+                self.now += Duration::from_secs(u64::from(secs));
                 format!("{secs} s later")
             }
         }
