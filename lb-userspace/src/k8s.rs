@@ -1,7 +1,8 @@
 //! Kubernetes as an input of desired state: Services that opt in and their EndpointSlices,
 //! read the way kube-proxy reads them, become `model::Service`s the reconciler applies like the
 //! config file's. This file is the translation (pure: objects in, services out); `watch` keeps
-//! the objects current.
+//! the objects current. Each Service's own part of it is kept while the versions of its objects
+//! and the node's inputs stay the same ([`Translator`]); claims and drains are decided anew.
 //!
 //! Opt-in: the annotation `xdplb.io/enabled: "true"` (boolean annotations are read as Go's
 //! `strconv.ParseBool` reads them, so `"True"` and `"1"` opt in too; a value it would not
