@@ -1,7 +1,8 @@
 //! Kubernetes as an input of desired state: Services that opt in and their EndpointSlices,
 //! read the way kube-proxy reads them, become `model::Service`s the reconciler applies like the
 //! config file's. This file is the translation (pure: objects in, services out); `watch` keeps
-//! the objects current.
+//! the objects current. Each Service's own part of it is kept while the versions of its objects
+//! and the node's inputs stay the same ([`Translator`]); claims and drains are decided anew.
 //!
 //! Opt-in: the annotation `xdplb.io/enabled: "true"` (boolean annotations are read as Go's
 //! `strconv.ParseBool` reads them, so `"True"` and `"1"` opt in too; a value it would not
@@ -39,7 +40,7 @@ pub mod topology;
 pub mod watch;
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
     time::{Duration, Instant},
 };
@@ -533,6 +534,102 @@ pub struct Translator {
     /// What each frontend used last time: (address, port) -> weight.
     previous: BTreeMap<Frontend, BTreeMap<(IpAddr, u16), u32>>,
     draining: BTreeMap<(Frontend, (IpAddr, u16)), Draining>,
+    /// Each opted-in Service's own part of the last translation, while its objects and the
+    /// node's inputs stay the same: at 10,000 Services, translating every one of them for each
+    /// endpoint change was a third of the agent's work per change.
+    cache: BTreeMap<ObjectKey, Cached>,
+    /// The node's inputs the cached parts were translated with; any change empties the cache.
+    cached_with: Option<(NodeInfo, BTreeSet<String>)>,
+    /// Counts translations (which cache entries the last one used).
+    round: u64,
+}
+
+/// A Service's part as last translated, and what it was translated from.
+struct Cached {
+    from: Fingerprint,
+    part: Part,
+    /// The translation that last used it.
+    round: u64,
+}
+
+/// Which objects a part was translated from. The API server gives every version of an object
+/// its own resourceVersion (and a re-created one its own uid), so those name the content; an
+/// object without them (built by hand, never from an API server) is kept whole and compared.
+enum Fingerprint {
+    Versions {
+        service: (Option<String>, String),
+        /// (name, uid, resourceVersion) in name order, as the slices map has them.
+        slices: Vec<(String, Option<String>, String)>,
+    },
+    Objects(Box<(KubeService, BTreeMap<String, EndpointSlice>)>),
+}
+
+fn version(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Option<&str> {
+    meta.resource_version.as_deref().filter(|v| !v.is_empty())
+}
+
+impl Fingerprint {
+    fn of(svc: &KubeService, slices: &BTreeMap<String, EndpointSlice>) -> Fingerprint {
+        let versioned = version(&svc.metadata).is_some()
+            && slices.values().all(|s| version(&s.metadata).is_some());
+        if !versioned {
+            return Fingerprint::Objects(Box::new((svc.clone(), slices.clone())));
+        }
+        let uid = |m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| m.uid.clone();
+        Fingerprint::Versions {
+            service: (
+                uid(&svc.metadata),
+                version(&svc.metadata).unwrap_or_default().to_string(),
+            ),
+            slices: slices
+                .iter()
+                .map(|(name, s)| {
+                    let v = version(&s.metadata).unwrap_or_default().to_string();
+                    (name.clone(), uid(&s.metadata), v)
+                })
+                .collect(),
+        }
+    }
+
+    /// Whether `svc` and `slices` are the objects this was taken of.
+    fn matches(&self, svc: &KubeService, slices: &BTreeMap<String, EndpointSlice>) -> bool {
+        match self {
+            Fingerprint::Versions {
+                service: (uid, v),
+                slices: versions,
+            } => {
+                svc.metadata.uid == *uid
+                    && version(&svc.metadata) == Some(v.as_str())
+                    && slices.len() == versions.len()
+                    && slices.iter().zip(versions).all(|((name, s), (n, uid, v))| {
+                        name == n
+                            && s.metadata.uid == *uid
+                            && version(&s.metadata) == Some(v.as_str())
+                    })
+            }
+            Fingerprint::Objects(objects) => objects.0 == *svc && objects.1 == *slices,
+        }
+    }
+}
+
+/// One Service's translation apart from what depends on other Services (which frontends it
+/// keeps) and on the past (drains): a pure function of the Service, its slices and the node's
+/// inputs.
+#[derive(Default)]
+struct Part {
+    /// Its problems, policy, zones and health check, as they go into the translation.
+    own: Translation,
+    /// The frontends it asks for, in order, each with its service (backends not drained yet).
+    offers: Vec<Offer>,
+    drain: Option<Drain>,
+}
+
+struct Offer {
+    /// Without backends: [`Translator::drain`] gives them.
+    service: Service,
+    weighted: BTreeMap<(IpAddr, u16), u32>,
+    standby: Vec<(IpAddr, u16)>,
+    routing: Option<Routing>,
 }
 
 impl Translator {
@@ -546,10 +643,31 @@ impl Translator {
     ) -> Translation {
         let mut out = Translation::default();
         let empty = BTreeMap::new();
+        if self
+            .cached_with
+            .as_ref()
+            .is_none_or(|(n, p)| n != node || p != named_policies)
+        {
+            self.cache.clear();
+            self.cached_with = Some((node.clone(), named_policies.clone()));
+        }
+        self.round += 1;
+        let round = self.round;
         let mut opted_in = Vec::new();
         for (key, svc) in &cluster.services {
             match enabled(svc) {
-                Ok(true) => opted_in.push((key, svc)),
+                Ok(true) => {
+                    let slices = cluster.slices.get(key).unwrap_or(&empty);
+                    match self.cache.get_mut(key) {
+                        Some(c) if c.from.matches(svc, slices) => c.round = round,
+                        _ => {
+                            let part = Part::of(key, svc, slices, node, named_policies);
+                            let from = Fingerprint::of(svc, slices);
+                            self.cache.insert(key.clone(), Cached { from, part, round });
+                        }
+                    }
+                    opted_in.push((key, svc));
+                }
                 Ok(false) => {}
                 Err(message) => out.problems.push(Problem {
                     object: key.clone(),
@@ -559,19 +677,31 @@ impl Translator {
                 }),
             }
         }
+        if self.cache.len() > opted_in.len() {
+            self.cache.retain(|_, c| c.round == round);
+        }
         // Oldest first: the first to claim a frontend keeps it.
         opted_in.sort_by_key(|(key, svc)| seniority(key, svc));
-        let mut owners = BTreeMap::new();
-        for (key, svc) in opted_in {
-            let slices = cluster.slices.get(key).unwrap_or(&empty);
-            let mut claim = Claim {
-                key,
-                svc,
-                owners: &mut owners,
-            };
-            self.service(&mut claim, slices, node, named_policies, now, &mut out);
+        let mut owners: HashMap<Frontend, &ObjectKey> = HashMap::with_capacity(self.previous.len());
+        let cache = std::mem::take(&mut self.cache);
+        for (key, _) in opted_in {
+            let part = &cache[key].part;
+            self.assemble(key, part, &mut owners, now, &mut out);
         }
-        // Frontends whose Service went away altogether: their backends drain too.
+        self.cache = cache;
+        // Every frontend served was given its backends by `drain`, which keeps them in
+        // `previous`: as many there as served, and none went.
+        if self.previous.len() > owners.len() {
+            self.forget_gone(&out);
+        }
+        out.problems.sort();
+        out.problems.dedup();
+        out.node_zone.clone_from(&node.zone);
+        out
+    }
+
+    /// Frontends whose Service went away altogether: their backends drain too.
+    fn forget_gone(&mut self, out: &Translation) {
         let current: BTreeSet<Frontend> = out.services.iter().map(|s| s.frontend).collect();
         let gone: Vec<Frontend> = self
             .previous
@@ -585,29 +715,80 @@ impl Translator {
             self.previous.remove(&f);
             self.draining.retain(|(df, _), _| *df != f);
         }
-        out.problems.sort();
-        out.problems.dedup();
-        out.node_zone.clone_from(&node.zone);
-        out
     }
 
-    fn service(
+    /// A Service's part into the translation: the frontends no older Service has, with their
+    /// backends drained.
+    fn assemble<'a>(
         &mut self,
-        claim: &mut Claim<'_>,
-        slices: &BTreeMap<String, EndpointSlice>,
-        node: &NodeInfo,
-        named_policies: &BTreeSet<String>,
+        key: &'a ObjectKey,
+        part: &Part,
+        owners: &mut HashMap<Frontend, &'a ObjectKey>,
         now: Instant,
         out: &mut Translation,
     ) {
-        let (key, svc) = (claim.key, claim.svc);
-        let Some(spec) = &svc.spec else { return };
+        let own = &part.own;
+        out.problems.extend(own.problems.iter().cloned());
+        for (name, policy) in &own.policies {
+            out.policies.insert(name.clone(), policy.clone());
+        }
+        for (addr, zone) in &own.zones {
+            out.zones.insert(*addr, zone.clone());
+        }
+        for offer in &part.offers {
+            let frontend = offer.service.frontend;
+            let owner = *owners.entry(frontend).or_insert(key);
+            if owner != key {
+                out.problems.push(Problem {
+                    object: key.clone(),
+                    reason: reason::FRONTEND_CLAIMED,
+                    field: format!("frontend {frontend}"),
+                    message: format!(
+                        "also claimed by Service {}/{}, which is older and keeps it; not served",
+                        owner.0, owner.1
+                    ),
+                });
+                continue;
+            }
+            for backend in &offer.standby {
+                out.standby.insert((frontend, *backend));
+            }
+            if let Some(r) = &offer.routing {
+                out.routing.insert(frontend, r.clone());
+            }
+            let drain = part
+                .drain
+                .expect("a part with offers has its drain settings");
+            let backends = self.drain(frontend, &offer.weighted, drain, now, out);
+            let mut service = offer.service.clone();
+            service.backends = backends
+                .into_iter()
+                .map(|((addr, port), weight)| Backend { addr, port, weight })
+                .collect();
+            out.services.push(service);
+        }
+        out.health_checks.extend(own.health_checks.iter().cloned());
+    }
+}
+
+impl Part {
+    fn of(
+        key: &ObjectKey,
+        svc: &KubeService,
+        slices: &BTreeMap<String, EndpointSlice>,
+        node: &NodeInfo,
+        named_policies: &BTreeSet<String>,
+    ) -> Part {
+        let mut part = Part::default();
+        let out = &mut part.own;
+        let Some(spec) = &svc.spec else { return part };
         // Fail closed: a Service whose ranges cannot be read is not served at all (it would be
         // open to every source).
         let Some(source_ranges) = source_ranges(key, svc, spec, out) else {
-            return;
+            return part;
         };
         let settings = Settings::read(key, svc, spec, node, named_policies, out);
+        part.drain = Some(settings.drain);
         let ns_name = format!("{}/{}", key.0, key.1);
         let mut local_ready = 0usize;
         for sp in spec.ports.iter().flatten() {
@@ -639,46 +820,34 @@ impl Translator {
                     });
                     continue;
                 }
-                if let Some(owner) = claim.refused(frontend) {
-                    out.problems.push(Problem {
-                        object: key.clone(),
-                        reason: reason::FRONTEND_CLAIMED,
-                        field: format!("frontend {frontend}"),
-                        message: format!(
-                            "also claimed by Service {}/{}, which is older and keeps it; not served",
-                            owner.0, owner.1
-                        ),
-                    });
-                    continue;
-                }
                 let weighted = settings.weighted(&endpoints, &frontend);
-                for (backend, _) in weighted.iter().filter(|(_, w)| **w == 0) {
-                    if endpoints
-                        .iter()
-                        .any(|(e, r)| *r == Role::Standby && (e.addr, e.port) == *backend)
-                    {
-                        out.standby.insert((frontend, *backend));
-                    }
-                }
-                if let Some(r) = routing.get(&frontend.vip.is_ipv4()) {
-                    out.routing.insert(frontend, r.clone());
-                }
-                let backends = self.drain(frontend, weighted, settings.drain, now, out);
-                out.services.push(Service {
-                    name: format!("{ns_name}:{port_name}"),
-                    origin: Origin::Kubernetes {
-                        namespace: key.0.clone(),
-                        name: key.1.clone(),
+                let standby = weighted
+                    .iter()
+                    .filter(|(_, w)| **w == 0)
+                    .map(|(backend, _)| *backend)
+                    .filter(|backend| {
+                        endpoints
+                            .iter()
+                            .any(|(e, r)| *r == Role::Standby && (e.addr, e.port) == *backend)
+                    })
+                    .collect();
+                part.offers.push(Offer {
+                    service: Service {
+                        name: format!("{ns_name}:{port_name}"),
+                        origin: Origin::Kubernetes {
+                            namespace: key.0.clone(),
+                            name: key.1.clone(),
+                        },
+                        frontend,
+                        mode: settings.mode,
+                        backends: Vec::new(),
+                        policy: settings.policy.clone(),
+                        affinity: settings.affinity,
+                        source_ranges: source_ranges.clone(),
                     },
-                    frontend,
-                    mode: settings.mode,
-                    backends: backends
-                        .into_iter()
-                        .map(|((addr, port), weight)| Backend { addr, port, weight })
-                        .collect(),
-                    policy: settings.policy.clone(),
-                    affinity: settings.affinity,
-                    source_ranges: source_ranges.clone(),
+                    weighted,
+                    standby,
+                    routing: routing.get(&frontend.vip.is_ipv4()).cloned(),
                 });
             }
         }
@@ -693,18 +862,28 @@ impl Translator {
                 local_endpoints: local_ready,
             });
         }
+        part
     }
+}
 
+impl Translator {
     /// The backends a frontend should have, draining included: an endpoint it used before and
     /// no longer does stays, at weight 0, until its delay runs out; then its flows are ended.
     fn drain(
         &mut self,
         frontend: Frontend,
-        mut backends: BTreeMap<(IpAddr, u16), u32>,
+        weighted: &BTreeMap<(IpAddr, u16), u32>,
         drain: Drain,
         now: Instant,
         out: &mut Translation,
     ) -> BTreeMap<(IpAddr, u16), u32> {
+        // Most frontends are as they were, with nothing draining: nothing to do.
+        if self.previous.get(&frontend) == Some(weighted)
+            && self.drains_of(frontend).next().is_none()
+        {
+            return weighted.clone();
+        }
+        let mut backends = weighted.clone();
         let previous = self.previous.remove(&frontend).unwrap_or_default();
         for backend in previous.into_keys() {
             let key = (frontend, backend);
@@ -735,6 +914,17 @@ impl Translator {
         }
         self.previous.insert(frontend, backends.clone());
         backends
+    }
+
+    /// The drains in progress of `frontend`.
+    fn drains_of(
+        &self,
+        frontend: Frontend,
+    ) -> impl Iterator<Item = (&(Frontend, (IpAddr, u16)), &Draining)> {
+        let lowest = (IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
+        let highest = (IpAddr::V6(std::net::Ipv6Addr::from(u128::MAX)), u16::MAX);
+        self.draining
+            .range((frontend, lowest)..=(frontend, highest))
     }
 
     /// The policy for a service: its own from `rate-limit.xdplb.io/*` annotations, or a named
@@ -876,26 +1066,6 @@ fn seniority<'a>(
 ) -> (bool, Option<Timestamp>, Option<&'a str>, &'a ObjectKey) {
     let created = svc.metadata.creation_timestamp.as_ref().map(|t| t.0);
     (created.is_none(), created, svc.metadata.uid.as_deref(), key)
-}
-
-/// One Service claiming its frontends, against those older Services claimed in this
-/// translation.
-struct Claim<'a> {
-    key: &'a ObjectKey,
-    svc: &'a KubeService,
-    /// Frontend -> the Service that claimed it first.
-    owners: &'a mut BTreeMap<Frontend, ObjectKey>,
-}
-
-impl Claim<'_> {
-    /// The older Service that owns `frontend`, if another does; else `frontend` is this one's.
-    fn refused(&mut self, frontend: Frontend) -> Option<ObjectKey> {
-        let owner = self
-            .owners
-            .entry(frontend)
-            .or_insert_with(|| self.key.clone());
-        (owner != self.key).then(|| owner.clone())
-    }
 }
 
 fn protocol(sp: &ServicePort) -> Option<Protocol> {

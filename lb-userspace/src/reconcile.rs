@@ -206,6 +206,17 @@ pub struct BackendIds {
 /// A service's listed backends as the maps hold them: (address, port) -> (backend id, weight).
 type AppliedBackends = BTreeMap<(IpAddr, u16), (u32, u32)>;
 
+/// Whether `backends` are exactly the `listed` ones, with their weights, in the same order: the
+/// case of almost every service at each apply, told without a lookup per backend (at 200,000
+/// backends, each pass of lookups cost about 10 ms, and an apply made four).
+fn lists_exactly(listed: &AppliedBackends, backends: &[crate::model::Backend]) -> bool {
+    listed.len() == backends.len()
+        && listed
+            .iter()
+            .zip(backends)
+            .all(|((key, (_, weight)), b)| *key == (b.addr, b.port) && *weight == b.weight)
+}
+
 /// A service as the maps hold it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct AppliedService {
@@ -614,11 +625,12 @@ impl Reconciler {
             && a.value.ring_size == size
             && self.config.map(|c| c.hash_seed) == Some(seed)
             && a.backends.len() == service.backends.len()
-            && service.backends.iter().all(|b| {
-                a.backends
-                    .get(&(b.addr, b.port))
-                    .is_some_and(|(_, w)| *w == b.weight)
-            });
+            && (lists_exactly(&a.backends, &service.backends)
+                || service.backends.iter().all(|b| {
+                    a.backends
+                        .get(&(b.addr, b.port))
+                        .is_some_and(|(_, w)| *w == b.weight)
+                }));
         (!same).then_some(size)
     }
 
@@ -654,11 +666,14 @@ impl Reconciler {
         applied.sort_by_key(|s| from_cluster(s));
         for s in applied {
             let listed = &self.services[&s.frontend.key()].backends;
-            let new = s
-                .backends
-                .iter()
-                .filter(|b| !listed.contains_key(&(b.addr, b.port)))
-                .count();
+            let new = if lists_exactly(listed, &s.backends) {
+                0
+            } else {
+                s.backends
+                    .iter()
+                    .filter(|b| !listed.contains_key(&(b.addr, b.port)))
+                    .count()
+            };
             if new <= backends || !from_cluster(s) {
                 backends = backends.saturating_sub(new);
                 continue;
@@ -793,6 +808,9 @@ impl Reconciler {
             .values()
             .map(|s| {
                 let applied = self.services.get(&s.frontend.key());
+                if applied.is_some_and(|a| lists_exactly(&a.backends, &s.backends)) {
+                    return 0;
+                }
                 s.backends
                     .iter()
                     .filter(|b| applied.is_none_or(|a| !a.backends.contains_key(&(b.addr, b.port))))

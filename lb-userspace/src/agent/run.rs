@@ -16,7 +16,7 @@ use super::Agent;
 use crate::{
     cli::RunArgs,
     datapath_log,
-    k8s::input::{COALESCE, KubeInput},
+    k8s::input::KubeInput,
     metrics::{self, Endpoints},
     netlink::{Change, Monitor},
 };
@@ -114,8 +114,8 @@ async fn serve(args: RunArgs) -> Result<()> {
             }
             () = cluster_changed(kube.as_ref()) => {
                 // Let a burst of changes finish, then apply all of it at once.
-                tokio::time::sleep(COALESCE).await;
                 if let Some(k) = &mut kube {
+                    k.settle().await;
                     k.step(&mut agent);
                 }
             }

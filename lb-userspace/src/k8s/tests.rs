@@ -1233,3 +1233,289 @@ fn each_ip_family_is_chosen_apart_as_kube_proxy_runs_a_proxier_per_family() {
         "{routing:?}"
     );
 }
+
+/// A small deterministic generator (xorshift), for sequences of changes.
+struct Dice(u64);
+
+impl Dice {
+    fn below(&mut self, n: u16) -> u16 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        u16::try_from(self.0 % u64::from(n)).expect("below n")
+    }
+
+    fn pick<'a, T>(&mut self, from: &'a [T]) -> &'a T {
+        &from[usize::from(self.below(u16::try_from(from.len()).expect("short")))]
+    }
+
+    fn chance(&mut self, percent: u16) -> bool {
+        self.below(100) < percent
+    }
+}
+
+/// A cluster changed as an API server changes it: every write of an object that has a
+/// resourceVersion gives it a new one (some objects have none, as built by hand).
+struct World {
+    cluster: Cluster,
+    node: NodeInfo,
+    policies: BTreeSet<String>,
+    now: Instant,
+    version: u64,
+}
+
+const VIPS: [&str; 3] = ["10.96.0.10", "10.96.0.11", "10.96.0.12"];
+const NAMES: [&str; 6] = ["a", "b", "c", "d", "e", "f"];
+
+impl World {
+    fn stamp(&mut self, meta: &mut ObjectMeta, versioned: bool) {
+        self.version += 1;
+        meta.resource_version = versioned.then(|| self.version.to_string());
+    }
+
+    fn random_service(&mut self, d: &mut Dice, name: &str) -> KubeService {
+        let mut annotations = vec![ON];
+        let weights = format!("10.1.1.{}=3", d.below(4) + 2);
+        if d.chance(20) {
+            annotations.push((WEIGHTS, weights.as_str()));
+        }
+        if d.chance(20) {
+            annotations.push((RATE_LIMIT, "gold"));
+        }
+        if d.chance(30) {
+            annotations.push((DEREGISTRATION_DELAY, *d.pick(&["0", "5", "30"])));
+        }
+        if d.chance(20) {
+            annotations.push((topology::TOPOLOGY_MODE, "Auto"));
+        }
+        let node_port = 30080 + i32::from(d.below(3));
+        let mut ports = vec![("http", 80, Some(node_port))];
+        if d.chance(40) {
+            ports.push(("https", 443, None));
+        }
+        let mut s = svc(name, &annotations, &ports);
+        let spec = s.spec.as_mut().unwrap();
+        if d.chance(25) {
+            spec.external_traffic_policy = Some("Local".into());
+            spec.health_check_node_port = Some(32000 + i32::from(d.below(3)));
+        }
+        if d.chance(20) {
+            spec.traffic_distribution = Some("PreferClose".into());
+        }
+        if d.chance(15) {
+            spec.external_ips = Some(vec![d.pick(&VIPS).to_string()]);
+        }
+        let ingress = s.status.as_mut().unwrap().load_balancer.as_mut().unwrap();
+        ingress.ingress.as_mut().unwrap()[0].ip = Some(d.pick(&VIPS).to_string());
+        s.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            Timestamp::from_second(1_700_000_000 + i64::from(d.below(4))).unwrap(),
+        ));
+        s.metadata.uid = Some(format!("uid-{name}-{}", d.below(1000)));
+        let versioned = d.chance(70);
+        self.stamp(&mut s.metadata, versioned);
+        s
+    }
+
+    fn random_slice(&mut self, d: &mut Dice, name: &str) -> EndpointSlice {
+        let endpoints: Vec<Ep<'_>> = (0..d.below(4))
+            .map(|_| {
+                let ready = d.chance(75);
+                let addr = *d.pick(&["10.1.1.2", "10.1.1.3", "10.1.1.4", "10.1.1.5"]);
+                (
+                    addr,
+                    ready,
+                    ready || d.chance(50),
+                    !ready,
+                    *d.pick(&["node1", "node2"]),
+                    addr,
+                )
+            })
+            .collect();
+        let mut s = slice(name, "http", 8080 + i32::from(d.below(2)), &endpoints);
+        for e in s.endpoints.iter_mut().flatten() {
+            e.zone = d
+                .chance(70)
+                .then(|| d.pick(&["zone-a", "zone-b"]).to_string());
+        }
+        let versioned = d.chance(70);
+        self.stamp(&mut s.metadata, versioned);
+        s
+    }
+
+    fn change(&mut self, d: &mut Dice) -> String {
+        let name = *d.pick(&NAMES);
+        let key: ObjectKey = ("default".into(), name.into());
+        match d.below(10) {
+            0..=2 => {
+                let s = self.random_service(d, name);
+                self.cluster.services.insert(key, s);
+                format!("service {name} written")
+            }
+            3 => {
+                self.cluster.services.remove(&key);
+                format!("service {name} deleted")
+            }
+            4..=6 => {
+                let slice_name = format!("{name}-{}", d.below(2));
+                let s = self.random_slice(d, &slice_name);
+                self.cluster
+                    .slices
+                    .entry(key)
+                    .or_default()
+                    .insert(slice_name.clone(), s);
+                format!("slice {slice_name} written")
+            }
+            7 => {
+                if let Some(slices) = self.cluster.slices.get_mut(&key) {
+                    slices.pop_first();
+                }
+                self.cluster.slices.retain(|_, v| !v.is_empty());
+                format!("a slice of {name} deleted")
+            }
+            8 => match d.below(5) {
+                0 => {
+                    self.node.zone = d
+                        .pick(&[None, Some("zone-a"), Some("zone-b")])
+                        .map(Into::into);
+                    format!("node zone {:?}", self.node.zone)
+                }
+                1 => {
+                    let two = d.chance(50);
+                    self.node.addrs = ["10.0.0.1", "10.0.0.2"][..if two { 2 } else { 1 }]
+                        .iter()
+                        .map(|a| a.parse().unwrap())
+                        .collect();
+                    format!("node addresses {:?}", self.node.addrs)
+                }
+                2 => {
+                    let vip: IpAddr = d.pick(&VIPS).parse().unwrap();
+                    if !self.node.reserved.node_addrs.remove(&vip) {
+                        self.node.reserved.node_addrs.insert(vip);
+                    }
+                    format!("reserved {:?}", self.node.reserved.node_addrs)
+                }
+                3 => {
+                    self.node.prefer_same_zone = !self.node.prefer_same_zone;
+                    format!("prefer same zone {}", self.node.prefer_same_zone)
+                }
+                _ => {
+                    if !self.policies.remove("gold") {
+                        self.policies.insert("gold".into());
+                    }
+                    format!("named policies {:?}", self.policies)
+                }
+            },
+            _ => {
+                let secs = d.below(20);
+                self.now += Duration::from_secs(u64::from(secs));
+                format!("{secs} s later")
+            }
+        }
+    }
+}
+
+/// Everything a translator keeps besides its cache, for comparing two.
+fn kept(t: &Translator) -> String {
+    format!("{:?}\n{:?}", t.previous, t.drain_state())
+}
+
+#[test]
+fn a_translation_from_cached_parts_equals_one_from_scratch_after_any_changes() {
+    for seed in 1..=40u64 {
+        let mut d = Dice(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut world = World {
+            cluster: Cluster::default(),
+            node: node(),
+            policies: BTreeSet::new(),
+            now: Instant::now(),
+            version: 0,
+        };
+        let (mut cached, mut scratch) = (Translator::default(), Translator::default());
+        let mut history = Vec::new();
+        for _ in 0..80 {
+            history.push(world.change(&mut d));
+            let a = cached.translate(&world.cluster, &world.node, &world.policies, world.now);
+            scratch.cache.clear();
+            let b = scratch.translate(&world.cluster, &world.node, &world.policies, world.now);
+            assert_eq!(
+                format!("{a:#?}"),
+                format!("{b:#?}"),
+                "seed {seed} after {history:#?}"
+            );
+            assert_eq!(
+                kept(&cached),
+                kept(&scratch),
+                "seed {seed} after {history:#?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_cached_part_is_used_while_its_objects_keep_their_versions_and_not_after() {
+    let mut s = svc("web", &[ON], &[("http", 80, None)]);
+    s.metadata.resource_version = Some("1".into());
+    let mut sl = slice("web-1", "http", 8080, &[ready("10.1.1.2", "node1")]);
+    sl.metadata.resource_version = Some("2".into());
+    let mut c = cluster(s, vec![sl]);
+    let (mut tr, none, now) = (Translator::default(), BTreeSet::new(), Instant::now());
+    let key: ObjectKey = ("default".into(), "web".into());
+    tr.translate(&c, &node(), &none, now);
+    // Mark the cached part: a translation that used it keeps the mark.
+    tr.cache.get_mut(&key).unwrap().part.offers[0].service.name = "marked".into();
+    let t = tr.translate(&c, &node(), &none, now);
+    assert_eq!(t.services[0].name, "marked");
+    // A new version of the slice: translated again.
+    let sl = c.slices.get_mut(&key).unwrap().get_mut("web-1").unwrap();
+    sl.endpoints.as_mut().unwrap()[0].addresses = vec!["10.1.1.3".into()];
+    sl.metadata.resource_version = Some("3".into());
+    let t = tr.translate(&c, &node(), &none, now);
+    assert_eq!(t.services[0].name, "default/web:http");
+    assert_eq!(
+        summary(&t)["10.96.0.10:80/tcp"],
+        ["10.1.1.2:8080=0", "10.1.1.3:8080=1"]
+    );
+    // Another node input: every part translated again.
+    tr.cache.get_mut(&key).unwrap().part.offers[0].service.name = "marked".into();
+    let t = tr.translate(&c, &in_zone_a(), &none, now);
+    assert_eq!(t.services[0].name, "default/web:http");
+    // Named policies too.
+    tr.cache.get_mut(&key).unwrap().part.offers[0].service.name = "marked".into();
+    let t = tr.translate(&c, &in_zone_a(), &["gold".to_string()].into(), now);
+    assert_eq!(t.services[0].name, "default/web:http");
+    // A re-created Service (same name and version, a new uid): translated again.
+    tr.cache.get_mut(&key).unwrap().part.offers[0].service.name = "marked".into();
+    c.services.get_mut(&key).unwrap().metadata.uid = Some("new".into());
+    let t = tr.translate(&c, &in_zone_a(), &["gold".to_string()].into(), now);
+    assert_eq!(t.services[0].name, "default/web:http");
+}
+
+#[test]
+fn when_the_older_of_two_claimants_goes_the_newer_takes_the_frontend_from_its_cached_part() {
+    let mut older = aged("z", 10, "u1", 30080);
+    let mut newer = aged("a", 20, "u2", 30081);
+    older.metadata.resource_version = Some("1".into());
+    newer.metadata.resource_version = Some("2".into());
+    let mut c = two(newer, older);
+    for slices in c.slices.values_mut() {
+        for s in slices.values_mut() {
+            s.metadata.resource_version = Some("3".into());
+        }
+    }
+    let (mut tr, none, now) = (Translator::default(), BTreeSet::new(), Instant::now());
+    let mut scratch = Translator::default();
+    let t = tr.translate(&c, &node(), &none, now);
+    scratch.translate(&c, &node(), &none, now);
+    assert_eq!(owner_and_refused(&t).0, ["10.1.1.3:8080=1"]);
+    assert_eq!(owner_and_refused(&t).1.len(), 1);
+    c.services.remove(&("default".to_string(), "z".to_string()));
+    let t = tr.translate(&c, &node(), &none, now + Duration::from_secs(1));
+    // The frontend is the newer one's now; the older one's backend drains through it.
+    let (served, refused) = owner_and_refused(&t);
+    assert_eq!(served, ["10.1.1.2:8080=1", "10.1.1.3:8080=0"]);
+    assert!(refused.is_empty(), "{refused:?}");
+    scratch.cache.clear();
+    let fresh = scratch.translate(&c, &node(), &none, now + Duration::from_secs(1));
+    assert_eq!(format!("{t:?}"), format!("{fresh:?}"));
+    assert_eq!(kept(&tr), kept(&scratch));
+}
