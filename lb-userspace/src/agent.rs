@@ -385,6 +385,11 @@ impl Agent {
         self.health.source_entries = report.sources;
     }
 
+    /// Publishes a sweep's figures: the rest of the view (and the state file) did not change.
+    pub fn publish_sweep(&self) {
+        self.publisher.publish_health(&self.health);
+    }
+
     /// The loop went round: see [`crate::view::Publisher::beat`].
     pub fn beat(&self) {
         self.publisher.beat();
@@ -459,7 +464,7 @@ impl Agent {
         AgentView {
             health: self.health.clone(),
             inputs: self.inputs_label(),
-            services,
+            services: std::sync::Arc::new(services),
             interfaces: self
                 .attachments
                 .iter()
@@ -569,7 +574,7 @@ impl Agent {
         if let Err(e) = std::fs::remove_dir_all(&layout) {
             warn!("removing {}: {e}", layout.display());
         }
-        let _ = std::fs::remove_file(crate::state::path(&self.args.paths.state_dir));
+        crate::state::remove(&self.args.paths.state_dir);
         // With the maps gone there are no flows left to end.
         let _ = std::fs::remove_file(crate::k8s::drains::path(&self.args.paths.state_dir));
         info!("detached and unpinned");

@@ -24,7 +24,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => agent::run(args),
-        Command::Status { paths, json } => status::status(&paths).map(|s| {
+        Command::Status {
+            paths,
+            json,
+            services,
+            backends,
+        } => status::status(&paths, &status::Filter { services, backends }).map(|s| {
             if json {
                 println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
             } else {
