@@ -94,6 +94,9 @@ pub struct Agent {
     publisher: Publisher,
     /// The state file as last written.
     written: Option<crate::state::State>,
+    /// The addresses on kube-proxy's IPVS device, until the node next changes (the cluster's
+    /// input asks every second: a dump of every link each time).
+    kube_ipvs: Option<std::collections::BTreeSet<IpAddr>>,
 }
 
 impl Agent {
@@ -167,6 +170,7 @@ impl Agent {
             health: Health::default(),
             publisher,
             written: None,
+            kube_ipvs: None,
         };
         match agent.serve_first() {
             Ok(()) => {
@@ -339,6 +343,7 @@ impl Agent {
     /// backends' next hops.
     pub fn node_changed(&mut self) {
         self.netlink.forget_routes();
+        self.kube_ipvs = None;
         match Interfaces::scan(
             &mut self.netlink,
             &self.args.uplinks,

@@ -626,6 +626,9 @@ where
         .map_err(|e| map_err(name, e))
 }
 
+/// The services map's entries, and the backends in use by id.
+pub type ServicesAndBackends = (Vec<(ServiceKey, Service)>, Vec<(u32, Backend)>);
+
 impl Stats {
     /// The same counters through descriptors of their own, for a reader on another thread.
     pub fn reopen(&self) -> Result<Stats> {
@@ -784,19 +787,27 @@ impl Maps {
 
     /// Every tracked rate-limit source.
     pub fn read_sources(&self) -> Vec<Source> {
-        let mut out = Vec::new();
-        for (set, tags) in (0u32..).zip(self.source_tags.iter()) {
-            let Ok(tags) = tags else { continue };
+        // The tags in batches (each sweep reads them all: one system call per set was most of
+        // an idle agent's work), then the slots in use one by one.
+        let mut used = Vec::new();
+        let mut take = |set: u32, tags: &SourceTags| {
             for (way, tag) in (0u32..).zip(tags.tags.iter()) {
-                let slot = set * WAYS + way;
-                if *tag >= 2
-                    && let Ok(s) = self.sources.get(&slot, 0)
-                {
-                    out.push(s);
+                if *tag >= 2 {
+                    used.push(set * WAYS + way);
+                }
+            }
+        };
+        let fd = IterableMap::map(&self.source_tags).fd().as_fd();
+        if lookup_batch(fd, &mut |set: &u32, tags: &SourceTags| take(*set, tags)).is_err() {
+            for (set, tags) in (0u32..).zip(self.source_tags.iter()) {
+                if let Ok(tags) = tags {
+                    take(set, &tags);
                 }
             }
         }
-        out
+        used.into_iter()
+            .filter_map(|slot| self.sources.get(&slot, 0).ok())
+            .collect()
     }
 
     /// Node-wide counters, summed over CPUs.
@@ -807,13 +818,11 @@ impl Maps {
     /// The services and the backends in use (by id), for `status`: in batches of thousands
     /// (aya's iterators make a system call or two per entry: a second at 250,000 backend ids),
     /// one by one where the kernel has no batch lookup.
-    pub fn read_services_and_backends(
-        &self,
-    ) -> Result<(Vec<(ServiceKey, Service)>, Vec<(u32, Backend)>)> {
+    pub fn read_services_and_backends(&self) -> Result<ServicesAndBackends> {
         let mut services = Vec::new();
         let fd = IterableMap::map(&self.services).fd().as_fd();
         if lookup_batch(fd, &mut |k: &ServiceKey, v: &Service| {
-            services.push((*k, *v))
+            services.push((*k, *v));
         })
         .is_err()
         {

@@ -31,7 +31,8 @@ fn main() -> ExitCode {
             backends,
         } => status::status(&paths, &status::Filter { services, backends }).map(|s| {
             if json {
-                println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
+                // Compact: 20,000 services at 10,000 Services (`jq .` pretty-prints it).
+                println!("{}", serde_json::to_string(&s).unwrap_or_default());
             } else {
                 print!("{}", status::render(&s));
             }

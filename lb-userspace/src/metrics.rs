@@ -307,7 +307,7 @@ struct Slots {
     formats: [Slot; 2],
     /// The last render's time.
     took: Duration,
-    /// No render starts before this (renders take at most half of a core).
+    /// No slow render starts before this (they take at most half of a core).
     rest_until: Option<Instant>,
     stop: bool,
 }
@@ -390,7 +390,7 @@ impl Renderer {
         s.wanted_after = Some(now);
         self.shared.changed.notify_all();
         // A render that turns out slow: the text there is, if any.
-        let give_up = now + QUICK + QUICK;
+        let give_up = now + QUICK + QUICK / 2;
         loop {
             let s = &slots.formats[slot(format)];
             match &s.text {
@@ -462,7 +462,8 @@ impl Shared {
             slots = self.lock();
             slots.formats[slot(format)].text = Some((start, Bytes::from(body)));
             slots.took = end - start;
-            slots.rest_until = Some(end + (end - start));
+            // Slow renders rest as long as they took; quick ones are made for waiting scrapes.
+            slots.rest_until = (slots.took > QUICK).then(|| end + slots.took);
             self.changed.notify_all();
         }
     }

@@ -535,20 +535,7 @@ fn render_service(out: &mut String, svc: &ServiceStatus) {
         );
     }
     if svc.backends.is_empty() {
-        let states: Vec<String> = svc
-            .backend_states
-            .iter()
-            .map(|(state, n)| format!("{n} {state}"))
-            .collect();
-        let _ = writeln!(
-            out,
-            "  backends: {}",
-            if states.is_empty() {
-                "none".to_string()
-            } else {
-                states.join(", ")
-            }
-        );
+        render_backend_states(out, svc);
         return;
     }
     let total: u64 = svc.backends.iter().map(|b| b.new_flows).sum();
@@ -590,6 +577,24 @@ fn render_service(out: &mut String, svc: &ServiceStatus) {
             zone(b.zone.as_deref().unwrap_or("-"))
         );
     }
+}
+
+/// A service's backends counted by state, where they are not listed.
+fn render_backend_states(out: &mut String, svc: &ServiceStatus) {
+    let states: Vec<String> = svc
+        .backend_states
+        .iter()
+        .map(|(state, n)| format!("{n} {state}"))
+        .collect();
+    let _ = writeln!(
+        out,
+        "  backends: {}",
+        if states.is_empty() {
+            "none".to_string()
+        } else {
+            states.join(", ")
+        }
+    );
 }
 
 fn render_limited(out: &mut String, s: &Status) {
