@@ -64,21 +64,27 @@ pub struct ServiceStatus {
     pub mode: &'static str,
     pub policy: Option<String>,
     /// "allow <prefixes>" or "deny <prefixes>"; `None`: every source is admitted.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub source_ranges: Option<String>,
     pub packets: u64,
     pub bytes: u64,
     pub reply_packets: u64,
     pub new_flows: u64,
+    // Empty fields are left out of the JSON: 20,000 services at 10,000 Services.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub drops: BTreeMap<&'static str, u64>,
     /// How many listed backends are in each state ([`ACTIVE`], [`DRAINING`], ...).
     pub backend_states: BTreeMap<&'static str, usize>,
     /// Each backend, when listed (`backends_listed`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub backends: Vec<BackendStatus>,
     /// Zone-aware routing: how new flows are kept close, and who asked; `None`: nobody did.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub zone_routing: Option<String>,
     /// New flows by where their backend is relative to this node's zone ("same-zone",
     /// "other-zone", "unknown"), summed over the listed backends; empty when no backend's zone
     /// is known.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub new_flows_by_zone: BTreeMap<&'static str, u64>,
 }
 
