@@ -183,6 +183,9 @@ pub struct Agent {
     publisher: Publisher,
     /// The state file as last written.
     written: Option<crate::state::State>,
+    /// The addresses on kube-proxy's IPVS device, until the node next changes (the cluster's
+    /// input asks every second: a dump of every link each time).
+    kube_ipvs: Option<std::collections::BTreeSet<IpAddr>>,
 }
 
 impl Agent {
@@ -256,6 +259,7 @@ impl Agent {
             health: Health::default(),
             publisher,
             written: None,
+            kube_ipvs: None,
         };
         match agent.serve_first() {
             Ok(()) => {
@@ -462,6 +466,7 @@ impl Agent {
     /// backends' next hops.
     pub fn node_changed(&mut self) {
         self.netlink.forget_routes();
+        self.kube_ipvs = None;
         match Interfaces::scan(
             &mut self.netlink,
             &self.args.uplinks,
@@ -506,6 +511,11 @@ impl Agent {
         self.health.swept_flows += report.flows_removed as u64;
         self.health.flow_entries = report.flows;
         self.health.source_entries = report.sources;
+    }
+
+    /// Publishes a sweep's figures: the rest of the view (and the state file) did not change.
+    pub fn publish_sweep(&self) {
+        self.publisher.publish_health(&self.health);
     }
 
     /// The loop went round: see [`crate::view::Publisher::beat`].
@@ -582,7 +592,7 @@ impl Agent {
         AgentView {
             health: self.health.clone(),
             inputs: self.inputs_label(),
-            services,
+            services: std::sync::Arc::new(services),
             interfaces: self
                 .attachments
                 .iter()
@@ -692,7 +702,7 @@ impl Agent {
         if let Err(e) = std::fs::remove_dir_all(&layout) {
             warn!("removing {}: {e}", layout.display());
         }
-        let _ = std::fs::remove_file(crate::state::path(&self.args.paths.state_dir));
+        crate::state::remove(&self.args.paths.state_dir);
         // With the maps gone there are no flows left to end.
         let _ = std::fs::remove_file(crate::k8s::drains::path(&self.args.paths.state_dir));
         info!("detached and unpinned");

@@ -22,7 +22,7 @@ pub fn cleanup(paths: &Paths) -> Result<()> {
         std::fs::remove_dir_all(&layout)
             .with_context(|| format!("removing {}", layout.display()))?;
     }
-    let _ = std::fs::remove_file(crate::state::path(&paths.state_dir));
+    crate::state::remove(&paths.state_dir);
     let _ = std::fs::remove_file(crate::k8s::drains::path(&paths.state_dir));
     println!("removed {}", layout.display());
     Ok(())

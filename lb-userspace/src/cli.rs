@@ -37,6 +37,14 @@ pub enum Command {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// Only this service, with its backends: its name, or a Kubernetes Service's
+        /// namespace/name for all its ports (repeat for several).
+        #[arg(long = "service")]
+        services: Vec<String>,
+        /// List every service's backends (by default they are listed while the node has at
+        /// most 2000; above, each service shows how many it has in each state).
+        #[arg(long)]
+        backends: bool,
     },
     /// Which backend a flow goes to, and why (flow-table entry, or ring slot).
     Flow {
@@ -129,6 +137,11 @@ pub struct RunArgs {
     /// API's status.hostIP has none).
     #[arg(long, value_parser = parse_listen_addr)]
     pub scrape_addr: Option<SocketAddr>,
+    /// Per-backend series on /metrics (5 per backend) while the node lists at most this many
+    /// backends; above, they are left out (per-service series stay) and
+    /// xdplb_metrics_backends_omitted says how many backends have none. 0: never.
+    #[arg(long, default_value_t = 20_000)]
+    pub metrics_max_backends: usize,
     /// On exit, leave the programs attached and the maps pinned, so the next agent (an
     /// upgrade, a restart) takes over without a gap and live flows keep their backends.
     #[arg(long)]

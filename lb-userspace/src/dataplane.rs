@@ -534,6 +534,82 @@ fn lookup_batch<K: aya::Pod, V: aya::Pod>(
     Ok(seen)
 }
 
+/// Every entry of per-CPU array `fd`, each summed over its `cpus` values with `add`, read with
+/// BPF_MAP_LOOKUP_BATCH: a scrape reads the counters of every backend and service, and one
+/// system call per entry (200,000 backends) took most of a second.
+fn per_cpu_sums<T: aya::Pod + Default>(
+    fd: BorrowedFd<'_>,
+    cpus: usize,
+    add: fn(&mut T, &T),
+) -> std::io::Result<Vec<T>> {
+    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+    const CHUNK: usize = 4096;
+    // The kernel copies each CPU's value rounded up to 8 bytes, all of an entry's CPUs together.
+    let per_cpu = std::mem::size_of::<T>().next_multiple_of(8);
+    let stride = per_cpu * cpus;
+    let mut keys = vec![0u32; CHUNK];
+    // u64s: aligned for any counter struct.
+    let mut values = vec![0u64; CHUNK * stride / 8];
+    // Array maps' batch tokens are indices.
+    let (mut from, mut next) = (0u32, 0u32);
+    let mut out: Vec<T> = Vec::new();
+    for call in 0usize.. {
+        let mut attr = [0u64; 7];
+        attr[0] = if call == 0 {
+            0
+        } else {
+            std::ptr::from_ref(&from) as u64
+        };
+        attr[1] = std::ptr::from_mut(&mut next) as u64;
+        attr[2] = keys.as_mut_ptr() as u64;
+        attr[3] = values.as_mut_ptr() as u64;
+        attr[4] = CHUNK as u64 | (u64::from(fd.as_raw_fd().cast_unsigned()) << 32);
+        // SAFETY: a bpf_attr of the size passed (see update_batch); keys and values have room
+        // for CHUNK entries of this map's sizes, and all outlive the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                attr.as_mut_ptr(),
+                std::mem::size_of_val(&attr),
+            )
+        };
+        let got = usize::try_from(attr[4] & u64::from(u32::MAX))
+            .unwrap_or(0)
+            .min(CHUNK);
+        // ENOENT: the last entries (`got` of them, maybe none) and the end.
+        let end = rc != 0;
+        if end {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::ENOENT) {
+                return Err(e);
+            }
+        }
+        let bytes = values.as_ptr().cast::<u8>();
+        for (i, key) in keys.iter().take(got).enumerate() {
+            let mut total = T::default();
+            for cpu in 0..cpus {
+                // SAFETY: within `values` (entry i of `got` <= CHUNK, CPU < cpus); any bytes
+                // are a valid Pod.
+                let v = unsafe {
+                    std::ptr::read_unaligned(bytes.add(i * stride + cpu * per_cpu).cast::<T>())
+                };
+                add(&mut total, &v);
+            }
+            let key = *key as usize;
+            if out.len() <= key {
+                out.resize(key + 1, T::default());
+            }
+            out[key] = total;
+        }
+        if end || got == 0 {
+            break;
+        }
+        from = next;
+    }
+    Ok(out)
+}
+
 fn reopen<K: aya::Pod, V, M: IterableMap<K, V>, T>(name: &str, map: &M) -> Result<T>
 where
     T: TryFrom<Map, Error = MapError>,
@@ -549,6 +625,9 @@ where
         .and_then(T::try_from)
         .map_err(|e| map_err(name, e))
 }
+
+/// The services map's entries, and the backends in use by id.
+pub type ServicesAndBackends = (Vec<(ServiceKey, Service)>, Vec<(u32, Backend)>);
 
 impl Stats {
     /// The same counters through descriptors of their own, for a reader on another thread.
@@ -593,6 +672,19 @@ impl Stats {
             }
         }
         total
+    }
+
+    /// Every service's counters by id (LB_SVC_STATS index), summed over CPUs, in a few system
+    /// calls; an error where the kernel has no batch lookup for arrays (before 5.6).
+    pub fn all_services(&self) -> std::io::Result<Vec<ServiceStats>> {
+        let fd = IterableMap::map(&self.services).fd().as_fd();
+        per_cpu_sums(fd, self.cpus, ServiceStats::accumulate)
+    }
+
+    /// Every backend's counters by id (LB_BE_STATS index), as [`Stats::all_services`].
+    pub fn all_backends(&self) -> std::io::Result<Vec<BackendStats>> {
+        let fd = IterableMap::map(&self.backends).fd().as_fd();
+        per_cpu_sums(fd, self.cpus, BackendStats::accumulate)
     }
 
     fn zeros<T: aya::Pod + Default + Clone>(&self) -> PerCpuValues<T> {
@@ -695,24 +787,68 @@ impl Maps {
 
     /// Every tracked rate-limit source.
     pub fn read_sources(&self) -> Vec<Source> {
-        let mut out = Vec::new();
-        for (set, tags) in (0u32..).zip(self.source_tags.iter()) {
-            let Ok(tags) = tags else { continue };
+        // The tags in batches (each sweep reads them all: one system call per set was most of
+        // an idle agent's work), then the slots in use one by one.
+        let mut used = Vec::new();
+        let mut take = |set: u32, tags: &SourceTags| {
             for (way, tag) in (0u32..).zip(tags.tags.iter()) {
-                let slot = set * WAYS + way;
-                if *tag >= 2
-                    && let Ok(s) = self.sources.get(&slot, 0)
-                {
-                    out.push(s);
+                if *tag >= 2 {
+                    used.push(set * WAYS + way);
+                }
+            }
+        };
+        let fd = IterableMap::map(&self.source_tags).fd().as_fd();
+        if lookup_batch(fd, &mut |set: &u32, tags: &SourceTags| take(*set, tags)).is_err() {
+            for (set, tags) in (0u32..).zip(self.source_tags.iter()) {
+                if let Ok(tags) = tags {
+                    take(set, &tags);
                 }
             }
         }
-        out
+        used.into_iter()
+            .filter_map(|slot| self.sources.get(&slot, 0).ok())
+            .collect()
     }
 
     /// Node-wide counters, summed over CPUs.
     pub fn read_counters(&self) -> Vec<(Counter, u64)> {
         self.stats.counters()
+    }
+
+    /// The services and the backends in use (by id), for `status`: in batches of thousands
+    /// (aya's iterators make a system call or two per entry: a second at 250,000 backend ids),
+    /// one by one where the kernel has no batch lookup.
+    pub fn read_services_and_backends(&self) -> Result<ServicesAndBackends> {
+        let mut services = Vec::new();
+        let fd = IterableMap::map(&self.services).fd().as_fd();
+        if lookup_batch(fd, &mut |k: &ServiceKey, v: &Service| {
+            services.push((*k, *v));
+        })
+        .is_err()
+        {
+            services = self
+                .services
+                .iter()
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(|e| map_err(MAP_SERVICES, e))?;
+        }
+        let mut backends = Vec::new();
+        let fd = IterableMap::map(&self.backends).fd().as_fd();
+        let batch = lookup_batch(fd, &mut |id: &u32, b: &Backend| {
+            if *b != Backend::default() {
+                backends.push((*id, *b));
+            }
+        });
+        if batch.is_err() {
+            backends.clear();
+            for (id, b) in (0u32..).zip(self.backends.iter()) {
+                let b = b.map_err(|e| map_err(MAP_BACKENDS, e))?;
+                if b != Backend::default() {
+                    backends.push((id, b));
+                }
+            }
+        }
+        Ok((services, backends))
     }
 
     pub fn read_service_stats(&self, id: u32) -> ServiceStats {

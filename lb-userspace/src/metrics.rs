@@ -4,11 +4,22 @@
 //!
 //! `/metrics` speaks what the scraper asks for: OpenMetrics 1.0 when its Accept header prefers
 //! it, else the Prometheus text format 0.0.4 (what Prometheus asks for by default, and what
-//! `promtool check metrics` reads). Counters are read from the maps at scrape time, summed over
-//! CPUs, so there is nothing to keep in sync.
+//! `promtool check metrics` reads). Counters are read from the maps, summed over CPUs, so there
+//! is nothing to keep in sync.
+//!
+//! The text is rendered on a thread of its own ([`Renderer`]), never on the scrape's: where a
+//! render is quick (under [`QUICK`]: small nodes) a scrape waits for one made after it came, so
+//! it sees every counter as of then; where it is not (10,000 Services: a few hundred ms), a
+//! scrape gets the text rendered last, and the renderer renders just before the next scrape is
+//! due (it learns the scrape interval), so that text is a fraction of a second old. Nothing is
+//! rendered while nobody scrapes.
 use std::{
-    convert::Infallible, fmt::Write as _, net::SocketAddr, sync::Arc, thread::JoinHandle,
-    time::Duration,
+    convert::Infallible,
+    fmt::Write as _,
+    net::SocketAddr,
+    sync::{Arc, Condvar, Mutex, MutexGuard},
+    thread::JoinHandle,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -108,11 +119,20 @@ pub enum Endpoints {
 /// What a request is answered from.
 struct Endpoint {
     views: Views,
-    stats: Stats,
-    sync_latency: Option<Histogram>,
+    renderer: Renderer,
     endpoints: Endpoints,
     /// /healthz fails once the agent's loop has not gone round for this long.
     stall: Duration,
+}
+
+/// What a scrape is made of, besides the published view.
+pub struct Sources {
+    pub stats: Stats,
+    pub sync_latency: Option<Histogram>,
+    /// Per-backend series are written while the node lists at most this many backends
+    /// (`--metrics-max-backends`); above, they are left out and
+    /// `xdplb_metrics_backends_omitted` says how many backends have none.
+    pub max_backends: usize,
 }
 
 /// Binds `addr` (an error here is the caller's to report) and serves on a thread of its own
@@ -120,17 +140,22 @@ struct Endpoint {
 pub fn serve(
     addr: SocketAddr,
     views: Views,
-    stats: Stats,
-    sync_latency: Option<Histogram>,
+    sources: Sources,
     endpoints: Endpoints,
     stall: Duration,
 ) -> std::io::Result<MetricsServer> {
     let listener = std::net::TcpListener::bind(addr)?;
     listener.set_nonblocking(true)?;
     let endpoint = Arc::new(Endpoint {
+        renderer: {
+            let views = views.clone();
+            Renderer::start(Box::new(move |format| {
+                let view = views.latest();
+                let figures = Figures::read(&view, &sources.stats, sources.max_backends);
+                render(&view, &figures, sources.sync_latency.as_ref(), format)
+            }))?
+        },
         views,
-        stats,
-        sync_latency,
         endpoints,
         stall,
     });
@@ -170,9 +195,9 @@ async fn accept_loop(listener: tokio::net::TcpListener, endpoint: Arc<Endpoint>)
             let service = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let endpoint = endpoint.clone();
                 async move {
-                    // A scrape renders every series, which takes a while at thousands of
-                    // services: on a blocking thread, so that the probes on this listener
-                    // answer meanwhile.
+                    // A scrape may wait for the renderer (briefly, or for the very first
+                    // text): on a blocking thread, so that the probes on this listener answer
+                    // meanwhile.
                     let response = if req.uri().path() == "/metrics" {
                         let (parts, _) = req.into_parts();
                         let req = Request::from_parts(parts, ());
@@ -219,10 +244,8 @@ impl Endpoint {
                     .get(header::ACCEPT)
                     .and_then(|v| v.to_str().ok());
                 let format = negotiate(accept);
-                let view = self.views.latest();
-                let figures = Figures::read(&view, &self.stats);
-                let body = render(&view, &figures, self.sync_latency.as_ref(), format);
-                reply(StatusCode::OK, Bytes::from(body), format.content_type())
+                let body = self.renderer.scrape(format);
+                reply(StatusCode::OK, body, format.content_type())
             }
             "/healthz" => match self.views.since_beat() {
                 quiet if quiet <= self.stall => {
@@ -255,26 +278,263 @@ impl Endpoint {
     }
 }
 
+/// A render of each format at most this long makes a scrape wait for a fresh one (it then sees
+/// every counter as of its request, and still answers well within 100 ms); a longer one makes
+/// scrapes take the text rendered last, ahead of them.
+pub const QUICK: Duration = Duration::from_millis(50);
+/// Text is rendered this long (plus the last render's time) before the next scrape is due.
+const LEAD: Duration = Duration::from_millis(200);
+/// A scrape that got text older than this has the next one rendered at once (the scrape
+/// interval was not known yet, or scrapes came irregularly).
+const MAX_AGE: Duration = Duration::from_secs(1);
+
+/// Renders `/metrics` on a thread of its own, as [the module](self) says. Dropping it stops
+/// the thread.
+struct Renderer {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+struct Shared {
+    slots: Mutex<Slots>,
+    /// Told when a scrape comes and when a render is done.
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct Slots {
+    /// By format: [OpenMetrics, Text].
+    formats: [Slot; 2],
+    /// The last render's time.
+    took: Duration,
+    /// No slow render starts before this (they take at most half of a core).
+    rest_until: Option<Instant>,
+    stop: bool,
+}
+
+/// One format's text and its scrapes.
+#[derive(Default)]
+struct Slot {
+    text: Option<(Instant, Bytes)>,
+    last_scrape: Option<Instant>,
+    /// Between the last two scrapes.
+    interval: Option<Duration>,
+    /// A scrape waits for text rendered after this.
+    wanted_after: Option<Instant>,
+}
+
+impl Slot {
+    /// When this format should next be rendered, if at all before another scrape comes.
+    fn due(&self, took: Duration) -> Option<Instant> {
+        let last = self.last_scrape?;
+        let Some((at, _)) = &self.text else {
+            return Some(last);
+        };
+        if self.wanted_after.is_some_and(|w| *at < w) {
+            return self.wanted_after;
+        }
+        if *at + MAX_AGE < last {
+            return Some(last);
+        }
+        // Just ahead of the next scrape, once.
+        let next = last + self.interval?;
+        let due = next.checked_sub(took + LEAD)?.max(last);
+        (*at < due).then_some(due)
+    }
+}
+
+fn slot(format: Format) -> usize {
+    match format {
+        Format::OpenMetrics => 0,
+        Format::Text => 1,
+    }
+}
+
+/// Renders the whole text in a format.
+type RenderFn = Box<dyn Fn(Format) -> String + Send>;
+
+impl Renderer {
+    fn start(render: RenderFn) -> std::io::Result<Renderer> {
+        let shared = Arc::new(Shared {
+            slots: Mutex::new(Slots::default()),
+            changed: Condvar::new(),
+        });
+        let thread = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("metrics-render".into())
+                .spawn(move || shared.render_loop(&render))?
+        };
+        Ok(Renderer {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// The text for a scrape in `format` now: see [the module](self). Blocks for at most
+    /// about [`QUICK`], except for a format's very first scrape.
+    fn scrape(&self, format: Format) -> Bytes {
+        let now = Instant::now();
+        let mut slots = self.shared.lock();
+        let quick = slots.took <= QUICK;
+        let s = &mut slots.formats[slot(format)];
+        if let Some(last) = s.last_scrape {
+            s.interval = Some(now.saturating_duration_since(last));
+        }
+        s.last_scrape = Some(now);
+        let cached = s.text.as_ref().map(|(_, body)| body.clone());
+        if let (Some(body), false) = (&cached, quick) {
+            self.shared.changed.notify_all();
+            return body.clone();
+        }
+        s.wanted_after = Some(now);
+        self.shared.changed.notify_all();
+        // A render that turns out slow: the text there is, if any.
+        let give_up = now + QUICK + QUICK / 2;
+        loop {
+            let s = &slots.formats[slot(format)];
+            match &s.text {
+                Some((at, body)) if *at >= now => return body.clone(),
+                _ if slots.stop => return cached.unwrap_or_default(),
+                _ => {}
+            }
+            let wait = match cached {
+                Some(_) => give_up.saturating_duration_since(Instant::now()),
+                None => Duration::from_secs(1),
+            };
+            if cached.is_some() && wait.is_zero() {
+                return cached.unwrap_or_default();
+            }
+            slots = self
+                .shared
+                .changed
+                .wait_timeout(slots, wait)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+    }
+}
+
+impl Drop for Renderer {
+    fn drop(&mut self) {
+        self.shared.lock().stop = true;
+        self.shared.changed.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Slots> {
+        self.slots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn render_loop(&self, render: &RenderFn) {
+        let mut slots = self.lock();
+        loop {
+            if slots.stop {
+                return;
+            }
+            let now = Instant::now();
+            let due = [Format::OpenMetrics, Format::Text]
+                .into_iter()
+                .filter_map(|f| Some((f, slots.formats[slot(f)].due(slots.took)?)))
+                .min_by_key(|(_, at)| *at)
+                .map(|(f, at)| (f, slots.rest_until.map_or(at, |r| r.max(at))));
+            let format = match due {
+                Some((f, at)) if at <= now => f,
+                Some((_, at)) => {
+                    slots = self.wait(slots, Some(at - now));
+                    continue;
+                }
+                None => {
+                    slots = self.wait(slots, None);
+                    continue;
+                }
+            };
+            drop(slots);
+            let start = Instant::now();
+            let body = render(format);
+            let end = Instant::now();
+            slots = self.lock();
+            slots.formats[slot(format)].text = Some((start, Bytes::from(body)));
+            slots.took = end - start;
+            // Slow renders rest as long as they took; quick ones are made for waiting scrapes.
+            slots.rest_until = (slots.took > QUICK).then(|| end + slots.took);
+            self.changed.notify_all();
+        }
+    }
+
+    fn wait<'a>(
+        &self,
+        slots: MutexGuard<'a, Slots>,
+        timeout: Option<Duration>,
+    ) -> MutexGuard<'a, Slots> {
+        match timeout {
+            Some(t) => {
+                self.changed
+                    .wait_timeout(slots, t)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .0
+            }
+            None => self
+                .changed
+                .wait(slots)
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        }
+    }
+}
+
 /// The data path's counters for one scrape.
 #[derive(Clone, Debug, Default)]
 pub struct Figures {
     pub counters: Vec<(Counter, u64)>,
-    /// Per service of the view, in its order: the service's and each backend's counters.
+    /// Per service of the view, in its order: the service's and each backend's counters (none
+    /// when the per-backend series are left out).
     pub services: Vec<(ServiceStats, Vec<BackendStats>)>,
+    /// Backends listed but without series of their own (over `--metrics-max-backends`): the
+    /// per-backend families are left out whole.
+    pub backends_omitted: usize,
 }
 
 impl Figures {
-    pub fn read(view: &AgentView, stats: &Stats) -> Figures {
+    /// Reads every service's (and, up to `max_backends` listed backends, every backend's)
+    /// counters: in batches of thousands where the kernel can, else one by one.
+    pub fn read(view: &AgentView, stats: &Stats, max_backends: usize) -> Figures {
+        let listed: usize = view.services.iter().map(|s| s.backends.len()).sum();
+        let with_backends = listed <= max_backends;
+        let all_services = stats.all_services().ok();
+        let all_backends = if with_backends {
+            stats.all_backends().ok()
+        } else {
+            None
+        };
+        let service = |id: u32| match &all_services {
+            Some(all) => all.get(id as usize).copied().unwrap_or_default(),
+            None => stats.service(id),
+        };
+        let backend = |id: u32| match &all_backends {
+            Some(all) => all.get(id as usize).copied().unwrap_or_default(),
+            None => stats.backend(id),
+        };
         Figures {
             counters: stats.counters(),
             services: view
                 .services
                 .iter()
                 .map(|s| {
-                    let backends = s.backends.iter().map(|b| stats.backend(b.id)).collect();
-                    (stats.service(s.id), backends)
+                    let backends = if with_backends {
+                        s.backends.iter().map(|b| backend(b.id)).collect()
+                    } else {
+                        Vec::new()
+                    };
+                    (service(s.id), backends)
                 })
                 .collect(),
+            backends_omitted: if with_backends { 0 } else { listed },
         }
     }
 }
@@ -302,8 +562,12 @@ pub fn render(
         Format::OpenMetrics => om,
         Format::Text => openmetrics_to_text(&om),
     };
-    let backends: usize = view.services.iter().map(|s| s.backends.len()).sum();
-    out.reserve(view.services.len() * 21 * 120 + backends * 5 * 150);
+    let backends: usize = if figures.backends_omitted == 0 {
+        view.services.iter().map(|s| s.backends.len()).sum()
+    } else {
+        0
+    };
+    out.reserve(view.services.len() * 17 * 120 + backends * 5 * 150);
     service_metrics(&mut out, view, figures, format);
     if format == Format::OpenMetrics {
         out.push_str("# EOF\n");
@@ -334,9 +598,16 @@ fn datapath_metrics(r: &mut Registry, figures: &Figures) {
             .get_or_create(&vec![("event", c.name().to_string())])
             .inc_by(*v);
     }
+    let omitted = Gauge::<i64>::default();
+    omitted.set(i64::try_from(figures.backends_omitted).unwrap_or(i64::MAX));
+    r.register(
+        "metrics_backends_omitted",
+        "Listed backends without per-backend series: the node lists more than --metrics-max-backends, so the backend_* and zone_new_flows families are left out (per-service series stay; lb-agent status --service NAME shows a service's backends)",
+        omitted,
+    );
 }
 
-/// The per-service and per-backend families (21 series per frontend, 5 per backend: most of a
+/// The per-service and per-backend families (17 series per frontend, 5 per backend: most of a
 /// scrape), written straight into OpenMetrics text. Through the registry each series cost a
 /// label vector, a hash map entry and an atomic: 370-530 ms per scrape at 2000 frontends and
 /// 20,000 backends, a third of a core at one scrape a second. Families are written whole, one
@@ -432,7 +703,9 @@ fn service_metrics(out: &mut String, view: &AgentView, figures: &Figures, format
             }
         },
     );
-    backend_metrics(out, view, figures, format, &bases);
+    if figures.backends_omitted == 0 {
+        backend_metrics(out, view, figures, format, &bases);
+    }
 }
 
 /// The per-backend part of [`service_metrics`]; `bases`: each service's labels.

@@ -1,6 +1,11 @@
 //! `lb-agent status`: reads the running agent's pinned maps (labelled with names from its state
 //! file) and shows them to a person, or as JSON.
-use std::{collections::BTreeMap, fmt::Write as _, net::IpAddr, net::SocketAddr};
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    fmt::Write as _,
+    net::IpAddr,
+    net::SocketAddr,
+};
 
 use anyhow::Result;
 use lb_common::{Addr, BACKEND_ACTIVE, BACKEND_LISTED, Counter, DropReason, ServiceKey};
@@ -12,7 +17,6 @@ use crate::{
     model::Frontend,
     state::{ServiceLabel, State},
     system::{self, monotonic_ns},
-    tables::{Snapshot, Tables},
 };
 
 #[derive(Serialize)]
@@ -24,6 +28,9 @@ pub struct Status {
     /// Services of the desired state not served, each with why.
     pub not_served: Vec<String>,
     pub interfaces: Vec<crate::state::InterfaceLabel>,
+    /// Whether each service's `backends` are listed (else only `backend_states`): see
+    /// [`LISTED_BACKENDS`].
+    pub backends_listed: bool,
     pub services: Vec<ServiceStatus>,
     /// Sources being held back the most (by packets dropped while tracked).
     pub limited_sources: Vec<LimitedSource>,
@@ -57,18 +64,27 @@ pub struct ServiceStatus {
     pub mode: &'static str,
     pub policy: Option<String>,
     /// "allow <prefixes>" or "deny <prefixes>"; `None`: every source is admitted.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub source_ranges: Option<String>,
     pub packets: u64,
     pub bytes: u64,
     pub reply_packets: u64,
     pub new_flows: u64,
+    // Empty fields are left out of the JSON: 20,000 services at 10,000 Services.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub drops: BTreeMap<&'static str, u64>,
+    /// How many listed backends are in each state ([`ACTIVE`], [`DRAINING`], ...).
+    pub backend_states: BTreeMap<&'static str, usize>,
+    /// Each backend, when listed (`backends_listed`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub backends: Vec<BackendStatus>,
     /// Zone-aware routing: how new flows are kept close, and who asked; `None`: nobody did.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub zone_routing: Option<String>,
     /// New flows by where their backend is relative to this node's zone ("same-zone",
     /// "other-zone", "unknown"), summed over the listed backends; empty when no backend's zone
     /// is known.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub new_flows_by_zone: BTreeMap<&'static str, u64>,
 }
 
@@ -109,22 +125,81 @@ pub fn open_maps(paths: &Paths) -> Result<Maps> {
     })
 }
 
-pub fn status(paths: &Paths) -> Result<Status> {
+/// Which services `status` shows, and whether with their backends.
+#[derive(Clone, Debug, Default)]
+pub struct Filter {
+    /// Only these services (a name, or a Kubernetes Service's `namespace/name` for all its
+    /// ports), each with its backends; empty: every service.
+    pub services: Vec<String>,
+    /// List every service's backends, however many the node has.
+    pub backends: bool,
+}
+
+/// Without `--service` or `--backends`, each service's backends are listed while the node
+/// lists at most this many; above, each service shows how many it has in each state (at
+/// 200,000 backends the listing was 50 MB and took seconds).
+pub const LISTED_BACKENDS: usize = 2000;
+
+impl Filter {
+    fn selects(&self, name: &str) -> bool {
+        self.services.is_empty()
+            || self.services.iter().any(|s| {
+                name == s
+                    || name
+                        .strip_prefix(s.as_str())
+                        .is_some_and(|port| port.starts_with(':'))
+            })
+    }
+}
+
+pub fn status(paths: &Paths, filter: &Filter) -> Result<Status> {
     let maps = open_maps(paths)?;
-    let state = State::read(&paths.state_dir);
-    let labels: BTreeMap<ServiceKey, &ServiceLabel> = state
+    let (in_maps, backends) = maps.read_services_and_backends()?;
+    let listed = backends
+        .iter()
+        .filter(|(_, b)| b.flags & BACKEND_LISTED != 0)
+        .count();
+    let list_backends = filter.backends || !filter.services.is_empty() || listed <= LISTED_BACKENDS;
+    // Backends' zones are in a file of their own, read only to list backends.
+    let state = if list_backends {
+        State::read_with_zones(&paths.state_dir)
+    } else {
+        State::read(&paths.state_dir)
+    };
+    let labels: HashMap<ServiceKey, &ServiceLabel> = state
         .iter()
         .flat_map(|s| s.services.iter())
         .map(|l| (l.frontend.key(), l))
         .collect();
-    let snap = maps.snapshot()?;
-    let mut services: Vec<ServiceStatus> = snap
-        .services
+    let mut by_service: HashMap<u32, Vec<(u32, &lb_common::Backend)>> = HashMap::new();
+    for (id, b) in &backends {
+        if b.flags & BACKEND_LISTED != 0 {
+            by_service.entry(b.service).or_default().push((*id, b));
+        }
+    }
+    let service_stats = maps.stats.all_services().ok();
+    let backend_stats = if list_backends {
+        maps.stats.all_backends().ok()
+    } else {
+        None
+    };
+    let read = Reader {
+        maps: &maps,
+        services: service_stats.as_deref(),
+        backends: backend_stats.as_deref(),
+        list_backends,
+        node_zone: state.as_ref().and_then(|s| s.zone.as_deref()),
+    };
+    let mut services: Vec<ServiceStatus> = in_maps
         .iter()
-        .map(|(key, svc)| {
+        .filter_map(|(key, svc)| {
             let label = labels.get(key).copied();
-            let zone = state.as_ref().and_then(|s| s.zone.as_deref());
-            service_status(&maps, &snap, key, svc, label, zone)
+            let name = service_name(svc, label);
+            if !filter.selects(&name) {
+                return None;
+            }
+            let backends = by_service.get(&svc.id).map_or(&[][..], Vec::as_slice);
+            Some(read.service_status(name, key, svc, label, backends))
         })
         .collect();
     services.sort_by(|a, b| a.name.cmp(&b.name));
@@ -142,6 +217,7 @@ pub fn status(paths: &Paths) -> Result<Status> {
             .map(|s| s.not_served.clone())
             .unwrap_or_default(),
         zone: state.as_ref().and_then(|s| s.zone.clone()),
+        backends_listed: list_backends,
         interfaces: state.map(|s| s.interfaces).unwrap_or_default(),
         services,
         limited_sources,
@@ -155,100 +231,133 @@ pub fn status(paths: &Paths) -> Result<Status> {
     })
 }
 
-fn service_status(
-    maps: &Maps,
-    snap: &Snapshot,
-    key: &ServiceKey,
-    svc: &lb_common::Service,
-    label: Option<&ServiceLabel>,
-    node_zone: Option<&str>,
-) -> ServiceStatus {
-    let st = maps.read_service_stats(svc.id);
-    let mut backends: Vec<BackendStatus> = snap
-        .backends
-        .iter()
-        .filter(|(_, b)| b.service == svc.id && b.flags & BACKEND_LISTED != 0)
-        .map(|(id, b)| {
-            let s = maps.read_backend_stats(*id);
-            let address = show(&b.addr, u16::from_be(b.port));
-            BackendStatus {
-                state: backend_state(b, &address, label),
+fn service_name(svc: &lb_common::Service, label: Option<&ServiceLabel>) -> String {
+    label.map_or_else(|| format!("service {}", svc.id), |l| l.name.clone())
+}
+
+/// The counters `status` read, and what it shows of backends.
+struct Reader<'a> {
+    maps: &'a Maps,
+    /// Every service's and backend's counters by id, where read in batches.
+    services: Option<&'a [lb_common::ServiceStats]>,
+    backends: Option<&'a [lb_common::BackendStats]>,
+    list_backends: bool,
+    node_zone: Option<&'a str>,
+}
+
+impl Reader<'_> {
+    fn service_status(
+        &self,
+        name: String,
+        key: &ServiceKey,
+        svc: &lb_common::Service,
+        label: Option<&ServiceLabel>,
+        listed: &[(u32, &lb_common::Backend)],
+    ) -> ServiceStatus {
+        let st = match self.services {
+            Some(all) => all.get(svc.id as usize).copied().unwrap_or_default(),
+            None => self.maps.read_service_stats(svc.id),
+        };
+        let states = States::for_label(label);
+        let mut backend_states: BTreeMap<&'static str, usize> = BTreeMap::new();
+        let mut backends = Vec::new();
+        for (id, b) in listed {
+            let address = (b.flags & BACKEND_ACTIVE == 0 || self.list_backends)
+                .then(|| show(&b.addr, u16::from_be(b.port)));
+            let state = states.of(b, address.as_deref());
+            *backend_states.entry(state).or_default() += 1;
+            let Some(address) = address.filter(|_| self.list_backends) else {
+                continue;
+            };
+            let s = match self.backends {
+                Some(all) => all.get(*id as usize).copied().unwrap_or_default(),
+                None => self.maps.read_backend_stats(*id),
+            };
+            backends.push(BackendStatus {
+                state,
                 zone: label.and_then(|l| l.zones.backends.get(&address).cloned()),
                 address,
                 weight: b.weight,
                 packets: s.packets,
                 bytes: s.bytes,
                 new_flows: s.new_flows,
-            }
-        })
-        .collect();
-    backends.sort_by(|a, b| a.address.cmp(&b.address));
-    let mut new_flows_by_zone = BTreeMap::new();
-    if let Some(l) = label.filter(|l| !l.zones.backends.is_empty()) {
-        for b in &backends {
-            *new_flows_by_zone
-                .entry(l.zones.locality(&b.address, node_zone))
-                .or_default() += b.new_flows;
+            });
         }
-    }
-    ServiceStatus {
-        name: label.map_or_else(|| format!("service {}", svc.id), |l| l.name.clone()),
-        frontend: label
-            .map(|l| l.frontend)
-            .or_else(|| Frontend::from_key(key)),
-        origin: label.map(|l| l.origin.clone()),
-        mode: if svc.flags & lb_common::SVC_SNAT != 0 {
-            "snat"
-        } else {
-            "preserve-client-ip"
-        },
-        policy: label.and_then(|l| l.policy.clone()),
-        source_ranges: label
-            .filter(|l| !l.source_ranges.is_open())
-            .map(|l| l.source_ranges.to_string()),
-        packets: st.packets,
-        bytes: st.bytes,
-        reply_packets: st.reply_packets,
-        new_flows: st.new_flows,
-        drops: DropReason::ALL
-            .iter()
-            .zip(st.drops.iter())
-            .filter(|(_, v)| **v > 0)
-            .map(|(r, v)| (r.name(), *v))
-            .collect(),
-        backends,
-        zone_routing: label.and_then(|l| l.zones.routing.clone()),
-        new_flows_by_zone,
+        backends.sort_by(|a, b| a.address.cmp(&b.address));
+        let mut new_flows_by_zone = BTreeMap::new();
+        if let Some(l) = label.filter(|l| !l.zones.backends.is_empty()) {
+            for b in &backends {
+                *new_flows_by_zone
+                    .entry(l.zones.locality(&b.address, self.node_zone))
+                    .or_default() += b.new_flows;
+            }
+        }
+        ServiceStatus {
+            name,
+            frontend: label
+                .map(|l| l.frontend)
+                .or_else(|| Frontend::from_key(key)),
+            origin: label.map(|l| l.origin.clone()),
+            mode: if svc.flags & lb_common::SVC_SNAT != 0 {
+                "snat"
+            } else {
+                "preserve-client-ip"
+            },
+            policy: label.and_then(|l| l.policy.clone()),
+            source_ranges: label
+                .filter(|l| !l.source_ranges.is_open())
+                .map(|l| l.source_ranges.to_string()),
+            packets: st.packets,
+            bytes: st.bytes,
+            reply_packets: st.reply_packets,
+            new_flows: st.new_flows,
+            drops: DropReason::ALL
+                .iter()
+                .zip(st.drops.iter())
+                .filter(|(_, v)| **v > 0)
+                .map(|(r, v)| (r.name(), *v))
+                .collect(),
+            backend_states,
+            backends,
+            zone_routing: label.and_then(|l| l.zones.routing.clone()),
+            new_flows_by_zone,
+        }
     }
 }
 
-/// [`ACTIVE`], [`DRAINING`] (the agent says it drains it), [`STANDBY`] (closer endpoints take
-/// the new flows) or [`MAINTENANCE`].
-fn backend_state(
-    b: &lb_common::Backend,
-    address: &str,
-    label: Option<&ServiceLabel>,
-) -> &'static str {
-    let draining = label.is_some_and(|l| {
-        l.draining.iter().any(|d| {
-            d.parse::<SocketAddr>()
-                .is_ok_and(|d| d.to_string() == address)
-        })
-    });
-    let standby = label.is_some_and(|l| {
-        l.zones.standby.iter().any(|d| {
-            d.parse::<SocketAddr>()
-                .is_ok_and(|d| d.to_string() == address)
-        })
-    });
-    if b.flags & BACKEND_ACTIVE != 0 {
-        ACTIVE
-    } else if draining {
-        DRAINING
-    } else if standby {
-        STANDBY
-    } else {
-        MAINTENANCE
+/// A service's backends at weight 0 that the agent drains or keeps on standby, as addresses
+/// written as [`show`] writes them.
+struct States {
+    draining: HashSet<String>,
+    standby: HashSet<String>,
+}
+
+impl States {
+    fn for_label(label: Option<&ServiceLabel>) -> States {
+        let normal = |list: &[String]| -> HashSet<String> {
+            list.iter()
+                .filter_map(|d| d.parse::<SocketAddr>().ok())
+                .map(|d| d.to_string())
+                .collect()
+        };
+        States {
+            draining: label.map(|l| normal(&l.draining)).unwrap_or_default(),
+            standby: label.map(|l| normal(&l.zones.standby)).unwrap_or_default(),
+        }
+    }
+
+    /// [`ACTIVE`], [`DRAINING`] (the agent says it drains it), [`STANDBY`] (closer endpoints
+    /// take the new flows) or [`MAINTENANCE`]; `address` is needed for all but an active one.
+    fn of(&self, b: &lb_common::Backend, address: Option<&str>) -> &'static str {
+        if b.flags & BACKEND_ACTIVE != 0 {
+            ACTIVE
+        } else if address.is_some_and(|a| self.draining.contains(a)) {
+            DRAINING
+        } else if address.is_some_and(|a| self.standby.contains(a)) {
+            STANDBY
+        } else {
+            MAINTENANCE
+        }
     }
 }
 
@@ -306,6 +415,17 @@ pub(crate) fn show(addr: &Addr, port: u16) -> String {
 pub fn render(s: &Status) -> String {
     let mut out = String::new();
     render_agent(&mut out, s);
+    if !s.backends_listed {
+        let all: usize = s
+            .services
+            .iter()
+            .flat_map(|svc| svc.backend_states.values())
+            .sum();
+        let _ = writeln!(
+            out,
+            "backends not listed ({all}, over {LISTED_BACKENDS}): `--service NAME` lists a service's, `--backends` all"
+        );
+    }
     for svc in &s.services {
         render_service(&mut out, svc);
     }
@@ -420,6 +540,10 @@ fn render_service(out: &mut String, svc: &ServiceStatus) {
             "  new flows to backends in this node's zone: {same} of {all}{share}"
         );
     }
+    if svc.backends.is_empty() {
+        render_backend_states(out, svc);
+        return;
+    }
     let total: u64 = svc.backends.iter().map(|b| b.new_flows).sum();
     // The zone column only where some backend's zone is known.
     let zoned = svc.backends.iter().any(|b| b.zone.is_some());
@@ -459,6 +583,24 @@ fn render_service(out: &mut String, svc: &ServiceStatus) {
             zone(b.zone.as_deref().unwrap_or("-"))
         );
     }
+}
+
+/// A service's backends counted by state, where they are not listed.
+fn render_backend_states(out: &mut String, svc: &ServiceStatus) {
+    let states: Vec<String> = svc
+        .backend_states
+        .iter()
+        .map(|(state, n)| format!("{n} {state}"))
+        .collect();
+    let _ = writeln!(
+        out,
+        "  backends: {}",
+        if states.is_empty() {
+            "none".to_string()
+        } else {
+            states.join(", ")
+        }
+    );
 }
 
 fn render_limited(out: &mut String, s: &Status) {
@@ -518,24 +660,24 @@ mod tests {
             },
         };
         assert_eq!(
-            backend_state(&backend(true), "10.1.1.2:8080", Some(&label)),
+            States::for_label(Some(&label)).of(&backend(true), Some("10.1.1.2:8080")),
             ACTIVE
         );
         assert_eq!(
-            backend_state(&backend(false), "10.1.1.2:8080", Some(&label)),
+            States::for_label(Some(&label)).of(&backend(false), Some("10.1.1.2:8080")),
             MAINTENANCE,
             "weight 0 by configuration, never served or not"
         );
         assert_eq!(
-            backend_state(&backend(false), "10.1.1.3:8080", Some(&label)),
+            States::for_label(Some(&label)).of(&backend(false), Some("10.1.1.3:8080")),
             DRAINING
         );
         assert_eq!(
-            backend_state(&backend(false), "10.1.1.3:8080", None),
+            States::for_label(None).of(&backend(false), Some("10.1.1.3:8080")),
             MAINTENANCE
         );
         assert_eq!(
-            backend_state(&backend(false), "10.1.2.2:8080", Some(&label)),
+            States::for_label(Some(&label)).of(&backend(false), Some("10.1.2.2:8080")),
             STANDBY,
             "weight 0 because closer endpoints take the new flows"
         );

@@ -99,6 +99,11 @@ impl Agent {
 
     /// Each backend interface's delivery, by ifindex (with its name).
     fn decide_deliveries(&mut self) -> BTreeMap<u32, (String, Delivery)> {
+        // Reading netfilter dumps every chain, and every rule of tables with a forward chain
+        // (kube-proxy's nftables table is large): not for nothing.
+        if self.interfaces.backends.is_empty() {
+            return BTreeMap::new();
+        }
         let setting = self.inputs.file.node.policy_hooks;
         // Under `respect` too: the reason says what netfilter has that balanced traffic skips.
         let netfilter = if setting == hooks::PolicyHooks::Ignore {

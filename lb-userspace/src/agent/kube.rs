@@ -75,29 +75,36 @@ impl Target for Agent {
 const KUBE_IPVS_DEVICE: &str = "kube-ipvs0";
 
 impl Agent {
-    /// The addresses on [`KUBE_IPVS_DEVICE`], if there is one.
+    /// The addresses on [`KUBE_IPVS_DEVICE`], if there is one: as last read, until the node
+    /// changes (a link or address notification).
     fn kube_ipvs_addrs(&mut self) -> BTreeSet<IpAddr> {
-        let device = match self.netlink.links() {
-            Ok(links) => links.into_iter().find(|l| l.name == KUBE_IPVS_DEVICE),
-            Err(e) => {
-                warn!("listing the node's interfaces: {e}");
-                None
-            }
-        };
-        let Some(device) = device else {
-            return BTreeSet::new();
-        };
-        match self.netlink.addresses() {
-            Ok(addrs) => addrs
+        if let Some(addrs) = &self.kube_ipvs {
+            return addrs.clone();
+        }
+        // Not kept when the kernel failed to answer: asked again next time.
+        self.read_kube_ipvs_addrs().unwrap_or_default()
+    }
+
+    fn read_kube_ipvs_addrs(&mut self) -> Option<BTreeSet<IpAddr>> {
+        let links = self
+            .netlink
+            .links()
+            .map_err(|e| warn!("listing the node's interfaces: {e}"))
+            .ok()?;
+        let addrs = match links.into_iter().find(|l| l.name == KUBE_IPVS_DEVICE) {
+            None => BTreeSet::new(),
+            Some(device) => self
+                .netlink
+                .addresses()
+                .map_err(|e| warn!("reading the node's addresses: {e}"))
+                .ok()?
                 .into_iter()
                 .filter(|a| a.ifindex == device.ifindex)
                 .map(|a| a.addr)
                 .collect(),
-            Err(e) => {
-                warn!("reading the node's addresses: {e}");
-                BTreeSet::new()
-            }
-        }
+        };
+        self.kube_ipvs = Some(addrs.clone());
+        Some(addrs)
     }
 
     fn end_drained_flows(&mut self, ends: &[EndFlows]) {

@@ -76,7 +76,14 @@ async fn serve(args: RunArgs) -> Result<()> {
         ),
     }
     let latency = kube.as_ref().map(|k| k.sync_latency.clone());
-    let (server, scrape) = metrics_servers(&agent, metrics_addr, scrape_addr, latency, stall)?;
+    let max_backends = agent.args.metrics_max_backends;
+    let (server, scrape) = metrics_servers(
+        &agent,
+        (metrics_addr, scrape_addr),
+        latency,
+        max_backends,
+        stall,
+    )?;
     let _datapath_log = datapath_log::start(&mut agent.loaded.ebpf);
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
@@ -122,7 +129,7 @@ async fn serve(args: RunArgs) -> Result<()> {
             _ = hooks.tick() => agent.check_policy_hooks(),
             _ = sweeps.tick() => {
                 agent.sweep();
-                agent.publish();
+                agent.publish_sweep();
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -140,16 +147,22 @@ async fn serve(args: RunArgs) -> Result<()> {
 /// with /metrics only, for a scraper that must not reach the probes.
 fn metrics_servers(
     agent: &Agent,
-    metrics_addr: std::net::SocketAddr,
-    scrape_addr: Option<std::net::SocketAddr>,
+    (metrics_addr, scrape_addr): (std::net::SocketAddr, Option<std::net::SocketAddr>),
     latency: Option<prometheus_client::metrics::histogram::Histogram>,
+    max_backends: usize,
     stall: Duration,
 ) -> Result<(metrics::MetricsServer, Option<metrics::MetricsServer>)> {
+    let sources = |sync_latency| -> Result<metrics::Sources> {
+        Ok(metrics::Sources {
+            stats: agent.stats()?,
+            sync_latency,
+            max_backends,
+        })
+    };
     let server = metrics::serve(
         metrics_addr,
         agent.views(),
-        agent.stats()?,
-        latency.clone(),
+        sources(latency.clone())?,
         Endpoints::All,
         stall,
     )
@@ -159,8 +172,7 @@ fn metrics_servers(
             let s = metrics::serve(
                 addr,
                 agent.views(),
-                agent.stats()?,
-                latency,
+                sources(latency)?,
                 Endpoints::MetricsOnly,
                 stall,
             )

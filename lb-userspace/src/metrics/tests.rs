@@ -97,7 +97,8 @@ fn view() -> AgentView {
                 id: 1,
                 backends: Vec::new(),
             },
-        ],
+        ]
+        .into(),
         interfaces: vec![
             InterfaceLabel {
                 name: "eth0".into(),
@@ -148,6 +149,7 @@ fn figures() -> Figures {
             ),
             (ServiceStats::default(), Vec::new()),
         ],
+        backends_omitted: 0,
     }
 }
 
@@ -450,7 +452,7 @@ fn label_values_are_escaped_as_both_formats_require() {
     assert_eq!(escaped("plain"), "plain");
     assert_eq!(escaped("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
     let mut v = view();
-    v.services[0].label.name = "odd \\ name\nwith a break".into();
+    Arc::make_mut(&mut v.services)[0].label.name = "odd \\ name\nwith a break".into();
     let om = render(&v, &figures(), None, Format::OpenMetrics);
     strict_openmetrics(&om).unwrap_or_else(|e| panic!("{e}\n{om}"));
 }
@@ -544,10 +546,10 @@ fn backend_labels(base: &Labels, b: &BackendView) -> Labels {
 fn per_service_families_say_what_the_registry_would() {
     let mut v = view();
     // A zone and a name that needs escaping, so every family and label kind is written.
-    v.services[0].label.name = "we\"b\\1\n".into();
+    Arc::make_mut(&mut v.services)[0].label.name = "we\"b\\1\n".into();
     v.zone = Some("us-east-1a".into());
     let first = v.services[0].backends[0].name.clone();
-    v.services[0]
+    Arc::make_mut(&mut v.services)[0]
         .label
         .zones
         .backends
@@ -584,7 +586,7 @@ fn per_service_families_say_what_the_registry_would() {
 #[test]
 fn without_services_the_per_service_families_are_as_the_registry_leaves_them() {
     let mut v = view();
-    v.services.clear();
+    Arc::make_mut(&mut v.services).clear();
     let f = Figures {
         services: Vec::new(),
         ..figures()
@@ -597,4 +599,103 @@ fn without_services_the_per_service_families_are_as_the_registry_leaves_them() {
     service_metrics(&mut direct, &v, &f, Format::OpenMetrics);
     direct.push_str("# EOF\n");
     assert_eq!(direct, reference);
+}
+
+#[test]
+fn over_the_backend_limit_the_per_backend_families_are_left_out_and_counted() {
+    let v = view();
+    let f = Figures {
+        services: figures()
+            .services
+            .into_iter()
+            .map(|(st, _)| (st, Vec::new()))
+            .collect(),
+        backends_omitted: 2,
+        ..figures()
+    };
+    for format in [Format::OpenMetrics, Format::Text] {
+        let out = render(&v, &f, None, format);
+        assert!(
+            out.lines().any(|l| l == "xdplb_metrics_backends_omitted 2"),
+            "{out}"
+        );
+        assert!(
+            !out.lines()
+                .any(|l| l.contains("xdplb_backend_") || l.contains("xdplb_zone_new_flows")),
+            "{out}"
+        );
+        assert!(
+            out.contains("xdplb_service_packets_total{service=\"web \\\"main\\\"\""),
+            "per-service series stay: {out}"
+        );
+    }
+    let om = render(&v, &f, None, Format::OpenMetrics);
+    strict_openmetrics(&om).unwrap_or_else(|e| panic!("{e}\n{om}"));
+    let all = render(&v, &figures(), None, Format::Text);
+    assert!(all.lines().any(|l| l == "xdplb_metrics_backends_omitted 0"));
+}
+
+/// A renderer whose text is the number of renders so far, each taking `took`.
+fn counting_renderer(took: Duration) -> (Renderer, Arc<std::sync::atomic::AtomicU64>) {
+    let renders = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = renders.clone();
+    let renderer = Renderer::start(Box::new(move |_| {
+        std::thread::sleep(took);
+        let n = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        n.to_string()
+    }))
+    .unwrap();
+    (renderer, renders)
+}
+
+fn number(body: &Bytes) -> u64 {
+    std::str::from_utf8(body).unwrap().parse().unwrap()
+}
+
+#[test]
+fn where_renders_are_quick_each_scrape_waits_for_a_fresh_one() {
+    let (renderer, renders) = counting_renderer(Duration::ZERO);
+    let first = number(&renderer.scrape(Format::Text));
+    let second = number(&renderer.scrape(Format::Text));
+    assert!(second > first, "{first} then {second}");
+    assert_eq!(
+        second,
+        renders.load(std::sync::atomic::Ordering::SeqCst),
+        "the latest render"
+    );
+}
+
+#[test]
+fn where_renders_are_slow_scrapes_get_text_rendered_ahead_of_them_and_idle_renders_stop() {
+    let took = Duration::from_millis(250);
+    let (renderer, renders) = counting_renderer(took);
+    // The very first scrape waits for the first text.
+    assert_eq!(number(&renderer.scrape(Format::Text)), 1);
+    let every = Duration::from_millis(700);
+    let mut got = Vec::new();
+    for _ in 0..5 {
+        std::thread::sleep(every);
+        let start = Instant::now();
+        let n = number(&renderer.scrape(Format::Text));
+        let answered = start.elapsed();
+        assert!(
+            answered < took,
+            "a scrape does not wait for a slow render: {answered:?}"
+        );
+        got.push(n);
+    }
+    // Once the interval is known, each scrape finds a render made for it: one per scrape.
+    let last = got[got.len() - 1];
+    assert!(
+        got.windows(2).skip(2).all(|w| w[1] == w[0] + 1),
+        "one new render per scrape: {got:?}"
+    );
+    // Nobody scrapes: at most one render ahead of a scrape that does not come (and one the
+    // last scrape came too early for), then none.
+    std::thread::sleep(Duration::from_millis(2500));
+    let settled = renders.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(settled <= last + 2, "{settled} renders after {last}");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(renders.load(std::sync::atomic::Ordering::SeqCst), settled);
+    drop(renderer);
 }
