@@ -469,25 +469,26 @@ fn update_batch(fd: BorrowedFd<'_>, first: u32, values: &[u32]) -> std::io::Resu
     Ok(())
 }
 
-/// Calls `f` for every entry of hash map `fd`, read with BPF_MAP_LOOKUP_BATCH: one system call
-/// per few thousand entries, where aya's iterator makes two per entry (sweeps and drain ends walk
-/// the flow tables on the loop that applies changes). Entries added or removed meanwhile may be
-/// seen or not. Returns how many entries `f` saw; an error only if the kernel failed before any.
-fn lookup_batch<K: aya::Pod, V: aya::Pod>(
+/// Entries per BPF_MAP_LOOKUP_BATCH call: more than any hash bucket holds (the kernel needs a
+/// whole bucket in one call).
+const BATCH_CHUNK: usize = 4096;
+
+/// Walks map `fd` with BPF_MAP_LOOKUP_BATCH, `keys.len()` entries per system call: each call
+/// fills `keys` and, `value_bytes` per entry, `values`, and `f` takes the entries it read (the
+/// keys, and the values' elements that hold them). Entries added or removed meanwhile may be seen or not. Returns how many
+/// entries `f` was given; on an error, also how many it had been given before.
+fn lookup_batches<K: aya::Pod, V: aya::Pod>(
     fd: BorrowedFd<'_>,
-    f: &mut dyn FnMut(&K, &V),
-) -> std::io::Result<usize> {
+    keys: &mut [K],
+    values: &mut [V],
+    value_bytes: usize,
+    f: &mut dyn FnMut(&[K], &[V]),
+) -> std::result::Result<usize, (std::io::Error, usize)> {
     const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-    // Entries per call: more than any hash bucket holds (the kernel needs a whole bucket).
-    const CHUNK: usize = 4096;
-    // SAFETY: Pod types are valid for any bytes, zeros included.
-    let (mut keys, mut values): (Vec<K>, Vec<V>) = unsafe {
-        (
-            vec![std::mem::zeroed(); CHUNK],
-            vec![std::mem::zeroed(); CHUNK],
-        )
-    };
-    // Where the next call starts: a bucket index for hash maps (room for any key, as arrays use).
+    let chunk = keys.len();
+    assert!(std::mem::size_of_val(values) >= chunk * value_bytes);
+    // Where the next call starts: a bucket index for hash maps, an index for arrays (room for
+    // any key, as arrays of keys use).
     let (mut from, mut next) = ([0u64; 8], [0u64; 8]);
     let mut seen = 0;
     for call in 0usize.. {
@@ -496,9 +497,10 @@ fn lookup_batch<K: aya::Pod, V: aya::Pod>(
         attr[1] = next.as_mut_ptr() as u64;
         attr[2] = keys.as_mut_ptr() as u64;
         attr[3] = values.as_mut_ptr() as u64;
-        attr[4] = CHUNK as u64 | (u64::from(fd.as_raw_fd().cast_unsigned()) << 32);
+        attr[4] = chunk as u64 | (u64::from(fd.as_raw_fd().cast_unsigned()) << 32);
         // SAFETY: a bpf_attr of the size passed (see update_batch); keys and values have room
-        // for CHUNK entries, the batch tokens for any key size, and all outlive the call.
+        // for `chunk` entries (asserted above), the batch tokens for any key size, and all
+        // outlive the call.
         let rc = unsafe {
             libc::syscall(
                 libc::SYS_bpf,
@@ -509,88 +511,79 @@ fn lookup_batch<K: aya::Pod, V: aya::Pod>(
         };
         let got = usize::try_from(attr[4] & u64::from(u32::MAX))
             .unwrap_or(0)
-            .min(CHUNK);
+            .min(chunk);
+        let held = (got * value_bytes).div_ceil(std::mem::size_of::<V>().max(1));
         // ENOENT: the last entries (`got` of them, maybe none) and the end.
-        let err = (rc != 0).then(std::io::Error::last_os_error);
-        if err
-            .as_ref()
-            .is_none_or(|e| e.raw_os_error() == Some(libc::ENOENT))
-        {
-            for (k, v) in keys.iter().zip(&values).take(got) {
-                f(k, v);
+        match (rc != 0).then(std::io::Error::last_os_error) {
+            // Nothing read without the end: stop rather than ask again from the same place.
+            None if got == 0 => return Ok(seen),
+            None => {
+                f(&keys[..got], &values[..held]);
+                seen += got;
+                from = next;
             }
-            seen += got;
-        }
-        match err {
-            None => from = next,
-            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
-            Some(e) if seen == 0 => return Err(e),
-            Some(e) => {
-                log::debug!("reading a map in batches stopped after {seen} entries: {e}");
-                break;
+            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                f(&keys[..got], &values[..held]);
+                return Ok(seen + got);
             }
+            Some(e) => return Err((e, seen)),
         }
     }
     Ok(seen)
 }
 
-/// Every entry of per-CPU array `fd`, each summed over its `cpus` values with `add`, read with
-/// BPF_MAP_LOOKUP_BATCH: a scrape reads the counters of every backend and service, and one
-/// system call per entry (200,000 backends) took most of a second.
+/// Calls `f` for every entry of hash map `fd`, read in batches: one system call per few
+/// thousand entries, where aya's iterator makes two per entry (sweeps and drain ends walk the
+/// flow tables on the loop that applies changes). Returns how many entries `f` saw; an error
+/// only if the kernel failed before any.
+fn lookup_batch<K: aya::Pod, V: aya::Pod>(
+    fd: BorrowedFd<'_>,
+    f: &mut dyn FnMut(&K, &V),
+) -> std::io::Result<usize> {
+    // SAFETY: Pod types are valid for any bytes, zeros included.
+    let (mut keys, mut values): (Vec<K>, Vec<V>) = unsafe {
+        (
+            vec![std::mem::zeroed(); BATCH_CHUNK],
+            vec![std::mem::zeroed(); BATCH_CHUNK],
+        )
+    };
+    let each = &mut |keys: &[K], values: &[V]| {
+        for (k, v) in keys.iter().zip(values) {
+            f(k, v);
+        }
+    };
+    match lookup_batches(fd, &mut keys, &mut values, std::mem::size_of::<V>(), each) {
+        Ok(seen) => Ok(seen),
+        Err((e, 0)) => Err(e),
+        Err((e, seen)) => {
+            log::debug!("reading a map in batches stopped after {seen} entries: {e}");
+            Ok(seen)
+        }
+    }
+}
+
+/// Every entry of per-CPU array `fd`, each summed over its `cpus` values with `add`, read in
+/// batches: a scrape reads the counters of every backend and service, and one system call per
+/// entry (200,000 backends) took most of a second.
 fn per_cpu_sums<T: aya::Pod + Default>(
     fd: BorrowedFd<'_>,
     cpus: usize,
     add: fn(&mut T, &T),
 ) -> std::io::Result<Vec<T>> {
-    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-    const CHUNK: usize = 4096;
     // The kernel copies each CPU's value rounded up to 8 bytes, all of an entry's CPUs together.
     let per_cpu = std::mem::size_of::<T>().next_multiple_of(8);
     let stride = per_cpu * cpus;
-    let mut keys = vec![0u32; CHUNK];
+    let mut keys = vec![0u32; BATCH_CHUNK];
     // u64s: aligned for any counter struct.
-    let mut values = vec![0u64; CHUNK * stride / 8];
-    // Array maps' batch tokens are indices.
-    let (mut from, mut next) = (0u32, 0u32);
+    let mut values = vec![0u64; BATCH_CHUNK * stride / 8];
     let mut out: Vec<T> = Vec::new();
-    for call in 0usize.. {
-        let mut attr = [0u64; 7];
-        attr[0] = if call == 0 {
-            0
-        } else {
-            std::ptr::from_ref(&from) as u64
-        };
-        attr[1] = std::ptr::from_mut(&mut next) as u64;
-        attr[2] = keys.as_mut_ptr() as u64;
-        attr[3] = values.as_mut_ptr() as u64;
-        attr[4] = CHUNK as u64 | (u64::from(fd.as_raw_fd().cast_unsigned()) << 32);
-        // SAFETY: a bpf_attr of the size passed (see update_batch); keys and values have room
-        // for CHUNK entries of this map's sizes, and all outlive the call.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                attr.as_mut_ptr(),
-                std::mem::size_of_val(&attr),
-            )
-        };
-        let got = usize::try_from(attr[4] & u64::from(u32::MAX))
-            .unwrap_or(0)
-            .min(CHUNK);
-        // ENOENT: the last entries (`got` of them, maybe none) and the end.
-        let end = rc != 0;
-        if end {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::ENOENT) {
-                return Err(e);
-            }
-        }
+    let each = &mut |keys: &[u32], values: &[u64]| {
         let bytes = values.as_ptr().cast::<u8>();
-        for (i, key) in keys.iter().take(got).enumerate() {
+        for (i, key) in keys.iter().enumerate() {
             let mut total = T::default();
             for cpu in 0..cpus {
-                // SAFETY: within `values` (entry i of `got` <= CHUNK, CPU < cpus); any bytes
-                // are a valid Pod.
+                // SAFETY: within `values` (it holds `stride` bytes for each of `keys`, CPU <
+                // cpus); any bytes are a valid Pod.
                 let v = unsafe {
                     std::ptr::read_unaligned(bytes.add(i * stride + cpu * per_cpu).cast::<T>())
                 };
@@ -602,11 +595,8 @@ fn per_cpu_sums<T: aya::Pod + Default>(
             }
             out[key] = total;
         }
-        if end || got == 0 {
-            break;
-        }
-        from = next;
-    }
+    };
+    lookup_batches(fd, &mut keys, &mut values, stride, each).map_err(|(e, _)| e)?;
     Ok(out)
 }
 

@@ -411,3 +411,23 @@ impl Drop for AgentProcess {
         let _ = std::fs::remove_dir_all(&self.state_dir);
     }
 }
+
+/// Whatever an agent started outside [`AgentProcess`] left (programs, pins, state), removed
+/// with `lb-agent cleanup` when dropped (the benches run the agent binary themselves).
+pub struct Cleanup {
+    pub binary: PathBuf,
+    pub pin_dir: PathBuf,
+    pub state_dir: PathBuf,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(&self.binary)
+            .args(["cleanup", "--pin-dir"])
+            .arg(&self.pin_dir)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .output();
+        let _ = std::fs::remove_dir_all(&self.state_dir);
+    }
+}

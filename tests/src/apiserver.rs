@@ -594,6 +594,68 @@ fn json_number_after(json: &str, key: &str) -> Option<i64> {
     digits.parse().ok()
 }
 
+/// A TCP forwarder from a port on a namespace's loopback to an address in the host's namespace
+/// (the API server, for an agent in a namespace node). Stops accepting when dropped.
+pub struct Forward {
+    /// `https://127.0.0.1:PORT`, as seen from inside the namespace.
+    pub url: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Forward {
+    pub fn into_netns(ns: &crate::netns::Netns, url: &str) -> anyhow::Result<Forward> {
+        let target: SocketAddr = url.trim_start_matches("https://").parse()?;
+        // A socket belongs to the namespace it was made in, whichever thread uses it later.
+        let listener = ns.run(|| TcpListener::bind("127.0.0.1:0"))??;
+        let port = listener.local_addr()?.port();
+        listener.set_nonblocking(true)?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((inside, _)) => {
+                        if let Ok(outside) = TcpStream::connect(target) {
+                            let _ = inside.set_nonblocking(false);
+                            pipe(inside, outside);
+                        }
+                    }
+                    Err(_) => sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        Ok(Forward {
+            url: format!("https://127.0.0.1:{port}"),
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Forward {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Copies both ways until either side closes (the threads end with the connection).
+fn pipe(a: TcpStream, b: TcpStream) {
+    let copy = |mut from: TcpStream, mut to: TcpStream| {
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut from, &mut to);
+            let _ = to.shutdown(std::net::Shutdown::Write);
+        });
+    };
+    if let (Ok(a2), Ok(b2)) = (a.try_clone(), b.try_clone()) {
+        copy(a, b2);
+        copy(b, a2);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -27,7 +27,7 @@ use kube::{
     config::{KubeConfigOptions, Kubeconfig},
 };
 use lb_common::{BACKEND_LISTED, NO_BACKEND};
-use lb_tests::apiserver::TestApiServer;
+use lb_tests::apiserver::{Forward, TestApiServer};
 use lb_userspace::{
     dataplane::Sizes,
     health::KubeHealth,
@@ -2963,66 +2963,6 @@ fn switching_the_traffic_policy_stops_nothing() {
             "{what}: the pod saw {}",
             report.peer
         );
-    }
-}
-
-/// A TCP forwarder from a port on a namespace's loopback to an address in the host's namespace.
-struct Forward {
-    url: String,
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Forward {
-    fn into_netns(ns: &lb_tests::netns::Netns, url: &str) -> anyhow::Result<Forward> {
-        let target: SocketAddr = url.trim_start_matches("https://").parse()?;
-        // A socket belongs to the namespace it was made in, whichever thread uses it later.
-        let listener = ns.run(|| TcpListener::bind("127.0.0.1:0"))??;
-        let port = listener.local_addr()?.port();
-        listener.set_nonblocking(true)?;
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || {
-            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((inside, _)) => {
-                        if let Ok(outside) = TcpStream::connect(target) {
-                            let _ = inside.set_nonblocking(false);
-                            pipe(inside, outside);
-                        }
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
-                }
-            }
-        });
-        Ok(Forward {
-            url: format!("https://127.0.0.1:{port}"),
-            stop,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for Forward {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// Copies both ways until either side closes (threads end with the connection).
-fn pipe(a: TcpStream, b: TcpStream) {
-    let copy = |mut from: TcpStream, mut to: TcpStream| {
-        std::thread::spawn(move || {
-            let _ = std::io::copy(&mut from, &mut to);
-            let _ = to.shutdown(std::net::Shutdown::Write);
-        });
-    };
-    if let (Ok(a2), Ok(b2)) = (a.try_clone(), b.try_clone()) {
-        copy(a, b2);
-        copy(b, a2);
     }
 }
 

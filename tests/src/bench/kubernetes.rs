@@ -31,7 +31,7 @@ use std::{
     collections::BTreeMap,
     fmt::Write as _,
     io::{Read, Write},
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::Stdio,
     sync::{
@@ -55,8 +55,8 @@ use serde_json::{Value, json};
 
 use super::Scale;
 use crate::{
-    agent::{Bpffs, agent_binary},
-    apiserver::TestApiServer,
+    agent::{Bpffs, Cleanup, agent_binary},
+    apiserver::{Forward, TestApiServer},
     netns::{ChildGuard, Netns},
 };
 
@@ -916,25 +916,6 @@ fn loadavg() -> String {
         .unwrap_or_default()
 }
 
-/// Whatever the agent left: programs, pins, state.
-struct Cleanup {
-    binary: PathBuf,
-    pin_dir: PathBuf,
-    state_dir: PathBuf,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new(&self.binary)
-            .args(["cleanup", "--pin-dir"])
-            .arg(&self.pin_dir)
-            .arg("--state-dir")
-            .arg(&self.state_dir)
-            .output();
-        let _ = std::fs::remove_dir_all(&self.state_dir);
-    }
-}
-
 // ---- probes ------------------------------------------------------------------------------------
 
 /// One answered (or timed-out) request.
@@ -1101,68 +1082,6 @@ fn sync_latency(ns: &Netns) -> Option<(f64, u64)> {
         .parse()
         .ok()?;
     Some((sum, count))
-}
-
-// ---- the API server from the node ------------------------------------------------------------
-
-/// A TCP forwarder from a port on a namespace's loopback to the API server on the host's.
-struct Forward {
-    url: String,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Forward {
-    fn into_netns(ns: &Netns, url: &str) -> Result<Forward> {
-        let target: SocketAddr = url.trim_start_matches("https://").parse()?;
-        // A socket belongs to the namespace it was made in, whichever thread uses it later.
-        let listener = ns.run(|| TcpListener::bind("127.0.0.1:0"))??;
-        let port = listener.local_addr()?.port();
-        listener.set_nonblocking(true)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || {
-            while !flag.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((inside, _)) => {
-                        if let Ok(outside) = TcpStream::connect(target) {
-                            let _ = inside.set_nonblocking(false);
-                            pipe(inside, outside);
-                        }
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
-                }
-            }
-        });
-        Ok(Forward {
-            url: format!("https://127.0.0.1:{port}"),
-            stop,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for Forward {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// Copies both ways until either side closes (the threads end with the connection).
-fn pipe(a: TcpStream, b: TcpStream) {
-    let copy = |mut from: TcpStream, mut to: TcpStream| {
-        std::thread::spawn(move || {
-            let _ = std::io::copy(&mut from, &mut to);
-            let _ = to.shutdown(std::net::Shutdown::Write);
-        });
-    };
-    if let (Ok(a2), Ok(b2)) = (a.try_clone(), b.try_clone()) {
-        copy(a, b2);
-        copy(b, a2);
-    }
 }
 
 // ---- figures -----------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ use lb_userspace::dataplane::{LB_OBJECT, Sizes};
 
 use super::Scale;
 use crate::{
-    agent::{Bpffs, agent_binary},
+    agent::{Bpffs, Cleanup, agent_binary},
     netns::{ChildGuard, Netns},
 };
 
@@ -338,23 +338,4 @@ fn agent_rss() -> Result<(u64, u64, String)> {
     drop(bpffs);
     drop(ns);
     Ok((rss, hwm, note))
-}
-
-/// Whatever the agent left: programs, pins, state.
-struct Cleanup {
-    binary: PathBuf,
-    pin_dir: PathBuf,
-    state_dir: PathBuf,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new(&self.binary)
-            .args(["cleanup", "--pin-dir"])
-            .arg(&self.pin_dir)
-            .arg("--state-dir")
-            .arg(&self.state_dir)
-            .output();
-        let _ = std::fs::remove_dir_all(&self.state_dir);
-    }
 }
