@@ -85,6 +85,9 @@ pub const PROG_ICMP: &str = "lb_icmp";
 /// At TC ingress of the uplinks, while some backend interface's delivery is `kernel`: takes
 /// the packets `lb_uplink` marks ([`HANDOFF_MAC`]) to their pod veth's egress.
 pub const PROG_UPLINK_TC: &str = "lb_uplink_tc";
+/// At TC egress of the uplinks, while some backend interface's delivery is `netfilter`:
+/// translates the replies of flows into such pods, which the kernel forwarded untranslated.
+pub const PROG_UPLINK_OUT: &str = "lb_uplink_out";
 /// LB_PROGS slots of the tail-called programs.
 pub const TAIL_NEW_FLOW: u32 = 0;
 pub const TAIL_ICMP: u32 = 1;
@@ -507,6 +510,10 @@ pub const FLOW_OPENING: u8 = 16;
 pub const FLOW_TIME_WAIT: u8 = 32;
 /// A TCP flow (else UDP): which idle timeout applies.
 pub const FLOW_TCP: u8 = 64;
+/// The flow goes through the kernel's forwarding both ways (its pod's delivery was `netfilter`
+/// when it opened; never snat): `lb_backend` lets its replies go on untranslated, and
+/// `lb_uplink_out` translates them once netfilter has seen them.
+pub const FLOW_NETFILTER: u8 = 128;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -587,6 +594,9 @@ pub const HOP_VLAN: u16 = 0x8000;
 /// `Hop::vlan`: the egress device has a policy hook ([`IFACE_POLICY_HOOK`]): the packet is
 /// handed over to `lb_uplink_tc`, which sends it through that hook.
 pub const HOP_POLICY_HOOK: u16 = 0x4000;
+/// `Hop::vlan`: the egress device's delivery is `netfilter` ([`IFACE_NETFILTER`]): the packet
+/// goes to the kernel's forwarding.
+pub const HOP_NETFILTER: u16 = 0x2000;
 
 /// The period a cached next hop is used for: about a second (2^30 ns).
 #[inline(always)]
@@ -618,6 +628,10 @@ pub struct Iface {
 /// handed over to `lb_uplink_tc`, which sends them out through that hook, never redirected past
 /// it.
 pub const IFACE_POLICY_HOOK: u16 = 1;
+/// `Iface::flags`: netfilter's forward path judges what the kernel forwards out of this device
+/// (or the node config says so): packets of new flows to it go to the kernel's forwarding, with
+/// the client's address kept, both directions through conntrack and the forward rules.
+pub const IFACE_NETFILTER: u16 = 2;
 const _: () = assert!(core::mem::size_of::<Iface>() == 8);
 
 /// The source MAC `lb_uplink` gives a rewritten packet it passes for a local pod behind a policy

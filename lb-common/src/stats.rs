@@ -95,6 +95,13 @@ counters! {
     /// A packet `pass_policy_hook` marked ([`crate::HANDOFF_MAC`]) that `lb_uplink_tc` redirected
     /// into its pod veth's egress: through the veth's TC egress hook, past netfilter.
     RedirectPolicyHook = "redirect_policy_hook",
+    /// The next hop is an interface whose delivery is `netfilter` (netfilter's forward path
+    /// judges what enters its pods): passed to the kernel's forwarding, rewritten to the pod
+    /// with the client's address kept, so conntrack and the forward rules see the flow as it is.
+    PassNetfilter = "pass_netfilter",
+    /// A reply of such a flow that `lb_uplink_out`, at an uplink's TC egress, translated back
+    /// (pod -> VIP as source) after the kernel forwarded it.
+    ReplyNetfilter = "reply_netfilter",
 }
 
 #[allow(

@@ -7,7 +7,7 @@ use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use lb_common::{
     Addr, Affinity, AffinityKey, Backend, Config, Counter, DropReason, FLOW_CLOSING, FLOW_OPENING,
     FLOW_REPLY, FLOW_SNAT, FLOW_TCP, FLOW_TIME_WAIT, Flow, FlowAddr, FlowKey, IPPROTO_TCP,
-    MAX_SNAT_ADDRS, NO_BACKEND, PORT_CURSORS, SVC_AFFINITY, SVC_SNAT, Service,
+    MAX_SNAT_ADDRS, NO_BACKEND, PORT_CURSORS, SVC_AFFINITY, Service,
     hash::{addr_hash, ring_slot},
     net::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
@@ -195,6 +195,9 @@ pub struct Choice {
     pub remember: bool,
     /// A TCP SYN opens the flow.
     pub syn: bool,
+    /// FLOW_SNAT (the service uses source NAT and the pod's delivery is not `netfilter`) or
+    /// FLOW_NETFILTER (it is: the flow goes through the kernel's forwarding both ways), or 0.
+    pub mode: u8,
     pub now_ns: u64,
 }
 
@@ -298,15 +301,11 @@ fn prepare<F: Family>(
     let key = key_of::<F>(pkt, ports);
     *new_key::<F::A>(s) = key;
     let now = lb_common::flow_clock(choice.now_ns);
-    let snat = svc.flags & SVC_SNAT != 0;
+    let snat = choice.mode & FLOW_SNAT != 0;
     let b = &choice.backend;
-    let mut flags = if key.proto == IPPROTO_TCP {
-        FLOW_TCP
-    } else {
-        0
-    };
-    if snat {
-        flags |= FLOW_SNAT;
+    let mut flags = choice.mode;
+    if key.proto == IPPROTO_TCP {
+        flags |= FLOW_TCP;
     }
     if choice.syn {
         flags |= FLOW_OPENING;
@@ -361,7 +360,7 @@ fn insert<F: Family>(svc: &Service, choice: &Choice, cfg: &Config) -> u32 {
 fn inserted<F: Family>(svc: &Service, choice: &Choice, cfg: &Config) -> Result<(), DropReason> {
     let now_ns = choice.now_ns;
     let now = lb_common::flow_clock(now_ns);
-    let snat = svc.flags & SVC_SNAT != 0;
+    let snat = choice.mode & FLOW_SNAT != 0;
     let b = &choice.backend;
     let s = scratch().ok_or(DropReason::FlowTable)?;
     // SAFETY: distinct fields of the scratch space.

@@ -224,7 +224,7 @@ fn translate_error<F: Family>(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
     let mut next = Next::NONE;
     let forwarded = match nexthop::route(&fib, &outer, pkt.len, now_ns, &mut next) {
         Route::Found => true,
-        Route::Neighbour | Route::Local | Route::PolicyHook => false,
+        Route::Neighbour | Route::Local | Route::PolicyHook | Route::Netfilter => false,
         Route::Unreachable => return Some(drop_for(t.service, DropReason::NoRoute)),
         Route::TooBig => return Some(drop_for(t.service, DropReason::TooBig)),
     };

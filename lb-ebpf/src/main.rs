@@ -11,6 +11,8 @@
 //! - `lb_backend` (TC, see tc.rs), on the interfaces facing local backends: their replies.
 //! - `lb_uplink_tc` (TC, see handoff.rs), at the uplinks' TC ingress while a backend interface
 //!   is `kernel`: delivers the packets `lb_uplink` hands over to pod veths' egress.
+//! - `lb_uplink_out` (TC, see netfilter.rs), at the uplinks' TC egress while a backend interface
+//!   is `netfilter`: translates the replies the kernel forwarded from its pods.
 //!
 //! Verdicts:
 //! - XDP_PASS, untouched: anything not addressed to what we serve (one bitmap read decides);
@@ -48,9 +50,9 @@ mod datapath {
         programs::XdpContext,
     };
     use lb_common::{
-        Counter, DropReason, FLOW_RESET, HOP_VLAN, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP,
-        IPPROTO_UDP, MAC_SLOTS, POLICY_PRECISE_CLOCK, SVC_SNAT, ServiceKey, TAIL_ICMP,
-        TAIL_NEW_FLOW,
+        Counter, DropReason, FLOW_NETFILTER, FLOW_RESET, FLOW_SNAT, HOP_VLAN, IPPROTO_ICMP,
+        IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, MAC_SLOTS, POLICY_PRECISE_CLOCK, SVC_SNAT,
+        ServiceKey, TAIL_ICMP, TAIL_NEW_FLOW,
         filter::Plane,
         flow_clock,
         hash::flow_hash,
@@ -412,6 +414,16 @@ mod datapath {
             Route::TooBig => return drop_for(svc.id, DropReason::TooBig),
             _ => {}
         }
+        // Into a pod whose delivery is `netfilter`: no snat. The node is the pod's gateway, so
+        // its replies come back through the kernel's forwarding, where conntrack pairs them with
+        // the client's packets and netfilter's rules judge the real client.
+        choice.mode = if route == Route::Netfilter {
+            FLOW_NETFILTER
+        } else if svc.flags & SVC_SNAT != 0 {
+            FLOW_SNAT
+        } else {
+            0
+        };
         // Kept in scratch memory until the send, not on the stack: see maps.rs, LB_PACKET.
         // SAFETY: the pointer comes from a reference; volatile only keeps the access as written.
         unsafe { core::ptr::write_volatile(&raw mut s.route, route as u32) };
@@ -492,7 +504,8 @@ mod datapath {
     /// Applies a flow's rewrite, counts the packet and sends it on to `hop`; without one (no
     /// neighbour entry, a local destination), the rewritten packet goes to the kernel, which
     /// forwards it (and decrements the TTL) itself; when its device has a policy hook, it goes to
-    /// the kernel marked for `lb_uplink_tc` (see handoff.rs). The frame keeps its destination MAC
+    /// the kernel marked for `lb_uplink_tc` (see handoff.rs); when its delivery is `netfilter`, to
+    /// the kernel's forwarding unmarked (see netfilter.rs). The frame keeps its destination MAC
     /// (this interface's) and VLAN tag, so the kernel takes it in as any other.
     #[inline(never)]
     fn send(ctx: &XdpContext, pkt: &Packet, t: &Target, route: Route, next: &Next) -> u32 {
@@ -507,6 +520,7 @@ mod datapath {
             Route::Neighbour => count(Counter::PassNoNeighbour),
             Route::Local => count(Counter::PassNotRedirectable),
             Route::PolicyHook => count(Counter::PassPolicyHook),
+            Route::Netfilter => count(Counter::PassNetfilter),
             Route::Unreachable => return drop_for(t.service, DropReason::NoRoute),
             Route::TooBig => return drop_for(t.service, DropReason::TooBig),
         }
@@ -565,6 +579,8 @@ mod icmp;
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod mem;
+#[cfg(target_arch = "bpf")]
+mod netfilter;
 #[cfg(target_arch = "bpf")]
 mod nexthop;
 #[cfg(target_arch = "bpf")]

@@ -4,15 +4,17 @@
 //! cannot tell us enough (no neighbour entry yet, a local destination, a device we may not
 //! redirect to), the rewritten packet goes to the kernel, which forwards it itself; when the
 //! egress device has a policy hook that a redirect would skip (the agent marks such devices in
-//! LB_IFACES), it goes to the kernel marked for `lb_uplink_tc` (see handoff.rs). Each such case
-//! is counted.
+//! LB_IFACES), it goes to the kernel marked for `lb_uplink_tc` (see handoff.rs); when netfilter's
+//! forward path must see it, to the kernel's forwarding unmarked (see netfilter.rs). Each such
+//! case is counted.
 use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibParams, xdp_action},
     helpers::generated::{bpf_fib_lookup, bpf_xdp_adjust_head},
     programs::XdpContext,
 };
 use lb_common::{
-    Addr, Counter, HOP_POLICY_HOOK, HOP_SLOT_BITS, HOP_VLAN, Hop, IFACE_POLICY_HOOK,
+    Addr, Counter, HOP_NETFILTER, HOP_POLICY_HOOK, HOP_SLOT_BITS, HOP_VLAN, Hop, IFACE_NETFILTER,
+    IFACE_POLICY_HOOK,
     hash::slot_hash,
     hop_epoch,
     net::{
@@ -66,6 +68,10 @@ pub enum Route {
     /// the packet: handed over to `lb_uplink_tc`, which sends it out of the device through that
     /// hook (see handoff.rs). `Next` is filled as for `Found`.
     PolicyHook,
+    /// The next hop is out of a device whose delivery is `netfilter`: the packet goes to the
+    /// kernel's forwarding, through conntrack and netfilter's forward rules (a new flow keeps
+    /// the client's address). `Next` is filled as for `Found`.
+    Netfilter,
 }
 
 impl Route {
@@ -78,6 +84,7 @@ impl Route {
             2 => Route::Local,
             4 => Route::TooBig,
             5 => Route::PolicyHook,
+            6 => Route::Netfilter,
             _ => Route::Unreachable,
         }
     }
@@ -168,7 +175,9 @@ fn route_miss(fib: &Fib, addrs: &[Addr; 2], len: u32, now_ns: u64, next: &mut Ne
     // SAFETY: the entry is copied out at once; the agent writes this map only when interfaces
     // or their hooks change.
     if let Some(v) = unsafe { LB_IFACES.get(&ifindex) } {
-        if v.flags & IFACE_POLICY_HOOK != 0 {
+        if v.flags & IFACE_NETFILTER != 0 {
+            vlan = HOP_NETFILTER;
+        } else if v.flags & IFACE_POLICY_HOOK != 0 {
             vlan = HOP_POLICY_HOOK;
         }
         // A VLAN device: send tagged out of the device it sits on.
@@ -209,10 +218,12 @@ fn copy_macs(dst: &mut [u16; 6], src: &[u16; 6]) {
     }
 }
 
-/// A next hop that was found: `Found`, or `PolicyHook` when its device has one.
+/// A next hop that was found: `Found`, or how its device's delivery says otherwise.
 #[inline(always)]
 fn found(vlan: u16) -> Route {
-    if vlan & HOP_POLICY_HOOK != 0 {
+    if vlan & HOP_NETFILTER != 0 {
+        Route::Netfilter
+    } else if vlan & HOP_POLICY_HOOK != 0 {
         Route::PolicyHook
     } else {
         Route::Found

@@ -21,7 +21,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    Counter, DropReason, HOP_VLAN, IPPROTO_TCP, IPPROTO_UDP,
+    Counter, DropReason, FLOW_NETFILTER, HOP_VLAN, IPPROTO_TCP, IPPROTO_UDP,
     checksum::Delta,
     filter::Plane,
     flow_clock,
@@ -90,23 +90,26 @@ fn backend(ctx: &TcContext) -> i32 {
     let Some(ports) = parse_ports(ctx, pkt) else {
         return TCX_NEXT;
     };
+    // Replies of `netfilter` flows go on untranslated: the kernel forwards them (conntrack and
+    // netfilter see them) and `lb_uplink_out` translates them on the way out.
     let replied = if pkt.v6 {
-        lookup::<Ipv6>(pkt, &ports)
+        lookup::<Ipv6>(pkt, &ports, 0)
     } else {
-        lookup::<Ipv4>(pkt, &ports)
+        lookup::<Ipv4>(pkt, &ports, 0)
     };
     if !replied {
-        // The pod's own traffic.
+        // The pod's own traffic (or a `netfilter` flow's reply).
         count(Counter::PassNotOurs);
         return TCX_NEXT;
     }
     reply(ctx, pkt, &ports)
 }
 
-/// Finds the reply entry of the pod's packet; if it is live for it: true, its target in
-/// scratch(). (Its own subprogram, per family; the rest is the same for both.)
+/// Finds the reply entry of the pod's packet; if it is live for it and its FLOW_NETFILTER bit is
+/// `netfilter`: true, its target in scratch(). (Its own subprogram, per family; the rest is the
+/// same for both.)
 #[inline(never)]
-fn lookup<F: Family>(pkt: &Packet, ports: &Ports) -> bool {
+pub(crate) fn lookup<F: Family>(pkt: &Packet, ports: &Ports, netfilter: u8) -> bool {
     let (Some(cfg), Some(s)) = (config(), scratch()) else {
         return false;
     };
@@ -115,7 +118,11 @@ fn lookup<F: Family>(pkt: &Packet, ports: &Ports) -> bool {
         return false;
     };
     // SAFETY: a successful map lookup's pointer is valid and aligned for the value until the program returns.
-    let Some(t) = flow::resolve(unsafe { &*entry }) else {
+    let f = unsafe { &*entry };
+    if f.flags & FLOW_NETFILTER != netfilter {
+        return false;
+    }
+    let Some(t) = flow::resolve(f) else {
         return false;
     };
     // SAFETY: a BPF helper without arguments.
@@ -209,7 +216,7 @@ fn reply(ctx: &TcContext, pkt: &Packet, ports: &Ports) -> i32 {
             count(Counter::PassNotRedirectable);
             TCX_NEXT
         }
-        Route::PolicyHook => {
+        Route::PolicyHook | Route::Netfilter => {
             // Another pod's veth with a policy hook: the kernel routes the packet there, through
             // that veth's TC egress and netfilter.
             if rewrite(ctx, pkt, t, false).is_none() {
@@ -232,7 +239,7 @@ fn reply(ctx: &TcContext, pkt: &Packet, ports: &Ports) -> i32 {
 }
 
 #[inline(always)]
-fn count_reply(t: &Target, len: u32) {
+pub(crate) fn count_reply(t: &Target, len: u32) {
     if let Some(s) = LB_SVC_STATS.get_ptr_mut(t.service) {
         // SAFETY: a successful map lookup's pointer is valid and aligned for the value until the program returns.
         let s = unsafe { &mut *s };
@@ -244,7 +251,7 @@ fn count_reply(t: &Target, len: u32) {
 /// Rewrites addresses and ports to the target's, updating checksums through the helpers
 /// (correct for complete and for partial checksums alike); with `forwarded`, the TTL too.
 #[inline(never)]
-fn rewrite(ctx: &TcContext, pkt: &Packet, t: &Target, forwarded: bool) -> Option<()> {
+pub(crate) fn rewrite(ctx: &TcContext, pkt: &Packet, t: &Target, forwarded: bool) -> Option<()> {
     let udp = pkt.proto == IPPROTO_UDP;
     let check = pkt.l4 + if udp { UDP_CHECK } else { TCP_CHECK };
     // IPv4 UDP may carry no checksum: 0 stays 0, a computed 0 becomes 0xffff.

@@ -163,6 +163,8 @@ pub struct Agent {
     /// `lb_uplink_tc` on the uplinks, while some backend interface is `kernel` (see
     /// `crate::hooks`).
     uplink_tc: Attachments,
+    /// `lb_uplink_out` at the uplinks' TC egress, while some backend interface is `netfilter`.
+    uplink_out: Attachments,
     netlink: Netlink,
     neighbours: Neighbours,
     interfaces: Interfaces,
@@ -236,6 +238,8 @@ impl Agent {
             Attachments::new(&layout).with_context(|| format!("creating {}", layout.display()))?;
         let uplink_tc = Attachments::new_in(&layout, crate::attach::UPLINK_TC_LINKS)
             .with_context(|| format!("creating {}", layout.display()))?;
+        let uplink_out = Attachments::new_egress(&layout, crate::attach::UPLINK_OUT_LINKS)
+            .with_context(|| format!("creating {}", layout.display()))?;
         let (publisher, _) = crate::view::channel();
         let mut agent = Agent {
             args,
@@ -246,6 +250,7 @@ impl Agent {
             node,
             attachments,
             uplink_tc,
+            uplink_out,
             netlink,
             neighbours: Neighbours::default(),
             interfaces,
@@ -597,6 +602,7 @@ impl Agent {
                 .attachments
                 .iter()
                 .chain(self.uplink_tc.iter())
+                .chain(self.uplink_out.iter())
                 .map(|a| {
                     let delivery = self.deliveries.get(&a.ifindex).map(|(_, d)| d);
                     InterfaceLabel {
@@ -685,6 +691,7 @@ impl Agent {
             // The tail-call table is pinned already (since start).
             self.attachments.keep_all();
             self.uplink_tc.keep_all();
+            self.uplink_out.keep_all();
             info!(
                 "left the data path attached and pinned in {} for the next agent",
                 pin_dir.display()
@@ -693,6 +700,7 @@ impl Agent {
         }
         self.attachments.detach_all();
         self.uplink_tc.detach_all();
+        self.uplink_out.detach_all();
         for (ifindex, addr) in self.neighbours.drain() {
             let _ = self.netlink.remove_neighbour(ifindex, addr);
         }

@@ -43,6 +43,8 @@ pub const MODE_TC_CLASSIC: &str = "tc-classic";
 /// Where `lb_uplink_tc`'s links (or classic filters' records) pin, under the layout directory:
 /// the uplinks' `links/<interface>` hold `lb_uplink`'s XDP links.
 pub const UPLINK_TC_LINKS: &str = "uplink-tc";
+/// Where `lb_uplink_out`'s links (or classic filters' records) pin, under the layout directory.
+pub const UPLINK_OUT_LINKS: &str = "uplink-out";
 /// In a classic filter's record directory: the agent added the clsact qdisc (cleanup removes it
 /// when no other filter is left on it).
 const RECORD_ADDED_CLSACT: &str = "added-clsact";
@@ -118,6 +120,8 @@ pub struct Attachments {
     tcx: Option<bool>,
     /// Interfaces whose program someone else took off, until it is attached again.
     restored: BTreeSet<String>,
+    /// The TC hook the programs go on: ingress, but egress for `lb_uplink_out`.
+    direction: TcAttachType,
 }
 
 impl Attachments {
@@ -136,7 +140,16 @@ impl Attachments {
             by_iface: BTreeMap::new(),
             tcx: None,
             restored: BTreeSet::new(),
+            direction: TcAttachType::Ingress,
         })
+    }
+
+    /// As [`Attachments::new_in`], for TC programs at egress (`lb_uplink_out` on the uplinks,
+    /// in [`UPLINK_OUT_LINKS`]).
+    pub fn new_egress(layout_dir: &Path, subdir: &str) -> std::io::Result<Attachments> {
+        let mut a = Attachments::new_in(layout_dir, subdir)?;
+        a.direction = TcAttachType::Egress;
+        Ok(a)
     }
 
     pub fn get(&self, iface: &str) -> Option<&Attached> {
@@ -218,9 +231,15 @@ impl Attachments {
                 // A pinned link of another kind (the interface changed role): let it go.
                 drop(previous_link(&path));
             }
-            let (added_clsact, note) =
-                attach_filter(prog, program, iface, ifindex, read_record(&path))
-                    .map_err(err(MODE_TC_CLASSIC))?;
+            let (added_clsact, note) = attach_filter(
+                prog,
+                program,
+                iface,
+                ifindex,
+                read_record(&path),
+                self.direction,
+            )
+            .map_err(err(MODE_TC_CLASSIC))?;
             write_record(&path, added_clsact).map_err(|e| AttachError::Pin {
                 iface: iface.to_string(),
                 path: path.clone(),
@@ -251,7 +270,7 @@ impl Attachments {
             None => (
                 prog.attach_with_options(
                     iface,
-                    TcAttachType::Ingress,
+                    self.direction,
                     TcAttachOptions::TcxOrder(LinkOrder::default()),
                 )
                 .map_err(|e| err(MODE_TCX)(format!("{e} (TCX links need Linux 6.6+)")))?,
@@ -268,7 +287,7 @@ impl Attachments {
             reason: e.to_string(),
         })?;
         if let Some(record) = stale_filter {
-            remove_filter(iface, &record);
+            remove_filter(iface, &record, self.direction);
         }
         Ok(self.keep(Attached {
             iface: iface.to_string(),
@@ -303,7 +322,7 @@ impl Attachments {
         let path = self.dir.join(iface);
         if path.is_dir() {
             // A classic TC filter of ours (the interface was a backend interface).
-            remove_filter(iface, &path);
+            remove_filter(iface, &path, self.direction);
         }
         let prog = dataplane::program_mut(ebpf, program)?;
         let err = |mode: &'static str, reason: String| AttachError::Attach {
@@ -364,8 +383,8 @@ impl Attachments {
         match self.by_iface.remove(iface).map(|a| a.hold) {
             // Unpinning leaves the link to the fd, which closes here: detached.
             Some(Hold::Link(link)) => drop(link.unpin()),
-            Some(Hold::Filter) => remove_filter(iface, &path),
-            None if path.is_dir() => remove_filter(iface, &path),
+            Some(Hold::Filter) => remove_filter(iface, &path, self.direction),
+            None if path.is_dir() => remove_filter(iface, &path, self.direction),
             None => {}
         }
         let _ = std::fs::remove_file(&path);
@@ -381,25 +400,26 @@ impl Attachments {
         let ifaces: Vec<String> = self.by_iface.keys().cloned().collect();
         for iface in ifaces {
             let a = &self.by_iface[&iface];
-            let present =
-                match a.mode {
-                    MODE_TCX => tc::SchedClassifier::query_tcx(&iface, TcAttachType::Ingress)
-                        .map_or(true, |(_, progs)| {
-                            progs.iter().any(|p| {
-                                p.name_as_str()
-                                    .is_some_and(|n| !n.is_empty() && a.program.starts_with(n))
-                            })
-                        }),
-                    MODE_TC_CLASSIC => nl.clsact_filters(a.ifindex).map_or(true, |filters| {
-                        filters.iter().any(|f| {
-                            f.ingress
-                                && f.priority == FILTER_PRIORITY
-                                && f.handle == FILTER_HANDLE
-                                && f.bpf_name.as_deref() == Some(a.program)
+            let present = match a.mode {
+                MODE_TCX => tc::SchedClassifier::query_tcx(&iface, self.direction).map_or(
+                    true,
+                    |(_, progs)| {
+                        progs.iter().any(|p| {
+                            p.name_as_str()
+                                .is_some_and(|n| !n.is_empty() && a.program.starts_with(n))
                         })
-                    }),
-                    _ => xdp_on.contains(&a.ifindex),
-                };
+                    },
+                ),
+                MODE_TC_CLASSIC => nl.clsact_filters(a.ifindex).map_or(true, |filters| {
+                    filters.iter().any(|f| {
+                        f.ingress == (self.direction == TcAttachType::Ingress)
+                            && f.priority == FILTER_PRIORITY
+                            && f.handle == FILTER_HANDLE
+                            && f.bpf_name.as_deref() == Some(a.program)
+                    })
+                }),
+                _ => xdp_on.contains(&a.ifindex),
+            };
             if !present {
                 lost.push(iface.clone());
                 log::warn!(
@@ -427,7 +447,7 @@ impl Attachments {
         for stale in self.pinned_interfaces() {
             let path = self.dir.join(&stale);
             if path.is_dir() {
-                remove_filter(&stale, &path);
+                remove_filter(&stale, &path, self.direction);
             } else if let Ok(p) = PinnedLink::from_pin(&path) {
                 drop(p.unpin());
             }
@@ -559,7 +579,9 @@ fn attach_filter(
     iface: &str,
     ifindex: u32,
     previous: Record,
+    direction: TcAttachType,
 ) -> Result<(bool, Option<String>), String> {
+    let ingress = direction == TcAttachType::Ingress;
     let added_clsact = match tc::qdisc_add_clsact(iface) {
         Ok(()) => true,
         Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {
@@ -572,14 +594,19 @@ fn attach_filter(
         .clsact_filters(ifindex)
         .map_err(|e| e.to_string())?
         .into_iter()
-        .find(|f| f.ingress && f.priority == FILTER_PRIORITY && f.handle == FILTER_HANDLE);
-    let coordinates = format!("ingress pref {FILTER_PRIORITY} handle {FILTER_HANDLE:#x}");
+        .find(|f| {
+            f.ingress == ingress && f.priority == FILTER_PRIORITY && f.handle == FILTER_HANDLE
+        });
+    let coordinates = format!(
+        "{} pref {FILTER_PRIORITY} handle {FILTER_HANDLE:#x}",
+        if ingress { "ingress" } else { "egress" }
+    );
     let note = match ours {
         // cls_bpf reports the name the loader gave with the filter (aya: the program's).
         Some(f) if f.kind == "bpf" && f.bpf_name.as_deref() == Some(program) => {
             let link = SchedClassifierLink::attached(
                 iface,
-                TcAttachType::Ingress,
+                direction,
                 FILTER_PRIORITY,
                 TcHandle::from(FILTER_HANDLE),
                 None,
@@ -606,7 +633,7 @@ fn attach_filter(
             let id = prog
                 .attach_with_options(
                     iface,
-                    TcAttachType::Ingress,
+                    direction,
                     TcAttachOptions::Netlink(NlOptions {
                         priority: FILTER_PRIORITY,
                         handle: TcHandle::from(FILTER_HANDLE),
@@ -636,12 +663,12 @@ fn forget_link(
 /// Takes our classic filter off `iface`, removes the clsact qdisc if the record says we added
 /// it and no other filter is left on it, and removes the record. An interface that is gone took
 /// both with it.
-fn remove_filter(iface: &str, record_dir: &Path) {
+fn remove_filter(iface: &str, record_dir: &Path, direction: TcAttachType) {
     let record = read_record(record_dir);
     if let Some(ifindex) = crate::system::ifindex(iface) {
         if let Ok(link) = SchedClassifierLink::attached(
             iface,
-            TcAttachType::Ingress,
+            direction,
             FILTER_PRIORITY,
             TcHandle::from(FILTER_HANDLE),
             None,

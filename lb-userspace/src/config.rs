@@ -12,7 +12,7 @@
 //!                                  # addresses, loopback, link-local: always reserved)
 //! allow-reserved = ["kube-system/ingress"]  # services allowed them anyway
 //! prefer-same-zone = false         # Kubernetes: same zone first for Services that ask nothing
-//! policy-hooks = "detect"          # "respect": local pods always through the kernel's hooks;
+//! policy-hooks = "detect"          # "respect": local pods always through the kernel's forwarding;
 //!                                  # "ignore": always redirected in XDP (README, Policy hooks)
 //!
 //! [rate-limits.default]

@@ -24,9 +24,9 @@ use lb_common::{
     MAP_COUNTERS, MAP_DEVMAP, MAP_FILTER, MAP_FLOWS4, MAP_FLOWS6, MAP_IFACES, MAP_LAYOUT_VERSION,
     MAP_MACS, MAP_OVERFLOW, MAP_POLICIES, MAP_PORTS, MAP_PREFIXES, MAP_PROGS, MAP_RINGS,
     MAP_SERVICES, MAP_SOURCE_TAGS, MAP_SOURCES, MAP_SVC_INFO, MAP_SVC_STATS, PROG_BACKEND,
-    PROG_ICMP, PROG_NEW_FLOW, PROG_UPLINK, PROG_UPLINK_TC, Policy, PrefixKey, PrefixRule,
-    SOURCE_FREE, SOURCE_WAYS, Service, ServiceInfo, ServiceKey, ServiceStats, Source, SourceKey,
-    SourceTags, TAIL_ICMP, TAIL_NEW_FLOW, source_hash, source_sets,
+    PROG_ICMP, PROG_NEW_FLOW, PROG_UPLINK, PROG_UPLINK_OUT, PROG_UPLINK_TC, Policy, PrefixKey,
+    PrefixRule, SOURCE_FREE, SOURCE_WAYS, Service, ServiceInfo, ServiceKey, ServiceStats, Source,
+    SourceKey, SourceTags, TAIL_ICMP, TAIL_NEW_FLOW, source_hash, source_sets,
 };
 
 use crate::{
@@ -206,7 +206,7 @@ pub fn load(sizes: &Sizes, pin_dir: Option<&Path>) -> std::result::Result<Loaded
         let prog = program_mut(&mut ebpf, name)?;
         load_program(name, || prog.load())?;
     }
-    for name in [PROG_BACKEND, PROG_UPLINK_TC] {
+    for name in [PROG_BACKEND, PROG_UPLINK_TC, PROG_UPLINK_OUT] {
         let tc = classifier_mut(&mut ebpf, name)?;
         load_program(name, || tc.load())?;
     }

@@ -1,18 +1,22 @@
 //! Policy hooks: what else inspects the packets the kernel sends into a local pod, and so how
 //! the data path must deliver packets for that pod's backends. A frame XDP redirects into a pod's
 //! host veth skips that veth's TC egress hook, where CNIs such as the AWS VPC CNI's network
-//! policy agent enforce ingress NetworkPolicy. So a backend interface is `redirect` only when
-//! nothing else is there, else `kernel`: XDP hands the rewritten packet over to `lb_uplink_tc` at
-//! the uplink's TC ingress, which redirects it to the veth's egress, through that hook (see
-//! `handoff.rs` in lb-ebpf; where `lb_uplink_tc` is missing, the kernel forwards it).
+//! policy agent enforce ingress NetworkPolicy, and netfilter's forward path, where iptables-mode
+//! policies (Calico's) and kube-proxy's conntrack rules judge it. So per backend interface:
+//! - `netfilter` when netfilter has rules on the forward path: XDP passes the rewritten packet
+//!   to the kernel's forwarding (no snat: the client's address stays), the pod's replies go
+//!   back through the kernel too, and `lb_uplink_out` translates them at the uplink's TC egress
+//!   (see `netfilter.rs` in lb-ebpf). Conntrack sees both directions; every hook on the way in
+//!   (the forward rules, then the veth's TC egress) sees each packet.
+//! - `kernel` when only a TCX program or classic TC filter of another owner is on the veth's
+//!   egress hook (we attach at ingress only): XDP hands the rewritten packet over to
+//!   `lb_uplink_tc` at the uplink's TC ingress, which redirects it to the veth's egress, through
+//!   that hook, around netfilter (see `handoff.rs`; where `lb_uplink_tc` is missing, the kernel
+//!   forwards it). Cheaper than `netfilter`.
+//! - `redirect` when nothing is there.
 //!
-//! What counts, per interface: a TCX program or classic TC filter on its egress hook that is not
-//! ours (we attach at ingress only). Netfilter's forward path is read (nftables base chains on
-//! the forward hook, iptables-legacy's FORWARD) and reported, but changes nothing: neither
-//! delivery passes it (the handoff goes around it on purpose: conntrack would see only the
-//! client's direction of a balanced flow, take the client's ACK after the SYN for INVALID, and
-//! kube-proxy's `ctstate INVALID -j DROP` would kill every TCP connection). `respect` makes
-//! every interface `kernel` for hooks the agent cannot see.
+//! `respect` makes every interface `netfilter` (hooks the agent cannot see, too); `ignore` every
+//! one `redirect`.
 //! Queried through system calls only (no `tc`/`nft`/`iptables` binaries needed), and without
 //! loading kernel modules: the legacy tables are read only when already loaded.
 use std::{
@@ -28,7 +32,7 @@ use aya::{
     },
     sys::SyscallError,
 };
-use lb_common::{PROG_BACKEND, PROG_UPLINK, PROG_UPLINK_TC};
+use lb_common::{PROG_BACKEND, PROG_UPLINK, PROG_UPLINK_OUT, PROG_UPLINK_TC};
 use netlink_sys::{Socket, SocketAddr};
 use serde::{Deserialize, Serialize};
 
@@ -38,11 +42,13 @@ use crate::netlink::{Link, Netlink};
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PolicyHooks {
-    /// Per interface: `kernel` where a policy hook is found, else `redirect`.
+    /// Per interface: `netfilter` where netfilter has forward rules, `kernel` where only a TC
+    /// policy hook is found, else `redirect`.
     #[default]
     Detect,
-    /// Every backend interface is `kernel` (hooks the agent cannot see, such as a root qdisc's
-    /// filters or an eBPF program attached elsewhere, are respected too).
+    /// Every backend interface is `netfilter`: through every hook the kernel has (those the
+    /// agent cannot see, such as a root qdisc's filters or an eBPF program attached elsewhere,
+    /// too).
     Respect,
     /// Every backend interface is `redirect`, whatever is there: the operator says nothing on
     /// the way into pods enforces anything.
@@ -60,70 +66,78 @@ impl fmt::Display for PolicyHooks {
 }
 
 /// How the data path delivers packets for the local backends behind one interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    /// XDP_REDIRECT straight into the interface.
+    Redirect,
+    /// Handed over to `lb_uplink_tc`, which sends them out of the interface through its TC
+    /// egress hook (around netfilter).
+    Kernel,
+    /// Through the kernel's forwarding, both directions: netfilter's forward path and the TC
+    /// egress hook see them.
+    Netfilter,
+}
+
+/// A backend interface's delivery and why.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Delivery {
-    /// Handed over to the kernel's TC hooks (rewritten), rather than redirected in XDP.
-    pub kernel: bool,
-    /// Why (for `kernel`: the hooks found, or the setting; for `redirect`: the setting, or
-    /// that nothing was found), and what netfilter has on the forward path, which neither
-    /// delivery passes.
+    pub via: Via,
+    /// The hooks found, or the setting, or that nothing was found.
     pub reason: String,
 }
 
 impl Delivery {
-    /// "redirect" or "kernel": the word status and metrics use.
+    /// "redirect", "kernel" or "netfilter": the word status and metrics use.
     pub fn word(&self) -> &'static str {
-        if self.kernel { "kernel" } else { "redirect" }
+        match self.via {
+            Via::Redirect => "redirect",
+            Via::Kernel => "kernel",
+            Via::Netfilter => "netfilter",
+        }
     }
 }
 
-/// What netfilter has on the forward path, node-wide, described.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Netfilter {
-    /// Rules that inspect packets one by one.
-    pub stateless: Vec<String>,
-    /// Rules that track connections, or that we cannot read rule by rule.
-    pub unservable: Vec<String>,
-}
+/// What netfilter has on the forward path, node-wide, described (rules, or what we could not
+/// read, which counts as rules: never bypass what may be there).
+pub type Netfilter = Vec<String>;
 
-/// Decides `link`'s delivery under `setting`; `netfilter`'s findings only go into the reason.
+/// Decides `link`'s delivery under `setting`, given netfilter's forward rules.
 pub fn decide(
     setting: PolicyHooks,
     nl: &mut Netlink,
     link: &Link,
     netfilter: &Netfilter,
 ) -> Delivery {
-    let (kernel, reason) = match setting {
-        PolicyHooks::Respect => (true, "policy-hooks = \"respect\"".to_string()),
-        PolicyHooks::Ignore => (false, "policy-hooks = \"ignore\"".to_string()),
+    match setting {
+        PolicyHooks::Respect => Delivery {
+            via: Via::Netfilter,
+            reason: "policy-hooks = \"respect\"".to_string(),
+        },
+        PolicyHooks::Ignore => Delivery {
+            via: Via::Redirect,
+            reason: "policy-hooks = \"ignore\"".to_string(),
+        },
         PolicyHooks::Detect => {
-            let found = match tc_egress(nl, link) {
+            let mut found = match tc_egress(nl, link) {
                 Ok(found) => found,
-                // Not knowing is treated as finding something: never bypass what may be there.
+                // Not knowing is treated as finding something.
                 Err(e) => vec![format!("cannot read its TC egress hook ({e})")],
             };
-            if found.is_empty() {
-                (false, "no policy hook found".to_string())
+            let via = if !netfilter.is_empty() {
+                Via::Netfilter
+            } else if !found.is_empty() {
+                Via::Kernel
             } else {
-                (true, found.join("; "))
-            }
+                Via::Redirect
+            };
+            found.extend(netfilter.iter().cloned());
+            let reason = if found.is_empty() {
+                "no policy hook found".to_string()
+            } else {
+                found.join("; ")
+            };
+            Delivery { via, reason }
         }
-    };
-    let skipped: Vec<&str> = netfilter
-        .stateless
-        .iter()
-        .chain(&netfilter.unservable)
-        .map(String::as_str)
-        .collect();
-    if skipped.is_empty() {
-        return Delivery { kernel, reason };
-    }
-    Delivery {
-        kernel,
-        reason: format!(
-            "{reason}; not applied to balanced traffic into pods (netfilter's forward path, which neither delivery passes): {}",
-            skipped.join("; ")
-        ),
     }
 }
 
@@ -165,7 +179,7 @@ pub fn tc_egress(nl: &mut Netlink, link: &Link) -> Result<Vec<String>, String> {
 /// Whether a program name is one of ours (the kernel keeps 15 bytes of it).
 fn ours(name: &str) -> bool {
     !name.is_empty()
-        && [PROG_BACKEND, PROG_UPLINK, PROG_UPLINK_TC]
+        && [PROG_BACKEND, PROG_UPLINK, PROG_UPLINK_TC, PROG_UPLINK_OUT]
             .iter()
             .any(|p| p.starts_with(name))
 }
@@ -182,23 +196,20 @@ fn tcx_absent(e: &ProgramError) -> bool {
 }
 
 /// Netfilter's rules on the forward path, described (node-wide: they see what is forwarded
-/// into every pod). A source we cannot read is reported as unservable.
+/// into every pod). A source we cannot read counts as rules.
 pub fn netfilter_forward() -> Netfilter {
     let mut found = match nft_forward_chains() {
         Ok(found) => found,
-        Err(e) => Netfilter {
-            unservable: vec![format!("cannot read nftables ({e})")],
-            ..Netfilter::default()
-        },
+        Err(e) => vec![format!("cannot read nftables ({e})")],
     };
     for v6 in [false, true] {
         let tool = if v6 { "ip6tables" } else { "iptables" };
         match legacy_forward_rules(v6) {
-            Ok(Some(n)) if n > 0 => found.unservable.push(format!(
+            Ok(Some(n)) if n > 0 => found.push(format!(
                 "{tool} (legacy) FORWARD chain with rules ({n} bytes)"
             )),
             Ok(_) => {}
-            Err(e) => found.unservable.push(format!("cannot read {tool} ({e})")),
+            Err(e) => found.push(format!("cannot read {tool} ({e})")),
         }
     }
     found
@@ -245,7 +256,7 @@ const NLMSG_DONE: u16 = 3;
 const NLA_TYPE_MASK: u16 = 0x3fff;
 
 /// Each forward base chain with rules, described as "nftables chain inet filter forward
-/// (forward hook) with 3 rules", as stateless or (its table tracks connections) unservable.
+/// (forward hook) with 3 rules" (", its table tracks connections" where it does).
 fn nft_forward_chains() -> io::Result<Netfilter> {
     let socket = Socket::new(NETLINK_NETFILTER)?;
     let chains = nft_dump(&socket, NFT_MSG_GETCHAIN, 0, &[])?;
@@ -309,11 +320,9 @@ fn nft_forward_chains() -> io::Result<Netfilter> {
                 if n == 1 { "" } else { "s" }
             );
             if tracks {
-                found
-                    .unservable
-                    .push(format!("{what}, its table tracks connections"));
+                found.push(format!("{what}, its table tracks connections"));
             } else {
-                found.stateless.push(what);
+                found.push(what);
             }
         }
     }
@@ -588,15 +597,16 @@ mod tests {
             peer: None,
             xdp: None,
         };
-        let respect = decide(PolicyHooks::Respect, &mut nl, &link, &Netfilter::default());
-        assert!(respect.kernel);
-        assert_eq!(respect.word(), "kernel");
-        let nft = Netfilter {
-            stateless: vec!["nft".into()],
-            unservable: Vec::new(),
-        };
+        let respect = decide(PolicyHooks::Respect, &mut nl, &link, &Netfilter::new());
+        assert_eq!(respect.via, Via::Netfilter);
+        assert_eq!(respect.word(), "netfilter");
+        let nft: Netfilter = vec!["nft".into()];
         let ignore = decide(PolicyHooks::Ignore, &mut nl, &link, &nft);
-        assert!(!ignore.kernel);
+        assert_eq!(ignore.via, Via::Redirect);
         assert_eq!(ignore.word(), "redirect");
+        // Detect: forward rules make it `netfilter`, and the reason names them.
+        let detect = decide(PolicyHooks::Detect, &mut nl, &link, &nft);
+        assert_eq!(detect.via, Via::Netfilter);
+        assert!(detect.reason.contains("nft"), "{}", detect.reason);
     }
 }

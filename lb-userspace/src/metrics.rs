@@ -954,7 +954,7 @@ fn agent_metrics(r: &mut Registry, view: &AgentView) {
     let delivery = gauge_family(
         r,
         "interface_delivery",
-        "Backend interfaces by how packets for their local backends are delivered: redirect (in XDP, straight into the interface) or kernel (handed to lb_uplink_tc, which sends them out of the interface through its TC egress hook)",
+        "Backend interfaces by how packets for their local backends are delivered: redirect (in XDP, straight into the interface), kernel (handed to lb_uplink_tc, which sends them out of the interface through its TC egress hook) or netfilter (through the kernel's forwarding both ways, netfilter's forward path included)",
     );
     for i in &view.interfaces {
         if let Some(d) = &i.delivery {

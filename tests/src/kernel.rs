@@ -239,14 +239,26 @@ impl Fixture {
         self.run_on(lb_common::PROG_UPLINK, up0, packet)
     }
 
+    /// A packet the kernel sends out of the uplink: `lb_uplink_out` at TC egress.
+    pub fn out_of_uplink(&mut self, packet: &[u8]) -> Result<Outcome> {
+        let up0 = self.up0;
+        self.run_tc(lb_common::PROG_UPLINK_OUT, up0, packet)
+    }
+
     /// A packet from a local backend, arriving on its veth: `lb_backend` at TC ingress.
     /// Verdicts are TC actions (TC_ACT_OK 0, TC_ACT_SHOT 2, TC_ACT_REDIRECT 7).
     pub fn from_pod(&mut self, packet: &[u8]) -> Result<Outcome> {
-        let prog = dataplane::classifier_mut(&mut self.ebpf, lb_common::PROG_BACKEND)?;
+        let pod0 = self.pod0;
+        self.run_tc(lb_common::PROG_BACKEND, pod0, packet)
+    }
+
+    /// Runs `packet` through the TC program `program` as an skb of device `ifindex`.
+    fn run_tc(&mut self, program: &str, ifindex: u32, packet: &[u8]) -> Result<Outcome> {
+        let prog = dataplane::classifier_mut(&mut self.ebpf, program)?;
         let mut out = vec![0u8; packet.len() + 256];
-        // struct __sk_buff (192 bytes); ifindex (offset 40) makes the skb come from pod0.
+        // struct __sk_buff (192 bytes); ifindex at offset 40.
         let mut ctx = [0u8; 192];
-        ctx[40..44].copy_from_slice(&self.pod0.to_ne_bytes());
+        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
         let result = prog
             .test_run(TestRunOptions {
                 data_in: Some(packet),
@@ -327,12 +339,18 @@ impl Fixture {
     /// Marks pod0 as having a policy hook (as the agent does for a veth with another owner's
     /// TC egress program), or not; and forgets the cached next hops, which carry the mark.
     pub fn set_policy_hook(&mut self, on: bool) -> Result<()> {
+        self.set_pod0_flags(if on { IFACE_POLICY_HOOK } else { 0 })
+    }
+
+    /// pod0's IFACE_* flags in the interface table (0: no entry), as the agent writes them for
+    /// its delivery, and the next-hop cache emptied so the next packet reads them.
+    pub fn set_pod0_flags(&mut self, flags: u16) -> Result<()> {
         let pod0 = self.pod0;
-        if on {
+        if flags != 0 {
             let iface = Iface {
                 parent: 0,
                 vlan_id: 0,
-                flags: IFACE_POLICY_HOOK,
+                flags,
             };
             self.maps.set_iface(pod0, &iface)?;
         } else {

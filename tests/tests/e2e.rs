@@ -643,6 +643,22 @@ impl HookLab {
         );
     }
 
+    /// Packets the counters of nft table `table` (inet) chain `chain` counted, summed.
+    fn nft_counter(&self, table: &str, chain: &str) -> u64 {
+        let out = self
+            .command("nft")
+            .args(["list", "chain", "inet", table, chain])
+            .output()
+            .expect("nft list");
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.split_whitespace()
+            .collect::<Vec<_>>()
+            .windows(2)
+            .filter(|w| w[0] == "packets")
+            .filter_map(|w| w[1].parse::<u64>().ok())
+            .sum()
+    }
+
     fn delivery(&self, want: &str, saying: &str) -> String {
         wait_delivery_for(&self.s.agent, &self.veth, want, saying)
     }
@@ -749,56 +765,45 @@ fn a_pod_behind_a_cni_policy_program_is_reached_only_as_the_program_allows() {
     assert_eq!(h.counter("pass_policy_hook"), before, "redirected again");
 }
 
-/// The node type we target: EKS with kube-proxy (whose forward path drops packets conntrack
-/// calls INVALID) and a CNI policy agent (a TC egress program on pods' host veths). Handed to
-/// the kernel's forwarding, conntrack sees only the client's direction of a balanced flow and
-/// takes the client's ACK after the SYN for INVALID: every TCP connection to a `kernel` pod
-/// would die. Handed over to `lb_uplink_tc` instead, the packet reaches the veth's egress
-/// without netfilter: short connections and a large transfer (default offloads) work, in both
-/// modes, while the policy program still keeps its denied source out. Netfilter's forward
-/// rules, stateless or not, are reported and change no delivery: neither passes them.
+/// Netfilter's forward path as a policy (Calico's iptables mode) and kube-proxy's conntrack
+/// rule (`ctstate INVALID -j DROP`, which drops a connection whose replies conntrack never saw):
+/// with forward rules on the node, the agent delivers into local pods through the kernel's
+/// forwarding both ways (`netfilter`): the client's address is kept (snat services too: the node
+/// is the pod's gateway), conntrack sees both directions (its INVALID counter stays near 0),
+/// short connections and a large transfer work, a forward rule that drops one source keeps it
+/// out through either VIP, and a CNI's TC program on the veth still judges what passes. Without
+/// the rules, redirected again and `lb_uplink_out` off the uplinks.
 #[test]
-fn a_kernel_pod_on_a_node_whose_netfilter_drops_invalid_packets_is_served() {
+fn a_pod_behind_netfilter_forward_rules_is_reached_only_as_they_allow() {
     if !require_root() {
         return;
     }
     let h = HookLab::new("e2e-nf");
     let (vip, snat_vip) = (addr(HOOK_VIP, 80), addr(HOOK_SNAT_VIP, 80));
     h.delivery("redirect", "no policy hook found");
-    // kube-proxy's `-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP`.
+    // kube-proxy's `-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP`, counted.
     h.nft(
         "table inet kp {\n chain forward {\n  type filter hook forward priority 0;\n  ct state invalid counter drop\n }\n}\n",
     );
-    let reason = h.delivery("redirect", "nftables chain inet kp forward");
+    let reason = h.delivery("netfilter", "nftables chain inet kp forward");
     println!(
-        "{} with netfilter forward rules: redirect ({reason})",
+        "{} with netfilter forward rules: netfilter ({reason})",
         h.veth
     );
-    assert!(
-        reason.contains("not applied to balanced traffic"),
-        "{reason}"
-    );
-    h.must_reach(ALLOWED, vip);
-
-    h.policy_program(true);
-    let reason = h.delivery("kernel", "tc egress filter bpf tc_deny");
-    println!("{} with both: kernel ({reason})", h.veth);
     let text = h.s.agent.status_text().expect("status text");
-    assert!(text.contains("lb_uplink_tc at"), "{text}");
-    let (passed, handed) = (
-        h.counter("pass_policy_hook"),
-        h.counter("redirect_policy_hook"),
-    );
-    for _ in 0..20 {
-        assert_eq!(h.must_reach(ALLOWED, vip).to_string(), ALLOWED);
+    assert!(text.contains("lb_uplink_out at"), "{text}");
+    let (passed, replied) = (h.counter("pass_netfilter"), h.counter("reply_netfilter"));
+    for _ in 0..10 {
+        for src in [BLOCKED, ALLOWED] {
+            assert_eq!(h.must_reach(src, vip).to_string(), src);
+            // No snat into a `netfilter` pod: it sees the client.
+            assert_eq!(h.must_reach(src, snat_vip).to_string(), src, "snat vip");
+        }
     }
-    let node_ip = IpAddr::from(h.s.lab.node1().ipv4);
-    for src in [BLOCKED, ALLOWED] {
-        assert_eq!(h.must_reach(src, snat_vip), node_ip, "snat");
+    let client6 = "fd00:a::10";
+    for vip6 in [HOOK_VIP6, HOOK_SNAT_VIP6] {
+        assert_eq!(h.must_reach(client6, addr(vip6, 80)).to_string(), client6);
     }
-    h.reach(BLOCKED, vip)
-        .expect_err("the policy program still drops the denied source");
-    assert!(h.denied() > 0, "the policy program dropped it");
     // A large transfer with the lab's default offloads.
     let opts = lb_tests::traffic::TransferOptions {
         chunk: 64 * 1024,
@@ -808,48 +813,72 @@ fn a_kernel_pod_on_a_node_whose_netfilter_drops_invalid_packets_is_served() {
     let transfer = LongTransfer::start_with(
         &h.s.lab.client().ns,
         Some(ALLOWED.parse().unwrap()),
-        vip,
+        snat_vip,
         opts,
     )
     .expect("transfer");
     std::thread::sleep(Duration::from_secs(3));
     let report = transfer.finish();
-    println!("large transfer to a kernel pod: {report:?}");
+    println!("large transfer to a netfilter pod: {report:?}");
     assert!(
         report.is_clean() && report.bytes_sent > 20_000_000,
         "{report:?}\n{}",
         h.s.agent.log_tail()
     );
-    let (passed, handed) = (
-        h.counter("pass_policy_hook") - passed,
-        h.counter("redirect_policy_hook") - handed,
+    let (passed, replied) = (
+        h.counter("pass_netfilter") - passed,
+        h.counter("reply_netfilter") - replied,
     );
-    println!("pass_policy_hook +{passed}, redirect_policy_hook +{handed}");
-    assert!(passed > 100, "through the handoff: {passed}");
-    assert_eq!(
-        handed, passed,
-        "every packet handed over reached the veth's egress"
+    let invalid = h.nft_counter("kp", "forward");
+    println!("pass_netfilter +{passed}, reply_netfilter +{replied}, ct invalid {invalid}");
+    assert!(
+        passed > 100 && replied >= 42,
+        "through the kernel: {passed} / {replied}"
+    );
+    assert!(
+        invalid * 100 <= passed,
+        "conntrack saw both directions: {invalid} invalid of {passed}"
     );
 
-    // A stateless forward rule, as a netfilter policy would have: reported, no change, and not
-    // applied (the source it drops still gets in).
+    // A forward rule as a netfilter policy has: ALLOWED may not reach the pod, through either
+    // VIP; BLOCKED still may.
     h.nft(&format!(
-        "table inet netpol {{\n chain forward {{\n  type filter hook forward priority 0;\n  ip saddr {ALLOWED} tcp dport {PORT} drop\n }}\n}}\n"
+        "table inet netpol {{\n chain forward {{\n  type filter hook forward priority 0;\n  ip saddr {ALLOWED} tcp dport {PORT} counter drop\n }}\n}}\n"
     ));
-    let reason = h.delivery("kernel", "nftables chain inet netpol forward");
-    println!("{} with a stateless rule too: kernel ({reason})", h.veth);
-    h.must_reach(ALLOWED, vip);
+    h.delivery("netfilter", "nftables chain inet netpol forward");
+    for dst in [vip, snat_vip] {
+        h.reach(ALLOWED, dst)
+            .expect_err("the forward rule must keep ALLOWED out");
+        h.must_reach(BLOCKED, dst);
+    }
+    assert!(
+        h.nft_counter("netpol", "forward") > 0,
+        "the rule dropped it"
+    );
     h.nft("delete table inet netpol");
 
+    // A CNI's TC program on the veth as well: it still judges (the kernel's forwarding goes out
+    // through the veth's egress hook).
+    h.policy_program(true);
+    h.delivery("netfilter", "tc egress filter bpf tc_deny");
+    h.reach(BLOCKED, vip)
+        .expect_err("the policy program still drops the denied source");
+    assert!(h.denied() > 0, "the policy program dropped it");
+    h.must_reach(ALLOWED, vip);
     h.policy_program(false);
+
+    h.nft("delete table inet kp");
     h.delivery("redirect", "no policy hook found");
     let text = h.s.agent.status_text().expect("status text");
     assert!(
-        !text.contains("lb_uplink_tc at"),
-        "off the uplinks with nothing to hand over: {text}"
+        !text.contains("lb_uplink_out at"),
+        "off the uplinks with no netfilter pod: {text}"
     );
-    h.nft("delete table inet kp");
-    h.delivery("redirect", "no policy hook found");
+    // Redirected again: the snat VIP's pod sees the node.
+    assert_eq!(
+        h.must_reach(ALLOWED, snat_vip),
+        IpAddr::from(h.s.lab.node1().ipv4)
+    );
 }
 
 /// A restart with more room (`--max-backends` raised: LB_RINGS is recreated at its new size

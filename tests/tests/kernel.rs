@@ -714,6 +714,110 @@ fn a_local_pod_behind_a_policy_hook_gets_the_rewritten_packet_through_the_kernel
     assert_eq!(fx.counter(Counter::XdpRedirect), redirects + 1);
 }
 
+/// A local pod whose delivery is `netfilter` (the node's forward path has rules): the client's
+/// packet goes to the kernel's forwarding rewritten to the pod, unmarked, TTL untouched (the
+/// kernel decrements it), and without snat even for a snat service (the node is the pod's
+/// gateway). The pod's reply passes `lb_backend` untranslated, so the kernel forwards it too,
+/// and `lb_uplink_out` at the uplink's egress translates it (VIP -> client). Anything else
+/// leaving the uplink goes on untouched. Both modes, both families.
+#[test]
+fn a_local_pod_delivered_through_netfilter_is_reached_and_answers_through_the_kernel() {
+    if !require_root() {
+        return;
+    }
+    let mut fx = fixture(vec![
+        service(
+            "10.96.0.20",
+            80,
+            Protocol::Tcp,
+            Mode::PreserveClientIp,
+            &[("10.1.9.2", 8080)],
+        ),
+        service(
+            "10.96.0.21",
+            80,
+            Protocol::Tcp,
+            Mode::Snat,
+            &[("10.1.9.2", 8080)],
+        ),
+        service(
+            "fd00:96::21",
+            80,
+            Protocol::Tcp,
+            Mode::Snat,
+            &[("fd00:1:9::2", 8080)],
+        ),
+    ]);
+    fx.set_pod0_flags(lb_common::IFACE_NETFILTER).unwrap();
+    // Each its own client port: one client port to one pod through two VIPs would clash (both
+    // flows' replies are pod -> client).
+    for (client, port, vip, pod) in [
+        ("10.0.0.10", 41000, "10.96.0.20", "10.1.9.2"),
+        ("10.0.0.10", 41001, "10.96.0.21", "10.1.9.2"),
+        ("fd00:a::10", 41000, "fd00:96::21", "fd00:1:9::2"),
+    ] {
+        let syn = Spec::tcp(client, port, vip, 80, TCP_SYN)
+            .macs(CLIENT_MAC, fx.up0_mac)
+            .build();
+        let before = fx.counter(Counter::PassNetfilter);
+        let out = fx.uplink(&syn).unwrap();
+        assert_eq!(out.verdict, PASS, "{vip}: to the kernel's forwarding");
+        assert_checksums(&out.packet);
+        let p = parse(&out.packet);
+        assert_eq!(
+            (p.src_mac, p.dst_mac),
+            (CLIENT_MAC, fx.up0_mac),
+            "{vip}: unmarked, still addressed to the uplink"
+        );
+        assert_eq!(
+            (p.src, p.sport, p.dst, p.dport),
+            (ip(client), port, ip(pod), 8080),
+            "{vip}: the client's address kept"
+        );
+        assert_eq!(p.ttl, 64, "{vip}: the kernel's forwarding decrements it");
+        assert_eq!(fx.counter(Counter::PassNetfilter), before + 1, "{vip}");
+        // The pod's SYN-ACK (the kernel decremented its TTL on the way to the uplink).
+        let synack = Spec::tcp(pod, 8080, client, port, TCP_SYN | TCP_ACK)
+            .macs(lb_tests::kernel::POD_MAC, fx.pod0_mac)
+            .build();
+        let back = fx.from_pod(&synack).unwrap();
+        assert_eq!(back.verdict, TC_NEXT, "{vip}: lb_backend lets it go on");
+        assert_eq!(back.packet, synack, "{vip}: untranslated");
+        let replied = fx.counter(Counter::ReplyNetfilter);
+        let out = fx.out_of_uplink(&synack).unwrap();
+        assert_eq!(out.verdict, TC_NEXT, "{vip}: on out of the uplink");
+        assert_checksums(&out.packet);
+        let r = parse(&out.packet);
+        assert_eq!(
+            (r.src, r.sport, r.dst, r.dport),
+            (ip(vip), 80, ip(client), port),
+            "{vip}: translated"
+        );
+        assert_eq!(r.ttl, 64, "{vip}: not decremented again");
+        assert_eq!(fx.counter(Counter::ReplyNetfilter), replied + 1, "{vip}");
+    }
+    // Not a reply of a flow (another client port): untouched.
+    let other = Spec::tcp("10.1.9.2", 8080, "10.0.0.10", 41002, TCP_ACK)
+        .macs(lb_tests::kernel::POD_MAC, fx.pod0_mac)
+        .build();
+    let out = fx.out_of_uplink(&other).unwrap();
+    assert_eq!((out.verdict, &out.packet), (TC_NEXT, &other));
+    // A snat flow opened while the pod was `redirect` keeps its snat; its reply is
+    // lb_backend's, never lb_uplink_out's.
+    fx.set_pod0_flags(0).unwrap();
+    let syn = Spec::tcp("10.0.0.10", 42000, "10.96.0.21", 80, TCP_SYN)
+        .macs(CLIENT_MAC, fx.up0_mac)
+        .build();
+    let p = parse(&fx.uplink(&syn).unwrap().packet);
+    assert_eq!(p.src, ip(NODE_V4), "snat while redirected");
+    let synack = Spec::tcp("10.1.9.2", 8080, NODE_V4, p.sport, TCP_SYN | TCP_ACK)
+        .macs(lb_tests::kernel::POD_MAC, fx.pod0_mac)
+        .build();
+    let out = fx.out_of_uplink(&synack).unwrap();
+    assert_eq!((out.verdict, &out.packet), (TC_NEXT, &synack));
+    assert_eq!(fx.from_pod(&synack).unwrap().verdict, TC_REDIRECT);
+}
+
 /// `lb_uplink_tc` at the uplink's TC ingress, live (BPF_F_TEST_XDP_LIVE_FRAMES: what a program
 /// passes, the kernel takes in on up0 as from a driver, through TC ingress): a packet
 /// `lb_uplink` marked for a pod behind a policy hook is redirected into pod0 (its peer pod1

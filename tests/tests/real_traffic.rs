@@ -28,7 +28,7 @@ use lb_tests::{
     openmetrics,
     programs::{
         Capture, CurlResult, Nginx, Proc, TempDir, curl, http_base, mib, offloads, read_pcap,
-        require_programs, run, sha256_file, syn_answers, write_random_file,
+        require_programs, run, run_ok, sha256_file, syn_answers, write_random_file,
     },
 };
 
@@ -357,9 +357,16 @@ fn large_downloads_from_local_and_remote_pods_arrive_whole_in_every_mode_and_fam
             );
         }
     }
+    downloads(&s, &dir, &want, &ROUTES.iter().collect::<Vec<_>>());
+}
+
+/// Downloads `dir`/blob (hashing `want`) through each of `routes` with curl, from pods that
+/// must send it as TSO/GSO super-packets; fails with a table of what went wrong.
+fn downloads(s: &Setup, dir: &TempDir, want: &str, routes: &[&Route]) {
+    let n = routes.len();
     let mut rows = Vec::new();
     let mut failed = 0;
-    for route in ROUTES {
+    for route in routes {
         let target = url(route.vip, "/files/blob");
         let out = dir.join(&format!("got-{}", route.service));
         let out_arg = out.display().to_string();
@@ -368,7 +375,7 @@ fn large_downloads_from_local_and_remote_pods_arrive_whole_in_every_mode_and_fam
             s.pod_ns(route.pod),
             POD_IFACE,
             &format!("tcp src port {POD_PORT} and greater {}", MTU + 15),
-            &dir,
+            dir,
             &format!("tso-{}", route.service),
         )
         .expect("tcpdump");
@@ -422,9 +429,127 @@ fn large_downloads_from_local_and_remote_pods_arrive_whole_in_every_mode_and_fam
     assert!(
         failed == 0,
         "{failed} of {} downloads failed:\n{}\n{}",
-        ROUTES.len(),
+        n,
         rows.join("\n"),
         s.counters()
+    );
+}
+
+/// Local pods delivered through netfilter (`policy-hooks = "respect"`, with kube-proxy's
+/// conntrack rule on node1's forward path, counted): 64 MiB downloads from pods that send
+/// TSO/GSO super-packets arrive whole in both modes and families (the replies go through the
+/// kernel's forwarding, and `lb_uplink_out` translates them at the uplink's egress, segments and
+/// partial checksums included), 500 short connections where the server closes first all
+/// succeed, and conntrack takes none of it for INVALID.
+#[test]
+fn local_pods_delivered_through_netfilter_serve_large_downloads_and_short_connections() {
+    if !require_root() {
+        return;
+    }
+    let local: Vec<&Route> = ROUTES.iter().filter(|r| r.place == "local").collect();
+    let s = Setup::new("rt-nf", &["pod1", "pod2"], false, |lab| {
+        let services: Vec<String> = local
+            .iter()
+            .map(|r| {
+                let pod = pod_address(lab, r.pod, r.vip.contains(':'));
+                service(r.service, r.vip, r.mode, &[&pod])
+            })
+            .collect();
+        format!(
+            "[node]\nhash-seed = 7\npolicy-hooks = \"respect\"\n{}",
+            services.concat()
+        )
+    });
+    let node = &s.lab.node1().ns;
+    run_ok(
+        node,
+        Duration::from_secs(10),
+        "nft",
+        &["add table inet kp { chain forward { type filter hook forward priority 0; ct state invalid counter drop; }; }"],
+    )
+    .expect("nft");
+    // Both pods' veths `netfilter`, and a little over the data path's next-hop cache's life.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = s.agent.status().expect("status");
+        let deliveries: Vec<String> = status["interfaces"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i["delivery"].as_str().map(str::to_string))
+            .collect();
+        if deliveries.len() >= 2 && deliveries.iter().all(|d| d == "netfilter") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "deliveries {deliveries:?}");
+        thread::sleep(Duration::from_millis(200));
+    }
+    thread::sleep(Duration::from_millis(1200));
+
+    let dir = TempDir::new("rt-nf").expect("temp dir");
+    let blob = dir.join("blob");
+    write_random_file(&blob, usize::try_from(TRANSFER_BYTES).unwrap(), 0x5eed_0003).expect("blob");
+    let want = sha256_file(&blob).expect("hash");
+    for server in s.nginx.values() {
+        server.add_file(&blob, "blob").expect("serve blob");
+    }
+    downloads(&s, &dir, &want, &local);
+
+    let (results, stderr) = curl(
+        s.client(),
+        Duration::from_secs(120),
+        &[
+            "--parallel",
+            "--parallel-max",
+            "8",
+            "--connect-timeout",
+            "5",
+            "--max-time",
+            "10",
+            "-o",
+            "/dev/null",
+            &url(local[0].vip, "/small?n=[1-500]"),
+        ],
+        false,
+    )
+    .expect("curl");
+    let ok = results.iter().filter(|r| r.ok()).count();
+    let connections: u64 = results.iter().map(|r| u64::from(r.connects)).sum();
+    let status = s.agent.status().expect("status");
+    let counter = |name: &str| status["counters"][name].as_u64().unwrap_or(0);
+    let (passed, replied) = (counter("pass_netfilter"), counter("reply_netfilter"));
+    let out = run(
+        node,
+        Duration::from_secs(10),
+        "nft",
+        &["list", "chain", "inet", "kp", "forward"],
+    )
+    .expect("nft list");
+    let listing = String::from_utf8_lossy(&out.stdout).into_owned();
+    let words: Vec<&str> = listing.split_whitespace().collect();
+    let invalid: u64 = words
+        .windows(2)
+        .filter(|w| w[0] == "packets")
+        .filter_map(|w| w[1].parse::<u64>().ok())
+        .sum();
+    eprintln!(
+        "{ok} of {} short connections ok ({connections} connects); pass_netfilter {passed}, \
+         reply_netfilter {replied}, conntrack INVALID {invalid}",
+        results.len()
+    );
+    assert!(
+        results.len() == 500 && ok == 500,
+        "short connections through netfilter: {ok} of {} ok\n{stderr}\n{}",
+        results.len(),
+        s.counters()
+    );
+    assert!(
+        passed > 2_500 && replied > 2_500,
+        "both directions through the kernel: {passed} / {replied}"
+    );
+    assert!(
+        invalid * 1000 <= passed,
+        "conntrack saw both directions: {invalid} INVALID of {passed}"
     );
 }
 

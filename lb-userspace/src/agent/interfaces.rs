@@ -2,19 +2,20 @@
 //! (attached, or taken over from a previous agent), interfaces that went are detached, and the
 //! redirect targets (devmap) and interface table (VLAN devices, policy hooks) are made to list
 //! exactly the current interfaces. Each backend interface's delivery (redirect in XDP, or the
-//! kernel through its policy hooks: see [`crate::hooks`]) is decided here, and again
+//! kernel through its policy hooks, or netfilter: see [`crate::hooks`]) is decided here, and again
 //! periodically, as hooks come and go without notifications.
 use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::Result;
 use lb_common::{
-    IFACE_POLICY_HOOK, Iface, LinkMac, MAC_SLOTS, PROG_BACKEND, PROG_UPLINK, PROG_UPLINK_TC,
+    IFACE_NETFILTER, IFACE_POLICY_HOOK, Iface, LinkMac, MAC_SLOTS, PROG_BACKEND, PROG_UPLINK,
+    PROG_UPLINK_OUT, PROG_UPLINK_TC,
 };
 use log::{info, warn};
 
 use super::Agent;
 use crate::{
-    hooks::{self, Delivery},
+    hooks::{self, Delivery, Via},
     netlink::Link,
     nic::Nic,
     tables::Tables,
@@ -78,7 +79,8 @@ impl Agent {
             }
         };
         let lost = self.attachments.take_lost(&mut self.netlink, &xdp_on).len()
-            + self.uplink_tc.take_lost(&mut self.netlink, &xdp_on).len();
+            + self.uplink_tc.take_lost(&mut self.netlink, &xdp_on).len()
+            + self.uplink_out.take_lost(&mut self.netlink, &xdp_on).len();
         if lost > 0 {
             if let Err(e) = self.sync_interfaces() {
                 warn!("interfaces: {e:#}");
@@ -106,21 +108,20 @@ impl Agent {
         }
         let setting = self.inputs.file.node.policy_hooks;
         // Under `respect` too: the reason says what netfilter has that balanced traffic skips.
-        let netfilter = if setting == hooks::PolicyHooks::Ignore {
-            hooks::Netfilter::default()
-        } else {
+        let netfilter = if setting == hooks::PolicyHooks::Detect {
             hooks::netfilter_forward()
+        } else {
+            hooks::Netfilter::new()
         };
         let mut out = BTreeMap::new();
         for link in self.interfaces.backends.clone() {
-            let d = if self.redirectable(&link) {
-                hooks::decide(setting, &mut self.netlink, &link, &netfilter)
-            } else {
-                Delivery {
-                    kernel: true,
+            let mut d = hooks::decide(setting, &mut self.netlink, &link, &netfilter);
+            if d.via == Via::Redirect && !self.redirectable(&link) {
+                d = Delivery {
+                    via: Via::Kernel,
                     reason: "its pod end takes no redirected frames".into(),
-                }
-            };
+                };
+            }
             out.insert(link.ifindex, (link.name.clone(), d));
         }
         out
@@ -131,23 +132,36 @@ impl Agent {
     fn write_interfaces(&mut self) -> Result<()> {
         let mut targets: BTreeSet<u32> =
             self.interfaces.uplinks.iter().map(|l| l.ifindex).collect();
-        let mut hooked = BTreeSet::new();
+        let (mut hooked, mut netfiltered) = (BTreeSet::new(), BTreeSet::new());
         for link in self.interfaces.backends.clone() {
+            let via = self.deliveries.get(&link.ifindex).map(|(_, d)| d.via);
+            // A `netfilter` pod is reached through the kernel's forwarding, whether or not its
+            // veth takes redirected frames.
+            if via == Some(Via::Netfilter) {
+                netfiltered.insert(link.ifindex);
+            }
             if self.redirectable(&link) {
                 targets.insert(link.ifindex);
-                if self
-                    .deliveries
-                    .get(&link.ifindex)
-                    .is_some_and(|(_, d)| d.kernel)
-                {
+                if via == Some(Via::Kernel) {
                     hooked.insert(link.ifindex);
                 }
             }
         }
-        // The handoff's receiver goes on before the data path starts handing over.
+        // The receivers go on before the data path starts handing over.
         self.sync_uplink_tc(!hooked.is_empty());
-        write_interface_tables(&mut self.maps, &targets, &self.interfaces.vlans, &hooked)?;
-        if self.deliveries.values().any(|(_, d)| d.kernel) {
+        self.sync_uplink_out(!netfiltered.is_empty());
+        write_interface_tables(
+            &mut self.maps,
+            &targets,
+            &self.interfaces.vlans,
+            &hooked,
+            &netfiltered,
+        )?;
+        if self
+            .deliveries
+            .values()
+            .any(|(_, d)| d.via != Via::Redirect)
+        {
             for uplink in &self.interfaces.uplinks {
                 match hooks::accept_local(&uplink.name) {
                     Ok(true) => info!(
@@ -205,6 +219,48 @@ impl Agent {
                     "{PROG_UPLINK_TC} off {iface}: no backend interface takes handed-over packets"
                 );
                 self.uplink_tc.detach(&iface);
+            }
+        }
+    }
+
+    /// `lb_uplink_out` at every uplink's TC egress when `wanted` (some backend interface is
+    /// `netfilter`), else on none: it costs every packet the kernel sends out of an uplink a
+    /// program run. An uplink it cannot go on is logged: replies of `netfilter` flows leaving
+    /// there go out untranslated (the client drops them), so new flows to those pods fail.
+    fn sync_uplink_out(&mut self, wanted: bool) {
+        let mut on = Vec::new();
+        if wanted {
+            for link in self.interfaces.uplinks.clone() {
+                let new = self.uplink_out.get(&link.name).is_none();
+                match self.uplink_out.attach_tc(
+                    &mut self.loaded.ebpf,
+                    PROG_UPLINK_OUT,
+                    &link.name,
+                    self.args.tc_mode,
+                ) {
+                    Ok(a) => {
+                        if new {
+                            info!(
+                                "{PROG_UPLINK_OUT} on {} (ifindex {}) at egress: {} mode{}: replies from pods delivered through netfilter are translated here",
+                                a.iface,
+                                a.ifindex,
+                                a.mode,
+                                note_suffix(a.note.as_deref())
+                            );
+                        }
+                        on.push(link.name.clone());
+                    }
+                    Err(e) => warn!(
+                        "{}: {e:#}; replies from pods delivered through netfilter cannot be translated there",
+                        link.name
+                    ),
+                }
+            }
+        }
+        for iface in self.uplink_out.pinned_interfaces() {
+            if !on.contains(&iface) {
+                info!("{PROG_UPLINK_OUT} off {iface}: no backend interface is netfilter");
+                self.uplink_out.detach(&iface);
             }
         }
     }
@@ -286,13 +342,15 @@ impl Agent {
 }
 
 /// Makes the redirect targets exactly `targets` and the interface table exactly `vlans`
-/// ((ifindex, parent ifindex, VLAN id)) and `hooked` (interfaces with a policy hook), writing
+/// ((ifindex, parent ifindex, VLAN id)), `hooked` (interfaces with a policy hook) and
+/// `netfiltered` (interfaces whose delivery is `netfilter`), writing
 /// only what differs. New entries go in before stale ones go, so a packet never finds neither.
 pub(crate) fn write_interface_tables(
     t: &mut dyn Tables,
     targets: &BTreeSet<u32>,
     vlans: &[(u32, u32, u16)],
     hooked: &BTreeSet<u32>,
+    netfiltered: &BTreeSet<u32>,
 ) -> crate::tables::Result<()> {
     let present = t.redirects()?;
     for i in targets.difference(&present) {
@@ -314,6 +372,9 @@ pub(crate) fn write_interface_tables(
     }
     for i in hooked {
         wanted.entry(*i).or_default().flags |= IFACE_POLICY_HOOK;
+    }
+    for i in netfiltered {
+        wanted.entry(*i).or_default().flags |= IFACE_NETFILTER;
     }
     let known = t.ifaces()?;
     for (ifindex, iface) in &wanted {
@@ -375,7 +436,8 @@ mod tests {
     #[test]
     fn interface_tables_follow_the_interfaces_with_the_fewest_writes() {
         let mut t = MemoryTables::default();
-        write_interface_tables(&mut t, &[2, 5].into(), &[(7, 2, 100)], &[5].into()).unwrap();
+        let (vlans, hooked, netfiltered) = (&[(7, 2, 100)], &[5].into(), &[9].into());
+        write_interface_tables(&mut t, &[2, 5].into(), vlans, hooked, netfiltered).unwrap();
         assert_eq!(t.redirects, [2, 5].into());
         assert_eq!(t.ifaces[&7].vlan_id, 100);
         assert_eq!(t.ifaces[&7].flags, 0);
@@ -383,19 +445,22 @@ mod tests {
             (t.ifaces[&5].parent, t.ifaces[&5].flags),
             (0, IFACE_POLICY_HOOK)
         );
+        assert_eq!(t.ifaces[&9].flags, IFACE_NETFILTER);
         t.take_log();
         // The same again: nothing to write.
-        write_interface_tables(&mut t, &[2, 5].into(), &[(7, 2, 100)], &[5].into()).unwrap();
+        write_interface_tables(&mut t, &[2, 5].into(), vlans, hooked, netfiltered).unwrap();
         assert!(t.take_log().is_empty());
-        // Interface 5 went, 6 came (without a hook), the VLAN device went.
-        write_interface_tables(&mut t, &[2, 6].into(), &[], &BTreeSet::new()).unwrap();
+        // Interface 5 went, 6 came (without a hook), the VLAN device and 9 went.
+        let none = BTreeSet::new();
+        write_interface_tables(&mut t, &[2, 6].into(), &[], &none, &none).unwrap();
         assert_eq!(
             t.take_log(),
             [
                 Write::SetRedirect(6),
                 Write::RemoveRedirect(5),
                 Write::RemoveIface(5),
-                Write::RemoveIface(7)
+                Write::RemoveIface(7),
+                Write::RemoveIface(9)
             ]
         );
         assert_eq!(t.redirects, [2, 6].into());
