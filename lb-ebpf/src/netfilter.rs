@@ -47,9 +47,9 @@ fn out(ctx: &TcContext) -> i32 {
         return TCX_NEXT;
     };
     let replied = if pkt.v6 {
-        lookup::<Ipv6>(pkt, &ports, FLOW_NETFILTER)
+        lookup::<Ipv6>(pkt, &ports, FLOW_NETFILTER, FLOW_NETFILTER)
     } else {
-        lookup::<Ipv4>(pkt, &ports, FLOW_NETFILTER)
+        lookup::<Ipv4>(pkt, &ports, FLOW_NETFILTER, FLOW_NETFILTER)
     };
     if !replied {
         return TCX_NEXT;

@@ -21,7 +21,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    Counter, DropReason, FLOW_NETFILTER, HOP_VLAN, IPPROTO_TCP, IPPROTO_UDP,
+    Counter, DropReason, FLOW_NETFILTER, HOP_VLAN, IFACE_NETFILTER, IPPROTO_TCP, IPPROTO_UDP,
     checksum::Delta,
     filter::Plane,
     flow_clock,
@@ -34,7 +34,9 @@ use lb_common::{
 use crate::{
     family::{Family, Ipv4, Ipv6, key_of},
     flow::{self, Target},
-    maps::{LB_SVC_STATS, config, count, count_service_drop, in_filter, packet, scratch},
+    maps::{
+        LB_IFACES, LB_SVC_STATS, config, count, count_service_drop, in_filter, packet, scratch,
+    },
     nexthop::{self, Fib, Route},
     parse::{Packet, Ports, State, ipv4_checksum_ok, load, parse_l3, parse_ports, ptr_at},
 };
@@ -90,12 +92,20 @@ fn backend(ctx: &TcContext) -> i32 {
     let Some(ports) = parse_ports(ctx, pkt) else {
         return TCX_NEXT;
     };
-    // Replies of `netfilter` flows go on untranslated: the kernel forwards them (conntrack and
-    // netfilter see them) and `lb_uplink_out` translates them on the way out.
+    // Replies of `netfilter` flows go on untranslated while this interface is `netfilter`: the
+    // kernel forwards them (conntrack and netfilter see them) and `lb_uplink_out` translates
+    // them on the way out. Once it is not, they are ours, as any flow's that keeps the client's
+    // address (`lb_uplink_out` may be off the uplinks by then).
+    // SAFETY: the program's context: the device the skb arrived on.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: copied out at once; the agent writes this map only when interfaces change.
+    let netfilter =
+        unsafe { LB_IFACES.get(&ifindex) }.is_some_and(|i| i.flags & IFACE_NETFILTER != 0);
+    let skip = if netfilter { FLOW_NETFILTER } else { 0 };
     let replied = if pkt.v6 {
-        lookup::<Ipv6>(pkt, &ports, 0)
+        lookup::<Ipv6>(pkt, &ports, skip, 0)
     } else {
-        lookup::<Ipv4>(pkt, &ports, 0)
+        lookup::<Ipv4>(pkt, &ports, skip, 0)
     };
     if !replied {
         // The pod's own traffic (or a `netfilter` flow's reply).
@@ -105,11 +115,11 @@ fn backend(ctx: &TcContext) -> i32 {
     reply(ctx, pkt, &ports)
 }
 
-/// Finds the reply entry of the pod's packet; if it is live for it and its FLOW_NETFILTER bit is
-/// `netfilter`: true, its target in scratch(). (Its own subprogram, per family; the rest is the
-/// same for both.)
+/// Finds the reply entry of the pod's packet; if it is live for it and its flags masked with
+/// `mask` are `want`: true, its target in scratch(). (Its own subprogram, per family; the rest
+/// is the same for both.)
 #[inline(never)]
-pub(crate) fn lookup<F: Family>(pkt: &Packet, ports: &Ports, netfilter: u8) -> bool {
+pub(crate) fn lookup<F: Family>(pkt: &Packet, ports: &Ports, mask: u8, want: u8) -> bool {
     let (Some(cfg), Some(s)) = (config(), scratch()) else {
         return false;
     };
@@ -119,7 +129,7 @@ pub(crate) fn lookup<F: Family>(pkt: &Packet, ports: &Ports, netfilter: u8) -> b
     };
     // SAFETY: a successful map lookup's pointer is valid and aligned for the value until the program returns.
     let f = unsafe { &*entry };
-    if f.flags & FLOW_NETFILTER != netfilter {
+    if f.flags & mask != want {
         return false;
     }
     let Some(t) = flow::resolve(f) else {

@@ -781,11 +781,31 @@ fn a_pod_behind_netfilter_forward_rules_is_reached_only_as_they_allow() {
     let h = HookLab::new("e2e-nf");
     let (vip, snat_vip) = (addr(HOOK_VIP, 80), addr(HOOK_SNAT_VIP, 80));
     h.delivery("redirect", "no policy hook found");
+    let opts = lb_tests::traffic::TransferOptions {
+        chunk: 64 * 1024,
+        interval: Duration::from_millis(1),
+        ..Default::default()
+    };
+    // A connection that lives across each switch of delivery (a snat flow opened while
+    // redirected keeps its snat through the kernel's forwarding).
+    let across = |vip: SocketAddr| {
+        LongTransfer::start_with(
+            &h.s.lab.client().ns,
+            Some(ALLOWED.parse().unwrap()),
+            vip,
+            opts,
+        )
+        .expect("transfer")
+    };
+    let live = across(snat_vip);
     // kube-proxy's `-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP`, counted.
     h.nft(
         "table inet kp {\n chain forward {\n  type filter hook forward priority 0;\n  ct state invalid counter drop\n }\n}\n",
     );
     let reason = h.delivery("netfilter", "nftables chain inet kp forward");
+    let report = live.finish();
+    println!("across redirect -> netfilter: {report:?}");
+    assert!(report.is_clean(), "{report:?}\n{}", h.s.agent.log_tail());
     println!(
         "{} with netfilter forward rules: netfilter ({reason})",
         h.veth
@@ -805,18 +825,7 @@ fn a_pod_behind_netfilter_forward_rules_is_reached_only_as_they_allow() {
         assert_eq!(h.must_reach(client6, addr(vip6, 80)).to_string(), client6);
     }
     // A large transfer with the lab's default offloads.
-    let opts = lb_tests::traffic::TransferOptions {
-        chunk: 64 * 1024,
-        interval: Duration::from_millis(1),
-        ..Default::default()
-    };
-    let transfer = LongTransfer::start_with(
-        &h.s.lab.client().ns,
-        Some(ALLOWED.parse().unwrap()),
-        snat_vip,
-        opts,
-    )
-    .expect("transfer");
+    let transfer = across(snat_vip);
     std::thread::sleep(Duration::from_secs(3));
     let report = transfer.finish();
     println!("large transfer to a netfilter pod: {report:?}");
@@ -867,8 +876,12 @@ fn a_pod_behind_netfilter_forward_rules_is_reached_only_as_they_allow() {
     h.must_reach(ALLOWED, vip);
     h.policy_program(false);
 
+    let live = across(snat_vip);
     h.nft("delete table inet kp");
     h.delivery("redirect", "no policy hook found");
+    let report = live.finish();
+    println!("across netfilter -> redirect: {report:?}");
+    assert!(report.is_clean(), "{report:?}\n{}", h.s.agent.log_tail());
     let text = h.s.agent.status_text().expect("status text");
     assert!(
         !text.contains("lb_uplink_out at"),

@@ -802,9 +802,21 @@ fn a_local_pod_delivered_through_netfilter_is_reached_and_answers_through_the_ke
         .build();
     let out = fx.out_of_uplink(&other).unwrap();
     assert_eq!((out.verdict, &out.packet), (TC_NEXT, &other));
+    // The pod no longer `netfilter` (redirected again): its live flows' replies are
+    // lb_backend's to translate (lb_uplink_out may be off the uplinks by then).
+    fx.set_pod0_flags(0).unwrap();
+    let reply = Spec::tcp("10.1.9.2", 8080, "10.0.0.10", 41001, TCP_ACK)
+        .macs(lb_tests::kernel::POD_MAC, fx.pod0_mac)
+        .build();
+    let back = fx.from_pod(&reply).unwrap();
+    assert_eq!(back.verdict, TC_REDIRECT, "translated by lb_backend");
+    let r = parse(&back.packet);
+    assert_eq!(
+        (r.src, r.sport, r.dst, r.dport),
+        (ip("10.96.0.21"), 80, ip("10.0.0.10"), 41001)
+    );
     // A snat flow opened while the pod was `redirect` keeps its snat; its reply is
     // lb_backend's, never lb_uplink_out's.
-    fx.set_pod0_flags(0).unwrap();
     let syn = Spec::tcp("10.0.0.10", 42000, "10.96.0.21", 80, TCP_SYN)
         .macs(CLIENT_MAC, fx.up0_mac)
         .build();

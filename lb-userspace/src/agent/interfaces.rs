@@ -147,9 +147,15 @@ impl Agent {
                 }
             }
         }
-        // The receivers go on before the data path starts handing over.
-        self.sync_uplink_tc(!hooked.is_empty());
-        self.sync_uplink_out(!netfiltered.is_empty());
+        // The receivers go on before the data path starts handing over, and come off only after
+        // it stopped (a `netfilter` pod's reply the kernel forwarded untranslated would reach
+        // the client, whose RST would end the connection).
+        if !hooked.is_empty() {
+            self.sync_uplink_tc(true);
+        }
+        if !netfiltered.is_empty() {
+            self.sync_uplink_out(true);
+        }
         write_interface_tables(
             &mut self.maps,
             &targets,
@@ -157,6 +163,12 @@ impl Agent {
             &hooked,
             &netfiltered,
         )?;
+        if hooked.is_empty() {
+            self.sync_uplink_tc(false);
+        }
+        if netfiltered.is_empty() {
+            self.sync_uplink_out(false);
+        }
         if self
             .deliveries
             .values()
