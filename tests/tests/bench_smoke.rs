@@ -144,6 +144,20 @@ fn check_throughput(results: &lb_tests::bench::Results) {
         handoff.forwarded_pps > 0.0 && redirected >= handoff.forwarded_pps * 0.9,
         "{handoff:?}"
     );
+    // The netfilter path went through the kernel's forwarding (nft is a dependency the
+    // project installs, so the path is there).
+    let netfilter = t
+        .peak(Path::Netfilter, Mix::ManyFlows)
+        .expect("the netfilter path measured");
+    let passed = netfilter
+        .lb_counters
+        .iter()
+        .find(|(n, _)| n == "pass_netfilter")
+        .map_or(0.0, |(_, v)| *v);
+    assert!(
+        netfilter.forwarded_pps > 0.0 && passed >= netfilter.forwarded_pps * 0.9,
+        "{netfilter:?}"
+    );
     let flood = t
         .peak(Path::Lb { limiter: true }, Mix::Flood)
         .expect("flood through xdplb");

@@ -824,30 +824,10 @@ fn a_pod_behind_netfilter_forward_rules_is_reached_only_as_they_allow() {
     for vip6 in [HOOK_VIP6, HOOK_SNAT_VIP6] {
         assert_eq!(h.must_reach(client6, addr(vip6, 80)).to_string(), client6);
     }
-    // A large transfer with the lab's default offloads.
-    let transfer = across(snat_vip);
+    // A large transfer with the lab's default offloads: conntrack pairs both directions.
+    let report = across(snat_vip);
     std::thread::sleep(Duration::from_secs(3));
-    let report = transfer.finish();
-    println!("large transfer to a netfilter pod: {report:?}");
-    assert!(
-        report.is_clean() && report.bytes_sent > 20_000_000,
-        "{report:?}\n{}",
-        h.s.agent.log_tail()
-    );
-    let (passed, replied) = (
-        h.counter("pass_netfilter") - passed,
-        h.counter("reply_netfilter") - replied,
-    );
-    let invalid = h.nft_counter("kp", "forward");
-    println!("pass_netfilter +{passed}, reply_netfilter +{replied}, ct invalid {invalid}");
-    assert!(
-        passed > 100 && replied >= 42,
-        "through the kernel: {passed} / {replied}"
-    );
-    assert!(
-        invalid * 100 <= passed,
-        "conntrack saw both directions: {invalid} invalid of {passed}"
-    );
+    conntrack_saw_both_directions(&h, &report.finish(), passed, replied);
 
     // A forward rule as a netfilter policy has: ALLOWED may not reach the pod, through either
     // VIP; BLOCKED still may.
@@ -891,6 +871,37 @@ fn a_pod_behind_netfilter_forward_rules_is_reached_only_as_they_allow() {
     assert_eq!(
         h.must_reach(ALLOWED, snat_vip),
         IpAddr::from(h.s.lab.node1().ipv4)
+    );
+}
+
+/// A large transfer's `report` went through whole, both directions of it through the kernel
+/// (`pass_netfilter` and `reply_netfilter` grew from `passed` and `replied`), and conntrack
+/// (kp's `ct state invalid` counter) took next to none of it for INVALID.
+fn conntrack_saw_both_directions(
+    h: &HookLab,
+    report: &lb_tests::traffic::TransferReport,
+    passed: u64,
+    replied: u64,
+) {
+    println!("large transfer to a netfilter pod: {report:?}");
+    assert!(
+        report.is_clean() && report.bytes_sent > 20_000_000,
+        "{report:?}\n{}",
+        h.s.agent.log_tail()
+    );
+    let (passed, replied) = (
+        h.counter("pass_netfilter") - passed,
+        h.counter("reply_netfilter") - replied,
+    );
+    let invalid = h.nft_counter("kp", "forward");
+    println!("pass_netfilter +{passed}, reply_netfilter +{replied}, ct invalid {invalid}");
+    assert!(
+        passed > 100 && replied >= 42,
+        "through the kernel: {passed} / {replied}"
+    );
+    assert!(
+        invalid * 100 <= passed,
+        "conntrack saw both directions: {invalid} invalid of {passed}"
     );
 }
 

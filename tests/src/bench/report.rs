@@ -373,6 +373,16 @@ pub fn throughput_tables(t: &Throughput) -> String {
             ))
         );
     }
+    if let (Some(a), Some(b)) = (own(lb), own(TPath::Netfilter)) {
+        let _ = writeln!(
+            s,
+            "| netfilter delivery (kernel forwarding, kube-proxy's rules loaded), limiter on: forwarded / redirect's; CPU ns per packet as above: netfilter {b:.0} ns, redirect {a:.0} ns | {} | |",
+            r(ratio(
+                fwd(TPath::Netfilter, Mix::ManyFlows),
+                fwd(lb, Mix::ManyFlows)
+            ))
+        );
+    }
     if !t.fixed_loads.is_empty() {
         let _ = writeln!(
             s,
@@ -423,6 +433,13 @@ pub fn throughput_tables(t: &Throughput) -> String {
         let _ = writeln!(
             s,
             "\nxdplb with the handoff, many flows (per second; every packet handed over is counted by pass_policy_hook in lb_uplink and redirect_policy_hook in lb_uplink_tc): {}",
+            counters(m)
+        );
+    }
+    if let Some(m) = t.peak(TPath::Netfilter, Mix::ManyFlows) {
+        let _ = writeln!(
+            s,
+            "\nxdplb with netfilter delivery, many flows (per second; every packet passed to the kernel's forwarding is counted by pass_netfilter): {}",
             counters(m)
         );
     }
@@ -701,6 +718,7 @@ fn throughput_svg(t: &Throughput) -> String {
         TPath::Lb { limiter: false },
         TPath::Lb { limiter: true },
         TPath::Handoff,
+        TPath::Netfilter,
         TPath::Nftables,
     ];
     let present: Vec<TPath> = paths

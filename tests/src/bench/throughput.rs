@@ -92,6 +92,9 @@ pub enum Path {
     },
     /// The data path, limiter on, with be0's delivery `kernel` (the handoff).
     Handoff,
+    /// The data path, limiter on, with be0's delivery `netfilter` (the kernel's forwarding,
+    /// kube-proxy's nftables rules loaded, as on a node where that delivery is chosen).
+    Netfilter,
     Nftables,
 }
 
@@ -103,6 +106,9 @@ impl Path {
             Path::Lb { limiter: false } => "xdplb, limiter off",
             Path::Lb { limiter: true } => "xdplb, limiter on",
             Path::Handoff => "xdplb, limiter on, kernel delivery (handoff to lb_uplink_tc)",
+            Path::Netfilter => {
+                "xdplb, limiter on, netfilter delivery (kernel forwarding, kube-proxy's rules loaded)"
+            }
             Path::Nftables => "nftables (kube-proxy rules) + forwarding",
         }
     }
@@ -114,6 +120,7 @@ impl Path {
             Path::Lb { limiter: false } => "xdplb",
             Path::Lb { limiter: true } => "xdplb+limiter",
             Path::Handoff => "xdplb+handoff",
+            Path::Netfilter => "xdplb+netfilter",
             Path::Nftables => "nftables",
         }
     }
@@ -251,6 +258,7 @@ pub fn run(scale: Scale) -> Result<Throughput> {
     paths.push(Path::Lb { limiter: true });
     paths.push(Path::Handoff);
     if nft.is_ok() {
+        paths.push(Path::Netfilter);
         paths.push(Path::Nftables);
     }
     for path in paths {
@@ -540,9 +548,10 @@ fn desired(limiter: bool) -> Desired {
 }
 
 impl Lb {
-    /// `handoff`: be0 is behind a policy hook (as the agent marks a pod veth whose delivery is
-    /// `kernel`) and `lb_uplink_tc` is on up0's TC ingress.
-    fn install(topo: &Topology, limiter: bool, handoff: bool) -> Result<Lb> {
+    /// `delivery`: be0's IFACE_* flags, as the agent writes them for its delivery; for `kernel`
+    /// (IFACE_POLICY_HOOK) `lb_uplink_tc` goes on up0's TC ingress. (`netfilter` needs
+    /// `lb_uplink_out` only for replies, which this one-way traffic has none of.)
+    fn install(topo: &Topology, limiter: bool, delivery: u16) -> Result<Lb> {
         let sizes = Sizes::default();
         let dataplane::Loaded {
             mut ebpf, progs, ..
@@ -572,15 +581,17 @@ impl Lb {
             up0 % lb_common::MAC_SLOTS,
             &lb_common::LinkMac::new(up0, mac),
         )?;
-        let handoff = if handoff {
+        if delivery != 0 {
             maps.set_iface(
                 be0,
                 &lb_common::Iface {
                     parent: 0,
                     vlan_id: 0,
-                    flags: lb_common::IFACE_POLICY_HOOK,
+                    flags: delivery,
                 },
             )?;
+        }
+        let handoff = if delivery & lb_common::IFACE_POLICY_HOOK != 0 {
             let tc = dataplane::classifier_mut(&mut ebpf, PROG_UPLINK_TC)?;
             Some(
                 topo.lb
@@ -918,8 +929,14 @@ fn run_path(path: Path, plan: &Plan, out: &mut Throughput) -> Result<Vec<Measure
             back = Some(Counted::attach(&topo.sender, "g0", "xdp_sink")?);
             uplink = Some(Counted::attach(&topo.lb, "up0", "xdp_tx")?);
         }
-        Path::Lb { limiter } => lb = Some(Lb::install(&topo, limiter, false)?),
-        Path::Handoff => lb = Some(Lb::install(&topo, true, true)?),
+        Path::Lb { limiter } => lb = Some(Lb::install(&topo, limiter, 0)?),
+        Path::Handoff => {
+            lb = Some(Lb::install(&topo, true, lb_common::IFACE_POLICY_HOOK)?);
+        }
+        Path::Netfilter => {
+            apply_nft(&topo.lb)?;
+            lb = Some(Lb::install(&topo, true, lb_common::IFACE_NETFILTER)?);
+        }
         Path::Nftables => {
             apply_nft(&topo.lb)?;
             uplink = Some(Counted::attach(&topo.lb, "up0", "xdp_count")?);
@@ -939,7 +956,7 @@ fn run_path(path: Path, plan: &Plan, out: &mut Throughput) -> Result<Vec<Measure
         Ok(match path {
             Path::XdpDrop | Path::Nftables => Some(uplink.as_ref().expect("uplink").frames()?),
             Path::XdpTx => None,
-            Path::Lb { .. } | Path::Handoff => lb
+            Path::Lb { .. } | Path::Handoff | Path::Netfilter => lb
                 .as_ref()
                 .map(|l| counter(&l.counters(), Counter::Packets)),
         })
