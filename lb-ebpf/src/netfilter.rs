@@ -27,6 +27,12 @@ pub fn lb_uplink_out(ctx: TcContext) -> i32 {
     out(&ctx)
 }
 
+/// A `netfilter` flow's entry.
+#[inline(always)]
+fn is_netfilter(flags: u8) -> bool {
+    flags & FLOW_NETFILTER != 0
+}
+
 #[inline(never)]
 fn out(ctx: &TcContext) -> i32 {
     let _ = ctx.pull_data(HEADROOM.min(ctx.len()));
@@ -47,9 +53,9 @@ fn out(ctx: &TcContext) -> i32 {
         return TCX_NEXT;
     };
     let replied = if pkt.v6 {
-        lookup::<Ipv6>(pkt, &ports, FLOW_NETFILTER, FLOW_NETFILTER)
+        lookup::<Ipv6>(pkt, &ports, is_netfilter)
     } else {
-        lookup::<Ipv4>(pkt, &ports, FLOW_NETFILTER, FLOW_NETFILTER)
+        lookup::<Ipv4>(pkt, &ports, is_netfilter)
     };
     if !replied {
         return TCX_NEXT;

@@ -98,14 +98,11 @@ fn backend(ctx: &TcContext) -> i32 {
     // address (`lb_uplink_out` may be off the uplinks by then).
     // SAFETY: the program's context: the device the skb arrived on.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    // SAFETY: copied out at once; the agent writes this map only when interfaces change.
-    let netfilter =
-        unsafe { LB_IFACES.get(&ifindex) }.is_some_and(|i| i.flags & IFACE_NETFILTER != 0);
-    let skip = if netfilter { FLOW_NETFILTER } else { 0 };
+    let ours = |flags: u8| flags & FLOW_NETFILTER == 0 || !netfilter_iface(ifindex);
     let replied = if pkt.v6 {
-        lookup::<Ipv6>(pkt, &ports, skip, 0)
+        lookup::<Ipv6>(pkt, &ports, ours)
     } else {
-        lookup::<Ipv4>(pkt, &ports, skip, 0)
+        lookup::<Ipv4>(pkt, &ports, ours)
     };
     if !replied {
         // The pod's own traffic (or a `netfilter` flow's reply).
@@ -115,11 +112,18 @@ fn backend(ctx: &TcContext) -> i32 {
     reply(ctx, pkt, &ports)
 }
 
-/// Finds the reply entry of the pod's packet; if it is live for it and its flags masked with
-/// `mask` are `want`: true, its target in scratch(). (Its own subprogram, per family; the rest
-/// is the same for both.)
+/// Whether `ifindex`'s delivery is `netfilter` (read only for the replies of such flows).
+#[inline(always)]
+fn netfilter_iface(ifindex: u32) -> bool {
+    // SAFETY: copied out at once; the agent writes this map only when interfaces change.
+    unsafe { LB_IFACES.get(&ifindex) }.is_some_and(|i| i.flags & IFACE_NETFILTER != 0)
+}
+
+/// Finds the reply entry of the pod's packet; if it is live for it and `ours` takes its flags:
+/// true, its target in scratch(). (Its own subprogram, per family; the rest is the same for
+/// both.)
 #[inline(never)]
-pub(crate) fn lookup<F: Family>(pkt: &Packet, ports: &Ports, mask: u8, want: u8) -> bool {
+pub(crate) fn lookup<F: Family>(pkt: &Packet, ports: &Ports, ours: impl Fn(u8) -> bool) -> bool {
     let (Some(cfg), Some(s)) = (config(), scratch()) else {
         return false;
     };
@@ -129,7 +133,7 @@ pub(crate) fn lookup<F: Family>(pkt: &Packet, ports: &Ports, mask: u8, want: u8)
     };
     // SAFETY: a successful map lookup's pointer is valid and aligned for the value until the program returns.
     let f = unsafe { &*entry };
-    if f.flags & mask != want {
+    if !ours(f.flags) {
         return false;
     }
     let Some(t) = flow::resolve(f) else {
