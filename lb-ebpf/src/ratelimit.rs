@@ -58,6 +58,13 @@ pub struct Pending {
 /// above (a BPF subprogram takes at most five arguments).
 #[inline(never)]
 pub fn check(policy_id: u32, src: &Addr, how: u32, now: u64) -> Verdict {
+    check_inline(policy_id, src, how, now)
+}
+
+/// `check` without the subprogram call, for an established flow's packet (see main.rs,
+/// `entry`: the call and its prologue cost about as much as the bucket's own work).
+#[inline(always)]
+pub fn check_inline(policy_id: u32, src: &Addr, how: u32, now: u64) -> Verdict {
     let Some(s) = scratch() else {
         return Verdict::Pass;
     };
