@@ -199,9 +199,8 @@ pub struct Choice {
 }
 
 /// The backend for a new flow, into `scratch().choice`: the client's affinity entry if it has a
-/// live one, else the ring slot the flow hashes to. Creates nothing. False: no backend. (Inline:
-/// `new_flow` is its only caller.)
-#[inline(always)]
+/// live one, else the ring slot the flow hashes to. Creates nothing. False: no backend.
+#[inline(never)]
 pub fn choose(src: &Addr, svc: &Service, hash: u32, now_ns: u64) -> bool {
     match pick(src, svc, hash, now_ns) {
         Some((id, remember)) => {

@@ -340,9 +340,8 @@ mod datapath {
 
     /// Finds the service, checks the source, picks a backend and a route to it, rate-limits,
     /// creates the flow and forwards. Nothing is created for a packet that is dropped. Only the
-    /// flow table's part depends on the family: the verifier walks the rest once. (Inline in
-    /// `lb_new_flow`: its only caller, and a subprogram call is a prologue and an epilogue.)
-    #[inline(always)]
+    /// flow table's part depends on the family: the verifier walks the rest once.
+    #[inline(never)]
     fn new_flow(ctx: &XdpContext, pkt: &Packet, ports: &Ports) -> u32 {
         let (Some(cfg), Some(s)) = (config(), scratch()) else {
             return xdp_action::XDP_DROP;
