@@ -105,8 +105,8 @@ mod datapath {
     /// The per-packet path, from here to the rewritten packet's send, is one BPF function: each
     /// subprogram call costs a call, a prologue saving every callee-saved register and (in a
     /// program with tail calls) the tail-call counter's hand-over; about as much as the rest of
-    /// an established flow's work together. Only the rare branches (the limiter, resets, the
-    /// slow paths' tail calls) call out.
+    /// an established flow's work together. Only the rare branches (resets, the slow paths' tail
+    /// calls) call out; the rate limiter's check is inline too.
     #[inline(always)]
     fn entry(ctx: &XdpContext) -> u32 {
         count(Counter::Packets);
@@ -295,13 +295,12 @@ mod datapath {
         if pkt.ttl <= 1 {
             return drop_for(t.service, DropReason::TtlExceeded);
         }
-        // Only clients are limited; without a policy there is nothing to decide (and no
-        // subprogram call to make).
+        // Only clients are limited; without a policy there is nothing to decide.
         if t.reply || t.policy == 0 {
             ratelimit::clear();
         } else {
             let how = if pkt.v6 { ratelimit::V6 } else { 0 };
-            match ratelimit::check(t.policy, &pkt.src, how, now_ns) {
+            match ratelimit::check_inline(t.policy, &pkt.src, how, now_ns) {
                 Verdict::Pass => {}
                 Verdict::Drop(reason) | Verdict::Reset(reason) => {
                     return drop_for(t.service, reason);

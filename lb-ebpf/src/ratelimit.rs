@@ -18,7 +18,7 @@ use lb_common::{
     Addr, Bucket, Counter, DropReason, Limit, POLICY_FAIL_OPEN, POLICY_HAS_PREFIXES,
     POLICY_RST_SYN, PREFIX_DENY, PREFIX_EXEMPT, PREFIX_LIMIT, Policy, PrefixKey, SOURCE_BUSY,
     SOURCE_FREE, SOURCE_KEEP_NS, SOURCE_WAYS, Source, SourceKey, SourceTags, bucket::admit,
-    source_hash, source_tag,
+    source_hash, source_set, source_tag,
 };
 
 use crate::maps::{
@@ -58,6 +58,13 @@ pub struct Pending {
 /// above (a BPF subprogram takes at most five arguments).
 #[inline(never)]
 pub fn check(policy_id: u32, src: &Addr, how: u32, now: u64) -> Verdict {
+    check_inline(policy_id, src, how, now)
+}
+
+/// `check` without the subprogram call, for an established flow's packet (see main.rs,
+/// `entry`: the call and its prologue cost about as much as the bucket's own work).
+#[inline(always)]
+pub fn check_inline(policy_id: u32, src: &Addr, how: u32, now: u64) -> Verdict {
     let Some(s) = scratch() else {
         return Verdict::Pass;
     };
@@ -148,7 +155,7 @@ fn place(key: &SourceKey) -> Option<(u32, u32)> {
     if sets == 0 {
         return None;
     }
-    Some((hash % sets, source_tag(hash)))
+    Some((source_set(hash, sets), source_tag(hash)))
 }
 
 /// Looks `key` up in its set: one pass over the tags, then one key comparison.

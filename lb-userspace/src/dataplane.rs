@@ -26,7 +26,7 @@ use lb_common::{
     MAP_SERVICES, MAP_SOURCE_TAGS, MAP_SOURCES, MAP_SVC_INFO, MAP_SVC_STATS, PROG_BACKEND,
     PROG_ICMP, PROG_NEW_FLOW, PROG_UPLINK, PROG_UPLINK_OUT, PROG_UPLINK_TC, Policy, PrefixKey,
     PrefixRule, SOURCE_FREE, SOURCE_WAYS, Service, ServiceInfo, ServiceKey, ServiceStats, Source,
-    SourceKey, SourceTags, TAIL_ICMP, TAIL_NEW_FLOW, source_hash, source_sets,
+    SourceKey, SourceTags, TAIL_ICMP, TAIL_NEW_FLOW, source_hash, source_set, source_sets,
 };
 
 use crate::{
@@ -759,7 +759,7 @@ impl Maps {
     /// own). Not atomic with the data path: only for a source nothing is sending from.
     pub fn forget_source(&mut self, key: &SourceKey) -> Result<()> {
         let sets = self.source_tags.len().max(1);
-        let set = source_hash(key) % sets;
+        let set = source_set(source_hash(key), sets);
         let mut tags = self
             .source_tags
             .get(&set, 0)
