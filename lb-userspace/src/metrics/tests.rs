@@ -168,6 +168,8 @@ fn figures_land_under_their_names_in_both_formats() {
             "xdplb_datapath_events_total{event=\"packets\"} 1000",
             "xdplb_service_packets_total{service=\"web \\\"main\\\"\",frontend=\"10.96.0.10:80/tcp\",direction=\"to_backend\"} 100",
             "xdplb_service_drops_total{service=\"web \\\"main\\\"\",frontend=\"10.96.0.10:80/tcp\",reason=\"no_backend\"} 2",
+            "xdplb_service_dropped_packets_total{service=\"web \\\"main\\\"\",frontend=\"10.96.0.10:80/tcp\"} 2",
+            "xdplb_service_dropped_packets_total{service=\"dns\",frontend=\"10.96.0.10:53/tcp\"} 0",
             "xdplb_backend_new_flows_total{service=\"web \\\"main\\\"\",frontend=\"10.96.0.10:80/tcp\",backend=\"10.1.1.2:8080\"} 5",
             "xdplb_backend_weight{service=\"web \\\"main\\\"\",frontend=\"10.96.0.10:80/tcp\",backend=\"10.1.1.3:8080\"} 0",
             "xdplb_interface_attached{interface=\"eth0\",program=\"lb_uplink\",hook=\"xdp-native\"} 1",
@@ -181,6 +183,23 @@ fn figures_land_under_their_names_in_both_formats() {
                 "{format:?}: no line {line}\n{out}"
             );
         }
+    }
+}
+
+#[test]
+fn drop_reasons_that_dropped_nothing_have_no_series_per_frontend() {
+    for format in [Format::OpenMetrics, Format::Text] {
+        let out = render(&view(), &figures(), None, format);
+        let drops: Vec<&str> = out
+            .lines()
+            .filter(|l| l.starts_with("xdplb_service_drops_total{"))
+            .collect();
+        assert_eq!(
+            drops.len(),
+            1,
+            "{format:?}: only web's no_backend: {drops:?}"
+        );
+        assert!(drops[0].contains("reason=\"no_backend\""), "{drops:?}");
     }
 }
 
@@ -463,11 +482,8 @@ fn registry_service_metrics(r: &mut Registry, view: &AgentView, figures: &Figure
     let svc_packets = counter_family(r, "service_packets", "Packets of a service, by direction");
     let svc_bytes = counter_family(r, "service_bytes", "IP bytes of a service, by direction");
     let svc_flows = counter_family(r, "service_new_flows", "New flows of a service");
-    let svc_drops = counter_family(
-        r,
-        "service_drops",
-        "Packets of a service dropped, by reason",
-    );
+    let svc_dropped = counter_family(r, "service_dropped_packets", SERVICE_DROPPED_HELP);
+    let svc_drops = counter_family(r, "service_drops", SERVICE_DROPS_HELP);
     let be_packets = counter_family(
         r,
         "backend_packets",
@@ -504,7 +520,13 @@ fn registry_service_metrics(r: &mut Registry, view: &AgentView, figures: &Figure
                 .inc_by(bytes);
         }
         svc_flows.get_or_create(&base).inc_by(st.new_flows);
+        svc_dropped
+            .get_or_create(&base)
+            .inc_by(st.drops.iter().sum());
         for (reason, v) in DropReason::ALL.iter().zip(st.drops.iter()) {
+            if *v == 0 {
+                continue;
+            }
             svc_drops
                 .get_or_create(&with("reason", reason.name()))
                 .inc_by(*v);
