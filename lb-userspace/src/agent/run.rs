@@ -130,6 +130,7 @@ async fn serve(args: RunArgs) -> Result<()> {
             _ = sweeps.tick() => {
                 agent.sweep();
                 agent.publish_sweep();
+                agent.release_memory();
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
