@@ -596,12 +596,8 @@ impl Agent {
                     backends: backends
                         .into_iter()
                         .map(|b| BackendView {
-                            name: Backend {
-                                addr: b.addr,
-                                port: b.port,
-                                weight: b.weight,
-                            }
-                            .maglev_key(),
+                            addr: b.addr,
+                            port: b.port,
                             id: b.id,
                             weight: b.weight,
                         })

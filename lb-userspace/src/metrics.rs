@@ -753,7 +753,7 @@ fn backend_metrics(
         .map(|(s, base)| {
             s.backends
                 .iter()
-                .map(|b| format!("{base},backend=\"{}\"", b.name))
+                .map(|b| format!("{base},backend=\"{}\"", b.name()))
                 .collect()
         })
         .collect();
@@ -820,11 +820,15 @@ fn backend_metrics(
         |out| {
             for (s, b, st, l) in backends() {
                 let zones = &s.label.zones;
-                if let Some(zone) = zones.backends.get(&b.name) {
+                if zones.backends.is_empty() {
+                    continue;
+                }
+                let name = b.name();
+                if let Some(zone) = zones.backends.get(&name) {
                     let l = format!(
                         "{l},zone=\"{}\",locality=\"{}\"",
                         escaped(zone),
-                        zones.locality(&b.name, view.zone.as_deref())
+                        zones.locality(&name, view.zone.as_deref())
                     );
                     sample(out, "zone_new_flows", Kind::Counter, &l, None, st.new_flows);
                 }

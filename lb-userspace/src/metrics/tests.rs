@@ -81,12 +81,14 @@ fn view() -> AgentView {
                 id: 0,
                 backends: vec![
                     BackendView {
-                        name: "10.1.1.2:8080".into(),
+                        addr: "10.1.1.2".parse().unwrap(),
+                        port: 8080,
                         id: 0,
                         weight: 1,
                     },
                     BackendView {
-                        name: "10.1.1.3:8080".into(),
+                        addr: "10.1.1.3".parse().unwrap(),
+                        port: 8080,
                         id: 1,
                         weight: 0,
                     },
@@ -538,12 +540,12 @@ fn registry_service_metrics(r: &mut Registry, view: &AgentView, figures: &Figure
             be_flows.get_or_create(&l).inc_by(bst.new_flows);
             be_weight.get_or_create(&l).set(i64::from(b.weight));
             let zones = &s.label.zones;
-            if let Some(zone) = zones.backends.get(&b.name) {
+            if let Some(zone) = zones.backends.get(&b.name()) {
                 let mut l = l;
                 l.push(("zone", escaped(zone)));
                 l.push((
                     "locality",
-                    zones.locality(&b.name, view.zone.as_deref()).to_string(),
+                    zones.locality(&b.name(), view.zone.as_deref()).to_string(),
                 ));
                 zone_flows.get_or_create(&l).inc_by(bst.new_flows);
             }
@@ -560,7 +562,7 @@ fn service_labels(s: &ServiceView) -> Labels {
 
 fn backend_labels(base: &Labels, b: &BackendView) -> Labels {
     let mut l = base.clone();
-    l.push(("backend", b.name.clone()));
+    l.push(("backend", b.name()));
     l
 }
 
@@ -570,7 +572,7 @@ fn per_service_families_say_what_the_registry_would() {
     // A zone and a name that needs escaping, so every family and label kind is written.
     Arc::make_mut(&mut v.services)[0].label.name = "we\"b\\1\n".into();
     v.zone = Some("us-east-1a".into());
-    let first = v.services[0].backends[0].name.clone();
+    let first = v.services[0].backends[0].name();
     Arc::make_mut(&mut v.services)[0]
         .label
         .zones
