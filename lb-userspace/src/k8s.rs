@@ -36,6 +36,7 @@ pub mod drains;
 pub mod events;
 pub mod health;
 pub mod input;
+pub mod slice;
 pub mod topology;
 pub mod watch;
 
@@ -46,10 +47,7 @@ use std::{
 };
 
 use k8s_openapi::{
-    api::{
-        core::v1::{Node, Service as KubeService, ServicePort, ServiceSpec},
-        discovery::v1::EndpointSlice,
-    },
+    api::core::v1::{Node, Service as KubeService, ServicePort, ServiceSpec},
     jiff::Timestamp,
 };
 
@@ -84,9 +82,10 @@ const DEFAULT_AFFINITY_TIMEOUT: u64 = 10_800;
 /// (namespace, name).
 pub type ObjectKey = (String, String);
 
-/// A Service's EndpointSlices by name. Boxed: a map node holds room for 11 values, and most
-/// Services have one slice (at 10,000 Services, 49 MiB of room for slices never there).
-pub type Slices = BTreeMap<String, Box<EndpointSlice>>;
+/// A Service's EndpointSlices by name, as kept ([`slice::Slice`]). Boxed: a map node holds room
+/// for 11 values, and most Services have one slice (at 10,000 Services, 49 MiB of room for
+/// slices never there).
+pub type Slices = BTreeMap<String, Box<slice::Slice>>;
 
 /// The objects as the watchers last saw them.
 #[derive(Clone, Debug, Default)]
