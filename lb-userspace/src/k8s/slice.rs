@@ -46,9 +46,13 @@ impl From<EndpointSlice> for Slice {
                 ..ObjectMeta::default()
             },
             address_type: s.address_type,
-            endpoints: s
-                .endpoints
-                .map(|e| e.into_iter().map(Endpoint::from).collect()),
+            endpoints: s.endpoints.map(|all| {
+                // Not `collect()`: it would reuse the API's vector in place, with room for 16
+                // of its endpoints, and the point is to keep less.
+                let mut kept = Vec::with_capacity(all.len());
+                kept.extend(all.into_iter().map(Endpoint::from));
+                kept
+            }),
             ports: s.ports.map(|mut p| {
                 p.shrink_to_fit();
                 p
