@@ -368,6 +368,19 @@ impl Store for KubeService {
     type Kept = KubeService;
     fn keep(mut self) -> KubeService {
         slim_metadata(&mut self.metadata);
+        // What kube-proxy serves, and what picks pods (slices say which): never read here.
+        if let Some(spec) = &mut self.spec {
+            spec.selector = None;
+            spec.cluster_ip = None;
+            spec.cluster_ips = None;
+            spec.ip_families = None;
+            spec.ip_family_policy = None;
+            spec.internal_traffic_policy = None;
+            spec.external_name = None;
+        }
+        if let Some(status) = &mut self.status {
+            status.conditions = None;
+        }
         self
     }
     fn replace_all(c: &mut Cluster, all: Vec<Self>) {
