@@ -235,6 +235,18 @@ pub fn monotonic_ns() -> u64 {
     })
 }
 
+/// Hands the heap's free pages back to the system (glibc's `malloc_trim`): glibc keeps what was
+/// freed for the next allocation, so a process's RSS stays at its high-water mark, which at
+/// 10,000 Services is the moment a full list, its translation and the states made from it all
+/// lived at once. A few milliseconds at that size; call it after such work, not in a loop.
+pub fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -316,17 +328,5 @@ mod tests {
         let i = ifindex("lo").expect("lo");
         assert_eq!(ifname(i).as_deref(), Some("lo"));
         assert_eq!(ifindex("no-such-interface0"), None);
-    }
-}
-
-/// Hands the heap's free pages back to the system (glibc's `malloc_trim`): glibc keeps what was
-/// freed for the next allocation, so a process's RSS stays at its high-water mark, which at
-/// 10,000 Services is the moment a full list, its translation and the states made from it all
-/// lived at once. A few milliseconds at that size; call it after such work, not in a loop.
-pub fn release_freed_memory() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only walks the allocator's own free lists.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }
