@@ -567,7 +567,7 @@ pub fn render(
     } else {
         0
     };
-    out.reserve(view.services.len() * 17 * 120 + backends * 5 * 150);
+    out.reserve(view.services.len() * 6 * 120 + backends * 5 * 150);
     service_metrics(&mut out, view, figures, format);
     if format == Format::OpenMetrics {
         out.push_str("# EOF\n");
@@ -607,8 +607,15 @@ fn datapath_metrics(r: &mut Registry, figures: &Figures) {
     );
 }
 
-/// The per-service and per-backend families (17 series per frontend, 5 per backend: most of a
-/// scrape), written straight into OpenMetrics text. Through the registry each series cost a
+/// Help of the per-frontend drop total: always there, so `increase()` sees a frontend's first drop.
+const SERVICE_DROPPED_HELP: &str =
+    "Packets of a service dropped, all reasons (service_drops has the reasons)";
+/// Help of the per-frontend drops by reason: a series only once its reason dropped something.
+const SERVICE_DROPS_HELP: &str = "Packets of a service dropped, by reason; only reasons that dropped a packet of the service since its frontend was applied have a series (datapath_events has every reason node-wide, service_dropped_packets the service's total)";
+
+/// The per-service and per-backend families (6 series per frontend, plus one per drop reason that
+/// dropped something, and 5 per backend: most of a scrape), written straight into OpenMetrics
+/// text. Through the registry each series cost a
 /// label vector, a hash map entry and an atomic: 370-530 ms per scrape at 2000 frontends and
 /// 20,000 backends, a third of a core at one scrape a second. Families are written whole, one
 /// after the other, as the format requires; the labels and their order are the registry's.
@@ -682,15 +689,45 @@ fn service_metrics(out: &mut String, view: &AgentView, figures: &Figures, format
             }
         },
     );
+    service_drop_metrics(out, figures, format, &bases);
+    if figures.backends_omitted == 0 {
+        backend_metrics(out, view, figures, format, &bases);
+    }
+}
+
+/// The per-service drop families of [`service_metrics`]; `bases`: each service's labels.
+fn service_drop_metrics(out: &mut String, figures: &Figures, format: Format, bases: &[String]) {
+    family(
+        out,
+        format,
+        "service_dropped_packets",
+        Kind::Counter,
+        SERVICE_DROPPED_HELP,
+        |out| {
+            for ((st, _), base) in figures.services.iter().zip(bases) {
+                sample(
+                    out,
+                    "service_dropped_packets",
+                    Kind::Counter,
+                    base,
+                    None,
+                    st.drops.iter().sum(),
+                );
+            }
+        },
+    );
     family(
         out,
         format,
         "service_drops",
         Kind::Counter,
-        "Packets of a service dropped, by reason",
+        SERVICE_DROPS_HELP,
         |out| {
-            for ((_, (st, _)), base) in services() {
-                for (reason, v) in DropReason::ALL.iter().zip(st.drops.iter()) {
+            for ((st, _), base) in figures.services.iter().zip(bases) {
+                // Only the reasons that dropped something: 12 reasons at 0 for each of
+                // 20,000 frontends were 240,000 of a scrape's 340,000 lines (38 MB).
+                let dropped = DropReason::ALL.iter().zip(st.drops.iter());
+                for (reason, v) in dropped.filter(|(_, v)| **v > 0) {
                     sample(
                         out,
                         "service_drops",
@@ -703,9 +740,6 @@ fn service_metrics(out: &mut String, view: &AgentView, figures: &Figures, format
             }
         },
     );
-    if figures.backends_omitted == 0 {
-        backend_metrics(out, view, figures, format, &bases);
-    }
 }
 
 /// The per-backend part of [`service_metrics`]; `bases`: each service's labels.
@@ -724,7 +758,7 @@ fn backend_metrics(
         .map(|(s, base)| {
             s.backends
                 .iter()
-                .map(|b| format!("{base},backend=\"{}\"", b.name))
+                .map(|b| format!("{base},backend=\"{}\"", b.name()))
                 .collect()
         })
         .collect();
@@ -791,11 +825,15 @@ fn backend_metrics(
         |out| {
             for (s, b, st, l) in backends() {
                 let zones = &s.label.zones;
-                if let Some(zone) = zones.backends.get(&b.name) {
+                if zones.backends.is_empty() {
+                    continue;
+                }
+                let name = b.name();
+                if let Some(zone) = zones.backends.get(&name) {
                     let l = format!(
                         "{l},zone=\"{}\",locality=\"{}\"",
                         escaped(zone),
-                        zones.locality(&b.name, view.zone.as_deref())
+                        zones.locality(&name, view.zone.as_deref())
                     );
                     sample(out, "zone_new_flows", Kind::Counter, &l, None, st.new_flows);
                 }

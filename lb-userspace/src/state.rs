@@ -14,7 +14,7 @@ pub const FILE: &str = "state.json";
 /// Each service's backends' zones, beside [`FILE`].
 pub const ZONES_FILE: &str = "zones.json";
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Hash, Serialize, Deserialize)]
 pub struct State {
     pub pid: u32,
     /// Where the desired state comes from ("config /etc/xdplb/lb.toml", "kubernetes").
@@ -38,7 +38,7 @@ pub struct State {
     pub zone: Option<String>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ServiceLabel {
     pub frontend: Frontend,
     pub name: String,
@@ -58,7 +58,7 @@ pub struct ServiceLabel {
 }
 
 /// A service's zone-aware routing (Kubernetes, [`crate::k8s::topology`]).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ZoneLabel {
     /// How its new flows are kept close, and who asked; `None`: nobody did.
     pub routing: Option<String>,
@@ -88,7 +88,7 @@ pub const SAME_ZONE: &str = "same-zone";
 pub const OTHER_ZONE: &str = "other-zone";
 pub const UNKNOWN_ZONE: &str = "unknown";
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct InterfaceLabel {
     pub name: String,
     pub ifindex: u32,

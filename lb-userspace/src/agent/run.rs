@@ -29,6 +29,7 @@ const POLICY_HOOKS_EVERY: Duration = Duration::from_secs(2);
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub fn run(args: RunArgs) -> Result<()> {
+    crate::system::tune_allocator();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -130,6 +131,7 @@ async fn serve(args: RunArgs) -> Result<()> {
             _ = sweeps.tick() => {
                 agent.sweep();
                 agent.publish_sweep();
+                agent.release_memory();
             }
             _ = term.recv() => break,
             _ = int.recv() => break,

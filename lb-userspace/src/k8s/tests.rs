@@ -111,7 +111,7 @@ fn cluster(service: KubeService, slices: Vec<EndpointSlice>) -> Cluster {
         key.clone(),
         slices
             .into_iter()
-            .map(|s| (s.metadata.name.clone().unwrap(), s))
+            .map(|s| (s.metadata.name.clone().unwrap(), Box::new(s.into())))
             .collect(),
     );
     c.services.insert(key, service);
@@ -669,7 +669,7 @@ fn two(a: KubeService, b: KubeService) -> Cluster {
         );
         c.slices.insert(
             key.clone(),
-            [(sl.metadata.name.clone().unwrap(), sl)].into(),
+            [(sl.metadata.name.clone().unwrap(), Box::new(sl.into()))].into(),
         );
         c.services.insert(key, s);
     }
@@ -1362,7 +1362,7 @@ impl World {
                     .slices
                     .entry(key)
                     .or_default()
-                    .insert(slice_name.clone(), s);
+                    .insert(slice_name.clone(), Box::new(s.into()));
                 format!("slice {slice_name} written")
             }
             7 => {

@@ -81,12 +81,14 @@ fn view() -> AgentView {
                 id: 0,
                 backends: vec![
                     BackendView {
-                        name: "10.1.1.2:8080".into(),
+                        addr: "10.1.1.2".parse().unwrap(),
+                        port: 8080,
                         id: 0,
                         weight: 1,
                     },
                     BackendView {
-                        name: "10.1.1.3:8080".into(),
+                        addr: "10.1.1.3".parse().unwrap(),
+                        port: 8080,
                         id: 1,
                         weight: 0,
                     },
@@ -168,6 +170,8 @@ fn figures_land_under_their_names_in_both_formats() {
             "xdplb_datapath_events_total{event=\"packets\"} 1000",
             "xdplb_service_packets_total{service=\"web \\\"main\\\"\",frontend=\"10.96.0.10:80/tcp\",direction=\"to_backend\"} 100",
             "xdplb_service_drops_total{service=\"web \\\"main\\\"\",frontend=\"10.96.0.10:80/tcp\",reason=\"no_backend\"} 2",
+            "xdplb_service_dropped_packets_total{service=\"web \\\"main\\\"\",frontend=\"10.96.0.10:80/tcp\"} 2",
+            "xdplb_service_dropped_packets_total{service=\"dns\",frontend=\"10.96.0.10:53/tcp\"} 0",
             "xdplb_backend_new_flows_total{service=\"web \\\"main\\\"\",frontend=\"10.96.0.10:80/tcp\",backend=\"10.1.1.2:8080\"} 5",
             "xdplb_backend_weight{service=\"web \\\"main\\\"\",frontend=\"10.96.0.10:80/tcp\",backend=\"10.1.1.3:8080\"} 0",
             "xdplb_interface_attached{interface=\"eth0\",program=\"lb_uplink\",hook=\"xdp-native\"} 1",
@@ -181,6 +185,23 @@ fn figures_land_under_their_names_in_both_formats() {
                 "{format:?}: no line {line}\n{out}"
             );
         }
+    }
+}
+
+#[test]
+fn drop_reasons_that_dropped_nothing_have_no_series_per_frontend() {
+    for format in [Format::OpenMetrics, Format::Text] {
+        let out = render(&view(), &figures(), None, format);
+        let drops: Vec<&str> = out
+            .lines()
+            .filter(|l| l.starts_with("xdplb_service_drops_total{"))
+            .collect();
+        assert_eq!(
+            drops.len(),
+            1,
+            "{format:?}: only web's no_backend: {drops:?}"
+        );
+        assert!(drops[0].contains("reason=\"no_backend\""), "{drops:?}");
     }
 }
 
@@ -463,11 +484,8 @@ fn registry_service_metrics(r: &mut Registry, view: &AgentView, figures: &Figure
     let svc_packets = counter_family(r, "service_packets", "Packets of a service, by direction");
     let svc_bytes = counter_family(r, "service_bytes", "IP bytes of a service, by direction");
     let svc_flows = counter_family(r, "service_new_flows", "New flows of a service");
-    let svc_drops = counter_family(
-        r,
-        "service_drops",
-        "Packets of a service dropped, by reason",
-    );
+    let svc_dropped = counter_family(r, "service_dropped_packets", SERVICE_DROPPED_HELP);
+    let svc_drops = counter_family(r, "service_drops", SERVICE_DROPS_HELP);
     let be_packets = counter_family(
         r,
         "backend_packets",
@@ -504,7 +522,13 @@ fn registry_service_metrics(r: &mut Registry, view: &AgentView, figures: &Figure
                 .inc_by(bytes);
         }
         svc_flows.get_or_create(&base).inc_by(st.new_flows);
+        svc_dropped
+            .get_or_create(&base)
+            .inc_by(st.drops.iter().sum());
         for (reason, v) in DropReason::ALL.iter().zip(st.drops.iter()) {
+            if *v == 0 {
+                continue;
+            }
             svc_drops
                 .get_or_create(&with("reason", reason.name()))
                 .inc_by(*v);
@@ -516,12 +540,12 @@ fn registry_service_metrics(r: &mut Registry, view: &AgentView, figures: &Figure
             be_flows.get_or_create(&l).inc_by(bst.new_flows);
             be_weight.get_or_create(&l).set(i64::from(b.weight));
             let zones = &s.label.zones;
-            if let Some(zone) = zones.backends.get(&b.name) {
+            if let Some(zone) = zones.backends.get(&b.name()) {
                 let mut l = l;
                 l.push(("zone", escaped(zone)));
                 l.push((
                     "locality",
-                    zones.locality(&b.name, view.zone.as_deref()).to_string(),
+                    zones.locality(&b.name(), view.zone.as_deref()).to_string(),
                 ));
                 zone_flows.get_or_create(&l).inc_by(bst.new_flows);
             }
@@ -538,7 +562,7 @@ fn service_labels(s: &ServiceView) -> Labels {
 
 fn backend_labels(base: &Labels, b: &BackendView) -> Labels {
     let mut l = base.clone();
-    l.push(("backend", b.name.clone()));
+    l.push(("backend", b.name()));
     l
 }
 
@@ -548,7 +572,7 @@ fn per_service_families_say_what_the_registry_would() {
     // A zone and a name that needs escaping, so every family and label kind is written.
     Arc::make_mut(&mut v.services)[0].label.name = "we\"b\\1\n".into();
     v.zone = Some("us-east-1a".into());
-    let first = v.services[0].backends[0].name.clone();
+    let first = v.services[0].backends[0].name();
     Arc::make_mut(&mut v.services)[0]
         .label
         .zones

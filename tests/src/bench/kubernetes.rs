@@ -191,6 +191,9 @@ pub struct Run {
     pub status_median: Duration,
     pub status_worst: Duration,
     pub status_bytes: usize,
+    /// An idle scrape of /metrics (text format): its size, and the median answer of 3.
+    pub metrics_bytes: usize,
+    pub metrics_idle: Duration,
     /// /proc/loadavg before and after.
     pub load_before: String,
     pub load_after: String,
@@ -564,6 +567,19 @@ fn run_size(size: Size) -> Result<Run> {
         (cpu_seconds(pid)? - cpu_before) / idle_start.elapsed().as_secs_f64() * 100.0;
     let (rss_kb, hwm_kb) = rss(pid)?;
     let (map_bytes, top_maps) = map_memory(pid)?;
+    // What a scrape carries (the probes above only time it).
+    let mut scrapes = Vec::new();
+    let mut metrics_bytes = 0;
+    for _ in 0..3 {
+        let start = Instant::now();
+        if let Ok(Answer::Got(200, body)) = ns.run(|| http_fetch("/metrics")) {
+            scrapes.push(start.elapsed());
+            metrics_bytes = body.len();
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    scrapes.sort();
+    let metrics_idle = scrapes.get(scrapes.len() / 2).copied().unwrap_or_default();
 
     // `lb-agent status --json`.
     let mut times = Vec::new();
@@ -637,6 +653,8 @@ fn run_size(size: Size) -> Result<Run> {
         status_median: times[times.len() / 2],
         status_worst: times[times.len() - 1],
         status_bytes,
+        metrics_bytes,
+        metrics_idle,
         load_before,
         load_after,
         notes,
@@ -1122,6 +1140,8 @@ enum Unit {
     Millis,
     Percent,
     MiB,
+    /// With a decimal.
+    MiB1,
 }
 
 impl Unit {
@@ -1131,6 +1151,7 @@ impl Unit {
             Unit::Millis => format!("{v:.1} ms"),
             Unit::Percent => format!("{v:.1} %"),
             Unit::MiB => format!("{v:.0} MiB"),
+            Unit::MiB1 => format!("{v:.1} MiB"),
         }
     }
 }
@@ -1238,6 +1259,18 @@ const ROWS: &[Row] = &[
         target: Some(100.0),
         unit: Unit::Millis,
         value: |r| worst_of(&r.worst_batch, "/metrics"),
+    },
+    Row {
+        what: "/metrics text, idle scrape",
+        target: None,
+        unit: Unit::MiB1,
+        value: |r| Some(r.metrics_bytes as f64 / f64::from(1 << 20)),
+    },
+    Row {
+        what: "/metrics answer, idle (median of 3)",
+        target: Some(100.0),
+        unit: Unit::Millis,
+        value: |r| Some(r.metrics_idle.as_secs_f64() * 1000.0),
     },
     Row {
         what: "`lb-agent status --json` (median of 5)",
