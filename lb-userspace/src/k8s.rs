@@ -245,6 +245,11 @@ pub struct Translation {
     pub zones: BTreeMap<IpAddr, String>,
     /// This node's zone.
     pub node_zone: Option<String>,
+    /// Which translation of its translator this is (1 for the first).
+    pub round: u64,
+    /// The frontends whose service (or its absence) may differ from the translation of the
+    /// round before, which the rest of `services` equals; `None`: any may.
+    pub changed: Option<BTreeSet<Frontend>>,
 }
 
 /// How a frontend's new flows are kept close (zone-aware routing), for `lb-agent status`.
@@ -542,6 +547,8 @@ pub struct Translator {
     cached_with: Option<(NodeInfo, BTreeSet<String>)>,
     /// Counts translations (which cache entries the last one used).
     round: u64,
+    /// The frontends the translation under way found changed (see [`Translation::changed`]).
+    changed: BTreeSet<Frontend>,
 }
 
 /// A Service's part as last translated, and what it was translated from.
@@ -643,6 +650,9 @@ impl Translator {
     ) -> Translation {
         let mut out = Translation::default();
         let empty = BTreeMap::new();
+        // What changed is known from the parts translated anew, those gone and the drains
+        // that moved, unless every part is translated anew.
+        let mut whole = self.round == 0;
         if self
             .cached_with
             .as_ref()
@@ -650,7 +660,9 @@ impl Translator {
         {
             self.cache.clear();
             self.cached_with = Some((node.clone(), named_policies.clone()));
+            whole = true;
         }
+        self.changed.clear();
         self.round += 1;
         let round = self.round;
         let mut opted_in = Vec::new();
@@ -663,7 +675,11 @@ impl Translator {
                         _ => {
                             let part = Part::of(key, svc, slices, node, named_policies);
                             let from = Fingerprint::of(svc, slices);
-                            self.cache.insert(key.clone(), Cached { from, part, round });
+                            let old = self.cache.insert(key.clone(), Cached { from, part, round });
+                            let new = &self.cache[key].part;
+                            let offers = old.iter().flat_map(|c| &c.part.offers);
+                            self.changed
+                                .extend(offers.chain(&new.offers).map(|o| o.service.frontend));
                         }
                     }
                     opted_in.push((key, svc));
@@ -678,7 +694,14 @@ impl Translator {
             }
         }
         if self.cache.len() > opted_in.len() {
-            self.cache.retain(|_, c| c.round == round);
+            let changed = &mut self.changed;
+            self.cache.retain(|_, c| {
+                let kept = c.round == round;
+                if !kept {
+                    changed.extend(c.part.offers.iter().map(|o| o.service.frontend));
+                }
+                kept
+            });
         }
         // Oldest first: the first to claim a frontend keeps it.
         opted_in.sort_by_key(|(key, svc)| seniority(key, svc));
@@ -697,6 +720,9 @@ impl Translator {
         out.problems.sort();
         out.problems.dedup();
         out.node_zone.clone_from(&node.zone);
+        out.round = round;
+        let changed = std::mem::take(&mut self.changed);
+        out.changed = (!whole).then_some(changed);
         out
     }
 
@@ -713,6 +739,7 @@ impl Translator {
             // Without a service entry there is nothing to drain through: the flows keep their
             // entries until idle (the VIP's filter entry goes when no service uses it).
             self.previous.remove(&f);
+            self.changed.insert(f);
             self.draining.retain(|(df, _), _| *df != f);
         }
     }
@@ -883,6 +910,7 @@ impl Translator {
         {
             return weighted.clone();
         }
+        self.changed.insert(frontend);
         let mut backends = weighted.clone();
         let previous = self.previous.remove(&frontend).unwrap_or_default();
         for backend in previous.into_keys() {
@@ -1412,5 +1440,7 @@ fn raw_policy(fields: &BTreeMap<&str, &str>) -> Result<RawPolicy, (String, Strin
     Ok(raw)
 }
 
+#[cfg(test)]
+mod stages;
 #[cfg(test)]
 mod tests;

@@ -1432,11 +1432,28 @@ fn a_translation_from_cached_parts_equals_one_from_scratch_after_any_changes() {
         };
         let (mut cached, mut scratch) = (Translator::default(), Translator::default());
         let mut history = Vec::new();
+        let mut before: Option<Translation> = None;
         for _ in 0..80 {
             history.push(world.change(&mut d));
             let a = cached.translate(&world.cluster, &world.node, &world.policies, world.now);
             scratch.cache.clear();
-            let b = scratch.translate(&world.cluster, &world.node, &world.policies, world.now);
+            let mut b = scratch.translate(&world.cluster, &world.node, &world.policies, world.now);
+            // The changed frontends: those the cached translator says, at least.
+            let mut a = a;
+            if let (Some(changed), Some(before)) = (&a.changed, &before) {
+                let served = |t: &Translation| -> BTreeMap<Frontend, Service> {
+                    t.services.iter().map(|s| (s.frontend, s.clone())).collect()
+                };
+                let (now, was) = (served(&b), served(before));
+                for f in now.keys().chain(was.keys()) {
+                    assert!(
+                        now.get(f) == was.get(f) || changed.contains(f),
+                        "seed {seed}: {f} changed, not said, after {history:#?}"
+                    );
+                }
+            }
+            (a.changed, b.changed) = (None, None);
+            before = Some(b.clone());
             assert_eq!(
                 format!("{a:#?}"),
                 format!("{b:#?}"),
@@ -1515,7 +1532,240 @@ fn when_the_older_of_two_claimants_goes_the_newer_takes_the_frontend_from_its_ca
     assert_eq!(served, ["10.1.1.2:8080=1", "10.1.1.3:8080=0"]);
     assert!(refused.is_empty(), "{refused:?}");
     scratch.cache.clear();
-    let fresh = scratch.translate(&c, &node(), &none, now + Duration::from_secs(1));
+    let mut fresh = scratch.translate(&c, &node(), &none, now + Duration::from_secs(1));
+    let mut t = t;
+    assert!(
+        t.changed
+            .as_ref()
+            .unwrap()
+            .contains(&t.services[0].frontend)
+    );
+    (t.changed, fresh.changed) = (None, None);
     assert_eq!(format!("{t:?}"), format!("{fresh:?}"));
     assert_eq!(kept(&tr), kept(&scratch));
+}
+
+/// The maps as two pipelines must leave them alike (overflow buckets carry the time they were
+/// filled: only which there are).
+fn maps(t: &crate::tables::MemoryTables) -> String {
+    format!(
+        "{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}",
+        t.config,
+        t.filter,
+        t.addrs,
+        t.services,
+        t.backends,
+        t.rings,
+        t.policies,
+        t.prefixes,
+        t.overflow.keys().collect::<Vec<_>>(),
+        t.service_info
+    )
+}
+
+/// One way from the cluster to the maps: what `composed::apply` keeps, the reconciler, maps.
+struct Pipeline {
+    last: Option<crate::composed::Composed>,
+    applied: crate::model::Desired,
+    reconciler: crate::reconcile::Reconciler,
+    tables: crate::tables::MemoryTables,
+}
+
+impl Pipeline {
+    fn new() -> Pipeline {
+        // Room for a few services: overflow, waiting and retries are common.
+        let sizes = crate::dataplane::Sizes {
+            max_services: 9,
+            max_backends: 14,
+            ring_size: 251,
+            ..Default::default()
+        };
+        Pipeline {
+            last: None,
+            applied: crate::model::Desired::default(),
+            reconciler: crate::reconcile::Reconciler::new(sizes),
+            tables: crate::tables::MemoryTables::default(),
+        }
+    }
+
+    fn apply(
+        &mut self,
+        file: &crate::model::Desired,
+        t: &Translation,
+        view: &crate::node::NodeView,
+    ) -> (String, (bool, bool)) {
+        let inputs = crate::composed::Inputs {
+            file,
+            kube: Some(t),
+        };
+        let writer = crate::composed::Writer {
+            reconciler: &mut self.reconciler,
+            tables: &mut self.tables,
+        };
+        let mut node_view = |_: &crate::model::Desired, _| Ok(view.clone());
+        match crate::composed::apply(
+            &mut self.last,
+            &mut self.applied,
+            &inputs,
+            writer,
+            &mut node_view,
+        ) {
+            Ok(o) => (
+                format!("{:?}\n{:?}\n{:?}", o.report, o.problems, o.not_served),
+                (o.incremental, !o.not_served.is_empty()),
+            ),
+            Err(e) => (format!("error: {e}"), (false, false)),
+        }
+    }
+}
+
+/// A config-file service on a frontend the cluster's Services may claim too.
+fn file_service(vip: &str, port: u16) -> Service {
+    Service {
+        name: format!("file-{port}"),
+        origin: crate::model::Origin::File {
+            path: "node.toml".into(),
+            line: usize::from(port),
+        },
+        frontend: Frontend {
+            vip: vip.parse().unwrap(),
+            port,
+            protocol: crate::model::Protocol::Tcp,
+        },
+        mode: Mode::Snat,
+        backends: vec![Backend {
+            addr: "10.2.0.1".parse().unwrap(),
+            port: 8080,
+            weight: 1,
+        }],
+        policy: None,
+        affinity: None,
+        source_ranges: crate::model::SourceRanges::default(),
+    }
+}
+
+/// How the incremental pipeline `a` differs from the whole-state one `b` after the same
+/// change, and from the state composed from scratch (`fresh`).
+fn difference(
+    (a, got_a): (&Pipeline, &str),
+    (b, got_b): (&Pipeline, &str),
+    fresh: &crate::model::Desired,
+) -> Option<String> {
+    let composed = |p: &Pipeline| p.last.as_ref().map(|c| format!("{:?}", c.desired));
+    if got_a != got_b {
+        Some(format!("outcome:\n{got_a}\nvs\n{got_b}"))
+    } else if a.applied != b.applied {
+        Some(format!("applied:\n{:?}\nvs\n{:?}", a.applied, b.applied))
+    } else if composed(a).is_some_and(|c| c != format!("{fresh:?}")) {
+        Some("composed state differs from one composed from scratch".into())
+    } else if maps(&a.tables) != maps(&b.tables) {
+        Some(format!(
+            "maps:\n{}\nvs\n{}",
+            maps(&a.tables),
+            maps(&b.tables)
+        ))
+    } else {
+        None
+    }
+}
+
+/// Drives random changes (Services and slices written and deleted, claims of one frontend by
+/// several Services and by the config file, reserved addresses, node changes, drains that run
+/// out, more services than the maps hold) through a pipeline that applies each change of the
+/// translation frontend by frontend and one that applies the whole state each time; returns the
+/// first difference, or how many changes went frontend by frontend, and how many of those with
+/// services not served. With `broken`, the incremental one is told one changed frontend less
+/// than there is.
+fn compare_pipelines(
+    seeds: std::ops::RangeInclusive<u64>,
+    broken: bool,
+) -> Result<(usize, usize), String> {
+    let (mut incremental, mut not_served) = (0, 0);
+    for seed in seeds {
+        let mut d = Dice(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut world = World {
+            cluster: Cluster::default(),
+            node: node(),
+            policies: ["gold".to_string()].into(),
+            now: Instant::now(),
+            version: 0,
+        };
+        let mut file = crate::model::Desired::default();
+        file.policies.insert(
+            "gold".into(),
+            Policy {
+                limits: crate::model::Limits {
+                    packets: None,
+                    connections: None,
+                },
+                ipv6_prefix: crate::model::DEFAULT_IPV6_PREFIX,
+                table_full: crate::model::TableFull::FailOpen,
+                reset_rejected_syn: false,
+                exempt: Vec::new(),
+                deny: Vec::new(),
+                overrides: Vec::new(),
+            },
+        );
+        let mut tr = Translator::default();
+        let (mut a, mut b) = (Pipeline::new(), Pipeline::new());
+        let mut history = Vec::new();
+        for step in 0..120 {
+            history.push(world.change(&mut d));
+            if d.chance(5) {
+                // The config file claims a frontend of the cluster's now and then.
+                let vip: &&str = d.pick(&VIPS);
+                let s = file_service(vip, *d.pick(&[80, 443]));
+                if file.services.remove(&s.frontend).is_none() {
+                    file.services.insert(s.frontend, s);
+                }
+                a.last = None;
+                b.last = None;
+                history.push(format!("config file: {:?}", file.services.keys()));
+            }
+            let view = crate::node::NodeView {
+                snat_ipv4: vec!["10.0.0.1".parse().unwrap()],
+                node_addrs: world.node.addrs.iter().copied().collect(),
+                local: ["10.1.1.2".parse().unwrap(), "10.1.1.3".parse().unwrap()].into(),
+                ..Default::default()
+            };
+            let t = tr.translate(&world.cluster, &world.node, &world.policies, world.now);
+            let mut told = t.clone();
+            if broken && let Some(changed) = &mut told.changed {
+                changed.pop_first();
+            }
+            let (got_a, (by_frontend, left_out)) = a.apply(&file, &told, &view);
+            incremental += usize::from(by_frontend);
+            not_served += usize::from(by_frontend && left_out);
+            let mut whole = t.clone();
+            whole.changed = None;
+            let (got_b, _) = b.apply(&file, &whole, &view);
+            let fresh = crate::model::compose(&file, &t.services, &t.policies).0;
+            let differ = difference((&a, &got_a), (&b, &got_b), &fresh);
+            if let Some(what) = differ {
+                return Err(format!(
+                    "seed {seed} step {step} ({}): {what}",
+                    history.last().unwrap()
+                ));
+            }
+        }
+    }
+    Ok((incremental, not_served))
+}
+
+#[test]
+fn changes_applied_frontend_by_frontend_equal_the_whole_state_applied_after_any_changes() {
+    let (incremental, not_served) =
+        compare_pipelines(1..=40, false).unwrap_or_else(|e| panic!("{e}"));
+    // Most changes took the short way (the rest: node changes, waiting for room, the file),
+    // many of them with services left out.
+    assert!(
+        incremental > 40 * 120 / 3 && not_served > incremental / 10,
+        "only {incremental} frontend by frontend, {not_served} with services not served"
+    );
+}
+
+#[test]
+fn an_incremental_apply_told_one_changed_frontend_less_is_caught() {
+    let caught = compare_pipelines(1..=40, true);
+    assert!(caught.is_err(), "not caught: {caught:?}");
 }
