@@ -126,7 +126,7 @@ fn apply_changed(
         .services
         .iter()
         .filter(|s| changed.contains(&s.frontend))
-        .map(|s| (s.frontend, s))
+        .map(|s| (s.frontend, &**s))
         .collect();
     // Composed as `model::compose` does: the config file keeps a frontend it has.
     let mut moved = BTreeSet::new();

@@ -42,6 +42,7 @@ pub mod watch;
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -227,7 +228,9 @@ pub struct HealthCheck {
 
 #[derive(Clone, Debug, Default)]
 pub struct Translation {
-    pub services: Vec<Service>,
+    /// Shared with the translator, which hands out the same service again while nothing it is
+    /// made of changed (a copy of every one per change cost more than the rest of it).
+    pub services: Vec<Arc<Service>>,
     /// Per-service policies from annotations, named `service:<ns>/<name>`.
     pub policies: BTreeMap<String, Policy>,
     pub problems: Vec<Problem>,
@@ -549,6 +552,8 @@ pub struct Translator {
     round: u64,
     /// The frontends the translation under way found changed (see [`Translation::changed`]).
     changed: BTreeSet<Frontend>,
+    /// The service each frontend was last given, made of its owner's part and of `previous`.
+    served: HashMap<Frontend, Arc<Service>>,
 }
 
 /// A Service's part as last translated, and what it was translated from.
@@ -714,7 +719,7 @@ impl Translator {
         self.cache = cache;
         // Every frontend served was given its backends by `drain`, which keeps them in
         // `previous`: as many there as served, and none went.
-        if self.previous.len() > owners.len() {
+        if self.previous.len() > owners.len() || self.served.len() > owners.len() {
             self.forget_gone(&out);
         }
         out.problems.sort();
@@ -742,6 +747,7 @@ impl Translator {
             self.changed.insert(f);
             self.draining.retain(|(df, _), _| *df != f);
         }
+        self.served.retain(|f, _| current.contains(f));
     }
 
     /// A Service's part into the translation: the frontends no older Service has, with their
@@ -783,6 +789,16 @@ impl Translator {
             if let Some(r) = &offer.routing {
                 out.routing.insert(frontend, r.clone());
             }
+            // The same part (its Service's objects did not change, nor did the frontend's
+            // owner) and the same backends, nothing draining: the service given last time.
+            if !self.changed.contains(&frontend)
+                && self.previous.get(&frontend) == Some(&offer.weighted)
+                && self.drains_of(frontend).next().is_none()
+                && let Some(service) = self.served.get(&frontend)
+            {
+                out.services.push(service.clone());
+                continue;
+            }
             let drain = part
                 .drain
                 .expect("a part with offers has its drain settings");
@@ -792,6 +808,8 @@ impl Translator {
                 .into_iter()
                 .map(|((addr, port), weight)| Backend { addr, port, weight })
                 .collect();
+            let service = Arc::new(service);
+            self.served.insert(frontend, service.clone());
             out.services.push(service);
         }
         out.health_checks.extend(own.health_checks.iter().cloned());

@@ -1437,12 +1437,16 @@ fn a_translation_from_cached_parts_equals_one_from_scratch_after_any_changes() {
             history.push(world.change(&mut d));
             let a = cached.translate(&world.cluster, &world.node, &world.policies, world.now);
             scratch.cache.clear();
+            scratch.served.clear();
             let mut b = scratch.translate(&world.cluster, &world.node, &world.policies, world.now);
             // The changed frontends: those the cached translator says, at least.
             let mut a = a;
             if let (Some(changed), Some(before)) = (&a.changed, &before) {
                 let served = |t: &Translation| -> BTreeMap<Frontend, Service> {
-                    t.services.iter().map(|s| (s.frontend, s.clone())).collect()
+                    t.services
+                        .iter()
+                        .map(|s| (s.frontend, Service::clone(s)))
+                        .collect()
                 };
                 let (now, was) = (served(&b), served(before));
                 for f in now.keys().chain(was.keys()) {
@@ -1478,8 +1482,15 @@ fn a_cached_part_is_used_while_its_objects_keep_their_versions_and_not_after() {
     let (mut tr, none, now) = (Translator::default(), BTreeSet::new(), Instant::now());
     let key: ObjectKey = ("default".into(), "web".into());
     tr.translate(&c, &node(), &none, now);
-    // Mark the cached part: a translation that used it keeps the mark.
+    // Mark the cached part: a translation that used it keeps the mark (once the service last
+    // given is forgotten).
     tr.cache.get_mut(&key).unwrap().part.offers[0].service.name = "marked".into();
+    let t = tr.translate(&c, &node(), &none, now);
+    assert_eq!(
+        t.services[0].name, "default/web:http",
+        "the service given last time"
+    );
+    tr.served.clear();
     let t = tr.translate(&c, &node(), &none, now);
     assert_eq!(t.services[0].name, "marked");
     // A new version of the slice: translated again.
@@ -1532,6 +1543,7 @@ fn when_the_older_of_two_claimants_goes_the_newer_takes_the_frontend_from_its_ca
     assert_eq!(served, ["10.1.1.2:8080=1", "10.1.1.3:8080=0"]);
     assert!(refused.is_empty(), "{refused:?}");
     scratch.cache.clear();
+    scratch.served.clear();
     let mut fresh = scratch.translate(&c, &node(), &none, now + Duration::from_secs(1));
     let mut t = t;
     assert!(
