@@ -791,7 +791,8 @@ impl Translator {
             }
             // The same part (its Service's objects did not change, nor did the frontend's
             // owner) and the same backends, nothing draining: the service given last time.
-            if !self.changed.contains(&frontend)
+            let same_part = !self.changed.contains(&frontend);
+            if same_part
                 && self.previous.get(&frontend) == Some(&offer.weighted)
                 && self.drains_of(frontend).next().is_none()
                 && let Some(service) = self.served.get(&frontend)
@@ -799,10 +800,22 @@ impl Translator {
                 out.services.push(service.clone());
                 continue;
             }
+            // Drains in progress that none ran out of (most steps of a rolling restart): the
+            // backends given last time again, and so the service.
+            let before = same_part
+                .then(|| self.previous.get(&frontend).cloned())
+                .flatten();
             let drain = part
                 .drain
                 .expect("a part with offers has its drain settings");
             let backends = self.drain(frontend, &offer.weighted, drain, now, out);
+            if before.as_ref() == Some(&backends)
+                && let Some(service) = self.served.get(&frontend)
+            {
+                out.services.push(service.clone());
+                continue;
+            }
+            self.changed.insert(frontend);
             let mut service = offer.service.clone();
             service.backends = backends
                 .into_iter()
@@ -928,7 +941,6 @@ impl Translator {
         {
             return weighted.clone();
         }
-        self.changed.insert(frontend);
         let mut backends = weighted.clone();
         let previous = self.previous.remove(&frontend).unwrap_or_default();
         for backend in previous.into_keys() {
