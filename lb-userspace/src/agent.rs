@@ -86,9 +86,6 @@ pub struct Agent {
     publisher: Publisher,
     /// The state file as last written.
     written: Option<crate::state::State>,
-    /// The cluster's state was applied since the view was last published (see
-    /// [`Agent::publish_pending`]).
-    unpublished: bool,
     /// The addresses on kube-proxy's IPVS device, until the node next changes (the cluster's
     /// input asks every second: a dump of every link each time).
     kube_ipvs: Option<std::collections::BTreeSet<IpAddr>>,
@@ -165,7 +162,6 @@ impl Agent {
             health: Health::default(),
             publisher,
             written: None,
-            unpublished: false,
             kube_ipvs: None,
         };
         match agent.serve_first() {
@@ -402,7 +398,6 @@ impl Agent {
     /// every counter in it (at each sweep); the file (5 MiB at 2000 frontends) only with what
     /// it holds.
     pub fn publish(&mut self) {
-        self.unpublished = false;
         let view = self.view();
         let state = view.state();
         self.publisher.publish(view);
@@ -416,13 +411,6 @@ impl Agent {
                 self.args.paths.state_dir.display()
             ),
         }
-    }
-
-    /// Whether an apply of the cluster's state waits to be published: the run loop publishes
-    /// it shortly after, so that a change that follows at once is applied first (the view of
-    /// 20,000 services takes tens of milliseconds to build).
-    pub fn publish_pending(&self) -> bool {
-        self.unpublished
     }
 
     fn view(&self) -> AgentView {
@@ -553,10 +541,6 @@ impl Agent {
     /// Stops: with `keep`, everything stays attached and pinned for the next agent; else
     /// everything is detached and unpinned.
     pub fn shutdown(mut self, keep: bool) {
-        if self.unpublished {
-            // The state file holds what was applied last.
-            self.publish();
-        }
         let pin_dir = self.args.paths.pin_dir.clone();
         if keep {
             // The tail-call table is pinned already (since start).

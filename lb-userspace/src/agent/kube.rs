@@ -2,7 +2,7 @@
 //! with the config file's part, and ends the flows whose deregistration delay ran out.
 use std::{collections::BTreeSet, net::IpAddr};
 
-use log::{info, warn};
+use log::{debug, info, warn};
 
 use super::{Agent, describe};
 use crate::{
@@ -58,8 +58,13 @@ impl Target for Agent {
                 problems.extend(translation.problems.iter().cloned());
                 let ends = translation.end_flows.clone();
                 self.end_drained_flows(&ends);
-                // Published by the run loop shortly (`Agent::publish_pending`).
-                self.unpublished = true;
+                let published = std::time::Instant::now();
+                self.publish();
+                debug!(
+                    "the cluster's state: applied in {:.1} ms, published in {:.1} ms",
+                    applied.as_secs_f64() * 1e3,
+                    published.elapsed().as_secs_f64() * 1e3
+                );
                 Ok(problems)
             }
             Err(e) => {

@@ -24,10 +24,6 @@ use crate::{
 /// How long a burst of link, address and route changes (an interface going down takes its
 /// addresses and routes with it) may go on before the node is read again, once.
 const NODE_SETTLE: Duration = Duration::from_millis(100);
-/// How long after an apply of the cluster's state the view (metrics, probes, the state file) is
-/// published at the latest: a change that comes meanwhile is applied first, and one publish
-/// follows both.
-const PUBLISH_WITHIN: Duration = Duration::from_millis(100);
 /// How often the backend interfaces' policy hooks are looked at again.
 const POLICY_HOOKS_EVERY: Duration = Duration::from_secs(2);
 
@@ -99,8 +95,6 @@ async fn serve(args: RunArgs) -> Result<()> {
     let mut hooks = tokio::time::interval(POLICY_HOOKS_EVERY);
     // When the node is next read, after a burst of changes.
     let mut node_due: Option<Instant> = None;
-    // When the view is next published, after the cluster's state was applied.
-    let mut publish_due: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = hup.recv() => agent.reload(true),
@@ -132,12 +126,6 @@ async fn serve(args: RunArgs) -> Result<()> {
                     k.step(&mut agent);
                 }
             }
-            () = sleep_until(publish_due) => {
-                publish_due = None;
-                if agent.publish_pending() {
-                    agent.publish();
-                }
-            }
             _ = hooks.tick() => agent.check_policy_hooks(),
             _ = sweeps.tick() => {
                 agent.sweep();
@@ -145,9 +133,6 @@ async fn serve(args: RunArgs) -> Result<()> {
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
-        }
-        if agent.publish_pending() {
-            publish_due.get_or_insert_with(|| Instant::now() + PUBLISH_WITHIN);
         }
         agent.beat();
     }
