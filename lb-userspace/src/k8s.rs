@@ -1471,6 +1471,4 @@ fn raw_policy(fields: &BTreeMap<&str, &str>) -> Result<RawPolicy, (String, Strin
 }
 
 #[cfg(test)]
-mod stages;
-#[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -14,7 +14,7 @@ use k8s_openapi::{
 
 use super::*;
 
-fn svc(
+pub(crate) fn svc(
     name: &str,
     annotations: &[(&str, &str)],
     ports: &[(&str, i32, Option<i32>)],
@@ -60,9 +60,9 @@ fn svc(
 }
 
 /// An endpoint: (address, ready, serving, terminating, node, pod).
-type Ep<'a> = (&'a str, bool, bool, bool, &'a str, &'a str);
+pub(crate) type Ep<'a> = (&'a str, bool, bool, bool, &'a str, &'a str);
 
-fn slice(name: &str, port_name: &str, port: i32, endpoints: &[Ep<'_>]) -> EndpointSlice {
+pub(crate) fn slice(name: &str, port_name: &str, port: i32, endpoints: &[Ep<'_>]) -> EndpointSlice {
     EndpointSlice {
         metadata: ObjectMeta {
             name: Some(name.into()),
@@ -118,7 +118,7 @@ fn cluster(service: KubeService, slices: Vec<EndpointSlice>) -> Cluster {
     c
 }
 
-fn node() -> NodeInfo {
+pub(crate) fn node() -> NodeInfo {
     NodeInfo {
         name: "node1".into(),
         addrs: vec!["10.0.0.1".parse().unwrap()],
@@ -131,7 +131,7 @@ fn node() -> NodeInfo {
     }
 }
 
-const ON: (&str, &str) = (ENABLED, "true");
+pub(crate) const ON: (&str, &str) = (ENABLED, "true");
 
 fn ready(addr: &'static str, node: &'static str) -> Ep<'static> {
     (addr, true, true, false, node, addr)
@@ -1235,36 +1235,36 @@ fn each_ip_family_is_chosen_apart_as_kube_proxy_runs_a_proxier_per_family() {
 }
 
 /// A small deterministic generator (xorshift), for sequences of changes.
-struct Dice(u64);
+pub(crate) struct Dice(pub(crate) u64);
 
 impl Dice {
-    fn below(&mut self, n: u16) -> u16 {
+    pub(crate) fn below(&mut self, n: u16) -> u16 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
         u16::try_from(self.0 % u64::from(n)).expect("below n")
     }
 
-    fn pick<'a, T>(&mut self, from: &'a [T]) -> &'a T {
+    pub(crate) fn pick<'a, T>(&mut self, from: &'a [T]) -> &'a T {
         &from[usize::from(self.below(u16::try_from(from.len()).expect("short")))]
     }
 
-    fn chance(&mut self, percent: u16) -> bool {
+    pub(crate) fn chance(&mut self, percent: u16) -> bool {
         self.below(100) < percent
     }
 }
 
 /// A cluster changed as an API server changes it: every write of an object that has a
 /// resourceVersion gives it a new one (some objects have none, as built by hand).
-struct World {
-    cluster: Cluster,
-    node: NodeInfo,
-    policies: BTreeSet<String>,
-    now: Instant,
-    version: u64,
+pub(crate) struct World {
+    pub(crate) cluster: Cluster,
+    pub(crate) node: NodeInfo,
+    pub(crate) policies: BTreeSet<String>,
+    pub(crate) now: Instant,
+    pub(crate) version: u64,
 }
 
-const VIPS: [&str; 3] = ["10.96.0.10", "10.96.0.11", "10.96.0.12"];
+pub(crate) const VIPS: [&str; 3] = ["10.96.0.10", "10.96.0.11", "10.96.0.12"];
 const NAMES: [&str; 6] = ["a", "b", "c", "d", "e", "f"];
 
 impl World {
@@ -1342,7 +1342,7 @@ impl World {
         s
     }
 
-    fn change(&mut self, d: &mut Dice) -> String {
+    pub(crate) fn change(&mut self, d: &mut Dice) -> String {
         let name = *d.pick(&NAMES);
         let key: ObjectKey = ("default".into(), name.into());
         match d.below(10) {
@@ -1555,229 +1555,4 @@ fn when_the_older_of_two_claimants_goes_the_newer_takes_the_frontend_from_its_ca
     (t.changed, fresh.changed) = (None, None);
     assert_eq!(format!("{t:?}"), format!("{fresh:?}"));
     assert_eq!(kept(&tr), kept(&scratch));
-}
-
-/// The maps as two pipelines must leave them alike (overflow buckets carry the time they were
-/// filled: only which there are).
-fn maps(t: &crate::tables::MemoryTables) -> String {
-    format!(
-        "{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}",
-        t.config,
-        t.filter,
-        t.addrs,
-        t.services,
-        t.backends,
-        t.rings,
-        t.policies,
-        t.prefixes,
-        t.overflow.keys().collect::<Vec<_>>(),
-        t.service_info
-    )
-}
-
-/// One way from the cluster to the maps: what `composed::apply` keeps, the reconciler, maps.
-struct Pipeline {
-    last: Option<crate::composed::Composed>,
-    applied: crate::model::Desired,
-    reconciler: crate::reconcile::Reconciler,
-    tables: crate::tables::MemoryTables,
-}
-
-impl Pipeline {
-    fn new() -> Pipeline {
-        // Room for a few services: overflow, waiting and retries are common.
-        let sizes = crate::dataplane::Sizes {
-            max_services: 9,
-            max_backends: 14,
-            ring_size: 251,
-            ..Default::default()
-        };
-        Pipeline {
-            last: None,
-            applied: crate::model::Desired::default(),
-            reconciler: crate::reconcile::Reconciler::new(sizes),
-            tables: crate::tables::MemoryTables::default(),
-        }
-    }
-
-    fn apply(
-        &mut self,
-        file: &crate::model::Desired,
-        t: &Translation,
-        view: &crate::node::NodeView,
-    ) -> (String, (bool, bool)) {
-        let inputs = crate::composed::Inputs {
-            file,
-            kube: Some(t),
-        };
-        let writer = crate::composed::Writer {
-            reconciler: &mut self.reconciler,
-            tables: &mut self.tables,
-        };
-        let mut node_view = |_: &crate::model::Desired, _| Ok(view.clone());
-        match crate::composed::apply(
-            &mut self.last,
-            &mut self.applied,
-            &inputs,
-            writer,
-            &mut node_view,
-        ) {
-            Ok(o) => (
-                format!("{:?}\n{:?}\n{:?}", o.report, o.problems, o.not_served),
-                (o.incremental, !o.not_served.is_empty()),
-            ),
-            Err(e) => (format!("error: {e}"), (false, false)),
-        }
-    }
-}
-
-/// A config-file service on a frontend the cluster's Services may claim too.
-fn file_service(vip: &str, port: u16) -> Service {
-    Service {
-        name: format!("file-{port}"),
-        origin: crate::model::Origin::File {
-            path: "node.toml".into(),
-            line: usize::from(port),
-        },
-        frontend: Frontend {
-            vip: vip.parse().unwrap(),
-            port,
-            protocol: crate::model::Protocol::Tcp,
-        },
-        mode: Mode::Snat,
-        backends: vec![Backend {
-            addr: "10.2.0.1".parse().unwrap(),
-            port: 8080,
-            weight: 1,
-        }],
-        policy: None,
-        affinity: None,
-        source_ranges: crate::model::SourceRanges::default(),
-    }
-}
-
-/// How the incremental pipeline `a` differs from the whole-state one `b` after the same
-/// change, and from the state composed from scratch (`fresh`).
-fn difference(
-    (a, got_a): (&Pipeline, &str),
-    (b, got_b): (&Pipeline, &str),
-    fresh: &crate::model::Desired,
-) -> Option<String> {
-    let composed = |p: &Pipeline| p.last.as_ref().map(|c| format!("{:?}", c.desired));
-    if got_a != got_b {
-        Some(format!("outcome:\n{got_a}\nvs\n{got_b}"))
-    } else if a.applied != b.applied {
-        Some(format!("applied:\n{:?}\nvs\n{:?}", a.applied, b.applied))
-    } else if composed(a).is_some_and(|c| c != format!("{fresh:?}")) {
-        Some("composed state differs from one composed from scratch".into())
-    } else if maps(&a.tables) != maps(&b.tables) {
-        Some(format!(
-            "maps:\n{}\nvs\n{}",
-            maps(&a.tables),
-            maps(&b.tables)
-        ))
-    } else {
-        None
-    }
-}
-
-/// Drives random changes (Services and slices written and deleted, claims of one frontend by
-/// several Services and by the config file, reserved addresses, node changes, drains that run
-/// out, more services than the maps hold) through a pipeline that applies each change of the
-/// translation frontend by frontend and one that applies the whole state each time; returns the
-/// first difference, or how many changes went frontend by frontend, and how many of those with
-/// services not served. With `broken`, the incremental one is told one changed frontend less
-/// than there is.
-fn compare_pipelines(
-    seeds: std::ops::RangeInclusive<u64>,
-    broken: bool,
-) -> Result<(usize, usize), String> {
-    let (mut incremental, mut not_served) = (0, 0);
-    for seed in seeds {
-        let mut d = Dice(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        let mut world = World {
-            cluster: Cluster::default(),
-            node: node(),
-            policies: ["gold".to_string()].into(),
-            now: Instant::now(),
-            version: 0,
-        };
-        let mut file = crate::model::Desired::default();
-        file.policies.insert(
-            "gold".into(),
-            Policy {
-                limits: crate::model::Limits {
-                    packets: None,
-                    connections: None,
-                },
-                ipv6_prefix: crate::model::DEFAULT_IPV6_PREFIX,
-                table_full: crate::model::TableFull::FailOpen,
-                reset_rejected_syn: false,
-                exempt: Vec::new(),
-                deny: Vec::new(),
-                overrides: Vec::new(),
-            },
-        );
-        let mut tr = Translator::default();
-        let (mut a, mut b) = (Pipeline::new(), Pipeline::new());
-        let mut history = Vec::new();
-        for step in 0..120 {
-            history.push(world.change(&mut d));
-            if d.chance(5) {
-                // The config file claims a frontend of the cluster's now and then.
-                let vip: &&str = d.pick(&VIPS);
-                let s = file_service(vip, *d.pick(&[80, 443]));
-                if file.services.remove(&s.frontend).is_none() {
-                    file.services.insert(s.frontend, s);
-                }
-                a.last = None;
-                b.last = None;
-                history.push(format!("config file: {:?}", file.services.keys()));
-            }
-            let view = crate::node::NodeView {
-                snat_ipv4: vec!["10.0.0.1".parse().unwrap()],
-                node_addrs: world.node.addrs.iter().copied().collect(),
-                local: ["10.1.1.2".parse().unwrap(), "10.1.1.3".parse().unwrap()].into(),
-                ..Default::default()
-            };
-            let t = tr.translate(&world.cluster, &world.node, &world.policies, world.now);
-            let mut told = t.clone();
-            if broken && let Some(changed) = &mut told.changed {
-                changed.pop_first();
-            }
-            let (got_a, (by_frontend, left_out)) = a.apply(&file, &told, &view);
-            incremental += usize::from(by_frontend);
-            not_served += usize::from(by_frontend && left_out);
-            let mut whole = t.clone();
-            whole.changed = None;
-            let (got_b, _) = b.apply(&file, &whole, &view);
-            let fresh = crate::model::compose(&file, &t.services, &t.policies).0;
-            let differ = difference((&a, &got_a), (&b, &got_b), &fresh);
-            if let Some(what) = differ {
-                return Err(format!(
-                    "seed {seed} step {step} ({}): {what}",
-                    history.last().unwrap()
-                ));
-            }
-        }
-    }
-    Ok((incremental, not_served))
-}
-
-#[test]
-fn changes_applied_frontend_by_frontend_equal_the_whole_state_applied_after_any_changes() {
-    let (incremental, not_served) =
-        compare_pipelines(1..=40, false).unwrap_or_else(|e| panic!("{e}"));
-    // Most changes took the short way (the rest: node changes, waiting for room, the file),
-    // many of them with services left out.
-    assert!(
-        incremental > 40 * 120 / 3 && not_served > incremental / 10,
-        "only {incremental} frontend by frontend, {not_served} with services not served"
-    );
-}
-
-#[test]
-fn an_incremental_apply_told_one_changed_frontend_less_is_caught() {
-    let caught = compare_pipelines(1..=40, true);
-    assert!(caught.is_err(), "not caught: {caught:?}");
 }

@@ -7,7 +7,7 @@ use std::{collections::BTreeSet, net::Ipv4Addr, time::Instant};
 use k8s_openapi::{api::core::v1::Service as KubeService, api::discovery::v1::EndpointSlice};
 use serde_json::json;
 
-use super::*;
+use crate::k8s::{Cluster, NodeInfo, ObjectKey, Translator};
 use crate::{
     composed::{self, Inputs, Writer},
     dataplane::Sizes,
