@@ -1,7 +1,8 @@
 //! `lb-agent run`'s agent: it owns the loaded data path and orchestrates the rest. The desired
 //! state has up to two inputs, the config file (services, rate limits, node settings) and, with
-//! --kubernetes, the Services that opt in; they are composed ([`crate::model::compose`]),
-//! checked against the node ([`crate::reconcile::admit`]) and applied by the reconciler. After
+//! --kubernetes, the Services that opt in; they are composed, checked against the node and
+//! applied by the reconciler ([`crate::composed`]: a change of the cluster's translation only
+//! for the frontends it touched). After
 //! each change the agent publishes a read-only view for the metrics server and the state file.
 //!
 //! The parts, each in its own file: the run loop with its signals (`run`), following the
@@ -25,10 +26,11 @@ pub use self::run::run;
 use crate::{
     attach::{self, Attachments},
     cli::RunArgs,
+    composed::{self, Composed},
     config,
     dataplane::{self, Loaded, Maps, Stats},
     health::{Health, KubeHealth},
-    k8s::{Problem, Translation, reason},
+    k8s::{Problem, Translation},
     model::{self, Backend, Desired},
     neighbours::Neighbours,
     netlink::Change,
@@ -51,105 +53,6 @@ struct Inputs {
     file: Desired,
     /// The cluster's part of the desired state, once synced (with --kubernetes).
     kube: Option<Translation>,
-}
-
-/// The last composed state applied (before services the node cannot serve were left out) and
-/// its problems: composing the same again needs no apply.
-struct Composed {
-    desired: Desired,
-    problems: Vec<Problem>,
-    /// Services wait for room in the maps: the same state is applied again (each tick), so
-    /// they are served once room appears.
-    waiting: bool,
-    /// How many of `desired`'s backends are at each address. The node view (which backends are
-    /// local) and the neighbour entries depend only on which addresses there are: a change that
-    /// keeps them (most endpoint changes move a few) needs neither read again, which at 200,000
-    /// backends cost tens of milliseconds per change.
-    backend_addrs: BTreeMap<IpAddr, usize>,
-}
-
-/// The frontends whose service differs between `old` and `new`: added, removed or changed.
-fn changed_services(old: &Desired, new: &Desired) -> Vec<model::Frontend> {
-    let mut changed = Vec::new();
-    let (mut a, mut b) = (
-        old.services.iter().peekable(),
-        new.services.iter().peekable(),
-    );
-    loop {
-        match (a.peek(), b.peek()) {
-            (None, None) => return changed,
-            (Some((f, _)), None) => {
-                changed.push(**f);
-                a.next();
-            }
-            (None, Some((f, _))) => {
-                changed.push(**f);
-                b.next();
-            }
-            (Some((fa, sa)), Some((fb, sb))) => match fa.cmp(fb) {
-                std::cmp::Ordering::Less => {
-                    changed.push(**fa);
-                    a.next();
-                }
-                std::cmp::Ordering::Greater => {
-                    changed.push(**fb);
-                    b.next();
-                }
-                std::cmp::Ordering::Equal => {
-                    if sa != sb {
-                        changed.push(**fa);
-                    }
-                    a.next();
-                    b.next();
-                }
-            },
-        }
-    }
-}
-
-/// How many of `desired`'s backends are at each address.
-fn count_backend_addrs(desired: &Desired) -> BTreeMap<IpAddr, usize> {
-    let mut counts = BTreeMap::new();
-    for s in desired.services.values() {
-        for b in &s.backends {
-            *counts.entry(b.addr).or_default() += 1;
-        }
-    }
-    counts
-}
-
-/// Adds `delta` to the backend counts per address (an address whose count drops to 0 goes).
-fn add_backend_addrs(counts: &mut BTreeMap<IpAddr, usize>, delta: BTreeMap<IpAddr, isize>) {
-    for (addr, d) in delta {
-        let n = counts.get(&addr).copied().unwrap_or(0);
-        match n.checked_add_signed(d) {
-            Some(n) if n > 0 => {
-                counts.insert(addr, n);
-            }
-            _ => {
-                counts.remove(&addr);
-            }
-        }
-    }
-}
-
-/// How the backend counts per address change from `old` to `new` at the `changed` frontends.
-fn backend_addrs_delta(
-    old: &Desired,
-    new: &Desired,
-    changed: &[model::Frontend],
-) -> BTreeMap<IpAddr, isize> {
-    let mut delta: BTreeMap<IpAddr, isize> = BTreeMap::new();
-    for f in changed {
-        for b in old.services.get(f).iter().flat_map(|s| &s.backends) {
-            *delta.entry(b.addr).or_default() -= 1;
-        }
-        for b in new.services.get(f).iter().flat_map(|s| &s.backends) {
-            *delta.entry(b.addr).or_default() += 1;
-        }
-    }
-    delta.retain(|_, d| *d != 0);
-    delta
 }
 
 pub struct Agent {
@@ -314,97 +217,53 @@ impl Agent {
         if self.args.kubernetes && self.inputs.kube.is_none() {
             return Ok(None);
         }
-        let (services, policies) = match &self.inputs.kube {
-            Some(t) => (t.services.as_slice(), &t.policies),
-            None => (&[][..], &BTreeMap::new()),
+        let inputs = composed::Inputs {
+            file: &self.inputs.file,
+            kube: self.inputs.kube.as_ref(),
         };
-        let (composed, conflicts) = model::compose(&self.inputs.file, services, policies);
-        // What changed since the last state composed, service by service (the node settings
-        // changed: everything).
-        let last = self.composed.as_ref();
-        let delta = last.filter(|l| l.desired.node == composed.node).map(|l| {
-            let changed = changed_services(&l.desired, &composed);
-            let delta = backend_addrs_delta(&l.desired, &composed, &changed);
-            (changed, delta)
-        });
-        if let (Some(last), Some((changed, _))) = (last, &delta)
-            && changed.is_empty()
-            && last.desired.policies == composed.policies
-            && !last.waiting
-        {
-            return Ok(Some((Report::default(), last.problems.clone())));
-        }
-        // The same backend addresses as last time: the node view and the neighbour entries
-        // are as they were (a change of the node's own links, addresses or routes is followed
-        // by `node_changed`, which composes everything again).
-        let same_addrs = match (last, &delta) {
-            (Some(last), Some((_, delta))) => delta.iter().all(|(a, d)| {
-                let before = last.backend_addrs.get(a).copied().unwrap_or(0);
-                let after = before.checked_add_signed(*d).unwrap_or(0);
-                (before > 0) == (after > 0)
-            }),
-            _ => false,
+        let writer = composed::Writer {
+            reconciler: &mut self.reconciler,
+            tables: &mut self.maps,
         };
-        let node = if same_addrs {
-            self.node.clone()
-        } else {
-            let node = node::view(&mut self.netlink, &composed, &self.interfaces)?;
-            for problem in self.neighbours.follow(&mut self.netlink, &composed) {
+        let (netlink, interfaces, neighbours, current) = (
+            &mut self.netlink,
+            &self.interfaces,
+            &mut self.neighbours,
+            &self.node,
+        );
+        let mut node_view = |composed: &Desired, same_addrs: bool| {
+            if same_addrs {
+                return Ok(current.clone());
+            }
+            let node = node::view(netlink, composed, interfaces)?;
+            for problem in neighbours.follow(netlink, composed) {
                 warn!("{problem}");
             }
-            node
+            Ok(node)
         };
-        let applied = self
-            .reconciler
-            .apply_admitting(&composed, &node, &mut self.maps)?;
+        let outcome = composed::apply(
+            &mut self.composed,
+            &mut self.desired,
+            &inputs,
+            writer,
+            &mut node_view,
+        )?;
+        let Some(node) = outcome.node else {
+            return Ok(Some((outcome.report, outcome.problems)));
+        };
         self.health.ring_slots = self.reconciler.ring_slots_held();
-        let (report, left_out, waiting) = (applied.report, applied.left_out, applied.waiting);
-        let not_served: Vec<String> = left_out.iter().map(ToString::to_string).collect();
-        for n in not_served
+        for n in outcome
+            .not_served
             .iter()
             .filter(|n| !self.health.not_served.contains(n))
         {
             warn!("not served: {n}");
         }
-        self.health.not_served = not_served;
-        self.health.map_writes += report.writes as u64;
+        self.health.not_served = outcome.not_served;
+        self.health.map_writes += outcome.report.writes as u64;
         self.health.ready = true;
-        self.desired = applied.desired;
         self.node = node;
-        let problems: Vec<Problem> = conflicts
-            .iter()
-            .filter_map(|c| {
-                Problem::for_service(
-                    &c.service.origin,
-                    &c.service.frontend,
-                    reason::FRONTEND_CLAIMED,
-                    c.to_string(),
-                )
-            })
-            .chain(left_out.iter().filter_map(|i| {
-                Problem::for_service(
-                    &i.origin,
-                    &i.frontend,
-                    reason::NOT_SERVED,
-                    format!("{}; not served", i.reason),
-                )
-            }))
-            .collect();
-        let backend_addrs = match (self.composed.take(), delta) {
-            (Some(last), Some((_, delta))) => {
-                let mut counts = last.backend_addrs;
-                add_backend_addrs(&mut counts, delta);
-                counts
-            }
-            _ => count_backend_addrs(&composed),
-        };
-        self.composed = Some(Composed {
-            desired: composed,
-            problems: problems.clone(),
-            waiting,
-            backend_addrs,
-        });
-        Ok(Some((report, problems)))
+        Ok(Some((outcome.report, outcome.problems)))
     }
 
     /// Re-reads the config file (when it changed, or always with `force`) and applies it. A
@@ -434,6 +293,8 @@ impl Agent {
             }
         };
         let previous = std::mem::replace(&mut self.inputs.file, file);
+        // Another file: composed again as a whole.
+        self.composed = None;
         match self.apply_inputs() {
             Ok(None) => info!(
                 "{}: valid; applied once the cluster is listed",
@@ -788,77 +649,5 @@ fn hook(mode: &str) -> String {
     match mode {
         attach::MODE_TCX | attach::MODE_TC_CLASSIC => mode.to_string(),
         xdp => format!("xdp-{xdp}"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::model::{Frontend, Mode, Protocol, Service};
-
-    fn service(port: u16, backends: &[(u8, u32)]) -> Service {
-        Service {
-            name: format!("s{port}"),
-            origin: "test".into(),
-            frontend: Frontend {
-                vip: "10.96.0.10".parse().unwrap(),
-                port,
-                protocol: Protocol::Tcp,
-            },
-            mode: Mode::Snat,
-            backends: backends
-                .iter()
-                .map(|(last, weight)| Backend {
-                    addr: IpAddr::from([10, 1, 0, *last]),
-                    port: 8080,
-                    weight: *weight,
-                })
-                .collect(),
-            policy: None,
-            affinity: None,
-            source_ranges: crate::model::SourceRanges::default(),
-        }
-    }
-
-    #[test]
-    fn changed_services_and_kept_backend_counts_equal_a_recount_after_any_changes() {
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut roll = |n: u8| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            u8::try_from(seed % u64::from(n)).expect("below n")
-        };
-        let mut old = Desired::default();
-        let mut counts = count_backend_addrs(&old);
-        for _ in 0..2000 {
-            let mut new = old.clone();
-            for _ in 0..=roll(3) {
-                let port = 80 + u16::from(roll(8));
-                if roll(4) == 0 {
-                    new.services.retain(|f, _| f.port != port);
-                } else {
-                    let backends: Vec<(u8, u32)> = (0..roll(4))
-                        .map(|_| (roll(6), u32::from(roll(2))))
-                        .collect();
-                    let s = service(port, &backends);
-                    new.services.insert(s.frontend, s);
-                }
-            }
-            let changed = changed_services(&old, &new);
-            let expected: Vec<Frontend> = old
-                .services
-                .keys()
-                .chain(new.services.keys())
-                .filter(|f| old.services.get(f) != new.services.get(f))
-                .copied()
-                .collect::<BTreeSet<_>>()
-                .into_iter()
-                .collect();
-            assert_eq!(changed, expected);
-            add_backend_addrs(&mut counts, backend_addrs_delta(&old, &new, &changed));
-            assert_eq!(counts, count_backend_addrs(&new));
-            old = new;
-        }
     }
 }

@@ -43,6 +43,7 @@ pub mod watch;
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -230,7 +231,9 @@ pub struct HealthCheck {
 
 #[derive(Clone, Debug, Default)]
 pub struct Translation {
-    pub services: Vec<Service>,
+    /// Shared with the translator, which hands out the same service again while nothing it is
+    /// made of changed (a copy of every one per change cost more than the rest of it).
+    pub services: Vec<Arc<Service>>,
     /// Per-service policies from annotations, named `service:<ns>/<name>`.
     pub policies: BTreeMap<String, Policy>,
     pub problems: Vec<Problem>,
@@ -248,6 +251,11 @@ pub struct Translation {
     pub zones: BTreeMap<IpAddr, String>,
     /// This node's zone.
     pub node_zone: Option<String>,
+    /// Which translation of its translator this is (1 for the first).
+    pub round: u64,
+    /// The frontends whose service (or its absence) may differ from the translation of the
+    /// round before, which the rest of `services` equals; `None`: any may.
+    pub changed: Option<BTreeSet<Frontend>>,
 }
 
 /// How a frontend's new flows are kept close (zone-aware routing), for `lb-agent status`.
@@ -545,6 +553,10 @@ pub struct Translator {
     cached_with: Option<(NodeInfo, BTreeSet<String>)>,
     /// Counts translations (which cache entries the last one used).
     round: u64,
+    /// The frontends the translation under way found changed (see [`Translation::changed`]).
+    changed: BTreeSet<Frontend>,
+    /// The service each frontend was last given, made of its owner's part and of `previous`.
+    served: HashMap<Frontend, Arc<Service>>,
 }
 
 /// A Service's part as last translated, and what it was translated from.
@@ -646,6 +658,9 @@ impl Translator {
     ) -> Translation {
         let mut out = Translation::default();
         let empty = BTreeMap::new();
+        // What changed is known from the parts translated anew, those gone and the drains
+        // that moved, unless every part is translated anew.
+        let mut whole = self.round == 0;
         if self
             .cached_with
             .as_ref()
@@ -653,7 +668,9 @@ impl Translator {
         {
             self.cache.clear();
             self.cached_with = Some((node.clone(), named_policies.clone()));
+            whole = true;
         }
+        self.changed.clear();
         self.round += 1;
         let round = self.round;
         let mut opted_in = Vec::new();
@@ -666,7 +683,11 @@ impl Translator {
                         _ => {
                             let part = Part::of(key, svc, slices, node, named_policies);
                             let from = Fingerprint::of(svc, slices);
-                            self.cache.insert(key.clone(), Cached { from, part, round });
+                            let old = self.cache.insert(key.clone(), Cached { from, part, round });
+                            let new = &self.cache[key].part;
+                            let offers = old.iter().flat_map(|c| &c.part.offers);
+                            self.changed
+                                .extend(offers.chain(&new.offers).map(|o| o.service.frontend));
                         }
                     }
                     opted_in.push((key, svc));
@@ -681,7 +702,14 @@ impl Translator {
             }
         }
         if self.cache.len() > opted_in.len() {
-            self.cache.retain(|_, c| c.round == round);
+            let changed = &mut self.changed;
+            self.cache.retain(|_, c| {
+                let kept = c.round == round;
+                if !kept {
+                    changed.extend(c.part.offers.iter().map(|o| o.service.frontend));
+                }
+                kept
+            });
         }
         // Oldest first: the first to claim a frontend keeps it.
         opted_in.sort_by_key(|(key, svc)| seniority(key, svc));
@@ -694,12 +722,15 @@ impl Translator {
         self.cache = cache;
         // Every frontend served was given its backends by `drain`, which keeps them in
         // `previous`: as many there as served, and none went.
-        if self.previous.len() > owners.len() {
+        if self.previous.len() > owners.len() || self.served.len() > owners.len() {
             self.forget_gone(&out);
         }
         out.problems.sort();
         out.problems.dedup();
         out.node_zone.clone_from(&node.zone);
+        out.round = round;
+        let changed = std::mem::take(&mut self.changed);
+        out.changed = (!whole).then_some(changed);
         out
     }
 
@@ -716,8 +747,10 @@ impl Translator {
             // Without a service entry there is nothing to drain through: the flows keep their
             // entries until idle (the VIP's filter entry goes when no service uses it).
             self.previous.remove(&f);
+            self.changed.insert(f);
             self.draining.retain(|(df, _), _| *df != f);
         }
+        self.served.retain(|f, _| current.contains(f));
     }
 
     /// A Service's part into the translation: the frontends no older Service has, with their
@@ -759,15 +792,40 @@ impl Translator {
             if let Some(r) = &offer.routing {
                 out.routing.insert(frontend, r.clone());
             }
+            // The same part (its Service's objects did not change, nor did the frontend's
+            // owner) and the same backends, nothing draining: the service given last time.
+            let same_part = !self.changed.contains(&frontend);
+            if same_part
+                && self.previous.get(&frontend) == Some(&offer.weighted)
+                && self.drains_of(frontend).next().is_none()
+                && let Some(service) = self.served.get(&frontend)
+            {
+                out.services.push(service.clone());
+                continue;
+            }
+            // Drains in progress that none ran out of (most steps of a rolling restart): the
+            // backends given last time again, and so the service.
+            let before = same_part
+                .then(|| self.previous.get(&frontend).cloned())
+                .flatten();
             let drain = part
                 .drain
                 .expect("a part with offers has its drain settings");
             let backends = self.drain(frontend, &offer.weighted, drain, now, out);
+            if before.as_ref() == Some(&backends)
+                && let Some(service) = self.served.get(&frontend)
+            {
+                out.services.push(service.clone());
+                continue;
+            }
+            self.changed.insert(frontend);
             let mut service = offer.service.clone();
             service.backends = backends
                 .into_iter()
                 .map(|((addr, port), weight)| Backend { addr, port, weight })
                 .collect();
+            let service = Arc::new(service);
+            self.served.insert(frontend, service.clone());
             out.services.push(service);
         }
         out.health_checks.extend(own.health_checks.iter().cloned());
@@ -1416,4 +1474,4 @@ fn raw_policy(fields: &BTreeMap<&str, &str>) -> Result<RawPolicy, (String, Strin
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -4,6 +4,7 @@ pub mod attach;
 pub mod check;
 pub mod cleanup;
 pub mod cli;
+pub mod composed;
 pub mod config;
 pub mod datapath_log;
 pub mod dataplane;

@@ -441,9 +441,9 @@ impl fmt::Display for Conflict {
 /// cluster's). The file wins a frontend both define; within `services`, the first one wins
 /// (the cluster's translation already kept each frontend to its oldest Service). The losers
 /// are returned.
-pub fn compose(
+pub fn compose<S: std::borrow::Borrow<Service>>(
     file: &Desired,
-    services: &[Service],
+    services: &[S],
     policies: &BTreeMap<String, Policy>,
 ) -> (Desired, Vec<Conflict>) {
     let mut desired = file.clone();
@@ -452,6 +452,7 @@ pub fn compose(
         desired.policies.insert(name.clone(), policy.clone());
     }
     for s in services {
+        let s: &Service = std::borrow::Borrow::borrow(s);
         match desired.services.get(&s.frontend) {
             Some(other) => conflicts.push(Conflict {
                 service: s.clone(),

@@ -19,6 +19,11 @@
 //!
 //! Everything that can be wrong with a desired state is checked before the first write, so a
 //! rejected state leaves the previous one fully in force.
+//!
+//! [`Reconciler::apply_changed`] does the same for a state that differs from the last only at
+//! some frontends, looking at those services alone (and at counts of the addresses in use, kept
+//! with every apply); it declines, writing nothing, whatever it cannot do exactly as the
+//! whole-state path would.
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
     net::IpAddr,
@@ -294,6 +299,67 @@ pub struct Reconciler {
     /// Rings let go in this apply, (first slot, size): free again once it ends.
     freed_rings: Vec<(u32, u32)>,
     policy_pool: IdPool,
+    /// How many applied services use each address the addresses and the filter are made of.
+    addr_use: AddrUse,
+    /// What the last apply that left nothing out for room was for: a state that keeps it may
+    /// be applied service by service ([`Reconciler::apply_changed`]).
+    base: Option<Base>,
+}
+
+/// How many applied services use each address [`Reconciler::write_addrs`] makes entries and
+/// filter bits of: kept with every apply, so that a change recounts only its own services.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct AddrUse {
+    /// Frontends per VIP.
+    vips: BTreeMap<IpAddr, usize>,
+    /// Backends whose replies lb_backend looks at, per address.
+    preserved: BTreeMap<IpAddr, usize>,
+}
+
+impl AddrUse {
+    /// Counts an applied service's addresses in (`add`) or out.
+    fn count(&mut self, key: &ServiceKey, a: &AppliedService, node: &NodeView, add: bool) {
+        let step = |m: &mut BTreeMap<IpAddr, usize>, k: IpAddr| {
+            let n = m.entry(k).or_default();
+            if add {
+                *n += 1;
+            } else {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    m.remove(&k);
+                }
+            }
+        };
+        step(&mut self.vips, IpAddr::from(key.addr));
+        // Replies that keep the client's address: the backends of preserve-client-ip services,
+        // and every local backend of any service, since a service that changed mode keeps its
+        // flows' translation (a flow opened in preserve-client-ip mode goes on after a switch
+        // to snat, and its replies still need lb_backend).
+        let preserve = a.value.flags & SVC_SNAT == 0;
+        for (addr, _) in a.backends.keys() {
+            if preserve || node.local.contains(addr) {
+                step(&mut self.preserved, *addr);
+            }
+        }
+    }
+}
+
+/// What a whole-state apply that left nothing waiting was made for.
+#[derive(Clone, Debug, PartialEq)]
+struct Base {
+    node: NodeView,
+    settings: crate::model::NodeSettings,
+    policies: BTreeMap<String, Policy>,
+}
+
+/// What [`Reconciler::apply_changed`] did.
+#[derive(Debug, Default)]
+pub struct AppliedChange {
+    pub report: Report,
+    /// The changed frontends now applied (the rest of them are not: gone or left out).
+    pub admitted: BTreeSet<Frontend>,
+    /// Changed services from the cluster this node cannot serve, not applied.
+    pub left_out: Vec<Invalid>,
 }
 
 impl Reconciler {
@@ -353,16 +419,7 @@ impl Reconciler {
             .collect();
         let mut filter = snap.filter.clone();
         filter.resize(FILTER_ENTRIES as usize, 0);
-        let mut range_sets: BTreeMap<u32, RangeSet> = BTreeMap::new();
-        for (k, len, _) in &snap.prefixes {
-            let id = u32::from_be_bytes(k.policy);
-            if id >= RANGES_FIRST_ID {
-                range_sets
-                    .entry(id)
-                    .or_default()
-                    .insert((k.addr, len.saturating_sub(32)));
-            }
-        }
+        let range_sets = range_sets_of(snap);
         let used_ranges: BTreeSet<u32> = range_sets.keys().copied().collect();
         Reconciler {
             sizes,
@@ -407,6 +464,8 @@ impl Reconciler {
                 &snap.policies.iter().map(|(id, _)| *id).collect(),
                 &[],
             ),
+            addr_use: AddrUse::default(),
+            base: None,
         }
     }
 
@@ -504,6 +563,8 @@ impl Reconciler {
         node: &NodeView,
         tables: &mut dyn Tables,
     ) -> Result<Report, ApplyError> {
+        // What the maps hold is no longer what `base` describes.
+        self.base = None;
         self.release_rings();
         self.check(desired, node)?;
         let mut report = Report::default();
@@ -520,14 +581,247 @@ impl Reconciler {
         let default_policy = self.apply_policies(desired, &mut t)?;
         let range_ids = self.write_range_sets(desired, &mut t)?;
 
-        // Removals first: the ids they free make room for what is added.
         let wanted: BTreeSet<ServiceKey> = desired.services.keys().map(Frontend::key).collect();
-        for key in self.stale(&wanted) {
-            self.remove_service(&key, &mut t)?;
+        let stale = self.stale(&wanted);
+        let services: Vec<&Service> = desired.services.values().collect();
+        self.apply_services(
+            desired,
+            &stale,
+            &services,
+            (default_policy, &range_ids),
+            &mut t,
+            &mut report,
+        )?;
+
+        self.count_addrs(node);
+        self.write_addrs(node, &mut t)?;
+        // Only now: no service entry points to them any more.
+        self.remove_range_sets(&range_ids.values().copied().collect(), &mut t)?;
+        self.remove_stale_policies(desired);
+        self.release_rings();
+        report.writes = t.writes;
+        Ok(report)
+    }
+
+    /// [`admit`], then [`Reconciler::apply`] what was admitted: what the agent does with each
+    /// composed state, and what `lb-agent check` does with a config file.
+    pub fn apply_admitting(
+        &mut self,
+        desired: &Desired,
+        node: &NodeView,
+        tables: &mut dyn Tables,
+    ) -> Result<Applied, ApplyError> {
+        self.base = None;
+        let (admitted, mut left_out) = admit(desired, node)?;
+        let (admitted, no_room) = self.fit(admitted);
+        let waiting = !no_room.is_empty();
+        left_out.extend(no_room);
+        let report = self.apply(&admitted, node, tables)?;
+        if !waiting {
+            self.base = Some(Base {
+                node: node.clone(),
+                settings: desired.node.clone(),
+                policies: desired.policies.clone(),
+            });
+        }
+        Ok(Applied {
+            report,
+            desired: admitted,
+            left_out,
+            waiting,
+        })
+    }
+
+    /// [`Reconciler::apply_admitting`] for a state that differs from the last one applied only
+    /// at the `changed` frontends: looks at those services only, so that one endpoint change
+    /// costs the same at 20,000 frontends as at 20. The result is the one the whole-state path
+    /// gives (host tests hold the two equal after random changes). `None`, having written
+    /// nothing: this change needs the whole-state path (the last apply left something out for
+    /// room, or was for other node settings, policies or node view; a changed service is the
+    /// config file's, does not fit, or needs a source-range set not written yet).
+    pub fn apply_changed(
+        &mut self,
+        desired: &Desired,
+        changed: &BTreeSet<Frontend>,
+        node: &NodeView,
+        tables: &mut dyn Tables,
+    ) -> Result<Option<AppliedChange>, ApplyError> {
+        let Some(base) = &self.base else {
+            return Ok(None);
+        };
+        if base.settings != desired.node || base.policies != desired.policies || base.node != *node
+        {
+            return Ok(None);
+        }
+        self.release_rings();
+        // admit: only the cluster's services are left out; anything about the file's goes the
+        // whole way (it may reject the state).
+        let mut out = AppliedChange::default();
+        let mut admitted: Vec<&Service> = Vec::new();
+        for f in changed {
+            let Some(s) = desired.services.get(f) else {
+                continue;
+            };
+            if s.origin.kubernetes_object().is_none() {
+                return Ok(None);
+            }
+            match service_problem(s, node) {
+                Some(reason) => out.left_out.push(Invalid {
+                    origin: s.origin.clone(),
+                    name: s.name.clone(),
+                    frontend: s.frontend,
+                    reason,
+                }),
+                None => admitted.push(s),
+            }
+        }
+        // fit and check: the room the whole-state path would find, for these services only
+        // (every other service is applied as it is wanted, so it needs none).
+        let mut stale: Vec<ServiceKey> = changed
+            .iter()
+            .map(Frontend::key)
+            .filter(|k| self.services.contains_key(k))
+            .filter(|k| !admitted.iter().any(|s| s.frontend.key() == *k))
+            .collect();
+        stale.sort_unstable();
+        let room_services = self.service_ids.free() + stale.len();
+        let room_backends = self.backend_ids.free()
+            + stale
+                .iter()
+                .map(|k| self.services[k].backends.len())
+                .sum::<usize>();
+        let new_services = admitted
+            .iter()
+            .filter(|s| !self.services.contains_key(&s.frontend.key()))
+            .count();
+        let new_backends: usize = admitted
+            .iter()
+            .map(|s| {
+                let applied = self.services.get(&s.frontend.key());
+                if applied.is_some_and(|a| lists_exactly(&a.backends, &s.backends)) {
+                    return 0;
+                }
+                s.backends
+                    .iter()
+                    .filter(|b| applied.is_none_or(|a| !a.backends.contains_key(&(b.addr, b.port))))
+                    .count()
+            })
+            .sum();
+        if new_services > room_services || new_backends > room_backends {
+            return Ok(None);
+        }
+        let mut space = self.ring_space.clone();
+        if admitted.iter().any(|s| {
+            self.new_ring(s, desired.node.hash_seed)
+                .is_some_and(|size| space.alloc(size).is_none())
+        }) {
+            return Ok(None);
+        }
+        let mut range_ids = BTreeMap::new();
+        for s in &admitted {
+            let Some(set) = range_set(s) else { continue };
+            match self.range_sets.iter().find(|(_, held)| **held == set) {
+                Some((id, _)) => range_ids.insert(set, *id),
+                None => return Ok(None),
+            };
+        }
+        // From here on as `apply` does it, in its order, for these services only.
+        let writes = (&stale[..], &admitted[..], &range_ids);
+        match self.write_change(desired, changed, node, writes, tables) {
+            Ok(report) => {
+                out.report = report;
+                out.admitted = admitted.iter().map(|s| s.frontend).collect();
+                Ok(Some(out))
+            }
+            Err(e) => {
+                // The mirror follows what was written; the next apply looks at everything.
+                self.base = None;
+                Err(e)
+            }
+        }
+    }
+
+    /// The writes of [`Reconciler::apply_changed`].
+    fn write_change(
+        &mut self,
+        desired: &Desired,
+        changed: &BTreeSet<Frontend>,
+        node: &NodeView,
+        (stale, admitted, range_ids): (&[ServiceKey], &[&Service], &BTreeMap<RangeSet, u32>),
+        tables: &mut dyn Tables,
+    ) -> Result<Report, ApplyError> {
+        let mut report = Report::default();
+        let mut t = Counting {
+            inner: tables,
+            writes: 0,
+        };
+        let default_policy = desired
+            .node
+            .default_policy
+            .as_ref()
+            .and_then(|n| self.policy_ids.get(&(n.clone(), None)).copied())
+            .unwrap_or(0);
+        // The source-range sets the changed services used: they go if nothing uses them now.
+        let mut unused: BTreeSet<u32> = BTreeSet::new();
+        for key in changed.iter().map(Frontend::key) {
+            if let Some(a) = self.services.get(&key) {
+                self.addr_use.count(&key, a, node, false);
+                if a.value.source_ranges != 0 {
+                    unused.insert(a.value.source_ranges);
+                }
+            }
+        }
+        let result = self.apply_services(
+            desired,
+            stale,
+            admitted,
+            (default_policy, range_ids),
+            &mut t,
+            &mut report,
+        );
+        for key in changed.iter().map(Frontend::key) {
+            if let Some(a) = self.services.get(&key) {
+                self.addr_use.count(&key, a, node, true);
+            }
+        }
+        result?;
+        self.write_addrs(node, &mut t)?;
+        if !unused.is_empty() {
+            for a in self.services.values() {
+                unused.remove(&a.value.source_ranges);
+            }
+        }
+        // Only now: no service entry points to them any more.
+        let live: BTreeSet<u32> = self
+            .range_sets
+            .keys()
+            .filter(|id| !unused.contains(id))
+            .copied()
+            .collect();
+        self.remove_range_sets(&live, &mut t)?;
+        self.release_rings();
+        report.writes = t.writes;
+        Ok(report)
+    }
+
+    /// `apply`'s middle: the `stale` services removed, then each of `services` (in frontend
+    /// order) written where it differs from what it was last applied from.
+    fn apply_services(
+        &mut self,
+        desired: &Desired,
+        stale: &[ServiceKey],
+        services: &[&Service],
+        (default_policy, range_ids): (u32, &BTreeMap<RangeSet, u32>),
+        t: &mut Counting<'_>,
+        report: &mut Report,
+    ) -> Result<(), ApplyError> {
+        // Removals first: the ids they free make room for what is added.
+        for key in stale {
+            self.remove_service(key, t)?;
             report.services_removed += 1;
         }
-        for (frontend, service) in &desired.services {
-            let key = frontend.key();
+        for service in services {
+            let key = service.frontend.key();
             let policy = service
                 .policy
                 .as_ref()
@@ -544,40 +838,12 @@ impl Reconciler {
             if self.services.get(&key).is_some_and(|a| a.from == from) {
                 continue;
             }
-            self.apply_service(key, service, policy, ranges, &mut t, &mut report)?;
+            self.apply_service(key, service, policy, ranges, t, report)?;
             if let Some(a) = self.services.get_mut(&key) {
                 a.from = from;
             }
         }
-
-        self.apply_addrs(desired, node, &mut t)?;
-        // Only now: no service entry points to them any more.
-        self.remove_range_sets(&range_ids, &mut t)?;
-        self.remove_stale_policies(desired);
-        self.release_rings();
-        report.writes = t.writes;
-        Ok(report)
-    }
-
-    /// [`admit`], then [`Reconciler::apply`] what was admitted: what the agent does with each
-    /// composed state, and what `lb-agent check` does with a config file.
-    pub fn apply_admitting(
-        &mut self,
-        desired: &Desired,
-        node: &NodeView,
-        tables: &mut dyn Tables,
-    ) -> Result<Applied, ApplyError> {
-        let (admitted, mut left_out) = admit(desired, node)?;
-        let (admitted, no_room) = self.fit(admitted);
-        let waiting = !no_room.is_empty();
-        left_out.extend(no_room);
-        let report = self.apply(&admitted, node, tables)?;
-        Ok(Applied {
-            report,
-            desired: admitted,
-            left_out,
-            waiting,
-        })
+        Ok(())
     }
 
     /// Applied services that `wanted` no longer lists.
@@ -1025,14 +1291,13 @@ impl Reconciler {
         Ok(ids)
     }
 
-    /// Removes the source-range sets not in `used`: the caller has pointed every service
-    /// elsewhere first.
+    /// Removes the source-range sets whose ids are not `live`: the caller has pointed every
+    /// service elsewhere first.
     fn remove_range_sets(
         &mut self,
-        used: &BTreeMap<RangeSet, u32>,
+        live: &BTreeSet<u32>,
         t: &mut Counting<'_>,
     ) -> Result<(), ApplyError> {
-        let live: BTreeSet<u32> = used.values().copied().collect();
         let stale: Vec<u32> = self
             .range_sets
             .keys()
@@ -1334,20 +1599,25 @@ impl Reconciler {
         Ok(())
     }
 
-    fn apply_addrs(
-        &mut self,
-        desired: &Desired,
-        node: &NodeView,
-        t: &mut Counting<'_>,
-    ) -> Result<(), ApplyError> {
+    /// Counts the addresses of every applied service anew.
+    fn count_addrs(&mut self, node: &NodeView) {
+        let mut counts = AddrUse::default();
+        for (key, a) in &self.services {
+            counts.count(key, a, node, true);
+        }
+        self.addr_use = counts;
+    }
+
+    /// Writes the addresses and the filter the counted addresses make, where the maps differ.
+    fn write_addrs(&mut self, node: &NodeView, t: &mut Counting<'_>) -> Result<(), ApplyError> {
         let mut addrs: BTreeMap<Addr, AddrInfo> = BTreeMap::new();
-        for f in desired.services.keys() {
-            let flags = if node.node_addrs.contains(&f.vip) {
+        for vip in self.addr_use.vips.keys() {
+            let flags = if node.node_addrs.contains(vip) {
                 ADDR_NODE
             } else {
                 ADDR_VIP
             };
-            addrs.entry(Addr::from(f.vip)).or_default().flags |= flags;
+            addrs.entry(Addr::from(*vip)).or_default().flags |= flags;
         }
         let snat = node
             .snat_ipv4
@@ -1371,16 +1641,9 @@ impl Reconciler {
         for a in addrs.keys() {
             set(Plane::Served, a);
         }
-        // Where lb_backend looks for replies that keep the client's address: the backends of
-        // preserve-client-ip services, and every local backend of any service, since a service
-        // that changed mode keeps its flows' translation (a flow opened in preserve-client-ip
-        // mode goes on after a switch to snat, and its replies still need lb_backend).
-        for s in desired.services.values() {
-            for b in &s.backends {
-                if s.mode == Mode::PreserveClientIp || node.local.contains(&b.addr) {
-                    set(Plane::PreservedBackends, &Addr::from(b.addr));
-                }
-            }
+        // Where lb_backend looks for replies that keep the client's address (AddrUse::count).
+        for a in self.addr_use.preserved.keys() {
+            set(Plane::PreservedBackends, &Addr::from(*a));
         }
         // No client either (never answered, never a flow's source), but nothing to serve.
         for a in node.node_addrs.iter().chain(&node.broadcast) {
@@ -1411,6 +1674,21 @@ impl Reconciler {
         self.filter = filter;
         Ok(())
     }
+}
+
+/// The source-range sets in a snapshot's prefixes, by id.
+fn range_sets_of(snap: &Snapshot) -> BTreeMap<u32, RangeSet> {
+    let mut range_sets: BTreeMap<u32, RangeSet> = BTreeMap::new();
+    for (k, len, _) in &snap.prefixes {
+        let id = u32::from_be_bytes(k.policy);
+        if id >= RANGES_FIRST_ID {
+            range_sets
+                .entry(id)
+                .or_default()
+                .insert((k.addr, len.saturating_sub(32)));
+        }
+    }
+    range_sets
 }
 
 fn backend_entry(

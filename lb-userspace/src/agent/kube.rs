@@ -2,7 +2,7 @@
 //! with the config file's part, and ends the flows whose deregistration delay ran out.
 use std::{collections::BTreeSet, net::IpAddr};
 
-use log::{info, warn};
+use log::{debug, info, warn};
 
 use super::{Agent, describe};
 use crate::{
@@ -42,17 +42,29 @@ impl Target for Agent {
 
     fn apply_kubernetes(&mut self, translation: Translation) -> Result<Vec<Problem>, ApplyError> {
         let previous = self.inputs.kube.replace(translation);
+        let started = std::time::Instant::now();
         match self.apply_inputs() {
             Ok(result) => {
                 let (report, mut problems) = result.unwrap_or_default();
+                let applied = started.elapsed();
                 if !report.is_empty() {
-                    info!("applied the cluster's state: {}", describe(&report));
+                    info!(
+                        "applied the cluster's state in {:.1} ms: {}",
+                        applied.as_secs_f64() * 1e3,
+                        describe(&report)
+                    );
                 }
                 let translation = self.inputs.kube.as_ref().expect("just set");
                 problems.extend(translation.problems.iter().cloned());
                 let ends = translation.end_flows.clone();
                 self.end_drained_flows(&ends);
+                let published = std::time::Instant::now();
                 self.publish();
+                debug!(
+                    "the cluster's state: applied in {:.1} ms, published in {:.1} ms",
+                    applied.as_secs_f64() * 1e3,
+                    published.elapsed().as_secs_f64() * 1e3
+                );
                 Ok(problems)
             }
             Err(e) => {

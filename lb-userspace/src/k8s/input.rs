@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use kube::{Client, Config, config::KubeConfigOptions};
-use log::{info, warn};
+use log::{debug, info, warn};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use tokio::sync::watch as latest;
 
@@ -212,9 +212,19 @@ impl KubeInput {
         let cluster = self.watch.cluster();
         node.zone = cluster.node_zone();
         node.reserved.pod_ranges = cluster.node_pod_ranges();
+        let started = Instant::now();
         let translation =
             self.translator
                 .translate(&cluster, &node, &inputs.policies, Instant::now());
+        debug!(
+            "translated {} Services in {:.1} ms ({} frontends changed)",
+            cluster.services.len(),
+            started.elapsed().as_secs_f64() * 1e3,
+            translation
+                .changed
+                .as_ref()
+                .map_or_else(|| "all".to_string(), |c| c.len().to_string())
+        );
         let h = target.kube_health();
         h.services_seen = cluster.services.len();
         h.slices_seen = cluster.slice_count();

@@ -14,7 +14,7 @@ use k8s_openapi::{
 
 use super::*;
 
-fn svc(
+pub(crate) fn svc(
     name: &str,
     annotations: &[(&str, &str)],
     ports: &[(&str, i32, Option<i32>)],
@@ -60,9 +60,9 @@ fn svc(
 }
 
 /// An endpoint: (address, ready, serving, terminating, node, pod).
-type Ep<'a> = (&'a str, bool, bool, bool, &'a str, &'a str);
+pub(crate) type Ep<'a> = (&'a str, bool, bool, bool, &'a str, &'a str);
 
-fn slice(name: &str, port_name: &str, port: i32, endpoints: &[Ep<'_>]) -> EndpointSlice {
+pub(crate) fn slice(name: &str, port_name: &str, port: i32, endpoints: &[Ep<'_>]) -> EndpointSlice {
     EndpointSlice {
         metadata: ObjectMeta {
             name: Some(name.into()),
@@ -118,7 +118,7 @@ fn cluster(service: KubeService, slices: Vec<EndpointSlice>) -> Cluster {
     c
 }
 
-fn node() -> NodeInfo {
+pub(crate) fn node() -> NodeInfo {
     NodeInfo {
         name: "node1".into(),
         addrs: vec!["10.0.0.1".parse().unwrap()],
@@ -131,7 +131,7 @@ fn node() -> NodeInfo {
     }
 }
 
-const ON: (&str, &str) = (ENABLED, "true");
+pub(crate) const ON: (&str, &str) = (ENABLED, "true");
 
 fn ready(addr: &'static str, node: &'static str) -> Ep<'static> {
     (addr, true, true, false, node, addr)
@@ -1235,36 +1235,36 @@ fn each_ip_family_is_chosen_apart_as_kube_proxy_runs_a_proxier_per_family() {
 }
 
 /// A small deterministic generator (xorshift), for sequences of changes.
-struct Dice(u64);
+pub(crate) struct Dice(pub(crate) u64);
 
 impl Dice {
-    fn below(&mut self, n: u16) -> u16 {
+    pub(crate) fn below(&mut self, n: u16) -> u16 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
         u16::try_from(self.0 % u64::from(n)).expect("below n")
     }
 
-    fn pick<'a, T>(&mut self, from: &'a [T]) -> &'a T {
+    pub(crate) fn pick<'a, T>(&mut self, from: &'a [T]) -> &'a T {
         &from[usize::from(self.below(u16::try_from(from.len()).expect("short")))]
     }
 
-    fn chance(&mut self, percent: u16) -> bool {
+    pub(crate) fn chance(&mut self, percent: u16) -> bool {
         self.below(100) < percent
     }
 }
 
 /// A cluster changed as an API server changes it: every write of an object that has a
 /// resourceVersion gives it a new one (some objects have none, as built by hand).
-struct World {
-    cluster: Cluster,
-    node: NodeInfo,
-    policies: BTreeSet<String>,
-    now: Instant,
-    version: u64,
+pub(crate) struct World {
+    pub(crate) cluster: Cluster,
+    pub(crate) node: NodeInfo,
+    pub(crate) policies: BTreeSet<String>,
+    pub(crate) now: Instant,
+    pub(crate) version: u64,
 }
 
-const VIPS: [&str; 3] = ["10.96.0.10", "10.96.0.11", "10.96.0.12"];
+pub(crate) const VIPS: [&str; 3] = ["10.96.0.10", "10.96.0.11", "10.96.0.12"];
 const NAMES: [&str; 6] = ["a", "b", "c", "d", "e", "f"];
 
 impl World {
@@ -1342,7 +1342,7 @@ impl World {
         s
     }
 
-    fn change(&mut self, d: &mut Dice) -> String {
+    pub(crate) fn change(&mut self, d: &mut Dice) -> String {
         let name = *d.pick(&NAMES);
         let key: ObjectKey = ("default".into(), name.into());
         match d.below(10) {
@@ -1432,11 +1432,32 @@ fn a_translation_from_cached_parts_equals_one_from_scratch_after_any_changes() {
         };
         let (mut cached, mut scratch) = (Translator::default(), Translator::default());
         let mut history = Vec::new();
+        let mut before: Option<Translation> = None;
         for _ in 0..80 {
             history.push(world.change(&mut d));
             let a = cached.translate(&world.cluster, &world.node, &world.policies, world.now);
             scratch.cache.clear();
-            let b = scratch.translate(&world.cluster, &world.node, &world.policies, world.now);
+            scratch.served.clear();
+            let mut b = scratch.translate(&world.cluster, &world.node, &world.policies, world.now);
+            // The changed frontends: those the cached translator says, at least.
+            let mut a = a;
+            if let (Some(changed), Some(before)) = (&a.changed, &before) {
+                let served = |t: &Translation| -> BTreeMap<Frontend, Service> {
+                    t.services
+                        .iter()
+                        .map(|s| (s.frontend, Service::clone(s)))
+                        .collect()
+                };
+                let (now, was) = (served(&b), served(before));
+                for f in now.keys().chain(was.keys()) {
+                    assert!(
+                        now.get(f) == was.get(f) || changed.contains(f),
+                        "seed {seed}: {f} changed, not said, after {history:#?}"
+                    );
+                }
+            }
+            (a.changed, b.changed) = (None, None);
+            before = Some(b.clone());
             assert_eq!(
                 format!("{a:#?}"),
                 format!("{b:#?}"),
@@ -1461,8 +1482,15 @@ fn a_cached_part_is_used_while_its_objects_keep_their_versions_and_not_after() {
     let (mut tr, none, now) = (Translator::default(), BTreeSet::new(), Instant::now());
     let key: ObjectKey = ("default".into(), "web".into());
     tr.translate(&c, &node(), &none, now);
-    // Mark the cached part: a translation that used it keeps the mark.
+    // Mark the cached part: a translation that used it keeps the mark (once the service last
+    // given is forgotten).
     tr.cache.get_mut(&key).unwrap().part.offers[0].service.name = "marked".into();
+    let t = tr.translate(&c, &node(), &none, now);
+    assert_eq!(
+        t.services[0].name, "default/web:http",
+        "the service given last time"
+    );
+    tr.served.clear();
     let t = tr.translate(&c, &node(), &none, now);
     assert_eq!(t.services[0].name, "marked");
     // A new version of the slice: translated again.
@@ -1515,7 +1543,16 @@ fn when_the_older_of_two_claimants_goes_the_newer_takes_the_frontend_from_its_ca
     assert_eq!(served, ["10.1.1.2:8080=1", "10.1.1.3:8080=0"]);
     assert!(refused.is_empty(), "{refused:?}");
     scratch.cache.clear();
-    let fresh = scratch.translate(&c, &node(), &none, now + Duration::from_secs(1));
+    scratch.served.clear();
+    let mut fresh = scratch.translate(&c, &node(), &none, now + Duration::from_secs(1));
+    let mut t = t;
+    assert!(
+        t.changed
+            .as_ref()
+            .unwrap()
+            .contains(&t.services[0].frontend)
+    );
+    (t.changed, fresh.changed) = (None, None);
     assert_eq!(format!("{t:?}"), format!("{fresh:?}"));
     assert_eq!(kept(&tr), kept(&scratch));
 }
