@@ -66,7 +66,7 @@ fn one_change_at_cluster_size() {
     let mut cluster = Cluster::default();
     for i in 0..SERVICES {
         cluster.services.insert(key(i), service(i));
-        let slices = [(format!("svc-{i:05}-a"), slice(i, 0))].into();
+        let slices = [(format!("svc-{i:05}-a"), Box::new(slice(i, 0).into()))].into();
         cluster.slices.insert(key(i), slices);
     }
     let node = NodeInfo {
@@ -95,7 +95,7 @@ fn one_change_at_cluster_size() {
             if change > 0 {
                 version += 1;
                 let i = change * 17;
-                let slices = [(format!("svc-{i:05}-a"), slice(i, version))].into();
+                let slices = [(format!("svc-{i:05}-a"), Box::new(slice(i, version).into()))].into();
                 cluster.slices.insert(key(i), slices);
             }
             let started = Instant::now();
