@@ -2817,6 +2817,15 @@ fn zone_aware_routing_keeps_real_connections_in_the_zone() {
     assert!(live.is_clean(), "{live:?}");
 }
 
+/// Sets its flag when dropped, also while a panic unwinds.
+struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// externalTrafficPolicy Cluster -> Local -> Cluster with real traffic: new connections
 /// throughout, all answered; connections open across each switch (snat ones to a remote and a
 /// local pod, a client-address-preserving one opened under Local) keep going to the end.
@@ -2884,11 +2893,16 @@ fn switching_the_traffic_policy_stops_nothing() {
                 sources.clone(),
                 12,
             );
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            // Bounded as well: the switches take seconds.
+            let give_up = Instant::now() + Duration::from_secs(120);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < give_up {
                 all.push(batch.run(ns).expect("batch"));
             }
             all
         });
+        // A failed assert below unwinds through this guard, which stops the traffic thread the
+        // scope then joins (else the test would wait for it forever instead of failing).
+        let _stop = StopOnDrop(&stop);
         std::thread::sleep(Duration::from_millis(500));
         l.apply(policy("Local"));
         // Local: only node1's pods, and they see the client's address.
