@@ -196,43 +196,7 @@ impl Agent {
     /// a program run. An uplink it cannot go on keeps working: the packets handed over there go
     /// through the kernel's forwarding instead (see `handoff.rs` in lb-ebpf).
     fn sync_uplink_tc(&mut self, wanted: bool) {
-        let mut on = Vec::new();
-        if wanted {
-            for link in self.interfaces.uplinks.clone() {
-                let new = self.uplink_tc.get(&link.name).is_none();
-                match self.uplink_tc.attach_tc(
-                    &mut self.loaded.ebpf,
-                    PROG_UPLINK_TC,
-                    &link.name,
-                    self.args.tc_mode,
-                ) {
-                    Ok(a) => {
-                        if new {
-                            info!(
-                                "{PROG_UPLINK_TC} on {} (ifindex {}): {} mode{}: packets for pods behind a policy hook go to their veth's egress from here",
-                                a.iface,
-                                a.ifindex,
-                                a.mode,
-                                note_suffix(a.note.as_deref())
-                            );
-                        }
-                        on.push(link.name.clone());
-                    }
-                    Err(e) => warn!(
-                        "{}: {e:#}; packets for pods behind a policy hook arriving there go through the kernel's forwarding (and netfilter)",
-                        link.name
-                    ),
-                }
-            }
-        }
-        for iface in self.uplink_tc.pinned_interfaces() {
-            if !on.contains(&iface) {
-                info!(
-                    "{PROG_UPLINK_TC} off {iface}: no backend interface takes handed-over packets"
-                );
-                self.uplink_tc.detach(&iface);
-            }
-        }
+        self.sync_receiver(Receiver::Handoff, wanted);
     }
 
     /// `lb_uplink_out` at every uplink's TC egress when `wanted` (some backend interface is
@@ -240,20 +204,43 @@ impl Agent {
     /// program run. An uplink it cannot go on is logged: replies of `netfilter` flows leaving
     /// there go out untranslated (the client drops them), so new flows to those pods fail.
     fn sync_uplink_out(&mut self, wanted: bool) {
+        self.sync_receiver(Receiver::Netfilter, wanted);
+    }
+
+    /// One of the uplinks' TC receivers on every uplink when `wanted`, else on none.
+    fn sync_receiver(&mut self, which: Receiver, wanted: bool) {
+        let (program, does, without, off) = match which {
+            Receiver::Handoff => (
+                PROG_UPLINK_TC,
+                "packets for pods behind a policy hook go to their veth's egress from here",
+                "packets for pods behind a policy hook arriving there go through the kernel's forwarding (and netfilter)",
+                "no backend interface takes handed-over packets",
+            ),
+            Receiver::Netfilter => (
+                PROG_UPLINK_OUT,
+                "replies from pods delivered through netfilter are translated here",
+                "replies from pods delivered through netfilter cannot be translated there",
+                "no backend interface is netfilter",
+            ),
+        };
+        let attachments = match which {
+            Receiver::Handoff => &mut self.uplink_tc,
+            Receiver::Netfilter => &mut self.uplink_out,
+        };
         let mut on = Vec::new();
         if wanted {
-            for link in self.interfaces.uplinks.clone() {
-                let new = self.uplink_out.get(&link.name).is_none();
-                match self.uplink_out.attach_tc(
+            for link in &self.interfaces.uplinks {
+                let new = attachments.get(&link.name).is_none();
+                match attachments.attach_tc(
                     &mut self.loaded.ebpf,
-                    PROG_UPLINK_OUT,
+                    program,
                     &link.name,
                     self.args.tc_mode,
                 ) {
                     Ok(a) => {
                         if new {
                             info!(
-                                "{PROG_UPLINK_OUT} on {} (ifindex {}) at egress: {} mode{}: replies from pods delivered through netfilter are translated here",
+                                "{program} on {} (ifindex {}): {} mode{}: {does}",
                                 a.iface,
                                 a.ifindex,
                                 a.mode,
@@ -262,17 +249,14 @@ impl Agent {
                         }
                         on.push(link.name.clone());
                     }
-                    Err(e) => warn!(
-                        "{}: {e:#}; replies from pods delivered through netfilter cannot be translated there",
-                        link.name
-                    ),
+                    Err(e) => warn!("{}: {e:#}; {without}", link.name),
                 }
             }
         }
-        for iface in self.uplink_out.pinned_interfaces() {
+        for iface in attachments.pinned_interfaces() {
             if !on.contains(&iface) {
-                info!("{PROG_UPLINK_OUT} off {iface}: no backend interface is netfilter");
-                self.uplink_out.detach(&iface);
+                info!("{program} off {iface}: {off}");
+                attachments.detach(&iface);
             }
         }
     }
@@ -351,6 +335,14 @@ impl Agent {
         self.pod_ends.retain(|(i, _), _| live.contains(i));
         ok
     }
+}
+
+/// The uplinks' TC receivers: `lb_uplink_tc` (ingress, the handoff) and `lb_uplink_out`
+/// (egress, replies of `netfilter` flows).
+#[derive(Clone, Copy)]
+enum Receiver {
+    Handoff,
+    Netfilter,
 }
 
 /// Makes the redirect targets exactly `targets` and the interface table exactly `vlans`
