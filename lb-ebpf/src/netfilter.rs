@@ -18,7 +18,7 @@ use lb_common::{Counter, FLOW_NETFILTER, IPPROTO_TCP, IPPROTO_UDP, filter::Plane
 use crate::{
     family::{Ipv4, Ipv6},
     maps::{count, in_filter, packet, scratch},
-    parse::{Packet, State, parse_l3, parse_ports},
+    parse::{Packet, State, ipv4_checksum_ok, parse_l3, parse_ports},
     tc::{HEADROOM, TCX_NEXT, count_reply, lookup, rewrite},
 };
 
@@ -47,6 +47,10 @@ fn out(ctx: &TcContext) -> i32 {
         || pkt.state != State::Present
         || (pkt.proto != IPPROTO_TCP && pkt.proto != IPPROTO_UDP)
     {
+        return TCX_NEXT;
+    }
+    // Malformed, as lb_backend has it (the kernel writes valid ones: this never costs a reply).
+    if !pkt.v6 && !ipv4_checksum_ok(ctx, pkt.l3, pkt.l4) {
         return TCX_NEXT;
     }
     let Some(ports) = parse_ports(ctx, pkt) else {

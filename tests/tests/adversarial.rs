@@ -97,6 +97,51 @@ fn adversarial_frames_with_a_policy_hook_on_the_pod_veth_get_only_what_the_spec_
     );
 }
 
+/// The same contract when the local pod's delivery is `netfilter`: its flows' client packets are
+/// passed to the kernel's forwarding rewritten (no snat, TTL left to the kernel), its replies go
+/// on untranslated at `lb_backend`, and `lb_uplink_out` translates them as they leave the uplink
+/// (frames of that kind, and their mutations, run through it), touching nothing else.
+#[test]
+fn adversarial_frames_with_the_pod_behind_netfilter_get_only_what_the_spec_allows() {
+    if !require_root() {
+        return;
+    }
+    let frames = std::env::var("ADVERSARIAL_FRAMES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(FRAMES / 4);
+    let mut lab = lab();
+    lab.fx
+        .set_pod0_flags(lb_common::IFACE_NETFILTER)
+        .expect("netfilter delivery");
+    lab.net.netfilter = true;
+    let (report, elapsed) = fuzz(&mut lab, frames, SEED ^ 0x4e46);
+    report.print(elapsed);
+    let passed = lab.fx.counter(lb_common::Counter::PassNetfilter);
+    let replied = lab.fx.counter(lb_common::Counter::ReplyNetfilter);
+    println!("passed to the kernel's forwarding: {passed}; replies translated leaving: {replied}");
+    assert!(passed > 100, "client packets passed to netfilter: {passed}");
+    assert!(
+        replied > 100,
+        "replies translated by lb_uplink_out: {replied}"
+    );
+    for kind in [
+        "netfilter reply leaving the uplink",
+        "pod's own traffic leaving the uplink",
+    ] {
+        assert!(
+            report.by_kind.get(kind).copied().unwrap_or(0) > 100,
+            "too few '{kind}' frames"
+        );
+    }
+    let violations = report.violations();
+    assert!(
+        violations == 0,
+        "{violations} violations of DATAPATH-SPEC.md in {} frames (summary and examples above)",
+        report.frames
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Helpers of the regression fixtures.
 // ---------------------------------------------------------------------------------------------

@@ -97,6 +97,8 @@ pub enum Prog {
     Uplink,
     /// `lb_backend` (TC ingress) on pod0: what the local pod sends.
     Backend,
+    /// `lb_uplink_out` (TC egress) on up0: what the kernel sends out of the uplink.
+    Out,
 }
 
 // XDP verdicts.
@@ -128,10 +130,15 @@ impl Got {
     pub fn of(prog: Prog, verdict: u32, untouched: bool) -> Got {
         match (prog, verdict) {
             (Prog::Uplink, XDP_ABORTED) => Got::Aborted,
-            (Prog::Uplink, XDP_DROP) | (Prog::Backend, TC_SHOT) => Got::Dropped,
-            (Prog::Uplink, XDP_PASS) | (Prog::Backend, TC_NEXT) if untouched => Got::Passed,
-            (Prog::Uplink, XDP_PASS) | (Prog::Backend, TC_NEXT) => Got::PassedRewritten,
-            (Prog::Uplink, XDP_TX | XDP_REDIRECT) | (Prog::Backend, TC_REDIRECT) => Got::Sent,
+            (Prog::Uplink, XDP_DROP) | (Prog::Backend | Prog::Out, TC_SHOT) => Got::Dropped,
+            (Prog::Uplink, XDP_PASS) | (Prog::Backend | Prog::Out, TC_NEXT) if untouched => {
+                Got::Passed
+            }
+            // lb_uplink_out's translated reply: on to the wire, as the kernel sends it.
+            (Prog::Uplink, XDP_PASS) | (Prog::Backend | Prog::Out, TC_NEXT) => Got::PassedRewritten,
+            (Prog::Uplink, XDP_TX | XDP_REDIRECT) | (Prog::Backend | Prog::Out, TC_REDIRECT) => {
+                Got::Sent
+            }
             (_, v) => Got::Other(v),
         }
     }
@@ -158,6 +165,9 @@ pub fn verdict_name(prog: Prog, verdict: u32) -> String {
         (Prog::Backend, TC_SHOT) => "lb_backend TC_ACT_SHOT".into(),
         (Prog::Backend, TC_NEXT) => "lb_backend TCX_NEXT".into(),
         (Prog::Backend, TC_REDIRECT) => "lb_backend TC_ACT_REDIRECT".into(),
+        (Prog::Out, TC_SHOT) => "lb_uplink_out TC_ACT_SHOT".into(),
+        (Prog::Out, TC_NEXT) => "lb_uplink_out TCX_NEXT".into(),
+        (Prog::Out, TC_REDIRECT) => "lb_uplink_out TC_ACT_REDIRECT".into(),
         (p, v) => format!("{p:?} verdict {}", v as i32),
     }
 }
@@ -585,6 +595,7 @@ impl Lab {
         let out = match prog {
             Prog::Uplink => self.fx.uplink(frame)?,
             Prog::Backend => self.fx.from_pod(frame)?,
+            Prog::Out => self.fx.out_of_uplink(frame)?,
         };
         let now = read_counters(&self.fx);
         let deltas = Counter::ALL
@@ -601,11 +612,8 @@ impl Lab {
         let expect = oracle::expect(&self.net, &self.model, frame.prog, &frame.bytes);
         let (out, deltas) = match self.send(frame.prog, &frame.bytes) {
             Ok(r) => r,
-            Err(_) if frame.prog == Prog::Backend && !tc_runnable(&frame.bytes) => {
-                report.count(
-                    frame,
-                    "lb_backend: not runnable (IP header cut short)".into(),
-                );
+            Err(_) if frame.prog != Prog::Uplink && !tc_runnable(&frame.bytes) => {
+                report.count(frame, "TC: not runnable (IP header cut short)".into());
                 return;
             }
             Err(e) => {
@@ -722,6 +730,7 @@ impl Lab {
                 v.extend(oracle::check_output(
                     &self.net,
                     &self.model,
+                    frame.prog,
                     e,
                     &frame.bytes,
                     output,

@@ -39,6 +39,9 @@ pub struct Net {
     pub broadcasts: Vec<IpAddr>,
     pub up0_mac: [u8; 6],
     pub pod0_mac: [u8; 6],
+    /// The local pod's delivery is `netfilter`: its flows go through the kernel's forwarding
+    /// both ways, without snat, and `lb_uplink_out` translates its replies leaving the uplink.
+    pub netfilter: bool,
 }
 
 impl Net {
@@ -72,7 +75,13 @@ impl Net {
             broadcasts: SUBNET_BROADCASTS.iter().map(|a| ip(a)).collect(),
             up0_mac: fx.up0_mac,
             pod0_mac: fx.pod0_mac,
+            netfilter: false,
         }
+    }
+
+    /// Whether a flow to backend address `a` is a `netfilter` flow.
+    pub fn netfilter_into(&self, a: IpAddr) -> bool {
+        self.netfilter && self.local_backends.contains(&a)
     }
 
     pub fn is_vip(&self, a: IpAddr) -> bool {
@@ -195,7 +204,7 @@ impl Model {
         if iip.v6 != oip.v6 || !svc.backends.contains(&(ot.2, ot.3)) {
             return;
         }
-        let snat = svc.snat.then_some((ot.0, ot.1));
+        let snat = (svc.snat && !net.netfilter_into(ot.2)).then_some((ot.0, ot.1));
         let syn = it.4 == TCP && iip.tcp_flags() & (SYN | ACK) == SYN;
         // Unchanged, unless a SYN re-created it (its reply entry is then this flow's again).
         if let Some(id) = self.by_client.get(&it)
@@ -305,6 +314,8 @@ pub const R_NO_SERVICE: &str = "§1 to a VIP, no service";
 pub const R_CLASH: &str = "§6 new flow clashes with a live flow";
 pub const R_CLIENT: &str = "client packet to a service";
 pub const R_REPLY: &str = "reply of a tracked flow";
+pub const R_REPLY_NETFILTER: &str = "reply of a netfilter flow, leaving the node";
+pub const R_NOT_NETFILTER_REPLY: &str = "leaving the uplink: no netfilter flow's reply";
 pub const R_UNTRACKED: &str = "not a tracked flow's packet";
 pub const R_POD_TO_VIP: &str = "pod to a VIP";
 pub const R_ECHO: &str = "echo request to a VIP";
@@ -322,6 +333,9 @@ const RATE_LIMITED: [&str; 4] = [
 ];
 
 pub fn expect(net: &Net, model: &Model, prog: Prog, f: &[u8]) -> Expect {
+    if prog == Prog::Out {
+        return leaving(net, model, f);
+    }
     let v = parse(f);
     let Some(ip) = &v.ip else {
         return Expect::pass(R_NOT_IP, format!("ethertype {:#06x}", v.ethertype));
@@ -351,7 +365,7 @@ pub fn expect(net: &Net, model: &Model, prog: Prog, f: &[u8]) -> Expect {
         }
     };
     let our_mac = match prog {
-        Prog::Uplink => net.up0_mac,
+        Prog::Uplink | Prog::Out => net.up0_mac,
         Prog::Backend => net.pod0_mac,
     };
     let detail = || {
@@ -433,6 +447,35 @@ pub fn expect(net: &Net, model: &Model, prog: Prog, f: &[u8]) -> Expect {
     }
 }
 
+/// `lb_uplink_out`: what the kernel sends out of the uplink. Only a `netfilter` flow's reply
+/// is ours: translated (the VIP back as its source; the TTL as the kernel's forwarding left it).
+/// Anything else goes on untouched, a malformed datagram too (the kernel checked what it
+/// forwards on the way in, so one that is malformed is not what a flow's reply is).
+fn leaving(net: &Net, model: &Model, f: &[u8]) -> Expect {
+    let v = parse(f);
+    let Some(ip) = &v.ip else {
+        return Expect::pass(R_NOT_IP, format!("ethertype {:#06x}", v.ethertype));
+    };
+    let Some(t) = ip.tuple() else {
+        return Expect::pass(R_NOT_NETFILTER_REPLY, format!("protocol {}", ip.proto));
+    };
+    let detail = format!("{}:{} -> {}:{}", t.0, t.1, t.2, t.3);
+    if !ip.malformed.is_empty() || ip.fragment || ip.unsupported_extension {
+        return Expect::pass(R_MALFORMED, detail);
+    }
+    // The kernel sends no frame from a group MAC; the shared parser passes one untouched.
+    if is_group_mac(&v.src_mac) {
+        return Expect::pass(R_L2, detail);
+    }
+    match model.by_reply.get(&t) {
+        Some(id) if net.netfilter_into(model.flows[*id].backend.0) => Expect {
+            reply: Some(*id),
+            ..Expect::new(R_REPLY_NETFILTER, detail)
+        },
+        _ => Expect::pass(R_NOT_NETFILTER_REPLY, detail),
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn transport(
     net: &Net,
@@ -473,14 +516,17 @@ fn transport(
             e.pass = to_node;
             return e;
         }
-        if !svc.snat {
+        // Flows that keep the client's address (preserve-client-ip, or into a `netfilter` pod).
+        let keeps_client = |b: &(IpAddr, u16)| !svc.snat || net.netfilter_into(b.0);
+        if svc.backends.iter().any(keeps_client) {
             let existing = model.by_client.get(&t).map(|id| &model.flows[*id]);
             let renew = existing.is_none_or(|fl| fl.closing && syn);
             let clash = |b: &(IpAddr, u16)| {
-                model
-                    .by_reply
-                    .get(&(b.0, b.1, t.0, t.1, t.4))
-                    .is_some_and(|id| model.flows[*id].client != t)
+                keeps_client(b)
+                    && model
+                        .by_reply
+                        .get(&(b.0, b.1, t.0, t.1, t.4))
+                        .is_some_and(|id| model.flows[*id].client != t)
             };
             if renew && svc.backends.iter().all(clash) {
                 // Must be refused; a forward is still judged (and learned) as one, so the
@@ -511,6 +557,11 @@ fn transport(
     }
     if let Some(id) = model.by_reply.get(&t) {
         let detail = format!("{}:{} -> {}:{}", t.0, t.1, t.2, t.3);
+        if prog == Prog::Backend && net.netfilter_into(model.flows[*id].backend.0) {
+            // The kernel forwards it (conntrack and the forward rules see it); `lb_uplink_out`
+            // translates it on the way out.
+            return Expect::pass(R_REPLY_NETFILTER, detail);
+        }
         if ttl_low {
             return Expect {
                 pass: true,
@@ -661,6 +712,7 @@ fn push(v: &mut Violations, rule: &str, detail: String) {
 pub fn check_output(
     net: &Net,
     model: &Model,
+    prog: Prog,
     e: &Expect,
     input: &[u8],
     output: &[u8],
@@ -703,7 +755,8 @@ pub fn check_output(
         push(&mut v, &format!("{} -> {what}", e.reason), e.detail.clone());
         return v;
     }
-    if is_group_mac(&ov.src_mac) {
+    // (`lb_uplink_out` writes no MACs: the kernel chose them.)
+    if is_group_mac(&ov.src_mac) && prog != Prog::Out {
         push(
             &mut v,
             "§3 group source MAC on an output frame",
@@ -963,7 +1016,15 @@ fn check_forward(
         );
         return;
     }
-    let snat = if svc.snat {
+    let netfilter = net.netfilter_into(od);
+    if netfilter && !passed_rewritten {
+        push(
+            v,
+            "§3 a netfilter pod's packet not passed to the kernel's forwarding",
+            format!("{od}:{odp} for {}", svc.name),
+        );
+    }
+    let snat = if svc.snat && !netfilter {
         if os != snat_addr(iip.v6) || !snat_port(osp) {
             push(
                 v,

@@ -61,6 +61,13 @@ const KINDS: &[(Kind, u32)] = &[
 ];
 
 pub fn generate(lab: &Lab, rng: &mut Rng) -> Seed {
+    // While the pod is `netfilter`, also what the kernel sends out of the uplink.
+    if lab.net.netfilter
+        && rng.percent(20)
+        && let Some(s) = leaving(lab, rng)
+    {
+        return s;
+    }
     let kind = rng.weighted(KINDS);
     let seed = match kind {
         Kind::ClientTcp4 => Some(client(lab, rng, "client tcp v4", |s| {
@@ -761,4 +768,41 @@ fn pod_own(lab: &Lab, rng: &mut Rng) -> Seed {
         bytes,
         must_send: false,
     }
+}
+
+/// What the kernel sends out of the uplink while the pod is `netfilter`: mostly a `netfilter`
+/// flow's reply as the kernel forwarded it (the node's MAC to the next hop's, TTL one less),
+/// sometimes the pod's own traffic.
+fn leaving(lab: &Lab, rng: &mut Rng) -> Option<Seed> {
+    let (kind, mut bytes) = if rng.percent(20) {
+        (
+            "pod's own traffic leaving the uplink",
+            pod_own(lab, rng).bytes,
+        )
+    } else {
+        let f = pick_flow(lab, rng, |f| lab.net.netfilter_into(f.backend.0))?;
+        let (b, bp, to, tp, proto) = f.reply_key();
+        let (l4, payload) = reply_transport(rng, proto, bp, tp);
+        let frame = Build {
+            dst_mac: [0; 6],
+            src_mac: [0; 6],
+            vlan: None,
+            src: b,
+            dst: to,
+            ttl: ttl(rng) - 1,
+            l4,
+            payload,
+        }
+        .frame();
+        ("netfilter reply leaving the uplink", frame)
+    };
+    let to = super::wire::parse(&bytes).ip.map(|ip| ip.dst)?;
+    bytes[0..6].copy_from_slice(&mac_of(to));
+    bytes[6..12].copy_from_slice(&lab.net.up0_mac);
+    Some(Seed {
+        kind,
+        prog: Prog::Out,
+        bytes,
+        must_send: kind == "netfilter reply leaving the uplink",
+    })
 }
