@@ -424,8 +424,9 @@ impl Store for EndpointSlice {
         c.slices = slices;
     }
     fn apply(c: &mut Cluster, (key, service, s): KeptSlice) {
-        // A slice may have been relabelled to another service: drop it everywhere first.
-        remove_slice(c, &key);
+        // A slice may have been relabelled to another service: drop it everywhere first
+        // (where it was, in the common case: the Service it names still).
+        remove_slice(c, &key, service.as_deref());
         if let Some(service) = service {
             let (ns, name) = key;
             c.slices
@@ -435,12 +436,30 @@ impl Store for EndpointSlice {
         }
     }
     fn delete(c: &mut Cluster, o: &Self) {
-        remove_slice(c, &object_key(o));
+        let service = o
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL));
+        remove_slice(c, &object_key(o), service.map(String::as_str));
     }
 }
 
-/// Removes the slice (namespace, name) from whichever Service has it.
-fn remove_slice(c: &mut Cluster, (ns, name): &ObjectKey) {
+/// Removes the slice (namespace, name) from whichever Service has it, looking first at
+/// `likely`'s (a slice is kept under one Service at most): at 10,000 Services in a namespace,
+/// looking at all of them was a walk per slice event.
+fn remove_slice(c: &mut Cluster, (ns, name): &ObjectKey, likely: Option<&str>) {
+    if let Some(service) = likely {
+        let key = (ns.clone(), service.to_string());
+        if let Some(per_service) = c.slices.get_mut(&key)
+            && per_service.remove(name).is_some()
+        {
+            if per_service.is_empty() {
+                c.slices.remove(&key);
+            }
+            return;
+        }
+    }
     for (key, per_service) in &mut c.slices {
         if key.0 == *ns {
             per_service.remove(name);
