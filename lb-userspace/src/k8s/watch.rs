@@ -385,12 +385,17 @@ impl Store for KubeService {
     }
     fn replace_all(c: &mut Cluster, all: Vec<Self>) {
         c.services = all.into_iter().map(|s| (object_key(&s), s)).collect();
+        c.touched = None;
     }
     fn apply(c: &mut Cluster, o: Self) {
-        c.services.insert(object_key(&o), o);
+        let key = object_key(&o);
+        c.touch(&key);
+        c.services.insert(key, o);
     }
     fn delete(c: &mut Cluster, o: &Self) {
-        c.services.remove(&object_key(o));
+        let key = object_key(o);
+        c.touch(&key);
+        c.services.remove(&key);
     }
 }
 
@@ -422,6 +427,7 @@ impl Store for EndpointSlice {
             }
         }
         c.slices = slices;
+        c.touched = None;
     }
     fn apply(c: &mut Cluster, (key, service, s): KeptSlice) {
         // A slice may have been relabelled to another service: drop it everywhere first
@@ -429,10 +435,9 @@ impl Store for EndpointSlice {
         remove_slice(c, &key, service.as_deref());
         if let Some(service) = service {
             let (ns, name) = key;
-            c.slices
-                .entry((ns, service))
-                .or_default()
-                .insert(name, Box::new(s));
+            let key = (ns, service);
+            c.touch(&key);
+            c.slices.entry(key).or_default().insert(name, Box::new(s));
         }
     }
     fn delete(c: &mut Cluster, o: &Self) {
@@ -457,13 +462,18 @@ fn remove_slice(c: &mut Cluster, (ns, name): &ObjectKey, likely: Option<&str>) {
             if per_service.is_empty() {
                 c.slices.remove(&key);
             }
+            c.touch(&key);
             return;
         }
     }
+    let mut had = None;
     for (key, per_service) in &mut c.slices {
-        if key.0 == *ns {
-            per_service.remove(name);
+        if key.0 == *ns && per_service.remove(name).is_some() {
+            had = Some(key.clone());
         }
+    }
+    if let Some(key) = had {
+        c.touch(&key);
     }
     c.slices.retain(|_, v| !v.is_empty());
 }
