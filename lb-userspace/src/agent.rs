@@ -481,7 +481,7 @@ impl Agent {
         if let Some(views) = &self.services_view {
             return views.clone();
         }
-        match self.views_stale.replace(Default::default()) {
+        match self.views_stale.replace(BTreeSet::new()) {
             None => {
                 self.service_views = self
                     .desired

@@ -175,6 +175,8 @@ pub fn write_parts<'a>(
     head: &State,
     parts: impl Iterator<Item = (&'a str, Option<&'a str>)> + Clone,
 ) -> std::io::Result<()> {
+    // Inside a JSON string every quote follows a backslash: `,"` is only ever a key's start.
+    const EMPTY: &str = ",\"services\":[]";
     std::fs::create_dir_all(state_dir)?;
     let list = |items: &mut dyn Iterator<Item = &'a str>| {
         let mut out = String::from("[");
@@ -198,8 +200,6 @@ pub fn write_parts<'a>(
         })
     }
     .map_err(std::io::Error::other)?;
-    // Inside a JSON string every quote follows a backslash: `,"` is only ever a key's start.
-    const EMPTY: &str = ",\"services\":[]";
     let at = head
         .find(EMPTY)
         .ok_or_else(|| std::io::Error::other("no services in the state"))?

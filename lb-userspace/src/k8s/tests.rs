@@ -1447,9 +1447,13 @@ fn a_translation_from_cached_parts_equals_one_from_scratch_after_any_changes() {
                 history.push("listed again".into());
             }
             let touched = world.cluster.take_touched();
-            let (w, now) = (&world, world.now);
-            let mut k =
-                keyed.translate_touched(&w.cluster, &w.node, &w.policies, now, touched.as_ref());
+            let by_key = keyed.translate_touched(
+                &world.cluster,
+                &world.node,
+                &world.policies,
+                world.now,
+                touched.as_ref(),
+            );
             let a = cached.translate(&world.cluster, &world.node, &world.policies, world.now);
             scratch.cache.clear();
             scratch.served.clear();
@@ -1472,10 +1476,11 @@ fn a_translation_from_cached_parts_equals_one_from_scratch_after_any_changes() {
                 }
             }
             // The Services touched, looked at alone, give what looking at all of them gives.
-            assert_eq!(k.changed, a.changed, "seed {seed} after {history:#?}");
-            (a.changed, b.changed, k.changed) = (None, None, None);
+            let mut by_key = by_key;
+            assert_eq!(by_key.changed, a.changed, "seed {seed} after {history:#?}");
+            (a.changed, b.changed, by_key.changed) = (None, None, None);
             assert_eq!(
-                format!("{k:#?}"),
+                format!("{by_key:#?}"),
                 format!("{a:#?}"),
                 "seed {seed} after {history:#?}"
             );
