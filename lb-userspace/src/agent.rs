@@ -17,6 +17,7 @@ use std::{
     fs::File,
     hash::{Hash as _, Hasher as _},
     net::IpAddr,
+    sync::Arc,
 };
 
 use anyhow::{Context, Result};
@@ -87,9 +88,15 @@ pub struct Agent {
     mac_slots: std::collections::BTreeSet<u32>,
     health: Health,
     publisher: Publisher,
-    /// A hash of the state file as last written (the state itself was one more copy of every
-    /// service's labels).
-    written: Option<u64>,
+    /// The state file as last written: a hash of all but its services, and those (kept, so
+    /// that an equal pointer means the same services).
+    written: Option<(u64, Arc<Vec<Arc<ServiceView>>>)>,
+    /// Each applied service's view, by frontend, made when it last changed.
+    service_views: BTreeMap<model::Frontend, Arc<ServiceView>>,
+    /// The frontends whose view may have changed since it was made (`None`: any).
+    views_stale: Option<std::collections::BTreeSet<model::Frontend>>,
+    /// The services of the last view, while none of them changed.
+    services_view: Option<Arc<Vec<Arc<ServiceView>>>>,
     /// Work that freed much of the heap was done since the last [`Agent::release_memory`].
     release_due: bool,
     /// The addresses on kube-proxy's IPVS device, until the node next changes (the cluster's
@@ -171,6 +178,9 @@ impl Agent {
             health: Health::default(),
             publisher,
             written: None,
+            service_views: BTreeMap::new(),
+            views_stale: None,
+            services_view: None,
             release_due: false,
             kube_ipvs: None,
         };
@@ -231,15 +241,24 @@ impl Agent {
             &mut self.neighbours,
             &self.node,
         );
-        let mut node_view = |composed: &Desired, same_addrs: bool| {
-            if same_addrs {
-                return Ok(current.clone());
+        let mut node_view = |desired: &Desired, addrs: composed::Addrs| match addrs {
+            composed::Addrs::Same => Ok(current.clone()),
+            // At 200,000 backends, reading every backend's route and next hop again for the
+            // one address a replaced endpoint brings was a quarter of a change's time.
+            composed::Addrs::Changed { came, went } => {
+                let node = node::with_addrs(netlink, current, interfaces, &came, &went)?;
+                for problem in neighbours.follow_changed(netlink, &came, &went) {
+                    warn!("{problem}");
+                }
+                Ok(node)
             }
-            let node = node::view(netlink, composed, interfaces)?;
-            for problem in neighbours.follow(netlink, composed) {
-                warn!("{problem}");
+            composed::Addrs::All => {
+                let node = node::view(netlink, desired, interfaces)?;
+                for problem in neighbours.follow(netlink, desired) {
+                    warn!("{problem}");
+                }
+                Ok(node)
             }
-            Ok(node)
         };
         let outcome = composed::apply(
             &mut self.composed,
@@ -248,6 +267,7 @@ impl Agent {
             writer,
             &mut node_view,
         )?;
+        self.views_changed(outcome.incremental);
         let Some(node) = outcome.node else {
             return Ok(Some((outcome.report, outcome.problems)));
         };
@@ -413,71 +433,114 @@ impl Agent {
     }
 
     /// Publishes the current view; writes the state file when it changed. The view changes with
-    /// every counter in it (at each sweep); the file (5 MiB at 2000 frontends) only with what
-    /// it holds.
+    /// every counter in it (at each sweep); the file (5 MiB at 20,000 frontends) only with
+    /// what it holds.
     pub fn publish(&mut self) {
         let view = self.view();
-        let state = view.state();
+        let head = {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            view.state_head().hash(&mut h);
+            h.finish()
+        };
+        let same = self
+            .written
+            .as_ref()
+            .is_some_and(|(h, services)| *h == head && Arc::ptr_eq(services, &view.services));
+        if !same {
+            match view.write_state(&self.args.paths.state_dir) {
+                Ok(()) => self.written = Some((head, view.services.clone())),
+                Err(e) => warn!(
+                    "writing the state file in {}: {e}",
+                    self.args.paths.state_dir.display()
+                ),
+            }
+        }
         self.publisher.publish(view);
         // Whatever led here (an apply, a reload) made and dropped copies of the state.
         self.release_due = true;
-        let hash = {
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            state.hash(&mut h);
-            h.finish()
-        };
-        if self.written == Some(hash) {
-            return;
-        }
-        match state.write(&self.args.paths.state_dir) {
-            Ok(()) => self.written = Some(hash),
-            Err(e) => warn!(
-                "writing the state file in {}: {e}",
-                self.args.paths.state_dir.display()
-            ),
-        }
     }
 
-    fn view(&self) -> AgentView {
+    /// The frontends whose view may differ after the last apply: those the cluster's
+    /// translation says changed when the apply went frontend by frontend, else any.
+    fn views_changed(&mut self, incremental: bool) {
+        let changed = self
+            .inputs
+            .kube
+            .as_ref()
+            .and_then(|t| t.changed.as_ref())
+            .filter(|_| incremental);
+        match (&mut self.views_stale, changed) {
+            (Some(stale), Some(changed)) => stale.extend(changed.iter().copied()),
+            (stale, _) => *stale = None,
+        }
+        self.services_view = None;
+    }
+
+    /// The applied services' views: those of the frontends that changed made again.
+    fn service_views(&mut self) -> Arc<Vec<Arc<ServiceView>>> {
+        if let Some(views) = &self.services_view {
+            return views.clone();
+        }
+        match self.views_stale.replace(BTreeSet::new()) {
+            None => {
+                self.service_views = self
+                    .desired
+                    .services
+                    .values()
+                    .filter_map(|s| Some((s.frontend, Arc::new(self.service_view(s)?))))
+                    .collect();
+            }
+            Some(stale) => {
+                for f in stale {
+                    match self
+                        .desired
+                        .services
+                        .get(&f)
+                        .and_then(|s| self.service_view(s))
+                    {
+                        Some(v) => self.service_views.insert(f, Arc::new(v)),
+                        None => self.service_views.remove(&f),
+                    };
+                }
+            }
+        }
+        let views = Arc::new(self.service_views.values().cloned().collect());
+        self.services_view = Some(Arc::clone(&views));
+        views
+    }
+
+    fn service_view(&self, s: &model::Service) -> Option<ServiceView> {
         let default_policy = self.desired.node.default_policy.as_ref();
-        let mut services: Vec<ServiceView> = self
-            .desired
-            .services
-            .values()
-            .filter_map(|s| {
-                let (id, mut backends) = self.reconciler.ids(&s.frontend.key())?;
-                backends.sort_unstable();
-                Some(ServiceView {
-                    label: ServiceLabel {
-                        frontend: s.frontend,
-                        name: s.name.clone(),
-                        origin: s.origin.to_string(),
-                        mode: s.mode,
-                        policy: s.policy.clone().or_else(|| default_policy.cloned()),
-                        draining: self.draining(&s.frontend),
-                        source_ranges: s.source_ranges.clone(),
-                        zones: self.zones(s),
-                    },
-                    id,
-                    backends: backends
-                        .into_iter()
-                        .map(|b| BackendView {
-                            addr: b.addr,
-                            port: b.port,
-                            id: b.id,
-                            weight: b.weight,
-                        })
-                        .collect(),
-                })
+        let (id, mut backends) = self.reconciler.ids(&s.frontend.key())?;
+        backends.sort_unstable();
+        let label = ServiceLabel {
+            frontend: s.frontend,
+            name: s.name.clone(),
+            origin: s.origin.to_string(),
+            mode: s.mode,
+            policy: s.policy.clone().or_else(|| default_policy.cloned()),
+            draining: self.draining(&s.frontend),
+            source_ranges: s.source_ranges.clone(),
+            zones: self.zones(s),
+        };
+        let backends = backends
+            .into_iter()
+            .map(|b| BackendView {
+                addr: b.addr,
+                port: b.port,
+                id: b.id,
+                weight: b.weight,
             })
             .collect();
-        // Collected from a filter, the vector doubled up to 1.6 times its length (20,000
-        // services, in every view).
-        services.shrink_to_fit();
+        Some(ServiceView::new(label, id, backends))
+    }
+
+    fn view(&mut self) -> AgentView {
+        let services = self.service_views();
         AgentView {
             health: self.health.clone(),
             inputs: self.inputs_label(),
-            services: std::sync::Arc::new(services),
+            services,
             interfaces: self
                 .attachments
                 .iter()

@@ -63,9 +63,22 @@ pub struct Outcome {
     pub incremental: bool,
 }
 
-/// How to get the node's view for a composed state; `true`: its backends are at the same
-/// addresses as last time (the view last used still holds).
-pub type NodeViewOf<'a> = dyn FnMut(&Desired, bool) -> Result<NodeView, ApplyError> + 'a;
+/// Which backend addresses a composed state has, next to the state last applied.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Addrs {
+    /// The same ones: the view last used still holds.
+    Same,
+    /// These came and these went (the rest stayed): the view last used holds for the rest.
+    Changed {
+        came: Vec<IpAddr>,
+        went: Vec<IpAddr>,
+    },
+    /// Not known (the first state, a node change): the view is read for all of them.
+    All,
+}
+
+/// How to get the node's view for a composed state, given how its backend addresses changed.
+pub type NodeViewOf<'a> = dyn FnMut(&Desired, Addrs) -> Result<NodeView, ApplyError> + 'a;
 
 /// The maps and the reconciler that writes them.
 pub struct Writer<'a> {
@@ -173,8 +186,7 @@ fn apply_changed(
         }));
     }
     delta.retain(|_, d| *d != 0);
-    let same_addrs = same_addrs(&c.backend_addrs, &delta);
-    let node = match node_view(&c.desired, same_addrs) {
+    let node = match node_view(&c.desired, addrs(&c.backend_addrs, &delta)) {
         Ok(node) => node,
         Err(e) => {
             *last = None;
@@ -259,14 +271,22 @@ fn apply_whole(
         });
     }
     // The same backend addresses as last time: the node view and the neighbour entries
-    // are as they were (a change of the node's own links, addresses or routes is followed
-    // by `node_changed`, which composes everything again).
-    let same = match (last.as_ref(), &delta) {
-        (Some(l), Some((_, delta))) => same_addrs(&l.backend_addrs, delta),
-        _ => false,
+    // are as they were; where a few came or went, only those are looked up (a change of the
+    // node's own links, addresses or routes is followed by `node_changed`, which composes
+    // everything again).
+    let addrs = match (last.as_ref(), &delta) {
+        (Some(l), Some((_, delta))) => addrs(&l.backend_addrs, delta),
+        _ => Addrs::All,
     };
-    let node = node_view(&composed, same)?;
-    let result = reconciler.apply_admitting(&composed, &node, tables)?;
+    let node = node_view(&composed, addrs)?;
+    let result = match reconciler.apply_admitting(&composed, &node, tables) {
+        Ok(result) => result,
+        Err(e) => {
+            // The node's view followed `composed`'s addresses: the next one starts from all.
+            *last = None;
+            return Err(e);
+        }
+    };
     let mut left_out = result.left_out;
     left_out.sort_by_key(|i| i.frontend);
     *applied = result.desired;
@@ -296,13 +316,23 @@ fn apply_whole(
     })
 }
 
-/// Whether `delta` keeps the addresses `counts` has backends at (only how many there are).
-fn same_addrs(counts: &BTreeMap<IpAddr, usize>, delta: &BTreeMap<IpAddr, isize>) -> bool {
-    delta.iter().all(|(a, d)| {
+/// The addresses `delta` brings to the backend counts per address, and those it takes away.
+fn addrs(counts: &BTreeMap<IpAddr, usize>, delta: &BTreeMap<IpAddr, isize>) -> Addrs {
+    let (mut came, mut went) = (Vec::new(), Vec::new());
+    for (a, d) in delta {
         let before = counts.get(a).copied().unwrap_or(0);
         let after = before.checked_add_signed(*d).unwrap_or(0);
-        (before > 0) == (after > 0)
-    })
+        match (before > 0, after > 0) {
+            (false, true) => came.push(*a),
+            (true, false) => went.push(*a),
+            _ => {}
+        }
+    }
+    if came.is_empty() && went.is_empty() {
+        Addrs::Same
+    } else {
+        Addrs::Changed { came, went }
+    }
 }
 
 /// The problems of the cluster's services not served: frontends the config file keeps, then

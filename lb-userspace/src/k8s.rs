@@ -96,9 +96,27 @@ pub struct Cluster {
     pub slices: BTreeMap<ObjectKey, Slices>,
     /// This node's Node object (for its zone), if it exists.
     pub node: Option<Node>,
+    /// The Services (namespace, name) whose object or slices the watchers changed since the
+    /// translator last took them ([`Cluster::take_touched`]); `None`: any may have (a list).
+    pub touched: Option<BTreeSet<ObjectKey>>,
 }
 
 impl Cluster {
+    /// Notes that the Service `key`'s object or slices changed.
+    pub fn touch(&mut self, key: &ObjectKey) {
+        if let Some(touched) = &mut self.touched
+            && !touched.contains(key)
+        {
+            touched.insert(key.clone());
+        }
+    }
+
+    /// The Services touched since the last call (`None`: any may have been), for
+    /// [`Translator::translate_touched`].
+    pub fn take_touched(&mut self) -> Option<BTreeSet<ObjectKey>> {
+        self.touched.replace(BTreeSet::new())
+    }
+
     pub fn slice_count(&self) -> usize {
         self.slices.values().map(BTreeMap::len).sum()
     }
@@ -557,6 +575,11 @@ pub struct Translator {
     changed: BTreeSet<Frontend>,
     /// The service each frontend was last given, made of its owner's part and of `previous`.
     served: HashMap<Frontend, Arc<Service>>,
+    /// The opted-in Services (those in `cache`), oldest first: the order claims are decided
+    /// in, kept while no Service comes, goes or is made again.
+    order: Vec<ObjectKey>,
+    /// Services whose `xdplb.io/enabled` cannot be read, and the problem reported for each.
+    unreadable: BTreeMap<ObjectKey, Problem>,
 }
 
 /// A Service's part as last translated, and what it was translated from.
@@ -565,7 +588,12 @@ struct Cached {
     part: Part,
     /// The translation that last used it.
     round: u64,
+    /// Its place among the Services that claim a frontend: see [`seniority`].
+    seniority: Seniority,
 }
+
+/// Oldest first: without a creationTimestamp last, then by it, then by uid (then by key).
+type Seniority = (bool, Option<Timestamp>, Option<String>);
 
 /// Which objects a part was translated from. The API server gives every version of an object
 /// its own resourceVersion (and a re-created one its own uid), so those name the content; an
@@ -656,8 +684,21 @@ impl Translator {
         named_policies: &BTreeSet<String>,
         now: Instant,
     ) -> Translation {
+        self.translate_touched(cluster, node, named_policies, now, None)
+    }
+
+    /// As [`Translator::translate`], where `touched` names the Services whose object or
+    /// slices changed since the last translation (`None`: any may have): only those are
+    /// looked at again; claims and drains are decided over all of them as always.
+    pub fn translate_touched(
+        &mut self,
+        cluster: &Cluster,
+        node: &NodeInfo,
+        named_policies: &BTreeSet<String>,
+        now: Instant,
+        touched: Option<&BTreeSet<ObjectKey>>,
+    ) -> Translation {
         let mut out = Translation::default();
-        let empty = BTreeMap::new();
         // What changed is known from the parts translated anew, those gone and the drains
         // that moved, unless every part is translated anew.
         let mut whole = self.round == 0;
@@ -673,32 +714,59 @@ impl Translator {
         self.changed.clear();
         self.round += 1;
         let round = self.round;
+        match touched.filter(|_| !whole) {
+            Some(keys) => self.look_again(keys, cluster, node, named_policies, round),
+            None => self.look_at_all(cluster, node, named_policies, round),
+        }
+        out.problems.extend(self.unreadable.values().cloned());
+        let mut owners: HashMap<Frontend, &ObjectKey> = HashMap::with_capacity(self.previous.len());
+        let cache = std::mem::take(&mut self.cache);
+        let order = std::mem::take(&mut self.order);
+        for key in &order {
+            let part = &cache[key].part;
+            self.assemble(key, part, &mut owners, now, &mut out);
+        }
+        drop(owners);
+        self.cache = cache;
+        self.order = order;
+        // Every frontend served was given its backends by `drain`, which keeps them in
+        // `previous`: as many there as served, and none went.
+        if self.previous.len() > out.services.len() || self.served.len() > out.services.len() {
+            self.forget_gone(&out);
+        }
+        out.problems.sort();
+        out.problems.dedup();
+        out.node_zone.clone_from(&node.zone);
+        out.round = round;
+        let changed = std::mem::take(&mut self.changed);
+        out.changed = (!whole).then_some(changed);
+        out
+    }
+
+    /// Every Service looked at: those that opt in translated where their objects changed,
+    /// the rest forgotten.
+    fn look_at_all(
+        &mut self,
+        cluster: &Cluster,
+        node: &NodeInfo,
+        named_policies: &BTreeSet<String>,
+        round: u64,
+    ) {
+        let empty = BTreeMap::new();
+        self.unreadable.clear();
         let mut opted_in = Vec::new();
         for (key, svc) in &cluster.services {
             match enabled(svc) {
                 Ok(true) => {
                     let slices = cluster.slices.get(key).unwrap_or(&empty);
-                    match self.cache.get_mut(key) {
-                        Some(c) if c.from.matches(svc, slices) => c.round = round,
-                        _ => {
-                            let part = Part::of(key, svc, slices, node, named_policies);
-                            let from = Fingerprint::of(svc, slices);
-                            let old = self.cache.insert(key.clone(), Cached { from, part, round });
-                            let new = &self.cache[key].part;
-                            let offers = old.iter().flat_map(|c| &c.part.offers);
-                            self.changed
-                                .extend(offers.chain(&new.offers).map(|o| o.service.frontend));
-                        }
-                    }
-                    opted_in.push((key, svc));
+                    self.refresh(key, svc, slices, node, named_policies, round);
+                    opted_in.push(key.clone());
                 }
                 Ok(false) => {}
-                Err(message) => out.problems.push(Problem {
-                    object: key.clone(),
-                    reason: reason::INVALID_ANNOTATION,
-                    field: ENABLED.into(),
-                    message,
-                }),
+                Err(message) => {
+                    self.unreadable
+                        .insert(key.clone(), unreadable(key, message));
+                }
             }
         }
         if self.cache.len() > opted_in.len() {
@@ -711,27 +779,93 @@ impl Translator {
                 kept
             });
         }
-        // Oldest first: the first to claim a frontend keeps it.
-        opted_in.sort_by_key(|(key, svc)| seniority(key, svc));
-        let mut owners: HashMap<Frontend, &ObjectKey> = HashMap::with_capacity(self.previous.len());
-        let cache = std::mem::take(&mut self.cache);
-        for (key, _) in opted_in {
-            let part = &cache[key].part;
-            self.assemble(key, part, &mut owners, now, &mut out);
+        self.order = opted_in;
+        self.sort_order();
+    }
+
+    /// The Services `keys` looked at again (the rest are as they were).
+    fn look_again(
+        &mut self,
+        keys: &BTreeSet<ObjectKey>,
+        cluster: &Cluster,
+        node: &NodeInfo,
+        named_policies: &BTreeSet<String>,
+        round: u64,
+    ) {
+        let empty = BTreeMap::new();
+        let mut reorder = false;
+        for key in keys {
+            self.unreadable.remove(key);
+            let svc = cluster.services.get(key);
+            let opted_in = match svc.map(enabled) {
+                Some(Ok(true)) => svc,
+                Some(Err(message)) => {
+                    self.unreadable
+                        .insert(key.clone(), unreadable(key, message));
+                    None
+                }
+                _ => None,
+            };
+            match opted_in {
+                Some(svc) => {
+                    let slices = cluster.slices.get(key).unwrap_or(&empty);
+                    reorder |= self.refresh(key, svc, slices, node, named_policies, round);
+                }
+                None => {
+                    if let Some(gone) = self.cache.remove(key) {
+                        let offers = gone.part.offers.iter();
+                        self.changed.extend(offers.map(|o| o.service.frontend));
+                        reorder = true;
+                    }
+                }
+            }
         }
-        self.cache = cache;
-        // Every frontend served was given its backends by `drain`, which keeps them in
-        // `previous`: as many there as served, and none went.
-        if self.previous.len() > owners.len() || self.served.len() > owners.len() {
-            self.forget_gone(&out);
+        if reorder {
+            self.order = self.cache.keys().cloned().collect();
+            self.sort_order();
         }
-        out.problems.sort();
-        out.problems.dedup();
-        out.node_zone.clone_from(&node.zone);
-        out.round = round;
-        let changed = std::mem::take(&mut self.changed);
-        out.changed = (!whole).then_some(changed);
-        out
+    }
+
+    /// Translates the Service `key`'s part again if its objects changed; true if it is new or
+    /// its seniority changed (the order of claims needs sorting again).
+    fn refresh(
+        &mut self,
+        key: &ObjectKey,
+        svc: &KubeService,
+        slices: &Slices,
+        node: &NodeInfo,
+        named_policies: &BTreeSet<String>,
+        round: u64,
+    ) -> bool {
+        if let Some(c) = self.cache.get_mut(key)
+            && c.from.matches(svc, slices)
+        {
+            c.round = round;
+            return false;
+        }
+        let part = Part::of(key, svc, slices, node, named_policies);
+        let from = Fingerprint::of(svc, slices);
+        let (older, created, uid, _) = seniority(key, svc);
+        let seniority = (older, created, uid.map(str::to_string));
+        let new = Cached {
+            from,
+            part,
+            round,
+            seniority,
+        };
+        let old = self.cache.insert(key.clone(), new);
+        let new = &self.cache[key];
+        let offers = old.iter().flat_map(|c| &c.part.offers);
+        self.changed
+            .extend(offers.chain(&new.part.offers).map(|o| o.service.frontend));
+        old.is_none_or(|o| o.seniority != new.seniority)
+    }
+
+    /// Oldest first: the first to claim a frontend keeps it.
+    fn sort_order(&mut self) {
+        let cache = &self.cache;
+        self.order
+            .sort_by(|a, b| (&cache[a].seniority, a).cmp(&(&cache[b].seniority, b)));
     }
 
     /// Frontends whose Service went away altogether: their backends drain too.
@@ -1121,6 +1255,16 @@ pub fn parse_bool(value: &str) -> Option<bool> {
 
 /// The order in which Services claim frontends: oldest first (creationTimestamp, then uid, which
 /// every node sees alike); a Service without them (no API server sets none) last, by name.
+/// The problem of a Service whose `xdplb.io/enabled` cannot be read.
+fn unreadable(key: &ObjectKey, message: String) -> Problem {
+    Problem {
+        object: key.clone(),
+        reason: reason::INVALID_ANNOTATION,
+        field: ENABLED.into(),
+        message,
+    }
+}
+
 fn seniority<'a>(
     key: &'a ObjectKey,
     svc: &'a KubeService,

@@ -7,7 +7,10 @@
 //! going down) makes it again at once. An entry the agent did not make (a static one for a
 //! gateway, one the kernel learned, a CNI's) is never replaced: if it goes, a managed one takes
 //! its place.
-use std::{collections::BTreeSet, net::IpAddr};
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::IpAddr,
+};
 
 use crate::{
     model::Desired,
@@ -51,6 +54,9 @@ pub const NUD_VALID: u16 = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80;
 pub struct Neighbours {
     /// The backends' next hops, as last looked up.
     wanted: BTreeSet<Hop>,
+    /// How many backend addresses each wanted next hop serves: an address that comes or goes
+    /// changes only its own hop's count.
+    uses: HashMap<Hop, usize>,
     /// Entries this agent made, or adopted (managed entries for its next hops, left by a
     /// previous agent): the ones it removes when no longer wanted.
     ours: BTreeSet<Hop>,
@@ -62,19 +68,61 @@ impl Neighbours {
     /// log; they do not stop anything else.
     pub fn follow(&mut self, k: &mut dyn Kernel, desired: &Desired) -> Vec<String> {
         let mut problems = Vec::new();
-        let mut wanted = BTreeSet::new();
+        let mut uses = HashMap::new();
         for addr in backend_addrs(desired) {
-            match k.route(addr) {
-                Ok(Some(r)) if r.kind == RouteKind::Unicast => {
-                    wanted.insert((r.oif, r.gateway.unwrap_or(addr)));
-                }
-                Ok(Some(_)) => {} // Local (host network): no neighbour needed.
-                Ok(None) => problems.push(format!("backend {addr}: no route")),
-                Err(e) => problems.push(format!("backend {addr}: {e}")),
+            if let Some(hop) = hop(k, addr, &mut problems) {
+                *uses.entry(hop).or_insert(0) += 1;
             }
         }
-        self.wanted = wanted;
+        self.wanted = uses.keys().copied().collect();
+        self.uses = uses;
         problems.extend(self.sync(k));
+        problems
+    }
+
+    /// Follows backend addresses that came (the first backend at them) and went (the last
+    /// one): a route lookup each, and an entry made or removed only where a next hop comes
+    /// or goes. Without a dump of the table: an entry of someone else's at a new next hop is
+    /// left as it is (the kernel refuses to make ours there), and ours that lost its
+    /// resolution is made again at the next full [`Neighbours::follow`] or when it goes.
+    pub fn follow_changed(
+        &mut self,
+        k: &mut dyn Kernel,
+        came: &[IpAddr],
+        went: &[IpAddr],
+    ) -> Vec<String> {
+        let mut problems = Vec::new();
+        for addr in went {
+            // Its route as now (a route that changed meanwhile brings a full follow, which
+            // counts again).
+            let Some(hop) = hop(k, *addr, &mut problems) else {
+                continue;
+            };
+            let Some(n) = self.uses.get_mut(&hop) else {
+                continue;
+            };
+            *n -= 1;
+            if *n > 0 {
+                continue;
+            }
+            self.uses.remove(&hop);
+            self.wanted.remove(&hop);
+            if self.ours.remove(&hop)
+                && let Err(e) = k.remove_managed(hop.0, hop.1)
+            {
+                problems.push(format!("neighbour {} on ifindex {}: {e}", hop.1, hop.0));
+            }
+        }
+        for addr in came {
+            let Some(hop) = hop(k, *addr, &mut problems) else {
+                continue;
+            };
+            let n = self.uses.entry(hop).or_insert(0);
+            *n += 1;
+            if *n == 1 && self.wanted.insert(hop) {
+                problems.extend(self.add(k, hop));
+            }
+        }
         problems
     }
 
@@ -151,7 +199,25 @@ impl Neighbours {
     /// Gives up the entries of ours (for removal at shutdown).
     pub fn drain(&mut self) -> Vec<Hop> {
         self.wanted.clear();
+        self.uses.clear();
         std::mem::take(&mut self.ours).into_iter().collect()
+    }
+}
+
+/// The next hop of a backend address that needs a neighbour entry (none for a local route, as
+/// for the host network); a missing route or a failed lookup is a problem.
+fn hop(k: &mut dyn Kernel, addr: IpAddr, problems: &mut Vec<String>) -> Option<Hop> {
+    match k.route(addr) {
+        Ok(Some(r)) if r.kind == RouteKind::Unicast => Some((r.oif, r.gateway.unwrap_or(addr))),
+        Ok(Some(_)) => None,
+        Ok(None) => {
+            problems.push(format!("backend {addr}: no route"));
+            None
+        }
+        Err(e) => {
+            problems.push(format!("backend {addr}: {e}"));
+            None
+        }
     }
 }
 
@@ -275,6 +341,54 @@ mod tests {
         k.added.clear();
         assert!(n.follow(&mut k, &desired).is_empty());
         assert!(k.added.is_empty());
+    }
+
+    #[test]
+    fn addresses_that_come_and_go_change_only_their_next_hops() {
+        let (mut k, mut desired) = setup();
+        k.routes.insert(ip("10.1.2.3"), via(Some("10.0.0.254")));
+        k.routes.insert(ip("10.0.0.8"), via(None));
+        let mut n = Neighbours::default();
+        n.follow(&mut k, &desired);
+        let service = desired.services.values_mut().next().unwrap();
+        // A second backend behind the gateway, one more on the link.
+        for a in ["10.1.2.3", "10.0.0.8"] {
+            service.backends.push(Backend {
+                addr: ip(a),
+                port: 80,
+                weight: 1,
+            });
+        }
+        k.added.clear();
+        let came = [ip("10.1.2.3"), ip("10.0.0.8")];
+        assert!(n.follow_changed(&mut k, &came, &[]).is_empty());
+        assert_eq!(
+            k.added,
+            [(2, ip("10.0.0.8"))],
+            "only the new next hop is made"
+        );
+        // The first gateway backend and the first on-link one go: the gateway still serves one.
+        service
+            .backends
+            .retain(|b| ![ip("10.1.2.2"), ip("10.0.0.7")].contains(&b.addr));
+        let went = [ip("10.1.2.2"), ip("10.0.0.7")];
+        assert!(n.follow_changed(&mut k, &[], &went).is_empty());
+        assert_eq!(
+            managed_hops(&k),
+            [(2, ip("10.0.0.254")), (2, ip("10.0.0.8"))].into()
+        );
+        // As a full follow has it.
+        let mut fresh = FakeKernel {
+            routes: k.routes.clone(),
+            ..FakeKernel::default()
+        };
+        Neighbours::default().follow(&mut fresh, &desired);
+        assert_eq!(managed_hops(&fresh), managed_hops(&k));
+        // The last ones go: nothing of ours is left.
+        let went = [ip("10.1.2.3"), ip("10.0.0.8")];
+        assert!(n.follow_changed(&mut k, &[], &went).is_empty());
+        assert!(managed_hops(&k).is_empty());
+        assert!(n.drain().is_empty());
     }
 
     #[test]

@@ -182,6 +182,31 @@ pub fn view(
     })
 }
 
+/// The node view `current` was for, after backends at `came` appeared and the last ones at
+/// `went` went: only those addresses are looked up (the node's own addresses and routes did
+/// not change, else the whole view is read again).
+pub fn with_addrs(
+    nl: &mut Netlink,
+    current: &NodeView,
+    ifaces: &Interfaces,
+    came: &[IpAddr],
+    went: &[IpAddr],
+) -> Result<NodeView, NodeError> {
+    let mut node = current.clone();
+    for addr in went {
+        node.local.remove(addr);
+    }
+    for addr in came {
+        if let Some(route) = nl.route(*addr)?
+            && route.kind == RouteKind::Unicast
+            && ifaces.backends.iter().any(|l| l.ifindex == route.oif)
+        {
+            node.local.insert(*addr);
+        }
+    }
+    Ok(node)
+}
+
 /// The node's ephemeral port range (`net.ipv4.ip_local_port_range`, which also applies to IPv6),
 /// read in the network namespace the agent runs in.
 pub fn ephemeral_ports() -> Option<(u16, u16)> {

@@ -154,11 +154,146 @@ impl State {
     }
 }
 
+/// A service's part of the state files: its label as [`FILE`] lists it, and its entry in
+/// [`ZONES_FILE`] if its backends have zones.
+pub fn parts(label: &ServiceLabel) -> (Box<str>, Option<Box<str>>) {
+    let zones =
+        (!label.zones.backends.is_empty()).then(|| json(&(label.frontend, &label.zones.backends)));
+    (json(label), zones)
+}
+
+fn json(value: &impl Serialize) -> Box<str> {
+    serde_json::to_string(value)
+        .expect("serializing to memory")
+        .into_boxed_str()
+}
+
+/// Writes the state files as [`State::write`] writes `head` with the services whose
+/// [`parts`] are given (`head`'s own services are left out).
+pub fn write_parts<'a>(
+    state_dir: &Path,
+    head: &State,
+    parts: impl Iterator<Item = (&'a str, Option<&'a str>)> + Clone,
+) -> std::io::Result<()> {
+    // Inside a JSON string every quote follows a backslash: `,"` is only ever a key's start.
+    const EMPTY: &str = ",\"services\":[]";
+    std::fs::create_dir_all(state_dir)?;
+    let list = |items: &mut dyn Iterator<Item = &'a str>| {
+        let mut out = String::from("[");
+        for (i, item) in items.enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(item);
+        }
+        out.push(']');
+        out
+    };
+    let zones = list(&mut parts.clone().filter_map(|(_, z)| z));
+    write_bytes_atomically(state_dir, ZONES_FILE, zones.as_bytes())?;
+    let head = if head.services.is_empty() {
+        serde_json::to_string(head)
+    } else {
+        serde_json::to_string(&State {
+            services: Vec::new(),
+            ..head.clone()
+        })
+    }
+    .map_err(std::io::Error::other)?;
+    let at = head
+        .find(EMPTY)
+        .ok_or_else(|| std::io::Error::other("no services in the state"))?
+        + EMPTY.len()
+        - 2;
+    let services = list(&mut parts.map(|(label, _)| label));
+    let file = [&head[..at], &services, &head[at + 2..]].concat();
+    write_bytes_atomically(state_dir, FILE, file.as_bytes())
+}
+
 fn write_atomically(dir: &Path, file: &str, value: &impl Serialize) -> std::io::Result<()> {
+    let bytes = serde_json::to_vec(value).map_err(std::io::Error::other)?;
+    write_bytes_atomically(dir, file, &bytes)
+}
+
+fn write_bytes_atomically(dir: &Path, file: &str, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = dir.join(format!(".{file}.tmp"));
-    std::fs::write(
-        &tmp,
-        serde_json::to_vec(value).map_err(std::io::Error::other)?,
-    )?;
+    std::fs::write(&tmp, bytes)?;
     std::fs::rename(tmp, dir.join(file))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Frontend, Protocol};
+
+    fn label(name: &str, port: u16, zones: &[(&str, &str)]) -> ServiceLabel {
+        ServiceLabel {
+            frontend: Frontend {
+                vip: "10.96.0.1".parse().unwrap(),
+                port,
+                protocol: Protocol::Tcp,
+            },
+            name: name.into(),
+            origin: "Service default/web".into(),
+            mode: Mode::Snat,
+            policy: Some("p".into()),
+            draining: vec!["10.1.1.9:80".into()],
+            source_ranges: SourceRanges::default(),
+            zones: ZoneLabel {
+                routing: Some("same zone (a)".into()),
+                standby: Vec::new(),
+                backends: zones
+                    .iter()
+                    .map(|(b, z)| (b.to_string(), z.to_string()))
+                    .collect(),
+            },
+        }
+    }
+
+    #[test]
+    fn the_files_written_from_parts_are_those_written_whole() {
+        let dir = std::env::temp_dir().join(format!("xdplb-state-{}", std::process::id()));
+        for services in [
+            vec![],
+            vec![label("a,\"services\":[]", 80, &[])],
+            vec![
+                label("web", 80, &[("10.1.1.2:80", "a")]),
+                label("dns", 53, &[]),
+                label(
+                    "db",
+                    5432,
+                    &[("10.1.1.3:5432", "b"), ("10.1.1.4:5432", "a")],
+                ),
+            ],
+        ] {
+            let state = State {
+                pid: 7,
+                inputs: "kubernetes".into(),
+                ready: true,
+                last_error: Some("x,\"services\":[],\"interfaces\":".into()),
+                not_served: vec!["s".into()],
+                applied: 3,
+                rejected: 1,
+                services,
+                interfaces: Vec::new(),
+                policies: [(1, "p".into())].into(),
+                zone: Some("a".into()),
+            };
+            state.write(&dir).unwrap();
+            let whole = (
+                std::fs::read(path(&dir)).unwrap(),
+                std::fs::read(dir.join(ZONES_FILE)).unwrap(),
+            );
+            let parts: Vec<_> = state.services.iter().map(parts).collect();
+            let parts = parts.iter().map(|(l, z)| (&**l, z.as_deref()));
+            write_parts(&dir, &state, parts).unwrap();
+            let written = (
+                std::fs::read(path(&dir)).unwrap(),
+                std::fs::read(dir.join(ZONES_FILE)).unwrap(),
+            );
+            assert_eq!(whole, written);
+            assert_eq!(State::read_with_zones(&dir), Some(state));
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -91,15 +91,25 @@ fn one_change_at_cluster_size() {
         let mut reconciler = Reconciler::new(sizes);
         let mut tables = MemoryTables::default();
         let (mut last, mut applied) = (None, Desired::default());
+        // The watchers note the Services they change.
+        cluster.touched = None;
         for change in 0..8 {
             if change > 0 {
                 version += 1;
                 let i = change * 17;
                 let slices = [(format!("svc-{i:05}-a"), Box::new(slice(i, version).into()))].into();
                 cluster.slices.insert(key(i), slices);
+                cluster.touch(&key(i));
             }
+            let touched = cluster.take_touched();
             let started = Instant::now();
-            let mut translation = translator.translate(&cluster, &node, &policies, Instant::now());
+            let mut translation = translator.translate_touched(
+                &cluster,
+                &node,
+                &policies,
+                Instant::now(),
+                touched.as_ref(),
+            );
             if !by_frontend {
                 translation.changed = None;
             }

@@ -99,6 +99,8 @@ struct Pipeline {
     applied: crate::model::Desired,
     reconciler: crate::reconcile::Reconciler,
     tables: crate::tables::MemoryTables,
+    /// The backend addresses of the state the node's view was last asked for.
+    addrs: Option<BTreeSet<std::net::IpAddr>>,
 }
 
 impl Pipeline {
@@ -115,6 +117,7 @@ impl Pipeline {
             applied: crate::model::Desired::default(),
             reconciler: crate::reconcile::Reconciler::new(sizes),
             tables: crate::tables::MemoryTables::default(),
+            addrs: None,
         }
     }
 
@@ -132,7 +135,31 @@ impl Pipeline {
             reconciler: &mut self.reconciler,
             tables: &mut self.tables,
         };
-        let mut node_view = |_: &crate::model::Desired, _| Ok(view.clone());
+        // The addresses handed with the state are those that came and went since the last
+        // state the view was asked for.
+        let seen = &mut self.addrs;
+        let mut node_view = |d: &crate::model::Desired, addrs: crate::composed::Addrs| {
+            let now = crate::node::backend_addrs(d);
+            if let Some(before) = seen.as_ref() {
+                match addrs {
+                    crate::composed::Addrs::Same => assert_eq!(&now, before),
+                    crate::composed::Addrs::Changed { came, went } => {
+                        let new: Vec<_> = now.difference(before).copied().collect();
+                        let old: Vec<_> = before.difference(&now).copied().collect();
+                        assert_eq!((came, went), (new, old));
+                    }
+                    crate::composed::Addrs::All => {}
+                }
+            } else {
+                assert_eq!(
+                    addrs,
+                    crate::composed::Addrs::All,
+                    "the first view is read whole"
+                );
+            }
+            *seen = Some(now);
+            Ok(view.clone())
+        };
         match crate::composed::apply(
             &mut self.last,
             &mut self.applied,

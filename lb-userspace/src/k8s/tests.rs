@@ -1348,16 +1348,19 @@ impl World {
         match d.below(10) {
             0..=2 => {
                 let s = self.random_service(d, name);
+                self.cluster.touch(&key);
                 self.cluster.services.insert(key, s);
                 format!("service {name} written")
             }
             3 => {
+                self.cluster.touch(&key);
                 self.cluster.services.remove(&key);
                 format!("service {name} deleted")
             }
             4..=6 => {
                 let slice_name = format!("{name}-{}", d.below(2));
                 let s = self.random_slice(d, &slice_name);
+                self.cluster.touch(&key);
                 self.cluster
                     .slices
                     .entry(key)
@@ -1366,6 +1369,7 @@ impl World {
                 format!("slice {slice_name} written")
             }
             7 => {
+                self.cluster.touch(&key);
                 if let Some(slices) = self.cluster.slices.get_mut(&key) {
                     slices.pop_first();
                 }
@@ -1430,11 +1434,26 @@ fn a_translation_from_cached_parts_equals_one_from_scratch_after_any_changes() {
             now: Instant::now(),
             version: 0,
         };
+        // The Services changed, as the watchers note them (now and then a fresh list: any).
+        world.cluster.touched = Some(BTreeSet::new());
         let (mut cached, mut scratch) = (Translator::default(), Translator::default());
+        let mut keyed = Translator::default();
         let mut history = Vec::new();
         let mut before: Option<Translation> = None;
         for _ in 0..80 {
             history.push(world.change(&mut d));
+            if d.chance(5) {
+                world.cluster.touched = None;
+                history.push("listed again".into());
+            }
+            let touched = world.cluster.take_touched();
+            let by_key = keyed.translate_touched(
+                &world.cluster,
+                &world.node,
+                &world.policies,
+                world.now,
+                touched.as_ref(),
+            );
             let a = cached.translate(&world.cluster, &world.node, &world.policies, world.now);
             scratch.cache.clear();
             scratch.served.clear();
@@ -1456,7 +1475,20 @@ fn a_translation_from_cached_parts_equals_one_from_scratch_after_any_changes() {
                     );
                 }
             }
-            (a.changed, b.changed) = (None, None);
+            // The Services touched, looked at alone, give what looking at all of them gives.
+            let mut by_key = by_key;
+            assert_eq!(by_key.changed, a.changed, "seed {seed} after {history:#?}");
+            (a.changed, b.changed, by_key.changed) = (None, None, None);
+            assert_eq!(
+                format!("{by_key:#?}"),
+                format!("{a:#?}"),
+                "seed {seed} after {history:#?}"
+            );
+            assert_eq!(
+                kept(&keyed),
+                kept(&cached),
+                "seed {seed} after {history:#?}"
+            );
             before = Some(b.clone());
             assert_eq!(
                 format!("{a:#?}"),

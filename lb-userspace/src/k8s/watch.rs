@@ -385,12 +385,17 @@ impl Store for KubeService {
     }
     fn replace_all(c: &mut Cluster, all: Vec<Self>) {
         c.services = all.into_iter().map(|s| (object_key(&s), s)).collect();
+        c.touched = None;
     }
     fn apply(c: &mut Cluster, o: Self) {
-        c.services.insert(object_key(&o), o);
+        let key = object_key(&o);
+        c.touch(&key);
+        c.services.insert(key, o);
     }
     fn delete(c: &mut Cluster, o: &Self) {
-        c.services.remove(&object_key(o));
+        let key = object_key(o);
+        c.touch(&key);
+        c.services.remove(&key);
     }
 }
 
@@ -422,29 +427,53 @@ impl Store for EndpointSlice {
             }
         }
         c.slices = slices;
+        c.touched = None;
     }
     fn apply(c: &mut Cluster, (key, service, s): KeptSlice) {
-        // A slice may have been relabelled to another service: drop it everywhere first.
-        remove_slice(c, &key);
+        // A slice may have been relabelled to another service: drop it everywhere first
+        // (where it was, in the common case: the Service it names still).
+        remove_slice(c, &key, service.as_deref());
         if let Some(service) = service {
             let (ns, name) = key;
-            c.slices
-                .entry((ns, service))
-                .or_default()
-                .insert(name, Box::new(s));
+            let key = (ns, service);
+            c.touch(&key);
+            c.slices.entry(key).or_default().insert(name, Box::new(s));
         }
     }
     fn delete(c: &mut Cluster, o: &Self) {
-        remove_slice(c, &object_key(o));
+        let service = o
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL));
+        remove_slice(c, &object_key(o), service.map(String::as_str));
     }
 }
 
-/// Removes the slice (namespace, name) from whichever Service has it.
-fn remove_slice(c: &mut Cluster, (ns, name): &ObjectKey) {
-    for (key, per_service) in &mut c.slices {
-        if key.0 == *ns {
-            per_service.remove(name);
+/// Removes the slice (namespace, name) from whichever Service has it, looking first at
+/// `likely`'s (a slice is kept under one Service at most): at 10,000 Services in a namespace,
+/// looking at all of them was a walk per slice event.
+fn remove_slice(c: &mut Cluster, (ns, name): &ObjectKey, likely: Option<&str>) {
+    if let Some(service) = likely {
+        let key = (ns.clone(), service.to_string());
+        if let Some(per_service) = c.slices.get_mut(&key)
+            && per_service.remove(name).is_some()
+        {
+            if per_service.is_empty() {
+                c.slices.remove(&key);
+            }
+            c.touch(&key);
+            return;
         }
+    }
+    let mut had = None;
+    for (key, per_service) in &mut c.slices {
+        if key.0 == *ns && per_service.remove(name).is_some() {
+            had = Some(key.clone());
+        }
+    }
+    if let Some(key) = had {
+        c.touch(&key);
     }
     c.slices.retain(|_, v| !v.is_empty());
 }

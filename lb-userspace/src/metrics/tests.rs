@@ -76,10 +76,10 @@ fn view() -> AgentView {
         },
         inputs: "config lb.toml".into(),
         services: vec![
-            ServiceView {
-                label: label("web \"main\"", 80),
-                id: 0,
-                backends: vec![
+            ServiceView::new(
+                label("web \"main\"", 80),
+                0,
+                vec![
                     BackendView {
                         addr: "10.1.1.2".parse().unwrap(),
                         port: 8080,
@@ -93,13 +93,12 @@ fn view() -> AgentView {
                         weight: 0,
                     },
                 ],
-            },
-            ServiceView {
-                label: label("dns", 53),
-                id: 1,
-                backends: Vec::new(),
-            },
+            ),
+            ServiceView::new(label("dns", 53), 1, Vec::new()),
         ]
+        .into_iter()
+        .map(std::sync::Arc::new)
+        .collect::<Vec<_>>()
         .into(),
         interfaces: vec![
             InterfaceLabel {
@@ -473,7 +472,9 @@ fn label_values_are_escaped_as_both_formats_require() {
     assert_eq!(escaped("plain"), "plain");
     assert_eq!(escaped("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
     let mut v = view();
-    Arc::make_mut(&mut v.services)[0].label.name = "odd \\ name\nwith a break".into();
+    Arc::make_mut(&mut Arc::make_mut(&mut v.services)[0])
+        .label
+        .name = "odd \\ name\nwith a break".into();
     let om = render(&v, &figures(), None, Format::OpenMetrics);
     strict_openmetrics(&om).unwrap_or_else(|e| panic!("{e}\n{om}"));
 }
@@ -570,10 +571,12 @@ fn backend_labels(base: &Labels, b: &BackendView) -> Labels {
 fn per_service_families_say_what_the_registry_would() {
     let mut v = view();
     // A zone and a name that needs escaping, so every family and label kind is written.
-    Arc::make_mut(&mut v.services)[0].label.name = "we\"b\\1\n".into();
+    Arc::make_mut(&mut Arc::make_mut(&mut v.services)[0])
+        .label
+        .name = "we\"b\\1\n".into();
     v.zone = Some("us-east-1a".into());
     let first = v.services[0].backends[0].name();
-    Arc::make_mut(&mut v.services)[0]
+    Arc::make_mut(&mut Arc::make_mut(&mut v.services)[0])
         .label
         .zones
         .backends
