@@ -148,6 +148,19 @@ fn routed_topology() {
     }
     ip(&["addr", "add", "10.1.0.1/24", "dev", "a0"]);
     ip(&["-6", "addr", "add", "fd00:1::1/64", "dev", "a0", "nodad"]);
+    // Even without DAD, an IPv6 address stays tentative (no local route yet) until the kernel's
+    // link watch has seen the carrier, which a loaded machine may take a second or more to do.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ip(&["-6", "addr", "show", "dev", "a0", "tentative"])
+        .trim()
+        .is_empty()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "fd00:1::1 still tentative after 10 s"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]
