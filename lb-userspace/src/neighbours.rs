@@ -248,7 +248,7 @@ mod tests {
             source_ranges: crate::model::SourceRanges::default(),
         };
         let desired = Desired {
-            services: [(frontend, service)].into(),
+            services: [(frontend, service.into())].into(),
             ..Desired::default()
         };
         (k, desired)
