@@ -36,6 +36,7 @@ pub mod drains;
 pub mod events;
 pub mod health;
 pub mod input;
+pub mod service;
 pub mod slice;
 pub mod topology;
 pub mod watch;
@@ -47,11 +48,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::{
-    api::core::v1::{Node, Service as KubeService, ServicePort, ServiceSpec},
-    jiff::Timestamp,
-};
+use k8s_openapi::{api::core::v1::Node, jiff::Timestamp};
 
+// The Service as kept, under the API's names: the translation reads both alike.
+use self::service::{Port as ServicePort, Service as KubeService, Spec as ServiceSpec};
 use self::topology::{Candidate, Preference, Role};
 use crate::{
     config::RawPolicy,
@@ -91,7 +91,7 @@ pub type Slices = BTreeMap<String, Box<slice::Slice>>;
 /// The objects as the watchers last saw them.
 #[derive(Clone, Debug, Default)]
 pub struct Cluster {
-    pub services: BTreeMap<ObjectKey, KubeService>,
+    pub services: BTreeMap<ObjectKey, service::Service>,
     /// (namespace, service name) -> slice name -> slice.
     pub slices: BTreeMap<ObjectKey, Slices>,
     /// This node's Node object (for its zone), if it exists.
@@ -325,7 +325,12 @@ impl Settings {
         named_policies: &BTreeSet<String>,
         out: &mut Translation,
     ) -> Settings {
-        let annotations = svc.metadata.annotations.clone().unwrap_or_default();
+        let annotations = svc
+            .metadata
+            .annotations
+            .as_ref()
+            .map(service::Annotations::to_map)
+            .unwrap_or_default();
         let local_only = spec.external_traffic_policy.as_deref() == Some("Local");
         let problem = |field: &str, message: String| Problem {
             object: key.clone(),
@@ -579,8 +584,25 @@ enum Fingerprint {
     Objects(Box<(KubeService, Slices)>),
 }
 
-fn version(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Option<&str> {
-    meta.resource_version.as_deref().filter(|v| !v.is_empty())
+fn version(meta: &impl Versioned) -> Option<&str> {
+    meta.resource_version().filter(|v| !v.is_empty())
+}
+
+/// Metadata with a resourceVersion: a kept Service's and a kept slice's.
+trait Versioned {
+    fn resource_version(&self) -> Option<&str>;
+}
+
+impl Versioned for slice::Meta {
+    fn resource_version(&self) -> Option<&str> {
+        self.resource_version.as_deref()
+    }
+}
+
+impl Versioned for service::Meta {
+    fn resource_version(&self) -> Option<&str> {
+        self.resource_version.as_deref()
+    }
 }
 
 impl Fingerprint {
@@ -590,10 +612,10 @@ impl Fingerprint {
         if !versioned {
             return Fingerprint::Objects(Box::new((svc.clone(), slices.clone())));
         }
-        let uid = |m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| m.uid.clone();
+        let uid = |m: &slice::Meta| m.uid.clone();
         Fingerprint::Versions {
             service: (
-                uid(&svc.metadata),
+                svc.metadata.uid.clone(),
                 version(&svc.metadata).unwrap_or_default().to_string(),
             ),
             slices: slices

@@ -3,18 +3,24 @@
 //! endpoint type is about 340 bytes before its strings (a whole object reference, topology and
 //! hints inline); at 10,000 Services x 10 endpoints the slices as listed were 55 MiB of the
 //! agent's heap after leaving out what is never read, a third of it room for endpoints.
-use k8s_openapi::{
-    api::discovery::v1::{EndpointConditions, EndpointHints, EndpointPort, EndpointSlice},
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+use k8s_openapi::api::discovery::v1::{
+    EndpointConditions, EndpointHints, EndpointPort, EndpointSlice,
 };
 
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Slice {
-    /// Name, namespace, uid and resourceVersion (which version it is).
-    pub metadata: ObjectMeta,
+    /// Which version it is (its name and namespace are the cluster's keys).
+    pub metadata: Meta,
     pub address_type: String,
     pub endpoints: Option<Vec<Endpoint>>,
     pub ports: Option<Vec<EndpointPort>>,
+}
+
+/// Of the API's ObjectMeta (about 360 bytes inline), uid and resourceVersion.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Meta {
+    pub uid: Option<String>,
+    pub resource_version: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -38,12 +44,9 @@ impl From<EndpointSlice> for Slice {
     fn from(s: EndpointSlice) -> Slice {
         let m = s.metadata;
         Slice {
-            metadata: ObjectMeta {
-                name: m.name,
-                namespace: m.namespace,
+            metadata: Meta {
                 uid: m.uid,
                 resource_version: m.resource_version,
-                ..ObjectMeta::default()
             },
             address_type: s.address_type,
             endpoints: s.endpoints.map(|all| {
