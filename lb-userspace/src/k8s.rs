@@ -1372,8 +1372,12 @@ fn endpoints(
             let candidate = Candidate {
                 ready: is_ready,
                 serving_terminating: !is_ready,
-                node: e.node_name.clone(),
-                zone: e.zone.clone().filter(|z| !z.is_empty()),
+                node: e.node_name.as_deref().map(str::to_owned),
+                zone: e
+                    .zone
+                    .as_deref()
+                    .filter(|z| !z.is_empty())
+                    .map(str::to_owned),
                 for_zones: hints
                     .and_then(|h| h.for_zones.as_ref())
                     .into_iter()
