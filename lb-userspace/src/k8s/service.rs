@@ -51,7 +51,7 @@ impl FromIterator<(String, String)> for Annotations {
     fn from_iter<I: IntoIterator<Item = (String, String)>>(all: I) -> Annotations {
         let mut all: Vec<(String, String)> = all.into_iter().collect();
         all.sort();
-        // Keys are unique in the API's map; the last of a key wins, as a map insert would.
+        // Keys come from the API's map, unique: `get` finds the one there is.
         all.dedup_by(|later, earlier| later.0 == earlier.0);
         Annotations(all.into_boxed_slice())
     }
