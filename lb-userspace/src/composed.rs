@@ -10,6 +10,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
+    sync::Arc,
 };
 
 use crate::{
@@ -135,11 +136,11 @@ fn apply_changed(
         return Ok(None);
     }
     // The cluster's services at those frontends (a scan, not a copy of the rest).
-    let kube: BTreeMap<Frontend, &Service> = t
+    let kube: BTreeMap<Frontend, &Arc<Service>> = t
         .services
         .iter()
         .filter(|s| changed.contains(&s.frontend))
-        .map(|s| (s.frontend, &**s))
+        .map(|s| (s.frontend, s))
         .collect();
     // Composed as `model::compose` does: the config file keeps a frontend it has.
     let mut moved = BTreeSet::new();
@@ -151,7 +152,7 @@ fn apply_changed(
             (Some(kept), Some(s)) => c.conflicts.insert(
                 *f,
                 Conflict {
-                    service: s.clone(),
+                    service: Service::clone(s),
                     kept_by: (kept.origin.clone(), kept.name.clone()),
                 },
             ),

@@ -40,6 +40,7 @@ use std::{
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
@@ -228,7 +229,7 @@ impl RawFile {
             ..Reserved::default()
         };
 
-        let mut services = BTreeMap::new();
+        let mut services: BTreeMap<Frontend, Arc<Service>> = BTreeMap::new();
         for (i, raw) in self.services.iter().enumerate() {
             let path = Path_::new().key("services").index(i);
             let line = doc.line_at(raw.span().start);
@@ -249,7 +250,7 @@ impl RawFile {
                     ),
                 ));
             }
-            services.insert(service.frontend, service);
+            services.insert(service.frontend, Arc::new(service));
         }
         Ok(Desired {
             node,

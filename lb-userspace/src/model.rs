@@ -7,6 +7,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::PathBuf,
     str::FromStr,
+    sync::Arc,
     time::Duration,
 };
 
@@ -410,11 +411,13 @@ pub fn default_snat_ports(ephemeral: (u16, u16)) -> Vec<(u16, u16)> {
 }
 
 /// Everything the data path should be doing.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
     pub node: NodeSettings,
     pub policies: BTreeMap<String, Policy>,
-    pub services: BTreeMap<Frontend, Service>,
+    /// Shared: the cluster's translation, the composed state and the state admitted to the
+    /// maps hold the same services (at 10,000 Services a copy each was 11 MiB).
+    pub services: BTreeMap<Frontend, Arc<Service>>,
 }
 
 /// A service one input defines that another input already defines: the first keeps the
@@ -441,9 +444,9 @@ impl fmt::Display for Conflict {
 /// cluster's). The file wins a frontend both define; within `services`, the first one wins
 /// (the cluster's translation already kept each frontend to its oldest Service). The losers
 /// are returned.
-pub fn compose<S: std::borrow::Borrow<Service>>(
+pub fn compose(
     file: &Desired,
-    services: &[S],
+    services: &[Arc<Service>],
     policies: &BTreeMap<String, Policy>,
 ) -> (Desired, Vec<Conflict>) {
     let mut desired = file.clone();
@@ -452,10 +455,9 @@ pub fn compose<S: std::borrow::Borrow<Service>>(
         desired.policies.insert(name.clone(), policy.clone());
     }
     for s in services {
-        let s: &Service = std::borrow::Borrow::borrow(s);
         match desired.services.get(&s.frontend) {
             Some(other) => conflicts.push(Conflict {
-                service: s.clone(),
+                service: Service::clone(s),
                 kept_by: (other.origin.clone(), other.name.clone()),
             }),
             None => {
@@ -673,7 +675,7 @@ mod tests {
             "10.96.0.10",
         );
         let file = Desired {
-            services: [(file_web.frontend, file_web.clone())].into(),
+            services: [(file_web.frontend, Arc::new(file_web.clone()))].into(),
             ..Desired::default()
         };
         let kube = |name: &str, vip: &str| {
@@ -689,14 +691,14 @@ mod tests {
         let (desired, conflicts) = compose(
             &file,
             &[
-                kube("a", "10.96.0.10"),
-                kube("b", "10.96.0.11"),
-                kube("c", "10.96.0.11"),
+                kube("a", "10.96.0.10").into(),
+                kube("b", "10.96.0.11").into(),
+                kube("c", "10.96.0.11").into(),
             ],
             &policies,
         );
         assert_eq!(desired.services.len(), 2);
-        assert_eq!(desired.services[&file_web.frontend], file_web);
+        assert_eq!(*desired.services[&file_web.frontend], file_web);
         assert!(desired.policies.contains_key("service:default/b"));
         let lost: Vec<String> = conflicts
             .iter()

@@ -314,7 +314,7 @@ mod tests {
             source_ranges: crate::model::SourceRanges::default(),
         };
         let desired = Desired {
-            services: [(frontend, service)].into(),
+            services: [(frontend, service.into())].into(),
             ..Desired::default()
         };
         (k, desired)
@@ -350,7 +350,7 @@ mod tests {
         k.routes.insert(ip("10.0.0.8"), via(None));
         let mut n = Neighbours::default();
         n.follow(&mut k, &desired);
-        let service = desired.services.values_mut().next().unwrap();
+        let service = std::sync::Arc::make_mut(desired.services.values_mut().next().unwrap());
         // A second backend behind the gateway, one more on the link.
         for a in ["10.1.2.3", "10.0.0.8"] {
             service.backends.push(Backend {

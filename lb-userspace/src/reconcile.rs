@@ -27,6 +27,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
     net::IpAddr,
+    sync::Arc,
 };
 
 use lb_common::{
@@ -583,7 +584,7 @@ impl Reconciler {
 
         let wanted: BTreeSet<ServiceKey> = desired.services.keys().map(Frontend::key).collect();
         let stale = self.stale(&wanted);
-        let services: Vec<&Service> = desired.services.values().collect();
+        let services: Vec<&Service> = desired.services.values().map(|s| &**s).collect();
         self.apply_services(
             desired,
             &stale,
@@ -924,14 +925,16 @@ impl Reconciler {
         let too_many = no_room_for;
         let from_cluster = |s: &Service| s.origin.kubernetes_object().is_some();
         // Applied services first, the config file's before the cluster's.
-        let mut applied: Vec<&mut Service> = desired
+        let mut applied: Vec<(bool, Frontend)> = desired
             .services
-            .values_mut()
+            .values()
             .filter(|s| self.services.contains_key(&s.frontend.key()))
+            .map(|s| (from_cluster(s), s.frontend))
             .collect();
-        applied.sort_by_key(|s| from_cluster(s));
-        for s in applied {
-            let listed = &self.services[&s.frontend.key()].backends;
+        applied.sort_by_key(|(cluster, _)| *cluster);
+        for (_, f) in applied {
+            let s = &desired.services[&f];
+            let listed = &self.services[&f.key()].backends;
             let new = if lists_exactly(listed, &s.backends) {
                 0
             } else {
@@ -946,6 +949,8 @@ impl Reconciler {
             }
             let mut admitted = 0;
             let waiting = new - backends;
+            // A copy of its own: the service is shared with the composed state.
+            let s = Arc::make_mut(desired.services.get_mut(&f).expect("listed above"));
             s.backends.retain(|b| {
                 listed.contains_key(&(b.addr, b.port)) || {
                     admitted += 1;
@@ -1021,7 +1026,7 @@ impl Reconciler {
                     desired.services.remove(&f);
                 }
                 Some(a) => {
-                    let s = desired.services.get_mut(&f).expect("listed above");
+                    let s = Arc::make_mut(desired.services.get_mut(&f).expect("listed above"));
                     s.backends = a
                         .backends
                         .iter()
@@ -1121,7 +1126,11 @@ impl Reconciler {
             })
             .sum::<usize>()
             .max(self.prefixes.len());
-        let wanted: BTreeSet<RangeSet> = desired.services.values().filter_map(range_set).collect();
+        let wanted: BTreeSet<RangeSet> = desired
+            .services
+            .values()
+            .filter_map(|s| range_set(s))
+            .collect();
         let kept: usize = self.range_sets.values().map(BTreeSet::len).sum();
         let new: usize = wanted
             .iter()
@@ -1261,7 +1270,7 @@ impl Reconciler {
         t: &mut Counting<'_>,
     ) -> Result<BTreeMap<RangeSet, u32>, ApplyError> {
         let mut ids = BTreeMap::new();
-        for set in desired.services.values().filter_map(range_set) {
+        for set in desired.services.values().filter_map(|s| range_set(s)) {
             if ids.contains_key(&set) {
                 continue;
             }
@@ -1966,7 +1975,10 @@ mod tests {
 
     fn desired(services: Vec<Service>) -> Desired {
         Desired {
-            services: services.into_iter().map(|s| (s.frontend, s)).collect(),
+            services: services
+                .into_iter()
+                .map(|s| (s.frontend, Arc::new(s)))
+                .collect(),
             ..Desired::default()
         }
     }

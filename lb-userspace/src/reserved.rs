@@ -219,7 +219,7 @@ mod tests {
                 "fd00:a::1",
             ),
         ] {
-            d.services.insert(s.frontend, s);
+            d.services.insert(s.frontend, s.into());
         }
         let invalid: Vec<String> = reserved()
             .check_file(&d)

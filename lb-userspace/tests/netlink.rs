@@ -696,7 +696,8 @@ fn a_next_hops_entry_comes_back_within_a_second_after_any_loss() {
                     policy: None,
                     affinity: None,
                     source_ranges: lb_userspace::model::SourceRanges::default(),
-                },
+                }
+                .into(),
             )]
             .into(),
             ..Desired::default()

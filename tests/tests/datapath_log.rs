@@ -69,7 +69,7 @@ fn a_failed_tail_call_is_counted_and_logged_when_the_agent_shows_the_data_paths_
         source_ranges: SourceRanges::default(),
     };
     fx.apply(&Desired {
-        services: [(web.frontend, web)].into(),
+        services: [(web.frontend, web.into())].into(),
         ..Desired::default()
     })
     .expect("apply");

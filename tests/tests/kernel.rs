@@ -69,7 +69,10 @@ fn service(
 
 fn desired(services: Vec<Service>) -> Desired {
     Desired {
-        services: services.into_iter().map(|s| (s.frontend, s)).collect(),
+        services: services
+            .into_iter()
+            .map(|s| (s.frontend, s.into()))
+            .collect(),
         ..Desired::default()
     }
 }

@@ -85,7 +85,7 @@ fn desired(policy: Option<Policy>) -> Desired {
             affinity: None,
             source_ranges: lb_userspace::model::SourceRanges::default(),
         };
-        d.services.insert(s.frontend, s);
+        d.services.insert(s.frontend, s.into());
     }
     if let Some(p) = policy {
         d.policies.insert("p".into(), p);

@@ -69,7 +69,7 @@ impl Running {
     /// cluster input, take the node's view, admit and apply.
     fn reload(&mut self, text: &str) -> Result<(), String> {
         let file = config::parse(Path::new(FILE), text).map_err(|e| e.to_string())?;
-        let (composed, _) = model::compose::<model::Service>(&file, &[], &BTreeMap::new());
+        let (composed, _) = model::compose(&file, &[], &BTreeMap::new());
         self.reconciler
             .apply_admitting(&composed, &node(), &mut self.tables)
             .map(drop)

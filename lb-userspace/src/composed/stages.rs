@@ -65,7 +65,7 @@ fn key(i: u32) -> ObjectKey {
 fn one_change_at_cluster_size() {
     let mut cluster = Cluster::default();
     for i in 0..SERVICES {
-        cluster.services.insert(key(i), service(i));
+        cluster.services.insert(key(i), service(i).into());
         let slices = [(format!("svc-{i:05}-a"), Box::new(slice(i, 0).into()))].into();
         cluster.slices.insert(key(i), slices);
     }

@@ -55,7 +55,7 @@ fn changed_services_and_kept_backend_counts_equal_a_recount_after_any_changes() 
                     .map(|_| (roll(6), u32::from(roll(2))))
                     .collect();
                 let s = service(port, &backends);
-                new.services.insert(s.frontend, s);
+                new.services.insert(s.frontend, Arc::new(s));
             }
         }
         let changed = changed_services(&old, &new);
@@ -273,7 +273,7 @@ fn compare_pipelines(
                 let vip: &&str = d.pick(&VIPS);
                 let s = file_service(vip, *d.pick(&[80, 443]));
                 if file.services.remove(&s.frontend).is_none() {
-                    file.services.insert(s.frontend, s);
+                    file.services.insert(s.frontend, Arc::new(s));
                 }
                 a.last = None;
                 b.last = None;

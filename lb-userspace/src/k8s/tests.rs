@@ -114,7 +114,7 @@ fn cluster(service: KubeService, slices: Vec<EndpointSlice>) -> Cluster {
             .map(|s| (s.metadata.name.clone().unwrap(), Box::new(s.into())))
             .collect(),
     );
-    c.services.insert(key, service);
+    c.services.insert(key, service.into());
     c
 }
 
@@ -671,7 +671,7 @@ fn two(a: KubeService, b: KubeService) -> Cluster {
             key.clone(),
             [(sl.metadata.name.clone().unwrap(), Box::new(sl.into()))].into(),
         );
-        c.services.insert(key, s);
+        c.services.insert(key, s.into());
     }
     c
 }
@@ -1349,7 +1349,7 @@ impl World {
             0..=2 => {
                 let s = self.random_service(d, name);
                 self.cluster.touch(&key);
-                self.cluster.services.insert(key, s);
+                self.cluster.services.insert(key, s.into());
                 format!("service {name} written")
             }
             3 => {

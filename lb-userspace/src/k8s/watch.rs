@@ -15,12 +15,9 @@ use std::{
 };
 
 use futures::StreamExt;
-use k8s_openapi::{
-    api::{
-        core::v1::{Node, Service as KubeService},
-        discovery::v1::EndpointSlice,
-    },
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+use k8s_openapi::api::{
+    core::v1::{Node, Service as KubeService},
+    discovery::v1::EndpointSlice,
 };
 use kube::{Api, Client, ResourceExt, runtime::watcher};
 use log::{info, warn};
@@ -29,7 +26,7 @@ use tokio::{
     task::JoinHandle,
 };
 
-use super::{Cluster, ObjectKey, SERVICE_NAME_LABEL, Slices, slice::Slice};
+use super::{Cluster, ObjectKey, SERVICE_NAME_LABEL, Slices, service::Service, slice::Slice};
 
 /// How the watchers are doing.
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -340,23 +337,9 @@ trait Store: Sized {
     fn delete(c: &mut Cluster, o: &Self);
 }
 
-/// A Service's metadata as the translation reads it: name, namespace, uid, resourceVersion,
-/// creationTimestamp, and the annotations [`service_annotation`] says; no labels.
-fn slim_metadata(meta: &mut ObjectMeta) {
-    meta.managed_fields = None;
-    meta.owner_references = None;
-    meta.labels = None;
-    if let Some(a) = &mut meta.annotations {
-        a.retain(|k, _| service_annotation(k));
-        if a.is_empty() {
-            meta.annotations = None;
-        }
-    }
-}
-
 /// Annotations a Service is read by: the agent's own and the topology ones (not, say,
 /// kubectl's last-applied-configuration, a copy of the whole object).
-fn service_annotation(key: &str) -> bool {
+pub(super) fn service_annotation(key: &str) -> bool {
     key.starts_with("xdplb.io/")
         || key.starts_with(super::RATE_LIMIT_FIELD)
         || key == super::topology::TOPOLOGY_MODE
@@ -365,30 +348,16 @@ fn service_annotation(key: &str) -> bool {
 
 impl Store for KubeService {
     const NAME: &'static str = "services";
-    type Kept = KubeService;
-    fn keep(mut self) -> KubeService {
-        slim_metadata(&mut self.metadata);
-        // What kube-proxy serves, and what picks pods (slices say which): never read here.
-        if let Some(spec) = &mut self.spec {
-            spec.selector = None;
-            spec.cluster_ip = None;
-            spec.cluster_ips = None;
-            spec.ip_families = None;
-            spec.ip_family_policy = None;
-            spec.internal_traffic_policy = None;
-            spec.external_name = None;
-        }
-        if let Some(status) = &mut self.status {
-            status.conditions = None;
-        }
-        self
+    /// Its (namespace, name) and what the translation reads ([`Service`]).
+    type Kept = (ObjectKey, Service);
+    fn keep(self) -> (ObjectKey, Service) {
+        (object_key(&self), Service::from(self))
     }
-    fn replace_all(c: &mut Cluster, all: Vec<Self>) {
-        c.services = all.into_iter().map(|s| (object_key(&s), s)).collect();
+    fn replace_all(c: &mut Cluster, all: Vec<(ObjectKey, Service)>) {
+        c.services = all.into_iter().collect();
         c.touched = None;
     }
-    fn apply(c: &mut Cluster, o: Self) {
-        let key = object_key(&o);
+    fn apply(c: &mut Cluster, (key, o): (ObjectKey, Service)) {
         c.touch(&key);
         c.services.insert(key, o);
     }

@@ -479,7 +479,8 @@ pub fn desired() -> Desired {
                 policy: s.policy.map(Into::into),
                 affinity: s.affinity.then(|| Duration::from_secs(600)),
                 source_ranges: lb_userspace::model::SourceRanges::default(),
-            },
+            }
+            .into(),
         );
     }
     d

@@ -537,7 +537,8 @@ impl Layout {
                     policy: None,
                     affinity: None,
                     source_ranges: lb_userspace::model::SourceRanges::default(),
-                },
+                }
+                .into(),
             );
         }
         d

@@ -542,7 +542,8 @@ fn desired(limiter: bool) -> Desired {
             policy: None,
             affinity: None,
             source_ranges: lb_userspace::model::SourceRanges::default(),
-        },
+        }
+        .into(),
     );
     d
 }
