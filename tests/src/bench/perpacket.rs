@@ -1445,7 +1445,7 @@ impl Bench<'_> {
 
     /// Like [`Bench::measure_phase`], with the limiter turned off or on (the bool) before each
     /// case's run. A run is checked to have gone through the limiter, or not: the bucket of
-    /// the set's first source moved (every admitted packet moves it), or stayed.
+    /// the source of its first packet moved (every admitted packet moves it), or stayed.
     fn measure_toggled(
         &mut self,
         cases: &[(Case, bool)],
@@ -1472,8 +1472,12 @@ impl Bench<'_> {
                 let uplink = dataplane::program_mut(&mut self.fx.ebpf, PROG_UPLINK)?;
                 self.tools.set_target(uplink)?;
                 self.tools.set_frame(&case.frame, case.vary)?;
+                // The source of the run's first packet (`one_run` starts at `self.seq`).
+                let (a, _) = case.vary.offsets(self.seq);
                 let first = SourceKey {
-                    addr: Addr::from(IpAddr::V4(case.src)),
+                    addr: Addr::from(IpAddr::V4(Ipv4Addr::from(
+                        u32::from(case.src).wrapping_add(a),
+                    ))),
                     policy,
                 };
                 let bucket = |b: &Self| {
@@ -1490,12 +1494,12 @@ impl Bench<'_> {
                 let tat1 = bucket(self);
                 ensure!(
                     tat0.is_some(),
-                    "{}: the first source is not tracked",
+                    "{}: the run's first source is not tracked",
                     case.scenario.name()
                 );
                 if (tat0 != tat1) != *limiter {
                     let a = format!(
-                        "the first source's bucket {} with the limiter {}",
+                        "the run's first source's bucket {} with the limiter {}",
                         if tat0 == tat1 { "stayed" } else { "moved" },
                         if *limiter { "on" } else { "off" }
                     );
