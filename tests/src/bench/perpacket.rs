@@ -259,10 +259,16 @@ pub enum Scenario {
     NewSynLimiter,
     LimiterMiss,
     RateLimitedDrop,
+    /// Established flows taking turns: 16k flows from 1024 sources (the throughput bench's
+    /// mix), then 16k flows from 16k sources; each with the limiter off and on.
+    ManyFlows,
+    ManyFlowsLimiter,
+    ManySources,
+    ManySourcesLimiter,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 9] = [
+    pub const ALL: [Scenario; 13] = [
         Scenario::NonVip,
         Scenario::Established,
         Scenario::EstablishedLimiter,
@@ -272,6 +278,10 @@ impl Scenario {
         Scenario::NewSynLimiter,
         Scenario::LimiterMiss,
         Scenario::RateLimitedDrop,
+        Scenario::ManyFlows,
+        Scenario::ManyFlowsLimiter,
+        Scenario::ManySources,
+        Scenario::ManySourcesLimiter,
     ];
 
     pub fn name(self) -> &'static str {
@@ -285,6 +295,10 @@ impl Scenario {
             Scenario::NewSynLimiter => "new flow: SYN, limiter on (known source)",
             Scenario::LimiterMiss => "limiter miss: SYN from a new source",
             Scenario::RateLimitedDrop => "rate-limited drop",
+            Scenario::ManyFlows => "established, 16k flows / 1024 sources, limiter off",
+            Scenario::ManyFlowsLimiter => "established, 16k flows / 1024 sources, limiter on",
+            Scenario::ManySources => "established, 16k flows / 16k sources, limiter off",
+            Scenario::ManySourcesLimiter => "established, 16k flows / 16k sources, limiter on",
         }
     }
 
@@ -300,6 +314,10 @@ impl Scenario {
             Scenario::NewSynLimiter => "new SYN+limiter",
             Scenario::LimiterMiss => "limiter miss",
             Scenario::RateLimitedDrop => "rate-limited drop",
+            Scenario::ManyFlows => "16k flows",
+            Scenario::ManyFlowsLimiter => "16k flows+limiter",
+            Scenario::ManySources => "16k sources",
+            Scenario::ManySourcesLimiter => "16k sources+limiter",
         }
     }
 
@@ -599,6 +617,12 @@ fn tcp_frame(src: &str, sport: u16, dst: &str, dport: u16, flags: u8) -> Vec<u8>
     f
 }
 
+/// The many-flows scenarios: MANY_FLOWS flows over MANY_SOURCES_FEW or MANY_FLOWS sources.
+/// Two sets at once (limiter off and on) need 2 x MANY_FLOWS snat ports: 4536 per backend
+/// hold them with 8 backends.
+const MANY_FLOWS: u32 = 16_384;
+const MANY_SOURCES_FEW: u32 = 1024;
+
 /// The client whose flow runs under the limiter (generous, then strict).
 const LIMITED_CLIENT: &str = "10.0.0.11";
 const LIMITED_PORT: u16 = 40001;
@@ -737,6 +761,26 @@ fn measure_config(
         b.fx.apply(&layout.desired(strict_policy(), true))?;
         let cases = [b.case_rate_limited()?];
         measured.extend(b.measure_phase(&cases, &mut floors, &mut floors_vary, None)?);
+        // Many established flows taking turns, measured with the limiter off and on in the same
+        // rounds (an established flow follows its service's current policy, so the same flows
+        // serve both): the limiter's cost once its sources no longer sit in the closest
+        // caches, net of the flow table's own.
+        for (sources, off, on) in [
+            (
+                MANY_SOURCES_FEW,
+                Scenario::ManyFlows,
+                Scenario::ManyFlowsLimiter,
+            ),
+            (
+                MANY_FLOWS,
+                Scenario::ManySources,
+                Scenario::ManySourcesLimiter,
+            ),
+        ] {
+            let cases = b.cases_many(sources, off, on)?;
+            measured.extend(b.measure_toggled(&cases, &mut floors, &mut floors_vary)?);
+            b.forget_many(&cases[0].0)?;
+        }
         // The next fill starts the limiter scenarios from a full bucket again.
         b.forget_source(LIMITED_CLIENT)?;
         b.fx.apply(&layout.desired(generous_policy(), false))?;
@@ -1353,6 +1397,153 @@ impl Bench<'_> {
         ])
     }
 
+    /// MANY_FLOWS established flows over `sources` sources, opened by the data path with the
+    /// limiter on (a SYN each, through the wrapper; every source tracked), and their cases:
+    /// the same packets under scenario `off` with the limiter off, `on` with it on (the bool).
+    fn cases_many(
+        &mut self,
+        sources: u32,
+        off: Scenario,
+        on: Scenario,
+    ) -> Result<Vec<(Case, bool)>> {
+        let (vip, port) = (self.layout.vip(), self.layout.port());
+        let vary = Vary::flow_mix(sources, MANY_FLOWS);
+        let (src, sport) = (Ipv4Addr::new(10, 70, 0, 0), 1024);
+        self.layout_apply(true)?;
+        let up0 = self.fx.up0;
+        let uplink = dataplane::program_mut(&mut self.fx.ebpf, PROG_UPLINK)?;
+        self.tools.set_target(uplink)?;
+        let syn = tcp_frame(&src.to_string(), sport, &vip, port, TCP_SYN);
+        self.tools.set_frame(&syn, vary)?;
+        self.tools.set_seq(self.seq)?;
+        let before = counters(&self.fx);
+        let (v, _) = timed_run(self.tools.program("bench_wrap")?, &syn, up0, MANY_FLOWS)?;
+        let after = counters(&self.fx);
+        self.seq += u64::from(MANY_FLOWS);
+        let delta = |c: Counter| after[&(c as u32)].wrapping_sub(before[&(c as u32)]);
+        ensure!(
+            v == XDP_TX
+                && delta(Counter::FlowsCreated) == u64::from(MANY_FLOWS)
+                && delta(Counter::SourcesCreated) == u64::from(sources),
+            "opening {MANY_FLOWS} flows from {sources} sources: last verdict {v}; counters moved: {:?}",
+            moved(&before, &after)
+        );
+        let case = |scenario| Case {
+            scenario,
+            frame: tcp_frame(&src.to_string(), sport, &vip, port, TCP_ACK),
+            vary,
+            src,
+            sport,
+            expect: Expect {
+                verdict: XDP_TX,
+                exact: vec![Counter::XdpTx],
+                almost: vec![],
+            },
+            repeat: self.plan.repeat,
+        };
+        Ok(vec![(case(off), false), (case(on), true)])
+    }
+
+    /// Like [`Bench::measure_phase`], with the limiter turned off or on (the bool) before each
+    /// case's run. A run is checked to have gone through the limiter, or not: the bucket of
+    /// the source of its first packet moved (every admitted packet moves it), or stayed.
+    fn measure_toggled(
+        &mut self,
+        cases: &[(Case, bool)],
+        floors: &mut Vec<f64>,
+        floors_vary: &mut Vec<f64>,
+    ) -> Result<Vec<Measured>> {
+        let up0 = self.fx.up0;
+        let mut acc: Vec<(Vec<f64>, u64, Vec<String>)> =
+            cases.iter().map(|_| (Vec::new(), 0, Vec::new())).collect();
+        // The sources' policy, read while the service has it.
+        self.layout_apply(true)?;
+        let policy = self.target_policy()?;
+        for round in 0..=self.plan.runs {
+            let f = self.floor_run(Vary::NONE)?;
+            let fv = self.floor_run(Vary::new_flows(1024))?;
+            if round > 0 {
+                floors.push(f as f64);
+                floors_vary.push(fv as f64);
+            }
+            for ((case, limiter), (runs_ns, verified, anomalies)) in
+                cases.iter().zip(acc.iter_mut())
+            {
+                self.layout_apply(*limiter)?;
+                let uplink = dataplane::program_mut(&mut self.fx.ebpf, PROG_UPLINK)?;
+                self.tools.set_target(uplink)?;
+                self.tools.set_frame(&case.frame, case.vary)?;
+                // The source of the run's first packet (`one_run` starts at `self.seq`).
+                let (a, _) = case.vary.offsets(self.seq);
+                let first = SourceKey {
+                    addr: Addr::from(IpAddr::V4(Ipv4Addr::from(
+                        u32::from(case.src).wrapping_add(a),
+                    ))),
+                    policy,
+                };
+                let bucket = |b: &Self| {
+                    b.fx.maps
+                        .read_sources()
+                        .into_iter()
+                        .find(|s| s.key == first)
+                        .map(|s| s.packets.tat)
+                };
+                let tat0 = bucket(self);
+                let (ns, mut anomaly) = self
+                    .one_run(case, up0)
+                    .with_context(|| format!("{} (round {round})", case.scenario.name()))?;
+                let tat1 = bucket(self);
+                ensure!(
+                    tat0.is_some(),
+                    "{}: the run's first source is not tracked",
+                    case.scenario.name()
+                );
+                if (tat0 != tat1) != *limiter {
+                    let a = format!(
+                        "the run's first source's bucket {} with the limiter {}",
+                        if tat0 == tat1 { "stayed" } else { "moved" },
+                        if *limiter { "on" } else { "off" }
+                    );
+                    anomaly = Some(anomaly.map_or(a.clone(), |x| format!("{x}; {a}")));
+                }
+                if round > 0 {
+                    runs_ns.push(ns as f64);
+                    *verified += u64::from(case.repeat);
+                    if let Some(a) = anomaly {
+                        println!("    {}: run {round}: {a}", case.scenario.name());
+                        anomalies.push(format!("run {round}: {a}"));
+                    }
+                }
+            }
+        }
+        Ok(cases
+            .iter()
+            .zip(acc)
+            .map(|((case, _), (runs_ns, verified, anomalies))| {
+                (
+                    case.vary.bits != 0,
+                    case.scenario,
+                    case.repeat,
+                    runs_ns,
+                    verified,
+                    anomalies,
+                )
+            })
+            .collect())
+    }
+
+    fn layout_apply(&mut self, limiter: bool) -> Result<()> {
+        self.fx
+            .apply(&self.layout.desired(generous_policy(), limiter))
+    }
+
+    /// Deletes the flows (both directions) and sources of a [`Bench::cases_many`] case (the
+    /// limiter on: the sources are keyed by the service's policy).
+    fn forget_many(&mut self, case: &Case) -> Result<()> {
+        self.layout_apply(true)?;
+        self.forget(case, 0..u64::from(case.vary.cycle), true)
+    }
+
     #[allow(clippy::unnecessary_wraps, reason = "one signature for every case")]
     fn case_rate_limited(&mut self) -> Result<Case> {
         let (vip, port) = (self.layout.vip(), self.layout.port());
@@ -1494,10 +1685,17 @@ impl Bench<'_> {
 
     /// Deletes the flows (both directions) and sources run `n0..n0+repeat` created.
     fn clean_up(&mut self, case: &Case, n0: u64) -> Result<()> {
+        let sources = case.scenario == Scenario::LimiterMiss;
+        self.forget(case, n0..n0 + u64::from(case.repeat), sources)
+    }
+
+    /// Deletes the flows (both directions) of `case`'s packets `ns`, and with `sources` their
+    /// sources.
+    fn forget(&mut self, case: &Case, ns: std::ops::Range<u64>, sources: bool) -> Result<()> {
         let (vip, port) = (self.layout.vip(), self.layout.port());
         let vip = Addr::from(vip.parse::<IpAddr>()?);
         let policy = self.target_policy()?;
-        for n in n0..n0 + u64::from(case.repeat) {
+        for n in ns {
             let (a, p) = case.vary.offsets(n);
             let src = Addr::from(IpAddr::V4(Ipv4Addr::from(
                 u32::from(case.src).wrapping_add(a),
@@ -1524,7 +1722,7 @@ impl Bench<'_> {
                     let _ = self.fx.maps.flows4.remove(&reply);
                 }
             }
-            if case.scenario == Scenario::LimiterMiss {
+            if sources {
                 self.fx
                     .maps
                     .forget_source(&SourceKey { addr: src, policy })?;

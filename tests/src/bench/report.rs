@@ -9,7 +9,7 @@ use super::{
     memory::Memory,
     perpacket::{KatranOutcome, PerPacket, Scenario},
     svg::{Series, hbars},
-    throughput::{GEN_CPU, Mix, Path as TPath, Throughput, ratio},
+    throughput::{AbPair, GEN_CPU, Mix, Path as TPath, Throughput, ratio},
 };
 
 fn f0(v: f64) -> String {
@@ -182,6 +182,34 @@ pub fn perpacket_tables(p: &PerPacket) -> String {
         let _ = write!(miss, " {v} |");
     }
     let _ = writeln!(s, "{miss}");
+    // The limiter's share: the same packets with it on less with it off.
+    for (name, off, on) in [
+        (
+            "limiter's share, one flow (on - off)",
+            Scenario::Established,
+            Scenario::EstablishedLimiter,
+        ),
+        (
+            "limiter's share, 16k flows / 1024 sources (on - off)",
+            Scenario::ManyFlows,
+            Scenario::ManyFlowsLimiter,
+        ),
+        (
+            "limiter's share, 16k flows / 16k sources (on - off)",
+            Scenario::ManySources,
+            Scenario::ManySourcesLimiter,
+        ),
+    ] {
+        let mut line = format!("| *{name}* |");
+        for i in 0..p.setups.len() {
+            let v = p
+                .row(i, off)
+                .zip(p.row(i, on))
+                .map_or_else(|| "-".into(), |(a, b)| f0(b.net - a.net));
+            let _ = write!(line, " {v} |");
+        }
+        let _ = writeln!(s, "{line}");
+    }
     for (name, get) in [
         ("empty program (xdp_pass), absolute", 0usize),
         ("XDP_TX-only program, absolute", 1),
@@ -381,6 +409,30 @@ pub fn throughput_tables(t: &Throughput) -> String {
                 fwd(TPath::Netfilter, Mix::ManyFlows),
                 fwd(lb, Mix::ManyFlows)
             ))
+        );
+    }
+    if let (Some(a), Some(b)) = (own(lb), own(lb_off)) {
+        let _ = writeln!(
+            s,
+            "| the limiter's cost across paths (two topologies, minutes apart): CPU ns per packet as above, limiter on {a:.0} ns less off {b:.0} ns | {:.0} ns | |",
+            a - b
+        );
+    }
+    if !t.limiter_ab.is_empty() {
+        let costs: Vec<f64> = t.limiter_ab.iter().map(AbPair::cost_ns).collect();
+        let pairs: Vec<String> = t
+            .limiter_ab
+            .iter()
+            .map(|p| format!("{:.2} / {:.2}", p.off_pps / 1e6, p.on_pps / 1e6))
+            .collect();
+        let each: Vec<String> = costs.iter().map(|c| format!("{c:.0}")).collect();
+        let _ = writeln!(
+            s,
+            "| the limiter's cost, A/B on the limiter-on path's topology (the same flows and sources, the limiter turned off and on between peak measurements, which goes first alternating): 1 / rate(on) - 1 / rate(off), median of {} pairs (Mpps off / on: {}; ns each: {}) | {:.0} ns | near the per-packet bench's |",
+            costs.len(),
+            pairs.join(", "),
+            each.join(", "),
+            super::median(&costs)
         );
     }
     if !t.fixed_loads.is_empty() {
@@ -649,7 +701,7 @@ pub fn write(results: &Results, out: &Path) -> Result<()> {
 
 fn perpacket_method(p: &PerPacket) -> String {
     format!(
-        "Method: the data path (`lb_uplink`, loaded by the agent's loader, services installed by the agent's reconciler, snat mode, backends behind a gateway so forwarded packets leave by XDP_TX) runs under a wrapper XDP program (`bench_wrap` in lb-tools) that restores the 64-byte frame from a template map on every iteration (BPF_PROG_TEST_RUN with `repeat > 1` would otherwise rerun the program on the frame it already rewrote), varies the source address / port from a per-CPU sequence where a scenario needs a new flow or a new source every packet, and tail-calls the data path through a program array of its own. The floor is the same wrapper, with the same variation, tail-calling an XDP_TX-only program; it is measured before and after the scenarios of each setup and subtracted. Every run is checked: the wrapper's sequence advanced by exactly `repeat`, the data path's `packets` counter too, and the scenario's verdict counter (xdp_tx, flows_created, flows_created_midstream, sources_created, pass_not_ours) by exactly `repeat` (drop_rate_limited: `repeat` or one less, a 1 packet/s bucket may refill once). Values are the kernel's own ns per run; median of {runs} runs of repeat = {repeat} ({new_repeat} for scenarios that create a flow every packet: their flows and sources are deleted after each run, so the table keeps its fill and snat source ports stay free); the measuring thread is pinned to CPU {cpu}; kernel.bpf_stats_enabled = 0. Services: 10 per VIP (LB_ADDRS holds 4096 addresses), 10 or 1000 backends each, packets to the middle service; ring size 16381 up to 100 services, 1021 for 10k services (rings are (services + 16) x ring size slots in one array). Flow table: 2^21 entries in every setup, empty or with 1M entries added from user space. Limiter scenarios use a policy no packet exceeds (10M/s, burst 1e9) so the limiter runs and admits; the rate-limited drop uses 1 packet/s. Frames are IPv4, 64 bytes; the wrapper updates the IPv4 and TCP checksums of varied frames incrementally. Caches are warm: the same service and, for established flows, the same flow every packet. A program under test that moves the frame's start (Katran's IPIP encapsulation pushes 20 bytes in front) gets it moved back by the wrapper before the next iteration; the floor runs the same code. Katran runs in the reference setup's limiter-off phase, in the same rounds as xdplb (which of the two goes first alternates round by round), with the same frames and repeats, net of the same floors.\n",
+        "Method: the data path (`lb_uplink`, loaded by the agent's loader, services installed by the agent's reconciler, snat mode, backends behind a gateway so forwarded packets leave by XDP_TX) runs under a wrapper XDP program (`bench_wrap` in lb-tools) that restores the 64-byte frame from a template map on every iteration (BPF_PROG_TEST_RUN with `repeat > 1` would otherwise rerun the program on the frame it already rewrote), varies the source address / port from a per-CPU sequence where a scenario needs a new flow or a new source every packet, and tail-calls the data path through a program array of its own. The floor is the same wrapper, with the same variation, tail-calling an XDP_TX-only program; it is measured before and after the scenarios of each setup and subtracted. Every run is checked: the wrapper's sequence advanced by exactly `repeat`, the data path's `packets` counter too, and the scenario's verdict counter (xdp_tx, flows_created, flows_created_midstream, sources_created, pass_not_ours) by exactly `repeat` (drop_rate_limited: `repeat` or one less, a 1 packet/s bucket may refill once). Values are the kernel's own ns per run; median of {runs} runs of repeat = {repeat} ({new_repeat} for scenarios that create a flow every packet: their flows and sources are deleted after each run, so the table keeps its fill and snat source ports stay free); the measuring thread is pinned to CPU {cpu}; kernel.bpf_stats_enabled = 0. Services: 10 per VIP (LB_ADDRS holds 4096 addresses), 10 or 1000 backends each, packets to the middle service; ring size 16381 up to 100 services, 1021 for 10k services (rings are (services + 16) x ring size slots in one array). Flow table: 2^21 entries in every setup, empty or with 1M entries added from user space. Limiter scenarios use a policy no packet exceeds (10M/s, burst 1e9) so the limiter runs and admits; the rate-limited drop uses 1 packet/s. Frames are IPv4, 64 bytes; the wrapper updates the IPv4 and TCP checksums of varied frames incrementally. Caches are warm: the same service and, for established flows, the same flow every packet; except in the many-flows scenarios: 16384 established flows (opened by the data path, a SYN each, with the limiter on) taking turns packet by packet, from 1024 sources (the throughput part's mix) or from 16384, measured with the limiter off and on in the same rounds (the service's policy turned off and on between runs; an established flow follows it), so on less off is the limiter's share with its sources out of the closest caches; each run is checked to have moved the bucket of its first packet's source with the limiter on and left it with it off. A program under test that moves the frame's start (Katran's IPIP encapsulation pushes 20 bytes in front) gets it moved back by the wrapper before the next iteration; the floor runs the same code. Katran runs in the reference setup's limiter-off phase, in the same rounds as xdplb (which of the two goes first alternates round by round), with the same frames and repeats, net of the same floors.\n",
         runs = p.runs,
         repeat = p.repeat,
         new_repeat = p.new_flow_repeat,
@@ -659,7 +711,7 @@ fn perpacket_method(p: &PerPacket) -> String {
 
 fn throughput_method(t: &Throughput) -> String {
     format!(
-        "Method: three namespaces made for the run: the generator's `g0` - `up0` on the node (10.0.0.1/16) - the node's `be0` - `rcv0` in the receiver's namespace (which holds the 10 backend addresses; `xdp_sink` there counts and drops). The generator is `bench_gen` (lb-tools) run with BPF_PROG_RUN in live-frames mode: every frame it returns XDP_TX leaves g0 for up0; it restores and varies each frame itself (IPv4 and TCP checksums updated), 64-byte TCP frames, \"many flows\" = 16384 flows from 1024 sources round robin (ACKs: established after a warm-up), \"flood\" = a SYN from a new source address every packet. Counted where the frames arrive: \"absorbed\" at the node's uplink program (the data path's `packets` counter, or `xdp_count` in front of the kernel path), \"forwarded\" by `xdp_sink` on rcv0 (for the XDP_DROP floor: at up0; for XDP_TX: back on g0). Paths, each on a fresh topology: XDP_DROP and XDP_TX floors; xdplb (`lb_uplink` on up0, snat, 10 backends, redirect to be0); the kernel path users run today: kube-proxy's nftables-mode rules for the same service and backends (table `ip kube-proxy`, service-ips vmap, `numgen random mod 10` over endpoint chains with `dnat to`, masquerade for sources outside the pod CIDR, the filter chains as kube-proxy adds them) with kernel forwarding ({nft}, nf_conntrack_max {ct}). The limiter policy for xdplb: 100k packets/s and 1000 connections/s per source, fail-closed overflow bucket. {secs} s per measurement. The generator runs on CPU {cpu} (two threads taking turns: each live-frames run spends ~24 ms of wall time setting up and tearing down its page pool); veth runs the node's and the receiver's softirq work on the sending CPU, so the generator, the node and the receiver share CPU {cpu} and the peak is what one CPU does for all three: the ratio between paths understates the node's own difference (the generator's share is the same for every path). CPU shares come from /proc/stat (tick-sampled). \"Other load\" is the user-space share of the whole machine during the measurement: nothing of the benchmark runs in user space, so it is someone else's work competing for the CPUs; compare paths within one run.\n",
+        "Method: three namespaces made for the run: the generator's `g0` - `up0` on the node (10.0.0.1/16) - the node's `be0` - `rcv0` in the receiver's namespace (which holds the 10 backend addresses; `xdp_sink` there counts and drops). The generator is `bench_gen` (lb-tools) run with BPF_PROG_RUN in live-frames mode: every frame it returns XDP_TX leaves g0 for up0; it restores and varies each frame itself (IPv4 and TCP checksums updated), 64-byte TCP frames, \"many flows\" = 16384 flows from 1024 sources round robin (ACKs: established after a warm-up), \"flood\" = a SYN from a new source address every packet. Counted where the frames arrive: \"absorbed\" at the node's uplink program (the data path's `packets` counter, or `xdp_count` in front of the kernel path), \"forwarded\" by `xdp_sink` on rcv0 (for the XDP_DROP floor: at up0; for XDP_TX: back on g0). Paths, each on a fresh topology: XDP_DROP and XDP_TX floors; xdplb (`lb_uplink` on up0, snat, 10 backends, redirect to be0); the kernel path users run today: kube-proxy's nftables-mode rules for the same service and backends (table `ip kube-proxy`, service-ips vmap, `numgen random mod 10` over endpoint chains with `dnat to`, masquerade for sources outside the pod CIDR, the filter chains as kube-proxy adds them) with kernel forwarding ({nft}, nf_conntrack_max {ct}). The limiter policy for xdplb: 100k packets/s and 1000 connections/s per source, fail-closed overflow bucket. The limiter's A/B: on the limiter-on path's topology, after its other many-flows measurements, peaks alternately with the service's policy off and on (the same flows and tracked sources; which goes first alternates pair by pair); the cost is 1 / rate(on) - 1 / rate(off) per pair, since one CPU does all the work at the peak. {secs} s per measurement. The generator runs on CPU {cpu} (two threads taking turns: each live-frames run spends ~24 ms of wall time setting up and tearing down its page pool); veth runs the node's and the receiver's softirq work on the sending CPU, so the generator, the node and the receiver share CPU {cpu} and the peak is what one CPU does for all three: the ratio between paths understates the node's own difference (the generator's share is the same for every path). CPU shares come from /proc/stat (tick-sampled). \"Other load\" is the user-space share of the whole machine during the measurement: nothing of the benchmark runs in user space, so it is someone else's work competing for the CPUs; compare paths within one run.\n",
         nft = t.nft_version.as_deref().unwrap_or("nft unavailable"),
         ct = t.conntrack_max.as_deref().unwrap_or("?"),
         secs = t.seconds,

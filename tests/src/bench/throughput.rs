@@ -186,6 +186,24 @@ pub struct Throughput {
     pub conntrack_max: Option<String>,
     pub left_out: Vec<String>,
     pub notes: Vec<String>,
+    /// The limiter's A/B on one topology (the limiter-on path's): many-flows peaks forwarded
+    /// with the limiter off and on, pair by pair, taking turns (see [`Plan::ab_pairs`]).
+    pub limiter_ab: Vec<AbPair>,
+}
+
+/// Many-flows peak rates (forwarded pps) of one off/on pair.
+#[derive(Clone, Copy, Debug)]
+pub struct AbPair {
+    pub off_pps: f64,
+    pub on_pps: f64,
+}
+
+impl AbPair {
+    /// The limiter's CPU ns per forwarded packet: one CPU does everything at the peak, so
+    /// 1 / rate is its time per packet, and the difference is what the limiter added.
+    pub fn cost_ns(&self) -> f64 {
+        1e9 / self.on_pps - 1e9 / self.off_pps
+    }
 }
 
 impl Throughput {
@@ -201,6 +219,10 @@ struct Plan {
     fixed_loads: Vec<f64>,
     flood: bool,
     limiter_off: bool,
+    /// Off/on pairs of the limiter's A/B: the same service, flows and sources, the limiter
+    /// turned off and on between peak measurements (which goes first alternates), so the
+    /// difference is the limiter's and not two topologies' or two moments' load.
+    ab_pairs: usize,
 }
 
 pub fn run(scale: Scale) -> Result<Throughput> {
@@ -210,18 +232,21 @@ pub fn run(scale: Scale) -> Result<Throughput> {
             fixed_loads: vec![],
             flood: true,
             limiter_off: false,
+            ab_pairs: 1,
         },
         Scale::Quick => Plan {
             seconds: 1.0,
             fixed_loads: vec![250_000.0, 500_000.0],
             flood: true,
-            limiter_off: false,
+            limiter_off: true,
+            ab_pairs: 4,
         },
         Scale::Default | Scale::Full => Plan {
             seconds: 2.0,
             fixed_loads: vec![250_000.0, 500_000.0, 1_000_000.0],
             flood: true,
             limiter_off: true,
+            ab_pairs: 6,
         },
     };
     // Namespaces a killed earlier run left (`xdplb-bench-ROLE-PID-N`).
@@ -236,6 +261,7 @@ pub fn run(scale: Scale) -> Result<Throughput> {
         conntrack_max: None,
         left_out: Vec::new(),
         notes: Vec::new(),
+        limiter_ab: Vec::new(),
     };
     if plan.fixed_loads.is_empty() {
         out.left_out
@@ -253,7 +279,7 @@ pub fn run(scale: Scale) -> Result<Throughput> {
         paths.push(Path::Lb { limiter: false });
     } else {
         out.left_out
-            .push("xdplb with the limiter off (this scale runs the limiter-on path only)".into());
+            .push("xdplb with the limiter off as a path of its own (this scale runs the limiter-on path, and its A/B)".into());
     }
     paths.push(Path::Lb { limiter: true });
     paths.push(Path::Handoff);
@@ -476,6 +502,9 @@ struct Lb {
     ebpf: Ebpf,
     _progs: aya::maps::Map,
     maps: Maps,
+    /// What installed the service, kept to turn the limiter off and on.
+    reconciler: Reconciler,
+    node: NodeView,
     link: Option<XdpLinkId>,
     handoff: Option<SchedClassifierLinkId>,
 }
@@ -501,7 +530,9 @@ impl Drop for Lb {
 fn desired(limiter: bool) -> Desired {
     let mut d = Desired::default();
     d.node.hash_seed = 42;
-    if limiter {
+    // The policy stays defined with the limiter off (not the node default then): turning the
+    // limiter back on finds its sources under the same policy id and generation.
+    {
         let limit = |per_second, burst| Some(Rate { per_second, burst });
         d.policies.insert(
             "per-source".into(),
@@ -518,7 +549,9 @@ fn desired(limiter: bool) -> Desired {
                 overrides: vec![],
             },
         );
-        d.node.default_policy = Some("per-source".into());
+        if limiter {
+            d.node.default_policy = Some("per-source".into());
+        }
     }
     let frontend = Frontend {
         vip: VIP.parse().expect("VIP"),
@@ -566,7 +599,8 @@ impl Lb {
             broadcast: BTreeSet::default(),
             ephemeral_ports: None,
         };
-        Reconciler::new(sizes)
+        let mut reconciler = Reconciler::new(sizes);
+        reconciler
             .apply(&desired(limiter), &node, &mut maps)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         // Devmap entries resolve ifindexes in the namespace of the thread that writes them.
@@ -611,6 +645,8 @@ impl Lb {
             ebpf,
             _progs: progs,
             maps,
+            reconciler,
+            node,
             link: Some(link),
             handoff,
         })
@@ -618,6 +654,14 @@ impl Lb {
 
     fn counters(&self) -> Vec<(Counter, u64)> {
         self.maps.read_counters()
+    }
+
+    /// Turns the limiter off or on: the service's policy, which its established flows follow.
+    fn set_limiter(&mut self, on: bool) -> Result<()> {
+        self.reconciler
+            .apply(&desired(on), &self.node, &mut self.maps)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(())
     }
 }
 
@@ -946,6 +990,8 @@ fn run_path(path: Path, plan: &Plan, out: &mut Throughput) -> Result<Vec<Measure
             }
         }
     }
+    // Shared with `measure`, and turned off and on between measurements for the A/B.
+    let lb = std::cell::RefCell::new(lb);
     let forwarded = || -> Result<u64> {
         match path {
             Path::XdpDrop => uplink.as_ref().expect("uplink").frames(),
@@ -958,6 +1004,7 @@ fn run_path(path: Path, plan: &Plan, out: &mut Throughput) -> Result<Vec<Measure
             Path::XdpDrop | Path::Nftables => Some(uplink.as_ref().expect("uplink").frames()?),
             Path::XdpTx => None,
             Path::Lb { .. } | Path::Handoff | Path::Netfilter => lb
+                .borrow()
                 .as_ref()
                 .map(|l| counter(&l.counters(), Counter::Packets)),
         })
@@ -974,7 +1021,7 @@ fn run_path(path: Path, plan: &Plan, out: &mut Throughput) -> Result<Vec<Measure
             },
         };
         let (f0, a0) = (forwarded()?, absorbed()?);
-        let lb0 = lb.as_ref().map(Lb::counters);
+        let lb0 = lb.borrow().as_ref().map(Lb::counters);
         let cpu0 = cpu_times()?;
         let (sent, secs) = generate(&topo, &frame, vary, seq, seconds, rate)?;
         seq += 2 * THREAD_SEQ_STRIDE;
@@ -982,7 +1029,7 @@ fn run_path(path: Path, plan: &Plan, out: &mut Throughput) -> Result<Vec<Measure
         std::thread::sleep(Duration::from_millis(30));
         let cpu1 = cpu_times()?;
         let (f1, a1) = (forwarded()?, absorbed()?);
-        let lb_counters = match (&lb, lb0) {
+        let lb_counters = match (lb.borrow().as_ref(), lb0) {
             (Some(l), Some(before)) => l
                 .counters()
                 .iter()
@@ -1019,6 +1066,37 @@ fn run_path(path: Path, plan: &Plan, out: &mut Throughput) -> Result<Vec<Measure
         for &rate in &plan.fixed_loads {
             results.push(measure(Mix::ManyFlows, Some(rate), plan.seconds)?);
         }
+    }
+    if path == (Path::Lb { limiter: true }) {
+        for pair in 0..plan.ab_pairs {
+            let mut rates = [0.0; 2];
+            let order = if pair % 2 == 0 {
+                [false, true]
+            } else {
+                [true, false]
+            };
+            for on in order {
+                lb.borrow_mut()
+                    .as_mut()
+                    .context("the data path")?
+                    .set_limiter(on)?;
+                let m = measure(Mix::ManyFlows, None, plan.seconds)?;
+                println!(
+                    "  A/B pair {pair}, limiter {}: forwarded {:.3} Mpps",
+                    if on { "on" } else { "off" },
+                    m.forwarded_pps / 1e6
+                );
+                rates[usize::from(on)] = m.forwarded_pps;
+            }
+            out.limiter_ab.push(AbPair {
+                off_pps: rates[0],
+                on_pps: rates[1],
+            });
+        }
+        lb.borrow_mut()
+            .as_mut()
+            .context("the data path")?
+            .set_limiter(true)?;
     }
     if plan.flood && !matches!(path, Path::XdpDrop | Path::XdpTx) {
         results.push(measure(Mix::Flood, None, plan.seconds)?);
