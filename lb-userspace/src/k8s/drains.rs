@@ -5,6 +5,7 @@
 use std::{
     net::IpAddr,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -84,9 +85,7 @@ impl Translator {
                 },
             );
             // As if the previous translation had it: the next one sees it gone and drains it.
-            self.previous
-                .entry(s.frontend)
-                .or_default()
+            Arc::make_mut(self.previous.entry(s.frontend).or_default())
                 .entry(backend)
                 .or_insert(0);
         }
