@@ -90,27 +90,15 @@ impl AgentView {
     /// The state file's contents.
     pub fn state(&self) -> State {
         State {
-            pid: std::process::id(),
-            inputs: self.inputs.clone(),
-            ready: self.health.ready,
-            last_error: self.health.last_error.clone(),
-            not_served: self.health.not_served.clone(),
-            applied: self.health.reloads_applied,
-            rejected: self.health.reloads_rejected,
             services: self.services.iter().map(|s| s.label.clone()).collect(),
-            interfaces: self.interfaces.clone(),
-            policies: self.policies.clone(),
-            zone: self.zone.clone(),
+            ..self.state_head()
         }
     }
 
     /// Writes the state files: [`AgentView::state`] as [`State::write`] writes it, from each
     /// service's part made with it (no copy of the labels, nothing serialized again).
     pub fn write_state(&self, state_dir: &std::path::Path) -> std::io::Result<()> {
-        let head = State {
-            services: Vec::new(),
-            ..self.state_head()
-        };
+        let head = self.state_head();
         let parts = self
             .services
             .iter()
@@ -118,8 +106,8 @@ impl AgentView {
         state::write_parts(state_dir, &head, parts)
     }
 
-    /// What the state file holds besides the services: writing it again is needed when this
-    /// or the services changed.
+    /// What the state file holds besides the services (none here): writing it again is needed
+    /// when this or the services changed.
     pub fn state_head(&self) -> State {
         State {
             pid: std::process::id(),
