@@ -170,17 +170,17 @@ fn programs_taken_off_from_outside_are_put_back(lab: &Lab, agent: &AgentProcess,
             .output()
             .expect("tc filter del");
         assert!(out.status.success(), "{out:?}");
-        assert_eq!(classic_state(lab, "pod1").0, 0, "our filter is off");
     } else {
         detach_link(&links.join("vethpod1"));
     }
     detach_link(&links.join("eth0"));
+    // No look here at whether they are off: the agent's periodic look may already have put them
+    // back (a slow guest). The removals succeeded, and the agent's log below must say it saw them.
     let xdp_on = || {
         node.ip(&["-d", "link", "show", "dev", "eth0"])
             .expect("ip link")
             .contains("prog/xdp")
     };
-    assert!(!xdp_on(), "the uplink's XDP link is detached");
 
     let deadline = std::time::Instant::now() + Duration::from_secs(6);
     let restored = |name: &str, now: &[(String, String, String, String)]| {
