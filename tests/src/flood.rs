@@ -121,11 +121,12 @@ fn paced(rate: u64, duration: Duration, mut send: impl FnMut(u64) -> bool) -> Re
     Ok(report)
 }
 
-/// An AF_PACKET socket bound to one interface, for writing whole frames.
-struct PacketSocket(OwnedFd);
+/// An AF_PACKET socket bound to one interface (in the calling thread's namespace), for writing
+/// whole frames.
+pub struct PacketSocket(OwnedFd);
 
 impl PacketSocket {
-    fn open(iface: &str) -> Result<PacketSocket> {
+    pub fn open(iface: &str) -> Result<PacketSocket> {
         let name = std::ffi::CString::new(iface)?;
         // SAFETY: a NUL-terminated name.
         let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
@@ -159,7 +160,7 @@ impl PacketSocket {
         Ok(PacketSocket(fd))
     }
 
-    fn send(&self, frame: &[u8]) -> bool {
+    pub fn send(&self, frame: &[u8]) -> bool {
         // SAFETY: a valid buffer of the given length.
         unsafe { libc::send(self.0.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) > 0 }
     }

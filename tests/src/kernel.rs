@@ -15,7 +15,7 @@
 //!   module, and the data path only needs the FIB to name the egress device.
 use std::{net::IpAddr, process::Command};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use aya::{
     Ebpf,
     maps::{PerCpuArray, PerCpuValues},
@@ -163,24 +163,15 @@ impl Fixture {
         })
     }
 
-    /// Runs `frame` through `program` of `tools` (the data path's object by default) in
-    /// live-frame mode (BPF_F_TEST_XDP_LIVE_FRAMES) as if received on up0: what it passes, the
-    /// kernel takes in on up0 as from a driver (TC ingress, then the stack).
-    pub fn live_on_up0(&self, tools: Option<&Ebpf>, program: &str, frame: &[u8]) -> Result<()> {
-        let ebpf = tools.unwrap_or(&self.ebpf);
-        let prog: &aya::programs::Xdp = ebpf
-            .program(program)
-            .with_context(|| format!("no {program}"))?
-            .try_into()?;
-        let ctx = xdp_md(frame, self.up0);
-        prog.test_run(TestRunOptions {
-            data_in: Some(frame),
-            ctx_in: Some(&ctx),
-            repeat: 1,
-            attrs: aya::programs::TestRunAttrs::new().xdp_live_frames(1),
-            ..TestRunOptions::new()
-        })
-        .context("BPF_PROG_TEST_RUN (live frames)")?;
+    /// Writes `frame` into up1, so that up0 receives it as from a driver: up0's TC ingress, then
+    /// the stack. (Frames written into a veth are taken in before the write returns.)
+    pub fn arrive_on_up0(&self, frame: &[u8]) -> Result<()> {
+        let socket = crate::flood::PacketSocket::open("up1")?;
+        ensure!(
+            socket.send(frame),
+            "writing a frame into up1: {}",
+            std::io::Error::last_os_error()
+        );
         Ok(())
     }
 

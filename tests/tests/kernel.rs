@@ -833,12 +833,11 @@ fn a_local_pod_delivered_through_netfilter_is_reached_and_answers_through_the_ke
     assert_eq!(fx.from_pod(&synack).unwrap().verdict, TC_REDIRECT);
 }
 
-/// `lb_uplink_tc` at the uplink's TC ingress, live (BPF_F_TEST_XDP_LIVE_FRAMES: what a program
-/// passes, the kernel takes in on up0 as from a driver, through TC ingress): a packet
-/// `lb_uplink` marked for a pod behind a policy hook is redirected into pod0 (its peer pod1
-/// receives it). A frame carrying the marker that is not a packet of a live balanced flow, or
-/// whose next hop has no policy hook, is left to the kernel (sent through a plain XDP_PASS
-/// program, as from the network).
+/// `lb_uplink_tc` at the uplink's TC ingress, with real frames arriving on up0 (written into its
+/// peer): a packet `lb_uplink` passed marked for a pod behind a policy hook is redirected into
+/// pod0 (its peer pod1 receives it). A frame carrying the marker that is not a packet of a live
+/// balanced flow, or whose next hop has no policy hook, is left to the kernel (as from the
+/// network). (Not BPF_F_TEST_XDP_LIVE_FRAMES: some kernels refuse it with EPERM.)
 #[test]
 fn the_uplink_tc_program_redirects_handed_over_packets_and_nothing_else() {
     if !require_root() {
@@ -853,14 +852,15 @@ fn the_uplink_tc_program_redirects_handed_over_packets_and_nothing_else() {
     )]);
     fx.set_policy_hook(true).unwrap();
     fx.attach_uplink_tc().unwrap();
-    let tools = lb_userspace::dataplane::load_tools().unwrap();
     let handed = |fx: &Fixture| fx.counter(Counter::RedirectPolicyHook);
     let syn = Spec::tcp("10.0.0.10", 42000, "10.96.0.20", 80, TCP_SYN)
         .macs(CLIENT_MAC, fx.up0_mac)
         .build();
 
     let (before, rx) = (handed(&fx), fx.rx_packets("pod1").unwrap());
-    fx.live_on_up0(None, lb_common::PROG_UPLINK, &syn).unwrap();
+    let out = fx.uplink(&syn).unwrap();
+    assert_eq!(out.verdict, PASS, "handed over: passed, marked");
+    fx.arrive_on_up0(&out.packet).unwrap();
     assert_eq!(handed(&fx), before + 1, "marked and redirected");
     assert!(
         fx.rx_packets("pod1").unwrap() > rx,
@@ -877,8 +877,7 @@ fn the_uplink_tc_program_redirects_handed_over_packets_and_nothing_else() {
             .build()
     };
     let before = handed(&fx);
-    fx.live_on_up0(Some(&tools), "xdp_pass", &forged(42000, "10.1.9.2", 8080))
-        .unwrap();
+    fx.arrive_on_up0(&forged(42000, "10.1.9.2", 8080)).unwrap();
     assert_eq!(handed(&fx), before + 1, "the control: a packet of the flow");
     let before = handed(&fx);
     for frame in [
@@ -886,13 +885,12 @@ fn the_uplink_tc_program_redirects_handed_over_packets_and_nothing_else() {
         forged(42000, "10.1.9.2", 8081),
         forged(42000, NODE_V4, 22),
     ] {
-        fx.live_on_up0(Some(&tools), "xdp_pass", &frame).unwrap();
+        fx.arrive_on_up0(&frame).unwrap();
         assert_eq!(handed(&fx), before, "not a packet of a balanced flow");
     }
     // Without the policy hook, not even a packet of the flow.
     fx.set_policy_hook(false).unwrap();
-    fx.live_on_up0(Some(&tools), "xdp_pass", &forged(42000, "10.1.9.2", 8080))
-        .unwrap();
+    fx.arrive_on_up0(&forged(42000, "10.1.9.2", 8080)).unwrap();
     assert_eq!(handed(&fx), before, "pod0 has no policy hook now");
 }
 
