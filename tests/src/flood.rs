@@ -160,6 +160,59 @@ impl PacketSocket {
         Ok(PacketSocket(fd))
     }
 
+    /// Sends past the qdisc (PACKET_QDISC_BYPASS), as a driver's transmit would.
+    pub fn bypass_qdisc(&self) -> Result<()> {
+        let on: libc::c_int = 1;
+        // SAFETY: a valid int option of the given size.
+        let rc = unsafe {
+            libc::setsockopt(
+                self.0.as_raw_fd(),
+                libc::SOL_PACKET,
+                libc::PACKET_QDISC_BYPASS,
+                (&raw const on).cast(),
+                u32::try_from(size_of::<libc::c_int>())?,
+            )
+        };
+        ensure!(
+            rc == 0,
+            "PACKET_QDISC_BYPASS: {}",
+            std::io::Error::last_os_error()
+        );
+        Ok(())
+    }
+
+    /// Sends `frames` with one sendmmsg; returns how many the kernel took (0 on an error such
+    /// as full buffers).
+    pub fn send_many(&self, frames: &[&[u8]]) -> usize {
+        let mut iovs: Vec<libc::iovec> = frames
+            .iter()
+            .map(|f| libc::iovec {
+                iov_base: f.as_ptr().cast_mut().cast(),
+                iov_len: f.len(),
+            })
+            .collect();
+        let mut msgs: Vec<libc::mmsghdr> = iovs
+            .iter_mut()
+            .map(|iov| {
+                // SAFETY: all-zero is a valid msghdr (no name, no control data).
+                let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                m.msg_hdr.msg_iov = std::ptr::from_mut(iov);
+                m.msg_hdr.msg_iovlen = 1;
+                m
+            })
+            .collect();
+        // SAFETY: `msgs` point into `iovs`, which point into `frames`: all outlive the call.
+        let rc = unsafe {
+            libc::sendmmsg(
+                self.0.as_raw_fd(),
+                msgs.as_mut_ptr(),
+                u32::try_from(msgs.len()).unwrap_or(u32::MAX),
+                0,
+            )
+        };
+        usize::try_from(rc).unwrap_or(0)
+    }
+
     pub fn send(&self, frame: &[u8]) -> bool {
         // SAFETY: a valid buffer of the given length.
         unsafe { libc::send(self.0.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) > 0 }

@@ -52,7 +52,7 @@ use lb_userspace::{
 
 use super::{
     Scale, pin_thread,
-    tools::{BenchTools, Vary, live_frames},
+    tools::{BenchTools, SocketGen, Vary, live_frames, live_frames_allowed},
 };
 use crate::{
     netns::{Netns, remove_stale},
@@ -186,6 +186,9 @@ pub struct Throughput {
     pub conntrack_max: Option<String>,
     pub left_out: Vec<String>,
     pub notes: Vec<String>,
+    /// Whether the generator was `bench_gen` in live-frames mode; else the kernel refused live
+    /// frames and it was [`SocketGen`] (a packet socket: slower, so peaks may be the generator's).
+    pub live_frames: bool,
     /// The limiter's A/B on one topology (the limiter-on path's): many-flows peaks forwarded
     /// with the limiter off and on, pair by pair, taking turns (see [`Plan::ab_pairs`]).
     pub limiter_ab: Vec<AbPair>,
@@ -254,6 +257,7 @@ pub fn run(scale: Scale) -> Result<Throughput> {
         remove_stale(&format!("{PREFIX}-{role}"));
     }
     let mut out = Throughput {
+        live_frames: live_frames_allowed()?,
         measurements: Vec::new(),
         seconds: plan.seconds,
         fixed_loads: plan.fixed_loads.clone(),
@@ -840,10 +844,10 @@ fn cpu_share(before: &[Vec<u64>; 2], after: &[Vec<u64>; 2]) -> Cpu {
 fn generate(
     topo: &Topology,
     frame: &[u8],
-    vary: Vary,
-    seq: u64,
+    (vary, seq): (Vary, u64),
     seconds: f64,
     rate: Option<f64>,
+    live: bool,
 ) -> Result<(u64, f64)> {
     let g0 = topo.g0;
     let limit = Duration::from_secs_f64(seconds);
@@ -859,11 +863,19 @@ fn generate(
             .map(|i| {
                 let ready_tx = ready_tx.clone();
                 topo.sender.spawn_scoped(s, move || -> Result<u64> {
-                    let setup = (|| -> Result<BenchTools> {
+                    // Disjoint sequence ranges: a flood's sources never repeat across threads.
+                    let base = seq + i * THREAD_SEQ_STRIDE;
+                    let setup = (|| -> Result<Generator> {
                         pin_thread(GEN_CPU)?;
+                        if !live {
+                            return Ok(Generator::Socket(SocketGen::open(
+                                "g0", frame, vary, base,
+                            )?));
+                        }
                         let mut tools = BenchTools::load()?;
                         tools.set_frame(frame, vary)?;
-                        Ok(tools)
+                        tools.set_seq(base)?;
+                        Ok(Generator::Live(tools))
                     })();
                     let _ = ready_tx.send(());
                     let waiting = Instant::now();
@@ -876,11 +888,8 @@ fn generate(
                             _ => anyhow::bail!("the generator threads did not all start"),
                         }
                     }
-                    let mut tools = setup?;
+                    let mut generator = setup?;
                     let started = Instant::now();
-                    // Disjoint sequence ranges: a flood's sources never repeat across threads.
-                    let base = seq + i * THREAD_SEQ_STRIDE;
-                    tools.set_seq(base)?;
                     let mut sent = 0u64;
                     // Bounded in time and count: `seconds`, and at most 50 Mpps worth.
                     #[allow(
@@ -898,8 +907,7 @@ fn generate(
                             )]
                             let chunk = ((seconds * 1e6) as u32).clamp(CHUNK_MIN, CHUNK_MAX);
                             loop {
-                                live_frames(tools.program("bench_gen")?, frame, g0, chunk, BATCH)?;
-                                sent += u64::from(chunk);
+                                sent += generator.send(frame, g0, chunk)?;
                                 if started.elapsed() >= limit || sent >= max_frames {
                                     break;
                                 }
@@ -915,8 +923,7 @@ fn generate(
                             let chunk = ((pps * tick.as_secs_f64()).round() as u32).max(1);
                             let mut next = started;
                             loop {
-                                live_frames(tools.program("bench_gen")?, frame, g0, chunk, BATCH)?;
-                                sent += u64::from(chunk);
+                                sent += generator.send(frame, g0, chunk)?;
                                 if started.elapsed() >= limit || sent >= max_frames {
                                     break;
                                 }
@@ -928,11 +935,13 @@ fn generate(
                             }
                         }
                     }
-                    let runs = tools.runs_since(base)?;
-                    ensure!(
-                        runs == sent,
-                        "the generator program ran {runs} times for {sent} frames"
-                    );
+                    if let Generator::Live(tools) = &generator {
+                        let runs = tools.runs_since(base)?;
+                        ensure!(
+                            runs == sent,
+                            "the generator program ran {runs} times for {sent} frames"
+                        );
+                    }
                     Ok(sent)
                 })
             })
@@ -961,7 +970,29 @@ fn generate(
     Ok((total, elapsed))
 }
 
+/// One generator thread's way of sending.
+enum Generator {
+    /// `bench_gen` in live-frames mode: every frame it returns XDP_TX leaves the interface.
+    Live(BenchTools),
+    /// Where the kernel refuses live frames.
+    Socket(SocketGen),
+}
+
+impl Generator {
+    /// Sends `chunk` frames out of `ifindex`; returns how many left.
+    fn send(&mut self, frame: &[u8], ifindex: u32, chunk: u32) -> Result<u64> {
+        match self {
+            Generator::Live(tools) => {
+                live_frames(tools.program("bench_gen")?, frame, ifindex, chunk, BATCH)?;
+                Ok(u64::from(chunk))
+            }
+            Generator::Socket(s) => Ok(s.send(chunk)),
+        }
+    }
+}
+
 fn run_path(path: Path, plan: &Plan, out: &mut Throughput) -> Result<Vec<Measurement>> {
+    let live = out.live_frames;
     let topo = Topology::build()?;
     // Receivers first: a veth delivers XDP frames only to a peer that runs XDP.
     let rcv = Counted::attach(&topo.rcv, "rcv0", "xdp_sink")?;
@@ -1023,7 +1054,7 @@ fn run_path(path: Path, plan: &Plan, out: &mut Throughput) -> Result<Vec<Measure
         let (f0, a0) = (forwarded()?, absorbed()?);
         let lb0 = lb.borrow().as_ref().map(Lb::counters);
         let cpu0 = cpu_times()?;
-        let (sent, secs) = generate(&topo, &frame, vary, seq, seconds, rate)?;
+        let (sent, secs) = generate(&topo, &frame, (vary, seq), seconds, rate, live)?;
         seq += 2 * THREAD_SEQ_STRIDE;
         // Frames in flight (rings, NAPI) land within a few ms.
         std::thread::sleep(Duration::from_millis(30));

@@ -300,3 +300,125 @@ pub fn prog_fd(prog: &Xdp) -> Option<i32> {
     use std::os::fd::AsRawFd;
     prog.fd().ok().map(|fd| fd.as_fd().as_raw_fd())
 }
+
+/// Whether this kernel runs programs in live-frames mode (BPF_F_TEST_XDP_LIVE_FRAMES). Some
+/// refuse it with EPERM (seen on 6.18.44-fc-v1300, root with CAP_BPF and CAP_NET_ADMIN): the
+/// throughput generator then writes its frames to a packet socket ([`SocketGen`]).
+pub fn live_frames_allowed() -> Result<bool> {
+    let mut tools = BenchTools::load()?;
+    // An all-zero frame dropped by `xdp_drop` "received" on the namespace's loopback: nothing
+    // is sent anywhere.
+    match live_frames(tools.program("xdp_drop")?, &[0u8; FRAME_LEN], 1, 1, 1) {
+        Ok(_) => Ok(true),
+        Err(e)
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.raw_os_error() == Some(libc::EPERM))
+            }) =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The generator where live frames are refused: the frames `bench_gen` would make (the template
+/// varied from sequence number `n` as [`Vary`] says, checksums recomputed), made here and written
+/// to a packet socket on the interface, `BATCH_FRAMES` per sendmmsg, past the qdisc as a
+/// live-frames transmit is. Slower than `bench_gen` (a system call per batch and an skb per
+/// frame): the report says which generator ran.
+pub struct SocketGen {
+    socket: crate::flood::PacketSocket,
+    template: Vec<u8>,
+    vary: Vary,
+    seq: u64,
+    /// The frames of a cycling variation, made once (`Vary::cycle` of them); else made per batch.
+    cycle: Vec<Vec<u8>>,
+}
+
+/// Frames per sendmmsg.
+const BATCH_FRAMES: usize = 64;
+
+impl SocketGen {
+    /// Writes to `iface` (in the calling thread's namespace), from sequence number `seq`.
+    pub fn open(iface: &str, frame: &[u8], vary: Vary, seq: u64) -> Result<SocketGen> {
+        if vary.bits != 0 {
+            ensure!(
+                frame.len() >= 54 && frame[12..14] == [0x08, 0x00] && frame[14] == 0x45,
+                "varied frames must be untagged IPv4 without options"
+            );
+        }
+        let socket = crate::flood::PacketSocket::open(iface)?;
+        socket.bypass_qdisc()?;
+        let mut g = SocketGen {
+            socket,
+            template: frame.to_vec(),
+            vary,
+            seq,
+            cycle: Vec::new(),
+        };
+        // A short cycle (the many-flows mix) is made once; a flood's sources are made per batch.
+        if vary.bits != 0 && vary.cycle != 0 && vary.cycle <= 65_536 {
+            g.cycle = (0..u64::from(vary.cycle)).map(|n| g.frame(n)).collect();
+        }
+        Ok(g)
+    }
+
+    /// Frame `n` of the variation.
+    fn frame(&self, n: u64) -> Vec<u8> {
+        let mut f = self.template.clone();
+        let (a, p) = self.vary.offsets(n);
+        if (a, p) == (0, 0) {
+            return f;
+        }
+        let src = u32::from_be_bytes([f[26], f[27], f[28], f[29]]).wrapping_add(a);
+        f[26..30].copy_from_slice(&src.to_be_bytes());
+        let sport = u16::from_be_bytes([f[34], f[35]]).wrapping_add(p);
+        f[34..36].copy_from_slice(&sport.to_be_bytes());
+        use lb_common::checksum::{checksum, pseudo_header_sum};
+        f[24..26].fill(0);
+        let ip = checksum(&f[14..34], 0);
+        f[24..26].copy_from_slice(&ip);
+        let total = usize::from(u16::from_be_bytes([f[16], f[17]])).min(f.len() - 14);
+        let at = match f[23] {
+            6 => 34 + 16,
+            17 if f[40..42] != [0, 0] => 34 + 6,
+            _ => return f,
+        };
+        f[at..at + 2].fill(0);
+        let l4 = &f[34..14 + total];
+        let pseudo = pseudo_header_sum(&f[26..30], &f[30..34], f[23], (total - 20) as u32);
+        let sum = checksum(l4, pseudo);
+        f[at..at + 2].copy_from_slice(&sum);
+        f
+    }
+
+    /// Writes the next `count` frames; returns how many the kernel took.
+    pub fn send(&mut self, count: u32) -> u64 {
+        let mut taken = 0u64;
+        let mut left = count as usize;
+        let mut made: Vec<Vec<u8>> = Vec::with_capacity(BATCH_FRAMES);
+        while left > 0 {
+            let n = left.min(BATCH_FRAMES);
+            let batch: Vec<&[u8]> = if !self.cycle.is_empty() {
+                (0..n as u64)
+                    .map(|i| {
+                        let k = (self.seq + i) % self.cycle.len() as u64;
+                        self.cycle[k as usize].as_slice()
+                    })
+                    .collect()
+            } else if self.vary.bits != 0 {
+                made.clear();
+                made.extend((0..n as u64).map(|i| self.frame(self.seq + i)));
+                made.iter().map(Vec::as_slice).collect()
+            } else {
+                vec![self.template.as_slice(); n]
+            };
+            let sent = self.socket.send_many(&batch);
+            self.seq += sent as u64;
+            taken += sent as u64;
+            left -= n;
+        }
+        taken
+    }
+}
