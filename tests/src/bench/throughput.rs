@@ -875,7 +875,7 @@ fn generate(
                         let mut tools = BenchTools::load()?;
                         tools.set_frame(frame, vary)?;
                         tools.set_seq(base)?;
-                        Ok(Generator::Live(tools))
+                        Ok(Generator::Live(Box::new(tools)))
                     })();
                     let _ = ready_tx.send(());
                     let waiting = Instant::now();
@@ -973,7 +973,7 @@ fn generate(
 /// One generator thread's way of sending.
 enum Generator {
     /// `bench_gen` in live-frames mode: every frame it returns XDP_TX leaves the interface.
-    Live(BenchTools),
+    Live(Box<BenchTools>),
     /// Where the kernel refuses live frames.
     Socket(SocketGen),
 }

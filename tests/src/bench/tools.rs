@@ -9,6 +9,7 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues, ProgramArray},
     programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp},
 };
+use lb_common::checksum::{checksum, pseudo_header_sum};
 use lb_userspace::dataplane;
 
 /// Bytes of the frame the benchmark programs restore on every run.
@@ -375,7 +376,6 @@ impl SocketGen {
         f[26..30].copy_from_slice(&src.to_be_bytes());
         let sport = u16::from_be_bytes([f[34], f[35]]).wrapping_add(p);
         f[34..36].copy_from_slice(&sport.to_be_bytes());
-        use lb_common::checksum::{checksum, pseudo_header_sum};
         f[24..26].fill(0);
         let ip = checksum(&f[14..34], 0);
         f[24..26].copy_from_slice(&ip);
@@ -387,7 +387,8 @@ impl SocketGen {
         };
         f[at..at + 2].fill(0);
         let l4 = &f[34..14 + total];
-        let pseudo = pseudo_header_sum(&f[26..30], &f[30..34], f[23], (total - 20) as u32);
+        let l4_len = u32::try_from(total - 20).unwrap_or(0);
+        let pseudo = pseudo_header_sum(&f[26..30], &f[30..34], f[23], l4_len);
         let sum = checksum(l4, pseudo);
         f[at..at + 2].copy_from_slice(&sum);
         f
@@ -404,7 +405,7 @@ impl SocketGen {
                 (0..n as u64)
                     .map(|i| {
                         let k = (self.seq + i) % self.cycle.len() as u64;
-                        self.cycle[k as usize].as_slice()
+                        self.cycle[usize::try_from(k).unwrap_or(0)].as_slice()
                     })
                     .collect()
             } else if self.vary.bits != 0 {
