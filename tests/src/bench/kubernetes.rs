@@ -370,7 +370,11 @@ fn run_size(size: Size) -> Result<Run> {
     let log = std::fs::File::create(&log_path)?;
     let mut cmd = ns.command(binary.to_str().context("agent path")?);
     cmd.args(&args)
-        .env("RUST_LOG", "info,netlink_packet_route=error")
+        .env(
+            "RUST_LOG",
+            std::env::var("XDPLB_BENCH_AGENT_LOG")
+                .unwrap_or_else(|_| "info,netlink_packet_route=error".into()),
+        )
         .stdout(Stdio::from(log.try_clone()?))
         .stderr(Stdio::from(log));
     let cleanup = Cleanup {
@@ -480,7 +484,24 @@ fn run_size(size: Size) -> Result<Run> {
         ))
         .context("patching an EndpointSlice")?;
         match wait_changed(&services_map, &keys, &before, sent, Duration::from_secs(60)) {
-            Some(d) => changes.push(d),
+            Some(d) => {
+                if std::env::var_os("XDPLB_BENCH_AGENT_LOG").is_some() {
+                    let at = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap_or_default()
+                        .saturating_sub(d)
+                        .as_millis();
+                    eprintln!(
+                        "change {c} (Service {i}): {:.1} ms, sent at {:02}:{:02}:{:02}.{:03} UTC",
+                        d.as_secs_f64() * 1e3,
+                        at / 3_600_000 % 24,
+                        at / 60_000 % 60,
+                        at / 1000 % 60,
+                        at % 1000
+                    );
+                }
+                changes.push(d);
+            }
             None => changes_lost += 1,
         }
     }
@@ -612,6 +633,12 @@ fn run_size(size: Size) -> Result<Run> {
         std::thread::sleep(Duration::from_millis(50));
     }
     drop(child);
+    if std::env::var_os("XDPLB_BENCH_AGENT_LOG").is_some() {
+        let kept = std::env::temp_dir().join(format!("xdplb-bench-agent-{}x{}.log", size.services, size.endpoints));
+        if std::fs::copy(&log_path, &kept).is_ok() {
+            eprintln!("the agent's log: {}", kept.display());
+        }
+    }
     drop(services_map);
     drop(cleanup);
     drop(bpffs);
@@ -1332,7 +1359,7 @@ pub fn tables(k: &Kubernetes) -> String {
     for r in &k.runs {
         let _ = writeln!(
             s,
-            "- {}: created in {:.1} s (excluded); --max-services {} --max-backends {} (DaemonSet defaults {} / {}: {}); {} single changes ({} lost, worst {}; the agent's own sync-latency metric, watcher to maps, mean {} over {} syncs), {} Services at once (requests answered after {:.2} s); probes answered during start / change: {}; status --json worst {} ({} KiB); largest maps: {}; load average {} before, {} after.",
+            "- {}: created in {:.1} s (excluded); --max-services {} --max-backends {} (DaemonSet defaults {} / {}: {}); {} single changes ({} lost, worst {}{}; the agent's own sync-latency metric, watcher to maps, mean {} over {} syncs), {} Services at once (requests answered after {:.2} s); probes answered during start / change: {}; status --json worst {} ({} KiB); largest maps: {}; load average {} before, {} after.",
             r.size.label(),
             r.create.as_secs_f64(),
             r.max_services,
@@ -1349,6 +1376,13 @@ pub fn tables(k: &Kubernetes) -> String {
             r.changes.len(),
             r.changes_lost,
             ms(r.changes.iter().max().copied()),
+            // Which one: the first after the start, or one in the middle (a periodic task).
+            r.changes
+                .iter()
+                .enumerate()
+                .max_by_key(|(_, d)| **d)
+                .map(|(i, _)| format!(" (change {} of {})", i + 1, r.changes.len()))
+                .unwrap_or_default(),
             ms(r.agent_sync.map(|(d, _)| d)),
             r.agent_sync.map_or(0, |(_, n)| n),
             r.batch,

@@ -23,7 +23,11 @@ usage: bench [--quick | --smoke | --full] [--only PARTS] [--k8s-sizes SIZES] [--
   --no-katran   do not measure Katran beside the per-packet reference setup (it is
                 fetched into ~/.cache/xdplb/katran and built with clang; never at --smoke)
 
-Writes DIR/<UTC time>/results.md with SVG plots, and DIR/latest.md.";
+Writes DIR/<UTC time>/results.md with SVG plots, and DIR/latest.md.
+
+XDPLB_BENCH_AGENT_LOG=FILTER runs the Kubernetes part's agent with RUST_LOG=FILTER, keeps its
+log (/tmp/xdplb-bench-agent-SIZE.log) and prints each single change's time, to line them up
+with what the agent did meanwhile.";
 
 fn main() -> Result<()> {
     let mut scale = Scale::Default;
