@@ -138,6 +138,12 @@ impl State {
     /// The state with the backends' zones.
     pub fn read_with_zones(state_dir: &Path) -> Option<State> {
         let mut state = State::read(state_dir)?;
+        state.add_zones(state_dir);
+        Some(state)
+    }
+
+    /// Adds the backends' zones, from their file of their own beside the state file.
+    pub fn add_zones(&mut self, state_dir: &Path) {
         let zones: Vec<(Frontend, BTreeMap<String, String>)> =
             std::fs::read(state_dir.join(ZONES_FILE))
                 .ok()
@@ -145,12 +151,11 @@ impl State {
                 .unwrap_or_default();
         let mut zones: std::collections::HashMap<Frontend, BTreeMap<String, String>> =
             zones.into_iter().collect();
-        for s in &mut state.services {
+        for s in &mut self.services {
             if let Some(z) = zones.remove(&s.frontend) {
                 s.zones.backends = z;
             }
         }
-        Some(state)
     }
 }
 

@@ -154,18 +154,29 @@ impl Filter {
 
 pub fn status(paths: &Paths, filter: &Filter) -> Result<Status> {
     let maps = open_maps(paths)?;
-    let (in_maps, backends) = maps.read_services_and_backends()?;
+    // The state file (5 MiB of JSON at 20,000 frontends) is parsed and the services' counters
+    // read on a thread of their own while the services and backends are read (as long again):
+    // `status --json` at that size took over 100 ms.
+    let (maps_read, (mut state, service_stats)) = std::thread::scope(|s| {
+        let other = s.spawn(|| {
+            (
+                State::read(&paths.state_dir),
+                maps.stats.all_services().ok(),
+            )
+        });
+        let maps_read = maps.read_services_and_backends();
+        (maps_read, other.join().unwrap_or_default())
+    });
+    let (in_maps, backends) = maps_read?;
     let listed = backends
         .iter()
         .filter(|(_, b)| b.flags & BACKEND_LISTED != 0)
         .count();
     let list_backends = filter.backends || !filter.services.is_empty() || listed <= LISTED_BACKENDS;
     // Backends' zones are in a file of their own, read only to list backends.
-    let state = if list_backends {
-        State::read_with_zones(&paths.state_dir)
-    } else {
-        State::read(&paths.state_dir)
-    };
+    if list_backends && let Some(state) = &mut state {
+        state.add_zones(&paths.state_dir);
+    }
     let labels: HashMap<ServiceKey, &ServiceLabel> = state
         .iter()
         .flat_map(|s| s.services.iter())
@@ -177,7 +188,6 @@ pub fn status(paths: &Paths, filter: &Filter) -> Result<Status> {
             by_service.entry(b.service).or_default().push((*id, b));
         }
     }
-    let service_stats = maps.stats.all_services().ok();
     let backend_stats = if list_backends {
         maps.stats.all_backends().ok()
     } else {
@@ -190,18 +200,27 @@ pub fn status(paths: &Paths, filter: &Filter) -> Result<Status> {
         list_backends,
         node_zone: state.as_ref().and_then(|s| s.zone.as_deref()),
     };
-    let mut services: Vec<ServiceStatus> = in_maps
-        .iter()
-        .filter_map(|(key, svc)| {
-            let label = labels.get(key).copied();
-            let name = service_name(svc, label);
-            if !filter.selects(&name) {
-                return None;
-            }
-            let backends = by_service.get(&svc.id).map_or(&[][..], Vec::as_slice);
-            Some(read.service_status(name, key, svc, label, backends))
-        })
-        .collect();
+    let statuses = |part: &[(ServiceKey, lb_common::Service)]| -> Vec<ServiceStatus> {
+        part.iter()
+            .filter_map(|(key, svc)| {
+                let label = labels.get(key).copied();
+                let name = service_name(svc, label);
+                if !filter.selects(&name) {
+                    return None;
+                }
+                let backends = by_service.get(&svc.id).map_or(&[][..], Vec::as_slice);
+                Some(read.service_status(name, key, svc, label, backends))
+            })
+            .collect()
+    };
+    // Half of the services on a second thread (20,000 of them take ~15 ms).
+    let (first, second) = in_maps.split_at(in_maps.len() / 2);
+    let mut services = std::thread::scope(|s| {
+        let second = s.spawn(|| statuses(second));
+        let mut all = statuses(first);
+        all.extend(second.join().unwrap_or_default());
+        all
+    });
     services.sort_by(|a, b| a.name.cmp(&b.name));
     let policy_names = state
         .as_ref()
