@@ -634,7 +634,10 @@ fn run_size(size: Size) -> Result<Run> {
     }
     drop(child);
     if std::env::var_os("XDPLB_BENCH_AGENT_LOG").is_some() {
-        let kept = std::env::temp_dir().join(format!("xdplb-bench-agent-{}x{}.log", size.services, size.endpoints));
+        let kept = std::env::temp_dir().join(format!(
+            "xdplb-bench-agent-{}x{}.log",
+            size.services, size.endpoints
+        ));
         if std::fs::copy(&log_path, &kept).is_ok() {
             eprintln!("the agent's log: {}", kept.display());
         }
