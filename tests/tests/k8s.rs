@@ -1270,12 +1270,20 @@ fn a_rolling_restart_of_a_5000_endpoint_service_at_the_default_sizes_converges()
         restarted.elapsed(),
         c.target().history.len() - since
     );
+    // Every frontend keeps a backend taking new flows: the big Service's throughout, the other's
+    // once it had one (its Service and its slice are two objects: the agent may apply the Service
+    // alone, without endpoints, before the slice arrives).
+    let mut served = BTreeSet::new();
     for (i, (_, v)) in c.target().history.iter().enumerate().skip(since) {
         for (frontend, backends) in v {
+            let taking = backends.values().any(|w| *w > 0);
             assert!(
-                backends.values().any(|w| *w > 0),
+                taking || (frontend.starts_with("10.96.0.11:") && !served.contains(frontend)),
                 "state #{i}: {frontend} had no backend taking new flows"
             );
+            if taking {
+                served.insert(frontend.clone());
+            }
         }
     }
 }
