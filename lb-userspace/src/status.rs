@@ -165,7 +165,11 @@ pub fn status(paths: &Paths, filter: &Filter) -> Result<Status> {
             )
         });
         let maps_read = maps.read_services_and_backends();
-        (maps_read, other.join().unwrap_or_default())
+        // A panic there is this command's own: not a status with half of it missing.
+        let other = other
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        (maps_read, other)
     });
     let (in_maps, backends) = maps_read?;
     let listed = backends
@@ -218,7 +222,11 @@ pub fn status(paths: &Paths, filter: &Filter) -> Result<Status> {
     let mut services = std::thread::scope(|s| {
         let second = s.spawn(|| statuses(second));
         let mut all = statuses(first);
-        all.extend(second.join().unwrap_or_default());
+        all.extend(
+            second
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p)),
+        );
         all
     });
     services.sort_by(|a, b| a.name.cmp(&b.name));
