@@ -43,4 +43,17 @@ mod tests {
             assert_eq!(mask.count_ones(), 1);
         }
     }
+
+    #[test]
+    fn a_range_of_cluster_ips_takes_a_bit_each() {
+        // Services' addresses come from one range: each a bit of its own, so an address of
+        // the range that is not (yet) a VIP stays out of the filter.
+        let mut seen = [0u64; FILTER_WORDS as usize];
+        for i in 0..4096u32 {
+            let bit = filter_bit(&Addr::v4((0x0a60_0000 + i).to_be_bytes()));
+            let (word, mask) = (bit as usize / 64, 1u64 << (bit % 64));
+            assert_eq!(seen[word] & mask, 0, "10.96.0.0 + {i} shares a bit");
+            seen[word] |= mask;
+        }
+    }
 }

@@ -1,7 +1,7 @@
 //! Hashes both sides must compute identically: the flow hash that indexes a Maglev ring (so
-//! every node, and `lb-agent flow`, picks the same slot for a 5-tuple) and the address hash
-//! behind the address filter. MurmurHash3 (x86, 32-bit) over fixed-size input: cheap, unrolled
-//! by the compiler, no tables.
+//! every node, and `lb-agent flow`, picks the same slot for a 5-tuple) and the slot hash behind
+//! the address filter. MurmurHash3 (x86, 32-bit) over fixed-size input: cheap, unrolled by the
+//! compiler, no tables; and for the filter and caches, cheaper still, one multiply.
 
 use crate::addr::Addr;
 
@@ -65,16 +65,17 @@ pub fn ring_slot(hash: u32, ring_size: u32) -> u32 {
     if ring_size == 0 { 0 } else { hash % ring_size }
 }
 
-/// Hash of one address (fixed seed: the filter is node-local).
+/// Hash of one address (fixed seed: what it indexes is node-local).
 #[inline(always)]
 pub fn addr_hash(a: &Addr) -> u32 {
     finish(mix_addr(0x5eed_f17e, a), 16)
 }
 
 /// A cheap index of `a` into a table of `2^bits` slots (`bits` in 1..=32), for caches that
-/// check the address they find there (a collision costs a miss, never a wrong answer): the
-/// words folded together, then a Fibonacci multiply whose top bits are the slot. Two
-/// multiplies short of `addr_hash`'s four rounds, on the path every forwarded packet takes.
+/// check the address they find there and for the address filter (a collision costs a miss or
+/// a lookup, never a wrong answer): the words folded together, then a Fibonacci multiply whose
+/// top bits are the slot. One multiply where `addr_hash` makes ten, on the path every packet
+/// takes.
 #[inline(always)]
 pub fn slot_hash(a: &Addr, bits: u32) -> u32 {
     let w = a.words();

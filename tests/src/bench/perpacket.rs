@@ -623,6 +623,14 @@ fn tcp_frame(src: &str, sport: u16, dst: &str, dport: u16, flags: u8) -> Vec<u8>
 const MANY_FLOWS: u32 = 16_384;
 const MANY_SOURCES_FEW: u32 = 1024;
 
+const HOLD_SECS: u64 = 8;
+
+/// Whether XDPLB_BENCH_HOLD names this scenario (its short name): it then runs for HOLD_SECS
+/// before its first measured round, for a profiler to watch.
+fn hold_for(s: Scenario) -> bool {
+    std::env::var("XDPLB_BENCH_HOLD").is_ok_and(|v| v == s.short())
+}
+
 /// The client whose flow runs under the limiter (generous, then strict).
 const LIMITED_CLIENT: &str = "10.0.0.11";
 const LIMITED_PORT: u16 = 40001;
@@ -1022,6 +1030,13 @@ impl Bench<'_> {
             self.tools.set_target(uplink)?;
             for (case, (runs_ns, verified, anomalies)) in cases.iter().zip(acc.iter_mut()) {
                 self.tools.set_frame(&case.frame, case.vary)?;
+                if round == 0 && hold_for(case.scenario) {
+                    let until = Instant::now() + Duration::from_secs(HOLD_SECS);
+                    println!("    holding {} for {HOLD_SECS} s", case.scenario.short());
+                    while Instant::now() < until {
+                        self.one_run(case, up0)?;
+                    }
+                }
                 let (ns, anomaly) = self
                     .one_run(case, up0)
                     .with_context(|| format!("{} (round {round})", case.scenario.name()))?;

@@ -27,7 +27,10 @@ Writes DIR/<UTC time>/results.md with SVG plots, and DIR/latest.md.
 
 XDPLB_BENCH_AGENT_LOG=FILTER runs the Kubernetes part's agent with RUST_LOG=FILTER, keeps its
 log (/tmp/xdplb-bench-agent-SIZE.log) and prints each single change's time, to line them up
-with what the agent did meanwhile.";
+with what the agent did meanwhile.
+
+XDPLB_BENCH_HOLD=SCENARIO runs that per-packet scenario (its short name, e.g. established) for
+8 s before its first measured run in each setup, for a profiler to watch (perf record -C CPU).";
 
 fn main() -> Result<()> {
     let mut scale = Scale::Default;
