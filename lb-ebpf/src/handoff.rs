@@ -142,7 +142,7 @@ fn send(ctx: &TcContext, pkt: &Packet, ports: &Ports) -> i32 {
     // SAFETY: a BPF helper without arguments.
     let now_ns = unsafe { bpf_ktime_get_coarse_ns() };
     let next = &mut s.next;
-    let route = nexthop::route(&fib, &[pkt.src, pkt.dst], mtu_len, now_ns, next);
+    let route = nexthop::route(&fib, &pkt.src, &pkt.dst, mtu_len, now_ns, next);
     if route != Route::PolicyHook || next.vlan & HOP_VLAN != 0 {
         return TCX_NEXT;
     }

@@ -222,7 +222,7 @@ fn translate_error<F: Family>(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
     // SAFETY: a BPF helper without arguments.
     let now_ns = unsafe { aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns() };
     let mut next = Next::NONE;
-    let forwarded = match nexthop::route(&fib, &outer, pkt.len, now_ns, &mut next) {
+    let forwarded = match nexthop::route(&fib, &outer[0], &outer[1], pkt.len, now_ns, &mut next) {
         Route::Found => true,
         Route::Neighbour | Route::Local | Route::PolicyHook | Route::Netfilter => false,
         Route::Unreachable => return Some(drop_for(t.service, DropReason::NoRoute)),

@@ -310,7 +310,8 @@ mod datapath {
         let fib = fib_of(ctx, pkt);
         let route = nexthop::route(
             &fib,
-            &[t.tuple.src, t.tuple.dst],
+            &t.tuple.src,
+            &t.tuple.dst,
             pkt.len,
             now_ns,
             &mut s.next,
@@ -403,7 +404,8 @@ mod datapath {
         let fib = fib_of(ctx, pkt);
         let route = nexthop::route(
             &fib,
-            &[src, choice.backend.addr],
+            &src,
+            &choice.backend.addr,
             pkt.len,
             now_ns,
             &mut s.next,
@@ -446,8 +448,8 @@ mod datapath {
             Opened::Created => {}
             Opened::Live => {
                 // A retransmitted SYN of a live flow, which may go elsewhere than `choice`.
-                let addrs = [s.target.tuple.src, s.target.tuple.dst];
-                let route = nexthop::route(&fib, &addrs, pkt.len, now_ns, &mut s.next);
+                let (src, dst) = (&s.target.tuple.src, &s.target.tuple.dst);
+                let route = nexthop::route(&fib, src, dst, pkt.len, now_ns, &mut s.next);
                 return send(ctx, pkt, &s.target, route, &s.next);
             }
             Opened::Failed => return not_opened(ctx, svc.id, s.reason),

@@ -103,8 +103,7 @@ pub struct Fib {
 /// The cache's answer is inline (the per-packet path makes no call for it); a miss calls
 /// `route_miss`.
 #[inline(always)]
-pub fn route(fib: &Fib, addrs: &[Addr; 2], len: u32, now_ns: u64, next: &mut Next) -> Route {
-    let dst = &addrs[1];
+pub fn route(fib: &Fib, src: &Addr, dst: &Addr, len: u32, now_ns: u64, next: &mut Next) -> Route {
     let slot = slot_hash(dst, HOP_SLOT_BITS);
     let Some(hop) = LB_HOPS.get_ptr(slot) else {
         return Route::Unreachable;
@@ -121,7 +120,8 @@ pub fn route(fib: &Fib, addrs: &[Addr; 2], len: u32, now_ns: u64, next: &mut Nex
         copy_macs(&mut next.macs, &hop.macs);
         return found(hop.vlan);
     }
-    route_miss(fib, addrs, len, now_ns, next)
+    // The pair is copied only here: a cache hit needs no copy of either address.
+    route_miss(fib, &[*src, *dst], len, now_ns, next)
 }
 
 /// `route` past the cache: asks the FIB and fills the cache's slot.

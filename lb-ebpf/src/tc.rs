@@ -183,7 +183,7 @@ fn reply(ctx: &TcContext, pkt: &Packet, ports: &Ports) -> i32 {
     }
     let (fib, mtu_len) = fib_of_skb(ctx, pkt, ports);
     let next = &mut s.next;
-    match nexthop::route(&fib, &[t.tuple.src, t.tuple.dst], mtu_len, now_ns, next) {
+    match nexthop::route(&fib, &t.tuple.src, &t.tuple.dst, mtu_len, now_ns, next) {
         Route::Found => {
             if rewrite(ctx, pkt, t, true).is_none() {
                 count(Counter::DropMalformed);
