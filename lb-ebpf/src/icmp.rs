@@ -261,7 +261,7 @@ fn translate_error<F: Family>(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
     unsafe { store(check, icmp_delta.apply(load(check))) };
     count(Counter::IcmpErrorsTranslated);
     Some(if forwarded {
-        nexthop::transmit(ctx, pkt.vlan, &next)
+        nexthop::transmit(ctx, pkt.vlan, &next, fib.ifindex)
     } else {
         xdp_action::XDP_PASS
     })

@@ -117,7 +117,9 @@ mod datapath {
             return xdp_action::XDP_PASS;
         }
         let pkt: &Packet = pkt;
-        if !in_filter(Plane::Served, &pkt.dst) || !addressed_to_us(ctx) {
+        // Read once: the context's field is three dependent loads (rxq, its device, its index).
+        let ifindex = ctx.ingress_ifindex() as u32;
+        if !in_filter(Plane::Served, &pkt.dst) || !addressed_to_us(ctx, ifindex) {
             count(Counter::PassNotOurs);
             return xdp_action::XDP_PASS;
         }
@@ -133,7 +135,7 @@ mod datapath {
             return not_served(pkt, Counter::DropMalformed);
         }
         match pkt.proto {
-            IPPROTO_TCP | IPPROTO_UDP => transport(ctx, pkt),
+            IPPROTO_TCP | IPPROTO_UDP => transport(ctx, pkt, ifindex),
             IPPROTO_ICMP if !pkt.v6 => tail_call(ctx, TAIL_ICMP),
             IPPROTO_ICMPV6 if pkt.v6 => tail_call(ctx, TAIL_ICMP),
             _ => not_served(pkt, Counter::DropNoService),
@@ -143,8 +145,7 @@ mod datapath {
     /// Whether the frame was sent to the MAC of the interface it arrived on (the kernel forwards
     /// only what was; a bridge or a promiscuous NIC may hand us other hosts' frames).
     #[inline(always)]
-    fn addressed_to_us(ctx: &XdpContext) -> bool {
-        let ifindex = ctx.ingress_ifindex() as u32;
+    fn addressed_to_us(ctx: &XdpContext, ifindex: u32) -> bool {
         let Some(link) = LB_MACS.get(ifindex % MAC_SLOTS) else {
             return false;
         };
@@ -181,35 +182,35 @@ mod datapath {
 
     /// A TCP or UDP packet to a served address: its flow's, or a new flow's (tail call).
     #[inline(always)]
-    fn transport(ctx: &XdpContext, pkt: &Packet) -> u32 {
+    fn transport(ctx: &XdpContext, pkt: &Packet, ifindex: u32) -> u32 {
         let Some(ports) = parse_ports(ctx, pkt) else {
             return not_served(pkt, Counter::DropMalformed);
         };
         // A SYN opens a flow: the slow path inserts without looking up first, and finds a live
         // flow (a retransmission) through the insert's failure.
         let syn = pkt.proto == IPPROTO_TCP && syn_only(ports.tcp_flags);
-        // No clock reading yet for this packet. (Scratch memory outlives packets: a SYN, which
-        // skips the lookup, would otherwise hand the slow path the last packet's reading, and a
-        // stale `now` empties a rate-limit bucket and back-dates the new flow.)
-        let Some(s) = scratch() else {
-            return xdp_action::XDP_DROP;
-        };
-        s.now = 0;
+        // The clock reading of a packet whose entry had expired (0: none yet, as for a SYN,
+        // which skips the lookup).
+        let mut read_ns = 0;
         // One call of the family-neutral rest: the verifier walks it once, not once per family.
         let hit = if syn {
             None
         } else if pkt.v6 {
-            lookup::<Ipv6>(pkt, &ports)
+            lookup::<Ipv6>(pkt, &ports, &mut read_ns)
         } else {
-            lookup::<Ipv4>(pkt, &ports)
+            lookup::<Ipv4>(pkt, &ports, &mut read_ns)
         };
         if let Some(hit) = hit {
-            return established(ctx, pkt, &hit);
+            return established(ctx, pkt, &hit, ifindex);
         }
         // For the slow path, which takes the packet as parsed here (LB_PACKET) and these.
-        if let Some(s) = scratch() {
-            s.ports = ports;
-        }
+        // (Scratch memory outlives packets: each is written here, for every packet that goes
+        // on; a stale `now` would empty a rate-limit bucket and back-date the new flow.)
+        let Some(s) = scratch() else {
+            return xdp_action::XDP_DROP;
+        };
+        s.ports = ports;
+        s.now = read_ns;
         tail_call(ctx, TAIL_NEW_FLOW)
     }
 
@@ -222,11 +223,11 @@ mod datapath {
         now_ns: u64,
     }
 
-    /// Finds the packet's flow, if it is live for this packet. Else the packet's clock reading
-    /// (0: none yet, as `transport` left it) is in scratch() for the new-flow slow path. (The
+    /// Finds the packet's flow, if it is live for this packet. Else, if the packet's clock was
+    /// read (an expired entry), the reading is in `read_ns`, for the new-flow slow path. (The
     /// hit stays in registers and the stack: the established path is one function.)
     #[inline(always)]
-    fn lookup<F: Family>(pkt: &Packet, ports: &Ports) -> Option<Hit> {
+    fn lookup<F: Family>(pkt: &Packet, ports: &Ports, read_ns: &mut u64) -> Option<Hit> {
         let cfg = config()?;
         let key = key_of::<F>(pkt, ports);
         let entry = F::flows().get_ptr_mut(&key)?;
@@ -243,9 +244,7 @@ mod datapath {
             flow_clock(now_ns),
             cfg,
         ) {
-            if let Some(s) = scratch() {
-                s.now = now_ns;
-            }
+            *read_ns = now_ns;
             return None;
         }
         Some(Hit {
@@ -282,7 +281,7 @@ mod datapath {
 
     /// A packet of a flow in the table.
     #[inline(always)]
-    fn established(ctx: &XdpContext, pkt: &Packet, hit: &Hit) -> u32 {
+    fn established(ctx: &XdpContext, pkt: &Packet, hit: &Hit, ifindex: u32) -> u32 {
         let Some(s) = scratch() else {
             return xdp_action::XDP_DROP;
         };
@@ -295,10 +294,10 @@ mod datapath {
         if pkt.ttl <= 1 {
             return drop_for(t.service, DropReason::TtlExceeded);
         }
-        // Only clients are limited; without a policy there is nothing to decide.
-        if t.reply || t.policy == 0 {
-            ratelimit::clear();
-        } else {
+        // Only clients are limited; without a policy there is nothing to decide (and nothing
+        // to commit at the send).
+        let limited = !t.reply && t.policy != 0;
+        if limited {
             let how = if pkt.v6 { ratelimit::V6 } else { 0 };
             match ratelimit::check_inline(t.policy, &pkt.src, how, now_ns) {
                 Verdict::Pass => {}
@@ -307,7 +306,11 @@ mod datapath {
                 }
             }
         }
-        let fib = fib_of(ctx, pkt);
+        let fib = Fib {
+            ctx: ctx.ctx.cast(),
+            ifindex,
+            v6: pkt.v6,
+        };
         let route = nexthop::route(
             &fib,
             &t.tuple.src,
@@ -316,7 +319,7 @@ mod datapath {
             now_ns,
             &mut s.next,
         );
-        send_inline(ctx, pkt, t, route, &s.next)
+        send_inline(ctx, pkt, t, route, &s.next, limited, ifindex)
     }
 
     #[inline(always)]
@@ -510,12 +513,23 @@ mod datapath {
     /// (this interface's) and VLAN tag, so the kernel takes it in as any other.
     #[inline(never)]
     fn send(ctx: &XdpContext, pkt: &Packet, t: &Target, route: Route, next: &Next) -> u32 {
-        send_inline(ctx, pkt, t, route, next)
+        let ifindex = ctx.ingress_ifindex() as u32;
+        send_inline(ctx, pkt, t, route, next, true, ifindex)
     }
 
-    /// `send` without the subprogram call, for the established path (see `entry`).
+    /// `send` without the subprogram call, for the established path (see `entry`). `limited`:
+    /// the rate limiter decided this packet (its pending source, if any, is committed);
+    /// `ifindex`: the device the packet arrived on.
     #[inline(always)]
-    fn send_inline(ctx: &XdpContext, pkt: &Packet, t: &Target, route: Route, next: &Next) -> u32 {
+    fn send_inline(
+        ctx: &XdpContext,
+        pkt: &Packet,
+        t: &Target,
+        route: Route,
+        next: &Next,
+        limited: bool,
+        ifindex: u32,
+    ) -> u32 {
         match route {
             Route::Found => {}
             Route::Neighbour => count(Counter::PassNoNeighbour),
@@ -535,9 +549,11 @@ mod datapath {
             return xdp_action::XDP_DROP;
         }
         count_packet(t, pkt.len);
-        ratelimit::commit();
+        if limited {
+            ratelimit::commit();
+        }
         if route == Route::Found {
-            nexthop::transmit(ctx, pkt.vlan, next)
+            nexthop::transmit(ctx, pkt.vlan, next, ifindex)
         } else {
             xdp_action::XDP_PASS
         }

@@ -250,10 +250,11 @@ fn macs_of(p: &FibParams) -> [u16; 6] {
     }
 }
 
-/// Sets the VLAN tag and MACs, then XDP_TX or XDP_REDIRECT to the next hop's device. Inline:
-/// on the per-packet path (see main.rs, `entry`).
+/// Sets the VLAN tag and MACs, then XDP_TX (when the next hop's device is `ingress`, the one
+/// the packet arrived on) or XDP_REDIRECT to it. Inline: on the per-packet path (see main.rs,
+/// `entry`).
 #[inline(always)]
-pub fn transmit(ctx: &XdpContext, tagged: bool, next: &Next) -> u32 {
+pub fn transmit(ctx: &XdpContext, tagged: bool, next: &Next, ingress: u32) -> u32 {
     if set_vlan(ctx, tagged, next.vlan).is_none() {
         count(Counter::DropMalformed);
         return xdp_action::XDP_DROP;
@@ -266,7 +267,7 @@ pub fn transmit(ctx: &XdpContext, tagged: bool, next: &Next) -> u32 {
         // SAFETY: `ptr_at` checked that these bytes lie inside the packet.
         unsafe { store(eth.add(2 * i), *word) };
     }
-    if next.ifindex == ctx.ingress_ifindex() as u32 {
+    if next.ifindex == ingress {
         count(Counter::XdpTx);
         return xdp_action::XDP_TX;
     }

@@ -241,7 +241,8 @@ fn reclaimable_way(tags: &SourceTags, set: u32, now: u64) -> u32 {
     unsafe { core::ptr::read_volatile(way) }
 }
 
-/// Nothing pending for this packet: what a packet no policy applies to skips `check` with.
+/// Nothing pending for this packet: what a new flow no policy applies to skips `check` with
+/// (its send commits; an established packet without a policy neither checks nor commits).
 #[inline(always)]
 pub fn clear() {
     if let Some(s) = scratch() {
