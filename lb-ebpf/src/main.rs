@@ -405,14 +405,8 @@ mod datapath {
             (false, _) => pkt.src,
         };
         let fib = fib_of(ctx, pkt);
-        let route = nexthop::route(
-            &fib,
-            &src,
-            &choice.backend.addr,
-            pkt.len,
-            now_ns,
-            &mut s.next,
-        );
+        let (to, next) = (&choice.backend.addr, &mut s.next);
+        let route = nexthop::route(&fib, &src, to, pkt.len, now_ns, next);
         match route {
             Route::Unreachable => return drop_for(svc.id, DropReason::NoRoute),
             Route::TooBig => return drop_for(svc.id, DropReason::TooBig),
