@@ -1,7 +1,7 @@
 #!/bin/bash
 # Where a BPF program of the data path spends its time, per source line, while the per-packet
-# bench holds one scenario (XDPLB_BENCH_HOLD). Root; needs perf and bpftool (apt-get install
-# linux-perf bpftool) and a built bench (cargo xtask bench builds target/release/bench).
+# bench holds one scenario (XDPLB_BENCH_HOLD). Root; installs perf and bpftool with apt-get if
+# they are missing; needs a built bench (cargo xtask bench builds target/release/bench).
 #
 #   deploy/bench/profile/profile.sh [SCENARIO] [PROGRAM] [FUNCTION]
 #     SCENARIO  a per-packet scenario's short name (default: established; see the report)
@@ -22,6 +22,10 @@ work=$(mktemp -d)
 log=$work/bench.log
 trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT
 
+for tool in perf bpftool; do
+    command -v "$tool" >/dev/null || apt-get install -y -q linux-perf bpftool >/dev/null ||
+        { echo "$tool is missing and apt-get could not install it" >&2; exit 1; }
+done
 [ -x "$bench" ] || { echo "no $bench: run cargo xtask bench (or cargo build --release -p lb-tests --bin bench)" >&2; exit 1; }
 XDPLB_BENCH_HOLD=$scenario timeout 300 "$bench" --quick --only perpacket --no-katran \
     --out "$work/results" >"$log" 2>&1 &
