@@ -259,8 +259,8 @@ fn load_program(
 }
 
 /// Runs `f` with every signal blocked for the calling thread (delivered after, or to another
-/// thread meanwhile).
-fn without_signals<T>(f: &mut impl FnMut() -> T) -> T {
+/// thread meanwhile): for loading a program, whose verification a pending signal interrupts.
+pub fn without_signals<T>(f: &mut impl FnMut() -> T) -> T {
     use nix::sys::signal::{SigSet, SigmaskHow};
     // Blocking signals on our own thread cannot fail with valid arguments; if it did, loading
     // goes ahead unprotected (and retries on EAGAIN as before).
