@@ -235,7 +235,7 @@ pub fn load(sizes: &Sizes, pin_dir: Option<&Path>) -> std::result::Result<Loaded
 
 /// Loads (verifies) one program. The verifier gives up with EAGAIN when a signal arrives while
 /// it works (ours take a second or so); libbpf retries then, and so do we.
-fn load_program(
+pub fn load_program(
     name: &str,
     mut load: impl FnMut() -> std::result::Result<(), ProgramError>,
 ) -> std::result::Result<(), DataplaneError> {
@@ -259,8 +259,8 @@ fn load_program(
 }
 
 /// Runs `f` with every signal blocked for the calling thread (delivered after, or to another
-/// thread meanwhile): for loading a program, whose verification a pending signal interrupts.
-pub fn without_signals<T>(f: &mut impl FnMut() -> T) -> T {
+/// thread meanwhile).
+fn without_signals<T>(f: &mut impl FnMut() -> T) -> T {
     use nix::sys::signal::{SigSet, SigmaskHow};
     // Blocking signals on our own thread cannot fail with valid arguments; if it did, loading
     // goes ahead unprotected (and retries on EAGAIN as before).

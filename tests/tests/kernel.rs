@@ -10,7 +10,8 @@ use lb_tests::{
     packets::{Spec, TCP_ACK, TCP_SYN, assert_checksums, parse},
 };
 use lb_userspace::{
-    dataplane::{Sizes, without_signals},
+    dataplane::{Sizes, load_program},
+    error::DataplaneError,
     model::{Backend, Desired, Frontend, Mode, Protocol, Service, SourceRanges},
     sweep::sweep,
 };
@@ -1589,36 +1590,28 @@ fn every_program_verifies_with_half_the_budget_to_spare() {
         lb_common::PROG_ICMP,
         lb_common::PROG_BACKEND,
     ] {
-        let load = || {
-            let mut ebpf = aya::EbpfLoader::new()
-                .load(lb_userspace::dataplane::LB_OBJECT)
-                .expect("object");
-            // Signals held off, as the agent's loader does: the verifier gives up with EAGAIN
-            // when one arrives (other tests' child processes send SIGCHLD).
-            let loaded = match ebpf.program_mut(name).expect("program") {
-                aya::programs::Program::Xdp(p) => without_signals(&mut || p.load()),
-                aya::programs::Program::SchedClassifier(p) => without_signals(&mut || p.load()),
-                _ => panic!("{name}: unexpected program type"),
-            };
-            (ebpf, loaded)
+        let mut ebpf = aya::EbpfLoader::new()
+            .load(lb_userspace::dataplane::LB_OBJECT)
+            .expect("object");
+        // The agent's own way of loading: signals held off, a verifier run a signal cut short
+        // (EAGAIN) tried again.
+        let loaded = match ebpf.program_mut(name).expect("program") {
+            aya::programs::Program::Xdp(p) => load_program(name, || p.load()),
+            aya::programs::Program::SchedClassifier(p) => load_program(name, || p.load()),
+            _ => panic!("{name}: unexpected program type"),
         };
-        // A rejection is deterministic: the same object fails again. A load that failed where
-        // the next one of the same object passed, its log cut short, was the verifier giving up
-        // with EAGAIN on a signal (seen twice, before signals were held off above); a failure
-        // is still tried once more, and said.
-        let (mut ebpf, mut loaded) = load();
-        if let Err(e) = &loaded {
-            println!("{name}: the first load failed ({e}); trying once more");
-            (ebpf, loaded) = load();
-        }
         let n = match loaded {
             Ok(()) => {
                 let info = ebpf.program(name).unwrap().info().expect("program info");
                 i64::from(info.verified_instruction_count().expect("count"))
             }
-            Err(aya::programs::ProgramError::LoadError {
-                io_error,
-                verifier_log,
+            Err(DataplaneError::Program {
+                source:
+                    aya::programs::ProgramError::LoadError {
+                        io_error,
+                        verifier_log,
+                    },
+                ..
             }) => {
                 let log = verifier_log.to_string();
                 let last = log
