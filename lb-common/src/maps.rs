@@ -47,9 +47,12 @@ pub const MAP_MACS: &str = "LB_MACS";
 pub const MAP_PORTS: &str = "LB_PORTS";
 /// Per-CPU next-hop cache ([`Hop`]).
 pub const MAP_HOPS: &str = "LB_HOPS";
+/// The reply entries of snat flows, per family ([`Claim`]): each holds its snat port.
+pub const MAP_CLAIMS4: &str = "LB_CLAIMS4";
+pub const MAP_CLAIMS6: &str = "LB_CLAIMS6";
 
 /// Every map the program defines, in the order the agent checks and pins them.
-pub const ALL_MAPS: [&str; 23] = [
+pub const ALL_MAPS: [&str; 25] = [
     MAP_CONFIG,
     MAP_FILTER,
     MAP_ADDRS,
@@ -73,6 +76,8 @@ pub const ALL_MAPS: [&str; 23] = [
     MAP_MACS,
     MAP_PORTS,
     MAP_HOPS,
+    MAP_CLAIMS4,
+    MAP_CLAIMS6,
 ];
 
 /// Program names (ELF symbols) in the data-path object: the two attached to interfaces, and
@@ -98,7 +103,7 @@ pub const MAP_PROGS: &str = "LB_PROGS";
 
 /// Bumped whenever a map's key or value layout changes: the agent pins under a directory
 /// named after it, so a new layout never reads maps pinned by an incompatible older one.
-pub const MAP_LAYOUT_VERSION: u32 = 2;
+pub const MAP_LAYOUT_VERSION: u32 = 3;
 
 // ---------------------------------------------------------------------------------------------
 // Capacities compiled into the object. The agent overrides the sizable ones at load time.
@@ -206,8 +211,11 @@ pub struct Config {
     /// Sets of the source table ([`source_sets`] of its capacity): the data path cannot read a
     /// map's size, and the agent sizes this one at load time.
     pub source_sets: u32,
+    /// Slots of LB_CLAIMS4 and LB_CLAIMS6 (sized by the agent as well).
+    pub claims_v4: u32,
+    pub claims_v6: u32,
 }
-const _: () = assert!(core::mem::size_of::<Config>() == 172);
+const _: () = assert!(core::mem::size_of::<Config>() == 180);
 
 impl Config {
     /// Ports of both ranges together.
@@ -569,6 +577,92 @@ impl<A> Flow<A> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// LB_CLAIMS4 / LB_CLAIMS6: the reply entries of snat flows. A snat flow's reply entry is what
+// holds its snat port (no other flow to the same backend may use it while it lives), and it
+// is made for every new flow: as a second flow-table insert it cost as much as the first (a
+// cold bucket and element of a large table). Here it is a slot of an array, found from its key
+// (backend -> snat address and port; see [`claim_slot`]): a new flow claims the slot of a port
+// by compare-and-swap, and a port whose slot holds a live entry (of this tuple or of another
+// placed there) is busy, so another port is tried. Readers find a reply entry by its key
+// in its slot; the entry itself is the same [`Flow`] as in the flow table, with the same
+// flags and timeouts (FLOW_TIME_WAIT included).
+// ---------------------------------------------------------------------------------------------
+/// A claim slot's `state`: the low two bits say what it holds, the rest count its claims (so a
+/// compare-and-swap on a slot that was freed and claimed again in between fails).
+pub const CLAIM_FREE: u32 = 0;
+/// Being written by the CPU that claimed it: busy for everyone else.
+pub const CLAIM_BUSY: u32 = 1;
+/// Holds a reply entry (live or expired: see [`Flow::is_expired`]).
+pub const CLAIM_HELD: u32 = 2;
+pub const CLAIM_KIND: u32 = 3;
+/// One claim more in a slot's `state`.
+pub const CLAIM_COUNT: u32 = 4;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Claim<A> {
+    pub state: u32,
+    /// The reply entry's key: backend -> snat address and port.
+    pub key: FlowKey<A>,
+    pub flow: Flow<A>,
+}
+pub type Claim4 = Claim<V4>;
+pub type Claim6 = Claim<Addr>;
+const _: () = assert!(core::mem::size_of::<Claim4>() == 36);
+const _: () = assert!(core::mem::size_of::<Claim6>() == 72);
+
+/// Claim slots come in blocks of this many, one block per (backend, snat address, 64 snat
+/// ports): the consecutive ports a backend's cursor hands out sit in consecutive slots, so the
+/// next new flow to a backend finds its slot in a line and page the last one warmed (a slot at
+/// a hash of the whole key is a cold line and, in an array of tens of MB, a TLB miss).
+pub const CLAIM_BLOCK: u32 = 64;
+
+/// The slot (`< slots`, a multiple of [`CLAIM_BLOCK`]) of a reply key: its block at a hash of
+/// the key without the snat port's low bits, scaled to the array (a multiply and a shift; see
+/// [`source_set`]), and in it the slot of those bits.
+#[inline(always)]
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "(hash * blocks) >> 32 < blocks, a u32"
+)]
+pub fn claim_slot<A: FlowAddr>(key: &FlowKey<A>, slots: u32) -> u32 {
+    let block = ((u64::from(claim_hash(key)) * u64::from(slots / CLAIM_BLOCK)) >> 32) as u32;
+    block * CLAIM_BLOCK + u32::from(u16::from_be(key.dport)) % CLAIM_BLOCK
+}
+
+/// A multiply-xorshift over the key's 32-bit words (4 for IPv4, 10 for IPv6), the snat port's
+/// low bits left out (see [`claim_slot`]): the port blocks of one backend, and one block over
+/// many backends, spread over the array.
+#[inline(always)]
+pub fn claim_hash<A: FlowAddr>(key: &FlowKey<A>) -> u32 {
+    const WORDS: usize = core::mem::size_of::<FlowKey6>() / 4;
+    // The word holding the ports (after the two addresses), and in it the destination port's
+    // low byte (the port is in network order: its second byte).
+    let ports = 2 * core::mem::size_of::<A>() / 4;
+    let low_bits = if cfg!(target_endian = "little") {
+        (CLAIM_BLOCK - 1) << 24
+    } else {
+        CLAIM_BLOCK - 1
+    };
+    let n = core::mem::size_of::<FlowKey<A>>() / 4;
+    let words = core::ptr::from_ref(key).cast::<u32>();
+    let mut h: u32 = 0x2545_f491;
+    let mut i = 0;
+    while i < WORDS && i < n {
+        // SAFETY: i < size_of::<FlowKey<A>>() / 4, and FlowKey is repr(C) of 4-byte-aligned
+        // fields without holes (its padding is explicit fields).
+        let mut w = unsafe { words.add(i).read() };
+        if i == ports {
+            w &= !low_bits;
+        }
+        h = (h ^ w).wrapping_mul(0x9e37_79b1);
+        h ^= h >> 15;
+        i += 1;
+    }
+    h.wrapping_mul(0x85eb_ca6b) ^ (h >> 13)
+}
+
+// ---------------------------------------------------------------------------------------------
 // LB_HOPS: a per-CPU next-hop cache, direct-mapped by a hash of the destination. A FIB lookup is
 // the largest single cost of forwarding a packet; this makes it once a second per destination
 // and CPU. A route or neighbour change reaches a destination within that second.
@@ -826,9 +920,9 @@ const _: () = assert!(core::mem::size_of::<Affinity>() == 16);
 #[cfg(feature = "user")]
 mod pod {
     use super::{
-        Addr, AddrInfo, Affinity, AffinityKey, Backend, Config, Flow4, Flow6, FlowKey4, FlowKey6,
-        Hop, Iface, LinkMac, Policy, PortRange, PrefixKey, PrefixRule, Service, ServiceInfo,
-        ServiceKey, Source, SourceKey, SourceTags,
+        Addr, AddrInfo, Affinity, AffinityKey, Backend, Claim4, Claim6, Config, Flow4, Flow6,
+        FlowKey4, FlowKey6, Hop, Iface, LinkMac, Policy, PortRange, PrefixKey, PrefixRule, Service,
+        ServiceInfo, ServiceKey, Source, SourceKey, SourceTags,
     };
     use crate::stats::{BackendStats, ServiceStats};
 
@@ -850,6 +944,8 @@ mod pod {
         FlowKey6,
         Flow4,
         Flow6,
+        Claim4,
+        Claim6,
         ServiceInfo,
         LinkMac,
         Hop,
@@ -871,6 +967,54 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Distinct blocks among the slots of `n` keys `key(0..n)` in 65536 slots (1024 blocks).
+    fn distinct_blocks<A: FlowAddr>(n: u32, key: impl Fn(u32) -> FlowKey<A>) -> u32 {
+        const SLOTS: u32 = 1 << 16;
+        let mut seen = [false; (SLOTS / CLAIM_BLOCK) as usize];
+        for i in 0..n {
+            let s = claim_slot(&key(i), SLOTS);
+            assert!(s < SLOTS);
+            seen[(s / CLAIM_BLOCK) as usize] = true;
+        }
+        seen.iter().map(|&b| u32::from(b)).sum()
+    }
+
+    #[test]
+    fn a_backends_ports_fill_blocks_in_order_and_blocks_spread_over_the_array() {
+        let snat = V4::from_addr(&Addr::v4([192, 168, 0, 1]));
+        let backend = |i: u32| {
+            let [_, _, hi, lo] = i.to_be_bytes();
+            V4::from_addr(&Addr::v4([10, 1, hi, lo]))
+        };
+        let port = |p: u32| u16::try_from(32768 + p).unwrap().to_be();
+        let ports = |p| FlowKey4::new(backend(7), snat, 8080u16.to_be(), port(p), 6);
+        let backends = |b| FlowKey4::new(backend(b), snat, 8080u16.to_be(), 40000u16.to_be(), 6);
+        let mut a6 = [0u8; 16];
+        a6[0] = 0xfd;
+        let (mut b6, mut s6) = (a6, a6);
+        b6[15] = 7;
+        s6[15] = 1;
+        let v6 = |p| FlowKey6::new(Addr(b6), Addr(s6), 8080u16.to_be(), port(p), 6);
+        // 64 blocks of a backend's 4096 ports, 1024 places: a random function puts ~2 pairs in
+        // one place.
+        assert!(distinct_blocks(4096, ports) >= 58);
+        assert!(distinct_blocks(4096, v6) >= 58);
+        // One port of 4096 backends: a random function leaves ~2% of the 1024 places empty.
+        assert!(distinct_blocks(4096, backends) >= 980);
+        // A block of ports is a block of slots, in order.
+        let first = claim_slot(&ports(0), 1 << 16);
+        assert_eq!(first % CLAIM_BLOCK, 0, "port 32768 starts a block");
+        for p in 1..CLAIM_BLOCK {
+            assert_eq!(claim_slot(&ports(p), 1 << 16), first + p);
+        }
+        // The protocol is part of the key.
+        let udp = FlowKey4 {
+            proto: 17,
+            ..ports(0)
+        };
+        assert_ne!(claim_hash(&ports(0)), claim_hash(&udp));
+    }
 
     #[test]
     fn a_source_set_is_in_range_and_sources_spread_over_the_sets() {

@@ -1,13 +1,19 @@
 //! The flow table: a live flow keeps its backend for its whole life; a new one gets a backend
 //! from the service's Maglev ring (or its session-affinity entry), a source port if the service
-//! uses source NAT, and two entries, one per direction. No insert ever replaces a live entry.
-use core::intrinsics::{AtomicOrdering::SeqCst, atomic_xadd};
+//! uses source NAT, and two entries, one per direction: the client's in the flow table, the
+//! reply direction's there too, or, for a snat flow, in the claim slot that holds its port
+//! (lb_common::Claim). No insert ever replaces a live entry.
+use core::intrinsics::{
+    AtomicOrdering::{Relaxed, SeqCst},
+    atomic_cxchg, atomic_xadd, atomic_xchg,
+};
 
 use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use lb_common::{
-    Addr, Affinity, AffinityKey, Backend, Config, Counter, DropReason, FLOW_CLOSING, FLOW_OPENING,
-    FLOW_REPLY, FLOW_SNAT, FLOW_TCP, FLOW_TIME_WAIT, Flow, FlowAddr, FlowKey, IPPROTO_TCP,
-    MAX_SNAT_ADDRS, NO_BACKEND, PORT_CURSORS, SVC_AFFINITY, Service,
+    Addr, Affinity, AffinityKey, Backend, CLAIM_BLOCK, CLAIM_BUSY, CLAIM_COUNT, CLAIM_FREE,
+    CLAIM_HELD, CLAIM_KIND, Config, Counter, DropReason, FLOW_CLOSING, FLOW_OPENING, FLOW_REPLY,
+    FLOW_SNAT, FLOW_TCP, FLOW_TIME_WAIT, Flow, FlowAddr, FlowKey, IPPROTO_TCP, MAX_SNAT_ADDRS,
+    NO_BACKEND, PORT_CURSORS, SVC_AFFINITY, Service, claim_slot,
     hash::{addr_hash, ring_slot},
     net::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
@@ -103,6 +109,107 @@ fn peer_key<F: Family>(t: &Target, proto: u8) -> FlowKey<F::A> {
     )
 }
 
+/// The entry of `key`: a snat flow's reply entry in its claim slot when the key is addressed to
+/// one of the node's snat addresses and ports, else (or if no slot holds it) the flow table's.
+#[inline(always)]
+pub fn find<F: Family>(key: &FlowKey<F::A>, cfg: &Config) -> Option<*mut Flow<F::A>> {
+    if to_snat::<F>(key, cfg)
+        && let Some(f) = claimed::<F>(key, cfg)
+    {
+        return Some(f);
+    }
+    F::flows().get_ptr_mut(key)
+}
+
+/// Whether `key` is addressed to a snat address and port (ports first: a client's packet to a
+/// service port fails that compare and goes on at once).
+#[inline(always)]
+fn to_snat<F: Family>(key: &FlowKey<F::A>, cfg: &Config) -> bool {
+    let port = u16::from_be(key.dport);
+    let [a, b] = &cfg.snat_ports;
+    if !(a.min <= port && port <= a.max || b.min <= port && port <= b.max) {
+        return false;
+    }
+    let (addrs, n) = F::snat(cfg);
+    let mut hit = false;
+    for (i, addr) in addrs.iter().enumerate() {
+        hit |= (i as u32) < n && F::A::from_addr(addr) == key.dst;
+    }
+    hit
+}
+
+/// The reply entry in `key`'s claim slot, if the slot holds one of this key.
+#[inline(always)]
+fn claimed<F: Family>(key: &FlowKey<F::A>, cfg: &Config) -> Option<*mut Flow<F::A>> {
+    let slot = F::claims().get_ptr_mut(claim_slot(key, F::claim_slots(cfg)))?;
+    // SAFETY: a map value; its state changes only atomically, its key and entry only while the
+    // claiming CPU holds it BUSY (a reader finds no entry then).
+    let c = unsafe { &mut *slot };
+    // SAFETY: the pointer comes from a reference; volatile only keeps the access as written.
+    let state = unsafe { core::ptr::read_volatile(&raw const c.state) };
+    if state & CLAIM_KIND != CLAIM_HELD || c.key != *key {
+        return None;
+    }
+    Some(&raw mut c.flow)
+}
+
+/// Claims `key`'s slot for the reply entry `reply`: the slot must be free or hold an entry that
+/// is over (expired: see Flow::is_expired, which keeps a TIME_WAIT port). A compare-and-swap
+/// makes the slot this CPU's (BUSY) while it writes, then it is published HELD. False: busy
+/// (live, being written, or lost to another CPU).
+#[inline(always)]
+fn claim<F: Family>(key: &FlowKey<F::A>, reply: &Flow<F::A>, cfg: &Config, now: u32) -> bool {
+    let Some(slot) = F::claims().get_ptr_mut(claim_slot(key, F::claim_slots(cfg))) else {
+        return false;
+    };
+    // SAFETY: a map value, see `claimed`.
+    let c = unsafe { &mut *slot };
+    let at = &raw mut c.state;
+    // SAFETY: the pointer comes from a reference; volatile only keeps the access as written.
+    let state = unsafe { core::ptr::read_volatile(at) };
+    let kind = state & CLAIM_KIND;
+    // (An expired entry stays expired: `refresh` writes nothing to one.)
+    if kind == CLAIM_BUSY || kind == CLAIM_HELD && !c.flow.is_expired(cfg, now) {
+        return false;
+    }
+    let count = (state & !CLAIM_KIND).wrapping_add(CLAIM_COUNT);
+    // SAFETY: an aligned u32 in a map value, changed by other CPUs only atomically.
+    if !unsafe { atomic_cxchg::<u32, { Relaxed }, { Relaxed }>(at, state, count | CLAIM_BUSY) }.1 {
+        return false;
+    }
+    crate::mem::copy(&mut c.key, key);
+    crate::mem::copy(&mut c.flow, reply);
+    // An atomic exchange, not a store: BPF's atomics are full barriers, so the key and entry
+    // are written before the slot reads as HELD on any CPU.
+    // SAFETY: as above.
+    unsafe { atomic_xchg::<u32, { SeqCst }>(at, count | CLAIM_HELD) };
+    true
+}
+
+/// Gives back the claim slot of `key` that this packet claimed (the flow was not made after all).
+#[inline(always)]
+fn release<F: Family>(key: &FlowKey<F::A>, cfg: &Config) {
+    let Some(slot) = F::claims().get_ptr_mut(claim_slot(key, F::claim_slots(cfg))) else {
+        return;
+    };
+    // SAFETY: a map value, see `claimed`.
+    let c = unsafe { &mut *slot };
+    let at = &raw mut c.state;
+    // SAFETY: the pointer comes from a reference; volatile only keeps the access as written.
+    let state = unsafe { core::ptr::read_volatile(at) };
+    if state & CLAIM_KIND == CLAIM_HELD && c.key == *key {
+        // A live entry of ours: no other CPU changes it (it would need it expired).
+        // SAFETY: an aligned u32 in a map value, changed by other CPUs only atomically.
+        unsafe {
+            atomic_cxchg::<u32, { Relaxed }, { Relaxed }>(
+                at,
+                state,
+                state & !CLAIM_KIND | CLAIM_FREE,
+            )
+        };
+    }
+}
+
 #[inline(always)]
 fn syn_only(tcp_flags: u8) -> bool {
     tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
@@ -150,7 +257,7 @@ pub fn refresh<F: Family>(
         if t.reply
             && flags & FLOW_SNAT != 0
             && tcp_flags & TCP_FIN != 0
-            && peer_flags::<F>(t, proto).is_none_or(|f| f & FLOW_CLOSING == 0)
+            && peer_flags::<F>(t, proto, cfg).is_none_or(|f| f & FLOW_CLOSING == 0)
         {
             new |= FLOW_TIME_WAIT;
         }
@@ -160,7 +267,7 @@ pub fn refresh<F: Family>(
     // for both entries.
     if flags & FLOW_OPENING != 0 && !t.reply && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_ACK {
         flow.flags &= !FLOW_OPENING;
-        if let Some(p) = F::flows().get_ptr_mut(&peer_key::<F>(t, proto)) {
+        if let Some(p) = find::<F>(&peer_key::<F>(t, proto), cfg) {
             // SAFETY: a successful map lookup's pointer is valid and aligned for the value until the program returns.
             unsafe { (*p).flags &= !FLOW_OPENING };
         }
@@ -169,8 +276,8 @@ pub fn refresh<F: Family>(
 }
 
 #[inline(always)]
-fn peer_flags<F: Family>(t: &Target, proto: u8) -> Option<u8> {
-    let p = F::flows().get_ptr(&peer_key::<F>(t, proto))?;
+fn peer_flags<F: Family>(t: &Target, proto: u8, cfg: &Config) -> Option<u8> {
+    let p = find::<F>(&peer_key::<F>(t, proto), cfg)?;
     // SAFETY: a successful map lookup's pointer is valid and aligned for the value until the program returns.
     Some(unsafe { (*p).flags })
 }
@@ -375,7 +482,7 @@ fn inserted<F: Family>(svc: &Service, choice: &Choice, cfg: &Config) -> Result<(
                 // flow). Forward as that flow (its target is in scratch); give back what we
                 // claimed.
                 if snat {
-                    let _ = flows.remove(&*reply_key);
+                    release::<F>(&*reply_key, cfg);
                 }
                 if let Some(s) = scratch() {
                     s.live = true;
@@ -385,14 +492,14 @@ fn inserted<F: Family>(svc: &Service, choice: &Choice, cfg: &Config) -> Result<(
             // A closed or expired flow on this tuple: the new connection takes it over.
             if flows.insert(key, &*forward, u64::from(BPF_ANY)).is_err() {
                 if snat {
-                    let _ = flows.remove(&*reply_key);
+                    release::<F>(&*reply_key, cfg);
                 }
                 return Err(DropReason::FlowTable);
             }
         }
         Err(_) => {
             if snat {
-                let _ = flows.remove(&*reply_key);
+                release::<F>(&*reply_key, cfg);
             }
             return Err(DropReason::FlowTable);
         }
@@ -493,11 +600,12 @@ fn insert_reply<F: Family>(
     }
 }
 
-/// Finds a snat source (address, port) for a flow to backend `b` by claiming its reply entry:
-/// the insert only succeeds if no flow from that backend to that node address and port exists,
-/// so two CPUs cannot claim the same (0; else a DropReason's code). Ports are tried in order from a cursor per backend, so a
-/// port is reused as late as possible (after the whole range), and an entry whose flow is over
-/// is reclaimed on the spot (the sweep would otherwise free it later). Reply entries of flows
+/// Finds a snat source (address, port) for a flow to backend `b` by claiming its reply entry's
+/// slot (see `claim`): a port whose slot holds a live entry, of a flow from that backend to
+/// that node address and port or of another backend's whose block of ports shares the place
+/// (lb_common::claim_slot), is busy, so two flows never share one (0; else a DropReason's
+/// code). Ports are tried in order from a cursor per backend, so a port is reused as late as
+/// possible (after the whole range); after a busy one, a block further. Reply entries of flows
 /// the backend closed first stay `tcp_time_wait` (see FLOW_TIME_WAIT), so a port is never given
 /// back to a backend that may hold the old connection in TIME_WAIT.
 #[inline(never)]
@@ -521,13 +629,15 @@ fn claim_port<F: Family>(
     let Some(cursor) = LB_PORTS.get_ptr_mut(slot % PORT_CURSORS) else {
         return exhausted;
     };
-    let flows = F::flows();
     for _ in 0..SNAT_PORT_TRIES {
         // SAFETY: an aligned u32 in a map value. SeqCst, not Relaxed: for a relaxed 32-bit add
         // LLVM emits BPF's plain atomic add, without the fetch, and the "old value" read back
         // is the operand (seen with the nightly's LLVM 22); a sequentially consistent one is
         // BPF_ATOMIC_FETCH_ADD, which every BPF atomic is anyway.
-        let i = unsafe { atomic_xadd::<u32, u32, { SeqCst }>(cursor, 1) } % space;
+        // From where the backend's hash puts it, not 0: backends whose blocks of ports share a
+        // place in the claim array then use different slots of it.
+        let i =
+            unsafe { atomic_xadd::<u32, u32, { SeqCst }>(cursor, 1) }.wrapping_add(slot) % space;
         let a = i / ports;
         if a as usize >= addrs.len() {
             break;
@@ -540,23 +650,13 @@ fn claim_port<F: Family>(
         // The key is (backend -> snat address and port); the caller filled in the rest.
         key.dst = F::A::from_addr(&addrs[a]);
         key.dport = cfg.snat_port(i % ports).to_be();
-        let mut claimed = flows.insert(&*key, reply, u64::from(BPF_NOEXIST));
-        // Held: reclaim it if its flow is over. (One straight line, no inner loop: the
-        // verifier follows every way through each try.)
-        if claimed == Err(-EEXIST)
-            && flows
-                .get_ptr(&*key)
-                // SAFETY: a successful map lookup's pointer is valid and aligned for the value until the program returns.
-                .is_some_and(|p| unsafe { &*p }.is_expired(cfg, now))
-            && flows.remove(&*key).is_ok()
-        {
-            claimed = flows.insert(&*key, reply, u64::from(BPF_NOEXIST));
+        if claim::<F>(key, reply, cfg, now) {
+            return 0;
         }
-        match claimed {
-            Ok(()) => return 0,
-            Err(e) if e == -EEXIST => {}
-            Err(_) => return DropReason::FlowTable.code(),
-        }
+        // Busy: the next ports may well be too (another backend's, whose ports share this
+        // block's place, or this backend's own live flows): the next try is a block further.
+        // SAFETY: as above.
+        unsafe { atomic_xadd::<u32, u32, { SeqCst }>(cursor, CLAIM_BLOCK - 1) };
     }
     exhausted
 }

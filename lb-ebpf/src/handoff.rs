@@ -31,7 +31,7 @@ use lb_common::{Counter, FlowAddr, FlowKey, HANDOFF_MAC, HOP_VLAN, IPPROTO_TCP, 
 use crate::{
     family::{Family, Ipv4, Ipv6},
     flow,
-    maps::{count, packet, scratch},
+    maps::{config, count, packet, scratch},
     nexthop::{self, Route},
     parse::{Packet, Ports, State, load, parse_l3, parse_ports, ptr_at, store},
     tc::{HEADROOM, TCX_NEXT, fib_of_skb},
@@ -124,7 +124,7 @@ fn balanced<F: Family>(pkt: &Packet, ports: &Ports) -> bool {
         ports.sport,
         pkt.proto,
     );
-    let Some(entry) = F::flows().get_ptr(&key) else {
+    let Some(entry) = config().and_then(|cfg| flow::find::<F>(&key, cfg)) else {
         return false;
     };
     // SAFETY: a successful map lookup's pointer is valid and aligned for the value until the program returns.

@@ -20,7 +20,7 @@ use crate::{
     drop_for,
     family::{Family, Ipv4, Ipv6},
     flow, is_client, is_vip,
-    maps::count,
+    maps::{config, count},
     nexthop::{self, Fib, Next, Route},
     not_served,
     parse::{Packet, load, load_addr, load_v4, ptr_at, store, store_addr},
@@ -197,7 +197,7 @@ fn translate_error<F: Family>(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
         sport,
         proto,
     );
-    let found = F::flows().get_ptr(&key)?;
+    let found = flow::find::<F>(&key, config()?)?;
     // SAFETY: a successful map lookup's pointer is valid and aligned for the value until the program returns.
     let entry = unsafe { *found };
     let t = flow::resolve(&entry)?;

@@ -230,7 +230,7 @@ mod datapath {
     fn lookup<F: Family>(pkt: &Packet, ports: &Ports, read_ns: &mut u64) -> Option<Hit> {
         let cfg = config()?;
         let key = key_of::<F>(pkt, ports);
-        let entry = F::flows().get_ptr_mut(&key)?;
+        let entry = flow::find::<F>(&key, cfg)?;
         // SAFETY: a successful map lookup's pointer is valid and aligned for the value until the program returns.
         let f = unsafe { *entry };
         let t = flow::resolve(&f)?;

@@ -6,13 +6,13 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
 };
 use lb_common::{
-    Addr, AddrInfo, Affinity, AffinityKey, Backend, BackendStats, COUNTER_COUNT, Config, Counter,
-    DEFAULT_AFFINITY_ENTRIES, DEFAULT_FLOW_ENTRIES, DEFAULT_FLOW_ENTRIES_V6, DEFAULT_MAX_BACKENDS,
-    DEFAULT_MAX_SERVICES, DEFAULT_SOURCE_ENTRIES, DROP_REASONS, DropReason, Flow, Flow4, Flow6,
-    FlowAddr, FlowKey, FlowKey4, FlowKey6, HOP_SLOTS, Hop, Iface, LinkMac, MAC_SLOTS, MAX_ADDRS,
-    MAX_IFACES, MAX_POLICIES, MAX_PREFIXES, PORT_CURSORS, Policy, PrefixKey, PrefixRule,
-    SOURCE_WAYS, Service, ServiceInfo, ServiceKey, ServiceStats, Source, SourceTags, filter,
-    ring_slots, source_sets,
+    Addr, AddrInfo, Affinity, AffinityKey, Backend, BackendStats, COUNTER_COUNT, Claim4, Claim6,
+    Config, Counter, DEFAULT_AFFINITY_ENTRIES, DEFAULT_FLOW_ENTRIES, DEFAULT_FLOW_ENTRIES_V6,
+    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_SERVICES, DEFAULT_SOURCE_ENTRIES, DROP_REASONS, DropReason,
+    Flow, Flow4, Flow6, FlowAddr, FlowKey, FlowKey4, FlowKey6, HOP_SLOTS, Hop, Iface, LinkMac,
+    MAC_SLOTS, MAX_ADDRS, MAX_IFACES, MAX_POLICIES, MAX_PREFIXES, PORT_CURSORS, Policy, PrefixKey,
+    PrefixRule, SOURCE_WAYS, Service, ServiceInfo, ServiceKey, ServiceStats, Source, SourceTags,
+    filter, ring_slots, source_sets,
 };
 
 #[map]
@@ -40,6 +40,11 @@ pub static LB_FLOWS4: LruHashMap<FlowKey4, Flow4> =
 #[map]
 pub static LB_FLOWS6: LruHashMap<FlowKey6, Flow6> =
     LruHashMap::with_max_entries(DEFAULT_FLOW_ENTRIES_V6, 0);
+/// The reply entries of snat flows, each holding its snat port (see lb_common::Claim).
+#[map]
+pub static LB_CLAIMS4: Array<Claim4> = Array::with_max_entries(DEFAULT_FLOW_ENTRIES, 0);
+#[map]
+pub static LB_CLAIMS6: Array<Claim6> = Array::with_max_entries(DEFAULT_FLOW_ENTRIES_V6, 0);
 /// Each backend's snat port cursor (see flow.rs, `claim_port`).
 #[map]
 pub static LB_PORTS: Array<u32> = Array::with_max_entries(PORT_CURSORS, 0);

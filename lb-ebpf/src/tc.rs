@@ -128,7 +128,7 @@ pub(crate) fn lookup<F: Family>(pkt: &Packet, ports: &Ports, ours: impl Fn(u8) -
         return false;
     };
     let key = key_of::<F>(pkt, ports);
-    let Some(entry) = F::flows().get_ptr_mut(&key) else {
+    let Some(entry) = flow::find::<F>(&key, cfg) else {
         return false;
     };
     // SAFETY: a successful map lookup's pointer is valid and aligned for the value until the program returns.

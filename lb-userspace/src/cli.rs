@@ -179,10 +179,11 @@ pub struct SizeArgs {
     /// each power of two) with 100 slots per backend, up to this. `--ring-size` is its old name.
     #[arg(long, alias = "ring-size", default_value_t = lb_common::DEFAULT_MAX_RING_SIZE, value_parser = parse_ring_size)]
     pub max_ring_size: u32,
-    /// IPv4 flow-table entries (two per flow: one per direction).
+    /// IPv4 flow-table entries: one per snat flow (its reply entry takes a claim slot, of which
+    /// there are as many), two per flow that keeps the client's address.
     #[arg(long, default_value_t = lb_common::DEFAULT_FLOW_ENTRIES)]
     pub flow_entries: u32,
-    /// IPv6 flow-table entries (two per flow: one per direction).
+    /// IPv6 flow-table entries (as `--flow-entries`).
     #[arg(long, default_value_t = lb_common::DEFAULT_FLOW_ENTRIES_V6)]
     pub flow_entries_v6: u32,
     /// Rate-limit source table entries.

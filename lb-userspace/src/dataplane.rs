@@ -17,16 +17,17 @@ use aya::{
     programs::{ProgramError, SchedClassifier, Xdp},
 };
 use lb_common::{
-    ALL_MAPS, Addr, AddrInfo, Affinity, AffinityKey, Backend, BackendStats, Config, Counter,
-    DEFAULT_AFFINITY_ENTRIES, DEFAULT_FLOW_ENTRIES, DEFAULT_FLOW_ENTRIES_V6, DEFAULT_MAX_BACKENDS,
-    DEFAULT_MAX_RING_SIZE, DEFAULT_MAX_SERVICES, DEFAULT_SOURCE_ENTRIES, Flow4, Flow6, FlowKey4,
-    FlowKey6, Iface, LinkMac, MAP_ADDRS, MAP_AFFINITY, MAP_BACKENDS, MAP_BE_STATS, MAP_CONFIG,
-    MAP_COUNTERS, MAP_DEVMAP, MAP_FILTER, MAP_FLOWS4, MAP_FLOWS6, MAP_IFACES, MAP_LAYOUT_VERSION,
-    MAP_MACS, MAP_OVERFLOW, MAP_POLICIES, MAP_PORTS, MAP_PREFIXES, MAP_PROGS, MAP_RINGS,
-    MAP_SERVICES, MAP_SOURCE_TAGS, MAP_SOURCES, MAP_SVC_INFO, MAP_SVC_STATS, PROG_BACKEND,
-    PROG_ICMP, PROG_NEW_FLOW, PROG_UPLINK, PROG_UPLINK_OUT, PROG_UPLINK_TC, Policy, PrefixKey,
-    PrefixRule, SOURCE_FREE, SOURCE_WAYS, Service, ServiceInfo, ServiceKey, ServiceStats, Source,
-    SourceKey, SourceTags, TAIL_ICMP, TAIL_NEW_FLOW, source_hash, source_set, source_sets,
+    ALL_MAPS, Addr, AddrInfo, Affinity, AffinityKey, Backend, BackendStats, CLAIM_HELD, CLAIM_KIND,
+    Claim4, Claim6, Config, Counter, DEFAULT_AFFINITY_ENTRIES, DEFAULT_FLOW_ENTRIES,
+    DEFAULT_FLOW_ENTRIES_V6, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_RING_SIZE, DEFAULT_MAX_SERVICES,
+    DEFAULT_SOURCE_ENTRIES, Flow4, Flow6, FlowKey4, FlowKey6, Iface, LinkMac, MAP_ADDRS,
+    MAP_AFFINITY, MAP_BACKENDS, MAP_BE_STATS, MAP_CLAIMS4, MAP_CLAIMS6, MAP_CONFIG, MAP_COUNTERS,
+    MAP_DEVMAP, MAP_FILTER, MAP_FLOWS4, MAP_FLOWS6, MAP_IFACES, MAP_LAYOUT_VERSION, MAP_MACS,
+    MAP_OVERFLOW, MAP_POLICIES, MAP_PORTS, MAP_PREFIXES, MAP_PROGS, MAP_RINGS, MAP_SERVICES,
+    MAP_SOURCE_TAGS, MAP_SOURCES, MAP_SVC_INFO, MAP_SVC_STATS, PROG_BACKEND, PROG_ICMP,
+    PROG_NEW_FLOW, PROG_UPLINK, PROG_UPLINK_OUT, PROG_UPLINK_TC, Policy, PrefixKey, PrefixRule,
+    SOURCE_FREE, SOURCE_WAYS, Service, ServiceInfo, ServiceKey, ServiceStats, Source, SourceKey,
+    SourceTags, TAIL_ICMP, TAIL_NEW_FLOW, source_hash, source_set, source_sets,
 };
 
 use crate::{
@@ -51,7 +52,9 @@ pub struct Sizes {
     /// The largest ring a service gets (`--max-ring-size`); each service's ring is sized from
     /// its backends (ring_space::ring_size).
     pub ring_size: u32,
-    /// IPv4 flow entries (two per flow), and IPv6 ones (a table of their own).
+    /// IPv4 flow entries, and IPv6 ones (a table of their own): one per snat flow (its reply
+    /// entry is in a claim slot; each family has as many slots as flow entries), two per flow
+    /// that keeps the client's address.
     pub flow_entries: u32,
     pub flow_entries_v6: u32,
     pub source_entries: u32,
@@ -85,7 +88,7 @@ impl Sizes {
     }
 
     /// max_entries of each sizable map.
-    pub fn overrides(&self) -> [(&'static str, u32); 11] {
+    pub fn overrides(&self) -> [(&'static str, u32); 13] {
         [
             (MAP_SERVICES, self.max_services),
             (MAP_SVC_STATS, self.max_services),
@@ -95,6 +98,8 @@ impl Sizes {
             (MAP_RINGS, self.ring_slots()),
             (MAP_FLOWS4, self.flow_entries),
             (MAP_FLOWS6, self.flow_entries_v6),
+            (MAP_CLAIMS4, self.flow_entries),
+            (MAP_CLAIMS6, self.flow_entries_v6),
             (MAP_SOURCES, self.source_sets() * WAYS),
             (MAP_SOURCE_TAGS, self.source_sets()),
             (MAP_AFFINITY, self.affinity_entries),
@@ -104,9 +109,11 @@ impl Sizes {
 
 /// Maps whose contents live only in the kernel: flows, snat port cursors, rate-limit buckets,
 /// affinity. Everything else the agent can rebuild from its desired state.
-const STATE_MAPS: [&str; 7] = [
+const STATE_MAPS: [&str; 9] = [
     MAP_FLOWS4,
     MAP_FLOWS6,
+    MAP_CLAIMS4,
+    MAP_CLAIMS6,
     MAP_PORTS,
     MAP_SOURCES,
     MAP_SOURCE_TAGS,
@@ -405,6 +412,8 @@ pub struct Maps {
     pub rings: Array<MapData, u32>,
     pub flows4: HashMap<MapData, FlowKey4, Flow4>,
     pub flows6: HashMap<MapData, FlowKey6, Flow6>,
+    pub claims4: Array<MapData, Claim4>,
+    pub claims6: Array<MapData, Claim6>,
     pub devmap: DevMapHash<MapData>,
     pub ifaces: HashMap<MapData, u32, Iface>,
     /// The counters (also opened on their own for the metrics server: [`Stats::reopen`]).
@@ -726,6 +735,8 @@ impl Maps {
             rings: typed!(MAP_RINGS),
             flows4: typed!(MAP_FLOWS4),
             flows6: typed!(MAP_FLOWS6),
+            claims4: typed!(MAP_CLAIMS4),
+            claims6: typed!(MAP_CLAIMS6),
             devmap: typed!(MAP_DEVMAP),
             ifaces: typed!(MAP_IFACES),
             stats: Stats {
@@ -753,6 +764,77 @@ impl Maps {
     /// The node config as the data path sees it (`None` before the agent wrote one).
     pub fn read_config(&self) -> Option<Config> {
         self.config.get(&0, 0).ok().filter(|c| c.source_sets != 0)
+    }
+
+    /// The snat reply entry of `key` (backend -> snat address and port), if its claim slot
+    /// holds one, live or expired (see lb_common::Claim).
+    pub fn claimed4(&self, key: &FlowKey4) -> Option<Flow4> {
+        let slots = self.read_config()?.claims_v4;
+        let c = self
+            .claims4
+            .get(&lb_common::claim_slot(key, slots), 0)
+            .ok()?;
+        (c.state & CLAIM_KIND == CLAIM_HELD && c.key == *key).then_some(c.flow)
+    }
+
+    pub fn claimed6(&self, key: &FlowKey6) -> Option<Flow6> {
+        let slots = self.read_config()?.claims_v6;
+        let c = self
+            .claims6
+            .get(&lb_common::claim_slot(key, slots), 0)
+            .ok()?;
+        (c.state & CLAIM_KIND == CLAIM_HELD && c.key == *key).then_some(c.flow)
+    }
+
+    /// Writes a snat reply entry into its claim slot unless the slot holds one already (live or
+    /// not; benchmarks and tests: the data path claims slots itself). False: it did. Not atomic
+    /// with the data path.
+    pub fn set_claim4(&mut self, key: &FlowKey4, flow: &Flow4) -> Result<bool> {
+        let slots = self.read_config().map_or(0, |c| c.claims_v4);
+        let slot = lb_common::claim_slot(key, slots);
+        let state = self.claims4.get(&slot, 0).map_or(0, |c| c.state);
+        if state & CLAIM_KIND != lb_common::CLAIM_FREE {
+            return Ok(false);
+        }
+        let claim = Claim4 {
+            state: state.wrapping_add(lb_common::CLAIM_COUNT) | CLAIM_HELD,
+            key: *key,
+            flow: *flow,
+        };
+        self.claims4
+            .set(slot, claim, 0)
+            .map_err(|e| map_err(MAP_CLAIMS4, e))?;
+        Ok(true)
+    }
+
+    /// Frees the claim slot of `key` if it holds it (benchmarks and tests). Not atomic with the
+    /// data path: only for a flow nothing is sending on.
+    pub fn forget_claim4(&mut self, key: &FlowKey4) -> Result<()> {
+        let slots = self.read_config().map_or(0, |c| c.claims_v4);
+        let slot = lb_common::claim_slot(key, slots);
+        match self.claims4.get(&slot, 0) {
+            Ok(c) if c.state & CLAIM_KIND == CLAIM_HELD && c.key == *key => {
+                let free = Claim4 {
+                    state: c.state & !CLAIM_KIND,
+                    ..c
+                };
+                self.claims4
+                    .set(slot, free, 0)
+                    .map_err(|e| map_err(MAP_CLAIMS4, e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Claim slots that hold a snat reply entry, live or expired, of both families.
+    pub fn held_claims(&self) -> usize {
+        let mut held = 0;
+        let mut count = |state: u32| held += usize::from(state & CLAIM_KIND == CLAIM_HELD);
+        let fd = IterableMap::map(&self.claims4).fd().as_fd();
+        let _ = lookup_batch(fd, &mut |_: &u32, c: &Claim4| count(c.state));
+        let fd = IterableMap::map(&self.claims6).fd().as_fd();
+        let _ = lookup_batch(fd, &mut |_: &u32, c: &Claim6| count(c.state));
+        held
     }
 
     /// Frees a tracked source's slot (benchmarks and tests; the data path reclaims slots on its

@@ -1176,6 +1176,8 @@ impl Reconciler {
             snat_v6,
             snat_ports,
             source_sets: self.sizes.source_sets(),
+            claims_v4: self.sizes.flow_entries,
+            claims_v6: self.sizes.flow_entries_v6,
         }
     }
 

@@ -1,11 +1,12 @@
-//! Garbage collection the data path leaves to the agent: flow entries that are over. The data
-//! path already treats them as absent (and reclaims a snat port's entry on the spot when it
-//! needs the port); deleting them frees room in the LRU tables. Each entry expires on its own
-//! timeout: a snat flow's reply entry, which holds the port, through the backend's TIME_WAIT
-//! when the backend closed first.
+//! Garbage collection the data path leaves to the agent: flow-table entries that are over. The
+//! data path already treats them as absent; deleting them frees room in the LRU tables. Each
+//! entry expires on its own timeout.
 //!
-//! Rate-limit sources need no sweep: the data path gives the slot of a source that has
-//! refilled and been quiet to the next new source (see lb_common::SourceTags).
+//! Snat flows' reply entries need no sweep: they live in claim slots (see lb_common::Claim),
+//! which the data path claims again for a new flow once their entry is over (a port the
+//! backend may still hold in TIME_WAIT stays claimed that long). Nor do rate-limit sources: the
+//! data path gives the slot of a source that has refilled and been quiet to the next new source
+//! (see lb_common::SourceTags).
 use std::collections::BTreeMap;
 
 use lb_common::{Addr, Backend, FLOW_REPLY, FLOW_RESET, FlowAddr, flow_clock};
@@ -126,8 +127,8 @@ pub fn end_flows(tables: &mut dyn Tables, endings: &[Ending]) -> Vec<usize> {
 #[cfg(test)]
 mod tests {
     use lb_common::{
-        BACKEND_LISTED, Config, FLOW_CLOSING, FLOW_OPENING, FLOW_SNAT, FLOW_TCP, FLOW_TIME_WAIT,
-        Flow4, FlowKey4, IPPROTO_TCP, V4, flow_ticks,
+        BACKEND_LISTED, Config, FLOW_CLOSING, FLOW_OPENING, FLOW_TCP, Flow4, FlowKey4, IPPROTO_TCP,
+        V4, flow_ticks,
     };
 
     use super::*;
@@ -171,7 +172,8 @@ mod tests {
         V4::from_addr(&addr(last))
     }
 
-    /// A snat flow from client `client` to backend id `backend` (10.0.0.<id>:8080): its
+    /// A flow from client `client` to backend id `backend` (10.0.0.<id>:8080) that keeps the
+    /// client's address (a snat flow's reply entry is in a claim slot, not the flow table): its
     /// client-side entry (flags `flags`) and its reply entry (flags `reply_flags`), both last
     /// seen at `last_ns`.
     fn flow_pair(
@@ -190,19 +192,24 @@ mod tests {
             80u16.to_be(),
             IPPROTO_TCP,
         );
-        let snat_port = (1024u16 + u16::from(client)).to_be();
         let out = Flow4 {
             last,
-            flags: flags | FLOW_TCP | FLOW_SNAT,
+            flags: flags | FLOW_TCP,
             generation: 0,
-            port: snat_port,
+            port: key.sport,
             id: u32::from(backend),
-            addr: v4(1),
+            addr: key.src,
         };
-        let reply_key = FlowKey4::new(v4(backend), v4(1), 8080u16.to_be(), snat_port, IPPROTO_TCP);
+        let reply_key = FlowKey4::new(
+            v4(backend),
+            key.src,
+            8080u16.to_be(),
+            key.sport,
+            IPPROTO_TCP,
+        );
         let reply = Flow4 {
             last,
-            flags: reply_flags | FLOW_TCP | FLOW_SNAT | FLOW_REPLY,
+            flags: reply_flags | FLOW_TCP | FLOW_REPLY,
             generation: 0,
             port: key.sport,
             id: 1,
@@ -220,16 +227,18 @@ mod tests {
         flow_pair(&mut t, 1, 2, 0, 0, now - S); // live
         // The client closed first 11 s ago: both entries are over.
         flow_pair(&mut t, 3, 2, FLOW_CLOSING, FLOW_CLOSING, now - 11 * S);
-        // The backend closed first 11 s ago: the reply entry holds the port through the
-        // backend's TIME_WAIT (60 s).
-        flow_pair(
-            &mut t,
-            4,
-            2,
-            FLOW_CLOSING,
-            FLOW_CLOSING | FLOW_TIME_WAIT,
-            now - 11 * S,
-        );
+        // The client closed 11 s ago, the backend's last packet (its FIN) came 9 s ago.
+        flow_pair(&mut t, 4, 2, FLOW_CLOSING, 0, now - 11 * S);
+        let fin = t
+            .flows
+            .values_mut()
+            .find_map(|e| match e {
+                FlowEntry::V4(k, f) if f.flags & FLOW_REPLY != 0 && k.dst == v4(4) => Some(f),
+                _ => None,
+            })
+            .unwrap();
+        fin.flags |= FLOW_CLOSING;
+        fin.last = flow_clock(now - 9 * S);
         // A handshake that never finished: both entries were opening, both go after 60 s.
         flow_pair(&mut t, 5, 2, FLOW_OPENING, FLOW_OPENING, now - 61 * S);
         let report = sweep(&mut t, now);
@@ -237,11 +246,11 @@ mod tests {
         assert_eq!(report.flows_removed, 5, "{:?}", t.log);
         assert_eq!(t.flows.len(), 3);
         assert!(t.log.iter().all(|w| matches!(w, Write::RemoveFlow(_))));
-        let time_wait = t.flows.values().any(|e| match e {
-            FlowEntry::V4(_, f) => f.flags & FLOW_TIME_WAIT != 0,
+        let late_fin = t.flows.values().any(|e| match e {
+            FlowEntry::V4(k, f) => f.flags & FLOW_REPLY != 0 && k.dst == v4(4),
             FlowEntry::V6(..) => false,
         });
-        assert!(time_wait, "the reply entry in TIME_WAIT stays");
+        assert!(late_fin, "the reply entry whose FIN came later stays");
     }
 
     #[test]

@@ -282,12 +282,22 @@ impl Fixture {
             .map_or(0, |(_, v)| v)
     }
 
+    /// The entry of `key`, where the data path keeps it: the flow table, or for a snat flow's
+    /// reply entry its claim slot (held, live or expired).
     pub fn flow4(&self, key: &FlowKey4) -> Option<Flow4> {
-        self.maps.flows4.get(key, 0).ok()
+        self.maps
+            .flows4
+            .get(key, 0)
+            .ok()
+            .or_else(|| self.maps.claimed4(key))
     }
 
     pub fn flow6(&self, key: &FlowKey6) -> Option<Flow6> {
-        self.maps.flows6.get(key, 0).ok()
+        self.maps
+            .flows6
+            .get(key, 0)
+            .ok()
+            .or_else(|| self.maps.claimed6(key))
     }
 
     /// The key of the reply entry that goes with an IPv4 client -> backend entry: from the
@@ -322,9 +332,10 @@ impl Fixture {
         ip(args)
     }
 
-    /// Flow-table entries of both families.
+    /// Entries of both families: the flow tables' and the held claim slots (snat flows' reply
+    /// entries).
     pub fn flow_count(&self) -> usize {
-        self.maps.flows4.keys().count() + self.maps.flows6.keys().count()
+        self.maps.flows4.keys().count() + self.maps.flows6.keys().count() + self.maps.held_claims()
     }
 
     /// Marks pod0 as having a policy hook (as the agent does for a veth with another owner's

@@ -440,7 +440,7 @@ fn fin_ends_a_flow_after_the_linger_and_a_new_syn_on_the_tuple_is_a_new_flow() {
 }
 
 #[test]
-fn a_handshake_that_never_finishes_is_swept_after_its_timeout_with_its_reply_entry() {
+fn a_handshake_that_never_finishes_is_swept_after_its_timeout_and_frees_its_snat_port() {
     if !require_root() {
         return;
     }
@@ -481,17 +481,22 @@ fn a_handshake_that_never_finishes_is_swept_after_its_timeout_with_its_reply_ent
     // The default handshake timeout is 60 s: the agent's sweep, told it is later.
     let last = u64::from(half.last.max(done.last)) << lb_common::FLOW_CLOCK_SHIFT;
     let at = |s: u64| last + s * 1_000_000_000;
+    // The sweep walks the flow table (the client entries); a reply entry in its claim slot
+    // is over by the same timeout, and its slot (with the snat port) may be claimed again.
     let report = sweep(&mut fx.maps, at(59));
-    assert_eq!((report.flows, report.flows_removed), (4, 0));
+    assert_eq!((report.flows, report.flows_removed), (2, 0));
     let report = sweep(&mut fx.maps, at(61));
-    assert_eq!(report.flows_removed, 2, "the half-open flow's two entries");
+    assert_eq!(report.flows_removed, 1, "the half-open flow's client entry");
     assert!(fx.flow4(&half_key).is_none());
+    let cfg = fx.maps.read_config().unwrap();
+    let later = lb_common::flow_clock(at(61));
     assert!(
-        fx.flow4(&half_reply_key).is_none(),
+        half_reply.is_expired(&cfg, later),
         "its snat port is free again"
     );
+    assert!(!half_reply.is_expired(&cfg, lb_common::flow_clock(at(59))));
     assert!(fx.flow4(&done_key).is_some());
-    assert!(fx.flow4(&done_reply_key).is_some());
+    assert!(!fx.flow4(&done_reply_key).unwrap().is_expired(&cfg, later));
 }
 
 /// The agent walks the flow tables (sweeps, drain ends) in batches: with tens of thousands of

@@ -19,7 +19,9 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use aya::{Ebpf, EbpfLoader};
-use lb_common::{MAP_FLOWS4, MAP_FLOWS6, MAP_SOURCE_TAGS, MAP_SOURCES, SOURCE_WAYS};
+use lb_common::{
+    MAP_CLAIMS4, MAP_CLAIMS6, MAP_FLOWS4, MAP_FLOWS6, MAP_SOURCE_TAGS, MAP_SOURCES, SOURCE_WAYS,
+};
 use lb_userspace::dataplane::{LB_OBJECT, Sizes};
 
 use super::Scale;
@@ -107,6 +109,8 @@ pub fn run(scale: Scale) -> Result<Memory> {
     for (map, kind, per_element) in [
         (MAP_FLOWS4, "LRU hash", 1),
         (MAP_FLOWS6, "LRU hash", 1),
+        (MAP_CLAIMS4, "array", 1),
+        (MAP_CLAIMS6, "array", 1),
         (MAP_SOURCES, "array", 1),
         (
             MAP_SOURCE_TAGS,

@@ -28,8 +28,8 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use lb_common::{
-    Addr, Counter, FLOW_SNAT, FLOW_TCP, Flow4, FlowAddr, FlowKey4, IPPROTO_TCP, PROG_UPLINK,
-    ServiceKey, SourceKey, V4, filter_bit,
+    Addr, Counter, FLOW_REPLY, FLOW_SNAT, FLOW_TCP, Flow4, FlowAddr, FlowKey4, IPPROTO_TCP,
+    PROG_UPLINK, ServiceKey, SourceKey, V4, filter_bit,
 };
 use lb_userspace::{
     dataplane::{self, Sizes},
@@ -1725,7 +1725,7 @@ impl Bench<'_> {
             // A packet the data path dropped (an anomaly, reported) created no flow.
             if let Ok(flow) = self.fx.maps.flows4.get(&key, 0) {
                 self.fx.maps.flows4.remove(&key)?;
-                // The reply entry: backend -> the flow's rewritten source.
+                // The reply entry, in its claim slot: backend -> the flow's rewritten source.
                 if let Ok(b) = self.fx.maps.backends.get(&flow.id, 0) {
                     let reply = FlowKey4::new(
                         V4::from_addr(&b.addr),
@@ -1734,7 +1734,7 @@ impl Bench<'_> {
                         flow.port,
                         IPPROTO_TCP,
                     );
-                    let _ = self.fx.maps.flows4.remove(&reply);
+                    self.fx.maps.forget_claim4(&reply)?;
                 }
             }
             if sources {
@@ -1762,13 +1762,15 @@ impl Bench<'_> {
         Ok(policy.source_id(id))
     }
 
-    /// Adds `count` flow-table entries (forward direction of synthetic clients
-    /// 10.200.0.0/16, to the target service) with user-space map updates; returns the time.
+    /// Adds `count` snat flows (forward entries of synthetic clients 10.200.0.0/16 to the target
+    /// service, and as many held claim slots) with user-space map updates; returns the time.
     fn fill_flows(&mut self, start: u32, count: u32) -> Result<Duration> {
         let f = self.layout.target();
         let vip = V4::from_addr(&Addr::from(f.vip));
         let node = V4::from_addr(&Addr::from(NODE_V4.parse::<IpAddr>()?));
         let now = lb_common::flow_clock(coarse_now_ns());
+        let skey = ServiceKey::new(Addr::from(f.vip), f.port.to_be(), IPPROTO_TCP);
+        let service = self.fx.maps.services.get(&skey, 0)?.id;
         let started = Instant::now();
         for i in start..start + count {
             let src = V4(Ipv4Addr::new(10, 200, 0, 0)
@@ -1787,6 +1789,27 @@ impl Bench<'_> {
                 addr: node,
             };
             self.fx.maps.flows4.insert(key, value, 0)?;
+            // And a snat flow's reply entry in a claim slot, so the claim array is as full as
+            // such a flow table's would be: one held slot per flow, keyed as from one of many
+            // backends (10.201.0.0/16, each with the whole port range), live.
+            let ports = 64_512;
+            let backend = V4(Ipv4Addr::new(10, 201, 0, 0)
+                .to_bits()
+                .wrapping_add(i / ports)
+                .to_be());
+            let port = u16::try_from(1024 + i % ports).expect("below 65536");
+            let reply_key =
+                FlowKey4::new(backend, node, 8080u16.to_be(), port.to_be(), IPPROTO_TCP);
+            let reply = Flow4 {
+                last: now,
+                flags: FLOW_SNAT | FLOW_TCP | FLOW_REPLY,
+                generation: 0,
+                port: key.sport,
+                id: service,
+                addr: src,
+            };
+            // (A slot the measured flows hold already stays theirs.)
+            self.fx.maps.set_claim4(&reply_key, &reply)?;
         }
         Ok(started.elapsed())
     }

@@ -519,8 +519,14 @@ pub fn memory_tables(m: &Memory) -> String {
     let _ = writeln!(s, "|---|---|---|---|");
     for p in &m.per_entry {
         let what = match p.map {
-            lb_common::MAP_FLOWS4 => "IPv4 flow-table entry (two per flow: one per direction)",
-            lb_common::MAP_FLOWS6 => "IPv6 flow-table entry (two per flow: one per direction)",
+            lb_common::MAP_FLOWS4 => {
+                "IPv4 flow-table entry (one per snat flow, two per flow keeping the client's address)"
+            }
+            lb_common::MAP_FLOWS6 => "IPv6 flow-table entry (as IPv4)",
+            lb_common::MAP_CLAIMS4 => {
+                "IPv4 claim slot (a snat flow's reply entry; as many slots as flow-table entries)"
+            }
+            lb_common::MAP_CLAIMS6 => "IPv6 claim slot (as IPv4)",
             lb_common::MAP_SOURCES => "tracked source (rate limiter)",
             lb_common::MAP_SOURCE_TAGS => "a tracked source's tag",
             _ => "",
@@ -532,10 +538,14 @@ pub fn memory_tables(m: &Memory) -> String {
         );
     }
     let charge = |map: &str| m.per_entry.iter().find(|p| p.map == map).map(|p| p.bytes);
-    if let Some(b) = charge(lb_common::MAP_FLOWS4) {
+    if let (Some(b), Some(c)) = (
+        charge(lb_common::MAP_FLOWS4),
+        charge(lb_common::MAP_CLAIMS4),
+    ) {
         let _ = writeln!(
             s,
-            "\n**Per flow** (IPv4, both directions: two entries): {:.0} B (target <= 200 B).",
+            "\n**Per flow** (IPv4, both directions): a snat flow {:.0} B (its flow-table entry and a claim slot), a flow keeping the client's address {:.0} B (two entries) (target <= 200 B).",
+            b + c,
             2.0 * b
         );
     }
