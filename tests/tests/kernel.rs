@@ -439,6 +439,50 @@ fn fin_ends_a_flow_after_the_linger_and_a_new_syn_on_the_tuple_is_a_new_flow() {
     let _ = (port1, port2);
 }
 
+/// snat flows' reply entries live in claim slots (lb_common::Claim), 1024 here (16 blocks of 64
+/// ports): 600 flows to three backends fill them to 60%, so blocks of different backends share
+/// places and claims run into held slots. Every flow still gets a port of its own, and every
+/// backend reply finds its flow.
+#[test]
+fn many_snat_flows_in_a_small_claim_array_each_get_a_port_and_their_replies() {
+    if !require_root() {
+        return;
+    }
+    let mut fx = fixture(vec![snat_web()]);
+    let flows: Vec<(u16, IpAddr, u16)> = (0..600)
+        .map(|i| {
+            let (b, p) = open(&mut fx, 20000 + i);
+            (20000 + i, b, p)
+        })
+        .collect();
+    let mut taken: Vec<(IpAddr, u16)> = flows.iter().map(|&(_, b, p)| (b, p)).collect();
+    taken.sort_unstable();
+    taken.dedup();
+    assert_eq!(taken.len(), 600, "a (backend, snat port) is one flow's");
+    assert_eq!(fx.maps.held_claims(), 600);
+    for &(client_port, backend, snat_port) in &flows {
+        let synack = Spec::tcp(
+            &backend.to_string(),
+            8080,
+            NODE_V4,
+            snat_port,
+            TCP_SYN | TCP_ACK,
+        )
+        .macs(GW_MAC, fx.up0_mac);
+        let back = fx.uplink(&synack.build()).unwrap();
+        assert_eq!(
+            back.verdict, TX,
+            "reply of the flow from port {client_port}"
+        );
+        let r = parse(&back.packet);
+        assert_eq!(
+            (r.src, r.sport, r.dst, r.dport),
+            (ip("10.96.0.10"), 80, ip("10.0.0.10"), client_port)
+        );
+    }
+    assert_eq!(fx.counter(Counter::DropSnatPortsExhausted), 0);
+}
+
 #[test]
 fn a_handshake_that_never_finishes_is_swept_after_its_timeout_and_frees_its_snat_port() {
     if !require_root() {
