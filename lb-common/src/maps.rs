@@ -434,7 +434,8 @@ const _: () = assert!(core::mem::size_of::<Backend>() == 32);
 // ---------------------------------------------------------------------------------------------
 // LB_FLOWS4 / LB_FLOWS6: the flow tables, one per family (an IPv4 key is 16 bytes, not 40). One
 // entry per direction: the client's packets (key: as the client sends them) and the backend's
-// replies (key: as the backend sends them). Each entry holds what its packets are rewritten to:
+// replies (key: as the backend sends them; a snat flow's is in a claim slot instead, see
+// LB_CLAIMS4 below). Each entry holds what its packets are rewritten to:
 // - client -> backend: source `addr:port` (the node's snat address and port, or the client's
 //   own), destination backend `id`;
 // - backend -> client (FLOW_REPLY): source the frontend of service `id`, destination `addr:port`
