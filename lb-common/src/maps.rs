@@ -607,6 +607,14 @@ pub struct Claim<A> {
     pub key: FlowKey<A>,
     pub flow: Flow<A>,
 }
+impl<A: PartialEq> Claim<A> {
+    /// Whether the slot holds the reply entry of `key` (live or expired).
+    #[inline(always)]
+    pub fn holds(&self, key: &FlowKey<A>) -> bool {
+        self.state & CLAIM_KIND == CLAIM_HELD && self.key == *key
+    }
+}
+
 pub type Claim4 = Claim<V4>;
 pub type Claim6 = Claim<Addr>;
 const _: () = assert!(core::mem::size_of::<Claim4>() == 36);

@@ -145,9 +145,7 @@ fn claimed<F: Family>(key: &FlowKey<F::A>, cfg: &Config) -> Option<*mut Flow<F::
     // SAFETY: a map value; its state changes only atomically, its key and entry only while the
     // claiming CPU holds it BUSY (a reader finds no entry then).
     let c = unsafe { &mut *slot };
-    // SAFETY: the pointer comes from a reference; volatile only keeps the access as written.
-    let state = unsafe { core::ptr::read_volatile(&raw const c.state) };
-    if state & CLAIM_KIND != CLAIM_HELD || c.key != *key {
+    if !c.holds(key) {
         return None;
     }
     Some(&raw mut c.flow)
@@ -197,7 +195,7 @@ fn release<F: Family>(key: &FlowKey<F::A>, cfg: &Config) {
     let at = &raw mut c.state;
     // SAFETY: the pointer comes from a reference; volatile only keeps the access as written.
     let state = unsafe { core::ptr::read_volatile(at) };
-    if state & CLAIM_KIND == CLAIM_HELD && c.key == *key {
+    if c.holds(key) {
         // A live entry of ours: no other CPU changes it (it would need it expired).
         // SAFETY: an aligned u32 in a map value, changed by other CPUs only atomically.
         unsafe {

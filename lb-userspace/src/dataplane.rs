@@ -774,7 +774,7 @@ impl Maps {
             .claims4
             .get(&lb_common::claim_slot(key, slots), 0)
             .ok()?;
-        (c.state & CLAIM_KIND == CLAIM_HELD && c.key == *key).then_some(c.flow)
+        c.holds(key).then_some(c.flow)
     }
 
     pub fn claimed6(&self, key: &FlowKey6) -> Option<Flow6> {
@@ -783,7 +783,7 @@ impl Maps {
             .claims6
             .get(&lb_common::claim_slot(key, slots), 0)
             .ok()?;
-        (c.state & CLAIM_KIND == CLAIM_HELD && c.key == *key).then_some(c.flow)
+        c.holds(key).then_some(c.flow)
     }
 
     /// Writes a snat reply entry into its claim slot unless the slot holds one already (live or
@@ -813,7 +813,7 @@ impl Maps {
         let slots = self.read_config().map_or(0, |c| c.claims_v4);
         let slot = lb_common::claim_slot(key, slots);
         match self.claims4.get(&slot, 0) {
-            Ok(c) if c.state & CLAIM_KIND == CLAIM_HELD && c.key == *key => {
+            Ok(c) if c.holds(key) => {
                 let free = Claim4 {
                     state: c.state & !CLAIM_KIND,
                     ..c
