@@ -567,6 +567,16 @@ impl<A> Flow<A> {
         }
     }
 
+    /// Whether this live reply entry of a snat flow gives way to a new flow that found no free
+    /// port: its handshake is half-open (FLOW_OPENING) and has seen nothing in the reply
+    /// direction for [`HALF_OPEN_GIVES_WAY`]. (Conntrack drops such flows early under pressure
+    /// too; without it a spoofed SYN flood holds every port for the handshake timeout.)
+    #[inline(always)]
+    pub fn gives_way(&self, now: u32) -> bool {
+        self.flags & FLOW_OPENING != 0
+            && now.wrapping_sub(self.last).cast_signed() >= HALF_OPEN_GIVES_WAY.cast_signed()
+    }
+
     /// A flow is over when idle longer than its timeout. (The data path treats an expired entry
     /// as absent; the agent's sweep deletes it.) `now`: flow-clock ticks.
     #[inline(always)]
@@ -619,6 +629,11 @@ pub type Claim4 = Claim<V4>;
 pub type Claim6 = Claim<Addr>;
 const _: () = assert!(core::mem::size_of::<Claim4>() == 36);
 const _: () = assert!(core::mem::size_of::<Claim6>() == 72);
+
+/// How long a half-open snat flow's reply entry is idle before it gives way (see
+/// [`Flow::gives_way`]): TCP's first SYN retransmission timeout (RFC 6298), so a real client
+/// whose handshake stalled that long sends its SYN again, which opens a new flow.
+pub const HALF_OPEN_GIVES_WAY: u32 = flow_ticks(1_000_000_000);
 
 /// Claim slots come in blocks of this many, one block per (backend, snat address, 64 snat
 /// ports): the consecutive ports a backend's cursor hands out sit in consecutive slots, so the
@@ -1100,6 +1115,26 @@ mod tests {
         let mut f = flow(FLOW_TCP);
         f.last = u32::MAX - 5;
         assert!(!f.is_expired(&cfg(), 10));
+    }
+
+    /// Only a half-open entry gives way, and only once it has been idle a second.
+    #[test]
+    fn a_half_open_entry_gives_way_after_a_second_idle() {
+        let second = |f: &Flow4| f.last + HALF_OPEN_GIVES_WAY;
+        let half_open = flow(FLOW_TCP | FLOW_REPLY | FLOW_SNAT | FLOW_OPENING);
+        assert!(!half_open.gives_way(half_open.last));
+        assert!(!half_open.gives_way(second(&half_open) - 1));
+        assert!(half_open.gives_way(second(&half_open)));
+        assert!(u64::from(HALF_OPEN_GIVES_WAY) << FLOW_CLOCK_SHIFT >= S);
+        // A clock read a tick before the stamp is not a second idle.
+        assert!(!half_open.gives_way(half_open.last - 1));
+        for f in [
+            flow(FLOW_TCP | FLOW_REPLY | FLOW_SNAT),
+            flow(FLOW_REPLY | FLOW_SNAT),
+            flow(FLOW_TCP | FLOW_REPLY | FLOW_SNAT | FLOW_CLOSING | FLOW_TIME_WAIT),
+        ] {
+            assert!(!f.gives_way(second(&f) + 1000), "{f:?}");
+        }
     }
 
     #[test]

@@ -58,6 +58,9 @@ counters! {
     FlowsExpired = "flows_expired",
     /// New snat flows dropped: no free source port for that backend.
     DropSnatPortsExhausted = "drop_snat_ports_exhausted",
+    /// Half-open snat flows (a SYN, then nothing back for a second) dropped when a new flow
+    /// found no free port: the new flow takes the port (see `Flow::gives_way`).
+    HalfOpenDropped = "half_open_dropped",
     /// New flows to a service with no backend of weight > 0.
     DropNoBackend = "drop_no_backend",
     /// The kernel had no neighbour entry for the next hop yet: passed to the kernel (rewritten).

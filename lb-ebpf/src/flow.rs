@@ -2,7 +2,8 @@
 //! from the service's Maglev ring (or its session-affinity entry), a source port if the service
 //! uses source NAT, and two entries, one per direction: the client's in the flow table, the
 //! reply direction's there too, or, for a snat flow, in the claim slot that holds its port
-//! (lb_common::Claim). No insert ever replaces a live entry.
+//! (lb_common::Claim). No insert ever replaces a live entry, but for a half-open snat flow's
+//! that gives way when no port is free (see `claim_port`).
 use core::intrinsics::{
     AtomicOrdering::{Relaxed, SeqCst},
     atomic_cxchg, atomic_xadd, atomic_xchg,
@@ -22,7 +23,7 @@ use crate::{
     family::{Family, key_of},
     maps::{
         EEXIST, LB_AFFINITY, LB_BACKENDS, LB_BE_STATS, LB_PORTS, LB_RINGS, LB_SVC_INFO,
-        LB_SVC_STATS, count, entries, new_key, scratch,
+        LB_SVC_STATS, count, entries, half_open, new_key, scratch,
     },
     parse::{Packet, Ports},
 };
@@ -151,14 +152,31 @@ fn claimed<F: Family>(key: &FlowKey<F::A>, cfg: &Config) -> Option<*mut Flow<F::
     Some(&raw mut c.flow)
 }
 
+/// What `claim` found in a slot.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Claimed {
+    /// The slot is this flow's now.
+    Yes,
+    /// Live, being written, or lost to another CPU.
+    Busy,
+    /// Held by a half-open flow that gives way (Flow::gives_way), not taken.
+    GivesWay,
+}
+
 /// Claims `key`'s slot for the reply entry `reply`: the slot must be free or hold an entry that
-/// is over (expired: see Flow::is_expired, which keeps a TIME_WAIT port). A compare-and-swap
-/// makes the slot this CPU's (BUSY) while it writes, then it is published HELD. False: busy
-/// (live, being written, or lost to another CPU).
+/// is over (expired: see Flow::is_expired, which keeps a TIME_WAIT port), or, with `take`, a
+/// half-open flow's that gives way (noted in scratch: `drop_half_open` drops its client entry). A compare-and-swap
+/// makes the slot this CPU's (BUSY) while it writes, then it is published HELD.
 #[inline(always)]
-fn claim<F: Family>(key: &FlowKey<F::A>, reply: &Flow<F::A>, cfg: &Config, now: u32) -> bool {
+fn claim<F: Family>(
+    key: &FlowKey<F::A>,
+    reply: &Flow<F::A>,
+    cfg: &Config,
+    now: u32,
+    take: bool,
+) -> Claimed {
     let Some(slot) = F::claims().get_ptr_mut(claim_slot(key, F::claim_slots(cfg))) else {
-        return false;
+        return Claimed::Busy;
     };
     // SAFETY: a map value, see `claimed`.
     let c = unsafe { &mut *slot };
@@ -167,21 +185,76 @@ fn claim<F: Family>(key: &FlowKey<F::A>, reply: &Flow<F::A>, cfg: &Config, now: 
     let state = unsafe { core::ptr::read_volatile(at) };
     let kind = state & CLAIM_KIND;
     // (An expired entry stays expired: `refresh` writes nothing to one.)
-    if kind == CLAIM_BUSY || kind == CLAIM_HELD && !c.flow.is_expired(cfg, now) {
-        return false;
+    let live = kind == CLAIM_HELD && !c.flow.is_expired(cfg, now);
+    if kind == CLAIM_BUSY || live && !c.flow.gives_way(now) {
+        return Claimed::Busy;
     }
-    let count = (state & !CLAIM_KIND).wrapping_add(CLAIM_COUNT);
+    if live && !take {
+        return Claimed::GivesWay;
+    }
+    let next = (state & !CLAIM_KIND).wrapping_add(CLAIM_COUNT);
     // SAFETY: an aligned u32 in a map value, changed by other CPUs only atomically.
-    if !unsafe { atomic_cxchg::<u32, { Relaxed }, { Relaxed }>(at, state, count | CLAIM_BUSY) }.1 {
-        return false;
+    if !unsafe { atomic_cxchg::<u32, { Relaxed }, { Relaxed }>(at, state, next | CLAIM_BUSY) }.1 {
+        return Claimed::Busy;
+    }
+    if live {
+        // Its handshake may have moved on since it was read: then it keeps the slot.
+        if !c.flow.gives_way(now) {
+            // SAFETY: as above; the slot is ours (BUSY), so nothing changed its state.
+            unsafe { atomic_xchg::<u32, { SeqCst }>(at, state) };
+            return Claimed::Busy;
+        }
+        // Its client entry goes once the new flow is prepared (see `open`).
+        if let Some(s) = scratch() {
+            let (k, f) = half_open::<F::A>(s);
+            crate::mem::copy(k, &c.key);
+            crate::mem::copy(f, &c.flow);
+            s.half_open_taken = true;
+        }
+        count(Counter::HalfOpenDropped);
     }
     crate::mem::copy(&mut c.key, key);
     crate::mem::copy(&mut c.flow, reply);
     // An atomic exchange, not a store: BPF's atomics are full barriers, so the key and entry
     // are written before the slot reads as HELD on any CPU.
     // SAFETY: as above.
-    unsafe { atomic_xchg::<u32, { SeqCst }>(at, count | CLAIM_HELD) };
-    true
+    unsafe { atomic_xchg::<u32, { SeqCst }>(at, next | CLAIM_HELD) };
+    Claimed::Yes
+}
+
+/// Drops the client entry of the half-open flow whose claim slot this packet's new flow took
+/// (see `claim`): a retransmitted SYN of that client then opens a new flow, where it would go
+/// out from the port the slot's new flow has.
+#[inline(never)]
+fn drop_half_open<F: Family>() {
+    let Some(s) = scratch() else {
+        return;
+    };
+    if !s.half_open_taken {
+        return;
+    }
+    s.half_open_taken = false;
+    let (reply_key, reply) = half_open::<F::A>(s);
+    // The service is gone: so is the flow (its client entry resolves to nothing).
+    let Some(svc) = LB_SVC_INFO.get(reply.id) else {
+        return;
+    };
+    let key = FlowKey::new(
+        reply.addr,
+        F::A::from_addr(&Addr::from_words(svc.addr.words())),
+        reply.port,
+        svc.port,
+        reply_key.proto,
+    );
+    let flows = F::flows();
+    if let Some(p) = flows.get_ptr(&key) {
+        // SAFETY: a successful map lookup's pointer is valid and aligned for the value until the program returns.
+        let f = unsafe { &*p };
+        // The flow's own entry, not a newer one of the same client tuple.
+        if f.addr == reply_key.dst && f.port == reply_key.dport {
+            let _ = flows.remove(&key);
+        }
+    }
 }
 
 /// Gives back the claim slot of `key` that this packet claimed (the flow was not made after all).
@@ -365,12 +438,16 @@ pub fn open<F: Family>(
     choice: &Choice,
     cfg: &Config,
 ) -> Opened {
-    let code = prepare::<F>(pkt, ports, svc, choice, cfg);
-    let code = if code == 0 {
-        insert::<F>(svc, choice, cfg)
-    } else {
-        code
-    };
+    let mut code = prepare::<F>(pkt, ports, svc, choice);
+    // Called from here, not from `prepare`: a chain of subprograms may use 512 bytes of stack
+    // in all, and claim_port calls one more.
+    if code == 0 && choice.mode & FLOW_SNAT != 0 {
+        code = claim_port::<F>(cfg, &choice.backend, lb_common::flow_clock(choice.now_ns));
+    }
+    if code == 0 {
+        drop_half_open::<F>();
+        code = insert::<F>(svc, choice, cfg);
+    }
     match DropReason::from_code(code) {
         None => {
             if scratch().is_some_and(|s| s.live) {
@@ -388,25 +465,19 @@ pub fn open<F: Family>(
     }
 }
 
-/// The new flow's key, entries and reply key, in scratch(); for snat, with its claimed port.
-/// 0, or a DropReason's code. (Its own subprogram, like `insert`: a chain of subprograms may
-/// use 512 bytes of stack in all.)
+/// The new flow's key, entries and reply key, in scratch() (for snat, `claim_port` then puts
+/// its snat address and port in). 0, or a DropReason's code. (Its own subprogram, like
+/// `insert`: a chain of subprograms may use 512 bytes of stack in all.)
 #[inline(never)]
-fn prepare<F: Family>(
-    pkt: &Packet,
-    ports: &Ports,
-    svc: &Service,
-    choice: &Choice,
-    cfg: &Config,
-) -> u32 {
+fn prepare<F: Family>(pkt: &Packet, ports: &Ports, svc: &Service, choice: &Choice) -> u32 {
     let Some(s) = scratch() else {
         return DropReason::FlowTable.code();
     };
     s.live = false;
+    s.half_open_taken = false;
     let key = key_of::<F>(pkt, ports);
     *new_key::<F::A>(s) = key;
     let now = lb_common::flow_clock(choice.now_ns);
-    let snat = choice.mode & FLOW_SNAT != 0;
     let b = &choice.backend;
     let mut flags = choice.mode;
     if key.proto == IPPROTO_TCP {
@@ -440,15 +511,7 @@ fn prepare<F: Family>(
         key.sport,
         key.proto,
     );
-    if !snat {
-        return 0;
-    }
-    let code = claim_port::<F>(cfg, b, reply_key, reply, now);
-    if code == 0 {
-        forward.addr = reply_key.dst;
-        forward.port = reply_key.dport;
-    }
-    code
+    0
 }
 
 /// Inserts the prepared entries (see `prepare`), never over a live entry; on failure gives back
@@ -603,11 +666,28 @@ fn insert_reply<F: Family>(
 /// that node address and port or of another backend's whose block of ports shares the place
 /// (lb_common::claim_slot), is busy, so two flows never share one (0; else a DropReason's
 /// code). Ports are tried in order from a cursor per backend, so a port is reused as late as
-/// possible (after the whole range); after a busy one, a block further. Reply entries of flows
-/// the backend closed first stay `tcp_time_wait` (see FLOW_TIME_WAIT), so a port is never given
-/// back to a backend that may hold the old connection in TIME_WAIT.
+/// possible (after the whole range); after a busy one, a block and a port further. When none of the tries
+/// is free, the first half-open flow passed that gives way (Flow::gives_way) is dropped and its
+/// port taken. Reply entries of flows the backend closed first stay `tcp_time_wait` (see
+/// FLOW_TIME_WAIT), so a port is never given back to a backend that may hold the old connection
+/// in TIME_WAIT.
 #[inline(never)]
-fn claim_port<F: Family>(
+fn claim_port<F: Family>(cfg: &Config, b: &Backend, now: u32) -> u32 {
+    let exhausted = DropReason::SnatPortsExhausted.code();
+    let Some(s) = scratch() else {
+        return exhausted;
+    };
+    let (key, forward, reply) = entries::<F::A>(s);
+    let code = try_ports::<F>(cfg, b, key, reply, now);
+    if code == 0 {
+        forward.addr = key.dst;
+        forward.port = key.dport;
+    }
+    code
+}
+
+#[inline(always)]
+fn try_ports<F: Family>(
     cfg: &Config,
     b: &Backend,
     key: &mut FlowKey<F::A>,
@@ -627,6 +707,21 @@ fn claim_port<F: Family>(
     let Some(cursor) = LB_PORTS.get_ptr_mut(slot % PORT_CURSORS) else {
         return exhausted;
     };
+    // After a busy port the next try is a block and a port on (the ports after it may well be
+    // busy too: another backend's, whose block shares this one's place, or this backend's own
+    // live flows; and a stride of exactly a block would try one slot of each block only, round
+    // after round, while a flood's half-open flows wait elsewhere), unless the range is too
+    // small for the tries to spread over blocks.
+    let skip = if space >= CLAIM_BLOCK * SNAT_PORT_TRIES {
+        CLAIM_BLOCK
+    } else {
+        0
+    };
+    let Some(s) = scratch() else {
+        return exhausted;
+    };
+    // The first port passed whose half-open flow gives way: taken if no port is free.
+    s.fallback = u32::MAX;
     for _ in 0..SNAT_PORT_TRIES {
         // SAFETY: an aligned u32 in a map value. SeqCst, not Relaxed: for a relaxed 32-bit add
         // LLVM emits BPF's plain atomic add, without the fetch, and the "old value" read back
@@ -636,25 +731,50 @@ fn claim_port<F: Family>(
         // place in the claim array then use different slots of it.
         let i =
             unsafe { atomic_xadd::<u32, u32, { SeqCst }>(cursor, 1) }.wrapping_add(slot) % space;
-        let a = i / ports;
-        if a as usize >= addrs.len() {
+        if !snat_source::<F>(cfg, addrs, ports, i, key) {
             break;
         }
-        // Masked in 64 bits as well: the verifier must see the index bounded in the register
-        // that addresses the array, whatever width the compiler compared it in.
-        let a =
-            // SAFETY: the pointer comes from a reference; volatile only keeps the access as written.
-            (u64::from(unsafe { core::ptr::read_volatile(&raw const a) }) & (MAX_SNAT_ADDRS as u64 - 1)) as usize;
-        // The key is (backend -> snat address and port); the caller filled in the rest.
-        key.dst = F::A::from_addr(&addrs[a]);
-        key.dport = cfg.snat_port(i % ports).to_be();
-        if claim::<F>(key, reply, cfg, now) {
-            return 0;
+        match claim::<F>(key, reply, cfg, now, false) {
+            Claimed::Yes => return 0,
+            Claimed::GivesWay if s.fallback == u32::MAX => s.fallback = i,
+            _ => {}
         }
-        // Busy: the next ports may well be too (another backend's, whose ports share this
-        // block's place, or this backend's own live flows): the next try is a block further.
+        // (Also when `skip` is 0: a branch here would have the verifier walk the rest of the
+        // loop twice.)
         // SAFETY: as above.
-        unsafe { atomic_xadd::<u32, u32, { SeqCst }>(cursor, CLAIM_BLOCK - 1) };
+        unsafe { atomic_xadd::<u32, u32, { SeqCst }>(cursor, skip) };
+    }
+    let i = s.fallback;
+    if i != u32::MAX
+        && snat_source::<F>(cfg, addrs, ports, i, key)
+        && claim::<F>(key, reply, cfg, now, true) == Claimed::Yes
+    {
+        return 0;
     }
     exhausted
+}
+
+/// Puts the snat source of number `i` (an address, then a port, over the whole space) into the
+/// reply key `key` (backend -> snat address and port; the caller filled in the rest). `ports`:
+/// the snat port count, not 0. False: no such address.
+#[inline(always)]
+fn snat_source<F: Family>(
+    cfg: &Config,
+    addrs: &[Addr; MAX_SNAT_ADDRS],
+    ports: u32,
+    i: u32,
+    key: &mut FlowKey<F::A>,
+) -> bool {
+    let a = i / ports;
+    if a as usize >= addrs.len() {
+        return false;
+    }
+    // Masked in 64 bits as well: the verifier must see the index bounded in the register
+    // that addresses the array, whatever width the compiler compared it in.
+    let a =
+        // SAFETY: the pointer comes from a reference; volatile only keeps the access as written.
+        (u64::from(unsafe { core::ptr::read_volatile(&raw const a) }) & (MAX_SNAT_ADDRS as u64 - 1)) as usize;
+    key.dst = F::A::from_addr(&addrs[a]);
+    key.dport = cfg.snat_port(i % ports).to_be();
+    true
 }

@@ -113,6 +113,16 @@ pub struct Scratch {
     /// made to its send.
     pub next: crate::nexthop::Next,
     pub route: u32,
+    /// flow::claim_port: the first snat source number passed whose half-open flow gives way
+    /// (u32::MAX: none). Here, not in a register: the verifier would follow each try with and
+    /// without one.
+    pub fallback: u32,
+    /// The half-open flow whose claim slot the new flow took (flow::claim), its reply key and
+    /// entry, while `half_open_taken`: its client entry is dropped at a shallower call depth
+    /// (flow::open), where the stack has room.
+    pub half_open_taken: bool,
+    pub half_open_key: FlowKey6,
+    pub half_open: Flow6,
 }
 
 /// Slow paths, tail-called: TAIL_NEW_FLOW, TAIL_ICMP.
@@ -162,6 +172,19 @@ pub fn entries<A: FlowAddr>(s: &mut Scratch) -> (&mut FlowKey<A>, &mut Flow<A>, 
             &mut *(&raw mut s.reply_key).cast::<FlowKey<A>>(),
             &mut *(&raw mut s.forward).cast::<Flow<A>>(),
             &mut *(&raw mut s.reply).cast::<Flow<A>>(),
+        )
+    }
+}
+
+/// The taken half-open flow's reply key and entry in scratch space, as family `A`'s (see
+/// `entries`).
+#[inline(always)]
+pub fn half_open<A: FlowAddr>(s: &mut Scratch) -> (&mut FlowKey<A>, &mut Flow<A>) {
+    // SAFETY: as in `entries`.
+    unsafe {
+        (
+            &mut *(&raw mut s.half_open_key).cast::<FlowKey<A>>(),
+            &mut *(&raw mut s.half_open).cast::<Flow<A>>(),
         )
     }
 }

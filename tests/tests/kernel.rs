@@ -1,7 +1,7 @@
 //! Kernel tier: the real data-path object, loaded through the agent's loader, run on crafted
 //! packets with BPF_PROG_TEST_RUN. Each test checks the verdict, every rewritten field, valid
 //! checksums, and the maps' side effects. Each test runs in its own network namespace.
-use std::net::IpAddr;
+use std::{collections::BTreeSet, net::IpAddr};
 
 use lb_common::{Counter, DropReason, FLOW_OPENING, FLOW_REPLY, IPPROTO_TCP, IPPROTO_UDP};
 use lb_tests::{
@@ -481,6 +481,116 @@ fn many_snat_flows_in_a_small_claim_array_each_get_a_port_and_their_replies() {
         );
     }
     assert_eq!(fx.counter(Counter::DropSnatPortsExhausted), 0);
+}
+
+/// A spoofed SYN flood holds every snat port of a backend with half-open flows. While they are
+/// young a new flow is dropped; once they have seen nothing for a second, new flows take their
+/// ports, and their client entries go (a retransmitted SYN of one must not go out from the port
+/// another flow has now). Established flows keep their ports throughout.
+#[test]
+fn half_open_flows_give_their_snat_ports_to_new_flows_after_a_second() {
+    if !require_root() {
+        return;
+    }
+    let mut d = desired(vec![service(
+        "10.96.0.10",
+        80,
+        Protocol::Tcp,
+        Mode::Snat,
+        &[("10.1.2.2", 8080)],
+    )]);
+    // One block of 64 ports.
+    d.node.snat_ports = Some(vec![(20480, 20543)]);
+    let mut fx = Fixture::new(sizes()).expect("fixture");
+    fx.apply(&d).expect("apply");
+    let syn = |src: &str, sport: u16| Spec::tcp(src, sport, "10.96.0.10", 80, TCP_SYN).build();
+    let reply_to = |fx: &mut Fixture, port: u16, flags: u8| {
+        let p = Spec::tcp("10.1.2.2", 8080, NODE_V4, port, flags).macs(GW_MAC, fx.up0_mac);
+        let out = fx.uplink(&p.build()).unwrap();
+        assert_eq!(out.verdict, TX, "reply to port {port} ({flags:#x})");
+        let r = parse(&out.packet);
+        (r.dst, r.dport)
+    };
+    let old: Vec<(u16, u16)> = (20000..20064)
+        .map(|p| {
+            let out = fx.uplink(&syn("10.0.0.10", p)).unwrap();
+            assert_eq!(out.verdict, TX, "flow from port {p}: every port is free");
+            (p, parse(&out.packet).sport)
+        })
+        .collect();
+    let ports: BTreeSet<u16> = old.iter().map(|&(_, n)| n).collect();
+    assert_eq!(ports, (20480..20544).collect());
+    // Eight finish their handshake.
+    let (established, half_open) = old.split_at(8);
+    for &(p, _) in established {
+        let ack = Spec::tcp("10.0.0.10", p, "10.96.0.10", 80, TCP_ACK).build();
+        assert_eq!(fx.uplink(&ack).unwrap().verdict, TX);
+    }
+    assert_eq!(
+        fx.uplink(&syn("10.0.0.10", 30000)).unwrap().verdict,
+        DROP,
+        "no port free, and the half-open flows are young"
+    );
+    assert_eq!(fx.counter(Counter::DropSnatPortsExhausted), 1);
+    assert_eq!(fx.counter(Counter::HalfOpenDropped), 0);
+
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    // Each new flow tries 16 ports from its backend's cursor, all held, and takes the first
+    // half-open one it passed, if any: as they go, fewer of those are left.
+    let mut new = Vec::new();
+    for p in 30001..30057 {
+        let out = fx.uplink(&syn("10.0.0.10", p)).unwrap();
+        if out.verdict == TX {
+            new.push((p, parse(&out.packet).sport));
+        } else {
+            assert_eq!(out.verdict, DROP);
+        }
+    }
+    assert!(new.len() >= 28, "{} of 56 new flows got a port", new.len());
+    assert_eq!(fx.counter(Counter::HalfOpenDropped), new.len() as u64);
+    assert_eq!(
+        fx.counter(Counter::DropSnatPortsExhausted),
+        1 + 56 - new.len() as u64
+    );
+    let taken: BTreeSet<u16> = new.iter().map(|&(_, n)| n).collect();
+    assert_eq!(taken.len(), new.len(), "a port is one flow's");
+    for &(p, port) in &new {
+        assert_eq!(
+            reply_to(&mut fx, port, TCP_SYN | TCP_ACK),
+            (ip("10.0.0.10"), p)
+        );
+    }
+    for &(p, port) in established {
+        assert!(!taken.contains(&port), "established flows keep their ports");
+        assert_eq!(reply_to(&mut fx, port, TCP_ACK), (ip("10.0.0.10"), p));
+    }
+    let key = |p| flow_key("10.0.0.10", p, "10.96.0.10", 80, IPPROTO_TCP);
+    let (dropped, kept): (Vec<_>, Vec<_>) = half_open
+        .iter()
+        .copied()
+        .partition(|(_, port)| taken.contains(port));
+    assert_eq!(dropped.len(), new.len(), "only half-open flows gave way");
+    for &(p, port) in half_open {
+        let gone = taken.contains(&port);
+        assert_eq!(fx.flow4(&key(p)).is_none(), gone, "client entry of {p}");
+    }
+    // A retransmitted SYN of a dropped flow opens a new flow: from a port no live flow
+    // has (another half-open flow's, if one gives way), never its old one.
+    let (p, _) = dropped[0];
+    let out = fx.uplink(&syn("10.0.0.10", p)).unwrap();
+    if out.verdict == TX {
+        let port = parse(&out.packet).sport;
+        assert!(
+            kept.iter().any(|&(_, k)| k == port),
+            "port {port} was a half-open flow's"
+        );
+        assert_eq!(
+            reply_to(&mut fx, port, TCP_SYN | TCP_ACK),
+            (ip("10.0.0.10"), p)
+        );
+    } else {
+        assert_eq!(out.verdict, DROP);
+    }
 }
 
 #[test]

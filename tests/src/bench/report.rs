@@ -482,6 +482,13 @@ pub fn throughput_tables(t: &Throughput) -> String {
     if let Some(m) = t.peak(lb, Mix::Flood) {
         let _ = writeln!(s, "\nxdplb under the flood (per second): {}", counters(m));
     }
+    if let Some(m) = t.peak(lb_off, Mix::Flood) {
+        let _ = writeln!(
+            s,
+            "\nxdplb under the flood, limiter off (per second): {}",
+            counters(m)
+        );
+    }
     if let Some(m) = t.peak(TPath::Handoff, Mix::ManyFlows) {
         let _ = writeln!(
             s,
@@ -722,7 +729,7 @@ fn perpacket_method(p: &PerPacket) -> String {
 
 fn throughput_method(t: &Throughput) -> String {
     format!(
-        "Method: three namespaces made for the run: the generator's `g0` - `up0` on the node (10.0.0.1/16) - the node's `be0` - `rcv0` in the receiver's namespace (which holds the 10 backend addresses; `xdp_sink` there counts and drops). {generator}, 64-byte TCP frames, \"many flows\" = 16384 flows from 1024 sources round robin (ACKs: established after a warm-up), \"flood\" = a SYN from a new source address every packet. Counted where the frames arrive: \"absorbed\" at the node's uplink program (the data path's `packets` counter, or `xdp_count` in front of the kernel path), \"forwarded\" by `xdp_sink` on rcv0 (for the XDP_DROP floor: at up0; for XDP_TX: back on g0). Paths, each on a fresh topology: XDP_DROP and XDP_TX floors; xdplb (`lb_uplink` on up0, snat, 10 backends, redirect to be0); the kernel path users run today: kube-proxy's nftables-mode rules for the same service and backends (table `ip kube-proxy`, service-ips vmap, `numgen random mod 10` over endpoint chains with `dnat to`, masquerade for sources outside the pod CIDR, the filter chains as kube-proxy adds them) with kernel forwarding ({nft}, nf_conntrack_max {ct}). The limiter policy for xdplb: 100k packets/s and 1000 connections/s per source, fail-closed overflow bucket. The limiter's A/B: on the limiter-on path's topology, after its other many-flows measurements, peaks alternately with the service's policy off and on (the same flows and tracked sources; which goes first alternates pair by pair); the cost is 1 / rate(on) - 1 / rate(off) per pair, since one CPU does all the work at the peak. {secs} s per measurement. The generator runs on CPU {cpu} (two threads taking turns); veth runs the node's and the receiver's softirq work on the sending CPU, so the generator, the node and the receiver share CPU {cpu} and the peak is what one CPU does for all three: the ratio between paths understates the node's own difference (the generator's share is the same for every path). CPU shares come from /proc/stat (tick-sampled). \"Other load\" is the user-space share of the whole machine during the measurement: nothing of the benchmark runs in user space, so it is someone else's work competing for the CPUs; compare paths within one run.\n",
+        "Method: three namespaces made for the run: the generator's `g0` - `up0` on the node (10.0.0.1/16) - the node's `be0` - `rcv0` in the receiver's namespace (which holds the 10 backend addresses; `xdp_sink` there counts and drops). {generator}, 64-byte TCP frames, \"many flows\" = 16384 flows from 1024 sources round robin (ACKs: established after a warm-up), \"flood\" = a SYN from a new source address every packet, timed after {lead} s of it (a sustained flood: the tables it fills are full). Counted where the frames arrive: \"absorbed\" at the node's uplink program (the data path's `packets` counter, or `xdp_count` in front of the kernel path), \"forwarded\" by `xdp_sink` on rcv0 (for the XDP_DROP floor: at up0; for XDP_TX: back on g0). Paths, each on a fresh topology: XDP_DROP and XDP_TX floors; xdplb (`lb_uplink` on up0, snat, 10 backends, redirect to be0); the kernel path users run today: kube-proxy's nftables-mode rules for the same service and backends (table `ip kube-proxy`, service-ips vmap, `numgen random mod 10` over endpoint chains with `dnat to`, masquerade for sources outside the pod CIDR, the filter chains as kube-proxy adds them) with kernel forwarding ({nft}, nf_conntrack_max {ct}). The limiter policy for xdplb: 100k packets/s and 1000 connections/s per source, fail-closed overflow bucket. The limiter's A/B: on the limiter-on path's topology, after its other many-flows measurements, peaks alternately with the service's policy off and on (the same flows and tracked sources; which goes first alternates pair by pair); the cost is 1 / rate(on) - 1 / rate(off) per pair, since one CPU does all the work at the peak. {secs} s per measurement. The generator runs on CPU {cpu} (two threads taking turns); veth runs the node's and the receiver's softirq work on the sending CPU, so the generator, the node and the receiver share CPU {cpu} and the peak is what one CPU does for all three: the ratio between paths understates the node's own difference (the generator's share is the same for every path). CPU shares come from /proc/stat (tick-sampled). \"Other load\" is the user-space share of the whole machine during the measurement: nothing of the benchmark runs in user space, so it is someone else's work competing for the CPUs; compare paths within one run.\n",
         generator = if t.live_frames {
             "The generator is `bench_gen` (lb-tools) run with BPF_PROG_RUN in live-frames mode: every frame it returns XDP_TX leaves g0 for up0; it restores and varies each frame itself (IPv4 and TCP checksums updated; each live-frames run spends ~24 ms of wall time setting up and tearing down its page pool, hence two threads)"
         } else {
@@ -731,6 +738,7 @@ fn throughput_method(t: &Throughput) -> String {
         nft = t.nft_version.as_deref().unwrap_or("nft unavailable"),
         ct = t.conntrack_max.as_deref().unwrap_or("?"),
         secs = t.seconds,
+        lead = t.seconds * super::throughput::FLOOD_LEAD,
         cpu = GEN_CPU,
     )
 }
