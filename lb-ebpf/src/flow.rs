@@ -165,7 +165,7 @@ enum Claimed {
 
 /// Claims `key`'s slot for the reply entry `reply`: the slot must be free or hold an entry that
 /// is over (expired: see Flow::is_expired, which keeps a TIME_WAIT port), or, with `take`, a
-/// half-open flow's that gives way (noted in scratch: `drop_half_open` drops its client entry). A compare-and-swap
+/// half-open flow's that gives way (noted in scratch, for `drop_half_open`). A compare-and-swap
 /// makes the slot this CPU's (BUSY) while it writes, then it is published HELD.
 #[inline(always)]
 fn claim<F: Family>(
@@ -666,11 +666,11 @@ fn insert_reply<F: Family>(
 /// that node address and port or of another backend's whose block of ports shares the place
 /// (lb_common::claim_slot), is busy, so two flows never share one (0; else a DropReason's
 /// code). Ports are tried in order from a cursor per backend, so a port is reused as late as
-/// possible (after the whole range); after a busy one, a block and a port further. When none of the tries
-/// is free, the first half-open flow passed that gives way (Flow::gives_way) is dropped and its
-/// port taken. Reply entries of flows the backend closed first stay `tcp_time_wait` (see
-/// FLOW_TIME_WAIT), so a port is never given back to a backend that may hold the old connection
-/// in TIME_WAIT.
+/// possible (after the whole range); after a busy one, a block and a port further. When none of
+/// the tries is free, the first half-open flow passed that gives way (Flow::gives_way) is
+/// dropped and its port taken. Reply entries of flows the backend closed first stay
+/// `tcp_time_wait` (see FLOW_TIME_WAIT), so a port is never given back to a backend that may
+/// hold the old connection in TIME_WAIT.
 #[inline(never)]
 fn claim_port<F: Family>(cfg: &Config, b: &Backend, now: u32) -> u32 {
     let exhausted = DropReason::SnatPortsExhausted.code();
