@@ -319,6 +319,13 @@ pub fn refresh<F: Family>(
     }
     // The coarse clock ticks every few ms: most packets need no write at all.
     if flow.last != now {
+        // A flow is one, whichever way it flows: a UDP flow that only sends one way (syslog,
+        // metrics, a stream) keeps its other entry live too, a snat flow's claim on its port or
+        // the entry that translates replies. (TCP always has packets both ways; its half-open
+        // reply entries must age by their own, see Flow::gives_way.)
+        if proto != IPPROTO_TCP && (flow.last ^ now) >> PEER_REFRESH_SHIFT != 0 {
+            keep_peer::<F>(t, proto, now, cfg);
+        }
         flow.last = now;
     }
     if !closing && tcp_flags & (TCP_FIN | TCP_RST) != 0 {
@@ -344,6 +351,22 @@ pub fn refresh<F: Family>(
         }
     }
     true
+}
+
+/// A UDP entry refreshes its peer when its own stamp moves into another window of 2^8 flow-clock
+/// ticks (a quarter second): a second lookup a quarter second per flow at most, not per packet.
+const PEER_REFRESH_SHIFT: u32 = 8;
+
+/// Stamps the live entry of the other direction with `now`.
+#[inline(always)]
+fn keep_peer<F: Family>(t: &Target, proto: u8, now: u32, cfg: &Config) {
+    if let Some(p) = find::<F>(&peer_key::<F>(t, proto), cfg) {
+        // SAFETY: a successful map lookup's pointer is valid and aligned for the value until the program returns.
+        let peer = unsafe { &mut *p };
+        if !peer.is_expired(cfg, now) {
+            peer.last = now;
+        }
+    }
 }
 
 #[inline(always)]

@@ -771,6 +771,73 @@ fn udp_to_a_preserving_vip_is_redirected_to_the_local_pod_and_its_reply_translat
     );
 }
 
+/// A UDP flow that only sends one way for longer than the UDP timeout keeps both its entries:
+/// the snat port's claim while only the client sends (a backend's late answer is translated
+/// back, and no other flow may get the port), the client's entry while only the backend sends
+/// (the client's next packet goes on in the same flow). Timeout 2 s here; a packet every 0.25 s.
+#[test]
+fn a_one_way_udp_flow_keeps_both_its_entries_past_the_udp_timeout() {
+    if !require_root() {
+        return;
+    }
+    let mut fx = Fixture::new(sizes()).expect("fixture");
+    let mut d = desired(vec![service(
+        "10.96.0.53",
+        53,
+        Protocol::Udp,
+        Mode::Snat,
+        &[("10.1.2.2", 5353)],
+    )]);
+    d.node.udp_idle = std::time::Duration::from_secs(2);
+    fx.apply(&d).expect("apply");
+    let client = Spec::udp("10.0.0.10", 50000, "10.96.0.53", 53).build();
+    let send_client = |fx: &mut Fixture| {
+        let out = fx.uplink(&client).unwrap();
+        assert_eq!(out.verdict, TX);
+        let p = parse(&out.packet);
+        assert_eq!((p.dst, p.dport), (ip("10.1.2.2"), 5353));
+        (p.src, p.sport)
+    };
+    let (snat_addr, snat_port) = send_client(&mut fx);
+    let reply = Spec::udp("10.1.2.2", 5353, &snat_addr.to_string(), snat_port)
+        .macs(GW_MAC, fx.up0_mac)
+        .build();
+    let send_reply = |fx: &mut Fixture, what: &str| {
+        let out = fx.uplink(&reply).unwrap();
+        assert_eq!(out.verdict, TX, "{what}");
+        let r = parse(&out.packet);
+        assert_eq!(
+            (r.src, r.sport, r.dst, r.dport),
+            (ip("10.96.0.53"), 53, ip("10.0.0.10"), 50000),
+            "{what}"
+        );
+    };
+    let pause = || std::thread::sleep(std::time::Duration::from_millis(250));
+    for _ in 0..12 {
+        pause();
+        assert_eq!(
+            send_client(&mut fx),
+            (snat_addr, snat_port),
+            "the same flow"
+        );
+    }
+    send_reply(
+        &mut fx,
+        "the backend answers after 3 s of client packets only",
+    );
+    for i in 0..12 {
+        pause();
+        send_reply(&mut fx, &format!("backend-only packet {i}"));
+    }
+    assert_eq!(send_client(&mut fx), (snat_addr, snat_port));
+    assert_eq!(
+        fx.counter(Counter::FlowsCreated),
+        1,
+        "after 3 s of backend packets only, the client's packet is still the flow's"
+    );
+    assert_eq!(fx.counter(Counter::FlowsExpired), 0);
+}
+
 /// A local pod whose veth has a policy hook (the agent found another owner's TC egress program
 /// there) is reached through the kernel's TC hooks: the rewritten packet (TTL decremented) is
 /// passed, still addressed to the uplink, its source MAC the handoff's marker (for
