@@ -103,7 +103,7 @@ pub const MAP_PROGS: &str = "LB_PROGS";
 
 /// Bumped whenever a map's key or value layout changes: the agent pins under a directory
 /// named after it, so a new layout never reads maps pinned by an incompatible older one.
-pub const MAP_LAYOUT_VERSION: u32 = 3;
+pub const MAP_LAYOUT_VERSION: u32 = 4;
 
 // ---------------------------------------------------------------------------------------------
 // Capacities compiled into the object. The agent overrides the sizable ones at load time.
@@ -544,11 +544,15 @@ pub struct Flow<A> {
     pub id: u32,
     /// The source address after the rewrite (client -> backend) or the client (backend -> client).
     pub addr: A,
+    /// Where the client's rate-limit source was last found (its LB_SOURCES slot): a hint, taken
+    /// only if that slot still holds the source's key; it spares each limited packet the
+    /// source's tag set (a hash and a cache line more). Any value is safe.
+    pub source: u32,
 }
 pub type Flow4 = Flow<V4>;
 pub type Flow6 = Flow<Addr>;
-const _: () = assert!(core::mem::size_of::<Flow4>() == 16);
-const _: () = assert!(core::mem::size_of::<Flow6>() == 28);
+const _: () = assert!(core::mem::size_of::<Flow4>() == 20);
+const _: () = assert!(core::mem::size_of::<Flow6>() == 32);
 
 impl<A> Flow<A> {
     /// How long the entry lives idle, in flow-clock ticks.
@@ -627,8 +631,8 @@ impl<A: PartialEq> Claim<A> {
 
 pub type Claim4 = Claim<V4>;
 pub type Claim6 = Claim<Addr>;
-const _: () = assert!(core::mem::size_of::<Claim4>() == 36);
-const _: () = assert!(core::mem::size_of::<Claim6>() == 72);
+const _: () = assert!(core::mem::size_of::<Claim4>() == 40);
+const _: () = assert!(core::mem::size_of::<Claim6>() == 76);
 
 /// How long a half-open snat flow's reply entry is idle before it gives way (see
 /// [`Flow::gives_way`]): TCP's first SYN retransmission timeout (RFC 6298), so a real client

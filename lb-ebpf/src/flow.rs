@@ -510,6 +510,7 @@ fn prepare<F: Family>(pkt: &Packet, ports: &Ports, svc: &Service, choice: &Choic
         flags |= FLOW_OPENING;
     }
     let info_generation = LB_SVC_INFO.get(svc.id).map_or(0, |s| s.generation);
+    let source = s.source;
     let (reply_key, forward, reply) = entries::<F::A>(s);
     *reply = Flow {
         last: now,
@@ -518,6 +519,7 @@ fn prepare<F: Family>(pkt: &Packet, ports: &Ports, svc: &Service, choice: &Choic
         port: key.sport,
         id: svc.id,
         addr: key.src,
+        source: u32::MAX,
     };
     *forward = Flow {
         last: now,
@@ -526,6 +528,7 @@ fn prepare<F: Family>(pkt: &Packet, ports: &Ports, svc: &Service, choice: &Choic
         port: key.sport,
         id: choice.backend_id,
         addr: key.src,
+        source,
     };
     *reply_key = FlowKey::new(
         F::A::from_addr(&b.addr),

@@ -221,6 +221,9 @@ mod datapath {
         flags: u8,
         /// The packet's clock reading.
         now_ns: u64,
+        /// The entry's rate-limit source hint (Flow::source), and where it is kept.
+        source: u32,
+        source_at: *mut u32,
     }
 
     /// Finds the packet's flow, if it is live for this packet. Else, if the packet's clock was
@@ -251,6 +254,9 @@ mod datapath {
             target: t,
             flags: f.flags,
             now_ns,
+            source: f.source,
+            // SAFETY: a place in the map value `entry` points at.
+            source_at: unsafe { &raw mut (*entry).source },
         })
     }
 
@@ -299,7 +305,13 @@ mod datapath {
         let limited = !t.reply && t.policy != 0;
         if limited {
             let how = if pkt.v6 { ratelimit::V6 } else { 0 };
-            match ratelimit::check_inline(t.policy, &pkt.src, how, now_ns) {
+            let verdict = ratelimit::check_inline(t.policy, &pkt.src, how, now_ns, hit.source);
+            // The source moved (or was first found): the flow's next packets look there.
+            if s.source != hit.source {
+                // SAFETY: a u32 in the flow's map value; a race with another CPU loses a hint.
+                unsafe { *hit.source_at = s.source };
+            }
+            match verdict {
                 Verdict::Pass => {}
                 Verdict::Drop(reason) | Verdict::Reset(reason) => {
                     return drop_for(t.service, reason);

@@ -838,7 +838,8 @@ impl Maps {
     }
 
     /// Frees a tracked source's slot (benchmarks and tests; the data path reclaims slots on its
-    /// own). Not atomic with the data path: only for a source nothing is sending from.
+    /// own). Not atomic with the data path: only for a source nothing is sending from. The
+    /// slot's key goes too: flows find their source by it (Flow::source).
     pub fn forget_source(&mut self, key: &SourceKey) -> Result<()> {
         let sets = self.source_tags.len().max(1);
         let set = source_set(source_hash(key), sets);
@@ -850,6 +851,9 @@ impl Maps {
             let slot = set * WAYS + way;
             if *tag >= 2 && self.sources.get(&slot, 0).is_ok_and(|s| s.key == *key) {
                 *tag = SOURCE_FREE;
+                self.sources
+                    .set(slot, Source::default(), 0)
+                    .map_err(|e| map_err(MAP_SOURCES, e))?;
             }
         }
         self.source_tags

@@ -101,6 +101,7 @@ fn entry(
             port: f.port,
             id: f.id,
             addr: f.addr.to_addr(),
+            source: f.source,
         })
     } else {
         let key = FlowKey6::new(*src, *dst, sport, dport, protocol.number());

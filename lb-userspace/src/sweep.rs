@@ -199,6 +199,7 @@ mod tests {
             port: key.sport,
             id: u32::from(backend),
             addr: key.src,
+            source: u32::MAX,
         };
         let reply_key = FlowKey4::new(
             v4(backend),
@@ -214,6 +215,7 @@ mod tests {
             port: key.sport,
             id: 1,
             addr: key.src,
+            source: u32::MAX,
         };
         for e in [FlowEntry::V4(key, out), FlowEntry::V4(reply_key, reply)] {
             t.flows.insert(e.id(), e);

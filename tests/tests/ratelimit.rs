@@ -238,6 +238,64 @@ fn a_syn_beyond_the_connection_rate_is_dropped_while_established_flows_keep_flow
     assert_eq!(fx.uplink(&data("10.0.0.10", 44003)).unwrap().verdict, DROP);
 }
 
+/// An established flow looks for its source where it last found it (Flow::source), and takes
+/// that slot only if it still holds the source: a flow whose hint names another source's slot
+/// charges its own source, never that one, and learns the right slot again.
+#[test]
+fn an_established_flow_charges_its_own_source_whatever_slot_its_hint_names() {
+    use lb_common::Flow4;
+    use lb_userspace::tables::{FlowEntry, Tables};
+    if !require_root() {
+        return;
+    }
+    // 1 packet/s, burst 10: nothing refills during the test.
+    let mut fx = fixture(policy(rate(1, 10), None), 64);
+    let (a, b) = ("10.0.0.10", "10.0.0.11");
+    for src in [a, b] {
+        assert_eq!(fx.uplink(&syn(src, 40000)).unwrap().verdict, TX);
+        assert_eq!(fx.uplink(&data(src, 40000)).unwrap().verdict, TX);
+    }
+    let key_of = |src: &str| flow_key(src, 40000, "10.96.0.10", 80, lb_common::IPPROTO_TCP);
+    let flow = |fx: &Fixture, src: &str| fx.flow4(&key_of(src)).expect("the flow");
+    let slot = |fx: &Fixture, i: u32| fx.maps.sources.get(&i, 0).expect("a source slot");
+    let ip4 = |src: &str| lb_common::Addr::from(src.parse::<IpAddr>().unwrap());
+    let (hint_a, hint_b) = (flow(&fx, a).source, flow(&fx, b).source);
+    assert_eq!(
+        slot(&fx, hint_a).key.addr,
+        ip4(a),
+        "the first data packet found its source"
+    );
+    assert_eq!(slot(&fx, hint_b).key.addr, ip4(b));
+    assert_ne!(hint_a, hint_b);
+
+    // A's flow names B's slot.
+    let wrong = Flow4 {
+        source: hint_b,
+        ..flow(&fx, a)
+    };
+    fx.maps.set_flow(&FlowEntry::V4(key_of(a), wrong)).unwrap();
+    let b_before = slot(&fx, hint_b);
+    let a_before = slot(&fx, hint_a);
+    assert_eq!(fx.uplink(&data(a, 40000)).unwrap().verdict, TX);
+    assert_eq!(slot(&fx, hint_b), b_before, "B's bucket untouched");
+    assert_ne!(
+        slot(&fx, hint_a).packets,
+        a_before.packets,
+        "A's bucket took it"
+    );
+    assert_eq!(
+        flow(&fx, a).source,
+        hint_a,
+        "and the flow knows its slot again"
+    );
+    // A has used 3 of its 10 packets; through the hint its limit holds as ever.
+    let verdicts: Vec<u32> = (0..8)
+        .map(|_| fx.uplink(&data(a, 40000)).unwrap().verdict)
+        .collect();
+    assert_eq!(verdicts, [TX, TX, TX, TX, TX, TX, TX, DROP]);
+    assert_eq!(slot(&fx, hint_b), b_before);
+}
+
 #[test]
 fn a_rejected_syn_can_be_answered_with_a_reset() {
     if !require_root() {

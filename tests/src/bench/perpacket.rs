@@ -1787,6 +1787,7 @@ impl Bench<'_> {
                 port: (61000 + (i % 4536) as u16).to_be(),
                 id: 0,
                 addr: node,
+                source: u32::MAX,
             };
             self.fx.maps.flows4.insert(key, value, 0)?;
             // And a snat flow's reply entry in a claim slot, so the claim array is as full as
@@ -1807,6 +1808,7 @@ impl Bench<'_> {
                 port: key.sport,
                 id: service,
                 addr: src,
+                source: u32::MAX,
             };
             // (A slot the measured flows hold already stays theirs.)
             self.fx.maps.set_claim4(&reply_key, &reply)?;
