@@ -593,6 +593,98 @@ fn half_open_flows_give_their_snat_ports_to_new_flows_after_a_second() {
     }
 }
 
+/// Two CPUs open snat flows at once: no (backend, snat port) goes to two flows, every flow sent
+/// on holds the claim its replies are translated by, and every SYN without a port is counted.
+/// Two threads pinned to CPU 0 and 1 start together, 2 x 400 SYNs to 60 backends x 64 ports in
+/// the fixture's 1024 claim slots (a place in the array holds the blocks of about four
+/// backends). What this does not provoke: two CPUs at one slot in the same few nanoseconds (each
+/// try takes its own port from its backend's cursor); with the slot's compare-and-swap made a
+/// plain store it still passes.
+#[test]
+fn two_cpus_opening_snat_flows_at_once_never_share_a_port() {
+    use std::sync::Barrier;
+    if !require_root() {
+        return;
+    }
+    assert!(
+        std::thread::available_parallelism().map_or(1, std::num::NonZero::get) >= 2,
+        "this test needs two CPUs"
+    );
+    let addrs: Vec<String> = (0..60).map(|i| format!("10.1.3.{}", i + 2)).collect();
+    let backends: Vec<(&str, u16)> = addrs.iter().map(|a| (a.as_str(), 8080)).collect();
+    let mut d = desired(vec![service(
+        "10.96.0.10",
+        80,
+        Protocol::Tcp,
+        Mode::Snat,
+        &backends,
+    )]);
+    d.node.snat_ports = Some(vec![(20480, 20543)]);
+    let mut fx = Fixture::new(sizes()).expect("fixture");
+    fx.apply(&d).expect("apply");
+    let per_cpu = 400u16;
+    let start = Barrier::new(2);
+    let fx_ref = &fx;
+    let sent: Vec<Vec<u16>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = [0u16, 1]
+            .into_iter()
+            .map(|cpu| {
+                let start = &start;
+                scope.spawn(move || {
+                    lb_tests::bench::pin_thread(usize::from(cpu)).expect("pin");
+                    let syns: Vec<(u16, Vec<u8>)> = (0..per_cpu)
+                        .map(|i| {
+                            let port = 30000 + cpu * 1000 + i;
+                            let p = Spec::tcp("10.0.0.10", port, "10.96.0.10", 80, TCP_SYN);
+                            (port, p.build())
+                        })
+                        .collect();
+                    start.wait();
+                    syns.iter()
+                        .filter(|(_, p)| fx_ref.run_many(p, 1).unwrap() == [TX])
+                        .map(|(port, _)| *port)
+                        .collect()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let opened: Vec<u16> = sent.concat();
+    let mut taken = BTreeSet::new();
+    for &client_port in &opened {
+        let key = flow_key("10.0.0.10", client_port, "10.96.0.10", 80, IPPROTO_TCP);
+        let forward = fx.flow4(&key).expect("a flow sent on has its entry");
+        let backend = fx.backend_of(&forward);
+        assert!(
+            taken.insert((backend, forward.port)),
+            "{backend} port {} went to two flows",
+            u16::from_be(forward.port)
+        );
+        let reply = fx
+            .flow4(&fx.reply_key4(&forward, IPPROTO_TCP))
+            .expect("its claim");
+        assert_eq!(
+            (reply.addr, reply.port),
+            (key.src, key.sport),
+            "the claim of {backend} port {} translates to its flow's client",
+            u16::from_be(forward.port)
+        );
+    }
+    let offered = 2 * u64::from(per_cpu);
+    assert!(
+        sent.iter().all(|s| s.len() >= 16),
+        "both CPUs opened flows: {:?}",
+        sent.iter().map(Vec::len).collect::<Vec<_>>()
+    );
+    assert!(opened.len() >= 256, "only {} of 800 opened", opened.len());
+    assert_eq!(fx.maps.held_claims(), opened.len());
+    assert_eq!(
+        fx.counter(Counter::DropSnatPortsExhausted),
+        offered - opened.len() as u64,
+        "every SYN without a port counted"
+    );
+}
+
 #[test]
 fn a_handshake_that_never_finishes_is_swept_after_its_timeout_and_frees_its_snat_port() {
     if !require_root() {
