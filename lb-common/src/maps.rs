@@ -540,21 +540,51 @@ pub struct Flow<A> {
     /// Wire order: the source port after the rewrite (client -> backend) or the client's port
     /// (backend -> client).
     pub port: u16,
-    /// Backend id (client -> backend) or service id (backend -> client).
-    pub id: u32,
+    /// The low [`FLOW_ID_BITS`]: the backend id (client -> backend) or service id (backend ->
+    /// client), see [`Flow::id`]. The top byte, in a client's entry: where its rate-limit
+    /// source was last found, see [`Flow::source_way`].
+    pub id_way: u32,
     /// The source address after the rewrite (client -> backend) or the client (backend -> client).
     pub addr: A,
-    /// Where the client's rate-limit source was last found (its LB_SOURCES slot): a hint, taken
-    /// only if that slot still holds the source's key; it spares each limited packet the
-    /// source's tag set (a hash and a cache line more). Any value is safe.
-    pub source: u32,
 }
 pub type Flow4 = Flow<V4>;
 pub type Flow6 = Flow<Addr>;
-const _: () = assert!(core::mem::size_of::<Flow4>() == 20);
-const _: () = assert!(core::mem::size_of::<Flow6>() == 32);
+const _: () = assert!(core::mem::size_of::<Flow4>() == 16);
+const _: () = assert!(core::mem::size_of::<Flow6>() == 28);
+
+/// Bits of a flow entry's backend or service id: ids are below 2^24 (the agent refuses larger
+/// tables), which leaves the word's top byte to the source's way.
+pub const FLOW_ID_BITS: u32 = 24;
+pub const MAX_IDS: u32 = 1 << FLOW_ID_BITS;
+
+/// A flow entry's `id_way` word: `id` and the way (< SOURCE_WAYS; any other value: not known)
+/// its client's rate-limit source was found in.
+#[inline(always)]
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "SOURCE_WAYS is 8 (a const fn cannot call try_from)"
+)]
+pub const fn id_way(id: u32, way: u32) -> u32 {
+    let tag = if way < SOURCE_WAYS as u32 { way + 1 } else { 0 };
+    (id & (MAX_IDS - 1)) | tag << FLOW_ID_BITS
+}
 
 impl<A> Flow<A> {
+    /// The backend id (client -> backend) or service id (backend -> client).
+    #[inline(always)]
+    pub const fn id(&self) -> u32 {
+        self.id_way & (MAX_IDS - 1)
+    }
+
+    /// The way of its set the client's rate-limit source was last found in (SOURCE_WAYS or more:
+    /// not known): a hint, taken only if that slot still holds the source's key; it spares each
+    /// limited packet the set's tags (a cache line, cold when many sources talk). Any value is
+    /// safe.
+    #[inline(always)]
+    pub const fn source_way(&self) -> u32 {
+        (self.id_way >> FLOW_ID_BITS).wrapping_sub(1)
+    }
+
     /// How long the entry lives idle, in flow-clock ticks.
     #[inline(always)]
     pub fn timeout(&self, cfg: &Config) -> u32 {
@@ -631,8 +661,8 @@ impl<A: PartialEq> Claim<A> {
 
 pub type Claim4 = Claim<V4>;
 pub type Claim6 = Claim<Addr>;
-const _: () = assert!(core::mem::size_of::<Claim4>() == 40);
-const _: () = assert!(core::mem::size_of::<Claim6>() == 76);
+const _: () = assert!(core::mem::size_of::<Claim4>() == 36);
+const _: () = assert!(core::mem::size_of::<Claim6>() == 72);
 
 /// How long a half-open snat flow's reply entry is idle before it gives way (see
 /// [`Flow::gives_way`]): TCP's first SYN retransmission timeout (RFC 6298), so a real client
@@ -1119,6 +1149,30 @@ mod tests {
         let mut f = flow(FLOW_TCP);
         f.last = u32::MAX - 5;
         assert!(!f.is_expired(&cfg(), 10));
+    }
+
+    /// An entry's id word keeps the id whole beside the source's way, known or not.
+    #[test]
+    fn the_id_and_the_source_way_share_a_word_without_touching() {
+        let ways = u32::try_from(SOURCE_WAYS).unwrap();
+        for id in [0, 1, 16_383, MAX_IDS - 1] {
+            for way in 0..ways {
+                let f = Flow4 {
+                    id_way: id_way(id, way),
+                    ..Flow4::default()
+                };
+                assert_eq!((f.id(), f.source_way()), (id, way));
+            }
+            for unknown in [ways, u32::MAX] {
+                let f = Flow4 {
+                    id_way: id_way(id, unknown),
+                    ..Flow4::default()
+                };
+                assert_eq!(f.id(), id);
+                assert!(f.source_way() >= ways, "not known");
+            }
+        }
+        assert!(Flow4::default().source_way() >= ways);
     }
 
     /// Only a half-open entry gives way, and only once it has been idle a second.

@@ -16,6 +16,7 @@ use lb_common::{
     FLOW_SNAT, FLOW_TCP, FLOW_TIME_WAIT, Flow, FlowAddr, FlowKey, IPPROTO_TCP, MAX_SNAT_ADDRS,
     NO_BACKEND, PORT_CURSORS, SVC_AFFINITY, Service, claim_slot,
     hash::{addr_hash, ring_slot},
+    id_way,
     net::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -60,7 +61,7 @@ pub struct Target {
 #[inline(always)]
 pub fn resolve<A: FlowAddr>(flow: &Flow<A>) -> Option<Target> {
     if flow.flags & FLOW_REPLY == 0 {
-        let b = LB_BACKENDS.get(flow.id)?;
+        let b = LB_BACKENDS.get(flow.id())?;
         if b.generation != flow.generation {
             return None;
         }
@@ -74,12 +75,12 @@ pub fn resolve<A: FlowAddr>(flow: &Flow<A>) -> Option<Target> {
                 dport: b.port,
             },
             service: b.service,
-            backend: flow.id,
+            backend: flow.id(),
             policy,
             reply: false,
         })
     } else {
-        let s = LB_SVC_INFO.get(flow.id)?;
+        let s = LB_SVC_INFO.get(flow.id())?;
         if s.generation != flow.generation {
             return None;
         }
@@ -90,7 +91,7 @@ pub fn resolve<A: FlowAddr>(flow: &Flow<A>) -> Option<Target> {
                 sport: s.port,
                 dport: flow.port,
             },
-            service: flow.id,
+            service: flow.id(),
             backend: NO_BACKEND_ID,
             policy: 0,
             reply: true,
@@ -236,7 +237,7 @@ fn drop_half_open<F: Family>() {
     s.half_open_taken = false;
     let (reply_key, reply) = half_open::<F::A>(s);
     // The service is gone: so is the flow (its client entry resolves to nothing).
-    let Some(svc) = LB_SVC_INFO.get(reply.id) else {
+    let Some(svc) = LB_SVC_INFO.get(reply.id()) else {
         return;
     };
     let key = FlowKey::new(
@@ -510,25 +511,24 @@ fn prepare<F: Family>(pkt: &Packet, ports: &Ports, svc: &Service, choice: &Choic
         flags |= FLOW_OPENING;
     }
     let info_generation = LB_SVC_INFO.get(svc.id).map_or(0, |s| s.generation);
-    let source = s.source;
+    // The way the limiter found the client's source in, if it did (see Flow::source_way).
+    let way = s.source_way;
     let (reply_key, forward, reply) = entries::<F::A>(s);
     *reply = Flow {
         last: now,
         flags: flags | FLOW_REPLY,
         generation: info_generation,
         port: key.sport,
-        id: svc.id,
+        id_way: id_way(svc.id, u32::MAX),
         addr: key.src,
-        source: u32::MAX,
     };
     *forward = Flow {
         last: now,
         flags,
         generation: b.generation,
         port: key.sport,
-        id: choice.backend_id,
+        id_way: id_way(choice.backend_id, way),
         addr: key.src,
-        source,
     };
     *reply_key = FlowKey::new(
         F::A::from_addr(&b.addr),
@@ -674,7 +674,7 @@ fn insert_reply<F: Family>(
                 // SAFETY: a successful map lookup's pointer is valid and aligned for the value until the program returns.
                 let old = unsafe { &*p };
                 if !old.is_expired(cfg, now)
-                    && (old.id != value.id || old.generation != value.generation)
+                    && (old.id() != value.id() || old.generation != value.generation)
                 {
                     return Err(DropReason::FlowClash);
                 }

@@ -221,9 +221,10 @@ mod datapath {
         flags: u8,
         /// The packet's clock reading.
         now_ns: u64,
-        /// The entry's rate-limit source hint (Flow::source), and where it is kept.
-        source: u32,
-        source_at: *mut u32,
+        /// The entry's rate-limit source way (Flow::source_way), and its id word.
+        source_way: u32,
+        id_way: u32,
+        id_way_at: *mut u32,
     }
 
     /// Finds the packet's flow, if it is live for this packet. Else, if the packet's clock was
@@ -254,9 +255,10 @@ mod datapath {
             target: t,
             flags: f.flags,
             now_ns,
-            source: f.source,
+            source_way: f.source_way(),
+            id_way: f.id_way,
             // SAFETY: a place in the map value `entry` points at.
-            source_at: unsafe { &raw mut (*entry).source },
+            id_way_at: unsafe { &raw mut (*entry).id_way },
         })
     }
 
@@ -305,11 +307,12 @@ mod datapath {
         let limited = !t.reply && t.policy != 0;
         if limited {
             let how = if pkt.v6 { ratelimit::V6 } else { 0 };
-            let verdict = ratelimit::check_inline(t.policy, &pkt.src, how, now_ns, hit.source);
+            let verdict = ratelimit::check_inline(t.policy, &pkt.src, how, now_ns, hit.source_way);
             // The source moved (or was first found): the flow's next packets look there.
-            if s.source != hit.source {
-                // SAFETY: a u32 in the flow's map value; a race with another CPU loses a hint.
-                unsafe { *hit.source_at = s.source };
+            if s.source_way != hit.source_way {
+                // SAFETY: a u32 in the flow's map value, whose id never changes; a race with
+                // another CPU loses a hint.
+                unsafe { *hit.id_way_at = lb_common::id_way(hit.id_way, s.source_way) };
             }
             match verdict {
                 Verdict::Pass => {}

@@ -103,9 +103,9 @@ pub struct Scratch {
     pub live: bool,
     /// Ways of a source set found (ratelimit.rs, scan).
     pub ways: [u32; 2],
-    /// The slot the packet's rate-limit source was found in (ratelimit::check; u32::MAX: none),
-    /// for its flow's hint (Flow::source).
-    pub source: u32,
+    /// The way of its set the packet's rate-limit source was found in (ratelimit::check;
+    /// u32::MAX: none), for its flow's entry (Flow::source_way).
+    pub source_way: u32,
     /// A new flow's entries and its reply entry's key while they are made (flow::create), of
     /// either family: room for the IPv6 ones, the larger (see `entries`).
     pub key: FlowKey6,

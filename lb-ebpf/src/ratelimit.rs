@@ -55,23 +55,23 @@ pub struct Pending {
 }
 
 /// Decides a packet from `src` under policy `policy_id` (0: none); `how` is a set of the flags
-/// above (a BPF subprogram takes at most five arguments). The slot its source was found in goes
-/// to `scratch().source`, for the new flow's hint.
+/// above (a BPF subprogram takes at most five arguments). The way its source was found in goes
+/// to `scratch().source_way`, for the new flow's entry.
 #[inline(never)]
 pub fn check(policy_id: u32, src: &Addr, how: u32, now: u64) -> Verdict {
     check_inline(policy_id, src, how, now, u32::MAX)
 }
 
 /// `check` without the subprogram call, for an established flow's packet (see main.rs,
-/// `entry`: the call and its prologue cost about as much as the bucket's own work); `hint`:
-/// where its flow last found the source (Flow::source), looked at first.
+/// `entry`: the call and its prologue cost about as much as the bucket's own work); `way`:
+/// where its flow last found the source (Flow::source_way), looked at first.
 #[inline(always)]
-pub fn check_inline(policy_id: u32, src: &Addr, how: u32, now: u64, hint: u32) -> Verdict {
+pub fn check_inline(policy_id: u32, src: &Addr, how: u32, now: u64, way: u32) -> Verdict {
     let Some(s) = scratch() else {
         return Verdict::Pass;
     };
     s.pending.policy = 0;
-    s.source = u32::MAX;
+    s.source_way = u32::MAX;
     if policy_id == 0 {
         return Verdict::Pass;
     }
@@ -113,7 +113,7 @@ pub fn check_inline(policy_id: u32, src: &Addr, how: u32, now: u64, hint: u32) -
     // the policy's overflow mode: admitted (fail open), or one bucket shared by all such sources
     // (fail closed). A flow already admitted keeps flowing: sharing the overflow bucket with a
     // flood of new sources would stop its live connections.
-    let bucket = match find(&key, now, hint, &mut s.source) {
+    let bucket = match find(&key, now, way, &mut s.source_way) {
         Found::Source(b) => b,
         Found::Room => {
             let p = &mut s.pending;
@@ -161,24 +161,26 @@ fn place(key: &SourceKey) -> Option<(u32, u32)> {
     Some((source_set(hash, sets), source_tag(hash)))
 }
 
-/// Looks `key` up: in slot `last` first (where its flow found it before), then in its set (one
-/// pass over the tags, then one key comparison); the slot found goes to `found`.
+/// Looks `key` up in its set: in way `last` first (where its flow found it before), then one
+/// pass over the tags and one key comparison; the way found goes to `found`.
 ///
-/// That slot is taken on its key alone, without its tag: a slot freed or being given to
-/// another source keeps the old key until its new one is written, so a packet may still take a
-/// token from it then; that one token is lost with the slot, as it would be a moment later.
+/// Way `last` is taken on its slot's key alone, without the tag (whose line is what it saves):
+/// a slot being given to another source keeps the old key until the new one is written, so a
+/// packet may still take a token from it then; that one token is lost with the slot, as it
+/// would be a moment later.
 #[inline(always)]
 fn find(key: &SourceKey, now: u64, last: u32, found: &mut u32) -> Found {
-    if let Some(slot) = LB_SOURCES.get_ptr_mut(last)
+    let Some((set, tag)) = place(key) else {
+        return Found::Full;
+    };
+    if last < WAYS
+        && let Some(slot) = LB_SOURCES.get_ptr_mut(set * WAYS + last)
         // SAFETY: a successful map lookup's pointer is valid and aligned for the value until the program returns.
         && unsafe { (*slot).key } == *key
     {
         *found = last;
         return Found::Source(slot);
     }
-    let Some((set, tag)) = place(key) else {
-        return Found::Full;
-    };
     let Some(tags) = LB_SOURCE_TAGS.get_ptr_mut(set) else {
         return Found::Full;
     };
@@ -189,7 +191,7 @@ fn find(key: &SourceKey, now: u64, last: u32, found: &mut u32) -> Found {
         // SAFETY: a successful map lookup's pointer is valid and aligned for the value until the program returns.
         && unsafe { (*slot).key } == *key
     {
-        *found = set * WAYS + hit;
+        *found = hit;
         return Found::Source(slot);
     }
     // SAFETY: a map value; tags change only by compare-and-swap.
@@ -263,7 +265,7 @@ fn reclaimable_way(tags: &SourceTags, set: u32, now: u64) -> u32 {
 pub fn clear() {
     if let Some(s) = scratch() {
         s.pending.policy = 0;
-        s.source = u32::MAX;
+        s.source_way = u32::MAX;
     }
 }
 

@@ -168,11 +168,11 @@ pub struct Paths {
 
 #[derive(Args, Debug, Clone)]
 pub struct SizeArgs {
-    /// Services (VIP, port, protocol) the data path can hold.
-    #[arg(long, default_value_t = lb_common::DEFAULT_MAX_SERVICES)]
+    /// Services (VIP, port, protocol) the data path can hold (at most 2^24).
+    #[arg(long, default_value_t = lb_common::DEFAULT_MAX_SERVICES, value_parser = id_count)]
     pub max_services: u32,
-    /// Backends over all services.
-    #[arg(long, default_value_t = lb_common::DEFAULT_MAX_BACKENDS)]
+    /// Backends over all services (at most 2^24).
+    #[arg(long, default_value_t = lb_common::DEFAULT_MAX_BACKENDS, value_parser = id_count)]
     pub max_backends: u32,
     /// The largest Maglev ring a service gets: a prime from 251 to 131071, the same on every
     /// node. Each service's ring is the smallest of 251, 509, 1021, ... (the largest prime below
@@ -205,6 +205,16 @@ impl SizeArgs {
             source_entries: self.source_entries,
             affinity_entries: self.affinity_entries,
         }
+    }
+}
+
+/// A count of service or backend ids: a flow entry keeps an id in 24 bits (lb_common::Flow).
+fn id_count(s: &str) -> Result<u32, String> {
+    let n: u32 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
+    if (1..=lb_common::MAX_IDS).contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!("{n} is not from 1 to {}", lb_common::MAX_IDS))
     }
 }
 
@@ -262,6 +272,18 @@ mod tests {
                 .contains("not a prime")
         );
         assert!(parse_ring_size("13").is_err());
+    }
+
+    #[test]
+    fn service_and_backend_counts_fit_a_flow_entrys_id() {
+        assert_eq!(id_count("16384"), Ok(16384));
+        assert_eq!(id_count("16777216"), Ok(1 << 24));
+        assert!(
+            id_count("16777217")
+                .unwrap_err()
+                .contains("from 1 to 16777216")
+        );
+        assert!(id_count("0").is_err());
     }
 
     #[test]

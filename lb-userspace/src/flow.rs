@@ -44,7 +44,7 @@ pub fn flow(
     if let Some(entry) = entry(&maps, protocol, &src_addr, &dst_addr, sport, dport)
         && entry.flags & FLOW_REPLY == 0
         && cfg.is_none_or(|c| !entry.is_expired(&c, flow_clock(monotonic_ns())))
-        && let Ok(b) = maps.backends.get(&entry.id, 0)
+        && let Ok(b) = maps.backends.get(&entry.id(), 0)
         && b.generation == entry.generation
     {
         return Ok(pinned(flow, &entry, &b));
@@ -99,9 +99,8 @@ fn entry(
             flags: f.flags,
             generation: f.generation,
             port: f.port,
-            id: f.id,
+            id_way: f.id_way,
             addr: f.addr.to_addr(),
-            source: f.source,
         })
     } else {
         let key = FlowKey6::new(*src, *dst, sport, dport, protocol.number());

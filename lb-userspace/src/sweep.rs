@@ -80,8 +80,8 @@ pub fn end_flows(tables: &mut dyn Tables, endings: &[Ending]) -> Vec<usize> {
     let mut found = Vec::new();
     for e in all {
         let (flags, id, src, sport) = match &e {
-            FlowEntry::V4(k, f) => (f.flags, f.id, k.src.to_addr(), k.sport),
-            FlowEntry::V6(k, f) => (f.flags, f.id, k.src, k.sport),
+            FlowEntry::V4(k, f) => (f.flags, f.id(), k.src.to_addr(), k.sport),
+            FlowEntry::V6(k, f) => (f.flags, f.id(), k.src, k.sport),
         };
         let client_side = flags & FLOW_REPLY == 0;
         let which = if client_side {
@@ -197,9 +197,8 @@ mod tests {
             flags: flags | FLOW_TCP,
             generation: 0,
             port: key.sport,
-            id: u32::from(backend),
+            id_way: u32::from(backend),
             addr: key.src,
-            source: u32::MAX,
         };
         let reply_key = FlowKey4::new(
             v4(backend),
@@ -213,9 +212,8 @@ mod tests {
             flags: reply_flags | FLOW_TCP | FLOW_REPLY,
             generation: 0,
             port: key.sport,
-            id: 1,
+            id_way: 1,
             addr: key.src,
-            source: u32::MAX,
         };
         for e in [FlowEntry::V4(key, out), FlowEntry::V4(reply_key, reply)] {
             t.flows.insert(e.id(), e);
@@ -269,7 +267,7 @@ mod tests {
         assert_eq!(end_flows(&mut t, &[ending(2, true)]), [1]);
         let reset = t.flows.values().any(|e| match e {
             FlowEntry::V4(_, f) => {
-                f.flags & FLOW_REPLY == 0 && f.id == 2 && f.flags & FLOW_RESET != 0
+                f.flags & FLOW_REPLY == 0 && f.id() == 2 && f.flags & FLOW_RESET != 0
             }
             FlowEntry::V6(..) => false,
         });

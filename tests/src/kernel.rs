@@ -306,7 +306,7 @@ impl Fixture {
         let b = self
             .maps
             .backends
-            .get(&forward.id, 0)
+            .get(&forward.id(), 0)
             .expect("the flow's backend");
         FlowKey4::new(
             V4::from_addr(&b.addr),
@@ -322,7 +322,7 @@ impl Fixture {
         let b = self
             .maps
             .backends
-            .get(&forward.id, 0)
+            .get(&forward.id(), 0)
             .expect("the flow's backend");
         IpAddr::from(b.addr)
     }

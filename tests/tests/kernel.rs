@@ -776,7 +776,7 @@ fn the_agent_walks_full_flow_tables_in_batches_and_sweeps_exactly_the_expired() 
         let key = flow_key(&src, 40_000, "10.96.0.10", 53, IPPROTO_UDP);
         let flow = Flow4 {
             last: last(i),
-            id: 1,
+            id_way: 1,
             ..Flow4::default()
         };
         fx.maps.set_flow(&FlowEntry::V4(key, flow)).expect("insert");
@@ -791,7 +791,7 @@ fn the_agent_walks_full_flow_tables_in_batches_and_sweeps_exactly_the_expired() 
         );
         let flow = Flow6 {
             last: last(i),
-            id: 1,
+            id_way: 1,
             ..Flow6::default()
         };
         fx.maps.set_flow(&FlowEntry::V6(key, flow)).expect("insert");

@@ -238,12 +238,13 @@ fn a_syn_beyond_the_connection_rate_is_dropped_while_established_flows_keep_flow
     assert_eq!(fx.uplink(&data("10.0.0.10", 44003)).unwrap().verdict, DROP);
 }
 
-/// An established flow looks for its source where it last found it (Flow::source), and takes
-/// that slot only if it still holds the source: a flow whose hint names another source's slot
-/// charges its own source, never that one, and learns the right slot again.
+/// An established flow looks for its source in the way of its set where it last found it
+/// (Flow::source_way), and takes that slot only if it still holds the source: whichever way its
+/// entry names, a packet charges its own source's bucket and no other slot, and the entry learns
+/// the right way again.
 #[test]
-fn an_established_flow_charges_its_own_source_whatever_slot_its_hint_names() {
-    use lb_common::Flow4;
+fn an_established_flow_charges_its_own_source_whatever_way_its_entry_names() {
+    use lb_common::{Flow4, id_way};
     use lb_userspace::tables::{FlowEntry, Tables};
     if !require_root() {
         return;
@@ -255,45 +256,46 @@ fn an_established_flow_charges_its_own_source_whatever_slot_its_hint_names() {
         assert_eq!(fx.uplink(&syn(src, 40000)).unwrap().verdict, TX);
         assert_eq!(fx.uplink(&data(src, 40000)).unwrap().verdict, TX);
     }
-    let key_of = |src: &str| flow_key(src, 40000, "10.96.0.10", 80, lb_common::IPPROTO_TCP);
-    let flow = |fx: &Fixture, src: &str| fx.flow4(&key_of(src)).expect("the flow");
-    let slot = |fx: &Fixture, i: u32| fx.maps.sources.get(&i, 0).expect("a source slot");
-    let ip4 = |src: &str| lb_common::Addr::from(src.parse::<IpAddr>().unwrap());
-    let (hint_a, hint_b) = (flow(&fx, a).source, flow(&fx, b).source);
-    assert_eq!(
-        slot(&fx, hint_a).key.addr,
-        ip4(a),
-        "the first data packet found its source"
-    );
-    assert_eq!(slot(&fx, hint_b).key.addr, ip4(b));
-    assert_ne!(hint_a, hint_b);
-
-    // A's flow names B's slot.
-    let wrong = Flow4 {
-        source: hint_b,
-        ..flow(&fx, a)
+    let key_a = flow_key(a, 40000, "10.96.0.10", 80, lb_common::IPPROTO_TCP);
+    let flow_a = |fx: &Fixture| fx.flow4(&key_a).expect("the flow");
+    let slots = |fx: &Fixture| -> Vec<lb_common::Source> {
+        (0..fx.maps.sources.len())
+            .map(|i| fx.maps.sources.get(&i, 0).unwrap())
+            .collect()
     };
-    fx.maps.set_flow(&FlowEntry::V4(key_of(a), wrong)).unwrap();
-    let b_before = slot(&fx, hint_b);
-    let a_before = slot(&fx, hint_a);
-    assert_eq!(fx.uplink(&data(a, 40000)).unwrap().verdict, TX);
-    assert_eq!(slot(&fx, hint_b), b_before, "B's bucket untouched");
-    assert_ne!(
-        slot(&fx, hint_a).packets,
-        a_before.packets,
-        "A's bucket took it"
-    );
-    assert_eq!(
-        flow(&fx, a).source,
-        hint_a,
-        "and the flow knows its slot again"
-    );
-    // A has used 3 of its 10 packets; through the hint its limit holds as ever.
-    let verdicts: Vec<u32> = (0..8)
+    let addr_a = lb_common::Addr::from(a.parse::<IpAddr>().unwrap());
+    let right = flow_a(&fx).source_way();
+    assert!(right < 8, "the first data packet found its source's way");
+    for wrong in (0..8).filter(|w| *w != right) {
+        let f = flow_a(&fx);
+        let named = Flow4 {
+            id_way: id_way(f.id(), wrong),
+            ..f
+        };
+        fx.maps.set_flow(&FlowEntry::V4(key_a, named)).unwrap();
+        let before = slots(&fx);
+        assert_eq!(fx.uplink(&data(a, 40000)).unwrap().verdict, TX);
+        let after = slots(&fx);
+        let changed: Vec<usize> = (0..before.len())
+            .filter(|&i| before[i] != after[i])
+            .collect();
+        assert_eq!(changed.len(), 1, "one slot charged, way {wrong} named");
+        assert_eq!(
+            after[changed[0]].key.addr, addr_a,
+            "the flow's own source's"
+        );
+        assert_eq!(
+            flow_a(&fx).source_way(),
+            right,
+            "the entry knows its way again"
+        );
+        assert_eq!(flow_a(&fx).id(), f.id(), "and its backend");
+    }
+    // A has used 2 + 7 of its 10 packets; through its way its limit holds as ever.
+    let verdicts: Vec<u32> = (0..2)
         .map(|_| fx.uplink(&data(a, 40000)).unwrap().verdict)
         .collect();
-    assert_eq!(verdicts, [TX, TX, TX, TX, TX, TX, TX, DROP]);
-    assert_eq!(slot(&fx, hint_b), b_before);
+    assert_eq!(verdicts, [TX, DROP]);
 }
 
 #[test]

@@ -1618,7 +1618,7 @@ impl Bench<'_> {
                 IPPROTO_TCP,
             ))
             .context("flow entry")?;
-        let backend = self.fx.maps.backends.get(&flow.id, 0)?;
+        let backend = self.fx.maps.backends.get(&flow.id(), 0)?;
         Ok(IpAddr::from(backend.addr))
     }
 
@@ -1726,7 +1726,7 @@ impl Bench<'_> {
             if let Ok(flow) = self.fx.maps.flows4.get(&key, 0) {
                 self.fx.maps.flows4.remove(&key)?;
                 // The reply entry, in its claim slot: backend -> the flow's rewritten source.
-                if let Ok(b) = self.fx.maps.backends.get(&flow.id, 0) {
+                if let Ok(b) = self.fx.maps.backends.get(&flow.id(), 0) {
                     let reply = FlowKey4::new(
                         V4::from_addr(&b.addr),
                         flow.addr,
@@ -1785,9 +1785,8 @@ impl Bench<'_> {
                 flags: FLOW_SNAT | FLOW_TCP,
                 generation: self.fx.maps.backends.get(&0, 0).map_or(0, |b| b.generation),
                 port: (61000 + (i % 4536) as u16).to_be(),
-                id: 0,
+                id_way: 0,
                 addr: node,
-                source: u32::MAX,
             };
             self.fx.maps.flows4.insert(key, value, 0)?;
             // And a snat flow's reply entry in a claim slot, so the claim array is as full as
@@ -1806,9 +1805,8 @@ impl Bench<'_> {
                 flags: FLOW_SNAT | FLOW_TCP | FLOW_REPLY,
                 generation: 0,
                 port: key.sport,
-                id: service,
+                id_way: service,
                 addr: src,
-                source: u32::MAX,
             };
             // (A slot the measured flows hold already stays theirs.)
             self.fx.maps.set_claim4(&reply_key, &reply)?;
