@@ -99,6 +99,12 @@ pub fn resolve<A: FlowAddr>(flow: &Flow<A>) -> Option<Target> {
     }
 }
 
+/// The other direction's entry of the flow whose entry resolves to `t`.
+#[inline(always)]
+fn peer<F: Family>(t: &Target, proto: u8, cfg: &Config) -> Option<*mut Flow<F::A>> {
+    find::<F>(&peer_key::<F>(t, proto), cfg)
+}
+
 /// The key of the other direction's entry: the reverse of what this entry rewrites to.
 #[inline(always)]
 fn peer_key<F: Family>(t: &Target, proto: u8) -> FlowKey<F::A> {
@@ -346,7 +352,7 @@ pub fn refresh<F: Family>(
     // for both entries.
     if flags & FLOW_OPENING != 0 && !t.reply && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_ACK {
         flow.flags &= !FLOW_OPENING;
-        if let Some(p) = find::<F>(&peer_key::<F>(t, proto), cfg) {
+        if let Some(p) = peer::<F>(t, proto, cfg) {
             // SAFETY: a successful map lookup's pointer is valid and aligned for the value until the program returns.
             unsafe { (*p).flags &= !FLOW_OPENING };
         }
@@ -361,7 +367,7 @@ const PEER_REFRESH_SHIFT: u32 = 8;
 /// Stamps the live entry of the other direction with `now`.
 #[inline(always)]
 fn keep_peer<F: Family>(t: &Target, proto: u8, now: u32, cfg: &Config) {
-    if let Some(p) = find::<F>(&peer_key::<F>(t, proto), cfg) {
+    if let Some(p) = peer::<F>(t, proto, cfg) {
         // SAFETY: a successful map lookup's pointer is valid and aligned for the value until the program returns.
         let peer = unsafe { &mut *p };
         if !peer.is_expired(cfg, now) {
@@ -372,7 +378,7 @@ fn keep_peer<F: Family>(t: &Target, proto: u8, now: u32, cfg: &Config) {
 
 #[inline(always)]
 fn peer_flags<F: Family>(t: &Target, proto: u8, cfg: &Config) -> Option<u8> {
-    let p = find::<F>(&peer_key::<F>(t, proto), cfg)?;
+    let p = peer::<F>(t, proto, cfg)?;
     // SAFETY: a successful map lookup's pointer is valid and aligned for the value until the program returns.
     Some(unsafe { (*p).flags })
 }

@@ -839,7 +839,7 @@ impl Maps {
 
     /// Frees a tracked source's slot (benchmarks and tests; the data path reclaims slots on its
     /// own). Not atomic with the data path: only for a source nothing is sending from. The
-    /// slot's key goes too: flows find their source by it (Flow::source).
+    /// slot's key goes too: flows find their source by it (Flow::source_way).
     pub fn forget_source(&mut self, key: &SourceKey) -> Result<()> {
         let sets = self.source_tags.len().max(1);
         let set = source_set(source_hash(key), sets);

@@ -33,6 +33,15 @@ pub fn require_root() -> bool {
     false
 }
 
+/// For a test that runs the data path on two CPUs at once: the machine must have them (a test
+/// that found one would prove nothing, so it fails rather than skips).
+pub fn require_two_cpus() {
+    assert!(
+        std::thread::available_parallelism().map_or(1, std::num::NonZero::get) >= 2,
+        "this test needs two CPUs"
+    );
+}
+
 /// Runs `ip ARGS` and returns its stdout. On failure the error names the command and carries
 /// ip's stderr.
 pub fn ip<S: AsRef<str>>(args: &[S]) -> Result<String> {

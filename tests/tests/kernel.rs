@@ -606,10 +606,7 @@ fn two_cpus_opening_snat_flows_at_once_never_share_a_port() {
     if !require_root() {
         return;
     }
-    assert!(
-        std::thread::available_parallelism().map_or(1, std::num::NonZero::get) >= 2,
-        "this test needs two CPUs"
-    );
+    lb_tests::netns::require_two_cpus();
     let addrs: Vec<String> = (0..60).map(|i| format!("10.1.3.{}", i + 2)).collect();
     let backends: Vec<(&str, u16)> = addrs.iter().map(|a| (a.as_str(), 8080)).collect();
     let mut d = desired(vec![service(

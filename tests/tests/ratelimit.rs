@@ -442,10 +442,7 @@ fn one_source_on_two_cpus_gets_the_rate_not_twice_it() {
     if !require_root() {
         return;
     }
-    assert!(
-        std::thread::available_parallelism().map_or(1, std::num::NonZero::get) >= 2,
-        "this test needs two CPUs"
-    );
+    lb_tests::netns::require_two_cpus();
     // A burst of 100 ms of the rate: tokens that come while neither thread runs (both
     // preempted on a busy machine) are kept, not lost past the cap, so what is admitted is the
     // rate over the whole run. Twice the rate (each CPU its own bucket) is still +100%.
@@ -503,10 +500,7 @@ fn a_syn_on_a_cpu_that_was_idle_reads_the_clock_afresh() {
     if !require_root() {
         return;
     }
-    assert!(
-        std::thread::available_parallelism().map_or(1, std::num::NonZero::get) >= 2,
-        "this test needs two CPUs"
-    );
+    lb_tests::netns::require_two_cpus();
     let mut fx = fixture(policy(rate(1000, 10), None), 64);
     // CPU 1 handles a flow's packets (its scratch keeps the last one's clock reading), then
     // idles.
@@ -528,14 +522,5 @@ fn a_syn_on_a_cpu_that_was_idle_reads_the_clock_afresh() {
 }
 
 fn pin_to(cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t with one bit set, for the calling thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        assert_eq!(
-            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &raw const set),
-            0,
-            "pin to CPU {cpu}"
-        );
-    }
+    lb_tests::bench::pin_thread(cpu).expect("pin to the CPU");
 }
