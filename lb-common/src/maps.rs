@@ -597,7 +597,8 @@ impl<A> Flow<A> {
         } else if self.flags & FLOW_TCP != 0 {
             cfg.tcp_idle
         } else {
-            cfg.udp_idle
+            // Its peer entry may have been stamped up to a window before this one was.
+            cfg.udp_idle.saturating_add(PEER_REFRESH_WINDOW)
         }
     }
 
@@ -663,6 +664,14 @@ pub type Claim4 = Claim<V4>;
 pub type Claim6 = Claim<Addr>;
 const _: () = assert!(core::mem::size_of::<Claim4>() == 36);
 const _: () = assert!(core::mem::size_of::<Claim6>() == 72);
+
+/// A UDP entry stamps its peer (the flow's entry for the other direction) when its own stamp
+/// moves into another window of 2^8 flow-clock ticks (a quarter second), not on every packet: a
+/// flow that sends only one way keeps both entries for a lookup per window. So a peer may be
+/// stamped up to a window before its live entry was, and a UDP entry lives a window past the
+/// UDP timeout (both entries do, and the agent's sweep judges them the same way).
+pub const PEER_REFRESH_SHIFT: u32 = 8;
+pub const PEER_REFRESH_WINDOW: u32 = 1 << PEER_REFRESH_SHIFT;
 
 /// How long a half-open snat flow's reply entry is idle before it gives way (see
 /// [`Flow::gives_way`]): TCP's first SYN retransmission timeout (RFC 6298), so a real client
@@ -1138,9 +1147,16 @@ mod tests {
             let ticks = f.timeout(&cfg());
             assert!(!f.is_expired(&cfg(), last + ticks), "{f:?}");
             assert!(f.is_expired(&cfg(), last + ticks + 1), "{f:?}");
+            // UDP entries live a peer-refresh window longer (see PEER_REFRESH_SHIFT).
+            let window = if f.flags & FLOW_TCP == 0 {
+                u64::from(PEER_REFRESH_WINDOW) << FLOW_CLOCK_SHIFT
+            } else {
+                0
+            };
             // Ticks are a little longer than a millisecond: never shorter than asked.
-            assert!(u64::from(ticks) << FLOW_CLOCK_SHIFT >= live_s * S, "{f:?}");
-            assert!(u64::from(ticks) << FLOW_CLOCK_SHIFT < live_s * S + (1 << FLOW_CLOCK_SHIFT));
+            let ns = u64::from(ticks) << FLOW_CLOCK_SHIFT;
+            assert!(ns >= live_s * S + window, "{f:?}");
+            assert!(ns < live_s * S + window + (1 << FLOW_CLOCK_SHIFT), "{f:?}");
         }
         // A clock read a tick before the entry's stamp is not a long idle time.
         let f = flow(FLOW_TCP | FLOW_OPENING);

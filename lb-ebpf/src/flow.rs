@@ -14,7 +14,7 @@ use lb_common::{
     Addr, Affinity, AffinityKey, Backend, CLAIM_BLOCK, CLAIM_BUSY, CLAIM_COUNT, CLAIM_FREE,
     CLAIM_HELD, CLAIM_KIND, Config, Counter, DropReason, FLOW_CLOSING, FLOW_OPENING, FLOW_REPLY,
     FLOW_SNAT, FLOW_TCP, FLOW_TIME_WAIT, Flow, FlowAddr, FlowKey, IPPROTO_TCP, MAX_SNAT_ADDRS,
-    NO_BACKEND, PORT_CURSORS, SVC_AFFINITY, Service, claim_slot,
+    NO_BACKEND, PEER_REFRESH_SHIFT, PORT_CURSORS, SVC_AFFINITY, Service, claim_slot,
     hash::{addr_hash, ring_slot},
     id_way,
     net::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
@@ -359,10 +359,6 @@ pub fn refresh<F: Family>(
     }
     true
 }
-
-/// A UDP entry refreshes its peer when its own stamp moves into another window of 2^8 flow-clock
-/// ticks (a quarter second): a second lookup a quarter second per flow at most, not per packet.
-const PEER_REFRESH_SHIFT: u32 = 8;
 
 /// Stamps the live entry of the other direction with `now`.
 #[inline(always)]

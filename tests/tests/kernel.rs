@@ -766,7 +766,7 @@ fn the_agent_walks_full_flow_tables_in_batches_and_sweeps_exactly_the_expired() 
     // UDP entries: every third last seen past the UDP timeout, the rest just now.
     let now_ns = 3_600 * 1_000_000_000u64;
     let fresh = flow_clock(now_ns);
-    let stale = fresh - cfg.udp_idle - 2;
+    let stale = fresh - cfg.udp_idle - lb_common::PEER_REFRESH_WINDOW - 2;
     let last = |i: u32| if i.is_multiple_of(3) { stale } else { fresh };
     for i in 0..n4 {
         let src = format!("10.{}.{}.{}", 100 + i / 65_536, (i / 256) % 256, i % 256);
@@ -860,6 +860,63 @@ fn udp_to_a_preserving_vip_is_redirected_to_the_local_pod_and_its_reply_translat
     );
 }
 
+/// One UDP flow through snat (10.0.0.10:50000 -> 10.96.0.53:53 -> 10.1.2.2:5353), for the
+/// one-way tests: `client` sends the client's packet (it must go to the backend, the flow's snat
+/// address and port returned), `reply` the backend's answer (it must go back translated).
+struct UdpFlow {
+    fx: Fixture,
+    client: Vec<u8>,
+    reply: Vec<u8>,
+    snat: (IpAddr, u16),
+}
+
+impl UdpFlow {
+    /// Opens the flow, with this UDP timeout.
+    fn open(udp_idle: std::time::Duration) -> UdpFlow {
+        let mut fx = Fixture::new(sizes()).expect("fixture");
+        let mut d = desired(vec![service(
+            "10.96.0.53",
+            53,
+            Protocol::Udp,
+            Mode::Snat,
+            &[("10.1.2.2", 5353)],
+        )]);
+        d.node.udp_idle = udp_idle;
+        fx.apply(&d).expect("apply");
+        let client = Spec::udp("10.0.0.10", 50000, "10.96.0.53", 53).build();
+        let mut flow = UdpFlow {
+            fx,
+            client,
+            reply: Vec::new(),
+            snat: (ip("0.0.0.0"), 0),
+        };
+        flow.snat = flow.client();
+        flow.reply = Spec::udp("10.1.2.2", 5353, &flow.snat.0.to_string(), flow.snat.1)
+            .macs(GW_MAC, flow.fx.up0_mac)
+            .build();
+        flow
+    }
+
+    fn client(&mut self) -> (IpAddr, u16) {
+        let out = self.fx.uplink(&self.client).unwrap();
+        assert_eq!(out.verdict, TX);
+        let p = parse(&out.packet);
+        assert_eq!((p.dst, p.dport), (ip("10.1.2.2"), 5353));
+        (p.src, p.sport)
+    }
+
+    fn reply(&mut self, what: &str) {
+        let out = self.fx.uplink(&self.reply).unwrap();
+        assert_eq!(out.verdict, TX, "{what}");
+        let r = parse(&out.packet);
+        assert_eq!(
+            (r.src, r.sport, r.dst, r.dport),
+            (ip("10.96.0.53"), 53, ip("10.0.0.10"), 50000),
+            "{what}"
+        );
+    }
+}
+
 /// A UDP flow that only sends one way for longer than the UDP timeout keeps both its entries:
 /// the snat port's claim while only the client sends (a backend's late answer is translated
 /// back, and no other flow may get the port), the client's entry while only the backend sends
@@ -869,62 +926,61 @@ fn a_one_way_udp_flow_keeps_both_its_entries_past_the_udp_timeout() {
     if !require_root() {
         return;
     }
-    let mut fx = Fixture::new(sizes()).expect("fixture");
-    let mut d = desired(vec![service(
-        "10.96.0.53",
-        53,
-        Protocol::Udp,
-        Mode::Snat,
-        &[("10.1.2.2", 5353)],
-    )]);
-    d.node.udp_idle = std::time::Duration::from_secs(2);
-    fx.apply(&d).expect("apply");
-    let client = Spec::udp("10.0.0.10", 50000, "10.96.0.53", 53).build();
-    let send_client = |fx: &mut Fixture| {
-        let out = fx.uplink(&client).unwrap();
-        assert_eq!(out.verdict, TX);
-        let p = parse(&out.packet);
-        assert_eq!((p.dst, p.dport), (ip("10.1.2.2"), 5353));
-        (p.src, p.sport)
-    };
-    let (snat_addr, snat_port) = send_client(&mut fx);
-    let reply = Spec::udp("10.1.2.2", 5353, &snat_addr.to_string(), snat_port)
-        .macs(GW_MAC, fx.up0_mac)
-        .build();
-    let send_reply = |fx: &mut Fixture, what: &str| {
-        let out = fx.uplink(&reply).unwrap();
-        assert_eq!(out.verdict, TX, "{what}");
-        let r = parse(&out.packet);
-        assert_eq!(
-            (r.src, r.sport, r.dst, r.dport),
-            (ip("10.96.0.53"), 53, ip("10.0.0.10"), 50000),
-            "{what}"
-        );
-    };
+    let mut flow = UdpFlow::open(std::time::Duration::from_secs(2));
     let pause = || std::thread::sleep(std::time::Duration::from_millis(250));
     for _ in 0..12 {
         pause();
-        assert_eq!(
-            send_client(&mut fx),
-            (snat_addr, snat_port),
-            "the same flow"
-        );
+        assert_eq!(flow.client(), flow.snat, "the same flow");
     }
-    send_reply(
-        &mut fx,
-        "the backend answers after 3 s of client packets only",
-    );
+    flow.reply("the backend answers after 3 s of client packets only");
     for i in 0..12 {
         pause();
-        send_reply(&mut fx, &format!("backend-only packet {i}"));
+        flow.reply(&format!("backend-only packet {i}"));
     }
-    assert_eq!(send_client(&mut fx), (snat_addr, snat_port));
+    assert_eq!(flow.client(), flow.snat);
     assert_eq!(
-        fx.counter(Counter::FlowsCreated),
+        flow.fx.counter(Counter::FlowsCreated),
         1,
         "after 3 s of backend packets only, the client's packet is still the flow's"
     );
-    assert_eq!(fx.counter(Counter::FlowsExpired), 0);
+    assert_eq!(flow.fx.counter(Counter::FlowsExpired), 0);
+}
+
+/// An entry stamps its peer only when its own stamp moves into another quarter-second window
+/// (lb_common::PEER_REFRESH_SHIFT): after a packet late in a window, the peer's stamp is up to a
+/// window older than the entry's. Packets nearly a timeout apart (1 s timeout, 0.89 s gap) must
+/// still keep the peer: here the client's packets come at the start and the end of one window,
+/// then 0.89 s later, and the backend's answer right after must be translated.
+#[test]
+fn a_one_way_udp_flow_keeps_its_claim_with_packets_nearly_a_timeout_apart() {
+    use lb_userspace::system::monotonic_ns;
+    if !require_root() {
+        return;
+    }
+    let mut flow = UdpFlow::open(std::time::Duration::from_secs(1));
+    let ms = |n| std::thread::sleep(std::time::Duration::from_millis(n));
+    // The window of the data path's coarse clock (the same clock), in ns.
+    let window = |ns: u64| ns >> (lb_common::FLOW_CLOCK_SHIFT + lb_common::PEER_REFRESH_SHIFT);
+    // The flow opened in an earlier window: the first packet moves the client's entry into a
+    // fresh one (and stamps the peer), the second (0.2 s on, same window) does not stamp it.
+    let start = window(monotonic_ns());
+    while window(monotonic_ns()) == start {
+        ms(2);
+    }
+    ms(10);
+    let first = monotonic_ns();
+    assert_eq!(flow.client(), flow.snat, "the same flow");
+    ms(200);
+    assert_eq!(flow.client(), flow.snat, "the same flow");
+    assert_eq!(
+        window(monotonic_ns()),
+        window(first),
+        "the second packet must come in the first's window (the machine was too slow)"
+    );
+    ms(890);
+    assert_eq!(flow.client(), flow.snat, "0.89 s later: the same flow");
+    flow.reply("the backend answers right after");
+    assert_eq!(flow.fx.counter(Counter::FlowsCreated), 1);
 }
 
 /// A local pod whose veth has a policy hook (the agent found another owner's TC egress program
