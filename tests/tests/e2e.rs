@@ -198,6 +198,91 @@ fn snat_backends_see_the_node_and_preserving_backends_see_the_client() {
     );
 }
 
+/// A UDP stream that flows one way (syslog, metrics) for longer than the UDP timeout stays one
+/// flow, each way in turn: real sockets, the client's datagrams to a snat service every 0.3 s for
+/// 3 s (the timeout is 1 s here), then the backend's answer must reach the client from the VIP;
+/// then the backend sends for 3 s alone, each datagram reaching the client, and the client's
+/// next datagram must come to the backend from the same snat address and port (the same flow,
+/// not a new one). The agent's sweep runs meanwhile and must leave both entries.
+#[test]
+fn a_one_way_udp_stream_stays_one_flow_past_the_udp_timeout_each_way() {
+    use std::net::UdpSocket;
+    if !require_root() {
+        return;
+    }
+    let config = format!(
+        r#"
+[node]
+udp-idle-timeout-seconds = 1
+
+[[services]]
+name = "syslog"
+vip = "{VIP}"
+port = 514
+protocol = "udp"
+backends = [{{ address = "10.1.1.2", port = 5140 }}]
+"#
+    );
+    let s = setup("e2e-oneway", &config, AgentOptions::default());
+    let pod = s.lab.pod("pod1").expect("pod1");
+    let bind = |ns: &lb_tests::netns::Netns, at: &str| {
+        let addr: SocketAddr = at.parse().unwrap();
+        let sock = ns.run(move || UdpSocket::bind(addr)).unwrap().unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        sock
+    };
+    let server = bind(&pod.ns, "10.1.1.2:5140");
+    let client = bind(&s.lab.client().ns, "10.0.0.10:0");
+    let vip = addr(VIP, 514);
+    let mut buf = [0u8; 64];
+    let pause = || std::thread::sleep(Duration::from_millis(300));
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..10 {
+        client.send_to(format!("log {i}").as_bytes(), vip).unwrap();
+        let (n, from) = server
+            .recv_from(&mut buf)
+            .expect("the backend gets each datagram");
+        assert_eq!(&buf[..n], format!("log {i}").as_bytes());
+        seen.insert(from);
+        pause();
+    }
+    assert_eq!(
+        seen.len(),
+        1,
+        "one snat address and port for the stream: {seen:?}"
+    );
+    let flow = *seen.first().unwrap();
+    assert_eq!(flow.ip(), IpAddr::from(s.lab.node1().ipv4));
+    server.send_to(b"answer", flow).unwrap();
+    let (n, from) = client
+        .recv_from(&mut buf)
+        .expect("the backend's answer after 3 s of client datagrams only");
+    assert_eq!((&buf[..n], from), (&b"answer"[..], vip));
+    for i in 0..10 {
+        pause();
+        server
+            .send_to(format!("push {i}").as_bytes(), flow)
+            .unwrap();
+        let (n, from) = client.recv_from(&mut buf).expect("each backend datagram");
+        assert_eq!((&buf[..n], from), (format!("push {i}").as_bytes(), vip));
+    }
+    client.send_to(b"log again", vip).unwrap();
+    let (n, from) = server
+        .recv_from(&mut buf)
+        .expect("the client's next datagram");
+    assert_eq!(&buf[..n], b"log again");
+    assert_eq!(
+        from, flow,
+        "after 3 s of backend datagrams only: the same flow"
+    );
+    assert_eq!(
+        counter(&s.agent, "flows_created"),
+        1,
+        "{}",
+        s.agent.log_tail()
+    );
+}
+
 #[test]
 fn ipv6_is_balanced_too() {
     if !require_root() {
