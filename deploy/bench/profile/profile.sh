@@ -34,15 +34,17 @@ for _ in $(seq 1 240); do
     sleep 0.5
 done
 grep -q "holding" "$log" || { echo "the bench never held '$scenario':" >&2; tail -5 "$log" >&2; exit 1; }
-id=$(bpftool prog show | awk -v p="$prog" '$3 == "name" && $4 == p { sub(":", "", $1); print $1; exit }')
-[ -n "$id" ] || { echo "no program $prog is loaded" >&2; exit 1; }
 # The held scenario runs for 8 s; sample 5 of them.
 perf record -q -C "$cpu" -F 20000 -o "$work/perf.data" -- sleep 5 >/dev/null 2>&1
+# The bench may hold more than one copy of the program, and aya's macro makes the program a
+# stub calling a subprogram of the same name: follow the symbol with the most samples.
 perf script -i "$work/perf.data" -F ip,sym,symoff 2>/dev/null |
-    awk -v f="$func" '$2 ~ "^bpf_prog_[0-9a-f]+_" f "\\+0x" { sub(/.*\+0x/, "", $2); print $2 }' |
-    sort | uniq -c | awk '{ print $2, $1 }' >"$work/offsets"
+    awk -v f="$func" '$2 ~ "^bpf_prog_[0-9a-f]+_" f "\\+0x" { print $2 }' >"$work/samples"
+sym=$(sed 's/+0x.*//' "$work/samples" | sort | uniq -c | sort -rn | awk '{ print $2; exit }')
+[ -n "$sym" ] || { echo "no samples in $func" >&2; exit 1; }
+grep "^$sym+0x" "$work/samples" | sed 's/.*+0x//' | sort | uniq -c | awk '{ print $2, $1 }' >"$work/offsets"
 echo "== kernel symbols, share of CPU $cpu's samples"
 perf report -i "$work/perf.data" --sort sym --stdio 2>/dev/null >"$work/report"
 grep -v -e '^#' -e '^$' "$work/report" | head -16
 echo "== $func's source lines, share of its own samples"
-python3 "$(dirname "$0")/lines.py" "$id" "$func" "$work/offsets" 40
+python3 "$(dirname "$0")/lines.py" "$prog" "$sym" "$work/offsets" 40
