@@ -22,7 +22,7 @@
 //! rewritten, to where that flow's packets go anyway (through the veth's policy hook). Everything
 //! else, marked or not, goes on to the kernel untouched.
 use aya_ebpf::{
-    helpers::generated::{bpf_ktime_get_coarse_ns, bpf_redirect, bpf_skb_vlan_pop},
+    helpers::generated::{bpf_redirect, bpf_skb_vlan_pop},
     macros::classifier,
     programs::{TcContext, XdpContext},
 };
@@ -31,7 +31,7 @@ use lb_common::{Counter, FlowAddr, FlowKey, HANDOFF_MAC, HOP_VLAN, IPPROTO_TCP, 
 use crate::{
     family::{Family, Ipv4, Ipv6},
     flow,
-    maps::{config, count, packet, scratch},
+    maps::{config, count, packet, scratch, tick_clock},
     nexthop::{self, Route},
     parse::{Packet, Ports, State, load, parse_l3, parse_ports, ptr_at, store},
     tc::{HEADROOM, TCX_NEXT, fib_of_skb},
@@ -139,8 +139,7 @@ fn send(ctx: &TcContext, pkt: &Packet, ports: &Ports) -> i32 {
         return TCX_NEXT;
     };
     let (fib, mtu_len) = fib_of_skb(ctx, pkt, ports);
-    // SAFETY: a BPF helper without arguments.
-    let now_ns = unsafe { bpf_ktime_get_coarse_ns() };
+    let now_ns = tick_clock(s);
     let next = &mut s.next;
     let route = nexthop::route(&fib, &pkt.src, &pkt.dst, mtu_len, now_ns, next);
     if route != Route::PolicyHook || next.vlan & HOP_VLAN != 0 {

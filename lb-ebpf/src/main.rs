@@ -65,8 +65,8 @@ mod datapath {
         flow::{self, Opened, Target},
         is_client,
         maps::{
-            LB_BE_STATS, LB_MACS, LB_POLICIES, LB_PROGS, LB_SERVICES, LB_SVC_STATS, config, count,
-            in_filter, packet, scratch,
+            LB_BE_STATS, LB_MACS, LB_POLICIES, LB_PROGS, LB_SERVICES, LB_SVC_STATS, Scratch,
+            config, count, in_filter, packet, scratch, tick_clock,
         },
         nexthop::{self, Fib, Next, Route},
         not_served,
@@ -186,6 +186,9 @@ mod datapath {
         let Some(ports) = parse_ports(ctx, pkt) else {
             return not_served(pkt, Counter::DropMalformed);
         };
+        let Some(s) = scratch() else {
+            return xdp_action::XDP_DROP;
+        };
         // A SYN opens a flow: the slow path inserts without looking up first, and finds a live
         // flow (a retransmission) through the insert's failure.
         let syn = pkt.proto == IPPROTO_TCP && syn_only(ports.tcp_flags);
@@ -196,19 +199,16 @@ mod datapath {
         let hit = if syn {
             None
         } else if pkt.v6 {
-            lookup::<Ipv6>(pkt, &ports, &mut read_ns)
+            lookup::<Ipv6>(pkt, &ports, s, &mut read_ns)
         } else {
-            lookup::<Ipv4>(pkt, &ports, &mut read_ns)
+            lookup::<Ipv4>(pkt, &ports, s, &mut read_ns)
         };
         if let Some(hit) = hit {
-            return established(ctx, pkt, &hit, ifindex);
+            return established(ctx, pkt, &hit, ifindex, s);
         }
         // For the slow path, which takes the packet as parsed here (LB_PACKET) and these.
         // (Scratch memory outlives packets: each is written here, for every packet that goes
         // on; a stale `now` would empty a rate-limit bucket and back-date the new flow.)
-        let Some(s) = scratch() else {
-            return xdp_action::XDP_DROP;
-        };
         s.ports = ports;
         s.now = read_ns;
         tail_call(ctx, TAIL_NEW_FLOW)
@@ -228,10 +228,16 @@ mod datapath {
     }
 
     /// Finds the packet's flow, if it is live for this packet. Else, if the packet's clock was
-    /// read (an expired entry), the reading is in `read_ns`, for the new-flow slow path. (The
-    /// hit stays in registers and the stack: the established path is one function.)
+    /// read (an expired entry) from a rate-limit policy's clock, the reading is in `read_ns`,
+    /// for the new-flow slow path. (The hit stays in registers and the stack: the established
+    /// path is one function.)
     #[inline(always)]
-    fn lookup<F: Family>(pkt: &Packet, ports: &Ports, read_ns: &mut u64) -> Option<Hit> {
+    fn lookup<F: Family>(
+        pkt: &Packet,
+        ports: &Ports,
+        s: &mut Scratch,
+        read_ns: &mut u64,
+    ) -> Option<Hit> {
         let cfg = config()?;
         let key = key_of::<F>(pkt, ports);
         let entry = flow::find::<F>(&key, cfg)?;
@@ -240,7 +246,7 @@ mod datapath {
         let t = flow::resolve(&f)?;
         // The one clock read of this packet, shared by the flow's timestamp and the rate
         // limiter; for a new flow the slow path reads it, once it knows the service.
-        let now_ns = clock_for(t.policy);
+        let now_ns = clock_for(t.policy, s);
         if !flow::refresh::<F>(
             entry,
             &t,
@@ -248,7 +254,10 @@ mod datapath {
             flow_clock(now_ns),
             cfg,
         ) {
-            *read_ns = now_ns;
+            // Not the tick clock's (a tick old at worst): the new flow's service may limit.
+            if t.policy != 0 {
+                *read_ns = now_ns;
+            }
             return None;
         }
         Some(Hit {
@@ -274,25 +283,32 @@ mod datapath {
         unsafe { bpf_ktime_get_coarse_ns() }
     }
 
-    /// Now, from the clock rate-limit policy `policy` needs (0: none): the precise one if one of
-    /// its limits is too fast for the coarse one (POLICY_PRECISE_CLOCK), else the cheaper coarse
-    /// one (CLOCK_MONOTONIC both, a tick apart at most). A policy's buckets see one clock only:
+    /// Now, from the clock rate-limit policy `policy` needs: the precise one if one of its
+    /// limits is too fast for the coarse one (POLICY_PRECISE_CLOCK), else the cheaper coarse one
+    /// (CLOCK_MONOTONIC both, a tick apart at most). A policy's buckets see one clock only:
     /// mixing them would move time backwards by up to a tick, and cost an exact bucket a token.
+    /// Without a policy (0) only flow stamps and the hop cache need the time: the coarse clock
+    /// as this CPU read it this tick (maps::tick_clock).
     #[inline(always)]
-    fn clock_for(policy: u32) -> u64 {
-        let precise = policy != 0
-            && LB_POLICIES
-                .get(policy)
-                .is_none_or(|p| p.flags & POLICY_PRECISE_CLOCK != 0);
+    fn clock_for(policy: u32, s: &mut Scratch) -> u64 {
+        if policy == 0 {
+            return tick_clock(s);
+        }
+        let precise = LB_POLICIES
+            .get(policy)
+            .is_none_or(|p| p.flags & POLICY_PRECISE_CLOCK != 0);
         if precise { precise_now() } else { coarse_now() }
     }
 
     /// A packet of a flow in the table.
     #[inline(always)]
-    fn established(ctx: &XdpContext, pkt: &Packet, hit: &Hit, ifindex: u32) -> u32 {
-        let Some(s) = scratch() else {
-            return xdp_action::XDP_DROP;
-        };
+    fn established(
+        ctx: &XdpContext,
+        pkt: &Packet,
+        hit: &Hit,
+        ifindex: u32,
+        s: &mut Scratch,
+    ) -> u32 {
         let (t, flags, now_ns) = (&hit.target, hit.flags, hit.now_ns);
         // The next hop goes to scratch memory too: a struct on the stack would be zeroed
         // first (see mem.rs), and `route` writes what `send` reads.
@@ -391,7 +407,7 @@ mod datapath {
         let now_ns = if read_ns != 0 {
             read_ns
         } else {
-            clock_for(svc.policy)
+            clock_for(svc.policy, s)
         };
         let syn = pkt.proto == IPPROTO_TCP && syn_only(ports.tcp_flags);
         let hash = flow_hash(

@@ -2,6 +2,7 @@
 //! the agent resizes the sizable ones at load time and pins them all.
 use aya_ebpf::{
     bindings::bpf_fib_lookup as FibParams,
+    helpers::generated::{bpf_jiffies64, bpf_ktime_get_coarse_ns},
     macros::map,
     maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
 };
@@ -126,6 +127,9 @@ pub struct Scratch {
     pub half_open_taken: bool,
     pub half_open_key: FlowKey6,
     pub half_open: Flow6,
+    /// The jiffy count at this CPU's last coarse-clock reading, and the reading (tick_clock).
+    pub jiffies: u64,
+    pub tick_ns: u64,
 }
 
 /// Slow paths, tail-called: TAIL_NEW_FLOW, TAIL_ICMP.
@@ -155,6 +159,23 @@ pub fn packet() -> Option<&'static mut crate::parse::Packet> {
 pub fn scratch() -> Option<&'static mut Scratch> {
     // SAFETY: per-CPU, and no other invocation runs on this CPU while we do.
     LB_SCRATCH.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
+
+/// The coarse clock (CLOCK_MONOTONIC_COARSE, which moves once a tick), read once a tick on each
+/// CPU: its helper call costs more than the rest of a flow's timekeeping, while the jiffy count
+/// that says a tick passed is one load (the verifier inlines `bpf_jiffies64`). The reading may
+/// be a tick old (the count moves just before the clock): fine for flow stamps and the hop
+/// cache, whose times are seconds; never used for a rate limiter's buckets (main.rs, clock_for).
+#[inline(always)]
+pub fn tick_clock(s: &mut Scratch) -> u64 {
+    // SAFETY: BPF helpers without arguments.
+    let jiffies = unsafe { bpf_jiffies64() };
+    if s.jiffies != jiffies {
+        s.jiffies = jiffies;
+        // SAFETY: as above.
+        s.tick_ns = unsafe { bpf_ktime_get_coarse_ns() };
+    }
+    s.tick_ns
 }
 
 const _: () = assert!(

@@ -14,9 +14,7 @@
 //! segment, as the kernel's forwarding does.
 use aya_ebpf::{
     bindings::TC_ACT_SHOT,
-    helpers::generated::{
-        bpf_ktime_get_coarse_ns, bpf_redirect, bpf_redirect_neigh, bpf_skb_vlan_push,
-    },
+    helpers::generated::{bpf_redirect, bpf_redirect_neigh, bpf_skb_vlan_push},
     macros::classifier,
     programs::TcContext,
 };
@@ -36,6 +34,7 @@ use crate::{
     flow::{self, Target},
     maps::{
         LB_IFACES, LB_SVC_STATS, config, count, count_service_drop, in_filter, packet, scratch,
+        tick_clock,
     },
     nexthop::{self, Fib, Route},
     parse::{Packet, Ports, State, ipv4_checksum_ok, load, parse_l3, parse_ports, ptr_at},
@@ -139,8 +138,7 @@ pub(crate) fn lookup<F: Family>(pkt: &Packet, ports: &Ports, ours: impl Fn(u8) -
     let Some(t) = flow::resolve(f) else {
         return false;
     };
-    // SAFETY: a BPF helper without arguments.
-    let now_ns = unsafe { bpf_ktime_get_coarse_ns() };
+    let now_ns = tick_clock(s);
     s.now = now_ns;
     let seen = flow::seen(pkt.proto, ports.tcp_flags);
     if !t.reply || !flow::refresh::<F>(entry, &t, seen, flow_clock(now_ns), cfg) {

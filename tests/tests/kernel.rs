@@ -983,6 +983,47 @@ fn a_one_way_udp_flow_keeps_its_claim_with_packets_nearly_a_timeout_apart() {
     assert_eq!(flow.fx.counter(Counter::FlowsCreated), 1);
 }
 
+/// Each packet stamps its entry with the clock of its time, within a tick (the data path reads
+/// the coarse clock once a tick per CPU, maps::tick_clock, for flows without a rate-limit
+/// policy): both directions of a UDP snat flow, packets 25 ms apart on one CPU, each stamp
+/// between the flow clock just before the packet less a tick (HZ 100 at the coarsest: 10 ms)
+/// and just after it. A clock read once and kept would fail from the second packet on.
+#[test]
+fn each_packet_stamps_its_entry_with_the_clock_of_its_tick() {
+    use lb_common::{FLOW_CLOCK_SHIFT, Flow4, flow_clock};
+    use lb_userspace::system::monotonic_ns;
+    if !require_root() {
+        return;
+    }
+    lb_tests::bench::pin_thread(0).expect("pin to CPU 0");
+    let mut flow = UdpFlow::open(std::time::Duration::from_secs(120));
+    let key = flow_key("10.0.0.10", 50000, "10.96.0.53", 53, IPPROTO_UDP);
+    let forward = flow.fx.flow4(&key).expect("the client's entry");
+    let reply_key = flow.fx.reply_key4(&forward, IPPROTO_UDP);
+    let tick = u32::try_from((10_000_000u64 >> FLOW_CLOCK_SHIFT) + 1).unwrap();
+    let stamped = |what: &str, entry: Flow4, before: u32, after: u32| {
+        assert!(
+            before.wrapping_sub(tick) <= entry.last && entry.last <= after,
+            "{what}: stamped {}, the clock was {before}..={after}",
+            entry.last
+        );
+    };
+    for i in 0..6 {
+        std::thread::sleep(std::time::Duration::from_millis(25));
+        let before = flow_clock(monotonic_ns());
+        assert_eq!(flow.client(), flow.snat);
+        let after = flow_clock(monotonic_ns());
+        let entry = flow.fx.flow4(&key).unwrap();
+        stamped(&format!("client packet {i}"), entry, before, after);
+        std::thread::sleep(std::time::Duration::from_millis(25));
+        let before = flow_clock(monotonic_ns());
+        flow.reply(&format!("reply {i}"));
+        let after = flow_clock(monotonic_ns());
+        let entry = flow.fx.flow4(&reply_key).unwrap();
+        stamped(&format!("backend packet {i}"), entry, before, after);
+    }
+}
+
 /// A local pod whose veth has a policy hook (the agent found another owner's TC egress program
 /// there) is reached through the kernel's TC hooks: the rewritten packet (TTL decremented) is
 /// passed, still addressed to the uplink, its source MAC the handoff's marker (for
