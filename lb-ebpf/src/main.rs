@@ -44,9 +44,7 @@
 #[cfg(target_arch = "bpf")]
 mod datapath {
     use aya_ebpf::{
-        bindings::xdp_action,
-        helpers::generated::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
-        macros::xdp,
+        bindings::xdp_action, helpers::generated::bpf_ktime_get_ns, macros::xdp,
         programs::XdpContext,
     };
     use lb_common::{
@@ -228,9 +226,8 @@ mod datapath {
     }
 
     /// Finds the packet's flow, if it is live for this packet. Else, if the packet's clock was
-    /// read (an expired entry) from a rate-limit policy's clock, the reading is in `read_ns`,
-    /// for the new-flow slow path. (The hit stays in registers and the stack: the established
-    /// path is one function.)
+    /// read (an expired entry), the reading is in `read_ns`, for the new-flow slow path. (The
+    /// hit stays in registers and the stack: the established path is one function.)
     #[inline(always)]
     fn lookup<F: Family>(
         pkt: &Packet,
@@ -254,10 +251,7 @@ mod datapath {
             flow_clock(now_ns),
             cfg,
         ) {
-            // Not the tick clock's (a tick old at worst): the new flow's service may limit.
-            if t.policy != 0 {
-                *read_ns = now_ns;
-            }
+            *read_ns = now_ns;
             return None;
         }
         Some(Hit {
@@ -277,27 +271,22 @@ mod datapath {
         unsafe { bpf_ktime_get_ns() }
     }
 
-    #[inline(always)]
-    fn coarse_now() -> u64 {
-        // SAFETY: a BPF helper without arguments.
-        unsafe { bpf_ktime_get_coarse_ns() }
-    }
-
-    /// Now, from the clock rate-limit policy `policy` needs: the precise one if one of its
-    /// limits is too fast for the coarse one (POLICY_PRECISE_CLOCK), else the cheaper coarse one
-    /// (CLOCK_MONOTONIC both, a tick apart at most). A policy's buckets see one clock only:
-    /// mixing them would move time backwards by up to a tick, and cost an exact bucket a token.
-    /// Without a policy (0) only flow stamps and the hop cache need the time: the coarse clock
-    /// as this CPU read it this tick (maps::tick_clock).
+    /// Now, from the clock rate-limit policy `policy` needs (0: none): the precise one if one of
+    /// its limits is too fast for the coarse one (POLICY_PRECISE_CLOCK), else the cheaper coarse
+    /// one (CLOCK_MONOTONIC both, a tick apart at most), as this CPU read it this tick
+    /// (maps::tick_clock). A policy's buckets see one clock only: mixing them would move time
+    /// backwards by up to a tick, and cost an exact bucket a token.
     #[inline(always)]
     fn clock_for(policy: u32, s: &mut Scratch) -> u64 {
-        if policy == 0 {
-            return tick_clock(s);
+        let precise = policy != 0
+            && LB_POLICIES
+                .get(policy)
+                .is_none_or(|p| p.flags & POLICY_PRECISE_CLOCK != 0);
+        if precise {
+            precise_now()
+        } else {
+            tick_clock(s)
         }
-        let precise = LB_POLICIES
-            .get(policy)
-            .is_none_or(|p| p.flags & POLICY_PRECISE_CLOCK != 0);
-        if precise { precise_now() } else { coarse_now() }
     }
 
     /// A packet of a flow in the table.

@@ -94,6 +94,10 @@ pub struct Scratch {
     pub target: crate::flow::Target,
     /// The packet's one clock reading, for the slow path a tail call continues in (0: none).
     pub now: u64,
+    /// The jiffy count at this CPU's last coarse-clock reading, and the reading (tick_clock);
+    /// beside the fields every packet of a flow touches.
+    pub jiffies: u64,
+    pub tick_ns: u64,
     /// The packet's transport header as `transport` read it, for the new-flow slow path.
     pub ports: crate::parse::Ports,
     /// The source the rate limiter admitted without a slot (ratelimit::check, then commit).
@@ -127,9 +131,6 @@ pub struct Scratch {
     pub half_open_taken: bool,
     pub half_open_key: FlowKey6,
     pub half_open: Flow6,
-    /// The jiffy count at this CPU's last coarse-clock reading, and the reading (tick_clock).
-    pub jiffies: u64,
-    pub tick_ns: u64,
 }
 
 /// Slow paths, tail-called: TAIL_NEW_FLOW, TAIL_ICMP.
@@ -161,21 +162,26 @@ pub fn scratch() -> Option<&'static mut Scratch> {
     LB_SCRATCH.get_ptr_mut(0).map(|p| unsafe { &mut *p })
 }
 
-/// The coarse clock (CLOCK_MONOTONIC_COARSE, which moves once a tick), read once a tick on each
-/// CPU: its helper call costs more than the rest of a flow's timekeeping, while the jiffy count
-/// that says a tick passed is one load (the verifier inlines `bpf_jiffies64`). The reading may
-/// be a tick old (the count moves just before the clock): fine for flow stamps and the hop
-/// cache, whose times are seconds; never used for a rate limiter's buckets (main.rs, clock_for).
+/// The coarse clock (CLOCK_MONOTONIC_COARSE), read once a tick on each CPU: it moves only when
+/// the kernel's timekeeping runs, just after the jiffy count moves, so the reading taken after
+/// the count last moved is what reading it again would give. The helper call costs more than
+/// the rest of a flow's timekeeping; the count is one load (the verifier inlines
+/// `bpf_jiffies64`). A reading equal to the last one came between the count's move and the
+/// clock's (or the clock has not moved): it is not kept, the next packet reads again.
 #[inline(always)]
 pub fn tick_clock(s: &mut Scratch) -> u64 {
     // SAFETY: BPF helpers without arguments.
     let jiffies = unsafe { bpf_jiffies64() };
-    if s.jiffies != jiffies {
-        s.jiffies = jiffies;
-        // SAFETY: as above.
-        s.tick_ns = unsafe { bpf_ktime_get_coarse_ns() };
+    if s.jiffies == jiffies {
+        return s.tick_ns;
     }
-    s.tick_ns
+    // SAFETY: as above.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    if now != s.tick_ns {
+        s.jiffies = jiffies;
+        s.tick_ns = now;
+    }
+    now
 }
 
 const _: () = assert!(
