@@ -167,7 +167,10 @@ pub fn scratch() -> Option<&'static mut Scratch> {
 /// the count last moved is what reading it again would give. The helper call costs more than
 /// the rest of a flow's timekeeping; the count is one load (the verifier inlines
 /// `bpf_jiffies64`). A reading equal to the last one came between the count's move and the
-/// clock's (or the clock has not moved): it is not kept, the next packet reads again.
+/// clock's (or the clock has not moved): it is not kept, the next packet reads again. (A CPU
+/// idle through the tick before that reads in the same gap keeps a reading a tick old, until
+/// the next tick: fine for flow stamps and the hop cache, and within what a coarse-clock
+/// rate-limit policy allows, whose bursts hold two of the clock's steps.)
 #[inline(always)]
 pub fn tick_clock(s: &mut Scratch) -> u64 {
     // SAFETY: BPF helpers without arguments.
