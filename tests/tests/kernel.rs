@@ -984,8 +984,8 @@ fn a_one_way_udp_flow_keeps_its_claim_with_packets_nearly_a_timeout_apart() {
 }
 
 /// Each packet stamps its entry with the clock of its time, within a tick (the data path reads
-/// the coarse clock once a tick per CPU, maps::tick_clock, for flows without a rate-limit
-/// policy): both directions of a UDP snat flow, packets 25 ms apart on one CPU, each stamp
+/// the coarse clock once a tick per CPU, maps::tick_clock; a limited flow's buckets use the
+/// same reading, which ratelimit.rs's tests hold to their rates): both directions of a UDP snat flow, packets 25 ms apart on one CPU, each stamp
 /// between the flow clock just before the packet less a tick (HZ 100 at the coarsest: 10 ms)
 /// and just after it. A clock read once and kept would fail from the second packet on.
 #[test]
