@@ -146,7 +146,7 @@ pub struct RunArgs {
     /// upgrade, a restart) takes over without a gap and live flows keep their backends.
     #[arg(long)]
     pub keep_on_exit: bool,
-    /// Seconds between sweeps of finished flows and refilled rate-limit buckets.
+    /// Seconds between sweeps of finished flows out of the flow tables.
     #[arg(long, default_value_t = 5)]
     pub sweep_seconds: u64,
     /// /healthz fails (503) once the agent's loop has made no progress for this long: a stuck

@@ -98,7 +98,8 @@ pub struct InterfaceLabel {
     pub hook: String,
     pub note: Option<String>,
     /// For a backend interface: how packets for its local backends are delivered, "redirect"
-    /// (in XDP) or "kernel" (through its policy hooks), and why.
+    /// (in XDP), "kernel" (through its policy hooks) or "netfilter" (forwarded by the kernel,
+    /// no snat), and why.
     #[serde(default)]
     pub delivery: Option<String>,
     #[serde(default)]
