@@ -28,8 +28,8 @@ use aya::{
 
 use crate::agent::Bpffs;
 
-/// The Katran commit fetched when no tree is in the cache (its `balancer.bpf.c` is the one the
-/// cached tree of 2026-12-05 was assembled around).
+/// The Katran commit fetched when no tree is in the cache. A tree assembled by hand where there
+/// is no network may be another version: its PROVENANCE file beside it says which.
 pub const COMMIT: &str = "020aa12f030a9ca81838ee08930cfb68f78f7507";
 const TARBALL_URL: &str = "https://codeload.github.com/facebookincubator/katran/tar.gz";
 /// Entries of each per-CPU LRU (the setup: Katran's per-CPU 4M-entry LRUs).
