@@ -46,7 +46,9 @@ pub enum Command {
         #[arg(long)]
         backends: bool,
     },
-    /// Which backend a flow goes to, and why (flow-table entry, or ring slot).
+    /// Which backend a flow goes to, and why (flow-table entry, session affinity, or ring
+    /// slot); or, for a client the data path would drop first (a source that cannot be a
+    /// client, the service's source ranges, a rate-limit deny prefix), which rule drops it.
     Flow {
         /// tcp or udp.
         protocol: Protocol,
@@ -58,6 +60,8 @@ pub enum Command {
         destination: SocketAddr,
         #[command(flatten)]
         paths: Paths,
+        /// Machine-readable output: flow, reason, backend, detail, and the rule that drops the
+        /// flow (dropped) or the rate-limit override the client falls under (rate_limit).
         #[arg(long)]
         json: bool,
     },
