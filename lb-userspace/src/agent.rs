@@ -147,6 +147,9 @@ impl Agent {
             info!("LB_RINGS was recreated: wrote the rings of {restored} pinned services anew");
         }
         let node = node::view(&mut netlink, &inputs.file, &interfaces)?;
+        for w in node::snat_elsewhere(&node, &inputs.file) {
+            warn!("{w}");
+        }
         let uplink_addrs = node::uplink_addrs(&mut netlink, &interfaces)?;
         let attachments =
             Attachments::new(&layout).with_context(|| format!("creating {}", layout.display()))?;
@@ -256,6 +259,9 @@ impl Agent {
                 let node = node::view(netlink, desired, interfaces)?;
                 for problem in neighbours.follow(netlink, desired) {
                     warn!("{problem}");
+                }
+                for w in node::snat_elsewhere(&node, desired) {
+                    warn!("{w}");
                 }
                 Ok(node)
             }

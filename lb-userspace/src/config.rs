@@ -59,11 +59,11 @@ use crate::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{}: cannot read: {source}", file.display())]
+    // The reason is in the message, not a source: `{:#}` would print it twice.
+    #[error("{}: cannot read: {reason}", file.display())]
     Read {
         file: PathBuf,
-        #[source]
-        source: std::io::Error,
+        reason: std::io::Error,
     },
     #[error("{}:{line}: {field}: {message}", file.display())]
     Invalid {
@@ -76,9 +76,9 @@ pub enum ConfigError {
 
 /// Reads and validates a config file.
 pub fn load(file: &Path) -> Result<Desired, ConfigError> {
-    let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+    let text = std::fs::read_to_string(file).map_err(|reason| ConfigError::Read {
         file: file.to_path_buf(),
-        source,
+        reason,
     })?;
     parse(file, &text)
 }
@@ -611,8 +611,15 @@ fn parse_port_ranges(s: &str) -> Result<Vec<(u16, u16)>, String> {
     let mut ranges = Vec::new();
     for part in s.split(',') {
         let (lo, hi) = part.split_once('-').ok_or_else(bad)?;
-        let lo: u16 = lo.trim().parse().map_err(|_| bad())?;
-        let hi: u16 = hi.trim().parse().map_err(|_| bad())?;
+        let port = |p: &str| {
+            p.trim()
+                .parse::<u16>()
+                .map_err(|_| match p.trim().parse::<u64>() {
+                    Ok(n) => format!("`{part}`: {n} is not a port (at most 65535)"),
+                    Err(_) => bad(),
+                })
+        };
+        let (lo, hi) = (port(lo)?, port(hi)?);
         if lo < 1024 || lo > hi {
             return Err(format!("`{part}`: need 1024 <= first <= last"));
         }
@@ -962,6 +969,15 @@ backends = [{ address = "fd00:1:1::2" }]
         assert!(e.starts_with("lb.toml:14: services[1].port: 10.96.0.1:80/tcp is already served by `a` (lb.toml:2)"), "{e}");
         let e = err("[node]\nsnat-ports = \"70-60\"\n");
         assert!(e.starts_with("lb.toml:2: node.snat-ports: "), "{e}");
+        let e = err("[node]\nsnat-ports = \"1024-80000\"\n");
+        assert!(
+            e.ends_with("node.snat-ports: `1024-80000`: 80000 is not a port (at most 65535)"),
+            "{e}"
+        );
+        // The reason once, also in anyhow's `{:#}` (which follows sources).
+        let e = load(Path::new("/nonexistent/lb.toml")).unwrap_err();
+        let e = format!("{:#}", anyhow::Error::new(e));
+        assert_eq!(e.matches("No such file").count(), 1, "{e}");
         let e = err("[node]\ntcp-idle-timeout-seconds = 0\n");
         assert!(
             e.starts_with("lb.toml:2: node.tcp-idle-timeout-seconds: 0 is out of range"),

@@ -14,13 +14,15 @@ use lb_userspace::{
 };
 
 fn main() -> ExitCode {
-    // netlink-packet-route warns about every attribute newer kernels added; that is noise here.
-    // Milliseconds: an apply, a watch event and a probe often fall in the same second.
-    env_logger::Builder::from_env(
-        env_logger::Env::default().default_filter_or("info,netlink_packet_route=error"),
-    )
-    .format_timestamp_millis()
-    .init();
+    // netlink-packet-route warns about every attribute newer kernels added (several lines every
+    // 2 s): quiet unless RUST_LOG names it. Milliseconds: an apply, a watch event and a probe
+    // often fall in the same second.
+    let mut log =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    if !std::env::var("RUST_LOG").is_ok_and(|f| f.contains("netlink_packet_route")) {
+        log.filter_module("netlink_packet_route", log::LevelFilter::Error);
+    }
+    log.format_timestamp_millis().init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => agent::run(args),
@@ -47,13 +49,7 @@ fn main() -> ExitCode {
             if json {
                 println!("{}", serde_json::to_string_pretty(&a).unwrap_or_default());
             } else {
-                println!(
-                    "{}: {} ({}): {}",
-                    a.flow,
-                    a.backend.as_deref().unwrap_or("no backend"),
-                    a.reason,
-                    a.detail
-                );
+                println!("{}", flow::render(&a));
             }
         }),
         Command::Check {
@@ -80,13 +76,16 @@ fn run_check(
     uplinks: &[String],
     backend_interfaces: &[String],
 ) -> Result<()> {
+    let mut warnings = Vec::new();
     let node = if uplinks.is_empty() {
         None
     } else {
         let desired = lb_userspace::config::load(path)?;
         let mut nl = Netlink::open()?;
         let interfaces = Interfaces::scan(&mut nl, uplinks, backend_interfaces)?;
-        Some(node::view(&mut nl, &desired, &interfaces)?)
+        let node = node::view(&mut nl, &desired, &interfaces)?;
+        warnings = node::snat_elsewhere(&node, &desired);
+        Some(node)
     };
     let checked = check::check_file(path, sizes, node.as_ref())?;
     println!(
@@ -95,6 +94,9 @@ fn run_check(
         checked.services,
         checked.policies
     );
+    for w in &warnings {
+        println!("warning: {w}");
+    }
     if !checked.unchecked.is_empty() {
         println!("not checked without the live node (give --uplink to check them here):");
         for u in &checked.unchecked {

@@ -49,6 +49,33 @@ impl NodeView {
     }
 }
 
+/// The configured snat addresses that are none of the node's: replies to them reach this node
+/// only if the network routes them here (a secondary private IP of its ENI does; an address
+/// from nowhere does not, and every snat flow then goes unanswered). A warning each, not an
+/// error: the network's routing is not the node's to see.
+pub fn snat_elsewhere(node: &NodeView, desired: &Desired) -> Vec<String> {
+    let configured = desired
+        .node
+        .snat_ipv4
+        .iter()
+        .map(|a| ("snat-ipv4", IpAddr::V4(*a)))
+        .chain(
+            desired
+                .node
+                .snat_ipv6
+                .iter()
+                .map(|a| ("snat-ipv6", IpAddr::V6(*a))),
+        );
+    configured
+        .filter(|(_, a)| !node.node_addrs.contains(a))
+        .map(|(field, a)| {
+            format!(
+                "node.{field} {a} is not an address of this node: snat flows' replies come back to it only if the network routes it to this node (e.g. a secondary private IP of its ENI); else they go unanswered"
+            )
+        })
+        .collect()
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     #[error("uplink interface {0} does not exist")]
@@ -254,7 +281,25 @@ pub(crate) fn backend_addrs(desired: &Desired) -> BTreeSet<IpAddr> {
 
 #[cfg(test)]
 mod tests {
-    use super::glob_match;
+    use super::{NodeView, glob_match, snat_elsewhere};
+
+    #[test]
+    fn a_configured_snat_address_off_the_node_is_named() {
+        let mut desired = crate::model::Desired::default();
+        desired.node.snat_ipv4 = vec!["10.0.0.1".parse().unwrap(), "10.0.0.9".parse().unwrap()];
+        let node = NodeView {
+            node_addrs: ["10.0.0.1".parse().unwrap()].into(),
+            ..NodeView::default()
+        };
+        let w = snat_elsewhere(&node, &desired);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].starts_with("node.snat-ipv4 10.0.0.9 is not an address of this node"),
+            "{w:?}"
+        );
+        // Unset: the agent takes the uplink's own address, nothing to say.
+        assert!(snat_elsewhere(&node, &crate::model::Desired::default()).is_empty());
+    }
 
     #[test]
     fn globs_match_like_a_shell() {

@@ -70,7 +70,7 @@ fn main() -> Result<()> {
                 "lb-tests",
                 "--bins",
             ])?;
-            run(&mut Command::new(target_dir().join("release/demo")))
+            run(Command::new(target_dir().join("release/demo")).env(AGENT_BINARY, release_agent()))
         }
         Task::Bench { args } => {
             setup()?;
@@ -84,10 +84,19 @@ fn main() -> Result<()> {
                 "--bins",
             ])?;
             let mut cmd = Command::new(target_dir().join("release/bench"));
-            cmd.args(args);
+            cmd.args(args).env(AGENT_BINARY, release_agent());
             run(&mut cmd)
         }
     }
+}
+
+/// The agent the demo and bench run (lb_tests::agent::agent_binary): the one just built with
+/// them. Left to itself, that function builds lb-agent alone, whose dependencies' features
+/// differ from this build's, so each build would undo the other's (minutes per demo).
+const AGENT_BINARY: &str = "XDPLB_AGENT_BINARY";
+
+fn release_agent() -> PathBuf {
+    target_dir().join("release/lb-agent")
 }
 
 fn root() -> PathBuf {

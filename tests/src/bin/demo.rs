@@ -78,6 +78,7 @@ fn main() -> Result<()> {
         bail!("the demo builds network namespaces and attaches XDP programs: run it as root");
     }
     let started = Instant::now();
+    let mut checks = Checks::default();
     banner("1. The lab: an EKS-like node pair in network namespaces");
     let bpffs = Bpffs::mount("demo")?;
     let lab = Lab::build("demo")?;
@@ -115,11 +116,23 @@ fn main() -> Result<()> {
     for round in 1..=3 {
         let tcp = drive(&lab, Proto::Tcp, 80, 300)?;
         let udp = drive(&lab, Proto::Udp, 53, 300)?;
+        let spread = merged(&tcp, &udp);
         println!(
-            "round {round}: tcp {}/300 ok, udp {}/300 ok; per backend: {:?}",
-            tcp.ok,
-            udp.ok,
-            merged(&tcp, &udp)
+            "round {round}: tcp {}/300 ok, udp {}/300 ok; per backend: {spread:?}",
+            tcp.ok, udp.ok,
+        );
+        checks.check(
+            &format!("round {round}: every TCP connection and UDP exchange answered"),
+            tcp.ok == 300 && udp.ok == 300,
+        );
+        // Weights 1:1:2:1: pod3 takes about two fifths, each other pod about one fifth.
+        let share = |pod: &str| spread.get(pod).copied().unwrap_or(0) as f64 / 600.0;
+        checks.check(
+            &format!("round {round}: spread by weight (pod3 0.3-0.5, the others 0.1-0.3 each)"),
+            (0.3..=0.5).contains(&share("pod3"))
+                && ["pod1", "pod2", "pod4"]
+                    .iter()
+                    .all(|p| (0.1..=0.3).contains(&share(p))),
         );
     }
     print!("{}", agent.status_text()?);
@@ -132,6 +145,11 @@ fn main() -> Result<()> {
     println!("pod3 drained: new flows avoid it, live flows keep their backend");
     let tcp = drive(&lab, Proto::Tcp, 80, 300)?;
     println!("300 new connections: {:?}", tcp.per_backend);
+    checks.check(
+        "after the drain: every new connection answered, none by pod3",
+        tcp.ok == 300 && !tcp.per_backend.contains_key("pod3"),
+    );
+    let served_by = transfer.backend().to_string();
     let report = transfer.finish();
     println!(
         "transfer: {} bytes to {}, {}",
@@ -143,10 +161,20 @@ fn main() -> Result<()> {
             "BROKEN"
         }
     );
+    checks.check(
+        "the long transfer kept its backend through the drain and reload, every byte arrived",
+        report.is_clean() && report.backend == served_by,
+    );
     let flow = agent.flow("tcp", "10.0.0.10:40000", "10.96.0.10:80")?;
     println!(
         "lb-agent flow tcp 10.0.0.10:40000 10.96.0.10:80 -> {} ({}: {})",
         flow["backend"], flow["reason"], flow["detail"]
+    );
+    checks.check(
+        "lb-agent flow names a backend, not the drained pod3 (10.1.2.2)",
+        flow["backend"]
+            .as_str()
+            .is_some_and(|b| !b.is_empty() && !b.starts_with("10.1.2.2:")),
     );
     print!("{}", agent.status_text()?);
 
@@ -190,6 +218,18 @@ fn main() -> Result<()> {
         flood.elapsed
     );
     println!("the other client: {}/200 connections ok", polite_report.ok);
+    // What the bucket allows over the flood's time, and what arrives: at most that (a little
+    // over for the clock's granularity), and most of it (the limit must not starve the source).
+    let allowed = 1000.0 * flood.elapsed.as_secs_f64() + 100.0;
+    let admitted = admitted as f64;
+    checks.check(
+        "the flooding source held to its rate: pod1 got at most 105% and at least 80% of it",
+        admitted <= allowed * 1.05 && admitted >= allowed.min(flood.sent as f64) * 0.8,
+    );
+    checks.check(
+        "the other client unaffected: 200/200 connections",
+        polite_report.ok == 200,
+    );
     print!("{}", agent.status_text()?);
 
     banner("6. Clean-up");
@@ -200,7 +240,39 @@ fn main() -> Result<()> {
     drop(bpffs);
     println!("agent stopped (programs detached, pins removed), namespaces deleted");
     println!("demo took {:.0?}", started.elapsed());
-    Ok(())
+    checks.verdict()
+}
+
+/// What the demo shows, judged: each claim it prints is checked, and the demo fails if one
+/// does not hold.
+#[derive(Default)]
+struct Checks {
+    failed: Vec<String>,
+    passed: usize,
+}
+
+impl Checks {
+    fn check(&mut self, what: &str, ok: bool) {
+        if ok {
+            self.passed += 1;
+        } else {
+            println!("FAILED: {what}");
+            self.failed.push(what.to_string());
+        }
+    }
+
+    fn verdict(self) -> Result<()> {
+        let total = self.passed + self.failed.len();
+        if self.failed.is_empty() {
+            println!("\ndemo: all {total} checks passed");
+            return Ok(());
+        }
+        bail!(
+            "demo: {} of {total} checks failed:\n- {}",
+            self.failed.len(),
+            self.failed.join("\n- ")
+        )
+    }
 }
 
 fn drive(
