@@ -2470,6 +2470,27 @@ fn load_balancer_source_ranges_admit_and_refuse_real_clients_on_every_frontend()
         }
     };
     expect(inside, outside, "allow list");
+    // `lb-agent flow` agrees with the traffic: a refused client is answered dropped, with the
+    // rule; an admitted one gets a backend.
+    let ask = |from: IpAddr| {
+        agent
+            .flow(
+                "tcp",
+                &SocketAddr::new(from, 40000).to_string(),
+                "10.96.0.10:80",
+            )
+            .expect("flow")
+    };
+    let refused = ask(outside[0]);
+    assert_eq!(refused["reason"], "source-range", "{refused}");
+    assert!(refused["backend"].is_null(), "{refused}");
+    assert_eq!(
+        refused["dropped"]["field"], "spec.loadBalancerSourceRanges",
+        "{refused}"
+    );
+    let admitted = ask(inside[0]);
+    assert!(admitted["dropped"].is_null(), "{admitted}");
+    assert!(admitted["backend"].is_string(), "{admitted}");
     let status = agent.status_text().expect("status");
     assert!(
         status.contains("sources=allow 10.0.0.10/31,fd00:a::10/128"),
@@ -2482,6 +2503,9 @@ fn load_balancer_source_ranges_admit_and_refuse_real_clients_on_every_frontend()
             .expect("service");
     });
     expect(outside, inside, "deny list");
+    let refused = ask(inside[0]);
+    assert_eq!(refused["reason"], "source-range", "{refused}");
+    assert_eq!(refused["dropped"]["cidr"], "10.0.0.10/31", "{refused}");
     let metrics = agent.status().expect("status").to_string();
     assert!(
         metrics.contains("source_range"),
