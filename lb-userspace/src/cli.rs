@@ -72,7 +72,16 @@ pub enum Command {
     /// this node's addresses and routes.
     Check {
         /// The config file.
-        config: PathBuf,
+        #[arg(required_unless_present = "config_flag")]
+        config: Option<PathBuf>,
+        /// The config file, given as `run` takes it.
+        #[arg(
+            long = "config",
+            short = 'c',
+            value_name = "FILE",
+            conflicts_with = "config"
+        )]
+        config_flag: Option<PathBuf>,
         #[command(flatten)]
         sizes: SizeArgs,
         /// This node's uplink (repeat for several): check the rules that need the live node

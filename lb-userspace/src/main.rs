@@ -54,10 +54,14 @@ fn main() -> ExitCode {
         }),
         Command::Check {
             config,
+            config_flag,
             sizes,
             uplinks,
             backend_interfaces,
-        } => run_check(&config, sizes.sizes(), &uplinks, &backend_interfaces),
+        } => match config.or(config_flag) {
+            Some(config) => run_check(&config, sizes.sizes(), &uplinks, &backend_interfaces),
+            None => Err(anyhow::anyhow!("check: no config file given")),
+        },
         Command::Cleanup { paths } => cleanup::cleanup(&paths),
     };
     match result {
