@@ -11,7 +11,7 @@
 //! the rule as it was written (the CIDR, the field).
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
 };
 
 use anyhow::Result;
@@ -28,7 +28,7 @@ use serde::Serialize;
 use crate::{
     cli::Paths,
     dataplane::Maps,
-    model::{Protocol, SourceRanges},
+    model::{Cidr, Protocol, SourceRanges},
     state::State,
     status::{open_maps, show},
     system::monotonic_ns,
@@ -203,7 +203,7 @@ fn prefix_hit(maps: &Maps, id: u32, addr: &Addr) -> Option<Hit> {
         let (k, rule) = kv.ok()?;
         Some((k.data(), k.prefix_len(), rule))
     });
-    let prefix = longest_match(entries, id, addr).map(|(k, len, _)| (k.addr, len - 32));
+    let prefix = longest_match(entries, id, addr).map(|(prefix, _)| prefix);
     Some(Hit { prefix, rule })
 }
 
@@ -350,7 +350,7 @@ struct Client {
 /// An LB_PREFIXES lookup's hit: the rule, and the prefix (address, length in the 128-bit space)
 /// that matched, if found.
 struct Hit {
-    prefix: Option<(Addr, u32)>,
+    prefix: Option<Cidr>,
     rule: PrefixRule,
 }
 
@@ -363,7 +363,7 @@ struct PolicyHit {
     policy: u32,
     /// `PREFIX_*`.
     action: u32,
-    prefix: Option<(Addr, u32)>,
+    prefix: Option<Cidr>,
 }
 
 /// Why the data path drops a new flow's packets before (or instead of) its backend.
@@ -373,10 +373,7 @@ enum Refused {
     NotAClient(&'static str),
     /// The service's source ranges refuse it: in a deny list (the prefix), or in no prefix of
     /// an allow list.
-    SourceRange {
-        deny: bool,
-        prefix: Option<(Addr, u32)>,
-    },
+    SourceRange { deny: bool, prefix: Option<Cidr> },
     /// A deny prefix of the service's rate-limit policy.
     Policy(PolicyHit),
 }
@@ -480,32 +477,26 @@ fn policy_hit(
 }
 
 /// The longest of the LB_PREFIXES `entries` (key, length in bits: 32 of the id, then the
-/// address's, rule) under `id` that holds `addr`: what the trie's lookup finds.
+/// address's, rule) under `id` that holds `addr`, as a prefix, with its rule: what the trie's
+/// lookup finds.
 fn longest_match(
     entries: impl IntoIterator<Item = (PrefixKey, u32, PrefixRule)>,
     id: u32,
     addr: &Addr,
-) -> Option<(PrefixKey, u32, PrefixRule)> {
-    let a = u128::from_be_bytes(addr.0);
+) -> Option<(Cidr, PrefixRule)> {
+    let ip = IpAddr::from(*addr);
     entries
         .into_iter()
-        .filter(|(k, len, _)| {
-            let Some(bits) = len.checked_sub(32).filter(|b| *b <= 128) else {
-                return false;
-            };
-            k.policy == id.to_be_bytes()
-                && (bits == 0 || (u128::from_be_bytes(k.addr.0) ^ a) >> (128 - bits) == 0)
+        .filter(|(k, len, _)| k.policy == id.to_be_bytes() && (32..=160).contains(len))
+        .map(|(k, len, rule)| {
+            let bits = u8::try_from(len - 32).unwrap_or(128);
+            (
+                Cidr::from_v6_bits(u128::from_be_bytes(k.addr.0), bits),
+                rule,
+            )
         })
-        .max_by_key(|(_, len, _)| *len)
-}
-
-/// A prefix of the 128-bit space (IPv4 mapped) as written: IPv4 in IPv4 notation.
-fn show_prefix((addr, len): (Addr, u32)) -> String {
-    if addr.is_v4() && len >= 96 {
-        format!("{}/{}", Ipv4Addr::from(addr.v4_bytes()), len - 96)
-    } else {
-        format!("{}/{len}", Ipv6Addr::from(addr.0))
-    }
+        .filter(|(prefix, _)| prefix.contains(ip))
+        .max_by_key(|(prefix, _)| prefix.as_v6_bits().1)
 }
 
 /// What the state file says of a service and the policies, to name rules as they were written.
@@ -553,17 +544,13 @@ impl Names {
 
     /// A source-range prefix as written: the range of the service's list it is (a piece of,
     /// for an IPv6 range over the IPv4-mapped one, `::/0`).
-    fn range(&self, prefix: (Addr, u32)) -> String {
-        let piece = (u128::from_be_bytes(prefix.0.0), prefix.1);
+    fn range(&self, prefix: Cidr) -> String {
+        let piece = prefix.as_v6_bits();
         self.ranges
             .iter()
             .flat_map(|r| &r.cidrs)
-            .find(|c| {
-                c.own_family_pieces()
-                    .iter()
-                    .any(|(bits, len)| (*bits, u32::from(*len)) == piece)
-            })
-            .map_or_else(|| show_prefix(prefix), ToString::to_string)
+            .find(|c| c.own_family_pieces().contains(&piece))
+            .map_or_else(|| prefix.to_string(), ToString::to_string)
     }
 
     /// A policy's name and the field of its `field` (`deny`, `exempt`, `override`).
@@ -599,7 +586,7 @@ fn checked(mut answer: FlowAnswer, gate: Gate, client: &Addr, names: &Names) -> 
             ("override", "rate-limited at an override's own rates")
         };
         let (policy, field) = names.policy(hit.policy, field);
-        let cidr = hit.prefix.map(show_prefix);
+        let cidr = hit.prefix.map(|p| p.to_string());
         answer.detail = format!(
             "{}; {verb} by {} of rate-limit policy {policy} ({field})",
             answer.detail,
@@ -668,7 +655,7 @@ fn describe_drop(drop: &Refused, client: &Addr, names: &Names) -> (&'static str,
         Refused::Policy(hit) => {
             let counter = DropReason::Denied.name();
             let (policy, field) = names.policy(hit.policy, "deny");
-            let cidr = hit.prefix.map(show_prefix);
+            let cidr = hit.prefix.map(|p| p.to_string());
             let detail = format!(
                 "refused by the rate limiter: {client} is in {}, denied by rate-limit policy {policy} ({field}); counted per service as {counter}",
                 cidr.as_deref().unwrap_or("a deny prefix"),
@@ -750,8 +737,8 @@ mod tests {
 
         /// The trie's lookup.
         fn lookup(&self, id: u32, a: &Addr) -> Option<Hit> {
-            longest_match(self.0.iter().copied(), id, a).map(|(k, len, rule)| Hit {
-                prefix: Some((k.addr, len - 32)),
+            longest_match(self.0.iter().copied(), id, a).map(|(prefix, rule)| Hit {
+                prefix: Some(prefix),
                 rule,
             })
         }

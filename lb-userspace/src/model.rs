@@ -480,6 +480,28 @@ impl Cidr {
         if addr.is_ipv4() { 32 } else { 128 }
     }
 
+    /// The prefix whose [`Cidr::as_v6_bits`] are `bits`, `len` (as LB_PREFIXES holds it):
+    /// IPv4 inside the IPv4-mapped range, else IPv6. Host bits are cleared.
+    pub fn from_v6_bits(bits: u128, len: u8) -> Cidr {
+        let len = len.min(128);
+        let bits = if len == 0 {
+            0
+        } else {
+            bits & (u128::MAX << (128 - u32::from(len)))
+        };
+        let v6 = Ipv6Addr::from(bits);
+        match v6.to_ipv4_mapped() {
+            Some(v4) if len >= 96 => Cidr {
+                addr: IpAddr::V4(v4),
+                len: len - 96,
+            },
+            _ => Cidr {
+                addr: IpAddr::V6(v6),
+                len,
+            },
+        }
+    }
+
     /// The prefix as 128 bits (IPv4 mapped) and its length in those bits.
     pub fn as_v6_bits(&self) -> (u128, u8) {
         match self.addr {
@@ -786,5 +808,28 @@ mod tests {
         assert!(!in_pieces("::ffff:10.1.2.3"), "no IPv4 source");
         assert_eq!(a.own_family_pieces(), vec![a.as_v6_bits()]);
         assert!(!b.contains("10.2.0.1".parse().unwrap()));
+        // Back from the map's 128-bit form, each family as written.
+        for c in [
+            "10.0.0.0/8",
+            "0.0.0.0/0",
+            "192.0.2.7/32",
+            "2001:db8::/32",
+            "fd00::/8",
+        ] {
+            let c: Cidr = c.parse().unwrap();
+            let (bits, len) = c.as_v6_bits();
+            assert_eq!(Cidr::from_v6_bits(bits, len), c);
+        }
+        for (bits, len) in pieces {
+            assert!(
+                Cidr::from_v6_bits(bits, len).addr.is_ipv6(),
+                "{bits:x}/{len}"
+            );
+        }
+        let (bits, _) = a.as_v6_bits();
+        assert_eq!(
+            Cidr::from_v6_bits(bits | 0xff, 96 + 8).to_string(),
+            "10.0.0.0/8"
+        );
     }
 }
